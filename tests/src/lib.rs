@@ -1,0 +1,6 @@
+//! Support for veil's kernel tests: packets built and checked by code that
+//! shares nothing with the datapath, and network namespaces that clean up
+//! after themselves.
+
+pub mod netns;
+pub mod packet;

@@ -1,0 +1,256 @@
+//! Incremental Internet checksum updates (RFC 1624).
+//!
+//! All values are "raw words": 16-bit or 32-bit groups of packet bytes read
+//! in native byte order (`u16::from_ne_bytes(field)`). The one's-complement
+//! sum does not care about byte order as long as the checksum and the words
+//! are read the same way, so nothing is byte-swapped on the fast path.
+
+/// Folds a 32-bit one's-complement accumulator into 16 bits.
+#[inline(always)]
+pub const fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The checksum after one 16-bit word of the covered data changed from
+/// `old` to `new` (RFC 1624, eqn. 3: `HC' = ~(~HC + ~m + m')`).
+#[inline(always)]
+pub const fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    let sum = (!check as u32) + (!old as u32) + (new as u32);
+    !fold(sum)
+}
+
+/// The checksum after a 32-bit group (an IPv4 address) changed.
+#[inline(always)]
+pub const fn replace32(check: u16, old: u32, new: u32) -> u16 {
+    let sum = (!check as u32)
+        + (!(old as u16) as u32)
+        + (!((old >> 16) as u16) as u32)
+        + (new & 0xffff)
+        + (new >> 16);
+    !fold(sum)
+}
+
+/// A transport checksum that may be absent: UDP over IPv4 sends 0 for "no
+/// checksum" (RFC 768), which must stay 0, and a computed 0 is sent as
+/// 0xffff. TCP and ICMP pass `optional = false`.
+#[inline(always)]
+pub const fn l4_replace16(check: u16, old: u16, new: u16, optional: bool) -> u16 {
+    if optional && check == 0 {
+        return 0;
+    }
+    mangle_zero(replace16(check, old, new), optional)
+}
+
+/// [`l4_replace16`] for a 32-bit group (the pseudo-header's addresses).
+#[inline(always)]
+pub const fn l4_replace32(check: u16, old: u32, new: u32, optional: bool) -> u16 {
+    if optional && check == 0 {
+        return 0;
+    }
+    mangle_zero(replace32(check, old, new), optional)
+}
+
+#[inline(always)]
+const fn mangle_zero(check: u16, optional: bool) -> u16 {
+    if optional && check == 0 {
+        0xffff
+    } else {
+        check
+    }
+}
+
+/// How a transport checksum covers a translated endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Sum {
+    /// Covers the pseudo-header (so the address) and the port.
+    Tcp,
+    /// As TCP, but 0 means "no checksum" and stays 0.
+    Udp,
+    /// ICMP: no pseudo-header; the echo identifier plays the port.
+    Icmp,
+}
+
+/// New IP and transport checksums after one endpoint of a packet (an
+/// address in the IP header and the port or ICMP identifier that goes with
+/// it) moved from `old_*` to `new_*`. All values are raw words.
+#[inline(always)]
+pub const fn endpoint(
+    kind: L4Sum,
+    ip_check: u16,
+    l4_check: u16,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> (u16, u16) {
+    let ip = replace32(ip_check, old_addr, new_addr);
+    let l4 = match kind {
+        L4Sum::Tcp => replace16(replace32(l4_check, old_addr, new_addr), old_port, new_port),
+        L4Sum::Udp => l4_replace16(
+            l4_replace32(l4_check, old_addr, new_addr, true),
+            old_port,
+            new_port,
+            true,
+        ),
+        L4Sum::Icmp => replace16(l4_check, old_port, new_port),
+    };
+    (ip, l4)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+
+    /// Straight RFC 1071 over a byte slice: the reference the incremental
+    /// updates are checked against.
+    fn full(bytes: &[u8]) -> u16 {
+        let mut sum = 0u32;
+        for pair in bytes.chunks(2) {
+            let hi = pair[0] as u32;
+            let lo = *pair.get(1).unwrap_or(&0) as u32;
+            sum += (hi << 8) | lo;
+        }
+        !fold(sum)
+    }
+
+    fn word(bytes: &[u8], at: usize) -> u16 {
+        u16::from_ne_bytes([bytes[at], bytes[at + 1]])
+    }
+
+    fn dword(bytes: &[u8], at: usize) -> u32 {
+        u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap())
+    }
+
+    // An IPv4 header (checksum field zeroed) from RFC 1071's worked examples' style.
+    const HDR: [u8; 20] = [
+        0x45, 0x00, 0x00, 0x54, 0x1c, 0x46, 0x40, 0x00, 0x40, 0x01, 0x00, 0x00, 0xac, 0x10, 0x0a,
+        0x63, 0xac, 0x10, 0x0a, 0x0c,
+    ];
+
+    fn with_check(mut hdr: [u8; 20]) -> [u8; 20] {
+        hdr[10] = 0;
+        hdr[11] = 0;
+        let c = full(&hdr).to_be_bytes();
+        hdr[10] = c[0];
+        hdr[11] = c[1];
+        hdr
+    }
+
+    #[test]
+    fn address_rewrite_matches_full_recompute() {
+        let before = with_check(HDR);
+        let mut after = before;
+        after[12..16].copy_from_slice(&[198, 18, 0, 1]);
+        let check = replace32(word(&before, 10), dword(&before, 12), dword(&after, 12));
+        after[10..12].copy_from_slice(&check.to_ne_bytes());
+        assert_eq!(after, with_check(after));
+    }
+
+    #[test]
+    fn word_rewrite_matches_full_recompute() {
+        let before = with_check(HDR);
+        let mut after = before;
+        after[8] -= 1; // TTL
+        let check = replace16(word(&before, 10), word(&before, 8), word(&after, 8));
+        after[10..12].copy_from_slice(&check.to_ne_bytes());
+        assert_eq!(after, with_check(after));
+    }
+
+    #[test]
+    fn exhaustive_word_changes_stay_valid() {
+        // Every value of one word, from a few starting headers: catches the
+        // 0x0000/0xffff edge cases of one's-complement arithmetic.
+        for seed in [0u8, 0x7f, 0xff] {
+            let mut base = HDR;
+            base[4] = seed;
+            base[5] = seed;
+            let before = with_check(base);
+            for v in 0..=u16::MAX {
+                let mut after = before;
+                after[4..6].copy_from_slice(&v.to_be_bytes());
+                let check = replace16(word(&before, 10), word(&before, 4), word(&after, 4));
+                after[10..12].copy_from_slice(&check.to_ne_bytes());
+                assert_eq!(full(&after), 0, "header must sum to 0xffff after v={v:#x}");
+            }
+        }
+    }
+
+    /// A UDP datagram 10.77.0.2:5000 -> 198.18.0.2:53 with a full checksum.
+    fn udp_packet(payload: &[u8]) -> ([u8; 20], [u8; 8]) {
+        let mut ip = HDR;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[10, 77, 0, 2]);
+        ip[16..20].copy_from_slice(&[198, 18, 0, 2]);
+        let ip = with_check(ip);
+        let len = (8 + payload.len()) as u16;
+        let mut udp = [0u8; 8];
+        udp[0..2].copy_from_slice(&5000u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&len.to_be_bytes());
+        let c = udp_sum(&ip, &udp, payload).to_be_bytes();
+        udp[6..8].copy_from_slice(&c);
+        (ip, udp)
+    }
+
+    fn udp_sum(ip: &[u8; 20], udp: &[u8; 8], payload: &[u8]) -> u16 {
+        let mut v = Vec::new();
+        v.extend_from_slice(&ip[12..20]);
+        v.extend_from_slice(&[0, 17]);
+        v.extend_from_slice(&udp[4..6]);
+        let mut u = *udp;
+        u[6] = 0;
+        u[7] = 0;
+        v.extend_from_slice(&u);
+        v.extend_from_slice(payload);
+        match full(&v) {
+            0 => 0xffff,
+            c => c,
+        }
+    }
+
+    #[test]
+    fn endpoint_rewrite_keeps_both_checksums_valid() {
+        let payload = b"veil says hello";
+        let (ip, udp) = udp_packet(payload);
+        let (mut ip2, mut udp2) = (ip, udp);
+        ip2[12..16].copy_from_slice(&[198, 18, 0, 1]);
+        udp2[0..2].copy_from_slice(&61000u16.to_be_bytes());
+        let (ipc, l4c) = endpoint(
+            L4Sum::Udp,
+            word(&ip, 10),
+            word(&udp, 6),
+            dword(&ip, 12),
+            dword(&ip2, 12),
+            word(&udp, 0),
+            word(&udp2, 0),
+        );
+        ip2[10..12].copy_from_slice(&ipc.to_ne_bytes());
+        udp2[6..8].copy_from_slice(&l4c.to_ne_bytes());
+        assert_eq!(ip2, with_check(ip2));
+        assert_eq!(
+            u16::from_be_bytes([udp2[6], udp2[7]]),
+            udp_sum(&ip2, &udp2, payload)
+        );
+    }
+
+    #[test]
+    fn udp_zero_checksum_is_kept() {
+        assert_eq!(l4_replace32(0, 0x0a00_0001, 0xc612_0001, true), 0);
+        assert_eq!(l4_replace16(0, 1000, 2000, true), 0);
+    }
+
+    #[test]
+    fn udp_computed_zero_is_sent_as_ffff() {
+        let (check, old) = (0x1234u16, 0x0000u16);
+        let hit = (0..=u16::MAX)
+            .find(|&n| replace16(check, old, n) == 0)
+            .expect("some replacement yields 0");
+        assert_eq!(l4_replace16(check, old, hit, true), 0xffff);
+        assert_eq!(l4_replace16(check, old, hit, false), 0);
+    }
+}

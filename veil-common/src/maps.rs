@@ -1,0 +1,208 @@
+//! Map names and the layouts of their keys and values.
+
+use core::net::Ipv4Addr;
+
+/// IP protocol numbers the datapath translates.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// TCP flag bits as they appear in the header's flags byte; the datapath ORs
+/// the ones it sees into [`FlowStats::tcp_flags`].
+pub mod tcp_flags {
+    pub const FIN: u64 = 0x01;
+    pub const SYN: u64 = 0x02;
+    pub const RST: u64 = 0x04;
+    pub const ACK: u64 = 0x10;
+    /// The flags worth remembering for expiry.
+    pub const TRACKED: u64 = FIN | SYN | RST | ACK;
+}
+
+/// Egress flows: the client's 5-tuple to its NAT port. Hash, key [`FlowKey`],
+/// value [`EgressFlow`].
+pub const EGRESS_MAP: &str = "VEIL_EGRESS";
+/// Reverse flows: the remote's view to the client. Hash, key [`ReverseKey`],
+/// value [`ReverseFlow`].
+pub const REVERSE_MAP: &str = "VEIL_REVERSE";
+/// One [`Config`] at index 0.
+pub const CONFIG_MAP: &str = "VEIL_CONFIG";
+/// Per-CPU [`Counter`]s indexed by [`crate::Reason`].
+pub const STATS_MAP: &str = "VEIL_STATS";
+/// All maps, in the order the daemon pins them.
+pub const ALL_MAPS: [&str; 4] = [EGRESS_MAP, REVERSE_MAP, CONFIG_MAP, STATS_MAP];
+
+/// Program names (the functions in veil-ebpf).
+pub const PROG_WAN_XDP: &str = "veil_wan_xdp";
+pub const PROG_WAN_TC: &str = "veil_wan_tc";
+pub const PROG_TUN_TC: &str = "veil_tun_tc";
+
+/// Capacity of each flow map. Two entries a flow (egress and reverse).
+pub const MAX_FLOWS: u32 = 262_144;
+
+/// Bump when a layout below changes: the pin directory carries it, so a new
+/// daemon never reads maps pinned by an older one.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// A flow as the client sees it; the egress map's key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// The client's virtual address (VIP).
+    pub client_addr: [u8; 4],
+    pub remote_addr: [u8; 4],
+    /// Source port, or the ICMP echo identifier.
+    pub client_port: u16,
+    /// Destination port; 0 for ICMP.
+    pub remote_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub const fn new(
+        proto: u8,
+        client: Ipv4Addr,
+        client_port: u16,
+        remote: Ipv4Addr,
+        remote_port: u16,
+    ) -> Self {
+        Self {
+            client_addr: client.octets(),
+            remote_addr: remote.octets(),
+            client_port,
+            remote_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    pub const fn client(&self) -> Ipv4Addr {
+        Ipv4Addr::from_octets(self.client_addr)
+    }
+
+    pub const fn remote(&self) -> Ipv4Addr {
+        Ipv4Addr::from_octets(self.remote_addr)
+    }
+
+    /// The reverse map's key for this flow once it owns `nat_port`.
+    pub const fn reverse(&self, nat_port: u16) -> ReverseKey {
+        ReverseKey {
+            remote_addr: self.remote_addr,
+            remote_port: self.remote_port,
+            nat_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// What the datapath keeps about one direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet; 0 if none.
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// [`tcp_flags`] seen in this direction, ORed. 64 bits wide because
+    /// BPF has 64-bit atomic OR on every CPU version.
+    pub tcp_flags: u64,
+}
+
+/// The egress map's value: where the client's packets are translated to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressFlow {
+    /// Client to remote.
+    pub stats: FlowStats,
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A flow as the remote sees it; the reverse map's key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReverseKey {
+    pub remote_addr: [u8; 4],
+    pub remote_port: u16,
+    /// The gateway's port (or ICMP identifier) the remote answers to.
+    pub nat_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The reverse map's value: whom a reply belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseFlow {
+    /// Remote to client.
+    pub stats: FlowStats,
+    pub client_addr: [u8; 4],
+    pub client_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// The datapath's settings, written once by the daemon before it attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The gateway's address on the WAN: what remote hosts see.
+    pub public_addr: [u8; 4],
+    /// The client address pool (network and mask): WAN packets addressed
+    /// into it are spoofed, and NATed replies to it go to the tunnel.
+    pub vip_net: [u8; 4],
+    pub vip_mask: [u8; 4],
+    pub wan_ifindex: u32,
+    pub tun_ifindex: u32,
+    /// The NAT port range, inclusive, host order.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// Link-layer bytes in front of the IP header on the tunnel device: 0 on
+    /// TUN (an L3 device), 14 on TAP and under BPF_PROG_TEST_RUN.
+    pub tun_l2_len: u32,
+}
+
+impl Config {
+    pub const fn in_vip_pool(&self, addr: [u8; 4]) -> bool {
+        (u32::from_ne_bytes(addr) & u32::from_ne_bytes(self.vip_mask))
+            == u32::from_ne_bytes(self.vip_net)
+    }
+
+    pub const fn in_nat_range(&self, port: u16) -> bool {
+        port >= self.nat_port_min && port <= self.nat_port_max
+    }
+}
+
+/// One reason's tally on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `repr(C)`, made of integers and byte arrays,
+    // with every padding byte an explicit field, so any bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::EgressFlow {}
+    unsafe impl aya::Pod for super::ReverseKey {}
+    unsafe impl aya::Pod for super::ReverseFlow {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+// The layouts are ABI: the eBPF object, the daemon and BTF must agree.
+const _: () = {
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowStats>() == 32);
+    assert!(size_of::<EgressFlow>() == 40);
+    assert!(size_of::<ReverseKey>() == 12);
+    assert!(size_of::<ReverseFlow>() == 40);
+    assert!(size_of::<Config>() == 28);
+    assert!(size_of::<Counter>() == 16);
+};

@@ -1,0 +1,116 @@
+//! Why the datapath did what it did with a packet.
+//!
+//! Every packet the programs see is counted under exactly one reason, in the
+//! per-CPU `VEIL_STATS` array indexed by the reason's number. The numbers are
+//! part of the pinned-map ABI: append, never renumber.
+
+/// A numbered reason code. Kept apart from the XDP/TC action values: the
+/// action says what happened, the reason says why.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A client packet was rewritten to the public address and sent out.
+    EgressForwarded = 0,
+    /// A reply was rewritten to its client's address and handed to the tunnel.
+    IngressForwarded = 1,
+    /// An ICMP error about a NATed flow was rewritten (outer and embedded
+    /// headers) and handed to the tunnel.
+    IcmpErrorForwarded = 2,
+    /// Not veil's: left to the host stack (ssh, the tunnel listener, ARP).
+    PassToHost = 3,
+    /// From the tunnel with no flow in `VEIL_EGRESS`: the daemon did not
+    /// create it, or it expired.
+    DropNoEgressFlow = 4,
+    /// To the NAT port range with no mapping: unsolicited, dropped so the
+    /// kernel never answers it.
+    DropNoIngressFlow = 5,
+    /// Truncated or inconsistent headers.
+    DropMalformed = 6,
+    /// An IPv4 fragment on a NAT path: veil does not reassemble.
+    DropFragment = 7,
+    /// IPv4 options on a NAT path: not rewritten, never mangled.
+    DropIpOptions = 8,
+    /// A protocol or ICMP type the datapath does not translate.
+    DropUnsupported = 9,
+    /// A packet from the WAN addressed to a client's virtual address: spoofed.
+    DropSpoofedVip = 10,
+    /// TTL would reach zero on the way out.
+    DropTtlExpired = 11,
+    /// A kernel helper (head room, redirect) refused the packet.
+    DropHelperFailed = 12,
+    /// The datapath has no configuration yet (the daemon writes it before
+    /// attaching, so this means something is badly wrong).
+    DropNotConfigured = 13,
+}
+
+impl Reason {
+    /// Every reason, in numeric order.
+    pub const ALL: [Reason; 14] = [
+        Reason::EgressForwarded,
+        Reason::IngressForwarded,
+        Reason::IcmpErrorForwarded,
+        Reason::PassToHost,
+        Reason::DropNoEgressFlow,
+        Reason::DropNoIngressFlow,
+        Reason::DropMalformed,
+        Reason::DropFragment,
+        Reason::DropIpOptions,
+        Reason::DropUnsupported,
+        Reason::DropSpoofedVip,
+        Reason::DropTtlExpired,
+        Reason::DropHelperFailed,
+        Reason::DropNotConfigured,
+    ];
+
+    /// A stable snake_case name, for logs, `veil-user status` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::EgressForwarded => "egress_forwarded",
+            Reason::IngressForwarded => "ingress_forwarded",
+            Reason::IcmpErrorForwarded => "icmp_error_forwarded",
+            Reason::PassToHost => "pass_to_host",
+            Reason::DropNoEgressFlow => "drop_no_egress_flow",
+            Reason::DropNoIngressFlow => "drop_no_ingress_flow",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropIpOptions => "drop_ip_options",
+            Reason::DropUnsupported => "drop_unsupported",
+            Reason::DropSpoofedVip => "drop_spoofed_vip",
+            Reason::DropTtlExpired => "drop_ttl_expired",
+            Reason::DropHelperFailed => "drop_helper_failed",
+            Reason::DropNotConfigured => "drop_not_configured",
+        }
+    }
+
+    /// Whether packets counted under this reason were dropped.
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= (Reason::DropNoEgressFlow as u32)
+    }
+
+    /// The reason with this number, if there is one.
+    pub const fn from_u32(n: u32) -> Option<Reason> {
+        if (n as usize) < Self::ALL.len() {
+            Some(Self::ALL[n as usize])
+        } else {
+            None
+        }
+    }
+}
+
+/// Slots in `VEIL_STATS`: room to add reasons without resizing the map.
+pub const REASON_SLOTS: u32 = 32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_match_positions() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert_eq!(Reason::from_u32(i as u32), Some(*r));
+        }
+        assert!(Reason::ALL.len() as u32 <= REASON_SLOTS);
+        assert_eq!(Reason::from_u32(Reason::ALL.len() as u32), None);
+    }
+}

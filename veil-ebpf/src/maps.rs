@@ -1,0 +1,28 @@
+//! The maps, named as user space and `bpftool` see them.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, PerCpuArray},
+    macros::btf_map,
+};
+use veil_common::{
+    reason::REASON_SLOTS, Config, Counter, EgressFlow, FlowKey, Reason, ReverseFlow, ReverseKey,
+    MAX_FLOWS,
+};
+
+#[btf_map]
+pub static VEIL_EGRESS: HashMap<FlowKey, EgressFlow, { MAX_FLOWS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static VEIL_REVERSE: HashMap<ReverseKey, ReverseFlow, { MAX_FLOWS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static VEIL_CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map]
+pub static VEIL_STATS: PerCpuArray<Counter, { REASON_SLOTS as usize }> = PerCpuArray::new();
+
+/// The daemon's configuration; without it nothing is translated.
+#[inline(always)]
+pub fn config() -> Result<&'static Config, Reason> {
+    VEIL_CONFIG.get(0).ok_or(Reason::DropNotConfigured)
+}

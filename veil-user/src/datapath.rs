@@ -1,0 +1,270 @@
+//! Loads veil's eBPF object, configures it, pins its maps and attaches its
+//! programs. Dropping the [`Datapath`] detaches the programs (they are held
+//! by bpf_link file descriptors) and removes the pins it made.
+
+use std::{
+    fs, io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfError,
+};
+use tracing::{debug, info};
+use veil_common::{
+    reason::REASON_SLOTS, Config, Counter, Reason, CONFIG_MAP, EGRESS_MAP, LAYOUT_VERSION,
+    PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
+};
+
+use crate::{
+    flows::{FlowTable, PortRange, Timeouts},
+    net::Ipv4Net,
+};
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/veil.bpf.o"));
+
+/// Where the daemon pins its maps by default; the layout version is a
+/// subdirectory, so `bpftool map dump pinned /sys/fs/bpf/veil/v1/egress`.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
+
+/// File names of the pinned maps, in the pin directory.
+pub const PINS: [(&str, &str); 4] = [
+    (EGRESS_MAP, "egress"),
+    (REVERSE_MAP, "reverse"),
+    (CONFIG_MAP, "config"),
+    (STATS_MAP, "stats"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN)")]
+    Load(#[source] EbpfError),
+    #[error("the eBPF object has no program `{0}`: rebuild it with `cargo xtask build-ebpf`")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map `{0}`: rebuild it with `cargo xtask build-ebpf`")]
+    MissingMap(&'static str),
+    #[error("program `{name}`")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching `{program}` to interface `{iface}`")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map `{name}`")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning maps under {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the datapath needs to know about the gateway.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// The WAN address remote hosts see.
+    pub public_addr: Ipv4Addr,
+    /// The clients' virtual addresses.
+    pub vip_pool: Ipv4Net,
+    pub nat_ports: PortRange,
+    pub wan_ifindex: u32,
+    pub tun_ifindex: u32,
+    /// 0 for a TUN device; 14 where frames carry an Ethernet header (TAP,
+    /// BPF_PROG_TEST_RUN).
+    pub tun_l2_len: u32,
+}
+
+impl DatapathConfig {
+    fn to_map_value(&self) -> Config {
+        Config {
+            public_addr: self.public_addr.octets(),
+            vip_net: self.vip_pool.addr().octets(),
+            vip_mask: self.vip_pool.mask().octets(),
+            wan_ifindex: self.wan_ifindex,
+            tun_ifindex: self.tun_ifindex,
+            nat_port_min: self.nat_ports.min,
+            nat_port_max: self.nat_ports.max,
+            tun_l2_len: self.tun_l2_len,
+        }
+    }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the embedded object and verifies every program. Nothing is
+    /// attached yet.
+    pub fn load() -> Result<Self, DatapathError> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(DatapathError::Load)?;
+        for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC] {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?;
+            let loaded = match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => return Err(DatapathError::MissingProgram(name)),
+            };
+            loaded.map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: None,
+        })
+    }
+
+    /// Writes the configuration the programs read on every packet.
+    pub fn configure(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let map_err = |source| DatapathError::Map {
+            name: CONFIG_MAP,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .ok_or(DatapathError::MissingMap(CONFIG_MAP))?;
+        let mut config: Array<_, Config> = Array::try_from(map).map_err(map_err)?;
+        config.set(0, cfg.to_map_value(), 0).map_err(map_err)
+    }
+
+    /// Attaches XDP and TC to the WAN interface and TC to the tunnel device.
+    pub fn attach(&mut self, wan: &str, tun: &str) -> Result<(), DatapathError> {
+        let xdp: &mut Xdp = self.program(PROG_WAN_XDP)?;
+        xdp.attach(wan, XdpMode::Default)
+            .map_err(|source| attach_error(PROG_WAN_XDP, wan, source))?;
+        for (name, iface) in [(PROG_WAN_TC, wan), (PROG_TUN_TC, tun)] {
+            let tc: &mut SchedClassifier = self.program(name)?;
+            tc.attach(iface, TcAttachType::Ingress)
+                .map_err(|source| attach_error(name, iface, source))?;
+        }
+        info!(wan, tun, "datapath attached");
+        Ok(())
+    }
+
+    /// Pins the maps under `root/v{LAYOUT_VERSION}/`, replacing pins a
+    /// previous run left behind. They are removed again on drop.
+    pub fn pin(&mut self, root: &Path) -> Result<PathBuf, DatapathError> {
+        let dir = root.join(format!("v{LAYOUT_VERSION}"));
+        let pin_err = |source| DatapathError::Pin {
+            path: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(pin_err)?;
+        for (map, file) in PINS {
+            let path = dir.join(file);
+            match fs::remove_file(&path) {
+                Ok(()) => debug!(path = %path.display(), "removed a stale pin"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_err(e)),
+            }
+            self.ebpf
+                .map(map)
+                .ok_or(DatapathError::MissingMap(map))?
+                .pin(&path)
+                .map_err(|e| pin_err(io::Error::other(e)))?;
+        }
+        self.pin_dir = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Hands the flow maps to a [`FlowTable`]; call once.
+    pub fn flow_table(
+        &mut self,
+        ports: PortRange,
+        timeouts: Timeouts,
+    ) -> Result<FlowTable, DatapathError> {
+        let egress = self.take_hash(EGRESS_MAP)?;
+        let reverse = self.take_hash(REVERSE_MAP)?;
+        Ok(FlowTable::new(egress, reverse, ports, timeouts))
+    }
+
+    /// The datapath's counters, summed over CPUs, by reason.
+    pub fn stats(&self) -> Result<Vec<(Reason, Counter)>, DatapathError> {
+        let map_err = |source| DatapathError::Map {
+            name: STATS_MAP,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map(STATS_MAP)
+            .ok_or(DatapathError::MissingMap(STATS_MAP))?;
+        let stats: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err)?;
+        Reason::ALL
+            .iter()
+            .filter(|r| (**r as u32) < REASON_SLOTS)
+            .map(|&reason| {
+                let per_cpu = stats.get(&(reason as u32), 0).map_err(map_err)?;
+                let total = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                });
+                Ok((reason, total))
+            })
+            .collect()
+    }
+
+    /// A loaded program, for attaching elsewhere or BPF_PROG_TEST_RUN.
+    pub fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, DatapathError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        prog.try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn take_hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<MapData, K, V>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.pin_dir {
+            for (_, file) in PINS {
+                let _ = fs::remove_file(dir.join(file));
+            }
+            // Only empty directories go: another layout's pins stay.
+            let _ = fs::remove_dir(dir);
+            if let Some(root) = dir.parent() {
+                let _ = fs::remove_dir(root);
+            }
+        }
+    }
+}
+
+fn attach_error(program: &'static str, iface: &str, source: ProgramError) -> DatapathError {
+    DatapathError::Attach {
+        program,
+        iface: iface.to_owned(),
+        source,
+    }
+}

@@ -1,0 +1,10 @@
+//! The veil gateway daemon as a library: the datapath loader and the flow
+//! table that the session layer drives, and that the tests and benchmarks
+//! use directly.
+
+pub mod datapath;
+pub mod flows;
+pub mod net;
+
+pub use datapath::{Datapath, DatapathConfig, DatapathError};
+pub use flows::{FlowError, FlowTable, PortRange, Timeouts};

@@ -1,0 +1,127 @@
+//! Small network vocabulary: IPv4 prefixes, interface indexes, the clock
+//! the datapath stamps flows with.
+
+use std::{ffi::CString, fmt, io, net::Ipv4Addr, str::FromStr};
+
+/// An IPv4 network such as `10.77.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Net {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetParseError {
+    #[error("`{0}` is not an IPv4 network: expected ADDRESS/PREFIX, such as 10.77.0.0/16")]
+    Syntax(String),
+    #[error("prefix length {0} is longer than 32")]
+    Prefix(u8),
+}
+
+impl Ipv4Net {
+    /// The network containing `addr`; host bits are cleared.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self, NetParseError> {
+        if prefix > 32 {
+            return Err(NetParseError::Prefix(prefix));
+        }
+        let mask = Self::mask_bits(prefix);
+        Ok(Self {
+            addr: Ipv4Addr::from_bits(addr.to_bits() & mask),
+            prefix,
+        })
+    }
+
+    fn mask_bits(prefix: u8) -> u32 {
+        u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0)
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn mask(&self) -> Ipv4Addr {
+        Ipv4Addr::from_bits(Self::mask_bits(self.prefix))
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        ip.to_bits() & Self::mask_bits(self.prefix) == self.addr.to_bits()
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = NetParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || NetParseError::Syntax(s.to_owned());
+        let (addr, prefix) = s.split_once('/').ok_or_else(syntax)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
+        let prefix: u8 = prefix.parse().map_err(|_| syntax())?;
+        Self::new(addr, prefix)
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The index of interface `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> io::Result<u32> {
+    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads, so
+/// flow timestamps and the daemon's "now" compare directly.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_normalises() {
+        let n: Ipv4Net = "10.77.3.4/16".parse().unwrap();
+        assert_eq!(n.to_string(), "10.77.0.0/16");
+        assert_eq!(n.mask(), Ipv4Addr::new(255, 255, 0, 0));
+        assert!(n.contains(Ipv4Addr::new(10, 77, 200, 1)));
+        assert!(!n.contains(Ipv4Addr::new(10, 78, 0, 1)));
+        assert!("0.0.0.0/0"
+            .parse::<Ipv4Net>()
+            .unwrap()
+            .contains(Ipv4Addr::BROADCAST));
+    }
+
+    #[test]
+    fn refuses_typos() {
+        assert!(matches!(
+            "10.77.0.0".parse::<Ipv4Net>(),
+            Err(NetParseError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.77.0/16".parse::<Ipv4Net>(),
+            Err(NetParseError::Syntax(_))
+        ));
+        assert_eq!(
+            "10.0.0.0/33".parse::<Ipv4Net>(),
+            Err(NetParseError::Prefix(33))
+        );
+    }
+}
