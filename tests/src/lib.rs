@@ -2,5 +2,7 @@
 //! shares nothing with the datapath, and network namespaces that clean up
 //! after themselves.
 
+pub mod bed;
+pub mod bpffs;
 pub mod netns;
 pub mod packet;

@@ -77,6 +77,29 @@ pub enum L4<'a> {
     },
 }
 
+impl<'a> L4<'a> {
+    pub fn udp(src: u16, dst: u16, payload: &'a [u8]) -> Self {
+        L4::Udp { src, dst, payload }
+    }
+
+    pub fn tcp(src: u16, dst: u16, flags: &'a str, payload: &'a [u8]) -> Self {
+        L4::Tcp {
+            src,
+            dst,
+            flags,
+            payload,
+        }
+    }
+
+    pub fn echo_request(id: u16, seq: u16, payload: &'a [u8]) -> Self {
+        L4::EchoRequest { id, seq, payload }
+    }
+
+    pub fn echo_reply(id: u16, seq: u16, payload: &'a [u8]) -> Self {
+        L4::EchoReply { id, seq, payload }
+    }
+}
+
 /// An Ethernet frame (zero MACs, as veil's egress writes them) around an
 /// IPv4 packet with every checksum computed by etherparse.
 pub fn frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, l4: L4<'_>) -> Vec<u8> {

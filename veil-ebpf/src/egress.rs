@@ -23,7 +23,7 @@ use veil_common::{csum::L4Sum, proto, FlowKey, Reason};
 use crate::{
     maps::{config, VEIL_EGRESS},
     packet::{Packet, ETH_LEN, IPV4_LEN, IP_MF, IP_OFFSET},
-    rewrite::{decrement_ttl, move_endpoint, L4},
+    rewrite::{decrement_ttl, dword, move_endpoint_skb, word, SkbEndpoint},
     stats, Verdict,
 };
 
@@ -41,18 +41,20 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     };
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let ip: *mut Ipv4Hdr = pkt.at(l2)?;
-    let (ihl, frags, ttl, protocol) = unsafe {
+    let (vihl, frags, ttl, protocol, src, dst) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).frags),
             (*ip).ttl,
             (*ip).proto,
+            (*ip).src_addr,
+            (*ip).dst_addr,
         )
     };
-    if ihl >> 4 != 4 {
+    if vihl >> 4 != 4 {
         return Err(Reason::DropUnsupported);
     }
-    if ihl & 0x0f != 5 {
+    if vihl & 0x0f != 5 {
         return Err(Reason::DropIpOptions);
     }
     if frags & (IP_MF | IP_OFFSET) != 0 {
@@ -62,75 +64,61 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         return Err(Reason::DropTtlExpired);
     }
 
-    let at = l2 + IPV4_LEN;
-    let (l4, remote_port, flags) = match protocol {
+    let l4 = l2 + IPV4_LEN;
+    // (kind, offset of the client's port, of the checksum, remote port, TCP flags)
+    let (kind, port_at, check_at, remote_port, flags) = match protocol {
         proto::TCP => {
-            let tcp: *mut TcpHdr = pkt.at(at)?;
-            let tcp_flags = unsafe { *(tcp as *const u8).add(13) } as u64;
-            let l4 = unsafe {
-                L4 {
-                    kind: L4Sum::Tcp,
-                    port: &raw mut (*tcp).source,
-                    check: Some(&raw mut (*tcp).check),
-                }
-            };
-            (l4, unsafe { u16::from_be_bytes((*tcp).dest) }, tcp_flags)
+            let tcp: *mut TcpHdr = pkt.at(l4)?;
+            let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
+            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, flags)
         }
         proto::UDP => {
-            let udp: *mut UdpHdr = pkt.at(at)?;
-            let l4 = unsafe {
-                L4 {
-                    kind: L4Sum::Udp,
-                    port: &raw mut (*udp).src,
-                    check: Some(&raw mut (*udp).check),
-                }
-            };
-            (l4, unsafe { u16::from_be_bytes((*udp).dst) }, 0)
+            let udp: *mut UdpHdr = pkt.at(l4)?;
+            (L4Sum::Udp, l4, l4 + 6, unsafe { (*udp).dst }, 0)
         }
         proto::ICMP => {
-            let icmp: *mut Icmpv4Hdr = pkt.at(at)?;
+            let icmp: *mut Icmpv4Hdr = pkt.at(l4)?;
             if unsafe { (*icmp).type_ } != ICMP_ECHO_REQUEST {
                 return Err(Reason::DropUnsupported);
             }
-            let l4 = unsafe {
-                L4 {
-                    kind: L4Sum::Icmp,
-                    // The echo identifier: first half of the rest-of-header.
-                    port: (&raw mut (*icmp).data).cast(),
-                    check: Some(&raw mut (*icmp).check),
-                }
-            };
-            (l4, 0, 0)
+            // The echo identifier plays the port; there is no remote port.
+            (L4Sum::Icmp, l4 + 4, l4 + 2, [0, 0], 0)
         }
         _ => return Err(Reason::DropUnsupported),
     };
+    let client_port: *mut [u8; 2] = pkt.at(port_at)?;
+    let client_port = unsafe { *client_port };
 
-    let key = unsafe {
-        FlowKey {
-            client_addr: (*ip).src_addr,
-            remote_addr: (*ip).dst_addr,
-            client_port: u16::from_be_bytes(*l4.port),
-            remote_port,
-            proto: protocol,
-            _pad: [0; 3],
-        }
+    let key = FlowKey {
+        client_addr: src,
+        remote_addr: dst,
+        client_port: u16::from_be_bytes(client_port),
+        remote_port: u16::from_be_bytes(remote_port),
+        proto: protocol,
+        _pad: [0; 3],
     };
     let flow = VEIL_EGRESS
         .get_ptr_mut(&key)
         .ok_or(Reason::DropNoEgressFlow)?;
+    let nat_port = unsafe { (*flow).nat_port };
+    stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
 
-    unsafe {
-        move_endpoint(
-            ip,
-            &raw mut (*ip).src_addr,
-            &l4,
-            cfg.public_addr,
-            (*flow).nat_port,
-        );
-        decrement_ttl(ip);
-        stats::touch(&raw mut (*flow).stats, ctx.len(), flags);
-    }
-
+    let at = SkbEndpoint {
+        kind,
+        ip_check: l2 + 10,
+        addr: l2 + 12,
+        port: port_at,
+        l4_check: check_at,
+    };
+    move_endpoint_skb(
+        ctx,
+        &at,
+        dword(src),
+        word(client_port),
+        cfg.public_addr,
+        nat_port,
+    )?;
+    decrement_ttl(ctx, l2, ttl, protocol)?;
     send_to_wan(ctx, l2, cfg.wan_ifindex)
 }
 
@@ -152,8 +140,5 @@ fn send_to_wan(ctx: &TcContext, l2: usize, wan_ifindex: u32) -> Result<Verdict, 
     if action != TC_ACT_REDIRECT as i32 {
         return Err(Reason::DropHelperFailed);
     }
-    Ok(Verdict {
-        action,
-        reason: Reason::EgressForwarded,
-    })
+    Ok(Verdict::counted(action, Reason::EgressForwarded))
 }

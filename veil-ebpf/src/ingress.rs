@@ -1,20 +1,30 @@
-//! Internet to client: what arrives on the WAN interface (XDP).
+//! Internet to client: what arrives on the WAN interface.
 //!
-//! Packets to the public address inside the NAT port range belong to veil:
-//! a reply with a reverse mapping is translated back to its client (and then
-//! handed to the TUN device by `veil_wan_tc`); one without is dropped here,
-//! so the kernel never answers it with a RST or a port unreachable. ICMP
-//! errors about a NATed flow are translated inside and out. Everything else
-//! is the host's (ssh, the tunnel listener, ARP) and passes untouched.
+//! Packets to the public address inside the NAT port range belong to veil.
+//! Both programs on the WAN sort packets the same way ([`classify`]):
+//!
+//! - XDP ([`filter`]) drops what must never reach the kernel: replies with
+//!   no reverse mapping (so the kernel cannot answer them with a RST or a
+//!   port unreachable), forged client addresses, fragments and options in the
+//!   NAT range. The host's own traffic (ssh, the tunnel listener, ARP)
+//!   passes untouched.
+//! - TC ([`translate`]) rewrites replies back to their client and hands them
+//!   to the TUN device. The rewrite is in TC because it needs the skb's
+//!   checksum state (see `rewrite`), and the hand-off because XDP cannot
+//!   redirect into a TUN device (EOPNOTSUPP).
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT},
+    helpers::bpf_redirect,
+    programs::{TcContext, XdpContext},
+};
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use veil_common::{csum::L4Sum, proto, Config, Reason, ReverseKey};
+use veil_common::{csum::L4Sum, proto, Config, Reason, ReverseFlow, ReverseKey};
 
 use crate::{
     maps::{config, VEIL_REVERSE},
     packet::{Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN, IP_MF, IP_OFFSET},
-    rewrite::{cover, move_endpoint, word, L4},
+    rewrite::{cover, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
     stats, Verdict,
 };
 
@@ -25,32 +35,53 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const ICMP_HDR_LEN: usize = 8;
 
-const PASS: Verdict = Verdict {
-    action: xdp_action::XDP_PASS as i32,
-    reason: Reason::PassToHost,
-};
+/// Offsets in a frame with a 20-byte IPv4 header (veil's paths have no
+/// options: those are dropped first).
+const IP: usize = ETH_LEN;
+const L4_AT: usize = ETH_LEN + IPV4_LEN;
+const INNER_IP: usize = L4_AT + ICMP_HDR_LEN;
+const INNER_L4: usize = INNER_IP + IPV4_LEN;
+
+/// What a WAN packet is to veil.
+enum Wan {
+    /// Not veil's.
+    Host,
+    /// A reply on a (possibly) NATed flow.
+    Reply {
+        key: ReverseKey,
+        kind: L4Sum,
+        tcp_flags: u64,
+    },
+    /// An ICMP error quoting a packet veil sent.
+    IcmpError { key: ReverseKey },
+}
 
 #[inline(always)]
-pub fn from_wan(ctx: &XdpContext) -> Result<Verdict, Reason> {
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
-    let eth: *mut EthHdr = pkt.at(0)?;
+fn classify(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
+    let Ok(eth) = pkt.at::<EthHdr>(0) else {
+        return Ok(Wan::Host);
+    };
     if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
-        return Ok(PASS);
+        return Ok(Wan::Host);
     }
-    let ip: *mut Ipv4Hdr = pkt.at(ETH_LEN)?;
-    let cfg = config()?;
-    let dst = unsafe { (*ip).dst_addr };
+    let ip: *mut Ipv4Hdr = pkt.at(IP)?;
+    let (vihl, frags, protocol, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
     if dst != cfg.public_addr {
         // Client addresses exist only behind the tunnel: from the WAN they
-        // are forged, and `veil_wan_tc` must never hand them to a client.
+        // are forged.
         if cfg.in_vip_pool(dst) {
             return Err(Reason::DropSpoofedVip);
         }
-        return Ok(PASS);
+        return Ok(Wan::Host);
     }
-
-    let (vihl, frags, protocol) =
-        unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).frags), (*ip).proto) };
     if vihl >> 4 != 4 {
         return Err(Reason::DropMalformed);
     }
@@ -60,18 +91,20 @@ pub fn from_wan(ctx: &XdpContext) -> Result<Verdict, Reason> {
     }
     // Later fragments carry no ports: they go to the host, whose reassembly
     // never completes without the first fragment (dropped below when it is
-    // ours), so nothing is answered.
+    // veil's), so nothing is answered.
     if frags & IP_OFFSET != 0 {
-        return Ok(PASS);
+        return Ok(Wan::Host);
     }
-    let l4_at = ETH_LEN + ihl;
+
+    // Is it in the NAT range? Read at the real header length first.
+    let at = ETH_LEN + ihl;
     let ours = match protocol {
         proto::TCP | proto::UDP => {
-            let ports: *mut Ports = pkt.at(l4_at)?;
+            let ports: *mut Ports = pkt.at(at)?;
             cfg.in_nat_range(u16::from_be_bytes(unsafe { (*ports).dst }))
         }
         proto::ICMP => {
-            let icmp: *mut Icmpv4Hdr = pkt.at(l4_at)?;
+            let icmp: *mut Icmpv4Hdr = pkt.at(at)?;
             match unsafe { (*icmp).type_ } {
                 ICMP_ECHO_REPLY => cfg.in_nat_range(echo_id(icmp)),
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => true,
@@ -81,7 +114,7 @@ pub fn from_wan(ctx: &XdpContext) -> Result<Verdict, Reason> {
         _ => false,
     };
     if !ours {
-        return Ok(PASS);
+        return Ok(Wan::Host);
     }
     if frags & IP_MF != 0 {
         return Err(Reason::DropFragment);
@@ -90,41 +123,84 @@ pub fn from_wan(ctx: &XdpContext) -> Result<Verdict, Reason> {
         return Err(Reason::DropIpOptions);
     }
 
-    let len = (ctx.data_end() - ctx.data()) as u32;
+    let reply = |kind, remote_port: [u8; 2], nat_port: [u8; 2], tcp_flags| Wan::Reply {
+        key: ReverseKey {
+            remote_addr: src,
+            remote_port: u16::from_be_bytes(remote_port),
+            nat_port: u16::from_be_bytes(nat_port),
+            proto: protocol,
+            _pad: [0; 3],
+        },
+        kind,
+        tcp_flags,
+    };
     match protocol {
         proto::TCP => {
-            let tcp: *mut TcpHdr = pkt.at(ETH_LEN + IPV4_LEN)?;
+            let tcp: *mut TcpHdr = pkt.at(L4_AT)?;
             let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
-            let l4 = unsafe {
-                L4 {
-                    kind: L4Sum::Tcp,
-                    port: &raw mut (*tcp).dest,
-                    check: Some(&raw mut (*tcp).check),
-                }
-            };
-            reply(ip, &l4, unsafe { (*tcp).source }, len, flags)
+            Ok(unsafe { reply(L4Sum::Tcp, (*tcp).source, (*tcp).dest, flags) })
         }
         proto::UDP => {
-            let udp: *mut UdpHdr = pkt.at(ETH_LEN + IPV4_LEN)?;
-            let l4 = unsafe {
-                L4 {
-                    kind: L4Sum::Udp,
-                    port: &raw mut (*udp).dst,
-                    check: Some(&raw mut (*udp).check),
-                }
-            };
-            reply(ip, &l4, unsafe { (*udp).src }, len, 0)
+            let udp: *mut UdpHdr = pkt.at(L4_AT)?;
+            Ok(unsafe { reply(L4Sum::Udp, (*udp).src, (*udp).dst, 0) })
         }
         _ => {
-            let icmp: *mut Icmpv4Hdr = pkt.at(ETH_LEN + IPV4_LEN)?;
+            let icmp: *mut Icmpv4Hdr = pkt.at(L4_AT)?;
             if unsafe { (*icmp).type_ } == ICMP_ECHO_REPLY {
-                let l4 = icmp_echo_l4(icmp);
-                reply(ip, &l4, [0, 0], len, 0)
+                Ok(reply(L4Sum::Icmp, [0, 0], echo_id(icmp).to_be_bytes(), 0))
             } else {
-                icmp_error(&pkt, cfg, ip, icmp)
+                classify_icmp_error(pkt, cfg)
             }
         }
     }
+}
+
+/// An ICMP error is veil's when it quotes `public:nat_port -> remote`.
+#[inline(always)]
+fn classify_icmp_error(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
+    let inner: *mut Ipv4Hdr = pkt.at(INNER_IP)?;
+    let (vihl, src, dst, protocol) = unsafe {
+        (
+            (*inner).vihl,
+            (*inner).src_addr,
+            (*inner).dst_addr,
+            (*inner).proto,
+        )
+    };
+    // About a packet the host itself sent (ssh, the tunnel): the host's.
+    if src != cfg.public_addr {
+        return Ok(Wan::Host);
+    }
+    if vihl != 0x45 {
+        return Err(Reason::DropIpOptions);
+    }
+    let (nat_port, remote_port) = match protocol {
+        proto::TCP | proto::UDP => {
+            let ports: *mut Ports = pkt.at(INNER_L4)?;
+            unsafe { ((*ports).src, (*ports).dst) }
+        }
+        proto::ICMP => {
+            let echo: *mut Icmpv4Hdr = pkt.at(INNER_L4)?;
+            if unsafe { (*echo).type_ } != ICMP_ECHO_REQUEST {
+                return Err(Reason::DropUnsupported);
+            }
+            (echo_id(echo).to_be_bytes(), [0, 0])
+        }
+        _ => return Err(Reason::DropUnsupported),
+    };
+    let nat_port = u16::from_be_bytes(nat_port);
+    if !cfg.in_nat_range(nat_port) {
+        return Ok(Wan::Host);
+    }
+    Ok(Wan::IcmpError {
+        key: ReverseKey {
+            remote_addr: dst,
+            remote_port: u16::from_be_bytes(remote_port),
+            nat_port,
+            proto: protocol,
+            _pad: [0; 3],
+        },
+    })
 }
 
 #[inline(always)]
@@ -134,129 +210,132 @@ fn echo_id(icmp: *mut Icmpv4Hdr) -> u16 {
 }
 
 #[inline(always)]
-fn icmp_echo_l4(icmp: *mut Icmpv4Hdr) -> L4 {
-    unsafe {
-        L4 {
-            kind: L4Sum::Icmp,
-            port: (&raw mut (*icmp).data).cast(),
-            check: Some(&raw mut (*icmp).check),
+fn flow(key: &ReverseKey) -> Result<*mut ReverseFlow, Reason> {
+    VEIL_REVERSE
+        .get_ptr_mut(key)
+        .ok_or(Reason::DropNoIngressFlow)
+}
+
+/// XDP: drop early what veil must not let through; pass the rest.
+#[inline(always)]
+pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let cfg = config()?;
+    match classify(&pkt, cfg)? {
+        Wan::Host => Ok(Verdict::counted(
+            xdp_action::XDP_PASS as i32,
+            Reason::PassToHost,
+        )),
+        Wan::Reply { key, .. } | Wan::IcmpError { key } => {
+            flow(&key)?;
+            // Counted by `translate`, which finishes the job.
+            Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32))
         }
     }
 }
 
-/// A reply on a NATed flow: back to the client's address and port.
+/// TC: translate what `filter` let through and hand it to the TUN device.
 #[inline(always)]
-fn reply(
-    ip: *mut Ipv4Hdr,
-    l4: &L4,
-    remote_port: [u8; 2],
-    len: u32,
-    tcp_flags: u64,
-) -> Result<Verdict, Reason> {
-    let key = unsafe {
-        ReverseKey {
-            remote_addr: (*ip).src_addr,
-            remote_port: u16::from_be_bytes(remote_port),
-            nat_port: u16::from_be_bytes(*l4.port),
-            proto: (*ip).proto,
-            _pad: [0; 3],
+pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let cfg = config()?;
+    let reason = match classify(&pkt, cfg)? {
+        // Counted by `filter` already.
+        Wan::Host => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
+        Wan::Reply {
+            key,
+            kind,
+            tcp_flags,
+        } => {
+            let flow = flow(&key)?;
+            let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
+            stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
+            let ip: *mut Ipv4Hdr = pkt.at(IP)?;
+            let old_addr = dword(unsafe { (*ip).dst_addr });
+            let at = match kind {
+                L4Sum::Tcp => reply_at(kind, L4_AT + 2, L4_AT + 16),
+                L4Sum::Udp => reply_at(kind, L4_AT + 2, L4_AT + 6),
+                L4Sum::Icmp => reply_at(kind, L4_AT + 4, L4_AT + 2),
+            };
+            move_endpoint_skb(
+                ctx,
+                &at,
+                old_addr,
+                word(key.nat_port.to_be_bytes()),
+                client_addr,
+                client_port,
+            )?;
+            Reason::IngressForwarded
+        }
+        Wan::IcmpError { key } => {
+            let flow = flow(&key)?;
+            icmp_error(&pkt, flow)?;
+            Reason::IcmpErrorForwarded
         }
     };
-    let flow = VEIL_REVERSE
-        .get_ptr_mut(&key)
-        .ok_or(Reason::DropNoIngressFlow)?;
-    unsafe {
-        move_endpoint(
-            ip,
-            &raw mut (*ip).dst_addr,
-            l4,
-            (*flow).client_addr,
-            (*flow).client_port,
-        );
-        stats::touch(&raw mut (*flow).stats, len, tcp_flags);
+    let action = unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
     }
-    Ok(Verdict {
-        action: xdp_action::XDP_PASS as i32,
-        reason: Reason::IngressForwarded,
-    })
+    Ok(Verdict::counted(action, reason))
 }
 
-/// An ICMP error quoting a packet veil sent: the quoted header says
-/// `public:nat_port -> remote`. Both it and the outer destination go back to
-/// the client, and the outer ICMP checksum follows every quoted word changed.
 #[inline(always)]
-fn icmp_error(
-    pkt: &Packet,
-    cfg: &Config,
-    ip: *mut Ipv4Hdr,
-    icmp: *mut Icmpv4Hdr,
-) -> Result<Verdict, Reason> {
-    const INNER_IP: usize = ETH_LEN + IPV4_LEN + ICMP_HDR_LEN;
-    const INNER_L4: usize = INNER_IP + IPV4_LEN;
+const fn reply_at(kind: L4Sum, port: usize, l4_check: usize) -> SkbEndpoint {
+    SkbEndpoint {
+        kind,
+        ip_check: IP + 10,
+        addr: IP + 16,
+        port,
+        l4_check,
+    }
+}
+
+/// Rewrites an ICMP error for its client: the quote back to the client's
+/// own packet, the outer destination to the client. ICMP checksums are
+/// always complete, so the pure helpers patch them directly.
+#[inline(always)]
+fn icmp_error(pkt: &Packet, flow: *mut ReverseFlow) -> Result<(), Reason> {
+    let ip: *mut Ipv4Hdr = pkt.at(IP)?;
+    let icmp: *mut Icmpv4Hdr = pkt.at(L4_AT)?;
     let inner: *mut Ipv4Hdr = pkt.at(INNER_IP)?;
-    let (inner_vihl, inner_src, inner_proto) =
-        unsafe { ((*inner).vihl, (*inner).src_addr, (*inner).proto) };
-    // About a packet the host itself sent (ssh, the tunnel): the host's.
-    if inner_src != cfg.public_addr {
-        return Ok(PASS);
-    }
-    if inner_vihl != 0x45 {
-        return Err(Reason::DropIpOptions);
-    }
-
-    let (l4, remote_port) = match inner_proto {
-        proto::TCP | proto::UDP => {
-            let ports: *mut Ports = pkt.at(INNER_L4)?;
-            // The quote holds at least 8 bytes of transport header (RFC 792):
-            // UDP's checksum always, TCP's only when more was quoted.
-            let check = if inner_proto == proto::UDP {
-                let udp: *mut UdpHdr = pkt.at(INNER_L4)?;
-                Some(unsafe { &raw mut (*udp).check })
-            } else {
-                pkt.at::<TcpHdr>(INNER_L4)
-                    .ok()
-                    .map(|tcp| unsafe { &raw mut (*tcp).check })
-            };
-            let kind = if inner_proto == proto::UDP {
-                L4Sum::Udp
-            } else {
-                L4Sum::Tcp
-            };
-            let l4 = unsafe {
+    let inner_proto = unsafe { (*inner).proto };
+    let l4 = match inner_proto {
+        proto::UDP => {
+            let udp: *mut UdpHdr = pkt.at(INNER_L4)?;
+            unsafe {
                 L4 {
-                    kind,
-                    port: &raw mut (*ports).src,
-                    check,
+                    kind: L4Sum::Udp,
+                    port: &raw mut (*udp).src,
+                    check: Some(&raw mut (*udp).check),
                 }
-            };
-            (l4, unsafe { u16::from_be_bytes((*ports).dst) })
-        }
-        proto::ICMP => {
-            let echo: *mut Icmpv4Hdr = pkt.at(INNER_L4)?;
-            if unsafe { (*echo).type_ } != ICMP_ECHO_REQUEST {
-                return Err(Reason::DropUnsupported);
             }
-            (icmp_echo_l4(echo), 0)
         }
-        _ => return Err(Reason::DropUnsupported),
-    };
-
-    let nat_port = u16::from_be_bytes(unsafe { *l4.port });
-    if !cfg.in_nat_range(nat_port) {
-        return Ok(PASS);
-    }
-    let key = unsafe {
-        ReverseKey {
-            remote_addr: (*inner).dst_addr,
-            remote_port,
-            nat_port,
-            proto: inner_proto,
-            _pad: [0; 3],
+        proto::TCP => {
+            let ports: *mut Ports = pkt.at(INNER_L4)?;
+            // RFC 792 promises only 8 bytes of the quoted transport header:
+            // TCP's checksum is patched when it was quoted.
+            let check = pkt
+                .at::<TcpHdr>(INNER_L4)
+                .ok()
+                .map(|tcp| unsafe { &raw mut (*tcp).check });
+            L4 {
+                kind: L4Sum::Tcp,
+                port: unsafe { &raw mut (*ports).src },
+                check,
+            }
+        }
+        _ => {
+            let echo: *mut Icmpv4Hdr = pkt.at(INNER_L4)?;
+            unsafe {
+                L4 {
+                    kind: L4Sum::Icmp,
+                    port: (&raw mut (*echo).data).cast(),
+                    check: Some(&raw mut (*echo).check),
+                }
+            }
         }
     };
-    let flow = VEIL_REVERSE
-        .get_ptr_mut(&key)
-        .ok_or(Reason::DropNoIngressFlow)?;
     unsafe {
         let client_addr = (*flow).client_addr;
         let changed = move_endpoint(
@@ -267,14 +346,10 @@ fn icmp_error(
             (*flow).client_port,
         );
         (*icmp).check = cover(word((*icmp).check), &changed).to_ne_bytes();
-        // The outer destination: only the IP header checksum covers it.
-        let old = u32::from_ne_bytes((*ip).dst_addr);
-        let new = u32::from_ne_bytes(client_addr);
+        let old = dword((*ip).dst_addr);
         (*ip).dst_addr = client_addr;
-        (*ip).check = veil_common::csum::replace32(word((*ip).check), old, new).to_ne_bytes();
+        (*ip).check =
+            veil_common::csum::replace32(word((*ip).check), old, dword(client_addr)).to_ne_bytes();
     }
-    Ok(Verdict {
-        action: xdp_action::XDP_PASS as i32,
-        reason: Reason::IcmpErrorForwarded,
-    })
+    Ok(())
 }

@@ -3,22 +3,21 @@
 //! - `veil_tun_tc` (TC ingress on the gateway's TUN device): client packets
 //!   the daemon writes are translated to the public address and a NAT port
 //!   and sent out of the WAN interface with `bpf_redirect_neigh`.
-//! - `veil_wan_xdp` (XDP on the WAN interface): replies and ICMP errors for
-//!   NATed flows are translated back to the client; unsolicited packets to
-//!   the NAT port range are dropped before the kernel can answer them.
-//! - `veil_wan_tc` (TC ingress on the WAN interface): hands the translated
-//!   replies to the TUN device, where the daemon reads them. XDP cannot
-//!   redirect into a TUN device (EOPNOTSUPP), so this one step lives in TC.
+//! - `veil_wan_xdp` (XDP on the WAN interface): unsolicited packets to the
+//!   NAT port range, forged client addresses, fragments and options are
+//!   dropped before the kernel sees them; everything else passes.
+//! - `veil_wan_tc` (TC ingress on the WAN interface): replies and ICMP
+//!   errors for NATed flows are translated back to their client and handed
+//!   to the TUN device, where the daemon reads them.
 //!
 //! Entry points stay thin: each calls its module and counts the outcome
-//! under one [`Reason`].
+//! under one [`Reason`] (once per packet across the programs).
 
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod deliver;
 mod egress;
 mod ingress;
 mod maps;
@@ -33,43 +32,54 @@ use aya_ebpf::{
 };
 use veil_common::Reason;
 
-/// An action for the kernel and the reason it is taken.
+/// An action for the kernel and the reason it is taken. `reason` is `None`
+/// when a later program on the packet's path counts it.
 pub struct Verdict {
     pub action: i32,
-    pub reason: Reason,
+    pub reason: Option<Reason>,
+}
+
+impl Verdict {
+    pub const fn counted(action: i32, reason: Reason) -> Self {
+        Self {
+            action,
+            reason: Some(reason),
+        }
+    }
+
+    pub const fn uncounted(action: i32) -> Self {
+        Self {
+            action,
+            reason: None,
+        }
+    }
+}
+
+/// Counts the verdict (an error is a drop for that reason) and returns the
+/// action for the kernel.
+#[inline(always)]
+fn conclude(verdict: Result<Verdict, Reason>, drop: i32, len: u32) -> i32 {
+    let verdict = verdict.unwrap_or_else(|reason| Verdict::counted(drop, reason));
+    if let Some(reason) = verdict.reason {
+        stats::count(reason, len);
+    }
+    verdict.action
 }
 
 #[xdp]
 pub fn veil_wan_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    let verdict = ingress::from_wan(&ctx).unwrap_or_else(|reason| Verdict {
-        action: xdp_action::XDP_DROP as i32,
-        reason,
-    });
-    stats::count(verdict.reason, len);
-    verdict.action as u32
-}
-
-#[classifier]
-pub fn veil_tun_tc(ctx: TcContext) -> i32 {
-    let len = ctx.len();
-    let verdict = egress::from_tunnel(&ctx).unwrap_or_else(|reason| Verdict {
-        action: TC_ACT_SHOT,
-        reason,
-    });
-    stats::count(verdict.reason, len);
-    verdict.action
+    conclude(ingress::filter(&ctx), xdp_action::XDP_DROP as i32, len) as u32
 }
 
 #[classifier]
 pub fn veil_wan_tc(ctx: TcContext) -> i32 {
-    match deliver::to_tunnel(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            stats::count(reason, ctx.len());
-            TC_ACT_SHOT
-        }
-    }
+    conclude(ingress::translate(&ctx), TC_ACT_SHOT, ctx.len())
+}
+
+#[classifier]
+pub fn veil_tun_tc(ctx: TcContext) -> i32 {
+    conclude(egress::from_tunnel(&ctx), TC_ACT_SHOT, ctx.len())
 }
 
 #[cfg(not(test))]

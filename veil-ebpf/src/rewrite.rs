@@ -1,9 +1,76 @@
-//! In-place header rewrites. The checksum arithmetic is in
-//! `veil_common::csum` (pure, unit-tested on the host); this module only
-//! loads and stores the fields.
+//! Header rewrites, two ways.
+//!
+//! Packet headers are rewritten with the kernel's checksum helpers
+//! ([`move_endpoint_skb`]): only the skb knows whether a transport checksum
+//! is complete or, for a packet sent by a local socket over veth
+//! (CHECKSUM_PARTIAL), just the pseudo-header sum that the sender's "NIC"
+//! will finish. An update written for a complete checksum corrupts the
+//! second kind; the helpers handle both.
+//!
+//! Checksums that cover a header as plain data (the outer ICMP checksum of
+//! an ICMP error and the quote inside it) are patched directly with the
+//! pure arithmetic of `veil_common::csum` ([`move_endpoint`], [`cover`]).
 
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use network_types::ip::Ipv4Hdr;
-use veil_common::csum::{self, L4Sum};
+use veil_common::{
+    csum::{self, L4Sum},
+    Reason,
+};
+
+/// Where one endpoint of a packet sits, as offsets from the skb's data.
+pub struct SkbEndpoint {
+    pub kind: L4Sum,
+    /// The IPv4 header's checksum.
+    pub ip_check: usize,
+    /// The source or destination address.
+    pub addr: usize,
+    /// The matching port, or the ICMP echo identifier.
+    pub port: usize,
+    /// The transport checksum.
+    pub l4_check: usize,
+}
+
+/// Moves one endpoint from `old_addr:old_port` (raw words, as read from the
+/// packet) to `addr:port`, with every checksum that covers it.
+#[inline(always)]
+pub fn move_endpoint_skb(
+    ctx: &TcContext,
+    at: &SkbEndpoint,
+    old_addr: u32,
+    old_port: u16,
+    addr: [u8; 4],
+    port: u16,
+) -> Result<(), Reason> {
+    let new_addr = dword(addr) as u64;
+    let port = port.to_be_bytes();
+    let new_port = word(port) as u64;
+    // UDP: a zero checksum means none and stays zero; a computed zero is
+    // sent as 0xffff.
+    let mangled = match at.kind {
+        L4Sum::Udp => BPF_F_MARK_MANGLED_0 as u64,
+        _ => 0,
+    };
+    let failed = |_| Reason::DropHelperFailed;
+    if at.kind != L4Sum::Icmp {
+        ctx.l4_csum_replace(
+            at.l4_check,
+            old_addr as u64,
+            new_addr,
+            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+        )
+        .map_err(failed)?;
+    }
+    ctx.l4_csum_replace(at.l4_check, old_port as u64, new_port, mangled | 2)
+        .map_err(failed)?;
+    ctx.l3_csum_replace(at.ip_check, old_addr as u64, new_addr, 4)
+        .map_err(failed)?;
+    ctx.store(at.addr, &addr, 0).map_err(failed)?;
+    ctx.store(at.port, &port, 0).map_err(failed)
+}
 
 #[inline(always)]
 pub fn word(b: [u8; 2]) -> u16 {
@@ -80,18 +147,15 @@ pub unsafe fn move_endpoint(
     }
 }
 
-/// Counts one router hop: TTL minus one, header checksum patched.
-///
-/// # Safety
-/// `ip` is a bounds-checked packet pointer.
+/// Counts one router hop: TTL minus one, header checksum patched. `ip` is
+/// the offset of the IPv4 header; `ttl` and `proto` its current values.
 #[inline(always)]
-pub unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
-    unsafe {
-        let old = word([(*ip).ttl, (*ip).proto]);
-        (*ip).ttl -= 1;
-        let new = word([(*ip).ttl, (*ip).proto]);
-        (*ip).check = csum::replace16(word((*ip).check), old, new).to_ne_bytes();
-    }
+pub fn decrement_ttl(ctx: &TcContext, ip: usize, ttl: u8, proto: u8) -> Result<(), Reason> {
+    let failed = |_| Reason::DropHelperFailed;
+    let old = word([ttl, proto]) as u64;
+    let new = word([ttl - 1, proto]) as u64;
+    ctx.l3_csum_replace(ip + 10, old, new, 2).map_err(failed)?;
+    ctx.store(ip + 8, &(ttl - 1), 0).map_err(failed)
 }
 
 /// Patches a checksum that covers the rewritten header as plain data.

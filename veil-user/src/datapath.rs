@@ -167,6 +167,7 @@ impl Datapath {
             path: dir.clone(),
             source,
         };
+        ensure_bpffs(root).map_err(pin_err)?;
         fs::create_dir_all(&dir).map_err(pin_err)?;
         for (map, file) in PINS {
             let path = dir.join(file);
@@ -259,6 +260,58 @@ impl Drop for Datapath {
             }
         }
     }
+}
+
+/// Makes sure pins under `root` land on a BPF filesystem: the standard
+/// mount point is mounted if the system has not done it (as systemd would);
+/// anywhere else, a missing bpffs is an error.
+fn ensure_bpffs(root: &Path) -> io::Result<()> {
+    const STANDARD: &str = "/sys/fs/bpf";
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if is_bpffs(existing)? {
+        return Ok(());
+    }
+    if !root.starts_with(STANDARD) || !is_bpffs_mountable(existing) {
+        return Err(io::Error::other(format!(
+            "{} is not on a BPF filesystem (mount one with `mount -t bpf bpf DIR`)",
+            root.display()
+        )));
+    }
+    let target = std::ffi::CString::new(STANDARD).expect("no NUL");
+    // SAFETY: valid C strings; a plain bpffs mount with no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    info!("mounted the BPF filesystem on {STANDARD}");
+    Ok(())
+}
+
+fn is_bpffs_mountable(existing: &Path) -> bool {
+    existing == Path::new("/sys/fs/bpf")
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `st` is written by statfs on success.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
 fn attach_error(program: &'static str, iface: &str, source: ProgramError) -> DatapathError {

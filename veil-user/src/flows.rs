@@ -168,9 +168,8 @@ impl Flow {
         match self.key.proto {
             proto::TCP => {
                 let (out, back) = (self.egress.tcp_flags, self.reverse.tcp_flags);
-                let any = out | back;
                 let opened = out & tcp_flags::SYN != 0 && back & tcp_flags::SYN != 0;
-                let closing = any & tcp_flags::RST != 0 || (out | back) & tcp_flags::FIN != 0;
+                let closing = (out | back) & (tcp_flags::RST | tcp_flags::FIN) != 0;
                 if opened && !closing {
                     t.tcp_established
                 } else {
@@ -234,6 +233,16 @@ impl FlowTable {
             claimed: StdHashMap::new(),
             mappings: StdHashMap::new(),
         }
+    }
+
+    /// Caps the table below the maps' size (`--max-flows`).
+    pub fn with_capacity(mut self, flows: usize) -> Self {
+        self.capacity = flows.min(MAX_FLOWS as usize);
+        self
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,262 @@
+//! The datapath attached for real: a gateway namespace with a TUN device and
+//! a WAN veth, a remote namespace on the other end. Packets written into the
+//! TUN (as the daemon will) must reach the remote from the gateway's
+//! address, replies must come back out of the TUN addressed to the client,
+//! and unsolicited connections to the NAT range must get no answer at all.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use veil_common::{proto, FlowKey, Reason};
+use veil_tests::{
+    bpffs::BpfFs,
+    netns::{readable, veth, NetNs},
+    packet::{assert_checksums, frame, ip_of, L4},
+};
+use veil_user::{
+    flows::{FlowTable, PortRange, Timeouts},
+    net::{ifindex, Ipv4Net},
+    Datapath, DatapathConfig,
+};
+
+const GW_WAN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const PORTS: PortRange = PortRange::DEFAULT;
+
+struct Gateway {
+    tun: tun::Device,
+    flows: FlowTable,
+    dp: Datapath,
+    pins: std::path::PathBuf,
+    // Dropped last: namespaces go after the programs and pins.
+    _bpffs: BpfFs,
+    remote: NetNs,
+    _gw: NetNs,
+}
+
+fn gateway() -> Gateway {
+    let gw = NetNs::new("gw");
+    let remote = NetNs::new("remote");
+    veth(
+        &gw,
+        "wan0",
+        "198.18.0.1/24",
+        &remote,
+        "eth0",
+        "198.18.0.2/24",
+    );
+    let bpffs = BpfFs::new();
+    let (tun, dp, flows, pins) = gw.enter(|| {
+        let mut cfg = tun::Configuration::default();
+        cfg.tun_name("veilgw").up();
+        let tun = tun::create(&cfg).expect("creating the TUN device");
+        let mut dp = Datapath::load().expect("loading the datapath");
+        dp.configure(&DatapathConfig {
+            public_addr: GW_WAN,
+            vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
+            nat_ports: PORTS,
+            wan_ifindex: ifindex("wan0").unwrap(),
+            tun_ifindex: ifindex("veilgw").unwrap(),
+            tun_l2_len: 0,
+        })
+        .unwrap();
+        let pins = dp.pin(&bpffs.path().join("veil")).unwrap();
+        let flows = dp.flow_table(PORTS, Timeouts::default()).unwrap();
+        dp.attach("wan0", "veilgw").expect("attaching");
+        (tun, dp, flows, pins)
+    });
+    Gateway {
+        tun,
+        flows,
+        dp,
+        pins,
+        _bpffs: bpffs,
+        remote,
+        _gw: gw,
+    }
+}
+
+impl Gateway {
+    /// The next IPv4 packet the datapath hands to the TUN device.
+    fn read_tun(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if !readable(self.tun.as_raw_fd(), left) {
+                return None;
+            }
+            let n = self.tun.read(&mut buf).expect("reading the TUN device");
+            if n > 0 && buf[0] >> 4 == 4 {
+                return Some(buf[..n].to_vec());
+            }
+        }
+        None
+    }
+
+    fn count(&self, reason: Reason) -> u64 {
+        let stats = self.dp.stats().unwrap();
+        stats.iter().find(|(r, _)| *r == reason).unwrap().1.packets
+    }
+}
+
+#[test]
+fn udp_goes_out_as_the_gateway_and_the_reply_comes_back_to_the_client() {
+    let mut gw = gateway();
+    let echo = gw
+        .remote
+        .enter(|| UdpSocket::bind((REMOTE, 7)).expect("binding the echo socket"));
+    echo.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let key = FlowKey::new(proto::UDP, CLIENT, 40000, REMOTE, 7);
+    let nat = gw.flows.create(key, 0).unwrap();
+
+    let payload: Vec<u8> = (0..1200u32).map(|i| (i * 7) as u8).collect();
+    let packet = frame(
+        CLIENT,
+        REMOTE,
+        64,
+        L4::Udp {
+            src: 40000,
+            dst: 7,
+            payload: &payload,
+        },
+    );
+    gw.tun.write_all(ip_of(&packet)).unwrap();
+
+    let mut buf = [0u8; 2048];
+    let (n, from) = echo.recv_from(&mut buf).expect("the remote got nothing");
+    assert_eq!(
+        from,
+        SocketAddr::from((GW_WAN, nat)),
+        "the remote sees the gateway"
+    );
+    assert_eq!(&buf[..n], &payload[..], "bytes intact");
+    echo.send_to(&buf[..n], from).unwrap();
+
+    let reply = gw
+        .read_tun(Duration::from_secs(3))
+        .expect("no reply on the TUN");
+    let expected = frame(
+        REMOTE,
+        CLIENT,
+        64,
+        L4::Udp {
+            src: 7,
+            dst: 40000,
+            payload: &payload,
+        },
+    );
+    assert_checksums(&reply);
+    assert_eq!(
+        &reply[12..20],
+        &ip_of(&expected)[12..20],
+        "remote -> client"
+    );
+    assert_eq!(
+        &reply[20..24],
+        &ip_of(&expected)[20..24],
+        "ports back to the client's"
+    );
+    assert_eq!(&reply[28..], &payload[..], "bytes intact");
+    assert_eq!(gw.count(Reason::EgressForwarded), 1);
+    assert_eq!(gw.count(Reason::IngressForwarded), 1);
+
+    let flow = gw.flows.list().unwrap().pop().unwrap();
+    assert_eq!((flow.egress.packets, flow.reverse.packets), (1, 1));
+}
+
+#[test]
+fn ping_through_the_gateway() {
+    let mut gw = gateway();
+    gw.flows
+        .create(FlowKey::new(proto::ICMP, CLIENT, 0x4242, REMOTE, 0), 0)
+        .unwrap();
+    let ping = frame(
+        CLIENT,
+        REMOTE,
+        64,
+        L4::EchoRequest {
+            id: 0x4242,
+            seq: 1,
+            payload: b"veil ping",
+        },
+    );
+    gw.tun.write_all(ip_of(&ping)).unwrap();
+
+    let reply = gw.read_tun(Duration::from_secs(3)).expect("no echo reply");
+    let expected = frame(
+        REMOTE,
+        CLIENT,
+        64,
+        L4::EchoReply {
+            id: 0x4242,
+            seq: 1,
+            payload: b"veil ping",
+        },
+    );
+    assert_checksums(&reply);
+    assert_eq!(&reply[12..20], &ip_of(&expected)[12..20]);
+    assert_eq!(
+        &reply[20..],
+        &ip_of(&expected)[20..],
+        "echo reply with the client's id"
+    );
+}
+
+#[test]
+fn unsolicited_connections_to_the_nat_range_get_no_answer() {
+    let gw = gateway();
+    let (nat_range, outside) = gw.remote.enter(|| {
+        let nat = TcpStream::connect_timeout(
+            &(GW_WAN, PORTS.min + 17).into(),
+            Duration::from_millis(1500),
+        );
+        let outside = TcpStream::connect_timeout(&(GW_WAN, 22).into(), Duration::from_millis(1500));
+        (nat.map(|_| ()), outside.map(|_| ()))
+    });
+    assert_eq!(
+        nat_range.unwrap_err().kind(),
+        ErrorKind::TimedOut,
+        "a RST would mean the kernel saw the SYN"
+    );
+    assert_eq!(
+        outside.unwrap_err().kind(),
+        ErrorKind::ConnectionRefused,
+        "outside the range the host answers as usual"
+    );
+    assert!(gw.count(Reason::DropNoIngressFlow) >= 1);
+}
+
+#[test]
+fn bpftool_shows_a_live_flow_with_named_fields() {
+    let mut gw = gateway();
+    let key = FlowKey::new(proto::TCP, CLIENT, 50000, REMOTE, 443);
+    let nat = gw.flows.create(key, 0).unwrap();
+
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(gw.pins.join("egress"))
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = &dump[0]["formatted"];
+    assert_eq!(
+        entry["key"]["client_addr"],
+        serde_json::json!([10, 77, 0, 2]),
+        "{dump}"
+    );
+    assert_eq!(entry["key"]["remote_port"], 443, "{dump}");
+    assert_eq!(entry["key"]["proto"], 6, "{dump}");
+    assert_eq!(entry["value"]["nat_port"], nat, "{dump}");
+    assert_eq!(entry["value"]["stats"]["packets"], 0, "{dump}");
+}
