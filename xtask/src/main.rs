@@ -1,1 +1,48 @@
-fn main() {}
+//! veil's developer commands: `cargo xtask <command>`.
+//!
+//! - `setup`: installs what building and testing need (idempotent, fast when
+//!   everything is there). Every other command runs it first.
+//! - `build-ebpf`: builds the datapath object that `veil-user` embeds.
+//! - `test`: lint, unit tests, then the kernel tests (BPF_PROG_TEST_RUN and
+//!   network namespaces) as root, one at a time.
+//! - `bench`: measurements, side by side with the kernel's own paths.
+
+mod bench;
+mod ebpf;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "veil's build, test and benchmark commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the packages and toolchain pieces veil needs (idempotent).
+    Setup,
+    /// Build the eBPF object (nightly + bpf-linker).
+    BuildEbpf(ebpf::Options),
+    /// Lint, then run every test against the real kernel (needs root).
+    Test(test::Options),
+    /// Measure the datapath against the kernel's routing + MASQUERADE.
+    Bench(bench::Options),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf(opts) => {
+            setup::run()?;
+            ebpf::build(&opts)
+        }
+        Command::Test(opts) => test::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
+    }
+}

@@ -1,0 +1,151 @@
+//! Installs what veil needs on a fresh Debian machine, idempotently: each
+//! step checks first and costs milliseconds when there is nothing to do.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{as_root, exec, output};
+
+/// Debian packages: the tools tests, demo and bench call, by the command
+/// that shows each is there.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("bpftool", "bpftool"),
+    ("ethtool", "ethtool"),
+    ("iptables", "iptables"),
+    ("tcpdump", "tcpdump"),
+    ("iperf3", "iperf3"),
+    ("util-linux", "nsenter"),
+];
+
+/// The bpf-linker release that links LLVM 22 (nightly 1.97's).
+const BPF_LINKER_VERSION: &str = "0.13";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()
+}
+
+fn have(cmd: &str) -> bool {
+    output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_some()
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !have(cmd) && !Path::new("/usr/sbin").join(cmd).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    exec(as_root("apt-get").args(["update", "-qq"]))?;
+    exec(
+        as_root("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .context("installing Debian packages")
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
+        Some(_) => {
+            eprintln!("setup: adding rust-src to the nightly toolchain");
+            exec(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))
+        }
+        None => {
+            eprintln!("setup: installing the nightly toolchain with rust-src");
+            exec(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))
+        }
+    }
+}
+
+/// bpf-linker must load the very LLVM that nightly rustc emits bitcode for:
+/// it is built against the toolchain's own libLLVM (see DESIGN.md).
+fn bpf_linker() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("finding the nightly sysroot")?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    let lib = fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+
+    if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
+        if v.contains(&format!("bpf-linker {BPF_LINKER_VERSION}.")) && links(&lib) {
+            return Ok(());
+        }
+    }
+
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cargo"));
+    let prefix = cargo_home.join("veil-llvm");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so", lib.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib_dir.join(&lib), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {lib} (about a minute)");
+    exec(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", &prefix)
+            .args(["install", "--force", "--locked", "bpf-linker"])
+            .args(["--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", "llvm-22"]),
+    )?;
+    if output(Command::new("bpf-linker").arg("--version")).is_none() {
+        bail!("bpf-linker was installed but does not run: is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+/// Whether the installed bpf-linker loads `lib` (the nightly's libLLVM).
+fn links(lib: &str) -> bool {
+    let Some(path) = output(Command::new("sh").args(["-c", "command -v bpf-linker"])) else {
+        return false;
+    };
+    output(Command::new("ldd").arg(path.trim())).is_some_and(|ldd| ldd.contains(lib))
+}
+
+fn home() -> PathBuf {
+    env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
