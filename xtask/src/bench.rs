@@ -1,5 +1,55 @@
-pub fn run(_: &Options) -> anyhow::Result<()> {
+//! `cargo xtask bench [WHAT] [--quick]`: builds the benchmark binary in
+//! release mode and runs it as root; the report also lands in
+//! `target/bench/WHAT.md`.
+
+use std::{fs, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::{
+    ebpf, setup,
+    util::{as_root, exec, root},
+};
+
+#[derive(Args)]
+pub struct Options {
+    /// What to measure.
+    #[arg(default_value = "datapath", value_parser = ["datapath"])]
+    pub what: String,
+    /// Shorter runs: a smoke test of the numbers, not a measurement.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    setup::run()?;
+    ebpf::build(&ebpf::Options::default())?;
+    exec(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "veil-tests",
+        "--bin",
+        "veil-bench",
+    ]))?;
+    let bin = root().join("target/release/veil-bench");
+    let mut cmd = as_root(bin.to_str().context("non-UTF-8 path")?);
+    cmd.arg(&opts.what);
+    if opts.quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd.output().context("running veil-bench")?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    print!("{report}");
+    if !out.status.success() {
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("veil-bench {} failed ({})", opts.what, out.status);
+    }
+    let dir = root().join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{}.md", opts.what));
+    fs::write(&file, report.as_bytes())?;
+    eprintln!("\nreport saved to {}", file.display());
     Ok(())
 }
-#[derive(clap::Args)]
-pub struct Options {}
