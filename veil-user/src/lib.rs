@@ -5,6 +5,8 @@
 pub mod datapath;
 pub mod flows;
 pub mod net;
+pub mod packet;
+pub mod policy;
 
 pub use datapath::{Datapath, DatapathConfig, DatapathError};
 pub use flows::{FlowError, FlowTable, PortRange, Timeouts};

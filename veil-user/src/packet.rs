@@ -1,0 +1,195 @@
+//! What the session layer needs to know about a client's IPv4 packet, and
+//! the ICMP errors the gateway answers with. Pure functions over bytes.
+
+use std::net::Ipv4Addr;
+
+use veil_common::{proto, FlowKey};
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PacketError {
+    #[error("{0} bytes is too short for an IPv4 header")]
+    TooShort(usize),
+    #[error("IP version {0}: only IPv4 is carried")]
+    NotIpv4(u8),
+    #[error("IPv4 header length {0} is invalid")]
+    BadHeaderLength(usize),
+    #[error("IPv4 total length {total} does not match the {actual} bytes received")]
+    LengthMismatch { total: usize, actual: usize },
+}
+
+/// The fields of an IPv4 packet that decide its fate at the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Info {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub ttl: u8,
+    pub header_len: usize,
+    /// More-fragments set or a non-zero offset.
+    pub fragment: bool,
+    /// Source and destination port (TCP, UDP), or the echo identifier and 0
+    /// (ICMP echo request); `None` when the packet does not carry them.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl Ipv4Info {
+    /// The flow this packet belongs to, if the datapath translates it.
+    pub fn flow_key(&self) -> Option<FlowKey> {
+        if self.fragment {
+            return None;
+        }
+        let (sport, dport) = self.ports?;
+        Some(FlowKey::new(self.proto, self.src, sport, self.dst, dport))
+    }
+}
+
+pub fn parse(pkt: &[u8]) -> Result<Ipv4Info, PacketError> {
+    if pkt.len() < 20 {
+        return Err(PacketError::TooShort(pkt.len()));
+    }
+    if pkt[0] >> 4 != 4 {
+        return Err(PacketError::NotIpv4(pkt[0] >> 4));
+    }
+    let header_len = ((pkt[0] & 0x0f) as usize) * 4;
+    if header_len < 20 || header_len > pkt.len() {
+        return Err(PacketError::BadHeaderLength(header_len));
+    }
+    let total = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+    if total != pkt.len() {
+        return Err(PacketError::LengthMismatch {
+            total,
+            actual: pkt.len(),
+        });
+    }
+    let frags = u16::from_be_bytes([pkt[6], pkt[7]]);
+    let fragment = frags & 0x3fff != 0;
+    let l4 = &pkt[header_len..];
+    let protocol = pkt[9];
+    let ports = match protocol {
+        _ if fragment => None,
+        proto::TCP | proto::UDP if l4.len() >= 8 => Some((
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        )),
+        proto::ICMP if l4.len() >= 8 && l4[0] == ICMP_ECHO_REQUEST => {
+            Some((u16::from_be_bytes([l4[4], l4[5]]), 0))
+        }
+        _ => None,
+    };
+    Ok(Ipv4Info {
+        src: Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]),
+        dst: Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]),
+        proto: protocol,
+        ttl: pkt[8],
+        header_len,
+        fragment,
+        ports,
+    })
+}
+
+/// ICMP destination unreachable codes the gateway sends.
+pub mod unreachable {
+    /// The egress policy refuses the destination (RFC 1812 §5.2.7.1).
+    pub const ADMIN_PROHIBITED: u8 = 13;
+}
+
+/// An ICMP error from `from` to the sender of `original` (RFC 792),
+/// quoting its header and first bytes as RFC 1812 §4.3.2.3 allows (up to
+/// 576 bytes in all).
+pub fn icmp_error(from: Ipv4Addr, original: &[u8], icmp_type: u8, code: u8) -> Vec<u8> {
+    let quote = &original[..original.len().min(576 - 28)];
+    let total = 28 + quote.len();
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&[0x45, 0xc0]);
+    out.extend_from_slice(&(total as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 64, proto::ICMP, 0, 0]);
+    out.extend_from_slice(&from.octets());
+    out.extend_from_slice(&original[12..16]);
+    let check = checksum(&out[..20]);
+    out[10..12].copy_from_slice(&check.to_be_bytes());
+    out.extend_from_slice(&[icmp_type, code, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(quote);
+    let check = checksum(&out[20..]);
+    out[22..24].copy_from_slice(&check.to_be_bytes());
+    out
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`.
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut chunks = bytes.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
+    }
+    if let [last] = chunks.remainder() {
+        sum += (*last as u32) << 8;
+    }
+    !veil_common::csum::fold(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 32, 0, 1, 0x40, 0, 64, 17, 0, 0, src[0], src[1], src[2], src[3], dst[0],
+            dst[1], dst[2], dst[3], 0x9c, 0x40, 0, 53, 0, 12, 0, 0, b'a', b'b', b'c', b'd',
+        ];
+        let c = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn parses_a_udp_packet_into_its_flow() {
+        let p = udp([10, 77, 0, 2], [198, 18, 0, 2]);
+        let info = parse(&p).unwrap();
+        assert_eq!(info.ttl, 64);
+        let key = info.flow_key().unwrap();
+        assert_eq!(
+            key,
+            FlowKey::new(17, Ipv4Addr::new(10, 77, 0, 2), 40000, Ipv4Addr::new(198, 18, 0, 2), 53)
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_whole_ipv4_packet() {
+        let p = udp([10, 77, 0, 2], [198, 18, 0, 2]);
+        assert_eq!(parse(&p[..10]), Err(PacketError::TooShort(10)));
+        let mut v6 = p.clone();
+        v6[0] = 0x60;
+        assert_eq!(parse(&v6), Err(PacketError::NotIpv4(6)));
+        let mut short = p.clone();
+        short[0] = 0x44;
+        assert_eq!(parse(&short), Err(PacketError::BadHeaderLength(16)));
+        assert_eq!(
+            parse(&p[..30]),
+            Err(PacketError::LengthMismatch { total: 32, actual: 30 })
+        );
+    }
+
+    #[test]
+    fn fragments_have_no_flow() {
+        let mut p = udp([10, 77, 0, 2], [198, 18, 0, 2]);
+        p[6] |= 0x20;
+        assert!(parse(&p).unwrap().fragment);
+        assert_eq!(parse(&p).unwrap().flow_key(), None);
+    }
+
+    #[test]
+    fn admin_prohibited_quotes_the_packet_with_valid_checksums() {
+        let p = udp([10, 77, 0, 2], [10, 200, 0, 5]);
+        let gw = Ipv4Addr::new(10, 77, 0, 1);
+        let e = icmp_error(gw, &p, 3, unreachable::ADMIN_PROHIBITED);
+        assert_eq!(e.len(), 28 + p.len());
+        assert_eq!(&e[12..16], &gw.octets());
+        assert_eq!(&e[16..20], &[10, 77, 0, 2], "back to the sender");
+        assert_eq!((e[20], e[21]), (3, 13));
+        assert_eq!(&e[28..], &p[..]);
+        assert_eq!(checksum(&e[..20]), 0, "IP header checksum");
+        assert_eq!(checksum(&e[20..]), 0, "ICMP checksum");
+    }
+}
