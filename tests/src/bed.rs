@@ -59,6 +59,12 @@ pub struct Bed {
     pub flows: FlowTable,
 }
 
+impl Default for Bed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Bed {
     pub fn new() -> Self {
         Self::with_ports(PORTS)

@@ -6,3 +6,5 @@ pub mod bed;
 pub mod bpffs;
 pub mod netns;
 pub mod packet;
+pub mod proc;
+pub mod world;

@@ -261,6 +261,11 @@ impl FlowTable {
         self.timeouts
     }
 
+    /// Every flow's key (from the user-space index: no syscalls).
+    pub fn keys(&self) -> impl Iterator<Item = &FlowKey> {
+        self.flows.keys()
+    }
+
     /// The flow's NAT port, if it exists.
     pub fn get(&self, key: &FlowKey) -> Option<u16> {
         self.flows.get(key).map(|e| e.nat_port)

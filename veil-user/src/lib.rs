@@ -2,11 +2,16 @@
 //! table that the session layer drives, and that the tests and benchmarks
 //! use directly.
 
+pub mod control;
 pub mod datapath;
 pub mod flows;
+pub mod gateway;
 pub mod net;
 pub mod packet;
 pub mod policy;
+pub mod state;
+pub mod tls;
+pub mod tun;
 
 pub use datapath::{Datapath, DatapathConfig, DatapathError};
 pub use flows::{FlowError, FlowTable, PortRange, Timeouts};

@@ -80,6 +80,42 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
     }
 }
 
+/// The first IPv4 address of interface `name` (in the calling thread's
+/// network namespace).
+pub fn iface_ipv4(name: &str) -> io::Result<Ipv4Addr> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `addrs`; freed below.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: a NUL-terminated interface name.
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if ifname.to_bytes() == name.as_bytes() {
+            // SAFETY: AF_INET addresses are sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            break;
+        }
+    }
+    // SAFETY: the list from getifaddrs.
+    unsafe { libc::freeifaddrs(addrs) };
+    found.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("interface {name} has no IPv4 address"),
+        )
+    })
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads, so
 /// flow timestamps and the daemon's "now" compare directly.
 pub fn monotonic_ns() -> u64 {
@@ -107,6 +143,15 @@ mod tests {
             .parse::<Ipv4Net>()
             .unwrap()
             .contains(Ipv4Addr::BROADCAST));
+    }
+
+    #[test]
+    fn finds_the_loopback_address() {
+        assert_eq!(iface_ipv4("lo").unwrap(), Ipv4Addr::LOCALHOST);
+        assert_eq!(
+            iface_ipv4("no-such-if").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     #[test]

@@ -151,7 +151,13 @@ mod tests {
         let key = info.flow_key().unwrap();
         assert_eq!(
             key,
-            FlowKey::new(17, Ipv4Addr::new(10, 77, 0, 2), 40000, Ipv4Addr::new(198, 18, 0, 2), 53)
+            FlowKey::new(
+                17,
+                Ipv4Addr::new(10, 77, 0, 2),
+                40000,
+                Ipv4Addr::new(198, 18, 0, 2),
+                53
+            )
         );
     }
 
@@ -167,7 +173,10 @@ mod tests {
         assert_eq!(parse(&short), Err(PacketError::BadHeaderLength(16)));
         assert_eq!(
             parse(&p[..30]),
-            Err(PacketError::LengthMismatch { total: 32, actual: 30 })
+            Err(PacketError::LengthMismatch {
+                total: 32,
+                actual: 30
+            })
         );
     }
 

@@ -141,7 +141,10 @@ mod tests {
             "255.255.255.255",
             "0.1.2.3",
         ] {
-            assert!(matches!(p.check(ip(a)), Err(Refusal::Default { .. })), "{a}");
+            assert!(
+                matches!(p.check(ip(a)), Err(Refusal::Default { .. })),
+                "{a}"
+            );
         }
     }
 
@@ -158,10 +161,20 @@ mod tests {
 
     #[test]
     fn allow_opens_and_deny_closes() {
-        let p = policy(&["10.200.0.0/16"], &["198.51.100.0/24", "10.200.9.0/24"], false);
+        let p = policy(
+            &["10.200.0.0/16"],
+            &["198.51.100.0/24", "10.200.9.0/24"],
+            false,
+        );
         assert_eq!(p.check(ip("10.200.0.5")), Ok(()));
-        assert!(matches!(p.check(ip("10.200.9.1")), Err(Refusal::Configured(_))));
-        assert!(matches!(p.check(ip("198.51.100.7")), Err(Refusal::Configured(_))));
+        assert!(matches!(
+            p.check(ip("10.200.9.1")),
+            Err(Refusal::Configured(_))
+        ));
+        assert!(matches!(
+            p.check(ip("198.51.100.7")),
+            Err(Refusal::Configured(_))
+        ));
         assert_eq!(
             p.check(ip("198.51.100.7")).unwrap_err().to_string(),
             "198.51.100.0/24, denied by configuration"

@@ -21,6 +21,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
+    ("iputils-ping", "ping"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

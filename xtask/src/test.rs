@@ -39,6 +39,8 @@ pub fn run(opts: &Options) -> Result<()> {
             "warnings",
         ]))?;
     }
+    // The end-to-end tests run the real binaries.
+    exec(cargo().args(["build", "--workspace", "--bins"]))?;
     // The kernel tests create namespaces, load programs and mount a private
     // bpffs: root, and one test at a time (2 cores; shared kernel state).
     let mut test = cargo();

@@ -1,0 +1,326 @@
+//! A whole veil deployment in network namespaces, running the real
+//! binaries:
+//!
+//! ```text
+//!  client1 (10.200.1.2) ──┐                      ┌── remote (198.18.0.2): servers
+//!  client2 (10.200.2.2) ──┤ gw (veil-user)       │
+//!                         └─ c1/c2 ─ gw ─ wan0 ──┘   198.18.0.1 = the gateway's public address
+//!                                     └─ lan0 ── lan (10.200.9.2): a private network behind it
+//! ```
+//!
+//! The gateway namespace does not forward (ip_forward stays 0): whatever
+//! reaches the remote went through veil's datapath. Everything is torn
+//! down on drop: processes by PID, then namespaces, pins and files.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::{
+    bpffs::BpfFs,
+    netns::{run, veth, NetNs},
+    proc::{workspace_bin, Proc},
+};
+
+pub const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const LAN_HOST: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 2);
+/// Bytes the download server sends, and their SHA-256.
+pub const DOWNLOAD_LEN: usize = 8 << 20;
+
+pub struct World {
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub gateway: Option<Proc>,
+    pub servers: Servers,
+    pub clients: Vec<NetNs>,
+    pub lan: NetNs,
+    pub remote: NetNs,
+    pub gw: NetNs,
+    pub bpffs: BpfFs,
+}
+
+impl World {
+    /// `clients` client namespaces, the gateway started with `extra` flags.
+    pub fn new(clients: usize, extra: &[&str]) -> Self {
+        let gw = NetNs::new("gw");
+        let remote = NetNs::new("rem");
+        let lan = NetNs::new("lan");
+        veth(
+            &gw,
+            "wan0",
+            "198.18.0.1/24",
+            &remote,
+            "eth0",
+            "198.18.0.2/24",
+        );
+        veth(&gw, "lan0", "10.200.9.1/24", &lan, "eth0", "10.200.9.2/24");
+        let clients: Vec<NetNs> = (1..=clients)
+            .map(|i| {
+                let c = NetNs::new(&format!("c{i}"));
+                veth(
+                    &gw,
+                    &format!("c{i}"),
+                    &format!("10.200.{i}.1/24"),
+                    &c,
+                    "eth0",
+                    &format!("10.200.{i}.2/24"),
+                );
+                c.ip(&["route", "add", "default", "via", &format!("10.200.{i}.1")]);
+                c
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("veil-world-{}", gw.name()));
+        let state = dir.join("state");
+        std::fs::create_dir_all(&dir).unwrap();
+        let servers = Servers::start(&remote);
+        let mut world = World {
+            dir,
+            state,
+            gateway: None,
+            servers,
+            clients,
+            lan,
+            remote,
+            gw,
+            bpffs: BpfFs::new(),
+        };
+        world.start_gateway(extra);
+        world
+    }
+
+    pub fn pins(&self) -> PathBuf {
+        self.bpffs.path().join("veil")
+    }
+
+    pub fn start_gateway(&mut self, extra: &[&str]) {
+        let mut cmd = self.nsenter(&self.gw, "veil-user");
+        cmd.args(["--iface", "wan0", "--listen", "0.0.0.0:443"])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--pin-dir")
+            .arg(self.pins())
+            .args(extra);
+        let mut gateway = Proc::start("veil-user", cmd, self.dir.join("gateway.log"));
+        gateway.wait_for_log("gateway up", Duration::from_secs(20));
+        self.gateway = Some(gateway);
+    }
+
+    pub fn gateway(&mut self) -> &mut Proc {
+        self.gateway.as_mut().expect("gateway running")
+    }
+
+    fn nsenter(&self, ns: &NetNs, bin: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", ns.name()))
+            .arg(workspace_bin(bin));
+        cmd
+    }
+
+    /// `veil-user ARGS --state-dir STATE`, its stdout.
+    pub fn veil_user(&self, args: &[&str]) -> String {
+        let out = Command::new(workspace_bin("veil-user"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .expect("running veil-user");
+        assert!(
+            out.status.success(),
+            "veil-user {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Issues a profile for client `i` (1-based), pointing at the gateway's
+    /// address on that client's link.
+    pub fn add_client(&self, name: &str, i: usize) -> PathBuf {
+        let out = self.dir.join(format!("{name}.veil"));
+        let endpoint = format!("10.200.{i}.1:443");
+        self.veil_user(&[
+            "client",
+            "add",
+            name,
+            "--out",
+            out.to_str().unwrap(),
+            "--endpoint",
+            &endpoint,
+        ]);
+        out
+    }
+
+    /// Starts `veil-client` in client namespace `i`; waits until connected
+    /// when `wait` is set.
+    pub fn start_client(&self, i: usize, profile: &PathBuf, wait: bool) -> Proc {
+        let mut cmd = self.nsenter(&self.clients[i - 1], "veil-client");
+        cmd.arg("--profile").arg(profile).args(["--keepalive", "1"]);
+        let log = self
+            .dir
+            .join(format!("client{i}-{}.log", std::process::id()));
+        let mut p = Proc::start(&format!("veil-client {i}"), cmd, log);
+        if wait {
+            p.wait_for_log("connected", Duration::from_secs(15));
+        }
+        p
+    }
+
+    pub fn client(&self, i: usize) -> &NetNs {
+        &self.clients[i - 1]
+    }
+
+    /// `veil-user status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.veil_user(&["status", "--json"])).expect("status JSON")
+    }
+
+    /// Downloads the remote's test file from client `i`; its SHA-256.
+    pub fn download(&self, i: usize) -> std::io::Result<Vec<u8>> {
+        self.client(i).enter(|| {
+            let mut s = TcpStream::connect_timeout(&(REMOTE, 8080).into(), Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut data = Vec::with_capacity(DOWNLOAD_LEN);
+            s.read_to_end(&mut data)?;
+            Ok(sha256(&data))
+        })
+    }
+
+    /// Pings `dst` from client `i`: did an answer come back?
+    pub fn ping(&self, i: usize, dst: &str) -> bool {
+        Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.client(i).name()))
+            .args(["ping", "-c", "1", "-W", "2", dst])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.gateway.take() {
+            g.stop();
+            if thread::panicking() {
+                eprintln!("---- gateway log ----\n{}", g.log());
+            }
+        }
+        self.servers.stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
+}
+
+/// The download's content: deterministic, incompressible enough.
+pub fn download_data() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..DOWNLOAD_LEN)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The remote's servers: a TCP download (:8080), a TCP echo (:7) and a UDP
+/// echo (:7). Each notes who connected.
+pub struct Servers {
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Servers {
+    fn start(remote: &NetNs) -> Self {
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (download, echo, udp) = remote.enter(|| {
+            (
+                TcpListener::bind((REMOTE, 8080)).unwrap(),
+                TcpListener::bind((REMOTE, 7)).unwrap(),
+                UdpSocket::bind((REMOTE, 7)).unwrap(),
+            )
+        });
+        let data = Arc::new(download_data());
+        serve_tcp(download, peers.clone(), stop.clone(), move |mut s| {
+            let _ = s.write_all(&data);
+        });
+        serve_tcp(echo, peers.clone(), stop.clone(), |mut s| {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let (p, st) = (peers.clone(), stop.clone());
+        udp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    p.lock().unwrap().push(from);
+                    let _ = udp.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Servers { peers, stop }
+    }
+
+    /// The addresses the remote saw, without ports.
+    pub fn seen(&self) -> Vec<Ipv4Addr> {
+        self.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) => ip,
+                std::net::IpAddr::V6(_) => panic!("IPv6 peer"),
+            })
+            .collect()
+    }
+}
+
+fn serve_tcp(
+    listener: TcpListener,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
+) {
+    listener.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, from)) => {
+                    peers.lock().unwrap().push(from);
+                    s.set_nonblocking(false).unwrap();
+                    let h = handle.clone();
+                    thread::spawn(move || h(s));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+}
+
+/// Runs `ip` in a namespace and returns its stdout.
+pub fn ip_out(ns: &NetNs, args: &[&str]) -> String {
+    let mut all = vec!["-n", ns.name()];
+    all.extend_from_slice(args);
+    String::from_utf8_lossy(&run("ip", &all).stdout).into_owned()
+}

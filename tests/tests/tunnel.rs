@@ -1,0 +1,346 @@
+//! veil end to end: the real `veil-user` gateway and `veil-client`s in
+//! network namespaces (see `veil_tests::world`), as a user would check it.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use veil_tests::{
+    proc::Proc,
+    world::{download_data, ip_out, sha256, World, LAN_HOST, PUBLIC, REMOTE},
+};
+
+fn vip_of(world: &World, name: &str) -> Ipv4Addr {
+    let status = world.status();
+    let clients = status["clients"].as_array().unwrap();
+    let c = clients
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in status: {status}"));
+    c["vip"].as_str().unwrap().parse().unwrap()
+}
+
+fn flows(world: &World) -> u64 {
+    world.status()["flows"]["total"].as_u64().unwrap()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn a_client_reaches_the_internet_as_the_gateway() {
+    let world = World::new(1, &[]);
+    let profile = world.add_client("alice", 1);
+    let _client = world.start_client(1, &profile, true);
+
+    assert!(world.ping(1, "198.18.0.2"), "ping through the tunnel");
+    assert_eq!(
+        world.download(1).expect("download"),
+        sha256(&download_data()),
+        "8 MiB arrive intact"
+    );
+    let echoed = world.client(1).enter(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"veil udp echo", (REMOTE, 7)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = s.recv_from(&mut buf).expect("UDP echo reply");
+        buf[..n].to_vec()
+    });
+    assert_eq!(echoed, b"veil udp echo");
+
+    let seen = world.servers.seen();
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(
+        seen.iter().all(|a| *a == PUBLIC),
+        "the remote saw only the gateway: {seen:?}"
+    );
+    let vip = vip_of(&world, "alice");
+    assert!("10.77.0.0/16"
+        .parse::<veil_user::net::Ipv4Net>()
+        .unwrap()
+        .contains(vip));
+    assert!(flows(&world) >= 3, "tcp, udp and icmp flows in the maps");
+}
+
+#[test]
+fn clients_get_their_own_address_and_cannot_reach_each_other_or_private_networks() {
+    let world = World::new(2, &[]);
+    let a = world.add_client("a", 1);
+    let b = world.add_client("b", 2);
+    let _ca = world.start_client(1, &a, true);
+    let _cb = world.start_client(2, &b, true);
+    let (va, vb) = (vip_of(&world, "a"), vip_of(&world, "b"));
+    assert_ne!(va, vb);
+
+    assert!(world.ping(1, "198.18.0.2"));
+    assert!(world.ping(2, "198.18.0.2"));
+    for dst in [
+        vb.to_string(),
+        LAN_HOST.to_string(),
+        PUBLIC.to_string(),
+        "10.77.0.1".into(),
+    ] {
+        assert!(!world.ping(1, &dst), "client a must not reach {dst}");
+    }
+    // Refused destinations fail fast (ICMP administratively prohibited),
+    // not after a timeout.
+    let started = Instant::now();
+    let lan = world
+        .client(1)
+        .enter(|| TcpStream::connect_timeout(&(LAN_HOST, 22).into(), Duration::from_secs(5)));
+    assert!(lan.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once: {lan:?}"
+    );
+    assert!(
+        world.status()["counters"]["policy_refused"]
+            .as_u64()
+            .unwrap()
+            >= 5
+    );
+}
+
+#[test]
+fn a_forged_source_address_is_dropped_and_counted() {
+    let world = World::new(1, &[]);
+    let p = world.add_client("mallory", 1);
+    let _c = world.start_client(1, &p, true);
+    let before = world.servers.seen().len();
+
+    world.client(1).enter(|| {
+        // A UDP packet from an address that is not the client's, written
+        // with a raw socket: the kernel routes it into the tunnel.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0);
+        let forged = veil_tests::packet::frame(
+            Ipv4Addr::new(10, 77, 200, 200),
+            REMOTE,
+            64,
+            veil_tests::packet::L4::udp(5555, 7, b"forged"),
+        );
+        let ip = veil_tests::packet::ip_of(&forged);
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(REMOTE).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        for _ in 0..3 {
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    ip.as_ptr().cast(),
+                    ip.len(),
+                    0,
+                    (&dst as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            assert_eq!(n, ip.len() as isize, "{}", std::io::Error::last_os_error());
+        }
+        unsafe { libc::close(fd) };
+    });
+    wait_until(
+        "the forged packets to be counted",
+        Duration::from_secs(5),
+        || {
+            world.status()["counters"]["forged_source"]
+                .as_u64()
+                .unwrap()
+                >= 3
+        },
+    );
+    assert_eq!(
+        world.servers.seen().len(),
+        before,
+        "nothing reached the remote"
+    );
+}
+
+#[test]
+fn unknown_and_revoked_certificates_are_refused() {
+    let mut world = World::new(2, &[]);
+    let good = world.add_client("good", 1);
+    let doomed = world.add_client("doomed", 2);
+    let _g = world.start_client(1, &good, true);
+    let mut d = world.start_client(2, &doomed, true);
+    assert!(world.ping(2, "198.18.0.2"));
+
+    // A profile from another gateway's CA.
+    let other = tempdir(&world, "other-state");
+    let stranger = world.dir.join("stranger.veil");
+    let out = std::process::Command::new(veil_tests::proc::workspace_bin("veil-user"))
+        .args([
+            "client",
+            "add",
+            "stranger",
+            "--endpoint",
+            "10.200.1.1:443",
+            "--out",
+        ])
+        .arg(&stranger)
+        .arg("--state-dir")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut s = world.start_client(1, &stranger, false);
+    world
+        .gateway()
+        .wait_for_log("TLS handshake failed", Duration::from_secs(10));
+    assert!(!s.log().contains("connected"), "{}", s.log());
+    s.stop();
+
+    world.veil_user(&["client", "revoke", "doomed"]);
+    world
+        .gateway()
+        .wait_for_log("revoked: closing its session", Duration::from_secs(10));
+    d.wait_for_log("tunnel down", Duration::from_secs(10));
+    world
+        .gateway()
+        .wait_for_log("client `doomed` is revoked", Duration::from_secs(10));
+    assert!(
+        !world.ping(2, "198.18.0.2"),
+        "a revoked client gets nowhere"
+    );
+    assert!(world.ping(1, "198.18.0.2"), "the others are unaffected");
+    d.stop();
+}
+
+#[test]
+fn garbage_on_the_socket_leaves_other_clients_intact() {
+    let mut world = World::new(2, &[]);
+    let p = world.add_client("steady", 2);
+    let _c = world.start_client(2, &p, true);
+
+    let download = std::thread::scope(|s| {
+        let dl = s.spawn(|| world.download(2));
+        // Meanwhile, from client 1's namespace (no profile): junk of every
+        // kind at the listener.
+        world.client(1).enter(|| {
+            let junk: [&[u8]; 4] = [
+                b"\x00\x01\x02 not tls at all \xff\xfe",
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                &[0x16, 0x03, 0x01, 0x40, 0x00, 0x01], // a TLS header promising 16 KiB
+                &[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00],
+            ];
+            for bytes in junk {
+                if let Ok(mut t) = TcpStream::connect(("10.200.1.1", 443)) {
+                    let _ = t.write_all(bytes);
+                    let _ = t.shutdown(std::net::Shutdown::Write);
+                    let mut sink = Vec::new();
+                    t.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                    let _ = t.read_to_end(&mut sink);
+                }
+            }
+        });
+        dl.join().unwrap()
+    });
+    assert_eq!(download.expect("download"), sha256(&download_data()));
+    world
+        .gateway()
+        .wait_for_log("TLS handshake failed", Duration::from_secs(5));
+    assert!(world.gateway().is_running());
+    assert!(world.ping(2, "198.18.0.2"));
+}
+
+#[test]
+fn a_quick_reconnect_keeps_the_address_and_connections_and_flows_expire_after_the_grace_period() {
+    let world = World::new(1, &["--grace", "4"]);
+    let p = world.add_client("roamer", 1);
+    let mut c = world.start_client(1, &p, true);
+    let vip = vip_of(&world, "roamer");
+
+    let mut conn = world
+        .client(1)
+        .enter(|| TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)))
+        .expect("echo connection");
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut echo = |msg: &[u8]| {
+        conn.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        conn.read_exact(&mut buf).unwrap();
+        buf
+    };
+    assert_eq!(echo(b"before"), b"before");
+
+    // The client dies without a word (a network change, a crash) and comes
+    // back within the grace period.
+    c.kill();
+    let _c2 = world.start_client(1, &p, true);
+    assert_eq!(vip_of(&world, "roamer"), vip, "the same address");
+    assert_eq!(
+        echo(b"after the reconnect"),
+        b"after the reconnect",
+        "the TCP connection survived"
+    );
+
+    let c2 = _c2;
+    drop(c2); // a clean exit this time; the flows stay for the grace period
+    assert!(flows(&world) >= 1);
+    wait_until("the flows to be removed", Duration::from_secs(10), || {
+        flows(&world) == 0
+    });
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(world.pins().join("v1/egress"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&dump.stdout).trim(),
+        "[]",
+        "gone from the BPF map"
+    );
+}
+
+#[test]
+fn the_clients_routes_are_restored_when_it_exits() {
+    let world = World::new(1, &[]);
+    let p = world.add_client("tidy", 1);
+    let before = ip_out(world.client(1), &["route", "show"]);
+    let mut c = world.start_client(1, &p, true);
+    let during = ip_out(world.client(1), &["route", "show"]);
+    assert!(during.contains("0.0.0.0/1 dev veil0"), "{during}");
+    assert!(during.contains("128.0.0.0/1 dev veil0"), "{during}");
+    assert!(
+        during.contains("10.200.1.1 via") || during.contains("10.200.1.1 dev eth0"),
+        "{during}"
+    );
+    assert!(c.stop().unwrap().success(), "{}", c.log());
+    assert_eq!(ip_out(world.client(1), &["route", "show"]), before);
+}
+
+#[test]
+fn a_full_gateway_refuses_cleanly_before_the_upgrade() {
+    let mut world = World::new(2, &["--max-clients", "1"]);
+    let a = world.add_client("first", 1);
+    let b = world.add_client("second", 2);
+    let _a = world.start_client(1, &a, true);
+    let mut second: Proc = world.start_client(2, &b, false);
+    second.wait_for_log("503", Duration::from_secs(10));
+    world
+        .gateway()
+        .wait_for_log("--max-clients 1 reached", Duration::from_secs(5));
+    assert!(world.ping(1, "198.18.0.2"));
+}
+
+fn tempdir(world: &World, name: &str) -> std::path::PathBuf {
+    let d = world.dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

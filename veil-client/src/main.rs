@@ -1,0 +1,262 @@
+//! `veil-client --profile FILE`: sends this machine's traffic through a
+//! veil gateway.
+//!
+//! It connects, creates the TUN device `veil0` with the address the gateway
+//! assigns, and routes everything (or the `--route` ranges) into it. When
+//! the tunnel breaks it reconnects with backoff, keeping the TUN device and
+//! the routes, so applications see a pause rather than an error. On exit
+//! (SIGINT, SIGTERM, a fatal error) the routing table is restored.
+
+mod routes;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+};
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
+use veil_proto::session::{ClientConfig, ClientSession, Output};
+use veil_user::{net::Ipv4Net, state::Profile, tls};
+
+use crate::routes::{Network, FULL_TUNNEL};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "veil client: this machine's traffic through a veil gateway"
+)]
+struct Cli {
+    /// The profile `veil-user client add` wrote.
+    #[arg(long, value_name = "FILE")]
+    profile: PathBuf,
+    /// Send only this range through the tunnel (repeatable); default:
+    /// everything.
+    #[arg(long = "route", value_name = "CIDR")]
+    routes: Vec<Ipv4Net>,
+    /// The TUN device to create.
+    #[arg(long, default_value = "veil0", value_name = "NAME")]
+    tun: String,
+    #[arg(long, default_value_t = 1400)]
+    mtu: u16,
+    /// Seconds between keepalives; the gateway declares the client dead
+    /// after twice as long without a word.
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    keepalive: u64,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let profile = Profile::load(&cli.profile)
+        .with_context(|| format!("loading the profile {}", cli.profile.display()))?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(cli, profile))
+}
+
+async fn run(cli: Cli, profile: Profile) -> Result<()> {
+    let (config, server_name) = tls::client_config(&profile)?;
+    let connector = TlsConnector::from(Arc::new(config));
+    let gateway = resolve(&profile.endpoint)?;
+    let routes = if cli.routes.is_empty() {
+        FULL_TUNNEL
+            .iter()
+            .map(|r| r.parse().expect("valid"))
+            .collect()
+    } else {
+        cli.routes.clone()
+    };
+
+    let (stop, mut stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: disconnecting"),
+            _ = term.recv() => info!("SIGTERM: disconnecting"),
+        }
+        let _ = stop.send(true);
+    });
+
+    // Created on the first address assignment, kept across reconnects,
+    // dropped (routes restored) when this function returns.
+    let mut network: Option<Network> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let tunnel = Tunnel {
+            cli: &cli,
+            connector: &connector,
+            server_name: server_name.clone(),
+            gateway,
+            routes: &routes,
+        };
+        match tunnel.run(&mut network, &mut stopped).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is::<Fatal>() => return Err(e),
+            Err(e) => {
+                if started.elapsed() > BACKOFF_MAX {
+                    backoff = BACKOFF_MIN;
+                }
+                warn!("tunnel down: {e:#}; reconnecting in {backoff:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// An error reconnecting cannot fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Fatal(String);
+
+fn resolve(endpoint: &str) -> Result<SocketAddr> {
+    endpoint
+        .to_socket_addrs()
+        .with_context(|| format!("resolving the gateway {endpoint}"))?
+        .find(SocketAddr::is_ipv4)
+        .with_context(|| format!("the gateway {endpoint} has no IPv4 address"))
+}
+
+struct Tunnel<'a> {
+    cli: &'a Cli,
+    connector: &'a TlsConnector,
+    server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+    gateway: SocketAddr,
+    routes: &'a [Ipv4Net],
+}
+
+impl Tunnel<'_> {
+    /// One connection, until it breaks (`Err`) or we are told to stop.
+    async fn run(
+        &self,
+        network: &mut Option<Network>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.gateway))
+            .await
+            .with_context(|| format!("connecting to {} timed out", self.gateway))?
+            .with_context(|| format!("connecting to {}", self.gateway))?;
+        let _ = tcp.set_nodelay(true);
+        let mut tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            self.connector.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake")?;
+
+        let keepalive = Duration::from_secs(self.cli.keepalive.max(1));
+        let mut session = ClientSession::new(
+            ClientConfig {
+                keepalive_interval: keepalive,
+                keepalive_timeout: keepalive * 3,
+                handshake_timeout: HANDSHAKE_TIMEOUT,
+                ..ClientConfig::new(self.gateway.to_string())
+            },
+            Instant::now(),
+        )?;
+        let mut net_buf = vec![0u8; 64 * 1024];
+        let mut tun_buf = vec![0u8; 64 * 1024];
+        let mut out = Vec::with_capacity(64 * 1024);
+        loop {
+            while let Some(output) = session.poll_output() {
+                match output {
+                    Output::Send(bytes) => out.extend_from_slice(&bytes),
+                    Output::Packet(packet) => {
+                        if let Some(net) = network {
+                            let _ = net.tun.send(&packet);
+                        }
+                    }
+                    Output::Assigned { addr, .. } => self.assigned(network, addr)?,
+                    Output::Routes(_) => {}
+                    Output::Close { reason } => {
+                        let _ = tls.write_all(&out).await;
+                        bail!("{reason}");
+                    }
+                }
+            }
+            if !out.is_empty() {
+                tls.write_all(&out)
+                    .await
+                    .context("writing to the gateway")?;
+                tls.flush().await?;
+                out.clear();
+            }
+            let deadline = session
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let tun_read = async {
+                match network {
+                    Some(net) => net.tun.recv(&mut tun_buf).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = tls.read(&mut net_buf) => match read.context("reading from the gateway")? {
+                    0 => bail!("the gateway closed the connection"),
+                    n => session.receive(&net_buf[..n], Instant::now())?,
+                },
+                read = tun_read => {
+                    let n = read.context("reading the TUN device")?;
+                    session.send_packet(&tun_buf[..n]);
+                }
+                () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+                _ = stopped.changed() => {
+                    let _ = tls.shutdown().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn assigned(&self, network: &mut Option<Network>, addr: Ipv4Addr) -> Result<()> {
+        match network {
+            Some(net) if net.addr == addr => Ok(()),
+            Some(net) => Err(Fatal(format!(
+                "the gateway assigned {addr} after {}: restart the client",
+                net.addr
+            ))
+            .into()),
+            None => {
+                let gateway = match self.gateway.ip() {
+                    std::net::IpAddr::V4(a) => a,
+                    std::net::IpAddr::V6(_) => unreachable!("resolved to IPv4"),
+                };
+                *network = Some(
+                    Network::up(&self.cli.tun, self.cli.mtu, addr, gateway, self.routes)
+                        .map_err(|e| Fatal(format!("{e:#}")))?,
+                );
+                info!(%addr, gateway = %self.gateway, "connected");
+                Ok(())
+            }
+        }
+    }
+}

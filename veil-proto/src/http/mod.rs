@@ -1,0 +1,120 @@
+//! The HTTP/1.1 upgrade that opens a tunnel (RFC 9484 §3.2-3.3).
+//!
+//! The client sends one `GET` with `Connection: Upgrade`, `Upgrade:
+//! connect-ip` and `Capsule-Protocol: ?1`; the gateway answers `101
+//! Switching Protocols` and from the byte after the response's blank line
+//! both directions carry capsules. Anything other than a 101 is a refusal,
+//! sent with a short plain-text body and `Connection: close`.
+//!
+//! Nothing else of HTTP is spoken, so nothing else is parsed: no bodies on
+//! requests, no chunked encoding, no keep-alive.
+
+mod head;
+mod request;
+mod response;
+
+pub use head::MAX_HEADER_LEN;
+pub use request::{parse_request, Request};
+pub use response::{parse_response, Response};
+
+use crate::ProtoError;
+
+/// The default URI template of RFC 9484 §2, expanded with the `target` and
+/// `ipproto` wildcards: any destination, any protocol.
+pub const WELL_KNOWN_PATH: &str = "/.well-known/masque/ip/*/*/";
+
+/// The upgrade request for `host` (the gateway's name, with `:port` if not
+/// 443) and `path` (usually [`WELL_KNOWN_PATH`]).
+///
+/// Both are copied verbatim; check them first with [`validate_target`]
+/// (which [`crate::session::ClientSession::new`] does).
+pub fn request(host: &str, path: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\n\
+         Host: {host}\r\n\
+         Connection: Upgrade\r\n\
+         Upgrade: connect-ip\r\n\
+         Capsule-Protocol: ?1\r\n\
+         \r\n"
+    )
+    .into_bytes()
+}
+
+/// Checks that `host` and `path` can go into [`request`] unchanged: non-empty
+/// visible ASCII, and a path starting with `/`. Anything else could break
+/// the request line or inject headers.
+pub fn validate_target(host: &str, path: &str) -> Result<(), ProtoError> {
+    if !head::is_visible(host.as_bytes()) {
+        return Err(ProtoError::InvalidRequestTarget {
+            what: "host",
+            value: host.escape_default().to_string(),
+        });
+    }
+    if !path.starts_with('/') || !head::is_visible(path.as_bytes()) {
+        return Err(ProtoError::InvalidRequestTarget {
+            what: "path",
+            value: path.escape_default().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The gateway's answer to a valid upgrade request.
+pub fn switching_protocols() -> Vec<u8> {
+    b"HTTP/1.1 101 Switching Protocols\r\n\
+      Connection: Upgrade\r\n\
+      Upgrade: connect-ip\r\n\
+      Capsule-Protocol: ?1\r\n\
+      \r\n"
+        .to_vec()
+}
+
+/// A complete refusal, sent instead of the 101: `status` and `reason` on the
+/// status line, `message` as a one-line plain-text body the client shows its
+/// operator, and `Connection: close` since the connection ends with it.
+///
+/// Control characters in `reason` are replaced so it stays one line; a
+/// `status` outside 100-599 becomes 500.
+pub fn refusal(status: u16, reason: &str, message: &str) -> Vec<u8> {
+    let status = if (100..=599).contains(&status) {
+        status
+    } else {
+        500
+    };
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let body = format!("{message}\n");
+    format!(
+        "HTTP/1.1 {status} {reason}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\n\
+         Connection: close\r\n\
+         \r\n\
+         {body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The standard reason phrase for the statuses a gateway refuses with.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        421 => "Misdirected Request",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}

@@ -1,0 +1,280 @@
+//! The client end of a tunnel.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use super::{
+    link::{self, Link},
+    CloseReason, Output, Stats, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+};
+use crate::{
+    capsule::{AssignedAddress, Capsule, RequestedAddress, DEFAULT_MAX_CAPSULE_LEN},
+    http, ProtoError,
+};
+
+/// How the client reaches and watches the gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The gateway's name for the Host header (`name` or `name:port`).
+    pub host: String,
+    /// The request path, normally [`http::WELL_KNOWN_PATH`].
+    pub path: String,
+    /// How often to PING the gateway once the tunnel is up.
+    pub keepalive_interval: Duration,
+    /// The gateway is dead if no byte arrives for this long. Twice the
+    /// interval: every PING is answered, so a live gateway is heard from
+    /// at least once per interval.
+    pub keepalive_timeout: Duration,
+    /// Time allowed for the 101 to arrive.
+    pub handshake_timeout: Duration,
+    /// Largest capsule accepted from the gateway.
+    pub max_capsule_len: usize,
+}
+
+impl ClientConfig {
+    /// Defaults: the well-known path, [`DEFAULT_KEEPALIVE_INTERVAL`],
+    /// [`DEFAULT_KEEPALIVE_TIMEOUT`], [`DEFAULT_HANDSHAKE_TIMEOUT`],
+    /// [`DEFAULT_MAX_CAPSULE_LEN`].
+    pub fn new(host: impl Into<String>) -> Self {
+        ClientConfig {
+            host: host.into(),
+            path: http::WELL_KNOWN_PATH.to_owned(),
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_capsule_len: DEFAULT_MAX_CAPSULE_LEN,
+        }
+    }
+}
+
+/// [`ClientConfig::new`] with no host: `host` must be set.
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig::new(String::new())
+    }
+}
+
+/// The Request ID of the one ADDRESS_REQUEST the client sends.
+const ADDRESS_REQUEST_ID: u64 = 1;
+
+#[derive(Debug)]
+enum Phase {
+    /// The request is sent (or queued); collecting the response.
+    AwaitingResponse {
+        buf: Vec<u8>,
+        deadline: Instant,
+    },
+    Established {
+        next_ping: Instant,
+    },
+}
+
+/// The client's connection to the gateway.
+///
+/// Queues the upgrade request on creation. On the 101 it sends an
+/// ADDRESS_REQUEST for any IPv4 address (RFC 9484 §4.7.1 has a client
+/// that needs an address ask for one; veil's gateway assigns it
+/// unprompted as well, so either order works), then reports the
+/// assignment as [`Output::Assigned`] and the routes as
+/// [`Output::Routes`]. While up it PINGs every `keepalive_interval`.
+#[derive(Debug)]
+pub struct ClientSession {
+    config: ClientConfig,
+    phase: Phase,
+    assigned: Option<(Ipv4Addr, u8)>,
+    next_nonce: u64,
+    link: Link,
+}
+
+impl ClientSession {
+    /// A session whose connection was established at `now`, with the
+    /// upgrade request already queued. Fails if `host` or `path` cannot be
+    /// sent as is.
+    pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ProtoError> {
+        http::validate_target(&config.host, &config.path)?;
+        let mut link = Link::new(config.max_capsule_len, config.keepalive_timeout, now);
+        link.send(&http::request(&config.host, &config.path));
+        Ok(ClientSession {
+            phase: Phase::AwaitingResponse {
+                buf: Vec::new(),
+                deadline: link::deadline(now, config.handshake_timeout),
+            },
+            assigned: None,
+            next_nonce: 1,
+            link,
+            config,
+        })
+    }
+
+    /// Bytes received from the gateway at `now`.
+    ///
+    /// An `Err` means the session just closed because of these bytes: the
+    /// gateway refused the upgrade ([`ProtoError::Refused`], which reads
+    /// "gateway refused: 503 Service Unavailable (gateway full)") or broke
+    /// the protocol. The same reason follows as [`Output::Close`], so
+    /// either can be acted on. Bytes received after the close are ignored.
+    pub fn receive(&mut self, bytes: &[u8], now: Instant) -> Result<(), ProtoError> {
+        if self.link.is_closed() || bytes.is_empty() {
+            return Ok(());
+        }
+        self.link.heard_from_peer(now);
+        match &mut self.phase {
+            Phase::AwaitingResponse { buf, .. } => {
+                buf.extend_from_slice(bytes);
+                match http::parse_response(buf) {
+                    Ok(None) => {}
+                    Ok(Some((_, used))) => {
+                        let rest = buf.split_off(used);
+                        self.upgraded(&rest, now);
+                    }
+                    Err(ProtoError::Refused {
+                        status,
+                        reason,
+                        message,
+                    }) => self.link.close(CloseReason::Refused {
+                        status,
+                        reason,
+                        message,
+                    }),
+                    Err(e) => self.link.close(CloseReason::Protocol(e)),
+                }
+            }
+            Phase::Established { .. } => self.receive_capsules(bytes),
+        }
+        self.link.error_if_closed()
+    }
+
+    fn upgraded(&mut self, rest: &[u8], now: Instant) {
+        self.phase = Phase::Established {
+            next_ping: link::deadline(now, self.config.keepalive_interval),
+        };
+        self.link
+            .send_capsule(&Capsule::AddressRequest(vec![RequestedAddress {
+                request_id: ADDRESS_REQUEST_ID,
+                ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                prefix_len: 32,
+            }]));
+        // The gateway's capsules may have arrived with the 101.
+        self.receive_capsules(rest);
+    }
+
+    fn receive_capsules(&mut self, bytes: &[u8]) {
+        self.link.feed(bytes);
+        while let Some(capsule) = self.link.next_config_capsule() {
+            match capsule {
+                Capsule::AddressAssign(list) => self.address_assigned(&list),
+                Capsule::RouteAdvertisement(routes) => self.link.push(Output::Routes(routes)),
+                // The client assigns nothing: every request is declined.
+                Capsule::AddressRequest(requests) => {
+                    self.link.answer_address_request(&requests, None)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Takes the first IPv4 address that is not a rejection. The list is
+    /// the gateway's full set of assignments, so one without any IPv4
+    /// address leaves the client nothing to send from.
+    fn address_assigned(&mut self, list: &[AssignedAddress]) {
+        let usable = list.iter().find_map(|a| match a.ip {
+            IpAddr::V4(addr) if !a.is_rejection() => Some((addr, a.prefix_len)),
+            _ => None,
+        });
+        match usable {
+            None => self
+                .link
+                .close(CloseReason::Protocol(ProtoError::NoIpv4Assigned)),
+            Some(current) if self.assigned == Some(current) => {}
+            Some((addr, prefix)) => {
+                self.assigned = Some((addr, prefix));
+                self.link.push(Output::Assigned { addr, prefix });
+            }
+        }
+    }
+
+    /// The gateway closed its side of the connection.
+    pub fn receive_eof(&mut self) {
+        let during_handshake = matches!(self.phase, Phase::AwaitingResponse { .. });
+        self.link
+            .close(CloseReason::PeerClosed { during_handshake });
+    }
+
+    /// Queues an IP packet toward the gateway (DATAGRAM, context ID 0).
+    /// Dropped, and counted, if the tunnel is not up.
+    pub fn send_packet(&mut self, packet: &[u8]) {
+        let up = matches!(self.phase, Phase::Established { .. });
+        self.link.send_packet(packet, up);
+    }
+
+    /// The next thing to do, `None` when there is nothing left.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.link.poll_output()
+    }
+
+    /// Returns a written [`Output::Send`] buffer for reuse.
+    pub fn recycle_send_buffer(&mut self, buf: Vec<u8>) {
+        self.link.recycle(buf);
+    }
+
+    /// When [`Self::handle_timeout`] must next be called; `None` once closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.link.is_closed() {
+            return None;
+        }
+        Some(match &self.phase {
+            Phase::AwaitingResponse { deadline, .. } => *deadline,
+            Phase::Established { next_ping } => (*next_ping).min(self.link.peer_deadline()),
+        })
+    }
+
+    /// Fires whatever timer is due at `now`: the handshake deadline, the
+    /// peer-dead deadline, or the next PING.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::AwaitingResponse { deadline, .. } => {
+                if now >= *deadline {
+                    let after = self.config.handshake_timeout;
+                    self.link.close(CloseReason::HandshakeTimeout { after });
+                }
+            }
+            Phase::Established { next_ping } => {
+                self.link.check_peer_alive(now);
+                if now >= *next_ping && !self.link.is_closed() {
+                    // From now, not from the missed deadline: after a stall
+                    // (a suspended laptop) send one PING, not a burst.
+                    *next_ping = link::deadline(now, self.config.keepalive_interval);
+                    let nonce = self.next_nonce;
+                    self.next_nonce = self.next_nonce.wrapping_add(1);
+                    self.link.send_capsule(&Capsule::Ping(nonce));
+                    self.link.stats.pings_sent += 1;
+                }
+            }
+        }
+    }
+
+    /// The address the gateway assigned, once known.
+    pub fn assigned(&self) -> Option<(Ipv4Addr, u8)> {
+        self.assigned
+    }
+
+    pub fn is_established(&self) -> bool {
+        matches!(self.phase, Phase::Established { .. }) && !self.link.is_closed()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.link.is_closed()
+    }
+
+    /// Why the session closed, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.link.close_reason()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.link.stats
+    }
+}

@@ -1,0 +1,261 @@
+//! What both ends share once the tunnel is up: the output queue, the
+//! capsule decoder, liveness bookkeeping, and the capsules both ends handle
+//! the same way (packets, PING/PONG, unknown types).
+
+use std::{
+    collections::VecDeque,
+    mem,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use super::{CloseReason, Output, Stats};
+use crate::{
+    capsule::{self, AssignedAddress, Capsule, CapsuleDecoder, RequestedAddress},
+    ProtoError,
+};
+
+/// A returned send buffer is kept for reuse only up to this capacity, so
+/// one burst does not pin a large allocation for the session's lifetime.
+const MAX_RECYCLED_CAPACITY: usize = 256 * 1024;
+
+#[derive(Debug)]
+pub(super) struct Link {
+    /// Bytes for the peer not yet handed out as [`Output::Send`].
+    tx: Vec<u8>,
+    events: VecDeque<Output>,
+    decoder: CapsuleDecoder,
+    pub(super) stats: Stats,
+    /// Set once, when the session ends.
+    close_reason: Option<CloseReason>,
+    /// When the last byte arrived from the peer.
+    last_rx: Instant,
+    keepalive_timeout: Duration,
+}
+
+impl Link {
+    pub(super) fn new(max_capsule_len: usize, keepalive_timeout: Duration, now: Instant) -> Self {
+        Link {
+            tx: Vec::new(),
+            events: VecDeque::new(),
+            decoder: CapsuleDecoder::new(max_capsule_len),
+            stats: Stats::default(),
+            close_reason: None,
+            last_rx: now,
+            keepalive_timeout,
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.close_reason.is_some()
+    }
+
+    pub(super) fn close_reason(&self) -> Option<&CloseReason> {
+        self.close_reason.as_ref()
+    }
+
+    /// What `receive` returns: the protocol error the session closed on, if
+    /// it is closed because of one. Only called right after input that
+    /// found the session open, so an error here was caused by that input.
+    pub(super) fn error_if_closed(&self) -> Result<(), ProtoError> {
+        match &self.close_reason {
+            Some(CloseReason::BadRequest(e) | CloseReason::Protocol(e)) => Err(e.clone()),
+            Some(CloseReason::Refused {
+                status,
+                reason,
+                message,
+            }) => Err(ProtoError::Refused {
+                status: *status,
+                reason: reason.clone(),
+                message: message.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues raw bytes (HTTP heads, pre-encoded capsules).
+    pub(super) fn send(&mut self, bytes: &[u8]) {
+        if !self.is_closed() {
+            self.tx.extend_from_slice(bytes);
+        }
+    }
+
+    /// Queues a capsule. Encoding only fails for invalid local data, which
+    /// the session constructors rule out; if it happens anyway the session
+    /// closes with the error instead of sending something malformed.
+    pub(super) fn send_capsule(&mut self, capsule: &Capsule) {
+        if self.is_closed() {
+            return;
+        }
+        if let Err(e) = capsule.encode(&mut self.tx) {
+            self.close(CloseReason::Protocol(e));
+        }
+    }
+
+    /// The per-packet path: one DATAGRAM capsule appended to the pending
+    /// output, no intermediate buffer.
+    pub(super) fn send_packet(&mut self, packet: &[u8], up: bool) {
+        if self.is_closed() || !up {
+            self.stats.packets_not_sent += 1;
+            return;
+        }
+        capsule::encode_ip_datagram(packet, &mut self.tx);
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += packet.len() as u64;
+    }
+
+    pub(super) fn push(&mut self, output: Output) {
+        if !self.is_closed() {
+            self.events.push_back(output);
+        }
+    }
+
+    /// Ends the session; the first reason wins and nothing is queued after.
+    pub(super) fn close(&mut self, reason: CloseReason) {
+        if self.close_reason.is_none() {
+            self.events.push_back(Output::Close {
+                reason: reason.clone(),
+            });
+            self.close_reason = Some(reason);
+        }
+    }
+
+    pub(super) fn poll_output(&mut self) -> Option<Output> {
+        // Pending bytes go first: a Close must never overtake them.
+        if !self.tx.is_empty() {
+            return Some(Output::Send(mem::take(&mut self.tx)));
+        }
+        self.events.pop_front()
+    }
+
+    pub(super) fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.tx.is_empty()
+            && buf.capacity() > self.tx.capacity()
+            && buf.capacity() <= MAX_RECYCLED_CAPACITY
+        {
+            buf.clear();
+            self.tx = buf;
+        }
+    }
+
+    /// Notes that bytes arrived: the peer is alive.
+    pub(super) fn heard_from_peer(&mut self, now: Instant) {
+        self.last_rx = self.last_rx.max(now);
+    }
+
+    /// When the peer is declared dead if nothing arrives before.
+    pub(super) fn peer_deadline(&self) -> Instant {
+        deadline(self.last_rx, self.keepalive_timeout)
+    }
+
+    /// Closes with [`CloseReason::PeerDead`] if the deadline has passed.
+    pub(super) fn check_peer_alive(&mut self, now: Instant) {
+        if now >= self.peer_deadline() {
+            let silent_for = now.saturating_duration_since(self.last_rx);
+            self.close(CloseReason::PeerDead { silent_for });
+        }
+    }
+
+    /// Feeds post-upgrade bytes to the capsule decoder; follow with
+    /// [`Self::next_config_capsule`] until it returns `None`.
+    pub(super) fn feed(&mut self, bytes: &[u8]) {
+        self.decoder.feed(bytes);
+    }
+
+    /// Decodes what has been fed, handling every capsule both ends treat
+    /// alike. Configuration capsules, whose meaning depends on the end, are
+    /// returned one at a time in stream order. A decode error closes the
+    /// session.
+    pub(super) fn next_config_capsule(&mut self) -> Option<Capsule> {
+        while !self.is_closed() {
+            match self.decoder.next() {
+                Ok(None) => return None,
+                Ok(Some(capsule)) => {
+                    if let Some(config) = self.handle_common(capsule) {
+                        return Some(config);
+                    }
+                }
+                Err(e) => self.close(CloseReason::Protocol(e)),
+            }
+        }
+        None
+    }
+
+    fn handle_common(&mut self, capsule: Capsule) -> Option<Capsule> {
+        match capsule {
+            Capsule::Datagram {
+                context_id: capsule::IP_PACKET_CONTEXT,
+                payload,
+            } => {
+                self.stats.packets_received += 1;
+                self.stats.bytes_received += payload.len() as u64;
+                self.push(Output::Packet(payload));
+            }
+            Capsule::Datagram { .. } => self.stats.datagrams_dropped += 1,
+            Capsule::Ping(nonce) => {
+                self.send_capsule(&Capsule::Pong(nonce));
+                self.stats.pongs_sent += 1;
+            }
+            Capsule::Pong(_) => self.stats.pongs_received += 1,
+            Capsule::Unknown { .. } => self.stats.unknown_capsules += 1,
+            config => return Some(config),
+        }
+        None
+    }
+
+    /// Answers an ADDRESS_REQUEST as RFC 9484 §4.7.2 asks: one entry per
+    /// request with its Request ID. `assigned` is the one IPv4 address this
+    /// end hands out, if any: IPv4 requests get it, whatever they asked for;
+    /// everything else gets the "not assigned" answer (all-zero address,
+    /// full-length prefix). Since an ADDRESS_ASSIGN lists *all* current
+    /// assignments, the address is kept (with Request ID 0) even when no
+    /// IPv4 request came in.
+    pub(super) fn answer_address_request(
+        &mut self,
+        requests: &[RequestedAddress],
+        assigned: Option<Ipv4Addr>,
+    ) {
+        let mut answer: Vec<AssignedAddress> = requests
+            .iter()
+            .map(|req| match (req.ip, assigned) {
+                (IpAddr::V4(_), Some(addr)) => AssignedAddress {
+                    request_id: req.request_id,
+                    ip: IpAddr::V4(addr),
+                    prefix_len: 32,
+                },
+                (IpAddr::V4(_), None) => AssignedAddress {
+                    request_id: req.request_id,
+                    ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    prefix_len: 32,
+                },
+                (IpAddr::V6(_), _) => AssignedAddress {
+                    request_id: req.request_id,
+                    ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                    prefix_len: 128,
+                },
+            })
+            .collect();
+        if let Some(addr) = assigned {
+            if !requests.iter().any(|r| r.ip.is_ipv4()) {
+                answer.push(unsolicited(addr));
+            }
+        }
+        self.send_capsule(&Capsule::AddressAssign(answer));
+    }
+}
+
+/// `now + d` without the overflow panic: a timeout configured as
+/// `Duration::MAX` means "never", so it is capped at a century.
+pub(super) fn deadline(now: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    now.checked_add(d.min(CENTURY)).unwrap_or(now)
+}
+
+/// The unsolicited assignment of one /32 (Request ID 0).
+pub(super) fn unsolicited(addr: Ipv4Addr) -> AssignedAddress {
+    AssignedAddress {
+        request_id: 0,
+        ip: IpAddr::V4(addr),
+        prefix_len: 32,
+    }
+}

@@ -1,0 +1,153 @@
+//! The two ends of a tunnel as deterministic state machines.
+//!
+//! A session never touches a socket or a clock. The caller feeds it what
+//! arrived ([`ServerSession::receive`]) together with the current
+//! [`Instant`], hands it packets to send, and drains [`Output`]s with
+//! `poll_output` until it returns `None`. Timers work the same way:
+//! `poll_timeout` says when the session next needs attention and
+//! `handle_timeout` is called then. Tests therefore run both ends
+//! back-to-back on virtual time, and the I/O code around a session is a
+//! plain loop.
+//!
+//! Every way a session ends comes out of `poll_output` as
+//! [`Output::Close`], after any bytes that must still be written (such as a
+//! `400 Bad Request`). `receive` also returns the protocol error that
+//! closed the session, for logging; a caller that stops at that error
+//! without draining `poll_output` drops the response that explains it.
+
+mod client;
+mod link;
+mod server;
+
+use std::{fmt, net::Ipv4Addr, time::Duration};
+
+pub use client::{ClientConfig, ClientSession};
+pub use server::{ServerConfig, ServerSession};
+
+use crate::{capsule::IpAddressRange, http, ProtoError};
+
+#[cfg(doc)]
+use std::time::Instant;
+
+/// How often the client sends a PING once the tunnel is up.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// How long either end waits for a byte before declaring its peer dead:
+/// twice the PING interval, so one lost or late PING is not fatal.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the upgrade may take: request on the gateway, 101 on the client.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Something the caller must act on, in the order produced.
+///
+/// Bytes to send are coalesced: all capsules queued since the last
+/// [`Output::Send`] come out as one buffer, so a burst of packets costs one
+/// write. [`Output::Close`] comes last, after every byte that was meant to
+/// be sent before closing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Write these bytes to the TLS stream. Give the buffer back with
+    /// `recycle_send_buffer` once written to spare an allocation.
+    Send(Vec<u8>),
+    /// An IP packet from the peer: for the datapath on the gateway, for the
+    /// TUN device on the client.
+    Packet(Vec<u8>),
+    /// Client only: the gateway assigned this address. Emitted again only
+    /// if the assignment changes.
+    Assigned { addr: Ipv4Addr, prefix: u8 },
+    /// Client only: the gateway's full route list, replacing any earlier.
+    Routes(Vec<IpAddressRange>),
+    /// The session is over: close the connection once the bytes already
+    /// emitted are written. Nothing follows.
+    Close { reason: CloseReason },
+}
+
+/// Why a session ended, written to read well in a log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The upgrade did not complete in time (no full request on the
+    /// gateway, no 101 on the client).
+    HandshakeTimeout { after: Duration },
+    /// Nothing at all arrived from the peer for this long.
+    PeerDead { silent_for: Duration },
+    /// Gateway: the upgrade request was malformed; a 400 carrying this
+    /// error was sent.
+    BadRequest(ProtoError),
+    /// Gateway: the caller refused the client (see
+    /// [`ServerSession::refuse`]); the refusal was sent.
+    RefusedClient { status: u16, message: String },
+    /// Client: the gateway answered the upgrade with something other than
+    /// 101.
+    Refused {
+        status: u16,
+        reason: String,
+        message: Option<String>,
+    },
+    /// The peer broke the protocol.
+    Protocol(ProtoError),
+    /// The peer closed the connection (see `receive_eof`).
+    PeerClosed { during_handshake: bool },
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::HandshakeTimeout { after } => {
+                write!(f, "handshake timed out after {after:?}")
+            }
+            CloseReason::PeerDead { silent_for } => {
+                write!(f, "peer sent nothing for {silent_for:?}")
+            }
+            CloseReason::BadRequest(e) => write!(f, "bad upgrade request: {e}"),
+            CloseReason::RefusedClient { status, message } => write!(
+                f,
+                "refused the client: {status} {} ({message})",
+                http::reason_phrase(*status)
+            ),
+            CloseReason::Refused {
+                status,
+                reason,
+                message,
+            } => {
+                // Same wording as the error the response parser returns.
+                let e = ProtoError::Refused {
+                    status: *status,
+                    reason: reason.clone(),
+                    message: message.clone(),
+                };
+                write!(f, "{e}")
+            }
+            CloseReason::Protocol(e) => write!(f, "protocol error: {e}"),
+            CloseReason::PeerClosed {
+                during_handshake: false,
+            } => f.write_str("peer closed the connection"),
+            CloseReason::PeerClosed {
+                during_handshake: true,
+            } => f.write_str("peer closed the connection during the handshake"),
+        }
+    }
+}
+
+/// Per-session counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// IP packets received from the peer, and their bytes.
+    pub packets_received: u64,
+    pub bytes_received: u64,
+    /// IP packets queued toward the peer, and their bytes.
+    pub packets_sent: u64,
+    pub bytes_sent: u64,
+    /// Packets handed to `send_packet` before the tunnel was up or after it
+    /// closed, and dropped.
+    pub packets_not_sent: u64,
+    /// DATAGRAM capsules with a context ID other than 0 (no extension that
+    /// uses them is negotiated), dropped.
+    pub datagrams_dropped: u64,
+    /// Capsules of unknown types, skipped.
+    pub unknown_capsules: u64,
+    pub pings_sent: u64,
+    pub pongs_sent: u64,
+    pub pongs_received: u64,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,265 @@
+//! The gateway end of a tunnel.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use super::{
+    link::{self, Link},
+    CloseReason, Output, Stats, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
+};
+use crate::{
+    capsule::{validate_routes, Capsule, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN},
+    http::{self, Request},
+    ProtoError,
+};
+
+/// What the gateway tells one client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The client's virtual address, assigned as a /32.
+    pub assigned: Ipv4Addr,
+    /// The ranges the gateway routes for the client, in RFC 9484 order.
+    /// Empty advertises no routes at all.
+    pub routes: Vec<IpAddressRange>,
+    /// A client that sends nothing (no packet, no PING) for this long is
+    /// dead. Should be twice the client's PING interval.
+    pub keepalive_timeout: Duration,
+    /// Time allowed for a complete upgrade request after the connection is
+    /// accepted.
+    pub handshake_timeout: Duration,
+    /// Largest capsule accepted from the client.
+    pub max_capsule_len: usize,
+}
+
+impl ServerConfig {
+    /// Defaults: all of IPv4 routed, [`DEFAULT_KEEPALIVE_TIMEOUT`],
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`], [`DEFAULT_MAX_CAPSULE_LEN`].
+    pub fn new(assigned: Ipv4Addr) -> Self {
+        ServerConfig {
+            assigned,
+            routes: vec![IpAddressRange::ALL_IPV4],
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_capsule_len: DEFAULT_MAX_CAPSULE_LEN,
+        }
+    }
+
+    /// Checks what the client would otherwise reject mid-handshake: an
+    /// address that cannot be a host's (including the unspecified address
+    /// of [`ServerConfig::default`], which on the wire means "no address"),
+    /// and routes out of RFC 9484 §4.7.3 order.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        let addr = self.assigned;
+        if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+            return Err(ProtoError::UnassignableAddress { addr });
+        }
+        validate_routes(&self.routes)
+    }
+}
+
+/// [`ServerConfig::new`] with no address: `assigned` must be set.
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig::new(Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Collecting the upgrade request.
+    AwaitingRequest {
+        buf: Vec<u8>,
+        deadline: Instant,
+    },
+    Established,
+}
+
+/// One client connection on the gateway.
+///
+/// Awaits the upgrade request; answers a valid one with `101 Switching
+/// Protocols`, then ADDRESS_ASSIGN (the VIP /32, Request ID 0) and
+/// ROUTE_ADVERTISEMENT (the configured routes), all in one
+/// [`Output::Send`]. From then on DATAGRAM capsules with context ID 0
+/// become [`Output::Packet`]s, PINGs are answered with PONGs, and
+/// ADDRESS_REQUESTs are answered with the same fixed VIP.
+#[derive(Debug)]
+pub struct ServerSession {
+    config: ServerConfig,
+    /// The 101 response and the two configuration capsules, encoded once.
+    greeting: Vec<u8>,
+    phase: Phase,
+    request: Option<Request>,
+    link: Link,
+}
+
+impl ServerSession {
+    /// A session for a connection accepted at `now`. Fails only if the
+    /// configuration does not pass [`ServerConfig::validate`].
+    pub fn new(config: ServerConfig, now: Instant) -> Result<Self, ProtoError> {
+        config.validate()?;
+        let mut greeting = http::switching_protocols();
+        Capsule::AddressAssign(vec![link::unsolicited(config.assigned)]).encode(&mut greeting)?;
+        Capsule::RouteAdvertisement(config.routes.clone()).encode(&mut greeting)?;
+        Ok(ServerSession {
+            phase: Phase::AwaitingRequest {
+                buf: Vec::new(),
+                deadline: link::deadline(now, config.handshake_timeout),
+            },
+            greeting,
+            request: None,
+            link: Link::new(config.max_capsule_len, config.keepalive_timeout, now),
+            config,
+        })
+    }
+
+    /// Bytes received from the client at `now`.
+    ///
+    /// An `Err` means the session just closed because of these bytes (a
+    /// malformed request, a protocol violation). It is for logging only:
+    /// keep draining [`Self::poll_output`], which still holds the `400 Bad
+    /// Request` to write and the [`Output::Close`]. Bytes received after
+    /// the close are ignored.
+    pub fn receive(&mut self, bytes: &[u8], now: Instant) -> Result<(), ProtoError> {
+        if self.link.is_closed() || bytes.is_empty() {
+            return Ok(());
+        }
+        self.link.heard_from_peer(now);
+        match &mut self.phase {
+            Phase::AwaitingRequest { buf, .. } => {
+                buf.extend_from_slice(bytes);
+                match http::parse_request(buf) {
+                    Ok(None) => {}
+                    Ok(Some((request, used))) => {
+                        let rest = buf.split_off(used);
+                        self.upgrade(request, &rest);
+                    }
+                    Err(e) => {
+                        let body = e.to_string();
+                        self.link
+                            .send(&http::refusal(400, http::reason_phrase(400), &body));
+                        self.link.close(CloseReason::BadRequest(e));
+                    }
+                }
+            }
+            Phase::Established => self.receive_capsules(bytes),
+        }
+        self.link.error_if_closed()
+    }
+
+    fn upgrade(&mut self, request: Request, rest: &[u8]) {
+        self.request = Some(request);
+        self.link.send(&self.greeting);
+        self.phase = Phase::Established;
+        // The client may have sent capsules right behind its request.
+        self.receive_capsules(rest);
+    }
+
+    fn receive_capsules(&mut self, bytes: &[u8]) {
+        self.link.feed(bytes);
+        while let Some(capsule) = self.link.next_config_capsule() {
+            // A client assigning addresses or advertising routes to the
+            // gateway (network-to-network use) is not supported: those
+            // capsules are well-formed and harmless, so they are ignored.
+            if let Capsule::AddressRequest(requests) = capsule {
+                self.link
+                    .answer_address_request(&requests, Some(self.config.assigned));
+            }
+        }
+    }
+
+    /// The client closed its side of the connection.
+    pub fn receive_eof(&mut self) {
+        let during_handshake = matches!(self.phase, Phase::AwaitingRequest { .. });
+        self.link
+            .close(CloseReason::PeerClosed { during_handshake });
+    }
+
+    /// Refuses this client with `status` (e.g. 503 when the gateway is
+    /// full, 403 when it is not allowed) and `message` as the explanation:
+    /// the refusal and then [`Output::Close`] come out of
+    /// [`Self::poll_output`] at once. No effect once the tunnel is up or the
+    /// session closed.
+    ///
+    /// For the client to read the refusal, do not close the socket with
+    /// unread input: its request may arrive just after the refusal is
+    /// written, and closing a socket with unread data makes the kernel
+    /// send a reset that can destroy the refusal in flight (RFC 9112 §9.6).
+    /// Shut down the write side, then read and discard until the client
+    /// closes or a second or so has passed.
+    pub fn refuse(&mut self, status: u16, message: &str) {
+        if self.link.is_closed() || !matches!(self.phase, Phase::AwaitingRequest { .. }) {
+            return;
+        }
+        let response = http::refusal(status, http::reason_phrase(status), message);
+        self.link.send(&response);
+        self.link.close(CloseReason::RefusedClient {
+            status,
+            message: message.to_owned(),
+        });
+    }
+
+    /// Queues an IP packet toward the client (DATAGRAM, context ID 0).
+    /// Dropped, and counted, if the tunnel is not up.
+    pub fn send_packet(&mut self, packet: &[u8]) {
+        let up = matches!(self.phase, Phase::Established);
+        self.link.send_packet(packet, up);
+    }
+
+    /// The next thing to do, `None` when there is nothing left.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.link.poll_output()
+    }
+
+    /// Returns a written [`Output::Send`] buffer for reuse.
+    pub fn recycle_send_buffer(&mut self, buf: Vec<u8>) {
+        self.link.recycle(buf);
+    }
+
+    /// When [`Self::handle_timeout`] must next be called; `None` once closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.link.is_closed() {
+            return None;
+        }
+        Some(match &self.phase {
+            Phase::AwaitingRequest { deadline, .. } => *deadline,
+            Phase::Established => self.link.peer_deadline(),
+        })
+    }
+
+    /// Fires whatever timer is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &self.phase {
+            Phase::AwaitingRequest { deadline, .. } => {
+                if now >= *deadline {
+                    let after = self.config.handshake_timeout;
+                    self.link.close(CloseReason::HandshakeTimeout { after });
+                }
+            }
+            Phase::Established => self.link.check_peer_alive(now),
+        }
+    }
+
+    /// The client's upgrade request, once read.
+    pub fn request(&self) -> Option<&Request> {
+        self.request.as_ref()
+    }
+
+    pub fn is_established(&self) -> bool {
+        matches!(self.phase, Phase::Established) && !self.link.is_closed()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.link.is_closed()
+    }
+
+    /// Why the session closed, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.link.close_reason()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.link.stats
+    }
+}

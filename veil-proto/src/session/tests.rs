@@ -1,0 +1,781 @@
+//! Client and gateway wired back-to-back in memory, on virtual time.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use super::*;
+use crate::capsule::{
+    encode_ip_datagram, AssignedAddress, Capsule, IpAddressRange, RequestedAddress,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const HOST: &str = "gateway.example";
+const INTERVAL: Duration = Duration::from_secs(15);
+const SECOND: Duration = Duration::from_secs(1);
+
+/// The client's first frame: the upgrade request.
+const CLIENT_FIRST_FRAME: &[u8] = b"GET /.well-known/masque/ip/*/*/ HTTP/1.1\r\n\
+Host: gateway.example\r\n\
+Connection: Upgrade\r\n\
+Upgrade: connect-ip\r\n\
+Capsule-Protocol: ?1\r\n\
+\r\n";
+
+/// The gateway's first frame: the 101, then ADDRESS_ASSIGN (10.77.0.2/32,
+/// Request ID 0), then ROUTE_ADVERTISEMENT (0.0.0.0-255.255.255.255, all
+/// protocols).
+const SERVER_FIRST_FRAME: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\n\
+Connection: Upgrade\r\n\
+Upgrade: connect-ip\r\n\
+Capsule-Protocol: ?1\r\n\
+\r\n\
+\x01\x07\x00\x04\x0a\x4d\x00\x02\x20\
+\x03\x0a\x04\x00\x00\x00\x00\xff\xff\xff\xff\x00";
+
+/// The client's second frame, sent on the 101: ADDRESS_REQUEST (Request ID
+/// 1, any IPv4 address, /32).
+const CLIENT_ADDRESS_REQUEST: &[u8] = b"\x02\x07\x01\x04\x00\x00\x00\x00\x20";
+
+/// The gateway's answer: ADDRESS_ASSIGN (10.77.0.2/32, Request ID 1).
+const SERVER_ADDRESS_ANSWER: &[u8] = b"\x01\x07\x01\x04\x0a\x4d\x00\x02\x20";
+
+/// The first PING (nonce 1) and its PONG.
+const CLIENT_FIRST_PING: &[u8] = b"\xc0\x00\x00\x56\x45\x49\x4c\x00\x08\0\0\0\0\0\0\0\x01";
+const SERVER_FIRST_PONG: &[u8] = b"\xc0\x00\x00\x56\x45\x49\x4c\x01\x08\0\0\0\0\0\0\0\x01";
+
+fn client_config() -> ClientConfig {
+    ClientConfig {
+        keepalive_interval: INTERVAL,
+        keepalive_timeout: 2 * INTERVAL,
+        ..ClientConfig::new(HOST)
+    }
+}
+
+fn server_config() -> ServerConfig {
+    ServerConfig {
+        keepalive_timeout: 2 * INTERVAL,
+        ..ServerConfig::new(VIP)
+    }
+}
+
+/// Drains a session's outputs: the bytes it sent, and everything else.
+fn drain(mut poll: impl FnMut() -> Option<Output>) -> (Vec<u8>, Vec<Output>) {
+    let mut sent = Vec::new();
+    let mut other = Vec::new();
+    while let Some(output) = poll() {
+        match output {
+            Output::Send(bytes) => sent.extend_from_slice(&bytes),
+            output => other.push(output),
+        }
+    }
+    (sent, other)
+}
+
+fn close_reason(outputs: &[Output]) -> Option<&CloseReason> {
+    outputs.iter().find_map(|o| match o {
+        Output::Close { reason } => Some(reason),
+        _ => None,
+    })
+}
+
+/// Both ends, a virtual clock, and a wire that can be cut per direction.
+struct Pair {
+    client: ClientSession,
+    server: ServerSession,
+    now: Instant,
+    client_out: Vec<Output>,
+    server_out: Vec<Output>,
+    /// Bytes each end wrote, in order, for exact-bytes assertions.
+    client_wire: Vec<u8>,
+    server_wire: Vec<u8>,
+    /// Errors returned by `receive`.
+    client_errors: Vec<ProtoError>,
+    server_errors: Vec<ProtoError>,
+    to_server: bool,
+    to_client: bool,
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self::with(client_config(), server_config())
+    }
+
+    fn with(client: ClientConfig, server: ServerConfig) -> Self {
+        let now = Instant::now();
+        Pair {
+            client: ClientSession::new(client, now).expect("client config"),
+            server: ServerSession::new(server, now).expect("server config"),
+            now,
+            client_out: Vec::new(),
+            server_out: Vec::new(),
+            client_wire: Vec::new(),
+            server_wire: Vec::new(),
+            client_errors: Vec::new(),
+            server_errors: Vec::new(),
+            to_server: true,
+            to_client: true,
+        }
+    }
+
+    /// Moves bytes both ways until both ends are quiet.
+    fn pump(&mut self) {
+        loop {
+            let (c_sent, c_other) = drain(|| self.client.poll_output());
+            let (s_sent, s_other) = drain(|| self.server.poll_output());
+            self.client_out.extend(c_other);
+            self.server_out.extend(s_other);
+            if c_sent.is_empty() && s_sent.is_empty() {
+                return;
+            }
+            self.client_wire.extend_from_slice(&c_sent);
+            self.server_wire.extend_from_slice(&s_sent);
+            if self.to_server {
+                if let Err(e) = self.server.receive(&c_sent, self.now) {
+                    self.server_errors.push(e);
+                }
+            }
+            if self.to_client {
+                if let Err(e) = self.client.receive(&s_sent, self.now) {
+                    self.client_errors.push(e);
+                }
+            }
+        }
+    }
+
+    /// Runs both ends until `until`, firing each timer at its exact time.
+    fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.pump();
+        while let Some(t) = [self.client.poll_timeout(), self.server.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+            .filter(|&t| t <= until)
+        {
+            self.now = self.now.max(t);
+            self.client.handle_timeout(self.now);
+            self.server.handle_timeout(self.now);
+            self.pump();
+        }
+        self.now = until;
+    }
+
+    fn packets(outputs: &[Output]) -> Vec<&[u8]> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Packet(p) => Some(&p[..]),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn first_frames_are_exactly_these_bytes() {
+    let mut pair = Pair::new();
+    pair.pump();
+    let mut client_expected = CLIENT_FIRST_FRAME.to_vec();
+    client_expected.extend_from_slice(CLIENT_ADDRESS_REQUEST);
+    let mut server_expected = SERVER_FIRST_FRAME.to_vec();
+    server_expected.extend_from_slice(SERVER_ADDRESS_ANSWER);
+    assert_eq!(pair.client_wire, client_expected);
+    assert_eq!(pair.server_wire, server_expected);
+    // The builders agree with the literals.
+    assert!(CLIENT_FIRST_FRAME == http::request(HOST, http::WELL_KNOWN_PATH));
+    assert!(SERVER_FIRST_FRAME.starts_with(&http::switching_protocols()));
+
+    pair.client_wire.clear();
+    pair.server_wire.clear();
+    pair.run_for(INTERVAL);
+    assert_eq!(pair.client_wire, CLIENT_FIRST_PING);
+    assert_eq!(pair.server_wire, SERVER_FIRST_PONG);
+}
+
+#[test]
+fn handshake_assigns_the_vip_and_routes() {
+    let mut pair = Pair::new();
+    assert!(!pair.client.is_established());
+    pair.pump();
+    assert!(pair.client.is_established() && pair.server.is_established());
+    assert_eq!(
+        pair.client_out,
+        [
+            Output::Assigned {
+                addr: VIP,
+                prefix: 32
+            },
+            Output::Routes(vec![IpAddressRange::ALL_IPV4]),
+        ],
+        "the answer to the ADDRESS_REQUEST repeats the VIP and is not reported again"
+    );
+    assert_eq!(pair.client.assigned(), Some((VIP, 32)));
+    assert!(pair.server_out.is_empty());
+    let request = pair.server.request().expect("request read");
+    assert_eq!(request.host, HOST);
+    assert_eq!(request.target, http::WELL_KNOWN_PATH);
+    assert_eq!(pair.server.poll_timeout(), Some(pair.now + 2 * INTERVAL));
+}
+
+#[test]
+fn packets_flow_both_ways() {
+    let mut pair = Pair::new();
+    pair.pump();
+    let up: Vec<Vec<u8>> = (0..50u8).map(|i| vec![0x45, i, 0, 20 + i]).collect();
+    let down: Vec<Vec<u8>> = (0..50u8)
+        .map(|i| vec![0x45; 1 + usize::from(i) * 29])
+        .collect();
+    for p in &up {
+        pair.client.send_packet(p);
+    }
+    for p in &down {
+        pair.server.send_packet(p);
+    }
+    pair.pump();
+    assert_eq!(Pair::packets(&pair.server_out), up);
+    assert_eq!(Pair::packets(&pair.client_out), down);
+    assert_eq!(pair.server.stats().packets_received, 50);
+    assert_eq!(pair.client.stats().packets_sent, 50);
+    assert_eq!(
+        pair.client.stats().bytes_received,
+        down.iter().map(|p| p.len() as u64).sum::<u64>()
+    );
+}
+
+#[test]
+fn byte_by_byte_delivery_changes_nothing() {
+    let mut whole = Pair::new();
+    whole.pump();
+    whole.server.send_packet(b"\x45downstream");
+    whole.pump();
+
+    let now = Instant::now();
+    let mut client = ClientSession::new(client_config(), now).expect("config");
+    let mut server = ServerSession::new(server_config(), now).expect("config");
+    let (request, _) = drain(|| client.poll_output());
+    for b in request.chunks(1) {
+        server.receive(b, now).expect("valid request");
+    }
+    server.send_packet(b"\x45downstream");
+    let (greeting, server_other) = drain(|| server.poll_output());
+    for b in greeting.chunks(1) {
+        client.receive(b, now).expect("valid response");
+    }
+    let (_, client_other) = drain(|| client.poll_output());
+    assert!(server_other.is_empty());
+    // Same outputs, minus the effect of the ADDRESS_REQUEST answer (which
+    // does not produce an output anyway).
+    assert_eq!(client_other, whole.client_out);
+}
+
+#[test]
+fn keepalive_pings_every_interval_and_keeps_both_ends_up() {
+    let mut pair = Pair::new();
+    pair.pump();
+    assert_eq!(pair.client.poll_timeout(), Some(pair.now + INTERVAL));
+    pair.run_for(10 * INTERVAL);
+    assert_eq!(pair.client.stats().pings_sent, 10);
+    assert_eq!(pair.server.stats().pongs_sent, 10);
+    assert_eq!(pair.client.stats().pongs_received, 10);
+    assert!(pair.client.is_established() && pair.server.is_established());
+    assert!(close_reason(&pair.client_out).is_none());
+    assert!(close_reason(&pair.server_out).is_none());
+}
+
+#[test]
+fn gateway_declares_a_silent_client_dead_after_twice_its_interval() {
+    let mut pair = Pair::new();
+    pair.pump();
+    let last_heard = pair.now;
+    pair.to_server = false; // The client's bytes stop arriving.
+    pair.run_for(2 * INTERVAL - Duration::from_millis(1));
+    assert!(pair.server.is_established(), "one missed PING is not fatal");
+    pair.run_for(Duration::from_millis(1));
+    assert!(pair.server.is_closed());
+    let reason = close_reason(&pair.server_out).expect("closed");
+    assert_eq!(
+        *reason,
+        CloseReason::PeerDead {
+            silent_for: 2 * INTERVAL
+        }
+    );
+    assert_eq!(reason.to_string(), "peer sent nothing for 30s");
+    assert_eq!(pair.now, last_heard + 2 * INTERVAL);
+    assert_eq!(pair.server.poll_timeout(), None);
+}
+
+#[test]
+fn client_declares_a_silent_gateway_dead() {
+    let mut pair = Pair::new();
+    pair.pump();
+    pair.to_client = false; // PONGs stop arriving.
+    pair.run_for(2 * INTERVAL - Duration::from_millis(1));
+    assert!(pair.client.is_established());
+    pair.run_for(Duration::from_millis(1));
+    assert_eq!(
+        close_reason(&pair.client_out),
+        Some(&CloseReason::PeerDead {
+            silent_for: 2 * INTERVAL
+        })
+    );
+    // Once closed, nothing more is produced and packets are not sent.
+    pair.client.send_packet(b"\x45late");
+    assert_eq!(pair.client.poll_output(), None);
+    assert_eq!(pair.client.stats().packets_not_sent, 1);
+}
+
+#[test]
+fn traffic_alone_keeps_the_gateway_side_alive() {
+    // A client that never PINGs but sends packets is alive to the
+    // gateway: any byte counts.
+    let mut pair = Pair::with(
+        ClientConfig {
+            keepalive_interval: 3600 * SECOND,
+            keepalive_timeout: 7200 * SECOND,
+            ..client_config()
+        },
+        server_config(),
+    );
+    pair.pump();
+    for _ in 0..10 {
+        pair.run_for(20 * SECOND);
+        pair.client.send_packet(b"\x45keep");
+        pair.pump();
+    }
+    assert!(pair.server.is_established());
+    assert_eq!(pair.client.stats().pings_sent, 0);
+}
+
+#[test]
+fn handshake_timeouts() {
+    // A gateway that never answers.
+    let mut pair = Pair::new();
+    pair.to_server = false;
+    pair.run_for(10 * SECOND - Duration::from_millis(1));
+    assert!(!pair.client.is_closed());
+    pair.run_for(Duration::from_millis(1));
+    let client_reason = close_reason(&pair.client_out).expect("client closed");
+    assert_eq!(client_reason.to_string(), "handshake timed out after 10s");
+    // The gateway heard nothing either, and gives up at the same time.
+    assert_eq!(
+        close_reason(&pair.server_out),
+        Some(&CloseReason::HandshakeTimeout { after: 10 * SECOND })
+    );
+
+    // A client that sends half a request and stalls.
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_config(), now).expect("config");
+    server
+        .receive(
+            b"GET /.well-known/masque/ip/*/*/ HTTP/1.1\r\nHost: gate",
+            now,
+        )
+        .expect("incomplete, not wrong");
+    server.handle_timeout(now + 9 * SECOND);
+    assert!(!server.is_closed());
+    server.handle_timeout(now + 10 * SECOND);
+    let (sent, other) = drain(|| server.poll_output());
+    assert!(sent.is_empty());
+    assert_eq!(
+        close_reason(&other),
+        Some(&CloseReason::HandshakeTimeout { after: 10 * SECOND })
+    );
+}
+
+/// Feeds `input` to a fresh gateway; returns what it sent and why it
+/// closed.
+fn bad_request(input: &[u8]) -> (String, CloseReason) {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_config(), now).expect("config");
+    let error = server.receive(input, now).expect_err("bad request");
+    let (sent, other) = drain(|| server.poll_output());
+    assert!(server.is_closed(), "closed on {input:02x?}");
+    let reason = close_reason(&other).expect("a close").clone();
+    assert_eq!(reason, CloseReason::BadRequest(error));
+    assert_eq!(server.close_reason(), Some(&reason));
+    (String::from_utf8_lossy(&sent).into_owned(), reason)
+}
+
+#[test]
+fn garbage_instead_of_a_request_gets_a_400_and_a_reason() {
+    let tls_client_hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    let cases: &[(&[u8], &str)] = &[
+        (
+            &tls_client_hello,
+            "bad upgrade request: received a TLS handshake record instead of an HTTP request (TLS applied twice?)",
+        ),
+        (
+            b"\x00\x00\x00\x01\xde\xad\xbe\xef",
+            "bad upgrade request: malformed request line \"\\x00\\x00\\x00\\x01\\xde\\xad\\xbe\\xef\"",
+        ),
+        (
+            b"POST /.well-known/masque/ip/*/*/ HTTP/1.1\r\n",
+            "bad upgrade request: method \"POST\" is not allowed: CONNECT-IP over HTTP/1.1 uses GET",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: gateway.example\r\nConnection: Upgrade\r\nCapsule-Protocol: ?1\r\n\r\n",
+            "bad upgrade request: missing Upgrade header (expected \"Upgrade: connect-ip\")",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: gateway.example\r\n\r\n",
+            "bad upgrade request: missing Connection header (expected \"Connection: Upgrade\")",
+        ),
+    ];
+    for (input, expected) in cases {
+        let (sent, reason) = bad_request(input);
+        assert!(matches!(reason, CloseReason::BadRequest(_)), "{reason:?}");
+        assert_eq!(reason.to_string(), *expected);
+        // The 400 carries the same explanation for the client's operator.
+        let CloseReason::BadRequest(e) = &reason else {
+            unreachable!()
+        };
+        let body = format!("{e}\n");
+        assert_eq!(
+            sent,
+            format!(
+                "HTTP/1.1 400 Bad Request\r\n\
+                 Content-Type: text/plain; charset=utf-8\r\n\
+                 Content-Length: {}\r\n\
+                 Connection: close\r\n\
+                 \r\n\
+                 {body}",
+                body.len()
+            )
+        );
+    }
+}
+
+#[test]
+fn request_header_too_large() {
+    let mut input = b"GET / HTTP/1.1\r\n".to_vec();
+    while input.len() <= http::MAX_HEADER_LEN {
+        input.extend_from_slice(b"Cookie: 0123456789012345678901234567890123456789\r\n");
+    }
+    let (sent, reason) = bad_request(&input);
+    assert!(sent.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+    assert_eq!(
+        reason.to_string(),
+        "bad upgrade request: request header too large (more than 8192 bytes)"
+    );
+}
+
+#[test]
+fn refusal_reaches_the_client_with_its_reason() {
+    let mut pair = Pair::new();
+    pair.server.refuse(503, "gateway full");
+    // The refusal is ready at once, before the request is read.
+    let Some(Output::Send(refusal)) = pair.server.poll_output() else {
+        panic!("expected the refusal")
+    };
+    assert_eq!(
+        refusal,
+        b"HTTP/1.1 503 Service Unavailable\r\n\
+          Content-Type: text/plain; charset=utf-8\r\n\
+          Content-Length: 13\r\n\
+          Connection: close\r\n\
+          \r\n\
+          gateway full\n"
+    );
+    pair.server_out.extend(pair.server.poll_output());
+    pair.server_wire.extend_from_slice(&refusal);
+    pair.client
+        .receive(&refusal, pair.now)
+        .expect_err("refused");
+    pair.pump();
+    assert_eq!(
+        close_reason(&pair.server_out),
+        Some(&CloseReason::RefusedClient {
+            status: 503,
+            message: "gateway full".into()
+        })
+    );
+    let client_reason = close_reason(&pair.client_out).expect("client closed");
+    assert_eq!(
+        *client_reason,
+        CloseReason::Refused {
+            status: 503,
+            reason: "Service Unavailable".into(),
+            message: Some("gateway full".into())
+        }
+    );
+    assert_eq!(
+        client_reason.to_string(),
+        "gateway refused: 503 Service Unavailable (gateway full)"
+    );
+    assert_eq!(
+        close_reason(&pair.server_out).map(ToString::to_string),
+        Some("refused the client: 503 Service Unavailable (gateway full)".into())
+    );
+    assert!(!pair.client.is_established());
+    // The request arriving after the refusal is ignored.
+    assert!(pair.server.request().is_none());
+    assert_eq!(pair.server.poll_output(), None);
+}
+
+#[test]
+fn refuse_after_the_upgrade_does_nothing() {
+    let mut pair = Pair::new();
+    pair.pump();
+    pair.server.refuse(403, "too late");
+    pair.pump();
+    assert!(pair.server.is_established());
+}
+
+#[test]
+fn gateway_handles_capsules_pipelined_behind_the_request() {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_config(), now).expect("config");
+    let mut input = CLIENT_FIRST_FRAME.to_vec();
+    encode_ip_datagram(b"\x45early", &mut input);
+    Capsule::Ping(77).encode(&mut input).expect("ping");
+    server.receive(&input, now).expect("valid");
+    let (sent, other) = drain(|| server.poll_output());
+    assert_eq!(other, [Output::Packet(b"\x45early".to_vec())]);
+    let mut expected = SERVER_FIRST_FRAME.to_vec();
+    Capsule::Pong(77).encode(&mut expected).expect("pong");
+    assert_eq!(sent, expected);
+}
+
+#[test]
+fn gateway_answers_address_requests_per_rfc() {
+    let mut pair = Pair::new();
+    pair.pump();
+    let mut request = Vec::new();
+    Capsule::AddressRequest(vec![RequestedAddress {
+        request_id: 9,
+        ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        prefix_len: 64,
+    }])
+    .encode(&mut request)
+    .expect("request");
+    pair.server.receive(&request, pair.now).expect("valid");
+    let (sent, _) = drain(|| pair.server.poll_output());
+    let mut decoder = crate::capsule::CapsuleDecoder::default();
+    decoder.feed(&sent);
+    // The IPv6 request is declined; the VIP stays in the full list.
+    assert_eq!(
+        decoder.next(),
+        Ok(Some(Capsule::AddressAssign(vec![
+            AssignedAddress {
+                request_id: 9,
+                ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                prefix_len: 128
+            },
+            AssignedAddress {
+                request_id: 0,
+                ip: IpAddr::V4(VIP),
+                prefix_len: 32
+            },
+        ])))
+    );
+}
+
+#[test]
+fn odd_capsules_are_dropped_counted_or_skipped() {
+    let mut pair = Pair::new();
+    pair.pump();
+    let mut input = Vec::new();
+    Capsule::Datagram {
+        context_id: 2,
+        payload: b"compressed?".to_vec(),
+    }
+    .encode(&mut input)
+    .expect("datagram");
+    // An unknown capsule type (reserved for greasing, RFC 9297 §5.4).
+    input.extend_from_slice(&[0x40, 0x29 * 2 + 0x17, 0x03, 1, 2, 3]);
+    encode_ip_datagram(b"\x45after", &mut input);
+    pair.server.receive(&input, pair.now).expect("valid");
+    pair.pump();
+    assert_eq!(Pair::packets(&pair.server_out), [b"\x45after"]);
+    assert_eq!(pair.server.stats().datagrams_dropped, 1);
+    assert_eq!(pair.server.stats().unknown_capsules, 1);
+    assert!(pair.server.is_established());
+}
+
+#[test]
+fn protocol_errors_close_with_the_error() {
+    // An oversize capsule from the gateway, on a client with a 64 KiB limit.
+    let mut pair = Pair::with(
+        ClientConfig {
+            max_capsule_len: 65_535,
+            ..client_config()
+        },
+        server_config(),
+    );
+    pair.pump();
+    pair.server.send_packet(&vec![0x45; 69_999]);
+    pair.pump();
+    let reason = close_reason(&pair.client_out).expect("closed");
+    assert_eq!(
+        reason.to_string(),
+        "protocol error: capsule of 70000 bytes exceeds the 65535-byte limit"
+    );
+    // `receive` reported the same error when it happened.
+    assert_eq!(
+        pair.client_errors,
+        [ProtoError::CapsuleTooLarge {
+            len: 70_000,
+            max: 65_535
+        }]
+    );
+
+    // A malformed ROUTE_ADVERTISEMENT to the gateway.
+    let mut pair = Pair::new();
+    pair.pump();
+    let error = pair
+        .server
+        .receive(&[0x03, 0x0a, 0x04, 10, 0, 0, 1, 10, 0, 0, 0, 0], pair.now)
+        .expect_err("inverted range");
+    assert_eq!(
+        pair.server.close_reason(),
+        Some(&CloseReason::Protocol(error))
+    );
+    // Input after the close is ignored.
+    assert_eq!(pair.server.receive(b"\xff\xff", pair.now), Ok(()));
+    pair.pump();
+    assert_eq!(
+        close_reason(&pair.server_out).map(ToString::to_string),
+        Some("protocol error: route range 10.0.0.1-10.0.0.0 starts after it ends".into())
+    );
+}
+
+#[test]
+fn client_needs_an_ipv4_address() {
+    let now = Instant::now();
+    let mut client = ClientSession::new(client_config(), now).expect("config");
+    let mut input = http::switching_protocols();
+    Capsule::AddressAssign(vec![])
+        .encode(&mut input)
+        .expect("assign");
+    assert_eq!(client.receive(&input, now), Err(ProtoError::NoIpv4Assigned));
+    let (_, other) = drain(|| client.poll_output());
+    assert_eq!(
+        close_reason(&other),
+        Some(&CloseReason::Protocol(ProtoError::NoIpv4Assigned))
+    );
+}
+
+#[test]
+fn client_reports_a_bad_response() {
+    let now = Instant::now();
+    let mut client = ClientSession::new(client_config(), now).expect("config");
+    assert!(client.receive(b"SSH-2.0-OpenSSH_9.6\r\n", now).is_err());
+    let (_, other) = drain(|| client.poll_output());
+    assert_eq!(
+        close_reason(&other).map(ToString::to_string),
+        Some("protocol error: malformed status line \"SSH-2.0-OpenSSH_9.6\"".into())
+    );
+}
+
+#[test]
+fn client_rejects_unsendable_hosts() {
+    let now = Instant::now();
+    for host in ["", "evil\r\nX-Injected: 1", "two words"] {
+        let e = ClientSession::new(ClientConfig::new(host), now).expect_err(host);
+        assert!(
+            matches!(e, ProtoError::InvalidRequestTarget { what: "host", .. }),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn default_configs_must_be_filled_in() {
+    let now = Instant::now();
+    assert_eq!(
+        ServerSession::new(ServerConfig::default(), now).map(|_| ()),
+        Err(ProtoError::UnassignableAddress {
+            addr: Ipv4Addr::UNSPECIFIED
+        })
+    );
+    assert!(matches!(
+        ClientSession::new(ClientConfig::default(), now),
+        Err(ProtoError::InvalidRequestTarget { what: "host", .. })
+    ));
+}
+
+#[test]
+fn gateway_rejects_invalid_routes_up_front() {
+    let mut config = server_config();
+    config.routes = vec![IpAddressRange::ALL_IPV4, IpAddressRange::ALL_IPV4];
+    assert!(matches!(
+        ServerSession::new(config, Instant::now()),
+        Err(ProtoError::RoutesOverlap { .. })
+    ));
+}
+
+#[test]
+fn eof_closes_with_a_reason() {
+    let mut pair = Pair::new();
+    pair.client.receive_eof();
+    let (_, other) = drain(|| pair.client.poll_output());
+    assert_eq!(
+        close_reason(&other).map(ToString::to_string),
+        Some("peer closed the connection during the handshake".into())
+    );
+    let mut pair = Pair::new();
+    pair.pump();
+    pair.server.receive_eof();
+    pair.pump();
+    assert_eq!(
+        close_reason(&pair.server_out),
+        Some(&CloseReason::PeerClosed {
+            during_handshake: false
+        })
+    );
+}
+
+#[test]
+fn packets_before_the_upgrade_are_not_sent() {
+    let mut pair = Pair::new();
+    pair.client.send_packet(b"\x45early");
+    pair.server.send_packet(b"\x45early");
+    pair.pump();
+    assert_eq!(pair.client.stats().packets_not_sent, 1);
+    assert_eq!(pair.server.stats().packets_not_sent, 1);
+    assert!(Pair::packets(&pair.client_out).is_empty());
+    assert!(Pair::packets(&pair.server_out).is_empty());
+}
+
+#[test]
+fn send_buffers_are_recycled() {
+    let mut pair = Pair::new();
+    pair.pump();
+    pair.server.send_packet(&[0x45; 1000]);
+    let Some(Output::Send(buf)) = pair.server.poll_output() else {
+        panic!("expected bytes to send")
+    };
+    let capacity = buf.capacity();
+    pair.server.recycle_send_buffer(buf);
+    pair.server.send_packet(&[0x45; 10]);
+    let Some(Output::Send(buf)) = pair.server.poll_output() else {
+        panic!("expected bytes to send")
+    };
+    assert_eq!(buf.capacity(), capacity, "the same allocation came back");
+    assert_eq!(buf.len(), 1 + 1 + 1 + 10);
+}
+
+#[test]
+fn unbounded_timeouts_mean_never_not_a_panic() {
+    let mut pair = Pair::with(
+        ClientConfig {
+            keepalive_interval: Duration::MAX,
+            keepalive_timeout: Duration::MAX,
+            handshake_timeout: Duration::MAX,
+            ..client_config()
+        },
+        ServerConfig {
+            keepalive_timeout: Duration::MAX,
+            handshake_timeout: Duration::MAX,
+            ..server_config()
+        },
+    );
+    pair.pump();
+    pair.run_for(1000 * 24 * 3600 * SECOND);
+    assert!(pair.client.is_established() && pair.server.is_established());
+    assert!(pair.client.poll_timeout().is_some());
+}

@@ -1,0 +1,107 @@
+//! The daemon's control socket (`STATE_DIR/control.sock`, mode 0600):
+//! `veil-user status` asks, the running gateway answers with a snapshot.
+//! One request line, one JSON reply line.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+pub const SOCKET: &str = "control.sock";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub clients: Vec<ClientStatus>,
+    pub flows: FlowCounts,
+    /// The daemon's own drop and refusal counters.
+    pub counters: BTreeMap<String, u64>,
+    /// The datapath's counters, by reason code name.
+    pub datapath: BTreeMap<String, PacketCount>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientStatus {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    /// The tunnel's remote address.
+    pub peer: String,
+    /// Seconds since the epoch.
+    pub connected_since: u64,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FlowCounts {
+    pub total: usize,
+    pub tcp: usize,
+    pub udp: usize,
+    pub icmp: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct PacketCount {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Binds the socket, replacing one a crashed daemon left behind.
+pub fn bind(state_dir: &Path) -> Result<UnixListener> {
+    let path = state_dir.join(SOCKET);
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            bail!(
+                "another gateway is running with state directory {}",
+                state_dir.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves requests until the task is dropped; `snapshot` makes a status.
+pub async fn serve(listener: UnixListener, snapshot: impl Fn() -> Status) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        // One short request; anything else is answered with an error.
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            BufReader::new(read).read_line(&mut line),
+        )
+        .await;
+        let reply = match (n, line.trim()) {
+            (Ok(Ok(_)), "status") => serde_json::to_string(&snapshot())?,
+            _ => r#"{"error":"unknown request: send `status`"}"#.to_owned(),
+        };
+        let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+    }
+}
+
+/// Asks the gateway running with `state_dir` for its status.
+pub async fn query(state_dir: &Path) -> Result<Status> {
+    let path = state_dir.join(SOCKET);
+    let stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "no gateway is running with state directory {} (nothing at {})",
+            state_dir.display(),
+            path.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"status\n").await?;
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    serde_json::from_str(&line).context("reading the gateway's answer")
+}

@@ -1,0 +1,770 @@
+//! The gateway daemon: tunnels in, datapath out.
+//!
+//! One task accepts TLS connections and runs a session per client; one
+//! reads replies from the TUN device and hands each to its client's session
+//! by destination address; one expires idle flows; one watches the client
+//! registry for revocations. The protocol itself is `veil_proto`'s state
+//! machine: this module only moves bytes and packets between it, the
+//! socket, the flow table and the TUN device.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use veil_proto::session::{Output, ServerConfig, ServerSession};
+
+use crate::{
+    control::{self, ClientStatus, FlowCounts, PacketCount, Status},
+    datapath::{Datapath, DatapathConfig},
+    flows::{FlowError, FlowTable, PortRange, Timeouts},
+    net::{iface_ipv4, ifindex, monotonic_ns, Ipv4Net},
+    packet::{self, unreachable},
+    policy::EgressPolicy,
+    state::{fingerprint, ClientRecord, StateDir},
+    tls,
+    tun::Tun,
+};
+
+/// Everything `veil-user` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub iface: String,
+    pub listen: SocketAddr,
+    pub endpoint: Option<String>,
+    pub public_addr: Option<Ipv4Addr>,
+    pub state_dir: PathBuf,
+    pub pool: Ipv4Net,
+    pub nat_ports: PortRange,
+    pub tun_name: String,
+    pub pin_root: PathBuf,
+    pub max_clients: usize,
+    pub max_flows: usize,
+    pub grace: Duration,
+    pub allow: Vec<Ipv4Net>,
+    pub deny: Vec<Ipv4Net>,
+    pub client_to_client: bool,
+    pub timeouts: Timeouts,
+}
+
+/// The TUN device's MTU, and the largest IP packet a client may send.
+pub const MTU: u16 = 1400;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that sends nothing (not even a keepalive) for this long is dead.
+/// Clients ping every 10 s: twice that, and a margin for a slow link.
+const PEER_TIMEOUT: Duration = Duration::from_secs(25);
+const GC_INTERVAL: Duration = Duration::from_secs(10);
+const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Packets queued toward one client before the newest are dropped.
+const CLIENT_QUEUE: usize = 1024;
+
+/// Why a client packet went no further, counted for `status` and metrics.
+#[derive(Default)]
+pub struct Counters {
+    pub forged_source: AtomicU64,
+    pub policy_refused: AtomicU64,
+    pub ttl_expired: AtomicU64,
+    pub untranslatable: AtomicU64,
+    pub malformed: AtomicU64,
+    pub flow_errors: AtomicU64,
+    pub client_queue_full: AtomicU64,
+    pub no_session: AtomicU64,
+}
+
+struct Live {
+    vip: Ipv4Addr,
+    generation: u64,
+    close: watch::Sender<Option<&'static str>>,
+    peer: SocketAddr,
+    since: SystemTime,
+    bytes: Arc<Bytes>,
+}
+
+/// Bytes through one session, each way.
+#[derive(Default)]
+struct Bytes {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+}
+
+#[derive(Default)]
+struct Clients {
+    leases: BTreeMap<String, Ipv4Addr>,
+    live: HashMap<String, Live>,
+    /// Each client's most recent session: a grace timer only removes flows
+    /// if no session came after the one it was started for.
+    latest: HashMap<String, u64>,
+    generation: u64,
+}
+
+/// The state every task shares.
+struct Shared {
+    cfg: GatewayConfig,
+    /// The gateway's own address in the pool: where its ICMP errors to
+    /// clients come from.
+    inner_addr: Ipv4Addr,
+    tun: Tun,
+    flows: Mutex<FlowTable>,
+    policy: EgressPolicy,
+    state: StateDir,
+    clients: Mutex<Clients>,
+    /// Client address -> its session's packet queue: the reply hot path.
+    sessions: RwLock<HashMap<Ipv4Addr, mpsc::Sender<Vec<u8>>>>,
+    registry: RwLock<HashMap<String, ClientRecord>>,
+    counters: Counters,
+    /// Taken at shutdown: dropping it detaches the programs and unpins.
+    datapath: Mutex<Option<Datapath>>,
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let state = StateDir::open(&cfg.state_dir)
+        .with_context(|| format!("opening the state directory {}", cfg.state_dir.display()))?;
+    let ca = state.ca().context("loading the gateway's CA")?;
+    let (cert, key) = state
+        .server_identity(&ca)
+        .context("loading the server certificate")?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&ca.cert_pem, &cert, &key)?));
+
+    let public_addr = match cfg.public_addr {
+        Some(a) => a,
+        None => iface_ipv4(&cfg.iface)
+            .with_context(|| format!("finding the public address of {}", cfg.iface))?,
+    };
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("{public_addr}:{}", cfg.listen.port()));
+    state.record_endpoint(&endpoint)?;
+    let inner_addr = first_host(cfg.pool)?;
+
+    let tun = Tun::create(&cfg.tun_name, MTU)
+        .with_context(|| format!("creating the TUN device {}", cfg.tun_name))?;
+    // The kernel would otherwise send IPv6 router solicitations into it.
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),
+        "1",
+    );
+    let mut datapath = Datapath::load()?;
+    datapath.configure(&DatapathConfig {
+        public_addr,
+        vip_pool: cfg.pool,
+        nat_ports: cfg.nat_ports,
+        wan_ifindex: ifindex(&cfg.iface)
+            .with_context(|| format!("interface {} not found", cfg.iface))?,
+        tun_ifindex: ifindex(tun.name())?,
+        tun_l2_len: 0,
+    })?;
+    let pins = datapath.pin(&cfg.pin_root)?;
+    let flows = datapath
+        .flow_table(cfg.nat_ports, cfg.timeouts)?
+        .with_capacity(cfg.max_flows);
+    datapath.attach(&cfg.iface, tun.name())?;
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let policy = EgressPolicy::new(
+        vec![public_addr, inner_addr],
+        cfg.pool,
+        cfg.client_to_client,
+        cfg.allow.clone(),
+        cfg.deny.clone(),
+    );
+    let leases = state.leases()?;
+    let shared = Arc::new(Shared {
+        inner_addr,
+        tun,
+        flows: Mutex::new(flows),
+        policy,
+        clients: Mutex::new(Clients {
+            leases,
+            ..Default::default()
+        }),
+        sessions: RwLock::new(HashMap::new()),
+        registry: RwLock::new(HashMap::new()),
+        counters: Counters::default(),
+        datapath: Mutex::new(Some(datapath)),
+        state,
+        cfg,
+    });
+    shared.reload_registry()?;
+    info!(
+        iface = %shared.cfg.iface, %public_addr, listen = %shared.cfg.listen, %endpoint,
+        pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
+        "gateway up"
+    );
+
+    let control = control::bind(&shared.cfg.state_dir)?;
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let snap = shared.clone();
+    tasks.spawn(async move { control::serve(control, || snap.status()).await });
+    tasks.spawn(tun_reader(shared.clone()));
+    tasks.spawn(flow_gc(shared.clone()));
+    tasks.spawn(registry_watch(shared.clone()));
+    let accept = accept_loop(shared.clone(), listener, acceptor, stopped);
+    tokio::select! {
+        () = shutdown => {}
+        r = accept => r?,
+        Some(r) = tasks.join_next() => r??,
+    }
+    let _ = stop.send(true);
+    // Let sessions say goodbye (TLS close_notify) before the datapath goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tasks.abort_all();
+    let _ = std::fs::remove_file(shared.cfg.state_dir.join(control::SOCKET));
+    drop(shared.datapath.lock().expect("datapath lock").take());
+    info!("gateway stopped: programs detached, pins removed");
+    Ok(())
+}
+
+fn first_host(pool: Ipv4Net) -> Result<Ipv4Addr> {
+    if pool.prefix() > 30 {
+        bail!("the pool {pool} is too small: it needs the gateway's address and clients'");
+    }
+    Ok(Ipv4Addr::from_bits(pool.addr().to_bits() + 1))
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of fds and the like: back off, keep serving.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match connection(&shared, tcp, peer, acceptor, stopped).await {
+                Ok(end) => info!(%peer, client = %end.name, vip = %end.vip,
+                    secs = started.elapsed().as_secs(), "session ended: {}", end.reason),
+                Err(e) => info!(%peer, "session refused: {e:#}"),
+            }
+        });
+    }
+}
+
+struct SessionEnd {
+    name: String,
+    vip: Ipv4Addr,
+    reason: String,
+}
+
+/// One client connection, from TCP accept to close.
+async fn connection(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<SessionEnd> {
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake failed")?;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no client certificate")?
+        .clone();
+    let record = shared
+        .registry
+        .read()
+        .expect("registry lock")
+        .get(&fingerprint(&cert))
+        .cloned()
+        .context("certificate not issued by this gateway's registry")?;
+    let name = record.name.clone();
+    if record.revoked.is_some() {
+        let _ = tls.shutdown().await;
+        bail!("client `{name}` is revoked");
+    }
+    let vip = shared.lease(&name)?;
+
+    let mut session = ServerSession::new(
+        ServerConfig {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            keepalive_timeout: PEER_TIMEOUT,
+            ..ServerConfig::new(vip)
+        },
+        Instant::now(),
+    )?;
+    let full = {
+        let clients = shared.clients.lock().expect("clients lock");
+        clients.live.len() >= shared.cfg.max_clients && !clients.live.contains_key(&name)
+    };
+    if full {
+        session.refuse(503, "the gateway is full");
+        flush(&mut session, &mut tls).await?;
+        let _ = tls.shutdown().await;
+        bail!(
+            "client `{name}`: --max-clients {} reached",
+            shared.cfg.max_clients
+        );
+    }
+
+    let (tx, mut rx) = mpsc::channel(CLIENT_QUEUE);
+    let bytes = Arc::new(Bytes::default());
+    let (generation, mut closed) = shared.attach(&name, vip, peer, bytes.clone(), tx);
+    info!(%peer, client = %name, %vip, "session started");
+    let mut io = SessionIo {
+        tls: &mut tls,
+        rx: &mut rx,
+        closed: &mut closed,
+        stopped: &mut stopped,
+        bytes: &bytes,
+    };
+    let reason = pump(shared, &mut session, vip, &mut io).await;
+    shared.detach(&name, vip, generation);
+    let _ = tls.shutdown().await;
+    Ok(SessionEnd { name, vip, reason })
+}
+
+/// What a session's pump reads from and writes to.
+struct SessionIo<'a> {
+    tls: &'a mut tokio_rustls::server::TlsStream<TcpStream>,
+    /// Replies from the TUN reader.
+    rx: &'a mut mpsc::Receiver<Vec<u8>>,
+    /// Revocation or replacement.
+    closed: &'a mut watch::Receiver<Option<&'static str>>,
+    stopped: &'a mut watch::Receiver<bool>,
+    bytes: &'a Bytes,
+}
+
+/// Moves bytes and packets until the session ends; returns why it ended.
+async fn pump(
+    shared: &Arc<Shared>,
+    session: &mut ServerSession,
+    vip: Ipv4Addr,
+    io: &mut SessionIo<'_>,
+) -> String {
+    let SessionIo {
+        tls,
+        rx,
+        closed,
+        stopped,
+        bytes,
+    } = io;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        // Act on everything the state machine has to say.
+        while let Some(output) = session.poll_output() {
+            match output {
+                Output::Send(bytes) => out.extend_from_slice(&bytes),
+                Output::Packet(packet) => {
+                    bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
+                    if let Some(reply) = shared.client_packet(vip, &packet) {
+                        session.send_packet(&reply);
+                    }
+                }
+                Output::Close { reason } => {
+                    let _ = write_out(tls, &mut out).await;
+                    return reason.to_string();
+                }
+                // Client-side outputs.
+                Output::Assigned { .. } | Output::Routes(_) => {}
+            }
+        }
+        if let Err(e) = write_out(tls, &mut out).await {
+            return format!("write failed: {e}");
+        }
+        let deadline = session
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            read = tls.read(&mut buf) => match read {
+                Ok(0) => return "client closed the connection".into(),
+                Ok(n) => {
+                    if let Err(e) = session.receive(&buf[..n], Instant::now()) {
+                        debug!(%vip, "protocol error: {e}");
+                    }
+                }
+                Err(e) => return format!("read failed: {e}"),
+            },
+            Some(packet) = rx.recv() => {
+                bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
+                session.send_packet(&packet);
+                // Take whatever else is queued: one TLS write for the lot.
+                while let Ok(packet) = rx.try_recv() {
+                    bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
+                    session.send_packet(&packet);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+            _ = closed.changed() => {
+                let why = closed.borrow().unwrap_or("closed");
+                return why.to_owned();
+            }
+            _ = stopped.changed() => return "gateway shutting down".into(),
+        }
+    }
+}
+
+async fn write_out(
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if !out.is_empty() {
+        tls.write_all(out).await?;
+        tls.flush().await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+async fn flush(
+    session: &mut ServerSession,
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    while let Some(output) = session.poll_output() {
+        if let Output::Send(bytes) = output {
+            out.extend_from_slice(&bytes);
+        }
+    }
+    write_out(tls, &mut out).await
+}
+
+impl Shared {
+    /// The client's address: the one it had before, or the next free one.
+    fn lease(&self, name: &str) -> Result<Ipv4Addr> {
+        let mut clients = self.clients.lock().expect("clients lock");
+        if let Some(vip) = clients.leases.get(name) {
+            if self.cfg.pool.contains(*vip) {
+                return Ok(*vip);
+            }
+        }
+        let taken: std::collections::HashSet<Ipv4Addr> = clients.leases.values().copied().collect();
+        let base = self.inner_addr.to_bits() + 1;
+        let last = self.cfg.pool.addr().to_bits() | !self.cfg.pool.mask().to_bits();
+        let vip = (base..last)
+            .map(Ipv4Addr::from_bits)
+            .find(|a| !taken.contains(a))
+            .with_context(|| format!("the address pool {} is exhausted", self.cfg.pool))?;
+        clients.leases.insert(name.to_owned(), vip);
+        self.state.save_leases(&clients.leases)?;
+        Ok(vip)
+    }
+
+    /// Registers a live session; an older one of the same client (a
+    /// reconnect after a network change) is closed, its flows kept.
+    fn attach(
+        &self,
+        name: &str,
+        vip: Ipv4Addr,
+        peer: SocketAddr,
+        bytes: Arc<Bytes>,
+        tx: mpsc::Sender<Vec<u8>>,
+    ) -> (u64, watch::Receiver<Option<&'static str>>) {
+        let (close, closed) = watch::channel(None);
+        let mut clients = self.clients.lock().expect("clients lock");
+        clients.generation += 1;
+        let generation = clients.generation;
+        clients.latest.insert(name.to_owned(), generation);
+        if let Some(old) = clients.live.insert(
+            name.to_owned(),
+            Live {
+                vip,
+                generation,
+                close,
+                peer,
+                since: SystemTime::now(),
+                bytes,
+            },
+        ) {
+            let _ = old
+                .close
+                .send(Some("replaced by a new connection of the same client"));
+        }
+        self.sessions
+            .write()
+            .expect("sessions lock")
+            .insert(vip, tx);
+        (generation, closed)
+    }
+
+    /// Unregisters a session that ended; its flows stay for the grace period
+    /// in case the client comes back.
+    fn detach(self: &Arc<Self>, name: &str, vip: Ipv4Addr, generation: u64) {
+        let mut clients = self.clients.lock().expect("clients lock");
+        if clients
+            .live
+            .get(name)
+            .is_some_and(|l| l.generation == generation)
+        {
+            clients.live.remove(name);
+            self.sessions.write().expect("sessions lock").remove(&vip);
+        } else {
+            return; // Replaced: the new session owns the flows.
+        }
+        drop(clients);
+        let (shared, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(shared.cfg.grace).await;
+            let back = shared
+                .clients
+                .lock()
+                .expect("clients lock")
+                .latest
+                .get(&name)
+                .is_some_and(|latest| *latest != generation);
+            if back {
+                return;
+            }
+            match shared.flows.lock().expect("flows lock").delete_client(vip) {
+                Ok(n) => info!(client = %name, %vip, flows = n, "grace period over: flows removed"),
+                Err(e) => warn!(client = %name, %vip, "removing flows: {e:#}"),
+            }
+        });
+    }
+
+    /// A packet from client `vip`: forwarded into the datapath, or refused.
+    /// Returns an ICMP error to send back to the client, if one is due.
+    fn client_packet(&self, vip: Ipv4Addr, pkt: &[u8]) -> Option<Vec<u8>> {
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Relaxed);
+        };
+        let info = match packet::parse(pkt) {
+            Ok(info) => info,
+            Err(e) => {
+                count(&self.counters.malformed);
+                debug!(%vip, "dropped: {e}");
+                return None;
+            }
+        };
+        if info.src != vip {
+            count(&self.counters.forged_source);
+            debug!(%vip, src = %info.src, "dropped: source address is not the client's");
+            return None;
+        }
+        if let Err(refusal) = self.policy.check(info.dst) {
+            count(&self.counters.policy_refused);
+            debug!(%vip, dst = %info.dst, "refused by the egress policy: {refusal}");
+            return Some(packet::icmp_error(
+                self.inner_addr,
+                pkt,
+                3,
+                unreachable::ADMIN_PROHIBITED,
+            ));
+        }
+        if info.ttl <= 1 {
+            count(&self.counters.ttl_expired);
+            return Some(packet::icmp_error(self.inner_addr, pkt, 11, 0));
+        }
+        let Some(key) = info.flow_key() else {
+            count(&self.counters.untranslatable);
+            debug!(%vip, proto = info.proto, fragment = info.fragment, "dropped: not translated");
+            return None;
+        };
+        let created = {
+            let mut flows = self.flows.lock().expect("flows lock");
+            match flows.get(&key) {
+                Some(_) => Ok(()),
+                None => flows.create(key, monotonic_ns()).map(|_| ()),
+            }
+        };
+        if let Err(e) = created {
+            count(&self.counters.flow_errors);
+            match e {
+                FlowError::PortsExhausted { .. } | FlowError::TableFull(_) => {
+                    debug!(%vip, "dropped: {e}")
+                }
+                e => warn!(%vip, "creating a flow: {e:#}"),
+            }
+            return None;
+        }
+        if let Err(e) = self.tun.send(pkt) {
+            debug!(%vip, "writing to the TUN device: {e}");
+        }
+        None
+    }
+
+    fn status(&self) -> Status {
+        let clients = {
+            let clients = self.clients.lock().expect("clients lock");
+            let mut list: Vec<ClientStatus> = clients
+                .live
+                .iter()
+                .map(|(name, l)| ClientStatus {
+                    name: name.clone(),
+                    vip: l.vip,
+                    peer: l.peer.to_string(),
+                    connected_since: l
+                        .since
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    bytes_from_client: l.bytes.from_client.load(Relaxed),
+                    bytes_to_client: l.bytes.to_client.load(Relaxed),
+                })
+                .collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            list
+        };
+        let mut flows = FlowCounts::default();
+        for key in self.flows.lock().expect("flows lock").keys() {
+            flows.total += 1;
+            match key.proto {
+                veil_common::proto::TCP => flows.tcp += 1,
+                veil_common::proto::UDP => flows.udp += 1,
+                _ => flows.icmp += 1,
+            }
+        }
+        let c = &self.counters;
+        let counters = [
+            ("forged_source", &c.forged_source),
+            ("policy_refused", &c.policy_refused),
+            ("ttl_expired", &c.ttl_expired),
+            ("untranslatable", &c.untranslatable),
+            ("malformed", &c.malformed),
+            ("flow_errors", &c.flow_errors),
+            ("client_queue_full", &c.client_queue_full),
+            ("no_session", &c.no_session),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.load(Relaxed)))
+        .collect();
+        let datapath = self
+            .datapath
+            .lock()
+            .expect("datapath lock")
+            .as_ref()
+            .and_then(|dp| dp.stats().ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, c)| {
+                let count = PacketCount {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                };
+                (reason.name().to_owned(), count)
+            })
+            .collect();
+        Status {
+            clients,
+            flows,
+            counters,
+            datapath,
+        }
+    }
+
+    fn reload_registry(&self) -> Result<Vec<String>> {
+        let records = self.state.clients()?;
+        let mut registry = self.registry.write().expect("registry lock");
+        let newly_revoked = records
+            .iter()
+            .filter(|r| r.revoked.is_some())
+            .filter(|r| {
+                registry
+                    .get(&r.fingerprint)
+                    .is_some_and(|old| old.revoked.is_none())
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        *registry = records
+            .into_iter()
+            .map(|r| (r.fingerprint.clone(), r))
+            .collect();
+        Ok(newly_revoked)
+    }
+}
+
+/// Replies from the datapath, to the session of their destination.
+async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = shared
+            .tun
+            .recv(&mut buf)
+            .await
+            .context("reading the TUN device")?;
+        let pkt = &buf[..n];
+        if n < 20 || pkt[0] >> 4 != 4 {
+            continue;
+        }
+        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        let tx = shared
+            .sessions
+            .read()
+            .expect("sessions lock")
+            .get(&dst)
+            .cloned();
+        match tx {
+            Some(tx) => {
+                if tx.try_send(pkt.to_vec()).is_err() {
+                    shared.counters.client_queue_full.fetch_add(1, Relaxed);
+                }
+            }
+            None => {
+                shared.counters.no_session.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+async fn flow_gc(shared: Arc<Shared>) -> Result<()> {
+    let mut tick = tokio::time::interval(GC_INTERVAL);
+    loop {
+        tick.tick().await;
+        let report = shared.flows.lock().expect("flows lock").gc(monotonic_ns());
+        match report {
+            Ok(r) if !r.expired.is_empty() => {
+                debug!(examined = r.examined, expired = r.expired.len(), "flow gc")
+            }
+            Ok(_) => {}
+            Err(e) => warn!("flow gc: {e:#}"),
+        }
+    }
+}
+
+/// Closes the sessions of clients revoked while connected.
+async fn registry_watch(shared: Arc<Shared>) -> Result<()> {
+    let mut tick = tokio::time::interval(REGISTRY_INTERVAL);
+    loop {
+        tick.tick().await;
+        let revoked = match shared.reload_registry() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("reloading the client registry: {e:#}");
+                continue;
+            }
+        };
+        let clients = shared.clients.lock().expect("clients lock");
+        for name in revoked {
+            if let Some(live) = clients.live.get(&name) {
+                info!(client = %name, "revoked: closing its session");
+                let _ = live.close.send(Some("client revoked"));
+            }
+        }
+    }
+}
