@@ -339,6 +339,24 @@ fn a_full_gateway_refuses_cleanly_before_the_upgrade() {
     assert!(world.ping(1, "198.18.0.2"));
 }
 
+#[test]
+fn the_client_reconnects_when_the_gateway_restarts() {
+    let mut world = World::new(1, &[]);
+    let p = world.add_client("patient", 1);
+    let mut c = world.start_client(1, &p, true);
+    let vip = vip_of(&world, "patient");
+    assert!(world.ping(1, "198.18.0.2"));
+
+    world.gateway().stop();
+    c.wait_for_log("tunnel down", Duration::from_secs(10));
+    world.start_gateway(&[]);
+    wait_until("the tunnel to come back", Duration::from_secs(30), || {
+        world.ping(1, "198.18.0.2")
+    });
+    assert_eq!(vip_of(&world, "patient"), vip, "the same address after a restart");
+    assert!(c.is_running(), "the client kept going: {}", c.log());
+}
+
 fn tempdir(world: &World, name: &str) -> std::path::PathBuf {
     let d = world.dir.join(name);
     std::fs::create_dir_all(&d).unwrap();

@@ -23,6 +23,7 @@
 //!   Connection: Upgrade
 //!   Upgrade: connect-ip
 //!   Capsule-Protocol: ?1
+//!   Veil-Keepalive: 15
 //!   (empty line)
 //!
 //! gateway → client: the 101, then two capsules in the same write
@@ -70,6 +71,7 @@
 //!       Connection: Upgrade\r\n\
 //!       Upgrade: connect-ip\r\n\
 //!       Capsule-Protocol: ?1\r\n\
+//!       Veil-Keepalive: 15\r\n\
 //!       \r\n"
 //! );
 //!

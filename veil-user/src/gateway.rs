@@ -66,9 +66,10 @@ pub struct GatewayConfig {
 /// The TUN device's MTU, and the largest IP packet a client may send.
 pub const MTU: u16 = 1400;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client that sends nothing (not even a keepalive) for this long is dead.
-/// Clients ping every 10 s: twice that, and a margin for a slow link.
-const PEER_TIMEOUT: Duration = Duration::from_secs(25);
+/// A client that sends nothing (not even a keepalive) for this long is
+/// dead. veil clients announce their PING interval and get twice that
+/// instead; this is for clients that do not.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 const GC_INTERVAL: Duration = Duration::from_secs(10);
 const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Packets queued toward one client before the newest are dropped.
@@ -325,7 +326,7 @@ async fn connection(
     if full {
         session.refuse(503, "the gateway is full");
         flush(&mut session, &mut tls).await?;
-        let _ = tls.shutdown().await;
+        linger(&mut tls).await;
         bail!(
             "client `{name}`: --max-clients {} reached",
             shared.cfg.max_clients
@@ -441,6 +442,18 @@ async fn write_out(
         out.clear();
     }
     Ok(())
+}
+
+/// Closes our side and reads until the client closes its own (for a
+/// second at most): closing with unread input would reset the connection
+/// and could destroy a refusal before the client reads it (RFC 9112 §9.6).
+async fn linger(tls: &mut tokio_rustls::server::TlsStream<TcpStream>) {
+    let _ = tls.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 async fn flush(

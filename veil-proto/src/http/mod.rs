@@ -8,6 +8,8 @@
 //!
 //! Nothing else of HTTP is spoken, so nothing else is parsed: no bodies on
 //! requests, no chunked encoding, no keep-alive.
+use std::time::Duration;
+
 
 mod head;
 mod request;
@@ -28,16 +30,31 @@ pub const WELL_KNOWN_PATH: &str = "/.well-known/masque/ip/*/*/";
 ///
 /// Both are copied verbatim; check them first with [`validate_target`]
 /// (which [`crate::session::ClientSession::new`] does).
-pub fn request(host: &str, path: &str) -> Vec<u8> {
+///
+/// `keepalive` is the client's PING interval, announced in `Veil-Keepalive`
+/// (whole seconds, at least 1) so the gateway waits twice as long before it
+/// declares the client dead. Other peers ignore the header.
+pub fn request(host: &str, path: &str, keepalive: Duration) -> Vec<u8> {
+    let secs = keepalive_secs(keepalive);
     format!(
         "GET {path} HTTP/1.1\r\n\
          Host: {host}\r\n\
          Connection: Upgrade\r\n\
          Upgrade: connect-ip\r\n\
          Capsule-Protocol: ?1\r\n\
+         {KEEPALIVE_HEADER}: {secs}\r\n\
          \r\n"
     )
     .into_bytes()
+}
+
+/// The header a veil client announces its keepalive interval in.
+pub const KEEPALIVE_HEADER: &str = "Veil-Keepalive";
+/// The longest keepalive interval a gateway honours.
+pub const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
+
+fn keepalive_secs(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)).clamp(1, MAX_KEEPALIVE.as_secs())
 }
 
 /// Checks that `host` and `path` can go into [`request`] unchanged: non-empty

@@ -1,5 +1,7 @@
 //! Gateway side: reading the client's upgrade request.
 
+use std::time::Duration;
+
 use super::head::{self, Head, MAX_HEADER_LEN};
 use crate::{error::printable, ProtoError};
 
@@ -12,6 +14,8 @@ pub struct Request {
     /// [`super::WELL_KNOWN_PATH`], or absolute form). Only logged: veil's
     /// gateway is full-tunnel and ignores the `target`/`ipproto` scope.
     pub target: String,
+    /// The client's PING interval, from `Veil-Keepalive`, if it sent one.
+    pub keepalive: Option<Duration>,
 }
 
 /// Reads the upgrade request at the front of `buf`.
@@ -68,9 +72,25 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError>
             header: "Content-Length",
         });
     }
+    let keepalive = match head.single(super::KEEPALIVE_HEADER)? {
+        None => None,
+        Some(v) => {
+            let secs = std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|s| (1..=super::MAX_KEEPALIVE.as_secs()).contains(s))
+                .ok_or_else(|| ProtoError::BadHeaderValue {
+                    name: super::KEEPALIVE_HEADER,
+                    found: printable(v),
+                    expected: "whole seconds from 1 to 3600",
+                })?;
+            Some(Duration::from_secs(secs))
+        }
+    };
     let request = Request {
         host: String::from_utf8_lossy(host).into_owned(),
         target: String::from_utf8_lossy(target).into_owned(),
+        keepalive,
     };
     Ok(Some((request, len)))
 }
@@ -139,7 +159,7 @@ mod tests {
 
     #[test]
     fn accepts_our_request_and_reports_its_length() {
-        let mut bytes = request("gateway.example", WELL_KNOWN_PATH);
+        let mut bytes = request("gateway.example", WELL_KNOWN_PATH, Duration::from_secs(15));
         let len = bytes.len();
         bytes.extend_from_slice(b"\x00\x05\x00capsules");
         let (req, used) = parse_request(&bytes).expect("valid").expect("complete");
@@ -150,7 +170,7 @@ mod tests {
 
     #[test]
     fn every_prefix_is_incomplete_not_wrong() {
-        let bytes = request("gateway.example", WELL_KNOWN_PATH);
+        let bytes = request("gateway.example", WELL_KNOWN_PATH, Duration::from_secs(15));
         for cut in 0..bytes.len() {
             assert_eq!(parse_request(&bytes[..cut]), Ok(None), "cut at {cut}");
         }

@@ -96,7 +96,11 @@ impl ClientSession {
     pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ProtoError> {
         http::validate_target(&config.host, &config.path)?;
         let mut link = Link::new(config.max_capsule_len, config.keepalive_timeout, now);
-        link.send(&http::request(&config.host, &config.path));
+        link.send(&http::request(
+            &config.host,
+            &config.path,
+            config.keepalive_interval,
+        ));
         Ok(ClientSession {
             phase: Phase::AwaitingResponse {
                 buf: Vec::new(),
@@ -149,7 +153,7 @@ impl ClientSession {
 
     fn upgraded(&mut self, rest: &[u8], now: Instant) {
         self.phase = Phase::Established {
-            next_ping: link::deadline(now, self.config.keepalive_interval),
+            next_ping: link::deadline(now, ping_interval(&self.config)),
         };
         self.link
             .send_capsule(&Capsule::AddressRequest(vec![RequestedAddress {
@@ -205,6 +209,7 @@ impl ClientSession {
 
     /// Queues an IP packet toward the gateway (DATAGRAM, context ID 0).
     /// Dropped, and counted, if the tunnel is not up.
+
     pub fn send_packet(&mut self, packet: &[u8]) {
         let up = matches!(self.phase, Phase::Established { .. });
         self.link.send_packet(packet, up);
@@ -246,7 +251,7 @@ impl ClientSession {
                 if now >= *next_ping && !self.link.is_closed() {
                     // From now, not from the missed deadline: after a stall
                     // (a suspended laptop) send one PING, not a burst.
-                    *next_ping = link::deadline(now, self.config.keepalive_interval);
+                    *next_ping = link::deadline(now, ping_interval(&self.config));
                     let nonce = self.next_nonce;
                     self.next_nonce = self.next_nonce.wrapping_add(1);
                     self.link.send_capsule(&Capsule::Ping(nonce));
@@ -277,4 +282,10 @@ impl ClientSession {
     pub fn stats(&self) -> &Stats {
         &self.link.stats
     }
+}
+
+/// The interval actually used: the announced one, so the gateway's "twice
+/// the interval" holds (capped at [`http::MAX_KEEPALIVE`]).
+fn ping_interval(config: &ClientConfig) -> Duration {
+    config.keepalive_interval.min(http::MAX_KEEPALIVE)
 }

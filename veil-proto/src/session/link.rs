@@ -46,6 +46,10 @@ impl Link {
         }
     }
 
+    pub(super) fn set_keepalive_timeout(&mut self, timeout: Duration) {
+        self.keepalive_timeout = timeout;
+    }
+
     pub(super) fn is_closed(&self) -> bool {
         self.close_reason.is_some()
     }

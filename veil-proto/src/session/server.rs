@@ -149,6 +149,11 @@ impl ServerSession {
     }
 
     fn upgrade(&mut self, request: Request, rest: &[u8]) {
+        // A client that announces its PING interval is dead after two
+        // silent intervals; others get the configured timeout.
+        if let Some(interval) = request.keepalive {
+            self.link.set_keepalive_timeout(interval * 2);
+        }
         self.request = Some(request);
         self.link.send(&self.greeting);
         self.phase = Phase::Established;

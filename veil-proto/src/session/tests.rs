@@ -21,6 +21,7 @@ Host: gateway.example\r\n\
 Connection: Upgrade\r\n\
 Upgrade: connect-ip\r\n\
 Capsule-Protocol: ?1\r\n\
+Veil-Keepalive: 15\r\n\
 \r\n";
 
 /// The gateway's first frame: the 101, then ADDRESS_ASSIGN (10.77.0.2/32,
@@ -184,7 +185,7 @@ fn first_frames_are_exactly_these_bytes() {
     assert_eq!(pair.client_wire, client_expected);
     assert_eq!(pair.server_wire, server_expected);
     // The builders agree with the literals.
-    assert!(CLIENT_FIRST_FRAME == http::request(HOST, http::WELL_KNOWN_PATH));
+    assert!(CLIENT_FIRST_FRAME == http::request(HOST, http::WELL_KNOWN_PATH, INTERVAL));
     assert!(SERVER_FIRST_FRAME.starts_with(&http::switching_protocols()));
 
     pair.client_wire.clear();
@@ -761,6 +762,8 @@ fn send_buffers_are_recycled() {
 
 #[test]
 fn unbounded_timeouts_mean_never_not_a_panic() {
+    // The client's PINGs are capped at one an hour (what it announces), so
+    // both ends stay up however long nothing else happens.
     let mut pair = Pair::with(
         ClientConfig {
             keepalive_interval: Duration::MAX,
@@ -778,4 +781,31 @@ fn unbounded_timeouts_mean_never_not_a_panic() {
     pair.run_for(1000 * 24 * 3600 * SECOND);
     assert!(pair.client.is_established() && pair.server.is_established());
     assert!(pair.client.poll_timeout().is_some());
+}
+
+#[test]
+fn the_gateway_waits_twice_the_interval_the_client_announces() {
+    let interval = 4 * SECOND;
+    let mut pair = Pair::with(
+        ClientConfig {
+            keepalive_interval: interval,
+            keepalive_timeout: Duration::MAX,
+            ..client_config()
+        },
+        ServerConfig {
+            keepalive_timeout: 3600 * SECOND,
+            ..server_config()
+        },
+    );
+    pair.pump();
+    assert_eq!(pair.server.request().unwrap().keepalive, Some(interval));
+    // The client goes silent (its pings are lost): the gateway gives up
+    // after two intervals, not after its own hour.
+    let start = pair.now;
+    while !pair.server.is_closed() && pair.now - start < 60 * SECOND {
+        pair.now += SECOND;
+        pair.server.handle_timeout(pair.now);
+    }
+    assert!(pair.server.is_closed());
+    assert_eq!(pair.now - start, 2 * interval);
 }
