@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -11,8 +11,11 @@ use std::{
 /// A binary of this workspace, built next to the test executable.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/test-hash -> target/debug/NAME
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // A test runs from target/PROFILE/deps/, a binary from target/PROFILE/.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let bin = dir.join(name);
     assert!(
         bin.exists(),

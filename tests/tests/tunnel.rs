@@ -353,7 +353,11 @@ fn the_client_reconnects_when_the_gateway_restarts() {
     wait_until("the tunnel to come back", Duration::from_secs(30), || {
         world.ping(1, "198.18.0.2")
     });
-    assert_eq!(vip_of(&world, "patient"), vip, "the same address after a restart");
+    assert_eq!(
+        vip_of(&world, "patient"),
+        vip,
+        "the same address after a restart"
+    );
     assert!(c.is_running(), "the client kept going: {}", c.log());
 }
 

@@ -15,7 +15,7 @@ use crate::{
 #[derive(Args)]
 pub struct Options {
     /// What to measure.
-    #[arg(default_value = "datapath", value_parser = ["datapath"])]
+    #[arg(default_value = "datapath", value_parser = ["datapath", "tunnel"])]
     pub what: String,
     /// Shorter runs: a smoke test of the numbers, not a measurement.
     #[arg(long)]
@@ -25,13 +25,13 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<()> {
     setup::run()?;
     ebpf::build(&ebpf::Options::default())?;
+    // The tunnel benchmark runs the daemon and the client: release builds
+    // of every binary.
     exec(Command::new("cargo").current_dir(root()).args([
         "build",
         "--release",
-        "-p",
-        "veil-tests",
-        "--bin",
-        "veil-bench",
+        "--workspace",
+        "--bins",
     ]))?;
     let bin = root().join("target/release/veil-bench");
     let mut cmd = as_root(bin.to_str().context("non-UTF-8 path")?);

@@ -33,8 +33,9 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     match what.as_str() {
         "datapath" => datapath(quick),
+        "tunnel" => tunnel(quick),
         other => {
-            eprintln!("unknown benchmark `{other}`; known: datapath");
+            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel");
             std::process::exit(2);
         }
     }
@@ -309,4 +310,132 @@ fn flow_setup(n: u32) -> (f64, f64) {
     }
     let delete = n as f64 / start.elapsed().as_secs_f64();
     (create, delete)
+}
+
+/// TCP throughput and round-trip time from a client namespace to the
+/// remote, through veil and, on the same topology, by plain routing through
+/// the gateway namespace.
+fn tunnel(quick: bool) {
+    use veil_tests::{proc::Proc, world::World};
+
+    let secs = if quick { 2 } else { 5 };
+    println!("## veil tunnel benchmark\n");
+    println!(
+        "kernel {}, {} CPUs; iperf3 {secs} s per run, one stream;",
+        kernel(),
+        num_cpus()
+    );
+    println!("ping: 50 echoes 20 ms apart. Same namespaces and veth links for both paths.\n");
+    let mut world = World::new(1, &[]);
+    let iperf = {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", world.remote.name()))
+            .args(["iperf3", "-s", "-B", "198.18.0.2"]);
+        Proc::start("iperf3 -s", cmd, world.dir.join("iperf3.log"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Direct: the gateway namespace routes (no NAT needed: the remote
+    // knows the way back).
+    world.gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    world
+        .remote
+        .ip(&["route", "add", "10.200.0.0/16", "via", "198.18.0.1"]);
+    let direct = measure(&world, secs);
+    world
+        .remote
+        .ip(&["route", "del", "10.200.0.0/16", "via", "198.18.0.1"]);
+    world.gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"]);
+
+    let profile = world.add_client("bench", 1);
+    let client = world.start_client(1, &profile, true);
+    let veil = measure(&world, secs);
+    drop(client);
+    drop(iperf);
+    let _ = world.gateway();
+
+    println!("| path | client → remote (Gbit/s) | remote → client (Gbit/s) | RTT mean (µs) | RTT max (µs) |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, m) in [("direct routing", &direct), ("veil", &veil)] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            m.up / 1e9,
+            m.down / 1e9,
+            m.rtt_mean_us,
+            m.rtt_max_us
+        );
+    }
+    println!(
+        "| veil ÷ direct | {:.2} | {:.2} | {:.2} | {:.2} |",
+        veil.up / direct.up,
+        veil.down / direct.down,
+        veil.rtt_mean_us / direct.rtt_mean_us,
+        veil.rtt_max_us / direct.rtt_max_us
+    );
+    println!(
+        "\nRTT overhead of veil over direct: {:.0} µs",
+        veil.rtt_mean_us - direct.rtt_mean_us
+    );
+}
+
+struct Measured {
+    up: f64,
+    down: f64,
+    rtt_mean_us: f64,
+    rtt_max_us: f64,
+}
+
+fn measure(world: &veil_tests::world::World, secs: u32) -> Measured {
+    let ns = world.client(1).name().to_owned();
+    let iperf = |reverse: bool| -> f64 {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{ns}")).args([
+            "iperf3",
+            "-c",
+            "198.18.0.2",
+            "-J",
+            "-t",
+            &secs.to_string(),
+        ]);
+        if reverse {
+            cmd.arg("-R");
+        }
+        let out = cmd.output().expect("running iperf3");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "iperf3 output ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("iperf3 gave no result: {v}"))
+    };
+    let up = iperf(false);
+    let down = iperf(true);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{ns}"))
+        .args(["ping", "-q", "-c", "50", "-i", "0.02", "198.18.0.2"])
+        .output()
+        .expect("running ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // rtt min/avg/max/mdev = 0.041/0.052/0.080/0.007 ms
+    let stats: Vec<f64> = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .map(|v| {
+            v.trim()
+                .trim_end_matches(" ms")
+                .split('/')
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| panic!("ping gave no statistics: {text}"));
+    Measured {
+        up,
+        down,
+        rtt_mean_us: stats[1] * 1000.0,
+        rtt_max_us: stats[2] * 1000.0,
+    }
 }

@@ -10,7 +10,6 @@
 //! requests, no chunked encoding, no keep-alive.
 use std::time::Duration;
 
-
 mod head;
 mod request;
 mod response;
@@ -54,7 +53,9 @@ pub const KEEPALIVE_HEADER: &str = "Veil-Keepalive";
 pub const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
 
 fn keepalive_secs(d: Duration) -> u64 {
-    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)).clamp(1, MAX_KEEPALIVE.as_secs())
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0))
+        .clamp(1, MAX_KEEPALIVE.as_secs())
 }
 
 /// Checks that `host` and `path` can go into [`request`] unchanged: non-empty
