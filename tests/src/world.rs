@@ -194,6 +194,20 @@ impl World {
         })
     }
 
+    /// `GET /` on the remote's web server from client `i`: the body.
+    pub fn fetch(&self, i: usize) -> std::io::Result<String> {
+        self.client(i).enter(|| {
+            let mut s = TcpStream::connect_timeout(&(REMOTE, 80).into(), Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: 198.18.0.2\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            s.read_to_string(&mut response)?;
+            Ok(response
+                .split_once("\r\n\r\n")
+                .map_or(response.clone(), |(_, body)| body.to_owned()))
+        })
+    }
+
     /// Pings `dst` from client `i`: did an answer come back?
     pub fn ping(&self, i: usize, dst: &str) -> bool {
         Command::new("nsenter")
@@ -237,8 +251,9 @@ pub fn download_data() -> Vec<u8> {
         .collect()
 }
 
-/// The remote's servers: a TCP download (:8080), a TCP echo (:7) and a UDP
-/// echo (:7). Each notes who connected.
+/// The remote's servers: a web server that tells visitors their address
+/// (:80), a TCP download (:8080), a TCP echo (:7) and a UDP echo (:7).
+/// Each notes who connected.
 pub struct Servers {
     pub peers: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
@@ -248,12 +263,27 @@ impl Servers {
     fn start(remote: &NetNs) -> Self {
         let peers = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (download, echo, udp) = remote.enter(|| {
+        let (web, download, echo, udp) = remote.enter(|| {
             (
+                TcpListener::bind((REMOTE, 80)).unwrap(),
                 TcpListener::bind((REMOTE, 8080)).unwrap(),
                 TcpListener::bind((REMOTE, 7)).unwrap(),
                 UdpSocket::bind((REMOTE, 7)).unwrap(),
             )
+        });
+        serve_tcp(web, peers.clone(), stop.clone(), |mut s| {
+            let peer = s
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let body = format!("Hello {peer}: that is the address this web server sees.\n");
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
         });
         let data = Arc::new(download_data());
         serve_tcp(download, peers.clone(), stop.clone(), move |mut s| {

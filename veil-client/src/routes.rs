@@ -38,6 +38,9 @@ impl Network {
             added: Vec::new(),
         };
         let dev = net.tun.name().to_owned();
+        // The tunnel carries IPv4; without this the kernel would send IPv6
+        // router solicitations into it.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
         ip(&["addr", "add", &format!("{addr}/32"), "dev", &dev])?;
         // The tunnel itself must not go into the tunnel.
         let via = current_route(gateway)?;

@@ -17,6 +17,8 @@ pub const SOCKET: &str = "control.sock";
 pub struct Status {
     pub clients: Vec<ClientStatus>,
     pub flows: FlowCounts,
+    /// Connections refused before a session, by cause.
+    pub refused: BTreeMap<String, u64>,
     /// The daemon's own drop and refusal counters.
     pub counters: BTreeMap<String, u64>,
     /// The datapath's counters, by reason code name.
@@ -41,6 +43,24 @@ pub struct FlowCounts {
     pub tcp: usize,
     pub udp: usize,
     pub icmp: usize,
+    /// The NAT port range and how many of its ports some flow uses.
+    pub nat_ports: String,
+    pub nat_ports_in_use: usize,
+    /// The longest-lived flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<FlowBrief>,
+    /// The flows with the most packets, both directions together.
+    #[serde(default)]
+    pub busiest: Vec<FlowBrief>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FlowBrief {
+    /// `tcp 10.77.0.2:50000 -> 198.18.0.2:443 via :61377`
+    pub flow: String,
+    pub age_secs: u64,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]

@@ -156,6 +156,23 @@ pub struct Flow {
     pub reverse: FlowStats,
 }
 
+impl fmt::Display for Flow {
+    /// `tcp 10.77.0.2:50000 -> 198.18.0.2:443 via :61377`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let k = &self.key;
+        write!(
+            f,
+            "{} {}:{} -> {}:{} via :{}",
+            ProtoName(k.proto),
+            k.client(),
+            k.client_port,
+            k.remote(),
+            k.remote_port,
+            self.nat_port
+        )
+    }
+}
+
 impl Flow {
     pub fn last_seen_ns(&self) -> u64 {
         self.created_ns
@@ -264,6 +281,13 @@ impl FlowTable {
     /// Every flow's key (from the user-space index: no syscalls).
     pub fn keys(&self) -> impl Iterator<Item = &FlowKey> {
         self.flows.keys()
+    }
+
+    /// How many distinct NAT ports the flows use.
+    pub fn nat_ports_in_use(&self) -> usize {
+        let ports: std::collections::HashSet<u16> =
+            self.flows.values().map(|e| e.nat_port).collect();
+        ports.len()
     }
 
     /// The flow's NAT port, if it exists.

@@ -37,6 +37,7 @@ use crate::{
     net::{iface_ipv4, ifindex, monotonic_ns, Ipv4Net},
     packet::{self, unreachable},
     policy::EgressPolicy,
+    preflight,
     state::{fingerprint, ClientRecord, StateDir},
     tls,
     tun::Tun,
@@ -61,6 +62,8 @@ pub struct GatewayConfig {
     pub deny: Vec<Ipv4Net>,
     pub client_to_client: bool,
     pub timeouts: Timeouts,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -83,9 +86,23 @@ pub struct Counters {
     pub ttl_expired: AtomicU64,
     pub untranslatable: AtomicU64,
     pub malformed: AtomicU64,
+    pub not_ipv4: AtomicU64,
     pub flow_errors: AtomicU64,
     pub client_queue_full: AtomicU64,
     pub no_session: AtomicU64,
+    /// Connections refused before a session, by cause.
+    pub refusals: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Counters {
+    fn refused(&self, cause: &'static str) {
+        *self
+            .refusals
+            .lock()
+            .expect("refusals lock")
+            .entry(cause)
+            .or_default() += 1;
+    }
 }
 
 struct Live {
@@ -135,6 +152,22 @@ struct Shared {
 
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    preflight::check(&cfg.iface, cfg.nat_ports)?;
+    // Bound first: a port in use is the most common start-up failure.
+    let listener = TcpListener::bind(cfg.listen).await.with_context(|| {
+        format!(
+            "listening on {} (another veil-user or a web server on that port? pick one with --listen)",
+            cfg.listen
+        )
+    })?;
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let state = StateDir::open(&cfg.state_dir)
         .with_context(|| format!("opening the state directory {}", cfg.state_dir.display()))?;
     let ca = state.ca().context("loading the gateway's CA")?;
@@ -178,9 +211,6 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .with_capacity(cfg.max_flows);
     datapath.attach(&cfg.iface, tun.name())?;
 
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
     let policy = EgressPolicy::new(
         vec![public_addr, inner_addr],
         cfg.pool,
@@ -217,6 +247,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let mut tasks = JoinSet::new();
     let snap = shared.clone();
     tasks.spawn(async move { control::serve(control, || snap.status()).await });
+    if let Some(listener) = metrics {
+        let snap = shared.clone();
+        tasks.spawn(async move { crate::metrics::serve(listener, || snap.status()).await });
+    }
     tasks.spawn(tun_reader(shared.clone()));
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry_watch(shared.clone()));
@@ -266,7 +300,10 @@ async fn accept_loop(
             match connection(&shared, tcp, peer, acceptor, stopped).await {
                 Ok(end) => info!(%peer, client = %end.name, vip = %end.vip,
                     secs = started.elapsed().as_secs(), "session ended: {}", end.reason),
-                Err(e) => info!(%peer, "session refused: {e:#}"),
+                Err(e) => {
+                    shared.counters.refused(e.cause());
+                    info!(%peer, "session refused: {e}");
+                }
             }
         });
     }
@@ -278,6 +315,43 @@ struct SessionEnd {
     reason: String,
 }
 
+/// Why a connection never became a session, by cause for the metrics.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("certificate not issued by this gateway's registry")]
+    UnknownClient,
+    #[error("client `{0}` is revoked")]
+    Revoked(String),
+    #[error("client `{name}`: --max-clients {max} reached")]
+    Full { name: String, max: usize },
+    #[error("client `{name}`: {source:#}")]
+    Internal {
+        name: String,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+impl Refused {
+    /// The `cause` label of `veil_handshake_failures_total`.
+    fn cause(&self) -> &'static str {
+        match self {
+            Refused::HandshakeTimeout => "timeout",
+            Refused::Tls(_) => "tls",
+            Refused::NoCertificate | Refused::UnknownClient => "unknown_client",
+            Refused::Revoked(_) => "revoked",
+            Refused::Full { .. } => "full",
+            Refused::Internal { .. } => "internal",
+        }
+    }
+}
+
 /// One client connection, from TCP accept to close.
 async fn connection(
     shared: &Arc<Shared>,
@@ -285,17 +359,17 @@ async fn connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     mut stopped: watch::Receiver<bool>,
-) -> Result<SessionEnd> {
+) -> Result<SessionEnd, Refused> {
     let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
-        .context("TLS handshake timed out")?
-        .context("TLS handshake failed")?;
+        .map_err(|_| Refused::HandshakeTimeout)?
+        .map_err(Refused::Tls)?;
     let cert = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .context("no client certificate")?
+        .ok_or(Refused::NoCertificate)?
         .clone();
     let record = shared
         .registry
@@ -303,14 +377,17 @@ async fn connection(
         .expect("registry lock")
         .get(&fingerprint(&cert))
         .cloned()
-        .context("certificate not issued by this gateway's registry")?;
+        .ok_or(Refused::UnknownClient)?;
     let name = record.name.clone();
     if record.revoked.is_some() {
         let _ = tls.shutdown().await;
-        bail!("client `{name}` is revoked");
+        return Err(Refused::Revoked(name));
     }
-    let vip = shared.lease(&name)?;
-
+    let internal = |name: &str| {
+        let name = name.to_owned();
+        move |source: anyhow::Error| Refused::Internal { name, source }
+    };
+    let vip = shared.lease(&name).map_err(internal(&name))?;
     let mut session = ServerSession::new(
         ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
@@ -318,19 +395,20 @@ async fn connection(
             ..ServerConfig::new(vip)
         },
         Instant::now(),
-    )?;
+    )
+    .map_err(|e| internal(&name)(e.into()))?;
     let full = {
         let clients = shared.clients.lock().expect("clients lock");
         clients.live.len() >= shared.cfg.max_clients && !clients.live.contains_key(&name)
     };
     if full {
         session.refuse(503, "the gateway is full");
-        flush(&mut session, &mut tls).await?;
+        let _ = flush(&mut session, &mut tls).await;
         linger(&mut tls).await;
-        bail!(
-            "client `{name}`: --max-clients {} reached",
-            shared.cfg.max_clients
-        );
+        return Err(Refused::Full {
+            name,
+            max: shared.cfg.max_clients,
+        });
     }
 
     let (tx, mut rx) = mpsc::channel(CLIENT_QUEUE);
@@ -570,6 +648,11 @@ impl Shared {
         };
         let info = match packet::parse(pkt) {
             Ok(info) => info,
+            Err(e @ packet::PacketError::NotIpv4(_)) => {
+                count(&self.counters.not_ipv4);
+                debug!(%vip, "dropped: {e}");
+                return None;
+            }
             Err(e) => {
                 count(&self.counters.malformed);
                 debug!(%vip, "dropped: {e}");
@@ -644,15 +727,7 @@ impl Shared {
             list.sort_by(|a, b| a.name.cmp(&b.name));
             list
         };
-        let mut flows = FlowCounts::default();
-        for key in self.flows.lock().expect("flows lock").keys() {
-            flows.total += 1;
-            match key.proto {
-                veil_common::proto::TCP => flows.tcp += 1,
-                veil_common::proto::UDP => flows.udp += 1,
-                _ => flows.icmp += 1,
-            }
-        }
+        let flows = self.flow_counts();
         let c = &self.counters;
         let counters = [
             ("forged_source", &c.forged_source),
@@ -660,6 +735,7 @@ impl Shared {
             ("ttl_expired", &c.ttl_expired),
             ("untranslatable", &c.untranslatable),
             ("malformed", &c.malformed),
+            ("not_ipv4", &c.not_ipv4),
             ("flow_errors", &c.flow_errors),
             ("client_queue_full", &c.client_queue_full),
             ("no_session", &c.no_session),
@@ -683,12 +759,53 @@ impl Shared {
                 (reason.name().to_owned(), count)
             })
             .collect();
+        let refused = self
+            .counters
+            .refusals
+            .lock()
+            .expect("refusals lock")
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
         Status {
             clients,
             flows,
+            refused,
             counters,
             datapath,
         }
+    }
+
+    fn flow_counts(&self) -> FlowCounts {
+        let table = self.flows.lock().expect("flows lock");
+        let mut counts = FlowCounts {
+            nat_ports: table.ports().to_string(),
+            nat_ports_in_use: table.nat_ports_in_use(),
+            ..Default::default()
+        };
+        // One map lookup per flow: fine for a status request.
+        let list = table.list().unwrap_or_default();
+        drop(table);
+        let now = monotonic_ns();
+        let brief = |f: &crate::flows::Flow| control::FlowBrief {
+            flow: f.to_string(),
+            age_secs: now.saturating_sub(f.created_ns) / 1_000_000_000,
+            packets: f.egress.packets + f.reverse.packets,
+            bytes: f.egress.bytes + f.reverse.bytes,
+        };
+        for f in &list {
+            counts.total += 1;
+            match f.key.proto {
+                veil_common::proto::TCP => counts.tcp += 1,
+                veil_common::proto::UDP => counts.udp += 1,
+                _ => counts.icmp += 1,
+            }
+        }
+        counts.oldest = list.iter().min_by_key(|f| f.created_ns).map(brief);
+        let mut by_packets: Vec<_> = list.iter().collect();
+        by_packets.sort_by_key(|f| std::cmp::Reverse(f.egress.packets + f.reverse.packets));
+        counts.busiest = by_packets.into_iter().take(3).map(brief).collect();
+        counts
     }
 
     fn reload_registry(&self) -> Result<Vec<String>> {

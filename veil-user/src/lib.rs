@@ -2,13 +2,16 @@
 //! table that the session layer drives, and that the tests and benchmarks
 //! use directly.
 
+pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod flows;
 pub mod gateway;
+pub mod metrics;
 pub mod net;
 pub mod packet;
 pub mod policy;
+pub mod preflight;
 pub mod state;
 pub mod tls;
 pub mod tun;

@@ -11,7 +11,9 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{
+    parser::ValueSource, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
+};
 use tracing::info;
 use veil_user::{
     flows::{PortRange, Timeouts},
@@ -27,6 +29,10 @@ use veil_user::{
 )]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// A TOML file with the gateway's settings (keys as the flags, e.g.
+    /// `nat-ports = "61000-65535"`); flags given here win.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Where the CA, certificates, clients and leases live.
     #[arg(
         long,
@@ -120,6 +126,66 @@ struct GatewayArgs {
     /// Let clients reach each other's virtual addresses.
     #[arg(long)]
     allow_client_to_client: bool,
+    /// Serve Prometheus metrics on this address (GET /metrics).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Idle timeout of established TCP flows (RFC 5382: at least 7440).
+    #[arg(long, default_value_t = 7440, value_name = "SECONDS")]
+    timeout_tcp_established: u64,
+    /// Idle timeout of opening and closing TCP flows.
+    #[arg(long, default_value_t = 240, value_name = "SECONDS")]
+    timeout_tcp_transitory: u64,
+    /// Idle timeout of UDP flows (RFC 4787: at least 120).
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    timeout_udp: u64,
+    /// Idle timeout of ICMP echo flows (RFC 5508: at least 60).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    timeout_icmp: u64,
+}
+
+/// Takes each setting from the file unless the command line gave it.
+fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::FileConfig) {
+    let from_flag = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    macro_rules! take {
+        ($($field:ident),* $(,)?) => {$(
+            if !from_flag(stringify!($field)) {
+                if let Some(v) = file.$field {
+                    cli.gateway.$field = v.into();
+                }
+            }
+        )*};
+    }
+    take!(
+        listen,
+        pool,
+        nat_ports,
+        tun,
+        pin_dir,
+        max_clients,
+        max_flows,
+        grace,
+        allow,
+        deny,
+        allow_client_to_client,
+        timeout_tcp_established,
+        timeout_tcp_transitory,
+        timeout_udp,
+        timeout_icmp,
+    );
+    // Optional settings: present in the file means set.
+    macro_rules! take_opt {
+        ($($field:ident),* $(,)?) => {$(
+            if !from_flag(stringify!($field)) && file.$field.is_some() {
+                cli.gateway.$field = file.$field;
+            }
+        )*};
+    }
+    take_opt!(iface, endpoint, public_addr, metrics);
+    if !from_flag("state_dir") {
+        if let Some(dir) = file.state_dir {
+            cli.state_dir = dir;
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -129,7 +195,12 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some(path) = &cli.config {
+        let file = veil_user::config::load(path)?;
+        apply_file(&mut cli, &matches, file);
+    }
     match cli.command {
         Some(Command::Client(cmd)) => client(&cli.state_dir, cmd),
         Some(Command::Status { json }) => status(&cli.state_dir, json),
@@ -226,6 +297,15 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `95s` -> `1m35s`.
+fn ago(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let mut f = std::fs::OpenOptions::new()
@@ -240,7 +320,7 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
     let iface = args
         .iface
-        .context("--iface is required to run the gateway (the WAN interface, e.g. --iface eth0)")?;
+        .context("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")?;
     let config = GatewayConfig {
         iface,
         listen: args.listen,
@@ -257,7 +337,13 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
         allow: args.allow,
         deny: args.deny,
         client_to_client: args.allow_client_to_client,
-        timeouts: Timeouts::default(),
+        timeouts: Timeouts {
+            tcp_established: Duration::from_secs(args.timeout_tcp_established),
+            tcp_transitory: Duration::from_secs(args.timeout_tcp_transitory),
+            udp: Duration::from_secs(args.timeout_udp),
+            icmp: Duration::from_secs(args.timeout_icmp),
+        },
+        metrics: args.metrics,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

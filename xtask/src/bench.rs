@@ -22,17 +22,28 @@ pub struct Options {
     pub quick: bool,
 }
 
-pub fn run(opts: &Options) -> Result<()> {
+/// Everything the benchmarks and the demo run, in release mode.
+fn build_release() -> Result<()> {
     setup::run()?;
     ebpf::build(&ebpf::Options::default())?;
-    // The tunnel benchmark runs the daemon and the client: release builds
-    // of every binary.
     exec(Command::new("cargo").current_dir(root()).args([
         "build",
         "--release",
+        "--quiet",
         "--workspace",
         "--bins",
-    ]))?;
+    ]))
+}
+
+/// `cargo xtask demo`.
+pub fn demo() -> Result<()> {
+    build_release()?;
+    let bin = root().join("target/release/veil-demo");
+    exec(&mut as_root(bin.to_str().context("non-UTF-8 path")?))
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    build_release()?;
     let bin = root().join("target/release/veil-bench");
     let mut cmd = as_root(bin.to_str().context("non-UTF-8 path")?);
     cmd.arg(&opts.what);

@@ -6,6 +6,7 @@
 //! - `test`: lint, unit tests, then the kernel tests (BPF_PROG_TEST_RUN and
 //!   network namespaces) as root, one at a time.
 //! - `bench`: measurements, side by side with the kernel's own paths.
+//! - `demo`: the whole thing in network namespaces, explained as it runs.
 
 mod bench;
 mod ebpf;
@@ -25,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// veil end to end in network namespaces: a client, a gateway, a web
+    /// server. Installs and builds what is missing first.
+    Demo,
     /// Install the packages and toolchain pieces veil needs (idempotent).
     Setup,
     /// Build the eBPF object (nightly + bpf-linker).
@@ -37,6 +41,7 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Demo => bench::demo(),
         Command::Setup => setup::run(),
         Command::BuildEbpf(opts) => {
             setup::run()?;

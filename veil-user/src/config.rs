@@ -1,0 +1,172 @@
+//! The configuration file (`--config /etc/veil/veil.toml`): the gateway's
+//! flags as TOML keys, same names. A flag given on the command line wins
+//! over the file. Unknown keys and bad values are refused at start, naming
+//! the file, the key and what was expected.
+//!
+//! ```toml
+//! iface = "eth0"
+//! listen = "0.0.0.0:443"
+//! pool = "10.77.0.0/16"
+//! nat-ports = "61000-65535"
+//! max-clients = 1024
+//! grace = 30
+//! allow = ["10.20.0.0/16"]
+//! metrics = "127.0.0.1:9477"
+//! timeout-udp = 120
+//! ```
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{de, Deserialize, Deserializer};
+
+use crate::{flows::PortRange, net::Ipv4Net};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Every key is optional: what is missing comes from the flags' defaults.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub iface: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub endpoint: Option<String>,
+    pub public_addr: Option<Ipv4Addr>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub pool: Option<Ipv4Net>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub nat_ports: Option<PortRange>,
+    pub tun: Option<String>,
+    pub pin_dir: Option<PathBuf>,
+    pub max_clients: Option<usize>,
+    pub max_flows: Option<usize>,
+    pub grace: Option<u64>,
+    #[serde(default, deserialize_with = "parsed_list")]
+    pub allow: Option<Vec<Ipv4Net>>,
+    #[serde(default, deserialize_with = "parsed_list")]
+    pub deny: Option<Vec<Ipv4Net>>,
+    pub allow_client_to_client: Option<bool>,
+    pub metrics: Option<SocketAddr>,
+    pub timeout_tcp_established: Option<u64>,
+    pub timeout_tcp_transitory: Option<u64>,
+    pub timeout_udp: Option<u64>,
+    pub timeout_icmp: Option<u64>,
+}
+
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|message| ConfigError::Invalid {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// Parses the file's text; the error names the key, the place and what
+/// was expected (toml's message, with the offending line).
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+}
+
+fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(de::Error::custom)
+}
+
+fn parsed_list<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| s.parse().map_err(de::Error::custom))
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_every_key() {
+        let c = parse(
+            r#"
+            iface = "eth0"
+            listen = "0.0.0.0:8443"
+            pool = "10.90.0.0/16"
+            nat-ports = "62000-63000"
+            max-clients = 10
+            grace = 5
+            allow = ["10.20.0.0/16"]
+            deny = ["198.51.100.0/24"]
+            allow-client-to-client = true
+            metrics = "127.0.0.1:9477"
+            timeout-udp = 300
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.iface.as_deref(), Some("eth0"));
+        assert_eq!(c.listen, Some("0.0.0.0:8443".parse().unwrap()));
+        assert_eq!(c.pool, Some("10.90.0.0/16".parse().unwrap()));
+        assert_eq!(
+            c.nat_ports,
+            Some(PortRange {
+                min: 62000,
+                max: 63000
+            })
+        );
+        assert_eq!(c.allow.unwrap().len(), 1);
+        assert_eq!(c.timeout_udp, Some(300));
+        assert_eq!(c.allow_client_to_client, Some(true));
+    }
+
+    #[test]
+    fn a_typo_names_the_key_and_what_is_known() {
+        let err = parse("ifcae = \"eth0\"\n").unwrap_err();
+        assert!(err.contains("unknown field `ifcae`"), "{err}");
+        assert!(err.contains("expected one of"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_says_what_was_expected() {
+        let err = parse("pool = \"10.90.0.0\"\n").unwrap_err();
+        assert!(err.contains("expected ADDRESS/PREFIX"), "{err}");
+        let err = parse("nat-ports = \"65000-1000\"\n").unwrap_err();
+        assert!(err.contains("MIN-MAX"), "{err}");
+        let err = parse("max-clients = \"many\"\n").unwrap_err();
+        assert!(
+            err.contains("max-clients") || err.contains("invalid type"),
+            "{err}"
+        );
+        let err = parse("listen = \"0.0.0.0\"\n").unwrap_err();
+        assert!(
+            err.contains("listen") || err.contains("socket address"),
+            "{err}"
+        );
+    }
+}

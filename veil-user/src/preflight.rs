@@ -1,0 +1,107 @@
+//! Start-up checks: what would otherwise fail later, or worse, half-work,
+//! is refused at once with what to do about it.
+
+use std::{fs, path::Path};
+
+use crate::{flows::PortRange, net::ifindex};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PreflightError {
+    #[error(
+        "veil-user needs root, or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE: run it with sudo (or see dist/veil-user.service)"
+    )]
+    Privileges,
+    #[error(
+        "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): veil needs a kernel built with CONFIG_DEBUG_INFO_BTF=y, as Debian, Ubuntu and Fedora ship"
+    )]
+    NoBtf,
+    #[error("interface `{0}` not found: `ip -br link` lists this machine's interfaces")]
+    NoInterface(String),
+    #[error(
+        "the NAT port range {nat} overlaps net.ipv4.ip_local_port_range ({low}-{high}): the kernel could give a NAT port to one of the gateway's own connections. Fix it with `sysctl -w net.ipv4.ip_local_port_range=\"{low} {fix}\"` (and in /etc/sysctl.d/ to keep it), or pick --nat-ports above {high}"
+    )]
+    PortRangeOverlap {
+        nat: PortRange,
+        low: u16,
+        high: u16,
+        fix: u16,
+    },
+}
+
+/// Runs every check for a gateway on `iface` with NAT ports `nat`.
+pub fn check(iface: &str, nat: PortRange) -> Result<(), PreflightError> {
+    privileges()?;
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(PreflightError::NoBtf);
+    }
+    if ifindex(iface).is_err() {
+        return Err(PreflightError::NoInterface(iface.to_owned()));
+    }
+    if let Ok(text) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+        if let Some((low, high)) = parse_range(&text) {
+            port_range(nat, low, high)?;
+        }
+    }
+    Ok(())
+}
+
+fn privileges() -> Result<(), PreflightError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_BPF: u32 = 39;
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_BPF) && has(CAP_NET_ADMIN) {
+        Ok(())
+    } else {
+        Err(PreflightError::Privileges)
+    }
+}
+
+fn parse_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(|v| v.parse::<u16>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+fn port_range(nat: PortRange, low: u16, high: u16) -> Result<(), PreflightError> {
+    if nat.max < low || nat.min > high {
+        return Ok(());
+    }
+    Err(PreflightError::PortRangeOverlap {
+        nat,
+        low,
+        high,
+        fix: nat.min.saturating_sub(1).max(low),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_ranges_do_not_overlap() {
+        assert_eq!(port_range(PortRange::DEFAULT, 32768, 60999), Ok(()));
+        assert_eq!(parse_range("32768\t60999\n"), Some((32768, 60999)));
+    }
+
+    #[test]
+    fn an_overlap_says_how_to_fix_it() {
+        let err = port_range(PortRange::DEFAULT, 32768, 65000).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("61000-65535 overlaps"), "{text}");
+        assert!(
+            text.contains("ip_local_port_range=\"32768 60999\""),
+            "{text}"
+        );
+        assert!(text.contains("--nat-ports above 65000"), "{text}");
+    }
+}
