@@ -267,19 +267,38 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     println!("clients: {}", status.clients.len());
     for c in &status.clients {
+        let since = ago(now.saturating_sub(c.connected_since));
         println!(
-            "  {:<20} {:<15} from {:<21} {} B in, {} B out",
+            "  {:<16} {:<15} tunnel from {:<21} up {since:>6}  {} B from it, {} B to it",
             c.name, c.vip, c.peer, c.bytes_from_client, c.bytes_to_client
         );
     }
     let f = &status.flows;
     println!(
-        "flows: {} (tcp {}, udp {}, icmp {})",
-        f.total, f.tcp, f.udp, f.icmp
+        "flows: {} (tcp {}, udp {}, icmp {}); NAT ports {}: {} in use",
+        f.total, f.tcp, f.udp, f.icmp, f.nat_ports, f.nat_ports_in_use
     );
-    println!("datapath:");
+    if let Some(o) = &f.oldest {
+        println!("  oldest   {}  ({} old)", o.flow, ago(o.age_secs));
+    }
+    for b in &f.busiest {
+        println!(
+            "  busiest  {}  ({} packets, {} B)",
+            b.flow, b.packets, b.bytes
+        );
+    }
+    if !status.refused.is_empty() {
+        println!("refused connections:");
+        for (cause, n) in &status.refused {
+            println!("  {cause:<24} {n:>12}");
+        }
+    }
+    println!("datapath (packets by reason):");
     for (reason, c) in &status.datapath {
         if c.packets > 0 {
             println!(
@@ -288,9 +307,10 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
             );
         }
     }
-    println!("gateway:");
-    for (name, n) in &status.counters {
-        if *n > 0 {
+    let dropped: Vec<_> = status.counters.iter().filter(|(_, n)| **n > 0).collect();
+    if !dropped.is_empty() {
+        println!("gateway (client packets dropped or refused):");
+        for (name, n) in dropped {
             println!("  {name:<24} {n:>12}");
         }
     }
