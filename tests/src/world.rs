@@ -52,6 +52,13 @@ pub struct World {
 impl World {
     /// `clients` client namespaces, the gateway started with `extra` flags.
     pub fn new(clients: usize, extra: &[&str]) -> Self {
+        let mut world = Self::bare(clients);
+        world.start_gateway(extra);
+        world
+    }
+
+    /// The namespaces and servers, no gateway yet.
+    pub fn bare(clients: usize) -> Self {
         let gw = NetNs::new("gw");
         let remote = NetNs::new("rem");
         let lan = NetNs::new("lan");
@@ -83,7 +90,7 @@ impl World {
         let state = dir.join("state");
         std::fs::create_dir_all(&dir).unwrap();
         let servers = Servers::start(&remote);
-        let mut world = World {
+        World {
             dir,
             state,
             gateway: None,
@@ -93,9 +100,26 @@ impl World {
             remote,
             gw,
             bpffs: BpfFs::new(),
-        };
-        world.start_gateway(extra);
-        world
+        }
+    }
+
+    /// Runs the gateway with `args` expecting it to refuse to start: its
+    /// exit status and what it printed.
+    pub fn failed_start(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let mut cmd = self.nsenter(&self.gw, "veil-user");
+        cmd.args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--pin-dir")
+            .arg(self.pins())
+            .env_remove("RUST_BACKTRACE");
+        let out = cmd.output().expect("running veil-user");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
     }
 
     pub fn pins(&self) -> PathBuf {

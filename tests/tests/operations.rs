@@ -1,0 +1,168 @@
+//! Operating a gateway: start-up refusals that say what to do, status and
+//! metrics against known traffic, and shutdowns (clean or not) that leave
+//! nothing behind.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+use veil_tests::world::{World, DOWNLOAD_LEN};
+
+/// What the gateway namespace shows of veil: BPF programs on wan0, the
+/// TUN device, pins.
+fn leftovers(world: &World) -> Vec<String> {
+    let mut found = Vec::new();
+    let link = Command::new("ip")
+        .args(["-n", world.gw.name(), "-d", "link", "show"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    if link.contains("xdp") {
+        found.push(format!("an XDP program: {link}"));
+    }
+    if link.contains("veilgw") {
+        found.push("the TUN device veilgw".into());
+    }
+    let net = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", world.gw.name()))
+        .args(["bpftool", "net", "show"])
+        .output()
+        .unwrap();
+    let net = String::from_utf8_lossy(&net.stdout);
+    if net.contains("veil_") {
+        found.push(format!("attached programs: {net}"));
+    }
+    if world.pins().exists() {
+        found.push(format!("pins under {}", world.pins().display()));
+    }
+    if world.state.join("control.sock").exists() {
+        found.push("the control socket".into());
+    }
+    found
+}
+
+#[test]
+fn start_up_refusals_say_what_is_wrong() {
+    let world = World::bare(0);
+
+    let (status, text) = world.failed_start(&["--iface", "eth9"]);
+    assert!(!status.success());
+    assert!(text.contains("interface `eth9` not found"), "{text}");
+
+    let (_, text) = world.failed_start(&[]);
+    assert!(text.contains("--iface is required"), "{text}");
+
+    // The port is taken.
+    let _squatter = world
+        .gw
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:443").unwrap());
+    let (_, text) = world.failed_start(&["--iface", "wan0"]);
+    assert!(text.contains("listening on 0.0.0.0:443"), "{text}");
+    assert!(text.contains("Address already in use"), "{text}");
+
+    // The NAT range collides with the kernel's own source ports.
+    world.gw.exec("sysctl", &["-qw", "net.ipv4.ip_local_port_range=32768 65000"]);
+    let (_, text) = world.failed_start(&["--iface", "wan0", "--listen", "0.0.0.0:8443"]);
+    assert!(text.contains("overlaps net.ipv4.ip_local_port_range"), "{text}");
+    assert!(text.contains("sysctl -w net.ipv4.ip_local_port_range=\"32768 60999\""), "{text}");
+
+    // A typo in the configuration file.
+    let config = world.dir.join("veil.toml");
+    std::fs::write(&config, "iface = \"wan0\"\nmax-clinets = 5\n").unwrap();
+    let (_, text) = world.failed_start(&["--config", config.to_str().unwrap()]);
+    assert!(text.contains("veil.toml"), "{text}");
+    assert!(text.contains("unknown field `max-clinets`"), "{text}");
+    assert!(text.contains("line 2"), "{text}");
+    assert!(leftovers(&world).is_empty(), "{:?}", leftovers(&world));
+}
+
+#[test]
+fn a_config_file_works_and_flags_win() {
+    let mut world = World::bare(1);
+    let config = world.dir.join("veil.toml");
+    std::fs::write(&config, "iface = \"wan0\"\nlisten = \"0.0.0.0:443\"\nmax-clients = 0\n").unwrap();
+    world.start_gateway(&["--config", config.to_str().unwrap(), "--max-clients", "5"]);
+    let p = world.add_client("configured", 1);
+    let _c = world.start_client(1, &p, true);
+    assert!(world.ping(1, "198.18.0.2"), "max-clients 5 from the flag, not 0 from the file");
+}
+
+#[test]
+fn status_and_metrics_count_what_went_through() {
+    let world = World::new(2, &["--metrics", "127.0.0.1:9477"]);
+    let a = world.add_client("alpha", 1);
+    let b = world.add_client("beta", 2);
+    let _a = world.start_client(1, &a, true);
+    let _b = world.start_client(2, &b, true);
+    world.download(1).expect("alpha downloads");
+    assert!(world.ping(2, "198.18.0.2"));
+
+    let status = world.status();
+    let clients = status["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 2);
+    let alpha = clients.iter().find(|c| c["name"] == "alpha").unwrap();
+    assert!(alpha["bytes_to_client"].as_u64().unwrap() >= DOWNLOAD_LEN as u64, "{alpha}");
+    assert!(status["flows"]["tcp"].as_u64().unwrap() >= 1);
+    assert!(status["flows"]["icmp"].as_u64().unwrap() >= 1);
+    assert!(status["datapath"]["egress_forwarded"]["packets"].as_u64().unwrap() > 100);
+
+    let metrics = world.gw.enter(|| {
+        let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    });
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    let value = |line_start: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("veil_clients "), 2);
+    assert!(value("veil_client_bytes_total{client=\"alpha\",direction=\"to_client\"}") >= DOWNLOAD_LEN as u64);
+    assert!(value("veil_datapath_packets_total{reason=\"ingress_forwarded\"}") > 100);
+    assert!(value("veil_nat_ports_in_use{range=\"61000-65535\"}") >= 1);
+    assert!(metrics.contains("# TYPE veil_handshake_failures_total counter"));
+}
+
+#[test]
+fn sigterm_and_a_crash_leave_nothing_behind() {
+    let mut world = World::new(1, &[]);
+    let p = world.add_client("survivor", 1);
+    let mut c = world.start_client(1, &p, true);
+    assert!(world.ping(1, "198.18.0.2"));
+
+    // A crash: pins, a control socket and a lease stay behind; the restart
+    // must clean up and serve again.
+    world.gateway().kill();
+    c.wait_for_log("tunnel down", Duration::from_secs(15));
+    world.start_gateway(&[]);
+    let mut ok = false;
+    for _ in 0..60 {
+        if world.ping(1, "198.18.0.2") {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the client is back after the restart");
+
+    // SIGTERM: sessions closed cleanly, programs detached, pins removed.
+    let status = world.gateway().stop().unwrap();
+    assert!(status.success(), "{}", world.gateway().log());
+    let log = world.gateway().log();
+    assert!(log.contains("gateway stopped: programs detached, pins removed"), "{log}");
+    assert!(log.contains("session ended: gateway shutting down"), "{log}");
+    assert!(leftovers(&world).is_empty(), "{:?}", leftovers(&world));
+    c.stop();
+}
