@@ -145,6 +145,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let c = parse(include_str!("../../dist/veil.toml")).unwrap();
+        assert_eq!(c.iface.as_deref(), Some("eth0"));
+        assert_eq!(c.nat_ports, Some(PortRange::DEFAULT));
+    }
+
+    #[test]
     fn a_typo_names_the_key_and_what_is_known() {
         let err = parse("ifcae = \"eth0\"\n").unwrap_err();
         assert!(err.contains("unknown field `ifcae`"), "{err}");
