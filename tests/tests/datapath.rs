@@ -418,3 +418,45 @@ fn icmp_errors_without_a_flow_are_dropped_and_the_hosts_own_pass() {
         "the host's own error"
     );
 }
+
+// ---- the datapath's own log ----
+
+/// Collects log records (aya-log hands them to a `log::Log`).
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<(log::Level, String)>>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((r.level(), r.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn an_unconfigured_datapath_drops_everything_and_says_so() {
+    let mut dp = veil_user::Datapath::load().unwrap();
+    let records = Collect::default();
+    let mut logger = dp.logger(records.clone()).unwrap();
+    let prog: &mut aya::programs::Xdp = dp.program(veil_common::PROG_WAN_XDP).unwrap();
+    let input = frame(REMOTE, PUBLIC, 57, L4::udp(53, 61000, b"x"));
+
+    assert_eq!(run(prog, &input).0, XDP_DROP);
+    let stats = dp.stats().unwrap();
+    let not_configured = stats
+        .iter()
+        .find(|(r, _)| *r == Reason::DropNotConfigured)
+        .unwrap();
+    assert_eq!(not_configured.1.packets, 1, "dropped for the right reason");
+
+    logger.flush();
+    let records = records.0.lock().unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].0, log::Level::Error);
+    assert!(records[0].1.contains("VEIL_CONFIG is empty"), "{records:?}");
+}

@@ -64,10 +64,19 @@ fn start_up_refusals_say_what_is_wrong() {
     assert!(text.contains("Address already in use"), "{text}");
 
     // The NAT range collides with the kernel's own source ports.
-    world.gw.exec("sysctl", &["-qw", "net.ipv4.ip_local_port_range=32768 65000"]);
+    world.gw.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=32768 65000"],
+    );
     let (_, text) = world.failed_start(&["--iface", "wan0", "--listen", "0.0.0.0:8443"]);
-    assert!(text.contains("overlaps net.ipv4.ip_local_port_range"), "{text}");
-    assert!(text.contains("sysctl -w net.ipv4.ip_local_port_range=\"32768 60999\""), "{text}");
+    assert!(
+        text.contains("overlaps net.ipv4.ip_local_port_range"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sysctl -w net.ipv4.ip_local_port_range=\"32768 60999\""),
+        "{text}"
+    );
 
     // A typo in the configuration file.
     let config = world.dir.join("veil.toml");
@@ -83,11 +92,18 @@ fn start_up_refusals_say_what_is_wrong() {
 fn a_config_file_works_and_flags_win() {
     let mut world = World::bare(1);
     let config = world.dir.join("veil.toml");
-    std::fs::write(&config, "iface = \"wan0\"\nlisten = \"0.0.0.0:443\"\nmax-clients = 0\n").unwrap();
+    std::fs::write(
+        &config,
+        "iface = \"wan0\"\nlisten = \"0.0.0.0:443\"\nmax-clients = 0\n",
+    )
+    .unwrap();
     world.start_gateway(&["--config", config.to_str().unwrap(), "--max-clients", "5"]);
     let p = world.add_client("configured", 1);
     let _c = world.start_client(1, &p, true);
-    assert!(world.ping(1, "198.18.0.2"), "max-clients 5 from the flag, not 0 from the file");
+    assert!(
+        world.ping(1, "198.18.0.2"),
+        "max-clients 5 from the flag, not 0 from the file"
+    );
 }
 
 #[test]
@@ -104,15 +120,24 @@ fn status_and_metrics_count_what_went_through() {
     let clients = status["clients"].as_array().unwrap();
     assert_eq!(clients.len(), 2);
     let alpha = clients.iter().find(|c| c["name"] == "alpha").unwrap();
-    assert!(alpha["bytes_to_client"].as_u64().unwrap() >= DOWNLOAD_LEN as u64, "{alpha}");
+    assert!(
+        alpha["bytes_to_client"].as_u64().unwrap() >= DOWNLOAD_LEN as u64,
+        "{alpha}"
+    );
     assert!(status["flows"]["tcp"].as_u64().unwrap() >= 1);
     assert!(status["flows"]["icmp"].as_u64().unwrap() >= 1);
-    assert!(status["datapath"]["egress_forwarded"]["packets"].as_u64().unwrap() > 100);
+    assert!(
+        status["datapath"]["egress_forwarded"]["packets"]
+            .as_u64()
+            .unwrap()
+            > 100
+    );
 
     let metrics = world.gw.enter(|| {
         let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         text
@@ -130,7 +155,10 @@ fn status_and_metrics_count_what_went_through() {
             .unwrap()
     };
     assert_eq!(value("veil_clients "), 2);
-    assert!(value("veil_client_bytes_total{client=\"alpha\",direction=\"to_client\"}") >= DOWNLOAD_LEN as u64);
+    assert!(
+        value("veil_client_bytes_total{client=\"alpha\",direction=\"to_client\"}")
+            >= DOWNLOAD_LEN as u64
+    );
     assert!(value("veil_datapath_packets_total{reason=\"ingress_forwarded\"}") > 100);
     assert!(value("veil_nat_ports_in_use{range=\"61000-65535\"}") >= 1);
     assert!(metrics.contains("# TYPE veil_handshake_failures_total counter"));
@@ -161,8 +189,14 @@ fn sigterm_and_a_crash_leave_nothing_behind() {
     let status = world.gateway().stop().unwrap();
     assert!(status.success(), "{}", world.gateway().log());
     let log = world.gateway().log();
-    assert!(log.contains("gateway stopped: programs detached, pins removed"), "{log}");
-    assert!(log.contains("session ended: gateway shutting down"), "{log}");
+    assert!(
+        log.contains("gateway stopped: programs detached, pins removed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("session ended: gateway shutting down"),
+        "{log}"
+    );
     assert!(leftovers(&world).is_empty(), "{:?}", leftovers(&world));
     c.stop();
 }

@@ -29,7 +29,9 @@ use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
+    EbpfContext,
 };
+use aya_log_ebpf::{error, warn};
 use veil_common::Reason;
 
 /// An action for the kernel and the reason it is taken. `reason` is `None`
@@ -56,12 +58,19 @@ impl Verdict {
 }
 
 /// Counts the verdict (an error is a drop for that reason) and returns the
-/// action for the kernel.
+/// action for the kernel. The drops that mean something is wrong with the
+/// gateway rather than the packet are also logged (aya-log, bridged into
+/// the daemon's log); per-packet events are only counted.
 #[inline(always)]
-fn conclude(verdict: Result<Verdict, Reason>, drop: i32, len: u32) -> i32 {
+fn conclude<C: EbpfContext>(ctx: &C, verdict: Result<Verdict, Reason>, drop: i32, len: u32) -> i32 {
     let verdict = verdict.unwrap_or_else(|reason| Verdict::counted(drop, reason));
     if let Some(reason) = verdict.reason {
         stats::count(reason, len);
+        match reason {
+            Reason::DropHelperFailed => warn!(ctx, "a kernel helper refused a {}-byte packet", len),
+            Reason::DropNotConfigured => error!(ctx, "VEIL_CONFIG is empty or invalid: dropping"),
+            _ => {}
+        }
     }
     verdict.action
 }
@@ -69,17 +78,22 @@ fn conclude(verdict: Result<Verdict, Reason>, drop: i32, len: u32) -> i32 {
 #[xdp]
 pub fn veil_wan_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    conclude(ingress::filter(&ctx), xdp_action::XDP_DROP as i32, len) as u32
+    conclude(
+        &ctx,
+        ingress::filter(&ctx),
+        xdp_action::XDP_DROP as i32,
+        len,
+    ) as u32
 }
 
 #[classifier]
 pub fn veil_wan_tc(ctx: TcContext) -> i32 {
-    conclude(ingress::translate(&ctx), TC_ACT_SHOT, ctx.len())
+    conclude(&ctx, ingress::translate(&ctx), TC_ACT_SHOT, ctx.len())
 }
 
 #[classifier]
 pub fn veil_tun_tc(ctx: TcContext) -> i32 {
-    conclude(egress::from_tunnel(&ctx), TC_ACT_SHOT, ctx.len())
+    conclude(&ctx, egress::from_tunnel(&ctx), TC_ACT_SHOT, ctx.len())
 }
 
 #[cfg(not(test))]

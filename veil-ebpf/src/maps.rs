@@ -21,8 +21,13 @@ pub static VEIL_CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 pub static VEIL_STATS: PerCpuArray<Counter, { REASON_SLOTS as usize }> = PerCpuArray::new();
 
-/// The daemon's configuration; without it nothing is translated.
+/// The daemon's configuration; without it nothing is translated. An array
+/// slot always exists, zeroed until written: a zero public address means
+/// the daemon has not configured the datapath.
 #[inline(always)]
 pub fn config() -> Result<&'static Config, Reason> {
-    VEIL_CONFIG.get(0).ok_or(Reason::DropNotConfigured)
+    match VEIL_CONFIG.get(0) {
+        Some(cfg) if cfg.public_addr != [0; 4] => Ok(cfg),
+        _ => Err(Reason::DropNotConfigured),
+    }
 }

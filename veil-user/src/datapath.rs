@@ -66,6 +66,8 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("the datapath's log map: {0}")]
+    Logger(String),
     #[error("pinning maps under {path}")]
     Pin {
         path: PathBuf,
@@ -220,6 +222,17 @@ impl Datapath {
                 Ok((reason, total))
             })
             .collect()
+    }
+
+    /// The datapath's log (aya-log), delivered to `logger` on
+    /// [`aya_log::EbpfLogger::flush`]; call once. With `log::logger()` the
+    /// records land in the daemon's tracing output.
+    pub fn logger<T: log::Log>(
+        &mut self,
+        logger: T,
+    ) -> Result<aya_log::EbpfLogger<T>, DatapathError> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .map_err(|e| DatapathError::Logger(e.to_string()))
     }
 
     /// A loaded program, for attaching elsewhere or BPF_PROG_TEST_RUN.

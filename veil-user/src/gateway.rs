@@ -206,6 +206,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         tun_l2_len: 0,
     })?;
     let pins = datapath.pin(&cfg.pin_root)?;
+    let datapath_log = datapath.logger(log::logger())?;
     let flows = datapath
         .flow_table(cfg.nat_ports, cfg.timeouts)?
         .with_capacity(cfg.max_flows);
@@ -254,6 +255,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(tun_reader(shared.clone()));
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry_watch(shared.clone()));
+    tasks.spawn(forward_datapath_log(datapath_log));
     let accept = accept_loop(shared.clone(), listener, acceptor, stopped);
     tokio::select! {
         () = shutdown => {}
@@ -874,6 +876,20 @@ async fn flow_gc(shared: Arc<Shared>) -> Result<()> {
             Ok(_) => {}
             Err(e) => warn!("flow gc: {e:#}"),
         }
+    }
+}
+
+/// The eBPF programs' aya-log records, into the daemon's log.
+async fn forward_datapath_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+    // SAFETY: the logger owns its ring buffer fd until the AsyncFd drops it.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
     }
 }
 

@@ -209,7 +209,6 @@ impl ClientSession {
 
     /// Queues an IP packet toward the gateway (DATAGRAM, context ID 0).
     /// Dropped, and counted, if the tunnel is not up.
-
     pub fn send_packet(&mut self, packet: &[u8]) {
         let up = matches!(self.phase, Phase::Established { .. });
         self.link.send_packet(packet, up);
