@@ -22,18 +22,7 @@ impl BpfFs {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         fs::create_dir_all(&path).expect("creating the bpffs mount point");
-        let target = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid C strings.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "mount -t bpf: {}", std::io::Error::last_os_error());
+        veil_user::datapath::mount_bpffs(&path).expect("mount -t bpf");
         Self { path }
     }
 

@@ -121,3 +121,19 @@ pub fn readable(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> bool {
     let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     n > 0 && pfd.revents & libc::POLLIN != 0
 }
+
+/// A gateway and a remote namespace, joined by a veth pair: the gateway's
+/// `wan0` (198.18.0.1/24) and the remote's `eth0` (198.18.0.2/24), the
+/// test bed's "internet" (198.18.0.0/15 is reserved for test beds).
+pub fn gateway_and_remote(gw: &str, remote: &str) -> (NetNs, NetNs) {
+    let (gw, remote) = (NetNs::new(gw), NetNs::new(remote));
+    veth(
+        &gw,
+        "wan0",
+        "198.18.0.1/24",
+        &remote,
+        "eth0",
+        "198.18.0.2/24",
+    );
+    (gw, remote)
+}

@@ -27,7 +27,7 @@ use std::{
 
 use crate::{
     bpffs::BpfFs,
-    netns::{run, veth, NetNs},
+    netns::{gateway_and_remote, run, veth, NetNs},
     proc::{workspace_bin, Proc},
 };
 
@@ -59,17 +59,8 @@ impl World {
 
     /// The namespaces and servers, no gateway yet.
     pub fn bare(clients: usize) -> Self {
-        let gw = NetNs::new("gw");
-        let remote = NetNs::new("rem");
+        let (gw, remote) = gateway_and_remote("gw", "rem");
         let lan = NetNs::new("lan");
-        veth(
-            &gw,
-            "wan0",
-            "198.18.0.1/24",
-            &remote,
-            "eth0",
-            "198.18.0.2/24",
-        );
         veth(&gw, "lan0", "10.200.9.1/24", &lan, "eth0", "10.200.9.2/24");
         let clients: Vec<NetNs> = (1..=clients)
             .map(|i| {

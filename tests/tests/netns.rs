@@ -15,7 +15,7 @@ use std::{
 use veil_common::{proto, FlowKey, Reason};
 use veil_tests::{
     bpffs::BpfFs,
-    netns::{readable, veth, NetNs},
+    netns::{gateway_and_remote, readable, NetNs},
     packet::{assert_checksums, frame, ip_of, L4},
 };
 use veil_user::{
@@ -41,16 +41,7 @@ struct Gateway {
 }
 
 fn gateway() -> Gateway {
-    let gw = NetNs::new("gw");
-    let remote = NetNs::new("remote");
-    veth(
-        &gw,
-        "wan0",
-        "198.18.0.1/24",
-        &remote,
-        "eth0",
-        "198.18.0.2/24",
-    );
+    let (gw, remote) = gateway_and_remote("gw", "remote");
     let bpffs = BpfFs::new();
     let (tun, dp, flows, pins) = gw.enter(|| {
         let mut cfg = tun::Configuration::default();

@@ -60,12 +60,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    veil_user::init_logging();
     let cli = Cli::parse();
     let profile = Profile::load(&cli.profile)
         .with_context(|| format!("loading the profile {}", cli.profile.display()))?;

@@ -293,7 +293,15 @@ fn ensure_bpffs(root: &Path) -> io::Result<()> {
             root.display()
         )));
     }
-    let target = std::ffi::CString::new(STANDARD).expect("no NUL");
+    mount_bpffs(Path::new(STANDARD))?;
+    info!("mounted the BPF filesystem on {STANDARD}");
+    Ok(())
+}
+
+/// Mounts a BPF filesystem on `target` (an existing directory).
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: valid C strings; a plain bpffs mount with no data.
     let rc = unsafe {
         libc::mount(
@@ -307,7 +315,6 @@ fn ensure_bpffs(root: &Path) -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    info!("mounted the BPF filesystem on {STANDARD}");
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp
 use veil_common::{proto, FlowKey, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP};
 use veil_tests::{
     bed::{Bed, CLIENT, PORTS, PUBLIC, REMOTE, ROUTER},
-    netns::{veth, NetNs},
+    netns::{gateway_and_remote, NetNs},
     packet::{frame, icmp_error, ip_of, L4},
 };
 use veil_user::{
@@ -187,16 +187,7 @@ enum Path {
 
 /// Packets per second delivered to the remote namespace.
 fn forward(path: Path, secs: f64) -> f64 {
-    let gw = NetNs::new("bgw");
-    let remote = NetNs::new("brem");
-    veth(
-        &gw,
-        "wan0",
-        "198.18.0.1/24",
-        &remote,
-        "eth0",
-        "198.18.0.2/24",
-    );
+    let (gw, remote) = gateway_and_remote("bgw", "brem");
     // The sink: a bound socket nobody reads, so the remote never answers
     // with port unreachable; the interface counter says what arrived.
     let _sink = remote.enter(|| UdpSocket::bind((REMOTE, 9)).unwrap());
