@@ -6,5 +6,6 @@ pub mod bed;
 pub mod bpffs;
 pub mod netns;
 pub mod packet;
+pub mod peers;
 pub mod proc;
 pub mod world;

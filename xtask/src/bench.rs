@@ -15,11 +15,16 @@ use crate::{
 #[derive(Args)]
 pub struct Options {
     /// What to measure.
-    #[arg(default_value = "datapath", value_parser = ["datapath", "tunnel"])]
+    #[arg(default_value = "datapath", value_parser = ["datapath", "tunnel", "peers"])]
     pub what: String,
     /// Shorter runs: a smoke test of the numbers, not a measurement.
     #[arg(long)]
     pub quick: bool,
+    /// `peers` only: the paths to measure, comma-separated (direct,
+    /// direct-no-offload, masquerade, openvpn-udp, openvpn-tcp, boringtun,
+    /// boringtun-threads1, veil).
+    #[arg(long, value_name = "PATH,...")]
+    pub only: Option<String>,
 }
 
 /// Everything the benchmarks and the demo run, in release mode.
@@ -44,12 +49,19 @@ pub fn demo() -> Result<()> {
 
 pub fn run(opts: &Options) -> Result<()> {
     build_release()?;
+    if opts.what == "peers" {
+        setup::peers()?;
+    }
     let bin = root().join("target/release/veil-bench");
     let mut cmd = as_root(bin.to_str().context("non-UTF-8 path")?);
     cmd.arg(&opts.what);
     if opts.quick {
         cmd.arg("--quick");
     }
+    if let Some(only) = &opts.only {
+        cmd.args(["--only", only]);
+    }
+    cmd.current_dir(root());
     let out = cmd.output().context("running veil-bench")?;
     let report = String::from_utf8_lossy(&out.stdout);
     print!("{report}");

@@ -33,6 +33,32 @@ pub fn run() -> Result<()> {
     bpf_linker()
 }
 
+/// What `cargo xtask bench peers` compares veil with: OpenVPN and
+/// WireGuard's tools from Debian, boringtun (userspace WireGuard) from
+/// crates.io.
+pub fn peers() -> Result<()> {
+    let missing: Vec<&str> = [("openvpn", "openvpn"), ("wireguard-tools", "wg")]
+        .iter()
+        .filter(|(_, cmd)| !have(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing {}", missing.join(" "));
+        exec(as_root("apt-get").args(["update", "-qq"]))?;
+        exec(
+            as_root("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing),
+        )?;
+    }
+    if !have("boringtun-cli") {
+        eprintln!("setup: building boringtun-cli (a few minutes, once)");
+        exec(Command::new("cargo").args(["install", "--locked", "boringtun-cli"]))?;
+    }
+    Ok(())
+}
+
 fn have(cmd: &str) -> bool {
     output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_some()
 }

@@ -34,8 +34,9 @@ fn main() {
     match what.as_str() {
         "datapath" => datapath(quick),
         "tunnel" => tunnel(quick),
+        "peers" => peers(quick, only()),
         other => {
-            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel");
+            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers");
             std::process::exit(2);
         }
     }
@@ -429,4 +430,235 @@ fn measure(world: &veil_tests::world::World, secs: u32) -> Measured {
         rtt_mean_us: stats[1] * 1000.0,
         rtt_max_us: stats[2] * 1000.0,
     }
+}
+
+/// `--only a,b`: the peer paths to measure.
+fn only() -> Vec<veil_tests::peers::Kind> {
+    use veil_tests::peers::Kind;
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--only") {
+        Some(i) => args
+            .get(i + 1)
+            .map(|list| {
+                list.split(',')
+                    .map(|n| {
+                        Kind::from_name(n.trim()).unwrap_or_else(|| {
+                            eprintln!(
+                                "unknown path `{n}`; known: {}",
+                                Kind::ALL.map(Kind::name).join(", ")
+                            );
+                            std::process::exit(2)
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        None => Kind::ALL.to_vec(),
+    }
+}
+
+/// One path's figures: the median of the runs, and the spread (min, max).
+#[derive(serde::Serialize, Default, Clone)]
+struct Figure {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Figure {
+    fn of(mut v: Vec<f64>) -> Figure {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Figure {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// The figures the peers comparison reports, by name, in table order.
+const PEER_FIGURES: [(&str, &str, bool); 8] = [
+    ("tcp1_up", "TCP 1 stream client→remote (Gbit/s)", true),
+    ("tcp1_down", "TCP 1 stream remote→client (Gbit/s)", true),
+    ("tcp4_up", "TCP 4 streams client→remote (Gbit/s)", true),
+    ("tcp4_down", "TCP 4 streams remote→client (Gbit/s)", true),
+    ("rtt_idle_mean", "RTT idle, mean (µs)", false),
+    ("rtt_idle_p99", "RTT idle, p99 (µs)", false),
+    ("rtt_load_mean", "RTT under load, mean (µs)", false),
+    ("rtt_load_p99", "RTT under load, p99 (µs)", false),
+];
+
+fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
+    use std::collections::BTreeMap;
+
+    use veil_tests::{peers, proc::Proc, world::World};
+
+    let (secs, runs, pings) = if quick { (2, 1, 50) } else { (5, 3, 200) };
+    let mut results: BTreeMap<&'static str, BTreeMap<&'static str, Figure>> = BTreeMap::new();
+    for kind in &kinds {
+        eprintln!("measuring {} ...", kind.name());
+        let mut samples: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+        for _ in 0..runs {
+            let mut world = World::bare(1);
+            let _iperf = {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/var/run/netns/{}", world.remote.name()))
+                    .args(["iperf3", "-s", "-B", "198.18.0.2"]);
+                Proc::start("iperf3 -s", cmd, world.dir.join("iperf3.log"))
+            };
+            let _path = peers::up(&mut world, *kind);
+            let ns = world.client(1).name().to_owned();
+            let iperf = |streams: u32, reverse: bool| iperf3(&ns, secs, streams, reverse);
+            let mut push = |k: &'static str, v: f64| samples.entry(k).or_default().push(v);
+            push("tcp1_up", iperf(1, false) / 1e9);
+            push("tcp1_down", iperf(1, true) / 1e9);
+            push("tcp4_up", iperf(4, false) / 1e9);
+            push("tcp4_down", iperf(4, true) / 1e9);
+            let idle = ping_times(&ns, pings);
+            push("rtt_idle_mean", mean(&idle));
+            push("rtt_idle_p99", p99(&idle));
+            let load = std::thread::scope(|s| {
+                let bulk = s.spawn(|| iperf3(&ns, secs + 2, 1, false));
+                std::thread::sleep(Duration::from_millis(500));
+                let t = ping_times(&ns, pings);
+                let _ = bulk.join();
+                t
+            });
+            push("rtt_load_mean", mean(&load));
+            push("rtt_load_p99", p99(&load));
+        }
+        results.insert(
+            kind.name(),
+            samples
+                .into_iter()
+                .map(|(k, v)| (k, Figure::of(v)))
+                .collect(),
+        );
+    }
+    let report = peers_table(&results);
+    print!("{report}");
+    let dir = std::path::Path::new("target/bench");
+    let _ = std::fs::create_dir_all(dir);
+    let _ = std::fs::write(
+        dir.join("peers.json"),
+        serde_json::to_string_pretty(&results).unwrap(),
+    );
+}
+
+fn peers_table(
+    results: &std::collections::BTreeMap<
+        &'static str,
+        std::collections::BTreeMap<&'static str, Figure>,
+    >,
+) -> String {
+    use std::fmt::Write as _;
+    let order: Vec<&str> = veil_tests::peers::Kind::ALL
+        .iter()
+        .map(|k| k.name())
+        .filter(|n| results.contains_key(n))
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(out, "## veil beside the tunnels users would pick instead\n");
+    let _ = writeln!(
+        out,
+        "kernel {}, {} CPUs. Median of the runs, [min–max] when more than one. Ratios: veil ÷ that path (for RTT, lower is better).\n",
+        kernel(),
+        num_cpus()
+    );
+    let _ = write!(out, "| figure |");
+    for n in &order {
+        let _ = write!(out, " {n} |");
+    }
+    let _ = writeln!(out, " veil ÷ direct | veil ÷ best peer |");
+    let _ = writeln!(out, "|---|{}---:|---:|", "---:|".repeat(order.len()));
+    let peers = [
+        "openvpn-udp",
+        "openvpn-tcp",
+        "boringtun",
+        "boringtun-threads1",
+    ];
+    for (key, label, higher_better) in PEER_FIGURES {
+        let _ = write!(out, "| {label} |");
+        for n in &order {
+            let f = &results[n][key];
+            if (f.max - f.min) > f64::EPSILON {
+                let _ = write!(out, " {:.2} [{:.2}–{:.2}] |", f.median, f.min, f.max);
+            } else {
+                let _ = write!(out, " {:.2} |", f.median);
+            }
+        }
+        let veil = results.get("veil").map(|r| r[key].median);
+        let direct = results.get("direct").map(|r| r[key].median);
+        let best_peer = peers
+            .iter()
+            .filter_map(|p| results.get(p).map(|r| r[key].median))
+            .reduce(|a, b| if higher_better == (a > b) { a } else { b });
+        let ratio = |other: Option<f64>| match (veil, other) {
+            (Some(v), Some(o)) if o > 0.0 => format!("{:.2}", v / o),
+            _ => "–".into(),
+        };
+        let _ = writeln!(out, " {} | {} |", ratio(direct), ratio(best_peer));
+    }
+    out
+}
+
+fn iperf3(ns: &str, secs: u32, streams: u32, reverse: bool) -> f64 {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{ns}")).args([
+        "iperf3",
+        "-c",
+        "198.18.0.2",
+        "-J",
+        "-t",
+        &secs.to_string(),
+        "-P",
+        &streams.to_string(),
+    ]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = cmd.output().expect("running iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+}
+
+/// Round-trip times in µs of `n` pings 10 ms apart.
+fn ping_times(ns: &str, n: u32) -> Vec<f64> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{ns}"))
+        .args([
+            "ping",
+            "-n",
+            "-c",
+            &n.to_string(),
+            "-i",
+            "0.01",
+            "198.18.0.2",
+        ])
+        .output()
+        .expect("running ping");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches(" ms").parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn p99(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)]
 }
