@@ -267,7 +267,8 @@ pub fn download_data() -> Vec<u8> {
 }
 
 /// The remote's servers: a web server that tells visitors their address
-/// (:80), a TCP download (:8080), a TCP echo (:7) and a UDP echo (:7).
+/// (:80), a TCP download (:8080), a TCP echo (:7), a TCP discard that
+/// closes every connection at once (:9) and a UDP echo (:7).
 /// Each notes who connected.
 pub struct Servers {
     pub peers: Arc<Mutex<Vec<SocketAddr>>>,
@@ -278,13 +279,25 @@ impl Servers {
     fn start(remote: &NetNs) -> Self {
         let peers = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (web, download, echo, udp) = remote.enter(|| {
+        let (discard, web, download, echo, udp) = remote.enter(|| {
             (
+                TcpListener::bind((REMOTE, 9)).unwrap(),
                 TcpListener::bind((REMOTE, 80)).unwrap(),
                 TcpListener::bind((REMOTE, 8080)).unwrap(),
                 TcpListener::bind((REMOTE, 7)).unwrap(),
                 UdpSocket::bind((REMOTE, 7)).unwrap(),
             )
+        });
+        // Accepts and closes at once: new connections per second.
+        discard.set_nonblocking(true).unwrap();
+        let st = stop.clone();
+        thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match discard.accept() {
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            }
         });
         serve_tcp(web, peers.clone(), stop.clone(), |mut s| {
             let peer = s

@@ -477,7 +477,7 @@ impl Figure {
 }
 
 /// The figures the peers comparison reports, by name, in table order.
-const PEER_FIGURES: [(&str, &str, bool); 8] = [
+const PEER_FIGURES: [(&str, &str, bool); 14] = [
     ("tcp1_up", "TCP 1 stream client→remote (Gbit/s)", true),
     ("tcp1_down", "TCP 1 stream remote→client (Gbit/s)", true),
     ("tcp4_up", "TCP 4 streams client→remote (Gbit/s)", true),
@@ -486,6 +486,36 @@ const PEER_FIGURES: [(&str, &str, bool); 8] = [
     ("rtt_idle_p99", "RTT idle, p99 (µs)", false),
     ("rtt_load_mean", "RTT under load, mean (µs)", false),
     ("rtt_load_p99", "RTT under load, p99 (µs)", false),
+    (
+        "udp64_pps",
+        "UDP 64-byte packets/s delivered (thousands)",
+        true,
+    ),
+    (
+        "udp1200_pps",
+        "UDP 1200-byte packets/s delivered (thousands)",
+        true,
+    ),
+    (
+        "conn_per_s",
+        "new TCP connections/s through the gateway (thousands)",
+        true,
+    ),
+    (
+        "cpu_s_per_gb",
+        "CPU seconds per GB (whole machine, TCP 1 stream up)",
+        false,
+    ),
+    (
+        "mem_mb_100k_flows",
+        "gateway memory with 100,000 flows (MB beyond idle)",
+        false,
+    ),
+    (
+        "flows_created",
+        "flows created by the 100,000-flow burst",
+        true,
+    ),
 ];
 
 fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
@@ -510,7 +540,11 @@ fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
             let ns = world.client(1).name().to_owned();
             let iperf = |streams: u32, reverse: bool| iperf3(&ns, secs, streams, reverse);
             let mut push = |k: &'static str, v: f64| samples.entry(k).or_default().push(v);
-            push("tcp1_up", iperf(1, false) / 1e9);
+            let busy = cpu_busy_secs();
+            let up = iperf(1, false);
+            let cpu = cpu_busy_secs() - busy;
+            push("tcp1_up", up / 1e9);
+            push("cpu_s_per_gb", cpu / (up * secs as f64 / 8e9).max(1e-9));
             push("tcp1_down", iperf(1, true) / 1e9);
             push("tcp4_up", iperf(4, false) / 1e9);
             push("tcp4_down", iperf(4, true) / 1e9);
@@ -526,6 +560,14 @@ fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
             });
             push("rtt_load_mean", mean(&load));
             push("rtt_load_p99", p99(&load));
+            push("udp64_pps", udp_pps(&ns, secs, 64) / 1e3);
+            push("udp1200_pps", udp_pps(&ns, secs, 1200) / 1e3);
+            push("conn_per_s", connections_per_sec(&world, secs) / 1e3);
+            if *kind == peers::Kind::Veil {
+                let (mb, flows) = memory_with_flows(&world, if quick { 20_000 } else { 100_000 });
+                push("mem_mb_100k_flows", mb);
+                push("flows_created", flows);
+            }
         }
         results.insert(
             kind.name(),
@@ -578,20 +620,32 @@ fn peers_table(
         "boringtun-threads1",
     ];
     for (key, label, higher_better) in PEER_FIGURES {
+        if !order.iter().any(|n| results[n].contains_key(key)) {
+            continue;
+        }
         let _ = write!(out, "| {label} |");
         for n in &order {
-            let f = &results[n][key];
+            let Some(f) = results[n].get(key) else {
+                let _ = write!(out, " – |");
+                continue;
+            };
             if (f.max - f.min) > f64::EPSILON {
                 let _ = write!(out, " {:.2} [{:.2}–{:.2}] |", f.median, f.min, f.max);
             } else {
                 let _ = write!(out, " {:.2} |", f.median);
             }
         }
-        let veil = results.get("veil").map(|r| r[key].median);
-        let direct = results.get("direct").map(|r| r[key].median);
+        let veil = results
+            .get("veil")
+            .and_then(|r| r.get(key))
+            .map(|f| f.median);
+        let direct = results
+            .get("direct")
+            .and_then(|r| r.get(key))
+            .map(|f| f.median);
         let best_peer = peers
             .iter()
-            .filter_map(|p| results.get(p).map(|r| r[key].median))
+            .filter_map(|p| results.get(p).and_then(|r| r.get(key)).map(|f| f.median))
             .reduce(|a, b| if higher_better == (a > b) { a } else { b });
         let ratio = |other: Option<f64>| match (veil, other) {
             (Some(v), Some(o)) if o > 0.0 => format!("{:.2}", v / o),
@@ -661,4 +715,139 @@ fn p99(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)]
+}
+
+/// Busy CPU time of the whole machine so far (user + nice + system + irq +
+/// softirq + steal), in seconds.
+fn cpu_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| cpu.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    busy / hz
+}
+
+/// UDP datagrams of `len` bytes per second that reached the remote.
+fn udp_pps(ns: &str, secs: u32, len: u32) -> f64 {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{ns}"))
+        .args(["iperf3", "-c", "198.18.0.2", "-J", "-u", "-b", "0"])
+        .args(["-l", &len.to_string(), "-t", &secs.to_string()])
+        .output()
+        .expect("running iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let sum = &v["end"]["sum"];
+    let (packets, lost, seconds) = (
+        sum["packets"].as_f64().unwrap_or(0.0),
+        sum["lost_packets"].as_f64().unwrap_or(0.0),
+        sum["seconds"].as_f64().unwrap_or(1.0),
+    );
+    ((packets - lost) / seconds.max(1e-9)).max(0.0)
+}
+
+/// New TCP connections per second from the client to the remote's discard
+/// port, two connecting threads, each connection reset on close (no
+/// TIME_WAIT to run out of ports).
+fn connections_per_sec(world: &veil_tests::world::World, secs: u32) -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let done = AtomicU64::new(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs as u64);
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                world.client(1).enter(|| {
+                    while std::time::Instant::now() < deadline {
+                        let c = std::net::TcpStream::connect_timeout(
+                            &(REMOTE, 9).into(),
+                            Duration::from_secs(1),
+                        );
+                        if let Ok(c) = c {
+                            let _ = socket2_linger_zero(&c);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            });
+        }
+    });
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn socket2_linger_zero(s: &std::net::TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and option.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// veil only: the gateway's memory (daemon RSS plus its maps) after `n`
+/// UDP flows from the client, beyond what it used before; and how many
+/// flows it holds.
+fn memory_with_flows(world: &veil_tests::world::World, n: u32) -> (f64, f64) {
+    let pid = world
+        .gateway
+        .as_ref()
+        .map(|g| g.pid())
+        .expect("gateway running");
+    let rss = || -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<f64>().ok())
+            .unwrap_or(0.0)
+            * 1024.0
+    };
+    let before = rss();
+    // Distinct flows: source ports 1024.. toward a handful of remote ports.
+    world.client(1).enter(|| {
+        let mut sockets = Vec::new();
+        let mut sent = 0;
+        'outer: for dport in 20000u16..20100 {
+            for _ in 0..(n / 100 + 1) {
+                if sent >= n {
+                    break 'outer;
+                }
+                if sockets.is_empty() {
+                    sockets = (0..1000)
+                        .filter_map(|_| UdpSocket::bind("0.0.0.0:0").ok())
+                        .collect();
+                }
+                let Some(s) = sockets.pop() else { break 'outer };
+                let _ = s.send_to(b"x", (REMOTE, dport));
+                sent += 1;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let flows = world.status()["flows"]["total"].as_f64().unwrap_or(0.0);
+    let after = rss();
+    // The flow maps are preallocated: their size does not change with the
+    // number of flows; the daemon's index does.
+    ((after - before).max(0.0) / 1e6, flows)
 }
