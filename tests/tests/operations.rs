@@ -55,6 +55,19 @@ fn start_up_refusals_say_what_is_wrong() {
     let (_, text) = world.failed_start(&[]);
     assert!(text.contains("--iface is required"), "{text}");
 
+    // Not root, no capabilities.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", world.gw.name()))
+        .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(veil_tests::proc::workspace_bin("veil-user"))
+        .args(["--iface", "wan0", "--state-dir", "/nonexistent"])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("veil-user needs root, or the capabilities"), "{text}");
+
     // The port is taken.
     let _squatter = world
         .gw
