@@ -58,7 +58,13 @@ fn start_up_refusals_say_what_is_wrong() {
     // Not root, no capabilities.
     let out = Command::new("nsenter")
         .arg(format!("--net=/var/run/netns/{}", world.gw.name()))
-        .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(veil_tests::proc::workspace_bin("veil-user"))
         .args(["--iface", "wan0", "--state-dir", "/nonexistent"])
         .env_remove("RUST_BACKTRACE")
@@ -66,7 +72,10 @@ fn start_up_refusals_say_what_is_wrong() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(text.contains("veil-user needs root, or the capabilities"), "{text}");
+    assert!(
+        text.contains("veil-user needs root, or the capabilities"),
+        "{text}"
+    );
 
     // The port is taken.
     let _squatter = world
