@@ -373,13 +373,24 @@ async fn connection(
         .and_then(|c| c.first())
         .ok_or(Refused::NoCertificate)?
         .clone();
-    let record = shared
+    let fingerprint = fingerprint(&cert);
+    let known = shared
         .registry
         .read()
         .expect("registry lock")
-        .get(&fingerprint(&cert))
-        .cloned()
-        .ok_or(Refused::UnknownClient)?;
+        .get(&fingerprint)
+        .cloned();
+    // A client added since the last registry reload (at most a second ago)
+    // is looked up on disk rather than refused.
+    let record = match known {
+        Some(record) => record,
+        None => shared
+            .state
+            .clients()
+            .ok()
+            .and_then(|all| all.into_iter().find(|r| r.fingerprint == fingerprint))
+            .ok_or(Refused::UnknownClient)?,
+    };
     let name = record.name.clone();
     if record.revoked.is_some() {
         let _ = tls.shutdown().await;

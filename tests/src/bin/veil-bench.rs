@@ -564,6 +564,11 @@ fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
             push("udp1200_pps", udp_pps(&ns, secs, 1200) / 1e3);
             push("conn_per_s", connections_per_sec(&world, secs) / 1e3);
             if *kind == peers::Kind::Veil {
+                // What the gateway dropped, for reading the figures.
+                let status = world.status();
+                eprintln!("veil gateway counters: {}", status["counters"]);
+            }
+            if *kind == peers::Kind::Veil {
                 let (mb, flows) = memory_with_flows(&world, if quick { 20_000 } else { 100_000 });
                 push("mem_mb_100k_flows", mb);
                 push("flows_created", flows);
@@ -755,15 +760,16 @@ fn udp_pps(ns: &str, secs: u32, len: u32) -> f64 {
 }
 
 /// New TCP connections per second from the client to the remote's discard
-/// port, two connecting threads, each connection reset on close (no
-/// TIME_WAIT to run out of ports).
+/// port: 16 connecting threads (one thread's rate is bound by the round
+/// trip, not by the gateway), each connection reset on close (no TIME_WAIT
+/// to run out of ports).
 fn connections_per_sec(world: &veil_tests::world::World, secs: u32) -> f64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     let done = AtomicU64::new(0);
     let deadline = std::time::Instant::now() + Duration::from_secs(secs as u64);
     let start = std::time::Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..2 {
+        for _ in 0..16 {
             s.spawn(|| {
                 world.client(1).enter(|| {
                     while std::time::Instant::now() < deadline {
