@@ -58,6 +58,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Packets read from the TUN device per TLS write, at most.
+const TUN_BATCH: usize = 64;
 
 fn main() -> Result<()> {
     veil_user::init_logging();
@@ -224,6 +226,15 @@ impl Tunnel<'_> {
                 read = tun_read => {
                     let n = read.context("reading the TUN device")?;
                     session.send_packet(&tun_buf[..n]);
+                    // Whatever else is waiting goes in the same TLS write.
+                    if let Some(net) = network {
+                        for _ in 0..TUN_BATCH {
+                            match net.tun.try_recv(&mut tun_buf)? {
+                                Some(n) => session.send_packet(&tun_buf[..n]),
+                                None => break,
+                            }
+                        }
+                    }
                 }
                 () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
                 _ = stopped.changed() => {

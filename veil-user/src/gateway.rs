@@ -77,6 +77,8 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Packets queued toward one client before the newest are dropped.
 const CLIENT_QUEUE: usize = 1024;
+/// Packets read from the TUN device per wake-up, at most.
+const TUN_BATCH: usize = 64;
 
 /// Why a client packet went no further, counted for `status` and metrics.
 #[derive(Default)]
@@ -821,6 +823,30 @@ impl Shared {
         counts
     }
 
+    /// A reply from the datapath, to the session of its destination.
+    fn to_session(&self, pkt: &[u8]) {
+        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+            return;
+        }
+        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        let tx = self
+            .sessions
+            .read()
+            .expect("sessions lock")
+            .get(&dst)
+            .cloned();
+        let dropped = match tx {
+            Some(tx) => tx
+                .try_send(pkt.to_vec())
+                .is_err()
+                .then_some(&self.counters.client_queue_full),
+            None => Some(&self.counters.no_session),
+        };
+        if let Some(counter) = dropped {
+            counter.fetch_add(1, Relaxed);
+        }
+    }
+
     fn reload_registry(&self) -> Result<Vec<String>> {
         let records = self.state.clients()?;
         let mut registry = self.registry.write().expect("registry lock");
@@ -851,25 +877,16 @@ async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
             .recv(&mut buf)
             .await
             .context("reading the TUN device")?;
-        let pkt = &buf[..n];
-        if n < 20 || pkt[0] >> 4 != 4 {
-            continue;
-        }
-        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        let tx = shared
-            .sessions
-            .read()
-            .expect("sessions lock")
-            .get(&dst)
-            .cloned();
-        match tx {
-            Some(tx) => {
-                if tx.try_send(pkt.to_vec()).is_err() {
-                    shared.counters.client_queue_full.fetch_add(1, Relaxed);
-                }
-            }
-            None => {
-                shared.counters.no_session.fetch_add(1, Relaxed);
+        shared.to_session(&buf[..n]);
+        // Drain what else is waiting before going back to the reactor.
+        for _ in 0..TUN_BATCH {
+            match shared
+                .tun
+                .try_recv(&mut buf)
+                .context("reading the TUN device")?
+            {
+                Some(n) => shared.to_session(&buf[..n]),
+                None => break,
             }
         }
     }

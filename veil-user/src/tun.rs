@@ -39,6 +39,16 @@ impl Tun {
         }
     }
 
+    /// Reads one more packet if one is already waiting: for batching after
+    /// [`Self::recv`] without going back to the reactor.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match raw_read(self.fd.get_ref().as_raw_fd(), buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes one packet. A TUN device accepts writes without blocking;
     /// when its queue is full the kernel drops, as a NIC would.
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
