@@ -847,24 +847,33 @@ impl Shared {
         }
     }
 
-    fn reload_registry(&self) -> Result<Vec<String>> {
+    /// Re-reads the client registry from the state directory.
+    fn reload_registry(&self) -> Result<()> {
         let records = self.state.clients()?;
-        let mut registry = self.registry.write().expect("registry lock");
-        let newly_revoked = records
-            .iter()
-            .filter(|r| r.revoked.is_some())
-            .filter(|r| {
-                registry
-                    .get(&r.fingerprint)
-                    .is_some_and(|old| old.revoked.is_none())
-            })
-            .map(|r| r.name.clone())
-            .collect();
-        *registry = records
+        *self.registry.write().expect("registry lock") = records
             .into_iter()
             .map(|r| (r.fingerprint.clone(), r))
             .collect();
-        Ok(newly_revoked)
+        Ok(())
+    }
+
+    /// Closes every live session whose client is revoked.
+    fn close_revoked(&self) {
+        let revoked: std::collections::HashSet<String> = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .values()
+            .filter(|r| r.revoked.is_some())
+            .map(|r| r.name.clone())
+            .collect();
+        let clients = self.clients.lock().expect("clients lock");
+        for (name, live) in &clients.live {
+            if revoked.contains(name) && live.close.borrow().is_none() {
+                info!(client = %name, "revoked: closing its session");
+                let _ = live.close.send(Some("client revoked"));
+            }
+        }
     }
 }
 
@@ -926,19 +935,9 @@ async fn registry_watch(shared: Arc<Shared>) -> Result<()> {
     let mut tick = tokio::time::interval(REGISTRY_INTERVAL);
     loop {
         tick.tick().await;
-        let revoked = match shared.reload_registry() {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("reloading the client registry: {e:#}");
-                continue;
-            }
-        };
-        let clients = shared.clients.lock().expect("clients lock");
-        for name in revoked {
-            if let Some(live) = clients.live.get(&name) {
-                info!(client = %name, "revoked: closing its session");
-                let _ = live.close.send(Some("client revoked"));
-            }
+        match shared.reload_registry() {
+            Ok(()) => shared.close_revoked(),
+            Err(e) => warn!("reloading the client registry: {e:#}"),
         }
     }
 }
