@@ -74,5 +74,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let file = dir.join(format!("{}.md", opts.what));
     fs::write(&file, report.as_bytes())?;
     eprintln!("\nreport saved to {}", file.display());
+    if opts.what == "peers" {
+        let png = dir.join("peers.png");
+        exec(
+            Command::new("python3")
+                .arg(root().join("scripts/chart.py"))
+                .arg(dir.join("peers.json"))
+                .arg(&png),
+        )?;
+        eprintln!("chart saved to {}", png.display());
+    }
     Ok(())
 }

@@ -52,6 +52,14 @@ pub fn peers() -> Result<()> {
                 .args(&missing),
         )?;
     }
+    let matplotlib = Command::new("python3")
+        .args(["-c", "import matplotlib"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !matplotlib {
+        eprintln!("setup: installing matplotlib (for the chart)");
+        exec(Command::new("python3").args(["-m", "pip", "install", "-q", "matplotlib"]))?;
+    }
     if !have("boringtun-cli") {
         eprintln!("setup: building boringtun-cli (a few minutes, once)");
         exec(Command::new("cargo").args(["install", "--locked", "boringtun-cli"]))?;
