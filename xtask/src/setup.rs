@@ -37,21 +37,7 @@ pub fn run() -> Result<()> {
 /// WireGuard's tools from Debian, boringtun (userspace WireGuard) from
 /// crates.io.
 pub fn peers() -> Result<()> {
-    let missing: Vec<&str> = [("openvpn", "openvpn"), ("wireguard-tools", "wg")]
-        .iter()
-        .filter(|(_, cmd)| !have(cmd))
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("setup: installing {}", missing.join(" "));
-        exec(as_root("apt-get").args(["update", "-qq"]))?;
-        exec(
-            as_root("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-    }
+    apt_install(&[("openvpn", "openvpn"), ("wireguard-tools", "wg")])?;
     let matplotlib = Command::new("python3")
         .args(["-c", "import matplotlib"])
         .status()
@@ -72,7 +58,13 @@ fn have(cmd: &str) -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    apt_install(PACKAGES)
+}
+
+/// Installs the Debian packages (name, command it provides) whose command
+/// is missing; nothing, quickly, when all are there.
+fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, cmd)| !have(cmd) && !Path::new("/usr/sbin").join(cmd).exists())
         .map(|(pkg, _)| *pkg)

@@ -317,7 +317,7 @@ fn tunnel(quick: bool) {
         kernel(),
         num_cpus()
     );
-    println!("ping: 50 echoes 20 ms apart. Same namespaces and veth links for both paths.\n");
+    println!("ping: 50 echoes 10 ms apart. Same namespaces and veth links for both paths.\n");
     let mut world = World::new(1, &[]);
     let iperf = {
         let mut cmd = Command::new("nsenter");
@@ -378,57 +378,15 @@ struct Measured {
 }
 
 fn measure(world: &veil_tests::world::World, secs: u32) -> Measured {
-    let ns = world.client(1).name().to_owned();
-    let iperf = |reverse: bool| -> f64 {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{ns}")).args([
-            "iperf3",
-            "-c",
-            "198.18.0.2",
-            "-J",
-            "-t",
-            &secs.to_string(),
-        ]);
-        if reverse {
-            cmd.arg("-R");
-        }
-        let out = cmd.output().expect("running iperf3");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "iperf3 output ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        });
-        v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("iperf3 gave no result: {v}"))
-    };
-    let up = iperf(false);
-    let down = iperf(true);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{ns}"))
-        .args(["ping", "-q", "-c", "50", "-i", "0.02", "198.18.0.2"])
-        .output()
-        .expect("running ping");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // rtt min/avg/max/mdev = 0.041/0.052/0.080/0.007 ms
-    let stats: Vec<f64> = text
-        .lines()
-        .find(|l| l.contains("min/avg/max"))
-        .and_then(|l| l.split('=').nth(1))
-        .map(|v| {
-            v.trim()
-                .trim_end_matches(" ms")
-                .split('/')
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_else(|| panic!("ping gave no statistics: {text}"));
+    let ns = world.client(1).name();
+    let up = iperf3(ns, secs, 1, false);
+    let down = iperf3(ns, secs, 1, true);
+    let rtt = ping_times(ns, 50);
     Measured {
         up,
         down,
-        rtt_mean_us: stats[1] * 1000.0,
-        rtt_max_us: stats[2] * 1000.0,
+        rtt_mean_us: mean(&rtt),
+        rtt_max_us: rtt.iter().copied().fold(0.0, f64::max),
     }
 }
 
