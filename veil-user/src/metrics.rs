@@ -112,7 +112,16 @@ fn escape(label: &str) -> String {
 /// Serves `GET /metrics` until dropped.
 pub async fn serve(listener: TcpListener, snapshot: impl Fn() -> Status) -> Result<()> {
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        // Out of file descriptors and the like: wait, keep serving; the
+        // gateway itself must not stop over its status socket.
+        let (mut stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept on the metrics socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let mut buf = [0u8; 1024];
         let n = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf))
             .await
