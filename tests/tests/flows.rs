@@ -123,6 +123,36 @@ fn a_full_table_is_a_clear_error() {
     assert_eq!(err.to_string(), "the flow table is full (2 flows)");
 }
 
+#[test]
+fn one_client_cannot_take_every_flow() {
+    let mut bed = Bed::new();
+    bed.flows = std::mem::replace(&mut bed.flows, dummy_table()).with_client_limit(2);
+    let greedy = CLIENT;
+    bed.flows
+        .create(key(proto::UDP, greedy, 1, REMOTE, 53), 1)
+        .unwrap();
+    bed.flows
+        .create(key(proto::UDP, greedy, 2, REMOTE, 53), 1)
+        .unwrap();
+    let err = bed
+        .flows
+        .create(key(proto::UDP, greedy, 3, REMOTE, 53), 1)
+        .unwrap_err();
+    assert_eq!(err.to_string(), "client 10.77.0.2 has 2 flows, its limit");
+    let other = Ipv4Addr::new(10, 77, 0, 3);
+    bed.flows
+        .create(key(proto::UDP, other, 1, REMOTE, 53), 1)
+        .unwrap();
+    // Freed by a delete.
+    assert!(bed
+        .flows
+        .delete(&key(proto::UDP, greedy, 1, REMOTE, 53))
+        .unwrap());
+    bed.flows
+        .create(key(proto::UDP, greedy, 3, REMOTE, 53), 1)
+        .unwrap();
+}
+
 /// A stand-in table for `mem::replace` (from a bed of its own).
 fn dummy_table() -> veil_user::FlowTable {
     Bed::new().flows

@@ -54,6 +54,7 @@ pub struct FileConfig {
     pub pin_dir: Option<PathBuf>,
     pub max_clients: Option<usize>,
     pub max_flows: Option<usize>,
+    pub max_flows_per_client: Option<usize>,
     pub grace: Option<u64>,
     #[serde(default, deserialize_with = "parsed_list")]
     pub allow: Option<Vec<Ipv4Net>>,

@@ -118,6 +118,8 @@ pub enum FlowError {
     },
     #[error("the flow table is full ({0} flows)")]
     TableFull(usize),
+    #[error("client {client} has {limit} flows, its limit")]
+    ClientFull { client: Ipv4Addr, limit: usize },
     #[error("protocol {0} is not translated (only TCP, UDP and ICMP echo)")]
     Unsupported(u8),
     #[error("{op} on BPF map `{map}`")]
@@ -228,6 +230,9 @@ pub struct FlowTable {
     ports: PortRange,
     timeouts: Timeouts,
     capacity: usize,
+    /// Flows one client may hold, so that one cannot starve the others.
+    per_client: usize,
+    flows_of: StdHashMap<[u8; 4], usize>,
     flows: StdHashMap<FlowKey, Entry0>,
     claimed: StdHashMap<ReverseKey, FlowKey>,
     mappings: StdHashMap<Endpoint, Mapping>,
@@ -246,6 +251,8 @@ impl FlowTable {
             ports,
             timeouts,
             capacity: MAX_FLOWS as usize,
+            per_client: MAX_FLOWS as usize,
+            flows_of: StdHashMap::new(),
             flows: StdHashMap::new(),
             claimed: StdHashMap::new(),
             mappings: StdHashMap::new(),
@@ -255,6 +262,12 @@ impl FlowTable {
     /// Caps the table below the maps' size (`--max-flows`).
     pub fn with_capacity(mut self, flows: usize) -> Self {
         self.capacity = flows.min(MAX_FLOWS as usize);
+        self
+    }
+
+    /// Caps the flows of each client (`--max-flows-per-client`).
+    pub fn with_client_limit(mut self, flows: usize) -> Self {
+        self.per_client = flows;
         self
     }
 
@@ -309,6 +322,12 @@ impl FlowTable {
         if self.flows.len() >= self.capacity {
             return Err(FlowError::TableFull(self.capacity));
         }
+        if self.flows_of.get(&key.client_addr).copied().unwrap_or(0) >= self.per_client {
+            return Err(FlowError::ClientFull {
+                client: key.client(),
+                limit: self.per_client,
+            });
+        }
         let endpoint = (key.proto, key.client_addr, key.client_port);
         let preferred = self.mappings.get(&endpoint).map(|m| m.nat_port);
         let nat_port = self.claim(&key, preferred)?;
@@ -325,6 +344,7 @@ impl FlowTable {
                 self.capacity,
             ));
         }
+        *self.flows_of.entry(key.client_addr).or_default() += 1;
         self.flows.insert(
             key,
             Entry0 {
@@ -388,6 +408,12 @@ impl FlowTable {
         let Some(entry) = self.flows.remove(key) else {
             return Ok(false);
         };
+        if let Entry::Occupied(mut n) = self.flows_of.entry(key.client_addr) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
         let rkey = key.reverse(entry.nat_port);
         self.claimed.remove(&rkey);
         let endpoint = (key.proto, key.client_addr, key.client_port);

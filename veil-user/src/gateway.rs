@@ -57,6 +57,7 @@ pub struct GatewayConfig {
     pub pin_root: PathBuf,
     pub max_clients: usize,
     pub max_flows: usize,
+    pub max_flows_per_client: usize,
     pub grace: Duration,
     pub allow: Vec<Ipv4Net>,
     pub deny: Vec<Ipv4Net>,
@@ -211,7 +212,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let datapath_log = datapath.logger(log::logger())?;
     let flows = datapath
         .flow_table(cfg.nat_ports, cfg.timeouts)?
-        .with_capacity(cfg.max_flows);
+        .with_capacity(cfg.max_flows)
+        .with_client_limit(cfg.max_flows_per_client);
     datapath.attach(&cfg.iface, tun.name())?;
 
     let policy = EgressPolicy::new(
@@ -708,7 +710,9 @@ impl Shared {
         if let Err(e) = created {
             count(&self.counters.flow_errors);
             match e {
-                FlowError::PortsExhausted { .. } | FlowError::TableFull(_) => {
+                FlowError::PortsExhausted { .. }
+                | FlowError::TableFull(_)
+                | FlowError::ClientFull { .. } => {
                     debug!(%vip, "dropped: {e}")
                 }
                 e => warn!(%vip, "creating a flow: {e:#}"),

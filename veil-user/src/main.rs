@@ -114,6 +114,10 @@ struct GatewayArgs {
     /// Most flows at once.
     #[arg(long, default_value_t = veil_common::MAX_FLOWS as usize)]
     max_flows: usize,
+    /// Most flows one client may hold, so that one client cannot fill the
+    /// table for everyone.
+    #[arg(long, default_value_t = 32768)]
+    max_flows_per_client: usize,
     /// How long a disconnected client keeps its flows, for a quick reconnect.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     grace: u64,
@@ -163,6 +167,7 @@ fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::File
         pin_dir,
         max_clients,
         max_flows,
+        max_flows_per_client,
         grace,
         allow,
         deny,
@@ -348,6 +353,7 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
         pin_root: args.pin_dir,
         max_clients: args.max_clients,
         max_flows: args.max_flows,
+        max_flows_per_client: args.max_flows_per_client,
         grace: Duration::from_secs(args.grace),
         allow: args.allow,
         deny: args.deny,
