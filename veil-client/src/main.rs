@@ -162,7 +162,7 @@ impl Tunnel<'_> {
             .await
             .with_context(|| format!("connecting to {} timed out", self.gateway))?
             .with_context(|| format!("connecting to {}", self.gateway))?;
-        let _ = tcp.set_nodelay(true);
+        veil_user::net::tune_tunnel_socket(&tcp, veil_user::gateway::TUNNEL_LOWAT);
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             self.connector.connect(self.server_name.clone(), tcp),

@@ -42,6 +42,11 @@ impl Network {
         // router solicitations into it.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
         ip(&["addr", "add", &format!("{addr}/32"), "dev", &dev])?;
+        // Fair queueing with a delay target: a bulk upload must not make
+        // everything else on the machine wait behind it in the TUN queue.
+        if let Err(e) = tc(&["qdisc", "replace", "dev", &dev, "root", "fq_codel"]) {
+            warn!("no fq_codel on {dev} ({e:#}): the tunnel may queue more under load");
+        }
         // The tunnel itself must not go into the tunnel.
         let via = current_route(gateway)?;
         let mut host = vec!["route".into(), "replace".into(), format!("{gateway}/32")];
@@ -106,6 +111,21 @@ fn current_route(dst: Ipv4Addr) -> Result<Vec<String>> {
         .context("ip route get gave no device")?;
     args.extend(["dev".to_owned(), dev.to_owned()]);
     Ok(args)
+}
+
+fn tc(args: &[&str]) -> Result<()> {
+    let out = Command::new("tc")
+        .args(args)
+        .output()
+        .context("running tc")?;
+    if !out.status.success() {
+        bail!(
+            "tc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -78,6 +78,8 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Packets queued toward one client before the newest are dropped.
 const CLIENT_QUEUE: usize = 1024;
+/// Unsent bytes the kernel may hold for a tunnel socket.
+pub const TUNNEL_LOWAT: u32 = 128 * 1024;
 /// Packets read from the TUN device per wake-up, at most.
 const TUN_BATCH: usize = 64;
 
@@ -299,7 +301,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        crate::net::tune_tunnel_socket(&tcp, TUNNEL_LOWAT);
         let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
         tokio::spawn(async move {
             let started = Instant::now();

@@ -116,6 +116,28 @@ pub fn iface_ipv4(name: &str) -> io::Result<Ipv4Addr> {
     })
 }
 
+/// Tunes a tunnel's TCP socket: no Nagle delay, and at most `lowat` bytes
+/// queued unsent in the kernel (TCP_NOTSENT_LOWAT), so that packets wait
+/// (and, when the tunnel is full, are dropped) where the inner TCP flows
+/// can see it rather than deep in a send buffer that only adds latency.
+pub fn tune_tunnel_socket(socket: &impl std::os::fd::AsRawFd, lowat: u32) {
+    let fd = socket.as_raw_fd();
+    let set = |level, name, value: i32| {
+        // SAFETY: a valid socket fd and an int option.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const i32).cast(),
+                std::mem::size_of::<i32>() as u32,
+            )
+        };
+    };
+    set(libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, lowat as i32);
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads, so
 /// flow timestamps and the daemon's "now" compare directly.
 pub fn monotonic_ns() -> u64 {
