@@ -470,11 +470,20 @@ impl FlowTable {
 
     /// Expires the flows idle for longer than their protocol and state allow.
     pub fn gc(&mut self, now_ns: u64) -> Result<GcReport, FlowError> {
-        let mut report = GcReport {
-            examined: self.flows.len(),
-            ..Default::default()
-        };
-        for (key, entry) in &self.flows {
+        let keys: Vec<FlowKey> = self.flows.keys().copied().collect();
+        self.expire(&keys, now_ns)
+    }
+
+    /// [`Self::gc`] for some flows only (those of `keys` that still exist):
+    /// lets a caller sweep a large table in slices, releasing its lock in
+    /// between.
+    pub fn expire(&mut self, keys: &[FlowKey], now_ns: u64) -> Result<GcReport, FlowError> {
+        let mut report = GcReport::default();
+        for key in keys {
+            let Some(entry) = self.flows.get(key) else {
+                continue;
+            };
+            report.examined += 1;
             let flow = self.flow(key, entry)?;
             let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns()));
             if idle > flow.timeout(&self.timeouts) {

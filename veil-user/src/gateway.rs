@@ -75,6 +75,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// instead; this is for clients that do not.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 const GC_INTERVAL: Duration = Duration::from_secs(10);
+/// Flows examined per hold of the flow-table lock during a sweep.
+const GC_SLICE: usize = 1024;
 const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Packets queued toward one client before the newest are dropped.
 const CLIENT_QUEUE: usize = 1024;
@@ -911,11 +913,32 @@ async fn flow_gc(shared: Arc<Shared>) -> Result<()> {
     let mut tick = tokio::time::interval(GC_INTERVAL);
     loop {
         tick.tick().await;
-        let report = shared.flows.lock().expect("flows lock").gc(monotonic_ns());
-        match report {
-            Ok(r) if !r.expired.is_empty() => {
-                debug!(examined = r.examined, expired = r.expired.len(), "flow gc")
+        let shared = shared.clone();
+        // Two map lookups per flow: off the async workers, and in slices so
+        // that sessions creating flows wait for one slice at most.
+        let sweep = tokio::task::spawn_blocking(move || {
+            let keys: Vec<_> = shared
+                .flows
+                .lock()
+                .expect("flows lock")
+                .keys()
+                .copied()
+                .collect();
+            let now = monotonic_ns();
+            let mut expired = 0;
+            for slice in keys.chunks(GC_SLICE) {
+                let report = shared
+                    .flows
+                    .lock()
+                    .expect("flows lock")
+                    .expire(slice, now)?;
+                expired += report.expired.len();
             }
+            Ok::<_, FlowError>((keys.len(), expired))
+        })
+        .await?;
+        match sweep {
+            Ok((examined, expired)) if expired > 0 => debug!(examined, expired, "flow gc"),
             Ok(_) => {}
             Err(e) => warn!("flow gc: {e:#}"),
         }
