@@ -244,7 +244,7 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                     c.name,
                     addr,
                     status,
-                    &c.fingerprint[..16]
+                    c.fingerprint.get(..16).unwrap_or(&c.fingerprint)
                 );
             }
         }
