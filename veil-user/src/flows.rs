@@ -452,6 +452,15 @@ impl FlowTable {
             .collect()
     }
 
+    /// [`Self::list`] for some flows only (those of `keys` that still
+    /// exist): lets a caller read a large table in slices, releasing its
+    /// lock in between.
+    pub fn list_some(&self, keys: &[FlowKey]) -> Result<Vec<Flow>, FlowError> {
+        keys.iter()
+            .filter_map(|key| self.flows.get(key).map(|entry| self.flow(key, entry)))
+            .collect()
+    }
+
     fn flow(&self, key: &FlowKey, entry: &Entry0) -> Result<Flow, FlowError> {
         let egress = lookup(&self.egress, key, veil_common::EGRESS_MAP)?;
         let reverse = lookup(
