@@ -135,5 +135,10 @@ pub fn gateway_and_remote(gw: &str, remote: &str) -> (NetNs, NetNs) {
         "eth0",
         "198.18.0.2/24",
     );
+    // GRO on the WAN side, as NIC drivers default to. veth leaves it off
+    // because it normally passes whole GSO packets; with an XDP program on
+    // wan0 its peer may no longer send those, and without GRO the replies
+    // would reach the gateway one MTU-sized packet at a time.
+    gw.exec("ethtool", &["-K", "wan0", "gro", "on"]);
     (gw, remote)
 }

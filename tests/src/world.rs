@@ -177,8 +177,22 @@ impl World {
     /// Starts `veil-client` in client namespace `i`; waits until connected
     /// when `wait` is set.
     pub fn start_client(&self, i: usize, profile: &PathBuf, wait: bool) -> Proc {
+        self.start_client_with(i, profile, wait, &[])
+    }
+
+    /// [`Self::start_client`] with more command-line arguments.
+    pub fn start_client_with(
+        &self,
+        i: usize,
+        profile: &PathBuf,
+        wait: bool,
+        extra: &[&str],
+    ) -> Proc {
         let mut cmd = self.nsenter(&self.clients[i - 1], "veil-client");
-        cmd.arg("--profile").arg(profile).args(["--keepalive", "1"]);
+        cmd.arg("--profile")
+            .arg(profile)
+            .args(["--keepalive", "1"])
+            .args(extra);
         let log = self
             .dir
             .join(format!("client{i}-{}.log", std::process::id()));

@@ -148,12 +148,10 @@ fn status_and_metrics_count_what_went_through() {
     );
     assert!(status["flows"]["tcp"].as_u64().unwrap() >= 1);
     assert!(status["flows"]["icmp"].as_u64().unwrap() >= 1);
-    assert!(
-        status["datapath"]["egress_forwarded"]["packets"]
-            .as_u64()
-            .unwrap()
-            > 100
-    );
+    // Super-packets make packet counts small; the bytes are all there.
+    let forwarded = |reason: &str| status["datapath"][reason]["bytes"].as_u64().unwrap();
+    assert!(forwarded("ingress_forwarded") >= DOWNLOAD_LEN as u64);
+    assert!(forwarded("egress_forwarded") > 0);
 
     let metrics = world.gw.enter(|| {
         let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
@@ -181,7 +179,10 @@ fn status_and_metrics_count_what_went_through() {
         value("veil_client_bytes_total{client=\"alpha\",direction=\"to_client\"}")
             >= DOWNLOAD_LEN as u64
     );
-    assert!(value("veil_datapath_packets_total{reason=\"ingress_forwarded\"}") > 100);
+    assert!(value("veil_datapath_packets_total{reason=\"ingress_forwarded\"}") > 0);
+    assert!(
+        value("veil_datapath_bytes_total{reason=\"ingress_forwarded\"}") >= DOWNLOAD_LEN as u64
+    );
     assert!(value("veil_nat_ports_in_use{range=\"61000-65535\"}") >= 1);
     assert!(metrics.contains("# TYPE veil_handshake_failures_total counter"));
 }

@@ -24,9 +24,12 @@ use tokio::{
     sync::watch,
 };
 use tokio_rustls::TlsConnector;
-use tracing::{info, warn};
-use veil_proto::session::{ClientConfig, ClientSession, Output};
-use veil_user::{net::Ipv4Net, state::Profile, tls};
+use tracing::{debug, info, warn};
+use veil_proto::{
+    gso::VnetHdr,
+    session::{ClientConfig, ClientSession, Output},
+};
+use veil_user::{net::Ipv4Net, state::Profile, tls, tun};
 
 use crate::routes::{Network, FULL_TUNNEL};
 
@@ -48,6 +51,11 @@ struct Cli {
     tun: String,
     #[arg(long, default_value_t = 1400)]
     mtu: u16,
+    /// Do not offer offload datagrams (whole 64 KiB TCP segments with
+    /// partial checksums): every packet crosses the tunnel segmented and
+    /// checksummed, as with any RFC 9484 peer. For diagnosis; slower.
+    #[arg(long)]
+    no_offload: bool,
     /// Seconds between keepalives; the gateway declares the client dead
     /// after twice as long without a word.
     #[arg(long, default_value = "10", value_name = "SECONDS")]
@@ -60,6 +68,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Packets read from the TUN device per TLS write, at most.
 const TUN_BATCH: usize = 64;
+/// ...and at most this many bytes of them: with offload one read can be a
+/// 64 KiB super-packet, and a huge write only delays what follows it.
+const TUN_BATCH_BYTES: usize = 256 * 1024;
 
 fn main() -> Result<()> {
     veil_user::init_logging();
@@ -143,6 +154,16 @@ fn resolve(endpoint: &str) -> Result<SocketAddr> {
         .with_context(|| format!("the gateway {endpoint} has no IPv4 address"))
 }
 
+/// A packet read from the TUN device (offload header first), into the
+/// session; returns its size.
+fn from_tun(session: &mut ClientSession, joined: &[u8]) -> usize {
+    match VnetHdr::split(joined) {
+        Ok((hdr, packet)) => session.send_offload_packet(&hdr, packet),
+        Err(e) => debug!("dropped a packet from the TUN device: {e}"),
+    }
+    joined.len()
+}
+
 struct Tunnel<'a> {
     cli: &'a Cli,
     connector: &'a TlsConnector,
@@ -177,12 +198,13 @@ impl Tunnel<'_> {
                 keepalive_interval: keepalive,
                 keepalive_timeout: keepalive * 3,
                 handshake_timeout: HANDSHAKE_TIMEOUT,
+                offload: !self.cli.no_offload,
                 ..ClientConfig::new(self.gateway.to_string())
             },
             Instant::now(),
         )?;
         let mut net_buf = vec![0u8; 64 * 1024];
-        let mut tun_buf = vec![0u8; 64 * 1024];
+        let mut tun_buf = vec![0u8; tun::MAX_READ];
         let mut out = Vec::with_capacity(64 * 1024);
         loop {
             while let Some(output) = session.poll_output() {
@@ -190,7 +212,12 @@ impl Tunnel<'_> {
                     Output::Send(bytes) => out.extend_from_slice(&bytes),
                     Output::Packet(packet) => {
                         if let Some(net) = network {
-                            let _ = net.tun.send(&packet);
+                            let _ = net.tun.send(&VnetHdr::NONE, &packet);
+                        }
+                    }
+                    Output::OffloadPacket(joined) => {
+                        if let Some(net) = network {
+                            let _ = net.tun.send_joined(&joined);
                         }
                     }
                     Output::Assigned { addr, .. } => self.assigned(network, addr)?,
@@ -225,12 +252,15 @@ impl Tunnel<'_> {
                 },
                 read = tun_read => {
                     let n = read.context("reading the TUN device")?;
-                    session.send_packet(&tun_buf[..n]);
+                    let mut batch = from_tun(&mut session, &tun_buf[..n]);
                     // Whatever else is waiting goes in the same TLS write.
                     if let Some(net) = network {
                         for _ in 0..TUN_BATCH {
+                            if batch >= TUN_BATCH_BYTES {
+                                break;
+                            }
                             match net.tun.try_recv(&mut tun_buf)? {
-                                Some(n) => session.send_packet(&tun_buf[..n]),
+                                Some(n) => batch += from_tun(&mut session, &tun_buf[..n]),
                                 None => break,
                             }
                         }

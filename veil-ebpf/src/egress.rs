@@ -22,7 +22,7 @@ use veil_common::{csum::L4Sum, proto, FlowKey, Reason};
 
 use crate::{
     maps::{config, VEIL_EGRESS},
-    packet::{Packet, ETH_LEN, IPV4_LEN, IP_MF, IP_OFFSET},
+    packet::{pull_headers, Packet, ETH_LEN, IPV4_LEN, IP_MF, IP_OFFSET},
     rewrite::{decrement_ttl, dword, move_endpoint_skb, word, SkbEndpoint},
     stats, Verdict,
 };
@@ -39,6 +39,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         14 => ETH_LEN,
         _ => return Err(Reason::DropNotConfigured),
     };
+    pull_headers(ctx)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let ip: *mut Ipv4Hdr = pkt.at(l2)?;
     let (vihl, frags, ttl, protocol, src, dst) = unsafe {

@@ -23,7 +23,7 @@ use veil_common::{csum::L4Sum, proto, Config, Reason, ReverseFlow, ReverseKey};
 
 use crate::{
     maps::{config, VEIL_REVERSE},
-    packet::{Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN, IP_MF, IP_OFFSET},
+    packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN, IP_MF, IP_OFFSET},
     rewrite::{cover, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
     stats, Verdict,
 };
@@ -237,6 +237,7 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
 /// TC: translate what `filter` let through and hand it to the TUN device.
 #[inline(always)]
 pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
+    pull_headers(ctx)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let cfg = config()?;
     let reason = match classify(&pkt, cfg)? {

@@ -34,6 +34,22 @@ impl Packet {
     }
 }
 
+/// The most header bytes any program reads: Ethernet, IPv4, ICMP, the
+/// quoted IPv4 header and 8 bytes of its transport header.
+pub const MAX_HEADERS: u32 = (ETH_LEN + IPV4_LEN + 8 + IPV4_LEN + 8) as u32;
+
+/// Makes the packet's headers directly readable. A super-packet (GSO from
+/// the TUN device, GRO on the WAN) may keep part of its headers in pages,
+/// out of reach of direct access, until pulled into the linear area.
+#[inline(always)]
+pub fn pull_headers(ctx: &aya_ebpf::programs::TcContext) -> Result<(), Reason> {
+    let want = MAX_HEADERS.min(ctx.len());
+    if ctx.data() + want as usize > ctx.data_end() {
+        ctx.pull_data(want).map_err(|_| Reason::DropHelperFailed)?;
+    }
+    Ok(())
+}
+
 /// The first four bytes of TCP and UDP headers.
 #[repr(C)]
 pub struct Ports {

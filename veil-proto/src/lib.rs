@@ -7,6 +7,8 @@
 //!
 //! - [`varint`]: QUIC variable-length integers.
 //! - [`capsule`]: capsule types, encoding, and an incremental decoder.
+//! - [`gso`]: the offload header of offload datagrams, and segmentation in
+//!   software for a peer without them.
 //! - [`http`]: the HTTP/1.1 upgrade handshake.
 //! - [`session`]: the client and gateway state machines.
 //! - [`ProtoError`]: everything that can be wrong on the wire.
@@ -102,6 +104,7 @@
 
 pub mod capsule;
 mod error;
+pub mod gso;
 pub mod http;
 pub mod session;
 pub mod varint;

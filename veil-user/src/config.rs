@@ -62,6 +62,7 @@ pub struct FileConfig {
     pub deny: Option<Vec<Ipv4Net>>,
     pub allow_client_to_client: Option<bool>,
     pub metrics: Option<SocketAddr>,
+    pub threads: Option<u16>,
     pub timeout_tcp_established: Option<u64>,
     pub timeout_tcp_transitory: Option<u64>,
     pub timeout_udp: Option<u64>,

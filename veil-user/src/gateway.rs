@@ -28,7 +28,10 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
-use veil_proto::session::{Output, ServerConfig, ServerSession};
+use veil_proto::{
+    gso::VnetHdr,
+    session::{Output, ServerConfig, ServerSession},
+};
 
 use crate::{
     control::{self, ClientStatus, FlowCounts, PacketCount, Status},
@@ -40,7 +43,7 @@ use crate::{
     preflight,
     state::{fingerprint, ClientRecord, StateDir},
     tls,
-    tun::Tun,
+    tun::{self, Tun},
 };
 
 /// Everything `veil-user` is told on its command line.
@@ -160,6 +163,9 @@ struct Shared {
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     preflight::check(&cfg.iface, cfg.nat_ports)?;
+    for advice in preflight::advice(&cfg.iface) {
+        warn!("{advice}");
+    }
     // Bound first: a port in use is the most common start-up failure.
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| {
         format!(
@@ -413,6 +419,7 @@ async fn connection(
         ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             keepalive_timeout: PEER_TIMEOUT,
+            offload: true,
             ..ServerConfig::new(vip)
         },
         Instant::now(),
@@ -452,7 +459,7 @@ async fn connection(
 /// What a session's pump reads from and writes to.
 struct SessionIo<'a> {
     tls: &'a mut tokio_rustls::server::TlsStream<TcpStream>,
-    /// Replies from the TUN reader.
+    /// Replies from the TUN reader: offload header and packet, joined.
     rx: &'a mut mpsc::Receiver<Vec<u8>>,
     /// Revocation or replacement.
     closed: &'a mut watch::Receiver<Option<&'static str>>,
@@ -483,8 +490,17 @@ async fn pump(
                 Output::Send(bytes) => out.extend_from_slice(&bytes),
                 Output::Packet(packet) => {
                     bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
-                    if let Some(reply) = shared.client_packet(vip, &packet) {
+                    if let Some(reply) = shared.client_packet(vip, &VnetHdr::NONE, &packet) {
                         session.send_packet(&reply);
+                    }
+                }
+                Output::OffloadPacket(joined) => {
+                    // The session validated the header against the packet.
+                    if let Ok((hdr, packet)) = VnetHdr::split(&joined) {
+                        bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
+                        if let Some(reply) = shared.client_packet(vip, &hdr, packet) {
+                            session.send_packet(&reply);
+                        }
                     }
                 }
                 Output::Close { reason } => {
@@ -512,13 +528,11 @@ async fn pump(
                 }
                 Err(e) => return format!("read failed: {e}"),
             },
-            Some(packet) = rx.recv() => {
-                bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
-                session.send_packet(&packet);
+            Some(joined) = rx.recv() => {
+                to_client(session, bytes, &joined);
                 // Take whatever else is queued: one TLS write for the lot.
-                while let Ok(packet) = rx.try_recv() {
-                    bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
-                    session.send_packet(&packet);
+                while let Ok(joined) = rx.try_recv() {
+                    to_client(session, bytes, &joined);
                 }
             }
             () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
@@ -528,6 +542,16 @@ async fn pump(
             }
             _ = stopped.changed() => return "gateway shutting down".into(),
         }
+    }
+}
+
+/// A reply as the TUN reader queued it (offload header, packet), into the
+/// session.
+fn to_client(session: &mut ServerSession, bytes: &Bytes, joined: &[u8]) {
+    // The reader only queues what split cleanly.
+    if let Ok((hdr, packet)) = VnetHdr::split(joined) {
+        bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
+        session.send_offload_packet(&hdr, packet);
     }
 }
 
@@ -663,7 +687,9 @@ impl Shared {
 
     /// A packet from client `vip`: forwarded into the datapath, or refused.
     /// Returns an ICMP error to send back to the client, if one is due.
-    fn client_packet(&self, vip: Ipv4Addr, pkt: &[u8]) -> Option<Vec<u8>> {
+    /// `hdr` is the packet's offload header: a super-packet is checked by
+    /// its first header, which every segment cut from it repeats.
+    fn client_packet(&self, vip: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) -> Option<Vec<u8>> {
         let count = |c: &AtomicU64| {
             c.fetch_add(1, Relaxed);
         };
@@ -723,7 +749,7 @@ impl Shared {
             }
             return None;
         }
-        if let Err(e) = self.tun.send(pkt) {
+        if let Err(e) = self.tun.send(hdr, pkt) {
             debug!(%vip, "writing to the TUN device: {e}");
         }
         None
@@ -839,7 +865,11 @@ impl Shared {
     }
 
     /// A reply from the datapath, to the session of its destination.
-    fn to_session(&self, pkt: &[u8]) {
+    fn to_session(&self, joined: &[u8]) {
+        let Ok((_, pkt)) = VnetHdr::split(joined) else {
+            self.counters.malformed.fetch_add(1, Relaxed);
+            return;
+        };
         if pkt.len() < 20 || pkt[0] >> 4 != 4 {
             return;
         }
@@ -852,7 +882,7 @@ impl Shared {
             .cloned();
         let dropped = match tx {
             Some(tx) => tx
-                .try_send(pkt.to_vec())
+                .try_send(joined.to_vec())
                 .is_err()
                 .then_some(&self.counters.client_queue_full),
             None => Some(&self.counters.no_session),
@@ -894,7 +924,7 @@ impl Shared {
 
 /// Replies from the datapath, to the session of their destination.
 async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; tun::MAX_READ];
     loop {
         let n = shared
             .tun

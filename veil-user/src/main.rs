@@ -130,6 +130,10 @@ struct GatewayArgs {
     /// Let clients reach each other's virtual addresses.
     #[arg(long)]
     allow_client_to_client: bool,
+    /// Worker threads for tunnels (TLS and packet handling); default: one
+    /// per CPU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     /// Serve Prometheus metrics on this address (GET /metrics).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
@@ -185,7 +189,7 @@ fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::File
             }
         )*};
     }
-    take_opt!(iface, endpoint, public_addr, metrics);
+    take_opt!(iface, endpoint, public_addr, metrics, threads);
     if !from_flag("state_dir") {
         if let Some(dir) = file.state_dir {
             cli.state_dir = dir;
@@ -366,8 +370,11 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
         },
         metrics: args.metrics,
     };
+    let threads = args.threads.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()?;
     runtime.block_on(async {

@@ -138,6 +138,46 @@ pub fn tune_tunnel_socket(socket: &impl std::os::fd::AsRawFd, lowat: u32) {
     set(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, lowat as i32);
 }
 
+/// Whether generic receive offload is on for `iface` (`ethtool -k`'s
+/// `generic-receive-offload`).
+pub fn gro_enabled(iface: &str) -> std::io::Result<bool> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GGRO,
+        data: 0,
+    };
+    // SAFETY: an all-zero ifreq is valid; the name fits (checked above).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCETHTOOL reads the ifreq and writes `value`, both live.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    let result = if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(value.data != 0)
+    };
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    result
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads, so
 /// flow timestamps and the daemon's "now" compare directly.
 pub fn monotonic_ns() -> u64 {

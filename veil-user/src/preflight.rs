@@ -3,7 +3,10 @@
 
 use std::{fs, path::Path};
 
-use crate::{flows::PortRange, net::ifindex};
+use crate::{
+    flows::PortRange,
+    net::{gro_enabled, ifindex},
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PreflightError {
@@ -43,6 +46,18 @@ pub fn check(iface: &str, nat: PortRange) -> Result<(), PreflightError> {
         }
     }
     Ok(())
+}
+
+/// What works but slower than it should, with the fix: logged as warnings
+/// at start-up, never fatal.
+pub fn advice(iface: &str) -> Vec<String> {
+    let mut advice = Vec::new();
+    if matches!(gro_enabled(iface), Ok(false)) {
+        advice.push(format!(
+            "generic receive offload is off on {iface}: replies reach the datapath one packet at a time, which caps download throughput; turn it on with `ethtool -K {iface} gro on`"
+        ));
+    }
+    advice
 }
 
 fn privileges() -> Result<(), PreflightError> {

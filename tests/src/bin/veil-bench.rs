@@ -487,6 +487,7 @@ fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
     let mut results: BTreeMap<&'static str, BTreeMap<&'static str, Figure>> = BTreeMap::new();
     for kind in &kinds {
         eprintln!("measuring {} ...", kind.name());
+        let started = std::time::Instant::now();
         let mut samples: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
         for _ in 0..runs {
             let mut world = World::bare(1);
@@ -511,8 +512,10 @@ fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
             let idle = ping_times(&ns, pings);
             push("rtt_idle_mean", mean(&idle));
             push("rtt_idle_p99", p99(&idle));
+            // Long enough to cover the pings after a 0.5 s start.
+            let bulk_secs = (pings * 10 / 1000 + 2).max(secs);
             let load = std::thread::scope(|s| {
-                let bulk = s.spawn(|| iperf3(&ns, secs + 2, 1, false));
+                let bulk = s.spawn(|| iperf3(&ns, bulk_secs, 1, false));
                 std::thread::sleep(Duration::from_millis(500));
                 let t = ping_times(&ns, pings);
                 let _ = bulk.join();
@@ -527,13 +530,15 @@ fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
                 // What the gateway dropped, for reading the figures.
                 let status = world.status();
                 eprintln!("veil gateway counters: {}", status["counters"]);
+                eprintln!("veil datapath: {}", status["datapath"]);
             }
             if *kind == peers::Kind::Veil {
-                let (mb, flows) = memory_with_flows(&world, if quick { 20_000 } else { 100_000 });
+                let (mb, flows) = memory_with_flows(&world, 100_000);
                 push("mem_mb_100k_flows", mb);
                 push("flows_created", flows);
             }
         }
+        eprintln!("{}: {:.0} s", kind.name(), started.elapsed().as_secs_f64());
         results.insert(
             kind.name(),
             samples
@@ -790,23 +795,20 @@ fn memory_with_flows(world: &veil_tests::world::World, n: u32) -> (f64, f64) {
             * 1024.0
     };
     let before = rss();
-    // Distinct flows: source ports 1024.. toward a handful of remote ports.
+    // Distinct flows: 1,000 sockets (source ports), each toward n / 1,000
+    // remote ports, in paced rounds of 200 so that no queue on the way
+    // (the client's TUN queue holds 500) overflows.
     world.client(1).enter(|| {
-        let mut sockets = Vec::new();
-        let mut sent = 0;
-        'outer: for dport in 20000u16..20100 {
-            for _ in 0..(n / 100 + 1) {
-                if sent >= n {
-                    break 'outer;
+        let sockets: Vec<UdpSocket> = (0..1000)
+            .filter_map(|_| UdpSocket::bind("0.0.0.0:0").ok())
+            .collect();
+        let per_socket = n.div_ceil(sockets.len().max(1) as u32);
+        for dport in (20000u16..).take(per_socket as usize) {
+            for round in sockets.chunks(200) {
+                for s in round {
+                    let _ = s.send_to(b"x", (REMOTE, dport));
                 }
-                if sockets.is_empty() {
-                    sockets = (0..1000)
-                        .filter_map(|_| UdpSocket::bind("0.0.0.0:0").ok())
-                        .collect();
-                }
-                let Some(s) = sockets.pop() else { break 'outer };
-                let _ = s.send_to(b"x", (REMOTE, dport));
-                sent += 1;
+                std::thread::sleep(Duration::from_millis(2));
             }
         }
     });

@@ -35,6 +35,12 @@ pub const VEIL_PONG: u64 = 0x56_45_49_4c_01;
 /// The HTTP Datagram context ID that carries a whole IP packet
 /// (RFC 9484 §6).
 pub const IP_PACKET_CONTEXT: u64 = 0;
+/// veil's offload context, used only when both ends announced
+/// `Veil-Offload` in the upgrade: a Linux `virtio_net_hdr` (see
+/// [`crate::gso`]) then the IP packet, which may be a TCP or UDP
+/// super-packet not yet segmented, with a partial checksum. Even, as
+/// RFC 9484 §6 asks of client-allocated context IDs.
+pub const OFFLOAD_CONTEXT: u64 = 2;
 
 /// One decoded capsule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,13 +89,24 @@ fn type_name(capsule_type: u64) -> &'static str {
 /// 0, length, context ID 0, then the packet, with one reservation and one
 /// copy. This is the per-packet path toward the peer.
 pub fn encode_ip_datagram(packet: &[u8], out: &mut Vec<u8>) {
-    // Context ID 0 is one byte; a slice is never 2^62 bytes long.
-    let length = 1 + packet.len() as u64;
-    out.reserve(1 + varint::len(length) + 1 + packet.len());
+    encode_datagram(IP_PACKET_CONTEXT, &[packet], out);
+}
+
+/// Appends a DATAGRAM capsule for one of the one-byte context IDs
+/// ([`IP_PACKET_CONTEXT`], [`OFFLOAD_CONTEXT`]) whose payload is `parts`
+/// back to back, so a header and a packet need no joining copy first.
+pub fn encode_datagram(context_id: u64, parts: &[&[u8]], out: &mut Vec<u8>) {
+    debug_assert!(context_id < 64, "one-byte context IDs only");
+    // A one-byte context ID; slices are never 2^62 bytes long.
+    let payload: usize = parts.iter().map(|p| p.len()).sum();
+    let length = 1 + payload as u64;
+    out.reserve(1 + varint::len(length) + 1 + payload);
     out.push(DATAGRAM as u8);
     varint::encode_unchecked(length, out);
-    out.push(IP_PACKET_CONTEXT as u8);
-    out.extend_from_slice(packet);
+    out.push(context_id as u8);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
 }
 
 impl Capsule {

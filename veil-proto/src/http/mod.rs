@@ -33,8 +33,17 @@ pub const WELL_KNOWN_PATH: &str = "/.well-known/masque/ip/*/*/";
 /// `keepalive` is the client's PING interval, announced in `Veil-Keepalive`
 /// (whole seconds, at least 1) so the gateway waits twice as long before it
 /// declares the client dead. Other peers ignore the header.
-pub fn request(host: &str, path: &str, keepalive: Duration) -> Vec<u8> {
+///
+/// `offload` announces `Veil-Offload: ?1`: the client reads and writes
+/// offload datagrams ([`crate::capsule::OFFLOAD_CONTEXT`]); the gateway
+/// uses them only if its 101 says so too.
+pub fn request(host: &str, path: &str, keepalive: Duration, offload: bool) -> Vec<u8> {
     let secs = keepalive_secs(keepalive);
+    let offload = if offload {
+        format!("{OFFLOAD_HEADER}: ?1\r\n")
+    } else {
+        String::new()
+    };
     format!(
         "GET {path} HTTP/1.1\r\n\
          Host: {host}\r\n\
@@ -42,9 +51,28 @@ pub fn request(host: &str, path: &str, keepalive: Duration) -> Vec<u8> {
          Upgrade: connect-ip\r\n\
          Capsule-Protocol: ?1\r\n\
          {KEEPALIVE_HEADER}: {secs}\r\n\
+         {offload}\
          \r\n"
     )
     .into_bytes()
+}
+
+/// The header both ends announce offload datagrams with (a structured
+/// boolean, like `Capsule-Protocol`). Other peers ignore it and never see
+/// an offload datagram.
+pub const OFFLOAD_HEADER: &str = "Veil-Offload";
+
+/// Reads `Veil-Offload`: absent or `?0` is false, `?1` true.
+fn offload_header(head: &head::Head<'_>) -> Result<bool, ProtoError> {
+    match head.single(OFFLOAD_HEADER)? {
+        None | Some(b"?0") => Ok(false),
+        Some(b"?1") => Ok(true),
+        Some(found) => Err(ProtoError::BadHeaderValue {
+            name: OFFLOAD_HEADER,
+            found: crate::error::printable(found),
+            expected: "?1 or ?0",
+        }),
+    }
 }
 
 /// The header a veil client announces its keepalive interval in.
@@ -77,14 +105,19 @@ pub fn validate_target(host: &str, path: &str) -> Result<(), ProtoError> {
     Ok(())
 }
 
-/// The gateway's answer to a valid upgrade request.
-pub fn switching_protocols() -> Vec<u8> {
-    b"HTTP/1.1 101 Switching Protocols\r\n\
+/// The gateway's answer to a valid upgrade request; `offload` confirms
+/// `Veil-Offload` to a client that announced it.
+pub fn switching_protocols(offload: bool) -> Vec<u8> {
+    let mut response = b"HTTP/1.1 101 Switching Protocols\r\n\
       Connection: Upgrade\r\n\
       Upgrade: connect-ip\r\n\
-      Capsule-Protocol: ?1\r\n\
-      \r\n"
-        .to_vec()
+      Capsule-Protocol: ?1\r\n"
+        .to_vec();
+    if offload {
+        response.extend_from_slice(format!("{OFFLOAD_HEADER}: ?1\r\n").as_bytes());
+    }
+    response.extend_from_slice(b"\r\n");
+    response
 }
 
 /// A complete refusal, sent instead of the 101: `status` and `reason` on the

@@ -16,6 +16,8 @@ pub struct Request {
     pub target: String,
     /// The client's PING interval, from `Veil-Keepalive`, if it sent one.
     pub keepalive: Option<Duration>,
+    /// The client announced `Veil-Offload: ?1`.
+    pub offload: bool,
 }
 
 /// Reads the upgrade request at the front of `buf`.
@@ -91,6 +93,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError>
         host: String::from_utf8_lossy(host).into_owned(),
         target: String::from_utf8_lossy(target).into_owned(),
         keepalive,
+        offload: super::offload_header(&head)?,
     };
     Ok(Some((request, len)))
 }
@@ -159,7 +162,12 @@ mod tests {
 
     #[test]
     fn accepts_our_request_and_reports_its_length() {
-        let mut bytes = request("gateway.example", WELL_KNOWN_PATH, Duration::from_secs(15));
+        let mut bytes = request(
+            "gateway.example",
+            WELL_KNOWN_PATH,
+            Duration::from_secs(15),
+            false,
+        );
         let len = bytes.len();
         bytes.extend_from_slice(b"\x00\x05\x00capsules");
         let (req, used) = parse_request(&bytes).expect("valid").expect("complete");
@@ -170,7 +178,12 @@ mod tests {
 
     #[test]
     fn every_prefix_is_incomplete_not_wrong() {
-        let bytes = request("gateway.example", WELL_KNOWN_PATH, Duration::from_secs(15));
+        let bytes = request(
+            "gateway.example",
+            WELL_KNOWN_PATH,
+            Duration::from_secs(15),
+            false,
+        );
         for cut in 0..bytes.len() {
             assert_eq!(parse_request(&bytes[..cut]), Ok(None), "cut at {cut}");
         }
@@ -289,6 +302,89 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "request header too large (more than 8192 bytes)"
+        );
+    }
+
+    /// A valid request with `extra` (complete header lines) added.
+    fn with_headers(extra: &str) -> String {
+        format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: connect-ip\r\n\
+             Capsule-Protocol: ?1\r\n{extra}\r\n"
+        )
+    }
+
+    fn offload_of(text: &str) -> Result<bool, ProtoError> {
+        parse(text).map(|parsed| parsed.expect("complete").0.offload)
+    }
+
+    #[test]
+    fn offload_is_announced_in_one_line_and_read_back() {
+        let bytes = request(
+            "gateway.example",
+            WELL_KNOWN_PATH,
+            Duration::from_secs(15),
+            true,
+        );
+        let text = String::from_utf8(bytes.clone()).expect("ASCII");
+        assert_eq!(text.matches("Veil-Offload: ?1\r\n").count(), 1, "{text}");
+        assert_eq!(text.matches("Veil-Offload").count(), 1, "{text}");
+        assert!(text.ends_with("Veil-Offload: ?1\r\n\r\n"), "{text}");
+        let (req, used) = parse_request(&bytes).expect("valid").expect("complete");
+        assert_eq!(used, bytes.len());
+        assert!(req.offload);
+        assert_eq!(req.keepalive, Some(Duration::from_secs(15)));
+
+        let bytes = request(
+            "gateway.example",
+            WELL_KNOWN_PATH,
+            Duration::from_secs(15),
+            false,
+        );
+        assert!(!String::from_utf8_lossy(&bytes).contains("Veil-Offload"));
+        let (req, _) = parse_request(&bytes).expect("valid").expect("complete");
+        assert!(!req.offload);
+    }
+
+    #[test]
+    fn offload_header_is_a_structured_boolean() {
+        assert_eq!(offload_of(&with_headers("")), Ok(false));
+        assert_eq!(offload_of(&with_headers("Veil-Offload: ?1\r\n")), Ok(true));
+        assert_eq!(offload_of(&with_headers("Veil-Offload: ?0\r\n")), Ok(false));
+        // Header names are case-insensitive; whitespace around the value is not part of it.
+        assert_eq!(
+            offload_of(&with_headers("veil-offload:  ?1 \r\n")),
+            Ok(true)
+        );
+        let e = err(&with_headers("Veil-Offload: yes\r\n"));
+        assert_eq!(
+            e,
+            ProtoError::BadHeaderValue {
+                name: "Veil-Offload",
+                found: "yes".into(),
+                expected: "?1 or ?0"
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "Veil-Offload header is \"yes\", expected ?1 or ?0"
+        );
+        for bad in ["?2", "1", "true", "?10"] {
+            assert!(
+                matches!(
+                    err(&with_headers(&format!("Veil-Offload: {bad}\r\n"))),
+                    ProtoError::BadHeaderValue {
+                        name: "Veil-Offload",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            err(&with_headers("Veil-Offload: ?1\r\nVeil-Offload: ?1\r\n")),
+            ProtoError::DuplicateHeader {
+                name: "Veil-Offload"
+            }
         );
     }
 }

@@ -12,6 +12,8 @@ const MAX_MESSAGE_LEN: usize = 256;
 pub struct Response {
     pub status: u16,
     pub reason: String,
+    /// The gateway confirmed `Veil-Offload: ?1`.
+    pub offload: bool,
 }
 
 /// Reads the gateway's response at the front of `buf`.
@@ -59,6 +61,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>, ProtoErro
                 let response = Response {
                     status,
                     reason: head::sanitize_text(reason, MAX_MESSAGE_LEN),
+                    offload: super::offload_header(&head)?,
                 };
                 return Ok(Some((response, offset + len)));
             }
@@ -133,7 +136,7 @@ mod tests {
 
     #[test]
     fn accepts_our_101_and_leaves_the_capsules() {
-        let mut bytes = switching_protocols();
+        let mut bytes = switching_protocols(false);
         let len = bytes.len();
         bytes.extend_from_slice(&[0x01, 0x07]);
         let (resp, used) = parse_response(&bytes).expect("valid").expect("complete");
@@ -148,7 +151,7 @@ mod tests {
     #[test]
     fn skips_interim_responses() {
         let mut bytes = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
-        bytes.extend_from_slice(&switching_protocols());
+        bytes.extend_from_slice(&switching_protocols(false));
         let (resp, used) = parse_response(&bytes).expect("valid").expect("complete");
         assert_eq!((resp.status, used), (101, bytes.len()));
     }
@@ -204,6 +207,53 @@ mod tests {
                 found: "websocket".into(),
                 expected: "connect-ip"
             })
+        );
+    }
+
+    /// A 101 as ours, with `extra` (complete header lines) added.
+    fn switching_with(extra: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+             Upgrade: connect-ip\r\nCapsule-Protocol: ?1\r\n{extra}\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn offload_is_confirmed_only_by_a_101_that_says_so() {
+        let bytes = switching_protocols(true);
+        let text = String::from_utf8(bytes.clone()).expect("ASCII");
+        assert_eq!(text.matches("Veil-Offload: ?1\r\n").count(), 1, "{text}");
+        let (resp, used) = parse_response(&bytes).expect("valid").expect("complete");
+        assert_eq!(used, bytes.len());
+        assert_eq!(resp.status, 101);
+        assert!(resp.offload);
+
+        let bytes = switching_protocols(false);
+        assert!(!String::from_utf8_lossy(&bytes).contains("Veil-Offload"));
+        let (resp, _) = parse_response(&bytes).expect("valid").expect("complete");
+        assert!(!resp.offload);
+
+        let (resp, _) = parse_response(&switching_with("Veil-Offload: ?0\r\n"))
+            .expect("valid")
+            .expect("complete");
+        assert!(!resp.offload);
+    }
+
+    #[test]
+    fn a_101_with_a_bad_offload_value_is_an_error() {
+        let e = parse_response(&switching_with("Veil-Offload: maybe\r\n")).expect_err("bad value");
+        assert_eq!(
+            e,
+            ProtoError::BadHeaderValue {
+                name: "Veil-Offload",
+                found: "maybe".into(),
+                expected: "?1 or ?0"
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "Veil-Offload header is \"maybe\", expected ?1 or ?0"
         );
     }
 }

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::{
     capsule::{AssignedAddress, Capsule, RequestedAddress, DEFAULT_MAX_CAPSULE_LEN},
+    gso::VnetHdr,
     http, ProtoError,
 };
 
@@ -32,6 +33,9 @@ pub struct ClientConfig {
     pub handshake_timeout: Duration,
     /// Largest capsule accepted from the gateway.
     pub max_capsule_len: usize,
+    /// Announce offload datagrams: the caller must then handle
+    /// [`Output::OffloadPacket`].
+    pub offload: bool,
 }
 
 impl ClientConfig {
@@ -46,6 +50,7 @@ impl ClientConfig {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_capsule_len: DEFAULT_MAX_CAPSULE_LEN,
+            offload: false,
         }
     }
 }
@@ -100,6 +105,7 @@ impl ClientSession {
             &config.host,
             &config.path,
             config.keepalive_interval,
+            config.offload,
         ));
         Ok(ClientSession {
             phase: Phase::AwaitingResponse {
@@ -130,7 +136,10 @@ impl ClientSession {
                 buf.extend_from_slice(bytes);
                 match http::parse_response(buf) {
                     Ok(None) => {}
-                    Ok(Some((_, used))) => {
+                    Ok(Some((response, used))) => {
+                        // Only what this end announced can be confirmed.
+                        self.link
+                            .set_offload(self.config.offload && response.offload);
                         let rest = buf.split_off(used);
                         self.upgraded(&rest, now);
                     }
@@ -212,6 +221,19 @@ impl ClientSession {
     pub fn send_packet(&mut self, packet: &[u8]) {
         let up = matches!(self.phase, Phase::Established { .. });
         self.link.send_packet(packet, up);
+    }
+
+    /// Queues a packet read from a TUN device opened with `IFF_VNET_HDR`:
+    /// an offload datagram if the gateway takes them, otherwise completed
+    /// and segmented here into plain packets.
+    pub fn send_offload_packet(&mut self, hdr: &VnetHdr, packet: &[u8]) {
+        let up = matches!(self.phase, Phase::Established { .. });
+        self.link.send_offload_packet(hdr, packet, up);
+    }
+
+    /// Both ends agreed on offload datagrams (known once established).
+    pub fn offload(&self) -> bool {
+        self.link.offload()
     }
 
     /// The next thing to do, `None` when there is nothing left.

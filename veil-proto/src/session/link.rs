@@ -12,6 +12,7 @@ use std::{
 use super::{CloseReason, Output, Stats};
 use crate::{
     capsule::{self, AssignedAddress, Capsule, CapsuleDecoder, RequestedAddress},
+    gso::{self, VnetHdr},
     ProtoError,
 };
 
@@ -31,6 +32,10 @@ pub(super) struct Link {
     /// When the last byte arrived from the peer.
     last_rx: Instant,
     keepalive_timeout: Duration,
+    /// Both ends announced `Veil-Offload`: offload datagrams may flow.
+    offload: bool,
+    /// Where packets are segmented for a peer without offload.
+    scratch: Vec<u8>,
 }
 
 impl Link {
@@ -43,7 +48,17 @@ impl Link {
             close_reason: None,
             last_rx: now,
             keepalive_timeout,
+            offload: false,
+            scratch: Vec::new(),
         }
+    }
+
+    pub(super) fn set_offload(&mut self, offload: bool) {
+        self.offload = offload;
+    }
+
+    pub(super) fn offload(&self) -> bool {
+        self.offload
     }
 
     pub(super) fn set_keepalive_timeout(&mut self, timeout: Duration) {
@@ -106,6 +121,34 @@ impl Link {
         capsule::encode_ip_datagram(packet, &mut self.tx);
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += packet.len() as u64;
+    }
+
+    /// A packet as an offload-capable TUN device gives it: as is when the
+    /// peer takes offload datagrams, otherwise checksummed and segmented
+    /// here into plain packets, as a NIC would have.
+    pub(super) fn send_offload_packet(&mut self, hdr: &VnetHdr, packet: &[u8], up: bool) {
+        if self.is_closed() || !up {
+            self.stats.packets_not_sent += 1;
+            return;
+        }
+        if self.offload {
+            let hdr = hdr.to_bytes();
+            capsule::encode_datagram(capsule::OFFLOAD_CONTEXT, &[&hdr, packet], &mut self.tx);
+            self.stats.packets_sent += 1;
+            self.stats.bytes_sent += packet.len() as u64;
+            return;
+        }
+        let Link {
+            tx, stats, scratch, ..
+        } = self;
+        let segmented = gso::segment(hdr, packet, scratch, |segment| {
+            capsule::encode_ip_datagram(segment, tx);
+            stats.packets_sent += 1;
+            stats.bytes_sent += segment.len() as u64;
+        });
+        if segmented.is_err() {
+            self.stats.packets_not_sent += 1;
+        }
     }
 
     pub(super) fn push(&mut self, output: Output) {
@@ -195,6 +238,17 @@ impl Link {
                 self.stats.bytes_received += payload.len() as u64;
                 self.push(Output::Packet(payload));
             }
+            Capsule::Datagram {
+                context_id: capsule::OFFLOAD_CONTEXT,
+                payload,
+            } if self.offload => match VnetHdr::split(&payload) {
+                Ok((_, packet)) => {
+                    self.stats.packets_received += 1;
+                    self.stats.bytes_received += packet.len() as u64;
+                    self.push(Output::OffloadPacket(payload));
+                }
+                Err(_) => self.stats.offload_invalid += 1,
+            },
             Capsule::Datagram { .. } => self.stats.datagrams_dropped += 1,
             Capsule::Ping(nonce) => {
                 self.send_capsule(&Capsule::Pong(nonce));

@@ -51,6 +51,10 @@ pub enum Output {
     /// An IP packet from the peer: for the datapath on the gateway, for the
     /// TUN device on the client.
     Packet(Vec<u8>),
+    /// Only when offload was negotiated: a [`crate::gso::VnetHdr`] (already
+    /// validated) then an IP packet, ready for a TUN device opened with
+    /// `IFF_VNET_HDR`.
+    OffloadPacket(Vec<u8>),
     /// Client only: the gateway assigned this address. Emitted again only
     /// if the assignment changes.
     Assigned { addr: Ipv4Addr, prefix: u8 },
@@ -139,9 +143,11 @@ pub struct Stats {
     /// Packets handed to `send_packet` before the tunnel was up or after it
     /// closed, and dropped.
     pub packets_not_sent: u64,
-    /// DATAGRAM capsules with a context ID other than 0 (no extension that
-    /// uses them is negotiated), dropped.
+    /// DATAGRAM capsules with a context ID not in use (other than 0, or
+    /// the offload context when offload was not negotiated), dropped.
     pub datagrams_dropped: u64,
+    /// Offload datagrams whose header does not fit their packet, dropped.
+    pub offload_invalid: u64,
     /// Capsules of unknown types, skipped.
     pub unknown_capsules: u64,
     pub pings_sent: u64,

@@ -11,6 +11,7 @@ use super::{
 };
 use crate::{
     capsule::{validate_routes, Capsule, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN},
+    gso::VnetHdr,
     http::{self, Request},
     ProtoError,
 };
@@ -31,6 +32,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Largest capsule accepted from the client.
     pub max_capsule_len: usize,
+    /// Offer offload datagrams to a client that announces them: the caller
+    /// must then handle [`Output::OffloadPacket`].
+    pub offload: bool,
 }
 
 impl ServerConfig {
@@ -43,6 +47,7 @@ impl ServerConfig {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_capsule_len: DEFAULT_MAX_CAPSULE_LEN,
+            offload: false,
         }
     }
 
@@ -87,7 +92,7 @@ enum Phase {
 #[derive(Debug)]
 pub struct ServerSession {
     config: ServerConfig,
-    /// The 101 response and the two configuration capsules, encoded once.
+    /// The two configuration capsules that follow the 101, encoded once.
     greeting: Vec<u8>,
     phase: Phase,
     request: Option<Request>,
@@ -99,7 +104,7 @@ impl ServerSession {
     /// configuration does not pass [`ServerConfig::validate`].
     pub fn new(config: ServerConfig, now: Instant) -> Result<Self, ProtoError> {
         config.validate()?;
-        let mut greeting = http::switching_protocols();
+        let mut greeting = Vec::new();
         Capsule::AddressAssign(vec![link::unsolicited(config.assigned)]).encode(&mut greeting)?;
         Capsule::RouteAdvertisement(config.routes.clone()).encode(&mut greeting)?;
         Ok(ServerSession {
@@ -154,7 +159,10 @@ impl ServerSession {
         if let Some(interval) = request.keepalive {
             self.link.set_keepalive_timeout(interval * 2);
         }
+        let offload = self.config.offload && request.offload;
+        self.link.set_offload(offload);
         self.request = Some(request);
+        self.link.send(&http::switching_protocols(offload));
         self.link.send(&self.greeting);
         self.phase = Phase::Established;
         // The client may have sent capsules right behind its request.
@@ -210,6 +218,19 @@ impl ServerSession {
     pub fn send_packet(&mut self, packet: &[u8]) {
         let up = matches!(self.phase, Phase::Established);
         self.link.send_packet(packet, up);
+    }
+
+    /// Queues a packet read from a TUN device opened with `IFF_VNET_HDR`:
+    /// an offload datagram if the client takes them, otherwise completed
+    /// and segmented here into plain packets.
+    pub fn send_offload_packet(&mut self, hdr: &VnetHdr, packet: &[u8]) {
+        let up = matches!(self.phase, Phase::Established);
+        self.link.send_offload_packet(hdr, packet, up);
+    }
+
+    /// Both ends agreed on offload datagrams (known once established).
+    pub fn offload(&self) -> bool {
+        self.link.offload()
     }
 
     /// The next thing to do, `None` when there is nothing left.

@@ -185,8 +185,8 @@ fn first_frames_are_exactly_these_bytes() {
     assert_eq!(pair.client_wire, client_expected);
     assert_eq!(pair.server_wire, server_expected);
     // The builders agree with the literals.
-    assert!(CLIENT_FIRST_FRAME == http::request(HOST, http::WELL_KNOWN_PATH, INTERVAL));
-    assert!(SERVER_FIRST_FRAME.starts_with(&http::switching_protocols()));
+    assert!(CLIENT_FIRST_FRAME == http::request(HOST, http::WELL_KNOWN_PATH, INTERVAL, false));
+    assert!(SERVER_FIRST_FRAME.starts_with(&http::switching_protocols(false)));
 
     pair.client_wire.clear();
     pair.server_wire.clear();
@@ -648,7 +648,7 @@ fn protocol_errors_close_with_the_error() {
 fn client_needs_an_ipv4_address() {
     let now = Instant::now();
     let mut client = ClientSession::new(client_config(), now).expect("config");
-    let mut input = http::switching_protocols();
+    let mut input = http::switching_protocols(false);
     Capsule::AddressAssign(vec![])
         .encode(&mut input)
         .expect("assign");
@@ -808,4 +808,414 @@ fn the_gateway_waits_twice_the_interval_the_client_announces() {
     }
     assert!(pair.server.is_closed());
     assert_eq!(pair.now - start, 2 * interval);
+}
+
+// --- Offload ---------------------------------------------------------
+
+use crate::{
+    capsule::{encode_datagram, OFFLOAD_CONTEXT},
+    gso::VnetHdr,
+};
+
+/// The far end of the test flow (the client's VIP is the near end).
+const PEER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const MSS: u16 = 1000;
+
+fn offload_client() -> ClientConfig {
+    ClientConfig {
+        offload: true,
+        ..client_config()
+    }
+}
+
+fn offload_server() -> ServerConfig {
+    ServerConfig {
+        offload: true,
+        ..server_config()
+    }
+}
+
+/// RFC 1071: the ones' complement sum of `data` as big-endian 16-bit
+/// words (an odd last byte padded with zero), folded, not complemented.
+fn ones_sum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|w| u32::from(w[0]) << 8 | u32::from(w.get(1).copied().unwrap_or(0)))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The IPv4 pseudo-header of a TCP segment of `tcp_len` bytes from the
+/// addresses of `packet`.
+fn pseudo_header(packet: &[u8], tcp_len: usize) -> Vec<u8> {
+    let mut p = packet[12..20].to_vec();
+    p.extend_from_slice(&[0, 6]);
+    p.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+    p
+}
+
+/// Whether the IPv4 header checksum (20-byte header) verifies.
+fn ip_checksum_ok(packet: &[u8]) -> bool {
+    ones_sum(&packet[..20]) == 0xffff
+}
+
+/// Whether the TCP checksum of an IPv4 packet with a 20-byte header
+/// verifies over pseudo-header, header and payload.
+fn tcp_checksum_ok(packet: &[u8]) -> bool {
+    let mut all = pseudo_header(packet, packet.len() - 20);
+    all.extend_from_slice(&packet[20..]);
+    ones_sum(&all) == 0xffff
+}
+
+/// An IPv4/TCP packet VIP:40000 -> PEER:443 (ACK|PSH, seq 7000) around
+/// `payload`, as a TUN device with TSO hands it over: the IP header
+/// checksum complete, the TCP checksum field holding only the
+/// pseudo-header sum.
+fn tcp_super_packet(payload: &[u8]) -> Vec<u8> {
+    let total = 40 + payload.len();
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34, 0x40, 0]); // ID, DF
+    p.extend_from_slice(&[64, 6, 0, 0]); // TTL, TCP, checksum
+    p.extend_from_slice(&VIP.octets());
+    p.extend_from_slice(&PEER.octets());
+    let ip_csum = !ones_sum(&p);
+    p[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    p.extend_from_slice(&40000u16.to_be_bytes());
+    p.extend_from_slice(&443u16.to_be_bytes());
+    p.extend_from_slice(&7000u32.to_be_bytes()); // seq
+    p.extend_from_slice(&1u32.to_be_bytes()); // ack
+    p.extend_from_slice(&[0x50, 0x18]); // data offset 5, ACK|PSH
+    p.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, checksum, urgent
+    let partial = ones_sum(&pseudo_header(&p, 20 + payload.len()));
+    p[36..38].copy_from_slice(&partial.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The header for [`tcp_super_packet`]: TCPv4 GSO in `MSS`-byte segments.
+fn tso_header() -> VnetHdr {
+    VnetHdr {
+        flags: VnetHdr::F_NEEDS_CSUM,
+        gso_type: VnetHdr::GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: MSS,
+        csum_start: 20,
+        csum_offset: 16,
+    }
+}
+
+/// 3 x MSS bytes of payload that are not all alike.
+fn super_payload() -> Vec<u8> {
+    (0..3 * usize::from(MSS))
+        .map(|i| (i * 7 % 251) as u8)
+        .collect()
+}
+
+/// [`SERVER_FIRST_FRAME`] cut after its 101's blank line: the 101 and the
+/// configuration capsules that follow it.
+fn server_first_frame_parts() -> (&'static [u8], &'static [u8]) {
+    let end = SERVER_FIRST_FRAME
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a blank line")
+        + 4;
+    SERVER_FIRST_FRAME.split_at(end)
+}
+
+/// The 10-byte header then the packet, as an offload datagram carries them.
+fn header_and_packet(hdr: &VnetHdr, packet: &[u8]) -> Vec<u8> {
+    let mut joined = hdr.to_bytes().to_vec();
+    joined.extend_from_slice(packet);
+    joined
+}
+
+fn offload_packets(outputs: &[Output]) -> Vec<&[u8]> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::OffloadPacket(p) => Some(&p[..]),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Checks what a peer without offload received for [`tcp_super_packet`]
+/// of `payload`: complete MSS-sized segments that add up to it.
+fn assert_segmented(received: &[&[u8]], payload: &[u8]) {
+    assert_eq!(received.len(), 3, "one packet per MSS");
+    let mut joined = Vec::new();
+    for (i, seg) in received.iter().enumerate() {
+        assert_eq!(seg.len(), 40 + usize::from(MSS), "segment {i}");
+        assert_eq!(u16::from_be_bytes([seg[2], seg[3]]) as usize, seg.len());
+        assert!(ip_checksum_ok(seg), "IP checksum of segment {i}");
+        assert!(tcp_checksum_ok(seg), "TCP checksum of segment {i}");
+        let seq = u32::from_be_bytes([seg[24], seg[25], seg[26], seg[27]]);
+        assert_eq!(seq, 7000 + u32::from(MSS) * i as u32);
+        joined.extend_from_slice(&seg[40..]);
+    }
+    assert_eq!(joined, payload);
+}
+
+#[test]
+fn offload_is_negotiated_when_both_ends_want_it() {
+    let mut pair = Pair::with(offload_client(), offload_server());
+    pair.pump();
+    assert!(pair.client.is_established() && pair.server.is_established());
+    assert!(pair.client.offload() && pair.server.offload());
+    assert!(pair.server.request().expect("request read").offload);
+    let mut request = CLIENT_FIRST_FRAME[..CLIENT_FIRST_FRAME.len() - 2].to_vec();
+    request.extend_from_slice(b"Veil-Offload: ?1\r\n\r\n");
+    assert!(pair.client_wire.starts_with(&request));
+    let (head, capsules) = server_first_frame_parts();
+    let mut response = head[..head.len() - 2].to_vec();
+    response.extend_from_slice(b"Veil-Offload: ?1\r\n\r\n");
+    response.extend_from_slice(capsules);
+    assert!(pair.server_wire.starts_with(&response));
+}
+
+#[test]
+fn negotiated_offload_carries_a_super_packet_whole_both_ways() {
+    let mut pair = Pair::with(offload_client(), offload_server());
+    pair.pump();
+    let hdr = tso_header();
+    let packet = tcp_super_packet(&super_payload());
+    let expected = header_and_packet(&hdr, &packet);
+    // The checksum is still partial: only the receiving kernel finishes it.
+    assert!(!tcp_checksum_ok(&packet));
+
+    pair.client_wire.clear();
+    pair.client.send_offload_packet(&hdr, &packet);
+    pair.pump();
+    // One DATAGRAM capsule: type 0, length 1 + 10 + 3040 = 3051 as a
+    // two-byte varint, context ID 2, header, packet.
+    let mut wire = vec![0x00, 0x4b, 0xeb, 0x02];
+    wire.extend_from_slice(&expected);
+    assert_eq!(pair.client_wire, wire);
+    assert_eq!(offload_packets(&pair.server_out), [&expected[..]]);
+    assert!(Pair::packets(&pair.server_out).is_empty());
+    assert_eq!(pair.client.stats().packets_sent, 1);
+    assert_eq!(pair.client.stats().bytes_sent, packet.len() as u64);
+    assert_eq!(pair.server.stats().packets_received, 1);
+    assert_eq!(pair.server.stats().bytes_received, packet.len() as u64);
+
+    pair.server.send_offload_packet(&hdr, &packet);
+    pair.pump();
+    assert_eq!(offload_packets(&pair.client_out), [&expected[..]]);
+    assert!(Pair::packets(&pair.client_out).is_empty());
+    assert_eq!(pair.client.stats().packets_received, 1);
+    assert_eq!(pair.server.stats().packets_sent, 1);
+    assert_eq!(pair.server.stats().offload_invalid, 0);
+    assert_eq!(pair.client.stats().offload_invalid, 0);
+
+    // Plain packets still travel as plain packets.
+    pair.client.send_packet(b"\x45plain");
+    pair.server.send_packet(b"\x45plain");
+    pair.pump();
+    assert_eq!(Pair::packets(&pair.server_out), [b"\x45plain"]);
+    assert_eq!(Pair::packets(&pair.client_out), [b"\x45plain"]);
+}
+
+#[test]
+fn a_gateway_without_offload_gets_the_super_packet_segmented() {
+    let mut pair = Pair::with(offload_client(), server_config());
+    pair.pump();
+    assert!(pair.client.is_established() && pair.server.is_established());
+    assert!(!pair.client.offload() && !pair.server.offload());
+    assert!(pair.server.request().expect("request read").offload);
+    assert!(pair.server_wire.starts_with(SERVER_FIRST_FRAME));
+
+    let payload = super_payload();
+    pair.client
+        .send_offload_packet(&tso_header(), &tcp_super_packet(&payload));
+    pair.pump();
+    assert!(offload_packets(&pair.server_out).is_empty());
+    assert_segmented(&Pair::packets(&pair.server_out), &payload);
+    assert_eq!(pair.client.stats().packets_sent, 3);
+    assert_eq!(pair.client.stats().bytes_sent, 3 * (40 + u64::from(MSS)));
+    assert_eq!(pair.server.stats().packets_received, 3);
+    assert_eq!(pair.server.stats().datagrams_dropped, 0);
+}
+
+#[test]
+fn a_gateway_offering_offload_to_a_client_that_did_not_ask_does_not_confirm_it() {
+    let mut pair = Pair::with(client_config(), offload_server());
+    pair.pump();
+    assert!(pair.client.is_established() && pair.server.is_established());
+    assert!(!pair.client.offload() && !pair.server.offload());
+    assert!(!pair.server.request().expect("request read").offload);
+    // The exact frames of a pair without offload: no Veil-Offload anywhere.
+    assert!(pair.client_wire.starts_with(CLIENT_FIRST_FRAME));
+    assert!(pair.server_wire.starts_with(SERVER_FIRST_FRAME));
+
+    // The gateway segments for this client.
+    let payload = super_payload();
+    pair.server
+        .send_offload_packet(&tso_header(), &tcp_super_packet(&payload));
+    pair.pump();
+    assert!(offload_packets(&pair.client_out).is_empty());
+    assert_segmented(&Pair::packets(&pair.client_out), &payload);
+}
+
+#[test]
+fn a_101_confirming_offload_the_client_did_not_announce_is_ignored() {
+    let now = Instant::now();
+    let mut client = ClientSession::new(client_config(), now).expect("config");
+    let mut input = http::switching_protocols(true);
+    input.extend_from_slice(server_first_frame_parts().1);
+    let packet = tcp_super_packet(&super_payload());
+    encode_datagram(
+        OFFLOAD_CONTEXT,
+        &[&tso_header().to_bytes(), &packet],
+        &mut input,
+    );
+    client.receive(&input, now).expect("valid");
+    assert!(client.is_established());
+    assert!(!client.offload());
+    let (_, other) = drain(|| client.poll_output());
+    assert!(offload_packets(&other).is_empty());
+    assert_eq!(client.stats().datagrams_dropped, 1);
+}
+
+#[test]
+fn a_bad_offload_value_gets_a_400() {
+    let mut input = CLIENT_FIRST_FRAME[..CLIENT_FIRST_FRAME.len() - 2].to_vec();
+    input.extend_from_slice(b"Veil-Offload: yes\r\n\r\n");
+    let (sent, reason) = bad_request(&input);
+    assert!(sent.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{sent}");
+    assert_eq!(
+        reason,
+        CloseReason::BadRequest(ProtoError::BadHeaderValue {
+            name: "Veil-Offload",
+            found: "yes".into(),
+            expected: "?1 or ?0"
+        })
+    );
+    assert!(sent.ends_with("Veil-Offload header is \"yes\", expected ?1 or ?0\n"));
+}
+
+#[test]
+fn a_101_with_a_bad_offload_value_closes_the_client() {
+    let now = Instant::now();
+    let mut client = ClientSession::new(offload_client(), now).expect("config");
+    let input = b"HTTP/1.1 101 Switching Protocols\r\n\
+        Connection: Upgrade\r\n\
+        Upgrade: connect-ip\r\n\
+        Capsule-Protocol: ?1\r\n\
+        Veil-Offload: maybe\r\n\
+        \r\n";
+    let error = client.receive(input, now).expect_err("bad 101");
+    assert_eq!(
+        error,
+        ProtoError::BadHeaderValue {
+            name: "Veil-Offload",
+            found: "maybe".into(),
+            expected: "?1 or ?0"
+        }
+    );
+    let (_, other) = drain(|| client.poll_output());
+    assert_eq!(close_reason(&other), Some(&CloseReason::Protocol(error)));
+    assert!(client.is_closed() && !client.is_established());
+}
+
+#[test]
+fn offload_datagrams_without_negotiation_are_dropped_and_counted() {
+    let mut pair = Pair::new();
+    pair.pump();
+    let packet = tcp_super_packet(&super_payload());
+    let mut input = Vec::new();
+    encode_datagram(
+        OFFLOAD_CONTEXT,
+        &[&tso_header().to_bytes(), &packet],
+        &mut input,
+    );
+    encode_ip_datagram(b"\x45after", &mut input);
+    pair.server.receive(&input, pair.now).expect("valid");
+    pair.client.receive(&input, pair.now).expect("valid");
+    pair.pump();
+    for (stats, out) in [
+        (pair.server.stats(), &pair.server_out),
+        (pair.client.stats(), &pair.client_out),
+    ] {
+        assert_eq!(stats.datagrams_dropped, 1);
+        assert_eq!(stats.offload_invalid, 0);
+        assert_eq!(stats.packets_received, 1);
+        assert!(offload_packets(out).is_empty());
+        assert_eq!(Pair::packets(out), [b"\x45after"]);
+    }
+    assert!(pair.client.is_established() && pair.server.is_established());
+}
+
+#[test]
+fn invalid_offload_datagrams_are_dropped_and_counted() {
+    let mut pair = Pair::with(offload_client(), offload_server());
+    pair.pump();
+    let hdr = tso_header();
+    let packet = tcp_super_packet(&super_payload());
+    let mut input = Vec::new();
+    // GSO type 3 (SCTP in virtio) is not one veil takes.
+    let unknown_gso = VnetHdr { gso_type: 3, ..hdr };
+    encode_datagram(
+        OFFLOAD_CONTEXT,
+        &[&unknown_gso.to_bytes(), &packet],
+        &mut input,
+    );
+    // Too short to hold the header.
+    encode_datagram(OFFLOAD_CONTEXT, &[&[1, 1, 40, 0, 0]], &mut input);
+    // A segment size that would cut the packet into thousands.
+    let tiny = VnetHdr { gso_size: 1, ..hdr };
+    encode_datagram(OFFLOAD_CONTEXT, &[&tiny.to_bytes(), &packet], &mut input);
+    // Then good ones.
+    encode_datagram(OFFLOAD_CONTEXT, &[&hdr.to_bytes(), &packet], &mut input);
+    encode_ip_datagram(b"\x45after", &mut input);
+    for end in ["server", "client"] {
+        let (result, stats, out) = if end == "server" {
+            let result = pair.server.receive(&input, pair.now);
+            pair.pump();
+            (result, *pair.server.stats(), &pair.server_out)
+        } else {
+            let result = pair.client.receive(&input, pair.now);
+            pair.pump();
+            (result, *pair.client.stats(), &pair.client_out)
+        };
+        assert_eq!(result, Ok(()), "{end}");
+        assert_eq!(stats.offload_invalid, 3, "{end}");
+        assert_eq!(stats.datagrams_dropped, 0, "{end}");
+        assert_eq!(stats.packets_received, 2, "{end}");
+        assert_eq!(
+            offload_packets(out),
+            [&header_and_packet(&hdr, &packet)[..]],
+            "{end}"
+        );
+        assert_eq!(Pair::packets(out), [b"\x45after"], "{end}");
+        assert!(close_reason(out).is_none(), "{end}");
+    }
+    assert!(pair.client.is_established() && pair.server.is_established());
+}
+
+#[test]
+fn offload_packets_before_the_upgrade_are_not_sent() {
+    let mut pair = Pair::with(offload_client(), offload_server());
+    let hdr = tso_header();
+    let packet = tcp_super_packet(&super_payload());
+    pair.client.send_offload_packet(&hdr, &packet);
+    pair.server.send_offload_packet(&hdr, &packet);
+    pair.pump();
+    assert!(pair.client.offload() && pair.server.offload());
+    assert_eq!(pair.client.stats().packets_not_sent, 1);
+    assert_eq!(pair.server.stats().packets_not_sent, 1);
+    assert_eq!(pair.client.stats().packets_sent, 0);
+    assert_eq!(pair.server.stats().packets_sent, 0);
+    assert!(offload_packets(&pair.client_out).is_empty());
+    assert!(offload_packets(&pair.server_out).is_empty());
+    // Without offload too: nothing is segmented for a tunnel not yet up.
+    let mut pair = Pair::new();
+    pair.client.send_offload_packet(&hdr, &packet);
+    pair.pump();
+    assert_eq!(pair.client.stats().packets_not_sent, 1);
+    assert_eq!(pair.client.stats().packets_sent, 0);
+    assert!(Pair::packets(&pair.server_out).is_empty());
 }

@@ -1,0 +1,1417 @@
+//! The virtio-net header a Linux TUN device opened with `IFF_VNET_HDR` puts in
+//! front of every packet, and the software segmentation that stands in for a
+//! NIC when the peer cannot take offloaded packets.
+//!
+//! With `TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4)` the kernel hands
+//! the TUN reader unsegmented IPv4 TCP and UDP "super-packets" of up to 64 KiB
+//! whose transport checksum is only partial, each described by a 10-byte
+//! [`VnetHdr`] (virtio 1.x layout, little-endian). Carrying header and packet
+//! through the tunnel as they are lets both ends encrypt and frame one large
+//! packet instead of dozens of MTU-sized ones; the receiving end writes them
+//! to its own TUN device, whose kernel finishes the job.
+//!
+//! A peer that did not negotiate this (a plain RFC 9484 client) expects
+//! ordinary, complete IP packets, so for it the sender runs [`segment`]: it
+//! completes the checksum and cuts the super-packet into the packets a NIC
+//! would have put on the wire.
+//!
+//! A header that arrives from a peer is untrusted: [`VnetHdr::split`] and
+//! [`VnetHdr::validate`] apply the checks Linux's `virtio_net_hdr_to_skb`
+//! makes, plus the IPv4 sanity [`segment`] relies on.
+
+/// Size of `struct virtio_net_hdr` (without the `num_buffers` field of the
+/// mergeable-buffers variant, which TUN does not use).
+pub const VNET_HDR_LEN: usize = 10;
+
+/// The smallest segment size accepted: no real MSS is smaller (Linux's
+/// floor is 48 bytes of TCP payload plus options), and it bounds how many
+/// segments one 64 KiB packet can become.
+pub const MIN_GSO_SIZE: u16 = 64;
+
+// IPv4 header (RFC 791): field offsets and values this module touches.
+const IPV4_MIN_HDR_LEN: usize = 20;
+const IP_TOTAL_LEN: usize = 2;
+const IP_ID: usize = 4;
+const IP_FRAG: usize = 6;
+const IP_PROTO: usize = 9;
+const IP_CSUM: usize = 10;
+const IP_ADDRS: std::ops::Range<usize> = 12..20;
+/// The MF flag and the fragment offset: either set means a fragment.
+const IP_FRAG_MASK: u16 = 0x3fff;
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+
+// TCP header (RFC 9293): field offsets and flags.
+const TCP_MIN_HDR_LEN: usize = 20;
+const TCP_SEQ: usize = 4;
+const TCP_DATA_OFFSET: usize = 12;
+const TCP_FLAGS: usize = 13;
+const TCP_CSUM: u16 = 16;
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+
+// UDP header (RFC 768).
+const UDP_HDR_LEN: usize = 8;
+const UDP_LEN: usize = 4;
+const UDP_CSUM: u16 = 6;
+
+/// `struct virtio_net_hdr`: how the kernel describes the offload work still
+/// to be done on the packet that follows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    /// [`VnetHdr::F_NEEDS_CSUM`] and/or [`VnetHdr::F_DATA_VALID`].
+    pub flags: u8,
+    /// [`VnetHdr::GSO_NONE`], [`VnetHdr::GSO_TCPV4`] or
+    /// [`VnetHdr::GSO_UDP_L4`], the first two possibly with
+    /// [`VnetHdr::GSO_ECN`] (only valid with TCPv4).
+    pub gso_type: u8,
+    /// Length of the headers repeated in every segment; advisory only (Linux
+    /// recomputes it), so validation only bounds it by the packet length.
+    pub hdr_len: u16,
+    /// Payload bytes per segment (the MSS for TCP).
+    pub gso_size: u16,
+    /// Where the checksummed region starts: the transport header.
+    pub csum_start: u16,
+    /// Where the checksum field sits, from `csum_start`.
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    /// The transport checksum is partial: the field at
+    /// `csum_start + csum_offset` holds the pseudo-header sum and the sum
+    /// over `packet[csum_start..]` remains to be folded in.
+    pub const F_NEEDS_CSUM: u8 = 1;
+    /// The checksum has already been verified; nothing to do for it.
+    pub const F_DATA_VALID: u8 = 2;
+    /// Not a super-packet: no segmentation to do.
+    pub const GSO_NONE: u8 = 0;
+    /// An IPv4 TCP super-packet, to be cut into `gso_size`-byte segments.
+    pub const GSO_TCPV4: u8 = 1;
+    /// An IPv4 UDP super-packet, to be cut into `gso_size`-byte datagrams.
+    pub const GSO_UDP_L4: u8 = 5;
+    /// The TCP flow uses ECN: CWR goes on the first segment only.
+    pub const GSO_ECN: u8 = 0x80;
+    /// No offload: a complete packet with a correct checksum.
+    pub const NONE: VnetHdr = VnetHdr {
+        flags: 0,
+        gso_type: Self::GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 0,
+        csum_offset: 0,
+    };
+
+    /// Decodes the 10 wire bytes: `flags`, `gso_type`, then four
+    /// little-endian `u16`s (virtio 1.x is little-endian regardless of host).
+    pub fn from_bytes(bytes: [u8; VNET_HDR_LEN]) -> Self {
+        let le16 = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        VnetHdr {
+            flags: bytes[0],
+            gso_type: bytes[1],
+            hdr_len: le16(2),
+            gso_size: le16(4),
+            csum_start: le16(6),
+            csum_offset: le16(8),
+        }
+    }
+
+    /// Encodes the header in the layout [`VnetHdr::from_bytes`] reads.
+    pub fn to_bytes(&self) -> [u8; VNET_HDR_LEN] {
+        let mut out = [0; VNET_HDR_LEN];
+        out[0] = self.flags;
+        out[1] = self.gso_type;
+        out[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        out[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        out[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        out[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        out
+    }
+
+    /// Whether the packet is a super-packet that needs segmenting (ignoring
+    /// the ECN bit, which only qualifies the type).
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !Self::GSO_ECN != Self::GSO_NONE
+    }
+
+    /// Splits header+packet (the tunnel payload) and validates the header
+    /// against the packet, so that a peer's header is never trusted as is.
+    pub fn split(payload: &[u8]) -> Result<(VnetHdr, &[u8]), GsoError> {
+        let (head, packet) = payload
+            .split_first_chunk::<VNET_HDR_LEN>()
+            .ok_or(GsoError::ShortPayload { len: payload.len() })?;
+        let hdr = Self::from_bytes(*head);
+        hdr.validate(packet)?;
+        Ok((hdr, packet))
+    }
+
+    /// The checks `split` does, for a header and packet already apart.
+    pub fn validate(&self, packet: &[u8]) -> Result<(), GsoError> {
+        self.check(packet).map(|_| ())
+    }
+
+    fn needs_csum(&self) -> bool {
+        self.flags & Self::F_NEEDS_CSUM != 0
+    }
+
+    /// Validates, and for a GSO packet returns where its headers end so that
+    /// [`segment`] can slice without checking again.
+    fn check(&self, packet: &[u8]) -> Result<Option<GsoLayout>, GsoError> {
+        self.check_flags()?;
+        let transport = self.check_gso_type()?;
+        self.check_bounds(packet.len())?;
+        match transport {
+            None => Ok(None),
+            Some(transport) => self.check_gso(transport, packet).map(Some),
+        }
+    }
+
+    fn check_flags(&self) -> Result<(), GsoError> {
+        let known = Self::F_NEEDS_CSUM | Self::F_DATA_VALID;
+        if self.flags & !known != 0 {
+            return Err(GsoError::UnknownFlags { flags: self.flags });
+        }
+        Ok(())
+    }
+
+    /// The transport the GSO type asks to segment, `None` for no GSO.
+    fn check_gso_type(&self) -> Result<Option<Transport>, GsoError> {
+        let transport = match self.gso_type & !Self::GSO_ECN {
+            Self::GSO_NONE => None,
+            Self::GSO_TCPV4 => Some(Transport::Tcp),
+            Self::GSO_UDP_L4 => Some(Transport::Udp),
+            _ => {
+                return Err(GsoError::UnknownGsoType {
+                    gso_type: self.gso_type,
+                })
+            }
+        };
+        // ECN only describes how TCP's CWR flag is spread over segments.
+        if self.gso_type & Self::GSO_ECN != 0 && transport != Some(Transport::Tcp) {
+            return Err(GsoError::EcnWithoutTcp {
+                gso_type: self.gso_type,
+            });
+        }
+        Ok(transport)
+    }
+
+    /// Offsets that must lie inside the packet whatever the packet is.
+    fn check_bounds(&self, len: usize) -> Result<(), GsoError> {
+        if usize::from(self.hdr_len) > len {
+            return Err(GsoError::HdrLenBeyondPacket {
+                hdr_len: self.hdr_len,
+                len,
+            });
+        }
+        // In usize: two u16s plus 2 cannot overflow it.
+        let csum_end = usize::from(self.csum_start) + usize::from(self.csum_offset) + 2;
+        if self.needs_csum() && csum_end > len {
+            return Err(GsoError::ChecksumBeyondPacket {
+                start: self.csum_start,
+                offset: self.csum_offset,
+                len,
+            });
+        }
+        Ok(())
+    }
+
+    /// What segmenting needs: an unfragmented IPv4 packet of the right
+    /// protocol, a partial checksum where that protocol keeps it, and a
+    /// transport header that fits.
+    fn check_gso(&self, transport: Transport, packet: &[u8]) -> Result<GsoLayout, GsoError> {
+        if !self.needs_csum() {
+            return Err(GsoError::GsoWithoutChecksum {
+                gso: transport.gso_name(),
+            });
+        }
+        if self.gso_size < MIN_GSO_SIZE {
+            return Err(GsoError::GsoSizeTooSmall {
+                size: self.gso_size,
+            });
+        }
+        let ip_hdr_len = ipv4_header_len(packet, transport)?;
+        self.check_checksum_place(transport, ip_hdr_len)?;
+        let l4_hdr_len = transport_header_len(packet, ip_hdr_len, transport)?;
+        Ok(GsoLayout {
+            transport,
+            ip_hdr_len,
+            l4_hdr_len,
+            gso_size: usize::from(self.gso_size),
+        })
+    }
+
+    fn check_checksum_place(
+        &self,
+        transport: Transport,
+        ip_hdr_len: usize,
+    ) -> Result<(), GsoError> {
+        let want_offset = transport.csum_offset();
+        if usize::from(self.csum_start) != ip_hdr_len || self.csum_offset != want_offset {
+            return Err(GsoError::ChecksumMisplaced {
+                gso: transport.gso_name(),
+                start: self.csum_start,
+                offset: self.csum_offset,
+                want_start: ip_hdr_len,
+                want_offset,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why an offload header cannot be used with its packet.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GsoError {
+    /// The tunnel payload cannot even hold the header.
+    #[error(
+        "offload header: payload of {len} bytes is shorter than the {VNET_HDR_LEN}-byte header"
+    )]
+    ShortPayload { len: usize },
+    /// Flag bits other than NEEDS_CSUM and DATA_VALID.
+    #[error("offload header: unknown flags {flags:#x}")]
+    UnknownFlags { flags: u8 },
+    /// A GSO type other than none, TCPv4 and UDP_L4 (ECN bit aside).
+    #[error("offload header: unknown GSO type {gso_type:#x}")]
+    UnknownGsoType { gso_type: u8 },
+    /// The ECN bit on anything but TCPv4.
+    #[error("offload header: ECN bit in GSO type {gso_type:#x}, allowed only with TCPv4")]
+    EcnWithoutTcp { gso_type: u8 },
+    /// A header length past the end of the packet.
+    #[error("offload header: header length {hdr_len} exceeds the {len}-byte packet")]
+    HdrLenBeyondPacket { hdr_len: u16, len: usize },
+    /// A checksum field that does not fit in the packet.
+    #[error("offload header: checksum at {start}+{offset} lies beyond the {len}-byte packet")]
+    ChecksumBeyondPacket { start: u16, offset: u16, len: usize },
+    /// Segments need their checksums computed, so GSO implies NEEDS_CSUM.
+    #[error("offload header: GSO type {gso} without the NEEDS_CSUM flag")]
+    GsoWithoutChecksum { gso: &'static str },
+    /// Tiny segments would turn one packet into thousands (and zero-byte
+    /// ones would never end).
+    #[error("offload header: GSO size {size} is below the minimum of {MIN_GSO_SIZE}")]
+    GsoSizeTooSmall { size: u16 },
+    /// A GSO packet that is not IPv4 carrying the GSO type's protocol.
+    #[error("offload header: GSO type {gso} on a packet that is not {expected}")]
+    NotGsoPacket {
+        gso: &'static str,
+        expected: &'static str,
+    },
+    /// A GSO packet whose IPv4 total length disagrees with its size.
+    #[error(
+        "offload header: GSO packet's IPv4 total length {total_len} differs from its {len} bytes"
+    )]
+    TotalLengthMismatch { total_len: u16, len: usize },
+    /// An IPv4 fragment cannot be segmented: it has no complete transport payload.
+    #[error("offload header: GSO type {gso} on an IPv4 fragment")]
+    Fragment { gso: &'static str },
+    /// A partial checksum somewhere other than the transport's checksum field.
+    #[error(
+        "offload header: GSO type {gso} needs the checksum at {want_start}+{want_offset}, not {start}+{offset}"
+    )]
+    ChecksumMisplaced {
+        gso: &'static str,
+        start: u16,
+        offset: u16,
+        want_start: usize,
+        want_offset: u16,
+    },
+    /// A TCP data offset below 5 words or past the end of the packet.
+    #[error(
+        "offload header: TCP data offset {data_offset} does not fit the {available} bytes after the IPv4 header"
+    )]
+    BadTcpHeader { data_offset: u8, available: usize },
+}
+
+/// Software fallback: emits the packet(s) a NIC would have put on the wire:
+/// checksum completed (if NEEDS_CSUM) and, for GSO, one packet per segment.
+/// Returns the number of packets emitted. `scratch` is reused between calls
+/// to avoid allocating per segment.
+///
+/// The header is validated first, so a peer's header may be passed as is;
+/// on error nothing is emitted.
+pub fn segment(
+    hdr: &VnetHdr,
+    packet: &[u8],
+    scratch: &mut Vec<u8>,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, GsoError> {
+    match hdr.check(packet)? {
+        Some(layout) => Ok(segment_gso(&layout, packet, scratch, &mut emit)),
+        None if hdr.needs_csum() => {
+            complete_checksum(hdr, packet, scratch);
+            emit(scratch);
+            Ok(1)
+        }
+        None => {
+            emit(packet);
+            Ok(1)
+        }
+    }
+}
+
+/// The transport a GSO type segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    fn gso_name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TCPv4",
+            Transport::Udp => "UDP_L4",
+        }
+    }
+
+    fn expected_packet(self) -> &'static str {
+        match self {
+            Transport::Tcp => "IPv4/TCP",
+            Transport::Udp => "IPv4/UDP",
+        }
+    }
+
+    fn protocol(self) -> u8 {
+        match self {
+            Transport::Tcp => PROTO_TCP,
+            Transport::Udp => PROTO_UDP,
+        }
+    }
+
+    fn csum_offset(self) -> u16 {
+        match self {
+            Transport::Tcp => TCP_CSUM,
+            Transport::Udp => UDP_CSUM,
+        }
+    }
+}
+
+/// Where a validated GSO packet's headers end. Every offset here has been
+/// checked against the packet, so segmenting can index without panicking.
+struct GsoLayout {
+    transport: Transport,
+    ip_hdr_len: usize,
+    l4_hdr_len: usize,
+    gso_size: usize,
+}
+
+impl GsoLayout {
+    fn headers_len(&self) -> usize {
+        self.ip_hdr_len + self.l4_hdr_len
+    }
+}
+
+/// The IPv4 header length of a packet fit for `transport` segmentation.
+fn ipv4_header_len(packet: &[u8], transport: Transport) -> Result<usize, GsoError> {
+    let not_it = GsoError::NotGsoPacket {
+        gso: transport.gso_name(),
+        expected: transport.expected_packet(),
+    };
+    if packet.len() < IPV4_MIN_HDR_LEN || packet[0] >> 4 != 4 {
+        return Err(not_it);
+    }
+    let ip_hdr_len = usize::from(packet[0] & 0x0f) * 4;
+    if ip_hdr_len < IPV4_MIN_HDR_LEN || ip_hdr_len > packet.len() {
+        return Err(not_it);
+    }
+    if packet[IP_PROTO] != transport.protocol() {
+        return Err(not_it);
+    }
+    // Segment lengths are derived from the packet's size, so the two must agree.
+    let total_len = be16(packet, IP_TOTAL_LEN);
+    if usize::from(total_len) != packet.len() {
+        return Err(GsoError::TotalLengthMismatch {
+            total_len,
+            len: packet.len(),
+        });
+    }
+    if be16(packet, IP_FRAG) & IP_FRAG_MASK != 0 {
+        return Err(GsoError::Fragment {
+            gso: transport.gso_name(),
+        });
+    }
+    Ok(ip_hdr_len)
+}
+
+/// The transport header length, checked to fit after the IPv4 header.
+fn transport_header_len(
+    packet: &[u8],
+    ip_hdr_len: usize,
+    transport: Transport,
+) -> Result<usize, GsoError> {
+    let available = packet.len() - ip_hdr_len;
+    let l4_hdr_len = match transport {
+        Transport::Udp => UDP_HDR_LEN,
+        Transport::Tcp => {
+            let data_offset = packet
+                .get(ip_hdr_len + TCP_DATA_OFFSET)
+                .map_or(0, |byte| byte >> 4);
+            let len = usize::from(data_offset) * 4;
+            if len < TCP_MIN_HDR_LEN || len > available {
+                return Err(GsoError::BadTcpHeader {
+                    data_offset,
+                    available,
+                });
+            }
+            len
+        }
+    };
+    // Already implied by the checksum bounds; kept so slicing never depends
+    // on the order of checks.
+    if l4_hdr_len > available {
+        return Err(GsoError::NotGsoPacket {
+            gso: transport.gso_name(),
+            expected: transport.expected_packet(),
+        });
+    }
+    Ok(l4_hdr_len)
+}
+
+/// Finishes a CHECKSUM_PARTIAL packet as `skb_checksum_help` would: the
+/// field already holds the pseudo-header sum, so summing from `csum_start`
+/// through the end covers pseudo-header, header and payload at once.
+fn complete_checksum(hdr: &VnetHdr, packet: &[u8], scratch: &mut Vec<u8>) {
+    scratch.clear();
+    scratch.extend_from_slice(packet);
+    let start = usize::from(hdr.csum_start);
+    let field = start + usize::from(hdr.csum_offset);
+    let mut sum = Checksum::default();
+    sum.add(&scratch[start..]);
+    let mut csum = sum.finish();
+    // In UDP a zero checksum means "none"; 0xffff is the same value in
+    // ones' complement.
+    if hdr.csum_offset == UDP_CSUM && csum == 0 {
+        csum = 0xffff;
+    }
+    put16(scratch, field, csum);
+}
+
+/// Cuts a validated super-packet into segments, each built in `scratch`.
+fn segment_gso(
+    layout: &GsoLayout,
+    packet: &[u8],
+    scratch: &mut Vec<u8>,
+    emit: &mut impl FnMut(&[u8]),
+) -> usize {
+    let (headers, payload) = packet.split_at(layout.headers_len());
+    let count = segment_count(payload.len(), layout.gso_size);
+    for index in 0..count {
+        let start = index * layout.gso_size;
+        let end = payload.len().min(start + layout.gso_size);
+        scratch.clear();
+        scratch.extend_from_slice(headers);
+        scratch.extend_from_slice(&payload[start..end]);
+        fix_ipv4_header(scratch, layout.ip_hdr_len, index);
+        match layout.transport {
+            Transport::Tcp => fix_tcp_header(scratch, layout, index, count),
+            Transport::Udp => fix_udp_header(scratch, layout.ip_hdr_len),
+        }
+        emit(scratch);
+    }
+    count
+}
+
+/// How many segments `payload_len` bytes make; an empty payload (a bare
+/// header, e.g. a FIN) still makes one packet.
+fn segment_count(payload_len: usize, gso_size: usize) -> usize {
+    payload_len.div_ceil(gso_size).max(1)
+}
+
+/// Total length, ID and header checksum for segment `index`. The ID
+/// increments per segment as Linux does without TCP_FIXEDID.
+fn fix_ipv4_header(seg: &mut [u8], ip_hdr_len: usize, index: usize) {
+    // A segment is never longer than the packet, whose length came from a u16.
+    put16(seg, IP_TOTAL_LEN, seg.len() as u16);
+    let id = be16(seg, IP_ID).wrapping_add(index as u16);
+    put16(seg, IP_ID, id);
+    put16(seg, IP_CSUM, 0);
+    let mut sum = Checksum::default();
+    sum.add(&seg[..ip_hdr_len]);
+    put16(seg, IP_CSUM, sum.finish());
+}
+
+/// Sequence number, flags and checksum for TCP segment `index` of `count`,
+/// following `tcp_gso_segment`: FIN and PSH end the data so they belong to
+/// the last segment, CWR answers ECE once so it belongs to the first.
+fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize) {
+    let tcp = layout.ip_hdr_len;
+    let advance = (index as u32).wrapping_mul(layout.gso_size as u32);
+    let seq = be32(seg, tcp + TCP_SEQ).wrapping_add(advance);
+    seg[tcp + TCP_SEQ..tcp + TCP_SEQ + 4].copy_from_slice(&seq.to_be_bytes());
+    if index + 1 != count {
+        seg[tcp + TCP_FLAGS] &= !(TCP_FIN | TCP_PSH);
+    }
+    if index != 0 {
+        seg[tcp + TCP_FLAGS] &= !TCP_CWR;
+    }
+    let csum = transport_checksum(seg, tcp, PROTO_TCP, usize::from(TCP_CSUM));
+    put16(seg, tcp + usize::from(TCP_CSUM), csum);
+}
+
+/// Length and checksum for a UDP datagram cut from a UDP super-packet.
+fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
+    let udp = ip_hdr_len;
+    put16(seg, udp + UDP_LEN, (seg.len() - udp) as u16);
+    let mut csum = transport_checksum(seg, udp, PROTO_UDP, usize::from(UDP_CSUM));
+    // Zero would mean "no checksum"; 0xffff is the same value.
+    if csum == 0 {
+        csum = 0xffff;
+    }
+    put16(seg, udp + usize::from(UDP_CSUM), csum);
+}
+
+/// The transport checksum computed from scratch over the IPv4
+/// pseudo-header and `seg[l4..]`, ignoring whatever the field held.
+fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usize) -> u16 {
+    put16(seg, l4 + csum_offset, 0);
+    let l4_len = seg.len() - l4;
+    let mut sum = Checksum::default();
+    sum.add(&seg[IP_ADDRS]);
+    sum.add_u16(u16::from(protocol));
+    sum.add_u16(l4_len as u16);
+    sum.add(&seg[l4..]);
+    sum.finish()
+}
+
+/// RFC 1071 Internet checksum accumulator. Words are summed in a u64 so no
+/// carry is lost before the final fold. Only the last slice added may have
+/// an odd length (its final byte is padded with zero).
+#[derive(Default)]
+struct Checksum(u64);
+
+impl Checksum {
+    fn add(&mut self, data: &[u8]) {
+        let mut words = data.chunks_exact(2);
+        for word in &mut words {
+            self.0 += u64::from(u16::from_be_bytes([word[0], word[1]]));
+        }
+        if let [last] = words.remainder() {
+            self.0 += u64::from(*last) << 8;
+        }
+    }
+
+    fn add_u16(&mut self, value: u16) {
+        self.0 += u64::from(value);
+    }
+
+    /// The folded sum, complemented: the value to store in the field.
+    fn finish(self) -> u16 {
+        let mut sum = self.0;
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+}
+
+fn be16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([bytes[at], bytes[at + 1]])
+}
+
+fn be32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+fn put16(bytes: &mut [u8], at: usize, value: u16) {
+    bytes[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: [u8; 4] = [10, 77, 0, 2];
+    const DST: [u8; 4] = [192, 0, 2, 7];
+    const FIN: u8 = 0x01;
+    const PSH: u8 = 0x08;
+    const ACK: u8 = 0x10;
+    const CWR: u8 = 0x80;
+    /// Timestamps option (kind 8, length 10) padded with two NOPs to 12 bytes.
+    const TS_OPTION: [u8; 12] = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+
+    // --- An independent RFC 1071 checksum -----------------------------
+
+    /// Ones' complement sum of `data` as big-endian words, folded to 16 bits.
+    fn ones_sum(data: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i < data.len() {
+            let hi = u32::from(data[i]) << 8;
+            let lo = data.get(i + 1).map_or(0, |&b| u32::from(b));
+            sum += hi | lo;
+            i += 2;
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
+    }
+
+    fn pseudo_header(proto: u8, l4_len: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&SRC);
+        p.extend_from_slice(&DST);
+        p.push(0);
+        p.push(proto);
+        p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        p
+    }
+
+    /// Whether the IPv4 header checksum of `packet` verifies.
+    fn ip_checksum_ok(packet: &[u8]) -> bool {
+        let ihl = usize::from(packet[0] & 0xf) * 4;
+        !ones_sum(&packet[..ihl]) == 0
+    }
+
+    /// Whether the transport checksum of `packet` verifies: the sum over
+    /// pseudo-header and segment complements to zero.
+    fn l4_checksum_ok(packet: &[u8]) -> bool {
+        let ihl = usize::from(packet[0] & 0xf) * 4;
+        let mut all = pseudo_header(packet[9], packet.len() - ihl);
+        all.extend_from_slice(&packet[ihl..]);
+        !ones_sum(&all) == 0
+    }
+
+    // --- Packet builders ----------------------------------------------
+
+    /// An IPv4 packet with a correct header checksum around `l4`.
+    fn ipv4(proto: u8, id: u16, ip_options: &[u8], l4: &[u8]) -> Vec<u8> {
+        assert_eq!(ip_options.len() % 4, 0);
+        let ihl = 20 + ip_options.len();
+        let total = ihl + l4.len();
+        let mut p = vec![0x40 | (ihl / 4) as u8, 0];
+        p.extend_from_slice(&(total as u16).to_be_bytes());
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&[0x40, 0]); // DF
+        p.extend_from_slice(&[64, proto, 0, 0]);
+        p.extend_from_slice(&SRC);
+        p.extend_from_slice(&DST);
+        p.extend_from_slice(ip_options);
+        p.extend_from_slice(l4);
+        let csum = !ones_sum(&p[..ihl]);
+        p[10..12].copy_from_slice(&csum.to_be_bytes());
+        p
+    }
+
+    /// Stores the partial checksum Linux leaves for CHECKSUM_PARTIAL: the
+    /// pseudo-header sum, folded but not complemented.
+    fn set_partial(packet: &mut [u8], csum_at: usize) {
+        let ihl = usize::from(packet[0] & 0xf) * 4;
+        let partial = ones_sum(&pseudo_header(packet[9], packet.len() - ihl));
+        packet[csum_at..csum_at + 2].copy_from_slice(&partial.to_be_bytes());
+    }
+
+    struct Tcp<'a> {
+        seq: u32,
+        flags: u8,
+        id: u16,
+        ip_options: &'a [u8],
+        tcp_options: &'a [u8],
+    }
+
+    impl Default for Tcp<'_> {
+        fn default() -> Self {
+            Tcp {
+                seq: 1000,
+                flags: ACK,
+                id: 0x1234,
+                ip_options: &[],
+                tcp_options: &[],
+            }
+        }
+    }
+
+    impl Tcp<'_> {
+        /// An IPv4/TCP packet carrying `payload` with a partial checksum.
+        fn packet(&self, payload: &[u8]) -> Vec<u8> {
+            assert_eq!(self.tcp_options.len() % 4, 0);
+            let doff = (20 + self.tcp_options.len()) / 4;
+            let mut tcp = Vec::new();
+            tcp.extend_from_slice(&40000u16.to_be_bytes());
+            tcp.extend_from_slice(&443u16.to_be_bytes());
+            tcp.extend_from_slice(&self.seq.to_be_bytes());
+            tcp.extend_from_slice(&77u32.to_be_bytes()); // ack
+            tcp.push((doff as u8) << 4);
+            tcp.push(self.flags);
+            tcp.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, csum, urgent
+            tcp.extend_from_slice(self.tcp_options);
+            tcp.extend_from_slice(payload);
+            let mut p = ipv4(PROTO_TCP, self.id, self.ip_options, &tcp);
+            let ihl = 20 + self.ip_options.len();
+            set_partial(&mut p, ihl + 16);
+            p
+        }
+    }
+
+    fn tcp_packet(payload: &[u8]) -> Vec<u8> {
+        Tcp::default().packet(payload)
+    }
+
+    /// An IPv4/UDP packet carrying `payload` with a partial checksum.
+    fn udp_packet(payload: &[u8]) -> Vec<u8> {
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&5353u16.to_be_bytes());
+        udp.extend_from_slice(&4433u16.to_be_bytes());
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        let mut p = ipv4(PROTO_UDP, 0x0100, &[], &udp);
+        set_partial(&mut p, 26);
+        p
+    }
+
+    fn tcp_gso(gso_size: u16, ihl: u16, doff_bytes: u16) -> VnetHdr {
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            gso_type: VnetHdr::GSO_TCPV4,
+            hdr_len: ihl + doff_bytes,
+            gso_size,
+            csum_start: ihl,
+            csum_offset: 16,
+        }
+    }
+
+    fn udp_gso(gso_size: u16) -> VnetHdr {
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            gso_type: VnetHdr::GSO_UDP_L4,
+            hdr_len: 28,
+            gso_size,
+            csum_start: 20,
+            csum_offset: 6,
+        }
+    }
+
+    fn csum_only(csum_start: u16, csum_offset: u16) -> VnetHdr {
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            csum_start,
+            csum_offset,
+            ..VnetHdr::NONE
+        }
+    }
+
+    fn payload(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    fn run(hdr: &VnetHdr, packet: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut scratch = Vec::new();
+        let n = segment(hdr, packet, &mut scratch, |p| out.push(p.to_vec())).unwrap();
+        assert_eq!(n, out.len());
+        out
+    }
+
+    fn with_header(hdr: &VnetHdr, packet: &[u8]) -> Vec<u8> {
+        let mut v = hdr.to_bytes().to_vec();
+        v.extend_from_slice(packet);
+        v
+    }
+
+    fn split_err(hdr: &VnetHdr, packet: &[u8]) -> GsoError {
+        VnetHdr::split(&with_header(hdr, packet)).unwrap_err()
+    }
+
+    fn u16_at(p: &[u8], at: usize) -> u16 {
+        u16::from_be_bytes([p[at], p[at + 1]])
+    }
+
+    fn u32_at(p: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]])
+    }
+
+    // --- Header encoding ----------------------------------------------
+
+    #[test]
+    fn header_bytes_are_little_endian_and_round_trip() {
+        let hdr = VnetHdr {
+            flags: 1,
+            gso_type: 0x81,
+            hdr_len: 0x0102,
+            gso_size: 0x0304,
+            csum_start: 0x0506,
+            csum_offset: 0x0708,
+        };
+        let bytes = hdr.to_bytes();
+        assert_eq!(bytes, [1, 0x81, 2, 1, 4, 3, 6, 5, 8, 7]);
+        assert_eq!(VnetHdr::from_bytes(bytes), hdr);
+        assert_eq!(VnetHdr::NONE.to_bytes(), [0; VNET_HDR_LEN]);
+        assert_eq!(VnetHdr::NONE, VnetHdr::default());
+    }
+
+    #[test]
+    fn is_gso_ignores_the_ecn_bit() {
+        assert!(!VnetHdr::NONE.is_gso());
+        assert!(!csum_only(20, 16).is_gso());
+        assert!(tcp_gso(1400, 20, 20).is_gso());
+        assert!(udp_gso(1400).is_gso());
+        let ecn = VnetHdr {
+            gso_type: VnetHdr::GSO_TCPV4 | VnetHdr::GSO_ECN,
+            ..VnetHdr::NONE
+        };
+        assert!(ecn.is_gso());
+    }
+
+    // --- Validation ---------------------------------------------------
+
+    #[test]
+    fn split_returns_header_and_packet() {
+        let packet = tcp_packet(&payload(3000));
+        let hdr = tcp_gso(1400, 20, 20);
+        let payload = with_header(&hdr, &packet);
+        let (got, rest) = VnetHdr::split(&payload).unwrap();
+        assert_eq!(got, hdr);
+        assert_eq!(rest, &packet[..]);
+    }
+
+    #[test]
+    fn split_rejects_a_short_payload() {
+        let err = VnetHdr::split(&[0; 7]).unwrap_err();
+        assert_eq!(err, GsoError::ShortPayload { len: 7 });
+        assert_eq!(
+            err.to_string(),
+            "offload header: payload of 7 bytes is shorter than the 10-byte header"
+        );
+        // A bare header with an empty packet is fine.
+        assert_eq!(VnetHdr::split(&[0; 10]).unwrap(), (VnetHdr::NONE, &[][..]));
+    }
+
+    #[test]
+    fn split_rejects_unknown_flags() {
+        let hdr = VnetHdr {
+            flags: 4,
+            ..VnetHdr::NONE
+        };
+        assert_eq!(
+            split_err(&hdr, &[0; 40]),
+            GsoError::UnknownFlags { flags: 4 }
+        );
+        let valid = VnetHdr {
+            flags: VnetHdr::F_DATA_VALID,
+            ..VnetHdr::NONE
+        };
+        assert!(valid.validate(&[0; 40]).is_ok());
+    }
+
+    #[test]
+    fn split_rejects_an_unknown_gso_type() {
+        let hdr = VnetHdr {
+            gso_type: 3,
+            ..tcp_gso(1400, 20, 20)
+        };
+        let err = split_err(&hdr, &tcp_packet(&payload(3000)));
+        assert_eq!(err, GsoError::UnknownGsoType { gso_type: 3 });
+        assert_eq!(err.to_string(), "offload header: unknown GSO type 0x3");
+        // GSO_UDP (UFO, 3) and TCPv6 (4) are not ours either.
+        for gso_type in [4, 6, 0x7f] {
+            let hdr = VnetHdr {
+                gso_type,
+                ..VnetHdr::NONE
+            };
+            assert_eq!(
+                hdr.validate(&[]),
+                Err(GsoError::UnknownGsoType { gso_type })
+            );
+        }
+    }
+
+    #[test]
+    fn ecn_is_allowed_only_with_tcpv4() {
+        let udp = VnetHdr {
+            gso_type: VnetHdr::GSO_UDP_L4 | VnetHdr::GSO_ECN,
+            ..udp_gso(500)
+        };
+        let err = split_err(&udp, &udp_packet(&payload(1200)));
+        assert_eq!(err, GsoError::EcnWithoutTcp { gso_type: 0x85 });
+        assert_eq!(
+            err.to_string(),
+            "offload header: ECN bit in GSO type 0x85, allowed only with TCPv4"
+        );
+        let none = VnetHdr {
+            gso_type: VnetHdr::GSO_ECN,
+            ..VnetHdr::NONE
+        };
+        assert_eq!(
+            none.validate(&[]),
+            Err(GsoError::EcnWithoutTcp { gso_type: 0x80 })
+        );
+        let tcp = VnetHdr {
+            gso_type: VnetHdr::GSO_TCPV4 | VnetHdr::GSO_ECN,
+            ..tcp_gso(1400, 20, 20)
+        };
+        assert!(tcp.validate(&tcp_packet(&payload(3000))).is_ok());
+    }
+
+    #[test]
+    fn split_rejects_a_checksum_beyond_the_packet() {
+        let hdr = csum_only(1500, 16);
+        let err = split_err(&hdr, &[0; 1400]);
+        assert_eq!(
+            err,
+            GsoError::ChecksumBeyondPacket {
+                start: 1500,
+                offset: 16,
+                len: 1400
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "offload header: checksum at 1500+16 lies beyond the 1400-byte packet"
+        );
+        // The last two bytes are still inside; one more is not.
+        assert!(csum_only(20, 16).validate(&[0; 38]).is_ok());
+        assert!(csum_only(20, 16).validate(&[0; 37]).is_err());
+        // Offsets at u16::MAX do not overflow.
+        assert!(csum_only(u16::MAX, u16::MAX).validate(&[0; 100]).is_err());
+        // Without NEEDS_CSUM the offsets mean nothing.
+        let ignored = VnetHdr {
+            flags: 0,
+            ..csum_only(u16::MAX, u16::MAX)
+        };
+        assert!(ignored.validate(&[0; 100]).is_ok());
+    }
+
+    #[test]
+    fn split_rejects_a_header_length_beyond_the_packet() {
+        let hdr = VnetHdr {
+            hdr_len: 41,
+            ..VnetHdr::NONE
+        };
+        let err = split_err(&hdr, &[0; 40]);
+        assert_eq!(
+            err,
+            GsoError::HdrLenBeyondPacket {
+                hdr_len: 41,
+                len: 40
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "offload header: header length 41 exceeds the 40-byte packet"
+        );
+        // Not required to match the real headers: Linux recomputes it.
+        let loose = VnetHdr {
+            hdr_len: 10,
+            ..tcp_gso(1400, 20, 20)
+        };
+        assert!(loose.validate(&tcp_packet(&payload(3000))).is_ok());
+    }
+
+    #[test]
+    fn gso_requires_needs_csum() {
+        let hdr = VnetHdr {
+            flags: VnetHdr::F_DATA_VALID,
+            ..tcp_gso(1400, 20, 20)
+        };
+        let err = split_err(&hdr, &tcp_packet(&payload(3000)));
+        assert_eq!(err, GsoError::GsoWithoutChecksum { gso: "TCPv4" });
+        assert_eq!(
+            err.to_string(),
+            "offload header: GSO type TCPv4 without the NEEDS_CSUM flag"
+        );
+    }
+
+    #[test]
+    fn gso_requires_a_sensible_size() {
+        let err = split_err(&tcp_gso(0, 20, 20), &tcp_packet(&payload(3000)));
+        assert_eq!(err, GsoError::GsoSizeTooSmall { size: 0 });
+        assert_eq!(
+            err.to_string(),
+            "offload header: GSO size 0 is below the minimum of 64"
+        );
+        let err = split_err(&udp_gso(63), &udp_packet(&payload(3000)));
+        assert_eq!(err, GsoError::GsoSizeTooSmall { size: 63 });
+    }
+
+    #[test]
+    fn gso_requires_ipv4() {
+        let mut packet = tcp_packet(&payload(3000));
+        packet[0] = 0x65; // version 6
+        let err = split_err(&tcp_gso(1400, 20, 20), &packet);
+        assert_eq!(
+            err,
+            GsoError::NotGsoPacket {
+                gso: "TCPv4",
+                expected: "IPv4/TCP"
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "offload header: GSO type TCPv4 on a packet that is not IPv4/TCP"
+        );
+        // IHL below 5.
+        let mut packet = tcp_packet(&payload(3000));
+        packet[0] = 0x44;
+        assert!(matches!(
+            tcp_gso(1400, 20, 20).validate(&packet),
+            Err(GsoError::NotGsoPacket { .. })
+        ));
+        // IHL past the end of a tiny packet (checksum bounds aside).
+        let tiny = [
+            0x4f, 0, 0, 22, 0, 0, 0, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let hdr = VnetHdr {
+            hdr_len: 0,
+            csum_start: 0,
+            csum_offset: 0,
+            ..tcp_gso(1400, 20, 20)
+        };
+        assert!(matches!(
+            hdr.validate(&tiny),
+            Err(GsoError::NotGsoPacket { .. })
+        ));
+    }
+
+    #[test]
+    fn gso_requires_the_matching_protocol() {
+        // TCPv4 on a UDP packet (checksum placed as TCP would want it).
+        let udp = udp_packet(&payload(3000));
+        let err = tcp_gso(1400, 20, 20).validate(&udp).unwrap_err();
+        assert_eq!(
+            err,
+            GsoError::NotGsoPacket {
+                gso: "TCPv4",
+                expected: "IPv4/TCP"
+            }
+        );
+        // UDP_L4 on a TCP packet.
+        let tcp = tcp_packet(&payload(3000));
+        let err = udp_gso(1400).validate(&tcp).unwrap_err();
+        assert_eq!(
+            err,
+            GsoError::NotGsoPacket {
+                gso: "UDP_L4",
+                expected: "IPv4/UDP"
+            }
+        );
+    }
+
+    #[test]
+    fn gso_rejects_fragments() {
+        let hdr = tcp_gso(1400, 20, 20);
+        let mut more_fragments = tcp_packet(&payload(3000));
+        more_fragments[6] = 0x20;
+        let err = split_err(&hdr, &more_fragments);
+        assert_eq!(err, GsoError::Fragment { gso: "TCPv4" });
+        assert_eq!(
+            err.to_string(),
+            "offload header: GSO type TCPv4 on an IPv4 fragment"
+        );
+        let mut offset = tcp_packet(&payload(3000));
+        offset[7] = 0x01;
+        assert_eq!(
+            split_err(&hdr, &offset),
+            GsoError::Fragment { gso: "TCPv4" }
+        );
+    }
+
+    #[test]
+    fn gso_requires_total_length_to_match() {
+        let mut packet = tcp_packet(&payload(3000));
+        packet.push(0);
+        let err = split_err(&tcp_gso(1400, 20, 20), &packet);
+        assert_eq!(
+            err,
+            GsoError::TotalLengthMismatch {
+                total_len: 3040,
+                len: 3041
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "offload header: GSO packet's IPv4 total length 3040 differs from its 3041 bytes"
+        );
+    }
+
+    #[test]
+    fn gso_requires_the_checksum_in_the_transport_field() {
+        let packet = tcp_packet(&payload(3000));
+        let hdr = VnetHdr {
+            csum_offset: 6,
+            ..tcp_gso(1400, 20, 20)
+        };
+        let err = hdr.validate(&packet).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "offload header: GSO type TCPv4 needs the checksum at 20+16, not 20+6"
+        );
+        let hdr = VnetHdr {
+            csum_start: 24,
+            ..tcp_gso(1400, 20, 20)
+        };
+        assert!(matches!(
+            hdr.validate(&packet),
+            Err(GsoError::ChecksumMisplaced { .. })
+        ));
+        let udp = udp_packet(&payload(3000));
+        let hdr = VnetHdr {
+            csum_offset: 16,
+            ..udp_gso(1400)
+        };
+        assert!(matches!(
+            hdr.validate(&udp),
+            Err(GsoError::ChecksumMisplaced { .. })
+        ));
+    }
+
+    #[test]
+    fn gso_requires_a_sane_tcp_header() {
+        let hdr = tcp_gso(1400, 20, 20);
+        let mut short = tcp_packet(&payload(3000));
+        short[32] = 0x40; // data offset 4
+        assert_eq!(
+            hdr.validate(&short),
+            Err(GsoError::BadTcpHeader {
+                data_offset: 4,
+                available: 3020
+            })
+        );
+        // Data offset 15 (60 bytes) in a packet with 2 payload bytes.
+        let mut long = tcp_packet(&[1, 2]);
+        long[32] = 0xf0;
+        let err = hdr.validate(&long).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "offload header: TCP data offset 15 does not fit the 22 bytes after the IPv4 header"
+        );
+    }
+
+    #[test]
+    fn non_gso_packets_need_not_be_ipv4() {
+        let ipv6ish = [0x60; 64];
+        assert!(VnetHdr::NONE.validate(&ipv6ish).is_ok());
+        assert!(csum_only(40, 16).validate(&ipv6ish).is_ok());
+        assert!(VnetHdr::NONE.validate(&[]).is_ok());
+    }
+
+    // --- Checksum completion ------------------------------------------
+
+    #[test]
+    fn none_without_needs_csum_emits_the_packet_unchanged() {
+        let packet = [0x60; 77];
+        assert_eq!(run(&VnetHdr::NONE, &packet), vec![packet.to_vec()]);
+    }
+
+    #[test]
+    fn needs_csum_completes_a_tcp_checksum() {
+        let packet = tcp_packet(&payload(1001));
+        assert!(!l4_checksum_ok(&packet));
+        let out = run(&csum_only(20, 16), &packet);
+        assert_eq!(out.len(), 1);
+        assert!(l4_checksum_ok(&out[0]));
+        // Only the checksum field changed.
+        assert_eq!(out[0][..36], packet[..36]);
+        assert_eq!(out[0][38..], packet[38..]);
+    }
+
+    #[test]
+    fn needs_csum_completes_a_udp_checksum() {
+        let packet = udp_packet(&payload(333));
+        let out = run(&csum_only(20, 6), &packet);
+        assert_eq!(out.len(), 1);
+        assert!(l4_checksum_ok(&out[0]));
+        assert_eq!(out[0][..26], packet[..26]);
+        assert_eq!(out[0][28..], packet[28..]);
+    }
+
+    /// A UDP payload whose last two bytes make the sum 0xffff, so that the
+    /// checksum computes to 0 and must be sent as 0xffff.
+    fn udp_summing_to_zero_checksum() -> Vec<u8> {
+        let mut packet = udp_packet(&[0x12, 0x34, 0, 0]);
+        let ihl = 20;
+        let mut all = pseudo_header(PROTO_UDP, packet.len() - ihl);
+        let field = all.len() + 6;
+        all.extend_from_slice(&packet[ihl..]);
+        all[field..field + 2].copy_from_slice(&[0, 0]); // drop the partial value
+        let sum = ones_sum(&all);
+        let n = packet.len();
+        packet[n - 2..].copy_from_slice(&(!sum).to_be_bytes());
+        packet
+    }
+
+    #[test]
+    fn a_zero_udp_checksum_is_sent_as_ffff() {
+        let packet = udp_summing_to_zero_checksum();
+        let out = run(&csum_only(20, 6), &packet);
+        assert_eq!(u16_at(&out[0], 26), 0xffff);
+        assert!(l4_checksum_ok(&out[0]));
+        let out = run(&udp_gso(100), &packet);
+        assert_eq!(out.len(), 1);
+        assert_eq!(u16_at(&out[0], 26), 0xffff);
+    }
+
+    // --- TCP segmentation ---------------------------------------------
+
+    #[test]
+    fn tcp_super_packet_splits_into_segments() {
+        let data = payload(3 * 1000 + 500);
+        let tcp = Tcp {
+            seq: 5000,
+            flags: ACK | PSH | FIN | CWR,
+            ..Tcp::default()
+        };
+        let packet = tcp.packet(&data);
+        let hdr = VnetHdr {
+            gso_type: VnetHdr::GSO_TCPV4 | VnetHdr::GSO_ECN,
+            ..tcp_gso(1000, 20, 20)
+        };
+        let out = run(&hdr, &packet);
+        assert_eq!(out.len(), 4);
+        let mut joined = Vec::new();
+        for (i, seg) in out.iter().enumerate() {
+            let len = if i == 3 { 500 } else { 1000 };
+            assert_eq!(seg.len(), 40 + len);
+            assert_eq!(u16_at(seg, 2) as usize, seg.len());
+            assert_eq!(u16_at(seg, 4), 0x1234 + i as u16);
+            assert!(ip_checksum_ok(seg), "IP checksum of segment {i}");
+            assert!(l4_checksum_ok(seg), "TCP checksum of segment {i}");
+            assert_eq!(u32_at(seg, 24), 5000 + 1000 * i as u32);
+            let flags = seg[33];
+            assert_eq!(flags & (FIN | PSH) != 0, i == 3, "FIN/PSH on segment {i}");
+            assert_eq!(flags & (FIN | PSH), if i == 3 { FIN | PSH } else { 0 });
+            assert_eq!(flags & CWR != 0, i == 0, "CWR on segment {i}");
+            assert_ne!(flags & ACK, 0);
+            // Unchanged header fields: addresses, ports, ack, window.
+            assert_eq!(seg[8..10], packet[8..10]);
+            assert_eq!(seg[12..24], packet[12..24]);
+            assert_eq!(seg[28..33], packet[28..33]);
+            assert_eq!(seg[34..36], packet[34..36]);
+            joined.extend_from_slice(&seg[40..]);
+        }
+        assert_eq!(joined, data);
+    }
+
+    #[test]
+    fn tcp_payload_of_exactly_gso_size_is_one_segment() {
+        let data = payload(1448);
+        let packet = Tcp {
+            flags: ACK | PSH,
+            ..Tcp::default()
+        }
+        .packet(&data);
+        let out = run(&tcp_gso(1448, 20, 20), &packet);
+        assert_eq!(out.len(), 1);
+        assert!(ip_checksum_ok(&out[0]));
+        assert!(l4_checksum_ok(&out[0]));
+        assert_eq!(out[0][33], ACK | PSH);
+        // The same bytes checksum completion alone would give.
+        assert_eq!(out, run(&csum_only(20, 16), &packet));
+    }
+
+    #[test]
+    fn tcp_header_without_payload_is_one_segment() {
+        let packet = Tcp {
+            flags: ACK | FIN,
+            ..Tcp::default()
+        }
+        .packet(&[]);
+        let out = run(&tcp_gso(1448, 20, 20), &packet);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), 40);
+        assert!(l4_checksum_ok(&out[0]));
+        assert_eq!(out[0][33], ACK | FIN);
+    }
+
+    #[test]
+    fn tcp_and_ip_options_are_copied_to_every_segment() {
+        let ip_options = [0x94, 4, 0, 0]; // router alert
+        let data = payload(2500);
+        let packet = Tcp {
+            ip_options: &ip_options,
+            tcp_options: &TS_OPTION,
+            ..Tcp::default()
+        }
+        .packet(&data);
+        let (ihl, thl) = (24, 32);
+        let out = run(&tcp_gso(1000, ihl as u16, thl as u16), &packet);
+        assert_eq!(out.len(), 3);
+        let mut joined = Vec::new();
+        for seg in &out {
+            assert_eq!(seg[0], 0x46);
+            assert_eq!(seg[20..24], ip_options);
+            assert_eq!(seg[ihl + 12] >> 4, 8);
+            assert_eq!(seg[ihl + 20..ihl + thl], TS_OPTION);
+            assert!(ip_checksum_ok(seg));
+            assert!(l4_checksum_ok(seg));
+            assert_eq!(u16_at(seg, 2) as usize, seg.len());
+            joined.extend_from_slice(&seg[ihl + thl..]);
+        }
+        assert_eq!(out[2].len(), ihl + thl + 500);
+        assert_eq!(joined, data);
+    }
+
+    #[test]
+    fn tcp_sequence_numbers_and_ip_ids_wrap() {
+        let packet = Tcp {
+            seq: u32::MAX - 1499,
+            id: 0xfffe,
+            ..Tcp::default()
+        }
+        .packet(&payload(4000));
+        let out = run(&tcp_gso(1000, 20, 20), &packet);
+        let seqs: Vec<u32> = out.iter().map(|s| u32_at(s, 24)).collect();
+        assert_eq!(seqs, [u32::MAX - 1499, u32::MAX - 499, 500, 1500]);
+        let ids: Vec<u16> = out.iter().map(|s| u16_at(s, 4)).collect();
+        assert_eq!(ids, [0xfffe, 0xffff, 0, 1]);
+        assert!(out.iter().all(|s| ip_checksum_ok(s) && l4_checksum_ok(s)));
+    }
+
+    #[test]
+    fn the_partial_checksum_in_the_input_is_ignored() {
+        let mut packet = tcp_packet(&payload(2000));
+        packet[36..38].copy_from_slice(&[0xde, 0xad]);
+        let out = run(&tcp_gso(1000, 20, 20), &packet);
+        assert!(out.iter().all(|s| l4_checksum_ok(s)));
+    }
+
+    // --- UDP segmentation ---------------------------------------------
+
+    #[test]
+    fn udp_super_packet_splits_into_datagrams() {
+        let data = payload(3 * 1200 + 7);
+        let packet = udp_packet(&data);
+        let out = run(&udp_gso(1200), &packet);
+        assert_eq!(out.len(), 4);
+        let mut joined = Vec::new();
+        for (i, seg) in out.iter().enumerate() {
+            let len = if i == 3 { 7 } else { 1200 };
+            assert_eq!(seg.len(), 28 + len);
+            assert_eq!(u16_at(seg, 2) as usize, seg.len());
+            assert_eq!(u16_at(seg, 4), 0x0100 + i as u16);
+            assert_eq!(u16_at(seg, 24) as usize, 8 + len);
+            assert_eq!(seg[20..24], packet[20..24]); // ports
+            assert!(ip_checksum_ok(seg), "IP checksum of datagram {i}");
+            assert!(l4_checksum_ok(seg), "UDP checksum of datagram {i}");
+            assert_ne!(u16_at(seg, 26), 0);
+            joined.extend_from_slice(&seg[28..]);
+        }
+        assert_eq!(joined, data);
+    }
+
+    // --- The segment() contract ---------------------------------------
+
+    #[test]
+    fn segment_rejects_an_invalid_header_without_emitting() {
+        let packet = tcp_packet(&payload(3000));
+        let mut emitted = 0;
+        let result = segment(&tcp_gso(0, 20, 20), &packet, &mut Vec::new(), |_| {
+            emitted += 1
+        });
+        assert_eq!(result, Err(GsoError::GsoSizeTooSmall { size: 0 }));
+        assert_eq!(emitted, 0);
+    }
+
+    #[test]
+    fn segments_are_built_in_the_reused_scratch_buffer() {
+        let packet = tcp_packet(&payload(60_000));
+        let mut scratch = Vec::with_capacity(2000);
+        let buffer = scratch.as_ptr();
+        let mut pointers = Vec::new();
+        let n = segment(&tcp_gso(1448, 20, 20), &packet, &mut scratch, |seg| {
+            pointers.push(seg.as_ptr())
+        })
+        .unwrap();
+        assert_eq!(n, 60_000usize.div_ceil(1448));
+        assert!(pointers.iter().all(|&p| p == buffer));
+    }
+}
