@@ -186,7 +186,8 @@ impl Tunnel<'_> {
         veil_user::net::tune_tunnel_socket(&tcp, veil_user::gateway::TUNNEL_LOWAT);
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            self.connector.connect(self.server_name.clone(), tcp),
+            self.connector
+                .connect(self.server_name.clone(), tls::buffered(tcp)),
         )
         .await
         .context("TLS handshake timed out")?

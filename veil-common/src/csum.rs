@@ -1,4 +1,5 @@
-//! Incremental Internet checksum updates (RFC 1624).
+//! Incremental Internet checksum updates (RFC 1624), and the full sum
+//! (RFC 1071) for user space.
 //!
 //! All values are "raw words": 16-bit or 32-bit groups of packet bytes read
 //! in native byte order (`u16::from_ne_bytes(field)`). The one's-complement
@@ -11,6 +12,45 @@ pub const fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
+}
+
+/// An RFC 1071 checksum computed over whole buffers (user space: ICMP
+/// errors, software segmentation). Big-endian words, summed in a u64 so no
+/// carry is lost before the final fold. Only the last slice added may have
+/// an odd length: its final byte is padded with zero.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Checksum(u64);
+
+impl Checksum {
+    pub fn add(&mut self, data: &[u8]) {
+        let mut words = data.chunks_exact(2);
+        for word in &mut words {
+            self.0 += u16::from_be_bytes([word[0], word[1]]) as u64;
+        }
+        if let [last] = words.remainder() {
+            self.0 += (*last as u64) << 8;
+        }
+    }
+
+    pub fn add_u16(&mut self, value: u16) {
+        self.0 += value as u64;
+    }
+
+    /// The folded sum, complemented: the value to store in the field.
+    pub fn finish(self) -> u16 {
+        let mut sum = self.0;
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// The checksum of `bytes` alone.
+    pub fn of(bytes: &[u8]) -> u16 {
+        let mut sum = Checksum::default();
+        sum.add(bytes);
+        sum.finish()
+    }
 }
 
 /// The checksum after one 16-bit word of the covered data changed from

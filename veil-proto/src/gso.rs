@@ -19,6 +19,8 @@
 //! [`VnetHdr::validate`] apply the checks Linux's `virtio_net_hdr_to_skb`
 //! makes, plus the IPv4 sanity [`segment`] relies on.
 
+use veil_common::csum::Checksum;
+
 /// Size of `struct virtio_net_hdr` (without the `num_buffers` field of the
 /// mergeable-buffers variant, which TUN does not use).
 pub const VNET_HDR_LEN: usize = 10;
@@ -570,37 +572,6 @@ fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usiz
     sum.add_u16(l4_len as u16);
     sum.add(&seg[l4..]);
     sum.finish()
-}
-
-/// RFC 1071 Internet checksum accumulator. Words are summed in a u64 so no
-/// carry is lost before the final fold. Only the last slice added may have
-/// an odd length (its final byte is padded with zero).
-#[derive(Default)]
-struct Checksum(u64);
-
-impl Checksum {
-    fn add(&mut self, data: &[u8]) {
-        let mut words = data.chunks_exact(2);
-        for word in &mut words {
-            self.0 += u64::from(u16::from_be_bytes([word[0], word[1]]));
-        }
-        if let [last] = words.remainder() {
-            self.0 += u64::from(*last) << 8;
-        }
-    }
-
-    fn add_u16(&mut self, value: u16) {
-        self.0 += u64::from(value);
-    }
-
-    /// The folded sum, complemented: the value to store in the field.
-    fn finish(self) -> u16 {
-        let mut sum = self.0;
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
 }
 
 fn be16(bytes: &[u8], at: usize) -> u16 {

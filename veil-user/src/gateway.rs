@@ -368,6 +368,9 @@ impl Refused {
     }
 }
 
+/// A client's TLS stream, over a read-buffered socket.
+type TlsStream = tokio_rustls::server::TlsStream<crate::tls::BufferedTcp>;
+
 /// One client connection, from TCP accept to close.
 async fn connection(
     shared: &Arc<Shared>,
@@ -376,6 +379,7 @@ async fn connection(
     acceptor: TlsAcceptor,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<SessionEnd, Refused> {
+    let tcp = crate::tls::buffered(tcp);
     let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| Refused::HandshakeTimeout)?
@@ -458,7 +462,7 @@ async fn connection(
 
 /// What a session's pump reads from and writes to.
 struct SessionIo<'a> {
-    tls: &'a mut tokio_rustls::server::TlsStream<TcpStream>,
+    tls: &'a mut TlsStream,
     /// Replies from the TUN reader: offload header and packet, joined.
     rx: &'a mut mpsc::Receiver<Vec<u8>>,
     /// Revocation or replacement.
@@ -555,10 +559,7 @@ fn to_client(session: &mut ServerSession, bytes: &Bytes, joined: &[u8]) {
     }
 }
 
-async fn write_out(
-    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
-    out: &mut Vec<u8>,
-) -> std::io::Result<()> {
+async fn write_out(tls: &mut TlsStream, out: &mut Vec<u8>) -> std::io::Result<()> {
     if !out.is_empty() {
         tls.write_all(out).await?;
         tls.flush().await?;
@@ -570,7 +571,7 @@ async fn write_out(
 /// Closes our side and reads until the client closes its own (for a
 /// second at most): closing with unread input would reset the connection
 /// and could destroy a refusal before the client reads it (RFC 9112 §9.6).
-async fn linger(tls: &mut tokio_rustls::server::TlsStream<TcpStream>) {
+async fn linger(tls: &mut TlsStream) {
     let _ = tls.shutdown().await;
     let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -579,10 +580,7 @@ async fn linger(tls: &mut tokio_rustls::server::TlsStream<TcpStream>) {
     .await;
 }
 
-async fn flush(
-    session: &mut ServerSession,
-    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
-) -> std::io::Result<()> {
+async fn flush(session: &mut ServerSession, tls: &mut TlsStream) -> std::io::Result<()> {
     let mut out = Vec::new();
     while let Some(output) = session.poll_output() {
         if let Output::Send(bytes) = output {

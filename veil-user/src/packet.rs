@@ -118,15 +118,7 @@ pub fn icmp_error(from: Ipv4Addr, original: &[u8], icmp_type: u8, code: u8) -> V
 
 /// The Internet checksum (RFC 1071) of `bytes`.
 pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut chunks = bytes.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u32;
-    }
-    if let [last] = chunks.remainder() {
-        sum += (*last as u32) << 8;
-    }
-    !veil_common::csum::fold(sum)
+    veil_common::csum::Checksum::of(bytes)
 }
 
 #[cfg(test)]
