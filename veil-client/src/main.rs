@@ -27,7 +27,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use veil_proto::{
     gso::VnetHdr,
-    session::{ClientConfig, ClientSession, Output},
+    session::{coalesce, ClientConfig, ClientSession, Output},
 };
 use veil_user::{net::Ipv4Net, state::Profile, tls, tun};
 
@@ -210,7 +210,7 @@ impl Tunnel<'_> {
         loop {
             while let Some(output) = session.poll_output() {
                 match output {
-                    Output::Send(bytes) => out.extend_from_slice(&bytes),
+                    Output::Send(bytes) => session.recycle_send_buffer(coalesce(&mut out, bytes)),
                     Output::Packet(packet) => {
                         if let Some(net) = network {
                             let _ = net.tun.send(&VnetHdr::NONE, &packet);

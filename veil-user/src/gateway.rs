@@ -30,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use veil_proto::{
     gso::VnetHdr,
-    session::{Output, ServerConfig, ServerSession},
+    session::{coalesce, Output, ServerConfig, ServerSession},
 };
 
 use crate::{
@@ -491,7 +491,7 @@ async fn pump(
         // Act on everything the state machine has to say.
         while let Some(output) = session.poll_output() {
             match output {
-                Output::Send(bytes) => out.extend_from_slice(&bytes),
+                Output::Send(bytes) => session.recycle_send_buffer(coalesce(&mut out, bytes)),
                 Output::Packet(packet) => {
                     bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
                     if let Some(reply) = shared.client_packet(vip, &VnetHdr::NONE, &packet) {

@@ -15,6 +15,8 @@ use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
 
 /// `_IOW('T', 208, unsigned int)`.
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `_IOW('T', 220, int)`.
+const TUNSETVNETLE: libc::c_ulong = 0x4004_54dc;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
@@ -40,6 +42,7 @@ impl Tun {
         });
         let dev = tun::create(&cfg).map_err(io::Error::other)?;
         dev.set_nonblock().map_err(io::Error::other)?;
+        set_little_endian(dev.as_raw_fd())?;
         set_offload(dev.as_raw_fd())?;
         let name = tun::AbstractDevice::tun_name(&dev).map_err(io::Error::other)?;
         // SAFETY: the device owns its fd, open until the AsyncFd drops it.
@@ -109,6 +112,17 @@ impl Tun {
         }
         Ok(())
     }
+}
+
+/// The offload header is little-endian on the wire (virtio 1.x); the
+/// kernel's default is the host's order, so say it on big-endian hosts too.
+fn set_little_endian(fd: i32) -> io::Result<()> {
+    let le: libc::c_int = 1;
+    // SAFETY: TUNSETVNETLE reads an int through the pointer.
+    if unsafe { libc::ioctl(fd, TUNSETVNETLE as _, &le) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Lets the kernel hand over unsegmented TCP (and, where the kernel has

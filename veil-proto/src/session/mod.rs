@@ -65,6 +65,18 @@ pub enum Output {
     Close { reason: CloseReason },
 }
 
+/// Adds an [`Output::Send`] buffer to the bytes waiting for one write:
+/// taken whole when nothing waits (no copy), appended otherwise. Returns
+/// the buffer left over, for `recycle_send_buffer`.
+pub fn coalesce(out: &mut Vec<u8>, bytes: Vec<u8>) -> Vec<u8> {
+    if out.is_empty() {
+        std::mem::replace(out, bytes)
+    } else {
+        out.extend_from_slice(&bytes);
+        bytes
+    }
+}
+
 /// Why a session ended, written to read well in a log line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CloseReason {
