@@ -1,6 +1,7 @@
 //! `cargo xtask bench [WHAT] [--quick]`: builds the benchmark binary in
 //! release mode and runs it as root; the report also lands in
-//! `target/bench/WHAT.md`.
+//! `target/bench/WHAT.md`. WHAT defaults to `peers`, the comparison users
+//! read first.
 
 use std::{fs, process::Command};
 
@@ -15,7 +16,7 @@ use crate::{
 #[derive(Args)]
 pub struct Options {
     /// What to measure.
-    #[arg(default_value = "datapath", value_parser = ["datapath", "tunnel", "peers"])]
+    #[arg(default_value = "peers", value_parser = ["datapath", "tunnel", "peers"])]
     pub what: String,
     /// Shorter runs: a smoke test of the numbers, not a measurement.
     #[arg(long)]
@@ -61,12 +62,13 @@ pub fn run(opts: &Options) -> Result<()> {
     if let Some(only) = &opts.only {
         cmd.args(["--only", only]);
     }
-    cmd.current_dir(root());
+    // Progress goes to the terminal as it happens; the report is kept.
+    cmd.current_dir(root())
+        .stderr(std::process::Stdio::inherit());
     let out = cmd.output().context("running veil-bench")?;
     let report = String::from_utf8_lossy(&out.stdout);
     print!("{report}");
     if !out.status.success() {
-        eprint!("{}", String::from_utf8_lossy(&out.stderr));
         bail!("veil-bench {} failed ({})", opts.what, out.status);
     }
     let dir = root().join("target/bench");
