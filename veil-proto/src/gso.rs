@@ -21,6 +21,8 @@
 
 use veil_common::csum::Checksum;
 
+use crate::ipv4::*;
+
 /// Size of `struct virtio_net_hdr` (without the `num_buffers` field of the
 /// mergeable-buffers variant, which TUN does not use).
 pub const VNET_HDR_LEN: usize = 10;
@@ -29,34 +31,6 @@ pub const VNET_HDR_LEN: usize = 10;
 /// floor is 48 bytes of TCP payload plus options), and it bounds how many
 /// segments one 64 KiB packet can become.
 pub const MIN_GSO_SIZE: u16 = 64;
-
-// IPv4 header (RFC 791): field offsets and values this module touches.
-const IPV4_MIN_HDR_LEN: usize = 20;
-const IP_TOTAL_LEN: usize = 2;
-const IP_ID: usize = 4;
-const IP_FRAG: usize = 6;
-const IP_PROTO: usize = 9;
-const IP_CSUM: usize = 10;
-const IP_ADDRS: std::ops::Range<usize> = 12..20;
-/// The MF flag and the fragment offset: either set means a fragment.
-const IP_FRAG_MASK: u16 = 0x3fff;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-
-// TCP header (RFC 9293): field offsets and flags.
-const TCP_MIN_HDR_LEN: usize = 20;
-const TCP_SEQ: usize = 4;
-const TCP_DATA_OFFSET: usize = 12;
-const TCP_FLAGS: usize = 13;
-const TCP_CSUM: u16 = 16;
-const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
-const TCP_CWR: u8 = 0x80;
-
-// UDP header (RFC 768).
-const UDP_HDR_LEN: usize = 8;
-const UDP_LEN: usize = 4;
-const UDP_CSUM: u16 = 6;
 
 /// `struct virtio_net_hdr`: how the kernel describes the offload work still
 /// to be done on the packet that follows it.
@@ -381,8 +355,8 @@ impl Transport {
 
     fn csum_offset(self) -> u16 {
         match self {
-            Transport::Tcp => TCP_CSUM,
-            Transport::Udp => UDP_CSUM,
+            Transport::Tcp => TCP_CSUM as u16,
+            Transport::Udp => UDP_CSUM as u16,
         }
     }
 }
@@ -481,7 +455,7 @@ fn complete_checksum(hdr: &VnetHdr, packet: &[u8], scratch: &mut Vec<u8>) {
     let mut csum = sum.finish();
     // In UDP a zero checksum means "none"; 0xffff is the same value in
     // ones' complement.
-    if hdr.csum_offset == UDP_CSUM && csum == 0 {
+    if usize::from(hdr.csum_offset) == UDP_CSUM && csum == 0 {
         csum = 0xffff;
     }
     put16(scratch, field, csum);
@@ -545,20 +519,20 @@ fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize
     if index != 0 {
         seg[tcp + TCP_FLAGS] &= !TCP_CWR;
     }
-    let csum = transport_checksum(seg, tcp, PROTO_TCP, usize::from(TCP_CSUM));
-    put16(seg, tcp + usize::from(TCP_CSUM), csum);
+    let csum = transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM);
+    put16(seg, tcp + TCP_CSUM, csum);
 }
 
 /// Length and checksum for a UDP datagram cut from a UDP super-packet.
 fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
     let udp = ip_hdr_len;
     put16(seg, udp + UDP_LEN, (seg.len() - udp) as u16);
-    let mut csum = transport_checksum(seg, udp, PROTO_UDP, usize::from(UDP_CSUM));
+    let mut csum = transport_checksum(seg, udp, PROTO_UDP, UDP_CSUM);
     // Zero would mean "no checksum"; 0xffff is the same value.
     if csum == 0 {
         csum = 0xffff;
     }
-    put16(seg, udp + usize::from(UDP_CSUM), csum);
+    put16(seg, udp + UDP_CSUM, csum);
 }
 
 /// The transport checksum computed from scratch over the IPv4
@@ -572,18 +546,6 @@ fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usiz
     sum.add_u16(l4_len as u16);
     sum.add(&seg[l4..]);
     sum.finish()
-}
-
-fn be16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([bytes[at], bytes[at + 1]])
-}
-
-fn be32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
-fn put16(bytes: &mut [u8], at: usize, value: u16) {
-    bytes[at..at + 2].copy_from_slice(&value.to_be_bytes());
 }
 
 #[cfg(test)]

@@ -104,8 +104,10 @@
 
 pub mod capsule;
 mod error;
+pub mod gro;
 pub mod gso;
 pub mod http;
+mod ipv4;
 pub mod session;
 pub mod varint;
 

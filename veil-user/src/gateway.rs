@@ -29,6 +29,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use veil_proto::{
+    gro::Coalescer,
     gso::VnetHdr,
     session::{coalesce, Output, ServerConfig, ServerSession},
 };
@@ -487,6 +488,7 @@ async fn pump(
     } = io;
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(64 * 1024);
+    let mut gro = Coalescer::new();
     loop {
         // Act on everything the state machine has to say.
         while let Some(output) = session.poll_output() {
@@ -533,11 +535,13 @@ async fn pump(
                 Err(e) => return format!("read failed: {e}"),
             },
             Some(joined) = rx.recv() => {
-                to_client(session, bytes, &joined);
-                // Take whatever else is queued: one TLS write for the lot.
+                to_client(session, bytes, &mut gro, &joined);
+                // Take whatever else is queued: one TLS write for the lot,
+                // and consecutive segments of a flow merged.
                 while let Ok(joined) = rx.try_recv() {
-                    to_client(session, bytes, &joined);
+                    to_client(session, bytes, &mut gro, &joined);
                 }
+                gro.flush(|hdr, packet| session.send_offload_packet(hdr, packet));
             }
             () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
             _ = closed.changed() => {
@@ -550,11 +554,19 @@ async fn pump(
 }
 
 /// A reply as the TUN reader queued it (offload header, packet), into the
-/// session.
-fn to_client(session: &mut ServerSession, bytes: &Bytes, joined: &[u8]) {
+/// session: through `gro` when the client takes offload datagrams, so that
+/// it gets one super-packet where the WAN delivered a run of segments.
+fn to_client(session: &mut ServerSession, bytes: &Bytes, gro: &mut Coalescer, joined: &[u8]) {
     // The reader only queues what split cleanly.
-    if let Ok((hdr, packet)) = VnetHdr::split(joined) {
-        bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
+    let Ok((hdr, packet)) = VnetHdr::split(joined) else {
+        return;
+    };
+    bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
+    if session.offload() {
+        gro.push(&hdr, packet, |hdr, packet| {
+            session.send_offload_packet(hdr, packet)
+        });
+    } else {
         session.send_offload_packet(&hdr, packet);
     }
 }

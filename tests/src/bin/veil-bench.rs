@@ -530,7 +530,14 @@ fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
                 // What the gateway dropped, for reading the figures.
                 let status = world.status();
                 eprintln!("veil gateway counters: {}", status["counters"]);
-                eprintln!("veil datapath: {}", status["datapath"]);
+                let counted: Vec<String> = status["datapath"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0)
+                    .map(|(reason, c)| format!("{reason} {}", c["packets"]))
+                    .collect();
+                eprintln!("veil datapath: {}", counted.join(", "));
             }
             if *kind == peers::Kind::Veil {
                 let (mb, flows) = memory_with_flows(&world, 100_000);
@@ -576,6 +583,10 @@ fn peers_table(
         "kernel {}, {} CPUs. Median of the runs, [min–max] when more than one. Ratios: veil ÷ that path (for RTT, lower is better).\n",
         kernel(),
         num_cpus()
+    );
+    let _ = writeln!(
+        out,
+        "Topology: client — gateway — remote namespaces over veth pairs, MTU 1500. Offloads: as the kernel sets them, plus GRO on the gateway's WAN veth (NIC drivers default to it); direct-no-offload turns TSO, GSO, GRO and TX checksumming off on every veth. veil: TUN devices with TSO (offload datagrams), XDP on the WAN veth.\n"
     );
     let _ = write!(out, "| figure |");
     for n in &order {

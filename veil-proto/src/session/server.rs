@@ -87,7 +87,8 @@ enum Phase {
 /// Protocols`, then ADDRESS_ASSIGN (the VIP /32, Request ID 0) and
 /// ROUTE_ADVERTISEMENT (the configured routes), all in one
 /// [`Output::Send`]. From then on DATAGRAM capsules with context ID 0
-/// become [`Output::Packet`]s, PINGs are answered with PONGs, and
+/// become [`Output::Packet`]s (and, with offload negotiated, context 2
+/// [`Output::OffloadPacket`]s), PINGs are answered with PONGs, and
 /// ADDRESS_REQUESTs are answered with the same fixed VIP.
 #[derive(Debug)]
 pub struct ServerSession {
