@@ -303,7 +303,16 @@ impl Servers {
             )
         });
         // Accepts and closes at once, as fast as connections come (the
-        // new-connections benchmark): woken by poll, not by a sleep.
+        // new-connections benchmark): woken by poll, not by a sleep, with
+        // a deep accept queue (std listens with 128): a full queue drops
+        // SYNs, and each drop costs its client a 1 s retransmission, which
+        // made that figure swing with the remote rather than the path.
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: listen() again on a listening socket only resizes
+            // its queue.
+            unsafe { libc::listen(discard.as_raw_fd(), 4096) };
+        }
         discard.set_nonblocking(true).unwrap();
         let st = stop.clone();
         thread::spawn(move || {
