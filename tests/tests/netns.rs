@@ -37,7 +37,7 @@ struct Gateway {
     // Dropped last: namespaces go after the programs and pins.
     _bpffs: BpfFs,
     remote: NetNs,
-    _gw: NetNs,
+    gw_ns: NetNs,
 }
 
 fn gateway() -> Gateway {
@@ -69,7 +69,7 @@ fn gateway() -> Gateway {
         pins,
         _bpffs: bpffs,
         remote,
-        _gw: gw,
+        gw_ns: gw,
     }
 }
 
@@ -197,6 +197,19 @@ fn ping_through_the_gateway() {
         &ip_of(&expected)[20..],
         "echo reply with the client's id"
     );
+}
+
+#[test]
+fn the_gateways_own_ping_is_answered_whatever_its_identifier() {
+    let gw = gateway();
+    // An identifier inside the NAT range: its echo reply has no flow, and
+    // must still reach the gateway's own ping (`exec` fails without one).
+    let id = (PORTS.min + 3).to_string();
+    let remote = REMOTE.to_string();
+    gw.gw_ns
+        .exec("ping", &["-c", "1", "-W", "2", "-e", &id, &remote]);
+    assert!(gw.count(Reason::PassToHost) >= 1);
+    assert_eq!(gw.count(Reason::DropNoIngressFlow), 0);
 }
 
 #[test]

@@ -217,12 +217,26 @@ fn flow(key: &ReverseKey) -> Result<*mut ReverseFlow, Reason> {
 }
 
 /// XDP: drop early what veil must not let through; pass the rest.
+///
+/// Unsolicited TCP and UDP to the NAT range are dropped before the host
+/// could answer them. An echo reply without a flow is the answer to the
+/// host's own ping whose identifier happens to fall in the NAT range: the
+/// host never answers an echo reply, so it passes (and `translate` lets
+/// it be).
 #[inline(always)]
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let cfg = config()?;
     match classify(&pkt, cfg)? {
         Wan::Host => Ok(Verdict::counted(
+            xdp_action::XDP_PASS as i32,
+            Reason::PassToHost,
+        )),
+        Wan::Reply {
+            key,
+            kind: L4Sum::Icmp,
+            ..
+        } if flow(&key).is_err() => Ok(Verdict::counted(
             xdp_action::XDP_PASS as i32,
             Reason::PassToHost,
         )),
@@ -243,6 +257,11 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
     let reason = match classify(&pkt, cfg)? {
         // Counted by `filter` already.
         Wan::Host => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
+        Wan::Reply {
+            key,
+            kind: L4Sum::Icmp,
+            ..
+        } if flow(&key).is_err() => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
         Wan::Reply {
             key,
             kind,
