@@ -216,13 +216,22 @@ fn flow(key: &ReverseKey) -> Result<*mut ReverseFlow, Reason> {
         .ok_or(Reason::DropNoIngressFlow)
 }
 
-/// XDP: drop early what veil must not let through; pass the rest.
+/// The flow a reply belongs to; `None` for an echo reply without one.
 ///
 /// Unsolicited TCP and UDP to the NAT range are dropped before the host
 /// could answer them. An echo reply without a flow is the answer to the
 /// host's own ping whose identifier happens to fall in the NAT range: the
-/// host never answers an echo reply, so it passes (and `translate` lets
-/// it be).
+/// host never answers an echo reply, so it goes to the host.
+#[inline(always)]
+fn reply_flow(key: &ReverseKey, kind: L4Sum) -> Result<Option<*mut ReverseFlow>, Reason> {
+    match (flow(key), kind) {
+        (Ok(flow), _) => Ok(Some(flow)),
+        (Err(_), L4Sum::Icmp) => Ok(None),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// XDP: drop early what veil must not let through; pass the rest.
 #[inline(always)]
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
@@ -232,17 +241,16 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
             xdp_action::XDP_PASS as i32,
             Reason::PassToHost,
         )),
-        Wan::Reply {
-            key,
-            kind: L4Sum::Icmp,
-            ..
-        } if flow(&key).is_err() => Ok(Verdict::counted(
-            xdp_action::XDP_PASS as i32,
-            Reason::PassToHost,
-        )),
-        Wan::Reply { key, .. } | Wan::IcmpError { key } => {
-            flow(&key)?;
+        Wan::Reply { key, kind, .. } => match reply_flow(&key, kind)? {
             // Counted by `translate`, which finishes the job.
+            Some(_) => Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32)),
+            None => Ok(Verdict::counted(
+                xdp_action::XDP_PASS as i32,
+                Reason::PassToHost,
+            )),
+        },
+        Wan::IcmpError { key } => {
+            flow(&key)?;
             Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32))
         }
     }
@@ -259,15 +267,13 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
         Wan::Host => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
         Wan::Reply {
             key,
-            kind: L4Sum::Icmp,
-            ..
-        } if flow(&key).is_err() => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
-        Wan::Reply {
-            key,
             kind,
             tcp_flags,
         } => {
-            let flow = flow(&key)?;
+            let Some(flow) = reply_flow(&key, kind)? else {
+                // The host's own (counted by `filter`).
+                return Ok(Verdict::uncounted(TC_ACT_OK as i32));
+            };
             let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
             stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
             let ip: *mut Ipv4Hdr = pkt.at(IP)?;

@@ -24,8 +24,6 @@
 //! partial checksum in the TCP checksum field, and `gso_size` the segment
 //! size; cutting it again gives back the original segments.
 
-use veil_common::csum::Checksum;
-
 use crate::{
     gso::{VnetHdr, MIN_GSO_SIZE},
     ipv4::*,
@@ -252,8 +250,7 @@ impl Slot {
         // At most MAX_MERGED_LEN, checked on every append.
         let total_len = packet.len() as u16;
         put16(packet, IP_TOTAL_LEN, total_len);
-        put16(packet, IP_CSUM, 0);
-        put16(packet, IP_CSUM, Checksum::of(&packet[..IPV4_MIN_HDR_LEN]));
+        set_header_checksum(packet, IPV4_MIN_HDR_LEN);
         put16(
             packet,
             IPV4_MIN_HDR_LEN + TCP_CSUM,
@@ -403,12 +400,9 @@ fn same_headers(first: &[u8], next: &[u8], first_tcp_len: usize, next_tcp_len: u
 /// The value Linux keeps in the checksum field of a `CHECKSUM_PARTIAL` TCP
 /// packet: the pseudo-header sum, folded but not complemented.
 fn partial_checksum(packet: &[u8]) -> u16 {
-    let mut sum = Checksum::default();
-    sum.add(&packet[IP_ADDRS]);
-    sum.add_u16(u16::from(PROTO_TCP));
     // The packet is at most MAX_MERGED_LEN long.
-    sum.add_u16((packet.len() - IPV4_MIN_HDR_LEN) as u16);
-    !sum.finish()
+    let l4_len = (packet.len() - IPV4_MIN_HDR_LEN) as u16;
+    !pseudo_header(packet, PROTO_TCP, l4_len).finish()
 }
 
 #[cfg(test)]

@@ -121,6 +121,16 @@ impl VnetHdr {
         Ok((hdr, packet))
     }
 
+    /// Splits header+packet without checking the header: for bytes whose
+    /// header was already validated ([`crate::session::Output::OffloadPacket`])
+    /// or comes from this end's own kernel, and whose consumers
+    /// ([`segment`], the peer's session) validate anyway. `None` if
+    /// shorter than a header.
+    pub fn peel(joined: &[u8]) -> Option<(VnetHdr, &[u8])> {
+        let (head, packet) = joined.split_first_chunk::<VNET_HDR_LEN>()?;
+        Some((Self::from_bytes(*head), packet))
+    }
+
     /// The checks `split` does, for a header and packet already apart.
     pub fn validate(&self, packet: &[u8]) -> Result<(), GsoError> {
         self.check(packet).map(|_| ())
@@ -499,10 +509,7 @@ fn fix_ipv4_header(seg: &mut [u8], ip_hdr_len: usize, index: usize) {
     put16(seg, IP_TOTAL_LEN, seg.len() as u16);
     let id = be16(seg, IP_ID).wrapping_add(index as u16);
     put16(seg, IP_ID, id);
-    put16(seg, IP_CSUM, 0);
-    let mut sum = Checksum::default();
-    sum.add(&seg[..ip_hdr_len]);
-    put16(seg, IP_CSUM, sum.finish());
+    set_header_checksum(seg, ip_hdr_len);
 }
 
 /// Sequence number, flags and checksum for TCP segment `index` of `count`,
@@ -540,10 +547,7 @@ fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
 fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usize) -> u16 {
     put16(seg, l4 + csum_offset, 0);
     let l4_len = seg.len() - l4;
-    let mut sum = Checksum::default();
-    sum.add(&seg[IP_ADDRS]);
-    sum.add_u16(u16::from(protocol));
-    sum.add_u16(l4_len as u16);
+    let mut sum = pseudo_header(seg, protocol, l4_len as u16);
     sum.add(&seg[l4..]);
     sum.finish()
 }

@@ -3,6 +3,8 @@
 
 use std::ops::Range;
 
+use veil_common::csum::Checksum;
+
 // IPv4 header (RFC 791).
 pub(crate) const IPV4_MIN_HDR_LEN: usize = 20;
 pub(crate) const IP_TOS: usize = 1;
@@ -47,4 +49,20 @@ pub(crate) fn be32(bytes: &[u8], at: usize) -> u32 {
 
 pub(crate) fn put16(bytes: &mut [u8], at: usize, value: u16) {
     bytes[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+/// The IPv4 pseudo-header (RFC 9293 §3.1, RFC 768) of `packet`'s transport
+/// header: addresses, protocol and the transport length `l4_len`.
+pub(crate) fn pseudo_header(packet: &[u8], protocol: u8, l4_len: u16) -> Checksum {
+    let mut sum = Checksum::default();
+    sum.add(&packet[IP_ADDRS]);
+    sum.add_u16(u16::from(protocol));
+    sum.add_u16(l4_len);
+    sum
+}
+
+/// Recomputes the IPv4 header checksum over the first `ihl` bytes.
+pub(crate) fn set_header_checksum(packet: &mut [u8], ihl: usize) {
+    put16(packet, IP_CSUM, 0);
+    put16(packet, IP_CSUM, Checksum::of(&packet[..ihl]));
 }

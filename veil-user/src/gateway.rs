@@ -502,7 +502,7 @@ async fn pump(
                 }
                 Output::OffloadPacket(joined) => {
                     // The session validated the header against the packet.
-                    if let Ok((hdr, packet)) = VnetHdr::split(&joined) {
+                    if let Some((hdr, packet)) = VnetHdr::peel(&joined) {
                         bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
                         if let Some(reply) = shared.client_packet(vip, &hdr, packet) {
                             session.send_packet(&reply);
@@ -557,8 +557,8 @@ async fn pump(
 /// session: through `gro` when the client takes offload datagrams, so that
 /// it gets one super-packet where the WAN delivered a run of segments.
 fn to_client(session: &mut ServerSession, bytes: &Bytes, gro: &mut Coalescer, joined: &[u8]) {
-    // The reader only queues what split cleanly.
-    let Ok((hdr, packet)) = VnetHdr::split(joined) else {
+    // Our kernel's header; the coalescer and `segment` check what they use.
+    let Some((hdr, packet)) = VnetHdr::peel(joined) else {
         return;
     };
     bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
@@ -876,7 +876,8 @@ impl Shared {
 
     /// A reply from the datapath, to the session of its destination.
     fn to_session(&self, joined: &[u8]) {
-        let Ok((_, pkt)) = VnetHdr::split(joined) else {
+        // Only the destination is read here; `to_client` does the rest.
+        let Some((_, pkt)) = VnetHdr::peel(joined) else {
             self.counters.malformed.fetch_add(1, Relaxed);
             return;
         };
