@@ -875,7 +875,9 @@ impl Shared {
     }
 
     /// A reply from the datapath, to the session of its destination.
-    fn to_session(&self, joined: &[u8]) {
+    /// `sessions` is the session table, read-locked once per batch of
+    /// replies rather than once per packet.
+    fn to_session(&self, sessions: &HashMap<Ipv4Addr, mpsc::Sender<Vec<u8>>>, joined: &[u8]) {
         // Only the destination is read here; `to_client` does the rest.
         let Some((_, pkt)) = VnetHdr::peel(joined) else {
             self.counters.malformed.fetch_add(1, Relaxed);
@@ -885,13 +887,7 @@ impl Shared {
             return;
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        let tx = self
-            .sessions
-            .read()
-            .expect("sessions lock")
-            .get(&dst)
-            .cloned();
-        let dropped = match tx {
+        let dropped = match sessions.get(&dst) {
             Some(tx) => tx
                 .try_send(joined.to_vec())
                 .is_err()
@@ -942,7 +938,9 @@ async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
             .recv(&mut buf)
             .await
             .context("reading the TUN device")?;
-        shared.to_session(&buf[..n]);
+        // Sessions that start or end meanwhile wait for one batch at most.
+        let sessions = shared.sessions.read().expect("sessions lock");
+        shared.to_session(&sessions, &buf[..n]);
         // Drain what else is waiting before going back to the reactor.
         for _ in 0..TUN_BATCH {
             match shared
@@ -950,7 +948,7 @@ async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
                 .try_recv(&mut buf)
                 .context("reading the TUN device")?
             {
-                Some(n) => shared.to_session(&buf[..n]),
+                Some(n) => shared.to_session(&sessions, &buf[..n]),
                 None => break,
             }
         }
