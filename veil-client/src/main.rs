@@ -18,18 +18,19 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    sync::watch,
-};
+use tokio::{net::TcpStream, sync::watch};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use veil_proto::{
     gso::VnetHdr,
     session::{coalesce, ClientConfig, ClientSession, Output},
 };
-use veil_user::{net::Ipv4Net, state::Profile, tls, tun};
+use veil_user::{
+    net::Ipv4Net,
+    state::Profile,
+    stream::{sleep_until_some, Event, Stream},
+    tls, tun,
+};
 
 use crate::routes::{Network, FULL_TUNNEL};
 
@@ -71,6 +72,12 @@ const TUN_BATCH: usize = 64;
 /// ...and at most this many bytes of them: with offload one read can be a
 /// 64 KiB super-packet, and a huge write only delays what follows it.
 const TUN_BATCH_BYTES: usize = 256 * 1024;
+/// Unwritten bytes above which the TUN device is left unread.
+const OUT_HIGH_WATER: usize = 512 * 1024;
+/// A gateway that takes none of our bytes for this long is gone: reconnect.
+const WRITE_STALL: Duration = Duration::from_secs(15);
+/// How long closing the connection may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn main() -> Result<()> {
     veil_user::init_logging();
@@ -193,6 +200,9 @@ impl Tunnel<'_> {
         .context("TLS handshake timed out")?
         .context("TLS handshake")?;
 
+        tls.get_mut().0.grow(tls::TUNNEL_READ_BUFFER);
+        let mut stream = Stream::new(tls);
+
         let keepalive = Duration::from_secs(self.cli.keepalive.max(1));
         let mut session = ClientSession::new(
             ClientConfig {
@@ -206,11 +216,12 @@ impl Tunnel<'_> {
         )?;
         let mut net_buf = vec![0u8; 64 * 1024];
         let mut tun_buf = vec![0u8; tun::MAX_READ];
-        let mut out = Vec::with_capacity(64 * 1024);
         loop {
             while let Some(output) = session.poll_output() {
                 match output {
-                    Output::Send(bytes) => session.recycle_send_buffer(coalesce(&mut out, bytes)),
+                    Output::Send(bytes) => {
+                        session.recycle_send_buffer(coalesce(stream.out_mut(), bytes))
+                    }
                     Output::Packet(packet) => {
                         if let Some(net) = network {
                             let _ = net.tun.send(&VnetHdr::NONE, &packet);
@@ -224,33 +235,33 @@ impl Tunnel<'_> {
                     Output::Assigned { addr, .. } => self.assigned(network, addr)?,
                     Output::Routes(_) => {}
                     Output::Close { reason } => {
-                        let _ = tls.write_all(&out).await;
+                        stream.close(CLOSE_TIMEOUT).await;
                         bail!("{reason}");
                     }
                 }
-            }
-            if !out.is_empty() {
-                tls.write_all(&out)
-                    .await
-                    .context("writing to the gateway")?;
-                tls.flush().await?;
-                out.clear();
             }
             let deadline = session
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let stall = stream.stalled_since().map(|since| since + WRITE_STALL);
+            // The TUN device is read only while the gateway takes what we
+            // already have: the kernel's queue holds the rest, bounded.
+            let room = stream.pending() < OUT_HIGH_WATER;
             let tun_read = async {
                 match network {
-                    Some(net) => net.tun.recv(&mut tun_buf).await,
-                    None => std::future::pending().await,
+                    Some(net) if room => net.tun.recv(&mut tun_buf).await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
-                read = tls.read(&mut net_buf) => match read.context("reading from the gateway")? {
-                    0 => bail!("the gateway closed the connection"),
-                    n => session.receive(&net_buf[..n], Instant::now())?,
-                },
+                event = stream.next(&mut net_buf, true) => {
+                    match event.context("the connection to the gateway")? {
+                        Event::Read(0) => bail!("the gateway closed the connection"),
+                        Event::Read(n) => session.receive(&net_buf[..n], Instant::now())?,
+                        Event::Wrote => {}
+                    }
+                }
                 read = tun_read => {
                     let n = read.context("reading the TUN device")?;
                     let mut batch = from_tun(&mut session, &tun_buf[..n]);
@@ -268,8 +279,11 @@ impl Tunnel<'_> {
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+                () = sleep_until_some(stall) => {
+                    bail!("the gateway read nothing for {}s", WRITE_STALL.as_secs())
+                }
                 _ = stopped.changed() => {
-                    let _ = tls.shutdown().await;
+                    stream.close(CLOSE_TIMEOUT).await;
                     return Ok(());
                 }
             }

@@ -226,6 +226,55 @@ impl VnetHdr {
         })
     }
 
+    /// Reduces a header that came from the peer to the one meaning it can
+    /// have, before the packet reaches a kernel. The kernel (and, after the
+    /// datapath's NAT, a NIC) trusts `csum_start`/`csum_offset`: left as the
+    /// peer sent them, they would let it write 16 bits of its choosing
+    /// anywhere in the packet *after* the gateway checked and translated it
+    /// (its source port, the destination, an address). So:
+    ///
+    /// - a GSO packet must be IPv4 TCP or UDP with the checksum in its own
+    ///   transport field and a segment size between [`MIN_GSO_SIZE`] and
+    ///   what fits in `max_packet` bytes of IP; anything else is an error;
+    /// - a packet that only needs its checksum keeps the offload when the
+    ///   checksum is where its protocol keeps it; otherwise the checksum is
+    ///   completed here, in `packet`, where the peer asked (that only
+    ///   changes bytes the peer could have sent itself, *before* any check)
+    ///   and the packet goes on as a plain one;
+    /// - `DATA_VALID` is dropped: the receiving kernel verifies for itself.
+    ///
+    /// Returns the header to write in front of `packet`; every field of it
+    /// is derived from the packet, except the segment size.
+    pub fn sanitize(&self, packet: &mut [u8], max_packet: usize) -> Result<VnetHdr, GsoError> {
+        if let Some(layout) = self.check(packet)? {
+            let max_size = max_packet.saturating_sub(layout.headers_len());
+            if layout.gso_size > max_size {
+                return Err(GsoError::GsoSizeTooLarge {
+                    size: self.gso_size,
+                    max: max_size,
+                });
+            }
+            return Ok(layout.header(self.gso_type & Self::GSO_ECN));
+        }
+        if !self.needs_csum() {
+            return Ok(Self::NONE);
+        }
+        if let Some(layout) = checksum_layout(packet) {
+            if usize::from(self.csum_start) == layout.ip_hdr_len
+                && self.csum_offset == layout.transport.csum_offset()
+            {
+                return Ok(VnetHdr {
+                    gso_type: Self::GSO_NONE,
+                    gso_size: 0,
+                    ..layout.header(0)
+                });
+            }
+        }
+        // Bounds were checked: the field lies inside the packet.
+        complete_in_place(self, packet);
+        Ok(Self::NONE)
+    }
+
     fn check_checksum_place(
         &self,
         transport: Transport,
@@ -275,6 +324,10 @@ pub enum GsoError {
     /// ones would never end).
     #[error("offload header: GSO size {size} is below the minimum of {MIN_GSO_SIZE}")]
     GsoSizeTooSmall { size: u16 },
+    /// Segments larger than the tunnel's MTU allows: the kernel would
+    /// send packets nobody on the path asked for.
+    #[error("offload header: GSO size {size} exceeds the {max} bytes of payload the MTU allows")]
+    GsoSizeTooLarge { size: u16, max: usize },
     /// A GSO packet that is not IPv4 carrying the GSO type's protocol.
     #[error("offload header: GSO type {gso} on a packet that is not {expected}")]
     NotGsoPacket {
@@ -384,6 +437,42 @@ impl GsoLayout {
     fn headers_len(&self) -> usize {
         self.ip_hdr_len + self.l4_hdr_len
     }
+
+    /// The canonical header for this packet: the checksum in the
+    /// transport's own field, the headers' true length.
+    fn header(&self, ecn: u8) -> VnetHdr {
+        let gso_type = match self.transport {
+            Transport::Tcp => VnetHdr::GSO_TCPV4 | ecn,
+            Transport::Udp => VnetHdr::GSO_UDP_L4,
+        };
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            gso_type,
+            // Both fit: they were checked against a packet of u16 length.
+            hdr_len: self.headers_len() as u16,
+            gso_size: self.gso_size as u16,
+            csum_start: self.ip_hdr_len as u16,
+            csum_offset: self.transport.csum_offset(),
+        }
+    }
+}
+
+/// Where an unsegmented IPv4 TCP or UDP packet keeps its checksum, if it
+/// is one whose checksum the kernel may be asked to finish; `gso_size` is 0.
+fn checksum_layout(packet: &[u8]) -> Option<GsoLayout> {
+    let transport = match packet.get(IP_PROTO) {
+        Some(&PROTO_TCP) => Transport::Tcp,
+        Some(&PROTO_UDP) => Transport::Udp,
+        _ => return None,
+    };
+    let ip_hdr_len = ipv4_header_len(packet, transport).ok()?;
+    let l4_hdr_len = transport_header_len(packet, ip_hdr_len, transport).ok()?;
+    Some(GsoLayout {
+        transport,
+        ip_hdr_len,
+        l4_hdr_len,
+        gso_size: 0,
+    })
 }
 
 /// The IPv4 header length of a packet fit for `transport` segmentation.
@@ -458,17 +547,23 @@ fn transport_header_len(
 fn complete_checksum(hdr: &VnetHdr, packet: &[u8], scratch: &mut Vec<u8>) {
     scratch.clear();
     scratch.extend_from_slice(packet);
+    complete_in_place(hdr, scratch);
+}
+
+/// [`complete_checksum`] on the packet itself. The caller has checked that
+/// the field lies inside the packet.
+fn complete_in_place(hdr: &VnetHdr, packet: &mut [u8]) {
     let start = usize::from(hdr.csum_start);
     let field = start + usize::from(hdr.csum_offset);
     let mut sum = Checksum::default();
-    sum.add(&scratch[start..]);
+    sum.add(&packet[start..]);
     let mut csum = sum.finish();
     // In UDP a zero checksum means "none"; 0xffff is the same value in
     // ones' complement.
     if usize::from(hdr.csum_offset) == UDP_CSUM && csum == 0 {
         csum = 0xffff;
     }
-    put16(scratch, field, csum);
+    put16(packet, field, csum);
 }
 
 /// Cuts a validated super-packet into segments, each built in `scratch`.
@@ -1350,5 +1445,140 @@ mod tests {
         .unwrap();
         assert_eq!(n, 60_000usize.div_ceil(1448));
         assert!(pointers.iter().all(|&p| p == buffer));
+    }
+
+    // --- sanitize: a peer's header reduced to its one meaning -----------
+
+    const MTU: usize = 1400;
+
+    fn sanitized(hdr: &VnetHdr, packet: &[u8]) -> Result<(VnetHdr, Vec<u8>), GsoError> {
+        let mut packet = packet.to_vec();
+        hdr.sanitize(&mut packet, MTU).map(|hdr| (hdr, packet))
+    }
+
+    #[test]
+    fn sanitize_keeps_a_checksum_offload_in_the_transport_field() {
+        let packet = tcp_packet(b"hello");
+        let (hdr, out) = sanitized(&csum_only(20, 16), &packet).unwrap();
+        assert_eq!(out, packet, "nothing to do in user space");
+        assert_eq!(hdr.flags, VnetHdr::F_NEEDS_CSUM);
+        assert_eq!((hdr.csum_start, hdr.csum_offset), (20, 16));
+        assert_eq!(hdr.gso_type, VnetHdr::GSO_NONE);
+        assert_eq!(hdr.hdr_len, 40);
+        let udp = udp_packet(b"hello");
+        let (hdr, _) = sanitized(&csum_only(20, 6), &udp).unwrap();
+        assert_eq!((hdr.csum_start, hdr.csum_offset), (20, 6));
+    }
+
+    #[test]
+    fn sanitize_completes_a_checksum_aimed_anywhere_else_before_any_check() {
+        // The attack: the checksum "field" on the source port (20+0), the
+        // destination port (20+2) or the addresses (0+12, 0+16), to be
+        // written by the kernel after the gateway translated the packet.
+        let packet = udp_packet(b"payload!");
+        for (start, offset) in [(20, 0), (20, 2), (0, 12), (0, 16), (24, 0), (21, 5)] {
+            let (hdr, out) = sanitized(&csum_only(start, offset), &packet).unwrap();
+            assert_eq!(hdr, VnetHdr::NONE, "{start}+{offset}: no offload left");
+            // What the kernel would have done, done now: the gateway's checks
+            // see the final bytes.
+            let mut expected = packet.clone();
+            let at = usize::from(start + offset);
+            let sum = ones_sum(&packet[usize::from(start)..]);
+            let mut want = !sum;
+            if offset == 6 && want == 0 {
+                want = 0xffff;
+            }
+            expected[at..at + 2].copy_from_slice(&want.to_be_bytes());
+            assert_eq!(out, expected, "{start}+{offset}");
+        }
+    }
+
+    #[test]
+    fn sanitize_completes_the_checksum_of_protocols_it_does_not_offload() {
+        // ICMP, or a fragment: the kernel must not be asked to finish them.
+        let mut icmp = ipv4(1, 7, &[], &[8, 0, 0, 0, 0, 1, 0, 1, b'x', b'y']);
+        let sum = ones_sum(&icmp[20..]);
+        let (hdr, out) = sanitized(&csum_only(20, 2), &icmp).unwrap();
+        assert_eq!(hdr, VnetHdr::NONE);
+        icmp[22..24].copy_from_slice(&(!sum).to_be_bytes());
+        assert_eq!(out, icmp);
+        let mut fragment = udp_packet(b"first part");
+        fragment[6] |= 0x20; // MF
+        let (hdr, _) = sanitized(&csum_only(20, 6), &fragment).unwrap();
+        assert_eq!(hdr, VnetHdr::NONE);
+    }
+
+    #[test]
+    fn sanitize_drops_data_valid_and_plain_headers_mean_nothing() {
+        let packet = tcp_packet(b"x");
+        let valid = VnetHdr {
+            flags: VnetHdr::F_DATA_VALID,
+            ..VnetHdr::NONE
+        };
+        assert_eq!(
+            sanitized(&valid, &packet).unwrap(),
+            (VnetHdr::NONE, packet.clone())
+        );
+        let junk = VnetHdr {
+            hdr_len: 7,
+            csum_start: 3,
+            csum_offset: 999,
+            ..VnetHdr::NONE
+        };
+        assert_eq!(sanitized(&junk, &packet).unwrap(), (VnetHdr::NONE, packet));
+    }
+
+    #[test]
+    fn sanitize_rebuilds_a_gso_header_from_the_packet() {
+        let packet = tcp_packet(&payload(3000));
+        let peer = VnetHdr {
+            hdr_len: 0,
+            flags: VnetHdr::F_NEEDS_CSUM | VnetHdr::F_DATA_VALID,
+            ..tcp_gso(1360, 20, 20)
+        };
+        let (hdr, out) = sanitized(&peer, &packet).unwrap();
+        assert_eq!(out, packet);
+        assert_eq!(hdr, tcp_gso(1360, 20, 20));
+        let ecn = VnetHdr {
+            gso_type: VnetHdr::GSO_TCPV4 | VnetHdr::GSO_ECN,
+            ..tcp_gso(1000, 20, 20)
+        };
+        assert_eq!(sanitized(&ecn, &packet).unwrap().0, ecn);
+        let udp = udp_packet(&payload(3000));
+        assert_eq!(sanitized(&udp_gso(1372), &udp).unwrap().0, udp_gso(1372));
+    }
+
+    #[test]
+    fn sanitize_refuses_segments_that_do_not_fit_the_mtu_or_are_tiny() {
+        let packet = tcp_packet(&payload(3000));
+        assert_eq!(
+            sanitized(&tcp_gso(1361, 20, 20), &packet),
+            Err(GsoError::GsoSizeTooLarge {
+                size: 1361,
+                max: 1360
+            })
+        );
+        assert_eq!(
+            sanitized(&tcp_gso(63, 20, 20), &packet),
+            Err(GsoError::GsoSizeTooSmall { size: 63 })
+        );
+        let udp = udp_packet(&payload(3000));
+        assert!(matches!(
+            sanitized(&udp_gso(1373), &udp),
+            Err(GsoError::GsoSizeTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn sanitize_refuses_a_gso_header_with_a_misplaced_checksum() {
+        let packet = tcp_packet(&payload(3000));
+        let misplaced = VnetHdr {
+            csum_offset: 0,
+            ..tcp_gso(1000, 20, 20)
+        };
+        assert!(matches!(
+            sanitized(&misplaced, &packet),
+            Err(GsoError::ChecksumMisplaced { .. })
+        ));
     }
 }

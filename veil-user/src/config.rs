@@ -23,7 +23,7 @@ use std::{
 
 use serde::{de, Deserialize, Deserializer};
 
-use crate::{flows::PortRange, net::Ipv4Net};
+use crate::{flows::PortRange, net::Ipv4Net, size::ByteSize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,6 +53,10 @@ pub struct FileConfig {
     pub tun: Option<String>,
     pub pin_dir: Option<PathBuf>,
     pub max_clients: Option<usize>,
+    pub max_handshakes: Option<usize>,
+    pub max_handshakes_per_source: Option<usize>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub client_buffer: Option<ByteSize>,
     pub max_flows: Option<usize>,
     pub max_flows_per_client: Option<usize>,
     pub grace: Option<u64>,

@@ -21,20 +21,21 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::watch,
     task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use veil_proto::{
     gro::Coalescer,
-    gso::VnetHdr,
+    gso::{VnetHdr, VNET_HDR_LEN},
     session::{coalesce, Output, ServerConfig, ServerSession},
 };
 
 use crate::{
+    admission::{Admission, Permit},
     control::{self, ClientStatus, FlowCounts, PacketCount, Status},
     datapath::{Datapath, DatapathConfig},
     flows::{FlowError, FlowTable, PortRange, Timeouts},
@@ -42,7 +43,9 @@ use crate::{
     packet::{self, unreachable},
     policy::EgressPolicy,
     preflight,
+    queue::{self, reply_queue, ReplyReceiver, ReplySender},
     state::{fingerprint, ClientRecord, StateDir},
+    stream::{sleep_until_some, Event, Stream},
     tls,
     tun::{self, Tun},
 };
@@ -69,6 +72,13 @@ pub struct GatewayConfig {
     pub timeouts: Timeouts,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Bytes of replies one client may have waiting; beyond, replies are
+    /// dropped (and counted) rather than buffered.
+    pub client_buffer: usize,
+    /// Connections not yet authenticated, at most, overall and per source
+    /// address.
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -82,8 +92,21 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 /// Flows read per hold of the flow-table lock during a sweep or a status.
 const GC_SLICE: usize = 1024;
 const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
-/// Packets queued toward one client before the newest are dropped.
-const CLIENT_QUEUE: usize = 1024;
+/// A client that takes none of our bytes for this long has stopped reading:
+/// its session ends (the kernel's TCP_USER_TIMEOUT would end the connection
+/// later; this frees the session, its queue and its socket now).
+const WRITE_STALL: Duration = Duration::from_secs(15);
+/// How long closing a connection may take (the last bytes, close_notify).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Unwritten bytes above which a session stops taking replies off its queue
+/// (they wait there, bounded, instead of in the write buffer).
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Unwritten bytes above which a session stops reading from its client: a
+/// client that sends but does not read cannot grow our buffer.
+const OUT_LIMIT: usize = 1024 * 1024;
+/// Descriptors kept free for the state directory, the control socket and
+/// the datapath: revocations and leases must never fail for want of one.
+const FD_RESERVE: u64 = 256;
 /// Unsent bytes the kernel may hold for a tunnel socket.
 pub const TUNNEL_LOWAT: u32 = 128 * 1024;
 /// Packets read from the TUN device per wake-up, at most.
@@ -101,6 +124,8 @@ pub struct Counters {
     pub flow_errors: AtomicU64,
     pub client_queue_full: AtomicU64,
     pub no_session: AtomicU64,
+    /// Packets one client sent to another (`--allow-client-to-client`).
+    pub client_to_client: AtomicU64,
     /// Connections refused before a session, by cause.
     pub refusals: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -154,7 +179,9 @@ struct Shared {
     state: StateDir,
     clients: Mutex<Clients>,
     /// Client address -> its session's packet queue: the reply hot path.
-    sessions: RwLock<HashMap<Ipv4Addr, mpsc::Sender<Vec<u8>>>>,
+    sessions: RwLock<HashMap<Ipv4Addr, ReplySender>>,
+    /// Caps on connections that have not authenticated yet.
+    admission: Admission,
     registry: RwLock<HashMap<String, ClientRecord>>,
     counters: Counters,
     /// Taken at shutdown: dropping it detaches the programs and unpins.
@@ -235,6 +262,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         cfg.deny.clone(),
     );
     let leases = state.leases()?;
+    let admission = Admission::new(handshake_cap(&cfg)?, cfg.max_handshakes_per_source);
     let shared = Arc::new(Shared {
         inner_addr,
         tun,
@@ -246,6 +274,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         }),
         sessions: RwLock::new(HashMap::new()),
         registry: RwLock::new(HashMap::new()),
+        admission,
         counters: Counters::default(),
         datapath: Mutex::new(Some(datapath)),
         state,
@@ -287,6 +316,25 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     Ok(())
 }
 
+/// `--max-handshakes`, lowered if the descriptor limit could not hold it
+/// beside `--max-clients` sessions and the daemon's own files.
+fn handshake_cap(cfg: &GatewayConfig) -> Result<usize> {
+    let limit = crate::net::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let sessions = cfg.max_clients as u64;
+    let room = limit.saturating_sub(sessions + FD_RESERVE);
+    if room < cfg.max_handshakes as u64 {
+        warn!(
+            limit, max_clients = cfg.max_clients, max_handshakes = cfg.max_handshakes,
+            "the open-file limit cannot hold every client and handshake: handshakes capped at {room} \
+             (raise LimitNOFILE, or lower --max-clients)"
+        );
+    }
+    if room == 0 {
+        bail!("the open-file limit ({limit}) leaves no room for handshakes beside --max-clients {sessions}: raise it (ulimit -n, LimitNOFILE) or lower --max-clients");
+    }
+    Ok(cfg.max_handshakes.min(room as usize))
+}
+
 fn first_host(pool: Ipv4Net) -> Result<Ipv4Addr> {
     if pool.prefix() > 30 {
         bail!("the pool {pool} is too small: it needs the gateway's address and clients'");
@@ -310,16 +358,29 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Closed at once if over a cap: a flood of connections costs an
+        // accept each, not a task, a buffer and a descriptor for seconds.
+        let permit = match shared.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(turned) => {
+                shared.counters.refused(turned.cause());
+                debug!(%peer, "connection turned away: {turned}");
+                continue;
+            }
+        };
         crate::net::tune_tunnel_socket(&tcp, TUNNEL_LOWAT);
         let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            match connection(&shared, tcp, peer, acceptor, stopped).await {
-                Ok(end) => info!(%peer, client = %end.name, vip = %end.vip,
-                    secs = started.elapsed().as_secs(), "session ended: {}", end.reason),
+            match connection(&shared, tcp, peer, permit, acceptor, stopped).await {
+                Ok(end) => {
+                    info!(client = %end.name, vip = %end.vip,
+                        secs = started.elapsed().as_secs(), "session ended: {}", end.reason);
+                }
                 Err(e) => {
                     shared.counters.refused(e.cause());
-                    info!(%peer, "session refused: {e}");
+                    info!("session refused: {e}");
+                    debug!(%peer, "the refused connection came from here");
                 }
             }
         });
@@ -372,47 +433,26 @@ impl Refused {
 /// A client's TLS stream, over a read-buffered socket.
 type TlsStream = tokio_rustls::server::TlsStream<crate::tls::BufferedTcp>;
 
-/// One client connection, from TCP accept to close.
+/// One client connection, from TCP accept to close. `permit` holds its
+/// place among the unauthenticated until it becomes a session.
 async fn connection(
     shared: &Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
+    permit: Permit,
     acceptor: TlsAcceptor,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<SessionEnd, Refused> {
     let tcp = crate::tls::buffered(tcp);
-    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| Refused::HandshakeTimeout)?
         .map_err(Refused::Tls)?;
-    let cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(Refused::NoCertificate)?
-        .clone();
-    let fingerprint = fingerprint(&cert);
-    let known = shared
-        .registry
-        .read()
-        .expect("registry lock")
-        .get(&fingerprint)
-        .cloned();
-    // A client added since the last registry reload (at most a second ago)
-    // is looked up on disk rather than refused.
-    let record = match known {
-        Some(record) => record,
-        None => shared
-            .state
-            .clients()
-            .ok()
-            .and_then(|all| all.into_iter().find(|r| r.fingerprint == fingerprint))
-            .ok_or(Refused::UnknownClient)?,
-    };
+    let mut stream = Stream::new(tls);
+    let record = shared.authenticate(stream.get_ref())?;
     let name = record.name.clone();
     if record.revoked.is_some() {
-        let _ = tls.shutdown().await;
+        stream.close(CLOSE_TIMEOUT).await;
         return Err(Refused::Revoked(name));
     }
     let internal = |name: &str| {
@@ -425,31 +465,40 @@ async fn connection(
             handshake_timeout: HANDSHAKE_TIMEOUT,
             keepalive_timeout: PEER_TIMEOUT,
             offload: true,
+            max_packet_len: MTU,
             ..ServerConfig::new(vip)
         },
         Instant::now(),
     )
     .map_err(|e| internal(&name)(e.into()))?;
-    let full = {
-        let clients = shared.clients.lock().expect("clients lock");
-        clients.live.len() >= shared.cfg.max_clients && !clients.live.contains_key(&name)
-    };
-    if full {
+
+    let (tx, mut rx) = reply_queue(shared.cfg.client_buffer);
+    let bytes = Arc::new(Bytes::default());
+    let Some((generation, mut closed)) = shared.attach(&name, vip, peer, bytes.clone(), tx) else {
         session.refuse(503, "the gateway is full");
-        let _ = flush(&mut session, &mut tls).await;
-        linger(&mut tls).await;
+        while let Some(output) = session.poll_output() {
+            if let Output::Send(bytes) = output {
+                stream.out_mut().extend_from_slice(&bytes);
+            }
+        }
+        linger(&mut stream).await;
         return Err(Refused::Full {
             name,
             max: shared.cfg.max_clients,
         });
-    }
-
-    let (tx, mut rx) = mpsc::channel(CLIENT_QUEUE);
-    let bytes = Arc::new(Bytes::default());
-    let (generation, mut closed) = shared.attach(&name, vip, peer, bytes.clone(), tx);
-    info!(%peer, client = %name, %vip, "session started");
+    };
+    // Authenticated and admitted: `--max-clients` bounds it from now on,
+    // and it reads through a full-size buffer.
+    drop(permit);
+    stream
+        .get_mut()
+        .get_mut()
+        .0
+        .grow(crate::tls::TUNNEL_READ_BUFFER);
+    info!(client = %name, %vip, "session started");
+    debug!(client = %name, %peer, "the session's connection comes from here");
     let mut io = SessionIo {
-        tls: &mut tls,
+        stream: &mut stream,
         rx: &mut rx,
         closed: &mut closed,
         stopped: &mut stopped,
@@ -457,15 +506,15 @@ async fn connection(
     };
     let reason = pump(shared, &mut session, vip, &mut io).await;
     shared.detach(&name, vip, generation);
-    let _ = tls.shutdown().await;
+    stream.close(CLOSE_TIMEOUT).await;
     Ok(SessionEnd { name, vip, reason })
 }
 
 /// What a session's pump reads from and writes to.
 struct SessionIo<'a> {
-    tls: &'a mut TlsStream,
+    stream: &'a mut Stream<TlsStream>,
     /// Replies from the TUN reader: offload header and packet, joined.
-    rx: &'a mut mpsc::Receiver<Vec<u8>>,
+    rx: &'a mut ReplyReceiver,
     /// Revocation or replacement.
     closed: &'a mut watch::Receiver<Option<&'static str>>,
     stopped: &'a mut watch::Receiver<bool>,
@@ -473,6 +522,9 @@ struct SessionIo<'a> {
 }
 
 /// Moves bytes and packets until the session ends; returns why it ended.
+/// Nothing in here waits on the client alone: writes progress inside the
+/// `select!`, beside the control signals, and a client that stops reading
+/// is let go after [`WRITE_STALL`].
 async fn pump(
     shared: &Arc<Shared>,
     session: &mut ServerSession,
@@ -480,20 +532,21 @@ async fn pump(
     io: &mut SessionIo<'_>,
 ) -> String {
     let SessionIo {
-        tls,
+        stream,
         rx,
         closed,
         stopped,
         bytes,
     } = io;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::with_capacity(64 * 1024);
     let mut gro = Coalescer::new();
     loop {
         // Act on everything the state machine has to say.
         while let Some(output) = session.poll_output() {
             match output {
-                Output::Send(bytes) => session.recycle_send_buffer(coalesce(&mut out, bytes)),
+                Output::Send(bytes) => {
+                    session.recycle_send_buffer(coalesce(stream.out_mut(), bytes))
+                }
                 Output::Packet(packet) => {
                     bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
                     if let Some(reply) = shared.client_packet(vip, &VnetHdr::NONE, &packet) {
@@ -501,7 +554,8 @@ async fn pump(
                     }
                 }
                 Output::OffloadPacket(joined) => {
-                    // The session validated the header against the packet.
+                    // The session replaced the client's header with the
+                    // only one its packet can mean.
                     if let Some((hdr, packet)) = VnetHdr::peel(&joined) {
                         bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
                         if let Some(reply) = shared.client_packet(vip, &hdr, packet) {
@@ -509,41 +563,41 @@ async fn pump(
                         }
                     }
                 }
-                Output::Close { reason } => {
-                    let _ = write_out(tls, &mut out).await;
-                    return reason.to_string();
-                }
+                Output::Close { reason } => return reason.to_string(),
                 // Client-side outputs.
                 Output::Assigned { .. } | Output::Routes(_) => {}
             }
-        }
-        if let Err(e) = write_out(tls, &mut out).await {
-            return format!("write failed: {e}");
         }
         let deadline = session
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let stall = stream.stalled_since().map(|since| since + WRITE_STALL);
+        let pending = stream.pending();
         tokio::select! {
-            read = tls.read(&mut buf) => match read {
-                Ok(0) => return "client closed the connection".into(),
-                Ok(n) => {
+            event = stream.next(&mut buf, pending < OUT_LIMIT) => match event {
+                Ok(Event::Read(0)) => return "client closed the connection".into(),
+                Ok(Event::Read(n)) => {
                     if let Err(e) = session.receive(&buf[..n], Instant::now()) {
                         debug!(%vip, "protocol error: {e}");
                     }
                 }
-                Err(e) => return format!("read failed: {e}"),
+                Ok(Event::Wrote) => {}
+                Err(e) => return format!("connection failed: {e}"),
             },
-            Some(joined) = rx.recv() => {
+            Some(joined) = rx.recv(), if pending < OUT_HIGH_WATER => {
                 to_client(session, bytes, &mut gro, &joined);
                 // Take whatever else is queued: one TLS write for the lot,
                 // and consecutive segments of a flow merged.
-                while let Ok(joined) = rx.try_recv() {
+                while let Some(joined) = rx.try_recv() {
                     to_client(session, bytes, &mut gro, &joined);
                 }
                 gro.flush(|hdr, packet| session.send_offload_packet(hdr, packet));
             }
             () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+            () = sleep_until_some(stall) => {
+                return format!("client read nothing for {}s", WRITE_STALL.as_secs());
+            }
             _ = closed.changed() => {
                 let why = closed.borrow().unwrap_or("closed");
                 return why.to_owned();
@@ -571,38 +625,48 @@ fn to_client(session: &mut ServerSession, bytes: &Bytes, gro: &mut Coalescer, jo
     }
 }
 
-async fn write_out(tls: &mut TlsStream, out: &mut Vec<u8>) -> std::io::Result<()> {
-    if !out.is_empty() {
-        tls.write_all(out).await?;
-        tls.flush().await?;
-        out.clear();
-    }
-    Ok(())
-}
-
-/// Closes our side and reads until the client closes its own (for a
-/// second at most): closing with unread input would reset the connection
-/// and could destroy a refusal before the client reads it (RFC 9112 §9.6).
-async fn linger(tls: &mut TlsStream) {
-    let _ = tls.shutdown().await;
+/// Writes what is queued, closes our side and reads until the client
+/// closes its own (for a second at most): closing with unread input would
+/// reset the connection and could destroy a refusal before the client
+/// reads it (RFC 9112 §9.6).
+async fn linger(stream: &mut Stream<TlsStream>) {
+    stream.close(CLOSE_TIMEOUT).await;
     let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while matches!(tls.read(&mut sink).await, Ok(n) if n > 0) {}
+        while matches!(stream.get_mut().read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
 }
 
-async fn flush(session: &mut ServerSession, tls: &mut TlsStream) -> std::io::Result<()> {
-    let mut out = Vec::new();
-    while let Some(output) = session.poll_output() {
-        if let Output::Send(bytes) = output {
-            out.extend_from_slice(&bytes);
+impl Shared {
+    /// The registry's record of the client behind this TLS stream. A
+    /// client added since the last registry reload (at most a second ago)
+    /// is looked up on disk rather than refused.
+    fn authenticate(&self, tls: &TlsStream) -> Result<ClientRecord, Refused> {
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or(Refused::NoCertificate)?;
+        let fingerprint = fingerprint(cert);
+        let known = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .get(&fingerprint)
+            .cloned();
+        match known {
+            Some(record) => Ok(record),
+            None => self
+                .state
+                .clients()
+                .ok()
+                .and_then(|all| all.into_iter().find(|r| r.fingerprint == fingerprint))
+                .ok_or(Refused::UnknownClient),
         }
     }
-    write_out(tls, &mut out).await
-}
 
-impl Shared {
     /// The client's address: the one it had before, or the next free one.
     fn lease(&self, name: &str) -> Result<Ipv4Addr> {
         let mut clients = self.clients.lock().expect("clients lock");
@@ -624,17 +688,23 @@ impl Shared {
     }
 
     /// Registers a live session; an older one of the same client (a
-    /// reconnect after a network change) is closed, its flows kept.
+    /// reconnect after a network change) is closed, its flows kept. `None`
+    /// if `--max-clients` sessions of other clients are live: the check and
+    /// the registration are one step, so racing connections cannot both
+    /// take the last place.
     fn attach(
         &self,
         name: &str,
         vip: Ipv4Addr,
         peer: SocketAddr,
         bytes: Arc<Bytes>,
-        tx: mpsc::Sender<Vec<u8>>,
-    ) -> (u64, watch::Receiver<Option<&'static str>>) {
+        tx: ReplySender,
+    ) -> Option<(u64, watch::Receiver<Option<&'static str>>)> {
         let (close, closed) = watch::channel(None);
         let mut clients = self.clients.lock().expect("clients lock");
+        if clients.live.len() >= self.cfg.max_clients && !clients.live.contains_key(name) {
+            return None;
+        }
         clients.generation += 1;
         let generation = clients.generation;
         clients.latest.insert(name.to_owned(), generation);
@@ -657,7 +727,7 @@ impl Shared {
             .write()
             .expect("sessions lock")
             .insert(vip, tx);
-        (generation, closed)
+        Some((generation, closed))
     }
 
     /// Unregisters a session that ended; its flows stay for the grace period
@@ -678,21 +748,30 @@ impl Shared {
         let (shared, name) = (self.clone(), name.to_owned());
         tokio::spawn(async move {
             tokio::time::sleep(shared.cfg.grace).await;
-            let back = shared
-                .clients
-                .lock()
-                .expect("clients lock")
-                .latest
-                .get(&name)
-                .is_some_and(|latest| *latest != generation);
-            if back {
-                return;
-            }
-            match shared.flows.lock().expect("flows lock").delete_client(vip) {
-                Ok(n) => info!(client = %name, %vip, flows = n, "grace period over: flows removed"),
-                Err(e) => warn!(client = %name, %vip, "removing flows: {e:#}"),
-            }
+            // A map syscall per flow: off the async workers.
+            let _ =
+                tokio::task::spawn_blocking(move || shared.end_grace(&name, vip, generation)).await;
         });
+    }
+
+    /// Removes the flows of a client whose session `generation` ended a
+    /// grace period ago, unless it came back since. The clients lock is
+    /// held throughout, so a reconnect either comes before the check (and
+    /// keeps its flows) or after the removal (and makes new ones).
+    fn end_grace(&self, name: &str, vip: Ipv4Addr, generation: u64) {
+        let clients = self.clients.lock().expect("clients lock");
+        if clients
+            .latest
+            .get(name)
+            .is_some_and(|latest| *latest != generation)
+        {
+            return;
+        }
+        match self.flows.lock().expect("flows lock").delete_client(vip) {
+            Ok(n) => info!(client = %name, %vip, flows = n, "grace period over: flows removed"),
+            Err(e) => warn!(client = %name, %vip, "removing flows: {e:#}"),
+        }
+        drop(clients);
     }
 
     /// A packet from client `vip`: forwarded into the datapath, or refused.
@@ -735,6 +814,12 @@ impl Shared {
             count(&self.counters.ttl_expired);
             return Some(packet::icmp_error(self.inner_addr, pkt, 11, 0));
         }
+        if self.cfg.pool.contains(info.dst) {
+            // Only reached with --allow-client-to-client (the policy refuses
+            // the pool otherwise): handed to the other client's session
+            // here, never NATed out of the WAN.
+            return self.to_other_client(info.dst, hdr, pkt);
+        }
         let Some(key) = info.flow_key() else {
             count(&self.counters.untranslatable);
             debug!(%vip, proto = info.proto, fragment = info.fragment, "dropped: not translated");
@@ -762,6 +847,31 @@ impl Shared {
         if let Err(e) = self.tun.send(hdr, pkt) {
             debug!(%vip, "writing to the TUN device: {e}");
         }
+        None
+    }
+
+    /// A packet from one client to another's address: into that client's
+    /// reply queue as if it came from the datapath, TTL decremented as any
+    /// router would. No session there: ICMP host unreachable.
+    fn to_other_client(&self, dst: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) -> Option<Vec<u8>> {
+        let mut joined = Vec::with_capacity(VNET_HDR_LEN + pkt.len());
+        joined.extend_from_slice(&hdr.to_bytes());
+        joined.extend_from_slice(pkt);
+        packet::decrement_ttl(&mut joined[VNET_HDR_LEN..]);
+        let sessions = self.sessions.read().expect("sessions lock");
+        let Some(tx) = sessions.get(&dst) else {
+            self.counters.no_session.fetch_add(1, Relaxed);
+            return Some(packet::icmp_error(
+                self.inner_addr,
+                pkt,
+                3,
+                unreachable::HOST,
+            ));
+        };
+        match tx.push(joined) {
+            Ok(()) => self.counters.client_to_client.fetch_add(1, Relaxed),
+            Err(_) => self.counters.client_queue_full.fetch_add(1, Relaxed),
+        };
         None
     }
 
@@ -798,6 +908,7 @@ impl Shared {
             ("flow_errors", &c.flow_errors),
             ("client_queue_full", &c.client_queue_full),
             ("no_session", &c.no_session),
+            ("client_to_client", &c.client_to_client),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Relaxed)))
@@ -877,7 +988,7 @@ impl Shared {
     /// A reply from the datapath, to the session of its destination.
     /// `sessions` is the session table, read-locked once per batch of
     /// replies rather than once per packet.
-    fn to_session(&self, sessions: &HashMap<Ipv4Addr, mpsc::Sender<Vec<u8>>>, joined: &[u8]) {
+    fn to_session(&self, sessions: &HashMap<Ipv4Addr, ReplySender>, joined: &[u8]) {
         // Only the destination is read here; `to_client` does the rest.
         let Some((_, pkt)) = VnetHdr::peel(joined) else {
             self.counters.malformed.fetch_add(1, Relaxed);
@@ -888,10 +999,11 @@ impl Shared {
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
         let dropped = match sessions.get(&dst) {
-            Some(tx) => tx
-                .try_send(joined.to_vec())
-                .is_err()
-                .then_some(&self.counters.client_queue_full),
+            Some(tx) => match tx.push(joined.to_vec()) {
+                Ok(()) => None,
+                Err(queue::Dropped::Full) => Some(&self.counters.client_queue_full),
+                Err(queue::Dropped::Closed) => Some(&self.counters.no_session),
+            },
             None => Some(&self.counters.no_session),
         };
         if let Some(counter) = dropped {
@@ -929,30 +1041,41 @@ impl Shared {
     }
 }
 
-/// Replies from the datapath, to the session of their destination.
+/// Replies from the datapath, to the session of their destination. A read
+/// error is logged and the reader goes on: every client's replies depend on
+/// this task.
 async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
     let mut buf = vec![0u8; tun::MAX_READ];
     loop {
-        let n = shared
-            .tun
-            .recv(&mut buf)
-            .await
-            .context("reading the TUN device")?;
+        let n = match shared.tun.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tun_read_failed(&e).await;
+                continue;
+            }
+        };
         // Sessions that start or end meanwhile wait for one batch at most.
         let sessions = shared.sessions.read().expect("sessions lock");
         shared.to_session(&sessions, &buf[..n]);
         // Drain what else is waiting before going back to the reactor.
         for _ in 0..TUN_BATCH {
-            match shared
-                .tun
-                .try_recv(&mut buf)
-                .context("reading the TUN device")?
-            {
-                Some(n) => shared.to_session(&sessions, &buf[..n]),
-                None => break,
+            match shared.tun.try_recv(&mut buf) {
+                Ok(Some(n)) => shared.to_session(&sessions, &buf[..n]),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("reading the TUN device: {e}");
+                    break;
+                }
             }
         }
     }
+}
+
+/// Logs a failed TUN read and pauses briefly, so that an error that
+/// repeats (say, out of memory) neither spins nor floods the log.
+async fn tun_read_failed(e: &std::io::Error) {
+    warn!("reading the TUN device: {e}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
 async fn flow_gc(shared: Arc<Shared>) -> Result<()> {

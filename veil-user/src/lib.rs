@@ -2,6 +2,7 @@
 //! table that the session layer drives, and that the tests and benchmarks
 //! use directly.
 
+pub mod admission;
 pub mod config;
 pub mod control;
 pub mod datapath;
@@ -12,7 +13,10 @@ pub mod net;
 pub mod packet;
 pub mod policy;
 pub mod preflight;
+pub mod queue;
+pub mod size;
 pub mod state;
+pub mod stream;
 pub mod tls;
 pub mod tun;
 

@@ -19,6 +19,7 @@ use veil_user::{
     flows::{PortRange, Timeouts},
     gateway::{self, GatewayConfig},
     net::Ipv4Net,
+    size::ByteSize,
     state::StateDir,
 };
 
@@ -111,6 +112,17 @@ struct GatewayArgs {
     /// Most clients connected at once; more are refused before the upgrade.
     #[arg(long, default_value_t = 1024)]
     max_clients: usize,
+    /// Most connections still in their TLS handshake (not authenticated)
+    /// at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 256)]
+    max_handshakes: usize,
+    /// Most connections in their handshake from one address at once.
+    #[arg(long, default_value_t = 16)]
+    max_handshakes_per_source: usize,
+    /// Replies waiting for one client, at most (bytes, or with KiB/MiB);
+    /// beyond, replies are dropped and counted (client_queue_full).
+    #[arg(long, default_value = "4MiB", value_name = "SIZE")]
+    client_buffer: ByteSize,
     /// Most flows at once.
     #[arg(long, default_value_t = veil_common::MAX_FLOWS as usize)]
     max_flows: usize,
@@ -170,6 +182,9 @@ fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::File
         tun,
         pin_dir,
         max_clients,
+        max_handshakes,
+        max_handshakes_per_source,
+        client_buffer,
         max_flows,
         max_flows_per_client,
         grace,
@@ -369,6 +384,9 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
             icmp: Duration::from_secs(args.timeout_icmp),
         },
         metrics: args.metrics,
+        client_buffer: args.client_buffer.0,
+        max_handshakes: args.max_handshakes,
+        max_handshakes_per_source: args.max_handshakes_per_source,
     };
     let threads = args.threads.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)

@@ -136,6 +136,38 @@ pub fn tune_tunnel_socket(socket: &impl std::os::fd::AsRawFd, lowat: u32) {
     };
     set(libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
     set(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, lowat as i32);
+    // Data the peer does not acknowledge for this long (a vanished peer, or
+    // one whose window stays shut) ends the connection in the kernel, even
+    // if the process never notices.
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        TUNNEL_USER_TIMEOUT.as_millis() as i32,
+    );
+}
+
+/// `TCP_USER_TIMEOUT` of tunnel sockets: as long as a keepalive timeout.
+pub const TUNNEL_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Raises the soft limit on open files to the hard one: a gateway holds a
+/// socket per client and per handshake. Returns the limit now in force.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// Whether generic receive offload is on for `iface` (`ethtool -k`'s

@@ -91,8 +91,25 @@ pub fn parse(pkt: &[u8]) -> Result<Ipv4Info, PacketError> {
 
 /// ICMP destination unreachable codes the gateway sends.
 pub mod unreachable {
+    /// No such host: a client address with no session.
+    pub const HOST: u8 = 1;
     /// The egress policy refuses the destination (RFC 1812 §5.2.7.1).
     pub const ADMIN_PROHIBITED: u8 = 13;
+}
+
+/// Decrements the TTL of a parsed IPv4 packet (whose TTL is above 1) and
+/// patches its header checksum (RFC 1624): what a router does to a packet
+/// it forwards.
+pub fn decrement_ttl(pkt: &mut [u8]) {
+    if pkt.len() < 20 || pkt[8] == 0 {
+        return;
+    }
+    let old = u16::from_be_bytes([pkt[8], pkt[9]]);
+    pkt[8] -= 1;
+    let new = u16::from_be_bytes([pkt[8], pkt[9]]);
+    let check = u16::from_be_bytes([pkt[10], pkt[11]]);
+    let check = veil_common::csum::replace16(check, old, new);
+    pkt[10..12].copy_from_slice(&check.to_be_bytes());
 }
 
 /// An ICMP error from `from` to the sender of `original` (RFC 792),
@@ -192,5 +209,17 @@ mod tests {
         assert_eq!(&e[28..], &p[..]);
         assert_eq!(checksum(&e[..20]), 0, "IP header checksum");
         assert_eq!(checksum(&e[20..]), 0, "ICMP checksum");
+    }
+
+    #[test]
+    fn decrementing_the_ttl_keeps_the_header_checksum_right() {
+        let mut pkt = vec![
+            0x45, 0, 0, 20, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 2, 10, 77, 0, 3,
+        ];
+        let check = checksum(&pkt);
+        pkt[10..12].copy_from_slice(&check.to_be_bytes());
+        decrement_ttl(&mut pkt);
+        assert_eq!(pkt[8], 63);
+        assert_eq!(checksum(&pkt), 0, "a valid header sums to zero");
     }
 }

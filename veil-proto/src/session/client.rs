@@ -33,6 +33,10 @@ pub struct ClientConfig {
     pub handshake_timeout: Duration,
     /// Largest capsule accepted from the gateway.
     pub max_capsule_len: usize,
+    /// The largest IP packet a segment of the gateway's offload
+    /// super-packets may be. The gateway's segments are sized by its
+    /// internet side, which the client does not know: by default any.
+    pub max_packet_len: u16,
     /// Announce offload datagrams: the caller must then handle
     /// [`Output::OffloadPacket`].
     pub offload: bool,
@@ -50,6 +54,7 @@ impl ClientConfig {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_capsule_len: DEFAULT_MAX_CAPSULE_LEN,
+            max_packet_len: u16::MAX,
             offload: false,
         }
     }
@@ -100,7 +105,12 @@ impl ClientSession {
     /// sent as is.
     pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ProtoError> {
         http::validate_target(&config.host, &config.path)?;
-        let mut link = Link::new(config.max_capsule_len, config.keepalive_timeout, now);
+        let mut link = Link::new(
+            config.max_capsule_len,
+            config.max_packet_len,
+            config.keepalive_timeout,
+            now,
+        );
         link.send(&http::request(
             &config.host,
             &config.path,

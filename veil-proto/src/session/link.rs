@@ -12,7 +12,7 @@ use std::{
 use super::{CloseReason, Output, Stats};
 use crate::{
     capsule::{self, AssignedAddress, Capsule, CapsuleDecoder, RequestedAddress},
-    gso::{self, VnetHdr},
+    gso::{self, VnetHdr, VNET_HDR_LEN},
     ProtoError,
 };
 
@@ -36,10 +36,17 @@ pub(super) struct Link {
     offload: bool,
     /// Where packets are segmented for a peer without offload.
     scratch: Vec<u8>,
+    /// The largest IP packet a segment of a peer's super-packet may become.
+    max_packet_len: usize,
 }
 
 impl Link {
-    pub(super) fn new(max_capsule_len: usize, keepalive_timeout: Duration, now: Instant) -> Self {
+    pub(super) fn new(
+        max_capsule_len: usize,
+        max_packet_len: u16,
+        keepalive_timeout: Duration,
+        now: Instant,
+    ) -> Self {
         Link {
             tx: Vec::new(),
             events: VecDeque::new(),
@@ -50,6 +57,7 @@ impl Link {
             keepalive_timeout,
             offload: false,
             scratch: Vec::new(),
+            max_packet_len: usize::from(max_packet_len),
         }
     }
 
@@ -241,14 +249,7 @@ impl Link {
             Capsule::Datagram {
                 context_id: capsule::OFFLOAD_CONTEXT,
                 payload,
-            } if self.offload => match VnetHdr::split(&payload) {
-                Ok((_, packet)) => {
-                    self.stats.packets_received += 1;
-                    self.stats.bytes_received += packet.len() as u64;
-                    self.push(Output::OffloadPacket(payload));
-                }
-                Err(_) => self.stats.offload_invalid += 1,
-            },
+            } if self.offload => self.receive_offload(payload),
             Capsule::Datagram { .. } => self.stats.datagrams_dropped += 1,
             Capsule::Ping(nonce) => {
                 self.send_capsule(&Capsule::Pong(nonce));
@@ -259,6 +260,25 @@ impl Link {
             config => return Some(config),
         }
         None
+    }
+
+    /// An offload datagram from the peer: its header is replaced by the
+    /// only one it may mean ([`VnetHdr::sanitize`]) before anyone hands it
+    /// to a kernel; one that means nothing sane is dropped and counted.
+    fn receive_offload(&mut self, mut payload: Vec<u8>) {
+        let Some((head, packet)) = payload.split_first_chunk_mut::<VNET_HDR_LEN>() else {
+            self.stats.offload_invalid += 1;
+            return;
+        };
+        match VnetHdr::from_bytes(*head).sanitize(packet, self.max_packet_len) {
+            Ok(hdr) => {
+                *head = hdr.to_bytes();
+                self.stats.packets_received += 1;
+                self.stats.bytes_received += (payload.len() - VNET_HDR_LEN) as u64;
+                self.push(Output::OffloadPacket(payload));
+            }
+            Err(_) => self.stats.offload_invalid += 1,
+        }
     }
 
     /// Answers an ADDRESS_REQUEST as RFC 9484 §4.7.2 asks: one entry per

@@ -34,6 +34,9 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// How long either end waits for a byte before declaring its peer dead:
 /// twice the PING interval, so one lost or late PING is not fatal.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest IP packet a client may send, unless the gateway says
+/// otherwise: Ethernet's MTU, what most internet paths carry.
+pub const DEFAULT_MAX_PACKET_LEN: u16 = 1500;
 /// How long the upgrade may take: request on the gateway, 101 on the client.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -8,6 +8,7 @@ use std::{
 use super::{
     link::{self, Link},
     CloseReason, Output, Stats, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_MAX_PACKET_LEN,
 };
 use crate::{
     capsule::{validate_routes, Capsule, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN},
@@ -32,6 +33,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Largest capsule accepted from the client.
     pub max_capsule_len: usize,
+    /// The largest IP packet the client may send: a segment of its offload
+    /// super-packets may not exceed it (the gateway's TUN MTU).
+    pub max_packet_len: u16,
     /// Offer offload datagrams to a client that announces them: the caller
     /// must then handle [`Output::OffloadPacket`].
     pub offload: bool,
@@ -47,6 +51,7 @@ impl ServerConfig {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_capsule_len: DEFAULT_MAX_CAPSULE_LEN,
+            max_packet_len: DEFAULT_MAX_PACKET_LEN,
             offload: false,
         }
     }
@@ -115,7 +120,12 @@ impl ServerSession {
             },
             greeting,
             request: None,
-            link: Link::new(config.max_capsule_len, config.keepalive_timeout, now),
+            link: Link::new(
+                config.max_capsule_len,
+                config.max_packet_len,
+                config.keepalive_timeout,
+                now,
+            ),
             config,
         })
     }

@@ -1,0 +1,131 @@
+//! Who may hold a connection open before proving who they are.
+//!
+//! Anyone can open TCP connections to the listener, so the connections that
+//! have not authenticated yet (TLS handshake, then the checks against the
+//! registry) are capped in number, overall and per source address. A
+//! connection over a cap is closed at once, and costs nothing more than the
+//! accept. Authenticated sessions are capped elsewhere (`--max-clients`).
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+/// Why a connection was turned away before its handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Turned {
+    #[error("{0} handshakes in flight, the --max-handshakes limit")]
+    Busy(usize),
+    #[error("{0} handshakes in flight from that address, the --max-handshakes-per-source limit")]
+    SourceBusy(usize),
+}
+
+impl Turned {
+    /// The `cause` label of `veil_handshake_failures_total`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Turned::Busy(_) => "handshakes_busy",
+            Turned::SourceBusy(_) => "source_busy",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// The caps, and who holds a place under them.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    max: usize,
+    per_source: usize,
+    counts: Arc<Mutex<Counts>>,
+}
+
+/// A place under the caps, given back when dropped.
+#[derive(Debug)]
+pub struct Permit {
+    source: IpAddr,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl Admission {
+    pub fn new(max: usize, per_source: usize) -> Self {
+        Self {
+            max,
+            per_source,
+            counts: Arc::default(),
+        }
+    }
+
+    /// A place for a connection from `source`, if both caps allow.
+    pub fn admit(&self, source: IpAddr) -> Result<Permit, Turned> {
+        let mut counts = self.counts.lock().expect("admission lock");
+        if counts.total >= self.max {
+            return Err(Turned::Busy(counts.total));
+        }
+        let n = counts.by_source.entry(source).or_default();
+        if *n >= self.per_source {
+            return Err(Turned::SourceBusy(*n));
+        }
+        *n += 1;
+        counts.total += 1;
+        Ok(Permit {
+            source,
+            counts: self.counts.clone(),
+        })
+    }
+
+    /// Connections holding a place now.
+    pub fn in_flight(&self) -> usize {
+        self.counts.lock().expect("admission lock").total
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("admission lock");
+        counts.total -= 1;
+        if let Some(n) = counts.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_place() {
+        let a = Admission::new(10, 3);
+        let held: Vec<_> = (0..3).map(|_| a.admit(ip(1)).unwrap()).collect();
+        assert_eq!(a.admit(ip(1)).unwrap_err(), Turned::SourceBusy(3));
+        let other = a.admit(ip(2)).expect("another source still gets in");
+        drop(held);
+        assert_eq!(a.in_flight(), 1);
+        a.admit(ip(1)).expect("places come back");
+        drop(other);
+    }
+
+    #[test]
+    fn the_total_is_capped_and_places_return_when_dropped() {
+        let a = Admission::new(4, 4);
+        let held: Vec<_> = (1..=4).map(|i| a.admit(ip(i)).unwrap()).collect();
+        assert_eq!(a.admit(ip(9)).unwrap_err(), Turned::Busy(4));
+        drop(held);
+        assert_eq!(a.in_flight(), 0);
+        assert!(a.counts.lock().unwrap().by_source.is_empty(), "no residue");
+        a.admit(ip(9)).unwrap();
+    }
+}
