@@ -8,4 +8,18 @@ pub mod netns;
 pub mod packet;
 pub mod peers;
 pub mod proc;
+pub mod raw;
 pub mod world;
+
+/// Polls `f` every 100 ms until it holds; panics naming `what` after
+/// `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}

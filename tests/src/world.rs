@@ -212,6 +212,17 @@ impl World {
         serde_json::from_str(&self.veil_user(&["status", "--json"])).expect("status JSON")
     }
 
+    /// The virtual address of the connected client `name`, from `status`.
+    pub fn vip_of(&self, name: &str) -> Ipv4Addr {
+        let status = self.status();
+        let clients = status["clients"].as_array().unwrap();
+        let c = clients
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in status: {status}"));
+        c["vip"].as_str().unwrap().parse().unwrap()
+    }
+
     /// Downloads the remote's test file from client `i`; its SHA-256.
     pub fn download(&self, i: usize) -> std::io::Result<Vec<u8>> {
         self.client(i).enter(|| {

@@ -9,32 +9,16 @@ use std::{
 
 use veil_tests::{
     proc::Proc,
+    wait_until,
     world::{download_data, ip_out, sha256, World, LAN_HOST, PUBLIC, REMOTE},
 };
 
 fn vip_of(world: &World, name: &str) -> Ipv4Addr {
-    let status = world.status();
-    let clients = status["clients"].as_array().unwrap();
-    let c = clients
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in status: {status}"));
-    c["vip"].as_str().unwrap().parse().unwrap()
+    world.vip_of(name)
 }
 
 fn flows(world: &World) -> u64 {
     world.status()["flows"]["total"].as_u64().unwrap()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Sends `data` to the remote's TCP echo server from client `i` and

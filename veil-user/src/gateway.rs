@@ -504,10 +504,19 @@ async fn connection(
         stopped: &mut stopped,
         bytes: &bytes,
     };
-    let reason = pump(shared, &mut session, vip, &mut io).await;
+    let end = pump(shared, &mut session, vip, &mut io).await;
     shared.detach(&name, vip, generation);
+    // Its queue and buffers go now, not after the goodbye.
+    drop((rx, session));
+    if !end.flush {
+        stream.discard();
+    }
     stream.close(CLOSE_TIMEOUT).await;
-    Ok(SessionEnd { name, vip, reason })
+    Ok(SessionEnd {
+        name,
+        vip,
+        reason: end.reason,
+    })
 }
 
 /// What a session's pump reads from and writes to.
@@ -521,6 +530,30 @@ struct SessionIo<'a> {
     bytes: &'a Bytes,
 }
 
+/// Why a pump stopped, and whether what it has queued is still worth
+/// sending (a protocol error's response is; a stalled, replaced or revoked
+/// client's backlog is not).
+struct PumpEnd {
+    reason: String,
+    flush: bool,
+}
+
+impl PumpEnd {
+    fn flush(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            flush: true,
+        }
+    }
+
+    fn drop(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            flush: false,
+        }
+    }
+}
+
 /// Moves bytes and packets until the session ends; returns why it ended.
 /// Nothing in here waits on the client alone: writes progress inside the
 /// `select!`, beside the control signals, and a client that stops reading
@@ -530,7 +563,7 @@ async fn pump(
     session: &mut ServerSession,
     vip: Ipv4Addr,
     io: &mut SessionIo<'_>,
-) -> String {
+) -> PumpEnd {
     let SessionIo {
         stream,
         rx,
@@ -563,7 +596,7 @@ async fn pump(
                         }
                     }
                 }
-                Output::Close { reason } => return reason.to_string(),
+                Output::Close { reason } => return PumpEnd::flush(reason.to_string()),
                 // Client-side outputs.
                 Output::Assigned { .. } | Output::Routes(_) => {}
             }
@@ -576,33 +609,38 @@ async fn pump(
         let pending = stream.pending();
         tokio::select! {
             event = stream.next(&mut buf, pending < OUT_LIMIT) => match event {
-                Ok(Event::Read(0)) => return "client closed the connection".into(),
+                Ok(Event::Read(0)) => return PumpEnd::flush("client closed the connection"),
                 Ok(Event::Read(n)) => {
                     if let Err(e) = session.receive(&buf[..n], Instant::now()) {
                         debug!(%vip, "protocol error: {e}");
                     }
                 }
                 Ok(Event::Wrote) => {}
-                Err(e) => return format!("connection failed: {e}"),
+                Err(e) => return PumpEnd::drop(format!("connection failed: {e}")),
             },
             Some(joined) = rx.recv(), if pending < OUT_HIGH_WATER => {
+                let mut taken = joined.len();
                 to_client(session, bytes, &mut gro, &joined);
-                // Take whatever else is queued: one TLS write for the lot,
-                // and consecutive segments of a flow merged.
-                while let Some(joined) = rx.try_recv() {
+                // Take more of what is queued: one TLS write for the lot,
+                // and consecutive segments of a flow merged. Up to the high
+                // water mark only: the queue is where replies wait, bounded,
+                // not the write buffer.
+                while taken < OUT_HIGH_WATER {
+                    let Some(joined) = rx.try_recv() else { break };
+                    taken += joined.len();
                     to_client(session, bytes, &mut gro, &joined);
                 }
                 gro.flush(|hdr, packet| session.send_offload_packet(hdr, packet));
             }
             () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
             () = sleep_until_some(stall) => {
-                return format!("client read nothing for {}s", WRITE_STALL.as_secs());
+                return PumpEnd::drop(format!("client read nothing for {}s", WRITE_STALL.as_secs()));
             }
             _ = closed.changed() => {
                 let why = closed.borrow().unwrap_or("closed");
-                return why.to_owned();
+                return PumpEnd::drop(why);
             }
-            _ = stopped.changed() => return "gateway shutting down".into(),
+            _ = stopped.changed() => return PumpEnd::flush("gateway shutting down"),
         }
     }
 }

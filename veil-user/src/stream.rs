@@ -146,6 +146,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
         Ok(progress)
     }
 
+    /// Forgets the bytes not yet handed to the writer: for a peer that
+    /// will not read them (it stalled, was replaced or revoked). What TLS
+    /// already framed still goes out whole.
+    pub fn discard(&mut self) {
+        self.out.drain(self.sent..);
+        self.out.shrink_to(64 * 1024);
+    }
+
     /// Writes what is queued and closes the stream (TLS close_notify),
     /// giving up after `timeout`: a peer that stopped reading cannot hold
     /// the connection open.

@@ -1,0 +1,362 @@
+//! Clients that do what `veil-client` never would, against the real
+//! gateway: forged offload headers, a client that stops reading, floods of
+//! connections that never authenticate. Each promise is checked where a
+//! user would check it: on the remote's wire, in the other clients' data,
+//! in the daemon's descriptors and memory.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use veil_proto::gso::VnetHdr;
+use veil_tests::{
+    netns::NetNs,
+    packet::{frame, ip_of, ones_sum, L4},
+    raw::{Capture, RawClient},
+    wait_until,
+    world::{download_data, sha256, World, PUBLIC, REMOTE},
+};
+
+const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+
+/// An IPv4/UDP packet whose checksum is left partial, as a kernel hands
+/// it over with CHECKSUM_PARTIAL: the field holds the pseudo-header sum.
+fn partial_udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut ip = ip_of(&frame(src, dst, 64, L4::udp(sport, dport, payload))).to_vec();
+    let l4_len = (ip.len() - 20) as u16;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&l4_len.to_be_bytes());
+    let partial = ones_sum(&pseudo);
+    ip[26..28].copy_from_slice(&partial.to_be_bytes());
+    ip
+}
+
+fn csum_at(start: u16, offset: u16) -> VnetHdr {
+    VnetHdr {
+        flags: VnetHdr::F_NEEDS_CSUM,
+        csum_start: start,
+        csum_offset: offset,
+        ..VnetHdr::NONE
+    }
+}
+
+/// (source, source port, destination port, payload) of each UDP packet.
+fn udp_seen(packets: &[Vec<u8>]) -> Vec<(Ipv4Addr, u16, u16, Vec<u8>)> {
+    packets
+        .iter()
+        .filter(|p| p.len() >= 28 && p[9] == 17 && p[6] & 0x3f == 0 && p[7] == 0)
+        .map(|p| {
+            let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+            let sport = u16::from_be_bytes([p[20], p[21]]);
+            let dport = u16::from_be_bytes([p[22], p[23]]);
+            (src, sport, dport, p[28..].to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn forged_offload_headers_never_change_what_the_remote_sees() {
+    let world = World::new(1, &[]);
+    let profile = world.add_client("mallory", 1);
+    let mut raw = RawClient::connect(world.client(1), &profile, true);
+    assert!(raw.session.offload(), "offload negotiated");
+    let vip = raw.vip();
+    let capture = Capture::new(&world.remote, "eth0");
+    let lan = Capture::new(&world.lan, "eth0");
+
+    // Where the kernel would write the checksum after the datapath's NAT:
+    // the source port, the destination port, the source and destination
+    // addresses, the UDP length, inside the payload.
+    let aims: [(u16, u16); 6] = [(20, 0), (20, 2), (0, 12), (0, 16), (20, 4), (24, 0)];
+    for (i, (start, offset)) in aims.iter().enumerate() {
+        let payload = format!("aimed at {start}+{offset}");
+        let pkt = partial_udp(vip, 40000 + i as u16, REMOTE, 5555, payload.as_bytes());
+        raw.send_offload(&csum_at(*start, *offset), &pkt);
+    }
+    // Segment sizes that are tiny or do not fit the MTU: refused.
+    let big = partial_udp(vip, 41000, REMOTE, 5555, &[b't'; 3000]);
+    for gso_size in [1, 16, 1373, 4000] {
+        let hdr = VnetHdr {
+            gso_type: VnetHdr::GSO_UDP_L4,
+            gso_size,
+            hdr_len: 28,
+            ..csum_at(20, 6)
+        };
+        raw.send_offload(&hdr, &big);
+    }
+    // The honest case still works: the checksum where UDP keeps it.
+    let honest = partial_udp(vip, 42000, REMOTE, 5555, b"honest");
+    raw.send_offload(&csum_at(20, 6), &honest);
+    raw.pump(Duration::from_millis(500));
+
+    let seen = udp_seen(&capture.packets(Duration::from_secs(1)));
+    assert!(!seen.is_empty(), "something reached the remote");
+    let mut nat_of: HashMap<u16, u16> = HashMap::new();
+    for (src, sport, dport, payload) in &seen {
+        assert_eq!(*src, PUBLIC, "the remote sees only the gateway");
+        assert!(
+            NAT_PORTS.contains(sport),
+            "source port {sport} is outside the NAT range: the client placed a checksum after NAT"
+        );
+        assert!(
+            !payload.starts_with(b"ttt"),
+            "a refused super-packet got through (to port {dport})"
+        );
+        let _ = nat_of.insert(*sport, *dport);
+    }
+    let honest_seen = seen
+        .iter()
+        .find(|s| s.3 == b"honest")
+        .expect("honest packet");
+    assert_eq!(honest_seen.2, 5555);
+    // What the source-address aim made is a forged source: refused by the
+    // gateway's check, which saw the final bytes.
+    assert!(
+        world.status()["counters"]["forged_source"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    // Nothing reached a private network, whatever the aim made of the
+    // destination.
+    let leaked = udp_seen(&lan.packets(Duration::from_millis(100)));
+    assert!(leaked.is_empty(), "reached the LAN: {leaked:?}");
+    // And the session is alive and well.
+    raw.send_offload(
+        &csum_at(20, 6),
+        &partial_udp(vip, 42001, REMOTE, 7, b"echo?"),
+    );
+    raw.pump(Duration::from_secs(1));
+    assert!(
+        raw.received.iter().any(|p| p.ends_with(b"echo?")),
+        "the echo came back"
+    );
+}
+
+/// A UDP sender in the remote's namespace: once a datagram arrives on
+/// `port`, it answers its source with datagrams as fast as it can until
+/// stopped, always toward the latest source.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(remote: &NetNs, port: u16) -> Self {
+        let socket = remote.enter(|| UdpSocket::bind((REMOTE, port)).unwrap());
+        socket.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(Mutex::new(None));
+        let st = stop.clone();
+        let thread = thread::spawn(move || {
+            let chunk = [0x5a; 1200];
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::Relaxed) {
+                while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    *target.lock().unwrap() = Some(from);
+                }
+                let to = *target.lock().unwrap();
+                match to {
+                    Some(to) => {
+                        for _ in 0..64 {
+                            let _ = socket.send_to(&chunk, to);
+                        }
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    None => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Flood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_client_that_stops_reading_cannot_hold_the_gateway_or_the_others() {
+    let mut world = World::new(2, &[]);
+    let staller = world.add_client("staller", 1);
+    let steady = world.add_client("steady", 2);
+    let _c2 = world.start_client(2, &steady, true);
+    let _flood = Flood::start(&world.remote, 5556);
+    let pid = world.gateway().pid();
+
+    // Connects, asks the remote for a flood of replies, never reads again,
+    // keeps the connection open: then does it again (a reconnect replaces
+    // the session it stalled).
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut stall_once = |world: &World| {
+        let mut raw = RawClient::connect(world.client(1), &staller, false);
+        let vip = raw.vip();
+        raw.send(ip_of(&frame(
+            vip,
+            REMOTE,
+            64,
+            L4::udp(40000, 5556, b"flood me"),
+        )));
+        thread::sleep(Duration::from_millis(300));
+        held.push(raw.into_socket());
+    };
+    for _ in 0..5 {
+        stall_once(&world);
+    }
+    thread::sleep(Duration::from_secs(2));
+    let (fds, rss) = (fd_count(pid), rss_kib(pid));
+    for _ in 0..25 {
+        stall_once(&world);
+    }
+    thread::sleep(Duration::from_secs(2));
+    let (fds_after, rss_after) = (fd_count(pid), rss_kib(pid));
+    eprintln!("after 5 stalls: {fds} fds, {rss} KiB; after 30: {fds_after} fds, {rss_after} KiB");
+    assert!(
+        fds_after <= fds + 2,
+        "descriptors grew from {fds} to {fds_after} over 25 stalled reconnects"
+    );
+    assert!(
+        rss_after <= rss + 16 * 1024,
+        "memory grew from {rss} KiB to {rss_after} KiB over 25 stalled reconnects"
+    );
+
+    // While the client stalls, another client's download completes.
+    assert_eq!(
+        world.download(2).expect("download"),
+        sha256(&download_data())
+    );
+
+    // The last connection is stalled and live: revoking it closes it.
+    world.gateway().wait_for_log(
+        "session ended: replaced by a new connection",
+        Duration::from_secs(5),
+    );
+    let revoked = Instant::now();
+    world.veil_user(&["client", "revoke", "staller"]);
+    world
+        .gateway()
+        .wait_for_log("session ended: client revoked", Duration::from_secs(10));
+    assert!(
+        revoked.elapsed() < Duration::from_secs(5),
+        "revocation took {:?}",
+        revoked.elapsed()
+    );
+    assert!(world.gateway().is_running());
+    assert!(world.ping(2, "198.18.0.2"), "the others are unaffected");
+    drop(held);
+}
+
+#[test]
+fn thousands_of_idle_connections_do_not_keep_a_client_out() {
+    let mut world = World::new(2, &[]);
+    let late = world.add_client("late", 2);
+    let pid = world.gateway().pid();
+    let fds = fd_count(pid);
+
+    let idle: Vec<TcpStream> = world.client(1).enter(|| {
+        (0..3000)
+            .filter_map(|_| TcpStream::connect(("10.200.1.1", 443)).ok())
+            .collect()
+    });
+    assert!(idle.len() > 2900, "only {} connections opened", idle.len());
+    let started = Instant::now();
+    let _c = world.start_client(2, &late, true);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "connecting took {:?} beside 3,000 idle connections",
+        started.elapsed()
+    );
+    assert!(world.ping(2, "198.18.0.2"));
+    let turned = world.status()["refused"]["source_busy"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        turned > 2000,
+        "connections over the per-source cap are closed at once ({turned})"
+    );
+    drop(idle);
+    // The client's session holds one descriptor; everything else returns.
+    wait_until(
+        "descriptors back to normal",
+        Duration::from_secs(15),
+        || fd_count(pid) <= fds + 1,
+    );
+}
+
+#[test]
+fn clients_reach_each_other_with_allow_client_to_client_and_nothing_leaves_the_wan() {
+    let world = World::new(2, &["--allow-client-to-client"]);
+    let a = world.add_client("a", 1);
+    let b = world.add_client("b", 2);
+    let _ca = world.start_client(1, &a, true);
+    let _cb = world.start_client(2, &b, true);
+    let (va, vb) = (world.vip_of("a"), world.vip_of("b"));
+    let capture = Capture::new(&world.remote, "eth0");
+
+    assert!(world.ping(1, &vb.to_string()), "a reaches b");
+    assert!(world.ping(2, &va.to_string()), "b reaches a");
+    // UDP both ways, bytes intact.
+    let server = world
+        .client(2)
+        .enter(|| UdpSocket::bind((vb, 6000)).unwrap());
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    world.client(1).enter(|| {
+        let c = UdpSocket::bind((va, 0)).unwrap();
+        c.send_to(b"hello b", (vb, 6000)).unwrap();
+    });
+    let mut buf = [0u8; 64];
+    let (n, from) = server.recv_from(&mut buf).expect("b got a's datagram");
+    assert_eq!(&buf[..n], b"hello b");
+    assert_eq!(
+        from.ip(),
+        std::net::IpAddr::V4(va),
+        "b sees a's own address"
+    );
+
+    let pool_on_wan: Vec<_> = capture
+        .packets(Duration::from_millis(200))
+        .into_iter()
+        .filter(|p| p[16] == 10 && p[17] == 77)
+        .collect();
+    assert!(pool_on_wan.is_empty(), "client traffic left the WAN");
+    assert!(
+        world.status()["counters"]["client_to_client"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+}
