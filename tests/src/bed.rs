@@ -1,6 +1,6 @@
 //! A test bed for BPF_PROG_TEST_RUN: veil's programs loaded with fresh
-//! maps and configured as a gateway at 198.18.0.1 with clients in
-//! 10.77.0.0/16.
+//! maps and configured as a gateway at 198.18.0.1 (and 198.18.0.3 when a
+//! test asks for a second public address) with clients in 10.77.0.0/16.
 
 use std::{
     net::Ipv4Addr,
@@ -18,6 +18,8 @@ use veil_user::{
 use crate::{bpffs::BpfFs, packet::ETH_LEN};
 
 pub const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The second public address of [`Bed::with_public`] beds.
+pub const PUBLIC2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 pub const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 7);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -71,22 +73,32 @@ impl Bed {
     }
 
     pub fn with_ports(ports: PortRange) -> Self {
-        Self::build(ports, None)
+        Self::build(&[PUBLIC], ports, None)
+    }
+
+    /// A gateway translating to each of `public`.
+    pub fn with_public(public: &[Ipv4Addr], ports: PortRange) -> Self {
+        Self::build(public, ports, None)
     }
 
     /// A bed whose maps are also pinned (under a directory of its own), so
     /// tests can read them the way an operator would.
     pub fn pinned() -> (Self, PathBuf, BpfFs) {
+        Self::pinned_with(&[PUBLIC], PORTS)
+    }
+
+    /// [`Self::pinned`] translating to each of `public` with `ports`.
+    pub fn pinned_with(public: &[Ipv4Addr], ports: PortRange) -> (Self, PathBuf, BpfFs) {
         let fs = BpfFs::new();
         let mut dir = PathBuf::new();
-        let bed = Self::build(PORTS, Some((&fs.path().join("veil"), &mut dir)));
+        let bed = Self::build(public, ports, Some((&fs.path().join("veil"), &mut dir)));
         (bed, dir, fs)
     }
 
-    fn build(ports: PortRange, pin: Option<(&Path, &mut PathBuf)>) -> Self {
+    fn build(public: &[Ipv4Addr], ports: PortRange, pin: Option<(&Path, &mut PathBuf)>) -> Self {
         let mut dp = Datapath::load().expect("loading the datapath (are you root?)");
         dp.configure(&DatapathConfig {
-            public_addr: PUBLIC,
+            public_addrs: public.to_vec(),
             vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
             nat_ports: ports,
             wan_ifindex: 4242,
@@ -103,7 +115,18 @@ impl Bed {
     }
 
     pub fn flow(&mut self, proto: u8, client_port: u16, remote_port: u16) -> (FlowKey, u16) {
-        let key = FlowKey::new(proto, CLIENT, client_port, REMOTE, remote_port);
+        self.flow_of(CLIENT, proto, client_port, remote_port)
+    }
+
+    /// [`Self::flow`] for another client.
+    pub fn flow_of(
+        &mut self,
+        client: Ipv4Addr,
+        proto: u8,
+        client_port: u16,
+        remote_port: u16,
+    ) -> (FlowKey, u16) {
+        let key = FlowKey::new(proto, client, client_port, REMOTE, remote_port);
         let nat = self.flows.create(key, 1).expect("creating a flow");
         let ports = self.flows.ports();
         assert!(ports.contains(nat), "NAT port {nat} outside {ports}");
@@ -165,6 +188,15 @@ where
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
+}
+
+/// The first client address (from 10.77.0.2 on, skipping `not`) whose
+/// flows leave from `want` among `public`.
+pub fn client_on(want: Ipv4Addr, public: &[Ipv4Addr], not: &[Ipv4Addr]) -> Ipv4Addr {
+    (2..=254u8)
+        .map(|i| Ipv4Addr::new(10, 77, 0, i))
+        .find(|c| !not.contains(c) && veil_user::nat::public_addr_for(*c, public) == Some(want))
+        .expect("some client address lands on it")
 }
 
 /// The keys of a pinned hash map, read through the pin as `bpftool` would.

@@ -430,6 +430,101 @@ fn icmp_errors_without_a_flow_are_dropped_and_the_hosts_own_pass() {
     );
 }
 
+// ---- several public addresses ----
+
+/// A bed translating to PUBLIC and PUBLIC2, and a client whose flows leave
+/// from PUBLIC2.
+fn second_address_bed() -> (Bed, Ipv4Addr) {
+    let public = [PUBLIC, PUBLIC2];
+    let bed = Bed::with_public(&public, PORTS);
+    let client = client_on(PUBLIC2, &public, &[]);
+    (bed, client)
+}
+
+#[test]
+fn egress_leaves_from_the_flows_public_address() {
+    let (mut bed, client) = second_address_bed();
+    let (_, nat) = bed.flow_of(client, proto::UDP, 40000, 53);
+    let input = frame(client, REMOTE, 64, L4::udp(40000, 53, b"question"));
+
+    let (action, out) = bed.tun(&input);
+
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        frame(PUBLIC2, REMOTE, 63, L4::udp(nat, 53, b"question")),
+        "source = the second public address, not the first"
+    );
+    assert_checksums(ip_of(&out));
+}
+
+#[test]
+fn a_reply_to_the_second_public_address_is_translated() {
+    let (mut bed, client) = second_address_bed();
+    let (key, nat) = bed.flow_of(client, proto::TCP, 50000, 443);
+    let input = frame(REMOTE, PUBLIC2, 57, L4::tcp(443, nat, "SA", b""));
+
+    let wan = bed.wan(&input);
+
+    assert!(wan.delivered(), "{wan:?}");
+    assert_eq!(
+        wan.out,
+        frame(REMOTE, client, 57, L4::tcp(443, 50000, "SA", b""))
+    );
+    assert_checksums(ip_of(&wan.out));
+    assert_eq!(bed.listed(&key).reverse.packets, 1);
+
+    // The same port on the other public address is another mapping, which
+    // does not exist: unsolicited.
+    let wrong = frame(REMOTE, PUBLIC, 57, L4::tcp(443, nat, "SA", b""));
+    assert_eq!(bed.wan(&wrong).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropNoIngressFlow), 1);
+    assert_eq!(bed.count(Reason::IngressForwarded), 1);
+}
+
+#[test]
+fn an_icmp_error_about_a_flow_on_the_second_address_reaches_its_client() {
+    let (mut bed, client) = second_address_bed();
+    let (_, nat) = bed.flow_of(client, proto::UDP, 40000, 53);
+    let sent = frame(PUBLIC2, REMOTE, 63, L4::udp(nat, 53, b"question"));
+    let as_client = frame(client, REMOTE, 63, L4::udp(40000, 53, b"question"));
+    let input = icmp_error(ROUTER, PUBLIC2, 3, 3, [0; 4], ip_of(&sent));
+
+    let wan = bed.wan(&input);
+
+    assert!(wan.delivered(), "{wan:?}");
+    let ip = ip_of(&wan.out);
+    assert_eq!(&ip[16..20], &client.octets(), "outer destination");
+    assert_checksums(ip);
+    assert_eq!(&ip[28..], ip_of(&as_client), "the quote is the client's");
+}
+
+#[test]
+fn unsolicited_packets_to_the_second_addresses_nat_range_are_dropped_in_xdp() {
+    let (mut bed, client) = second_address_bed();
+    bed.flow_of(client, proto::TCP, 50000, 443);
+    let syn = frame(REMOTE, PUBLIC2, 57, L4::tcp(4444, PORTS.min + 5, "S", b""));
+    let udp = frame(REMOTE, PUBLIC2, 57, L4::udp(4444, PORTS.max, b"?"));
+    for input in [&syn, &udp] {
+        let wan = bed.wan(input);
+        assert_eq!((wan.xdp, wan.tc), (XDP_DROP, None));
+    }
+    assert_eq!(bed.count(Reason::DropNoIngressFlow), 2);
+
+    // Outside the NAT range the second address is the host's, as the first.
+    let ssh = frame(REMOTE, PUBLIC2, 57, L4::tcp(4444, 22, "S", b""));
+    assert!(bed.wan(&ssh).passed_untouched(&ssh));
+    // An address that is not a public one stays the host's in the range too.
+    let not_ours = frame(
+        REMOTE,
+        Ipv4Addr::new(198, 18, 0, 4),
+        57,
+        L4::udp(4444, PORTS.min, b"?"),
+    );
+    assert!(bed.wan(&not_ours).passed_untouched(&not_ours));
+    assert_eq!(bed.count(Reason::PassToHost), 2);
+}
+
 // ---- the datapath's own log ----
 
 /// Collects log records (aya-log hands them to a `log::Log`).

@@ -1,13 +1,14 @@
 //! The flow API against the real kernel maps: port claiming, endpoint-
-//! independent mapping, exhaustion, deletion and expiry, checked through the
-//! pinned maps and through what the datapath then does with packets.
+//! independent mapping, exhaustion, each client's share of an endpoint,
+//! public addresses, deletion and expiry, checked through the pinned maps
+//! and through what the datapath then does with packets.
 
 use std::{net::Ipv4Addr, time::Duration};
 
 use veil_common::{proto, EgressFlow, FlowKey, Reason, ReverseFlow, ReverseKey};
 use veil_tests::{
     bed::*,
-    packet::{frame, L4},
+    packet::{frame, ETH_LEN as ETH, L4},
 };
 use veil_user::{
     flows::{FlowError, PortRange},
@@ -34,7 +35,8 @@ fn a_flow_is_two_map_entries_that_point_at_each_other() {
     assert_eq!(egress[0].0, k);
     assert_eq!(egress[0].1.nat_port, nat);
     assert_eq!(reverse.len(), 1);
-    assert_eq!(reverse[0].0, k.reverse(nat));
+    assert_eq!(reverse[0].0, k.reverse(PUBLIC, nat));
+    assert_eq!(egress[0].1.public_addr, PUBLIC.octets());
     assert_eq!(reverse[0].1.client_addr, CLIENT.octets());
     assert_eq!(reverse[0].1.client_port, 40000);
 }
@@ -93,7 +95,7 @@ fn exhausting_the_ports_toward_one_endpoint_is_a_clear_error_and_nothing_else() 
     assert!(matches!(err, FlowError::PortsExhausted { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
-        "no free NAT port toward 198.18.0.2:443 (tcp): all 4 ports of 61000-61003 are in use for that endpoint"
+        "no free NAT port toward 198.18.0.2:443 (tcp) on 198.18.0.1: all 4 ports of 61000-61003 are in use for that endpoint"
     );
     assert_eq!(bed.flows.len(), 4, "the failure left nothing behind");
 
@@ -151,6 +153,14 @@ fn one_client_cannot_take_every_flow() {
     bed.flows
         .create(key(proto::UDP, greedy, 3, REMOTE, 53), 1)
         .unwrap();
+}
+
+/// Entries in the pinned egress and reverse maps.
+fn entries(dir: &std::path::Path) -> (usize, usize) {
+    (
+        pinned_keys::<FlowKey, EgressFlow>(&dir.join("egress")).len(),
+        pinned_keys::<ReverseKey, ReverseFlow>(&dir.join("reverse")).len(),
+    )
 }
 
 /// A stand-in table for `mem::replace` (from a bed of its own).
@@ -226,10 +236,11 @@ fn expiry_follows_protocol_and_tcp_state() {
     let mut bed = Bed::new();
     let t0 = monotonic_ns();
     let icmp = key(proto::ICMP, CLIENT, 7, REMOTE, 0);
-    let udp = key(proto::UDP, CLIENT, 40000, REMOTE, 53);
+    let dns = key(proto::UDP, CLIENT, 40001, REMOTE, 53);
+    let udp = key(proto::UDP, CLIENT, 40000, REMOTE, 123);
     let half_open = key(proto::TCP, CLIENT, 50001, REMOTE, 443);
     let established = key(proto::TCP, CLIENT, 50000, REMOTE, 443);
-    for k in [icmp, udp, half_open, established] {
+    for k in [icmp, dns, udp, half_open, established] {
         bed.flows.create(k, t0).unwrap();
     }
     // A real handshake through the datapath: SYN out, SYN-ACK back.
@@ -266,6 +277,8 @@ fn expiry_follows_protocol_and_tcp_state() {
         expired.sort();
         expired
     };
+    assert_eq!(gc(&mut bed, Duration::from_secs(29)), vec![]);
+    assert_eq!(gc(&mut bed, Duration::from_secs(31)), vec![dns]);
     assert_eq!(gc(&mut bed, Duration::from_secs(59)), vec![]);
     assert_eq!(gc(&mut bed, Duration::from_secs(61)), vec![icmp]);
     assert_eq!(gc(&mut bed, Duration::from_secs(121)), vec![udp]);
@@ -276,4 +289,194 @@ fn expiry_follows_protocol_and_tcp_state() {
         vec![established]
     );
     assert!(bed.flows.is_empty());
+}
+
+// ---- each client's share of an endpoint ----
+
+#[test]
+fn one_client_at_its_share_leaves_the_endpoint_to_the_others() {
+    let ports = PortRange {
+        min: 61000,
+        max: 61007,
+    };
+    let (mut bed, dir, _fs) = Bed::pinned_with(&[PUBLIC], ports);
+    bed.flows = std::mem::replace(&mut bed.flows, dummy_table()).with_port_share(3);
+    let greedy = CLIENT;
+    let other = Ipv4Addr::new(10, 77, 0, 3);
+    for port in 1..=3 {
+        bed.flows
+            .create(key(proto::UDP, greedy, port, REMOTE, 53), 1)
+            .unwrap();
+    }
+
+    let err = bed
+        .flows
+        .create(key(proto::UDP, greedy, 4, REMOTE, 53), 1)
+        .unwrap_err();
+    assert!(
+        matches!(err, FlowError::ShareExhausted { share: 3, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "client 10.77.0.2 holds 3 NAT ports toward 198.18.0.2:53 (udp), its share of that endpoint (--max-ports-per-endpoint)"
+    );
+    assert_eq!(bed.flows.len(), 3, "the refusal left nothing behind");
+    assert_eq!(entries(&dir), (3, 3), "nor in the maps");
+
+    // The other client still opens flows toward the same endpoint, and its
+    // packets go out on them.
+    let mut others = Vec::new();
+    for port in 1..=3 {
+        let nat = bed
+            .flows
+            .create(key(proto::UDP, other, port, REMOTE, 53), 1)
+            .unwrap();
+        others.push(nat);
+    }
+    let out = frame(
+        other,
+        REMOTE,
+        64,
+        L4::Udp {
+            src: 2,
+            dst: 53,
+            payload: b"q",
+        },
+    );
+    let (action, sent) = bed.tun(&out);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        u16::from_be_bytes([sent[34], sent[35]]),
+        others[1],
+        "sent from the other client's NAT port"
+    );
+    // The greedy client is held back toward that endpoint only.
+    bed.flows
+        .create(key(proto::UDP, greedy, 4, REMOTE, 123), 1)
+        .unwrap();
+    // And a flow that ends gives its port back to its share.
+    assert!(bed
+        .flows
+        .delete(&key(proto::UDP, greedy, 1, REMOTE, 53))
+        .unwrap());
+    bed.flows
+        .create(key(proto::UDP, greedy, 4, REMOTE, 53), 1)
+        .unwrap();
+}
+
+#[test]
+fn the_default_share_is_a_quarter_of_the_range() {
+    let bed = Bed::with_ports(PortRange::DEFAULT);
+    assert_eq!(bed.flows.port_share(), 1134);
+}
+
+// ---- several public addresses ----
+
+#[test]
+fn a_clients_flows_all_leave_from_its_public_address() {
+    let public = [PUBLIC, PUBLIC2];
+    let mut bed = Bed::with_public(&public, PORTS);
+    let on_first = client_on(PUBLIC, &public, &[]);
+    let on_second = client_on(PUBLIC2, &public, &[]);
+    let flows = |c| {
+        [
+            key(proto::UDP, c, 40000, REMOTE, 53),
+            key(proto::TCP, c, 50000, REMOTE, 443),
+            key(proto::TCP, c, 50001, OTHER, 80),
+            key(proto::ICMP, c, 7, OTHER, 0),
+        ]
+    };
+    for (client, public) in [(on_first, PUBLIC), (on_second, PUBLIC2)] {
+        assert_eq!(bed.flows.public_addr_of(client), public);
+        for k in flows(client) {
+            bed.flows.create(k, 1).unwrap();
+            assert_eq!(bed.flows.nat(&k).unwrap().addr, public, "{k:?}");
+        }
+    }
+    // What the kernel holds agrees, in both maps.
+    for flow in bed.flows.list().unwrap() {
+        let want = bed.flows.public_addr_of(flow.key.client());
+        assert_eq!(flow.public_addr, want, "{flow}");
+        assert!(flow.to_string().contains(&format!("via {want}:")), "{flow}");
+    }
+    // And the packets: the second client's leave from the second address.
+    let out = frame(
+        on_second,
+        REMOTE,
+        64,
+        L4::Tcp {
+            src: 50000,
+            dst: 443,
+            flags: "S",
+            payload: b"",
+        },
+    );
+    let (action, sent) = bed.tun(&out);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(&sent[26..30], &PUBLIC2.octets(), "source address");
+}
+
+#[test]
+fn the_same_nat_port_toward_one_endpoint_serves_each_public_address() {
+    let public = [PUBLIC, PUBLIC2];
+    let one_port = PortRange {
+        min: 61000,
+        max: 61000,
+    };
+    let (mut bed, dir, _fs) = Bed::pinned_with(&public, one_port);
+    let a = client_on(PUBLIC, &public, &[]);
+    let b = client_on(PUBLIC2, &public, &[]);
+    let (ka, kb) = (
+        key(proto::UDP, a, 40000, REMOTE, 53),
+        key(proto::UDP, b, 41000, REMOTE, 53),
+    );
+    assert_eq!(bed.flows.create(ka, 1).unwrap(), 61000);
+    assert_eq!(bed.flows.create(kb, 1).unwrap(), 61000);
+    assert_eq!(entries(&dir), (2, 2));
+    let mut reverse: Vec<ReverseKey> = pinned_keys::<ReverseKey, ReverseFlow>(&dir.join("reverse"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    reverse.sort();
+    assert_eq!(
+        reverse,
+        {
+            let mut want = vec![ka.reverse(PUBLIC, 61000), kb.reverse(PUBLIC2, 61000)];
+            want.sort();
+            want
+        },
+        "one port, one endpoint, two reverse entries told apart by the public address"
+    );
+
+    // Replies to the same port on each address reach their own client.
+    for (public, client, port) in [(PUBLIC, a, 40000), (PUBLIC2, b, 41000)] {
+        let reply = frame(
+            REMOTE,
+            public,
+            57,
+            L4::Udp {
+                src: 53,
+                dst: 61000,
+                payload: b"answer",
+            },
+        );
+        let wan = bed.wan(&reply);
+        assert!(wan.delivered(), "{public}: {wan:?}");
+        let ip = &wan.out[ETH..];
+        assert_eq!(&ip[16..20], &client.octets(), "{public}");
+        assert_eq!(u16::from_be_bytes([ip[22], ip[23]]), port, "{public}");
+    }
+
+    // The one port is taken on the first address: another client there is
+    // refused, naming the address.
+    let a2 = client_on(PUBLIC, &public, &[a]);
+    let err = bed
+        .flows
+        .create(key(proto::UDP, a2, 40000, REMOTE, 53), 1)
+        .unwrap_err();
+    assert!(
+        matches!(err, FlowError::PortsExhausted { public: PUBLIC, .. }),
+        "{err:?}"
+    );
 }

@@ -49,7 +49,7 @@ fn gateway() -> Gateway {
         let tun = tun::create(&cfg).expect("creating the TUN device");
         let mut dp = Datapath::load().expect("loading the datapath");
         dp.configure(&DatapathConfig {
-            public_addr: GW_WAN,
+            public_addrs: vec![GW_WAN],
             vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
             nat_ports: PORTS,
             wan_ifindex: ifindex("wan0").unwrap(),

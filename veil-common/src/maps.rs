@@ -43,7 +43,13 @@ pub const MAX_FLOWS: u32 = 262_144;
 
 /// Bump when a layout below changes: the pin directory carries it, so a new
 /// daemon never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Most public addresses one gateway translates to ([`Config::public_addrs`]).
+/// The datapath compares a packet's address with each in turn: a handful of
+/// compares costs less than a map lookup on every WAN packet, and more
+/// addresses than this would split clients into crowds too small to hide in.
+pub const MAX_PUBLIC_ADDRS: usize = 16;
 
 /// A flow as the client sees it; the egress map's key.
 #[repr(C)]
@@ -86,10 +92,12 @@ impl FlowKey {
         Ipv4Addr::from_octets(self.remote_addr)
     }
 
-    /// The reverse map's key for this flow once it owns `nat_port`.
-    pub const fn reverse(&self, nat_port: u16) -> ReverseKey {
+    /// The reverse map's key for this flow once it owns `nat_port` on the
+    /// public address `public`.
+    pub const fn reverse(&self, public: Ipv4Addr, nat_port: u16) -> ReverseKey {
         ReverseKey {
             remote_addr: self.remote_addr,
+            public_addr: public.octets(),
             remote_port: self.remote_port,
             nat_port,
             proto: self.proto,
@@ -117,8 +125,11 @@ pub struct FlowStats {
 pub struct EgressFlow {
     /// Client to remote.
     pub stats: FlowStats,
+    /// The public address the flow's packets leave from: one of
+    /// [`Config::public_addrs`], the same for every flow of a client.
+    pub public_addr: [u8; 4],
     pub nat_port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// A flow as the remote sees it; the reverse map's key.
@@ -126,6 +137,9 @@ pub struct EgressFlow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ReverseKey {
     pub remote_addr: [u8; 4],
+    /// The public address the remote answers to: the same NAT port toward
+    /// the same remote endpoint may be in use on several public addresses.
+    pub public_addr: [u8; 4],
     pub remote_port: u16,
     /// The gateway's port (or ICMP identifier) the remote answers to.
     pub nat_port: u16,
@@ -148,8 +162,6 @@ pub struct ReverseFlow {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// The gateway's address on the WAN: what remote hosts see.
-    pub public_addr: [u8; 4],
     /// The client address pool (network and mask): WAN packets addressed
     /// into it are spoofed, and NATed replies to it go to the tunnel.
     pub vip_net: [u8; 4],
@@ -162,9 +174,32 @@ pub struct Config {
     /// Link-layer bytes in front of the IP header on the tunnel device: 0 on
     /// TUN (an L3 device), 14 on TAP and under BPF_PROG_TEST_RUN.
     pub tun_l2_len: u32,
+    /// How many of [`Self::public_addrs`] are in use; 0 until the daemon
+    /// has configured the datapath.
+    pub public_count: u32,
+    /// The gateway's addresses on the WAN: what remote hosts see. Each
+    /// flow leaves from one of them (the egress map says which); replies
+    /// to any of them are translated.
+    pub public_addrs: [[u8; 4]; MAX_PUBLIC_ADDRS],
 }
 
 impl Config {
+    /// Whether `addr` is one of the gateway's public addresses.
+    #[inline(always)]
+    pub fn is_public(&self, addr: [u8; 4]) -> bool {
+        let addr = u32::from_ne_bytes(addr);
+        // A fixed bound the compiler unrolls and the verifier accepts.
+        for i in 0..MAX_PUBLIC_ADDRS {
+            if i as u32 >= self.public_count {
+                break;
+            }
+            if u32::from_ne_bytes(self.public_addrs[i]) == addr {
+                return true;
+            }
+        }
+        false
+    }
+
     pub const fn in_vip_pool(&self, addr: [u8; 4]) -> bool {
         (u32::from_ne_bytes(addr) & u32::from_ne_bytes(self.vip_mask))
             == u32::from_ne_bytes(self.vip_net)
@@ -201,8 +236,35 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<FlowStats>() == 32);
     assert!(size_of::<EgressFlow>() == 40);
-    assert!(size_of::<ReverseKey>() == 12);
+    assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<ReverseFlow>() == 40);
-    assert!(size_of::<Config>() == 28);
+    assert!(size_of::<Config>() == 28 + 4 * MAX_PUBLIC_ADDRS);
     assert!(size_of::<Counter>() == 16);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_configured_public_addresses_are_public() {
+        let mut cfg = Config {
+            public_count: 2,
+            ..Default::default()
+        };
+        cfg.public_addrs[0] = [198, 18, 0, 1];
+        cfg.public_addrs[1] = [198, 18, 0, 3];
+        // A stale slot past the count is not consulted.
+        cfg.public_addrs[2] = [198, 18, 0, 9];
+        assert!(cfg.is_public([198, 18, 0, 1]));
+        assert!(cfg.is_public([198, 18, 0, 3]));
+        assert!(!cfg.is_public([198, 18, 0, 9]));
+        assert!(
+            !cfg.is_public([0, 0, 0, 0]),
+            "empty slots are not addresses"
+        );
+        cfg.public_count = MAX_PUBLIC_ADDRS as u32;
+        cfg.public_addrs[MAX_PUBLIC_ADDRS - 1] = [203, 0, 113, 7];
+        assert!(cfg.is_public([203, 0, 113, 7]), "the last slot counts");
+    }
+}

@@ -1,7 +1,7 @@
 //! Client to internet: packets the daemon writes into the TUN device.
 //!
 //! Each one must belong to a flow the daemon created (`VEIL_EGRESS`); it is
-//! rewritten to the public address and the flow's NAT port, counted, given
+//! rewritten to the flow's public address and NAT port, counted, given
 //! a link-layer header and sent out of the WAN interface. `bpf_redirect_neigh`
 //! resolves the next hop, so neither the kernel's forwarding path nor
 //! netfilter sees the packet.
@@ -101,7 +101,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     let flow = VEIL_EGRESS
         .get_ptr_mut(&key)
         .ok_or(Reason::DropNoEgressFlow)?;
-    let nat_port = unsafe { (*flow).nat_port };
+    let (public_addr, nat_port) = unsafe { ((*flow).public_addr, (*flow).nat_port) };
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
 
     let at = SkbEndpoint {
@@ -116,7 +116,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         &at,
         dword(src),
         word(client_port),
-        cfg.public_addr,
+        public_addr,
         nat_port,
     )?;
     decrement_ttl(ctx, l2, ttl, protocol)?;

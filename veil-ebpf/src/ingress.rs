@@ -1,6 +1,7 @@
 //! Internet to client: what arrives on the WAN interface.
 //!
-//! Packets to the public address inside the NAT port range belong to veil.
+//! Packets to one of the public addresses inside the NAT port range belong
+//! to veil.
 //! Both programs on the WAN sort packets the same way ([`classify`]):
 //!
 //! - XDP ([`filter`]) drops what must never reach the kernel: replies with
@@ -74,7 +75,7 @@ fn classify(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
             (*ip).dst_addr,
         )
     };
-    if dst != cfg.public_addr {
+    if !cfg.is_public(dst) {
         // Client addresses exist only behind the tunnel: from the WAN they
         // are forged.
         if cfg.in_vip_pool(dst) {
@@ -126,6 +127,7 @@ fn classify(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
     let reply = |kind, remote_port: [u8; 2], nat_port: [u8; 2], tcp_flags| Wan::Reply {
         key: ReverseKey {
             remote_addr: src,
+            public_addr: dst,
             remote_port: u16::from_be_bytes(remote_port),
             nat_port: u16::from_be_bytes(nat_port),
             proto: protocol,
@@ -155,7 +157,8 @@ fn classify(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
     }
 }
 
-/// An ICMP error is veil's when it quotes `public:nat_port -> remote`.
+/// An ICMP error is veil's when it quotes `public:nat_port -> remote`, from
+/// any of the public addresses.
 #[inline(always)]
 fn classify_icmp_error(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
     let inner: *mut Ipv4Hdr = pkt.at(INNER_IP)?;
@@ -168,7 +171,7 @@ fn classify_icmp_error(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
         )
     };
     // About a packet the host itself sent (ssh, the tunnel): the host's.
-    if src != cfg.public_addr {
+    if !cfg.is_public(src) {
         return Ok(Wan::Host);
     }
     if vihl != 0x45 {
@@ -195,6 +198,7 @@ fn classify_icmp_error(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
     Ok(Wan::IcmpError {
         key: ReverseKey {
             remote_addr: dst,
+            public_addr: src,
             remote_port: u16::from_be_bytes(remote_port),
             nat_port,
             proto: protocol,

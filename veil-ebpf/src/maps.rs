@@ -22,12 +22,12 @@ pub static VEIL_CONFIG: Array<Config, 1> = Array::new();
 pub static VEIL_STATS: PerCpuArray<Counter, { REASON_SLOTS as usize }> = PerCpuArray::new();
 
 /// The daemon's configuration; without it nothing is translated. An array
-/// slot always exists, zeroed until written: a zero public address means
-/// the daemon has not configured the datapath.
+/// slot always exists, zeroed until written: no public address means the
+/// daemon has not configured the datapath.
 #[inline(always)]
 pub fn config() -> Result<&'static Config, Reason> {
     match VEIL_CONFIG.get(0) {
-        Some(cfg) if cfg.public_addr != [0; 4] => Ok(cfg),
+        Some(cfg) if cfg.public_count != 0 => Ok(cfg),
         _ => Err(Reason::DropNotConfigured),
     }
 }

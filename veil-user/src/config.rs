@@ -13,10 +13,13 @@
 //! allow = ["10.20.0.0/16"]
 //! metrics = "127.0.0.1:9477"
 //! timeout-udp = 120
+//! public-addr = ["203.0.113.10", "203.0.113.11"]   # or one: "203.0.113.10"
+//! max-ports-per-endpoint = 1134
 //! ```
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    num::NonZeroU32,
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -44,7 +47,9 @@ pub struct FileConfig {
     pub iface: Option<String>,
     pub listen: Option<SocketAddr>,
     pub endpoint: Option<String>,
-    pub public_addr: Option<Ipv4Addr>,
+    /// One address or a list (the flag is repeatable).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub public_addr: Option<Vec<Ipv4Addr>>,
     pub state_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "parsed")]
     pub pool: Option<Ipv4Net>,
@@ -59,6 +64,7 @@ pub struct FileConfig {
     pub client_buffer: Option<ByteSize>,
     pub max_flows: Option<usize>,
     pub max_flows_per_client: Option<usize>,
+    pub max_ports_per_endpoint: Option<NonZeroU32>,
     pub grace: Option<u64>,
     #[serde(default, deserialize_with = "parsed_list")]
     pub allow: Option<Vec<Ipv4Net>>,
@@ -70,6 +76,7 @@ pub struct FileConfig {
     pub timeout_tcp_established: Option<u64>,
     pub timeout_tcp_transitory: Option<u64>,
     pub timeout_udp: Option<u64>,
+    pub timeout_udp_dns: Option<u64>,
     pub timeout_icmp: Option<u64>,
 }
 
@@ -98,6 +105,43 @@ where
 {
     let s = String::deserialize(d)?;
     s.parse().map(Some).map_err(de::Error::custom)
+}
+
+/// `key = "x"` or `key = ["x", "y"]`, each parsed with `FromStr`.
+fn one_or_many<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    struct Visitor<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T> de::Visitor<'de> for Visitor<T>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.parse().map(|v| vec![v]).map_err(E::custom)
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s.parse().map_err(de::Error::custom)?);
+            }
+            Ok(out)
+        }
+    }
+
+    d.deserialize_any(Visitor(std::marker::PhantomData))
+        .map(Some)
 }
 
 fn parsed_list<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
@@ -132,6 +176,9 @@ mod tests {
             allow-client-to-client = true
             metrics = "127.0.0.1:9477"
             timeout-udp = 300
+            timeout-udp-dns = 10
+            public-addr = ["198.18.0.1", "198.18.0.3"]
+            max-ports-per-endpoint = 100
             "#,
         )
         .unwrap();
@@ -147,7 +194,28 @@ mod tests {
         );
         assert_eq!(c.allow.unwrap().len(), 1);
         assert_eq!(c.timeout_udp, Some(300));
+        assert_eq!(c.timeout_udp_dns, Some(10));
+        assert_eq!(
+            c.public_addr,
+            Some(vec![
+                Ipv4Addr::new(198, 18, 0, 1),
+                Ipv4Addr::new(198, 18, 0, 3)
+            ])
+        );
+        assert_eq!(c.max_ports_per_endpoint, NonZeroU32::new(100));
         assert_eq!(c.allow_client_to_client, Some(true));
+    }
+
+    #[test]
+    fn one_public_address_is_a_list_of_one() {
+        let c = parse("public-addr = \"203.0.113.10\"\n").unwrap();
+        assert_eq!(c.public_addr, Some(vec![Ipv4Addr::new(203, 0, 113, 10)]));
+        let err = parse("public-addr = [\"198.18.0.1\", \"nowhere\"]\n").unwrap_err();
+        assert!(err.contains("invalid IPv4 address"), "{err}");
+        assert!(
+            parse("max-ports-per-endpoint = 0\n").is_err(),
+            "0 would refuse every flow"
+        );
     }
 
     #[test]

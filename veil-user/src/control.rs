@@ -56,7 +56,7 @@ pub struct FlowCounts {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FlowBrief {
-    /// `tcp 10.77.0.2:50000 -> 198.18.0.2:443 via :61377`
+    /// `tcp 10.77.0.2:50000 -> 198.18.0.2:443 via 198.18.0.1:61377`
     pub flow: String,
     pub age_secs: u64,
     pub packets: u64,

@@ -21,6 +21,7 @@ use veil_common::{
 
 use crate::{
     flows::{FlowTable, PortRange, Timeouts},
+    nat::{check_public_addrs, PublicAddrError},
     net::Ipv4Net,
 };
 
@@ -28,7 +29,7 @@ use crate::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/veil.bpf.o"));
 
 /// Where the daemon pins its maps by default; the layout version is a
-/// subdirectory, so `bpftool map dump pinned /sys/fs/bpf/veil/v1/egress`.
+/// subdirectory, so `bpftool map dump pinned /sys/fs/bpf/veil/v2/egress`.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
@@ -66,6 +67,10 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("the public addresses")]
+    PublicAddrs(#[source] PublicAddrError),
+    #[error("the datapath is not configured yet: call `configure` before `flow_table`")]
+    NotConfigured,
     #[error("the datapath's log map: {0}")]
     Logger(String),
     #[error("pinning maps under {path}")]
@@ -79,8 +84,10 @@ pub enum DatapathError {
 /// What the datapath needs to know about the gateway.
 #[derive(Clone, Debug)]
 pub struct DatapathConfig {
-    /// The WAN address remote hosts see.
-    pub public_addr: Ipv4Addr,
+    /// The WAN addresses remote hosts see: 1 to
+    /// [`veil_common::MAX_PUBLIC_ADDRS`] of them, each client's flows on
+    /// one ([`crate::nat::public_addr_for`]).
+    pub public_addrs: Vec<Ipv4Addr>,
     /// The clients' virtual addresses.
     pub vip_pool: Ipv4Net,
     pub nat_ports: PortRange,
@@ -92,9 +99,15 @@ pub struct DatapathConfig {
 }
 
 impl DatapathConfig {
-    fn to_map_value(&self) -> Config {
-        Config {
-            public_addr: self.public_addr.octets(),
+    fn to_map_value(&self) -> Result<Config, PublicAddrError> {
+        check_public_addrs(&self.public_addrs)?;
+        let mut public_addrs = [[0; 4]; veil_common::MAX_PUBLIC_ADDRS];
+        for (slot, addr) in public_addrs.iter_mut().zip(&self.public_addrs) {
+            *slot = addr.octets();
+        }
+        Ok(Config {
+            public_count: self.public_addrs.len() as u32,
+            public_addrs,
             vip_net: self.vip_pool.addr().octets(),
             vip_mask: self.vip_pool.mask().octets(),
             wan_ifindex: self.wan_ifindex,
@@ -102,13 +115,16 @@ impl DatapathConfig {
             nat_port_min: self.nat_ports.min,
             nat_port_max: self.nat_ports.max,
             tun_l2_len: self.tun_l2_len,
-        }
+        })
     }
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    /// The public addresses written by [`Self::configure`], for the flow
+    /// table.
+    public_addrs: Vec<Ipv4Addr>,
 }
 
 impl Datapath {
@@ -130,6 +146,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pin_dir: None,
+            public_addrs: Vec::new(),
         })
     }
 
@@ -143,8 +160,11 @@ impl Datapath {
             .ebpf
             .map_mut(CONFIG_MAP)
             .ok_or(DatapathError::MissingMap(CONFIG_MAP))?;
+        let value = cfg.to_map_value().map_err(DatapathError::PublicAddrs)?;
         let mut config: Array<_, Config> = Array::try_from(map).map_err(map_err)?;
-        config.set(0, cfg.to_map_value(), 0).map_err(map_err)
+        config.set(0, value, 0).map_err(map_err)?;
+        self.public_addrs = cfg.public_addrs.clone();
+        Ok(())
     }
 
     /// Attaches XDP and TC to the WAN interface and TC to the tunnel device.
@@ -188,15 +208,20 @@ impl Datapath {
         Ok(dir)
     }
 
-    /// Hands the flow maps to a [`FlowTable`]; call once.
+    /// Hands the flow maps to a [`FlowTable`] translating to the public
+    /// addresses [`Self::configure`] wrote; call once, after it.
     pub fn flow_table(
         &mut self,
         ports: PortRange,
         timeouts: Timeouts,
     ) -> Result<FlowTable, DatapathError> {
+        if self.public_addrs.is_empty() {
+            return Err(DatapathError::NotConfigured);
+        }
         let egress = self.take_hash(EGRESS_MAP)?;
         let reverse = self.take_hash(REVERSE_MAP)?;
-        Ok(FlowTable::new(egress, reverse, ports, timeouts))
+        FlowTable::new(egress, reverse, self.public_addrs.clone(), ports, timeouts)
+            .map_err(DatapathError::PublicAddrs)
     }
 
     /// The datapath's counters, summed over CPUs, by reason.

@@ -6,25 +6,23 @@
 //! which claims the NAT port toward that remote endpoint atomically; the
 //! same port may serve other remote endpoints at once.
 //!
-//! A mirror in user space answers "does this flow exist" and "is this port
-//! taken toward that endpoint" without a syscall, so the per-packet check in
-//! the session layer costs a hash lookup. The datapath writes last-seen
-//! times, counters and TCP flags into the map values; [`FlowTable::gc`]
-//! reads them to expire flows.
+//! A mirror in user space ([`NatBook`]) answers "does this flow exist" and
+//! "is this port taken toward that endpoint" without a syscall, so the
+//! per-packet check in the session layer costs a hash lookup; it also
+//! chooses each client's public address and keeps each client to its share
+//! of the ports toward one endpoint. The datapath writes last-seen times,
+//! counters and TCP flags into the map values; [`FlowTable::gc`] reads them
+//! to expire flows.
 
-use std::{
-    collections::{hash_map::Entry, HashMap as StdHashMap},
-    fmt,
-    net::Ipv4Addr,
-    str::FromStr,
-    time::Duration,
-};
+use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
 
 use aya::maps::{HashMap, MapData, MapError};
 use rand::Rng;
 use veil_common::{
     proto, tcp_flags, EgressFlow, FlowKey, FlowStats, ReverseFlow, ReverseKey, MAX_FLOWS,
 };
+
+use crate::nat::{Mapped, Nat, NatBook, PublicAddrError};
 
 const BPF_NOEXIST: u64 = 1;
 
@@ -81,8 +79,12 @@ impl FromStr for PortRange {
     }
 }
 
+/// The remote port of plain DNS.
+pub const DNS_PORT: u16 = 53;
+
 /// How long an idle flow lives, by protocol and state. The defaults are the
-/// minimums of RFC 5382 (TCP), RFC 4787 (UDP) and RFC 5508 (ICMP).
+/// minimums of RFC 5382 (TCP), RFC 4787 (UDP) and RFC 5508 (ICMP), except
+/// for DNS over UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// Both sides have sent SYN and neither FIN nor RST was seen.
@@ -90,6 +92,13 @@ pub struct Timeouts {
     /// Opening, closing or reset TCP.
     pub tcp_transitory: Duration,
     pub udp: Duration,
+    /// UDP to remote port 53. RFC 4787 REQ-5 lets well-known destination
+    /// ports have shorter timers than 2 minutes; a DNS exchange is over in
+    /// seconds (resolvers give up on an answer after 5-10 s), and each
+    /// query from a new source port holds a NAT port for this long: the
+    /// default 30 s (Linux conntrack's for unanswered UDP) lets four times
+    /// as many queries per second through one port range as 120 s would.
+    pub udp_dns: Duration,
     pub icmp: Duration,
 }
 
@@ -99,6 +108,7 @@ impl Default for Timeouts {
             tcp_established: Duration::from_secs(2 * 3600 + 4 * 60),
             tcp_transitory: Duration::from_secs(4 * 60),
             udp: Duration::from_secs(2 * 60),
+            udp_dns: Duration::from_secs(30),
             icmp: Duration::from_secs(60),
         }
     }
@@ -107,14 +117,28 @@ impl Default for Timeouts {
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     #[error(
-        "no free NAT port toward {remote}:{remote_port} ({proto}): all {ports} ports of {range} are in use for that endpoint"
+        "no free NAT port toward {remote}:{remote_port} ({proto}) on {public}: all {ports} ports of {range} are in use for that endpoint"
     )]
     PortsExhausted {
         proto: ProtoName,
         remote: Ipv4Addr,
         remote_port: u16,
+        /// The public address the client leaves from.
+        public: Ipv4Addr,
         ports: u32,
         range: PortRange,
+    },
+    /// The client holds its share of the ports toward this endpoint; other
+    /// clients may still get theirs.
+    #[error(
+        "client {client} holds {share} NAT ports toward {remote}:{remote_port} ({proto}), its share of that endpoint (--max-ports-per-endpoint)"
+    )]
+    ShareExhausted {
+        client: Ipv4Addr,
+        proto: ProtoName,
+        remote: Ipv4Addr,
+        remote_port: u16,
+        share: u32,
     },
     #[error("the flow table is full ({0} flows)")]
     TableFull(usize),
@@ -150,6 +174,8 @@ impl fmt::Display for ProtoName {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Flow {
     pub key: FlowKey,
+    /// The public address it leaves from.
+    pub public_addr: Ipv4Addr,
     pub nat_port: u16,
     pub created_ns: u64,
     /// Client to remote.
@@ -159,17 +185,18 @@ pub struct Flow {
 }
 
 impl fmt::Display for Flow {
-    /// `tcp 10.77.0.2:50000 -> 198.18.0.2:443 via :61377`
+    /// `tcp 10.77.0.2:50000 -> 198.18.0.2:443 via 198.18.0.1:61377`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let k = &self.key;
         write!(
             f,
-            "{} {}:{} -> {}:{} via :{}",
+            "{} {}:{} -> {}:{} via {}:{}",
             ProtoName(k.proto),
             k.client(),
             k.client_port,
             k.remote(),
             k.remote_port,
+            self.public_addr,
             self.nat_port
         )
     }
@@ -195,6 +222,7 @@ impl Flow {
                     t.tcp_transitory
                 }
             }
+            proto::UDP if self.key.remote_port == DNS_PORT => t.udp_dns,
             proto::UDP => t.udp,
             _ => t.icmp,
         }
@@ -208,83 +236,77 @@ pub struct GcReport {
     pub expired: Vec<FlowKey>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Entry0 {
-    nat_port: u16,
-    created_ns: u64,
-}
-
-/// A client endpoint (proto, address, port): the unit of endpoint-independent
-/// mapping.
-type Endpoint = (u8, [u8; 4], u16);
-
-#[derive(Clone, Copy, Debug)]
-struct Mapping {
-    nat_port: u16,
-    flows: u32,
-}
-
 pub struct FlowTable {
     egress: HashMap<MapData, FlowKey, EgressFlow>,
     reverse: HashMap<MapData, ReverseKey, ReverseFlow>,
-    ports: PortRange,
     timeouts: Timeouts,
-    capacity: usize,
-    /// Flows one client may hold, so that one cannot starve the others.
-    per_client: usize,
-    flows_of: StdHashMap<[u8; 4], usize>,
-    flows: StdHashMap<FlowKey, Entry0>,
-    claimed: StdHashMap<ReverseKey, FlowKey>,
-    mappings: StdHashMap<Endpoint, Mapping>,
+    book: NatBook,
 }
 
 impl FlowTable {
+    /// A table over the flow maps, translating to `public` (not empty).
     pub fn new(
         egress: HashMap<MapData, FlowKey, EgressFlow>,
         reverse: HashMap<MapData, ReverseKey, ReverseFlow>,
+        public: Vec<Ipv4Addr>,
         ports: PortRange,
         timeouts: Timeouts,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, PublicAddrError> {
+        Ok(Self {
             egress,
             reverse,
-            ports,
             timeouts,
-            capacity: MAX_FLOWS as usize,
-            per_client: MAX_FLOWS as usize,
-            flows_of: StdHashMap::new(),
-            flows: StdHashMap::new(),
-            claimed: StdHashMap::new(),
-            mappings: StdHashMap::new(),
-        }
+            book: NatBook::new(public, ports, MAX_FLOWS as usize)?,
+        })
     }
 
     /// Caps the table below the maps' size (`--max-flows`).
     pub fn with_capacity(mut self, flows: usize) -> Self {
-        self.capacity = flows.min(MAX_FLOWS as usize);
+        self.book.set_capacity(flows.min(MAX_FLOWS as usize));
         self
     }
 
     /// Caps the flows of each client (`--max-flows-per-client`).
     pub fn with_client_limit(mut self, flows: usize) -> Self {
-        self.per_client = flows;
+        self.book.set_client_limit(flows);
+        self
+    }
+
+    /// Caps the ports one client may hold toward one remote endpoint
+    /// (`--max-ports-per-endpoint`; default a quarter of the range).
+    pub fn with_port_share(mut self, ports: u32) -> Self {
+        self.book.set_share(ports);
         self
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.book.capacity()
     }
 
     pub fn len(&self) -> usize {
-        self.flows.len()
+        self.book.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
+        self.book.is_empty()
     }
 
     pub fn ports(&self) -> PortRange {
-        self.ports
+        self.book.ports()
+    }
+
+    /// Ports one client may hold toward one remote endpoint.
+    pub fn port_share(&self) -> u32 {
+        self.book.share()
+    }
+
+    pub fn public_addrs(&self) -> &[Ipv4Addr] {
+        self.book.public_addrs()
+    }
+
+    /// The public address every flow of `client` leaves from.
+    pub fn public_addr_of(&self, client: Ipv4Addr) -> Ipv4Addr {
+        self.book.public_addr_of(client)
     }
 
     pub fn timeouts(&self) -> Timeouts {
@@ -293,136 +315,82 @@ impl FlowTable {
 
     /// Every flow's key (from the user-space index: no syscalls).
     pub fn keys(&self) -> impl Iterator<Item = &FlowKey> {
-        self.flows.keys()
+        self.book.iter().map(|(k, _)| k)
     }
 
-    /// How many distinct NAT ports the flows use.
+    /// How many distinct (public address, NAT port) pairs the flows use.
     pub fn nat_ports_in_use(&self) -> usize {
-        let ports: std::collections::HashSet<u16> =
-            self.flows.values().map(|e| e.nat_port).collect();
-        ports.len()
+        self.book.nat_ports_in_use()
     }
 
     /// The flow's NAT port, if it exists.
     pub fn get(&self, key: &FlowKey) -> Option<u16> {
-        self.flows.get(key).map(|e| e.nat_port)
+        self.book.get(key).map(|m| m.nat.port)
     }
 
-    /// Makes sure `key` has a flow and returns its NAT port. A client
-    /// endpoint keeps the same NAT port toward every remote while it can
-    /// (endpoint-independent mapping, RFC 4787 REQ-1); otherwise a random
-    /// free port is taken (RFC 6056).
+    /// The flow's public address and NAT port, if it exists.
+    pub fn nat(&self, key: &FlowKey) -> Option<Nat> {
+        self.book.get(key).map(|m| m.nat)
+    }
+
+    /// Makes sure `key` has a flow and returns its NAT port (on the
+    /// client's public address, [`Self::public_addr_of`]). How the port is
+    /// chosen and which limits apply: [`NatBook::allocate`].
     pub fn create(&mut self, key: FlowKey, now_ns: u64) -> Result<u16, FlowError> {
-        if let Some(e) = self.flows.get(&key) {
-            return Ok(e.nat_port);
+        if let Some(m) = self.book.get(&key) {
+            return Ok(m.nat.port);
         }
-        if !matches!(key.proto, proto::TCP | proto::UDP | proto::ICMP) {
-            return Err(FlowError::Unsupported(key.proto));
-        }
-        if self.flows.len() >= self.capacity {
-            return Err(FlowError::TableFull(self.capacity));
-        }
-        if self.flows_of.get(&key.client_addr).copied().unwrap_or(0) >= self.per_client {
-            return Err(FlowError::ClientFull {
-                client: key.client(),
-                limit: self.per_client,
-            });
-        }
-        let endpoint = (key.proto, key.client_addr, key.client_port);
-        let preferred = self.mappings.get(&endpoint).map(|m| m.nat_port);
-        let nat_port = self.claim(&key, preferred)?;
-        let egress = EgressFlow {
-            nat_port,
-            ..Default::default()
-        };
-        if let Err(source) = self.egress.insert(key, egress, BPF_NOEXIST) {
-            let _ = self.reverse.remove(&key.reverse(nat_port));
-            return Err(map_error(
-                "insert",
-                veil_common::EGRESS_MAP,
-                source,
-                self.capacity,
-            ));
-        }
-        *self.flows_of.entry(key.client_addr).or_default() += 1;
-        self.flows.insert(
-            key,
-            Entry0 {
-                nat_port,
-                created_ns: now_ns,
-            },
-        );
-        self.claimed.insert(key.reverse(nat_port), key);
-        self.mappings
-            .entry(endpoint)
-            .and_modify(|m| m.flows += 1)
-            .or_insert(Mapping { nat_port, flows: 1 });
-        Ok(nat_port)
-    }
-
-    /// Claims a NAT port toward `key`'s remote endpoint: inserts the reverse
-    /// entry with `BPF_NOEXIST`, trying `preferred` first, then the range
-    /// from a random point.
-    fn claim(&mut self, key: &FlowKey, preferred: Option<u16>) -> Result<u16, FlowError> {
-        let reverse = ReverseFlow {
+        let start = rand::rng().random_range(0..self.book.ports().len());
+        let capacity = self.book.capacity();
+        let value = ReverseFlow {
             client_addr: key.client_addr,
             client_port: key.client_port,
             ..Default::default()
         };
-        let n = self.ports.len();
-        let start = rand::rng().random_range(0..n);
-        let candidates = preferred
-            .into_iter()
-            .chain((0..n).map(|i| self.ports.min + ((start + i) % n) as u16));
-        for port in candidates {
-            let rkey = key.reverse(port);
-            if self.claimed.contains_key(&rkey) {
-                continue;
-            }
-            match self.reverse.insert(rkey, reverse, BPF_NOEXIST) {
-                Ok(()) => return Ok(port),
+        let reverse = &mut self.reverse;
+        // The reverse entry first, with BPF_NOEXIST: it claims the port
+        // toward that endpoint on that address atomically.
+        let nat = self.book.allocate(&key, start, |rkey| {
+            match reverse.insert(rkey, value, BPF_NOEXIST) {
+                Ok(()) => Ok(true),
                 // Taken behind our back (a flow we don't know): skip it.
                 Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(map_error(
-                        "insert",
-                        veil_common::REVERSE_MAP,
-                        source,
-                        self.capacity,
-                    ))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    Ok(false)
                 }
+                Err(source) => Err(map_error(
+                    "insert",
+                    veil_common::REVERSE_MAP,
+                    source,
+                    capacity,
+                )),
             }
+        })?;
+        let egress = EgressFlow {
+            public_addr: nat.addr.octets(),
+            nat_port: nat.port,
+            ..Default::default()
+        };
+        if let Err(source) = self.egress.insert(key, egress, BPF_NOEXIST) {
+            let _ = self.reverse.remove(&key.reverse(nat.addr, nat.port));
+            return Err(map_error(
+                "insert",
+                veil_common::EGRESS_MAP,
+                source,
+                capacity,
+            ));
         }
-        Err(FlowError::PortsExhausted {
-            proto: ProtoName(key.proto),
-            remote: key.remote(),
-            remote_port: key.remote_port,
-            ports: n,
-            range: self.ports,
-        })
+        self.book.insert(key, nat, now_ns);
+        Ok(nat.port)
     }
 
     /// Removes a flow; `false` if there was none.
     pub fn delete(&mut self, key: &FlowKey) -> Result<bool, FlowError> {
-        let Some(entry) = self.flows.remove(key) else {
+        let Some(mapped) = self.book.remove(key) else {
             return Ok(false);
         };
-        if let Entry::Occupied(mut n) = self.flows_of.entry(key.client_addr) {
-            *n.get_mut() -= 1;
-            if *n.get() == 0 {
-                n.remove();
-            }
-        }
-        let rkey = key.reverse(entry.nat_port);
-        self.claimed.remove(&rkey);
-        let endpoint = (key.proto, key.client_addr, key.client_port);
-        if let Entry::Occupied(mut m) = self.mappings.entry(endpoint) {
-            m.get_mut().flows -= 1;
-            if m.get().flows == 0 {
-                m.remove();
-            }
-        }
+        let rkey = key.reverse(mapped.nat.addr, mapped.nat.port);
         // Egress first: the client's packets stop before replies do.
         let r1 = remove_ignoring_missing(&mut self.egress, key, veil_common::EGRESS_MAP);
         let r2 = remove_ignoring_missing(&mut self.reverse, &rkey, veil_common::REVERSE_MAP);
@@ -433,7 +401,6 @@ impl FlowTable {
     pub fn delete_client(&mut self, client: Ipv4Addr) -> Result<usize, FlowError> {
         let addr = client.octets();
         let keys: Vec<FlowKey> = self
-            .flows
             .keys()
             .filter(|k| k.client_addr == addr)
             .copied()
@@ -446,9 +413,9 @@ impl FlowTable {
 
     /// Every flow with the datapath's view of it.
     pub fn list(&self) -> Result<Vec<Flow>, FlowError> {
-        self.flows
+        self.book
             .iter()
-            .map(|(key, entry)| self.flow(key, entry))
+            .map(|(key, mapped)| self.flow(key, mapped))
             .collect()
     }
 
@@ -457,21 +424,22 @@ impl FlowTable {
     /// lock in between.
     pub fn list_some(&self, keys: &[FlowKey]) -> Result<Vec<Flow>, FlowError> {
         keys.iter()
-            .filter_map(|key| self.flows.get(key).map(|entry| self.flow(key, entry)))
+            .filter_map(|key| self.book.get(key).map(|m| self.flow(key, &m)))
             .collect()
     }
 
-    fn flow(&self, key: &FlowKey, entry: &Entry0) -> Result<Flow, FlowError> {
+    fn flow(&self, key: &FlowKey, mapped: &Mapped) -> Result<Flow, FlowError> {
         let egress = lookup(&self.egress, key, veil_common::EGRESS_MAP)?;
         let reverse = lookup(
             &self.reverse,
-            &key.reverse(entry.nat_port),
+            &key.reverse(mapped.nat.addr, mapped.nat.port),
             veil_common::REVERSE_MAP,
         )?;
         Ok(Flow {
             key: *key,
-            nat_port: entry.nat_port,
-            created_ns: entry.created_ns,
+            public_addr: mapped.nat.addr,
+            nat_port: mapped.nat.port,
+            created_ns: mapped.created_ns,
             egress: egress.map(|v| v.stats).unwrap_or_default(),
             reverse: reverse.map(|v| v.stats).unwrap_or_default(),
         })
@@ -479,7 +447,7 @@ impl FlowTable {
 
     /// Expires the flows idle for longer than their protocol and state allow.
     pub fn gc(&mut self, now_ns: u64) -> Result<GcReport, FlowError> {
-        let keys: Vec<FlowKey> = self.flows.keys().copied().collect();
+        let keys: Vec<FlowKey> = self.keys().copied().collect();
         self.expire(&keys, now_ns)
     }
 
@@ -489,11 +457,11 @@ impl FlowTable {
     pub fn expire(&mut self, keys: &[FlowKey], now_ns: u64) -> Result<GcReport, FlowError> {
         let mut report = GcReport::default();
         for key in keys {
-            let Some(entry) = self.flows.get(key) else {
+            let Some(mapped) = self.book.get(key) else {
                 continue;
             };
             report.examined += 1;
-            let flow = self.flow(key, entry)?;
+            let flow = self.flow(key, &mapped)?;
             let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns()));
             if idle > flow.timeout(&self.timeouts) {
                 report.expired.push(*key);
@@ -565,8 +533,19 @@ mod tests {
     }
 
     fn flow(proto: u8, out: u64, back: u64) -> Flow {
+        flow_to(proto, 2, out, back)
+    }
+
+    fn flow_to(proto: u8, remote_port: u16, out: u64, back: u64) -> Flow {
         Flow {
-            key: FlowKey::new(proto, Ipv4Addr::LOCALHOST, 1, Ipv4Addr::LOCALHOST, 2),
+            key: FlowKey::new(
+                proto,
+                Ipv4Addr::LOCALHOST,
+                1,
+                Ipv4Addr::LOCALHOST,
+                remote_port,
+            ),
+            public_addr: Ipv4Addr::new(198, 18, 0, 1),
             nat_port: 61000,
             created_ns: 0,
             egress: FlowStats {
@@ -585,6 +564,15 @@ mod tests {
         use tcp_flags::*;
         let t = Timeouts::default();
         assert_eq!(flow(proto::UDP, 0, 0).timeout(&t), Duration::from_secs(120));
+        // Plain DNS: shorter (RFC 4787 REQ-5 allows it for well-known ports).
+        assert_eq!(
+            flow_to(proto::UDP, 53, 0, 0).timeout(&t),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            flow_to(proto::TCP, 53, SYN, 0).timeout(&t),
+            t.tcp_transitory
+        );
         assert_eq!(flow(proto::ICMP, 0, 0).timeout(&t), Duration::from_secs(60));
         // SYN sent, no answer yet: transitory.
         assert_eq!(flow(proto::TCP, SYN, 0).timeout(&t), t.tcp_transitory);

@@ -39,7 +39,7 @@ use crate::{
     control::{self, ClientStatus, FlowCounts, PacketCount, Status},
     datapath::{Datapath, DatapathConfig},
     flows::{FlowError, FlowTable, PortRange, Timeouts},
-    net::{iface_ipv4, ifindex, monotonic_ns, Ipv4Net},
+    net::{iface_ipv4s, ifindex, monotonic_ns, Ipv4Net},
     packet::{self, unreachable},
     policy::EgressPolicy,
     preflight,
@@ -56,7 +56,8 @@ pub struct GatewayConfig {
     pub iface: String,
     pub listen: SocketAddr,
     pub endpoint: Option<String>,
-    pub public_addr: Option<Ipv4Addr>,
+    /// The addresses remote hosts see; empty: the interface's first.
+    pub public_addrs: Vec<Ipv4Addr>,
     pub state_dir: PathBuf,
     pub pool: Ipv4Net,
     pub nat_ports: PortRange,
@@ -65,6 +66,9 @@ pub struct GatewayConfig {
     pub max_clients: usize,
     pub max_flows: usize,
     pub max_flows_per_client: usize,
+    /// Ports one client may hold toward one remote endpoint; `None`: a
+    /// quarter of the NAT range.
+    pub max_ports_per_endpoint: Option<std::num::NonZeroU32>,
     pub grace: Duration,
     pub allow: Vec<Ipv4Net>,
     pub deny: Vec<Ipv4Net>,
@@ -122,6 +126,9 @@ pub struct Counters {
     pub malformed: AtomicU64,
     pub not_ipv4: AtomicU64,
     pub flow_errors: AtomicU64,
+    /// New flows refused because the client holds its share of the ports
+    /// toward that endpoint (`--max-ports-per-endpoint`).
+    pub port_share_exceeded: AtomicU64,
     pub client_queue_full: AtomicU64,
     pub no_session: AtomicU64,
     /// Packets one client sent to another (`--allow-client-to-client`).
@@ -217,15 +224,11 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .context("loading the server certificate")?;
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&ca.cert_pem, &cert, &key)?));
 
-    let public_addr = match cfg.public_addr {
-        Some(a) => a,
-        None => iface_ipv4(&cfg.iface)
-            .with_context(|| format!("finding the public address of {}", cfg.iface))?,
-    };
+    let public_addrs = public_addrs(&cfg)?;
     let endpoint = cfg
         .endpoint
         .clone()
-        .unwrap_or_else(|| format!("{public_addr}:{}", cfg.listen.port()));
+        .unwrap_or_else(|| format!("{}:{}", public_addrs[0], cfg.listen.port()));
     state.record_endpoint(&endpoint)?;
     let inner_addr = first_host(cfg.pool)?;
 
@@ -238,7 +241,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     );
     let mut datapath = Datapath::load()?;
     datapath.configure(&DatapathConfig {
-        public_addr,
+        public_addrs: public_addrs.clone(),
         vip_pool: cfg.pool,
         nat_ports: cfg.nat_ports,
         wan_ifindex: ifindex(&cfg.iface)
@@ -252,10 +255,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .flow_table(cfg.nat_ports, cfg.timeouts)?
         .with_capacity(cfg.max_flows)
         .with_client_limit(cfg.max_flows_per_client);
+    let flows = match cfg.max_ports_per_endpoint {
+        Some(share) => flows.with_port_share(share.get()),
+        None => flows,
+    };
     datapath.attach(&cfg.iface, tun.name())?;
 
     let policy = EgressPolicy::new(
-        vec![public_addr, inner_addr],
+        public_addrs.iter().copied().chain([inner_addr]).collect(),
         cfg.pool,
         cfg.client_to_client,
         cfg.allow.clone(),
@@ -282,7 +289,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     });
     shared.reload_registry()?;
     info!(
-        iface = %shared.cfg.iface, %public_addr, listen = %shared.cfg.listen, %endpoint,
+        iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen, %endpoint,
         pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
         "gateway up"
     );
@@ -333,6 +340,31 @@ fn handshake_cap(cfg: &GatewayConfig) -> Result<usize> {
         bail!("the open-file limit ({limit}) leaves no room for handshakes beside --max-clients {sessions}: raise it (ulimit -n, LimitNOFILE) or lower --max-clients");
     }
     Ok(cfg.max_handshakes.min(room as usize))
+}
+
+/// The public addresses: those configured, or the interface's first. One
+/// that is not on the interface is allowed (the upstream may route it to
+/// the gateway) but warned about: usually replies to it never arrive.
+fn public_addrs(cfg: &GatewayConfig) -> Result<Vec<Ipv4Addr>> {
+    let on_iface = iface_ipv4s(&cfg.iface)
+        .with_context(|| format!("finding the addresses of {}", cfg.iface))?;
+    if cfg.public_addrs.is_empty() {
+        let first = on_iface.first().copied().with_context(|| {
+            format!(
+                "interface {} has no IPv4 address: give one with --public-addr",
+                cfg.iface
+            )
+        })?;
+        return Ok(vec![first]);
+    }
+    crate::nat::check_public_addrs(&cfg.public_addrs)?;
+    for addr in cfg.public_addrs.iter().filter(|a| !on_iface.contains(a)) {
+        warn!(
+            "public address {addr} is not an address of {}: replies to it reach the gateway only if the network routes it here",
+            cfg.iface
+        );
+    }
+    Ok(cfg.public_addrs.clone())
 }
 
 fn first_host(pool: Ipv4Net) -> Result<Ipv4Addr> {
@@ -871,9 +903,13 @@ impl Shared {
             }
         };
         if let Err(e) = created {
-            count(&self.counters.flow_errors);
+            count(match e {
+                FlowError::ShareExhausted { .. } => &self.counters.port_share_exceeded,
+                _ => &self.counters.flow_errors,
+            });
             match e {
                 FlowError::PortsExhausted { .. }
+                | FlowError::ShareExhausted { .. }
                 | FlowError::TableFull(_)
                 | FlowError::ClientFull { .. } => {
                     debug!(%vip, "dropped: {e}")
@@ -944,6 +980,7 @@ impl Shared {
             ("malformed", &c.malformed),
             ("not_ipv4", &c.not_ipv4),
             ("flow_errors", &c.flow_errors),
+            ("port_share_exceeded", &c.port_share_exceeded),
             ("client_queue_full", &c.client_queue_full),
             ("no_session", &c.no_session),
             ("client_to_client", &c.client_to_client),

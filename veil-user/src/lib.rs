@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod flows;
 pub mod gateway;
 pub mod metrics;
+pub mod nat;
 pub mod net;
 pub mod packet;
 pub mod policy;

@@ -8,7 +8,12 @@
 //! sudo veil-user client revoke alice
 //! ```
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    num::NonZeroU32,
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::{
@@ -94,9 +99,11 @@ struct GatewayArgs {
     /// address and the listener's port).
     #[arg(long, value_name = "HOST:PORT")]
     endpoint: Option<String>,
-    /// The public address (default: the interface's first IPv4 address).
+    /// A public address: what remote hosts see (repeatable, up to 16; each
+    /// client keeps one for all its flows). Default: the interface's first
+    /// IPv4 address.
     #[arg(long, value_name = "IP")]
-    public_addr: Option<std::net::Ipv4Addr>,
+    public_addr: Vec<Ipv4Addr>,
     /// The clients' virtual addresses; the first is the gateway's.
     #[arg(long, default_value = "10.77.0.0/16", value_name = "CIDR")]
     pool: Ipv4Net,
@@ -130,6 +137,11 @@ struct GatewayArgs {
     /// table for everyone.
     #[arg(long, default_value_t = 32768)]
     max_flows_per_client: usize,
+    /// Most NAT ports one client may hold toward one remote address and
+    /// port, so that one client cannot take every port toward a popular
+    /// server (default: a quarter of --nat-ports).
+    #[arg(long, value_name = "PORTS")]
+    max_ports_per_endpoint: Option<NonZeroU32>,
     /// How long a disconnected client keeps its flows, for a quick reconnect.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     grace: u64,
@@ -158,6 +170,10 @@ struct GatewayArgs {
     /// Idle timeout of UDP flows (RFC 4787: at least 120).
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     timeout_udp: u64,
+    /// Idle timeout of UDP flows to port 53 (DNS; RFC 4787 allows shorter
+    /// timers for well-known ports).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    timeout_udp_dns: u64,
     /// Idle timeout of ICMP echo flows (RFC 5508: at least 60).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     timeout_icmp: u64,
@@ -187,6 +203,7 @@ fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::File
         client_buffer,
         max_flows,
         max_flows_per_client,
+        public_addr,
         grace,
         allow,
         deny,
@@ -194,6 +211,7 @@ fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::File
         timeout_tcp_established,
         timeout_tcp_transitory,
         timeout_udp,
+        timeout_udp_dns,
         timeout_icmp,
     );
     // Optional settings: present in the file means set.
@@ -204,7 +222,7 @@ fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::File
             }
         )*};
     }
-    take_opt!(iface, endpoint, public_addr, metrics, threads);
+    take_opt!(iface, endpoint, metrics, threads, max_ports_per_endpoint);
     if !from_flag("state_dir") {
         if let Some(dir) = file.state_dir {
             cli.state_dir = dir;
@@ -364,7 +382,7 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
         iface,
         listen: args.listen,
         endpoint: args.endpoint,
-        public_addr: args.public_addr,
+        public_addrs: args.public_addr,
         state_dir,
         pool: args.pool,
         nat_ports: args.nat_ports,
@@ -373,6 +391,7 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
         max_clients: args.max_clients,
         max_flows: args.max_flows,
         max_flows_per_client: args.max_flows_per_client,
+        max_ports_per_endpoint: args.max_ports_per_endpoint,
         grace: Duration::from_secs(args.grace),
         allow: args.allow,
         deny: args.deny,
@@ -381,6 +400,7 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
             tcp_established: Duration::from_secs(args.timeout_tcp_established),
             tcp_transitory: Duration::from_secs(args.timeout_tcp_transitory),
             udp: Duration::from_secs(args.timeout_udp),
+            udp_dns: Duration::from_secs(args.timeout_udp_dns),
             icmp: Duration::from_secs(args.timeout_icmp),
         },
         metrics: args.metrics,

@@ -83,12 +83,23 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
 /// The first IPv4 address of interface `name` (in the calling thread's
 /// network namespace).
 pub fn iface_ipv4(name: &str) -> io::Result<Ipv4Addr> {
+    iface_ipv4s(name)?.first().copied().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("interface {name} has no IPv4 address"),
+        )
+    })
+}
+
+/// The IPv4 addresses of interface `name`, in the kernel's order (in the
+/// calling thread's network namespace); empty if it has none.
+pub fn iface_ipv4s(name: &str) -> io::Result<Vec<Ipv4Addr>> {
     let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `addrs`; freed below.
     if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut cur = addrs;
     while !cur.is_null() {
         // SAFETY: a node of the list getifaddrs returned.
@@ -102,18 +113,12 @@ pub fn iface_ipv4(name: &str) -> io::Result<Ipv4Addr> {
         if ifname.to_bytes() == name.as_bytes() {
             // SAFETY: AF_INET addresses are sockaddr_in.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
+            found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
         }
     }
     // SAFETY: the list from getifaddrs.
     unsafe { libc::freeifaddrs(addrs) };
-    found.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("interface {name} has no IPv4 address"),
-        )
-    })
+    Ok(found)
 }
 
 /// Tunes a tunnel's TCP socket: no Nagle delay, and at most `lowat` bytes

@@ -200,7 +200,7 @@ fn forward(path: Path, secs: f64) -> f64 {
             Path::Veil => {
                 let mut dp = Datapath::load().unwrap();
                 dp.configure(&DatapathConfig {
-                    public_addr: PUBLIC,
+                    public_addrs: vec![PUBLIC],
                     vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
                     nat_ports: PortRange::DEFAULT,
                     wan_ifindex: ifindex("wan0").unwrap(),
