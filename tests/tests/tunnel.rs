@@ -365,7 +365,11 @@ fn a_quick_reconnect_keeps_the_address_and_connections_and_flows_expire_after_th
     });
     let dump = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
-        .arg(world.pins().join("v1/egress"))
+        .arg(
+            world
+                .pins()
+                .join(format!("v{}/egress", veil_common::LAYOUT_VERSION)),
+        )
         .output()
         .unwrap();
     assert_eq!(

@@ -119,7 +119,9 @@ fn demo() {
     checkpoint();
 
     say("5/5", "What the gateway holds now.");
-    let pins = world.pins().join("v1/egress");
+    let pins = world
+        .pins()
+        .join(format!("v{}/egress", veil_common::LAYOUT_VERSION));
     println!(
         "    The flow in the kernel's NAT map (sudo bpftool map dump pinned {}):",
         pins.display()
