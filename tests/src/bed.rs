@@ -161,6 +161,14 @@ impl Bed {
         }
     }
 
+    /// TC on the WAN alone: for frames XDP already passed (the kernel runs
+    /// XDP on a batch of frames before TC sees the first of them).
+    pub fn wan_tc(&mut self, input: &[u8]) -> (i32, Vec<u8>) {
+        let prog: &mut SchedClassifier = self.dp.program(PROG_WAN_TC).unwrap();
+        let (rc, out) = run(prog, input);
+        (rc as i32, out)
+    }
+
     pub fn count(&self, reason: Reason) -> u64 {
         let stats = self.dp.stats().unwrap();
         stats.iter().find(|(r, _)| *r == reason).unwrap().1.packets

@@ -185,3 +185,34 @@ pub fn edit_ip(frame: &mut Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) {
     let c = !ones_sum(&ip[..ihl]);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
 }
+
+/// Cuts the IPv4 packet in `frame` into fragments carrying at most `size`
+/// bytes of its payload each (a multiple of 8), as a sender's kernel does:
+/// the header repeated with identification `id`, DF cleared, MF and the
+/// offset set, the total length and the header checksum recomputed.
+pub fn fragments(frame: &[u8], id: u16, size: usize) -> Vec<Vec<u8>> {
+    assert_eq!(size % 8, 0, "fragment payloads are multiples of 8 bytes");
+    let ip = &frame[ETH_LEN..];
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let chunks: Vec<&[u8]> = ip[ihl..total].chunks(size).collect();
+    assert!(chunks.len() > 1, "{total} bytes fit in one fragment");
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut f = frame[..ETH_LEN + ihl].to_vec();
+            let h = &mut f[ETH_LEN..];
+            h[2..4].copy_from_slice(&((ihl + chunk.len()) as u16).to_be_bytes());
+            h[4..6].copy_from_slice(&id.to_be_bytes());
+            let more = if i + 1 < chunks.len() { 0x2000 } else { 0 };
+            let offset = (i * size / 8) as u16;
+            h[6..8].copy_from_slice(&(more | offset).to_be_bytes());
+            h[10..12].copy_from_slice(&[0, 0]);
+            let c = !ones_sum(&h[..ihl]);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(chunk);
+            f
+        })
+        .collect()
+}

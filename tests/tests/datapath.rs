@@ -6,10 +6,12 @@
 
 use std::net::Ipv4Addr;
 
-use veil_common::{proto, tcp_flags, Reason};
+use veil_common::{
+    frag_kind, proto, tcp_flags, FlowKey, FragEntry, FragKey, Reason, FRAG_TIMEOUT_NS,
+};
 use veil_tests::{
     bed::*,
-    packet::{assert_checksums, edit_ip, frame, icmp_error, ip_of, ETH_LEN, L4},
+    packet::{assert_checksums, edit_ip, fragments, frame, icmp_error, ip_of, ETH_LEN, L4},
 };
 
 /// Adds 4 bytes of IP options (NOP NOP NOP EOL) to a frame.
@@ -120,8 +122,10 @@ fn egress_refuses_what_it_cannot_translate_with_a_reason() {
     let mut bed = Bed::new();
     bed.flow(proto::UDP, 40000, 53);
     let good = frame(CLIENT, REMOTE, 64, L4::udp(40000, 53, b"hello"));
-    let mut fragment = good.clone();
-    edit_ip(&mut fragment, |f| f[ETH_LEN + 6] |= 0x20); // MF
+    let mut later_fragment = good.clone();
+    edit_ip(&mut later_fragment, |f| {
+        f[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&[0, 1])
+    });
     let options = with_options(good.clone());
     let expiring = frame(CLIENT, REMOTE, 1, L4::udp(40000, 53, b"x"));
     let truncated = good[..ETH_LEN + 24].to_vec();
@@ -131,7 +135,7 @@ fn egress_refuses_what_it_cannot_translate_with_a_reason() {
     icmp_error_from_client[ETH_LEN + 20] = 3;
 
     for (input, reason) in [
-        (&fragment, Reason::DropFragment),
+        (&later_fragment, Reason::DropOrphanFragment),
         (&options, Reason::DropIpOptions),
         (&expiring, Reason::DropTtlExpired),
         (&truncated, Reason::DropMalformed),
@@ -279,24 +283,25 @@ fn wan_packets_addressed_to_a_client_are_dropped_as_spoofed() {
 }
 
 #[test]
-fn ingress_fragments_and_options_in_the_nat_range_are_dropped_with_a_reason() {
+fn ingress_options_unsolicited_first_fragments_and_fragmented_errors_are_dropped_with_a_reason() {
     let mut bed = Bed::new();
     let (_, nat) = bed.flow(proto::UDP, 40000, 53);
     let reply = frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, b"answer"));
-    let mut first_fragment = reply.clone();
-    edit_ip(&mut first_fragment, |f| f[ETH_LEN + 6] |= 0x20);
-    let mut later_fragment = reply.clone();
-    edit_ip(&mut later_fragment, |f| f[ETH_LEN + 7] = 0x10);
     let options = with_options(reply.clone());
+    let unsolicited = frame(REMOTE, PUBLIC, 57, L4::udp(53, PORTS.max, &[7; 64]));
+    let unsolicited_first = fragments(&unsolicited, 0x4242, 32).remove(0);
+    let sent = frame(PUBLIC, REMOTE, 63, L4::udp(nat, 53, &[1; 600]));
+    let error = icmp_error(ROUTER, PUBLIC, 3, 3, [0; 4], ip_of(&sent));
+    let error_first = fragments(&error, 0x4343, 512).remove(0);
 
-    assert_eq!(bed.wan(&first_fragment).xdp, XDP_DROP);
-    assert_eq!(bed.count(Reason::DropFragment), 1);
     assert_eq!(bed.wan(&options).xdp, XDP_DROP);
     assert_eq!(bed.count(Reason::DropIpOptions), 1);
-    // No ports to read: the host's reassembly gets it and, without the
-    // first fragment, never completes or answers.
-    assert!(bed.wan(&later_fragment).passed_untouched(&later_fragment));
+    assert_eq!(bed.wan(&unsolicited_first).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropNoIngressFlow), 1);
+    assert_eq!(bed.wan(&error_first).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropFragment), 1);
     assert_eq!(bed.count(Reason::IngressForwarded), 0);
+    assert!(fragment_entries(&mut bed).is_empty(), "nothing noted");
 }
 
 #[test]
@@ -314,6 +319,394 @@ fn malformed_frames_are_dropped_not_mangled() {
         assert_eq!(bed.wan(input).xdp, XDP_DROP);
     }
     assert_eq!(bed.count(Reason::DropMalformed), 3);
+}
+
+// ---- IPv4 fragments ----
+
+/// The IP ID the client's kernel gave its datagram.
+const CLIENT_ID: u16 = 0x1234;
+/// The IP ID the remote's kernel gave its reply.
+const REMOTE_ID: u16 = 0xbeef;
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn ip_id(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[ETH_LEN + 4], frame[ETH_LEN + 5]])
+}
+
+fn egress_key(client: Ipv4Addr, id: u16, proto: u8) -> FragKey {
+    FragKey::new(
+        frag_kind::EGRESS,
+        client.octets(),
+        REMOTE.octets(),
+        id,
+        proto,
+    )
+}
+
+fn ingress_key(id: u16, proto: u8) -> FragKey {
+    FragKey::new(
+        frag_kind::INGRESS,
+        REMOTE.octets(),
+        PUBLIC.octets(),
+        id,
+        proto,
+    )
+}
+
+fn id_key(wan_id: u16, proto: u8) -> FragKey {
+    FragKey::new(
+        frag_kind::ID,
+        PUBLIC.octets(),
+        REMOTE.octets(),
+        wan_id,
+        proto,
+    )
+}
+
+fn fragment_entries(bed: &mut Bed) -> Vec<(FragKey, FragEntry)> {
+    let map = bed.dp.fragments().unwrap();
+    map.iter().map(|r| r.unwrap()).collect()
+}
+
+fn fragment_entry(bed: &mut Bed, key: &FragKey) -> Option<FragEntry> {
+    bed.dp.fragments().unwrap().get(key, 0).ok()
+}
+
+fn seed(bed: &mut Bed, key: &FragKey, first_seen_ns: u64, addr: Ipv4Addr, id: u16) {
+    let entry = FragEntry {
+        first_seen_ns,
+        addr: addr.octets(),
+        id,
+        _pad: [0; 2],
+    };
+    bed.dp.fragments().unwrap().insert(key, entry, 0).unwrap();
+}
+
+/// Sends a client's fragments through the TUN program: each must go out.
+fn send_fragments(bed: &mut Bed, sent: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    sent.iter()
+        .map(|f| {
+            let (action, out) = bed.tun(f);
+            assert_eq!(action, TC_ACT_REDIRECT, "every fragment goes out");
+            out
+        })
+        .collect()
+}
+
+/// Receives a remote's fragments as the kernel runs the WAN programs on a
+/// batch: XDP on every frame first, then TC on each. Each must be
+/// delivered to the tunnel.
+fn receive_fragments(bed: &mut Bed, arrived: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    for f in arrived {
+        assert_eq!(bed.xdp(f), (XDP_PASS, f.clone()), "XDP passes, untouched");
+    }
+    arrived
+        .iter()
+        .map(|f| {
+            let (action, out) = bed.wan_tc(f);
+            assert_eq!(action, TC_ACT_REDIRECT, "every fragment to the tunnel");
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn egress_fragments_leave_as_their_first_did_under_an_ip_id_of_the_gateways() {
+    let mut bed = Bed::new();
+    let (key, nat) = bed.flow(proto::UDP, 40000, 53);
+    let data = payload(3000);
+    let sent = fragments(
+        &frame(CLIENT, REMOTE, 64, L4::udp(40000, 53, &data)),
+        CLIENT_ID,
+        1200,
+    );
+    assert_eq!(sent.len(), 3);
+
+    let first = send_fragments(&mut bed, &sent[..1]).remove(0);
+    let wan_id = ip_id(&first);
+    let entry = fragment_entry(&mut bed, &egress_key(CLIENT, CLIENT_ID, proto::UDP))
+        .expect("the first fragment noted for the later ones");
+    assert_eq!(
+        (entry.addr, entry.id),
+        (PUBLIC.octets(), wan_id),
+        "later fragments: the public address and the WAN IP ID"
+    );
+    let reserved = fragment_entry(&mut bed, &id_key(wan_id, proto::UDP))
+        .expect("the WAN IP ID reserved toward the remote");
+    assert_eq!(
+        (reserved.addr, reserved.id),
+        (CLIENT.octets(), CLIENT_ID),
+        "reserved for the client's datagram"
+    );
+    let mut out = vec![first];
+    out.extend(send_fragments(&mut bed, &sent[1..]));
+
+    // The client's datagram, translated as a whole packet would be, cut
+    // where the client cut it. The first fragment's UDP checksum is the
+    // whole datagram's, computed here from scratch.
+    let expected = fragments(
+        &frame(PUBLIC, REMOTE, 63, L4::udp(nat, 53, &data)),
+        wan_id,
+        1200,
+    );
+    assert_eq!(
+        out, expected,
+        "public address, NAT port, TTL - 1, WAN IP ID"
+    );
+    assert_eq!(
+        fragment_entry(&mut bed, &egress_key(CLIENT, CLIENT_ID, proto::UDP)),
+        None,
+        "forgotten with the last fragment"
+    );
+    assert!(
+        fragment_entry(&mut bed, &id_key(wan_id, proto::UDP)).is_some(),
+        "the IP ID stays reserved while the remote may reassemble"
+    );
+    assert_eq!(bed.count(Reason::EgressForwarded), 3);
+    // The flow's counters see the datagram once, by its first fragment.
+    assert_eq!(bed.listed(&key).egress.packets, 1);
+}
+
+#[test]
+fn ingress_fragments_return_to_the_client_their_first_went_to() {
+    let mut bed = Bed::new();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    let data = payload(3000);
+    let arrived = fragments(
+        &frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, &data)),
+        REMOTE_ID,
+        1480,
+    );
+    assert_eq!(arrived.len(), 3);
+
+    let out = receive_fragments(&mut bed, &arrived);
+
+    let expected = fragments(
+        &frame(REMOTE, CLIENT, 57, L4::udp(53, 40000, &data)),
+        REMOTE_ID,
+        1480,
+    );
+    assert_eq!(out, expected, "to the client's address and port, ID kept");
+    assert_eq!(
+        fragment_entry(&mut bed, &ingress_key(REMOTE_ID, proto::UDP)),
+        None,
+        "forgotten with the last fragment"
+    );
+    assert_eq!(bed.count(Reason::IngressForwarded), 3);
+    assert_eq!(bed.count(Reason::PassToHost), 0, "counted once, not twice");
+}
+
+#[test]
+fn ping_fragments_are_translated_both_ways() {
+    let mut bed = Bed::new();
+    let (_, nat) = bed.flow(proto::ICMP, 0x4242, 0);
+    let data = payload(2000);
+    let sent = fragments(
+        &frame(CLIENT, REMOTE, 64, L4::echo_request(0x4242, 1, &data)),
+        CLIENT_ID,
+        1400,
+    );
+    let out = send_fragments(&mut bed, &sent);
+    let expected = fragments(
+        &frame(PUBLIC, REMOTE, 63, L4::echo_request(nat, 1, &data)),
+        ip_id(&out[0]),
+        1400,
+    );
+    assert_eq!(out, expected, "the identifier is the NAT port's");
+
+    let arrived = fragments(
+        &frame(REMOTE, PUBLIC, 57, L4::echo_reply(nat, 1, &data)),
+        REMOTE_ID,
+        1480,
+    );
+    let back = receive_fragments(&mut bed, &arrived);
+    let expected = fragments(
+        &frame(REMOTE, CLIENT, 57, L4::echo_reply(0x4242, 1, &data)),
+        REMOTE_ID,
+        1480,
+    );
+    assert_eq!(back, expected, "the client's identifier back");
+}
+
+#[test]
+fn two_clients_fragmenting_under_one_ip_id_leave_under_different_ones() {
+    // Both clients' kernels picked the same ID toward the same remote.
+    // Behind one public address the remote would reassemble the two
+    // datagrams as one: each leaves under an ID of its own.
+    let mut bed = Bed::new();
+    let (_, nat1) = bed.flow(proto::UDP, 40000, 53);
+    let key2 = FlowKey::new(proto::UDP, CLIENT2, 40000, REMOTE, 53);
+    let nat2 = bed.flows.create(key2, 1).unwrap();
+    let data = payload(2000);
+    let cut = |client| {
+        let datagram = frame(client, REMOTE, 64, L4::udp(40000, 53, &data));
+        fragments(&datagram, CLIENT_ID, 1200)
+    };
+    let (a, b) = (cut(CLIENT), cut(CLIENT2));
+
+    // Interleaved, as two sessions write them.
+    let out_a1 = send_fragments(&mut bed, &a[..1]).remove(0);
+    let out_b1 = send_fragments(&mut bed, &b[..1]).remove(0);
+    let out_a2 = send_fragments(&mut bed, &a[1..]).remove(0);
+    let out_b2 = send_fragments(&mut bed, &b[1..]).remove(0);
+
+    let (id_a, id_b) = (ip_id(&out_a1), ip_id(&out_b1));
+    assert_ne!(id_a, id_b, "one IP ID per datagram toward the remote");
+    let expected = |nat, id| {
+        fragments(
+            &frame(PUBLIC, REMOTE, 63, L4::udp(nat, 53, &data)),
+            id,
+            1200,
+        )
+    };
+    assert_eq!(vec![out_a1, out_a2], expected(nat1, id_a));
+    assert_eq!(vec![out_b1, out_b2], expected(nat2, id_b));
+}
+
+#[test]
+fn a_later_fragment_without_its_first_is_dropped_going_out_and_left_to_the_host_coming_in() {
+    let mut bed = Bed::new();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    let data = payload(3000);
+    let sent = fragments(
+        &frame(CLIENT, REMOTE, 64, L4::udp(40000, 53, &data)),
+        CLIENT_ID,
+        1200,
+    );
+    let arrived = fragments(
+        &frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, &data)),
+        REMOTE_ID,
+        1480,
+    );
+
+    // From a client: no ports, no first fragment, nobody to translate to.
+    assert_eq!(bed.tun(&sent[1]).0, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropOrphanFragment), 1);
+    assert_eq!(bed.count(Reason::EgressForwarded), 0);
+
+    // From the WAN: nothing says it is not the host's own (it may be);
+    // if it was veil's, the host's reassembly never completes and, without
+    // the first fragment, answers nothing.
+    let wan = bed.wan(&arrived[1]);
+    assert!(wan.passed_untouched(&arrived[1]), "{wan:?}");
+    assert_eq!(bed.count(Reason::PassToHost), 1);
+    assert_eq!(bed.count(Reason::IngressForwarded), 0);
+}
+
+#[test]
+fn an_expired_fragment_entry_is_not_used() {
+    let mut bed = Bed::new();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    let data = payload(3000);
+    let sent = fragments(
+        &frame(CLIENT, REMOTE, 64, L4::udp(40000, 53, &data)),
+        CLIENT_ID,
+        1200,
+    );
+    let arrived = fragments(
+        &frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, &data)),
+        REMOTE_ID,
+        1480,
+    );
+    let now = veil_user::net::monotonic_ns();
+    let stale = now
+        .checked_sub(FRAG_TIMEOUT_NS + 1_000_000_000)
+        .expect("the machine has been up longer than the fragment timeout");
+    let out_key = egress_key(CLIENT, CLIENT_ID, proto::UDP);
+    let in_key = ingress_key(REMOTE_ID, proto::UDP);
+
+    seed(&mut bed, &out_key, stale, PUBLIC, 0x0bad);
+    seed(&mut bed, &in_key, stale, CLIENT, 0);
+    assert_eq!(bed.tun(&sent[1]).0, TC_ACT_SHOT, "expired: dropped");
+    assert_eq!(bed.count(Reason::DropOrphanFragment), 1);
+    let wan = bed.wan(&arrived[1]);
+    assert!(
+        wan.passed_untouched(&arrived[1]),
+        "expired: the host's {wan:?}"
+    );
+
+    // The same entries, fresh, are used: the seeding is right.
+    seed(&mut bed, &out_key, now, PUBLIC, 0x0bad);
+    seed(&mut bed, &in_key, now, CLIENT, 0);
+    let (action, out) = bed.tun(&sent[1]);
+    assert_eq!(action, TC_ACT_REDIRECT, "fresh: translated");
+    assert_eq!(ip_id(&out), 0x0bad);
+    assert_eq!(&out[ETH_LEN + 12..ETH_LEN + 16], &PUBLIC.octets());
+    assert!(bed.wan(&arrived[1]).delivered(), "fresh: to the client");
+}
+
+#[test]
+fn the_hosts_own_fragments_reach_the_host_even_under_a_reused_ip_id() {
+    // A veil datagram left an entry (its last fragment was lost); the
+    // remote's ID counter comes round to that ID on a datagram for the
+    // host itself. Its fragments are the host's, not the client's.
+    let mut bed = Bed::new();
+    bed.flow(proto::UDP, 40000, 53);
+    let in_key = ingress_key(REMOTE_ID, proto::UDP);
+    seed(&mut bed, &in_key, veil_user::net::monotonic_ns(), CLIENT, 0);
+    let hosts = fragments(
+        &frame(REMOTE, PUBLIC, 57, L4::udp(53, 5353, &payload(3000))),
+        REMOTE_ID,
+        1480,
+    );
+
+    for f in &hosts {
+        let wan = bed.wan(f);
+        assert!(wan.passed_untouched(f), "{wan:?}");
+    }
+    assert_eq!(fragment_entry(&mut bed, &in_key), None, "stale entry gone");
+    assert_eq!(bed.count(Reason::PassToHost), hosts.len() as u64);
+    assert_eq!(bed.count(Reason::IngressForwarded), 0);
+}
+
+#[test]
+fn bpftool_shows_fragment_entries_with_named_fields() {
+    let (mut bed, dir, _fs) = Bed::pinned();
+    bed.flow(proto::UDP, 40000, 53);
+    let sent = fragments(
+        &frame(CLIENT, REMOTE, 64, L4::udp(40000, 53, &payload(3000))),
+        CLIENT_ID,
+        1200,
+    );
+    let wan_id = ip_id(&send_fragments(&mut bed, &sent[..1])[0]);
+
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(dir.join("fragments"))
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries: Vec<&serde_json::Value> = dump
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["formatted"])
+        .collect();
+    let egress = entries
+        .iter()
+        .find(|e| e["key"]["kind"] == frag_kind::EGRESS)
+        .unwrap_or_else(|| panic!("no egress entry: {dump}"));
+    assert_eq!(egress["key"]["src_addr"], serde_json::json!([10, 77, 0, 2]));
+    assert_eq!(egress["key"]["id"], CLIENT_ID);
+    assert_eq!(egress["key"]["proto"], proto::UDP);
+    assert_eq!(egress["value"]["addr"], serde_json::json!([198, 18, 0, 1]));
+    assert_eq!(egress["value"]["id"], wan_id);
+    assert!(egress["value"]["first_seen_ns"].as_u64().unwrap() > 0);
+    let reserved = entries
+        .iter()
+        .find(|e| e["key"]["kind"] == frag_kind::ID)
+        .unwrap_or_else(|| panic!("no ID reservation: {dump}"));
+    assert_eq!(reserved["key"]["id"], wan_id);
+    assert_eq!(reserved["value"]["id"], CLIENT_ID);
 }
 
 // ---- ICMP errors about NATed flows ----

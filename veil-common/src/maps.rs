@@ -30,8 +30,13 @@ pub const REVERSE_MAP: &str = "VEIL_REVERSE";
 pub const CONFIG_MAP: &str = "VEIL_CONFIG";
 /// Per-CPU [`Counter`]s indexed by [`crate::Reason`].
 pub const STATS_MAP: &str = "VEIL_STATS";
+/// IPv4 fragments: what a datagram's first fragment was translated to, for
+/// the fragments after it, which carry no ports. LRU hash, key [`FragKey`],
+/// value [`FragEntry`]. The datapath's own (the daemon never writes it):
+/// evicting the oldest entry when full is the right policy here.
+pub const FRAG_MAP: &str = "VEIL_FRAGS";
 /// All maps, in the order the daemon pins them.
-pub const ALL_MAPS: [&str; 4] = [EGRESS_MAP, REVERSE_MAP, CONFIG_MAP, STATS_MAP];
+pub const ALL_MAPS: [&str; 5] = [EGRESS_MAP, REVERSE_MAP, CONFIG_MAP, STATS_MAP, FRAG_MAP];
 
 /// Program names (the functions in veil-ebpf).
 pub const PROG_WAN_XDP: &str = "veil_wan_xdp";
@@ -40,6 +45,22 @@ pub const PROG_TUN_TC: &str = "veil_tun_tc";
 
 /// Capacity of each flow map. Two entries a flow (egress and reverse).
 pub const MAX_FLOWS: u32 = 262_144;
+
+/// Capacity of the fragment map: datagrams in flight in fragments, two
+/// entries each on the way out (translation and IP ID), one on the way in.
+pub const MAX_FRAGS: u32 = 16_384;
+
+/// How long a first fragment's entry translates the fragments after it.
+/// A datagram's fragments travel back to back; the margin covers a stalled
+/// tunnel (TCP retransmissions) between them. Well under the 30 s a Linux
+/// receiver keeps an incomplete datagram (`ipfrag_time`).
+pub const FRAG_TIMEOUT_NS: u64 = 10_000_000_000;
+
+/// How long an IP ID the gateway gave a fragmented datagram stays reserved
+/// toward its remote host: as long as that host may keep an incomplete
+/// datagram under it (Linux's `ipfrag_time`, 30 s). Another datagram with
+/// the same ID meanwhile would be reassembled with its fragments.
+pub const FRAG_ID_HOLD_NS: u64 = 30_000_000_000;
 
 /// Bump when a layout below changes: the pin directory carries it, so a new
 /// daemon never reads maps pinned by an older one.
@@ -210,6 +231,72 @@ impl Config {
     }
 }
 
+/// What a [`FragKey`] describes.
+pub mod frag_kind {
+    /// A client's datagram on its way out: key (client, remote, the
+    /// client's IP ID); the entry holds the public address and the IP ID
+    /// the datagram carries on the WAN.
+    pub const EGRESS: u8 = 1;
+    /// A remote's datagram on its way in: key (remote, public address, the
+    /// remote's IP ID); the entry holds the client address.
+    pub const INGRESS: u8 = 2;
+    /// An IP ID the gateway gave one of its clients' datagrams: key
+    /// (public address, remote, that ID); the entry holds the client and
+    /// its own ID. Reserved until [`super::FRAG_ID_HOLD_NS`] has passed.
+    pub const ID: u8 = 3;
+}
+
+/// The fragment map's key: what the fragments of one datagram share
+/// (RFC 791: source, destination, protocol and identification), and what
+/// the entry is for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    /// The IP header's identification field, host order.
+    pub id: u16,
+    pub proto: u8,
+    /// One of [`frag_kind`].
+    pub kind: u8,
+}
+
+impl FragKey {
+    pub const fn new(kind: u8, src: [u8; 4], dst: [u8; 4], id: u16, proto: u8) -> Self {
+        Self {
+            src_addr: src,
+            dst_addr: dst,
+            id,
+            proto,
+            kind,
+        }
+    }
+}
+
+/// The fragment map's value (see [`frag_kind`] for what each field holds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    /// `bpf_ktime_get_ns()` when the first fragment was seen. An entry
+    /// older than [`FRAG_TIMEOUT_NS`] (an ID reservation: older than
+    /// [`FRAG_ID_HOLD_NS`]) is ignored and replaced.
+    pub first_seen_ns: u64,
+    /// The address the fragments are translated to.
+    pub addr: [u8; 4],
+    /// An IP ID, host order; 0 where unused.
+    pub id: u16,
+    pub _pad: [u8; 2],
+}
+
+impl FragEntry {
+    /// Whether the entry is still in force at `now_ns` for an entry kind
+    /// that lasts `lifetime_ns`. A timestamp from the future (impossible
+    /// on one boot) counts as expired.
+    pub const fn is_live(&self, now_ns: u64, lifetime_ns: u64) -> bool {
+        now_ns >= self.first_seen_ns && now_ns - self.first_seen_ns <= lifetime_ns
+    }
+}
+
 /// One reason's tally on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -229,6 +316,8 @@ mod pod {
     unsafe impl aya::Pod for super::ReverseFlow {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragEntry {}
 }
 
 // The layouts are ABI: the eBPF object, the daemon and BTF must agree.
@@ -240,6 +329,8 @@ const _: () = {
     assert!(size_of::<ReverseFlow>() == 40);
     assert!(size_of::<Config>() == 28 + 4 * MAX_PUBLIC_ADDRS);
     assert!(size_of::<Counter>() == 16);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragEntry>() == 16);
 };
 
 #[cfg(test)]

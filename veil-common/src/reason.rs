@@ -26,7 +26,8 @@ pub enum Reason {
     DropNoIngressFlow = 5,
     /// Truncated or inconsistent headers.
     DropMalformed = 6,
-    /// An IPv4 fragment on a NAT path: veil does not reassemble.
+    /// An IPv4 fragment on a NAT path that is not translated: an ICMP error
+    /// in fragments, or one whose first fragment cannot be (IP options).
     DropFragment = 7,
     /// IPv4 options on a NAT path: not rewritten, never mangled.
     DropIpOptions = 8,
@@ -41,11 +42,15 @@ pub enum Reason {
     /// The datapath has no configuration yet (the daemon writes it before
     /// attaching, so this means something is badly wrong).
     DropNotConfigured = 13,
+    /// A later IPv4 fragment from a client whose first fragment was not
+    /// seen, or too long ago: it carries no ports, so nothing says whose
+    /// flow it belongs to.
+    DropOrphanFragment = 14,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::EgressForwarded,
         Reason::IngressForwarded,
         Reason::IcmpErrorForwarded,
@@ -60,6 +65,7 @@ impl Reason {
         Reason::DropTtlExpired,
         Reason::DropHelperFailed,
         Reason::DropNotConfigured,
+        Reason::DropOrphanFragment,
     ];
 
     /// A stable snake_case name, for logs, `veil-user status` and metrics.
@@ -79,6 +85,7 @@ impl Reason {
             Reason::DropTtlExpired => "drop_ttl_expired",
             Reason::DropHelperFailed => "drop_helper_failed",
             Reason::DropNotConfigured => "drop_not_configured",
+            Reason::DropOrphanFragment => "drop_orphan_fragment",
         }
     }
 

@@ -4,7 +4,8 @@
 //! rewritten to the flow's public address and NAT port, counted, given
 //! a link-layer header and sent out of the WAN interface. `bpf_redirect_neigh`
 //! resolves the next hop, so neither the kernel's forwarding path nor
-//! netfilter sees the packet.
+//! netfilter sees the packet. A fragment after the first has no ports: it
+//! follows its first fragment (`frag`).
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
@@ -21,8 +22,9 @@ use network_types::{
 use veil_common::{csum::L4Sum, proto, FlowKey, Reason};
 
 use crate::{
+    frag::{self, Fragment},
     maps::{config, VEIL_EGRESS},
-    packet::{pull_headers, Packet, ETH_LEN, IPV4_LEN, IP_MF, IP_OFFSET},
+    packet::{pull_headers, Packet, ETH_LEN, IPV4_LEN},
     rewrite::{decrement_ttl, dword, move_endpoint_skb, word, SkbEndpoint},
     stats, Verdict,
 };
@@ -42,9 +44,10 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     pull_headers(ctx)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let ip: *mut Ipv4Hdr = pkt.at(l2)?;
-    let (vihl, frags, ttl, protocol, src, dst) = unsafe {
+    let (vihl, id, frags, ttl, protocol, src, dst) = unsafe {
         (
             (*ip).vihl,
+            u16::from_be_bytes((*ip).id),
             u16::from_be_bytes((*ip).frags),
             (*ip).ttl,
             (*ip).proto,
@@ -58,11 +61,15 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     if vihl & 0x0f != 5 {
         return Err(Reason::DropIpOptions);
     }
-    if frags & (IP_MF | IP_OFFSET) != 0 {
-        return Err(Reason::DropFragment);
-    }
     if ttl <= 1 {
         return Err(Reason::DropTtlExpired);
+    }
+    let fragment = Fragment::of(frags);
+    if let Fragment::Later { last } = fragment {
+        // No ports: translated as its first fragment was.
+        frag::egress_later(ctx, l2, src, dst, id, protocol, last)?;
+        decrement_ttl(ctx, l2, ttl, protocol)?;
+        return send_to_wan(ctx, l2, cfg.wan_ifindex);
     }
 
     let l4 = l2 + IPV4_LEN;
@@ -119,6 +126,9 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         public_addr,
         nat_port,
     )?;
+    if fragment == Fragment::First {
+        frag::egress_first(ctx, l2, src, dst, id, protocol, public_addr)?;
+    }
     decrement_ttl(ctx, l2, ttl, protocol)?;
     send_to_wan(ctx, l2, cfg.wan_ifindex)
 }

@@ -6,9 +6,10 @@
 //!
 //! - XDP ([`filter`]) drops what must never reach the kernel: replies with
 //!   no reverse mapping (so the kernel cannot answer them with a RST or a
-//!   port unreachable), forged client addresses, fragments and options in the
-//!   NAT range. The host's own traffic (ssh, the tunnel listener, ARP)
-//!   passes untouched.
+//!   port unreachable), forged client addresses, options in the NAT range.
+//!   The host's own traffic (ssh, the tunnel listener, ARP) passes
+//!   untouched. It also notes where the first fragment of a reply goes,
+//!   for the fragments after it (`frag`).
 //! - TC ([`translate`]) rewrites replies back to their client and hands them
 //!   to the TUN device. The rewrite is in TC because it needs the skb's
 //!   checksum state (see `rewrite`), and the hand-off because XDP cannot
@@ -23,8 +24,9 @@ use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp:
 use veil_common::{csum::L4Sum, proto, Config, Reason, ReverseFlow, ReverseKey};
 
 use crate::{
+    frag::{self, Fragment},
     maps::{config, VEIL_REVERSE},
-    packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN, IP_MF, IP_OFFSET},
+    packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
     rewrite::{cover, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
     stats, Verdict,
 };
@@ -43,16 +45,26 @@ const L4_AT: usize = ETH_LEN + IPV4_LEN;
 const INNER_IP: usize = L4_AT + ICMP_HDR_LEN;
 const INNER_L4: usize = INNER_IP + IPV4_LEN;
 
-/// What a WAN packet is to veil.
+/// What a WAN packet is to veil. The variants carry no fragment details
+/// (`frag::datagram` reads them again where needed): a payload that only
+/// some variants fill leaves registers that LLVM may still read on the
+/// other paths, and the verifier refuses any read of an uninitialised
+/// register.
 enum Wan {
     /// Not veil's.
     Host,
-    /// A reply on a (possibly) NATed flow.
+    /// The first fragment of a datagram to the public address that is not
+    /// veil's: the host's.
+    HostFirstFragment,
+    /// A reply on a (possibly) NATed flow, whole or its first fragment.
     Reply {
         key: ReverseKey,
         kind: L4Sum,
         tcp_flags: u64,
     },
+    /// A fragment after the first, to the public address: veil's when its
+    /// first fragment was (`frag`), the host's otherwise.
+    LaterFragment,
     /// An ICMP error quoting a packet veil sent.
     IcmpError { key: ReverseKey },
 }
@@ -90,12 +102,13 @@ fn classify(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
     if ihl < IPV4_LEN {
         return Err(Reason::DropMalformed);
     }
-    // Later fragments carry no ports: they go to the host, whose reassembly
-    // never completes without the first fragment (dropped below when it is
-    // veil's), so nothing is answered.
-    if frags & IP_OFFSET != 0 {
-        return Ok(Wan::Host);
+    // Later fragments carry no ports: whose they are, their first fragment
+    // said.
+    let fragment = Fragment::of(frags);
+    if let Fragment::Later { .. } = fragment {
+        return Ok(Wan::LaterFragment);
     }
+    let first_fragment = fragment == Fragment::First;
 
     // Is it in the NAT range? Read at the real header length first.
     let at = ETH_LEN + ihl;
@@ -115,10 +128,11 @@ fn classify(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
         _ => false,
     };
     if !ours {
-        return Ok(Wan::Host);
-    }
-    if frags & IP_MF != 0 {
-        return Err(Reason::DropFragment);
+        return Ok(if first_fragment {
+            Wan::HostFirstFragment
+        } else {
+            Wan::Host
+        });
     }
     if ihl != IPV4_LEN {
         return Err(Reason::DropIpOptions);
@@ -150,6 +164,10 @@ fn classify(pkt: &Packet, cfg: &Config) -> Result<Wan, Reason> {
             let icmp: *mut Icmpv4Hdr = pkt.at(L4_AT)?;
             if unsafe { (*icmp).type_ } == ICMP_ECHO_REPLY {
                 Ok(reply(L4Sum::Icmp, [0, 0], echo_id(icmp).to_be_bytes(), 0))
+            } else if first_fragment {
+                // Errors quote at most 576 bytes: one in fragments is odd,
+                // and its quote is not all in the first one.
+                Err(Reason::DropFragment)
             } else {
                 classify_icmp_error(pkt, cfg)
             }
@@ -240,19 +258,41 @@ fn reply_flow(key: &ReverseKey, kind: L4Sum) -> Result<Option<*mut ReverseFlow>,
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let cfg = config()?;
+    let to_host = Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost);
+    // Counted by `translate`, which finishes the job.
+    let to_translate = Verdict::uncounted(xdp_action::XDP_PASS as i32);
     match classify(&pkt, cfg)? {
-        Wan::Host => Ok(Verdict::counted(
-            xdp_action::XDP_PASS as i32,
-            Reason::PassToHost,
-        )),
-        Wan::Reply { key, kind, .. } => match reply_flow(&key, kind)? {
-            // Counted by `translate`, which finishes the job.
-            Some(_) => Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32)),
-            None => Ok(Verdict::counted(
-                xdp_action::XDP_PASS as i32,
-                Reason::PassToHost,
-            )),
-        },
+        Wan::Host => Ok(to_host),
+        Wan::HostFirstFragment => {
+            frag::forget(&frag::datagram(&pkt, IP)?.1);
+            Ok(to_host)
+        }
+        Wan::Reply { key, kind, .. } => {
+            let flow = reply_flow(&key, kind)?;
+            let (fragment, frag) = frag::datagram(&pkt, IP)?;
+            match flow {
+                Some(flow) => {
+                    if fragment == Fragment::First {
+                        frag::remember(&frag, unsafe { (*flow).client_addr })?;
+                    }
+                    Ok(to_translate)
+                }
+                None => {
+                    if fragment == Fragment::First {
+                        frag::forget(&frag);
+                    }
+                    Ok(to_host)
+                }
+            }
+        }
+        // A later fragment nobody noted is the host's, as far as anyone
+        // can tell; if it was veil's, its first fragment went to a client
+        // and the host's reassembly never completes, so it answers nothing.
+        Wan::LaterFragment => Ok(if frag::is_translated(&frag::datagram(&pkt, IP)?.1) {
+            to_translate
+        } else {
+            to_host
+        }),
         Wan::IcmpError { key } => {
             flow(&key)?;
             Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32))
@@ -268,7 +308,16 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
     let reason = match classify(&pkt, cfg)? {
         // Counted by `filter` already.
-        Wan::Host => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
+        Wan::Host | Wan::HostFirstFragment => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
+        Wan::LaterFragment => {
+            let (fragment, frag) = frag::datagram(&pkt, IP)?;
+            let last = fragment == Fragment::Later { last: true };
+            if !frag::ingress_later(ctx, IP, &frag, last)? {
+                // The host's (counted by `filter`).
+                return Ok(Verdict::uncounted(TC_ACT_OK as i32));
+            }
+            Reason::IngressForwarded
+        }
         Wan::Reply {
             key,
             kind,

@@ -4,8 +4,9 @@
 //!   the daemon writes are translated to the public address and a NAT port
 //!   and sent out of the WAN interface with `bpf_redirect_neigh`.
 //! - `veil_wan_xdp` (XDP on the WAN interface): unsolicited packets to the
-//!   NAT port range, forged client addresses, fragments and options are
-//!   dropped before the kernel sees them; everything else passes.
+//!   NAT port range, forged client addresses and options are dropped before
+//!   the kernel sees them; everything else passes. It also notes the first
+//!   fragments of replies, for the fragments after them (`frag`).
 //! - `veil_wan_tc` (TC ingress on the WAN interface): replies and ICMP
 //!   errors for NATed flows are translated back to their client and handed
 //!   to the TUN device, where the daemon reads them.
@@ -19,6 +20,7 @@
 #![allow(internal_features)]
 
 mod egress;
+mod frag;
 mod ingress;
 mod maps;
 mod packet;

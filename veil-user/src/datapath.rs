@@ -15,8 +15,8 @@ use aya::{
 };
 use tracing::{debug, info};
 use veil_common::{
-    reason::REASON_SLOTS, Config, Counter, Reason, CONFIG_MAP, EGRESS_MAP, LAYOUT_VERSION,
-    PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
+    reason::REASON_SLOTS, Config, Counter, FragEntry, FragKey, Reason, CONFIG_MAP, EGRESS_MAP,
+    FRAG_MAP, LAYOUT_VERSION, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
 };
 
 use crate::{
@@ -33,11 +33,12 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 4] = [
+pub const PINS: [(&str, &str); 5] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
     (STATS_MAP, "stats"),
+    (FRAG_MAP, "fragments"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +248,20 @@ impl Datapath {
                 Ok((reason, total))
             })
             .collect()
+    }
+
+    /// The fragment map (the datapath's own), for inspection and tests.
+    pub fn fragments(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, FragKey, FragEntry>, DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(FRAG_MAP)
+            .ok_or(DatapathError::MissingMap(FRAG_MAP))?;
+        HashMap::try_from(map).map_err(|source| DatapathError::Map {
+            name: FRAG_MAP,
+            source,
+        })
     }
 
     /// The datapath's log (aya-log), delivered to `logger` on

@@ -870,29 +870,38 @@ impl Shared {
             debug!(%vip, src = %info.src, "dropped: source address is not the client's");
             return None;
         }
+        // No ICMP error about a fragment after the first (RFC 1122 3.2.2):
+        // the first one already had its answer.
+        let later_fragment = info.fragment == packet::Fragment::Later;
         if let Err(refusal) = self.policy.check(info.dst) {
             count(&self.counters.policy_refused);
             debug!(%vip, dst = %info.dst, "refused by the egress policy: {refusal}");
-            return Some(packet::icmp_error(
-                self.inner_addr,
-                pkt,
-                3,
-                unreachable::ADMIN_PROHIBITED,
-            ));
+            return (!later_fragment).then(|| {
+                packet::icmp_error(self.inner_addr, pkt, 3, unreachable::ADMIN_PROHIBITED)
+            });
         }
         if info.ttl <= 1 {
             count(&self.counters.ttl_expired);
-            return Some(packet::icmp_error(self.inner_addr, pkt, 11, 0));
+            return (!later_fragment).then(|| packet::icmp_error(self.inner_addr, pkt, 11, 0));
         }
         if self.cfg.pool.contains(info.dst) {
             // Only reached with --allow-client-to-client (the policy refuses
             // the pool otherwise): handed to the other client's session
             // here, never NATed out of the WAN.
+            // Fragments too: the other client reassembles.
             return self.to_other_client(info.dst, hdr, pkt);
+        }
+        if later_fragment {
+            // No ports, no flow to create: the datapath translates it as
+            // its first fragment, or drops it (drop_orphan_fragment).
+            if let Err(e) = self.tun.send(hdr, pkt) {
+                debug!(%vip, "writing to the TUN device: {e}");
+            }
+            return None;
         }
         let Some(key) = info.flow_key() else {
             count(&self.counters.untranslatable);
-            debug!(%vip, proto = info.proto, fragment = info.fragment, "dropped: not translated");
+            debug!(%vip, proto = info.proto, "dropped: not translated");
             return None;
         };
         let created = {

@@ -19,6 +19,18 @@ pub enum PacketError {
     LengthMismatch { total: usize, actual: usize },
 }
 
+/// Where a packet stands among the fragments of its IPv4 datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// Offset 0 with more fragments to come: it carries the ports.
+    First,
+    /// A non-zero offset: no ports. The datapath translates it as it did
+    /// the first fragment, or drops it.
+    Later,
+}
+
 /// The fields of an IPv4 packet that decide its fate at the gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4Info {
@@ -27,19 +39,17 @@ pub struct Ipv4Info {
     pub proto: u8,
     pub ttl: u8,
     pub header_len: usize,
-    /// More-fragments set or a non-zero offset.
-    pub fragment: bool,
+    pub fragment: Fragment,
     /// Source and destination port (TCP, UDP), or the echo identifier and 0
-    /// (ICMP echo request); `None` when the packet does not carry them.
+    /// (ICMP echo request); `None` when the packet does not carry them
+    /// (a later fragment never does).
     pub ports: Option<(u16, u16)>,
 }
 
 impl Ipv4Info {
-    /// The flow this packet belongs to, if the datapath translates it.
+    /// The flow this packet belongs to, if the datapath translates it by
+    /// its ports (whole packets and first fragments).
     pub fn flow_key(&self) -> Option<FlowKey> {
-        if self.fragment {
-            return None;
-        }
         let (sport, dport) = self.ports?;
         Some(FlowKey::new(self.proto, self.src, sport, self.dst, dport))
     }
@@ -64,11 +74,15 @@ pub fn parse(pkt: &[u8]) -> Result<Ipv4Info, PacketError> {
         });
     }
     let frags = u16::from_be_bytes([pkt[6], pkt[7]]);
-    let fragment = frags & 0x3fff != 0;
+    let fragment = match (frags & 0x1fff, frags & 0x2000) {
+        (0, 0) => Fragment::Whole,
+        (0, _) => Fragment::First,
+        _ => Fragment::Later,
+    };
     let l4 = &pkt[header_len..];
     let protocol = pkt[9];
     let ports = match protocol {
-        _ if fragment => None,
+        _ if fragment == Fragment::Later => None,
         proto::TCP | proto::UDP if l4.len() >= 8 => Some((
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
@@ -190,11 +204,25 @@ mod tests {
     }
 
     #[test]
-    fn fragments_have_no_flow() {
-        let mut p = udp([10, 77, 0, 2], [198, 18, 0, 2]);
-        p[6] |= 0x20;
-        assert!(parse(&p).unwrap().fragment);
-        assert_eq!(parse(&p).unwrap().flow_key(), None);
+    fn a_first_fragment_has_its_flow_and_later_ones_none() {
+        let whole = udp([10, 77, 0, 2], [198, 18, 0, 2]);
+        let mut first = whole.clone();
+        first[6] |= 0x20; // MF
+        let mut later = whole.clone();
+        later[6..8].copy_from_slice(&[0x20, 0x10]); // MF, offset 128
+        let mut last = whole.clone();
+        last[6..8].copy_from_slice(&[0x40, 0x20]); // DF (ignored), offset 256
+
+        assert_eq!(parse(&whole).unwrap().fragment, Fragment::Whole);
+        let info = parse(&first).unwrap();
+        assert_eq!(info.fragment, Fragment::First);
+        assert_eq!(info.flow_key(), parse(&whole).unwrap().flow_key());
+        for p in [&later, &last] {
+            let info = parse(p).unwrap();
+            assert_eq!(info.fragment, Fragment::Later);
+            assert_eq!(info.ports, None, "bytes at the L4 offset are payload");
+            assert_eq!(info.flow_key(), None);
+        }
     }
 
     #[test]
