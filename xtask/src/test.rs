@@ -1,6 +1,6 @@
 //! `cargo xtask test`: every check, in the order that fails fastest.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -44,7 +44,8 @@ pub fn run(opts: &Options) -> Result<()> {
     // The kernel tests create namespaces, load programs and mount a private
     // bpffs: root, and one test at a time (2 cores; shared kernel state).
     let mut test = cargo();
-    test.args(["test", "--workspace"]);
+    // Every suite runs even when one fails: the closing line counts them all.
+    test.args(["test", "--workspace", "--no-fail-fast"]);
     if !is_root() {
         bail!("the kernel tests need root: run `sudo -E cargo xtask test`");
     }
@@ -52,5 +53,80 @@ pub fn run(opts: &Options) -> Result<()> {
     if let Some(f) = &opts.filter {
         test.arg(f);
     }
-    exec(&mut test)
+    let tally = run_counted(&mut test)?;
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed > 0 {
+        bail!("{} test(s) failed", tally.failed);
+    }
+    Ok(())
+}
+
+/// Tests passed and failed, summed over every suite.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub passed: usize,
+    pub failed: usize,
+}
+
+impl Tally {
+    /// Adds what one of libtest's closing lines reports
+    /// (`test result: ok. 12 passed; 0 failed; ...`).
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            match (what, n.parse::<usize>()) {
+                ("passed", Ok(n)) => self.passed += n,
+                ("failed", Ok(n)) => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cargo test`, passing its output through, and sums its suites'
+/// closing lines. A run that fails without a failing test (a build error, a
+/// crashed test binary) counts as one failure.
+fn run_counted(cmd: &mut Command) -> Result<Tally> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut tally = Tally::default();
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        tally.add_line(&line);
+    }
+    let status = child.wait()?;
+    if !status.success() && tally.failed == 0 {
+        tally.failed = 1;
+    }
+    Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closing_lines_are_summed() {
+        let mut t = Tally::default();
+        for line in [
+            "test result: ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.5s",
+            "running 3 tests",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            "test a_test_named_test_result ... ok",
+        ] {
+            t.add_line(line);
+        }
+        assert_eq!(t, Tally { passed: 14, failed: 1 });
+    }
 }
