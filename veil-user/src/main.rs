@@ -19,7 +19,7 @@ use veil_user::{
     flows::{PortRange, Timeouts},
     gateway::{self, GatewayConfig},
     net::Ipv4Net,
-    state::StateDir,
+    state::{Existing, PrivateFile, StateDir},
 };
 
 #[derive(Parser)]
@@ -65,9 +65,15 @@ enum ClientCommand {
     /// Issue a profile: one file with everything a client needs.
     Add {
         name: String,
-        /// Where to write the profile (mode 0600).
+        /// Where to write the profile: a new file, mode 0600 (it holds the
+        /// client's key). An existing file or symlink is refused.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Replace an existing FILE: the profile is written to a new file
+        /// beside it and renamed over it (a symlink is replaced, not
+        /// followed).
+        #[arg(long)]
+        force: bool,
         /// The gateway address clients connect to; default: the one the
         /// gateway serves on, as recorded in the state directory.
         #[arg(long, value_name = "HOST:PORT")]
@@ -220,10 +226,18 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
             name,
             out,
             endpoint,
+            force,
         } => {
+            // Opened first: a refused --out issues nothing.
+            let existing = if force {
+                Existing::Replace
+            } else {
+                Existing::Refuse
+            };
+            let file = PrivateFile::create(&out, existing).context("writing the profile")?;
             let profile = state.add_client(&name, endpoint.as_deref())?;
-            write_private(&out, &profile.to_toml())
-                .with_context(|| format!("writing {}", out.display()))?;
+            file.commit(profile.to_toml().as_bytes())
+                .context("writing the profile")?;
             println!(
                 "client `{name}` added; profile for {} written to {}",
                 profile.endpoint,
@@ -328,17 +342,6 @@ fn ago(secs: u64) -> String {
         s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
         s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
 }
 
 fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
