@@ -250,7 +250,11 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                 "{:<24} {:<16} {:<10} fingerprint",
                 "name", "address", "state"
             );
-            for c in state.clients()? {
+            let found = state.client_records()?;
+            for bad in &found.unreadable {
+                eprintln!("warning: {bad}");
+            }
+            for c in found.records {
                 let addr = leases.get(&c.name).map_or("-".into(), |a| a.to_string());
                 let status = if c.revoked.is_some() {
                     "revoked"

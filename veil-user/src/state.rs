@@ -116,8 +116,51 @@ struct GatewayRecord {
     endpoint: Option<String>,
 }
 
+/// What [`StateDir::client_records`] found.
+#[derive(Debug)]
+pub struct ClientRecords {
+    /// The records that read, by name.
+    pub records: Vec<ClientRecord>,
+    /// The files that did not: their clients are unknown to the gateway,
+    /// so refused, until the file is fixed or removed.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A client record that could not be read or parsed.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub path: PathBuf,
+    /// The client the file is named after (`clients/NAME.toml`).
+    pub name: Option<String>,
+    pub error: StateError,
+    /// Not found unreadable by the previous [`StateDir::client_records`]
+    /// on this `StateDir`: a caller that polls warns about a file once,
+    /// not at every poll. ([`StateDir::clients`] does not count as a call.)
+    pub new: bool,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        let mut source = std::error::Error::source(&self.error);
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        match &self.name {
+            Some(name) => write!(
+                f,
+                "; client `{name}` is refused until the file is fixed or removed (`veil-user client add {name}` issues a new profile once it is removed)"
+            ),
+            None => f.write_str("; the file is ignored: remove it"),
+        }
+    }
+}
+
 pub struct StateDir {
     root: PathBuf,
+    /// The client records found unreadable by the last `client_records`.
+    unreadable: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 impl StateDir {
@@ -129,7 +172,10 @@ impl StateDir {
         }
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .map_err(io_err("securing", &root))?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            unreadable: Default::default(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -226,18 +272,56 @@ impl StateDir {
         })
     }
 
-    /// Every client ever issued, revoked ones included, by name.
+    /// Every client ever issued whose record reads, revoked ones included,
+    /// by name. A record that does not read is left out (see
+    /// [`Self::client_records`]).
     pub fn clients(&self) -> Result<Vec<ClientRecord>, StateError> {
+        Ok(self.read_clients()?.records)
+    }
+
+    /// Every client record, and the files under `clients/` that do not
+    /// read. One bad file never hides the others: a revocation recorded in
+    /// a good file must apply whatever else is in the directory. Fails only
+    /// if the directory cannot be listed.
+    pub fn client_records(&self) -> Result<ClientRecords, StateError> {
+        let mut found = self.read_clients()?;
+        let mut seen = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        for u in &mut found.unreadable {
+            u.new = !seen.contains(&u.path);
+        }
+        *seen = found.unreadable.iter().map(|u| u.path.clone()).collect();
+        Ok(found)
+    }
+
+    fn read_clients(&self) -> Result<ClientRecords, StateError> {
         let dir = self.root.join("clients");
-        let mut out = Vec::new();
+        let mut records = Vec::new();
+        let mut unreadable = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let path = entry.map_err(io_err("listing", &dir))?.path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                out.push(parse::<ClientRecord>(&path)?);
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            match parse::<ClientRecord>(&path) {
+                Ok(record) => records.push(record),
+                Err(error) => unreadable.push(Unreadable {
+                    name: path
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .filter(|s| check_name(s).is_ok())
+                        .map(str::to_owned),
+                    path,
+                    error,
+                    new: true,
+                }),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        unreadable.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(ClientRecords {
+            records,
+            unreadable,
+        })
     }
 
     /// Marks a client revoked: the gateway refuses it from the next
@@ -671,6 +755,53 @@ mod tests {
         }
         assert_eq!(fs::read_to_string(&outside).unwrap(), "", "not followed");
         fs::remove_file(outside).unwrap();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_malformed_client_record_hides_no_other_one() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        state.record_endpoint("198.18.0.1:443").unwrap();
+        for name in ["alice", "bob", "carol"] {
+            state.add_client(name, None).unwrap();
+        }
+        fs::write(root.join("clients/carol.toml"), "fingerprint = [").unwrap();
+        fs::write(root.join("clients/..toml"), "").unwrap();
+        state.revoke("bob").unwrap();
+
+        let names = |records: &[ClientRecord]| -> Vec<String> {
+            records.iter().map(|r| r.name.clone()).collect()
+        };
+        let all = state.clients().expect("the good records, not an error");
+        assert_eq!(names(&all), ["alice", "bob"]);
+        assert!(all[1].revoked.is_some(), "the revocation applies");
+
+        let found = state.client_records().unwrap();
+        assert_eq!(names(&found.records), ["alice", "bob"]);
+        let bad: Vec<_> = found.unreadable.iter().map(|u| u.name.clone()).collect();
+        assert_eq!(bad, [None, Some("carol".to_owned())]);
+        assert!(found.unreadable.iter().all(|u| u.new));
+        let text = found.unreadable[1].to_string();
+        assert!(text.contains("carol.toml is not valid"), "{text}");
+        assert!(text.contains("client `carol` is refused until"), "{text}");
+        // Polling again: the same files are no longer new; one that broke
+        // since is.
+        fs::write(root.join("clients/alice.toml"), "name = 1").unwrap();
+        let again = state.client_records().unwrap();
+        let new: Vec<_> = again
+            .unreadable
+            .iter()
+            .map(|u| (u.name.clone(), u.new))
+            .collect();
+        assert_eq!(
+            new,
+            [
+                (None, false),
+                (Some("alice".to_owned()), true),
+                (Some("carol".to_owned()), false)
+            ]
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
