@@ -140,8 +140,9 @@ struct GatewayArgs {
     /// per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
-    /// Serve Prometheus metrics on this address (GET /metrics).
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// Serve Prometheus metrics (GET /metrics) on this port of 127.0.0.1,
+    /// or on ADDR:PORT to expose them (aggregates only: no client names).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = veil_user::metrics::parse_addr)]
     metrics: Option<SocketAddr>,
     /// Idle timeout of established TCP flows (RFC 5382: at least 7440).
     #[arg(long, default_value_t = 7440, value_name = "SECONDS")]
