@@ -100,6 +100,14 @@ fn start_up_refusals_say_what_is_wrong() {
         "{text}"
     );
 
+    // The listener inside the NAT range: the datapath would drop its packets.
+    let (_, text) = world.failed_start(&["--iface", "wan0", "--listen", "0.0.0.0:61443"]);
+    assert!(
+        text.contains("has its port inside the NAT port range 61000-65535"),
+        "{text}"
+    );
+    assert!(text.contains("Pick a port outside"), "{text}");
+
     // A typo in the configuration file.
     let config = world.dir.join("veil.toml");
     std::fs::write(&config, "iface = \"wan0\"\nmax-clinets = 5\n").unwrap();

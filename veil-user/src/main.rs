@@ -353,6 +353,7 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
     let iface = args
         .iface
         .context("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")?;
+    veil_user::preflight::listeners(args.listen, args.metrics, args.nat_ports)?;
     let config = GatewayConfig {
         iface,
         listen: args.listen,
