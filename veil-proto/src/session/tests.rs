@@ -810,6 +810,32 @@ fn the_gateway_waits_twice_the_interval_the_client_announces() {
     assert_eq!(pair.now - start, 2 * interval);
 }
 
+#[test]
+fn a_huge_announced_keepalive_is_refused_not_obeyed() {
+    // Out of range (or beyond u64): a 400 naming the bounds, no panic.
+    for value in ["3601", "18446744073709551615", "99999999999999999999999"] {
+        let request = String::from_utf8_lossy(CLIENT_FIRST_FRAME)
+            .replace("Veil-Keepalive: 15", &format!("Veil-Keepalive: {value}"));
+        let (body, reason) = bad_request(request.as_bytes());
+        assert!(body.contains("whole seconds from 1 to 3600"), "{body}");
+        assert!(matches!(reason, CloseReason::BadRequest(_)), "{reason:?}");
+    }
+}
+
+#[test]
+fn the_longest_announced_keepalive_still_bounds_the_gateways_wait() {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_config(), now).expect("server config");
+    let request = String::from_utf8_lossy(CLIENT_FIRST_FRAME)
+        .replace("Veil-Keepalive: 15", "Veil-Keepalive: 3600");
+    server.receive(request.as_bytes(), now).expect("valid");
+    assert!(server.is_established());
+    let cap = 2 * http::MAX_KEEPALIVE;
+    assert_eq!(server.poll_timeout(), Some(now + cap));
+    server.handle_timeout(now + cap);
+    assert!(server.is_closed(), "dead after two hours of silence");
+}
+
 // --- Offload ---------------------------------------------------------
 
 use crate::{
