@@ -673,6 +673,32 @@ fn client_reports_a_bad_response() {
 }
 
 #[test]
+fn a_gateway_sending_only_interim_responses_is_cut_off() {
+    let now = Instant::now();
+    let mut client = ClientSession::new(client_config(), now).expect("client config");
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut fed = 0;
+    while !client.is_closed() {
+        assert!(
+            fed <= http::MAX_INTERIM_RESPONSES,
+            "still waiting for the 101 after {fed} interim responses"
+        );
+        let _ = client.receive(interim, now);
+        fed += 1;
+    }
+    assert_eq!(fed, http::MAX_INTERIM_RESPONSES + 1);
+    let error = ProtoError::TooManyInterimResponses {
+        limit: http::MAX_INTERIM_RESPONSES,
+    };
+    assert_eq!(
+        client.close_reason(),
+        Some(&CloseReason::Protocol(error.clone()))
+    );
+    let (_, outputs) = drain(|| client.poll_output());
+    assert_eq!(close_reason(&outputs), Some(&CloseReason::Protocol(error)));
+}
+
+#[test]
 fn client_rejects_unsendable_hosts() {
     let now = Instant::now();
     for host in ["", "evil\r\nX-Injected: 1", "two words"] {
