@@ -273,6 +273,50 @@ fn unknown_and_revoked_certificates_are_refused() {
 }
 
 #[test]
+fn a_malformed_client_record_refuses_its_client_and_blocks_no_revocation() {
+    let mut world = World::new(2, &[]);
+    let broken = world.add_client("broken", 1);
+    let doomed = world.add_client("doomed", 2);
+    let mut b = world.start_client(1, &broken, true);
+    let mut d = world.start_client(2, &doomed, true);
+    assert!(world.ping(1, "198.18.0.2"));
+
+    // One bad file: its client is dropped and refused (fail closed)...
+    std::fs::write(world.state.join("clients/broken.toml"), "fingerprint = [").unwrap();
+    world
+        .gateway()
+        .wait_for_log("client `broken` is refused until", Duration::from_secs(10));
+    world.gateway().wait_for_log(
+        "record unreadable: closing its session",
+        Duration::from_secs(10),
+    );
+    b.wait_for_log("tunnel down", Duration::from_secs(10));
+    world.gateway().wait_for_log(
+        "certificate not issued by this gateway's registry",
+        Duration::from_secs(10),
+    );
+    // ...and every other record still applies: a revocation takes effect.
+    world.veil_user(&["client", "revoke", "doomed"]);
+    world
+        .gateway()
+        .wait_for_log("revoked: closing its session", Duration::from_secs(10));
+    d.wait_for_log("tunnel down", Duration::from_secs(10));
+    assert!(
+        !world.ping(1, "198.18.0.2"),
+        "the broken client gets nowhere"
+    );
+    assert!(!world.ping(2, "198.18.0.2"), "the revoked one neither");
+    let log = world.gateway().log();
+    assert_eq!(
+        log.matches("client `broken` is refused until").count(),
+        1,
+        "warned once, not at every reload:\n{log}"
+    );
+    b.stop();
+    d.stop();
+}
+
+#[test]
 fn garbage_on_the_socket_leaves_other_clients_intact() {
     let mut world = World::new(2, &[]);
     let p = world.add_client("steady", 2);

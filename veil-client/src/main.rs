@@ -57,9 +57,15 @@ struct Cli {
     /// checksummed, as with any RFC 9484 peer. For diagnosis; slower.
     #[arg(long)]
     no_offload: bool,
-    /// Seconds between keepalives; the gateway declares the client dead
-    /// after twice as long without a word.
-    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    /// Seconds between keepalives (1 to 3600); the gateway declares the
+    /// client dead after twice as long without a word, the client the
+    /// gateway after three times.
+    #[arg(
+        long,
+        default_value = "10",
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..=veil_proto::http::MAX_KEEPALIVE.as_secs())
+    )]
     keepalive: u64,
 }
 
@@ -203,11 +209,13 @@ impl Tunnel<'_> {
         tls.get_mut().0.grow(tls::TUNNEL_READ_BUFFER);
         let mut stream = Stream::new(tls);
 
-        let keepalive = Duration::from_secs(self.cli.keepalive.max(1));
+        let keepalive = Duration::from_secs(self.cli.keepalive);
         let mut session = ClientSession::new(
             ClientConfig {
                 keepalive_interval: keepalive,
-                keepalive_timeout: keepalive * 3,
+                // Bounded by the parser; saturating all the same, since a
+                // panic here would take the whole client down.
+                keepalive_timeout: keepalive.saturating_mul(3),
                 handshake_timeout: HANDSHAKE_TIMEOUT,
                 offload: !self.cli.no_offload,
                 ..ClientConfig::new(self.gateway.to_string())
@@ -311,5 +319,30 @@ impl Tunnel<'_> {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(keepalive: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from([
+            "veil-client",
+            "--profile",
+            "p.veil",
+            "--keepalive",
+            keepalive,
+        ])
+    }
+
+    #[test]
+    fn keepalive_is_bounded_when_parsed() {
+        for bad in ["0", "3601", "6148914691236517206", "18446744073709551615"] {
+            let err = parse(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(err.to_string().contains("1..=3600"), "{bad}: {err}");
+        }
+        assert_eq!(parse("3600").expect("the longest").keepalive, 3600);
+        assert_eq!(parse("1").expect("the shortest").keepalive, 1);
     }
 }

@@ -132,6 +132,13 @@ pub enum ProtoError {
     /// A host or path that cannot be put in a request line or Host header.
     #[error("invalid {what} \"{value}\" for the upgrade request: it must be non-empty visible ASCII without spaces")]
     InvalidRequestTarget { what: &'static str, value: String },
+    /// More interim (1xx) responses than a gateway has any reason to send
+    /// before its answer: a broken or hostile gateway would otherwise keep
+    /// the client reading (and buffering) them for ever.
+    #[error(
+        "more than {limit} interim (1xx) responses before the gateway's answer to the upgrade"
+    )]
+    TooManyInterimResponses { limit: usize },
     /// A status line that is not `HTTP/1.x SP 3DIGIT [SP reason]`.
     #[error("malformed status line \"{line}\"")]
     MalformedStatusLine { line: String },

@@ -11,7 +11,7 @@
 //! max-clients = 1024
 //! grace = 30
 //! allow = ["10.20.0.0/16"]
-//! metrics = "127.0.0.1:9477"
+//! metrics = 9477                 # 127.0.0.1:9477; "0.0.0.0:9477" to expose it
 //! timeout-udp = 120
 //! public-addr = ["203.0.113.10", "203.0.113.11"]   # or one: "203.0.113.10"
 //! max-ports-per-endpoint = 1134
@@ -71,6 +71,8 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "parsed_list")]
     pub deny: Option<Vec<Ipv4Net>>,
     pub allow_client_to_client: Option<bool>,
+    /// `9477` (or `"9477"`) is 127.0.0.1:9477; an address is explicit.
+    #[serde(default, deserialize_with = "metrics_addr")]
     pub metrics: Option<SocketAddr>,
     pub threads: Option<u16>,
     pub timeout_tcp_established: Option<u64>,
@@ -142,6 +144,31 @@ where
 
     d.deserialize_any(Visitor(std::marker::PhantomData))
         .map(Some)
+}
+
+/// A port number or a string, as `--metrics` takes them.
+fn metrics_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    struct Visitor;
+    impl de::Visitor<'_> for Visitor {
+        type Value = SocketAddr;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("PORT (served on 127.0.0.1) or \"ADDR:PORT\"")
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<SocketAddr, E> {
+            u16::try_from(v)
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+                .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<SocketAddr, E> {
+            u16::try_from(v)
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+                .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<SocketAddr, E> {
+            crate::metrics::parse_addr(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Visitor).map(Some)
 }
 
 fn parsed_list<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
@@ -216,6 +243,21 @@ mod tests {
             parse("max-ports-per-endpoint = 0\n").is_err(),
             "0 would refuse every flow"
         );
+    }
+
+    #[test]
+    fn metrics_alone_is_a_loopback_port() {
+        let loopback = Some("127.0.0.1:9477".parse().unwrap());
+        assert_eq!(parse("metrics = 9477").unwrap().metrics, loopback);
+        assert_eq!(parse("metrics = \"9477\"").unwrap().metrics, loopback);
+        assert_eq!(
+            parse("metrics = \"0.0.0.0:9477\"").unwrap().metrics,
+            Some("0.0.0.0:9477".parse().unwrap())
+        );
+        let err = parse("metrics = 70000").unwrap_err();
+        assert!(err.contains("PORT (served on 127.0.0.1)"), "{err}");
+        let err = parse("metrics = \"eth0\"").unwrap_err();
+        assert!(err.contains("ADDR:PORT"), "{err}");
     }
 
     #[test]

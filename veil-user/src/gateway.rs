@@ -1095,13 +1095,30 @@ impl Shared {
         }
     }
 
-    /// Re-reads the client registry from the state directory.
+    /// Re-reads the client registry from the state directory. A record
+    /// that does not read is left out and every other one applies: one bad
+    /// file must not freeze the registry (and with it later revocations).
+    /// Its client fails closed: refused as unknown from the next handshake,
+    /// its live session closed now.
     fn reload_registry(&self) -> Result<()> {
-        let records = self.state.clients()?;
-        *self.registry.write().expect("registry lock") = records
+        let found = self.state.client_records()?;
+        for bad in found.unreadable.iter().filter(|u| u.new) {
+            warn!("reading the client registry: {bad}");
+        }
+        *self.registry.write().expect("registry lock") = found
+            .records
             .into_iter()
             .map(|r| (r.fingerprint.clone(), r))
             .collect();
+        let clients = self.clients.lock().expect("clients lock");
+        for name in found.unreadable.iter().filter_map(|u| u.name.as_ref()) {
+            if let Some(live) = clients.live.get(name) {
+                if live.close.borrow().is_none() {
+                    info!(client = %name, "record unreadable: closing its session");
+                    let _ = live.close.send(Some("client record unreadable"));
+                }
+            }
+        }
         Ok(())
     }
 

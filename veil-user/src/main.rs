@@ -25,7 +25,7 @@ use veil_user::{
     gateway::{self, GatewayConfig},
     net::Ipv4Net,
     size::ByteSize,
-    state::StateDir,
+    state::{Existing, PrivateFile, StateDir},
 };
 
 #[derive(Parser)]
@@ -71,9 +71,15 @@ enum ClientCommand {
     /// Issue a profile: one file with everything a client needs.
     Add {
         name: String,
-        /// Where to write the profile (mode 0600).
+        /// Where to write the profile: a new file, mode 0600 (it holds the
+        /// client's key). An existing file or symlink is refused.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Replace an existing FILE: the profile is written to a new file
+        /// beside it and renamed over it (a symlink is replaced, not
+        /// followed).
+        #[arg(long)]
+        force: bool,
         /// The gateway address clients connect to; default: the one the
         /// gateway serves on, as recorded in the state directory.
         #[arg(long, value_name = "HOST:PORT")]
@@ -158,8 +164,9 @@ struct GatewayArgs {
     /// per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
-    /// Serve Prometheus metrics on this address (GET /metrics).
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// Serve Prometheus metrics (GET /metrics) on this port of 127.0.0.1,
+    /// or on ADDR:PORT to expose them (aggregates only: no client names).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = veil_user::metrics::parse_addr)]
     metrics: Option<SocketAddr>,
     /// Idle timeout of established TCP flows (RFC 5382: at least 7440).
     #[arg(long, default_value_t = 7440, value_name = "SECONDS")]
@@ -253,10 +260,18 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
             name,
             out,
             endpoint,
+            force,
         } => {
+            // Opened first: a refused --out issues nothing.
+            let existing = if force {
+                Existing::Replace
+            } else {
+                Existing::Refuse
+            };
+            let file = PrivateFile::create(&out, existing).context("writing the profile")?;
             let profile = state.add_client(&name, endpoint.as_deref())?;
-            write_private(&out, &profile.to_toml())
-                .with_context(|| format!("writing {}", out.display()))?;
+            file.commit(profile.to_toml().as_bytes())
+                .context("writing the profile")?;
             println!(
                 "client `{name}` added; profile for {} written to {}",
                 profile.endpoint,
@@ -269,7 +284,11 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                 "{:<24} {:<16} {:<10} fingerprint",
                 "name", "address", "state"
             );
-            for c in state.clients()? {
+            let found = state.client_records()?;
+            for bad in &found.unreadable {
+                eprintln!("warning: {bad}");
+            }
+            for c in found.records {
                 let addr = leases.get(&c.name).map_or("-".into(), |a| a.to_string());
                 let status = if c.revoked.is_some() {
                     "revoked"
@@ -363,21 +382,11 @@ fn ago(secs: u64) -> String {
     }
 }
 
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
-}
-
 fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
     let iface = args
         .iface
         .context("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")?;
+    veil_user::preflight::listeners(args.listen, args.metrics, args.nat_ports)?;
     let config = GatewayConfig {
         iface,
         listen: args.listen,

@@ -1,7 +1,7 @@
 //! Start-up checks: what would otherwise fail later, or worse, half-work,
 //! is refused at once with what to do about it.
 
-use std::{fs, path::Path};
+use std::{fs, net::SocketAddr, path::Path};
 
 use crate::{
     flows::PortRange,
@@ -29,6 +29,15 @@ pub enum PreflightError {
         high: u16,
         fix: u16,
     },
+    #[error(
+        "the {what} {addr} ({flag}) has its port inside the NAT port range {nat} (--nat-ports): the datapath drops packets to those ports that belong to no flow, so nothing would reach it. Pick a port outside {nat} with {flag} (or move --nat-ports)"
+    )]
+    PortInNatRange {
+        what: &'static str,
+        flag: &'static str,
+        addr: SocketAddr,
+        nat: PortRange,
+    },
 }
 
 /// Runs every check for a gateway on `iface` with NAT ports `nat`.
@@ -46,6 +55,36 @@ pub fn check(iface: &str, nat: PortRange) -> Result<(), PreflightError> {
         }
     }
     Ok(())
+}
+
+/// Checks that the gateway's own listeners (`--listen`, `--metrics`) are
+/// reachable: the datapath drops unsolicited packets to a NAT port before
+/// the kernel's sockets see them. Loopback is exempt (the datapath sits on
+/// the WAN interface only).
+pub fn listeners(
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+    nat: PortRange,
+) -> Result<(), PreflightError> {
+    let inside =
+        |addr: SocketAddr| !addr.ip().is_loopback() && (nat.min..=nat.max).contains(&addr.port());
+    if inside(listen) {
+        return Err(PreflightError::PortInNatRange {
+            what: "tunnel listener",
+            flag: "--listen",
+            addr: listen,
+            nat,
+        });
+    }
+    match metrics {
+        Some(addr) if inside(addr) => Err(PreflightError::PortInNatRange {
+            what: "metrics listener",
+            flag: "--metrics",
+            addr,
+            nat,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// What works but slower than it should, with the fix: logged as warnings
@@ -106,6 +145,36 @@ mod tests {
     fn the_default_ranges_do_not_overlap() {
         assert_eq!(port_range(PortRange::DEFAULT, 32768, 60999), Ok(()));
         assert_eq!(parse_range("32768\t60999\n"), Some((32768, 60999)));
+    }
+
+    #[test]
+    fn a_listener_inside_the_nat_range_is_refused_with_the_fix() {
+        let nat = PortRange::DEFAULT;
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(listeners(addr("0.0.0.0:443"), None, nat), Ok(()));
+        assert_eq!(
+            listeners(addr("0.0.0.0:60999"), Some(addr("0.0.0.0:9477")), nat),
+            Ok(())
+        );
+        // The datapath is not on loopback.
+        assert_eq!(
+            listeners(addr("0.0.0.0:443"), Some(addr("127.0.0.1:61000")), nat),
+            Ok(())
+        );
+
+        let err = listeners(addr("0.0.0.0:61000"), None, nat).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("tunnel listener 0.0.0.0:61000 (--listen) has its port inside the NAT port range 61000-65535"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Pick a port outside 61000-65535 with --listen"),
+            "{text}"
+        );
+        let err =
+            listeners(addr("198.18.0.1:443"), Some(addr("198.18.0.1:65535")), nat).unwrap_err();
+        assert!(err.to_string().contains("metrics listener"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //!   leases.toml               client name -> virtual address
 //! ```
 //!
-//! Keys are written 0600 and the directory 0700.
+//! The directory is 0700. Keys, client records and leases are written
+//! 0600, certificates and `gateway.toml` 0644; every write goes to a fresh
+//! temporary file (created exclusively, never through a symlink) that is
+//! then renamed into place, so a crash never leaves half a file and a file
+//! or link planted at a predictable name never receives a key.
 
 use std::{
     collections::BTreeMap,
@@ -56,6 +60,8 @@ pub enum StateError {
     NoSuchClient(String),
     #[error("no endpoint is recorded in the state directory yet: start the gateway once, or pass --endpoint HOST:PORT")]
     NoEndpoint,
+    #[error("{path} already exists (a file or a symlink): pick another --out, remove it, or pass --force to replace it")]
+    Exists { path: PathBuf },
 }
 
 /// One issued client profile, as recorded by the gateway.
@@ -110,8 +116,51 @@ struct GatewayRecord {
     endpoint: Option<String>,
 }
 
+/// What [`StateDir::client_records`] found.
+#[derive(Debug)]
+pub struct ClientRecords {
+    /// The records that read, by name.
+    pub records: Vec<ClientRecord>,
+    /// The files that did not: their clients are unknown to the gateway,
+    /// so refused, until the file is fixed or removed.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A client record that could not be read or parsed.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub path: PathBuf,
+    /// The client the file is named after (`clients/NAME.toml`).
+    pub name: Option<String>,
+    pub error: StateError,
+    /// Not found unreadable by the previous [`StateDir::client_records`]
+    /// on this `StateDir`: a caller that polls warns about a file once,
+    /// not at every poll. ([`StateDir::clients`] does not count as a call.)
+    pub new: bool,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        let mut source = std::error::Error::source(&self.error);
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        match &self.name {
+            Some(name) => write!(
+                f,
+                "; client `{name}` is refused until the file is fixed or removed (`veil-user client add {name}` issues a new profile once it is removed)"
+            ),
+            None => f.write_str("; the file is ignored: remove it"),
+        }
+    }
+}
+
 pub struct StateDir {
     root: PathBuf,
+    /// The client records found unreadable by the last `client_records`.
+    unreadable: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 impl StateDir {
@@ -123,7 +172,10 @@ impl StateDir {
         }
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .map_err(io_err("securing", &root))?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            unreadable: Default::default(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -209,7 +261,7 @@ impl StateDir {
             created: now(),
             revoked: None,
         };
-        write_file(&record_path, &toml::to_string(&record).expect("serializes"))?;
+        write_secret(&record_path, &toml::to_string(&record).expect("serializes"))?;
         Ok(Profile {
             name: name.to_owned(),
             endpoint,
@@ -220,18 +272,56 @@ impl StateDir {
         })
     }
 
-    /// Every client ever issued, revoked ones included, by name.
+    /// Every client ever issued whose record reads, revoked ones included,
+    /// by name. A record that does not read is left out (see
+    /// [`Self::client_records`]).
     pub fn clients(&self) -> Result<Vec<ClientRecord>, StateError> {
+        Ok(self.read_clients()?.records)
+    }
+
+    /// Every client record, and the files under `clients/` that do not
+    /// read. One bad file never hides the others: a revocation recorded in
+    /// a good file must apply whatever else is in the directory. Fails only
+    /// if the directory cannot be listed.
+    pub fn client_records(&self) -> Result<ClientRecords, StateError> {
+        let mut found = self.read_clients()?;
+        let mut seen = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        for u in &mut found.unreadable {
+            u.new = !seen.contains(&u.path);
+        }
+        *seen = found.unreadable.iter().map(|u| u.path.clone()).collect();
+        Ok(found)
+    }
+
+    fn read_clients(&self) -> Result<ClientRecords, StateError> {
         let dir = self.root.join("clients");
-        let mut out = Vec::new();
+        let mut records = Vec::new();
+        let mut unreadable = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let path = entry.map_err(io_err("listing", &dir))?.path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                out.push(parse::<ClientRecord>(&path)?);
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            match parse::<ClientRecord>(&path) {
+                Ok(record) => records.push(record),
+                Err(error) => unreadable.push(Unreadable {
+                    name: path
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .filter(|s| check_name(s).is_ok())
+                        .map(str::to_owned),
+                    path,
+                    error,
+                    new: true,
+                }),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        unreadable.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(ClientRecords {
+            records,
+            unreadable,
+        })
     }
 
     /// Marks a client revoked: the gateway refuses it from the next
@@ -244,7 +334,7 @@ impl StateDir {
         }
         let mut record: ClientRecord = parse(&path)?;
         record.revoked.get_or_insert_with(now);
-        write_file(&path, &toml::to_string(&record).expect("serializes"))?;
+        write_secret(&path, &toml::to_string(&record).expect("serializes"))?;
         Ok(record)
     }
 
@@ -258,7 +348,7 @@ impl StateDir {
     }
 
     pub fn save_leases(&self, leases: &BTreeMap<String, Ipv4Addr>) -> Result<(), StateError> {
-        write_file(
+        write_secret(
             &self.root.join("leases.toml"),
             &toml::to_string(leases).expect("serializes"),
         )
@@ -336,29 +426,143 @@ fn parse<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StateError> {
     })
 }
 
-/// Writes through a temporary file and a rename, so a crash never leaves
-/// half a file.
-fn write_file(path: &Path, text: &str) -> Result<(), StateError> {
-    write_mode(path, text, 0o644)
+/// Whether [`PrivateFile::create`] may replace what is at its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse with [`StateError::Exists`] if anything (a file, a symlink,
+    /// a dangling symlink) is there.
+    Refuse,
+    /// Write a new file beside it and rename it over: the old file's mode,
+    /// owner and other hard links never see the new contents, and a symlink
+    /// is replaced, not followed.
+    Replace,
 }
 
-fn write_secret(path: &Path, text: &str) -> Result<(), StateError> {
-    write_mode(path, text, 0o600)
+/// A new file for contents that must stay private (a client profile holds
+/// the client's key), mode 0600, written in full by [`Self::commit`] or
+/// removed when dropped uncommitted.
+///
+/// Opened before the contents exist, so that a path that will be refused is
+/// refused before anything is issued.
+#[derive(Debug)]
+pub struct PrivateFile {
+    file: fs::File,
+    /// Where the contents go: the destination itself for
+    /// [`Existing::Refuse`], a temporary beside it for [`Existing::Replace`].
+    written: PathBuf,
+    /// The destination, when it is reached by a rename.
+    rename_to: Option<PathBuf>,
+    committed: bool,
 }
 
-fn write_mode(path: &Path, text: &str, mode: u32) -> Result<(), StateError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
+impl PrivateFile {
+    pub fn create(path: &Path, existing: Existing) -> Result<Self, StateError> {
+        Self::with_mode(path, existing, 0o600)
+    }
+
+    fn with_mode(path: &Path, existing: Existing, mode: u32) -> Result<Self, StateError> {
+        match existing {
+            Existing::Refuse => {
+                let file = create_new(path, mode).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => StateError::Exists {
+                        path: path.to_owned(),
+                    },
+                    _ => io_err("creating", path)(e),
+                })?;
+                Ok(PrivateFile {
+                    file,
+                    written: path.to_owned(),
+                    rename_to: None,
+                    committed: false,
+                })
+            }
+            Existing::Replace => {
+                let name = path
+                    .file_name()
+                    .ok_or_else(|| StateError::Io {
+                        op: "writing",
+                        path: path.to_owned(),
+                        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+                    })?
+                    .to_string_lossy();
+                // A random name, created exclusively: a file or link
+                // someone planted at a predictable name is never written.
+                let mut attempts = 0;
+                loop {
+                    let tmp =
+                        path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+                    match create_new(&tmp, mode) {
+                        Ok(file) => {
+                            return Ok(PrivateFile {
+                                file,
+                                written: tmp,
+                                rename_to: Some(path.to_owned()),
+                                committed: false,
+                            })
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => {
+                            attempts += 1;
+                        }
+                        Err(e) => return Err(io_err("creating", &tmp)(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `contents`, flushes them to disk and, for
+    /// [`Existing::Replace`], renames the file into place.
+    pub fn commit(mut self, contents: &[u8]) -> Result<(), StateError> {
+        self.file
+            .write_all(contents)
+            .and_then(|()| self.file.sync_all())
+            .map_err(io_err("writing", &self.written))?;
+        if let Some(dest) = &self.rename_to {
+            fs::rename(&self.written, dest).map_err(io_err("writing", dest))?;
+            // The rename itself survives a crash only once the directory
+            // is on disk; a failure here loses nothing already written.
+            let dir = match dest.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if let Ok(d) = fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PrivateFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Created by us (exclusively): nothing of anyone else's.
+            let _ = fs::remove_file(&self.written);
+        }
+    }
+}
+
+/// `O_CREAT | O_EXCL | O_NOFOLLOW`: a new file or an error, whatever is at
+/// `path` (`O_EXCL` alone already refuses a symlink; `O_NOFOLLOW` says so
+/// explicitly and keeps it true should the flags ever change).
+fn create_new(path: &Path, mode: u32) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("writing", &tmp))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io_err("writing", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("writing", path))
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// State files others may read: certificates, the endpoint.
+fn write_file(path: &Path, text: &str) -> Result<(), StateError> {
+    PrivateFile::with_mode(path, Existing::Replace, 0o644)?.commit(text.as_bytes())
+}
+
+/// Keys, and what names clients: written 0600 whatever was there before.
+fn write_secret(path: &Path, text: &str) -> Result<(), StateError> {
+    PrivateFile::with_mode(path, Existing::Replace, 0o600)?.commit(text.as_bytes())
 }
 
 #[cfg(test)]
@@ -434,6 +638,169 @@ mod tests {
         assert_eq!(
             first,
             (ca.cert_pem.clone(), state.server_identity(&ca).unwrap())
+        );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_profile_never_goes_into_an_existing_file_or_through_a_symlink() {
+        let root = temp();
+        fs::create_dir_all(&root).unwrap();
+        let readable = root.join("readable.veil");
+        fs::write(&readable, "old").unwrap();
+        fs::set_permissions(&readable, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = PrivateFile::create(&readable, Existing::Refuse).unwrap_err();
+        assert!(matches!(err, StateError::Exists { .. }), "{err}");
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(fs::read_to_string(&readable).unwrap(), "old");
+        assert_eq!(mode(&readable), 0o644);
+
+        // A link to a file the attacker can read, and a dangling one.
+        let target = root.join("target");
+        fs::write(&target, "").unwrap();
+        let link = root.join("link.veil");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            PrivateFile::create(&link, Existing::Refuse),
+            Err(StateError::Exists { .. })
+        ));
+        let dangling = root.join("dangling.veil");
+        std::os::unix::fs::symlink(root.join("nowhere"), &dangling).unwrap();
+        assert!(matches!(
+            PrivateFile::create(&dangling, Existing::Refuse),
+            Err(StateError::Exists { .. })
+        ));
+        assert_eq!(fs::read_to_string(&target).unwrap(), "");
+        assert!(!root.join("nowhere").exists());
+
+        let fresh = root.join("fresh.veil");
+        PrivateFile::create(&fresh, Existing::Refuse)
+            .unwrap()
+            .commit(b"key")
+            .unwrap();
+        assert_eq!(fs::read_to_string(&fresh).unwrap(), "key");
+        assert_eq!(mode(&fresh), 0o600);
+        // Abandoned before the contents existed: nothing is left.
+        let abandoned = root.join("abandoned.veil");
+        drop(PrivateFile::create(&abandoned, Existing::Refuse).unwrap());
+        assert!(!abandoned.exists());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn replacing_writes_a_new_0600_file_and_renames_it_over() {
+        let root = temp();
+        fs::create_dir_all(&root).unwrap();
+        let old = root.join("old.veil");
+        fs::write(&old, "old").unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o644)).unwrap();
+        // Another name for the old file keeps the old contents only.
+        let other_name = root.join("hard-link");
+        fs::hard_link(&old, &other_name).unwrap();
+        PrivateFile::create(&old, Existing::Replace)
+            .unwrap()
+            .commit(b"key")
+            .unwrap();
+        assert_eq!(fs::read_to_string(&old).unwrap(), "key");
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(fs::read_to_string(&other_name).unwrap(), "old");
+
+        let target = root.join("target");
+        fs::write(&target, "").unwrap();
+        let link = root.join("link.veil");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        PrivateFile::create(&link, Existing::Replace)
+            .unwrap()
+            .commit(b"key")
+            .unwrap();
+        assert!(
+            fs::symlink_metadata(&link).unwrap().is_file(),
+            "the link is replaced"
+        );
+        assert_eq!(fs::read_to_string(&link).unwrap(), "key");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "", "not followed");
+        // No temporary file is left behind.
+        let mut names: Vec<_> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["hard-link", "link.veil", "old.veil", "target"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn keys_never_go_through_files_planted_in_the_state_directory() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        // Where the old code staged its writes: a world-readable leftover
+        // kept its mode, and a symlink was followed.
+        let leftover = root.join("ca.tmp");
+        fs::write(&leftover, "").unwrap();
+        fs::set_permissions(&leftover, fs::Permissions::from_mode(0o644)).unwrap();
+        let outside = temp();
+        fs::write(&outside, "").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("server.tmp")).unwrap();
+
+        let ca = state.ca().unwrap();
+        state.server_identity(&ca).unwrap();
+        state.record_endpoint("198.18.0.1:443").unwrap();
+        state.add_client("alice", None).unwrap();
+        for secret in ["ca.key", "server.key", "clients/alice.toml"] {
+            assert_eq!(mode(&root.join(secret)), 0o600, "{secret}");
+        }
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "", "not followed");
+        fs::remove_file(outside).unwrap();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_malformed_client_record_hides_no_other_one() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        state.record_endpoint("198.18.0.1:443").unwrap();
+        for name in ["alice", "bob", "carol"] {
+            state.add_client(name, None).unwrap();
+        }
+        fs::write(root.join("clients/carol.toml"), "fingerprint = [").unwrap();
+        fs::write(root.join("clients/..toml"), "").unwrap();
+        state.revoke("bob").unwrap();
+
+        let names = |records: &[ClientRecord]| -> Vec<String> {
+            records.iter().map(|r| r.name.clone()).collect()
+        };
+        let all = state.clients().expect("the good records, not an error");
+        assert_eq!(names(&all), ["alice", "bob"]);
+        assert!(all[1].revoked.is_some(), "the revocation applies");
+
+        let found = state.client_records().unwrap();
+        assert_eq!(names(&found.records), ["alice", "bob"]);
+        let bad: Vec<_> = found.unreadable.iter().map(|u| u.name.clone()).collect();
+        assert_eq!(bad, [None, Some("carol".to_owned())]);
+        assert!(found.unreadable.iter().all(|u| u.new));
+        let text = found.unreadable[1].to_string();
+        assert!(text.contains("carol.toml is not valid"), "{text}");
+        assert!(text.contains("client `carol` is refused until"), "{text}");
+        // Polling again: the same files are no longer new; one that broke
+        // since is.
+        fs::write(root.join("clients/alice.toml"), "name = 1").unwrap();
+        let again = state.client_records().unwrap();
+        let new: Vec<_> = again
+            .unreadable
+            .iter()
+            .map(|u| (u.name.clone(), u.new))
+            .collect();
+        assert_eq!(
+            new,
+            [
+                (None, false),
+                (Some("alice".to_owned()), true),
+                (Some("carol".to_owned()), false)
+            ]
         );
         fs::remove_dir_all(root).unwrap();
     }

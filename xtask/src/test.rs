@@ -127,6 +127,12 @@ mod tests {
         ] {
             t.add_line(line);
         }
-        assert_eq!(t, Tally { passed: 14, failed: 1 });
+        assert_eq!(
+            t,
+            Tally {
+                passed: 14,
+                failed: 1
+            }
+        );
     }
 }

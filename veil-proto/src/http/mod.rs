@@ -16,7 +16,7 @@ mod response;
 
 pub use head::MAX_HEADER_LEN;
 pub use request::{parse_request, Request};
-pub use response::{parse_response, Response};
+pub use response::{parse_response, Response, MAX_INTERIM_RESPONSES};
 
 use crate::ProtoError;
 

@@ -6,6 +6,13 @@ use crate::{error::printable, ProtoError};
 /// How much of a refusal body becomes the message shown to the operator.
 const MAX_MESSAGE_LEN: usize = 256;
 
+/// Interim (1xx) responses skipped before the answer, at most. A gateway
+/// has no reason to send any (the request has no `Expect`); a few 103
+/// Early Hints from a front end are tolerated. With each head bounded by
+/// [`MAX_HEADER_LEN`], everything the client buffers before the 101 is
+/// bounded too.
+pub const MAX_INTERIM_RESPONSES: usize = 4;
+
 /// A successful upgrade response (always status 101: anything else is
 /// reported as [`ProtoError::Refused`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,7 +28,8 @@ pub struct Response {
 /// `Ok(None)`: incomplete, call again with more bytes.
 /// `Ok(Some((response, n)))`: a valid `101 Switching Protocols`, using the
 /// first `n` bytes; anything after them is the gateway's capsule stream.
-/// Interim 1xx responses before it are skipped and counted in `n`.
+/// Interim 1xx responses before it are skipped and counted in `n`; more
+/// than [`MAX_INTERIM_RESPONSES`] of them are an error.
 /// `Err(ProtoError::Refused { .. })`: any final status other than 101, once
 /// the start of its body (the gateway's explanation) has arrived, so the
 /// client can print "gateway refused: 503 Service Unavailable (gateway
@@ -29,6 +37,7 @@ pub struct Response {
 /// does not confirm the connect-ip upgrade.
 pub fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>, ProtoError> {
     let mut offset = 0;
+    let mut interim = 0;
     loop {
         let rest = &buf[offset..];
         // Anything that does not start like a status line is not HTTP.
@@ -66,7 +75,15 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>, ProtoErro
                 return Ok(Some((response, offset + len)));
             }
             // 100 Continue, 103 Early Hints: interim, no body, skip.
-            100..=199 => offset += len,
+            100..=199 => {
+                interim += 1;
+                if interim > MAX_INTERIM_RESPONSES {
+                    return Err(ProtoError::TooManyInterimResponses {
+                        limit: MAX_INTERIM_RESPONSES,
+                    });
+                }
+                offset += len;
+            }
             _ => return refused(&head, status, reason, &rest[len..]),
         }
     }
@@ -154,6 +171,30 @@ mod tests {
         bytes.extend_from_slice(&switching_protocols(false));
         let (resp, used) = parse_response(&bytes).expect("valid").expect("complete");
         assert_eq!((resp.status, used), (101, bytes.len()));
+    }
+
+    #[test]
+    fn a_stream_of_interim_responses_is_an_error() {
+        let interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n";
+        let mut bytes = interim.repeat(MAX_INTERIM_RESPONSES);
+        assert_eq!(parse_response(&bytes), Ok(None), "a few are skipped");
+        bytes.extend_from_slice(&switching_protocols(false));
+        let (resp, used) = parse_response(&bytes).expect("valid").expect("complete");
+        assert_eq!((resp.status, used), (101, bytes.len()));
+
+        let bytes = interim.repeat(MAX_INTERIM_RESPONSES + 1);
+        assert_eq!(
+            parse_response(&bytes),
+            Err(ProtoError::TooManyInterimResponses {
+                limit: MAX_INTERIM_RESPONSES
+            })
+        );
+        // However the stream goes on, the verdict comes at the same point.
+        let endless = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(10_000);
+        assert!(matches!(
+            parse_response(&endless),
+            Err(ProtoError::TooManyInterimResponses { .. })
+        ));
     }
 
     #[test]

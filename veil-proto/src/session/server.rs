@@ -166,9 +166,13 @@ impl ServerSession {
 
     fn upgrade(&mut self, request: Request, rest: &[u8]) {
         // A client that announces its PING interval is dead after two
-        // silent intervals; others get the configured timeout.
+        // silent intervals; others get the configured timeout. The client
+        // chooses the wait, within bounds: `parse_request` refuses an
+        // interval above MAX_KEEPALIVE, and the cap here keeps that true
+        // (and the arithmetic panic-free) whatever produced the request.
         if let Some(interval) = request.keepalive {
-            self.link.set_keepalive_timeout(interval * 2);
+            let interval = interval.min(http::MAX_KEEPALIVE);
+            self.link.set_keepalive_timeout(interval.saturating_mul(2));
         }
         let offload = self.config.offload && request.offload;
         self.link.set_offload(offload);

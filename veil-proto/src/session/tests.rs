@@ -673,6 +673,32 @@ fn client_reports_a_bad_response() {
 }
 
 #[test]
+fn a_gateway_sending_only_interim_responses_is_cut_off() {
+    let now = Instant::now();
+    let mut client = ClientSession::new(client_config(), now).expect("client config");
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut fed = 0;
+    while !client.is_closed() {
+        assert!(
+            fed <= http::MAX_INTERIM_RESPONSES,
+            "still waiting for the 101 after {fed} interim responses"
+        );
+        let _ = client.receive(interim, now);
+        fed += 1;
+    }
+    assert_eq!(fed, http::MAX_INTERIM_RESPONSES + 1);
+    let error = ProtoError::TooManyInterimResponses {
+        limit: http::MAX_INTERIM_RESPONSES,
+    };
+    assert_eq!(
+        client.close_reason(),
+        Some(&CloseReason::Protocol(error.clone()))
+    );
+    let (_, outputs) = drain(|| client.poll_output());
+    assert_eq!(close_reason(&outputs), Some(&CloseReason::Protocol(error)));
+}
+
+#[test]
 fn client_rejects_unsendable_hosts() {
     let now = Instant::now();
     for host in ["", "evil\r\nX-Injected: 1", "two words"] {
@@ -808,6 +834,32 @@ fn the_gateway_waits_twice_the_interval_the_client_announces() {
     }
     assert!(pair.server.is_closed());
     assert_eq!(pair.now - start, 2 * interval);
+}
+
+#[test]
+fn a_huge_announced_keepalive_is_refused_not_obeyed() {
+    // Out of range (or beyond u64): a 400 naming the bounds, no panic.
+    for value in ["3601", "18446744073709551615", "99999999999999999999999"] {
+        let request = String::from_utf8_lossy(CLIENT_FIRST_FRAME)
+            .replace("Veil-Keepalive: 15", &format!("Veil-Keepalive: {value}"));
+        let (body, reason) = bad_request(request.as_bytes());
+        assert!(body.contains("whole seconds from 1 to 3600"), "{body}");
+        assert!(matches!(reason, CloseReason::BadRequest(_)), "{reason:?}");
+    }
+}
+
+#[test]
+fn the_longest_announced_keepalive_still_bounds_the_gateways_wait() {
+    let now = Instant::now();
+    let mut server = ServerSession::new(server_config(), now).expect("server config");
+    let request = String::from_utf8_lossy(CLIENT_FIRST_FRAME)
+        .replace("Veil-Keepalive: 15", "Veil-Keepalive: 3600");
+    server.receive(request.as_bytes(), now).expect("valid");
+    assert!(server.is_established());
+    let cap = 2 * http::MAX_KEEPALIVE;
+    assert_eq!(server.poll_timeout(), Some(now + cap));
+    server.handle_timeout(now + cap);
+    assert!(server.is_closed(), "dead after two hours of silence");
 }
 
 // --- Offload ---------------------------------------------------------
