@@ -8,34 +8,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use veil_tests::world::{World, PUBLIC, REMOTE};
+use veil_tests::{
+    wait_until,
+    world::{World, PUBLIC, REMOTE},
+};
 
 /// The remote's UDP echo.
 const ECHO: (Ipv4Addr, u16) = (REMOTE, 7);
 
 fn vip_of(world: &World, name: &str) -> Ipv4Addr {
-    let status = world.status();
-    let clients = status["clients"].as_array().unwrap();
-    let c = clients
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in status: {status}"));
-    c["vip"].as_str().unwrap().parse().unwrap()
+    world.vip_of(name)
 }
 
 fn counter(world: &World, name: &str) -> u64 {
     world.status()["counters"][name].as_u64().unwrap_or(0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Opens `n` UDP sockets in client `i`'s namespace, each sending one
