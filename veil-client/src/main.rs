@@ -25,9 +25,9 @@ use veil_proto::{
     gso::VnetHdr,
     session::{coalesce, ClientConfig, ClientSession, Output},
 };
-use veil_user::{
-    net::Ipv4Net,
-    state::Profile,
+use veil_tunnel::{
+    net::{self, Ipv4Net},
+    profile::Profile,
     stream::{sleep_until_some, Event, Stream},
     tls, tun,
 };
@@ -86,7 +86,7 @@ const WRITE_STALL: Duration = Duration::from_secs(15);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn main() -> Result<()> {
-    veil_user::init_logging();
+    veil_tunnel::init_logging();
     let cli = Cli::parse();
     let profile = Profile::load(&cli.profile)
         .with_context(|| format!("loading the profile {}", cli.profile.display()))?;
@@ -196,7 +196,7 @@ impl Tunnel<'_> {
             .await
             .with_context(|| format!("connecting to {} timed out", self.gateway))?
             .with_context(|| format!("connecting to {}", self.gateway))?;
-        veil_user::net::tune_tunnel_socket(&tcp, veil_user::gateway::TUNNEL_LOWAT);
+        net::tune_tunnel_socket(&tcp, net::TUNNEL_LOWAT);
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             self.connector

@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
-use veil_user::{net::Ipv4Net, tun::Tun};
+use veil_tunnel::{net::Ipv4Net, tun::Tun};
 
 pub struct Network {
     pub tun: Tun,

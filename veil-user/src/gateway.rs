@@ -111,8 +111,6 @@ const OUT_LIMIT: usize = 1024 * 1024;
 /// Descriptors kept free for the state directory, the control socket and
 /// the datapath: revocations and leases must never fail for want of one.
 const FD_RESERVE: u64 = 256;
-/// Unsent bytes the kernel may hold for a tunnel socket.
-pub const TUNNEL_LOWAT: u32 = 128 * 1024;
 /// Packets read from the TUN device per wake-up, at most.
 const TUN_BATCH: usize = 64;
 
@@ -400,7 +398,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        crate::net::tune_tunnel_socket(&tcp, TUNNEL_LOWAT);
+        crate::net::tune_tunnel_socket(&tcp, crate::net::TUNNEL_LOWAT);
         let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
         tokio::spawn(async move {
             let started = Instant::now();

@@ -77,39 +77,7 @@ pub struct ClientRecord {
     pub revoked: Option<u64>,
 }
 
-/// Everything a client needs, in one file (`veil-user client add`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Profile {
-    pub name: String,
-    /// HOST:PORT of the gateway's tunnel listener.
-    pub endpoint: String,
-    /// The name the gateway's certificate is checked against.
-    pub server_name: String,
-    /// The gateway's CA certificate (PEM): the only one trusted.
-    pub ca: String,
-    /// The client's certificate and key (PEM).
-    pub cert: String,
-    pub key: String,
-}
-
-impl Profile {
-    pub fn load(path: &Path) -> Result<Self, StateError> {
-        let text = read(path)?;
-        toml::from_str(&text).map_err(|e| StateError::Corrupt {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
-    }
-
-    pub fn to_toml(&self) -> String {
-        format!(
-            "# veil client profile for `{}`. Keep it secret: it holds the client's key.\n{}",
-            self.name,
-            toml::to_string(self).expect("a profile serializes")
-        )
-    }
-}
+pub use veil_tunnel::profile::Profile;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct GatewayRecord {
@@ -620,7 +588,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(key & 0o777, 0o600, "keys are private");
-        let profile_text = Profile::load_text(&bob.to_toml());
+        let profile_text = Profile::parse(&bob.to_toml()).unwrap();
         assert_eq!(profile_text, bob);
         fs::remove_dir_all(root).unwrap();
     }
@@ -803,11 +771,5 @@ mod tests {
             ]
         );
         fs::remove_dir_all(root).unwrap();
-    }
-
-    impl Profile {
-        fn load_text(text: &str) -> Profile {
-            toml::from_str(text).unwrap()
-        }
     }
 }

@@ -20,7 +20,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::state::Profile;
+use crate::profile::Profile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

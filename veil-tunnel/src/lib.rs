@@ -1,0 +1,23 @@
+//! What both ends of a veil tunnel do the same way, without the datapath:
+//! the profile a client carries, TLS 1.3 with mutual authentication, the
+//! TUN device with offload, and the [`stream::Stream`] that both pumps
+//! run on (reads and writes together, with deadlines).
+//!
+//! The client depends on this and on `veil-proto` only; the gateway
+//! (`veil-user`) adds the datapath, the flow table and the registry.
+
+pub mod net;
+pub mod profile;
+pub mod stream;
+pub mod tls;
+pub mod tun;
+
+/// Logs to stderr through tracing, `RUST_LOG` filtering (default `info`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
