@@ -7,7 +7,7 @@ use veil_common::{proto, FlowKey};
 
 const ICMP_ECHO_REQUEST: u8 = 8;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PacketError {
     #[error("{0} bytes is too short for an IPv4 header")]
     TooShort(usize),

@@ -1,0 +1,241 @@
+//! From TCP accept to a running session: the caps on strangers, the TLS
+//! handshake, who the client is, its address and its place among the
+//! clients, then the pump until the session ends.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use veil_proto::session::{Output, ServerConfig, ServerSession};
+
+use super::{
+    clients::{Attached, Bytes},
+    session::{linger, pump, SessionIo},
+    Shared, CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT, MTU, PEER_TIMEOUT,
+};
+use crate::{
+    admission::Permit,
+    queue::reply_queue,
+    state::{fingerprint, ClientRecord},
+    stream::Stream,
+};
+
+pub(super) async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of fds and the like: back off, keep serving.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Closed at once if over a cap: a flood of connections costs an
+        // accept each, not a task, a buffer and a descriptor for seconds.
+        let permit = match shared.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(turned) => {
+                shared.counters.refused(turned.cause());
+                debug!(%peer, "connection turned away: {turned}");
+                continue;
+            }
+        };
+        crate::net::tune_tunnel_socket(&tcp, crate::net::TUNNEL_LOWAT);
+        let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match connection(&shared, tcp, peer, permit, acceptor, stopped).await {
+                Ok(end) => {
+                    info!(client = %end.name, vip = %end.vip,
+                        secs = started.elapsed().as_secs(), "session ended: {}", end.reason);
+                }
+                Err(e) => {
+                    shared.counters.refused(e.cause());
+                    info!("session refused: {e}");
+                    debug!(%peer, "the refused connection came from here");
+                }
+            }
+        });
+    }
+}
+
+struct SessionEnd {
+    name: String,
+    vip: Ipv4Addr,
+    reason: String,
+}
+
+/// Why a connection never became a session, by cause for the metrics.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Refused {
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("certificate not issued by this gateway's registry")]
+    UnknownClient,
+    #[error("client `{0}` is revoked")]
+    Revoked(String),
+    #[error("client `{name}`: --max-clients {max} reached")]
+    Full { name: String, max: usize },
+    #[error("client `{name}`: {source:#}")]
+    Internal {
+        name: String,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+impl Refused {
+    /// The `cause` label of `veil_handshake_failures_total`.
+    fn cause(&self) -> &'static str {
+        match self {
+            Refused::HandshakeTimeout => "timeout",
+            Refused::Tls(_) => "tls",
+            Refused::NoCertificate | Refused::UnknownClient => "unknown_client",
+            Refused::Revoked(_) => "revoked",
+            Refused::Full { .. } => "full",
+            Refused::Internal { .. } => "internal",
+        }
+    }
+}
+
+/// A client's TLS stream, over a read-buffered socket.
+pub(super) type TlsStream = tokio_rustls::server::TlsStream<crate::tls::BufferedTcp>;
+
+/// One client connection, from TCP accept to close. `permit` holds its
+/// place among the unauthenticated until it becomes a session.
+async fn connection(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    permit: Permit,
+    acceptor: TlsAcceptor,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<SessionEnd, Refused> {
+    let tcp = crate::tls::buffered(tcp);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| Refused::HandshakeTimeout)?
+        .map_err(Refused::Tls)?;
+    let mut stream = Stream::new(tls);
+    let record = shared.authenticate(stream.get_ref())?;
+    let name = record.name.clone();
+    if record.revoked.is_some() {
+        stream.close(CLOSE_TIMEOUT).await;
+        return Err(Refused::Revoked(name));
+    }
+    let internal = |name: &str| {
+        let name = name.to_owned();
+        move |source: anyhow::Error| Refused::Internal { name, source }
+    };
+    let vip = shared.lease(&name).map_err(internal(&name))?;
+    let mut session = ServerSession::new(
+        ServerConfig {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            keepalive_timeout: PEER_TIMEOUT,
+            offload: true,
+            max_packet_len: MTU,
+            ..ServerConfig::new(vip)
+        },
+        Instant::now(),
+    )
+    .map_err(|e| internal(&name)(e.into()))?;
+
+    let (tx, mut rx) = reply_queue(shared.cfg.client_buffer);
+    let bytes = Arc::new(Bytes::default());
+    let Some(Attached {
+        generation,
+        mut closed,
+    }) = shared.attach(&name, vip, peer, bytes.clone(), tx)
+    else {
+        session.refuse(503, "the gateway is full");
+        while let Some(output) = session.poll_output() {
+            if let Output::Send(bytes) = output {
+                stream.out_mut().extend_from_slice(&bytes);
+            }
+        }
+        linger(&mut stream).await;
+        return Err(Refused::Full {
+            name,
+            max: shared.cfg.max_clients,
+        });
+    };
+    // Authenticated and admitted: `--max-clients` bounds it from now on,
+    // and it reads through a full-size buffer.
+    drop(permit);
+    stream
+        .get_mut()
+        .get_mut()
+        .0
+        .grow(crate::tls::TUNNEL_READ_BUFFER);
+    info!(client = %name, %vip, "session started");
+    debug!(client = %name, %peer, "the session's connection comes from here");
+    let mut io = SessionIo {
+        stream: &mut stream,
+        rx: &mut rx,
+        closed: &mut closed,
+        stopped: &mut stopped,
+        bytes: &bytes,
+    };
+    let end = pump(shared, &mut session, vip, &mut io).await;
+    shared.detach(&name, vip, generation);
+    // Its queue and buffers go now, not after the goodbye.
+    drop((rx, session));
+    if !end.flush {
+        stream.discard();
+    }
+    stream.close(CLOSE_TIMEOUT).await;
+    Ok(SessionEnd {
+        name,
+        vip,
+        reason: end.reason,
+    })
+}
+
+impl Shared {
+    /// The registry's record of the client behind this TLS stream. A
+    /// client added since the last registry reload (at most a second ago)
+    /// is looked up on disk rather than refused.
+    fn authenticate(&self, tls: &TlsStream) -> Result<ClientRecord, Refused> {
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or(Refused::NoCertificate)?;
+        let fingerprint = fingerprint(cert);
+        let known = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .get(&fingerprint)
+            .cloned();
+        match known {
+            Some(record) => Ok(record),
+            None => self
+                .state
+                .clients()
+                .ok()
+                .and_then(|all| all.into_iter().find(|r| r.fingerprint == fingerprint))
+                .ok_or(Refused::UnknownClient),
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The gateway daemon: tunnels in, datapath out.
+//!
+//! One task accepts TLS connections and runs a session per client
+//! ([`accept`], [`session`]); one reads replies from the TUN device and
+//! hands each to its client's session by destination address
+//! ([`packets`]); one expires idle flows; one watches the client registry
+//! for revocations ([`registry`]). The protocol itself is `veil_proto`'s
+//! state machine, and what is decided about a client or a packet is pure
+//! ([`clients`], [`check`]): these modules only move bytes and packets
+//! between them, the socket, the flow table and the TUN device.
+
+mod accept;
+pub mod check;
+pub mod clients;
+mod packets;
+mod registry;
+mod session;
+mod status;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use self::{check::Checks, clients::Clients};
+use crate::{
+    admission::Admission,
+    control,
+    datapath::{Datapath, DatapathConfig},
+    flows::{FlowError, FlowTable, PortRange, Timeouts},
+    net::{iface_ipv4s, ifindex, monotonic_ns, Ipv4Net},
+    policy::EgressPolicy,
+    preflight,
+    queue::ReplySender,
+    state::{ClientRecord, StateDir},
+    tls,
+    tun::Tun,
+};
+
+/// Everything `veil-user` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub iface: String,
+    pub listen: SocketAddr,
+    pub endpoint: Option<String>,
+    /// The addresses remote hosts see; empty: the interface's first.
+    pub public_addrs: Vec<Ipv4Addr>,
+    pub state_dir: PathBuf,
+    pub pool: Ipv4Net,
+    pub nat_ports: PortRange,
+    pub tun_name: String,
+    pub pin_root: PathBuf,
+    pub max_clients: usize,
+    pub max_flows: usize,
+    pub max_flows_per_client: usize,
+    /// Ports one client may hold toward one remote endpoint; `None`: a
+    /// quarter of the NAT range.
+    pub max_ports_per_endpoint: Option<std::num::NonZeroU32>,
+    pub grace: Duration,
+    pub allow: Vec<Ipv4Net>,
+    pub deny: Vec<Ipv4Net>,
+    pub client_to_client: bool,
+    pub timeouts: Timeouts,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Bytes of replies one client may have waiting; beyond, replies are
+    /// dropped (and counted) rather than buffered.
+    pub client_buffer: usize,
+    /// Connections not yet authenticated, at most, overall and per source
+    /// address.
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+}
+
+/// The TUN device's MTU, and the largest IP packet a client may send.
+pub const MTU: u16 = 1400;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that sends nothing (not even a keepalive) for this long is
+/// dead. veil clients announce their PING interval and get twice that
+/// instead; this is for clients that do not.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+const GC_INTERVAL: Duration = Duration::from_secs(10);
+/// Flows read per hold of the flow-table lock during a sweep or a status.
+const GC_SLICE: usize = 1024;
+const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
+/// A client that takes none of our bytes for this long has stopped reading:
+/// its session ends (the kernel's TCP_USER_TIMEOUT would end the connection
+/// later; this frees the session, its queue and its socket now).
+const WRITE_STALL: Duration = Duration::from_secs(15);
+/// How long closing a connection may take (the last bytes, close_notify).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Unwritten bytes above which a session stops taking replies off its queue
+/// (they wait there, bounded, instead of in the write buffer).
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Unwritten bytes above which a session stops reading from its client: a
+/// client that sends but does not read cannot grow our buffer.
+const OUT_LIMIT: usize = 1024 * 1024;
+/// Descriptors kept free for the state directory, the control socket and
+/// the datapath: revocations and leases must never fail for want of one.
+const FD_RESERVE: u64 = 256;
+/// Packets read from the TUN device per wake-up, at most.
+const TUN_BATCH: usize = 64;
+
+/// Why a client packet went no further, counted for `status` and metrics.
+#[derive(Default)]
+pub struct Counters {
+    pub forged_source: AtomicU64,
+    pub policy_refused: AtomicU64,
+    pub ttl_expired: AtomicU64,
+    pub untranslatable: AtomicU64,
+    pub malformed: AtomicU64,
+    pub not_ipv4: AtomicU64,
+    pub flow_errors: AtomicU64,
+    /// New flows refused because the client holds its share of the ports
+    /// toward that endpoint (`--max-ports-per-endpoint`).
+    pub port_share_exceeded: AtomicU64,
+    pub client_queue_full: AtomicU64,
+    pub no_session: AtomicU64,
+    /// Packets one client sent to another (`--allow-client-to-client`).
+    pub client_to_client: AtomicU64,
+    /// Connections refused before a session, by cause.
+    pub refusals: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Counters {
+    fn refused(&self, cause: &'static str) {
+        *self
+            .refusals
+            .lock()
+            .expect("refusals lock")
+            .entry(cause)
+            .or_default() += 1;
+    }
+}
+
+/// The state every task shares.
+struct Shared {
+    cfg: GatewayConfig,
+    /// What every client packet is checked against.
+    checks: Checks,
+    tun: Tun,
+    flows: Mutex<FlowTable>,
+    state: StateDir,
+    clients: Mutex<Clients>,
+    /// Client address -> its session's packet queue: the reply hot path.
+    sessions: RwLock<HashMap<Ipv4Addr, ReplySender>>,
+    /// Caps on connections that have not authenticated yet.
+    admission: Admission,
+    registry: RwLock<HashMap<String, ClientRecord>>,
+    counters: Counters,
+    /// Taken at shutdown: dropping it detaches the programs and unpins.
+    datapath: Mutex<Option<Datapath>>,
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    preflight::check(&cfg.iface, cfg.nat_ports)?;
+    for advice in preflight::advice(&cfg.iface) {
+        warn!("{advice}");
+    }
+    // Bound first: a port in use is the most common start-up failure.
+    let listener = TcpListener::bind(cfg.listen).await.with_context(|| {
+        format!(
+            "listening on {} (another veil-user or a web server on that port? pick one with --listen)",
+            cfg.listen
+        )
+    })?;
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let state = StateDir::open(&cfg.state_dir)
+        .with_context(|| format!("opening the state directory {}", cfg.state_dir.display()))?;
+    let ca = state.ca().context("loading the gateway's CA")?;
+    let (cert, key) = state
+        .server_identity(&ca)
+        .context("loading the server certificate")?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&ca.cert_pem, &cert, &key)?));
+
+    let public_addrs = public_addrs(&cfg)?;
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("{}:{}", public_addrs[0], cfg.listen.port()));
+    state.record_endpoint(&endpoint)?;
+    let inner_addr = first_host(cfg.pool)?;
+
+    let tun = Tun::create(&cfg.tun_name, MTU)
+        .with_context(|| format!("creating the TUN device {}", cfg.tun_name))?;
+    // The kernel would otherwise send IPv6 router solicitations into it.
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),
+        "1",
+    );
+    let mut datapath = Datapath::load()?;
+    datapath.configure(&DatapathConfig {
+        public_addrs: public_addrs.clone(),
+        vip_pool: cfg.pool,
+        nat_ports: cfg.nat_ports,
+        wan_ifindex: ifindex(&cfg.iface)
+            .with_context(|| format!("interface {} not found", cfg.iface))?,
+        tun_ifindex: ifindex(tun.name())?,
+        tun_l2_len: 0,
+    })?;
+    let pins = datapath.pin(&cfg.pin_root)?;
+    let datapath_log = datapath.logger(log::logger())?;
+    let flows = datapath
+        .flow_table(cfg.nat_ports, cfg.timeouts)?
+        .with_capacity(cfg.max_flows)
+        .with_client_limit(cfg.max_flows_per_client);
+    let flows = match cfg.max_ports_per_endpoint {
+        Some(share) => flows.with_port_share(share.get()),
+        None => flows,
+    };
+    datapath.attach(&cfg.iface, tun.name())?;
+
+    let policy = EgressPolicy::new(
+        public_addrs.iter().copied().chain([inner_addr]).collect(),
+        cfg.pool,
+        cfg.client_to_client,
+        cfg.allow.clone(),
+        cfg.deny.clone(),
+    );
+    let leases = state.leases()?;
+    let admission = Admission::new(handshake_cap(&cfg)?, cfg.max_handshakes_per_source);
+    let shared = Arc::new(Shared {
+        checks: Checks {
+            policy,
+            pool: cfg.pool,
+            gateway: inner_addr,
+        },
+        tun,
+        flows: Mutex::new(flows),
+        clients: Mutex::new(Clients::with_leases(leases)),
+        sessions: RwLock::new(HashMap::new()),
+        registry: RwLock::new(HashMap::new()),
+        admission,
+        counters: Counters::default(),
+        datapath: Mutex::new(Some(datapath)),
+        state,
+        cfg,
+    });
+    shared.reload_registry()?;
+    info!(
+        iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen, %endpoint,
+        pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
+        "gateway up"
+    );
+
+    let control = control::bind(&shared.cfg.state_dir)?;
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let snap = shared.clone();
+    tasks.spawn(async move { control::serve(control, || snap.status()).await });
+    if let Some(listener) = metrics {
+        let snap = shared.clone();
+        tasks.spawn(async move { crate::metrics::serve(listener, || snap.status()).await });
+    }
+    tasks.spawn(packets::tun_reader(shared.clone()));
+    tasks.spawn(flow_gc(shared.clone()));
+    tasks.spawn(registry::watch(shared.clone()));
+    tasks.spawn(forward_datapath_log(datapath_log));
+    let accept = accept::accept_loop(shared.clone(), listener, acceptor, stopped);
+    tokio::select! {
+        () = shutdown => {}
+        r = accept => r?,
+        Some(r) = tasks.join_next() => r??,
+    }
+    let _ = stop.send(true);
+    // Let sessions say goodbye (TLS close_notify) before the datapath goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tasks.abort_all();
+    let _ = std::fs::remove_file(shared.cfg.state_dir.join(control::SOCKET));
+    drop(shared.datapath.lock().expect("datapath lock").take());
+    info!("gateway stopped: programs detached, pins removed");
+    Ok(())
+}
+
+/// `--max-handshakes`, lowered if the descriptor limit could not hold it
+/// beside `--max-clients` sessions and the daemon's own files.
+fn handshake_cap(cfg: &GatewayConfig) -> Result<usize> {
+    let limit = crate::net::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let sessions = cfg.max_clients as u64;
+    let room = limit.saturating_sub(sessions + FD_RESERVE);
+    if room < cfg.max_handshakes as u64 {
+        warn!(
+            limit, max_clients = cfg.max_clients, max_handshakes = cfg.max_handshakes,
+            "the open-file limit cannot hold every client and handshake: handshakes capped at {room} \
+             (raise LimitNOFILE, or lower --max-clients)"
+        );
+    }
+    if room == 0 {
+        bail!("the open-file limit ({limit}) leaves no room for handshakes beside --max-clients {sessions}: raise it (ulimit -n, LimitNOFILE) or lower --max-clients");
+    }
+    Ok(cfg.max_handshakes.min(room as usize))
+}
+
+/// The public addresses: those configured, or the interface's first. One
+/// that is not on the interface is allowed (the upstream may route it to
+/// the gateway) but warned about: usually replies to it never arrive.
+fn public_addrs(cfg: &GatewayConfig) -> Result<Vec<Ipv4Addr>> {
+    let on_iface = iface_ipv4s(&cfg.iface)
+        .with_context(|| format!("finding the addresses of {}", cfg.iface))?;
+    if cfg.public_addrs.is_empty() {
+        let first = on_iface.first().copied().with_context(|| {
+            format!(
+                "interface {} has no IPv4 address: give one with --public-addr",
+                cfg.iface
+            )
+        })?;
+        return Ok(vec![first]);
+    }
+    crate::nat::check_public_addrs(&cfg.public_addrs)?;
+    for addr in cfg.public_addrs.iter().filter(|a| !on_iface.contains(a)) {
+        warn!(
+            "public address {addr} is not an address of {}: replies to it reach the gateway only if the network routes it here",
+            cfg.iface
+        );
+    }
+    Ok(cfg.public_addrs.clone())
+}
+
+fn first_host(pool: Ipv4Net) -> Result<Ipv4Addr> {
+    if pool.prefix() > 30 {
+        bail!("the pool {pool} is too small: it needs the gateway's address and clients'");
+    }
+    Ok(Ipv4Addr::from_bits(pool.addr().to_bits() + 1))
+}
+
+async fn flow_gc(shared: Arc<Shared>) -> Result<()> {
+    let mut tick = tokio::time::interval(GC_INTERVAL);
+    loop {
+        tick.tick().await;
+        let shared = shared.clone();
+        // Two map lookups per flow: off the async workers, and in slices so
+        // that sessions creating flows wait for one slice at most.
+        let sweep = tokio::task::spawn_blocking(move || {
+            let keys: Vec<_> = shared
+                .flows
+                .lock()
+                .expect("flows lock")
+                .keys()
+                .copied()
+                .collect();
+            let now = monotonic_ns();
+            let mut expired = 0;
+            for slice in keys.chunks(GC_SLICE) {
+                let report = shared
+                    .flows
+                    .lock()
+                    .expect("flows lock")
+                    .expire(slice, now)?;
+                expired += report.expired.len();
+            }
+            Ok::<_, FlowError>((keys.len(), expired))
+        })
+        .await?;
+        match sweep {
+            Ok((examined, expired)) if expired > 0 => debug!(examined, expired, "flow gc"),
+            Ok(_) => {}
+            Err(e) => warn!("flow gc: {e:#}"),
+        }
+    }
+}
+
+/// The eBPF programs' aya-log records, into the daemon's log.
+async fn forward_datapath_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+    // SAFETY: the logger owns its ring buffer fd until the AsyncFd drops it.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,190 @@
+//! Packets between the sessions and the datapath: a client's packet into
+//! the TUN device (after [`super::check`]), the datapath's replies from it
+//! to the session of their destination.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Result;
+use tracing::{debug, warn};
+use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
+
+use super::{
+    check::{Dropped, Verdict},
+    Shared, TUN_BATCH,
+};
+use crate::{
+    flows::FlowError,
+    net::monotonic_ns,
+    packet::{self, unreachable},
+    queue::{self, ReplySender},
+    tun,
+};
+
+impl Shared {
+    /// A packet from client `vip`: forwarded into the datapath or to
+    /// another client, or refused. Returns an ICMP error to send back to
+    /// the client, if one is due. `hdr` is the packet's offload header.
+    pub(super) fn client_packet(
+        &self,
+        vip: Ipv4Addr,
+        hdr: &VnetHdr,
+        pkt: &[u8],
+    ) -> Option<Vec<u8>> {
+        match self.checks.check(vip, pkt) {
+            Verdict::Datapath { flow } => {
+                if let Some(flow) = flow {
+                    self.ensure_flow(vip, flow).ok()?;
+                }
+                // A fragment after the first has no flow of its own: the
+                // datapath translates it as its first, or drops it.
+                if let Err(e) = self.tun.send(hdr, pkt) {
+                    debug!(%vip, "writing to the TUN device: {e}");
+                }
+                None
+            }
+            Verdict::Client(dst) => self.to_other_client(dst, hdr, pkt),
+            Verdict::Dropped { why, answer } => {
+                self.dropped(vip, &why);
+                answer
+            }
+        }
+    }
+
+    /// Counts a refused client packet and says why at debug level (where
+    /// a destination may be logged).
+    fn dropped(&self, vip: Ipv4Addr, why: &Dropped) {
+        let c = &self.counters;
+        let counter: &AtomicU64 = match why {
+            Dropped::NotIpv4 => &c.not_ipv4,
+            Dropped::Malformed(_) => &c.malformed,
+            Dropped::ForgedSource(_) => &c.forged_source,
+            Dropped::Policy(_) => &c.policy_refused,
+            Dropped::TtlExpired => &c.ttl_expired,
+            Dropped::Untranslatable { .. } => &c.untranslatable,
+        };
+        counter.fetch_add(1, Relaxed);
+        debug!(%vip, "dropped a client packet: {why:?}");
+    }
+
+    /// Makes sure the flow exists (creating it on a client's first packet).
+    fn ensure_flow(&self, vip: Ipv4Addr, key: veil_common::FlowKey) -> Result<(), FlowError> {
+        let created = {
+            let mut flows = self.flows.lock().expect("flows lock");
+            match flows.get(&key) {
+                Some(_) => Ok(()),
+                None => flows.create(key, monotonic_ns()).map(|_| ()),
+            }
+        };
+        if let Err(e) = &created {
+            let counter = match e {
+                FlowError::ShareExhausted { .. } => &self.counters.port_share_exceeded,
+                _ => &self.counters.flow_errors,
+            };
+            counter.fetch_add(1, Relaxed);
+            match e {
+                FlowError::PortsExhausted { .. }
+                | FlowError::ShareExhausted { .. }
+                | FlowError::TableFull(_)
+                | FlowError::ClientFull { .. } => debug!(%vip, "dropped: {e}"),
+                e => warn!(%vip, "creating a flow: {e:#}"),
+            }
+        }
+        created
+    }
+
+    /// A packet from one client to another's address: into that client's
+    /// reply queue as if it came from the datapath, TTL decremented as any
+    /// router would. No session there: ICMP host unreachable.
+    fn to_other_client(&self, dst: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) -> Option<Vec<u8>> {
+        let mut joined = Vec::with_capacity(VNET_HDR_LEN + pkt.len());
+        joined.extend_from_slice(&hdr.to_bytes());
+        joined.extend_from_slice(pkt);
+        packet::decrement_ttl(&mut joined[VNET_HDR_LEN..]);
+        let sessions = self.sessions.read().expect("sessions lock");
+        let Some(tx) = sessions.get(&dst) else {
+            self.counters.no_session.fetch_add(1, Relaxed);
+            return Some(packet::icmp_error(
+                self.checks.gateway,
+                pkt,
+                3,
+                unreachable::HOST,
+            ));
+        };
+        match tx.push(joined) {
+            Ok(()) => self.counters.client_to_client.fetch_add(1, Relaxed),
+            Err(_) => self.counters.client_queue_full.fetch_add(1, Relaxed),
+        };
+        None
+    }
+
+    /// A reply from the datapath, to the session of its destination.
+    /// `sessions` is the session table, read-locked once per batch of
+    /// replies rather than once per packet.
+    fn to_session(&self, sessions: &HashMap<Ipv4Addr, ReplySender>, joined: &[u8]) {
+        // Only the destination is read here; the session does the rest.
+        let Some((_, pkt)) = VnetHdr::peel(joined) else {
+            self.counters.malformed.fetch_add(1, Relaxed);
+            return;
+        };
+        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+            return;
+        }
+        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        let dropped = match sessions.get(&dst) {
+            Some(tx) => match tx.push(joined.to_vec()) {
+                Ok(()) => None,
+                Err(queue::Dropped::Full) => Some(&self.counters.client_queue_full),
+                Err(queue::Dropped::Closed) => Some(&self.counters.no_session),
+            },
+            None => Some(&self.counters.no_session),
+        };
+        if let Some(counter) = dropped {
+            counter.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Replies from the datapath, to the session of their destination. A read
+/// error is logged and the reader goes on: every client's replies depend on
+/// this task.
+pub(super) async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
+    let mut buf = vec![0u8; tun::MAX_READ];
+    loop {
+        let n = match shared.tun.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tun_read_failed(&e).await;
+                continue;
+            }
+        };
+        // Sessions that start or end meanwhile wait for one batch at most.
+        let sessions = shared.sessions.read().expect("sessions lock");
+        shared.to_session(&sessions, &buf[..n]);
+        // Drain what else is waiting before going back to the reactor.
+        for _ in 0..TUN_BATCH {
+            match shared.tun.try_recv(&mut buf) {
+                Ok(Some(n)) => shared.to_session(&sessions, &buf[..n]),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("reading the TUN device: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Logs a failed TUN read and pauses briefly, so that an error that
+/// repeats (say, out of memory) neither spins nor floods the log.
+async fn tun_read_failed(e: &std::io::Error) {
+    warn!("reading the TUN device: {e}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}

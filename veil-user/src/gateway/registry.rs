@@ -1,0 +1,66 @@
+//! The client registry (`clients/*.toml` in the state directory), reread
+//! every second: revocations close live sessions within a second.
+
+use std::{collections::HashSet, sync::Arc};
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+use super::{Shared, REGISTRY_INTERVAL};
+
+impl Shared {
+    /// Re-reads the client registry from the state directory. A record
+    /// that does not read is left out and every other one applies: one bad
+    /// file must not freeze the registry (and with it later revocations).
+    /// Its client fails closed: refused as unknown from the next handshake,
+    /// its live session closed now.
+    pub(super) fn reload_registry(&self) -> Result<()> {
+        let found = self.state.client_records()?;
+        for bad in found.unreadable.iter().filter(|u| u.new) {
+            warn!("reading the client registry: {bad}");
+        }
+        *self.registry.write().expect("registry lock") = found
+            .records
+            .into_iter()
+            .map(|r| (r.fingerprint.clone(), r))
+            .collect();
+        let unreadable: HashSet<String> = found
+            .unreadable
+            .iter()
+            .filter_map(|u| u.name.clone())
+            .collect();
+        let clients = self.clients.lock().expect("clients lock");
+        for name in clients.close(&unreadable, "client record unreadable") {
+            info!(client = %name, "record unreadable: closing its session");
+        }
+        Ok(())
+    }
+
+    /// Closes every live session whose client is revoked.
+    fn close_revoked(&self) {
+        let revoked: HashSet<String> = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .values()
+            .filter(|r| r.revoked.is_some())
+            .map(|r| r.name.clone())
+            .collect();
+        let clients = self.clients.lock().expect("clients lock");
+        for name in clients.close(&revoked, "client revoked") {
+            info!(client = %name, "revoked: closing its session");
+        }
+    }
+}
+
+/// Closes the sessions of clients revoked while connected.
+pub(super) async fn watch(shared: Arc<Shared>) -> Result<()> {
+    let mut tick = tokio::time::interval(REGISTRY_INTERVAL);
+    loop {
+        tick.tick().await;
+        match shared.reload_registry() {
+            Ok(()) => shared.close_revoked(),
+            Err(e) => warn!("reloading the client registry: {e:#}"),
+        }
+    }
+}

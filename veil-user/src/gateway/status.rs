@@ -1,0 +1,103 @@
+//! What `veil-user status` and the metrics show: clients, flows, counters.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{Shared, GC_SLICE};
+use crate::{
+    control::{self, FlowCounts, PacketCount, Status},
+    net::monotonic_ns,
+};
+
+impl Shared {
+    pub(super) fn status(&self) -> Status {
+        let clients = self.clients.lock().expect("clients lock").status();
+        let flows = self.flow_counts();
+        let c = &self.counters;
+        let counters = [
+            ("forged_source", &c.forged_source),
+            ("policy_refused", &c.policy_refused),
+            ("ttl_expired", &c.ttl_expired),
+            ("untranslatable", &c.untranslatable),
+            ("malformed", &c.malformed),
+            ("not_ipv4", &c.not_ipv4),
+            ("flow_errors", &c.flow_errors),
+            ("port_share_exceeded", &c.port_share_exceeded),
+            ("client_queue_full", &c.client_queue_full),
+            ("no_session", &c.no_session),
+            ("client_to_client", &c.client_to_client),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.load(Relaxed)))
+        .collect();
+        let datapath = self
+            .datapath
+            .lock()
+            .expect("datapath lock")
+            .as_ref()
+            .and_then(|dp| dp.stats().ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, c)| {
+                let count = PacketCount {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                };
+                (reason.name().to_owned(), count)
+            })
+            .collect();
+        let refused = self
+            .counters
+            .refusals
+            .lock()
+            .expect("refusals lock")
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        Status {
+            clients,
+            flows,
+            refused,
+            counters,
+            datapath,
+        }
+    }
+
+    fn flow_counts(&self) -> FlowCounts {
+        let (mut counts, keys) = {
+            let table = self.flows.lock().expect("flows lock");
+            let counts = FlowCounts {
+                nat_ports: table.ports().to_string(),
+                nat_ports_in_use: table.nat_ports_in_use(),
+                ..Default::default()
+            };
+            (counts, table.keys().copied().collect::<Vec<_>>())
+        };
+        // Two map lookups per flow, in slices: sessions creating flows wait
+        // for one slice at most, not for the whole table.
+        let mut list = Vec::with_capacity(keys.len());
+        for slice in keys.chunks(GC_SLICE) {
+            let table = self.flows.lock().expect("flows lock");
+            list.extend(table.list_some(slice).unwrap_or_default());
+        }
+        let now = monotonic_ns();
+        let brief = |f: &crate::flows::Flow| control::FlowBrief {
+            flow: f.to_string(),
+            age_secs: now.saturating_sub(f.created_ns) / 1_000_000_000,
+            packets: f.egress.packets + f.reverse.packets,
+            bytes: f.egress.bytes + f.reverse.bytes,
+        };
+        for f in &list {
+            counts.total += 1;
+            match f.key.proto {
+                veil_common::proto::TCP => counts.tcp += 1,
+                veil_common::proto::UDP => counts.udp += 1,
+                _ => counts.icmp += 1,
+            }
+        }
+        counts.oldest = list.iter().min_by_key(|f| f.created_ns).map(brief);
+        let mut by_packets: Vec<_> = list.iter().collect();
+        by_packets.sort_by_key(|f| std::cmp::Reverse(f.egress.packets + f.reverse.packets));
+        counts.busiest = by_packets.into_iter().take(3).map(brief).collect();
+        counts
+    }
+}
