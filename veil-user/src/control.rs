@@ -92,13 +92,10 @@ pub fn bind(state_dir: &Path) -> Result<UnixListener> {
 /// Serves requests until the task is dropped; `snapshot` makes a status.
 pub async fn serve(listener: UnixListener, snapshot: impl Fn() -> Status) -> Result<()> {
     loop {
-        // Out of file descriptors and the like: wait, keep serving; the
-        // gateway itself must not stop over its status socket.
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("accept on the control socket: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                crate::net::accept_failed("control socket", &e).await;
                 continue;
             }
         };

@@ -25,7 +25,8 @@ use crate::{
     net::Ipv4Net,
 };
 
-/// The eBPF object, built by `cargo xtask build-ebpf` and embedded by build.rs.
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded by
+/// build.rs; empty in a debug build made without it (see build.rs).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/veil.bpf.o"));
 
 /// Where the daemon pins its maps by default; the layout version is a
@@ -43,6 +44,8 @@ pub const PINS: [(&str, &str); 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    #[error("this veil-user was built without its eBPF object: run `cargo xtask build-ebpf`, then build again")]
+    NoObject,
     #[error("loading the eBPF object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN)")]
     Load(#[source] EbpfError),
     #[error("the eBPF object has no program `{0}`: rebuild it with `cargo xtask build-ebpf`")]
@@ -132,6 +135,9 @@ impl Datapath {
     /// Loads the embedded object and verifies every program. Nothing is
     /// attached yet.
     pub fn load() -> Result<Self, DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
         let mut ebpf = Ebpf::load(OBJECT).map_err(DatapathError::Load)?;
         for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC] {
             let prog = ebpf

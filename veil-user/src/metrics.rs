@@ -164,12 +164,7 @@ async fn serve_with(
                         drop(slot);
                     });
                 }
-                // Out of file descriptors and the like: wait, keep
-                // serving; the gateway must not stop over its metrics.
-                Err(e) => {
-                    tracing::warn!("accept on the metrics socket: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) => crate::net::accept_failed("metrics socket", &e).await,
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }

@@ -58,6 +58,14 @@ pub fn iface_ipv4s(name: &str) -> io::Result<Vec<Ipv4Addr>> {
     Ok(found)
 }
 
+/// What every listener of the daemon does when `accept` fails (out of file
+/// descriptors, mostly): say so, wait a moment, keep serving. A listener
+/// that gave up would take the daemon's other duties down with it.
+pub async fn accept_failed(listener: &str, e: &io::Error) {
+    tracing::warn!("accept on the {listener}: {e}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
 /// Raises the soft limit on open files to the hard one: a gateway holds a
 /// socket per client and per handshake. Returns the limit now in force.
 pub fn raise_nofile_limit() -> std::io::Result<u64> {

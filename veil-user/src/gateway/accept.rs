@@ -5,7 +5,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Result;
@@ -14,7 +14,7 @@ use tokio::{
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use veil_proto::session::{Output, ServerConfig, ServerSession};
 
 use super::{
@@ -39,9 +39,7 @@ pub(super) async fn accept_loop(
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                // Out of fds and the like: back off, keep serving.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                crate::net::accept_failed("tunnel listener", &e).await;
                 continue;
             }
         };
