@@ -3,7 +3,6 @@
 //! use directly.
 
 pub mod admission;
-pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod flows;
@@ -15,6 +14,7 @@ pub mod packet;
 pub mod policy;
 pub mod preflight;
 pub mod queue;
+pub mod settings;
 pub mod size;
 pub mod state;
 

@@ -8,23 +8,14 @@
 //! sudo veil-user client revoke alice
 //! ```
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    num::NonZeroU32,
-    path::PathBuf,
-    time::Duration,
-};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{
-    parser::ValueSource, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
-};
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing::info;
 use veil_user::{
-    flows::{PortRange, Timeouts},
     gateway::{self, GatewayConfig},
-    net::Ipv4Net,
-    size::ByteSize,
+    settings::Settings,
     state::{Existing, PrivateFile, StateDir},
 };
 
@@ -50,7 +41,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    gateway: GatewayArgs,
+    gateway: Settings,
 }
 
 #[derive(Subcommand)]
@@ -92,163 +83,23 @@ enum ClientCommand {
     Revoke { name: String },
 }
 
-#[derive(Args)]
-struct GatewayArgs {
-    /// The WAN interface: where the datapath attaches and whose address
-    /// remote hosts see.
-    #[arg(long, value_name = "IFACE")]
-    iface: Option<String>,
-    /// The tunnel listener.
-    #[arg(long, default_value = "0.0.0.0:443", value_name = "ADDR:PORT")]
-    listen: SocketAddr,
-    /// The address profiles point clients at (default: the interface's
-    /// address and the listener's port).
-    #[arg(long, value_name = "HOST:PORT")]
-    endpoint: Option<String>,
-    /// A public address: what remote hosts see (repeatable, up to 16; each
-    /// client keeps one for all its flows). Default: the interface's first
-    /// IPv4 address.
-    #[arg(long, value_name = "IP")]
-    public_addr: Vec<Ipv4Addr>,
-    /// The clients' virtual addresses; the first is the gateway's.
-    #[arg(long, default_value = "10.77.0.0/16", value_name = "CIDR")]
-    pool: Ipv4Net,
-    /// NAT ports; keep them out of net.ipv4.ip_local_port_range.
-    #[arg(long, default_value = "61000-65535", value_name = "MIN-MAX")]
-    nat_ports: PortRange,
-    /// The gateway's TUN device.
-    #[arg(long, default_value = "veilgw", value_name = "NAME")]
-    tun: String,
-    /// Where the BPF maps are pinned.
-    #[arg(long, default_value = veil_user::datapath::DEFAULT_PIN_ROOT, value_name = "DIR")]
-    pin_dir: PathBuf,
-    /// Most clients connected at once; more are refused before the upgrade.
-    #[arg(long, default_value_t = 1024)]
-    max_clients: usize,
-    /// Most connections still in their TLS handshake (not authenticated)
-    /// at once; more are closed as they arrive.
-    #[arg(long, default_value_t = 256)]
-    max_handshakes: usize,
-    /// Most connections in their handshake from one address at once.
-    #[arg(long, default_value_t = 16)]
-    max_handshakes_per_source: usize,
-    /// Replies waiting for one client, at most (bytes, or with KiB/MiB);
-    /// beyond, replies are dropped and counted (client_queue_full).
-    #[arg(long, default_value = "4MiB", value_name = "SIZE")]
-    client_buffer: ByteSize,
-    /// Most flows at once.
-    #[arg(long, default_value_t = veil_common::MAX_FLOWS as usize)]
-    max_flows: usize,
-    /// Most flows one client may hold, so that one client cannot fill the
-    /// table for everyone.
-    #[arg(long, default_value_t = 32768)]
-    max_flows_per_client: usize,
-    /// Most NAT ports one client may hold toward one remote address and
-    /// port, so that one client cannot take every port toward a popular
-    /// server (default: a quarter of --nat-ports).
-    #[arg(long, value_name = "PORTS")]
-    max_ports_per_endpoint: Option<NonZeroU32>,
-    /// How long a disconnected client keeps its flows, for a quick reconnect.
-    #[arg(long, default_value = "30", value_name = "SECONDS")]
-    grace: u64,
-    /// Open a range the default egress policy closes (repeatable).
-    #[arg(long, value_name = "CIDR")]
-    allow: Vec<Ipv4Net>,
-    /// Close a range (repeatable; wins over --allow).
-    #[arg(long, value_name = "CIDR")]
-    deny: Vec<Ipv4Net>,
-    /// Let clients reach each other's virtual addresses.
-    #[arg(long)]
-    allow_client_to_client: bool,
-    /// Worker threads for tunnels (TLS and packet handling); default: one
-    /// per CPU.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
-    /// Serve Prometheus metrics (GET /metrics) on this port of 127.0.0.1,
-    /// or on ADDR:PORT to expose them (aggregates only: no client names).
-    #[arg(long, value_name = "[ADDR:]PORT", value_parser = veil_user::metrics::parse_addr)]
-    metrics: Option<SocketAddr>,
-    /// Idle timeout of established TCP flows (RFC 5382: at least 7440).
-    #[arg(long, default_value_t = 7440, value_name = "SECONDS")]
-    timeout_tcp_established: u64,
-    /// Idle timeout of opening and closing TCP flows.
-    #[arg(long, default_value_t = 240, value_name = "SECONDS")]
-    timeout_tcp_transitory: u64,
-    /// Idle timeout of UDP flows (RFC 4787: at least 120).
-    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
-    timeout_udp: u64,
-    /// Idle timeout of UDP flows to port 53 (DNS; RFC 4787 allows shorter
-    /// timers for well-known ports).
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-    timeout_udp_dns: u64,
-    /// Idle timeout of ICMP echo flows (RFC 5508: at least 60).
-    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
-    timeout_icmp: u64,
-}
-
-/// Takes each setting from the file unless the command line gave it.
-fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::FileConfig) {
-    let from_flag = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-    macro_rules! take {
-        ($($field:ident),* $(,)?) => {$(
-            if !from_flag(stringify!($field)) {
-                if let Some(v) = file.$field {
-                    cli.gateway.$field = v.into();
-                }
-            }
-        )*};
-    }
-    take!(
-        listen,
-        pool,
-        nat_ports,
-        tun,
-        pin_dir,
-        max_clients,
-        max_handshakes,
-        max_handshakes_per_source,
-        client_buffer,
-        max_flows,
-        max_flows_per_client,
-        public_addr,
-        grace,
-        allow,
-        deny,
-        allow_client_to_client,
-        timeout_tcp_established,
-        timeout_tcp_transitory,
-        timeout_udp,
-        timeout_udp_dns,
-        timeout_icmp,
-    );
-    // Optional settings: present in the file means set.
-    macro_rules! take_opt {
-        ($($field:ident),* $(,)?) => {$(
-            if !from_flag(stringify!($field)) && file.$field.is_some() {
-                cli.gateway.$field = file.$field;
-            }
-        )*};
-    }
-    take_opt!(iface, endpoint, metrics, threads, max_ports_per_endpoint);
-    if !from_flag("state_dir") {
-        if let Some(dir) = file.state_dir {
-            cli.state_dir = dir;
-        }
-    }
-}
-
 fn main() -> Result<()> {
     veil_user::init_logging();
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some(path) = &cli.config {
-        let file = veil_user::config::load(path)?;
-        apply_file(&mut cli, &matches, file);
+        let file = Settings::load(path)?;
+        if matches.value_source("state_dir") != Some(ValueSource::CommandLine) {
+            if let Some(dir) = &file.state_dir {
+                cli.state_dir = dir.clone();
+            }
+        }
+        cli.gateway = cli.gateway.or_file(file);
     }
     match cli.command {
         Some(Command::Client(cmd)) => client(&cli.state_dir, cmd),
         Some(Command::Status { json }) => status(&cli.state_dir, json),
-        None => serve(cli.state_dir, cli.gateway),
+        None => serve(cli.gateway.resolve(cli.state_dir)?),
     }
 }
 
@@ -382,42 +233,9 @@ fn ago(secs: u64) -> String {
     }
 }
 
-fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
-    let iface = args
-        .iface
-        .context("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")?;
-    veil_user::preflight::listeners(args.listen, args.metrics, args.nat_ports)?;
-    let config = GatewayConfig {
-        iface,
-        listen: args.listen,
-        endpoint: args.endpoint,
-        public_addrs: args.public_addr,
-        state_dir,
-        pool: args.pool,
-        nat_ports: args.nat_ports,
-        tun_name: args.tun,
-        pin_root: args.pin_dir,
-        max_clients: args.max_clients,
-        max_flows: args.max_flows,
-        max_flows_per_client: args.max_flows_per_client,
-        max_ports_per_endpoint: args.max_ports_per_endpoint,
-        grace: Duration::from_secs(args.grace),
-        allow: args.allow,
-        deny: args.deny,
-        client_to_client: args.allow_client_to_client,
-        timeouts: Timeouts {
-            tcp_established: Duration::from_secs(args.timeout_tcp_established),
-            tcp_transitory: Duration::from_secs(args.timeout_tcp_transitory),
-            udp: Duration::from_secs(args.timeout_udp),
-            udp_dns: Duration::from_secs(args.timeout_udp_dns),
-            icmp: Duration::from_secs(args.timeout_icmp),
-        },
-        metrics: args.metrics,
-        client_buffer: args.client_buffer.0,
-        max_handshakes: args.max_handshakes,
-        max_handshakes_per_source: args.max_handshakes_per_source,
-    };
-    let threads = args.threads.map(usize::from).unwrap_or_else(|| {
+fn serve(config: GatewayConfig) -> Result<()> {
+    veil_user::preflight::listeners(config.listen, config.metrics, config.nat_ports)?;
+    let threads = config.threads.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

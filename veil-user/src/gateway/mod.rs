@@ -46,7 +46,8 @@ use crate::{
     tun::Tun,
 };
 
-/// Everything `veil-user` is told on its command line.
+/// What the gateway runs with: [`crate::settings::Settings`] resolved,
+/// every default applied.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
     pub iface: String,
@@ -79,6 +80,8 @@ pub struct GatewayConfig {
     /// address.
     pub max_handshakes: usize,
     pub max_handshakes_per_source: usize,
+    /// Worker threads for tunnels; `None`: one per CPU.
+    pub threads: Option<u16>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.

@@ -1,0 +1,546 @@
+//! Every gateway setting, declared once: a field of [`Settings`] is both a
+//! flag of `veil-user` (`--nat-ports`) and a key of the `--config` TOML
+//! file (`nat-ports = "61000-65535"`). A flag given on the command line
+//! wins over the file; what neither gives takes the default that
+//! [`Settings::resolve`] states. Unknown keys and bad values are refused
+//! at start, naming the file, the line, the key and what was expected.
+//!
+//! ```toml
+//! iface = "eth0"
+//! listen = "0.0.0.0:443"
+//! pool = "10.77.0.0/16"
+//! nat-ports = "61000-65535"
+//! max-clients = 1024
+//! grace = 30
+//! allow = ["10.20.0.0/16"]
+//! metrics = 9477                 # 127.0.0.1:9477; "0.0.0.0:9477" to expose it
+//! timeout-udp = 120
+//! public-addr = ["203.0.113.10", "203.0.113.11"]   # or one: "203.0.113.10"
+//! max-ports-per-endpoint = 1134
+//! client-buffer = "4MiB"
+//! ```
+//!
+//! Adding a setting: a field here (its doc comment is the `--help` text,
+//! its default written there too), and where [`Settings::resolve`] turns
+//! it into the [`GatewayConfig`] the daemon runs with.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{
+    flows::{PortRange, Timeouts},
+    gateway::GatewayConfig,
+    net::Ipv4Net,
+    size::ByteSize,
+};
+
+/// The gateway's settings as given: every one optional (lists empty), so
+/// that the command line and the file can be told apart and merged.
+#[derive(clap::Args, Clone, Debug, Default, Deserialize, PartialEq, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Settings {
+    /// The WAN interface: where the datapath attaches and whose address
+    /// remote hosts see. Required.
+    #[arg(long, value_name = "IFACE")]
+    pub iface: Option<String>,
+    /// The tunnel listener [default: 0.0.0.0:443].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// The address profiles point clients at [default: the first public
+    /// address and the listener's port].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub endpoint: Option<String>,
+    /// A public address: what remote hosts see (repeatable, up to 16; each
+    /// client keeps one for all its flows) [default: the interface's first
+    /// IPv4 address].
+    #[arg(long, value_name = "IP")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub public_addr: Vec<Ipv4Addr>,
+    /// The clients' virtual addresses; the first is the gateway's
+    /// [default: 10.77.0.0/16].
+    #[arg(long, value_name = "CIDR")]
+    #[serde(with = "text")]
+    pub pool: Option<Ipv4Net>,
+    /// NAT ports; keep them out of net.ipv4.ip_local_port_range
+    /// [default: 61000-65535].
+    #[arg(long, value_name = "MIN-MAX")]
+    #[serde(with = "text")]
+    pub nat_ports: Option<PortRange>,
+    /// The gateway's TUN device [default: veilgw].
+    #[arg(long, value_name = "NAME")]
+    pub tun: Option<String>,
+    /// Where the BPF maps are pinned [default: /sys/fs/bpf/veil].
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Where the CA, certificates, clients and leases live (the file's
+    /// key; the flag is `--state-dir`, for every command).
+    #[arg(skip)]
+    pub state_dir: Option<PathBuf>,
+    /// Most clients connected at once; more are refused before the upgrade
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_clients: Option<usize>,
+    /// Most connections still in their TLS handshake (not authenticated)
+    /// at once; more are closed as they arrive [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
+    /// Most connections in their handshake from one address at once
+    /// [default: 16].
+    #[arg(long, value_name = "N")]
+    pub max_handshakes_per_source: Option<usize>,
+    /// Replies waiting for one client, at most (bytes, or with KiB/MiB);
+    /// beyond, replies are dropped and counted [default: 4MiB].
+    #[arg(long, value_name = "SIZE")]
+    #[serde(with = "text")]
+    pub client_buffer: Option<ByteSize>,
+    /// Most flows at once [default: 262144].
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<usize>,
+    /// Most flows one client may hold, so that one client cannot fill the
+    /// table for everyone [default: 32768].
+    #[arg(long, value_name = "N")]
+    pub max_flows_per_client: Option<usize>,
+    /// Most NAT ports one client may hold toward one remote address and
+    /// port, so that one client cannot take every port toward a popular
+    /// server [default: a quarter of --nat-ports].
+    #[arg(long, value_name = "PORTS")]
+    pub max_ports_per_endpoint: Option<NonZeroU32>,
+    /// How long a disconnected client keeps its flows, for a quick
+    /// reconnect, in seconds [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub grace: Option<u64>,
+    /// Open a range the default egress policy closes (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    #[serde(with = "text_list")]
+    pub allow: Vec<Ipv4Net>,
+    /// Close a range (repeatable; wins over --allow).
+    #[arg(long, value_name = "CIDR")]
+    #[serde(with = "text_list")]
+    pub deny: Vec<Ipv4Net>,
+    /// Let clients reach each other's virtual addresses.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_client_to_client: Option<bool>,
+    /// Worker threads for tunnels (TLS and packet handling) [default: one
+    /// per CPU].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// Serve Prometheus metrics (GET /metrics) on this port of 127.0.0.1,
+    /// or on ADDR:PORT to expose them (aggregates only: no client names).
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::metrics::parse_addr)]
+    #[serde(deserialize_with = "metrics_addr")]
+    pub metrics: Option<SocketAddr>,
+    /// Idle timeout of established TCP flows, in seconds (RFC 5382: at
+    /// least 7440) [default: 7440].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout_tcp_established: Option<u64>,
+    /// Idle timeout of opening and closing TCP flows [default: 240].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout_tcp_transitory: Option<u64>,
+    /// Idle timeout of UDP flows (RFC 4787: at least 120) [default: 120].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout_udp: Option<u64>,
+    /// Idle timeout of UDP flows to port 53 (DNS; RFC 4787 allows shorter
+    /// timers for well-known ports) [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout_udp_dns: Option<u64>,
+    /// Idle timeout of ICMP echo flows (RFC 5508: at least 60) [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout_icmp: Option<u64>,
+}
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("reading the configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
+    NoIface,
+}
+
+impl Settings {
+    /// The settings of a configuration file.
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| SettingsError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses a file's text; the error names the key, the place and what
+    /// was expected (toml's message, with the offending line).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// These settings, with `file`'s wherever these leave one unset: every
+    /// setting is merged the same way, so no list of them is kept here.
+    pub fn or_file(self, file: Settings) -> Settings {
+        let table = |s: &Settings| match toml::Value::try_from(s) {
+            Ok(toml::Value::Table(t)) => t,
+            other => unreachable!("settings serialize to a table: {other:?}"),
+        };
+        let mut merged = table(&file);
+        // Unset options do not serialize; unset lists are empty.
+        merged.extend(
+            table(&self)
+                .into_iter()
+                .filter(|(_, v)| v.as_array().is_none_or(|a| !a.is_empty())),
+        );
+        match toml::Value::Table(merged).try_into() {
+            Ok(s) => s,
+            Err(e) => unreachable!("merged settings read back: {e}"),
+        }
+    }
+
+    /// What the daemon runs with: every default applied.
+    pub fn resolve(self, state_dir: PathBuf) -> Result<GatewayConfig, SettingsError> {
+        let secs = |v: Option<u64>, default| Duration::from_secs(v.unwrap_or(default));
+        Ok(GatewayConfig {
+            iface: self.iface.ok_or(SettingsError::NoIface)?,
+            listen: self.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 443))),
+            endpoint: self.endpoint,
+            public_addrs: self.public_addr,
+            state_dir,
+            pool: self
+                .pool
+                .unwrap_or_else(|| "10.77.0.0/16".parse().expect("valid")),
+            nat_ports: self.nat_ports.unwrap_or(PortRange::DEFAULT),
+            tun_name: self.tun.unwrap_or_else(|| "veilgw".into()),
+            pin_root: self
+                .pin_dir
+                .unwrap_or_else(|| crate::datapath::DEFAULT_PIN_ROOT.into()),
+            max_clients: self.max_clients.unwrap_or(1024),
+            max_flows: self.max_flows.unwrap_or(veil_common::MAX_FLOWS as usize),
+            max_flows_per_client: self.max_flows_per_client.unwrap_or(32768),
+            max_ports_per_endpoint: self.max_ports_per_endpoint,
+            grace: secs(self.grace, 30),
+            allow: self.allow,
+            deny: self.deny,
+            client_to_client: self.allow_client_to_client.unwrap_or(false),
+            timeouts: Timeouts {
+                tcp_established: secs(self.timeout_tcp_established, 7440),
+                tcp_transitory: secs(self.timeout_tcp_transitory, 240),
+                udp: secs(self.timeout_udp, 120),
+                udp_dns: secs(self.timeout_udp_dns, 30),
+                icmp: secs(self.timeout_icmp, 60),
+            },
+            metrics: self.metrics,
+            client_buffer: self.client_buffer.map_or(4 << 20, |b| b.0),
+            max_handshakes: self.max_handshakes.unwrap_or(256),
+            max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
+            threads: self.threads,
+        })
+    }
+}
+
+/// A value that is a string in the file, read with `FromStr` and written
+/// with `Display`: `pool = "10.77.0.0/16"`.
+mod text {
+    use super::*;
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(
+        v: &Option<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map(Some).map_err(de::Error::custom)
+    }
+}
+
+/// [`text`] for a list: `allow = ["10.20.0.0/16"]`.
+mod text_list {
+    use super::*;
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(
+        v: &[T],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|v| v.to_string()))
+    }
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| s.parse().map_err(de::Error::custom))
+            .collect()
+    }
+}
+
+/// `key = "x"` or `key = ["x", "y"]`, each parsed with `FromStr`.
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    struct Visitor<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T> de::Visitor<'de> for Visitor<T>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.parse().map(|v| vec![v]).map_err(E::custom)
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s.parse().map_err(de::Error::custom)?);
+            }
+            Ok(out)
+        }
+    }
+
+    d.deserialize_any(Visitor(std::marker::PhantomData))
+}
+
+/// A port number or a string, as `--metrics` takes them.
+fn metrics_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    struct Visitor;
+    impl de::Visitor<'_> for Visitor {
+        type Value = SocketAddr;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("PORT (served on 127.0.0.1) or \"ADDR:PORT\"")
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<SocketAddr, E> {
+            u16::try_from(v)
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+                .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<SocketAddr, E> {
+            u16::try_from(v)
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+                .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<SocketAddr, E> {
+            crate::metrics::parse_addr(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Visitor).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, String> {
+        Settings::parse(text)
+    }
+
+    #[test]
+    fn reads_every_key() {
+        let c = parse(
+            r#"
+            iface = "eth0"
+            listen = "0.0.0.0:8443"
+            pool = "10.90.0.0/16"
+            nat-ports = "62000-63000"
+            max-clients = 10
+            grace = 5
+            allow = ["10.20.0.0/16"]
+            deny = ["198.51.100.0/24"]
+            allow-client-to-client = true
+            metrics = "127.0.0.1:9477"
+            timeout-udp = 300
+            timeout-udp-dns = 10
+            public-addr = ["198.18.0.1", "198.18.0.3"]
+            max-ports-per-endpoint = 100
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.iface.as_deref(), Some("eth0"));
+        assert_eq!(c.listen, Some("0.0.0.0:8443".parse().unwrap()));
+        assert_eq!(c.pool, Some("10.90.0.0/16".parse().unwrap()));
+        assert_eq!(
+            c.nat_ports,
+            Some(PortRange {
+                min: 62000,
+                max: 63000
+            })
+        );
+        assert_eq!(c.allow.len(), 1);
+        assert_eq!(c.timeout_udp, Some(300));
+        assert_eq!(c.timeout_udp_dns, Some(10));
+        assert_eq!(
+            c.public_addr,
+            vec![Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 3)]
+        );
+        assert_eq!(c.max_ports_per_endpoint, NonZeroU32::new(100));
+        assert_eq!(c.allow_client_to_client, Some(true));
+    }
+
+    #[test]
+    fn one_public_address_is_a_list_of_one() {
+        let c = parse("public-addr = \"203.0.113.10\"\n").unwrap();
+        assert_eq!(c.public_addr, vec![Ipv4Addr::new(203, 0, 113, 10)]);
+        let err = parse("public-addr = [\"198.18.0.1\", \"nowhere\"]\n").unwrap_err();
+        assert!(err.contains("invalid IPv4 address"), "{err}");
+        assert!(
+            parse("max-ports-per-endpoint = 0\n").is_err(),
+            "0 would refuse every flow"
+        );
+    }
+
+    #[test]
+    fn metrics_alone_is_a_loopback_port() {
+        let loopback = Some("127.0.0.1:9477".parse().unwrap());
+        assert_eq!(parse("metrics = 9477").unwrap().metrics, loopback);
+        assert_eq!(parse("metrics = \"9477\"").unwrap().metrics, loopback);
+        assert_eq!(
+            parse("metrics = \"0.0.0.0:9477\"").unwrap().metrics,
+            Some("0.0.0.0:9477".parse().unwrap())
+        );
+        let err = parse("metrics = 70000").unwrap_err();
+        assert!(err.contains("PORT (served on 127.0.0.1)"), "{err}");
+        let err = parse("metrics = \"eth0\"").unwrap_err();
+        assert!(err.contains("ADDR:PORT"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let c = parse(include_str!("../../dist/veil.toml")).unwrap();
+        assert_eq!(c.iface.as_deref(), Some("eth0"));
+        assert_eq!(c.nat_ports, Some(PortRange::DEFAULT));
+    }
+
+    #[test]
+    fn a_typo_names_the_key_and_what_is_known() {
+        let err = parse("ifcae = \"eth0\"\n").unwrap_err();
+        assert!(err.contains("unknown field `ifcae`"), "{err}");
+        assert!(err.contains("expected one of"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_says_what_was_expected() {
+        let err = parse("pool = \"10.90.0.0\"\n").unwrap_err();
+        assert!(err.contains("expected ADDRESS/PREFIX"), "{err}");
+        let err = parse("nat-ports = \"65000-1000\"\n").unwrap_err();
+        assert!(err.contains("MIN-MAX"), "{err}");
+        let err = parse("max-clients = \"many\"\n").unwrap_err();
+        assert!(
+            err.contains("max-clients") || err.contains("invalid type"),
+            "{err}"
+        );
+        let err = parse("listen = \"0.0.0.0\"\n").unwrap_err();
+        assert!(
+            err.contains("listen") || err.contains("socket address"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_file_and_the_file_over_the_defaults() {
+        let file = parse(
+            "iface = \"eth0\"\nmax-clients = 5\nallow = [\"10.20.0.0/16\"]\ndeny = [\"198.51.100.0/24\"]\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            max_clients: Some(7),
+            deny: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let cfg = flags.or_file(file).resolve("/tmp/state".into()).unwrap();
+        assert_eq!(cfg.iface, "eth0", "from the file");
+        assert_eq!(cfg.max_clients, 7, "the flag wins");
+        assert_eq!(
+            cfg.allow,
+            ["10.20.0.0/16".parse().unwrap()],
+            "a list from the file"
+        );
+        assert_eq!(
+            cfg.deny,
+            ["203.0.113.0/24".parse().unwrap()],
+            "the flag's list replaces the file's"
+        );
+        assert_eq!(cfg.listen, "0.0.0.0:443".parse().unwrap(), "the default");
+        assert_eq!(cfg.client_buffer, 4 << 20);
+        assert_eq!(cfg.nat_ports, PortRange::DEFAULT);
+    }
+
+    #[test]
+    fn every_setting_survives_the_merge() {
+        let all = parse(
+            r#"
+            iface = "eth0"
+            listen = "0.0.0.0:8443"
+            endpoint = "gw.example:8443"
+            public-addr = ["198.18.0.1", "198.18.0.3"]
+            pool = "10.90.0.0/16"
+            nat-ports = "62000-63000"
+            tun = "gw0"
+            pin-dir = "/sys/fs/bpf/x"
+            state-dir = "/var/lib/x"
+            max-clients = 10
+            max-handshakes = 20
+            max-handshakes-per-source = 2
+            client-buffer = "1MiB"
+            max-flows = 1000
+            max-flows-per-client = 100
+            max-ports-per-endpoint = 50
+            grace = 5
+            allow = ["10.20.0.0/16"]
+            deny = ["198.51.100.0/24"]
+            allow-client-to-client = true
+            threads = 3
+            metrics = 9477
+            timeout-tcp-established = 8000
+            timeout-tcp-transitory = 200
+            timeout-udp = 300
+            timeout-udp-dns = 10
+            timeout-icmp = 70
+            "#,
+        )
+        .unwrap();
+        assert_eq!(Settings::default().or_file(all.clone()), all);
+        assert_eq!(all.clone().or_file(Settings::default()), all);
+    }
+
+    #[test]
+    fn without_an_interface_the_gateway_does_not_start() {
+        let err = Settings::default().resolve("/tmp".into()).unwrap_err();
+        assert!(err.to_string().contains("--iface eth0"), "{err}");
+    }
+}
