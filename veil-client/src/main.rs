@@ -23,12 +23,13 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use veil_proto::{
     gso::VnetHdr,
-    session::{coalesce, ClientConfig, ClientSession, Output},
+    session::{ClientConfig, ClientSession, Output},
 };
 use veil_tunnel::{
     net::{self, Ipv4Net},
     profile::Profile,
-    stream::{sleep_until_some, Event, Stream},
+    pump::{self, End, Limits, Local},
+    stream::Stream,
     tls, tun,
 };
 
@@ -78,10 +79,6 @@ const TUN_BATCH: usize = 64;
 /// ...and at most this many bytes of them: with offload one read can be a
 /// 64 KiB super-packet, and a huge write only delays what follows it.
 const TUN_BATCH_BYTES: usize = 256 * 1024;
-/// Unwritten bytes above which the TUN device is left unread.
-const OUT_HIGH_WATER: usize = 512 * 1024;
-/// A gateway that takes none of our bytes for this long is gone: reconnect.
-const WRITE_STALL: Duration = Duration::from_secs(15);
 /// How long closing the connection may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -222,79 +219,30 @@ impl Tunnel<'_> {
             },
             Instant::now(),
         )?;
+        let mut side = ClientSide {
+            tunnel: self,
+            network,
+            stopped,
+            tun_buf: vec![0u8; tun::MAX_READ],
+        };
         let mut net_buf = vec![0u8; 64 * 1024];
-        let mut tun_buf = vec![0u8; tun::MAX_READ];
-        loop {
-            while let Some(output) = session.poll_output() {
-                match output {
-                    Output::Send(bytes) => {
-                        session.recycle_send_buffer(coalesce(stream.out_mut(), bytes))
-                    }
-                    Output::Packet(packet) => {
-                        if let Some(net) = network {
-                            let _ = net.tun.send(&VnetHdr::NONE, &packet);
-                        }
-                    }
-                    Output::OffloadPacket(joined) => {
-                        if let Some(net) = network {
-                            let _ = net.tun.send_joined(&joined);
-                        }
-                    }
-                    Output::Assigned { addr, .. } => self.assigned(network, addr)?,
-                    Output::Routes(_) => {}
-                    Output::Close { reason } => {
-                        stream.close(CLOSE_TIMEOUT).await;
-                        bail!("{reason}");
-                    }
-                }
+        let end = pump::run(&mut session, &mut stream, &mut side, LIMITS, &mut net_buf).await;
+        match end {
+            End::Local(Ended::Stop) => {
+                stream.close(CLOSE_TIMEOUT).await;
+                Ok(())
             }
-            let deadline = session
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            let stall = stream.stalled_since().map(|since| since + WRITE_STALL);
-            // The TUN device is read only while the gateway takes what we
-            // already have: the kernel's queue holds the rest, bounded.
-            let room = stream.pending() < OUT_HIGH_WATER;
-            let tun_read = async {
-                match network {
-                    Some(net) if room => net.tun.recv(&mut tun_buf).await,
-                    _ => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                event = stream.next(&mut net_buf, true) => {
-                    match event.context("the connection to the gateway")? {
-                        Event::Read(0) => bail!("the gateway closed the connection"),
-                        Event::Read(n) => session.receive(&net_buf[..n], Instant::now())?,
-                        Event::Wrote => {}
-                    }
-                }
-                read = tun_read => {
-                    let n = read.context("reading the TUN device")?;
-                    let mut batch = from_tun(&mut session, &tun_buf[..n]);
-                    // Whatever else is waiting goes in the same TLS write.
-                    if let Some(net) = network {
-                        for _ in 0..TUN_BATCH {
-                            if batch >= TUN_BATCH_BYTES {
-                                break;
-                            }
-                            match net.tun.try_recv(&mut tun_buf)? {
-                                Some(n) => batch += from_tun(&mut session, &tun_buf[..n]),
-                                None => break,
-                            }
-                        }
-                    }
-                }
-                () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
-                () = sleep_until_some(stall) => {
-                    bail!("the gateway read nothing for {}s", WRITE_STALL.as_secs())
-                }
-                _ = stopped.changed() => {
-                    stream.close(CLOSE_TIMEOUT).await;
-                    return Ok(());
-                }
+            End::Local(Ended::Failed(e)) => Err(e),
+            End::Closed(reason) => {
+                stream.close(CLOSE_TIMEOUT).await;
+                bail!("{reason}")
             }
+            End::PeerClosed => bail!("the gateway closed the connection"),
+            End::Failed(e) => Err(e).context("the connection to the gateway"),
+            End::Stalled => bail!(
+                "the gateway read nothing for {}s",
+                LIMITS.write_stall.as_secs()
+            ),
         }
     }
 
@@ -318,6 +266,93 @@ impl Tunnel<'_> {
                 info!(%addr, gateway = %self.gateway, "connected");
                 Ok(())
             }
+        }
+    }
+}
+
+/// How much the client buffers: the TUN device is left unread while the
+/// gateway has not taken 512 KiB (the kernel's queue holds the rest,
+/// bounded), and a gateway that takes nothing for 15 s is gone.
+const LIMITS: Limits = Limits {
+    local_high_water: 512 * 1024,
+    read_limit: usize::MAX,
+    write_stall: Duration::from_secs(15),
+};
+
+/// The client's side of a session: the TUN device and the machine's
+/// network configuration.
+struct ClientSide<'a> {
+    tunnel: &'a Tunnel<'a>,
+    network: &'a mut Option<Network>,
+    stopped: &'a mut watch::Receiver<bool>,
+    tun_buf: Vec<u8>,
+}
+
+/// Why the client's side ended a connection.
+enum Ended {
+    /// Told to stop (SIGINT, SIGTERM).
+    Stop,
+    /// Something failed here: reconnect, unless it is [`Fatal`].
+    Failed(anyhow::Error),
+}
+
+impl Local<ClientSession> for ClientSide<'_> {
+    type End = Ended;
+
+    fn output(&mut self, _: &mut ClientSession, output: Output) -> Result<(), Ended> {
+        match output {
+            Output::Packet(packet) => {
+                if let Some(net) = self.network {
+                    let _ = net.tun.send(&VnetHdr::NONE, &packet);
+                }
+            }
+            Output::OffloadPacket(joined) => {
+                if let Some(net) = self.network {
+                    let _ = net.tun.send_joined(&joined);
+                }
+            }
+            Output::Assigned { addr, .. } => self
+                .tunnel
+                .assigned(self.network, addr)
+                .map_err(Ended::Failed)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self, session: &mut ClientSession, room: bool) -> Result<(), Ended> {
+        let Self {
+            network,
+            stopped,
+            tun_buf,
+            ..
+        } = self;
+        let tun_read = async {
+            match network {
+                Some(net) if room => net.tun.recv(tun_buf).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            read = tun_read => {
+                let failed = |e: std::io::Error| Ended::Failed(anyhow::Error::new(e).context("reading the TUN device"));
+                let n = read.map_err(failed)?;
+                let mut batch = from_tun(session, &tun_buf[..n]);
+                // Whatever else is waiting goes in the same TLS write.
+                if let Some(net) = network {
+                    for _ in 0..TUN_BATCH {
+                        if batch >= TUN_BATCH_BYTES {
+                            break;
+                        }
+                        match net.tun.try_recv(tun_buf).map_err(failed)? {
+                            Some(n) => batch += from_tun(session, &tun_buf[..n]),
+                            None => break,
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ = stopped.changed() => Err(Ended::Stop),
         }
     }
 }

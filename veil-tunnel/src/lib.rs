@@ -8,6 +8,7 @@
 
 pub mod net;
 pub mod profile;
+pub mod pump;
 pub mod stream;
 pub mod tls;
 pub mod tun;

@@ -172,6 +172,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
     }
 }
 
+/// How a session's bytes travel, as [`crate::pump::run`] uses it. A
+/// reliable byte stream ([`Stream`] over TLS over TCP) is one; a new
+/// transport (HTTP/3 datagrams, WebSocket) is another implementation.
+pub trait Transport {
+    /// Where bytes for the peer are queued.
+    fn out_mut(&mut self) -> &mut Vec<u8>;
+    /// Bytes queued and not yet written.
+    fn pending(&self) -> usize;
+    /// Since when queued bytes have waited for the peer without progress.
+    fn stalled_since(&self) -> Option<Instant>;
+    /// Writes what is queued while waiting for bytes to read into `buf`
+    /// (if `read`); cancel-safe.
+    #[expect(
+        async_fn_in_trait,
+        reason = "implemented and called with concrete types, whose futures' Send-ness the compiler sees"
+    )]
+    async fn next(&mut self, buf: &mut [u8], read: bool) -> io::Result<Event>;
+    /// Forgets the bytes not yet handed to the writer.
+    fn discard(&mut self);
+    /// Writes what is queued and closes, giving up after `timeout`.
+    #[expect(
+        async_fn_in_trait,
+        reason = "implemented and called with concrete types, whose futures' Send-ness the compiler sees"
+    )]
+    async fn close(&mut self, timeout: Duration);
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Transport for Stream<S> {
+    fn out_mut(&mut self) -> &mut Vec<u8> {
+        Stream::out_mut(self)
+    }
+
+    fn pending(&self) -> usize {
+        Stream::pending(self)
+    }
+
+    fn stalled_since(&self) -> Option<Instant> {
+        Stream::stalled_since(self)
+    }
+
+    async fn next(&mut self, buf: &mut [u8], read: bool) -> io::Result<Event> {
+        Stream::next(self, buf, read).await
+    }
+
+    fn discard(&mut self) {
+        Stream::discard(self)
+    }
+
+    async fn close(&mut self, timeout: Duration) {
+        Stream::close(self, timeout).await
+    }
+}
+
 /// Sleeps until `at`, or forever without one: a `select!` branch for a
 /// deadline that may not be set (such as [`Stream::stalled_since`]'s).
 pub async fn sleep_until_some(at: Option<Instant>) {

@@ -68,6 +68,46 @@ pub enum Output {
     Close { reason: CloseReason },
 }
 
+/// What a pump needs of either end's state machine: the same five calls
+/// drive a [`ClientSession`] and a [`ServerSession`], whatever carries
+/// their bytes.
+pub trait Session {
+    /// Feeds bytes that arrived from the peer (see the sessions' own docs).
+    fn receive(&mut self, bytes: &[u8], now: std::time::Instant) -> Result<(), ProtoError>;
+    /// The next thing to do, `None` when there is nothing left.
+    fn poll_output(&mut self) -> Option<Output>;
+    /// Returns a written [`Output::Send`] buffer for reuse.
+    fn recycle_send_buffer(&mut self, buf: Vec<u8>);
+    /// When [`Session::handle_timeout`] must next be called.
+    fn poll_timeout(&self) -> Option<std::time::Instant>;
+    /// Fires whatever timer is due at `now`.
+    fn handle_timeout(&mut self, now: std::time::Instant);
+}
+
+macro_rules! session_by_inherent_methods {
+    ($($t:ty),*) => {$(
+        impl Session for $t {
+            fn receive(&mut self, bytes: &[u8], now: std::time::Instant) -> Result<(), ProtoError> {
+                <$t>::receive(self, bytes, now)
+            }
+            fn poll_output(&mut self) -> Option<Output> {
+                <$t>::poll_output(self)
+            }
+            fn recycle_send_buffer(&mut self, buf: Vec<u8>) {
+                <$t>::recycle_send_buffer(self, buf)
+            }
+            fn poll_timeout(&self) -> Option<std::time::Instant> {
+                <$t>::poll_timeout(self)
+            }
+            fn handle_timeout(&mut self, now: std::time::Instant) {
+                <$t>::handle_timeout(self, now)
+            }
+        }
+    )*};
+}
+
+session_by_inherent_methods!(ClientSession, ServerSession);
+
 /// Adds an [`Output::Send`] buffer to the bytes waiting for one write:
 /// taken whole when nothing waits (no copy), appended otherwise. Returns
 /// the buffer left over, for `recycle_send_buffer`.

@@ -15,11 +15,15 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
-use veil_proto::session::{Output, ServerConfig, ServerSession};
+use veil_proto::{
+    gro::Coalescer,
+    session::{Output, ServerConfig, ServerSession},
+};
+use veil_tunnel::pump;
 
 use super::{
     clients::{Attached, Bytes},
-    session::{linger, pump, SessionIo},
+    session::{describe, linger, GatewaySide, LIMITS},
     Shared, CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT, MTU, PEER_TIMEOUT,
 };
 use crate::{
@@ -186,26 +190,27 @@ async fn connection(
         .grow(crate::tls::TUNNEL_READ_BUFFER);
     info!(client = %name, %vip, "session started");
     debug!(client = %name, %peer, "the session's connection comes from here");
-    let mut io = SessionIo {
-        stream: &mut stream,
+    let mut side = GatewaySide {
+        shared,
+        vip,
         rx: &mut rx,
         closed: &mut closed,
         stopped: &mut stopped,
         bytes: &bytes,
+        gro: Coalescer::new(),
     };
-    let end = pump(shared, &mut session, vip, &mut io).await;
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = pump::run(&mut session, &mut stream, &mut side, LIMITS, &mut buf).await;
     shared.detach(&name, vip, generation);
     // Its queue and buffers go now, not after the goodbye.
-    drop((rx, session));
-    if !end.flush {
+    drop(side);
+    drop((rx, session, buf));
+    let (reason, flush) = describe(end);
+    if !flush {
         stream.discard();
     }
     stream.close(CLOSE_TIMEOUT).await;
-    Ok(SessionEnd {
-        name,
-        vip,
-        reason: end.reason,
-    })
+    Ok(SessionEnd { name, vip, reason })
 }
 
 impl Shared {

@@ -5,17 +5,18 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::{atomic::Ordering::Relaxed, Arc},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Result;
 use tokio::{io::AsyncReadExt, sync::watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use veil_proto::{
     gro::Coalescer,
     gso::VnetHdr,
-    session::{coalesce, Output, ServerSession},
+    session::{Output, ServerSession},
 };
+use veil_tunnel::pump::{End, Limits, Local};
 
 use super::{
     accept::TlsStream,
@@ -24,111 +25,91 @@ use super::{
 };
 use crate::{
     queue::{ReplyReceiver, ReplySender},
-    stream::{sleep_until_some, Event, Stream},
+    stream::Stream,
 };
 
-/// What a session's pump reads from and writes to.
-pub(super) struct SessionIo<'a> {
-    pub(super) stream: &'a mut Stream<TlsStream>,
+/// The gateway's side of a session: the client's packets into the
+/// datapath, replies from its queue into the session, and the signals that
+/// end it.
+pub(super) struct GatewaySide<'a> {
+    pub(super) shared: &'a Arc<Shared>,
+    pub(super) vip: Ipv4Addr,
     /// Replies from the TUN reader: offload header and packet, joined.
     pub(super) rx: &'a mut ReplyReceiver,
     /// Revocation or replacement.
     pub(super) closed: &'a mut watch::Receiver<Option<&'static str>>,
     pub(super) stopped: &'a mut watch::Receiver<bool>,
     pub(super) bytes: &'a Bytes,
+    pub(super) gro: Coalescer,
 }
 
-/// Why a pump stopped, and whether what it has queued is still worth
-/// sending (a protocol error's response is; a stalled, replaced or revoked
-/// client's backlog is not).
-pub(super) struct PumpEnd {
-    pub(super) reason: String,
-    pub(super) flush: bool,
+/// Why the gateway's side ended a session.
+pub(super) enum Ended {
+    /// Replaced, revoked: the reason, for the log.
+    Closed(&'static str),
+    Shutdown,
 }
 
-impl PumpEnd {
-    fn flush(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-            flush: true,
-        }
+/// How much a session buffers: see [`Limits`].
+pub(super) const LIMITS: Limits = Limits {
+    local_high_water: OUT_HIGH_WATER,
+    read_limit: OUT_LIMIT,
+    write_stall: WRITE_STALL,
+};
+
+/// Why a session ended, for the log, and whether what it has queued is
+/// still worth sending (a protocol error's response is; a stalled,
+/// replaced or revoked client's backlog is not).
+pub(super) fn describe(end: End<Ended>) -> (String, bool) {
+    match end {
+        End::Closed(reason) => (reason.to_string(), true),
+        End::PeerClosed => ("client closed the connection".into(), true),
+        End::Failed(e) => (format!("connection failed: {e}"), false),
+        End::Stalled => (
+            format!("client read nothing for {}s", WRITE_STALL.as_secs()),
+            false,
+        ),
+        End::Local(Ended::Closed(why)) => (why.into(), false),
+        End::Local(Ended::Shutdown) => ("gateway shutting down".into(), true),
     }
-
-    fn drop(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-            flush: false,
-        }
-    }
 }
 
-/// Moves bytes and packets until the session ends; returns why it ended.
-/// Nothing in here waits on the client alone: writes progress inside the
-/// `select!`, beside the control signals, and a client that stops reading
-/// is let go after [`WRITE_STALL`].
-pub(super) async fn pump(
-    shared: &Arc<Shared>,
-    session: &mut ServerSession,
-    vip: Ipv4Addr,
-    io: &mut SessionIo<'_>,
-) -> PumpEnd {
-    let SessionIo {
-        stream,
-        rx,
-        closed,
-        stopped,
-        bytes,
-    } = io;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut gro = Coalescer::new();
-    loop {
-        // Act on everything the state machine has to say.
-        while let Some(output) = session.poll_output() {
-            match output {
-                Output::Send(bytes) => {
-                    session.recycle_send_buffer(coalesce(stream.out_mut(), bytes))
-                }
-                Output::Packet(packet) => {
-                    bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
-                    if let Some(reply) = shared.client_packet(vip, &VnetHdr::NONE, &packet) {
-                        session.send_packet(&reply);
-                    }
-                }
-                Output::OffloadPacket(joined) => {
-                    // The session replaced the client's header with the
-                    // only one its packet can mean.
-                    if let Some((hdr, packet)) = VnetHdr::peel(&joined) {
-                        bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
-                        if let Some(reply) = shared.client_packet(vip, &hdr, packet) {
-                            session.send_packet(&reply);
-                        }
-                    }
-                }
-                Output::Close { reason } => return PumpEnd::flush(reason.to_string()),
-                // Client-side outputs.
-                Output::Assigned { .. } | Output::Routes(_) => {}
-            }
-        }
-        let deadline = session
-            .poll_timeout()
-            .map(tokio::time::Instant::from_std)
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-        let stall = stream.stalled_since().map(|since| since + WRITE_STALL);
-        let pending = stream.pending();
-        tokio::select! {
-            event = stream.next(&mut buf, pending < OUT_LIMIT) => match event {
-                Ok(Event::Read(0)) => return PumpEnd::flush("client closed the connection"),
-                Ok(Event::Read(n)) => {
-                    if let Err(e) = session.receive(&buf[..n], Instant::now()) {
-                        debug!(%vip, "protocol error: {e}");
-                    }
-                }
-                Ok(Event::Wrote) => {}
-                Err(e) => return PumpEnd::drop(format!("connection failed: {e}")),
+impl Local<ServerSession> for GatewaySide<'_> {
+    type End = Ended;
+
+    fn output(&mut self, session: &mut ServerSession, output: Output) -> Result<(), Ended> {
+        let (hdr, packet) = match &output {
+            Output::Packet(packet) => (VnetHdr::NONE, &packet[..]),
+            // The session replaced the client's header with the only one
+            // its packet can mean.
+            Output::OffloadPacket(joined) => match VnetHdr::peel(joined) {
+                Some(split) => split,
+                None => return Ok(()),
             },
-            Some(joined) = rx.recv(), if pending < OUT_HIGH_WATER => {
+            // Client-side outputs.
+            _ => return Ok(()),
+        };
+        let from_client = &self.bytes.from_client;
+        from_client.fetch_add(packet.len() as u64, Relaxed);
+        if let Some(reply) = self.shared.client_packet(self.vip, &hdr, packet) {
+            session.send_packet(&reply);
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self, session: &mut ServerSession, room: bool) -> Result<(), Ended> {
+        let Self {
+            rx,
+            closed,
+            stopped,
+            bytes,
+            gro,
+            ..
+        } = self;
+        tokio::select! {
+            Some(joined) = rx.recv(), if room => {
                 let mut taken = joined.len();
-                to_client(session, bytes, &mut gro, &joined);
+                to_client(session, bytes, gro, &joined);
                 // Take more of what is queued: one TLS write for the lot,
                 // and consecutive segments of a flow merged. Up to the high
                 // water mark only: the queue is where replies wait, bounded,
@@ -136,19 +117,13 @@ pub(super) async fn pump(
                 while taken < OUT_HIGH_WATER {
                     let Some(joined) = rx.try_recv() else { break };
                     taken += joined.len();
-                    to_client(session, bytes, &mut gro, &joined);
+                    to_client(session, bytes, gro, &joined);
                 }
                 gro.flush(|hdr, packet| session.send_offload_packet(hdr, packet));
+                Ok(())
             }
-            () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
-            () = sleep_until_some(stall) => {
-                return PumpEnd::drop(format!("client read nothing for {}s", WRITE_STALL.as_secs()));
-            }
-            _ = closed.changed() => {
-                let why = closed.borrow().unwrap_or("closed");
-                return PumpEnd::drop(why);
-            }
-            _ = stopped.changed() => return PumpEnd::flush("gateway shutting down"),
+            _ = closed.changed() => Err(Ended::Closed(closed.borrow().unwrap_or("closed"))),
+            _ = stopped.changed() => Err(Ended::Shutdown),
         }
     }
 }

@@ -1,0 +1,124 @@
+//! The one loop both ends run: a session state machine between a
+//! [`Transport`] (the tunnel's bytes) and its [`Local`] side (the client's
+//! TUN device; the gateway's datapath and reply queue).
+//!
+//! Everything waits in one `select!`: bytes from the peer, writes making
+//! progress, local work, the session's timer. Nothing waits on the peer
+//! alone, so a local signal (stop, revocation) is seen however stuck the
+//! peer is, and a peer that takes none of our bytes for
+//! [`Limits::write_stall`] is let go.
+
+use std::{io, time::Duration};
+
+use veil_proto::session::{coalesce, CloseReason, Output, Session};
+
+use crate::stream::{sleep_until_some, Event, Transport};
+
+/// How much a pump buffers before it stops taking more.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Unwritten bytes above which local work waits (packets stay where
+    /// they are bounded: the TUN device's queue, the reply queue).
+    pub local_high_water: usize,
+    /// Unwritten bytes above which the peer is not read: a peer that sends
+    /// but does not read cannot grow our buffer.
+    pub read_limit: usize,
+    /// A peer that takes none of our bytes for this long is gone.
+    pub write_stall: Duration,
+}
+
+/// The side of a session that is not the tunnel.
+pub trait Local<S> {
+    /// Why this side ended the session.
+    type End;
+
+    /// Acts on an output of the session other than `Send` and `Close`
+    /// (a packet, an address, routes); `Err` ends the pump.
+    fn output(&mut self, session: &mut S, output: Output) -> Result<(), Self::End>;
+
+    /// Waits for local work and does it: packets into the session (only
+    /// when `room`), or a signal that ends the pump. Must be cancel-safe:
+    /// the pump drops it whenever something else happens first.
+    #[expect(
+        async_fn_in_trait,
+        reason = "implemented and called with concrete types, whose futures' Send-ness the compiler sees"
+    )]
+    async fn next(&mut self, session: &mut S, room: bool) -> Result<(), Self::End>;
+}
+
+/// Why a pump stopped.
+#[derive(Debug)]
+pub enum End<E> {
+    /// The session closed itself (protocol error, timeout, refusal): what
+    /// it queued before is worth sending.
+    Closed(CloseReason),
+    /// The peer closed the connection.
+    PeerClosed,
+    /// The transport failed.
+    Failed(io::Error),
+    /// The peer took none of our bytes for [`Limits::write_stall`].
+    Stalled,
+    /// The local side ended it.
+    Local(E),
+}
+
+/// Runs `session` between `transport` and `local` until one of them ends
+/// it. `buf` receives the peer's bytes.
+pub async fn run<S, T, L>(
+    session: &mut S,
+    transport: &mut T,
+    local: &mut L,
+    limits: Limits,
+    buf: &mut [u8],
+) -> End<L::End>
+where
+    S: Session,
+    T: Transport,
+    L: Local<S>,
+{
+    loop {
+        // Act on everything the state machine has to say.
+        while let Some(output) = session.poll_output() {
+            match output {
+                Output::Send(bytes) => {
+                    session.recycle_send_buffer(coalesce(transport.out_mut(), bytes))
+                }
+                Output::Close { reason } => return End::Closed(reason),
+                other => {
+                    if let Err(end) = local.output(session, other) {
+                        return End::Local(end);
+                    }
+                }
+            }
+        }
+        let deadline = session
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let stall = transport
+            .stalled_since()
+            .map(|since| since + limits.write_stall);
+        let pending = transport.pending();
+        tokio::select! {
+            event = transport.next(buf, pending < limits.read_limit) => match event {
+                Ok(Event::Read(0)) => return End::PeerClosed,
+                // A protocol error closes the session, which says so in
+                // its Close output.
+                Ok(Event::Read(n)) => {
+                    let _ = session.receive(&buf[..n], std::time::Instant::now());
+                }
+                Ok(Event::Wrote) => {}
+                Err(e) => return End::Failed(e),
+            },
+            done = local.next(session, pending < limits.local_high_water) => {
+                if let Err(end) = done {
+                    return End::Local(end);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                session.handle_timeout(std::time::Instant::now())
+            }
+            () = sleep_until_some(stall) => return End::Stalled,
+        }
+    }
+}
