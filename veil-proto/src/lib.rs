@@ -107,7 +107,8 @@ mod error;
 pub mod gro;
 pub mod gso;
 pub mod http;
-mod ipv4;
+pub mod ipv4;
+pub mod packet;
 pub mod session;
 pub mod varint;
 

@@ -10,7 +10,6 @@ pub mod gateway;
 pub mod metrics;
 pub mod nat;
 pub mod net;
-pub mod packet;
 pub mod policy;
 pub mod preflight;
 pub mod queue;
@@ -21,4 +20,5 @@ pub mod state;
 pub use datapath::{Datapath, DatapathConfig, DatapathError};
 pub use flows::{FlowError, FlowTable, PortRange, Timeouts};
 
+pub use veil_proto::packet;
 pub use veil_tunnel::{init_logging, stream, tls, tun};

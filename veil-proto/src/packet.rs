@@ -1,9 +1,14 @@
-//! What the session layer needs to know about a client's IPv4 packet, and
-//! the ICMP errors the gateway answers with. Pure functions over bytes.
+//! What the gateway needs to know about a client's IPv4 packet, and the
+//! ICMP errors it answers with. Pure functions over bytes, on the field
+//! offsets of [`crate::ipv4`].
 
 use std::net::Ipv4Addr;
 
 use veil_common::{proto, FlowKey};
+
+use crate::ipv4::{
+    be16, IPV4_MIN_HDR_LEN, IP_ADDRS, IP_CSUM, IP_FRAG, IP_PROTO, IP_TOTAL_LEN, IP_TTL,
+};
 
 const ICMP_ECHO_REQUEST: u8 = 8;
 
@@ -56,51 +61,50 @@ impl Ipv4Info {
 }
 
 pub fn parse(pkt: &[u8]) -> Result<Ipv4Info, PacketError> {
-    if pkt.len() < 20 {
+    if pkt.len() < IPV4_MIN_HDR_LEN {
         return Err(PacketError::TooShort(pkt.len()));
     }
     if pkt[0] >> 4 != 4 {
         return Err(PacketError::NotIpv4(pkt[0] >> 4));
     }
     let header_len = ((pkt[0] & 0x0f) as usize) * 4;
-    if header_len < 20 || header_len > pkt.len() {
+    if header_len < IPV4_MIN_HDR_LEN || header_len > pkt.len() {
         return Err(PacketError::BadHeaderLength(header_len));
     }
-    let total = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+    let total = usize::from(be16(pkt, IP_TOTAL_LEN));
     if total != pkt.len() {
         return Err(PacketError::LengthMismatch {
             total,
             actual: pkt.len(),
         });
     }
-    let frags = u16::from_be_bytes([pkt[6], pkt[7]]);
+    let frags = be16(pkt, IP_FRAG);
     let fragment = match (frags & 0x1fff, frags & 0x2000) {
         (0, 0) => Fragment::Whole,
         (0, _) => Fragment::First,
         _ => Fragment::Later,
     };
     let l4 = &pkt[header_len..];
-    let protocol = pkt[9];
+    let protocol = pkt[IP_PROTO];
     let ports = match protocol {
         _ if fragment == Fragment::Later => None,
-        proto::TCP | proto::UDP if l4.len() >= 8 => Some((
-            u16::from_be_bytes([l4[0], l4[1]]),
-            u16::from_be_bytes([l4[2], l4[3]]),
-        )),
-        proto::ICMP if l4.len() >= 8 && l4[0] == ICMP_ECHO_REQUEST => {
-            Some((u16::from_be_bytes([l4[4], l4[5]]), 0))
-        }
+        proto::TCP | proto::UDP if l4.len() >= 8 => Some((be16(l4, 0), be16(l4, 2))),
+        proto::ICMP if l4.len() >= 8 && l4[0] == ICMP_ECHO_REQUEST => Some((be16(l4, 4), 0)),
         _ => None,
     };
     Ok(Ipv4Info {
-        src: Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]),
-        dst: Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]),
+        src: addr(pkt, IP_ADDRS.start),
+        dst: addr(pkt, IP_ADDRS.start + 4),
         proto: protocol,
-        ttl: pkt[8],
+        ttl: pkt[IP_TTL],
         header_len,
         fragment,
         ports,
     })
+}
+
+fn addr(pkt: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(pkt[at], pkt[at + 1], pkt[at + 2], pkt[at + 3])
 }
 
 /// ICMP destination unreachable codes the gateway sends.
@@ -115,15 +119,15 @@ pub mod unreachable {
 /// patches its header checksum (RFC 1624): what a router does to a packet
 /// it forwards.
 pub fn decrement_ttl(pkt: &mut [u8]) {
-    if pkt.len() < 20 || pkt[8] == 0 {
+    if pkt.len() < IPV4_MIN_HDR_LEN || pkt[IP_TTL] == 0 {
         return;
     }
-    let old = u16::from_be_bytes([pkt[8], pkt[9]]);
-    pkt[8] -= 1;
-    let new = u16::from_be_bytes([pkt[8], pkt[9]]);
-    let check = u16::from_be_bytes([pkt[10], pkt[11]]);
-    let check = veil_common::csum::replace16(check, old, new);
-    pkt[10..12].copy_from_slice(&check.to_be_bytes());
+    // TTL and protocol share a 16-bit word of the header checksum.
+    let old = be16(pkt, IP_TTL);
+    pkt[IP_TTL] -= 1;
+    let new = be16(pkt, IP_TTL);
+    let check = veil_common::csum::replace16(be16(pkt, IP_CSUM), old, new);
+    pkt[IP_CSUM..IP_CSUM + 2].copy_from_slice(&check.to_be_bytes());
 }
 
 /// An ICMP error from `from` to the sender of `original` (RFC 792),
