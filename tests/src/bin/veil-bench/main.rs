@@ -1,0 +1,54 @@
+//! veil's measurements, run by `cargo xtask bench` (as root).
+//!
+//! `datapath`:
+//! - ns per packet of each path through the real programs
+//!   (BPF_PROG_TEST_RUN; the kernel times each run),
+//! - packets per second from a generator writing into the gateway's TUN
+//!   device to a sink in a remote namespace, through veil's datapath and,
+//!   on the same topology, through the kernel's routing + MASQUERADE,
+//! - flow creations and deletions per second through the flow API.
+
+use std::{
+    io::Write,
+    net::{Ipv4Addr, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
+use veil_common::{proto, FlowKey, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP};
+use veil_tests::{
+    bed::{Bed, CLIENT, PORTS, PUBLIC, REMOTE, ROUTER},
+    netns::{gateway_and_remote, NetNs},
+    packet::{frame, icmp_error, ip_of, L4},
+};
+use veil_user::{
+    flows::{PortRange, Timeouts},
+    net::{ifindex, monotonic_ns, Ipv4Net},
+    Datapath, DatapathConfig,
+};
+
+fn main() {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "datapath".into());
+    let quick = std::env::args().any(|a| a == "--quick");
+    match what.as_str() {
+        "datapath" => datapath(quick),
+        "tunnel" => tunnel(quick),
+        "peers" => peers(quick, only()),
+        other => {
+            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers");
+            std::process::exit(2);
+        }
+    }
+}
+
+mod datapath;
+mod measure;
+mod peers;
+mod tunnel;
+
+#[allow(
+    unused_imports,
+    reason = "the modules share one import list through `use super::*`"
+)]
+use self::{datapath::*, measure::*, peers::*, tunnel::*};
