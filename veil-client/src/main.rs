@@ -270,11 +270,12 @@ impl Tunnel<'_> {
     }
 }
 
-/// How much the client buffers: the TUN device is left unread while the
-/// gateway has not taken 512 KiB (the kernel's queue holds the rest,
-/// bounded), and a gateway that takes nothing for 15 s is gone.
+/// How much the client buffers: the TUN device is read only once what was
+/// read before is written (the kernel's queue, bounded by TCP small queues,
+/// holds the rest: a backlog in our buffer would only add latency), and a
+/// gateway that takes nothing for 15 s is gone.
 const LIMITS: Limits = Limits {
-    local_high_water: 512 * 1024,
+    local_high_water: 1,
     read_limit: usize::MAX,
     write_stall: Duration::from_secs(15),
 };
