@@ -15,6 +15,7 @@
 //! timeout-udp = 120
 //! public-addr = ["203.0.113.10", "203.0.113.11"]   # or one: "203.0.113.10"
 //! max-ports-per-endpoint = 1134
+//! dns = ["192.0.2.53", "192.0.2.54"]   # or one: "192.0.2.53"
 //! ```
 
 use std::{
@@ -71,6 +72,9 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "parsed_list")]
     pub deny: Option<Vec<Ipv4Net>>,
     pub allow_client_to_client: Option<bool>,
+    /// One upstream resolver or a list (`--dns` is repeatable).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub dns: Option<Vec<std::net::IpAddr>>,
     /// `9477` (or `"9477"`) is 127.0.0.1:9477; an address is explicit.
     #[serde(default, deserialize_with = "metrics_addr")]
     pub metrics: Option<SocketAddr>,
@@ -206,6 +210,7 @@ mod tests {
             timeout-udp-dns = 10
             public-addr = ["198.18.0.1", "198.18.0.3"]
             max-ports-per-endpoint = 100
+            dns = ["198.18.0.2", "2001:db8::53"]
             "#,
         )
         .unwrap();
@@ -231,6 +236,17 @@ mod tests {
         );
         assert_eq!(c.max_ports_per_endpoint, NonZeroU32::new(100));
         assert_eq!(c.allow_client_to_client, Some(true));
+        assert_eq!(
+            c.dns,
+            Some(vec![
+                "198.18.0.2".parse().unwrap(),
+                "2001:db8::53".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            parse("dns = \"192.0.2.53\"\n").unwrap().dns,
+            Some(vec!["192.0.2.53".parse().unwrap()])
+        );
     }
 
     #[test]

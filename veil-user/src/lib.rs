@@ -6,6 +6,7 @@ pub mod admission;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod dns;
 pub mod flows;
 pub mod gateway;
 pub mod metrics;

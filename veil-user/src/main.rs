@@ -160,6 +160,11 @@ struct GatewayArgs {
     /// Let clients reach each other's virtual addresses.
     #[arg(long)]
     allow_client_to_client: bool,
+    /// An upstream resolver of the DNS service clients get on the pool's
+    /// first address (repeatable, asked in order). Default: the
+    /// nameservers of this machine's /etc/resolv.conf.
+    #[arg(long, value_name = "IP")]
+    dns: Vec<std::net::IpAddr>,
     /// Worker threads for tunnels (TLS and packet handling); default: one
     /// per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -215,6 +220,7 @@ fn apply_file(cli: &mut Cli, matches: &ArgMatches, file: veil_user::config::File
         allow,
         deny,
         allow_client_to_client,
+        dns,
         timeout_tcp_established,
         timeout_tcp_transitory,
         timeout_udp,
@@ -416,6 +422,7 @@ fn serve(state_dir: PathBuf, args: GatewayArgs) -> Result<()> {
         client_buffer: args.client_buffer.0,
         max_handshakes: args.max_handshakes,
         max_handshakes_per_source: args.max_handshakes_per_source,
+        dns: args.dns,
     };
     let threads = args.threads.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)

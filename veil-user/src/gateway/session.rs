@@ -106,7 +106,7 @@ pub(super) async fn pump(
                 }
                 Output::Close { reason } => return PumpEnd::flush(reason.to_string()),
                 // Client-side outputs.
-                Output::Assigned { .. } | Output::Routes(_) => {}
+                Output::Assigned { .. } | Output::Routes(_) | Output::Dns(_) => {}
             }
         }
         let deadline = session
