@@ -15,6 +15,7 @@ pub mod net;
 pub mod packet;
 pub mod policy;
 pub mod preflight;
+pub mod qr;
 pub mod queue;
 pub mod size;
 pub mod state;

@@ -163,7 +163,7 @@ async fn connection(
     let Some(Attached {
         generation,
         mut closed,
-    }) = shared.attach(&name, vip, peer, bytes.clone(), tx)
+    }) = shared.attach(&name, &record.fingerprint, vip, peer, bytes.clone(), tx)
     else {
         session.refuse(503, "the gateway is full");
         while let Some(output) = session.poll_output() {
