@@ -196,11 +196,9 @@ impl ClientSession {
             match capsule {
                 Capsule::AddressAssign(list) => self.address_assigned(&list),
                 Capsule::RouteAdvertisement(routes) => self.link.push(Output::Routes(routes)),
-                Capsule::DnsAssign(configs) => {
-                    if self.dns.as_ref() != Some(&configs) {
-                        self.dns = Some(configs.clone());
-                        self.link.push(Output::Dns(configs));
-                    }
+                Capsule::DnsAssign(configs) if self.dns.as_ref() != Some(&configs) => {
+                    self.dns = Some(configs.clone());
+                    self.link.push(Output::Dns(configs));
                 }
                 // The client assigns nothing: every request is declined.
                 Capsule::AddressRequest(requests) => {
