@@ -79,7 +79,9 @@ struct Cli {
     no_dns: bool,
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
+/// A gateway that has not taken the TCP connection by then (a SYN and one
+/// retransmission) is left for the profile's next endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
