@@ -4,6 +4,7 @@
 
 pub mod bed;
 pub mod bpffs;
+pub mod dns;
 pub mod netns;
 pub mod packet;
 pub mod peers;

@@ -65,6 +65,27 @@ impl NetNs {
         run("nsenter", &all)
     }
 
+    /// Gives the namespace its own `/etc/resolv.conf`, as `ip netns exec`
+    /// shows it to what it runs (`/etc/netns/NAME/resolv.conf`, removed
+    /// with the namespace). Returns its path.
+    pub fn set_resolv_conf(&self, text: &str) -> std::path::PathBuf {
+        let dir = std::path::Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).expect("creating /etc/netns/NAME");
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, text).expect("writing the namespace's resolv.conf");
+        path
+    }
+
+    /// Runs a command as `ip netns exec` does (with the namespace's own
+    /// `/etc` files); its output, whatever its status.
+    pub fn netns_exec(&self, cmd: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, cmd])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets, TUN
     /// devices and BPF links made there stay in it when used elsewhere.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
@@ -84,6 +105,10 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        // Only this namespace's own directory, if a test made one.
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&self.name));
+        // And /etc/netns itself if that left it empty (it fails otherwise).
+        let _ = std::fs::remove_dir("/etc/netns");
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();

@@ -176,7 +176,7 @@ fn openvpn(world: &World, tcp: bool) -> Vec<Proc> {
     let ca = state.ca().unwrap();
     let (cert, key) = state.server_identity(&ca).unwrap();
     state.record_endpoint("10.200.1.1:1194").unwrap();
-    let client = state.add_client("client", None).unwrap();
+    let client = state.add_client("client", &[]).unwrap();
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
         fs::write(&p, text).unwrap();

@@ -36,7 +36,7 @@ impl RawClient {
     /// the upgrade (announcing offload if `offload`).
     pub fn connect(ns: &NetNs, profile: &Path, offload: bool) -> Self {
         let profile = Profile::load(profile).expect("profile");
-        let tcp = ns.enter(|| TcpStream::connect(profile.endpoint.as_str()).expect("connect"));
+        let tcp = ns.enter(|| TcpStream::connect(profile.endpoints[0].as_str()).expect("connect"));
         tcp.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let (config, name) = tls::client_config(&profile).expect("TLS config");
@@ -44,7 +44,7 @@ impl RawClient {
         let session = ClientSession::new(
             ClientConfig {
                 offload,
-                ..ClientConfig::new(profile.endpoint.clone())
+                ..ClientConfig::new(profile.endpoints[0].clone())
             },
             Instant::now(),
         )
@@ -87,7 +87,7 @@ impl RawClient {
                 Output::Packet(p) => self.received.push(p),
                 Output::OffloadPacket(p) => self.received.push(p[10..].to_vec()),
                 Output::Close { reason } => panic!("session closed: {reason}"),
-                Output::Assigned { .. } | Output::Routes(_) => {}
+                Output::Assigned { .. } | Output::Routes(_) | Output::Dns(_) => {}
             }
         }
     }

@@ -181,6 +181,10 @@ impl World {
     }
 
     /// [`Self::start_client`] with more command-line arguments.
+    ///
+    /// Started with `nsenter`, which keeps the host's mounts: the client's
+    /// `/etc/resolv.conf` would be the host's own, so these clients run
+    /// with `--no-dns` (see [`Self::start_client_dns`]).
     pub fn start_client_with(
         &self,
         i: usize,
@@ -191,8 +195,34 @@ impl World {
         let mut cmd = self.nsenter(&self.clients[i - 1], "veil-client");
         cmd.arg("--profile")
             .arg(profile)
+            .args(["--keepalive", "1", "--no-dns"])
+            .args(extra);
+        self.spawn_client(i, cmd, wait)
+    }
+
+    /// Starts `veil-client` in client namespace `i` as `ip netns exec`
+    /// does, so that it manages DNS: `ip netns exec` runs it in a mount
+    /// namespace of its own where `/etc/netns/NS/resolv.conf` is bind-mounted
+    /// on `/etc/resolv.conf` (`nsenter --net` does not: there the client
+    /// would see, and change, the host's). Give the namespace its file
+    /// first ([`crate::netns::NetNs::set_resolv_conf`]).
+    pub fn start_client_dns(&self, i: usize, profile: &PathBuf, extra: &[&str]) -> Proc {
+        let ns = self.clients[i - 1].name();
+        assert!(
+            std::path::Path::new(&format!("/etc/netns/{ns}/resolv.conf")).exists(),
+            "without its own resolv.conf the client would manage the host's"
+        );
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.clients[i - 1].name()])
+            .arg(workspace_bin("veil-client"))
+            .arg("--profile")
+            .arg(profile)
             .args(["--keepalive", "1"])
             .args(extra);
+        self.spawn_client(i, cmd, true)
+    }
+
+    fn spawn_client(&self, i: usize, cmd: Command, wait: bool) -> Proc {
         let log = self
             .dir
             .join(format!("client{i}-{}.log", std::process::id()));

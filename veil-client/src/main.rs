@@ -6,7 +6,12 @@
 //! the tunnel breaks it reconnects with backoff, keeping the TUN device and
 //! the routes, so applications see a pause rather than an error. On exit
 //! (SIGINT, SIGTERM, a fatal error) the routing table is restored.
+//!
+//! The profile may list several endpoints: one that does not answer within
+//! the connect timeout is left for the next. The resolver the gateway
+//! announces becomes the system's while connected (see [`dns`]).
 
+mod dns;
 mod routes;
 
 use std::{
@@ -68,9 +73,16 @@ struct Cli {
         value_parser = clap::value_parser!(u64).range(1..=veil_proto::http::MAX_KEEPALIVE.as_secs())
     )]
     keepalive: u64,
+    /// Leave the system's DNS settings alone (by default they point at the
+    /// resolver the gateway announces, reached through the tunnel, and are
+    /// restored on exit).
+    #[arg(long)]
+    no_dns: bool,
 }
 
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
+/// A gateway that has not taken the TCP connection by then (a SYN and one
+/// retransmission) is left for the profile's next endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -85,6 +97,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 fn main() -> Result<()> {
     veil_tunnel::init_logging();
     let cli = Cli::parse();
+    // A resolv.conf left by a run that was killed goes back first.
+    dns::recover();
     let profile = Profile::load(&cli.profile)
         .with_context(|| format!("loading the profile {}", cli.profile.display()))?;
     // One connection, one TUN device: a single thread saves the cross-thread
@@ -99,7 +113,7 @@ fn main() -> Result<()> {
 async fn run(cli: Cli, profile: Profile) -> Result<()> {
     let (config, server_name) = tls::client_config(&profile)?;
     let connector = TlsConnector::from(Arc::new(config));
-    let gateway = resolve(&profile.endpoint)?;
+    let gateways = resolve_all(&profile.endpoints)?;
     let routes = if cli.routes.is_empty() {
         FULL_TUNNEL
             .iter()
@@ -123,20 +137,46 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
     // Created on the first address assignment, kept across reconnects,
     // dropped (routes restored) when this function returns.
     let mut network: Option<Network> = None;
+    // Declared after `network`, so dropped (restored) before it.
+    let mut system_dns: Option<dns::SystemDns> = None;
     let mut backoff = BACKOFF_MIN;
+    // Which endpoint, and how many in a row did not answer.
+    let (mut current, mut unanswered) = (0, 0);
     loop {
         let started = Instant::now();
         let tunnel = Tunnel {
             cli: &cli,
             connector: &connector,
             server_name: server_name.clone(),
-            gateway,
+            gateway: gateways[current],
+            gateways: &gateways,
             routes: &routes,
         };
-        match tunnel.run(&mut network, &mut stopped).await {
+        match tunnel
+            .run(&mut network, &mut system_dns, &mut stopped)
+            .await
+        {
             Ok(()) => return Ok(()),
             Err(e) if e.is::<Fatal>() => return Err(e),
+            Err(e) if e.is::<Unanswered>() => {
+                // Straight on to the next endpoint; the backoff only once
+                // every one of them was tried.
+                current = (current + 1) % gateways.len();
+                unanswered += 1;
+                if unanswered < gateways.len() {
+                    warn!("{e:#}; trying the next endpoint");
+                    continue;
+                }
+                unanswered = 0;
+                warn!("{e:#}; no endpoint answered, retrying in {backoff:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
             Err(e) => {
+                unanswered = 0;
                 if started.elapsed() > BACKOFF_MAX {
                     backoff = BACKOFF_MIN;
                 }
@@ -155,6 +195,29 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Fatal(String);
+
+/// The endpoint did not take the connection in time (or refused it): the
+/// next one is tried at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unanswered(String);
+
+/// Every endpoint's address, in the profile's order; one that does not
+/// resolve is skipped (with a warning) as long as one does.
+fn resolve_all(endpoints: &[String]) -> Result<Vec<SocketAddr>> {
+    let mut found = Vec::new();
+    for endpoint in endpoints {
+        match resolve(endpoint) {
+            Ok(addr) => found.push(addr),
+            Err(e) if endpoints.len() > 1 => warn!("{e:#}: skipped"),
+            Err(e) => return Err(e),
+        }
+    }
+    if found.is_empty() {
+        bail!("no endpoint of the profile resolves");
+    }
+    Ok(found)
+}
 
 fn resolve(endpoint: &str) -> Result<SocketAddr> {
     endpoint
@@ -179,6 +242,8 @@ struct Tunnel<'a> {
     connector: &'a TlsConnector,
     server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
     gateway: SocketAddr,
+    /// Every endpoint: the network keeps each reachable outside the tunnel.
+    gateways: &'a [SocketAddr],
     routes: &'a [Ipv4Net],
 }
 
@@ -187,12 +252,23 @@ impl Tunnel<'_> {
     async fn run(
         &self,
         network: &mut Option<Network>,
+        system_dns: &mut Option<dns::SystemDns>,
         stopped: &mut watch::Receiver<bool>,
     ) -> Result<()> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.gateway))
-            .await
-            .with_context(|| format!("connecting to {} timed out", self.gateway))?
-            .with_context(|| format!("connecting to {}", self.gateway))?;
+        let tcp =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.gateway)).await {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => {
+                    return Err(Unanswered(format!("connecting to {}: {e}", self.gateway)).into())
+                }
+                Err(_) => {
+                    return Err(Unanswered(format!(
+                        "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
+                        self.gateway
+                    ))
+                    .into())
+                }
+            };
         net::tune_tunnel_socket(&tcp, net::TUNNEL_LOWAT);
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -222,6 +298,7 @@ impl Tunnel<'_> {
         let mut side = ClientSide {
             tunnel: self,
             network,
+            system_dns,
             stopped,
             tun_buf: vec![0u8; tun::MAX_READ],
         };
@@ -246,6 +323,31 @@ impl Tunnel<'_> {
         }
     }
 
+    /// The gateway's resolver becomes the system's (unless `--no-dns`):
+    /// kept across reconnects while the announcement stays the same.
+    fn dns_announced(
+        &self,
+        network: &Option<Network>,
+        system_dns: &mut Option<dns::SystemDns>,
+        configs: &[veil_proto::capsule::DnsConfiguration],
+    ) {
+        let (false, Some(net)) = (self.cli.no_dns, network) else {
+            return;
+        };
+        let plan = dns::Plan::from_announcement(configs);
+        if system_dns.as_ref().map(|d| d.plan()) == plan.as_ref() {
+            return;
+        }
+        // The old settings go back before new ones are made.
+        *system_dns = None;
+        if let Some(plan) = plan {
+            match dns::SystemDns::apply(net.tun.name(), plan) {
+                Ok(applied) => *system_dns = Some(applied),
+                Err(e) => warn!("pointing the system at the gateway's resolver: {e:#}"),
+            }
+        }
+    }
+
     fn assigned(&self, network: &mut Option<Network>, addr: Ipv4Addr) -> Result<()> {
         match network {
             Some(net) if net.addr == addr => Ok(()),
@@ -255,12 +357,16 @@ impl Tunnel<'_> {
             ))
             .into()),
             None => {
-                let gateway = match self.gateway.ip() {
-                    std::net::IpAddr::V4(a) => a,
-                    std::net::IpAddr::V6(_) => unreachable!("resolved to IPv4"),
-                };
+                let gateways: Vec<Ipv4Addr> = self
+                    .gateways
+                    .iter()
+                    .filter_map(|g| match g.ip() {
+                        std::net::IpAddr::V4(a) => Some(a),
+                        std::net::IpAddr::V6(_) => None,
+                    })
+                    .collect();
                 *network = Some(
-                    Network::up(&self.cli.tun, self.cli.mtu, addr, gateway, self.routes)
+                    Network::up(&self.cli.tun, self.cli.mtu, addr, &gateways, self.routes)
                         .map_err(|e| Fatal(format!("{e:#}")))?,
                 );
                 info!(%addr, gateway = %self.gateway, "connected");
@@ -285,6 +391,8 @@ const LIMITS: Limits = Limits {
 struct ClientSide<'a> {
     tunnel: &'a Tunnel<'a>,
     network: &'a mut Option<Network>,
+    /// The system's resolver configuration while the gateway's applies.
+    system_dns: &'a mut Option<dns::SystemDns>,
     stopped: &'a mut watch::Receiver<bool>,
     tun_buf: Vec<u8>,
 }
@@ -316,6 +424,10 @@ impl Local<ClientSession> for ClientSide<'_> {
                 .tunnel
                 .assigned(self.network, addr)
                 .map_err(Ended::Failed)?,
+            Output::Dns(configs) => {
+                self.tunnel
+                    .dns_announced(self.network, self.system_dns, &configs)
+            }
             _ => {}
         }
         Ok(())

@@ -21,13 +21,14 @@ pub struct Network {
 pub const FULL_TUNNEL: [&str; 2] = ["0.0.0.0/1", "128.0.0.0/1"];
 
 impl Network {
-    /// Creates the TUN device, gives it `addr`, keeps the gateway reachable
-    /// the way it is now, and routes `routes` into the tunnel.
+    /// Creates the TUN device, gives it `addr`, keeps the gateways (every
+    /// endpoint of the profile, for failover) reachable the way they are
+    /// now, and routes `routes` into the tunnel.
     pub fn up(
         name: &str,
         mtu: u16,
         addr: Ipv4Addr,
-        gateway: Ipv4Addr,
+        gateways: &[Ipv4Addr],
         routes: &[Ipv4Net],
     ) -> Result<Self> {
         let tun =
@@ -48,10 +49,12 @@ impl Network {
             warn!("no fq_codel on {dev} ({e:#}): the tunnel may queue more under load");
         }
         // The tunnel itself must not go into the tunnel.
-        let via = current_route(gateway)?;
-        let mut host = vec!["route".into(), "replace".into(), format!("{gateway}/32")];
-        host.extend(via);
-        net.add(host)?;
+        for gateway in gateways {
+            let via = current_route(*gateway)?;
+            let mut host = vec!["route".into(), "replace".into(), format!("{gateway}/32")];
+            host.extend(via);
+            net.add(host)?;
+        }
         for r in routes {
             net.add(vec![
                 "route".into(),

@@ -89,6 +89,14 @@ pub enum ProtoError {
     #[error("the gateway's ADDRESS_ASSIGN contains no IPv4 address")]
     NoIpv4Assigned,
 
+    // --- DNS configuration (draft-ietf-masque-connect-ip-dns) ---------
+    /// A domain name that is not presentation-format A-labels.
+    #[error("\"{name}\" is not a valid domain name (letters, digits, '-', '_' in dot-separated labels of 1-63, 253 in all)")]
+    InvalidDomainName { name: String },
+    /// A nameserver entry the draft rules out.
+    #[error("DNS_ASSIGN nameserver: {reason}")]
+    BadNameserver { reason: &'static str },
+
     // --- HTTP/1.1 upgrade (RFC 9484 §3) --------------------------------
     /// The header block did not end within the limit.
     #[error("{what} header too large (more than {limit} bytes)")]

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod control;
 pub mod datapath;
+pub mod dns;
 pub mod flows;
 pub mod gateway;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod nat;
 pub mod net;
 pub mod policy;
 pub mod preflight;
+pub mod qr;
 pub mod queue;
 pub mod settings;
 pub mod size;

@@ -59,22 +59,33 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClientCommand {
-    /// Issue a profile: one file with everything a client needs.
+    /// Issue a profile: one file with everything a client needs. A revoked
+    /// name may be issued again (its earlier profiles stay refused).
     Add {
         name: String,
         /// Where to write the profile: a new file, mode 0600 (it holds the
         /// client's key). An existing file or symlink is refused.
+        #[arg(long, value_name = "FILE", required_unless_present_any = ["qr", "qr_png"])]
+        out: Option<PathBuf>,
+        /// Also print the profile as a QR code in the terminal (it holds
+        /// the client's key: mind who sees the screen).
+        #[arg(long)]
+        qr: bool,
+        /// Also write the QR code as a PNG: a new file, mode 0600, like
+        /// --out (--force replaces it too).
         #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        qr_png: Option<PathBuf>,
         /// Replace an existing FILE: the profile is written to a new file
         /// beside it and renamed over it (a symlink is replaced, not
         /// followed).
         #[arg(long)]
         force: bool,
-        /// The gateway address clients connect to; default: the one the
-        /// gateway serves on, as recorded in the state directory.
+        /// The gateway address clients connect to (repeatable: the client
+        /// tries them in order, going on to the next when one does not
+        /// answer); default: the one the gateway serves on, as recorded in
+        /// the state directory.
         #[arg(long, value_name = "HOST:PORT")]
-        endpoint: Option<String>,
+        endpoint: Vec<String>,
     },
     /// List issued clients.
     List,
@@ -110,24 +121,54 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
         ClientCommand::Add {
             name,
             out,
+            qr,
+            qr_png,
             endpoint,
             force,
         } => {
-            // Opened first: a refused --out issues nothing.
+            // Opened first: a refused --out (or --qr-png) issues nothing.
             let existing = if force {
                 Existing::Replace
             } else {
                 Existing::Refuse
             };
-            let file = PrivateFile::create(&out, existing).context("writing the profile")?;
-            let profile = state.add_client(&name, endpoint.as_deref())?;
-            file.commit(profile.to_toml().as_bytes())
-                .context("writing the profile")?;
-            println!(
-                "client `{name}` added; profile for {} written to {}",
-                profile.endpoint,
-                out.display()
-            );
+            let file = out
+                .as_ref()
+                .map(|out| PrivateFile::create(out, existing).context("writing the profile"))
+                .transpose()?;
+            let png_file = qr_png
+                .as_ref()
+                .map(|path| PrivateFile::create(path, existing).context("writing the QR code"))
+                .transpose()?;
+            let profile = state.add_client(&name, &endpoint)?;
+            // Rendered before anything is written: a profile too large for
+            // a code fails whole.
+            let code = (qr || png_file.is_some())
+                .then(|| veil_user::qr::code(&profile))
+                .transpose()?;
+            if let (Some(file), Some(out)) = (file, &out) {
+                file.commit(profile.to_toml().as_bytes())
+                    .context("writing the profile")?;
+                println!(
+                    "client `{name}` added; profile for {} written to {}",
+                    profile.endpoints.join(", "),
+                    out.display()
+                );
+            } else {
+                println!(
+                    "client `{name}` added; profile for {}",
+                    profile.endpoints.join(", ")
+                );
+            }
+            if let (Some(file), Some(code), Some(path)) = (png_file, &code, &qr_png) {
+                file.commit(&veil_user::qr::png(code)?)
+                    .context("writing the QR code")?;
+                println!("QR code written to {}", path.display());
+            }
+            if let (true, Some(code)) = (qr, &code) {
+                println!("{}", veil_user::qr::terminal(code));
+                println!("(the QR code holds the client's key: veil-client reads the scanned text as a profile)");
+            }
         }
         ClientCommand::List => {
             let leases = state.leases()?;

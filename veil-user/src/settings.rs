@@ -18,6 +18,7 @@
 //! public-addr = ["203.0.113.10", "203.0.113.11"]   # or one: "203.0.113.10"
 //! max-ports-per-endpoint = 1134
 //! client-buffer = "4MiB"
+//! dns = ["192.0.2.53", "192.0.2.54"]   # or one: "192.0.2.53"
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -127,6 +128,12 @@ pub struct Settings {
     /// Let clients reach each other's virtual addresses.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub allow_client_to_client: Option<bool>,
+    /// An upstream resolver of the DNS service clients get on the pool's
+    /// first address (repeatable, asked in order) [default: the
+    /// nameservers of this machine's /etc/resolv.conf].
+    #[arg(long, value_name = "IP")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub dns: Vec<std::net::IpAddr>,
     /// Worker threads for tunnels (TLS and packet handling) [default: one
     /// per CPU].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -246,6 +253,7 @@ impl Settings {
             max_handshakes: self.max_handshakes.unwrap_or(256),
             max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
             threads: self.threads,
+            dns: self.dns,
         })
     }
 }
@@ -524,6 +532,7 @@ mod tests {
             allow = ["10.20.0.0/16"]
             deny = ["198.51.100.0/24"]
             allow-client-to-client = true
+            dns = ["198.18.0.2", "2001:db8::53"]
             threads = 3
             metrics = 9477
             timeout-tcp-established = 8000

@@ -54,7 +54,7 @@ pub enum StateError {
     Crypto(#[from] rcgen::Error),
     #[error("client name `{0}` is not allowed: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'")]
     BadName(String),
-    #[error("a client named `{0}` already exists (revoke it or pick another name)")]
+    #[error("a client named `{0}` already exists: pick another name, or revoke it first to issue a new profile under this one")]
     ClientExists(String),
     #[error("no client named `{0}`")]
     NoSuchClient(String),
@@ -75,6 +75,31 @@ pub struct ClientRecord {
     /// Seconds since the epoch, once revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<u64>,
+    /// Fingerprints of the certificates of earlier profiles under this
+    /// name, revoked before it was issued again: still refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<String>,
+}
+
+impl ClientRecord {
+    /// The record, then one revoked record per retired certificate: what
+    /// the gateway's registry holds, by fingerprint.
+    pub fn with_retired(self) -> Vec<ClientRecord> {
+        let revoked = self.revoked.unwrap_or(self.created);
+        let mut all: Vec<ClientRecord> = self
+            .retired
+            .iter()
+            .map(|fingerprint| ClientRecord {
+                name: self.name.clone(),
+                fingerprint: fingerprint.clone(),
+                created: self.created,
+                revoked: Some(revoked),
+                retired: Vec::new(),
+            })
+            .collect();
+        all.insert(0, self);
+        all
+    }
 }
 
 pub use veil_tunnel::profile::Profile;
@@ -206,16 +231,25 @@ impl StateDir {
         Ok(record.endpoint)
     }
 
-    /// Issues a profile for a new client.
-    pub fn add_client(&self, name: &str, endpoint: Option<&str>) -> Result<Profile, StateError> {
+    /// Issues a profile for a new client, or for a revoked one again (its
+    /// earlier certificates stay refused: see [`ClientRecord::retired`]).
+    /// `endpoints`: where the client connects, in order; empty: the
+    /// recorded one.
+    pub fn add_client(&self, name: &str, endpoints: &[String]) -> Result<Profile, StateError> {
         check_name(name)?;
         let record_path = self.client_path(name);
+        let mut retired = Vec::new();
         if record_path.exists() {
-            return Err(StateError::ClientExists(name.to_owned()));
+            let old: ClientRecord = parse(&record_path)?;
+            if old.revoked.is_none() {
+                return Err(StateError::ClientExists(name.to_owned()));
+            }
+            retired = old.retired;
+            retired.push(old.fingerprint);
         }
-        let endpoint = match endpoint {
-            Some(e) => e.to_owned(),
-            None => self.endpoint()?.ok_or(StateError::NoEndpoint)?,
+        let endpoints = match endpoints {
+            [] => vec![self.endpoint()?.ok_or(StateError::NoEndpoint)?],
+            some => some.to_vec(),
         };
         let ca = self.ca()?;
         let key = KeyPair::generate()?;
@@ -228,11 +262,12 @@ impl StateDir {
             fingerprint: fingerprint(cert.der()),
             created: now(),
             revoked: None,
+            retired,
         };
         write_secret(&record_path, &toml::to_string(&record).expect("serializes"))?;
         Ok(Profile {
             name: name.to_owned(),
-            endpoint,
+            endpoints,
             server_name: SERVER_NAME.to_owned(),
             ca: ca.cert_pem.clone(),
             cert: cert.pem(),
@@ -548,23 +583,24 @@ mod tests {
         let root = temp();
         let state = StateDir::open(&root).unwrap();
         assert!(matches!(
-            state.add_client("alice", None),
+            state.add_client("alice", &[]),
             Err(StateError::NoEndpoint)
         ));
         state.record_endpoint("198.18.0.1:443").unwrap();
-        let alice = state.add_client("alice", None).unwrap();
-        assert_eq!(alice.endpoint, "198.18.0.1:443");
+        let alice = state.add_client("alice", &[]).unwrap();
+        assert_eq!(alice.endpoints, ["198.18.0.1:443"]);
         assert_eq!(alice.server_name, SERVER_NAME);
         assert!(alice.cert.contains("BEGIN CERTIFICATE"));
-        let bob = state.add_client("bob", Some("gw.example:8443")).unwrap();
-        assert_eq!(bob.endpoint, "gw.example:8443");
+        let both = ["gw.example:8443".to_owned(), "gw2.example:443".to_owned()];
+        let bob = state.add_client("bob", &both).unwrap();
+        assert_eq!(bob.endpoints, both);
         assert_eq!(alice.ca, bob.ca, "one CA");
         assert!(matches!(
-            state.add_client("alice", None),
+            state.add_client("alice", &[]),
             Err(StateError::ClientExists(_))
         ));
         assert!(matches!(
-            state.add_client("../x", None),
+            state.add_client("../x", &[]),
             Err(StateError::BadName(_))
         ));
 
@@ -590,6 +626,38 @@ mod tests {
         assert_eq!(key & 0o777, 0o600, "keys are private");
         let profile_text = Profile::parse(&bob.to_toml()).unwrap();
         assert_eq!(profile_text, bob);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_revoked_name_is_issued_again_and_its_old_certificates_stay_refused() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        state.record_endpoint("198.18.0.1:443").unwrap();
+        let first = state.add_client("alice", &[]).unwrap();
+        state.revoke("alice").unwrap();
+        let second = state.add_client("alice", &[]).unwrap();
+        assert_ne!(first.cert, second.cert);
+        assert!(matches!(
+            state.add_client("alice", &[]),
+            Err(StateError::ClientExists(_))
+        ));
+        state.revoke("alice").unwrap();
+        state.add_client("alice", &[]).unwrap();
+        let record = state.clients().unwrap().remove(0);
+        assert!(record.revoked.is_none());
+        assert_eq!(record.retired.len(), 2, "both earlier certificates");
+        let fingerprint = |p: &Profile| {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            fingerprint(&CertificateDer::from_pem_slice(p.cert.as_bytes()).unwrap())
+        };
+        assert_eq!(record.retired, [fingerprint(&first), fingerprint(&second)]);
+        let registry = record.clone().with_retired();
+        assert_eq!(registry.len(), 3);
+        assert!(registry[0].revoked.is_none());
+        assert!(registry[1..]
+            .iter()
+            .all(|r| r.revoked.is_some() && r.name == "alice"));
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -717,7 +785,7 @@ mod tests {
         let ca = state.ca().unwrap();
         state.server_identity(&ca).unwrap();
         state.record_endpoint("198.18.0.1:443").unwrap();
-        state.add_client("alice", None).unwrap();
+        state.add_client("alice", &[]).unwrap();
         for secret in ["ca.key", "server.key", "clients/alice.toml"] {
             assert_eq!(mode(&root.join(secret)), 0o600, "{secret}");
         }
@@ -732,7 +800,7 @@ mod tests {
         let state = StateDir::open(&root).unwrap();
         state.record_endpoint("198.18.0.1:443").unwrap();
         for name in ["alice", "bob", "carol"] {
-            state.add_client(name, None).unwrap();
+            state.add_client(name, &[]).unwrap();
         }
         fs::write(root.join("clients/carol.toml"), "fingerprint = [").unwrap();
         fs::write(root.join("clients/..toml"), "").unwrap();

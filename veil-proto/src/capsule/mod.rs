@@ -2,19 +2,22 @@
 //! connection are a sequence of `Type (i), Length (i), Value (..)` records.
 //!
 //! veil uses the DATAGRAM capsule for IP packets, the three configuration
-//! capsules of RFC 9484 §4.7 for the address and routes, and two private
+//! capsules of RFC 9484 §4.7 for the address and routes, DNS_ASSIGN of
+//! draft-ietf-masque-connect-ip-dns for the resolver, and two private
 //! capsule types for liveness. RFC 9297 §3.2 makes receivers skip capsule
 //! types they do not know, so the private types are invisible to any other
 //! CONNECT-IP implementation.
 
 mod address;
 mod decoder;
+mod dns;
 #[cfg(test)]
 mod tests;
 mod wire;
 
 pub use address::{validate_routes, AssignedAddress, IpAddressRange, RequestedAddress};
 pub use decoder::{CapsuleDecoder, DEFAULT_MAX_CAPSULE_LEN, DEFAULT_MAX_SKIP_LEN};
+pub use dns::{svc_key, DnsConfiguration, DomainName, Nameserver, SvcParam, DNS_ASSIGN};
 
 use crate::{varint, ProtoError};
 use wire::Reader;
@@ -54,6 +57,9 @@ pub enum Capsule {
     AddressRequest(Vec<RequestedAddress>),
     /// The full list of ranges the sender will route for the receiver.
     RouteAdvertisement(Vec<IpAddressRange>),
+    /// The DNS configurations the sender asks the receiver to use; each
+    /// DNS_ASSIGN replaces the previous one.
+    DnsAssign(Vec<DnsConfiguration>),
     /// veil liveness probe with its nonce.
     Ping(u64),
     /// Answer to a [`Capsule::Ping`], echoing its nonce.
@@ -68,7 +74,13 @@ pub enum Capsule {
 pub(crate) fn is_known(capsule_type: u64) -> bool {
     matches!(
         capsule_type,
-        DATAGRAM | ADDRESS_ASSIGN | ADDRESS_REQUEST | ROUTE_ADVERTISEMENT | VEIL_PING | VEIL_PONG
+        DATAGRAM
+            | ADDRESS_ASSIGN
+            | ADDRESS_REQUEST
+            | ROUTE_ADVERTISEMENT
+            | DNS_ASSIGN
+            | VEIL_PING
+            | VEIL_PONG
     )
 }
 
@@ -79,6 +91,7 @@ fn type_name(capsule_type: u64) -> &'static str {
         ADDRESS_ASSIGN => "ADDRESS_ASSIGN",
         ADDRESS_REQUEST => "ADDRESS_REQUEST",
         ROUTE_ADVERTISEMENT => "ROUTE_ADVERTISEMENT",
+        DNS_ASSIGN => "DNS_ASSIGN",
         VEIL_PING => "VEIL_PING",
         VEIL_PONG => "VEIL_PONG",
         _ => "unknown",
@@ -117,6 +130,7 @@ impl Capsule {
             Capsule::AddressAssign(_) => ADDRESS_ASSIGN,
             Capsule::AddressRequest(_) => ADDRESS_REQUEST,
             Capsule::RouteAdvertisement(_) => ROUTE_ADVERTISEMENT,
+            Capsule::DnsAssign(_) => DNS_ASSIGN,
             Capsule::Ping(_) => VEIL_PING,
             Capsule::Pong(_) => VEIL_PONG,
             Capsule::Unknown { capsule_type, .. } => *capsule_type,
@@ -164,6 +178,7 @@ impl Capsule {
                 })
             }
             Capsule::RouteAdvertisement(routes) => validate_routes(routes),
+            Capsule::DnsAssign(configs) => configs.iter().try_for_each(DnsConfiguration::check),
             Capsule::Ping(_) | Capsule::Pong(_) => Ok(()),
             Capsule::Unknown { capsule_type, .. } => Err(ProtoError::EncodeUnknown {
                 capsule_type: *capsule_type,
@@ -186,6 +201,7 @@ impl Capsule {
                 .map(|a| address::entry_len(a.request_id, a.ip))
                 .sum(),
             Capsule::RouteAdvertisement(routes) => routes.iter().map(|r| r.encoded_len()).sum(),
+            Capsule::DnsAssign(configs) => configs.iter().map(DnsConfiguration::encoded_len).sum(),
             Capsule::Ping(_) | Capsule::Pong(_) => 8,
             Capsule::Unknown { .. } => 0,
         }
@@ -213,6 +229,11 @@ impl Capsule {
             Capsule::RouteAdvertisement(routes) => {
                 for r in routes {
                     r.write(out);
+                }
+            }
+            Capsule::DnsAssign(configs) => {
+                for c in configs {
+                    c.write(out);
                 }
             }
             Capsule::Ping(nonce) | Capsule::Pong(nonce) => {
@@ -269,6 +290,13 @@ impl Capsule {
                 }
                 validate_routes(&routes)?;
                 Capsule::RouteAdvertisement(routes)
+            }
+            DNS_ASSIGN => {
+                let mut configs = Vec::new();
+                while !r.is_empty() {
+                    configs.push(DnsConfiguration::read(&mut r)?);
+                }
+                Capsule::DnsAssign(configs)
             }
             VEIL_PING => Capsule::Ping(u64::from_be_bytes(r.bytes::<8>("Nonce")?)),
             VEIL_PONG => Capsule::Pong(u64::from_be_bytes(r.bytes::<8>("Nonce")?)),

@@ -108,9 +108,53 @@ fn samples() -> Vec<Capsule> {
             ),
         ]),
         Capsule::RouteAdvertisement(Vec::new()),
+        Capsule::DnsAssign(vec![DnsConfiguration::full_tunnel(vec![Ipv4Addr::new(
+            10, 77, 0, 1,
+        )])]),
+        Capsule::DnsAssign(vec![dns_split_tunnel(), DnsConfiguration::default()]),
+        Capsule::DnsAssign(Vec::new()),
         Capsule::Ping(0x0123_4567_89ab_cdef),
         Capsule::Pong(u64::MAX),
     ]
+}
+
+/// The draft's split-tunnel example (§3.6.2), with an encrypted resolver
+/// beside it.
+fn dns_split_tunnel() -> DnsConfiguration {
+    let domain = |d: &str| DomainName::new(d).expect("valid");
+    DnsConfiguration {
+        nameservers: vec![
+            Nameserver {
+                priority: 1,
+                ipv4: vec![Ipv4Addr::new(192, 0, 2, 33)],
+                ipv6: vec!["2001:db8::1".parse().unwrap()],
+                auth_domain: DomainName::root(),
+                params: Vec::new(),
+            },
+            Nameserver {
+                priority: 2,
+                ipv4: Vec::new(),
+                ipv6: Vec::new(),
+                auth_domain: domain("dns.corp.example"),
+                params: vec![
+                    SvcParam {
+                        key: svc_key::ALPN,
+                        value: b"\x03dot".to_vec(),
+                    },
+                    SvcParam {
+                        key: svc_key::NO_DEFAULT_ALPN,
+                        value: Vec::new(),
+                    },
+                    SvcParam {
+                        key: svc_key::PORT,
+                        value: 853u16.to_be_bytes().to_vec(),
+                    },
+                ],
+            },
+        ],
+        internal_domains: vec![domain("internal.corp.example")],
+        search_domains: vec![domain("internal.corp.example"), domain("corp.example.")],
+    }
 }
 
 #[test]
@@ -151,6 +195,143 @@ fn exact_encodings() {
     assert_eq!(
         encode(&Capsule::RouteAdvertisement(vec![IpAddressRange::ALL_IPV4])),
         [0x03, 0x0a, 0x04, 0, 0, 0, 0, 255, 255, 255, 255, 0]
+    );
+}
+
+#[test]
+fn dns_assign_exact_encoding() {
+    // One configuration: nameserver priority 1 at 10.77.0.1, plain DNS,
+    // every name (the root as the internal domain), no search domain.
+    let gateway = DnsConfiguration::full_tunnel(vec![Ipv4Addr::new(10, 77, 0, 1)]);
+    assert_eq!(
+        encode(&Capsule::DnsAssign(vec![gateway.clone()])),
+        [
+            0x9a, 0xce, 0x79, 0xec, // type 0x1ACE79EC, a 4-byte varint
+            0x0e, // length 14
+            0x01, // one nameserver
+            0x00, 0x01, // priority 1
+            0x01, 10, 77, 0, 1,    // one IPv4 address
+            0x00, // no IPv6 address
+            0x00, // empty authentication domain name
+            0x00, // no service parameters
+            0x01, 0x00, // one internal domain: the root
+            0x00, // no search domain
+        ]
+    );
+    let ns = &gateway.nameservers[0];
+    assert_eq!((ns.port(), ns.plain_dns()), (53, true));
+    let encrypted = &dns_split_tunnel().nameservers[1];
+    assert_eq!((encrypted.port(), encrypted.plain_dns()), (853, false));
+}
+
+#[test]
+fn malformed_dns_assign_rejected() {
+    // Nameserver with priority 0, then one with no address at all.
+    let zero = [
+        0x01, 0x00, 0x00, 0x01, 10, 77, 0, 1, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+    assert!(matches!(
+        decode_all(&raw(DNS_ASSIGN, &zero)),
+        Err(ProtoError::BadNameserver { .. })
+    ));
+    let nowhere = [0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+    assert!(matches!(
+        decode_all(&raw(DNS_ASSIGN, &nowhere)),
+        Err(ProtoError::BadNameserver { .. })
+    ));
+    // A count far beyond the value: truncated, nothing allocated for it.
+    let huge = [
+        0x01, 0x00, 0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    ];
+    assert_eq!(
+        decode_all(&raw(DNS_ASSIGN, &huge)),
+        Err(ProtoError::Truncated {
+            capsule: "DNS_ASSIGN",
+            field: "IPv4 Address"
+        })
+    );
+    // Search domains that would smuggle a line into resolv.conf.
+    for bad in [
+        &b"corp.example\noptions ndots:15"[..],
+        b"a..b",
+        b"-",
+        b"x y",
+        &[b'a'; 64],
+    ] {
+        let mut value = vec![0x00, 0x00, 0x01];
+        varint::encode(bad.len() as u64, &mut value).unwrap();
+        value.extend_from_slice(bad);
+        assert!(
+            matches!(
+                decode_all(&raw(DNS_ASSIGN, &value)),
+                Err(ProtoError::InvalidDomainName { .. })
+            ),
+            "{bad:?}"
+        );
+        assert!(DomainName::new(&String::from_utf8_lossy(bad)).is_err());
+    }
+    let long = vec!["a".repeat(63); 4].join(".");
+    assert!(DomainName::new(&long).is_err(), "255 bytes");
+    assert!(DomainName::new(&long[..253]).is_ok());
+    // Service parameters out of order, a hint, a bad port, alpn without a
+    // name: refused when encoding as when decoding.
+    let with = |auth: &str, params: Vec<SvcParam>| {
+        Capsule::DnsAssign(vec![DnsConfiguration {
+            nameservers: vec![Nameserver {
+                priority: 1,
+                ipv4: vec![Ipv4Addr::new(192, 0, 2, 1)],
+                ipv6: vec![],
+                auth_domain: DomainName::new(auth).unwrap(),
+                params,
+            }],
+            ..DnsConfiguration::default()
+        }])
+    };
+    let p = |key, value: &[u8]| SvcParam {
+        key,
+        value: value.to_vec(),
+    };
+    for capsule in [
+        with(
+            "",
+            vec![p(svc_key::PORT, &[0, 53]), p(svc_key::PORT, &[0, 53])],
+        ),
+        with(
+            "dns.example",
+            vec![p(svc_key::PORT, &[0, 53]), p(svc_key::ALPN, b"\x02h2")],
+        ),
+        with("", vec![p(svc_key::IPV4HINT, &[192, 0, 2, 1])]),
+        with("", vec![p(svc_key::PORT, &[53])]),
+        with("", vec![p(svc_key::ALPN, b"\x02h2")]),
+        with("dns.example", vec![p(svc_key::NO_DEFAULT_ALPN, b"x")]),
+    ] {
+        let mut out = Vec::new();
+        assert!(matches!(
+            capsule.encode(&mut out),
+            Err(ProtoError::BadNameserver { .. })
+        ));
+        assert!(out.is_empty());
+        let Capsule::DnsAssign(configs) = &capsule else {
+            unreachable!()
+        };
+        let mut value = Vec::new();
+        configs[0].write(&mut value);
+        assert!(matches!(
+            decode_all(&raw(DNS_ASSIGN, &value)),
+            Err(ProtoError::BadNameserver { .. })
+        ));
+    }
+    // Trailing bytes inside the service parameters.
+    let mut value = vec![
+        0x01, 0x00, 0x01, 0x01, 10, 0, 0, 1, 0x00, 0x00, 0x03, 0x00, 0x03, 0x00,
+    ];
+    value.extend_from_slice(&[0x00, 0x00]);
+    assert_eq!(
+        decode_all(&raw(DNS_ASSIGN, &value)),
+        Err(ProtoError::Truncated {
+            capsule: "DNS_ASSIGN",
+            field: "SvcParamValue length"
+        })
     );
 }
 
@@ -599,6 +780,7 @@ fn junk_never_panics() {
             ADDRESS_ASSIGN,
             ADDRESS_REQUEST,
             ROUTE_ADVERTISEMENT,
+            DNS_ASSIGN,
         ] {
             let _ = decode_all(&raw(capsule_type, &bytes));
         }

@@ -55,6 +55,17 @@ impl<'a> Reader<'a> {
         Ok(*head)
     }
 
+    /// The next `len` bytes, for a field whose length came before it.
+    pub(crate) fn slice(&mut self, len: u64, field: &'static str) -> Result<&'a [u8], ProtoError> {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&n| n <= self.buf.len())
+            .ok_or_else(|| self.truncated(field))?;
+        let (head, rest) = self.buf.split_at(len);
+        self.buf = rest;
+        Ok(head)
+    }
+
     /// Everything left, for fields that run to the end of the value.
     pub(crate) fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)

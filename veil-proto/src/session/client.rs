@@ -11,7 +11,9 @@ use super::{
     DEFAULT_KEEPALIVE_TIMEOUT,
 };
 use crate::{
-    capsule::{AssignedAddress, Capsule, RequestedAddress, DEFAULT_MAX_CAPSULE_LEN},
+    capsule::{
+        AssignedAddress, Capsule, DnsConfiguration, RequestedAddress, DEFAULT_MAX_CAPSULE_LEN,
+    },
     gso::VnetHdr,
     http, ProtoError,
 };
@@ -88,13 +90,16 @@ enum Phase {
 /// ADDRESS_REQUEST for any IPv4 address (RFC 9484 §4.7.1 has a client
 /// that needs an address ask for one; veil's gateway assigns it
 /// unprompted as well, so either order works), then reports the
-/// assignment as [`Output::Assigned`] and the routes as
-/// [`Output::Routes`]. While up it PINGs every `keepalive_interval`.
+/// assignment as [`Output::Assigned`], the routes as [`Output::Routes`]
+/// and the gateway's DNS configuration, if it sends one, as
+/// [`Output::Dns`]. While up it PINGs every `keepalive_interval`.
 #[derive(Debug)]
 pub struct ClientSession {
     config: ClientConfig,
     phase: Phase,
     assigned: Option<(Ipv4Addr, u8)>,
+    /// The last DNS configuration reported.
+    dns: Option<Vec<DnsConfiguration>>,
     next_nonce: u64,
     link: Link,
 }
@@ -123,6 +128,7 @@ impl ClientSession {
                 deadline: link::deadline(now, config.handshake_timeout),
             },
             assigned: None,
+            dns: None,
             next_nonce: 1,
             link,
             config,
@@ -190,6 +196,10 @@ impl ClientSession {
             match capsule {
                 Capsule::AddressAssign(list) => self.address_assigned(&list),
                 Capsule::RouteAdvertisement(routes) => self.link.push(Output::Routes(routes)),
+                Capsule::DnsAssign(configs) if self.dns.as_ref() != Some(&configs) => {
+                    self.dns = Some(configs.clone());
+                    self.link.push(Output::Dns(configs));
+                }
                 // The client assigns nothing: every request is declined.
                 Capsule::AddressRequest(requests) => {
                     self.link.answer_address_request(&requests, None)

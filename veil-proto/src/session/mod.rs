@@ -24,7 +24,10 @@ use std::{fmt, net::Ipv4Addr, time::Duration};
 pub use client::{ClientConfig, ClientSession};
 pub use server::{ServerConfig, ServerSession};
 
-use crate::{capsule::IpAddressRange, http, ProtoError};
+use crate::{
+    capsule::{DnsConfiguration, IpAddressRange},
+    http, ProtoError,
+};
 
 #[cfg(doc)]
 use std::time::Instant;
@@ -63,6 +66,10 @@ pub enum Output {
     Assigned { addr: Ipv4Addr, prefix: u8 },
     /// Client only: the gateway's full route list, replacing any earlier.
     Routes(Vec<IpAddressRange>),
+    /// Client only: the DNS configuration the gateway announced
+    /// (DNS_ASSIGN), replacing any earlier; emitted again only if it
+    /// changes. Empty: the gateway withdrew it.
+    Dns(Vec<DnsConfiguration>),
     /// The session is over: close the connection once the bytes already
     /// emitted are written. Nothing follows.
     Close { reason: CloseReason },

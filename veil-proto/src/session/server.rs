@@ -11,7 +11,9 @@ use super::{
     DEFAULT_MAX_PACKET_LEN,
 };
 use crate::{
-    capsule::{validate_routes, Capsule, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN},
+    capsule::{
+        validate_routes, Capsule, DnsConfiguration, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN,
+    },
     gso::VnetHdr,
     http::{self, Request},
     ProtoError,
@@ -39,6 +41,11 @@ pub struct ServerConfig {
     /// Offer offload datagrams to a client that announces them: the caller
     /// must then handle [`Output::OffloadPacket`].
     pub offload: bool,
+    /// The resolvers the client should use, sent as DNS_ASSIGN right after
+    /// the routes (the draft asks for it never to come before them, so a
+    /// client never points its DNS at a resolver outside the tunnel).
+    /// Empty: no DNS_ASSIGN.
+    pub dns: Vec<DnsConfiguration>,
 }
 
 impl ServerConfig {
@@ -53,6 +60,7 @@ impl ServerConfig {
             max_capsule_len: DEFAULT_MAX_CAPSULE_LEN,
             max_packet_len: DEFAULT_MAX_PACKET_LEN,
             offload: false,
+            dns: Vec::new(),
         }
     }
 
@@ -65,7 +73,8 @@ impl ServerConfig {
         if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
             return Err(ProtoError::UnassignableAddress { addr });
         }
-        validate_routes(&self.routes)
+        validate_routes(&self.routes)?;
+        Capsule::DnsAssign(self.dns.clone()).encode(&mut Vec::new())
     }
 }
 
@@ -89,16 +98,16 @@ enum Phase {
 /// One client connection on the gateway.
 ///
 /// Awaits the upgrade request; answers a valid one with `101 Switching
-/// Protocols`, then ADDRESS_ASSIGN (the VIP /32, Request ID 0) and
-/// ROUTE_ADVERTISEMENT (the configured routes), all in one
-/// [`Output::Send`]. From then on DATAGRAM capsules with context ID 0
+/// Protocols`, then ADDRESS_ASSIGN (the VIP /32, Request ID 0),
+/// ROUTE_ADVERTISEMENT (the configured routes) and, if configured,
+/// DNS_ASSIGN, all in one [`Output::Send`]. From then on DATAGRAM capsules with context ID 0
 /// become [`Output::Packet`]s (and, with offload negotiated, context 2
 /// [`Output::OffloadPacket`]s), PINGs are answered with PONGs, and
 /// ADDRESS_REQUESTs are answered with the same fixed VIP.
 #[derive(Debug)]
 pub struct ServerSession {
     config: ServerConfig,
-    /// The two configuration capsules that follow the 101, encoded once.
+    /// The configuration capsules that follow the 101, encoded once.
     greeting: Vec<u8>,
     phase: Phase,
     request: Option<Request>,
@@ -113,6 +122,9 @@ impl ServerSession {
         let mut greeting = Vec::new();
         Capsule::AddressAssign(vec![link::unsolicited(config.assigned)]).encode(&mut greeting)?;
         Capsule::RouteAdvertisement(config.routes.clone()).encode(&mut greeting)?;
+        if !config.dns.is_empty() {
+            Capsule::DnsAssign(config.dns.clone()).encode(&mut greeting)?;
+        }
         Ok(ServerSession {
             phase: Phase::AwaitingRequest {
                 buf: Vec::new(),
@@ -187,9 +199,11 @@ impl ServerSession {
     fn receive_capsules(&mut self, bytes: &[u8]) {
         self.link.feed(bytes);
         while let Some(capsule) = self.link.next_config_capsule() {
-            // A client assigning addresses or advertising routes to the
-            // gateway (network-to-network use) is not supported: those
-            // capsules are well-formed and harmless, so they are ignored.
+            // A client assigning addresses, advertising routes or
+            // announcing resolvers to the gateway (network-to-network use)
+            // is not supported: those capsules are well-formed and
+            // harmless, so they are ignored (the DNS draft, §3.5: a proxy
+            // ignores DNS configuration from its clients).
             if let Capsule::AddressRequest(requests) = capsule {
                 self.link
                     .answer_address_request(&requests, Some(self.config.assigned));

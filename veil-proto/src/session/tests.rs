@@ -7,7 +7,8 @@ use std::{
 
 use super::*;
 use crate::capsule::{
-    encode_ip_datagram, AssignedAddress, Capsule, IpAddressRange, RequestedAddress,
+    encode_ip_datagram, AssignedAddress, Capsule, DnsConfiguration, IpAddressRange,
+    RequestedAddress,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
@@ -218,6 +219,81 @@ fn handshake_assigns_the_vip_and_routes() {
     assert_eq!(request.host, HOST);
     assert_eq!(request.target, http::WELL_KNOWN_PATH);
     assert_eq!(pair.server.poll_timeout(), Some(pair.now + 2 * INTERVAL));
+}
+
+/// The gateway's DNS_ASSIGN: plain DNS at 10.77.0.1 for every name.
+const SERVER_DNS_ASSIGN: &[u8] =
+    b"\x9a\xce\x79\xec\x0e\x01\x00\x01\x01\x0a\x4d\x00\x01\x00\x00\x00\x01\x00\x00";
+
+fn gateway_dns() -> Vec<DnsConfiguration> {
+    vec![DnsConfiguration::full_tunnel(vec![Ipv4Addr::new(
+        10, 77, 0, 1,
+    )])]
+}
+
+#[test]
+fn the_resolver_is_announced_after_the_routes_and_reported_once() {
+    let mut pair = Pair::with(
+        client_config(),
+        ServerConfig {
+            dns: gateway_dns(),
+            ..server_config()
+        },
+    );
+    pair.pump();
+    let mut expected = SERVER_FIRST_FRAME.to_vec();
+    expected.extend_from_slice(SERVER_DNS_ASSIGN);
+    expected.extend_from_slice(SERVER_ADDRESS_ANSWER);
+    assert_eq!(pair.server_wire, expected, "101, address, routes, DNS");
+    assert_eq!(
+        pair.client_out,
+        [
+            Output::Assigned {
+                addr: VIP,
+                prefix: 32
+            },
+            Output::Routes(vec![IpAddressRange::ALL_IPV4]),
+            Output::Dns(gateway_dns()),
+        ]
+    );
+    // The same configuration again is not news; a new one (or none) is.
+    let mut again = Vec::new();
+    Capsule::DnsAssign(gateway_dns())
+        .encode(&mut again)
+        .unwrap();
+    Capsule::DnsAssign(Vec::new()).encode(&mut again).unwrap();
+    pair.client.receive(&again, pair.now).unwrap();
+    let (_, other) = drain(|| pair.client.poll_output());
+    assert_eq!(other, [Output::Dns(Vec::new())]);
+}
+
+#[test]
+fn without_dns_nothing_is_announced_and_a_clients_dns_assign_is_ignored() {
+    let mut pair = Pair::new();
+    pair.pump();
+    assert!(!pair.client_out.iter().any(|o| matches!(o, Output::Dns(_))));
+    let mut bytes = Vec::new();
+    Capsule::DnsAssign(gateway_dns())
+        .encode(&mut bytes)
+        .unwrap();
+    pair.server.receive(&bytes, pair.now).unwrap();
+    let (sent, other) = drain(|| pair.server.poll_output());
+    assert!(sent.is_empty() && other.is_empty());
+    assert!(pair.server.is_established());
+}
+
+#[test]
+fn a_gateway_with_a_bad_dns_configuration_does_not_start() {
+    let mut dns = gateway_dns();
+    dns[0].nameservers[0].priority = 0;
+    let config = ServerConfig {
+        dns,
+        ..server_config()
+    };
+    assert!(matches!(
+        ServerSession::new(config, Instant::now()),
+        Err(ProtoError::BadNameserver { .. })
+    ));
 }
 
 #[test]

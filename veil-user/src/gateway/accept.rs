@@ -155,6 +155,7 @@ async fn connection(
             keepalive_timeout: PEER_TIMEOUT,
             offload: true,
             max_packet_len: MTU,
+            dns: shared.announced_dns(),
             ..ServerConfig::new(vip)
         },
         Instant::now(),
@@ -166,7 +167,7 @@ async fn connection(
     let Some(Attached {
         generation,
         mut closed,
-    }) = shared.attach(&name, vip, peer, bytes.clone(), tx)
+    }) = shared.attach(&name, &record.fingerprint, vip, peer, bytes.clone(), tx)
     else {
         session.refuse(503, "the gateway is full");
         while let Some(output) = session.poll_output() {
@@ -214,6 +215,17 @@ async fn connection(
 }
 
 impl Shared {
+    /// What clients are told about DNS: the gateway's own resolver
+    /// service, if it has one.
+    fn announced_dns(&self) -> Vec<veil_proto::capsule::DnsConfiguration> {
+        match self.resolver {
+            Some(_) => vec![veil_proto::capsule::DnsConfiguration::full_tunnel(vec![
+                self.checks.gateway,
+            ])],
+            None => Vec::new(),
+        }
+    }
+
     /// The registry's record of the client behind this TLS stream. A
     /// client added since the last registry reload (at most a second ago)
     /// is looked up on disk rather than refused.

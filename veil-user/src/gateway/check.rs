@@ -36,6 +36,9 @@ pub enum Verdict {
     Datapath { flow: Option<FlowKey> },
     /// To another client's session (`--allow-client-to-client`).
     Client(Ipv4Addr),
+    /// A DNS query to the gateway's own resolver service: answered in user
+    /// space. The query is `pkt[payload..]`, from the client's `port`.
+    Dns { port: u16, payload: usize },
     /// Not sent; `answer` is the ICMP error the client gets, if any.
     Dropped {
         why: Dropped,
@@ -49,8 +52,11 @@ pub struct Checks {
     pub policy: EgressPolicy,
     /// The client address pool: another client, if the policy lets it in.
     pub pool: Ipv4Net,
-    /// The gateway's address in the pool: the source of its ICMP errors.
+    /// The gateway's address in the pool: the source of its ICMP errors,
+    /// and of its DNS service.
     pub gateway: Ipv4Addr,
+    /// Whether the gateway serves DNS on `gateway` port 53 (UDP).
+    pub dns: bool,
 }
 
 impl Checks {
@@ -73,6 +79,30 @@ impl Checks {
         let answer = |icmp_type, code| {
             (!later).then(|| packet::icmp_error(self.gateway, pkt, icmp_type, code))
         };
+        // Before the policy, which refuses the gateway itself: this one
+        // service of the gateway's is for its clients. Whole datagrams
+        // only; a fragmented query is refused below like any other packet
+        // to the gateway.
+        if self.dns
+            && info.dst == self.gateway
+            && info.proto == veil_common::proto::UDP
+            && info.fragment == Fragment::Whole
+        {
+            if let Some((port, 53)) = info.ports {
+                let udp = &pkt[info.header_len..];
+                let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+                if udp_len != udp.len() {
+                    return drop(Dropped::Malformed(PacketError::LengthMismatch {
+                        total: udp_len,
+                        actual: udp.len(),
+                    }));
+                }
+                return Verdict::Dns {
+                    port,
+                    payload: info.header_len + 8,
+                };
+            }
+        }
         if let Err(refusal) = self.policy.check(info.dst) {
             return Verdict::Dropped {
                 why: Dropped::Policy(refusal),
@@ -122,6 +152,7 @@ mod tests {
             ),
             pool,
             gateway: GATEWAY,
+            dns: true,
         }
     }
 
@@ -213,6 +244,96 @@ mod tests {
         );
         let later = ipv4(VIP, OTHER, 17, 64, 185, b"rest");
         assert_eq!(checks(true).check(VIP, &later), Verdict::Client(OTHER));
+    }
+
+    #[test]
+    fn a_dns_query_to_the_gateway_is_answered_by_it_and_nothing_else_is() {
+        let query = udp(VIP, GATEWAY);
+        assert_eq!(
+            checks(false).check(VIP, &query),
+            Verdict::Dns {
+                port: 40000,
+                payload: 28
+            }
+        );
+        // Not served: refused like the rest of the gateway.
+        let off = Checks {
+            dns: false,
+            ..checks(false)
+        };
+        assert!(matches!(
+            off.check(VIP, &query),
+            Verdict::Dropped {
+                why: Dropped::Policy(Refusal::Gateway),
+                ..
+            }
+        ));
+        // Other ports, TCP, fragments, other addresses: the policy decides.
+        let ntp = ipv4(
+            VIP,
+            GATEWAY,
+            17,
+            64,
+            0,
+            &[0x9c, 0x40, 0, 123, 0, 9, 0, 0, b'x'],
+        );
+        let tcp = ipv4(
+            VIP,
+            GATEWAY,
+            6,
+            64,
+            0,
+            &[
+                0x9c, 0x40, 0, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 2, 0, 0, 0, 0, 0, 0,
+            ],
+        );
+        let first = ipv4(
+            VIP,
+            GATEWAY,
+            17,
+            64,
+            0x2000,
+            &[0x9c, 0x40, 0, 53, 0, 9, 0, 0, b'x'],
+        );
+        for refused in [ntp, tcp, first] {
+            assert!(matches!(
+                checks(false).check(VIP, &refused),
+                Verdict::Dropped {
+                    why: Dropped::Policy(Refusal::Gateway),
+                    answer: Some(_)
+                }
+            ));
+        }
+        // A query to a resolver elsewhere goes out like any packet: it is
+        // the client's choice (its own system points at the gateway's).
+        assert!(matches!(
+            checks(false).check(VIP, &udp(VIP, REMOTE)),
+            Verdict::Datapath { .. }
+        ));
+        // A forged source is still a forged source; a lying UDP length is
+        // malformed.
+        assert!(matches!(
+            checks(false).check(VIP, &udp(OTHER, GATEWAY)),
+            Verdict::Dropped {
+                why: Dropped::ForgedSource(_),
+                ..
+            }
+        ));
+        let lying = ipv4(
+            VIP,
+            GATEWAY,
+            17,
+            64,
+            0,
+            &[0x9c, 0x40, 0, 53, 0, 99, 0, 0, b'x'],
+        );
+        assert!(matches!(
+            checks(false).check(VIP, &lying),
+            Verdict::Dropped {
+                why: Dropped::Malformed(_),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct Bytes {
 #[derive(Debug)]
 struct Live {
     vip: Ipv4Addr,
+    /// The certificate the session authenticated with (SHA-256, hex): a
+    /// name re-issued after a revocation has a new one, and the session of
+    /// the revoked one must still close.
+    fingerprint: String,
     generation: u64,
     close: watch::Sender<Option<&'static str>>,
     peer: SocketAddr,
@@ -109,6 +113,7 @@ impl Clients {
     pub fn attach(
         &mut self,
         name: &str,
+        fingerprint: &str,
         vip: Ipv4Addr,
         peer: SocketAddr,
         bytes: Arc<Bytes>,
@@ -123,6 +128,7 @@ impl Clients {
         self.latest.insert(name.to_owned(), generation);
         let live = Live {
             vip,
+            fingerprint: fingerprint.to_owned(),
             generation,
             close,
             peer,
@@ -169,6 +175,23 @@ impl Clients {
         closed
     }
 
+    /// Tells the live sessions that authenticated with one of these
+    /// certificates (fingerprints) to close; their names.
+    pub fn close_certificates(
+        &self,
+        fingerprints: &HashSet<String>,
+        why: &'static str,
+    ) -> Vec<String> {
+        let mut closed = Vec::new();
+        for (name, live) in &self.live {
+            if fingerprints.contains(&live.fingerprint) && live.close.borrow().is_none() {
+                let _ = live.close.send(Some(why));
+                closed.push(name.clone());
+            }
+        }
+        closed
+    }
+
     /// The live sessions, by name, as `status` shows them.
     pub fn status(&self) -> Vec<ClientStatus> {
         let mut list: Vec<ClientStatus> = self
@@ -208,6 +231,7 @@ mod tests {
     fn attach(c: &mut Clients, name: &str, max: usize) -> Option<Attached> {
         c.attach(
             name,
+            &format!("{name}-cert"),
             Ipv4Addr::new(10, 77, 0, 2),
             peer(),
             Arc::default(),
@@ -280,5 +304,29 @@ mod tests {
         assert!(c.close(&revoked, "client revoked").is_empty(), "once");
         assert_eq!(*a.closed.borrow(), Some("client revoked"));
         assert_eq!(*b.closed.borrow(), None);
+    }
+
+    #[test]
+    fn a_revoked_certificate_closes_its_session_not_its_names_next_one() {
+        let mut c = Clients::default();
+        let old = attach(&mut c, "a", 10).unwrap();
+        let revoked: HashSet<String> = ["a-cert".to_owned()].into();
+        // The name was issued again; its new certificate connects.
+        let new = c
+            .attach(
+                "a",
+                "a-new-cert",
+                Ipv4Addr::new(10, 77, 0, 2),
+                peer(),
+                Arc::default(),
+                10,
+            )
+            .unwrap();
+        assert!(c.close_certificates(&revoked, "client revoked").is_empty());
+        assert_eq!(*new.closed.borrow(), None);
+        assert!(old.closed.borrow().is_some(), "replaced already");
+        let again = attach(&mut c, "a", 10).unwrap();
+        assert_eq!(c.close_certificates(&revoked, "client revoked"), ["a"]);
+        assert_eq!(*again.closed.borrow(), Some("client revoked"));
     }
 }

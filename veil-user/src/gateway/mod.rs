@@ -12,6 +12,7 @@
 mod accept;
 pub mod check;
 pub mod clients;
+mod dns;
 mod packets;
 mod registry;
 mod session;
@@ -82,6 +83,10 @@ pub struct GatewayConfig {
     pub max_handshakes_per_source: usize,
     /// Worker threads for tunnels; `None`: one per CPU.
     pub threads: Option<u16>,
+    /// Upstream resolvers of the DNS service clients get on the gateway's
+    /// pool address; empty: the nameservers of the gateway's own
+    /// /etc/resolv.conf.
+    pub dns: Vec<std::net::IpAddr>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -130,6 +135,13 @@ pub struct Counters {
     pub no_session: AtomicU64,
     /// Packets one client sent to another (`--allow-client-to-client`).
     pub client_to_client: AtomicU64,
+    /// DNS queries to the gateway's resolver service: taken, answered,
+    /// answered with SERVFAIL (no upstream in time), and refused (not a
+    /// standard query, or too many in flight).
+    pub dns_queries: AtomicU64,
+    pub dns_answered: AtomicU64,
+    pub dns_failed: AtomicU64,
+    pub dns_refused: AtomicU64,
     /// Connections refused before a session, by cause.
     pub refusals: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -150,6 +162,8 @@ struct Shared {
     cfg: GatewayConfig,
     /// What every client packet is checked against.
     checks: Checks,
+    /// The DNS service, if the gateway has upstreams for it.
+    resolver: Option<Arc<dns::Resolver>>,
     tun: Tun,
     flows: Mutex<FlowTable>,
     state: StateDir,
@@ -237,6 +251,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         cfg.allow.clone(),
         cfg.deny.clone(),
     );
+    let upstreams = dns_upstreams(&cfg);
     let leases = state.leases()?;
     let admission = Admission::new(handshake_cap(&cfg)?, cfg.max_handshakes_per_source);
     let shared = Arc::new(Shared {
@@ -244,7 +259,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
             policy,
             pool: cfg.pool,
             gateway: inner_addr,
+            dns: !upstreams.is_empty(),
         },
+        resolver: (!upstreams.is_empty()).then(|| dns::Resolver::new(upstreams.clone())),
         tun,
         flows: Mutex::new(flows),
         clients: Mutex::new(Clients::with_leases(leases)),
@@ -260,7 +277,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     info!(
         iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen, %endpoint,
         pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
-        "gateway up"
+        dns = ?upstreams, "gateway up"
     );
 
     let control = control::bind(&shared.cfg.state_dir)?;
@@ -334,6 +351,21 @@ fn public_addrs(cfg: &GatewayConfig) -> Result<Vec<Ipv4Addr>> {
         );
     }
     Ok(cfg.public_addrs.clone())
+}
+
+/// The DNS service's upstreams: `--dns`, or the gateway's own resolvers.
+/// None found: no service (and none announced), with a warning.
+fn dns_upstreams(cfg: &GatewayConfig) -> Vec<SocketAddr> {
+    if !cfg.dns.is_empty() {
+        return cfg.dns.iter().map(|ip| SocketAddr::new(*ip, 53)).collect();
+    }
+    let found = std::fs::read_to_string("/etc/resolv.conf")
+        .map(|text| crate::dns::nameservers(&text))
+        .unwrap_or_default();
+    if found.is_empty() {
+        warn!("no nameserver in /etc/resolv.conf and no --dns: clients get no DNS service from the gateway");
+    }
+    found
 }
 
 fn first_host(pool: Ipv4Net) -> Result<Ipv4Addr> {

@@ -33,7 +33,7 @@ impl Shared {
     /// another client, or refused. Returns an ICMP error to send back to
     /// the client, if one is due. `hdr` is the packet's offload header.
     pub(super) fn client_packet(
-        &self,
+        self: &Arc<Self>,
         vip: Ipv4Addr,
         hdr: &VnetHdr,
         pkt: &[u8],
@@ -51,6 +51,10 @@ impl Shared {
                 None
             }
             Verdict::Client(dst) => self.to_other_client(dst, hdr, pkt),
+            Verdict::Dns { port, payload } => {
+                self.dns_query(vip, port, &pkt[payload..]);
+                None
+            }
             Verdict::Dropped { why, answer } => {
                 self.dropped(vip, &why);
                 answer

@@ -19,9 +19,12 @@ impl Shared {
         for bad in found.unreadable.iter().filter(|u| u.new) {
             warn!("reading the client registry: {bad}");
         }
+        // A name issued again after a revocation keeps its earlier
+        // certificates' fingerprints: each is known, and revoked.
         *self.registry.write().expect("registry lock") = found
             .records
             .into_iter()
+            .flat_map(|r| r.with_retired())
             .map(|r| (r.fingerprint.clone(), r))
             .collect();
         let unreadable: HashSet<String> = found
@@ -36,7 +39,8 @@ impl Shared {
         Ok(())
     }
 
-    /// Closes every live session whose client is revoked.
+    /// Closes every live session whose certificate is revoked (by its
+    /// fingerprint: a name issued again keeps its new session).
     fn close_revoked(&self) {
         let revoked: HashSet<String> = self
             .registry
@@ -44,10 +48,10 @@ impl Shared {
             .expect("registry lock")
             .values()
             .filter(|r| r.revoked.is_some())
-            .map(|r| r.name.clone())
+            .map(|r| r.fingerprint.clone())
             .collect();
         let clients = self.clients.lock().expect("clients lock");
-        for name in clients.close(&revoked, "client revoked") {
+        for name in clients.close_certificates(&revoked, "client revoked") {
             info!(client = %name, "revoked: closing its session");
         }
     }

@@ -179,13 +179,14 @@ impl Shared {
     pub(super) fn attach(
         &self,
         name: &str,
+        fingerprint: &str,
         vip: Ipv4Addr,
         peer: SocketAddr,
         bytes: Arc<Bytes>,
         tx: ReplySender,
     ) -> Option<Attached> {
         let mut clients = self.clients.lock().expect("clients lock");
-        let attached = clients.attach(name, vip, peer, bytes, self.cfg.max_clients)?;
+        let attached = clients.attach(name, fingerprint, vip, peer, bytes, self.cfg.max_clients)?;
         self.sessions
             .write()
             .expect("sessions lock")

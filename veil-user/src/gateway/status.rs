@@ -25,6 +25,10 @@ impl Shared {
             ("client_queue_full", &c.client_queue_full),
             ("no_session", &c.no_session),
             ("client_to_client", &c.client_to_client),
+            ("dns_queries", &c.dns_queries),
+            ("dns_answered", &c.dns_answered),
+            ("dns_failed", &c.dns_failed),
+            ("dns_refused", &c.dns_refused),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Relaxed)))
