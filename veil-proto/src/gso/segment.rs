@@ -1,0 +1,122 @@
+//! Software segmentation: what a NIC would put on the wire for a
+//! super-packet, for a peer that cannot take offload datagrams.
+
+use super::{complete_in_place, GsoError, GsoLayout, Transport, VnetHdr};
+use crate::ipv4::*;
+
+/// Software fallback: emits the packet(s) a NIC would have put on the wire:
+/// checksum completed (if NEEDS_CSUM) and, for GSO, one packet per segment.
+/// Returns the number of packets emitted. `scratch` is reused between calls
+/// to avoid allocating per segment.
+///
+/// The header is validated first, so a peer's header may be passed as is;
+/// on error nothing is emitted.
+pub fn segment(
+    hdr: &VnetHdr,
+    packet: &[u8],
+    scratch: &mut Vec<u8>,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, GsoError> {
+    match hdr.check(packet)? {
+        Some(layout) => Ok(segment_gso(&layout, packet, scratch, &mut emit)),
+        None if hdr.needs_csum() => {
+            complete_checksum(hdr, packet, scratch);
+            emit(scratch);
+            Ok(1)
+        }
+        None => {
+            emit(packet);
+            Ok(1)
+        }
+    }
+}
+
+/// Finishes a CHECKSUM_PARTIAL packet as `skb_checksum_help` would: the
+/// field already holds the pseudo-header sum, so summing from `csum_start`
+/// through the end covers pseudo-header, header and payload at once.
+fn complete_checksum(hdr: &VnetHdr, packet: &[u8], scratch: &mut Vec<u8>) {
+    scratch.clear();
+    scratch.extend_from_slice(packet);
+    complete_in_place(hdr, scratch);
+}
+
+/// Cuts a validated super-packet into segments, each built in `scratch`.
+fn segment_gso(
+    layout: &GsoLayout,
+    packet: &[u8],
+    scratch: &mut Vec<u8>,
+    emit: &mut impl FnMut(&[u8]),
+) -> usize {
+    let (headers, payload) = packet.split_at(layout.headers_len());
+    let count = segment_count(payload.len(), layout.gso_size);
+    for index in 0..count {
+        let start = index * layout.gso_size;
+        let end = payload.len().min(start + layout.gso_size);
+        scratch.clear();
+        scratch.extend_from_slice(headers);
+        scratch.extend_from_slice(&payload[start..end]);
+        fix_ipv4_header(scratch, layout.ip_hdr_len, index);
+        match layout.transport {
+            Transport::Tcp => fix_tcp_header(scratch, layout, index, count),
+            Transport::Udp => fix_udp_header(scratch, layout.ip_hdr_len),
+        }
+        emit(scratch);
+    }
+    count
+}
+
+/// How many segments `payload_len` bytes make; an empty payload (a bare
+/// header, e.g. a FIN) still makes one packet.
+fn segment_count(payload_len: usize, gso_size: usize) -> usize {
+    payload_len.div_ceil(gso_size).max(1)
+}
+
+/// Total length, ID and header checksum for segment `index`. The ID
+/// increments per segment as Linux does without TCP_FIXEDID.
+fn fix_ipv4_header(seg: &mut [u8], ip_hdr_len: usize, index: usize) {
+    // A segment is never longer than the packet, whose length came from a u16.
+    put16(seg, IP_TOTAL_LEN, seg.len() as u16);
+    let id = be16(seg, IP_ID).wrapping_add(index as u16);
+    put16(seg, IP_ID, id);
+    set_header_checksum(seg, ip_hdr_len);
+}
+
+/// Sequence number, flags and checksum for TCP segment `index` of `count`,
+/// following `tcp_gso_segment`: FIN and PSH end the data so they belong to
+/// the last segment, CWR answers ECE once so it belongs to the first.
+fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize) {
+    let tcp = layout.ip_hdr_len;
+    let advance = (index as u32).wrapping_mul(layout.gso_size as u32);
+    let seq = be32(seg, tcp + TCP_SEQ).wrapping_add(advance);
+    seg[tcp + TCP_SEQ..tcp + TCP_SEQ + 4].copy_from_slice(&seq.to_be_bytes());
+    if index + 1 != count {
+        seg[tcp + TCP_FLAGS] &= !(TCP_FIN | TCP_PSH);
+    }
+    if index != 0 {
+        seg[tcp + TCP_FLAGS] &= !TCP_CWR;
+    }
+    let csum = transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM);
+    put16(seg, tcp + TCP_CSUM, csum);
+}
+
+/// Length and checksum for a UDP datagram cut from a UDP super-packet.
+fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
+    let udp = ip_hdr_len;
+    put16(seg, udp + UDP_LEN, (seg.len() - udp) as u16);
+    let mut csum = transport_checksum(seg, udp, PROTO_UDP, UDP_CSUM);
+    // Zero would mean "no checksum"; 0xffff is the same value.
+    if csum == 0 {
+        csum = 0xffff;
+    }
+    put16(seg, udp + UDP_CSUM, csum);
+}
+
+/// The transport checksum computed from scratch over the IPv4
+/// pseudo-header and `seg[l4..]`, ignoring whatever the field held.
+fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usize) -> u16 {
+    put16(seg, l4 + csum_offset, 0);
+    let l4_len = seg.len() - l4;
+    let mut sum = pseudo_header(seg, protocol, l4_len as u16);
+    sum.add(&seg[l4..]);
+    sum.finish()
+}
