@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::{
-    ebpf, setup,
+    ebpf, fuzz, setup,
     util::{exec, is_root, root},
 };
 
@@ -52,5 +52,10 @@ pub fn run(opts: &Options) -> Result<()> {
     if let Some(f) = &opts.filter {
         test.arg(f);
     }
-    exec(&mut test)
+    exec(&mut test)?;
+    // Every fuzz target for a few seconds, from its seeds.
+    match fuzz::smoke()? {
+        (_, 0) => Ok(()),
+        (_, failed) => bail!("{failed} fuzz target(s) failed"),
+    }
 }
