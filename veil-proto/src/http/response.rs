@@ -21,7 +21,8 @@ pub struct Response {
 /// `Ok(None)`: incomplete, call again with more bytes.
 /// `Ok(Some((response, n)))`: a valid `101 Switching Protocols`, using the
 /// first `n` bytes; anything after them is the gateway's capsule stream.
-/// Interim 1xx responses before it are skipped and counted in `n`.
+/// Interim 1xx responses before it are skipped and counted in `n`, and in
+/// the [`MAX_HEADER_LEN`] limit, which applies to all of them together.
 /// `Err(ProtoError::Refused { .. })`: any final status other than 101, once
 /// the start of its body (the gateway's explanation) has arrived, so the
 /// client can print "gateway refused: 503 Service Unavailable (gateway
@@ -38,9 +39,12 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>, ProtoErro
                 line: printable(head::first_line(rest).unwrap_or(rest)),
             });
         }
-        let window = &rest[..rest.len().min(MAX_HEADER_LEN)];
+        // Interim responses count toward the limit: a peer sending them
+        // without end must not make the client buffer without bound.
+        let limit = MAX_HEADER_LEN.saturating_sub(offset);
+        let window = &rest[..rest.len().min(limit)];
         let Some(len) = head::find_end(window) else {
-            if rest.len() >= MAX_HEADER_LEN {
+            if rest.len() >= limit {
                 return Err(ProtoError::HeaderTooLarge {
                     what: "response",
                     limit: MAX_HEADER_LEN,
@@ -154,6 +158,32 @@ mod tests {
         bytes.extend_from_slice(&switching_protocols(false));
         let (resp, used) = parse_response(&bytes).expect("valid").expect("complete");
         assert_eq!((resp.status, used), (101, bytes.len()));
+    }
+
+    #[test]
+    fn interim_responses_count_toward_the_head_limit() {
+        // A peer sending 100 Continue without end must not make the
+        // client buffer (and parse again from the start) all of it until
+        // the handshake times out: together with the 101 they are one head.
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let mut bytes = Vec::new();
+        while bytes.len() < MAX_HEADER_LEN {
+            bytes.extend_from_slice(interim);
+        }
+        assert_eq!(
+            parse_response(&bytes),
+            Err(ProtoError::HeaderTooLarge {
+                what: "response",
+                limit: MAX_HEADER_LEN
+            })
+        );
+        // Within the limit, they are skipped as before.
+        let mut bytes = interim.repeat(MAX_HEADER_LEN / 2 / interim.len());
+        let head = bytes.len();
+        bytes.extend_from_slice(&switching_protocols(false));
+        let (resp, used) = parse_response(&bytes).expect("valid").expect("complete");
+        assert_eq!((resp.status, used), (101, bytes.len()));
+        assert!(head > 4000);
     }
 
     #[test]
