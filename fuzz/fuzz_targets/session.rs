@@ -10,6 +10,9 @@
 //! capsules for the client.
 //!
 //! Asserts, beyond "no panic":
+//! - a peer is declared dead only after the silence the session
+//!   reports, really that long, and a handshake timed out only after the
+//!   time allowed;
 //! - `receive` fails only by closing the session; `Close` comes out once,
 //!   last, with the session's close reason, and nothing after it;
 //!   `poll_timeout` is `None` exactly when closed; after the peer's long
@@ -195,6 +198,9 @@ struct Run<S: Session> {
     session: S,
     peer: S::Peer,
     now: Instant,
+    /// When the session started, and last heard from its peer.
+    start: Instant,
+    heard: Instant,
     closed: bool,
     packets: u64,
     /// Whether the session sent its first bytes yet.
@@ -212,6 +218,8 @@ impl<S: Session> Run<S> {
             session: S::create(mode, now),
             peer: S::Peer::create(peer_mode, now),
             now,
+            start: now,
+            heard: now,
             closed: false,
             packets: 0,
             sent: false,
@@ -228,6 +236,9 @@ impl<S: Session> Run<S> {
         let (hdr, super_packet) = offload_packet();
         let udp = Builder::udp().complete(b"one datagram");
         for piece in pieces {
+            if !self.session.is_closed() {
+                self.heard = self.now;
+            }
             let result = self.session.receive(piece, self.now);
             if let Err(e) = result {
                 assert!(
@@ -334,6 +345,7 @@ impl<S: Session> Run<S> {
                 Output::Close { reason } => {
                     assert!(self.session.is_closed(), "Close while open");
                     assert_eq!(self.session.close_reason(), Some(&reason));
+                    self.check_timing(&reason);
                     self.closed = true;
                 }
             }
@@ -348,6 +360,26 @@ impl<S: Session> Run<S> {
             self.session.is_closed(),
             "closed without a Close"
         );
+    }
+
+    /// A session gives up on its peer only after the silence it reports,
+    /// which is at least the shortest timeout any configuration has (1 s),
+    /// and on a handshake only after the time allowed.
+    fn check_timing(&self, reason: &CloseReason) {
+        match reason {
+            CloseReason::PeerDead { silent_for } => {
+                assert_eq!(*silent_for, self.now - self.heard, "silence reported");
+                assert!(
+                    *silent_for >= Duration::from_secs(1),
+                    "dead after {silent_for:?}"
+                );
+            }
+            CloseReason::HandshakeTimeout { after } => {
+                assert!(self.now - self.start >= *after, "handshake cut short");
+                assert!(*after >= Duration::from_secs(1));
+            }
+            _ => {}
+        }
     }
 
     /// The session's bytes into the real peer, which must take them.

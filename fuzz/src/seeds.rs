@@ -228,6 +228,14 @@ fn http_heads(out: &mut Vec<Seed>) {
         "response-100-then-101",
         &[b"HTTP/1.1 100 Continue\r\n\r\n", &plain.response],
     );
+    // Interim responses up to the head limit, which counts them all.
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    seed(
+        out,
+        T,
+        "response-100-flood",
+        &[&interim.repeat(http::MAX_HEADER_LEN / interim.len() + 1)],
+    );
     seed(
         out,
         T,
