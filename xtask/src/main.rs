@@ -5,11 +5,13 @@
 //! - `build-ebpf`: builds the datapath object that `veil-user` embeds.
 //! - `test`: lint, unit tests, then the kernel tests (BPF_PROG_TEST_RUN and
 //!   network namespaces) as root, one at a time.
+//! - `fuzz`: the libFuzzer targets in `fuzz/` (cargo-fuzz, nightly).
 //! - `bench`: measurements, side by side with the kernel's own paths.
 //! - `demo`: the whole thing in network namespaces, explained as it runs.
 
 mod bench;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -35,6 +37,8 @@ enum Command {
     BuildEbpf(ebpf::Options),
     /// Lint, then run every test against the real kernel (needs root).
     Test(test::Options),
+    /// Fuzz the parsers and state machines: every target in turn, or one.
+    Fuzz(fuzz::Options),
     /// Measure the datapath against the kernel's routing + MASQUERADE.
     Bench(bench::Options),
 }
@@ -48,6 +52,7 @@ fn main() -> Result<()> {
             ebpf::build(&opts)
         }
         Command::Test(opts) => test::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
     }
 }

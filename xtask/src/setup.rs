@@ -53,6 +53,17 @@ pub fn peers() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, which `cargo xtask fuzz` and the brief fuzzing in
+/// `cargo xtask test` drive (with the nightly toolchain): from crates.io,
+/// once (about a minute).
+pub fn cargo_fuzz() -> Result<()> {
+    if !have("cargo-fuzz") {
+        eprintln!("setup: installing cargo-fuzz (about a minute, once)");
+        exec(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    Ok(())
+}
+
 fn have(cmd: &str) -> bool {
     output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_some()
 }

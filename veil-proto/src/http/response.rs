@@ -29,7 +29,8 @@ pub struct Response {
 /// `Ok(Some((response, n)))`: a valid `101 Switching Protocols`, using the
 /// first `n` bytes; anything after them is the gateway's capsule stream.
 /// Interim 1xx responses before it are skipped and counted in `n`; more
-/// than [`MAX_INTERIM_RESPONSES`] of them are an error.
+/// than [`MAX_INTERIM_RESPONSES`] of them are an error, and so is more than
+/// [`MAX_HEADER_LEN`] of them and the final head together.
 /// `Err(ProtoError::Refused { .. })`: any final status other than 101, once
 /// the start of its body (the gateway's explanation) has arrived, so the
 /// client can print "gateway refused: 503 Service Unavailable (gateway
@@ -47,9 +48,11 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>, ProtoErro
                 line: printable(head::first_line(rest).unwrap_or(rest)),
             });
         }
-        let window = &rest[..rest.len().min(MAX_HEADER_LEN)];
+        // Interim responses count toward the limit with the final one: the
+        // client buffers them all until the 101 arrives.
+        let window = &buf[offset..buf.len().min(MAX_HEADER_LEN)];
         let Some(len) = head::find_end(window) else {
-            if rest.len() >= MAX_HEADER_LEN {
+            if buf.len() >= MAX_HEADER_LEN {
                 return Err(ProtoError::HeaderTooLarge {
                     what: "response",
                     limit: MAX_HEADER_LEN,
@@ -296,5 +299,27 @@ mod tests {
             e.to_string(),
             "Veil-Offload header is \"maybe\", expected ?1 or ?0"
         );
+    }
+
+    #[test]
+    fn interim_responses_count_toward_the_head_limit() {
+        // Few interim responses, but large ones: together with the 101 they
+        // are one head, bounded like any other.
+        let big = format!(
+            "HTTP/1.1 103 Early Hints\r\nLink: <{}>\r\n\r\n",
+            "a".repeat(3000)
+        );
+        let bytes = big.repeat(3).into_bytes();
+        assert_eq!(
+            parse_response(&bytes),
+            Err(ProtoError::HeaderTooLarge {
+                what: "response",
+                limit: MAX_HEADER_LEN
+            })
+        );
+        let mut ok = big.repeat(2).into_bytes();
+        ok.extend_from_slice(&switching_protocols(false));
+        let (resp, used) = parse_response(&ok).expect("valid").expect("complete");
+        assert_eq!((resp.status, used), (101, ok.len()));
     }
 }
