@@ -1,23 +1,19 @@
-//! The gateway's checks on a packet from a client, on arbitrary bytes: as
-//! a plain IP packet, and as an offload datagram (header then packet) that
-//! the session lets through only if `VnetHdr::split` accepts it.
+//! The gateway's verdict on a packet from a client, on arbitrary bytes:
+//! as a plain IP packet, and as an offload datagram whose header the
+//! session first reduces to its one meaning (`VnetHdr::sanitize`).
 //!
-//! veil-user's `packet`, `policy` and `net` are compiled into the fuzz
-//! crate from their source files (`veil_fuzz::veil_user`); depending on
-//! veil-user itself would build tokio, rustls, ring and aya into every
-//! fresh fuzz build.
-//!
-//! `gateway_check` mirrors `veil_user::gateway`'s `client_packet` without
-//! its flow table and counters: parse, source check, egress policy, TTL,
-//! ICMP errors, flow key. Point it at a single function once the gateway
-//! has one for its whole per-packet check.
+//! The verdict is veil-user's own pure function
+//! (`veil_user::gateway::check::Checks::check`), compiled into the fuzz
+//! crate from its source file (`veil_fuzz::veil_user`).
 //!
 //! Asserts, beyond "no panic": what `parse` accepts is a whole IPv4 packet
-//! whose fields it reports faithfully; the flow key exists exactly for
-//! unfragmented TCP, UDP and ICMP echo requests and carries those fields;
-//! the gateway's own addresses are always refused; an ICMP error is a
-//! well-formed IPv4 packet back to the sender, at most 576 bytes, with
-//! correct checksums, quoting the packet's start.
+//! whose fields it reports faithfully; a flow exists exactly for
+//! unfragmented or first-fragment TCP, UDP and ICMP echo requests and
+//! carries those fields; the gateway's own addresses and other clients are
+//! always refused; an ICMP error is a well-formed IPv4 packet back to the
+//! sender, at most 576 bytes, with correct checksums, quoting the packet's
+//! start; a sanitized offload header keeps a partial checksum only in the
+//! packet's own transport checksum field.
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -27,34 +23,77 @@ use veil_common::proto;
 use veil_fuzz::{
     ip::{assert_ipv4, be16, ones_sum},
     veil_user::{
-        packet::{self, icmp_error, unreachable},
+        check::{Checks, Dropped, Verdict},
+        packet::{self, Fragment},
         policy::EgressPolicy,
     },
 };
-use veil_proto::gso::VnetHdr;
+use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
 
 /// The gateway's tunnel-side address, and its public one.
 const INNER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const MTU: usize = 1400;
 
 fuzz_target!(|data: &[u8]| {
-    let policy = EgressPolicy::new(
-        vec![PUBLIC, INNER],
-        "10.77.0.0/16".parse().unwrap(),
-        false,
-        Vec::new(),
-        Vec::new(),
-    );
-    gateway_check(&policy, &VnetHdr::NONE, data);
-    if let Ok((hdr, packet)) = VnetHdr::split(data) {
-        gateway_check(&policy, &hdr, packet);
+    let pool = "10.77.0.0/16".parse().unwrap();
+    let checks = Checks {
+        policy: EgressPolicy::new(vec![PUBLIC, INNER], pool, false, Vec::new(), Vec::new()),
+        pool,
+        gateway: INNER,
+        dns: true,
+    };
+    verdict(&checks, data);
+    if let Some((head, rest)) = data.split_first_chunk::<VNET_HDR_LEN>() {
+        let mut packet = rest.to_vec();
+        if let Ok(hdr) = VnetHdr::from_bytes(*head).sanitize(&mut packet, MTU) {
+            check_sanitized(&hdr, &packet);
+            verdict(&checks, &packet);
+        }
     }
 });
 
-/// What the gateway does with one client packet before its flow table:
-/// the reply it owes the client, if any.
-fn gateway_check(policy: &EgressPolicy, _hdr: &VnetHdr, pkt: &[u8]) -> Option<Vec<u8>> {
-    let info = packet::parse(pkt).ok()?;
+/// The header the kernel will trust: a partial checksum only where the
+/// packet's own protocol keeps it, segments that fit the MTU.
+fn check_sanitized(hdr: &VnetHdr, pkt: &[u8]) {
+    assert_eq!(hdr.flags & VnetHdr::F_DATA_VALID, 0);
+    if hdr.flags & VnetHdr::F_NEEDS_CSUM == 0 {
+        assert_eq!(*hdr, VnetHdr::NONE);
+        return;
+    }
+    let ihl = usize::from(pkt[0] & 0xf) * 4;
+    assert_eq!(usize::from(hdr.csum_start), ihl);
+    let want = match pkt[9] {
+        proto::TCP => 16,
+        proto::UDP => 6,
+        p => panic!("a partial checksum left on protocol {p}"),
+    };
+    assert_eq!(hdr.csum_offset, want);
+    assert_eq!(be16(pkt, 6) & 0x3fff, 0, "a partial checksum on a fragment");
+    if hdr.is_gso() {
+        assert!(usize::from(hdr.hdr_len) + usize::from(hdr.gso_size) <= MTU);
+    }
+}
+
+fn verdict(checks: &Checks, pkt: &[u8]) {
+    // The packet's own source as the client's address, so the checks go
+    // past the source check.
+    let vip = if pkt.len() >= 16 {
+        Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15])
+    } else {
+        INNER
+    };
+    let verdict = checks.check(vip, pkt);
+    let Ok(info) = packet::parse(pkt) else {
+        assert!(matches!(
+            verdict,
+            Verdict::Dropped {
+                why: Dropped::NotIpv4 | Dropped::Malformed(_),
+                answer: None
+            }
+        ));
+        return;
+    };
     // A whole IPv4 packet, reported as it is.
     assert!(pkt.len() >= 20 && pkt[0] >> 4 == 4);
     assert_eq!(info.header_len, usize::from(pkt[0] & 0xf) * 4);
@@ -63,52 +102,60 @@ fn gateway_check(policy: &EgressPolicy, _hdr: &VnetHdr, pkt: &[u8]) -> Option<Ve
     assert_eq!(info.src.octets(), pkt[12..16]);
     assert_eq!(info.dst.octets(), pkt[16..20]);
     assert_eq!((info.proto, info.ttl), (pkt[9], pkt[8]));
-    assert_eq!(info.fragment, be16(pkt, 6) & 0x3fff != 0);
-    check_flow_key(&info, pkt);
-
-    let vip = info.src;
-    let refused = policy.check(info.dst);
-    if info.dst == INNER || info.dst == PUBLIC {
-        assert!(refused.is_err(), "the gateway itself is reachable");
-    }
-    if refused.is_err() {
-        let reply = icmp_error(INNER, pkt, 3, unreachable::ADMIN_PROHIBITED);
-        check_icmp_error(&reply, pkt, vip, 3, unreachable::ADMIN_PROHIBITED);
-        return Some(reply);
-    }
-    if info.ttl <= 1 {
-        let reply = icmp_error(INNER, pkt, 11, 0);
-        check_icmp_error(&reply, pkt, vip, 11, 0);
-        return Some(reply);
-    }
-    None
-}
-
-fn check_flow_key(info: &packet::Ipv4Info, pkt: &[u8]) {
-    let l4 = &pkt[info.header_len..];
-    let translatable = !info.fragment
-        && l4.len() >= 8
-        && match info.proto {
-            proto::TCP | proto::UDP => true,
-            proto::ICMP => l4[0] == 8,
-            _ => false,
-        };
-    let Some(key) = info.flow_key() else {
-        assert!(!translatable, "no flow for a translatable packet");
-        return;
+    let frag = be16(pkt, 6);
+    let expected = match (frag & 0x1fff, frag & 0x2000) {
+        (0, 0) => Fragment::Whole,
+        (0, _) => Fragment::First,
+        _ => Fragment::Later,
     };
-    assert!(
-        translatable,
-        "a flow for a packet the datapath cannot translate"
-    );
-    assert_eq!(key.proto, info.proto);
-    assert_eq!(key.client_addr, info.src.octets());
-    assert_eq!(key.remote_addr, info.dst.octets());
-    let ports = match info.proto {
-        proto::ICMP => (be16(l4, 4), 0),
-        _ => (be16(l4, 0), be16(l4, 2)),
-    };
-    assert_eq!((key.client_port, key.remote_port), ports);
+    assert_eq!(info.fragment, expected);
+
+    match &verdict {
+        Verdict::Datapath { flow } => {
+            assert!(!checks.pool.contains(info.dst), "a client's address NATed out");
+            assert!(info.ttl > 1);
+            match flow {
+                Some(key) => {
+                    let l4 = &pkt[info.header_len..];
+                    assert_ne!(info.fragment, Fragment::Later);
+                    assert_eq!(key.proto, info.proto);
+                    assert_eq!(key.client_addr, info.src.octets());
+                    assert_eq!(key.remote_addr, info.dst.octets());
+                    let ports = match info.proto {
+                        proto::ICMP => {
+                            assert_eq!(l4[0], 8, "a flow for an ICMP message other than echo");
+                            (be16(l4, 4), 0)
+                        }
+                        proto::TCP | proto::UDP => (be16(l4, 0), be16(l4, 2)),
+                        p => panic!("a flow for protocol {p}"),
+                    };
+                    assert_eq!((key.client_port, key.remote_port), ports);
+                }
+                None => assert_eq!(info.fragment, Fragment::Later),
+            }
+        }
+        Verdict::Client(_) => panic!("client-to-client is off"),
+        Verdict::Dns { .. } => {
+            assert_eq!(info.dst, INNER);
+            assert_eq!(info.proto, proto::UDP);
+        }
+        Verdict::Dropped { why, answer } => {
+            if let Some(reply) = answer {
+                let (icmp_type, code) = match why {
+                    Dropped::Policy(_) => (3, 13),
+                    Dropped::TtlExpired => (11, 0),
+                    other => panic!("an ICMP error for {other:?}"),
+                };
+                check_icmp_error(reply, pkt, vip, icmp_type, code);
+            }
+        }
+    }
+    if info.dst == PUBLIC || (info.dst == INNER && !matches!(verdict, Verdict::Dns { .. })) {
+        assert!(
+            matches!(verdict, Verdict::Dropped { .. }),
+            "the gateway itself is reachable: {verdict:?}"
+        );
+    }
 }
 
 fn check_icmp_error(reply: &[u8], pkt: &[u8], to: Ipv4Addr, icmp_type: u8, code: u8) {

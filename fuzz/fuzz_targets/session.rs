@@ -342,6 +342,7 @@ impl<S: Session> Run<S> {
                     assert!(!S::GATEWAY, "a gateway is given routes");
                     assert_eq!(validate_routes(&routes), Ok(()));
                 }
+                Output::Dns(_) => assert!(!S::GATEWAY, "a gateway is given resolvers"),
                 Output::Close { reason } => {
                     assert!(self.session.is_closed(), "Close while open");
                     assert_eq!(self.session.close_reason(), Some(&reason));

@@ -9,22 +9,26 @@
 //! the finding.
 
 pub mod heap;
-// veil-user's pure packet checks, compiled from its own source files: the
-// `client_packet` target reaches them as `veil_fuzz::veil_user::*`.
 pub mod gro_ops;
 pub mod ip;
-#[path = "../../veil-user/src/net.rs"]
-pub mod net;
-#[path = "../../veil-user/src/packet.rs"]
-pub mod packet;
-#[path = "../../veil-user/src/policy.rs"]
-pub mod policy;
 pub mod rng;
 pub mod seeds;
+
+// The gateway's pure per-packet verdict (`veil-user/src/gateway/check.rs`)
+// and what it uses, compiled from their own source files: depending on
+// veil-user would build tokio, rustls, ring and aya into every fresh fuzz
+// build. The `client_packet` target reaches them by their veil-user paths.
+#[path = "../../veil-user/src/gateway/check.rs"]
+pub mod check;
+#[path = "../../veil-tunnel/src/net.rs"]
+pub mod net;
+#[path = "../../veil-user/src/policy.rs"]
+pub mod policy;
+pub use veil_proto::packet;
 
 pub use rng::Rng;
 
 /// The pieces of veil-user the targets check, by their veil-user paths.
 pub mod veil_user {
-    pub use crate::{net, packet, policy};
+    pub use crate::{check, net, packet, policy};
 }
