@@ -5,9 +5,20 @@
 //! assigns, and routes everything (or the `--route` ranges) into it. When
 //! the tunnel breaks it reconnects with backoff, keeping the TUN device and
 //! the routes, so applications see a pause rather than an error. On exit
-//! (SIGINT, SIGTERM, a fatal error) the routing table is restored.
+//! (SIGINT, SIGTERM, SIGHUP, a fatal error) the routing table is restored.
+//!
+//! Nothing leaks outside the tunnel meanwhile (docs/client.md): a kill
+//! switch (`firewall`) installed before the first connection, routing
+//! rules that no local route can override (`rules`), a reconnect as soon
+//! as the uplink changes (`watch`), and one client per network namespace
+//! (`instance`).
 
+mod firewall;
+mod instance;
 mod routes;
+mod rules;
+mod uplink;
+mod watch;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, ToSocketAddrs},
@@ -18,7 +29,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tokio::{net::TcpStream, sync::watch};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use veil_proto::{
@@ -32,7 +43,13 @@ use veil_tunnel::{
     tls, tun,
 };
 
-use crate::routes::{Network, FULL_TUNNEL};
+use crate::{
+    firewall::{Firewall, Policy},
+    routes::{Network, FULL_TUNNEL},
+    rules::Rules,
+    uplink::Lan,
+    watch::Watch,
+};
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +58,8 @@ use crate::routes::{Network, FULL_TUNNEL};
 )]
 struct Cli {
     /// The profile `veil-user client add` wrote.
-    #[arg(long, value_name = "FILE")]
-    profile: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "unlock")]
+    profile: Option<PathBuf>,
     /// Send only this range through the tunnel (repeatable); default:
     /// everything.
     #[arg(long = "route", value_name = "CIDR")]
@@ -67,6 +84,19 @@ struct Cli {
         value_parser = clap::value_parser!(u64).range(1..=veil_proto::http::MAX_KEEPALIVE.as_secs())
     )]
     keepalive: u64,
+    /// Keep the kill switch after the client exits or is killed: nothing
+    /// leaves outside the tunnel until `veil-client --unlock`.
+    #[arg(long)]
+    lockdown: bool,
+    /// Let the uplink's private, directly connected networks (the LAN's
+    /// printers, file shares) bypass the tunnel; public ranges a local
+    /// network claims are never let through.
+    #[arg(long)]
+    allow_lan: bool,
+    /// Remove the kill switch and routing rules a `--lockdown` (or a
+    /// client killed with SIGKILL) left behind, and exit.
+    #[arg(long, conflicts_with_all = ["profile", "lockdown", "allow_lan", "routes"])]
+    unlock: bool,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
@@ -88,8 +118,12 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 fn main() -> Result<()> {
     veil_tunnel::init_logging();
     let cli = Cli::parse();
-    let profile = Profile::load(&cli.profile)
-        .with_context(|| format!("loading the profile {}", cli.profile.display()))?;
+    if cli.unlock {
+        return unlock();
+    }
+    let path = cli.profile.as_ref().expect("clap requires --profile");
+    let profile =
+        Profile::load(path).with_context(|| format!("loading the profile {}", path.display()))?;
     // One connection, one TUN device: a single thread saves the cross-thread
     // wakeups that cost round-trip time (measured: ~460 µs RTT overhead
     // instead of ~800 µs with two workers).
@@ -99,11 +133,34 @@ fn main() -> Result<()> {
         .block_on(run(cli, profile))
 }
 
+/// `--unlock`: takes back what a lockdown, or a client killed with
+/// SIGKILL, left in force.
+fn unlock() -> Result<()> {
+    let _instance = instance::claim().map_err(|e| match e {
+        instance::Error::Busy => anyhow::anyhow!(
+            "a veil-client is running in this network namespace: stop it instead \
+             (without --lockdown its exit removes the kill switch)"
+        ),
+        e => e.into(),
+    })?;
+    rules::clear();
+    if firewall::remove().context("removing the kill switch")? {
+        info!("kill switch removed: traffic leaves directly again");
+    } else {
+        info!("no kill switch was in force");
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli, profile: Profile) -> Result<()> {
+    let _instance = instance::claim()?;
     let (config, server_name) = tls::client_config(&profile)?;
     let connector = TlsConnector::from(Arc::new(config));
     let gateway = resolve(&profile.endpoint)?;
-    let routes = if cli.routes.is_empty() {
+    let SocketAddr::V4(endpoint) = gateway else {
+        unreachable!("resolved to IPv4")
+    };
+    let routes: Vec<Ipv4Net> = if cli.routes.is_empty() {
         FULL_TUNNEL
             .iter()
             .map(|r| r.parse().expect("valid"))
@@ -112,13 +169,38 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
         cli.routes.clone()
     };
 
-    let (stop, mut stopped) = watch::channel(false);
+    // Fail closed from here on: the kill switch and the routing rules are
+    // in force before the first connection and until this function
+    // returns (dropped in reverse order: the network, the rules, then
+    // the kill switch).
+    let lan = allowed_lan(&cli, gateway);
+    let mut firewall = Firewall::install(Policy {
+        tun: cli.tun.clone(),
+        endpoint,
+        ranges: (!cli.routes.is_empty()).then(|| routes.clone()),
+        lan: lan.clone(),
+        lockdown: cli.lockdown,
+    })
+    .context("installing the kill switch")?;
+    let mut rules = Rules::install(*endpoint.ip(), lan_v4(&lan))
+        .context("installing the routing rules: is iproute2 installed?")?;
+    info!(
+        lockdown = cli.lockdown,
+        allow_lan = cli.allow_lan,
+        "kill switch on"
+    );
+    let mut watch = Watch::new(gateway);
+
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("installing a SIGHUP handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => info!("SIGINT: disconnecting"),
             _ = term.recv() => info!("SIGTERM: disconnecting"),
+            _ = hup.recv() => info!("SIGHUP: disconnecting"),
         }
         let _ = stop.send(true);
     });
@@ -136,23 +218,63 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
             gateway,
             routes: &routes,
         };
-        match tunnel.run(&mut network, &mut stopped).await {
+        match tunnel.run(&mut network, &mut stopped, &mut watch).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is::<Fatal>() => return Err(e),
+            Err(e) if e.is::<Moved>() => {
+                info!("the uplink changed: reconnecting");
+                backoff = BACKOFF_MIN;
+            }
             Err(e) => {
                 if started.elapsed() > BACKOFF_MAX {
                     backoff = BACKOFF_MIN;
                 }
                 warn!("tunnel down: {e:#}; reconnecting in {backoff:?}");
+                let from = uplink::source_for(gateway);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
+                    // A new uplink is worth trying at once.
+                    _ = watch.moved(from) => info!("the uplink changed: reconnecting"),
                     _ = stopped.changed() => return Ok(()),
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+        // The LAN may be another one now.
+        if cli.allow_lan {
+            let lan = allowed_lan(&cli, gateway);
+            if let Err(e) = firewall.set_lan(lan.clone()) {
+                warn!("updating the kill switch for the new LAN: {e}");
+            }
+            if let Err(e) = rules.set_lan(lan_v4(&lan)) {
+                warn!("updating the routing rules for the new LAN: {e:#}");
+            }
+        }
     }
 }
+
+/// `--allow-lan`'s networks now (none when the uplink is unknown).
+fn allowed_lan(cli: &Cli, gateway: SocketAddr) -> Option<Lan> {
+    let SocketAddr::V4(gw) = gateway else {
+        return None;
+    };
+    cli.allow_lan.then(|| {
+        uplink::lan(*gw.ip()).unwrap_or_else(|e| {
+            warn!("finding the local network: {e:#}; none allowed for now");
+            Lan::default()
+        })
+    })
+}
+
+fn lan_v4(lan: &Option<Lan>) -> &[Ipv4Net] {
+    lan.as_ref().map_or(&[], |l| &l.v4)
+}
+
+/// The connection left from an address the machine no longer prefers
+/// for the gateway: reconnect now, not after a timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the uplink changed")]
+struct Moved;
 
 /// An error reconnecting cannot fix.
 #[derive(Debug, thiserror::Error)]
@@ -190,12 +312,14 @@ impl Tunnel<'_> {
     async fn run(
         &self,
         network: &mut Option<Network>,
-        stopped: &mut watch::Receiver<bool>,
+        stopped: &mut tokio::sync::watch::Receiver<bool>,
+        uplink: &mut Watch,
     ) -> Result<()> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.gateway))
             .await
             .with_context(|| format!("connecting to {} timed out", self.gateway))?
             .with_context(|| format!("connecting to {}", self.gateway))?;
+        let local = tcp.local_addr().ok().map(|a| a.ip());
         net::tune_tunnel_socket(&tcp, net::TUNNEL_LOWAT);
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -290,6 +414,7 @@ impl Tunnel<'_> {
                 () = sleep_until_some(stall) => {
                     bail!("the gateway read nothing for {}s", WRITE_STALL.as_secs())
                 }
+                _ = uplink.moved(local) => return Err(Moved.into()),
                 _ = stopped.changed() => {
                     stream.close(CLOSE_TIMEOUT).await;
                     return Ok(());
@@ -307,12 +432,8 @@ impl Tunnel<'_> {
             ))
             .into()),
             None => {
-                let gateway = match self.gateway.ip() {
-                    std::net::IpAddr::V4(a) => a,
-                    std::net::IpAddr::V6(_) => unreachable!("resolved to IPv4"),
-                };
                 *network = Some(
-                    Network::up(&self.cli.tun, self.cli.mtu, addr, gateway, self.routes)
+                    Network::up(&self.cli.tun, self.cli.mtu, addr, self.routes)
                         .map_err(|e| Fatal(format!("{e:#}")))?,
                 );
                 info!(%addr, gateway = %self.gateway, "connected");
