@@ -98,7 +98,10 @@ fn demo() {
     // `main` (docs/client.md).
     for (what, args) in [
         ("routing rules", &["rule", "show"][..]),
-        ("tunnel's routing table", &["route", "show", "table", "7670"][..]),
+        (
+            "tunnel's routing table",
+            &["route", "show", "table", "7670"][..],
+        ),
     ] {
         let out = Command::new("ip")
             .args(["-n", world.client(1).name()])
