@@ -307,13 +307,32 @@ fn a_clean_exit_leaves_nothing_behind_and_a_crash_fails_closed() {
     assert_eq!(network_state(c), before, "after a crash and a clean run");
 }
 
+#[test]
+fn a_fatal_error_leaves_nothing_behind() {
+    let world = World::new(1, &[]);
+    let c = world.client(1);
+    // A device already named veil0 that is no TUN device: the client
+    // connects, cannot create its own and gives up.
+    c.ip(&[
+        "link", "add", "veil0", "type", "veth", "peer", "name", "veil0p",
+    ]);
+    let before = network_state(c);
+    let profile = world.add_client("doomed", 1);
+    let mut client = world.start_client(1, &profile, false);
+    client.wait_for_log("kill switch on", Duration::from_secs(10));
+    let status = wait_for_exit(&mut client);
+    assert!(!status.success(), "{}", client.log());
+    assert!(
+        client.log().contains("creating the TUN device"),
+        "{}",
+        client.log()
+    );
+    assert_eq!(network_state(c), before, "after a fatal error");
+}
+
 fn wait_for_exit(p: &mut veil_tests::proc::Proc) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while p.is_running() {
-        assert!(Instant::now() < deadline, "did not exit:\n{}", p.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p.stop().expect("exit status")
+    p.wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("did not exit:\n{}", p.log()))
 }
 
 #[test]
