@@ -139,13 +139,34 @@ impl RawClient {
 /// the sockets, so it sees packets no application would accept).
 pub struct Capture {
     fd: OwnedFd,
+    /// Only what the interface sends, not what it receives.
+    outgoing_only: bool,
+    /// The ethertype kept (`ETH_P_ALL`: every one).
+    ethertype: u16,
 }
 
 impl Capture {
     pub fn new(ns: &NetNs, iface: &str) -> Self {
+        Self::open(ns, iface, libc::ETH_P_IP as u16, false)
+    }
+
+    /// What leaves through `iface` (after the firewall: what the network
+    /// sees), of one ethertype (`ETH_P_IP`, `ETH_P_IPV6`, `ETH_P_ALL`).
+    pub fn outgoing(ns: &NetNs, iface: &str, ethertype: u16) -> Self {
+        Self::open(ns, iface, ethertype, true)
+    }
+
+    fn open(ns: &NetNs, iface: &str, ethertype: u16, outgoing_only: bool) -> Self {
+        // The kernel hands outgoing packets to ETH_P_ALL sockets only
+        // (dev_queue_xmit_nit): those are filtered here instead.
+        let bound = if outgoing_only {
+            libc::ETH_P_ALL as u16
+        } else {
+            ethertype
+        };
         let ifindex = ns.enter(|| veil_user::net::ifindex(iface).expect("interface"));
         let fd = ns.enter(|| {
-            let proto = (libc::ETH_P_IP as u16).to_be();
+            let proto = bound.to_be();
             // SAFETY: plain socket creation.
             let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
             assert!(
@@ -159,7 +180,7 @@ impl Capture {
         // SAFETY: a zeroed sockaddr_ll is valid; the fields set are plain.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        addr.sll_protocol = bound.to_be();
         addr.sll_ifindex = ifindex as i32;
         // SAFETY: a valid socket and address of the right size.
         let r = unsafe {
@@ -170,11 +191,21 @@ impl Capture {
             )
         };
         assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-        Capture { fd }
+        Capture {
+            fd,
+            outgoing_only,
+            ethertype,
+        }
     }
 
     /// The IP packets seen so far and over the next `wait`.
     pub fn packets(&self, wait: Duration) -> Vec<Vec<u8>> {
+        self.frames(wait).into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// [`Self::packets`] with each one's ethertype (IP packets, ARP
+    /// messages: what follows the link-layer header).
+    pub fn frames(&self, wait: Duration) -> Vec<(u16, Vec<u8>)> {
         let end = Instant::now() + wait;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
@@ -183,17 +214,25 @@ impl Capture {
             if !crate::netns::readable(self.fd.as_raw_fd(), left) {
                 return out;
             }
-            // SAFETY: a valid socket and buffer.
+            // SAFETY: a zeroed sockaddr_ll is valid.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: a valid socket, buffer and address of the right size.
             let n = unsafe {
-                libc::recv(
+                libc::recvfrom(
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     libc::MSG_DONTWAIT,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut len,
                 )
             };
-            if n > 0 {
-                out.push(buf[..n as usize].to_vec());
+            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+            let ethertype = u16::from_be(from.sll_protocol);
+            let wanted = self.ethertype == libc::ETH_P_ALL as u16 || ethertype == self.ethertype;
+            if n > 0 && wanted && (outgoing || !self.outgoing_only) {
+                out.push((ethertype, buf[..n as usize].to_vec()));
             }
         }
     }

@@ -13,13 +13,14 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use veil_tests::{
     dns::DnsServer,
     wait_until,
-    world::{World, PUBLIC, REMOTE},
+    world::{ip_out, World, PUBLIC, REMOTE},
 };
 
 const NAME: &str = "veil-dns-test.example.";
@@ -189,11 +190,32 @@ fn dns_failover_a_dead_first_endpoint_is_passed_over_within_3_seconds() {
         client.log()
     );
     assert!(world.ping(1, &REMOTE.to_string()), "through the second");
+    // Under the kill switch, which lets both endpoints through, and the
+    // routing rules, which send both to the uplink.
+    let nft = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", world.client(1).name()))
+        .args(["nft", "list", "table", "inet", "veil"])
+        .output()
+        .unwrap();
+    let nft = String::from_utf8_lossy(&nft.stdout);
+    for endpoint in [dead, "10.200.1.1"] {
+        assert!(
+            nft.contains(&format!("ip daddr {endpoint} tcp dport 443 accept")),
+            "{nft}"
+        );
+        let rules = ip_out(world.client(1), &["rule"]);
+        assert!(
+            rules.contains(&format!("7670:\tfrom all to {endpoint} lookup main")),
+            "{rules}"
+        );
+    }
 }
 
 #[test]
 fn dns_a_revoked_name_is_issued_again_and_only_the_new_profile_connects() {
-    let world = World::new(1, &[]);
+    // The stale profile runs in a namespace of its own: one veil-client
+    // per namespace.
+    let world = World::new(2, &[]);
     let first = world.add_client("carol", 1);
     let mut old = world.start_client(1, &first, true);
     world.veil_user(&["client", "revoke", "carol"]);
@@ -214,7 +236,7 @@ fn dns_a_revoked_name_is_issued_again_and_only_the_new_profile_connects() {
     let _new = world.start_client(1, &second, true);
     assert!(world.ping(1, &REMOTE.to_string()));
     // The first profile is still refused, as revoked.
-    let mut stale = world.start_client_with(1, &first, false, &["--tun", "veil1"]);
+    let mut stale = world.start_client(2, &first, false);
     let log = world.gateway.as_ref().unwrap().log();
     wait_until(
         "the old profile to be refused",

@@ -38,6 +38,8 @@ use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 use veil_proto::capsule::DnsConfiguration;
 
+use crate::rules::TABLE;
+
 /// The first line of every `resolv.conf` we write.
 const MARKER: &str = "# veil-client: this machine's resolver while the tunnel is up";
 /// Lines carrying the original, hex-encoded.
@@ -234,10 +236,19 @@ impl SystemDns {
             && Path::new(RESOLVED_SOCKET).exists()
             && resolvectl(&["--version"]).is_ok();
         // The resolver is the gateway's address in the pool: routed into
-        // the tunnel even when only some ranges are (--route).
+        // the tunnel even when only some ranges are (--route), in the
+        // tunnel's own table like every route into it (see `rules`).
         let route = plan.servers.first().copied();
         if let Some(server) = route {
-            ip(&["route", "replace", &format!("{server}/32"), "dev", tun])?;
+            ip(&[
+                "route",
+                "replace",
+                &format!("{server}/32"),
+                "dev",
+                tun,
+                "table",
+                &TABLE.to_string(),
+            ])?;
         }
         let mut dns = SystemDns {
             tun: tun.to_owned(),
@@ -399,7 +410,15 @@ impl Drop for SystemDns {
             }
         }
         if let Some(server) = self.route {
-            let _ = ip(&["route", "del", &format!("{server}/32"), "dev", &self.tun]);
+            let _ = ip(&[
+                "route",
+                "del",
+                &format!("{server}/32"),
+                "dev",
+                &self.tun,
+                "table",
+                &TABLE.to_string(),
+            ]);
         }
     }
 }

@@ -5,17 +5,29 @@
 //! assigns, and routes everything (or the `--route` ranges) into it. When
 //! the tunnel breaks it reconnects with backoff, keeping the TUN device and
 //! the routes, so applications see a pause rather than an error. On exit
-//! (SIGINT, SIGTERM, a fatal error) the routing table is restored.
+//! (SIGINT, SIGTERM, SIGHUP, a fatal error) the routing table is restored.
 //!
 //! The profile may list several endpoints: one that does not answer within
 //! the connect timeout is left for the next. The resolver the gateway
 //! announces becomes the system's while connected (see [`dns`]).
+//!
+//! Nothing leaks outside the tunnel meanwhile (docs/client.md): a kill
+//! switch (`firewall`) installed before the first connection, routing
+//! rules that no local route can override (`rules`), both letting every
+//! endpoint of the profile through so that failover works; a reconnect
+//! as soon as the uplink toward the endpoint in use changes (`watch`);
+//! and one client per network namespace (`instance`).
 
 mod dns;
+mod firewall;
+mod instance;
 mod routes;
+mod rules;
+mod uplink;
+mod watch;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, ToSocketAddrs},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -23,7 +35,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tokio::{net::TcpStream, sync::watch};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use veil_proto::{
@@ -38,7 +50,13 @@ use veil_tunnel::{
     tls, tun,
 };
 
-use crate::routes::{Network, FULL_TUNNEL};
+use crate::{
+    firewall::{Firewall, Policy},
+    routes::{Network, FULL_TUNNEL},
+    rules::Rules,
+    uplink::Lan,
+    watch::Watch,
+};
 
 #[derive(Parser)]
 #[command(
@@ -47,8 +65,8 @@ use crate::routes::{Network, FULL_TUNNEL};
 )]
 struct Cli {
     /// The profile `veil-user client add` wrote.
-    #[arg(long, value_name = "FILE")]
-    profile: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "unlock")]
+    profile: Option<PathBuf>,
     /// Send only this range through the tunnel (repeatable); default:
     /// everything.
     #[arg(long = "route", value_name = "CIDR")]
@@ -78,6 +96,19 @@ struct Cli {
     /// restored on exit).
     #[arg(long)]
     no_dns: bool,
+    /// Keep the kill switch after the client exits or is killed: nothing
+    /// leaves outside the tunnel until `veil-client --unlock`.
+    #[arg(long)]
+    lockdown: bool,
+    /// Let the uplink's private, directly connected networks (the LAN's
+    /// printers, file shares) bypass the tunnel; public ranges a local
+    /// network claims are never let through.
+    #[arg(long)]
+    allow_lan: bool,
+    /// Remove the kill switch and routing rules a `--lockdown` (or a
+    /// client killed with SIGKILL) left behind, and exit.
+    #[arg(long, conflicts_with_all = ["profile", "lockdown", "allow_lan", "routes"])]
+    unlock: bool,
 }
 
 /// A gateway that has not taken the TCP connection by then (a SYN and one
@@ -97,10 +128,27 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 fn main() -> Result<()> {
     veil_tunnel::init_logging();
     let cli = Cli::parse();
+    // The namespace is ours before anything in it is touched: a second
+    // client must not take back the first one's DNS settings.
+    let _instance = if cli.unlock {
+        instance::claim().map_err(|e| match e {
+            instance::Error::Busy => anyhow::anyhow!(
+                "a veil-client is running in this network namespace: stop it instead \
+                 (without --lockdown its exit removes the kill switch)"
+            ),
+            e => e.into(),
+        })?
+    } else {
+        instance::claim()?
+    };
     // A resolv.conf left by a run that was killed goes back first.
     dns::recover();
-    let profile = Profile::load(&cli.profile)
-        .with_context(|| format!("loading the profile {}", cli.profile.display()))?;
+    if cli.unlock {
+        return unlock();
+    }
+    let path = cli.profile.as_ref().expect("clap requires --profile");
+    let profile =
+        Profile::load(path).with_context(|| format!("loading the profile {}", path.display()))?;
     // One connection, one TUN device: a single thread saves the cross-thread
     // wakeups that cost round-trip time (measured: ~460 µs RTT overhead
     // instead of ~800 µs with two workers).
@@ -110,11 +158,30 @@ fn main() -> Result<()> {
         .block_on(run(cli, profile))
 }
 
+/// `--unlock` (the namespace claimed): takes back what a lockdown, or a
+/// client killed with SIGKILL, left in force.
+fn unlock() -> Result<()> {
+    rules::clear();
+    if firewall::remove().context("removing the kill switch")? {
+        info!("kill switch removed: traffic leaves directly again");
+    } else {
+        info!("no kill switch was in force");
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli, profile: Profile) -> Result<()> {
     let (config, server_name) = tls::client_config(&profile)?;
     let connector = TlsConnector::from(Arc::new(config));
     let gateways = resolve_all(&profile.endpoints)?;
-    let routes = if cli.routes.is_empty() {
+    let endpoints: Vec<SocketAddrV4> = gateways
+        .iter()
+        .map(|g| match g {
+            SocketAddr::V4(a) => *a,
+            SocketAddr::V6(_) => unreachable!("resolved to IPv4"),
+        })
+        .collect();
+    let routes: Vec<Ipv4Net> = if cli.routes.is_empty() {
         FULL_TUNNEL
             .iter()
             .map(|r| r.parse().expect("valid"))
@@ -123,13 +190,45 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
         cli.routes.clone()
     };
 
-    let (stop, mut stopped) = watch::channel(false);
+    // Which endpoint, and how many in a row did not answer.
+    let (mut current, mut unanswered) = (0, 0);
+
+    // Fail closed from here on: the kill switch and the routing rules are
+    // in force before the first connection and until this function
+    // returns (dropped in reverse order: DNS, the network, the rules, then
+    // the kill switch). Both let every endpoint through, so that failing
+    // over to the next one needs no change to either.
+    let lan = allowed_lan(&cli, gateways[current]);
+    let mut firewall = Firewall::install(Policy {
+        tun: cli.tun.clone(),
+        endpoints: endpoints.clone(),
+        ranges: (!cli.routes.is_empty()).then(|| routes.clone()),
+        lan: lan.clone(),
+        lockdown: cli.lockdown,
+    })
+    .context("installing the kill switch")?;
+    let gateway_ips: Vec<Ipv4Addr> = endpoints.iter().map(|e| *e.ip()).collect();
+    let mut rules = Rules::install(&gateway_ips, lan_v4(&lan))
+        .context("installing the routing rules: is iproute2 installed?")?;
+    info!(
+        lockdown = cli.lockdown,
+        allow_lan = cli.allow_lan,
+        endpoints = endpoints.len(),
+        "kill switch on"
+    );
+    // Follows the endpoint in use (retargeted on failover).
+    let mut watch = Watch::new(gateways[current]);
+
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("installing a SIGHUP handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => info!("SIGINT: disconnecting"),
             _ = term.recv() => info!("SIGTERM: disconnecting"),
+            _ = hup.recv() => info!("SIGHUP: disconnecting"),
         }
         let _ = stop.send(true);
     });
@@ -140,24 +239,29 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
     // Declared after `network`, so dropped (restored) before it.
     let mut system_dns: Option<dns::SystemDns> = None;
     let mut backoff = BACKOFF_MIN;
-    // Which endpoint, and how many in a row did not answer.
-    let (mut current, mut unanswered) = (0, 0);
     loop {
         let started = Instant::now();
+        let gateway = gateways[current];
+        watch.follow(gateway);
         let tunnel = Tunnel {
             cli: &cli,
             connector: &connector,
             server_name: server_name.clone(),
-            gateway: gateways[current],
-            gateways: &gateways,
+            gateway,
             routes: &routes,
         };
         match tunnel
-            .run(&mut network, &mut system_dns, &mut stopped)
+            .run(&mut network, &mut system_dns, &mut stopped, &mut watch)
             .await
         {
             Ok(()) => return Ok(()),
             Err(e) if e.is::<Fatal>() => return Err(e),
+            Err(e) if e.is::<Moved>() => {
+                // The same endpoint again, over the new uplink.
+                info!("the uplink changed: reconnecting");
+                unanswered = 0;
+                backoff = BACKOFF_MIN;
+            }
             Err(e) if e.is::<Unanswered>() => {
                 // Straight on to the next endpoint; the backoff only once
                 // every one of them was tried.
@@ -169,8 +273,12 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
                 }
                 unanswered = 0;
                 warn!("{e:#}; no endpoint answered, retrying in {backoff:?}");
+                let from = uplink::source_for(gateways[current]);
+                watch.follow(gateways[current]);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
+                    // A new uplink is worth trying at once.
+                    _ = watch.moved(from) => info!("the uplink changed: reconnecting"),
                     _ = stopped.changed() => return Ok(()),
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -181,15 +289,52 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
                     backoff = BACKOFF_MIN;
                 }
                 warn!("tunnel down: {e:#}; reconnecting in {backoff:?}");
+                let from = uplink::source_for(gateway);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
+                    // A new uplink is worth trying at once.
+                    _ = watch.moved(from) => info!("the uplink changed: reconnecting"),
                     _ = stopped.changed() => return Ok(()),
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+        // The LAN may be another one now.
+        if cli.allow_lan {
+            let lan = allowed_lan(&cli, gateways[current]);
+            if let Err(e) = firewall.set_lan(lan.clone()) {
+                warn!("updating the kill switch for the new LAN: {e}");
+            }
+            if let Err(e) = rules.set_lan(lan_v4(&lan)) {
+                warn!("updating the routing rules for the new LAN: {e:#}");
+            }
+        }
     }
 }
+
+/// `--allow-lan`'s networks now, on the uplink toward `gateway` (none
+/// when that uplink is unknown).
+fn allowed_lan(cli: &Cli, gateway: SocketAddr) -> Option<Lan> {
+    let SocketAddr::V4(gw) = gateway else {
+        return None;
+    };
+    cli.allow_lan.then(|| {
+        uplink::lan(*gw.ip()).unwrap_or_else(|e| {
+            warn!("finding the local network: {e:#}; none allowed for now");
+            Lan::default()
+        })
+    })
+}
+
+fn lan_v4(lan: &Option<Lan>) -> &[Ipv4Net] {
+    lan.as_ref().map_or(&[], |l| &l.v4)
+}
+
+/// The connection left from an address the machine no longer prefers
+/// for the gateway: reconnect now, not after a timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the uplink changed")]
+struct Moved;
 
 /// An error reconnecting cannot fix.
 #[derive(Debug, thiserror::Error)]
@@ -241,9 +386,9 @@ struct Tunnel<'a> {
     cli: &'a Cli,
     connector: &'a TlsConnector,
     server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+    /// The endpoint this connection goes to (the others are reachable
+    /// outside the tunnel too: see `rules`).
     gateway: SocketAddr,
-    /// Every endpoint: the network keeps each reachable outside the tunnel.
-    gateways: &'a [SocketAddr],
     routes: &'a [Ipv4Net],
 }
 
@@ -253,7 +398,8 @@ impl Tunnel<'_> {
         &self,
         network: &mut Option<Network>,
         system_dns: &mut Option<dns::SystemDns>,
-        stopped: &mut watch::Receiver<bool>,
+        stopped: &mut tokio::sync::watch::Receiver<bool>,
+        uplink: &mut Watch,
     ) -> Result<()> {
         let tcp =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.gateway)).await {
@@ -269,6 +415,8 @@ impl Tunnel<'_> {
                     .into())
                 }
             };
+        // Where it left from: another address later means another uplink.
+        let local = tcp.local_addr().ok().map(|a| a.ip());
         net::tune_tunnel_socket(&tcp, net::TUNNEL_LOWAT);
         let mut tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -300,6 +448,8 @@ impl Tunnel<'_> {
             network,
             system_dns,
             stopped,
+            uplink,
+            local,
             tun_buf: vec![0u8; tun::MAX_READ],
         };
         let mut net_buf = vec![0u8; 64 * 1024];
@@ -309,6 +459,7 @@ impl Tunnel<'_> {
                 stream.close(CLOSE_TIMEOUT).await;
                 Ok(())
             }
+            End::Local(Ended::Moved) => Err(Moved.into()),
             End::Local(Ended::Failed(e)) => Err(e),
             End::Closed(reason) => {
                 stream.close(CLOSE_TIMEOUT).await;
@@ -357,16 +508,8 @@ impl Tunnel<'_> {
             ))
             .into()),
             None => {
-                let gateways: Vec<Ipv4Addr> = self
-                    .gateways
-                    .iter()
-                    .filter_map(|g| match g.ip() {
-                        std::net::IpAddr::V4(a) => Some(a),
-                        std::net::IpAddr::V6(_) => None,
-                    })
-                    .collect();
                 *network = Some(
-                    Network::up(&self.cli.tun, self.cli.mtu, addr, &gateways, self.routes)
+                    Network::up(&self.cli.tun, self.cli.mtu, addr, self.routes)
                         .map_err(|e| Fatal(format!("{e:#}")))?,
                 );
                 info!(%addr, gateway = %self.gateway, "connected");
@@ -393,14 +536,20 @@ struct ClientSide<'a> {
     network: &'a mut Option<Network>,
     /// The system's resolver configuration while the gateway's applies.
     system_dns: &'a mut Option<dns::SystemDns>,
-    stopped: &'a mut watch::Receiver<bool>,
+    stopped: &'a mut tokio::sync::watch::Receiver<bool>,
+    /// The uplink toward the endpoint in use, and the local address this
+    /// connection left from.
+    uplink: &'a mut Watch,
+    local: Option<IpAddr>,
     tun_buf: Vec<u8>,
 }
 
 /// Why the client's side ended a connection.
 enum Ended {
-    /// Told to stop (SIGINT, SIGTERM).
+    /// Told to stop (SIGINT, SIGTERM, SIGHUP).
     Stop,
+    /// The uplink changed: reconnect at once ([`Moved`]).
+    Moved,
     /// Something failed here: reconnect, unless it is [`Fatal`].
     Failed(anyhow::Error),
 }
@@ -437,6 +586,8 @@ impl Local<ClientSession> for ClientSide<'_> {
         let Self {
             network,
             stopped,
+            uplink,
+            local,
             tun_buf,
             ..
         } = self;
@@ -465,6 +616,7 @@ impl Local<ClientSession> for ClientSide<'_> {
                 }
                 Ok(())
             }
+            _ = uplink.moved(*local) => Err(Ended::Moved),
             _ = stopped.changed() => Err(Ended::Stop),
         }
     }

@@ -1,13 +1,16 @@
 //! The client's side of the network: the TUN device with the address the
-//! gateway assigned, and the routes that send traffic into it. Everything
-//! added is remembered and taken back on drop, so the routing table is as
-//! it was after the client exits, however it exits.
+//! gateway assigned, and the routes that send traffic into it (in the
+//! tunnel's own table, see `rules`). Everything added is remembered and
+//! taken back on drop; the kernel deletes the routes with the device when
+//! the client is killed.
 
 use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 use veil_tunnel::{net::Ipv4Net, tun::Tun};
+
+use crate::rules::TABLE;
 
 pub struct Network {
     pub tun: Tun,
@@ -16,21 +19,13 @@ pub struct Network {
     added: Vec<Vec<String>>,
 }
 
-/// Everything through the tunnel, without replacing the default route:
-/// two halves that are more specific than it.
-pub const FULL_TUNNEL: [&str; 2] = ["0.0.0.0/1", "128.0.0.0/1"];
+/// Everything through the tunnel: the default route of the tunnel's table.
+pub const FULL_TUNNEL: [&str; 1] = ["0.0.0.0/0"];
 
 impl Network {
-    /// Creates the TUN device, gives it `addr`, keeps the gateways (every
-    /// endpoint of the profile, for failover) reachable the way they are
-    /// now, and routes `routes` into the tunnel.
-    pub fn up(
-        name: &str,
-        mtu: u16,
-        addr: Ipv4Addr,
-        gateways: &[Ipv4Addr],
-        routes: &[Ipv4Net],
-    ) -> Result<Self> {
+    /// Creates the TUN device, gives it `addr` and routes `routes` into
+    /// the tunnel.
+    pub fn up(name: &str, mtu: u16, addr: Ipv4Addr, routes: &[Ipv4Net]) -> Result<Self> {
         let tun =
             Tun::create(name, mtu).with_context(|| format!("creating the TUN device {name}"))?;
         let mut net = Network {
@@ -48,13 +43,10 @@ impl Network {
         if let Err(e) = tc(&["qdisc", "replace", "dev", &dev, "root", "fq_codel"]) {
             warn!("no fq_codel on {dev} ({e:#}): the tunnel may queue more under load");
         }
-        // The tunnel itself must not go into the tunnel.
-        for gateway in gateways {
-            let via = current_route(*gateway)?;
-            let mut host = vec!["route".into(), "replace".into(), format!("{gateway}/32")];
-            host.extend(via);
-            net.add(host)?;
-        }
+        // Into the tunnel's own table, which an `ip rule` puts ahead of
+        // `main` (see `rules`): the gateway itself is looked up in `main`,
+        // and no route there can pull traffic out of the tunnel.
+        let table = TABLE.to_string();
         for r in routes {
             net.add(vec![
                 "route".into(),
@@ -62,6 +54,8 @@ impl Network {
                 r.to_string(),
                 "dev".into(),
                 dev.clone(),
+                "table".into(),
+                table.clone(),
             ])?;
         }
         info!(tun = %dev, %addr, routes = ?routes.iter().map(|r| r.to_string()).collect::<Vec<_>>(), "tunnel network up");
@@ -90,37 +84,11 @@ impl Drop for Network {
     }
 }
 
-/// How `dst` is reached now: `via GW dev IF` or `dev IF`.
-fn current_route(dst: Ipv4Addr) -> Result<Vec<String>> {
-    let out = Command::new("ip")
-        .args(["-j", "route", "get", &dst.to_string()])
-        .output()
-        .context("running ip route get")?;
-    if !out.status.success() {
-        bail!(
-            "no route to the gateway {dst}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing ip -j route get")?;
-    let route = &v[0];
-    let mut args = Vec::new();
-    if let Some(gw) = route["gateway"].as_str() {
-        args.extend(["via".to_owned(), gw.to_owned()]);
-    }
-    let dev = route["dev"]
-        .as_str()
-        .context("ip route get gave no device")?;
-    args.extend(["dev".to_owned(), dev.to_owned()]);
-    Ok(args)
-}
-
 fn tc(args: &[&str]) -> Result<()> {
     command("tc", args)
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub fn ip(args: &[&str]) -> Result<()> {
     command("ip", args)
 }
 

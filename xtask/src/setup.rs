@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ethtool", "ethtool"),
     ("iptables", "iptables"),
+    // veil-client's kill switch (`nft -f -`).
+    ("nftables", "nft"),
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),

@@ -94,12 +94,23 @@ fn demo() {
         .unwrap_or("?")
         .to_owned();
     println!("    connected; the gateway gave the client the tunnel address {vip}");
-    let routes = Command::new("ip")
-        .args(["-n", world.client(1).name(), "route", "show"])
-        .output()
-        .unwrap();
-    println!("    the client's routes now:");
-    print!("{}", indent(&String::from_utf8_lossy(&routes.stdout)));
+    // The tunnel's routes are in a table of their own, consulted before
+    // `main` (docs/client.md).
+    for (what, args) in [
+        ("routing rules", &["rule", "show"][..]),
+        (
+            "tunnel's routing table",
+            &["route", "show", "table", "7670"][..],
+        ),
+    ] {
+        let out = Command::new("ip")
+            .args(["-n", world.client(1).name()])
+            .args(args)
+            .output()
+            .unwrap();
+        println!("    the client's {what} now:");
+        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    }
     checkpoint();
 
     say(

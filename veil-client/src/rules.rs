@@ -1,0 +1,140 @@
+//! Routing policy: the tunnel's routes live in a table of their own
+//! ([`TABLE`]), consulted by an `ip rule` ahead of `main`. Routes in
+//! `main` — however specific, a DHCP server's option 121 (TunnelVision)
+//! or a local network that claims a public range (TunnelCrack's LocalNet)
+//! — are never consulted for traffic the tunnel claims. Only the gateway
+//! itself is looked up in `main` (every endpoint of the profile, so that
+//! failover reaches the next one), so the tunnel's own connection follows
+//! whatever uplink the machine has now, and `--allow-lan`'s private,
+//! directly connected networks.
+//!
+//! WireGuard's wg-quick adds a rule that lets `main` win for everything
+//! but its default route (`suppress_prefixlength 0`), which is exactly
+//! what TunnelVision exploits; veil has none.
+//!
+//! ```text
+//! 7670: to GATEWAY lookup main         the tunnel's connection: the uplink
+//!                                      (one rule per endpoint address)
+//! 7671: to GATEWAY unreachable         ...and no uplink: fail at once
+//!                                      (one per endpoint address)
+//! 7672: to LAN lookup main             --allow-lan, private subnets only
+//! 7673: lookup 7670                    everything the tunnel claims
+//! ```
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use tracing::warn;
+use veil_tunnel::net::Ipv4Net;
+
+use crate::routes::ip;
+
+/// The routing table that holds the tunnel's routes.
+pub const TABLE: u32 = 7670;
+const PRIO_GATEWAY: u32 = 7670;
+const PRIO_GATEWAY_ONLY: u32 = 7671;
+const PRIO_LAN: u32 = 7672;
+const PRIO_TUNNEL: u32 = 7673;
+const PRIORITIES: [u32; 4] = [PRIO_GATEWAY, PRIO_GATEWAY_ONLY, PRIO_LAN, PRIO_TUNNEL];
+
+/// The rules while they are in force; dropping this deletes them.
+pub struct Rules {
+    /// `ip rule add` arguments of each rule in force.
+    added: Vec<Vec<String>>,
+    lan: Vec<Ipv4Net>,
+}
+
+impl Rules {
+    /// Clears what an earlier run left (a `kill -9` leaves its rules),
+    /// then installs the rules for `gateways` (every endpoint's address,
+    /// in the profile's order) and `lan`.
+    pub fn install(gateways: &[Ipv4Addr], lan: &[Ipv4Net]) -> Result<Self> {
+        clear();
+        let mut rules = Rules {
+            added: Vec::new(),
+            lan: Vec::new(),
+        };
+        // Two endpoints may share an address (other ports): one rule.
+        let mut seen = Vec::new();
+        for gateway in gateways {
+            if seen.contains(gateway) {
+                continue;
+            }
+            seen.push(*gateway);
+            let gw = format!("{gateway}/32");
+            rules.add(&["to", &gw, "lookup", "main"], PRIO_GATEWAY)?;
+            rules.add(&["to", &gw, "unreachable"], PRIO_GATEWAY_ONLY)?;
+        }
+        rules.add(&["lookup", &TABLE.to_string()], PRIO_TUNNEL)?;
+        rules.set_lan(lan)?;
+        Ok(rules)
+    }
+
+    /// Lets `lan` bypass the tunnel instead of the networks before.
+    pub fn set_lan(&mut self, lan: &[Ipv4Net]) -> Result<()> {
+        if self.lan == lan {
+            return Ok(());
+        }
+        for old in std::mem::take(&mut self.lan) {
+            let to = old.to_string();
+            self.remove(&["to", &to, "lookup", "main"], PRIO_LAN);
+        }
+        for net in lan {
+            self.add(&["to", &net.to_string(), "lookup", "main"], PRIO_LAN)?;
+            self.lan.push(*net);
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, selector: &[&str], priority: u32) -> Result<()> {
+        let args = rule("add", selector, priority);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ip(&refs)?;
+        self.added.push(args);
+        Ok(())
+    }
+
+    fn remove(&mut self, selector: &[&str], priority: u32) {
+        let args = rule("add", selector, priority);
+        self.added.retain(|a| *a != args);
+        delete(args);
+    }
+}
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        for args in std::mem::take(&mut self.added).into_iter().rev() {
+            delete(args);
+        }
+    }
+}
+
+fn rule(verb: &str, selector: &[&str], priority: u32) -> Vec<String> {
+    let mut args = vec!["rule".to_owned(), verb.to_owned()];
+    args.extend(selector.iter().map(|s| (*s).to_owned()));
+    args.extend(["priority".to_owned(), priority.to_string()]);
+    args
+}
+
+fn delete(mut args: Vec<String>) {
+    args[1] = "del".into();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    if let Err(e) = ip(&refs) {
+        warn!("restoring routing rules: {e:#}");
+    }
+}
+
+/// Deletes every rule at veil's priorities and the routes in its table:
+/// what a client killed with SIGKILL left (`--unlock`, and each start).
+pub fn clear() {
+    for priority in PRIORITIES {
+        let p = priority.to_string();
+        // One rule per call; a bound in case deletion keeps "succeeding".
+        for _ in 0..1024 {
+            if ip(&["rule", "del", "priority", &p]).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = ip(&["route", "flush", "table", &TABLE.to_string()]);
+}
