@@ -31,14 +31,13 @@ use std::{
     net::Ipv4Addr,
     os::unix::fs::{symlink, OpenOptionsExt},
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 use veil_proto::capsule::DnsConfiguration;
 
-use crate::rules::TABLE;
+use crate::{routes::ip, rules::TABLE};
 
 /// The first line of every `resolv.conf` we write.
 const MARKER: &str = "# veil-client: this machine's resolver while the tunnel is up";
@@ -424,26 +423,7 @@ impl Drop for SystemDns {
 }
 
 fn resolvectl(args: &[&str]) -> Result<()> {
-    command("resolvectl", args)
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    command("ip", args)
-}
-
-fn command(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::routes::command("resolvectl", args)
 }
 
 #[cfg(test)]

@@ -93,7 +93,7 @@ pub fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Runs `program args`; a failure carries the command and what it said.
-fn command(program: &str, args: &[&str]) -> Result<()> {
+pub fn command(program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
         .args(args)
         .output()
