@@ -8,11 +8,12 @@
 //!   decoder holds at its peak is bounded by its limits and the input;
 //! - cut-invariance: the same capsules, then the same error or the same
 //!   leftover, as decoding the stream in one piece;
-//! - every decoded capsule encodes, and decodes back to itself.
+//! - every decoded capsule encodes, and decodes back to itself;
+//! - DNS_ASSIGN carries only names safe for a resolver configuration.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use veil_fuzz::{heap, Rng};
+use veil_fuzz::{assert_dns_safe, heap, Rng};
 use veil_proto::{
     capsule::{Capsule, CapsuleDecoder, DEFAULT_MAX_CAPSULE_LEN, DEFAULT_MAX_SKIP_LEN},
     ProtoError,
@@ -52,8 +53,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(cut_end, whole_end, "decoding ends differently when cut");
 
     for capsule in &whole {
-        if let Capsule::Unknown { .. } = capsule {
-            continue;
+        match capsule {
+            Capsule::Unknown { .. } => continue,
+            Capsule::DnsAssign(configs) => assert_dns_safe(configs),
+            _ => {}
         }
         let mut bytes = Vec::new();
         capsule

@@ -19,7 +19,8 @@
 //!   silence the session is closed;
 //! - outputs belong to their end (no `Assigned` from a gateway), packets
 //!   respect the capsule limit and are counted, offload packets carry a
-//!   header that validates, routes validate;
+//!   header that validates, routes validate, DNS configurations carry only
+//!   names safe for a resolver configuration and re-encode;
 //! - everything a session sends is understood by a real peer: a gateway's
 //!   bytes go into a `ClientSession` and a client's into a
 //!   `ServerSession`, which must never close for a protocol error (a
@@ -34,12 +35,12 @@ use std::{
 
 use libfuzzer_sys::fuzz_target;
 use veil_fuzz::{
-    heap,
+    assert_dns_safe, heap,
     ip::{self, Builder},
     Rng,
 };
 use veil_proto::{
-    capsule::validate_routes,
+    capsule::{validate_routes, Capsule},
     gso::VnetHdr,
     session::{ClientConfig, ClientSession, CloseReason, Output, ServerConfig, ServerSession},
 };
@@ -338,11 +339,17 @@ impl<S: Session> Run<S> {
                     assert!(!S::GATEWAY, "a gateway is assigned an address");
                     assert!(prefix <= 32);
                 }
+                Output::Dns(configs) => {
+                    assert!(!S::GATEWAY, "a gateway is given DNS servers");
+                    assert_dns_safe(&configs);
+                    Capsule::DnsAssign(configs)
+                        .encode(&mut Vec::new())
+                        .expect("the DNS configuration announced re-encodes");
+                }
                 Output::Routes(routes) => {
                     assert!(!S::GATEWAY, "a gateway is given routes");
                     assert_eq!(validate_routes(&routes), Ok(()));
                 }
-                Output::Dns(_) => assert!(!S::GATEWAY, "a gateway is given resolvers"),
                 Output::Close { reason } => {
                     assert!(self.session.is_closed(), "Close while open");
                     assert_eq!(self.session.close_reason(), Some(&reason));

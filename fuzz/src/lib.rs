@@ -8,8 +8,8 @@
 //! Everything here panics on a broken property: in a fuzz target a panic is
 //! the finding.
 
-pub mod heap;
 pub mod gro_ops;
+pub mod heap;
 pub mod ip;
 pub mod rng;
 pub mod seeds;
@@ -27,6 +27,33 @@ pub mod policy;
 pub use veil_proto::packet;
 
 pub use rng::Rng;
+
+use veil_proto::capsule::DnsConfiguration;
+
+/// What a client may write into its resolver configuration from a
+/// gateway's DNS_ASSIGN: names in presentation format only (letters,
+/// digits, `-`, `_`, dots), so that no newline, space or option rides in.
+#[track_caller]
+pub fn assert_dns_safe(configs: &[DnsConfiguration]) {
+    let names = configs.iter().flat_map(|c| {
+        c.internal_domains
+            .iter()
+            .chain(&c.search_domains)
+            .chain(c.nameservers.iter().map(|n| &n.auth_domain))
+    });
+    for name in names {
+        let s = name.as_str();
+        assert!(s.len() <= 254, "a {}-byte domain name", s.len());
+        assert!(
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'),
+            "domain name {s:?}"
+        );
+    }
+    for ns in configs.iter().flat_map(|c| &c.nameservers) {
+        assert_ne!(ns.priority, 0, "a nameserver in AliasMode");
+    }
+}
 
 /// The pieces of veil-user the targets check, by their veil-user paths.
 pub mod veil_user {

@@ -10,7 +10,10 @@ use std::{
 
 use libfuzzer_sys::arbitrary::Unstructured;
 use veil_proto::{
-    capsule::{self, AssignedAddress, Capsule, IpAddressRange, RequestedAddress, OFFLOAD_CONTEXT},
+    capsule::{
+        self, svc_key, AssignedAddress, Capsule, DnsConfiguration, DomainName, IpAddressRange,
+        Nameserver, RequestedAddress, SvcParam, OFFLOAD_CONTEXT,
+    },
     gro::Coalescer,
     gso::VnetHdr,
     http,
@@ -83,6 +86,35 @@ fn client_syn() -> Vec<u8> {
         ..Builder::tcp()
     }
     .complete(&[])
+}
+
+/// What a full-tunnel gateway announces, and a richer configuration: an
+/// encrypted resolver (DoT) for internal and search domains.
+fn dns_configs() -> Vec<DnsConfiguration> {
+    let name = |s: &str| DomainName::new(s).expect("valid name");
+    vec![
+        DnsConfiguration::full_tunnel(vec![Ipv4Addr::new(10, 77, 0, 1)]),
+        DnsConfiguration {
+            nameservers: vec![Nameserver {
+                priority: 2,
+                ipv4: vec![Ipv4Addr::new(198, 18, 0, 53)],
+                ipv6: vec![Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x53)],
+                auth_domain: name("dns.example"),
+                params: vec![
+                    SvcParam {
+                        key: svc_key::ALPN,
+                        value: b"\x03dot".to_vec(),
+                    },
+                    SvcParam {
+                        key: svc_key::PORT,
+                        value: 853u16.to_be_bytes().to_vec(),
+                    },
+                ],
+            }],
+            internal_domains: vec![name("corp.example"), name("_svc.example.")],
+            search_domains: vec![name("example")],
+        },
+    ]
 }
 
 fn super_packet() -> (VnetHdr, Vec<u8>) {
@@ -170,6 +202,13 @@ fn capsule_decoder(out: &mut Vec<Seed>) {
         &[&[6, 1, 0x04], &unknown.concat()],
     );
 
+    seed(
+        out,
+        T,
+        "dns-assign",
+        &[&[5, 0, 0], &encode(&[Capsule::DnsAssign(dns_configs())])],
+    );
+
     // A DATAGRAM declared longer than the 1500-byte limit.
     seed(
         out,
@@ -186,6 +225,8 @@ struct Exchange {
     response: Vec<u8>,
 }
 
+/// With `offload`, the gateway also announces DNS (DNS_ASSIGN in its
+/// greeting).
 fn exchange(offload: bool, keepalive: Duration) -> Exchange {
     let now = Instant::now();
     let mut config = ClientConfig::new("gateway.example");
@@ -194,6 +235,9 @@ fn exchange(offload: bool, keepalive: Duration) -> Exchange {
     let mut client = ClientSession::new(config, now).expect("client");
     let mut server_config = ServerConfig::new(VIP);
     server_config.offload = offload;
+    if offload {
+        server_config.dns = dns_configs();
+    }
     let mut server = ServerSession::new(server_config, now).expect("server");
     let request = sent(client.poll_output());
     server.receive(&request, now).expect("request accepted");
@@ -445,6 +489,9 @@ fn session(out: &mut Vec<Seed>) {
             end: IpAddr::V4(Ipv4Addr::new(198, 19, 255, 255)),
             ip_protocol: 0,
         }]),
+        Capsule::DnsAssign(vec![DnsConfiguration::full_tunnel(vec![Ipv4Addr::new(
+            10, 77, 0, 1,
+        )])]),
         Capsule::AddressRequest(vec![RequestedAddress {
             request_id: 5,
             ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
