@@ -2,12 +2,13 @@
 //! ICMP errors it answers with. Pure functions over bytes, on the field
 //! offsets of [`crate::ipv4`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use veil_common::{proto, FlowKey};
 
 use crate::ipv4::{
-    be16, IPV4_MIN_HDR_LEN, IP_ADDRS, IP_CSUM, IP_FRAG, IP_PROTO, IP_TOTAL_LEN, IP_TTL,
+    be16, pseudo_header, set_header_checksum, IPV4_MIN_HDR_LEN, IP_ADDRS, IP_CSUM, IP_FRAG,
+    IP_PROTO, IP_TOTAL_LEN, IP_TTL, UDP_CSUM, UDP_HDR_LEN,
 };
 
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -105,6 +106,36 @@ pub fn parse(pkt: &[u8]) -> Result<Ipv4Info, PacketError> {
 
 fn addr(pkt: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(pkt[at], pkt[at + 1], pkt[at + 2], pkt[at + 3])
+}
+
+/// Appends an IPv4/UDP packet from `from` to `to` carrying `payload`,
+/// checksums filled in, to `out` (which may already hold, say, an offload
+/// header): a DNS answer as the client's kernel expects it from the tunnel.
+pub fn append_udp(out: &mut Vec<u8>, from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) {
+    let at = out.len();
+    let udp_len = UDP_HDR_LEN + payload.len();
+    let total = IPV4_MIN_HDR_LEN + udp_len;
+    out.reserve(total);
+    out.extend_from_slice(&[0x45, 0]);
+    out.extend_from_slice(&(total as u16).to_be_bytes());
+    // ID 0 with DF: an atomic datagram (RFC 6864).
+    out.extend_from_slice(&[0, 0, 0x40, 0, 64, proto::UDP, 0, 0]);
+    out.extend_from_slice(&from.ip().octets());
+    out.extend_from_slice(&to.ip().octets());
+    out.extend_from_slice(&from.port().to_be_bytes());
+    out.extend_from_slice(&to.port().to_be_bytes());
+    out.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(payload);
+    let p = &mut out[at..];
+    set_header_checksum(p, IPV4_MIN_HDR_LEN);
+    let mut sum = pseudo_header(p, proto::UDP, udp_len as u16);
+    sum.add(&p[IPV4_MIN_HDR_LEN..]);
+    let check = match sum.finish() {
+        0 => 0xffff, // 0 means "no checksum" in UDP.
+        c => c,
+    };
+    p[IPV4_MIN_HDR_LEN + UDP_CSUM..][..2].copy_from_slice(&check.to_be_bytes());
 }
 
 /// ICMP destination unreachable codes the gateway sends.
@@ -253,5 +284,25 @@ mod tests {
         decrement_ttl(&mut pkt);
         assert_eq!(pkt[8], 63);
         assert_eq!(checksum(&pkt), 0, "a valid header sums to zero");
+    }
+
+    #[test]
+    fn a_udp_packet_is_appended_with_valid_checksums() {
+        let from = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 53);
+        let to = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 40000);
+        // After an offload header, as the gateway queues it.
+        let mut out = vec![0xaa; 10];
+        append_udp(&mut out, from, to, b"answer");
+        assert_eq!(&out[..10], &[0xaa; 10], "what was there stays");
+        let p = &out[10..];
+        assert_eq!(p.len(), 20 + 8 + 6);
+        assert_eq!(checksum(&p[..20]), 0, "IP header checksum");
+        let info = parse(p).unwrap();
+        assert_eq!((info.src, info.dst), (*from.ip(), *to.ip()));
+        assert_eq!(info.ports, Some((53, 40000)));
+        let mut pseudo = p[12..20].to_vec();
+        pseudo.extend_from_slice(&[0, 17, 0, 14]);
+        pseudo.extend_from_slice(&p[20..]);
+        assert_eq!(checksum(&pseudo), 0, "UDP checksum");
     }
 }

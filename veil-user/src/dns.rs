@@ -12,8 +12,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 
-use crate::packet::checksum;
-
 /// The largest query taken from a client: a question and an EDNS record
 /// fit many times over (RFC 9619 queries carry one question).
 pub const MAX_QUERY: usize = 1232;
@@ -92,40 +90,6 @@ pub fn set_id(message: &mut [u8], id: u16) {
     if let Some(head) = message.get_mut(..2) {
         head.copy_from_slice(&id.to_be_bytes());
     }
-}
-
-/// An IPv4/UDP packet from `from` to `to` carrying `payload`, checksums
-/// filled in: a DNS answer as the client's kernel expects it from the
-/// tunnel.
-pub fn udp_packet(from: SocketAddrV4, to: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let udp_len = 8 + payload.len();
-    let total = 20 + udp_len;
-    let mut p = Vec::with_capacity(total);
-    p.extend_from_slice(&[0x45, 0]);
-    p.extend_from_slice(&(total as u16).to_be_bytes());
-    // ID 0 with DF: an atomic datagram (RFC 6864).
-    p.extend_from_slice(&[0, 0, 0x40, 0, 64, veil_common::proto::UDP, 0, 0]);
-    p.extend_from_slice(&from.ip().octets());
-    p.extend_from_slice(&to.ip().octets());
-    let check = checksum(&p[..20]);
-    p[10..12].copy_from_slice(&check.to_be_bytes());
-    p.extend_from_slice(&from.port().to_be_bytes());
-    p.extend_from_slice(&to.port().to_be_bytes());
-    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(payload);
-    // The pseudo-header, then the UDP header and payload.
-    let mut pseudo = Vec::with_capacity(12 + udp_len);
-    pseudo.extend_from_slice(&p[12..20]);
-    pseudo.extend_from_slice(&[0, veil_common::proto::UDP]);
-    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    pseudo.extend_from_slice(&p[20..]);
-    let check = match checksum(&pseudo) {
-        0 => 0xffff, // 0 means "no checksum" in UDP.
-        c => c,
-    };
-    p[26..28].copy_from_slice(&check.to_be_bytes());
-    p
 }
 
 /// The nameservers of a `resolv.conf`, in order, as upstreams on port 53.
@@ -232,22 +196,6 @@ mod tests {
         assert_eq!(m.metadata.message_type, MessageType::Response);
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
         assert_eq!(m.queries, q.message.queries);
-    }
-
-    #[test]
-    fn the_reply_packet_has_valid_checksums() {
-        let from = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 53);
-        let to = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 40000);
-        let p = udp_packet(from, to, b"answer");
-        assert_eq!(p.len(), 20 + 8 + 6);
-        assert_eq!(checksum(&p[..20]), 0, "IP header checksum");
-        let info = crate::packet::parse(&p).unwrap();
-        assert_eq!((info.src, info.dst), (*from.ip(), *to.ip()));
-        assert_eq!(info.ports, Some((53, 40000)));
-        let mut pseudo = p[12..20].to_vec();
-        pseudo.extend_from_slice(&[0, 17, 0, 14]);
-        pseudo.extend_from_slice(&p[20..]);
-        assert_eq!(checksum(&pseudo), 0, "UDP checksum");
     }
 
     #[test]

@@ -27,7 +27,10 @@ use tracing::debug;
 use veil_proto::gso::VnetHdr;
 
 use super::Shared;
-use crate::dns::{self, Query};
+use crate::{
+    dns::{self, Query},
+    packet,
+};
 
 /// Queries in flight at once, all clients together.
 pub const MAX_IN_FLIGHT: usize = 512;
@@ -178,17 +181,14 @@ impl Shared {
     /// The answer, as a UDP packet from the gateway's resolver service,
     /// into the client's reply queue like any reply from the datapath.
     fn dns_answer(&self, vip: Ipv4Addr, port: u16, answer: &[u8]) {
-        let packet = dns::udp_packet(
+        let mut joined = VnetHdr::NONE.to_bytes().to_vec();
+        packet::append_udp(
+            &mut joined,
             dns::service(self.checks.gateway),
             SocketAddrV4::new(vip, port),
             answer,
         );
-        let mut joined = VnetHdr::NONE.to_bytes().to_vec();
-        joined.extend_from_slice(&packet);
         let sessions = self.sessions.read().expect("sessions lock");
-        let pushed = sessions.get(&vip).map(|tx| tx.push(joined));
-        if !matches!(pushed, Some(Ok(()))) {
-            self.counters.client_queue_full.fetch_add(1, Relaxed);
-        }
+        self.deliver(&sessions, vip, joined);
     }
 }

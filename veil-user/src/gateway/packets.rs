@@ -113,20 +113,19 @@ impl Shared {
         joined.extend_from_slice(pkt);
         packet::decrement_ttl(&mut joined[VNET_HDR_LEN..]);
         let sessions = self.sessions.read().expect("sessions lock");
-        let Some(tx) = sessions.get(&dst) else {
-            self.counters.no_session.fetch_add(1, Relaxed);
-            return Some(packet::icmp_error(
+        match self.deliver(&sessions, dst, joined) {
+            Delivery::Queued => {
+                self.counters.client_to_client.fetch_add(1, Relaxed);
+                None
+            }
+            Delivery::NoSession => Some(packet::icmp_error(
                 self.checks.gateway,
                 pkt,
                 3,
                 unreachable::HOST,
-            ));
-        };
-        match tx.push(joined) {
-            Ok(()) => self.counters.client_to_client.fetch_add(1, Relaxed),
-            Err(_) => self.counters.client_queue_full.fetch_add(1, Relaxed),
-        };
-        None
+            )),
+            Delivery::QueueFull => None,
+        }
     }
 
     /// A reply from the datapath, to the session of its destination.
@@ -142,18 +141,41 @@ impl Shared {
             return;
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        let dropped = match sessions.get(&dst) {
-            Some(tx) => match tx.push(joined.to_vec()) {
-                Ok(()) => None,
-                Err(queue::Dropped::Full) => Some(&self.counters.client_queue_full),
-                Err(queue::Dropped::Closed) => Some(&self.counters.no_session),
-            },
-            None => Some(&self.counters.no_session),
-        };
-        if let Some(counter) = dropped {
-            counter.fetch_add(1, Relaxed);
-        }
+        self.deliver(sessions, dst, joined.to_vec());
     }
+
+    /// Offload header and packet, joined, into the reply queue of the
+    /// client at `dst`: the one way anything reaches a session from the
+    /// gateway's side (datapath replies, other clients, DNS answers). What
+    /// does not get there is counted here.
+    pub(super) fn deliver(
+        &self,
+        sessions: &HashMap<Ipv4Addr, ReplySender>,
+        dst: Ipv4Addr,
+        joined: Vec<u8>,
+    ) -> Delivery {
+        let delivery = match sessions.get(&dst).map(|tx| tx.push(joined)) {
+            Some(Ok(())) => return Delivery::Queued,
+            Some(Err(queue::Dropped::Full)) => Delivery::QueueFull,
+            Some(Err(queue::Dropped::Closed)) | None => Delivery::NoSession,
+        };
+        let counter = match delivery {
+            Delivery::QueueFull => &self.counters.client_queue_full,
+            _ => &self.counters.no_session,
+        };
+        counter.fetch_add(1, Relaxed);
+        delivery
+    }
+}
+
+/// What became of a packet for a client's session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Delivery {
+    Queued,
+    /// Its queue was full: dropped, counted as `client_queue_full`.
+    QueueFull,
+    /// No live session at that address: counted as `no_session`.
+    NoSession,
 }
 
 /// Replies from the datapath, to the session of their destination. A read
