@@ -105,7 +105,7 @@ fn main() -> Result<()> {
                 cli.state_dir = dir.clone();
             }
         }
-        cli.gateway = cli.gateway.or_file(file);
+        cli.gateway = cli.gateway.or_file(file)?;
     }
     match cli.command {
         Some(Command::Client(cmd)) => client(&cli.state_dir, cmd),

@@ -173,6 +173,10 @@ pub enum SettingsError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// A setting that cannot be carried from the command line or the
+    /// file into the other (a path that is not UTF-8, say).
+    #[error("combining the command line with the configuration file: {0}")]
+    Merge(String),
     #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
     NoIface,
 }
@@ -198,22 +202,21 @@ impl Settings {
 
     /// These settings, with `file`'s wherever these leave one unset: every
     /// setting is merged the same way, so no list of them is kept here.
-    pub fn or_file(self, file: Settings) -> Settings {
+    pub fn or_file(self, file: Settings) -> Result<Settings, SettingsError> {
+        let merge = |e: &dyn std::fmt::Display| SettingsError::Merge(e.to_string());
         let table = |s: &Settings| match toml::Value::try_from(s) {
-            Ok(toml::Value::Table(t)) => t,
-            other => unreachable!("settings serialize to a table: {other:?}"),
+            Ok(toml::Value::Table(t)) => Ok(t),
+            Ok(other) => Err(merge(&format!("not a table: {other}"))),
+            Err(e) => Err(merge(&e)),
         };
-        let mut merged = table(&file);
+        let mut merged = table(&file)?;
         // Unset options do not serialize; unset lists are empty.
         merged.extend(
-            table(&self)
+            table(&self)?
                 .into_iter()
                 .filter(|(_, v)| v.as_array().is_none_or(|a| !a.is_empty())),
         );
-        match toml::Value::Table(merged).try_into() {
-            Ok(s) => s,
-            Err(e) => unreachable!("merged settings read back: {e}"),
-        }
+        toml::Value::Table(merged).try_into().map_err(|e| merge(&e))
     }
 
     /// What the daemon runs with: every default applied.
@@ -490,7 +493,11 @@ mod tests {
             deny: vec!["203.0.113.0/24".parse().unwrap()],
             ..Default::default()
         };
-        let cfg = flags.or_file(file).resolve("/tmp/state".into()).unwrap();
+        let cfg = flags
+            .or_file(file)
+            .unwrap()
+            .resolve("/tmp/state".into())
+            .unwrap();
         assert_eq!(cfg.iface, "eth0", "from the file");
         assert_eq!(cfg.max_clients, 7, "the flag wins");
         assert_eq!(
@@ -543,8 +550,8 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(Settings::default().or_file(all.clone()), all);
-        assert_eq!(all.clone().or_file(Settings::default()), all);
+        assert_eq!(Settings::default().or_file(all.clone()).unwrap(), all);
+        assert_eq!(all.clone().or_file(Settings::default()).unwrap(), all);
     }
 
     #[test]
