@@ -519,12 +519,11 @@ impl Tunnel<'_> {
     }
 }
 
-/// How much the client buffers: the TUN device is read only once what was
-/// read before is written (the kernel's queue, bounded by TCP small queues,
-/// holds the rest: a backlog in our buffer would only add latency), and a
-/// gateway that takes nothing for 15 s is gone.
+/// How much the client buffers: it always reads the gateway, and a gateway
+/// that takes nothing for 15 s is gone. (The TUN device is read only once
+/// what was read before is written; the kernel's queue, bounded by TCP
+/// small queues, holds the rest.)
 const LIMITS: Limits = Limits {
-    local_high_water: 1,
     read_limit: usize::MAX,
     write_stall: Duration::from_secs(15),
 };

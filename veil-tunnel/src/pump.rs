@@ -14,12 +14,14 @@ use veil_proto::session::{coalesce, CloseReason, Output, Session};
 
 use crate::stream::{sleep_until_some, Event, Transport};
 
-/// How much a pump buffers before it stops taking more.
+/// How much a pump buffers before it stops taking more. Local work (the
+/// next packets for the peer) is taken only once everything taken before
+/// is written: the backlog waits where it is bounded (the TUN device's
+/// queue, the reply queue), not in the write buffer, where it only adds
+/// latency (measured: RTT under load 7 ms with a 512 KiB allowance, 3.4 ms
+/// without).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Unwritten bytes above which local work waits (packets stay where
-    /// they are bounded: the TUN device's queue, the reply queue).
-    pub local_high_water: usize,
     /// Unwritten bytes above which the peer is not read: a peer that sends
     /// but does not read cannot grow our buffer.
     pub read_limit: usize,
@@ -37,7 +39,7 @@ pub trait Local<S> {
     fn output(&mut self, session: &mut S, output: Output) -> Result<(), Self::End>;
 
     /// Waits for local work and does it: packets into the session (only
-    /// when `room`), or a signal that ends the pump. Must be cancel-safe:
+    /// when `room`: nothing is left to write), or a signal that ends the pump. Must be cancel-safe:
     /// the pump drops it whenever something else happens first.
     #[expect(
         async_fn_in_trait,
@@ -110,7 +112,7 @@ where
                 Ok(Event::Wrote) => {}
                 Err(e) => return End::Failed(e),
             },
-            done = local.next(session, pending < limits.local_high_water) => {
+            done = local.next(session, pending == 0) => {
                 if let Err(end) = done {
                     return End::Local(end);
                 }

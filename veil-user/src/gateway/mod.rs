@@ -106,8 +106,8 @@ const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
 const WRITE_STALL: Duration = Duration::from_secs(15);
 /// How long closing a connection may take (the last bytes, close_notify).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Unwritten bytes above which a session stops taking replies off its queue
-/// (they wait there, bounded, instead of in the write buffer).
+/// Bytes of replies a session takes off its queue for one write, at most
+/// (the rest wait there, bounded, instead of in the write buffer).
 const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Unwritten bytes above which a session stops reading from its client: a
 /// client that sends but does not read cannot grow our buffer.

@@ -52,10 +52,6 @@ pub(super) enum Ended {
 
 /// How much a session buffers: see [`Limits`].
 pub(super) const LIMITS: Limits = Limits {
-    // Replies are taken only once what was taken before is written: they
-    // wait in the bounded queue, not in the write buffer, where they would
-    // only add latency.
-    local_high_water: 1,
     read_limit: OUT_LIMIT,
     write_stall: WRITE_STALL,
 };
