@@ -52,7 +52,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream<S> {
     pub fn new(io: S) -> Self {
         Self {
             io,
-            out: Vec::with_capacity(64 * 1024),
+            // Grows with use (or is swapped whole for the session's send
+            // buffer): a connection that never authenticates costs none.
+            out: Vec::new(),
             sent: 0,
             flushing: false,
             stalled_since: None,
