@@ -1,0 +1,291 @@
+//! Port forwarding (`--forward FILE`): connections to a listen port on a
+//! public address, translated to a target and back, in TC.
+//!
+//! A packet is the forwarder's when its 5-tuple is a connection in
+//! `VEIL_FWD_FLOWS` (either direction), or when it opens one: it goes to a
+//! public address on a port with a rule in `VEIL_FWD_RULES` (a TCP SYN, or
+//! any UDP datagram). The first packet makes both entries ([`open`]): the
+//! reply entry first with `BPF_NOEXIST`, which claims the NAT port toward
+//! the target atomically, as the daemon does for clients' flows. Every
+//! packet then has both addresses and ports rewritten with the kernel's
+//! checksum helpers (`rewrite`), its TTL counted, and is sent out of the
+//! entry's interface with `bpf_redirect_neigh`: the gateway's kernel does
+//! not forward (ip_forward may be 0) and netfilter never sees the packet.
+//!
+//! XDP on the WAN only asks [`claims`] so that it lets such packets through
+//! to TC uncounted; TC ([`translate`]) counts them.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use veil_common::{
+    csum::L4Sum, fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason,
+    ReverseKey,
+};
+
+use crate::{
+    maps::{config, VEIL_FWD_FLOWS, VEIL_FWD_RULES, VEIL_FWD_STATS, VEIL_REVERSE},
+    packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
+    rewrite::{decrement_ttl, dword, move_endpoint_skb, word, SkbEndpoint},
+    stats, Verdict,
+};
+
+const IP: usize = ETH_LEN;
+const L4_AT: usize = ETH_LEN + IPV4_LEN;
+/// NAT ports tried for a new connection before it is refused: a random
+/// start, then its neighbours. Collisions need the same target endpoint.
+const PORT_TRIES: u32 = 8;
+
+/// A TCP or UDP packet that may be a forwarded connection's.
+struct Candidate {
+    key: FwdKey,
+    kind: L4Sum,
+    ttl: u8,
+    tcp_flags: u64,
+}
+
+/// Reads the 5-tuple of an unfragmented TCP or UDP packet without IP
+/// options (a forwarded connection's packets are such); `None` for
+/// anything else, which is left to the rest of the datapath.
+#[inline(always)]
+fn candidate(pkt: &Packet) -> Option<Candidate> {
+    let eth: *mut EthHdr = pkt.at(0).ok()?;
+    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip: *mut Ipv4Hdr = pkt.at(IP).ok()?;
+    let (vihl, frags, protocol, ttl, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            (*ip).ttl,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    // Options and fragments are not forwarded.
+    if vihl != 0x45 || frags & 0x3fff != 0 {
+        return None;
+    }
+    let kind = match protocol {
+        proto::TCP => L4Sum::Tcp,
+        proto::UDP => L4Sum::Udp,
+        _ => return None,
+    };
+    let ports: *mut Ports = pkt.at(L4_AT).ok()?;
+    let tcp_flags = match kind {
+        L4Sum::Tcp => {
+            let flags: *mut [u8; 14] = pkt.at(L4_AT).ok()?;
+            unsafe { (*flags)[13] as u64 }
+        }
+        _ => 0,
+    };
+    Some(Candidate {
+        key: FwdKey {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: u16::from_be_bytes(unsafe { (*ports).src }),
+            dst_port: u16::from_be_bytes(unsafe { (*ports).dst }),
+            proto: protocol,
+            _pad: [0; 3],
+        },
+        kind,
+        ttl,
+        tcp_flags,
+    })
+}
+
+/// The rule a packet to a public address opens a connection under.
+#[inline(always)]
+fn rule_for(key: &FwdKey, cfg: &Config) -> Option<(FwdRuleKey, *const FwdRule)> {
+    if !cfg.is_public(key.dst_addr) {
+        return None;
+    }
+    let rule = FwdRuleKey::new(key.proto, key.dst_port);
+    VEIL_FWD_RULES.get_ptr(rule).map(|r| (rule, r))
+}
+
+/// XDP: whether TC's [`translate`] will take this packet.
+#[inline(always)]
+pub fn claims(pkt: &Packet, cfg: &Config) -> bool {
+    match candidate(pkt) {
+        Some(c) => VEIL_FWD_FLOWS.get_ptr(c.key).is_some() || rule_for(&c.key, cfg).is_some(),
+        None => false,
+    }
+}
+
+/// TC: translates and sends on a forwarded connection's packet; `None`
+/// when the packet is not one (the caller goes on with it).
+#[inline(always)]
+pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reason> {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let Some(c) = candidate(&pkt) else {
+        return Ok(None);
+    };
+    let flow = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
+        Some(flow) => flow,
+        None => {
+            let Some((rule_key, rule)) = rule_for(&c.key, cfg) else {
+                return Ok(None);
+            };
+            // Only a SYN opens a TCP connection: anything else of one the
+            // gateway does not know (its rule removed, or it expired) is
+            // dropped, as the target would not know it either.
+            let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+            if c.kind == L4Sum::Tcp && !syn {
+                return Err(Reason::FwdDropNoFlow);
+            }
+            let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+            open(&c.key, rule_key, unsafe { &*rule }, ingress, cfg)?
+        }
+    };
+    if c.ttl <= 1 {
+        return Err(Reason::DropTtlExpired);
+    }
+    let (to, rule, ifindex) = unsafe {
+        (
+            (
+                (*flow).src_addr,
+                (*flow).src_port,
+                (*flow).dst_addr,
+                (*flow).dst_port,
+            ),
+            (*flow).rule,
+            (*flow).ifindex,
+        )
+    };
+    stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), c.tcp_flags);
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+        stats::fwd_packet(counters, ctx.len());
+    }
+    let check = match c.kind {
+        L4Sum::Tcp => L4_AT + 16,
+        _ => L4_AT + 6,
+    };
+    let src = SkbEndpoint {
+        kind: c.kind,
+        ip_check: IP + 10,
+        addr: IP + 12,
+        port: L4_AT,
+        l4_check: check,
+    };
+    let dst = SkbEndpoint {
+        addr: IP + 16,
+        port: L4_AT + 2,
+        ..src
+    };
+    let k = &c.key;
+    move_endpoint_skb(
+        ctx,
+        &src,
+        dword(k.src_addr),
+        word(k.src_port.to_be_bytes()),
+        to.0,
+        to.1,
+    )?;
+    move_endpoint_skb(
+        ctx,
+        &dst,
+        dword(k.dst_addr),
+        word(k.dst_port.to_be_bytes()),
+        to.2,
+        to.3,
+    )?;
+    decrement_ttl(ctx, IP, c.ttl, k.proto)?;
+    let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
+    }
+    Ok(Some(Verdict::counted(action, Reason::FwdForwarded)))
+}
+
+/// Makes a new connection's two entries: a NAT port on the gateway's
+/// address toward the target, claimed by inserting the reply entry with
+/// `BPF_NOEXIST`. `ingress` is where the remote's packets come from, and
+/// so where the replies go.
+#[inline(always)]
+fn open(
+    key: &FwdKey,
+    rule_key: FwdRuleKey,
+    rule: &FwdRule,
+    ingress: u32,
+    cfg: &Config,
+) -> Result<*mut FwdFlow, Reason> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let inbound = |nat_port| FwdFlow {
+        created_ns: now,
+        src_addr: rule.snat_addr,
+        dst_addr: rule.target_addr,
+        src_port: nat_port,
+        dst_port: rule.target_port,
+        ifindex: rule.ifindex,
+        rule: rule_key,
+        dir: fwd_dir::INBOUND,
+        ..Default::default()
+    };
+    let reply = FwdFlow {
+        created_ns: now,
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        ifindex: ingress,
+        rule: rule_key,
+        dir: fwd_dir::REPLY,
+        ..Default::default()
+    };
+    let span = (cfg.nat_port_max - cfg.nat_port_min) as u32 + 1;
+    let start = unsafe { bpf_get_prandom_u32() };
+    for i in 0..PORT_TRIES {
+        let nat_port = cfg.nat_port_min + (start.wrapping_add(i) % span) as u16;
+        let forward = inbound(nat_port);
+        let reply_key = forward.partner();
+        // Toward a target behind the WAN the gateway's address there is a
+        // public one, whose NAT ports clients' flows use too.
+        let client_flow = ReverseKey {
+            remote_addr: rule.target_addr,
+            public_addr: rule.snat_addr,
+            remote_port: rule.target_port,
+            nat_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        if VEIL_REVERSE.get_ptr(client_flow).is_some() {
+            continue;
+        }
+        if VEIL_FWD_FLOWS
+            .insert(reply_key, reply, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            continue;
+        }
+        if VEIL_FWD_FLOWS
+            .insert(*key, forward, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            // Another CPU opened it meanwhile (a retransmitted SYN): use
+            // that one, give this port back.
+            let _ = VEIL_FWD_FLOWS.remove(reply_key);
+            return VEIL_FWD_FLOWS.get_ptr_mut(key).ok_or(Reason::FwdDropNoRoom);
+        }
+        if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule_key) {
+            stats::fwd_connection(counters);
+        }
+        return VEIL_FWD_FLOWS.get_ptr_mut(key).ok_or(Reason::FwdDropNoRoom);
+    }
+    Err(Reason::FwdDropNoRoom)
+}
+
+/// TC on an interface targets are reached through: their replies go back
+/// to the remotes; everything else is left alone (and uncounted: it is
+/// not veil's).
+#[inline(always)]
+pub fn from_target(ctx: &TcContext) -> Result<Verdict, Reason> {
+    pull_headers(ctx)?;
+    let cfg = config()?;
+    Ok(translate(ctx, cfg)?.unwrap_or(Verdict::uncounted(TC_ACT_OK as i32)))
+}
