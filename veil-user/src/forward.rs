@@ -278,7 +278,10 @@ fn resolve_one(
         return Err(RuleError::InNatRange(rule.listen_port, gw.nat_ports));
     }
     if port_in_use(rule.proto, rule.listen_port) {
-        return Err(RuleError::PortInUse(rule.listen_port, ProtoName(rule.proto)));
+        return Err(RuleError::PortInUse(
+            rule.listen_port,
+            ProtoName(rule.proto),
+        ));
     }
     let (addr, (ifindex, snat)) = match &rule.target {
         Target::Client(name) => {
@@ -337,12 +340,30 @@ fn route_to(addr: Ipv4Addr) -> Option<(u32, Ipv4Addr)> {
 
 /// The index of the interface that has `addr`.
 fn iface_with(addr: Ipv4Addr) -> Option<u32> {
+    ifaces()
+        .into_iter()
+        .find(|(_, name)| iface_ipv4s(name).is_ok_and(|a| a.contains(&addr)))
+        .map(|(index, _)| index)
+}
+
+/// Every address of every interface of the gateway (its network
+/// namespace): what a rule's target may not be.
+pub fn own_addrs() -> Vec<Ipv4Addr> {
+    ifaces()
+        .iter()
+        .flat_map(|(_, name)| iface_ipv4s(name).unwrap_or_default())
+        .collect()
+}
+
+/// The interfaces of the calling thread's network namespace, by index
+/// and name (from the kernel, not /sys, which may be another namespace's).
+pub fn ifaces() -> Vec<(u32, String)> {
     // SAFETY: if_nameindex returns a list ended by a zero entry, freed below.
     let list = unsafe { libc::if_nameindex() };
     if list.is_null() {
-        return None;
+        return Vec::new();
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut cur = list;
     loop {
         // SAFETY: within the list, up to its terminator.
@@ -352,12 +373,8 @@ fn iface_with(addr: Ipv4Addr) -> Option<u32> {
         }
         // SAFETY: a NUL-terminated name.
         let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) };
-        if let Ok(name) = name.to_str() {
-            if iface_ipv4s(name).is_ok_and(|a| a.contains(&addr)) {
-                found = Some(entry.if_index);
-                break;
-            }
-        }
+        found.push((entry.if_index, name.to_string_lossy().into_owned()));
+        // SAFETY: the terminator has not been reached.
         cur = unsafe { cur.add(1) };
     }
     // SAFETY: the list from if_nameindex.

@@ -246,6 +246,18 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
             println!("  {cause:<24} {n:>12}");
         }
     }
+    if !status.forwards.is_empty() || !status.forward_problems.is_empty() {
+        println!("forwards: {}", status.forwards.len());
+        for f in &status.forwards {
+            println!(
+                "  {:<10} -> {:<24} {} connections ({} open), {} packets, {} B",
+                f.rule, f.target, f.connections, f.open, f.packets, f.bytes
+            );
+        }
+        for p in &status.forward_problems {
+            println!("  skipped  {p}");
+        }
+    }
     println!("datapath (packets by reason):");
     for (reason, c) in &status.datapath {
         if c.packets > 0 {

@@ -19,6 +19,7 @@
 //! max-ports-per-endpoint = 1134
 //! client-buffer = "4MiB"
 //! dns = ["192.0.2.53", "192.0.2.54"]   # or one: "192.0.2.53"
+//! forward = "/etc/veil/forward.csv"
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -160,6 +161,11 @@ pub struct Settings {
     /// Idle timeout of ICMP echo flows (RFC 5508: at least 60) [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub timeout_icmp: Option<u64>,
+    /// Port forwarding rules, one a line:
+    /// `listen_port,target_host,target_port[,tcp|udp]` (reloaded on SIGHUP
+    /// and when the file changes).
+    #[arg(long, value_name = "FILE")]
+    pub forward: Option<PathBuf>,
 }
 
 /// Why the settings cannot be used.
@@ -257,6 +263,7 @@ impl Settings {
             max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
             threads: self.threads,
             dns: self.dns,
+            forward: self.forward,
         })
     }
 }
@@ -547,6 +554,7 @@ mod tests {
             timeout-udp = 300
             timeout-udp-dns = 10
             timeout-icmp = 70
+            forward = "/etc/veil/forward.csv"
             "#,
         )
         .unwrap();

@@ -13,6 +13,7 @@ mod accept;
 pub mod check;
 pub mod clients;
 mod dns;
+mod forward;
 mod packets;
 mod registry;
 mod session;
@@ -87,6 +88,8 @@ pub struct GatewayConfig {
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
     pub dns: Vec<std::net::IpAddr>,
+    /// The port forwarding rules file, if any.
+    pub forward: Option<PathBuf>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -176,6 +179,8 @@ struct Shared {
     counters: Counters,
     /// Taken at shutdown: dropping it detaches the programs and unpins.
     datapath: Mutex<Option<Datapath>>,
+    /// Port forwarding (`--forward`), if configured.
+    forwarding: Option<Arc<forward::Forwarding>>,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -242,6 +247,24 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         Some(share) => flows.with_port_share(share.get()),
         None => flows,
     };
+    let forwarding = match &cfg.forward {
+        Some(path) => Some(Arc::new(forward::Forwarding::new(
+            path.clone(),
+            datapath.forwarder(cfg.timeouts)?,
+            crate::forward::Gateway {
+                own: crate::forward::own_addrs()
+                    .into_iter()
+                    .chain(public_addrs.iter().copied())
+                    .chain([inner_addr])
+                    .collect(),
+                pool: cfg.pool,
+                nat_ports: cfg.nat_ports,
+                tun_ifindex: ifindex(tun.name())?,
+            },
+            ifindex(&cfg.iface)?,
+        ))),
+        None => None,
+    };
     datapath.attach(&cfg.iface, tun.name())?;
 
     let policy = EgressPolicy::new(
@@ -270,10 +293,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         admission,
         counters: Counters::default(),
         datapath: Mutex::new(Some(datapath)),
+        forwarding,
         state,
         cfg,
     });
     shared.reload_registry()?;
+    if let Some(fwd) = &shared.forwarding {
+        fwd.load(&shared.datapath)?;
+    }
     info!(
         iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen, %endpoint,
         pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
@@ -293,6 +320,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry::watch(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
+    if let Some(fwd) = shared.forwarding.clone() {
+        tasks.spawn(forward::watch(shared.clone(), fwd));
+    }
     let accept = accept::accept_loop(shared.clone(), listener, acceptor, stopped);
     tokio::select! {
         () = shutdown => {}

@@ -1,0 +1,361 @@
+//! Port forwarding (`--forward FILE`) with the real gateway: a host on the
+//! internet side (the remote namespace) reaches a host on the gateway's
+//! private side (the lan namespace) through a port of the gateway's public
+//! address. The gateway namespace does not forward (ip_forward is 0), so
+//! whatever arrives went through veil's datapath.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use veil_tests::{
+    netns::NetNs,
+    world::{sha256, World, LAN_HOST, PUBLIC},
+};
+
+/// Bytes of the transfers: the issue's 50 MB.
+const BIG: usize = 50 << 20;
+/// The gateway's own address on the lan side: forwarded connections come
+/// from it.
+const GW_LAN: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 1);
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A server in the lan namespace. On each connection it reads one command
+/// byte: `D` sends [`BIG`] bytes and closes; `U` reads to the end (the
+/// client's half-close), then answers the SHA-256 of what it read; `E`
+/// echoes until the client closes. It notes who connected.
+struct LanServer {
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LanServer {
+    fn start(lan: &NetNs, port: u16) -> Self {
+        let listener = lan.enter(|| TcpListener::bind((LAN_HOST, port)).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, st) = (peers.clone(), stop.clone());
+        let download = Arc::new(data(BIG, 1));
+        thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let Ok((mut s, from)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                p.lock().unwrap().push(from);
+                s.set_nonblocking(false).unwrap();
+                let download = download.clone();
+                thread::spawn(move || {
+                    let mut cmd = [0u8];
+                    if s.read_exact(&mut cmd).is_err() {
+                        return;
+                    }
+                    match cmd[0] {
+                        b'D' => {
+                            let _ = s.write_all(&download);
+                        }
+                        b'U' => {
+                            let mut got = Vec::new();
+                            let _ = s.read_to_end(&mut got);
+                            let _ = s.write_all(&sha256(&got));
+                        }
+                        _ => {
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        LanServer { peers, stop }
+    }
+
+    fn seen(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LanServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A world whose gateway forwards with `rules` as its rule file.
+fn world_with(rules: &str) -> (World, PathBuf) {
+    let mut world = World::bare(0);
+    let file = world.dir.join("forward.csv");
+    std::fs::write(&file, rules).unwrap();
+    world.start_gateway(&["--forward", file.to_str().unwrap()]);
+    (world, file)
+}
+
+/// Connects from the remote (the internet side) to the gateway's public
+/// address.
+fn connect(world: &World, port: u16) -> std::io::Result<TcpStream> {
+    world.remote.enter(|| {
+        let s = TcpStream::connect_timeout(&(PUBLIC, port).into(), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(s)
+    })
+}
+
+fn download(world: &World, port: u16) -> Vec<u8> {
+    let mut s = connect(world, port).expect("connecting through the forwarded port");
+    s.write_all(b"D").unwrap();
+    let mut got = Vec::with_capacity(BIG);
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), BIG, "the whole file arrived");
+    sha256(&got)
+}
+
+fn upload(world: &World, port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut s = connect(world, port).expect("connecting through the forwarded port");
+    s.write_all(b"U").unwrap();
+    s.write_all(payload).unwrap();
+    // Half-close: the server reads to the end, then answers.
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    answer
+}
+
+fn forwards(world: &World) -> Vec<serde_json::Value> {
+    world.status()["forwards"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn fifty_megabytes_cross_a_forwarded_port_both_ways_intact() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let lan = LanServer::start(&world.lan, 8000);
+
+    assert_eq!(download(&world, 8080), sha256(&data(BIG, 1)), "download");
+    let payload = data(BIG, 7);
+    assert_eq!(upload(&world, 8080, &payload), sha256(&payload), "upload");
+
+    // The lan host saw the gateway's own address, never the remote's.
+    let seen = lan.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for peer in &seen {
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(GW_LAN), "{seen:?}");
+        assert!(
+            (61000..=65535).contains(&peer.port()),
+            "a NAT port from the range: {peer}"
+        );
+    }
+    let f = &forwards(&world)[0];
+    assert_eq!(f["rule"], "tcp/8080");
+    assert_eq!(f["target"], "10.200.9.2:8000");
+    assert_eq!(f["connections"], 2, "{f}");
+    assert!(f["bytes"].as_u64().unwrap() > 2 * BIG as u64, "{f}");
+
+    // The counters are in a pinned map bpftool reads.
+    let dir = world
+        .pins()
+        .join(format!("v{}", veil_common::LAYOUT_VERSION));
+    let out = world.gw.exec(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            dir.join("forward_stats").to_str().unwrap(),
+        ],
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = &dump[0]["formatted"];
+    assert_eq!(entry["key"]["listen_port"], 8080, "{dump}");
+    assert_eq!(entry["value"]["connections"], 2, "{dump}");
+}
+
+#[test]
+fn a_messy_file_works_and_its_bad_line_is_reported_by_number() {
+    let rules = "listen_port,target_host,target_port,proto\r\n\
+                 # web\r\n\
+                 \r\n\
+                 8080 , 10.200.9.2 , 8000 , tcp\r\n\
+                 9090,10.200.9.2,notaport\r\n\
+                 7070,10.200.9.2,8000   # the same server again\r\n";
+    let (mut world, file) = world_with(rules);
+    let _lan = LanServer::start(&world.lan, 8000);
+    let report = format!("{}:5: target_port `notaport` is not a port", file.display());
+    world
+        .gateway()
+        .wait_for_log(&report, Duration::from_secs(5));
+
+    for port in [8080, 7070] {
+        let mut s = connect(&world, port).unwrap();
+        s.write_all(b"Ehello").unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello", "port {port}");
+    }
+    let status = world.status();
+    let problems = status["forward_problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{status}");
+    assert!(
+        problems[0].as_str().unwrap().starts_with(&report),
+        "{status}"
+    );
+    assert_eq!(forwards(&world).len(), 2);
+}
+
+#[test]
+fn a_rule_toward_a_closed_port_is_refused_at_once() {
+    let (world, _file) = world_with("8080,10.200.9.2,8001\n");
+    let started = Instant::now();
+    let err = connect(&world, 8080).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_half_closed_connection_still_gets_its_reply() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+    let payload = b"after my FIN, your answer".to_vec();
+    assert_eq!(upload(&world, 8080, &payload), sha256(&payload));
+}
+
+#[test]
+fn udp_is_forwarded_both_ways() {
+    let (world, _file) = world_with("5353,10.200.9.2,5300,udp\n");
+    let server = world
+        .lan
+        .enter(|| UdpSocket::bind((LAN_HOST, 5300)).unwrap());
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let echo = thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(&buf[..n], from).unwrap();
+        from
+    });
+    let answer = world.remote.enter(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send_to(b"ping", (PUBLIC, 5353)).unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        (buf[..n].to_vec(), from)
+    });
+    assert_eq!(answer.0, b"ping");
+    assert_eq!(answer.1, SocketAddr::from((PUBLIC, 5353)));
+    assert_eq!(echo.join().unwrap().ip(), std::net::IpAddr::V4(GW_LAN));
+}
+
+#[test]
+fn a_reload_keeps_a_running_transfer_and_a_removed_rule_takes_no_new_connection() {
+    let (mut world, file) = world_with("8080,10.200.9.2,8000\n9090,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+
+    // A transfer in progress on 8080, read slowly.
+    let mut s = connect(&world, 8080).unwrap();
+    s.write_all(b"D").unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    s.read_exact(&mut got).unwrap();
+
+    // 9090 removed, a comment added: 8080 unchanged. Reloaded on SIGHUP.
+    std::fs::write(&file, "# edited\n8080,10.200.9.2,8000\n").unwrap();
+    world.gateway().signal(libc::SIGHUP);
+    world
+        .gateway()
+        .wait_for_log("1 removed, 1 unchanged", Duration::from_secs(5));
+
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    got.extend_from_slice(&rest);
+    assert_eq!(sha256(&got), sha256(&data(BIG, 1)), "the transfer went on");
+
+    // No new connection on the removed rule: 9090 is the gateway's again,
+    // which has nothing there.
+    assert!(connect(&world, 9090).is_err());
+    // And a change of the file alone is noticed.
+    std::fs::write(&file, "8080,10.200.9.2,8000\n9191,10.200.9.2,8000\n").unwrap();
+    world.gateway().wait_for_log(
+        "1 added, 0 changed, 0 removed, 1 unchanged",
+        Duration::from_secs(5),
+    );
+    let mut s = connect(&world, 9191).unwrap();
+    s.write_all(b"Eok").unwrap();
+    let mut buf = [0u8; 2];
+    s.read_exact(&mut buf).unwrap();
+}
+
+#[test]
+fn the_nat_range_still_drops_unsolicited_packets() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+    // A connection makes a NAT port; nothing else may use the range.
+    let mut s = connect(&world, 8080).unwrap();
+    s.write_all(b"Ex").unwrap();
+    let started = Instant::now();
+    let err = connect(&world, 61000).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not refused: {err}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let dropped = world.status()["datapath"]["drop_no_ingress_flow"]["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(dropped >= 1);
+}
+
+#[test]
+fn a_rule_may_not_open_the_gateway_itself() {
+    let (mut world, file) =
+        world_with("2222,10.200.9.1,22\n2223,127.0.0.1,22\n443,10.200.9.2,8000\n");
+    world.gateway().wait_for_log(
+        &format!(
+            "{}:3: listen port 443 (tcp) is in use on the gateway",
+            file.display()
+        ),
+        Duration::from_secs(5),
+    );
+    let problems = world.status()["forward_problems"].clone();
+    let problems: Vec<&str> = problems
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(problems[0].contains(":1: target 10.200.9.1 is the gateway itself"));
+    assert!(problems[1].contains(":2: target 127.0.0.1 is the gateway itself"));
+    assert!(forwards(&world).is_empty());
+}
