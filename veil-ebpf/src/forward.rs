@@ -260,6 +260,7 @@ fn open(
         if VEIL_FWD_FLOWS
             .insert(reply_key, reply, BPF_NOEXIST as u64)
             .is_err()
+            && !reclaim(&reply_key, &reply)
         {
             continue;
         }
@@ -278,6 +279,28 @@ fn open(
         return VEIL_FWD_FLOWS.get_ptr_mut(key).ok_or(Reason::FwdDropNoRoom);
     }
     Err(Reason::FwdDropNoRoom)
+}
+
+/// Takes over the NAT port of a connection that is over (reset, or closed
+/// both ways) for a new one: as conntrack reuses a closed tuple, so that
+/// a burst of short connections toward one target is not limited by the
+/// daemon's expiry. `false` if the port's connection is still alive.
+#[inline(always)]
+fn reclaim(reply_key: &FwdKey, reply: &FwdFlow) -> bool {
+    let Some(old) = VEIL_FWD_FLOWS.get_ptr(reply_key) else {
+        return false;
+    };
+    let (back, old_inbound) = unsafe { ((*old).stats.tcp_flags, (*old).partner()) };
+    let out = match VEIL_FWD_FLOWS.get_ptr(old_inbound) {
+        Some(inbound) => unsafe { (*inbound).stats.tcp_flags },
+        None => tcp_flags::RST,
+    };
+    let fin_both = out & back & tcp_flags::FIN != 0;
+    if (out | back) & tcp_flags::RST == 0 && !fin_both {
+        return false;
+    }
+    let _ = VEIL_FWD_FLOWS.remove(old_inbound);
+    VEIL_FWD_FLOWS.insert(reply_key, reply, 0).is_ok()
 }
 
 /// TC on an interface targets are reached through: their replies go back
