@@ -343,27 +343,7 @@ impl Servers {
                 UdpSocket::bind((REMOTE, 7)).unwrap(),
             )
         });
-        // Accepts and closes at once, as fast as connections come (the
-        // new-connections benchmark): woken by poll, not by a sleep, with
-        // a deep accept queue (std listens with 128): a full queue drops
-        // SYNs, and each drop costs its client a 1 s retransmission, which
-        // made that figure swing with the remote rather than the path.
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: listen() again on a listening socket only resizes
-            // its queue.
-            unsafe { libc::listen(discard.as_raw_fd(), 4096) };
-        }
-        discard.set_nonblocking(true).unwrap();
-        let st = stop.clone();
-        thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            while !st.load(Ordering::Relaxed) {
-                if crate::netns::readable(discard.as_raw_fd(), Duration::from_millis(100)) {
-                    while discard.accept().is_ok() {}
-                }
-            }
-        });
+        discard_forever(discard, stop.clone());
         serve_tcp(web, peers.clone(), stop.clone(), |mut s| {
             let peer = s
                 .peer_addr()
@@ -417,6 +397,26 @@ impl Servers {
             })
             .collect()
     }
+}
+
+/// Accepts connections on `listener` and closes each at once, as fast as
+/// they come (the new-connections benchmarks), until `stop`: woken by
+/// poll, not by a sleep, with a deep accept queue (std listens with 128):
+/// a full queue drops SYNs, and each drop costs its client a 1 s
+/// retransmission, which made that figure swing with the server rather
+/// than the path.
+pub fn discard_forever(discard: TcpListener, stop: Arc<AtomicBool>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen() again on a listening socket only resizes its queue.
+    unsafe { libc::listen(discard.as_raw_fd(), 4096) };
+    discard.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if crate::netns::readable(discard.as_raw_fd(), Duration::from_millis(100)) {
+                while discard.accept().is_ok() {}
+            }
+        }
+    });
 }
 
 fn serve_tcp(

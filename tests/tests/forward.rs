@@ -359,3 +359,150 @@ fn a_rule_may_not_open_the_gateway_itself() {
     assert!(problems[1].contains(":2: target 127.0.0.1 is the gateway itself"));
     assert!(forwards(&world).is_empty());
 }
+
+// ---- the translation itself, under BPF_PROG_TEST_RUN ----
+
+mod bpf {
+    use veil_common::{proto, FwdRule, Reason, PROG_FWD_TC};
+    use veil_tests::{
+        bed::*,
+        packet::{assert_checksums, edit_ip, frame, icmp_error, ip_of, ETH_LEN, L4},
+    };
+    use veil_user::{
+        forward::{Forwarder, Resolved, Rule, Target},
+        Timeouts,
+    };
+
+    use super::*;
+
+    const TARGET: Ipv4Addr = LAN_HOST;
+    const TARGET_IF: u32 = 77;
+
+    /// A bed forwarding TCP and UDP 8080 of the public address to the
+    /// target's 8000.
+    fn bed() -> (Bed, Forwarder) {
+        let mut bed = Bed::new();
+        let mut fwd = bed.dp.forwarder(Timeouts::default()).unwrap();
+        let rule = |proto| Resolved {
+            rule: Rule {
+                line: 1,
+                proto,
+                listen_port: 8080,
+                target: Target::Host(TARGET.to_string()),
+                target_port: 8000,
+            },
+            value: FwdRule {
+                target_addr: TARGET.octets(),
+                snat_addr: GW_LAN.octets(),
+                ifindex: TARGET_IF,
+                target_port: 8000,
+                _pad: [0; 2],
+            },
+        };
+        fwd.apply(vec![rule(proto::TCP), rule(proto::UDP)]).unwrap();
+        (bed, fwd)
+    }
+
+    fn from_target(bed: &mut Bed, input: &[u8]) -> (i32, Vec<u8>) {
+        let prog: &mut aya::programs::SchedClassifier = bed.dp.program(PROG_FWD_TC).unwrap();
+        let (rc, out) = run(prog, input);
+        (rc as i32, out)
+    }
+
+    /// The NAT port a translated frame leaves from.
+    fn src_port(frame: &[u8]) -> u16 {
+        u16::from_be_bytes([frame[ETH_LEN + 20], frame[ETH_LEN + 21]])
+    }
+
+    #[test]
+    fn a_syn_opens_a_connection_translated_both_ways() {
+        let (mut bed, fwd) = bed();
+        let syn = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 8080, "S", b""));
+
+        let wan = bed.wan(&syn);
+        assert_eq!(wan.xdp, XDP_PASS);
+        assert_eq!(wan.tc, Some(TC_ACT_REDIRECT), "sent toward the target");
+        let nat = src_port(&wan.out);
+        assert!(PORTS.contains(nat), "NAT port {nat} from the range");
+        assert_eq!(
+            wan.out,
+            frame(GW_LAN, TARGET, 63, L4::tcp(nat, 8000, "S", b"")),
+            "both addresses and ports rewritten, TTL - 1, all else intact"
+        );
+        assert_checksums(ip_of(&wan.out));
+
+        let synack = frame(TARGET, GW_LAN, 64, L4::tcp(8000, nat, "SA", b"hi"));
+        let (action, out) = from_target(&mut bed, &synack);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(
+            out,
+            frame(PUBLIC, REMOTE, 63, L4::tcp(8080, 40000, "SA", b"hi"))
+        );
+        assert_checksums(ip_of(&out));
+
+        // The same connection's next packet reuses its entries.
+        let ack = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 8080, "A", b"x"));
+        assert_eq!(
+            bed.wan_tc(&ack).1,
+            frame(GW_LAN, TARGET, 63, L4::tcp(nat, 8000, "A", b"x"))
+        );
+        assert_eq!(bed.count(Reason::FwdForwarded), 3);
+        let status = fwd.status();
+        let tcp = status.iter().find(|r| r.rule == "tcp/8080").unwrap();
+        assert_eq!(tcp.counters.connections, 1);
+        assert_eq!(tcp.counters.packets, 3);
+        assert_eq!(tcp.open, 1);
+    }
+
+    #[test]
+    fn udp_opens_on_any_datagram_and_a_zero_checksum_stays_zero() {
+        let (mut bed, _fwd) = bed();
+        let mut dgram = frame(REMOTE, PUBLIC, 64, L4::udp(5000, 8080, b"query"));
+        // No UDP checksum.
+        dgram[ETH_LEN + 26..ETH_LEN + 28].copy_from_slice(&[0, 0]);
+        let wan = bed.wan(&dgram);
+        assert_eq!(wan.tc, Some(TC_ACT_REDIRECT));
+        let nat = src_port(&wan.out);
+        let mut expected = frame(GW_LAN, TARGET, 63, L4::udp(nat, 8000, b"query"));
+        expected[ETH_LEN + 26..ETH_LEN + 28].copy_from_slice(&[0, 0]);
+        assert_eq!(wan.out, expected);
+    }
+
+    #[test]
+    fn a_tcp_packet_of_no_connection_is_dropped_and_other_ports_are_the_hosts() {
+        let (mut bed, _fwd) = bed();
+        let stray = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 8080, "A", b""));
+        assert_eq!(bed.wan(&stray).tc, Some(TC_ACT_SHOT));
+        assert_eq!(bed.count(Reason::FwdDropNoFlow), 1);
+
+        let ssh = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 22, "S", b""));
+        let wan = bed.wan(&ssh);
+        assert!(wan.passed_untouched(&ssh), "not a forwarded port");
+
+        // The target's side: what is not a forwarded connection's passes.
+        let other = frame(TARGET, GW_LAN, 64, L4::tcp(8000, 61000, "SA", b""));
+        let (action, out) = from_target(&mut bed, &other);
+        assert_eq!((action, out), (TC_ACT_OK, other));
+    }
+
+    #[test]
+    fn an_icmp_error_from_the_target_reaches_the_remote_about_its_own_packet() {
+        let (mut bed, _fwd) = bed();
+        let dgram = frame(REMOTE, PUBLIC, 64, L4::udp(5000, 8080, b"query"));
+        let sent = bed.wan(&dgram).out;
+        let nat = src_port(&sent);
+
+        // Port unreachable from the target, quoting what the gateway sent.
+        let error = icmp_error(TARGET, GW_LAN, 3, 3, [0; 4], ip_of(&sent));
+        let (action, out) = from_target(&mut bed, &error);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        // About the remote's own datagram as the gateway got it (its TTL
+        // one less: the quote is of what the gateway sent), from the
+        // address it was sent to.
+        let original = frame(REMOTE, PUBLIC, 63, L4::udp(5000, 8080, b"query"));
+        let mut expected = icmp_error(PUBLIC, REMOTE, 3, 3, [0; 4], ip_of(&original));
+        edit_ip(&mut expected, |f| f[ETH_LEN + 8] = 63);
+        assert_eq!(out, expected, "NAT port {nat}");
+        assert_checksums(ip_of(&out));
+    }
+}

@@ -20,20 +20,23 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
     programs::TcContext,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr};
 use veil_common::{
-    csum::L4Sum, fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason,
+    csum::{self, L4Sum}, fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason,
     ReverseKey,
 };
 
 use crate::{
     maps::{config, VEIL_FWD_FLOWS, VEIL_FWD_RULES, VEIL_FWD_STATS, VEIL_REVERSE},
     packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
-    rewrite::{decrement_ttl, dword, move_endpoint_skb, word, SkbEndpoint},
+    rewrite::{cover, decrement_ttl, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
     stats, Verdict,
 };
 
 const IP: usize = ETH_LEN;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 const L4_AT: usize = ETH_LEN + IPV4_LEN;
 /// NAT ports tried for a new connection before it is refused: a random
 /// start, then its neighbours. Collisions need the same target endpoint.
@@ -99,6 +102,166 @@ fn candidate(pkt: &Packet) -> Option<Candidate> {
     })
 }
 
+/// The header bytes of an ICMP error that say what it is about: the quoted
+/// IPv4 header and the first 8 bytes of its transport header.
+const ICMP_HDR_LEN: usize = 8;
+const INNER_IP: usize = L4_AT + ICMP_HDR_LEN;
+const INNER_L4: usize = INNER_IP + IPV4_LEN;
+
+/// What an ICMP error quotes of a TCP or UDP packet.
+struct Quote {
+    /// The quoted packet's 5-tuple, reversed: the key of the connection
+    /// entry it answers to.
+    key: FwdKey,
+    kind: L4Sum,
+    /// The error's own TTL.
+    ttl: u8,
+}
+
+/// Reads an ICMP error's quote; `None` for any other packet.
+#[inline(always)]
+fn quote(pkt: &Packet) -> Option<Quote> {
+    let eth: *mut EthHdr = pkt.at(0).ok()?;
+    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip: *mut Ipv4Hdr = pkt.at(IP).ok()?;
+    let (vihl, frags, protocol, ttl) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            (*ip).ttl,
+        )
+    };
+    if vihl != 0x45 || frags & 0x3fff != 0 || protocol != proto::ICMP {
+        return None;
+    }
+    let icmp: *mut Icmpv4Hdr = pkt.at(L4_AT).ok()?;
+    match unsafe { (*icmp).type_ } {
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {}
+        _ => return None,
+    }
+    let inner: *mut Ipv4Hdr = pkt.at(INNER_IP).ok()?;
+    let (inner_vihl, inner_proto, quoted_src, quoted_dst) = unsafe {
+        (
+            (*inner).vihl,
+            (*inner).proto,
+            (*inner).src_addr,
+            (*inner).dst_addr,
+        )
+    };
+    let kind = match inner_proto {
+        proto::TCP => L4Sum::Tcp,
+        proto::UDP => L4Sum::Udp,
+        _ => return None,
+    };
+    if inner_vihl != 0x45 {
+        return None;
+    }
+    let ports: *mut Ports = pkt.at(INNER_L4).ok()?;
+    let (quoted_sport, quoted_dport) = unsafe { ((*ports).src, (*ports).dst) };
+    Some(Quote {
+        key: FwdKey {
+            src_addr: quoted_dst,
+            dst_addr: quoted_src,
+            src_port: u16::from_be_bytes(quoted_dport),
+            dst_port: u16::from_be_bytes(quoted_sport),
+            proto: inner_proto,
+            _pad: [0; 3],
+        },
+        kind,
+        ttl,
+    })
+}
+
+/// An ICMP error about a packet of a forwarded connection (a target's
+/// port unreachable, a router's "fragmentation needed" on either side):
+/// translated for the other side, as the connection's packets are, so
+/// that it reaches whoever sent the packet it quotes, about that packet
+/// as they sent it. `None` when it is about something else.
+///
+/// The quote `a -> b` is what the gateway sent; the connection entry
+/// keyed `b -> a` translates to `x -> y`, and `a -> b` was made from
+/// `y -> x`. So the quote becomes `y -> x` and the error goes from `x` to
+/// `y`, out of that entry's interface.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, pkt: &Packet) -> Result<Option<Verdict>, Reason> {
+    let Some(Quote { key, kind, ttl }) = quote(pkt) else {
+        return Ok(None);
+    };
+    let ip: *mut Ipv4Hdr = pkt.at(IP)?;
+    let icmp: *mut Icmpv4Hdr = pkt.at(L4_AT)?;
+    let inner: *mut Ipv4Hdr = pkt.at(INNER_IP)?;
+    let ports: *mut Ports = pkt.at(INNER_L4)?;
+    let Some(flow) = VEIL_FWD_FLOWS.get_ptr(key) else {
+        return Ok(None);
+    };
+    if ttl <= 1 {
+        return Err(Reason::DropTtlExpired);
+    }
+    let (x, x_port, y, y_port, ifindex, rule) = unsafe {
+        (
+            (*flow).src_addr,
+            (*flow).src_port,
+            (*flow).dst_addr,
+            (*flow).dst_port,
+            (*flow).ifindex,
+            (*flow).rule,
+        )
+    };
+    // RFC 792 promises 8 bytes of the quoted transport header: TCP's
+    // checksum is patched when it was quoted.
+    let check = match kind {
+        L4Sum::Tcp => pkt
+            .at::<[u8; 18]>(INNER_L4)
+            .ok()
+            .map(|tcp| unsafe { (tcp as *mut u8).add(16) as *mut [u8; 2] }),
+        _ => pkt
+            .at::<[u8; 8]>(INNER_L4)
+            .ok()
+            .map(|udp| unsafe { (udp as *mut u8).add(6) as *mut [u8; 2] }),
+    };
+    unsafe {
+        let src = L4 {
+            kind,
+            port: &raw mut (*ports).src,
+            check,
+        };
+        let moved_src = move_endpoint(inner, &raw mut (*inner).src_addr, &src, y, y_port);
+        let dst = L4 {
+            kind,
+            port: &raw mut (*ports).dst,
+            check,
+        };
+        let moved_dst = move_endpoint(inner, &raw mut (*inner).dst_addr, &dst, x, x_port);
+        let sum = cover(word((*icmp).check), &moved_src);
+        (*icmp).check = cover(sum, &moved_dst).to_ne_bytes();
+        let mut ip_check = word((*ip).check);
+        ip_check = csum::replace32(ip_check, dword((*ip).src_addr), dword(x));
+        ip_check = csum::replace32(ip_check, dword((*ip).dst_addr), dword(y));
+        (*ip).src_addr = x;
+        (*ip).dst_addr = y;
+        (*ip).check = ip_check.to_ne_bytes();
+    }
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+        stats::fwd_packet(counters, ctx.len());
+    }
+    decrement_ttl(ctx, IP, ttl, proto::ICMP)?;
+    redirect(ifindex)
+}
+
+/// Sends the translated packet out of `ifindex`; the kernel fills in the
+/// link-layer header for the next hop.
+#[inline(always)]
+fn redirect(ifindex: u32) -> Result<Option<Verdict>, Reason> {
+    let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
+    }
+    Ok(Some(Verdict::counted(action, Reason::FwdForwarded)))
+}
+
 /// The rule a packet to a public address opens a connection under.
 #[inline(always)]
 fn rule_for(key: &FwdKey, cfg: &Config) -> Option<(FwdRuleKey, *const FwdRule)> {
@@ -114,7 +277,7 @@ fn rule_for(key: &FwdKey, cfg: &Config) -> Option<(FwdRuleKey, *const FwdRule)> 
 pub fn claims(pkt: &Packet, cfg: &Config) -> bool {
     match candidate(pkt) {
         Some(c) => VEIL_FWD_FLOWS.get_ptr(c.key).is_some() || rule_for(&c.key, cfg).is_some(),
-        None => false,
+        None => quote(pkt).is_some_and(|q| VEIL_FWD_FLOWS.get_ptr(q.key).is_some()),
     }
 }
 
@@ -124,10 +287,16 @@ pub fn claims(pkt: &Packet, cfg: &Config) -> bool {
 pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let Some(c) = candidate(&pkt) else {
-        return Ok(None);
+        return icmp_error(ctx, &pkt);
     };
+    let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let flow = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
-        Some(flow) => flow,
+        Some(flow) => {
+            if c.kind == L4Sum::Tcp && syn {
+                reopen(flow);
+            }
+            flow
+        }
         None => {
             let Some((rule_key, rule)) = rule_for(&c.key, cfg) else {
                 return Ok(None);
@@ -135,7 +304,6 @@ pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reaso
             // Only a SYN opens a TCP connection: anything else of one the
             // gateway does not know (its rule removed, or it expired) is
             // dropped, as the target would not know it either.
-            let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
             if c.kind == L4Sum::Tcp && !syn {
                 return Err(Reason::FwdDropNoFlow);
             }
@@ -196,11 +364,7 @@ pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reaso
         to.3,
     )?;
     decrement_ttl(ctx, IP, c.ttl, k.proto)?;
-    let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-    if action != TC_ACT_REDIRECT as i32 {
-        return Err(Reason::DropHelperFailed);
-    }
-    Ok(Some(Verdict::counted(action, Reason::FwdForwarded)))
+    redirect(ifindex)
 }
 
 /// Makes a new connection's two entries: a NAT port on the gateway's
@@ -279,6 +443,32 @@ fn open(
         return VEIL_FWD_FLOWS.get_ptr_mut(key).ok_or(Reason::FwdDropNoRoom);
     }
     Err(Reason::FwdDropNoRoom)
+}
+
+/// A SYN on a connection that is over (the remote reuses its port, a
+/// connection after a reset): a new connection on the same entries. Its
+/// flags start again, so that neither expiry nor [`reclaim`] takes it for
+/// the closed one.
+#[inline(always)]
+fn reopen(flow: *mut FwdFlow) {
+    let closed = tcp_flags::RST | tcp_flags::FIN;
+    let (seen, partner, rule) =
+        unsafe { ((*flow).stats.tcp_flags, (*flow).partner(), (*flow).rule) };
+    let reply = VEIL_FWD_FLOWS.get_ptr_mut(partner);
+    let seen_back = match reply {
+        Some(reply) => unsafe { (*reply).stats.tcp_flags },
+        None => 0,
+    };
+    if (seen | seen_back) & closed == 0 {
+        return;
+    }
+    unsafe { (*flow).stats.tcp_flags = 0 };
+    if let Some(reply) = reply {
+        unsafe { (*reply).stats.tcp_flags = 0 };
+    }
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+        stats::fwd_connection(counters);
+    }
 }
 
 /// Takes over the NAT port of a connection that is over (reset, or closed

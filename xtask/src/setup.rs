@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
     ("iputils-ping", "ping"),
+    // The user-space port forwarders `cargo xtask bench forward` compares
+    // veil's forwarding with.
+    ("haproxy", "haproxy"),
+    ("socat", "socat"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

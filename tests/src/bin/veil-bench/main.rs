@@ -7,6 +7,9 @@
 //!   device to a sink in a remote namespace, through veil's datapath and,
 //!   on the same topology, through the kernel's routing + MASQUERADE,
 //! - flow creations and deletions per second through the flow API.
+//!
+//! `forward`: a port forwarded in the datapath beside direct routing,
+//! HAProxy and socat.
 
 use std::{
     io::Write,
@@ -35,14 +38,16 @@ fn main() {
         "datapath" => datapath(quick),
         "tunnel" => tunnel(quick),
         "peers" => peers(quick, only()),
+        "forward" => forwarding(quick),
         other => {
-            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers");
+            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers, forward");
             std::process::exit(2);
         }
     }
 }
 
 mod datapath;
+mod forward;
 mod measure;
 mod peers;
 mod tunnel;
@@ -51,4 +56,4 @@ mod tunnel;
     unused_imports,
     reason = "the modules share one import list through `use super::*`"
 )]
-use self::{datapath::*, measure::*, peers::*, tunnel::*};
+use self::{datapath::*, forward::*, measure::*, peers::*, tunnel::*};
