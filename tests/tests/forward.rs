@@ -360,6 +360,63 @@ fn a_rule_may_not_open_the_gateway_itself() {
     assert!(forwards(&world).is_empty());
 }
 
+#[test]
+fn a_rule_to_a_client_by_name_reaches_that_service_and_no_other() {
+    let mut world = World::bare(1);
+    let file = world.dir.join("forward.csv");
+    std::fs::write(&file, "7070,client:alpha,7000\n").unwrap();
+    world.start_gateway(&["--forward", file.to_str().unwrap()]);
+    // alpha has never connected: no address yet, the rule waits.
+    world.gateway().wait_for_log(
+        &format!("{}:1: client `alpha` has no address yet", file.display()),
+        Duration::from_secs(5),
+    );
+    let profile = world.add_client("alpha", 1);
+    let _client = world.start_client(1, &profile, true);
+    world.gateway().wait_for_log(
+        "1 added, 0 changed, 0 removed, 0 unchanged, 0 skipped",
+        Duration::from_secs(5),
+    );
+
+    // A service on the client (all its addresses), and one that no rule names.
+    let (service, other) = world.client(1).enter(|| {
+        (
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7000)).unwrap(),
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7001)).unwrap(),
+        )
+    });
+    let served = thread::spawn(move || {
+        let (mut s, from) = service.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        from
+    });
+    let mut s = connect(&world, 7070).expect("the client's service through the gateway");
+    s.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    let from = served.join().unwrap();
+    assert_eq!(
+        from.ip(),
+        std::net::IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1)),
+        "the client sees the gateway's address inside the tunnel, not the remote's"
+    );
+
+    // The client's other ports stay closed: nothing reaches 7001.
+    other.set_nonblocking(true).unwrap();
+    assert!(connect(&world, 7001).is_err());
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        other.accept().is_err(),
+        "no connection reached the port no rule names"
+    );
+    let f = &forwards(&world)[0];
+    assert_eq!(f["target"], "client:alpha:7000");
+    assert_eq!(f["connections"], 1, "{f}");
+}
+
 // ---- the translation itself, under BPF_PROG_TEST_RUN ----
 
 mod bpf {

@@ -17,7 +17,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr};
@@ -27,6 +27,7 @@ use veil_common::{
 };
 
 use crate::{
+    egress::ethernet_header,
     maps::{config, VEIL_FWD_FLOWS, VEIL_FWD_RULES, VEIL_FWD_STATS, VEIL_REVERSE},
     packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
     rewrite::{cover, decrement_ttl, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
@@ -54,12 +55,14 @@ struct Candidate {
 /// options (a forwarded connection's packets are such); `None` for
 /// anything else, which is left to the rest of the datapath.
 #[inline(always)]
-fn candidate(pkt: &Packet) -> Option<Candidate> {
-    let eth: *mut EthHdr = pkt.at(0).ok()?;
-    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
-        return None;
+fn candidate(pkt: &Packet, l2: usize) -> Option<Candidate> {
+    if l2 != 0 {
+        let eth: *mut EthHdr = pkt.at(0).ok()?;
+        if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+            return None;
+        }
     }
-    let ip: *mut Ipv4Hdr = pkt.at(IP).ok()?;
+    let ip: *mut Ipv4Hdr = pkt.at(l2).ok()?;
     let (vihl, frags, protocol, ttl, src, dst) = unsafe {
         (
             (*ip).vihl,
@@ -79,10 +82,10 @@ fn candidate(pkt: &Packet) -> Option<Candidate> {
         proto::UDP => L4Sum::Udp,
         _ => return None,
     };
-    let ports: *mut Ports = pkt.at(L4_AT).ok()?;
+    let ports: *mut Ports = pkt.at(l2 + IPV4_LEN).ok()?;
     let tcp_flags = match kind {
         L4Sum::Tcp => {
-            let flags: *mut [u8; 14] = pkt.at(L4_AT).ok()?;
+            let flags: *mut [u8; 14] = pkt.at(l2 + IPV4_LEN).ok()?;
             unsafe { (*flags)[13] as u64 }
         }
         _ => 0,
@@ -186,7 +189,7 @@ fn quote(pkt: &Packet) -> Option<Quote> {
 /// `y -> x`. So the quote becomes `y -> x` and the error goes from `x` to
 /// `y`, out of that entry's interface.
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, pkt: &Packet) -> Result<Option<Verdict>, Reason> {
+fn icmp_error(ctx: &TcContext, pkt: &Packet, cfg: &Config) -> Result<Option<Verdict>, Reason> {
     let Some(Quote { key, kind, ttl }) = quote(pkt) else {
         return Ok(None);
     };
@@ -248,14 +251,19 @@ fn icmp_error(ctx: &TcContext, pkt: &Packet) -> Result<Option<Verdict>, Reason> 
         stats::fwd_packet(counters, ctx.len());
     }
     decrement_ttl(ctx, IP, ttl, proto::ICMP)?;
-    redirect(ifindex)
+    send(cfg, ifindex)
 }
 
-/// Sends the translated packet out of `ifindex`; the kernel fills in the
-/// link-layer header for the next hop.
+/// Sends the translated packet (with its Ethernet header) out of
+/// `ifindex`: the kernel fills in the link-layer addresses for the next
+/// hop; into the TUN device (a `client:NAME` target) it goes bare.
 #[inline(always)]
-fn redirect(ifindex: u32) -> Result<Option<Verdict>, Reason> {
-    let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+fn send(cfg: &Config, ifindex: u32) -> Result<Option<Verdict>, Reason> {
+    let action = if ifindex == cfg.tun_ifindex {
+        unsafe { bpf_redirect(ifindex, 0) }
+    } else {
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }
+    } as i32;
     if action != TC_ACT_REDIRECT as i32 {
         return Err(Reason::DropHelperFailed);
     }
@@ -275,7 +283,7 @@ fn rule_for(key: &FwdKey, cfg: &Config) -> Option<(FwdRuleKey, *const FwdRule)> 
 /// XDP: whether TC's [`translate`] will take this packet.
 #[inline(always)]
 pub fn claims(pkt: &Packet, cfg: &Config) -> bool {
-    match candidate(pkt) {
+    match candidate(pkt, ETH_LEN) {
         Some(c) => VEIL_FWD_FLOWS.get_ptr(c.key).is_some() || rule_for(&c.key, cfg).is_some(),
         None => quote(pkt).is_some_and(|q| VEIL_FWD_FLOWS.get_ptr(q.key).is_some()),
     }
@@ -285,9 +293,32 @@ pub fn claims(pkt: &Packet, cfg: &Config) -> bool {
 /// when the packet is not one (the caller goes on with it).
 #[inline(always)]
 pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reason> {
+    translate_at(ctx, cfg, ETH_LEN, true)
+}
+
+/// TC on the TUN device: a connected client's answer on a connection a
+/// `client:NAME` rule made (the daemon writes only those here, beside its
+/// clients' own flows). Never opens one: a client cannot use a rule.
+#[inline(always)]
+pub fn from_client(ctx: &TcContext, cfg: &Config, l2: usize) -> Result<Option<Verdict>, Reason> {
+    translate_at(ctx, cfg, l2, false)
+}
+
+/// [`translate`] for a packet whose IPv4 header is at `l2` (0 on the TUN
+/// device); `may_open`: whether it may open a connection under a rule.
+#[inline(always)]
+fn translate_at(
+    ctx: &TcContext,
+    cfg: &Config,
+    l2: usize,
+    may_open: bool,
+) -> Result<Option<Verdict>, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
-    let Some(c) = candidate(&pkt) else {
-        return icmp_error(ctx, &pkt);
+    let Some(c) = candidate(&pkt, l2) else {
+        if l2 != ETH_LEN {
+            return Ok(None);
+        }
+        return icmp_error(ctx, &pkt, cfg);
     };
     let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let flow = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
@@ -297,6 +328,7 @@ pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reaso
             }
             flow
         }
+        None if !may_open => return Ok(None),
         None => {
             let Some((rule_key, rule)) = rule_for(&c.key, cfg) else {
                 return Ok(None);
@@ -330,20 +362,21 @@ pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reaso
     if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
         stats::fwd_packet(counters, ctx.len());
     }
+    let l4 = l2 + IPV4_LEN;
     let check = match c.kind {
-        L4Sum::Tcp => L4_AT + 16,
-        _ => L4_AT + 6,
+        L4Sum::Tcp => l4 + 16,
+        _ => l4 + 6,
     };
     let src = SkbEndpoint {
         kind: c.kind,
-        ip_check: IP + 10,
-        addr: IP + 12,
-        port: L4_AT,
+        ip_check: l2 + 10,
+        addr: l2 + 12,
+        port: l4,
         l4_check: check,
     };
     let dst = SkbEndpoint {
-        addr: IP + 16,
-        port: L4_AT + 2,
+        addr: l2 + 16,
+        port: l4 + 2,
         ..src
     };
     let k = &c.key;
@@ -363,8 +396,11 @@ pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reaso
         to.2,
         to.3,
     )?;
-    decrement_ttl(ctx, IP, c.ttl, k.proto)?;
-    redirect(ifindex)
+    decrement_ttl(ctx, l2, c.ttl, k.proto)?;
+    if l2 == 0 {
+        ethernet_header(ctx, l2)?;
+    }
+    send(cfg, ifindex)
 }
 
 /// Makes a new connection's two entries: a NAT port on the gateway's

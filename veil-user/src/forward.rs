@@ -115,7 +115,9 @@ pub enum RuleError {
     Unusable(Ipv4Addr),
     #[error("no route to target {0}")]
     NoRoute(Ipv4Addr),
-    #[error("client `{0}` is not connected")]
+    #[error(
+        "client `{0}` has no address yet (it has never connected): the rule applies once it does"
+    )]
     ClientAbsent(String),
 }
 
@@ -393,6 +395,30 @@ fn port_in_use(proto: u8, port: u16) -> bool {
     }
 }
 
+/// The key of the connection entry a client's packet answers, if it can
+/// be one: TCP or UDP from the client's own address `vip` to the gateway's
+/// address inside the tunnel (`gateway`), where `client:NAME` connections
+/// come from. Anything else (and any forged source) is not.
+pub fn client_reply_key(pkt: &[u8], vip: Ipv4Addr, gateway: Ipv4Addr) -> Option<FwdKey> {
+    if pkt.len() < 24 || pkt[0] != 0x45 || u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let proto = pkt[9];
+    let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+    let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+    if !matches!(proto, proto::TCP | proto::UDP) || src != vip || dst != gateway {
+        return None;
+    }
+    Some(FwdKey {
+        src_addr: src.octets(),
+        dst_addr: dst.octets(),
+        src_port: u16::from_be_bytes([pkt[20], pkt[21]]),
+        dst_port: u16::from_be_bytes([pkt[22], pkt[23]]),
+        proto,
+        _pad: [0; 3],
+    })
+}
+
 /// One rule's counters, as `status` shows them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleStatus {
@@ -500,6 +526,13 @@ impl Forwarder {
             self.current.insert(key, r);
         }
         Ok(report)
+    }
+
+    /// Whether `key` is the reply side of a forwarded connection.
+    pub fn is_reply(&self, key: &FwdKey) -> bool {
+        self.flows
+            .get(key, 0)
+            .is_ok_and(|f| f.dir == fwd_dir::REPLY)
     }
 
     /// The rules in force.
@@ -765,6 +798,38 @@ mod tests {
         assert_eq!(ok[0].value.target_addr, [10, 77, 0, 2]);
         assert_eq!(ok[0].value.snat_addr, [10, 77, 0, 1]);
         assert_eq!(ok[0].value.ifindex, 99);
+    }
+
+    #[test]
+    fn only_a_clients_own_answer_to_the_gateway_can_be_a_reply() {
+        let vip = Ipv4Addr::new(10, 77, 0, 2);
+        let gw = Ipv4Addr::new(10, 77, 0, 1);
+        let mut pkt = vec![0u8; 40];
+        pkt[0] = 0x45;
+        pkt[9] = proto::TCP;
+        pkt[12..16].copy_from_slice(&vip.octets());
+        pkt[16..20].copy_from_slice(&gw.octets());
+        pkt[20..22].copy_from_slice(&7000u16.to_be_bytes());
+        pkt[22..24].copy_from_slice(&61000u16.to_be_bytes());
+        let key = client_reply_key(&pkt, vip, gw).unwrap();
+        assert_eq!(
+            (key.src_port, key.dst_port, key.proto),
+            (7000, 61000, proto::TCP)
+        );
+        // Another client's address as source: forged.
+        assert_eq!(
+            client_reply_key(&pkt, Ipv4Addr::new(10, 77, 0, 3), gw),
+            None
+        );
+        let mut to_remote = pkt.clone();
+        to_remote[16..20].copy_from_slice(&[198, 18, 0, 2]);
+        assert_eq!(client_reply_key(&to_remote, vip, gw), None);
+        let mut icmp = pkt.clone();
+        icmp[9] = proto::ICMP;
+        assert_eq!(client_reply_key(&icmp, vip, gw), None);
+        let mut fragment = pkt;
+        fragment[6] = 0x20;
+        assert_eq!(client_reply_key(&fragment, vip, gw), None);
     }
 
     #[test]

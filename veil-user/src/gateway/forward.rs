@@ -4,8 +4,12 @@
 
 use std::{
     collections::BTreeSet,
+    net::Ipv4Addr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -30,6 +34,14 @@ pub struct Forwarding {
     /// The skipped lines of the last load, as reported (`FILE:LINE: why`).
     pub problems: Mutex<Vec<String>>,
     gateway: Gateway,
+    /// The TUN device and the gateway's address inside the tunnel: where
+    /// `client:NAME` targets are reached, and from.
+    client_route: (u32, Ipv4Addr),
+    /// Clients named by rules that could not apply yet (no address).
+    waiting: Mutex<BTreeSet<String>>,
+    /// Whether a rule forwards to a client: only then are client packets
+    /// looked at as replies.
+    to_clients: AtomicBool,
     /// Interfaces the forwarding program is attached to (or need none).
     attached: Mutex<BTreeSet<u32>>,
     /// The file's bytes when last loaded.
@@ -37,31 +49,81 @@ pub struct Forwarding {
 }
 
 impl Forwarding {
-    pub fn new(path: PathBuf, forwarder: Forwarder, gateway: Gateway, wan_ifindex: u32) -> Self {
+    pub fn new(
+        path: PathBuf,
+        forwarder: Forwarder,
+        gateway: Gateway,
+        wan_ifindex: u32,
+        client_route: (u32, Ipv4Addr),
+    ) -> Self {
         Self {
             path,
             forwarder: Mutex::new(forwarder),
             problems: Mutex::new(Vec::new()),
-            attached: Mutex::new(BTreeSet::from([wan_ifindex])),
+            // The WAN's own program forwards; the TUN device's answers
+            // clients' connections.
+            attached: Mutex::new(BTreeSet::from([wan_ifindex, client_route.0])),
             gateway,
+            client_route,
+            waiting: Mutex::new(BTreeSet::new()),
+            to_clients: AtomicBool::new(false),
             loaded: Mutex::new(None),
         }
     }
 
+    /// Whether a packet from client `vip` answers a `client:NAME`
+    /// connection: then it goes to the datapath as it is (no flow of its
+    /// own, no egress policy: the rule is the operator's).
+    pub fn is_client_reply(&self, vip: Ipv4Addr, pkt: &[u8]) -> bool {
+        if !self.to_clients.load(Relaxed) {
+            return false;
+        }
+        forward::client_reply_key(pkt, vip, self.client_route.1).is_some_and(|key| {
+            self.forwarder
+                .lock()
+                .expect("forwarder lock")
+                .is_reply(&key)
+        })
+    }
+
+    /// Whether a client a rule waits for has an address now.
+    fn client_arrived(&self, leases: &dyn Fn(&str) -> Option<Ipv4Addr>) -> bool {
+        let waiting = self.waiting.lock().expect("waiting lock");
+        waiting.iter().any(|name| leases(name).is_some())
+    }
+
     /// Reads, resolves and applies the rule file. A file that cannot be
     /// read leaves the rules as they were.
-    pub fn load(&self, datapath: &Mutex<Option<Datapath>>) -> Result<()> {
+    pub fn load(
+        &self,
+        datapath: &Mutex<Option<Datapath>>,
+        leases: &dyn Fn(&str) -> Option<Ipv4Addr>,
+    ) -> Result<()> {
         let bytes = std::fs::read(&self.path)
             .with_context(|| format!("reading the forward rules {}", self.path.display()))?;
         *self.loaded.lock().expect("loaded lock") = Some(bytes.clone());
         let text = String::from_utf8_lossy(&bytes);
         let (rules, mut problems) = forward::parse(&text);
-        // client:NAME targets are not forwarded yet: each such rule is
-        // reported and skipped, the others work.
-        let no_clients = |_: &str| None;
-        let (resolved, more) =
-            forward::resolve(rules, &self.gateway, &no_clients, (0, [0; 4].into()));
+        let named: BTreeSet<String> = rules
+            .iter()
+            .filter_map(|r| match &r.target {
+                forward::Target::Client(name) => Some(name.clone()),
+                forward::Target::Host(_) => None,
+            })
+            .collect();
+        let (resolved, more) = forward::resolve(rules, &self.gateway, leases, self.client_route);
         problems.extend(more);
+        *self.waiting.lock().expect("waiting lock") = named
+            .iter()
+            .filter(|n| leases(n).is_none())
+            .cloned()
+            .collect();
+        self.to_clients.store(
+            resolved
+                .iter()
+                .any(|r| r.value.ifindex == self.client_route.0),
+            Relaxed,
+        );
         problems.sort_by_key(|p| p.line);
         let reports: Vec<String> = problems.iter().map(|p| p.report(&self.path)).collect();
         for r in &reports {
@@ -107,8 +169,18 @@ impl Forwarding {
 }
 
 impl Shared {
+    /// A client's address, if it has one (a lease is for good).
+    pub(super) fn lease_of(&self, name: &str) -> Option<Ipv4Addr> {
+        self.clients
+            .lock()
+            .expect("clients lock")
+            .leases()
+            .get(name)
+            .copied()
+    }
+
     fn reload_forward(&self, fwd: &Forwarding) {
-        if let Err(e) = fwd.load(&self.datapath) {
+        if let Err(e) = fwd.load(&self.datapath, &|name| self.lease_of(name)) {
             warn!("forward rules kept as they were: {e:#}");
         }
     }
@@ -126,7 +198,7 @@ pub(super) async fn watch(shared: Arc<Shared>, fwd: Arc<Forwarding>) -> Result<(
                 info!("SIGHUP: reloading the forward rules");
                 true
             }
-            _ = look.tick() => fwd.changed(),
+            _ = look.tick() => fwd.changed() || fwd.client_arrived(&|n| shared.lease_of(n)),
             _ = gc.tick() => {
                 let fwd = fwd.clone();
                 let expired = tokio::task::spawn_blocking(move || {

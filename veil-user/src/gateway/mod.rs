@@ -262,6 +262,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
                 tun_ifindex: ifindex(tun.name())?,
             },
             ifindex(&cfg.iface)?,
+            (ifindex(tun.name())?, inner_addr),
         ))),
         None => None,
     };
@@ -299,7 +300,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     });
     shared.reload_registry()?;
     if let Some(fwd) = &shared.forwarding {
-        fwd.load(&shared.datapath)?;
+        fwd.load(&shared.datapath, &|name| shared.lease_of(name))?;
     }
     info!(
         iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen, %endpoint,
