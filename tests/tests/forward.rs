@@ -430,7 +430,7 @@ mod bpf {
         Timeouts,
     };
 
-    use super::*;
+    use super::{Ipv4Addr, GW_LAN, LAN_HOST};
 
     const TARGET: Ipv4Addr = LAN_HOST;
     const TARGET_IF: u32 = 77;
