@@ -18,7 +18,7 @@ use std::{
 
 use veil_tests::{
     netns::NetNs,
-    world::{sha256, World, LAN_HOST, PUBLIC},
+    world::{pseudo_random, sha256, World, LAN_HOST, PUBLIC},
 };
 
 /// Bytes of the transfers: the 50 MB.
@@ -28,15 +28,7 @@ const BIG: usize = 50 << 20;
 const GW_LAN: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 1);
 
 fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    pseudo_random(len, seed)
 }
 
 /// A server in the lan namespace. On each connection it reads one command

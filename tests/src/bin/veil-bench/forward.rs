@@ -145,14 +145,7 @@ pub(crate) fn forwarding(quick: bool) {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let status = world.status();
     eprintln!("veil forwards: {}", status["forwards"]);
-    let counted: Vec<String> = status["datapath"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0)
-        .map(|(reason, c)| format!("{reason} {}", c["packets"]))
-        .collect();
-    eprintln!("veil datapath: {}", counted.join(", "));
+    eprintln!("veil datapath: {}", datapath_counts(&status));
     let median = |v: &[Figures], f: fn(&Figures) -> f64| {
         let mut x: Vec<f64> = v.iter().map(f).collect();
         x.sort_by(|a, b| a.partial_cmp(b).unwrap());

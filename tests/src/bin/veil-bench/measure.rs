@@ -214,3 +214,16 @@ pub(crate) fn memory_with_flows(world: &veil_tests::world::World, n: u32) -> (f6
     // number of flows; the daemon's index does.
     ((after - before).max(0.0) / 1e6, flows)
 }
+
+/// The datapath's counters that are not zero, from a gateway's status:
+/// `reason packets, ...`, for reading the figures.
+pub(crate) fn datapath_counts(status: &serde_json::Value) -> String {
+    let counted: Vec<String> = status["datapath"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0)
+        .map(|(reason, c)| format!("{reason} {}", c["packets"]))
+        .collect();
+    counted.join(", ")
+}

@@ -144,14 +144,7 @@ pub(crate) fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
                 // What the gateway dropped, for reading the figures.
                 let status = world.status();
                 eprintln!("veil gateway counters: {}", status["counters"]);
-                let counted: Vec<String> = status["datapath"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0)
-                    .map(|(reason, c)| format!("{reason} {}", c["packets"]))
-                    .collect();
-                eprintln!("veil datapath: {}", counted.join(", "));
+                eprintln!("veil datapath: {}", datapath_counts(&status));
             }
             if *kind == peers::Kind::Veil {
                 let (mb, flows) = memory_with_flows(&world, 100_000);
