@@ -6,6 +6,7 @@ pub mod bed;
 pub mod bpffs;
 pub mod dns;
 pub mod netns;
+pub mod nginx;
 pub mod packet;
 pub mod peers;
 pub mod proc;

@@ -90,7 +90,9 @@ impl Dialer {
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.addr)).await
         {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(Unanswered(format!("connecting to {}: {e}", target.addr)).into()),
+            Ok(Err(e)) => {
+                return Err(Unanswered(format!("connecting to {}: {e}", target.addr)).into())
+            }
             Err(_) => {
                 return Err(Unanswered(format!(
                     "connecting to {} timed out after {CONNECT_TIMEOUT:?}",

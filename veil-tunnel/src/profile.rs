@@ -55,15 +55,18 @@ pub enum Endpoint {
     Tcp(String),
     /// `wss://HOST[:PORT]/PATH`: TCP to a web server, its TLS (checked
     /// against HOST), a WebSocket on PATH, the tunnel's TLS inside it.
-    WebSocket { host: String, port: u16, path: String },
+    WebSocket {
+        host: String,
+        port: u16,
+        path: String,
+    },
 }
 
 impl Endpoint {
     /// Reads an endpoint; the error says what was expected.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let expected = || {
-            format!("`{text}` is not an endpoint: expected HOST:PORT or wss://HOST[:PORT]/PATH")
-        };
+        let expected =
+            || format!("`{text}` is not an endpoint: expected HOST:PORT or wss://HOST[:PORT]/PATH");
         if let Some(rest) = text.strip_prefix("wss://") {
             let (authority, path) = match rest.find('/') {
                 Some(i) => rest.split_at(i),
@@ -246,9 +249,12 @@ mod compact {
         .chain(p.endpoints.iter().map(|e| Ok(e.clone().into_bytes())))
         // What came later: after an empty field (no endpoint is empty), so
         // that a profile without it reads as before.
-        .chain(p.endpoint_ca.as_ref().into_iter().flat_map(|ca| {
-            [Ok(Vec::new()), der(ca, "endpoint CA certificate")]
-        }))
+        .chain(
+            p.endpoint_ca
+                .as_ref()
+                .into_iter()
+                .flat_map(|ca| [Ok(Vec::new()), der(ca, "endpoint CA certificate")]),
+        )
         .collect::<Result<_, _>>()?;
         for field in &fields {
             let len = u16::try_from(field.len()).map_err(|_| "a field over 64 KiB")?;

@@ -240,7 +240,10 @@ mod tests {
 
     use super::*;
 
-    async fn pair() -> (WsStream<tokio::io::DuplexStream>, WsStream<tokio::io::DuplexStream>) {
+    async fn pair() -> (
+        WsStream<tokio::io::DuplexStream>,
+        WsStream<tokio::io::DuplexStream>,
+    ) {
         let (a, b) = duplex(256 * 1024);
         let server = tokio::spawn(accept(a, "/veil"));
         let client = connect(b, "wss://proxy.example/veil").await.unwrap();
@@ -271,11 +274,8 @@ mod tests {
         let (mut server, mut client) = pair().await;
         client.write_all(b"one").await.unwrap();
         let mut buf = [0u8; 16];
-        let early = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            server.read(&mut buf),
-        )
-        .await;
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(50), server.read(&mut buf)).await;
         assert!(early.is_err(), "nothing sent before the flush");
         client.write_all(b" two").await.unwrap();
         client.flush().await.unwrap();
@@ -324,10 +324,7 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
-    async fn send_raw<S: AsyncRead + AsyncWrite + Unpin>(
-        ws: &mut WebSocketStream<S>,
-        m: Message,
-    ) {
+    async fn send_raw<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>, m: Message) {
         let mut m = Some(m);
         std::future::poll_fn(|cx| {
             ready!(Pin::new(&mut *ws).poll_ready(cx)).unwrap();

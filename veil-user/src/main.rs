@@ -226,7 +226,9 @@ fn endpoint(text: &str) -> Result<String, String> {
 /// `--endpoint-ca`: PEM certificates, for `wss://` endpoints only.
 fn read_endpoint_ca(path: &std::path::Path, endpoints: &[String]) -> Result<String> {
     if !endpoints.iter().any(|e| e.starts_with("wss://")) {
-        anyhow::bail!("--endpoint-ca is the web server's CA for wss:// endpoints, and no --endpoint is one");
+        anyhow::bail!(
+            "--endpoint-ca is the web server's CA for wss:// endpoints, and no --endpoint is one"
+        );
     }
     let pem = std::fs::read_to_string(path)
         .with_context(|| format!("reading the endpoint CA {}", path.display()))?;

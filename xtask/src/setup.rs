@@ -24,6 +24,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
     ("iputils-ping", "ping"),
+    // The web server in front of the gateway (tests/tests/websocket.rs).
+    ("nginx", "nginx"),
+    ("curl", "curl"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

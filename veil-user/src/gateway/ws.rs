@@ -50,10 +50,15 @@ pub(super) async fn accept_loop(
             }
         };
         crate::net::tune_tunnel_socket(&tcp, crate::net::TUNNEL_LOWAT);
-        let (shared, path, acceptor, stopped) =
-            (shared.clone(), path.clone(), acceptor.clone(), stopped.clone());
+        let (shared, path, acceptor, stopped) = (
+            shared.clone(),
+            path.clone(),
+            acceptor.clone(),
+            stopped.clone(),
+        );
         tokio::spawn(async move {
-            let upgrade = tokio::time::timeout(HANDSHAKE_TIMEOUT, veil_tunnel::ws::accept(tcp, &path));
+            let upgrade =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, veil_tunnel::ws::accept(tcp, &path));
             match upgrade.await {
                 Ok(Ok(ws)) => serve(shared, ws, peer, permit, acceptor, stopped).await,
                 Ok(Err(e)) => refused(&shared, peer, Refused::WebSocket(e)),
