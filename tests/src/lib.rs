@@ -6,11 +6,11 @@ pub mod bed;
 pub mod bpffs;
 pub mod dns;
 pub mod netns;
-pub mod nginx;
 pub mod packet;
 pub mod peers;
 pub mod proc;
 pub mod raw;
+pub mod web;
 pub mod world;
 
 /// Polls `f` every 100 ms until it holds; panics naming `what` after

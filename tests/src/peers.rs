@@ -19,8 +19,8 @@ use std::{fs, path::Path as FsPath, process::Command, time::Duration};
 
 use crate::{
     netns::NetNs,
-    nginx::{Nginx, Site},
     proc::Proc,
+    web::{Server, Site, Website},
     world::World,
 };
 
@@ -74,7 +74,7 @@ pub struct Path {
     pub kind: Kind,
     pub procs: Vec<Proc>,
     /// The web server in front of the gateway (veil-ws).
-    pub web: Option<Nginx>,
+    pub web: Option<Website>,
 }
 
 /// veil-ws's website, in the gateway's namespace.
@@ -120,7 +120,7 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
         }
         Kind::VeilWs => {
             veil_gateway(world, &["--ws-listen", WEB.upstream]);
-            let nginx = Nginx::start(&world.gw, &world.dir.join("nginx"), &WEB);
+            let nginx = Website::start(Server::Nginx, &world.gw, &world.dir.join("nginx"), &WEB);
             let profile = world.dir.join("bench-ws.veil");
             // By the website's address (its certificate has it): the
             // client's namespace has no name for it.

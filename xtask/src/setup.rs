@@ -24,8 +24,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
     ("iputils-ping", "ping"),
-    // The web server in front of the gateway (tests/tests/websocket.rs).
+    // The web servers in front of the gateway (tests/tests/websocket.rs).
     ("nginx", "nginx"),
+    ("caddy", "caddy"),
     ("curl", "curl"),
 ];
 

@@ -1,8 +1,9 @@
-//! A real nginx (Debian's) in front of the gateway, as a website that
-//! proxies one path to veil's WebSocket listener: TLS on its own port with
-//! a certificate of its own CA, a static page at `/`. It runs as one
-//! process started by PID, with its prefix, configuration, logs and
-//! temporary files in a directory of its own (removed with the world's).
+//! A real web server (Debian's nginx or Caddy) in front of the gateway, as
+//! a website that proxies one path to veil's WebSocket listener: TLS on its
+//! own port with a certificate of its own CA, a static page at `/`. It runs
+//! as one process started by PID, with its configuration, logs and other
+//! files in a directory of its own (removed with the world's). The
+//! configurations are those of docs/operations.md, bar the paths.
 
 use std::{
     fs,
@@ -18,14 +19,22 @@ use crate::{netns::NetNs, proc::Proc};
 /// What the static page says.
 pub const PAGE: &str = "<h1>An ordinary website</h1>\n";
 
-pub struct Nginx {
+/// Which web server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    Nginx,
+    Caddy,
+}
+
+pub struct Website {
+    pub server: Server,
     pub dir: PathBuf,
     /// The CA that signed the website's certificate (PEM file).
     pub ca: PathBuf,
     proc: Proc,
 }
 
-/// Where nginx listens and what it proxies.
+/// Where the web server listens and what it proxies.
 pub struct Site<'a> {
     /// The website's name: its certificate's, and `server_name`.
     pub name: &'a str,
@@ -37,10 +46,10 @@ pub struct Site<'a> {
     pub upstream: &'a str,
 }
 
-impl Nginx {
-    /// Starts nginx in `ns` with its files under `dir`; returns once it
+impl Website {
+    /// Starts `server` in `ns` with its files under `dir`; returns once it
     /// serves.
-    pub fn start(ns: &NetNs, dir: &Path, site: &Site) -> Self {
+    pub fn start(server: Server, ns: &NetNs, dir: &Path, site: &Site) -> Self {
         fs::create_dir_all(dir.join("www")).unwrap();
         fs::create_dir_all(dir.join("tmp")).unwrap();
         fs::write(dir.join("www/index.html"), PAGE).unwrap();
@@ -49,21 +58,36 @@ impl Nginx {
         fs::write(&ca_path, ca).unwrap();
         fs::write(dir.join("site.crt"), cert).unwrap();
         fs::write(dir.join("site.key"), key).unwrap();
-        let conf = dir.join("nginx.conf");
-        fs::write(&conf, config(dir, site)).unwrap();
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", ns.name()))
-            .arg("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&conf)
-            // The error log before the configuration is read: not Debian's.
-            .arg("-e")
-            .arg(dir.join("error.log"));
-        let mut proc = Proc::start("nginx", cmd, dir.join("stderr.log"));
-        // Up once it logs its start ("start worker process" with a master,
-        // nothing without one): wait for the listener instead.
+        cmd.arg(format!("--net=/var/run/netns/{}", ns.name()));
+        match server {
+            Server::Nginx => {
+                let conf = dir.join("nginx.conf");
+                fs::write(&conf, nginx_config(dir, site)).unwrap();
+                cmd.arg("nginx")
+                    .arg("-p")
+                    .arg(dir)
+                    .arg("-c")
+                    .arg(&conf)
+                    // The error log before the configuration is read: not
+                    // Debian's.
+                    .arg("-e")
+                    .arg(dir.join("error.log"));
+            }
+            Server::Caddy => {
+                let conf = dir.join("Caddyfile");
+                fs::write(&conf, caddy_config(dir, site)).unwrap();
+                cmd.args(["caddy", "run", "--adapter", "caddyfile", "--config"])
+                    .arg(&conf)
+                    // Its data and autosaved configuration: here, not in
+                    // root's home.
+                    .env("XDG_DATA_HOME", dir.join("data"))
+                    .env("XDG_CONFIG_HOME", dir.join("config"));
+            }
+        }
+        let name = format!("{server:?}").to_lowercase();
+        let mut proc = Proc::start(&name, cmd, dir.join("stderr.log"));
+        // Up once its listener takes connections.
         let listen: std::net::SocketAddr = site.listen.parse().unwrap();
         let up = ns.enter(|| {
             (0..100).any(|_| {
@@ -77,11 +101,12 @@ impl Nginx {
         });
         assert!(
             up && proc.is_running(),
-            "nginx did not start:\n{}\n{}",
+            "{name} did not start:\n{}\n{}",
             proc.log(),
             fs::read_to_string(dir.join("error.log")).unwrap_or_default()
         );
-        Nginx {
+        Website {
+            server,
             dir: dir.to_owned(),
             ca: ca_path,
             proc,
@@ -92,16 +117,30 @@ impl Nginx {
         fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }
 
+    /// Whether the access log shows a WebSocket upgrade on `path` (the
+    /// `101` of a relayed WebSocket is logged when it ends).
+    pub fn logged_upgrade(&self, path: &str) -> bool {
+        let log = self.access_log();
+        match self.server {
+            Server::Nginx => log.contains(&format!("\"GET {path} HTTP/1.1\" 101")),
+            // One JSON object a line; Caddy 2.6 logs a hijacked
+            // connection's status as 0, the 101's headers as sent.
+            Server::Caddy => log.lines().any(|l| {
+                l.contains(&format!("\"uri\":\"{path}\"")) && l.contains("\"Sec-Websocket-Accept\"")
+            }),
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.proc.is_running()
     }
 }
 
-impl Drop for Nginx {
+impl Drop for Website {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "---- nginx error log ----\n{}\n---- nginx access log ----\n{}",
+                "---- web server error log ----\n{}\n---- web server access log ----\n{}",
                 fs::read_to_string(self.dir.join("error.log")).unwrap_or_default(),
                 self.access_log()
             );
@@ -112,7 +151,7 @@ impl Drop for Nginx {
 
 /// One process (no master and workers: one PID to stop), everything under
 /// `dir`, the WebSocket path proxied as the nginx documentation has it.
-fn config(dir: &Path, site: &Site) -> String {
+fn nginx_config(dir: &Path, site: &Site) -> String {
     let d = dir.display();
     format!(
         r#"daemon off;
@@ -150,6 +189,40 @@ http {{
 }}
 "#,
         listen = site.listen,
+        name = site.name,
+        ws_path = site.ws_path,
+        upstream = site.upstream,
+    )
+}
+
+/// The documented Caddyfile: no admin endpoint, no port 80 for redirects,
+/// the certificate given (no ACME), everything under `dir`.
+fn caddy_config(dir: &Path, site: &Site) -> String {
+    let d = dir.display();
+    let (addr, port) = site.listen.rsplit_once(':').unwrap();
+    format!(
+        r#"{{
+	admin off
+	auto_https disable_redirects
+	skip_install_trust
+}}
+https://{name}:{port} {{
+	bind {addr}
+	tls {d}/site.crt {d}/site.key
+	log {{
+		output file {d}/access.log
+	}}
+	handle {ws_path} {{
+		reverse_proxy {upstream} {{
+			flush_interval -1
+		}}
+	}}
+	handle {{
+		root * {d}/www
+		file_server
+	}}
+}}
+"#,
         name = site.name,
         ws_path = site.ws_path,
         upstream = site.upstream,
