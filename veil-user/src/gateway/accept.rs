@@ -13,7 +13,7 @@ use std::{
 use anyhow::Result;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
@@ -42,17 +42,50 @@ pub(super) async fn accept_loop(
     acceptor: TlsAcceptor,
     stopped: watch::Receiver<bool>,
 ) -> Result<()> {
+    accept_each(&shared, &listener, Sources::Clients, |tcp, peer, permit| {
+        let io = crate::tls::buffered(tcp);
+        let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
+        tokio::spawn(serve(shared, io, peer, permit, acceptor, stopped));
+    })
+    .await
+}
+
+/// Who a listener's connections come from, as the handshake caps see it.
+#[derive(Clone, Copy)]
+pub(super) enum Sources {
+    /// The clients themselves: capped overall and per source address.
+    Clients,
+    /// A reverse proxy relaying them all: capped overall only.
+    Proxy,
+}
+
+/// Accepts connections on `listener` for ever, each admitted under the
+/// caps on strangers, tuned, and handed to `start` with its place.
+pub(super) async fn accept_each(
+    shared: &Shared,
+    listener: &TcpListener,
+    sources: Sources,
+    mut start: impl FnMut(TcpStream, SocketAddr, Permit),
+) -> Result<()> {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                crate::net::accept_failed("tunnel listener", &e).await;
+                let name = match sources {
+                    Sources::Clients => "tunnel listener",
+                    Sources::Proxy => "WebSocket listener",
+                };
+                crate::net::accept_failed(name, &e).await;
                 continue;
             }
         };
         // Closed at once if over a cap: a flood of connections costs an
         // accept each, not a task, a buffer and a descriptor for seconds.
-        let permit = match shared.admission.admit(peer.ip()) {
+        let admitted = match sources {
+            Sources::Clients => shared.admission.admit(peer.ip()),
+            Sources::Proxy => shared.admission.admit_relayed(),
+        };
+        let permit = match admitted {
             Ok(permit) => permit,
             Err(turned) => {
                 shared.counters.refused(turned.cause());
@@ -61,15 +94,7 @@ pub(super) async fn accept_loop(
             }
         };
         crate::net::tune_tunnel_socket(&tcp, crate::net::TUNNEL_LOWAT);
-        let io = crate::tls::buffered(tcp);
-        tokio::spawn(serve(
-            shared.clone(),
-            io,
-            peer,
-            permit,
-            acceptor.clone(),
-            stopped.clone(),
-        ));
+        start(tcp, peer, permit);
     }
 }
 

@@ -14,11 +14,10 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
 use veil_tunnel::ws::WsStream;
 
 use super::{
-    accept::{refused, serve, Carrier, Refused},
+    accept::{accept_each, refused, serve, Carrier, Refused, Sources},
     Shared, HANDSHAKE_TIMEOUT,
 };
 
@@ -33,29 +32,9 @@ pub(super) async fn accept_loop(
     acceptor: TlsAcceptor,
     stopped: watch::Receiver<bool>,
 ) -> Result<()> {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                crate::net::accept_failed("WebSocket listener", &e).await;
-                continue;
-            }
-        };
-        let permit = match shared.admission.admit_relayed() {
-            Ok(permit) => permit,
-            Err(turned) => {
-                shared.counters.refused(turned.cause());
-                debug!(%peer, "WebSocket connection turned away: {turned}");
-                continue;
-            }
-        };
-        crate::net::tune_tunnel_socket(&tcp, crate::net::TUNNEL_LOWAT);
-        let (shared, path, acceptor, stopped) = (
-            shared.clone(),
-            path.clone(),
-            acceptor.clone(),
-            stopped.clone(),
-        );
+    accept_each(&shared, &listener, Sources::Proxy, |tcp, peer, permit| {
+        let (shared, path, acceptor, stopped) =
+            (shared.clone(), path.clone(), acceptor.clone(), stopped.clone());
         tokio::spawn(async move {
             let upgrade =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, veil_tunnel::ws::accept(tcp, &path));
@@ -65,5 +44,6 @@ pub(super) async fn accept_loop(
                 Err(_) => refused(&shared, peer, Refused::HandshakeTimeout),
             }
         });
-    }
+    })
+    .await
 }
