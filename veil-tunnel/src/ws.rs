@@ -209,6 +209,10 @@ pub async fn accept<S>(io: S, path: &str) -> Result<WsStream<S>, WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    #[expect(
+        clippy::result_large_err,
+        reason = "tungstenite's callback signature: the error is the response to send"
+    )]
     let on_path = |request: &Request, response: Response| {
         if request.uri().path() == path {
             Ok(response)

@@ -33,8 +33,12 @@ pub(super) async fn accept_loop(
     stopped: watch::Receiver<bool>,
 ) -> Result<()> {
     accept_each(&shared, &listener, Sources::Proxy, |tcp, peer, permit| {
-        let (shared, path, acceptor, stopped) =
-            (shared.clone(), path.clone(), acceptor.clone(), stopped.clone());
+        let (shared, path, acceptor, stopped) = (
+            shared.clone(),
+            path.clone(),
+            acceptor.clone(),
+            stopped.clone(),
+        );
         tokio::spawn(async move {
             let upgrade =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, veil_tunnel::ws::accept(tcp, &path));
