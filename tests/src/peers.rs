@@ -121,21 +121,10 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
         Kind::VeilWs => {
             veil_gateway(world, &["--ws-listen", WEB.upstream]);
             let nginx = Website::start(Server::Nginx, &world.gw, &world.dir.join("nginx"), &WEB);
-            let profile = world.dir.join("bench-ws.veil");
             // By the website's address (its certificate has it): the
             // client's namespace has no name for it.
             let url = format!("wss://{}{}", WEB.listen, WEB.ws_path);
-            world.veil_user(&[
-                "client",
-                "add",
-                "bench",
-                "--out",
-                profile.to_str().unwrap(),
-                "--endpoint",
-                &url,
-                "--endpoint-ca",
-                nginx.ca.to_str().unwrap(),
-            ]);
+            let profile = nginx.profile(world, "bench", &url);
             procs.push(world.start_client(1, &profile, true));
             web = Some(nginx);
         }

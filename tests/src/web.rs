@@ -113,6 +113,12 @@ impl Website {
         }
     }
 
+    /// Issues client `name` a profile for `url` (`wss://…`) that pins
+    /// this website's CA; its path.
+    pub fn profile(&self, world: &crate::world::World, name: &str, url: &str) -> PathBuf {
+        world.add_client_at(name, url, &["--endpoint-ca", self.ca.to_str().unwrap()])
+    }
+
     pub fn access_log(&self) -> String {
         fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }

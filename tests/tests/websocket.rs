@@ -39,23 +39,6 @@ fn behind(server: Server) -> (World, Website) {
     (world, web)
 }
 
-/// A `wss://` profile pinning the website's CA.
-fn ws_profile(world: &World, web: &Website, name: &str) -> PathBuf {
-    let out = world.dir.join(format!("{name}.veil"));
-    world.veil_user(&[
-        "client",
-        "add",
-        name,
-        "--out",
-        out.to_str().unwrap(),
-        "--endpoint",
-        URL,
-        "--endpoint-ca",
-        web.ca.to_str().unwrap(),
-    ]);
-    out
-}
-
 /// veil-client in client 1's namespace as `ip netns exec` runs it (its
 /// /etc/hosts knows the website), connected.
 fn start_client(world: &World, profile: &PathBuf) -> Proc {
@@ -93,7 +76,7 @@ fn a_wss_client_downloads_through_caddy_and_the_website_stays_a_website() {
 
 fn through(server: Server) {
     let (world, web) = behind(server);
-    let profile = ws_profile(&world, &web, "alice");
+    let profile = web.profile(&world, "alice", URL);
     let text = std::fs::read_to_string(&profile).unwrap();
     assert!(text.contains(URL) && text.contains("endpoint_ca"), "{text}");
     let mut client = start_client(&world, &profile);
@@ -183,7 +166,7 @@ fn a_websocket_upgrade_without_a_client_certificate_gets_no_tunnel() {
     );
     // Everyone else is served as before.
     assert!(web.is_running());
-    let profile = ws_profile(&world, &web, "bob");
+    let profile = web.profile(&world, "bob", URL);
     let _client = start_client(&world, &profile);
     assert!(world.fetch(1).unwrap().contains("198.18.0.1"));
 }
