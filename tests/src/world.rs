@@ -160,17 +160,23 @@ impl World {
     /// Issues a profile for client `i` (1-based), pointing at the gateway's
     /// address on that client's link.
     pub fn add_client(&self, name: &str, i: usize) -> PathBuf {
+        self.add_client_at(name, &format!("10.200.{i}.1:443"), &[])
+    }
+
+    /// Issues a profile for `endpoint`, with more `client add` arguments.
+    pub fn add_client_at(&self, name: &str, endpoint: &str, extra: &[&str]) -> PathBuf {
         let out = self.dir.join(format!("{name}.veil"));
-        let endpoint = format!("10.200.{i}.1:443");
-        self.veil_user(&[
+        let mut args = vec![
             "client",
             "add",
             name,
             "--out",
             out.to_str().unwrap(),
             "--endpoint",
-            &endpoint,
-        ]);
+            endpoint,
+        ];
+        args.extend_from_slice(extra);
+        self.veil_user(&args);
         out
     }
 

@@ -28,6 +28,10 @@ const PACKAGES: &[(&str, &str)] = &[
     // veil's forwarding with.
     ("haproxy", "haproxy"),
     ("socat", "socat"),
+    // The web servers in front of the gateway (tests/tests/websocket.rs).
+    ("nginx", "nginx"),
+    ("caddy", "caddy"),
+    ("curl", "curl"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).
