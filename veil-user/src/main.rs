@@ -86,6 +86,11 @@ enum ClientCommand {
         /// the state directory.
         #[arg(long, value_name = "HOST:PORT")]
         endpoint: Vec<String>,
+        /// Let the client also accept the gateway's certificate (--cert)
+        /// through the system's root CAs, so that a renewal with a new key
+        /// (ACME) keeps it connecting; the key is pinned either way.
+        #[arg(long)]
+        system_roots: bool,
     },
     /// List issued clients.
     List,
@@ -125,6 +130,7 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
             qr_png,
             endpoint,
             force,
+            system_roots,
         } => {
             // Opened first: a refused --out (or --qr-png) issues nothing.
             let existing = if force {
@@ -140,7 +146,8 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                 .as_ref()
                 .map(|path| PrivateFile::create(path, existing).context("writing the QR code"))
                 .transpose()?;
-            let profile = state.add_client(&name, &endpoint)?;
+            let mut profile = state.add_client(&name, &endpoint)?;
+            profile.server_trust.system_roots = system_roots;
             // Rendered before anything is written: a profile too large for
             // a code fails whole.
             let code = (qr || png_file.is_some())

@@ -19,6 +19,9 @@
 //! max-ports-per-endpoint = 1134
 //! client-buffer = "4MiB"
 //! dns = ["192.0.2.53", "192.0.2.54"]   # or one: "192.0.2.53"
+//! cert = "/etc/letsencrypt/live/www.example.org/fullchain.pem"
+//! key = "/etc/letsencrypt/live/www.example.org/privkey.pem"
+//! fallback = "127.0.0.1:8080"          # strangers see this web server
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -160,6 +163,23 @@ pub struct Settings {
     /// Idle timeout of ICMP echo flows (RFC 5508: at least 60) [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub timeout_icmp: Option<u64>,
+    /// The server certificate chain (PEM) everyone sees, e.g. from ACME
+    /// for the gateway's real name; with --key. Profiles issued after the
+    /// gateway ran with it name it and pin its key [default: the gateway's
+    /// own, named veil-gateway].
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A web server that connections without a client certificate are
+    /// proxied to, decrypted [default: a built-in static page].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub fallback: Option<SocketAddr>,
+    /// An HTML file the built-in fallback serves at `/` (without
+    /// --fallback).
+    #[arg(long, value_name = "FILE")]
+    pub fallback_page: Option<PathBuf>,
 }
 
 /// Why the settings cannot be used.
@@ -177,6 +197,8 @@ pub enum SettingsError {
     /// file into the other (a path that is not UTF-8, say).
     #[error("combining the command line with the configuration file: {0}")]
     Merge(String),
+    #[error("--cert and --key go together: the certificate chain and its private key (PEM)")]
+    CertWithoutKey,
     #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
     NoIface,
 }
@@ -257,6 +279,13 @@ impl Settings {
             max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
             threads: self.threads,
             dns: self.dns,
+            operator_cert: match (self.cert, self.key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => return Err(SettingsError::CertWithoutKey),
+            },
+            fallback: self.fallback,
+            fallback_page: self.fallback_page,
         })
     }
 }
@@ -547,11 +576,24 @@ mod tests {
             timeout-udp = 300
             timeout-udp-dns = 10
             timeout-icmp = 70
+            cert = "/etc/veil/fullchain.pem"
+            key = "/etc/veil/privkey.pem"
+            fallback = "127.0.0.1:8080"
+            fallback-page = "/etc/veil/index.html"
             "#,
         )
         .unwrap();
         assert_eq!(Settings::default().or_file(all.clone()).unwrap(), all);
         assert_eq!(all.clone().or_file(Settings::default()).unwrap(), all);
+    }
+
+    #[test]
+    fn a_certificate_needs_its_key() {
+        let err = parse("iface = \"eth0\"\ncert = \"/x.pem\"\n")
+            .unwrap()
+            .resolve("/tmp".into())
+            .unwrap_err();
+        assert!(err.to_string().contains("--cert and --key go together"), "{err}");
     }
 
     #[test]

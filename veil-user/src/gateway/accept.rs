@@ -137,8 +137,15 @@ async fn connection(
         .await
         .map_err(|_| Refused::HandshakeTimeout)?
         .map_err(Refused::Tls)?;
+    // Probe resistance: whoever is not a client gets the web site.
+    let record = match shared.authenticate(&tls) {
+        Ok(record) => record,
+        Err(stranger) => {
+            super::fallback::serve(&shared.fallback, tls).await;
+            return Err(stranger);
+        }
+    };
     let mut stream = Stream::new(tls);
-    let record = shared.authenticate(stream.get_ref())?;
     let name = record.name.clone();
     if record.revoked.is_some() {
         stream.close(CLOSE_TIMEOUT).await;
@@ -230,9 +237,11 @@ impl Shared {
     /// client added since the last registry reload (at most a second ago)
     /// is looked up on disk rather than refused.
     fn authenticate(&self, tls: &TlsStream) -> Result<ClientRecord, Refused> {
-        let cert = tls
-            .get_ref()
-            .1
+        let conn = tls.get_ref().1;
+        if !crate::tls::is_tunnel_grade(conn) {
+            return Err(Refused::NoCertificate);
+        }
+        let cert = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or(Refused::NoCertificate)?;

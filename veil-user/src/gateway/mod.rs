@@ -13,6 +13,7 @@ mod accept;
 pub mod check;
 pub mod clients;
 mod dns;
+pub mod fallback;
 mod packets;
 mod registry;
 mod session;
@@ -87,6 +88,12 @@ pub struct GatewayConfig {
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
     pub dns: Vec<std::net::IpAddr>,
+    /// The operator's certificate chain and key files (`--cert`, `--key`);
+    /// `None`: the gateway's own.
+    pub operator_cert: Option<(PathBuf, PathBuf)>,
+    /// Where strangers are proxied to; `None`: the built-in page.
+    pub fallback: Option<SocketAddr>,
+    pub fallback_page: Option<PathBuf>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -176,6 +183,8 @@ struct Shared {
     counters: Counters,
     /// Taken at shutdown: dropping it detaches the programs and unpins.
     datapath: Mutex<Option<Datapath>>,
+    /// What connections without a client certificate get.
+    fallback: fallback::Fallback,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -202,17 +211,17 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let state = StateDir::open(&cfg.state_dir)
         .with_context(|| format!("opening the state directory {}", cfg.state_dir.display()))?;
     let ca = state.ca().context("loading the gateway's CA")?;
-    let (cert, key) = state
-        .server_identity(&ca)
-        .context("loading the server certificate")?;
+    let (cert, key, operator) = server_identity(&cfg, &state, &ca)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&ca.cert_pem, &cert, &key)?));
+    let fallback = fallback::Fallback::from_settings(cfg.fallback, cfg.fallback_page.as_deref())
+        .context("reading --fallback-page")?;
 
     let public_addrs = public_addrs(&cfg)?;
     let endpoint = cfg
         .endpoint
         .clone()
         .unwrap_or_else(|| format!("{}:{}", public_addrs[0], cfg.listen.port()));
-    state.record_endpoint(&endpoint)?;
+    state.record_gateway(&endpoint, operator)?;
     let inner_addr = first_host(cfg.pool)?;
 
     let tun = Tun::create(&cfg.tun_name, MTU)
@@ -269,6 +278,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         registry: RwLock::new(HashMap::new()),
         admission,
         counters: Counters::default(),
+        fallback,
         datapath: Mutex::new(Some(datapath)),
         state,
         cfg,
@@ -307,6 +317,42 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     drop(shared.datapath.lock().expect("datapath lock").take());
     info!("gateway stopped: programs detached, pins removed");
     Ok(())
+}
+
+/// The server certificate and key (PEM) the listener presents: the
+/// operator's (`--cert`, `--key`), with the name and pin profiles get, or
+/// the gateway's own.
+fn server_identity(
+    cfg: &GatewayConfig,
+    state: &StateDir,
+    ca: &crate::state::Ca,
+) -> Result<(String, String, Option<crate::state::OperatorIdentity>)> {
+    let Some((cert_path, key_path)) = &cfg.operator_cert else {
+        let (cert, key) = state
+            .server_identity(ca)
+            .context("loading the server certificate")?;
+        return Ok((cert, key, None));
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let (cert, key) = (read(cert_path)?, read(key_path)?);
+    let server_name = tls::dns_names_pem(&cert)
+        .with_context(|| format!("reading the certificate {}", cert_path.display()))?
+        .into_iter()
+        .next()
+        .with_context(|| {
+            format!(
+                "the certificate {} names no DNS name: profiles need one to check it",
+                cert_path.display()
+            )
+        })?;
+    let pin = tls::spki_pin_pem(&cert)?;
+    Ok((
+        cert,
+        key,
+        Some(crate::state::OperatorIdentity { server_name, pin }),
+    ))
 }
 
 /// `--max-handshakes`, lowered if the descriptor limit could not hold it
