@@ -54,6 +54,11 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also show each client's public address and the busiest flows'
+        /// destinations (left out by default: see docs/operations.md,
+        /// "Logging policy").
+        #[arg(long)]
+        addresses: bool,
     },
 }
 
@@ -114,7 +119,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Some(Command::Client(cmd)) => client(&cli.state_dir, cmd),
-        Some(Command::Status { json }) => status(&cli.state_dir, json),
+        Some(Command::Status { json, addresses }) => status(&cli.state_dir, json, addresses),
         None => serve(cli.gateway.resolve(cli.state_dir)?),
     }
 }
@@ -213,11 +218,11 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
     Ok(())
 }
 
-fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
+fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let status = runtime.block_on(veil_user::control::query(state_dir))?;
+    let status = runtime.block_on(veil_user::control::query(state_dir, addresses))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -228,9 +233,13 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
     println!("clients: {}", status.clients.len());
     for c in &status.clients {
         let since = ago(now.saturating_sub(c.connected_since));
+        let from = c
+            .peer
+            .as_deref()
+            .map_or(String::new(), |p| format!("tunnel from {p:<21} "));
         println!(
-            "  {:<16} {:<15} tunnel from {:<21} up {since:>6}  {} B from it, {} B to it",
-            c.name, c.vip, c.peer, c.bytes_from_client, c.bytes_to_client
+            "  {:<16} {:<15} {from}up {since:>6}  {} B from it, {} B to it",
+            c.name, c.vip, c.bytes_from_client, c.bytes_to_client
         );
     }
     let f = &status.flows;

@@ -231,7 +231,7 @@ mod tests {
         ClientStatus {
             name: name.into(),
             vip: "10.77.0.2".parse().unwrap(),
-            peer: "10.200.1.2:5000".into(),
+            peer: Some("10.200.1.2:5000".into()),
             connected_since: 0,
             bytes_from_client: from,
             bytes_to_client: to,

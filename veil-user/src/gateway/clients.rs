@@ -200,7 +200,7 @@ impl Clients {
             .map(|(name, l)| ClientStatus {
                 name: name.clone(),
                 vip: l.vip,
-                peer: l.peer.to_string(),
+                peer: Some(l.peer.to_string()),
                 connected_since: l
                     .since
                     .duration_since(UNIX_EPOCH)
