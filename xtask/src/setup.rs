@@ -24,6 +24,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
     ("iputils-ping", "ping"),
+    // Strangers probing the gateway in tests/tests/probe.rs.
+    ("curl", "curl"),
+    ("openssl", "openssl"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).
