@@ -22,6 +22,7 @@
 //! cert = "/etc/letsencrypt/live/www.example.org/fullchain.pem"
 //! key = "/etc/letsencrypt/live/www.example.org/privkey.pem"
 //! fallback = "127.0.0.1:8080"          # strangers see this web server
+//! mapping = "address-dependent"        # or "endpoint-independent"
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -163,6 +164,14 @@ pub struct Settings {
     /// Idle timeout of ICMP echo flows (RFC 5508: at least 60) [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub timeout_icmp: Option<u64>,
+    /// Which flows of one client socket share a NAT port:
+    /// endpoint-independent (toward every remote: peer-to-peer and STUN
+    /// work) or address-dependent (one port per remote address: two sites
+    /// cannot tie a client's socket together by its port)
+    /// [default: address-dependent].
+    #[arg(long, value_name = "MAPPING")]
+    #[serde(with = "text")]
+    pub mapping: Option<crate::nat::Mapping>,
     /// The server certificate chain (PEM) everyone sees, e.g. from ACME
     /// for the gateway's real name; with --key. Profiles issued after the
     /// gateway ran with it name it and pin its key [default: the gateway's
@@ -284,6 +293,7 @@ impl Settings {
                 (None, None) => None,
                 _ => return Err(SettingsError::CertWithoutKey),
             },
+            mapping: self.mapping.unwrap_or(crate::nat::Mapping::AddressDependent),
             fallback: self.fallback,
             fallback_page: self.fallback_page,
         })
@@ -580,6 +590,7 @@ mod tests {
             key = "/etc/veil/privkey.pem"
             fallback = "127.0.0.1:8080"
             fallback-page = "/etc/veil/index.html"
+            mapping = "endpoint-independent"
             "#,
         )
         .unwrap();

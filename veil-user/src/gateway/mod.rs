@@ -91,6 +91,8 @@ pub struct GatewayConfig {
     /// The operator's certificate chain and key files (`--cert`, `--key`);
     /// `None`: the gateway's own.
     pub operator_cert: Option<(PathBuf, PathBuf)>,
+    /// Which flows of one client socket share a NAT port.
+    pub mapping: crate::nat::Mapping,
     /// Where strangers are proxied to; `None`: the built-in page.
     pub fallback: Option<SocketAddr>,
     pub fallback_page: Option<PathBuf>,
@@ -246,7 +248,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let flows = datapath
         .flow_table(cfg.nat_ports, cfg.timeouts)?
         .with_capacity(cfg.max_flows)
-        .with_client_limit(cfg.max_flows_per_client);
+        .with_client_limit(cfg.max_flows_per_client)
+        .with_mapping(cfg.mapping);
     let flows = match cfg.max_ports_per_endpoint {
         Some(share) => flows.with_port_share(share.get()),
         None => flows,
@@ -286,7 +289,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     shared.reload_registry()?;
     info!(
         iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen, %endpoint,
-        pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
+        pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, mapping = %shared.cfg.mapping, pins = %pins.display(),
         dns = ?upstreams, "gateway up"
     );
 
