@@ -1,8 +1,10 @@
-//! Harder to spot: whoever connects without a client certificate meets an
-//! ordinary HTTPS site (the operator's certificate, a normal handshake,
-//! the fallback site's pages and errors), while clients with a profile
-//! still connect; and the default log level keeps no address that ties a
-//! client to a place or a destination.
+//! Harder to spot, harder to correlate: whoever connects without a client
+//! certificate meets an ordinary HTTPS site (the operator's certificate, a
+//! normal handshake, the fallback site's pages and errors), while clients
+//! with a profile still connect; the default log level keeps no address
+//! that ties a client to a place or a destination; and NAT ports are drawn
+//! at random, one per remote address, so that sites cannot tie a client's
+//! socket together by its port.
 
 use std::{
     io::Write,
@@ -14,7 +16,11 @@ use std::{
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
 };
-use veil_tests::world::{World, REMOTE};
+use veil_common::{proto, EgressFlow, FlowKey, LAYOUT_VERSION};
+use veil_tests::{
+    bed::pinned_keys,
+    world::{World, REMOTE},
+};
 
 const SITE: &str = "www.example.test";
 
@@ -38,9 +44,7 @@ impl Pki {
         let mut leaf = CertificateParams::new(vec![SITE.to_owned()]).unwrap();
         leaf.distinguished_name.push(DnType::CommonName, SITE);
         leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let leaf = leaf
-            .signed_by(&key, &Issuer::new(root, &root_key))
-            .unwrap();
+        let leaf = leaf.signed_by(&key, &Issuer::new(root, &root_key)).unwrap();
         let pki = Pki {
             root: dir.join("root.pem"),
             cert: dir.join("site.pem"),
@@ -162,7 +166,10 @@ fn a_stranger_meets_the_fallback_site_and_a_client_still_connects() {
         &format!("GET / HTTP/1.1\r\nHost: {SITE}\r\nConnection: close\r\n\r\n"),
     );
     assert!(seen.contains("Verify return code: 0 (ok)"), "{seen}");
-    assert!(seen.contains("No client certificate CA names sent"), "{seen}");
+    assert!(
+        seen.contains("No client certificate CA names sent"),
+        "{seen}"
+    );
     assert!(seen.contains("HTTP/1.1 200 OK"), "{seen}");
     assert!(seen.contains("Hello 198.18.0.1:"), "{seen}");
     assert!(!seen.to_lowercase().contains("veil"), "{seen}");
@@ -185,7 +192,12 @@ fn without_a_fallback_site_a_static_page_answers_as_a_web_server_would() {
     let (page, code) = curl(&world, 1, &["--cacert", root], &format!("https://{SITE}/"));
     assert_eq!(code, "200");
     assert!(page.contains("<title>Welcome</title>"), "{page}");
-    let (_, code) = curl(&world, 1, &["--cacert", root], &format!("https://{SITE}/admin"));
+    let (_, code) = curl(
+        &world,
+        1,
+        &["--cacert", root],
+        &format!("https://{SITE}/admin"),
+    );
     assert_eq!(code, "404");
     let (_, code) = curl(
         &world,
@@ -262,8 +274,11 @@ fn the_default_log_level_keeps_no_client_address_and_no_destination() {
     assert!(world.fetch(1).unwrap().starts_with("Hello 198.18.0.1:"));
     assert!(world.ping(1, &REMOTE.to_string()));
     let refused = world.client(1).enter(|| {
-        std::net::TcpStream::connect_timeout(&("10.200.9.2:80".parse().unwrap()), Duration::from_millis(500))
-            .is_err()
+        std::net::TcpStream::connect_timeout(
+            &("10.200.9.2:80".parse().unwrap()),
+            Duration::from_millis(500),
+        )
+        .is_err()
     });
     assert!(refused, "the LAN behind the gateway is closed by default");
     // Status: no public address unless asked for.
@@ -285,4 +300,92 @@ fn the_default_log_level_keeps_no_client_address_and_no_destination() {
     ] {
         assert!(!log.contains(addr), "{what} ({addr}) in the log:\n{log}");
     }
+}
+
+/// χ² of `samples` over `bins` equal slices of `min..=max`.
+fn chi_squared(samples: &[u16], min: u16, max: u16, bins: usize) -> f64 {
+    let len = usize::from(max - min) + 1;
+    let mut counts = vec![0usize; bins];
+    for p in samples {
+        counts[usize::from(p - min) * bins / len] += 1;
+    }
+    let expected = samples.len() as f64 / bins as f64;
+    counts
+        .iter()
+        .map(|&c| (c as f64 - expected).powi(2) / expected)
+        .sum()
+}
+
+#[test]
+fn nat_ports_of_one_client_socket_are_uniform_and_unlinked_with_address_dependent_mapping() {
+    const FLOWS: usize = 1000;
+    const CLIENT_PORT: u16 = 40000;
+    let mut world = World::bare(1);
+    // 1000 remote addresses, all behind the remote's link (which drops
+    // them: only the gateway's choice of ports matters here).
+    world
+        .gw
+        .ip(&["route", "add", "198.18.0.0/15", "via", &REMOTE.to_string()]);
+    world.start_gateway(&["--mapping", "address-dependent"]);
+    let profile = world.add_client("dave", 1);
+    let _dave = world.start_client(1, &profile, true);
+    let vip = world.vip_of("dave");
+
+    world.client(1).enter(|| {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", CLIENT_PORT)).unwrap();
+        for i in 0..FLOWS {
+            let remote = std::net::Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, 1 + (i % 250) as u8);
+            socket.send_to(b"which port?", (remote, 9)).unwrap();
+            if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    });
+    let egress = world
+        .pins()
+        .join(format!("v{LAYOUT_VERSION}"))
+        .join("egress");
+    let mut ports: Vec<([u8; 4], u16)> = Vec::new();
+    for _ in 0..100 {
+        ports = pinned_keys::<FlowKey, EgressFlow>(&egress)
+            .into_iter()
+            .filter(|(k, _)| {
+                k.proto == proto::UDP && k.client_port == CLIENT_PORT && k.client() == vip
+            })
+            .map(|(k, v)| (k.remote_addr, v.nat_port))
+            .collect::<Vec<_>>();
+        // In the order the flows were made: by remote address.
+        ports.sort();
+        if ports.len() >= FLOWS {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ports.len(), FLOWS, "one flow per remote address");
+    let ports: Vec<u16> = ports.into_iter().map(|(_, p)| p).collect();
+
+    // Address-dependent: each remote address its own draw (endpoint-
+    // independent mapping would show one port 1000 times).
+    let mut distinct = ports.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() > 850, "{} distinct ports", distinct.len());
+    assert!(
+        ports.iter().all(|p| (61000..=65535).contains(p)) && !ports.contains(&CLIENT_PORT),
+        "in the NAT range, never the client's own port"
+    );
+    // Uniform over the range: χ² over 20 slices (19 degrees of freedom)
+    // under 50, which a uniform draw exceeds about once in 10^4 runs; a
+    // sequential allocator scores in the thousands.
+    let chi2 = chi_squared(&ports, 61000, 65535, 20);
+    assert!(chi2 < 50.0, "χ² = {chi2:.1} over 20 slices: not uniform");
+    // And no order: successive flows are not neighbours in the range.
+    let neighbours = ports
+        .windows(2)
+        .filter(|w| w[0].abs_diff(w[1]) <= 2)
+        .count();
+    assert!(
+        neighbours < 20,
+        "{neighbours} successive flows on neighbouring ports"
+    );
 }

@@ -121,7 +121,9 @@ pub fn is_tunnel_grade(conn: &rustls::ServerConnection) -> bool {
 pub fn spki_pin(cert_der: &[u8]) -> Result<String, TlsError> {
     let der = CertificateDer::from(cert_der);
     let cert = webpki::EndEntityCert::try_from(&der).map_err(|_| {
-        TlsError::Rustls(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
+        TlsError::Rustls(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))
     })?;
     let digest = ring::digest::digest(
         &ring::digest::SHA256,
@@ -136,7 +138,9 @@ pub fn spki_pin(cert_der: &[u8]) -> Result<String, TlsError> {
 /// The pin of the first certificate of a PEM chain.
 pub fn spki_pin_pem(cert_pem: &str) -> Result<String, TlsError> {
     let chain = certs(cert_pem, "server certificate")?;
-    let first = chain.first().ok_or(TlsError::Rustls(rustls::Error::NoCertificatesPresented))?;
+    let first = chain
+        .first()
+        .ok_or(TlsError::Rustls(rustls::Error::NoCertificatesPresented))?;
     spki_pin(first)
 }
 
@@ -147,7 +151,9 @@ pub fn dns_names_pem(cert_pem: &str) -> Result<Vec<String>, TlsError> {
         .first()
         .ok_or(TlsError::Rustls(rustls::Error::NoCertificatesPresented))?;
     let cert = webpki::EndEntityCert::try_from(first).map_err(|_| {
-        TlsError::Rustls(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
+        TlsError::Rustls(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))
     })?;
     Ok(cert.valid_dns_names().map(str::to_owned).collect())
 }
@@ -267,11 +273,10 @@ pub fn client_config(profile: &Profile) -> Result<(ClientConfig, ServerName<'sta
                 roots(&profile.ca)?,
             )?))
     };
-    let config = builder
-        .with_client_auth_cert(
-            certs(&profile.cert, "client certificate")?,
-            key(&profile.key, "client key")?,
-        )?;
+    let config = builder.with_client_auth_cert(
+        certs(&profile.cert, "client certificate")?,
+        key(&profile.key, "client key")?,
+    )?;
     let name = ServerName::try_from(profile.server_name.clone())
         .map_err(|_| TlsError::ServerName(profile.server_name.clone()))?;
     Ok((config, name))

@@ -561,10 +561,14 @@ mod tests {
     fn a_client_endpoint_keeps_its_port_toward_every_remote() {
         let mut book = NatBook::new(vec![P1], range(61000, 61099), 100).unwrap();
         let c = client(2);
-        let a = book.allocate(&udp(c, 5000, 53), &[17], |_| Ok(true)).unwrap();
+        let a = book
+            .allocate(&udp(c, 5000, 53), &[17], |_| Ok(true))
+            .unwrap();
         book.insert(udp(c, 5000, 53), a, 1);
         // Another draw: the mapping wins over it.
-        let b = book.allocate(&udp(c, 5000, 123), &[60], |_| Ok(true)).unwrap();
+        let b = book
+            .allocate(&udp(c, 5000, 123), &[60], |_| Ok(true))
+            .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.port, 61017, "the draw is the first candidate");
     }
@@ -578,7 +582,9 @@ mod tests {
         let other = Ipv4Addr::new(198, 18, 7, 7);
         let a = book.allocate(&to(REMOTE, 53), &[17], |_| Ok(true)).unwrap();
         book.insert(to(REMOTE, 53), a, 1);
-        let same_site = book.allocate(&to(REMOTE, 443), &[60], |_| Ok(true)).unwrap();
+        let same_site = book
+            .allocate(&to(REMOTE, 443), &[60], |_| Ok(true))
+            .unwrap();
         assert_eq!(same_site, a, "another port of the same address");
         let other_site = book.allocate(&to(other, 53), &[60], |_| Ok(true)).unwrap();
         assert_eq!(other_site.port, 61060, "another address draws afresh");
@@ -617,7 +623,9 @@ mod tests {
         assert_eq!(offered, vec![61098, 61099, 61000, 61001], "wraps around");
         // A map error stops the walk.
         let err = book
-            .allocate(&udp(client(2), 1, 53), &[0], |_| Err(FlowError::TableFull(7)))
+            .allocate(&udp(client(2), 1, 53), &[0], |_| {
+                Err(FlowError::TableFull(7))
+            })
             .unwrap_err();
         assert!(matches!(err, FlowError::TableFull(7)));
     }

@@ -293,7 +293,9 @@ impl Settings {
                 (None, None) => None,
                 _ => return Err(SettingsError::CertWithoutKey),
             },
-            mapping: self.mapping.unwrap_or(crate::nat::Mapping::AddressDependent),
+            mapping: self
+                .mapping
+                .unwrap_or(crate::nat::Mapping::AddressDependent),
             fallback: self.fallback,
             fallback_page: self.fallback_page,
         })
@@ -604,7 +606,10 @@ mod tests {
             .unwrap()
             .resolve("/tmp".into())
             .unwrap_err();
-        assert!(err.to_string().contains("--cert and --key go together"), "{err}");
+        assert!(
+            err.to_string().contains("--cert and --key go together"),
+            "{err}"
+        );
     }
 
     #[test]

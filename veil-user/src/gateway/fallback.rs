@@ -62,10 +62,7 @@ impl Default for Fallback {
 impl Fallback {
     /// `--fallback` if given, else `--fallback-page`'s file, else the
     /// built-in page.
-    pub fn from_settings(
-        proxy: Option<SocketAddr>,
-        page: Option<&Path>,
-    ) -> std::io::Result<Self> {
+    pub fn from_settings(proxy: Option<SocketAddr>, page: Option<&Path>) -> std::io::Result<Self> {
         Ok(match (proxy, page) {
             (Some(addr), _) => Fallback::Proxy(addr),
             (None, Some(path)) => Fallback::Page(std::fs::read_to_string(path)?.into()),
@@ -90,7 +87,9 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(addr: SocketAddr, mut io: S) {
             // As a reverse proxy says it: a 502 after the request came.
             debug!("the fallback site {addr} did not answer");
             let _ = read_head(&mut io, &mut Vec::new(), HEADER_TIMEOUT).await;
-            let _ = io.write_all(&response(502, false, "text/html", b"", false)).await;
+            let _ = io
+                .write_all(&response(502, false, "text/html", b"", false))
+                .await;
             let _ = io.shutdown().await;
             return;
         }
@@ -117,7 +116,9 @@ async fn pages<S: AsyncRead + AsyncWrite + Unpin>(page: &str, io: &mut S) {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(status) => {
-                let _ = io.write_all(&response(status, false, "text/html", b"", false)).await;
+                let _ = io
+                    .write_all(&response(status, false, "text/html", b"", false))
+                    .await;
                 break;
             }
         };
@@ -209,8 +210,8 @@ fn answer(head: &[u8], page: &str) -> Answer {
     }
     // A body we would have to read past: answered, then the connection
     // ends (nginx answers a POST to a static file with 405 the same way).
-    let has_body = header("transfer-encoding").is_some()
-        || header("content-length").is_some_and(|v| v != "0");
+    let has_body =
+        header("transfer-encoding").is_some() || header("content-length").is_some_and(|v| v != "0");
     if method != "GET" && method != "HEAD" {
         return refuse(405);
     }
@@ -311,7 +312,10 @@ mod tests {
     #[test]
     fn the_page_the_404_and_the_refusals_are_a_web_servers() {
         let ok = ask("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
-        assert_eq!((ok.status, ok.body.as_str(), ok.keep_alive), (200, "PAGE", true));
+        assert_eq!(
+            (ok.status, ok.body.as_str(), ok.keep_alive),
+            (200, "PAGE", true)
+        );
         let upgrade = ask(
             "GET /.well-known/masque/ip/*/*/ HTTP/1.1\r\nHost: a\r\nUpgrade: connect-ip\r\n\r\n",
         );
@@ -341,17 +345,15 @@ mod tests {
             serve(&Fallback::Page("PAGE".into()), server).await;
         });
         client
-            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\nBREW\r\n\r\n")
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\nBREW\r\n\r\n",
+            )
             .await
             .unwrap();
         let mut out = String::new();
         client.read_to_string(&mut out).await.unwrap();
         task.await.unwrap();
-        let statuses: Vec<&str> = out
-            .split("HTTP/1.1 ")
-            .skip(1)
-            .map(|r| &r[..3])
-            .collect();
+        let statuses: Vec<&str> = out.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
         assert_eq!(statuses, ["200", "404", "400"], "{out}");
     }
 }
