@@ -46,11 +46,16 @@ pub enum Reason {
     /// seen, or too long ago: it carries no ports, so nothing says whose
     /// flow it belongs to.
     DropOrphanFragment = 14,
+    /// Over its client's rate (`--rate-limit`): the token bucket of that
+    /// direction was empty.
+    DropRateLimited = 15,
+    /// Over its client's byte quota (`--quota`) for the period.
+    DropQuotaExceeded = 16,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 17] = [
         Reason::EgressForwarded,
         Reason::IngressForwarded,
         Reason::IcmpErrorForwarded,
@@ -66,6 +71,8 @@ impl Reason {
         Reason::DropHelperFailed,
         Reason::DropNotConfigured,
         Reason::DropOrphanFragment,
+        Reason::DropRateLimited,
+        Reason::DropQuotaExceeded,
     ];
 
     /// A stable snake_case name, for logs, `veil-user status` and metrics.
@@ -86,6 +93,8 @@ impl Reason {
             Reason::DropHelperFailed => "drop_helper_failed",
             Reason::DropNotConfigured => "drop_not_configured",
             Reason::DropOrphanFragment => "drop_orphan_fragment",
+            Reason::DropRateLimited => "drop_rate_limited",
+            Reason::DropQuotaExceeded => "drop_quota_exceeded",
         }
     }
 

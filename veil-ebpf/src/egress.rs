@@ -19,7 +19,7 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use veil_common::{csum::L4Sum, proto, FlowKey, Reason};
+use veil_common::{csum::L4Sum, proto, ratelimit::Direction, FlowKey, Reason};
 
 use crate::{
     frag::{self, Fragment},
@@ -66,6 +66,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     let fragment = Fragment::of(frags);
     if let Fragment::Later { last } = fragment {
+        crate::ratelimit::police(src, ctx.len(), Direction::Up)?;
         // No ports: translated as its first fragment was.
         frag::egress_later(ctx, l2, src, dst, id, protocol, last)?;
         decrement_ttl(ctx, l2, ttl, protocol)?;
@@ -109,6 +110,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         .get_ptr_mut(&key)
         .ok_or(Reason::DropNoEgressFlow)?;
     let (public_addr, nat_port) = unsafe { ((*flow).public_addr, (*flow).nat_port) };
+    crate::ratelimit::police(src, ctx.len(), Direction::Up)?;
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
 
     let at = SkbEndpoint {

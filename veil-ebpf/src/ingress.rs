@@ -21,7 +21,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use veil_common::{csum::L4Sum, proto, Config, Reason, ReverseFlow, ReverseKey};
+use veil_common::{
+    csum::L4Sum, proto, ratelimit::Direction, Config, Reason, ReverseFlow, ReverseKey,
+};
 
 use crate::{
     frag::{self, Fragment},
@@ -328,6 +330,7 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
                 return Ok(Verdict::uncounted(TC_ACT_OK as i32));
             };
             let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
+            crate::ratelimit::police(client_addr, ctx.len(), Direction::Down)?;
             stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
             let ip: *mut Ipv4Hdr = pkt.at(IP)?;
             let old_addr = dword(unsafe { (*ip).dst_addr });

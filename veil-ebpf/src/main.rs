@@ -24,6 +24,7 @@ mod frag;
 mod ingress;
 mod maps;
 mod packet;
+mod ratelimit;
 mod rewrite;
 mod stats;
 

@@ -37,6 +37,19 @@ pub struct ClientStatus {
     pub connected_since: u64,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// Its rate limit (each way), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+    /// Its quota in bytes per period, if it has one, and what it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    #[serde(default)]
+    pub quota_used: u64,
+    /// Packets the datapath dropped over its rate, over its quota.
+    #[serde(default)]
+    pub rate_dropped: u64,
+    #[serde(default)]
+    pub quota_dropped: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -34,12 +34,13 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 5] = [
+pub const PINS: [(&str, &str); 6] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
     (STATS_MAP, "stats"),
     (FRAG_MAP, "fragments"),
+    (veil_common::ratelimit::RATE_MAP, "ratelimit"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +230,14 @@ impl Datapath {
         let reverse = self.take_hash(REVERSE_MAP)?;
         FlowTable::new(egress, reverse, self.public_addrs.clone(), ports, timeouts)
             .map_err(DatapathError::PublicAddrs)
+    }
+
+    /// Hands the per-client limits map to the daemon; call once, after
+    /// [`Self::pin`].
+    pub fn rate_limits(&mut self) -> Result<crate::ratelimit::RateLimits, DatapathError> {
+        Ok(crate::ratelimit::RateLimits::new(
+            self.take_hash(veil_common::ratelimit::RATE_MAP)?,
+        ))
     }
 
     /// The datapath's counters, summed over CPUs, by reason.

@@ -99,6 +99,20 @@ enum ClientCommand {
     },
     /// List issued clients.
     List,
+    /// Set a client's own rate limit and quota, over the gateway's
+    /// --rate-limit and --quota (a running gateway applies them within a
+    /// second).
+    Limit {
+        name: String,
+        /// Its rate each way (50mbit, 1gbit), or `none`: exempt from
+        /// --rate-limit; leave out to follow the gateway's.
+        #[arg(long, value_name = "RATE|none")]
+        rate: Option<veil_user::ratelimit::Limit<veil_user::ratelimit::Rate>>,
+        /// Its bytes per quota period (10GiB), or `none`; leave out to
+        /// follow the gateway's.
+        #[arg(long, value_name = "SIZE|none")]
+        quota: Option<veil_user::ratelimit::Limit<veil_user::size::ByteSize>>,
+    },
     /// Revoke a client: refused from its next handshake on, its live
     /// session closed.
     Revoke { name: String },
@@ -208,6 +222,16 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                 );
             }
         }
+        ClientCommand::Limit { name, rate, quota } => {
+            let limits = veil_user::ratelimit::ClientLimits { rate, quota };
+            state.set_limits(&name, limits)?;
+            let show = |v: Option<String>| v.unwrap_or_else(|| "the gateway's".into());
+            println!(
+                "client `{name}`: rate {}, quota {}",
+                show(rate.map(|r| r.to_string())),
+                show(quota.map(|q| q.to_string()))
+            );
+        }
         ClientCommand::Revoke { name } => {
             state.revoke(&name)?;
             println!(
@@ -241,6 +265,15 @@ fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()
             "  {:<16} {:<15} {from}up {since:>6}  {} B from it, {} B to it",
             c.name, c.vip, c.bytes_from_client, c.bytes_to_client
         );
+        if let Some(rate) = &c.rate_limit {
+            println!("    rate limit {rate} each way: {} packets dropped", c.rate_dropped);
+        }
+        if let Some(quota) = c.quota {
+            println!(
+                "    quota {} of {quota} B used: {} packets dropped",
+                c.quota_used, c.quota_dropped
+            );
+        }
     }
     let f = &status.flows;
     println!(

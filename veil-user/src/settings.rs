@@ -23,6 +23,8 @@
 //! key = "/etc/letsencrypt/live/www.example.org/privkey.pem"
 //! fallback = "127.0.0.1:8080"          # strangers see this web server
 //! mapping = "address-dependent"        # or "endpoint-independent"
+//! rate-limit = "50mbit"                # each client, each way
+//! quota = "10GiB"                      # each client, per quota-period
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -172,6 +174,20 @@ pub struct Settings {
     #[arg(long, value_name = "MAPPING")]
     #[serde(with = "text")]
     pub mapping: Option<crate::nat::Mapping>,
+    /// Each client's rate, each way, policed in the datapath (bits per
+    /// second: 50mbit, 1gbit); a client's own (`client limit`) wins
+    /// [default: none].
+    #[arg(long, value_name = "RATE")]
+    #[serde(with = "text")]
+    pub rate_limit: Option<crate::ratelimit::Rate>,
+    /// Each client's bytes (both ways) per --quota-period, beyond which
+    /// its packets are dropped; a client's own wins [default: none].
+    #[arg(long, value_name = "SIZE")]
+    #[serde(with = "text")]
+    pub quota: Option<ByteSize>,
+    /// The quota's period, in seconds [default: 86400].
+    #[arg(long, value_name = "SECONDS")]
+    pub quota_period: Option<u64>,
     /// The server certificate chain (PEM) everyone sees, e.g. from ACME
     /// for the gateway's real name; with --key. Profiles issued after the
     /// gateway ran with it name it and pin its key [default: the gateway's
@@ -292,6 +308,11 @@ impl Settings {
                 (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,
                 _ => return Err(SettingsError::CertWithoutKey),
+            },
+            fair_use: crate::ratelimit::FairUse {
+                rate: self.rate_limit,
+                quota: self.quota,
+                period: secs(self.quota_period, 86_400).max(Duration::from_secs(1)),
             },
             mapping: self
                 .mapping
@@ -593,6 +614,9 @@ mod tests {
             fallback = "127.0.0.1:8080"
             fallback-page = "/etc/veil/index.html"
             mapping = "endpoint-independent"
+            rate-limit = "50mbit"
+            quota = "10GiB"
+            quota-period = 3600
             "#,
         )
         .unwrap();

@@ -79,6 +79,9 @@ pub struct ClientRecord {
     /// name, revoked before it was issued again: still refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<String>,
+    /// Its own rate limit and quota (`client limit`), over the gateway's.
+    #[serde(default, skip_serializing_if = "crate::ratelimit::ClientLimits::is_empty")]
+    pub limits: crate::ratelimit::ClientLimits,
 }
 
 impl ClientRecord {
@@ -95,6 +98,7 @@ impl ClientRecord {
                 created: self.created,
                 revoked: Some(revoked),
                 retired: Vec::new(),
+                limits: self.limits,
             })
             .collect();
         all.insert(0, self);
@@ -293,6 +297,7 @@ impl StateDir {
             created: now(),
             revoked: None,
             retired,
+            limits: Default::default(),
         };
         write_secret(&record_path, &toml::to_string(&record).expect("serializes"))?;
         // With an operator's certificate, the profile names it and pins its
@@ -376,6 +381,24 @@ impl StateDir {
         }
         let mut record: ClientRecord = parse(&path)?;
         record.revoked.get_or_insert_with(now);
+        write_secret(&path, &toml::to_string(&record).expect("serializes"))?;
+        Ok(record)
+    }
+
+    /// Sets a client's own limits (the gateway applies them within a
+    /// second, as it does revocations).
+    pub fn set_limits(
+        &self,
+        name: &str,
+        limits: crate::ratelimit::ClientLimits,
+    ) -> Result<ClientRecord, StateError> {
+        check_name(name)?;
+        let path = self.client_path(name);
+        if !path.exists() {
+            return Err(StateError::NoSuchClient(name.to_owned()));
+        }
+        let mut record: ClientRecord = parse(&path)?;
+        record.limits = limits;
         write_secret(&path, &toml::to_string(&record).expect("serializes"))?;
         Ok(record)
     }

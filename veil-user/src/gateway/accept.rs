@@ -188,6 +188,7 @@ async fn connection(
             max: shared.cfg.max_clients,
         });
     };
+    shared.hold_to_limits(&record, vip);
     // Authenticated and admitted: `--max-clients` bounds it from now on,
     // and it reads through a full-size buffer.
     drop(permit);

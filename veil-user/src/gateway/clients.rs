@@ -207,6 +207,11 @@ impl Clients {
                     .map_or(0, |d| d.as_secs()),
                 bytes_from_client: l.bytes.from_client.load(Relaxed),
                 bytes_to_client: l.bytes.to_client.load(Relaxed),
+                rate_limit: None,
+                quota: None,
+                quota_used: 0,
+                rate_dropped: 0,
+                quota_dropped: 0,
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));

@@ -14,6 +14,7 @@ pub mod check;
 pub mod clients;
 mod dns;
 pub mod fallback;
+mod fairuse;
 mod packets;
 mod registry;
 mod session;
@@ -93,6 +94,8 @@ pub struct GatewayConfig {
     pub operator_cert: Option<(PathBuf, PathBuf)>,
     /// Which flows of one client socket share a NAT port.
     pub mapping: crate::nat::Mapping,
+    /// Default rate limit and quota of every client.
+    pub fair_use: crate::ratelimit::FairUse,
     /// Where strangers are proxied to; `None`: the built-in page.
     pub fallback: Option<SocketAddr>,
     pub fallback_page: Option<PathBuf>,
@@ -187,6 +190,8 @@ struct Shared {
     datapath: Mutex<Option<Datapath>>,
     /// What connections without a client certificate get.
     fallback: fallback::Fallback,
+    /// Each limited client's token buckets and quota in the datapath.
+    rate_limits: Mutex<crate::ratelimit::RateLimits>,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -254,6 +259,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         Some(share) => flows.with_port_share(share.get()),
         None => flows,
     };
+    let rate_limits = datapath.rate_limits()?;
     datapath.attach(&cfg.iface, tun.name())?;
 
     let policy = EgressPolicy::new(
@@ -282,6 +288,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         admission,
         counters: Counters::default(),
         fallback,
+        rate_limits: Mutex::new(rate_limits),
         datapath: Mutex::new(Some(datapath)),
         state,
         cfg,
