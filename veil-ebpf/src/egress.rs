@@ -66,7 +66,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     let fragment = Fragment::of(frags);
     if let Fragment::Later { last } = fragment {
-        crate::ratelimit::police(src, ctx.len(), Direction::Up)?;
+        crate::ratelimit::police(src, ctx.len() - l2 as u32, Direction::Up)?;
         // No ports: translated as its first fragment was.
         frag::egress_later(ctx, l2, src, dst, id, protocol, last)?;
         decrement_ttl(ctx, l2, ttl, protocol)?;
@@ -110,7 +110,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         .get_ptr_mut(&key)
         .ok_or(Reason::DropNoEgressFlow)?;
     let (public_addr, nat_port) = unsafe { ((*flow).public_addr, (*flow).nat_port) };
-    crate::ratelimit::police(src, ctx.len(), Direction::Up)?;
+    crate::ratelimit::police(src, ctx.len() - l2 as u32, Direction::Up)?;
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
 
     let at = SkbEndpoint {

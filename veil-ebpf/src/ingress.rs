@@ -274,6 +274,13 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
             let (fragment, frag) = frag::datagram(&pkt, IP)?;
             match flow {
                 Some(flow) => {
+                    // Here, per packet on the wire, rather than in TC
+                    // after GRO: dropping a 64 KiB aggregate would lose
+                    // 45 segments at once, and TCP backs off far below
+                    // the rate. IP bytes, as on the way up.
+                    let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+                    let client = unsafe { (*flow).client_addr };
+                    crate::ratelimit::police(client, ip_len, Direction::Down)?;
                     if fragment == Fragment::First {
                         frag::remember(&frag, unsafe { (*flow).client_addr })?;
                     }
@@ -330,7 +337,6 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
                 return Ok(Verdict::uncounted(TC_ACT_OK as i32));
             };
             let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
-            crate::ratelimit::police(client_addr, ctx.len(), Direction::Down)?;
             stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
             let ip: *mut Ipv4Hdr = pkt.at(IP)?;
             let old_addr = dword(unsafe { (*ip).dst_addr });

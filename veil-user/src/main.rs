@@ -266,7 +266,10 @@ fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()
             c.name, c.vip, c.bytes_from_client, c.bytes_to_client
         );
         if let Some(rate) = &c.rate_limit {
-            println!("    rate limit {rate} each way: {} packets dropped", c.rate_dropped);
+            println!(
+                "    rate limit {rate} each way: {} packets dropped",
+                c.rate_dropped
+            );
         }
         if let Some(quota) = c.quota {
             println!(

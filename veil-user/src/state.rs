@@ -80,7 +80,10 @@ pub struct ClientRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<String>,
     /// Its own rate limit and quota (`client limit`), over the gateway's.
-    #[serde(default, skip_serializing_if = "crate::ratelimit::ClientLimits::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "crate::ratelimit::ClientLimits::is_empty"
+    )]
     pub limits: crate::ratelimit::ClientLimits,
 }
 

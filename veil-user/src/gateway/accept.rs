@@ -160,7 +160,7 @@ async fn connection(
         ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             keepalive_timeout: PEER_TIMEOUT,
-            offload: true,
+            offload: shared.offload_for(&record),
             max_packet_len: MTU,
             dns: shared.announced_dns(),
             ..ServerConfig::new(vip)
