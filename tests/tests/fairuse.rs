@@ -3,12 +3,63 @@
 //! a client over its quota is cut off; both are shown in status and
 //! metrics.
 
-use std::{process::Command, time::Duration};
+use std::{net::Ipv4Addr, process::Command, time::Duration};
 
+use veil_common::{proto, Reason};
 use veil_tests::{
+    bed::{Bed, CLIENT, PUBLIC, REMOTE as BED_REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP},
+    packet::{frame, L4},
     proc::Proc,
     world::{World, REMOTE},
 };
+use veil_user::ratelimit::Effective;
+
+/// Held to `rate`, with no quota.
+fn at(rate: &str) -> Effective {
+    Effective {
+        rate: Some(rate.parse().unwrap()),
+        quota: None,
+        period: Duration::from_secs(86_400),
+    }
+}
+
+#[test]
+fn the_datapath_lets_a_limited_client_its_burst_then_drops_and_no_one_else() {
+    let mut bed = Bed::new();
+    let other = Ipv4Addr::new(10, 77, 0, 3);
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    bed.flow_of(other, proto::UDP, 40000, 53);
+    let mut limits = bed.dp.rate_limits().unwrap();
+    // 8 bit/s: nothing refills during the test; the burst is 128 KiB.
+    limits.apply(CLIENT, at("8bit")).unwrap();
+    let payload = [7u8; 972];
+    let up = frame(CLIENT, BED_REMOTE, 64, L4::udp(40000, 53, &payload));
+    let ip_len = (up.len() - veil_tests::packet::ETH_LEN) as u64;
+    assert_eq!(ip_len, 1000);
+
+    let passed = (0..200).take_while(|_| bed.tun(&up).0 == TC_ACT_REDIRECT).count();
+    // A packet passes while any token is left: 131 take 131,000 of the
+    // 131,072 bytes, the 132nd the rest and a debt.
+    assert_eq!(passed, 132, "the burst, then drops");
+    assert_eq!(bed.tun(&up).0, TC_ACT_SHOT);
+    assert!(bed.count(Reason::DropRateLimited) >= 1);
+    // The other client is not held to it.
+    let theirs = frame(other, BED_REMOTE, 64, L4::udp(40000, 53, &payload));
+    assert!((0..300).all(|_| bed.tun(&theirs).0 == TC_ACT_REDIRECT));
+    // Replies have a bucket of their own, checked in XDP per wire packet.
+    let down = frame(BED_REMOTE, PUBLIC, 60, L4::udp(53, nat, &payload));
+    let delivered = (0..200).take_while(|_| bed.wan(&down).delivered()).count();
+    assert_eq!(delivered, 132);
+    assert_eq!(bed.wan(&down).xdp, XDP_DROP);
+
+    let state = limits.get(CLIENT).unwrap();
+    assert_eq!(state.used, 2 * 132 * 1000, "both ways count");
+    assert!(state.rate_dropped >= 2);
+    // Lifted: the entry goes, and with it every check.
+    limits.apply(CLIENT, Effective { rate: None, ..at("8bit") }).unwrap();
+    assert!(limits.get(CLIENT).is_none());
+    assert_eq!(bed.tun(&up).0, TC_ACT_REDIRECT);
+}
 
 /// Starts an iperf3 server on the remote at `port`.
 fn iperf_server(world: &World, port: u16) -> Proc {
