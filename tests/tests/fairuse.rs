@@ -37,7 +37,9 @@ fn the_datapath_lets_a_limited_client_its_burst_then_drops_and_no_one_else() {
     let ip_len = (up.len() - veil_tests::packet::ETH_LEN) as u64;
     assert_eq!(ip_len, 1000);
 
-    let passed = (0..200).take_while(|_| bed.tun(&up).0 == TC_ACT_REDIRECT).count();
+    let passed = (0..200)
+        .take_while(|_| bed.tun(&up).0 == TC_ACT_REDIRECT)
+        .count();
     // A packet passes while any token is left: 131 take 131,000 of the
     // 131,072 bytes, the 132nd the rest and a debt.
     assert_eq!(passed, 132, "the burst, then drops");
@@ -56,7 +58,15 @@ fn the_datapath_lets_a_limited_client_its_burst_then_drops_and_no_one_else() {
     assert_eq!(state.used, 2 * 132 * 1000, "both ways count");
     assert!(state.rate_dropped >= 2);
     // Lifted: the entry goes, and with it every check.
-    limits.apply(CLIENT, Effective { rate: None, ..at("8bit") }).unwrap();
+    limits
+        .apply(
+            CLIENT,
+            Effective {
+                rate: None,
+                ..at("8bit")
+            },
+        )
+        .unwrap();
     assert!(limits.get(CLIENT).is_none());
     assert_eq!(bed.tun(&up).0, TC_ACT_REDIRECT);
 }
@@ -83,14 +93,20 @@ fn iperf_server(world: &World, port: u16) -> Proc {
     p
 }
 
-/// A download from the remote's iperf3 server on `port` to client `i`,
-/// sent at `offered` (iperf3's -b, 0: as fast as it goes): Mbit/s
-/// received, the first second (the bucket's burst, TCP's slow start) left
-/// out.
-fn download_mbit(world: &World, i: usize, port: u16, secs: u32, offered: &str) -> f64 {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", world.client(i).name()))
-        .args(["iperf3", "-c", &REMOTE.to_string(), "-J", "-R", "-O", "1"])
+/// Which way [`iperf_mbit`] measures.
+#[derive(Clone, Copy)]
+enum Way {
+    Down,
+    Up,
+}
+
+/// Client `i` against the remote's iperf3 server on `port`, `way`, sent
+/// at `offered` (iperf3's -b, "0": as fast as it goes): Mbit/s received,
+/// the first second (the bucket's burst, TCP's slow start) left out.
+fn iperf_mbit(world: &World, i: usize, port: u16, secs: u32, way: Way, offered: &str) -> f64 {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{}", world.client(i).name()))
+        .args(["iperf3", "-c", &REMOTE.to_string(), "-J", "-O", "1"])
         .args([
             "-p",
             &port.to_string(),
@@ -98,24 +114,11 @@ fn download_mbit(world: &World, i: usize, port: u16, secs: u32, offered: &str) -
             &secs.to_string(),
             "-b",
             offered,
-        ])
-        .output()
-        .expect("running iperf3");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("iperf3: {}", String::from_utf8_lossy(&out.stdout)))
-        / 1e6
-}
-
-/// Upload from client `i`, Mbit/s received by the remote.
-fn upload_mbit(world: &World, i: usize, port: u16, secs: u32) -> f64 {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{}", world.client(i).name()))
-        .args(["iperf3", "-c", &REMOTE.to_string(), "-J", "-O", "1"])
-        .args(["-p", &port.to_string(), "-t", &secs.to_string()])
-        .output()
-        .expect("running iperf3");
+        ]);
+    if let Way::Down = way {
+        cmd.arg("-R");
+    }
+    let out = cmd.output().expect("running iperf3");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -140,8 +143,8 @@ fn a_client_held_to_50_mbits_gets_50_and_the_other_is_not_slowed() {
     // build's gigabit would take the CPU from the limited client and
     // measure the machine, not the limit.)
     let (limited, free) = std::thread::scope(|s| {
-        let limited = s.spawn(|| download_mbit(&world, 1, 5201, 8, "0"));
-        let free = s.spawn(|| download_mbit(&world, 2, 5202, 8, "100M"));
+        let limited = s.spawn(|| iperf_mbit(&world, 1, 5201, 8, Way::Down, "0"));
+        let free = s.spawn(|| iperf_mbit(&world, 2, 5202, 8, Way::Down, "100M"));
         (limited.join().unwrap(), free.join().unwrap())
     });
     eprintln!("held to 50 Mbit/s: {limited:.1} Mbit/s down; beside it: {free:.1} of 100");
@@ -154,7 +157,7 @@ fn a_client_held_to_50_mbits_gets_50_and_the_other_is_not_slowed() {
         "the client without a limit got {free:.1} of the 100 Mbit/s it asked for beside it"
     );
     // The other way too: each direction has its bucket.
-    let up = upload_mbit(&world, 1, 5201, 6);
+    let up = iperf_mbit(&world, 1, 5201, 6, Way::Up, "0");
     eprintln!("held to 50 Mbit/s: {up:.1} Mbit/s up");
     assert!((45.0..=55.0).contains(&up), "{up:.1} Mbit/s up");
 
@@ -176,7 +179,7 @@ fn a_client_held_to_50_mbits_gets_50_and_the_other_is_not_slowed() {
     // Lifted while connected: within a second or two it runs free.
     world.veil_user(&["client", "limit", "slow", "--rate", "none"]);
     std::thread::sleep(Duration::from_millis(2500));
-    let lifted = download_mbit(&world, 1, 5201, 3, "0");
+    let lifted = iperf_mbit(&world, 1, 5201, 3, Way::Down, "0");
     assert!(lifted > 2.0 * 55.0, "{lifted:.1} Mbit/s once lifted");
 }
 

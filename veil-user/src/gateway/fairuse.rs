@@ -2,7 +2,7 @@
 //! from the registry, or the gateway's defaults) in the datapath from the
 //! moment it attaches, and again whenever the registry changes them.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use tracing::warn;
 
@@ -43,21 +43,19 @@ impl Shared {
             .into_iter()
             .map(|c| (c.name, c.vip))
             .collect();
-        let records: Vec<ClientRecord> = {
+        let records: Vec<(ClientRecord, Ipv4Addr)> = {
             let registry = self.registry.read().expect("registry lock");
+            let current: HashMap<&str, &ClientRecord> = registry
+                .values()
+                .filter(|r| r.revoked.is_none())
+                .map(|r| (r.name.as_str(), r))
+                .collect();
             live.iter()
-                .filter_map(|(name, _)| {
-                    registry
-                        .values()
-                        .find(|r| &r.name == name && r.revoked.is_none())
-                        .cloned()
-                })
+                .filter_map(|(name, vip)| Some(((*current.get(name.as_str())?).clone(), *vip)))
                 .collect()
         };
-        for record in records {
-            if let Some((_, vip)) = live.iter().find(|(n, _)| *n == record.name) {
-                self.hold_to_limits(&record, *vip);
-            }
+        for (record, vip) in records {
+            self.hold_to_limits(&record, vip);
         }
     }
 
