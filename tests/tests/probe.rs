@@ -126,6 +126,8 @@ fn a_stranger_meets_the_fallback_site_and_a_client_still_connects() {
     let mut flags = pki.flags();
     // The fallback: the remote's web server, which says whom it sees.
     flags.extend(["--fallback".into(), format!("{REMOTE}:80")]);
+    // And what leaves says less about the client's system.
+    flags.extend(["--normalize-ttl".into(), "64".into(), "--random-ip-id".into()]);
     world.start_gateway(&flags.iter().map(String::as_str).collect::<Vec<_>>());
 
     // A client whose profile names the site and pins its key.
@@ -300,6 +302,42 @@ fn the_default_log_level_keeps_no_client_address_and_no_destination() {
     ] {
         assert!(!log.contains(addr), "{what} ({addr}) in the log:\n{log}");
     }
+}
+
+#[test]
+fn outgoing_packets_may_leave_with_one_ttl_and_random_ids() {
+    use veil_tests::{
+        bed::{Bed, CLIENT, REMOTE as BED_REMOTE, TC_ACT_REDIRECT},
+        packet::{assert_checksums, frame, ip_of, L4},
+    };
+    let mut bed = Bed::new();
+    bed.flow(proto::UDP, 40000, 53);
+    let send = |bed: &mut Bed, ttl: u8| {
+        let input = frame(CLIENT, BED_REMOTE, ttl, L4::udp(40000, 53, b"hello"));
+        let (action, out) = bed.tun(&input);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_checksums(ip_of(&out));
+        let ip = ip_of(&out);
+        (ip[8], u16::from_be_bytes([ip[4], ip[5]]))
+    };
+    // Off by default: one hop less, the client's ID.
+    let (ttl, id) = send(&mut bed, 128);
+    assert_eq!(ttl, 127);
+    let (_, again) = send(&mut bed, 128);
+    assert_eq!(id, again, "the client's own ID");
+
+    bed.dp
+        .normalize(veil_common::normalize::Normalize {
+            ttl: 64,
+            random_id: 1,
+        })
+        .unwrap();
+    let seen: Vec<(u8, u16)> = (0..20).map(|i| send(&mut bed, 100 + i)).collect();
+    assert!(seen.iter().all(|(ttl, _)| *ttl == 64), "{seen:?}");
+    let mut ids: Vec<u16> = seen.iter().map(|(_, id)| *id).collect();
+    ids.sort();
+    ids.dedup();
+    assert!(ids.len() >= 18, "random IDs: {ids:?}");
 }
 
 /// χ² of `samples` over `bins` equal slices of `min..=max`.

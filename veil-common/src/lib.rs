@@ -12,6 +12,7 @@
 
 pub mod csum;
 pub mod maps;
+pub mod normalize;
 pub mod ratelimit;
 pub mod reason;
 

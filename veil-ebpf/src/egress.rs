@@ -70,6 +70,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         // No ports: translated as its first fragment was.
         frag::egress_later(ctx, l2, src, dst, id, protocol, last)?;
         decrement_ttl(ctx, l2, ttl, protocol)?;
+        crate::normalize::outgoing(ctx, l2, ttl - 1, protocol, id, false)?;
         return send_to_wan(ctx, l2, cfg.wan_ifindex);
     }
 
@@ -132,6 +133,8 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         frag::egress_first(ctx, l2, src, dst, id, protocol, public_addr)?;
     }
     decrement_ttl(ctx, l2, ttl, protocol)?;
+    let whole = fragment == Fragment::Whole;
+    crate::normalize::outgoing(ctx, l2, ttl - 1, protocol, id, whole)?;
     send_to_wan(ctx, l2, cfg.wan_ifindex)
 }
 

@@ -23,6 +23,7 @@ mod egress;
 mod frag;
 mod ingress;
 mod maps;
+mod normalize;
 mod packet;
 mod ratelimit;
 mod rewrite;

@@ -232,6 +232,24 @@ impl Datapath {
             .map_err(DatapathError::PublicAddrs)
     }
 
+    /// Writes the TTL and IP ID normalisation of outgoing packets.
+    pub fn normalize(
+        &mut self,
+        value: veil_common::normalize::Normalize,
+    ) -> Result<(), DatapathError> {
+        let name = veil_common::normalize::NORMALIZE_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut array: aya::maps::Array<_, veil_common::normalize::Normalize> =
+            aya::maps::Array::try_from(map)
+                .map_err(|source| DatapathError::Map { name, source })?;
+        array
+            .set(0, value, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
     /// Hands the per-client limits map to the daemon; call once, after
     /// [`Self::pin`].
     pub fn rate_limits(&mut self) -> Result<crate::ratelimit::RateLimits, DatapathError> {

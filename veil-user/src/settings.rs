@@ -188,6 +188,15 @@ pub struct Settings {
     /// The quota's period, in seconds [default: 86400].
     #[arg(long, value_name = "SECONDS")]
     pub quota_period: Option<u64>,
+    /// The TTL every packet leaves the WAN interface with, whatever the
+    /// client's system started it at (64 is Linux's and macOS's)
+    /// [default: the client's, less one hop].
+    #[arg(long, value_name = "TTL", value_parser = clap::value_parser!(u8).range(2..))]
+    pub normalize_ttl: Option<u8>,
+    /// Give each unfragmented packet leaving the WAN interface a random
+    /// IPv4 ID (a client's own ID counter can tie its flows together).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub random_ip_id: Option<bool>,
     /// The server certificate chain (PEM) everyone sees, e.g. from ACME
     /// for the gateway's real name; with --key. Profiles issued after the
     /// gateway ran with it name it and pin its key [default: the gateway's
@@ -313,6 +322,10 @@ impl Settings {
                 rate: self.rate_limit,
                 quota: self.quota,
                 period: secs(self.quota_period, 86_400).max(Duration::from_secs(1)),
+            },
+            normalize: veil_common::normalize::Normalize {
+                ttl: self.normalize_ttl.map_or(0, u32::from),
+                random_id: u32::from(self.random_ip_id.unwrap_or(false)),
             },
             mapping: self
                 .mapping
@@ -617,6 +630,8 @@ mod tests {
             rate-limit = "50mbit"
             quota = "10GiB"
             quota-period = 3600
+            normalize-ttl = 64
+            random-ip-id = true
             "#,
         )
         .unwrap();

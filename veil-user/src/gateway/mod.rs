@@ -94,6 +94,8 @@ pub struct GatewayConfig {
     pub operator_cert: Option<(PathBuf, PathBuf)>,
     /// Which flows of one client socket share a NAT port.
     pub mapping: crate::nat::Mapping,
+    /// TTL and IP ID normalisation of outgoing packets.
+    pub normalize: veil_common::normalize::Normalize,
     /// Default rate limit and quota of every client.
     pub fair_use: crate::ratelimit::FairUse,
     /// Where strangers are proxied to; `None`: the built-in page.
@@ -248,6 +250,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         tun_ifindex: ifindex(tun.name())?,
         tun_l2_len: 0,
     })?;
+    datapath.normalize(cfg.normalize)?;
     let pins = datapath.pin(&cfg.pin_root)?;
     let datapath_log = datapath.logger(log::logger())?;
     let flows = datapath
