@@ -127,7 +127,11 @@ fn a_stranger_meets_the_fallback_site_and_a_client_still_connects() {
     // The fallback: the remote's web server, which says whom it sees.
     flags.extend(["--fallback".into(), format!("{REMOTE}:80")]);
     // And what leaves says less about the client's system.
-    flags.extend(["--normalize-ttl".into(), "64".into(), "--random-ip-id".into()]);
+    flags.extend([
+        "--normalize-ttl".into(),
+        "64".into(),
+        "--random-ip-id".into(),
+    ]);
     world.start_gateway(&flags.iter().map(String::as_str).collect::<Vec<_>>());
 
     // A client whose profile names the site and pins its key.
