@@ -180,7 +180,11 @@ fn a_client_held_to_50_mbits_gets_50_and_the_other_is_not_slowed() {
     world.veil_user(&["client", "limit", "slow", "--rate", "none"]);
     std::thread::sleep(Duration::from_millis(2500));
     let lifted = iperf_mbit(&world, 1, 5201, 3, Way::Down, "0");
-    assert!(lifted > 2.0 * 55.0, "{lifted:.1} Mbit/s once lifted");
+    // Well past the limit and its tolerance. (Not as fast as the free
+    // client: the session keeps the no-offload it was set up with until it
+    // reconnects, and a debug build without offload makes ~100 Mbit/s on a
+    // busy two-core machine.)
+    assert!(lifted > 70.0, "{lifted:.1} Mbit/s once lifted");
 }
 
 #[test]
