@@ -32,15 +32,18 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `cmd`, its stdout and stderr going to `log`.
+    /// Starts `cmd`, its stdout and stderr going to `log`; `RUST_LOG` is
+    /// `info,veil_user=debug` unless `cmd` sets it.
     pub fn start(name: &str, mut cmd: Command, log: PathBuf) -> Self {
         let out = File::create(&log).expect("creating a log file");
         let err = out.try_clone().expect("log fd");
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info,veil_user=debug");
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .env("RUST_LOG", "info,veil_user=debug")
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         Self {

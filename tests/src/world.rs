@@ -118,7 +118,14 @@ impl World {
     }
 
     pub fn start_gateway(&mut self, extra: &[&str]) {
+        self.start_gateway_logging(extra, "info,veil_user=debug");
+    }
+
+    /// [`Self::start_gateway`] with `RUST_LOG=log` (`"info"`: the
+    /// default level, as operators run it).
+    pub fn start_gateway_logging(&mut self, extra: &[&str], log: &str) {
         let mut cmd = self.nsenter(&self.gw, "veil-user");
+        cmd.env("RUST_LOG", log);
         cmd.args(["--iface", "wan0", "--listen", "0.0.0.0:443"])
             .arg("--state-dir")
             .arg(&self.state)
@@ -225,6 +232,17 @@ impl World {
             .arg(profile)
             .args(["--keepalive", "1"])
             .args(extra);
+        self.spawn_client(i, cmd, true)
+    }
+
+    /// [`Self::start_client_with`] with environment variables set (say,
+    /// `SSL_CERT_FILE` for the system's roots).
+    pub fn start_client_env(&self, i: usize, profile: &PathBuf, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = self.nsenter(&self.clients[i - 1], "veil-client");
+        cmd.arg("--profile")
+            .arg(profile)
+            .args(["--keepalive", "1", "--no-dns"])
+            .envs(env.iter().copied());
         self.spawn_client(i, cmd, true)
     }
 

@@ -13,6 +13,8 @@
 pub mod csum;
 pub mod forward;
 pub mod maps;
+pub mod normalize;
+pub mod ratelimit;
 pub mod reason;
 
 pub use forward::*;

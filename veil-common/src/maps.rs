@@ -318,6 +318,9 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragEntry {}
+    unsafe impl aya::Pod for crate::ratelimit::RateKey {}
+    unsafe impl aya::Pod for crate::normalize::Normalize {}
+    unsafe impl aya::Pod for crate::ratelimit::RateLimit {}
 }
 
 // The layouts are ABI: the eBPF object, the daemon and BTF must agree.
@@ -331,6 +334,9 @@ const _: () = {
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragEntry>() == 16);
+    assert!(size_of::<crate::ratelimit::RateKey>() == 4);
+    assert!(size_of::<crate::normalize::Normalize>() == 8);
+    assert!(size_of::<crate::ratelimit::RateLimit>() == 96);
 };
 
 #[cfg(test)]

@@ -55,11 +55,16 @@ pub enum Reason {
     /// A TCP packet other than a SYN to a forwarded port, with no
     /// connection: one of a removed rule, or one that expired.
     FwdDropNoFlow = 17,
+    /// Over its client's rate (`--rate-limit`): the token bucket of that
+    /// direction was empty.
+    DropRateLimited = 18,
+    /// Over its client's byte quota (`--quota`) for the period.
+    DropQuotaExceeded = 19,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 20] = [
         Reason::EgressForwarded,
         Reason::IngressForwarded,
         Reason::IcmpErrorForwarded,
@@ -78,6 +83,8 @@ impl Reason {
         Reason::FwdForwarded,
         Reason::FwdDropNoRoom,
         Reason::FwdDropNoFlow,
+        Reason::DropRateLimited,
+        Reason::DropQuotaExceeded,
     ];
 
     /// A stable snake_case name, for logs, `veil-user status` and metrics.
@@ -101,6 +108,8 @@ impl Reason {
             Reason::FwdForwarded => "fwd_forwarded",
             Reason::FwdDropNoRoom => "fwd_drop_no_room",
             Reason::FwdDropNoFlow => "fwd_drop_no_flow",
+            Reason::DropRateLimited => "drop_rate_limited",
+            Reason::DropQuotaExceeded => "drop_quota_exceeded",
         }
     }
 

@@ -19,7 +19,7 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use veil_common::{csum::L4Sum, proto, FlowKey, Reason};
+use veil_common::{csum::L4Sum, proto, ratelimit::Direction, FlowKey, Reason};
 
 use crate::{
     forward,
@@ -70,9 +70,11 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     let fragment = Fragment::of(frags);
     if let Fragment::Later { last } = fragment {
+        crate::ratelimit::police(src, ctx.len() - l2 as u32, Direction::Up)?;
         // No ports: translated as its first fragment was.
         frag::egress_later(ctx, l2, src, dst, id, protocol, last)?;
         decrement_ttl(ctx, l2, ttl, protocol)?;
+        crate::normalize::outgoing(ctx, l2, ttl - 1, protocol, id, false)?;
         return send_to_wan(ctx, l2, cfg.wan_ifindex);
     }
 
@@ -113,6 +115,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         .get_ptr_mut(&key)
         .ok_or(Reason::DropNoEgressFlow)?;
     let (public_addr, nat_port) = unsafe { ((*flow).public_addr, (*flow).nat_port) };
+    crate::ratelimit::police(src, ctx.len() - l2 as u32, Direction::Up)?;
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
 
     let at = SkbEndpoint {
@@ -134,6 +137,8 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         frag::egress_first(ctx, l2, src, dst, id, protocol, public_addr)?;
     }
     decrement_ttl(ctx, l2, ttl, protocol)?;
+    let whole = fragment == Fragment::Whole;
+    crate::normalize::outgoing(ctx, l2, ttl - 1, protocol, id, whole)?;
     send_to_wan(ctx, l2, cfg.wan_ifindex)
 }
 

@@ -21,7 +21,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use veil_common::{csum::L4Sum, proto, Config, Reason, ReverseFlow, ReverseKey};
+use veil_common::{
+    csum::L4Sum, proto, ratelimit::Direction, Config, Reason, ReverseFlow, ReverseKey,
+};
 
 use crate::{
     forward,
@@ -277,6 +279,13 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
             let (fragment, frag) = frag::datagram(&pkt, IP)?;
             match flow {
                 Some(flow) => {
+                    // Here, per packet on the wire, rather than in TC
+                    // after GRO: dropping a 64 KiB aggregate would lose
+                    // 45 segments at once, and TCP backs off far below
+                    // the rate. IP bytes, as on the way up.
+                    let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+                    let client = unsafe { (*flow).client_addr };
+                    crate::ratelimit::police(client, ip_len, Direction::Down)?;
                     if fragment == Fragment::First {
                         frag::remember(&frag, unsafe { (*flow).client_addr })?;
                     }

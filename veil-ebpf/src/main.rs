@@ -27,7 +27,9 @@ mod forward;
 mod frag;
 mod ingress;
 mod maps;
+mod normalize;
 mod packet;
+mod ratelimit;
 mod rewrite;
 mod stats;
 

@@ -46,6 +46,28 @@ pub struct Profile {
     /// The CA of the web server in front of `wss://` endpoints (PEM), for
     /// a self-signed set-up; `None`: the system's roots.
     pub endpoint_ca: Option<String>,
+    /// How the gateway's certificate is checked when it is not from
+    /// [`Self::ca`]: a gateway with an operator's certificate (probe
+    /// resistance). Empty in older profiles: the CA alone.
+    pub server_trust: ServerTrust,
+}
+
+/// Trust in an operator's server certificate (issued for [`Profile::server_name`],
+/// e.g. by ACME): either is enough.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerTrust {
+    /// `sha256/BASE64` of the certificate's SubjectPublicKeyInfo (as
+    /// `curl --pinnedpubkey`): the key, whoever signed it.
+    pub pin: Option<String>,
+    /// Whether the system's roots (`SSL_CERT_FILE`, or Debian's bundle)
+    /// may vouch for the name: survives an ACME renewal with a new key.
+    pub system_roots: bool,
+}
+
+impl ServerTrust {
+    pub fn is_empty(&self) -> bool {
+        self.pin.is_none() && !self.system_roots
+    }
 }
 
 /// How a client reaches the gateway, as a profile's endpoint says.
@@ -133,6 +155,10 @@ struct ProfileFile {
     key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     endpoint_ca: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server_pin: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    system_roots: bool,
 }
 
 impl TryFrom<ProfileFile> for Profile {
@@ -156,6 +182,10 @@ impl TryFrom<ProfileFile> for Profile {
             cert: f.cert,
             key: f.key,
             endpoint_ca: f.endpoint_ca,
+            server_trust: ServerTrust {
+                pin: f.server_pin,
+                system_roots: f.system_roots,
+            },
         })
     }
 }
@@ -177,6 +207,8 @@ impl From<Profile> for ProfileFile {
             cert: p.cert,
             key: p.key,
             endpoint_ca: p.endpoint_ca,
+            server_pin: p.server_trust.pin,
+            system_roots: p.server_trust.system_roots,
         }
     }
 }
@@ -232,6 +264,11 @@ mod compact {
     const MAX_INFLATED: usize = 16 * 1024;
 
     pub(super) fn encode(p: &Profile) -> Result<String, String> {
+        if !p.server_trust.is_empty() {
+            // The compact layout has no place for them yet: a code
+            // without them would not connect.
+            return Err("a profile with server_pin or system_roots has no QR spelling yet: use the TOML file".into());
+        }
         let mut body = Vec::new();
         let der = |pem: &str, what: &str| {
             pem::parse(pem)
@@ -306,6 +343,7 @@ mod compact {
                 .map(|f| text(f))
                 .collect::<Result<_, _>>()?,
             endpoint_ca: endpoint_ca.map(|der| pem("CERTIFICATE", der)),
+            server_trust: super::ServerTrust::default(),
         })
     }
 
@@ -363,7 +401,24 @@ mod tests {
             cert: "CERT".into(),
             key: "KEY".into(),
             endpoint_ca: None,
+            server_trust: ServerTrust::default(),
         }
+    }
+
+    #[test]
+    fn a_server_pin_and_system_roots_round_trip_and_are_absent_from_old_profiles() {
+        let mut p = alice(&["gw.example:443"]);
+        let plain = p.to_toml();
+        assert!(!plain.contains("server_pin") && !plain.contains("system_roots"));
+        p.server_trust = ServerTrust {
+            pin: Some("sha256/AAAA".into()),
+            system_roots: true,
+        };
+        let text = p.to_toml();
+        assert!(text.contains("server_pin = \"sha256/AAAA\""), "{text}");
+        assert!(text.contains("system_roots = true"), "{text}");
+        assert_eq!(Profile::parse(&text).unwrap(), p);
+        assert!(p.to_compact().unwrap_err().contains("no QR spelling"));
     }
 
     #[test]

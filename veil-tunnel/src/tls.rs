@@ -1,5 +1,11 @@
 //! TLS 1.3 with mutual authentication against the gateway's own CA, for
 //! both ends of the tunnel.
+//!
+//! Probe resistance: the gateway asks for a client certificate but does
+//! not require one, so that a stranger's handshake completes as with any
+//! HTTPS site (and meets the fallback site); its certificate may be an
+//! operator's (e.g. from ACME), which clients check by a pinned key or the
+//! system's roots ([`ServerTrust`]).
 
 use std::{
     io,
@@ -8,11 +14,17 @@ use std::{
     task::{ready, Context, Poll},
 };
 
+use base64::Engine as _;
 use rustls::{
-    crypto::ring as provider,
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        WebPkiServerVerifier,
+    },
+    crypto::{ring as provider, WebPkiSupportedAlgorithms},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     server::WebPkiClientVerifier,
-    ClientConfig, RootCertStore, ServerConfig,
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 
 use tokio::{
@@ -20,7 +32,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::profile::Profile;
+use crate::profile::{Profile, ServerTrust};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -36,6 +48,16 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("`{0}` is not a valid server name")]
     ServerName(String),
+    #[error("server_pin `{0}` is not `sha256/` and the base64 of 32 bytes")]
+    Pin(String),
+    #[error("reading the system's root certificates from {path}")]
+    SystemRoots {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("server certificate verifier")]
+    ServerVerifier(#[source] rustls::server::VerifierBuilderError),
 }
 
 /// The certificates of a PEM text; `what` names it in the error.
@@ -61,9 +83,13 @@ pub fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// The gateway's side: TLS 1.3 only, client certificates required and
-/// checked against the CA. (Revocation is checked by the gateway after the
-/// handshake, against its client registry.)
+/// The gateway's side: client certificates requested, checked against the
+/// CA when given, but not required, as an ordinary HTTPS site's handshake
+/// goes: the gateway sends whoever has none to its fallback site. The
+/// request names no CA (a list naming veil's would give it away). TLS 1.2
+/// is offered for the same reason; sessions take only TLS 1.3 (see
+/// [`is_tunnel_grade`]). Revocation is checked by the gateway after the
+/// handshake, against its client registry.
 pub fn server_config(
     ca_pem: &str,
     cert_pem: &str,
@@ -72,27 +98,190 @@ pub fn server_config(
     let provider = Arc::new(provider::default_provider());
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone())
+            .allow_unauthenticated()
+            .clear_root_hint_subjects()
             .build()?;
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             certificates(cert_pem, "server certificate")?,
             key(key_pem, "server key")?,
         )?;
+    // As a web server answers a browser that offers h2 and http/1.1.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
-/// The client's side: trusts only the CA pinned in its profile.
+/// Whether a server connection may carry a session: TLS 1.3 with a client
+/// certificate (the CA's, as the handshake checked). Anything else is a
+/// stranger, for the fallback site.
+pub fn is_tunnel_grade(conn: &rustls::ServerConnection) -> bool {
+    conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+        && conn.peer_certificates().is_some_and(|c| !c.is_empty())
+}
+
+/// The pin of a certificate: `sha256/` and the base64 of the SHA-256 of its
+/// SubjectPublicKeyInfo, as `curl --pinnedpubkey` and HPKP spell it.
+pub fn spki_pin(cert_der: &[u8]) -> Result<String, TlsError> {
+    let der = CertificateDer::from(cert_der);
+    let cert = webpki::EndEntityCert::try_from(&der).map_err(|_| {
+        TlsError::Rustls(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))
+    })?;
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        cert.subject_public_key_info().as_ref(),
+    );
+    Ok(format!(
+        "sha256/{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    ))
+}
+
+/// The pin of the first certificate of a PEM chain.
+pub fn spki_pin_pem(cert_pem: &str) -> Result<String, TlsError> {
+    let chain = certificates(cert_pem, "server certificate")?;
+    let first = chain
+        .first()
+        .ok_or(TlsError::Rustls(rustls::Error::NoCertificatesPresented))?;
+    spki_pin(first)
+}
+
+/// The DNS names the first certificate of a PEM chain is valid for.
+pub fn dns_names_pem(cert_pem: &str) -> Result<Vec<String>, TlsError> {
+    let chain = certificates(cert_pem, "server certificate")?;
+    let first = chain
+        .first()
+        .ok_or(TlsError::Rustls(rustls::Error::NoCertificatesPresented))?;
+    let cert = webpki::EndEntityCert::try_from(first).map_err(|_| {
+        TlsError::Rustls(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))
+    })?;
+    Ok(cert.valid_dns_names().map(str::to_owned).collect())
+}
+
+fn parse_pin(pin: &str) -> Result<[u8; 32], TlsError> {
+    pin.strip_prefix("sha256/")
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|d| <[u8; 32]>::try_from(d).ok())
+        .ok_or_else(|| TlsError::Pin(pin.to_owned()))
+}
+
+/// Where the system's roots are: `SSL_CERT_FILE`, as OpenSSL reads it, or
+/// Debian's bundle (package ca-certificates).
+fn system_roots() -> Result<RootCertStore, TlsError> {
+    let path = std::env::var("SSL_CERT_FILE")
+        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".into());
+    let pem = std::fs::read_to_string(&path).map_err(|source| TlsError::SystemRoots {
+        path: path.clone(),
+        source,
+    })?;
+    let mut roots = RootCertStore::empty();
+    // A bundle may hold certificates webpki cannot use: skip those.
+    roots.add_parsable_certificates(CertificateDer::pem_slice_iter(pem.as_bytes()).flatten());
+    Ok(roots)
+}
+
+/// The client's check of an operator's certificate: the pinned key, or a
+/// chain to the system's roots for the profile's name, or (so that a
+/// profile keeps working while its gateway still has veil's own) the CA.
+#[derive(Debug)]
+struct OperatorCert {
+    pin: Option<[u8; 32]>,
+    chains: Vec<Arc<WebPkiServerVerifier>>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl OperatorCert {
+    fn new(trust: &ServerTrust, ca: RootCertStore) -> Result<Self, TlsError> {
+        let provider = Arc::new(provider::default_provider());
+        let verifier = |roots: RootCertStore| {
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(TlsError::ServerVerifier)
+        };
+        let mut chains = vec![verifier(ca)?];
+        if trust.system_roots {
+            chains.push(verifier(system_roots()?)?);
+        }
+        Ok(Self {
+            pin: trust.pin.as_deref().map(parse_pin).transpose()?,
+            chains,
+            algs: provider.signature_verification_algorithms,
+        })
+    }
+}
+
+impl ServerCertVerifier for OperatorCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(pin) = &self.pin {
+            if spki_pin(end_entity).ok().and_then(|p| parse_pin(&p).ok()) == Some(*pin) {
+                return Ok(ServerCertVerified::assertion());
+            }
+        }
+        let mut last = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        for chain in &self.chains {
+            match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+                Ok(ok) => return Ok(ok),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The client's side: trusts the CA in its profile, and where the profile
+/// says so an operator's certificate ([`ServerTrust`]).
 pub fn client_config(profile: &Profile) -> Result<(ClientConfig, ServerName<'static>), TlsError> {
     let provider = Arc::new(provider::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(&profile.ca)?)
-        .with_client_auth_cert(
-            certificates(&profile.cert, "client certificate")?,
-            key(&profile.key, "client key")?,
-        )?;
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = if profile.server_trust.is_empty() {
+        builder.with_root_certificates(roots(&profile.ca)?)
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(OperatorCert::new(
+                &profile.server_trust,
+                roots(&profile.ca)?,
+            )?))
+    };
+    let config = builder.with_client_auth_cert(
+        certificates(&profile.cert, "client certificate")?,
+        key(&profile.key, "client key")?,
+    )?;
     let name = ServerName::try_from(profile.server_name.clone())
         .map_err(|_| TlsError::ServerName(profile.server_name.clone()))?;
     Ok((config, name))

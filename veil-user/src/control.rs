@@ -50,12 +50,27 @@ pub struct ForwardStatus {
 pub struct ClientStatus {
     pub name: String,
     pub vip: Ipv4Addr,
-    /// The tunnel's remote address.
-    pub peer: String,
+    /// The tunnel's remote address: the client's public address, shown
+    /// only when asked for (`status --addresses`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     /// Seconds since the epoch.
     pub connected_since: u64,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// Its rate limit (each way), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+    /// Its quota in bytes per period, if it has one, and what it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    #[serde(default)]
+    pub quota_used: u64,
+    /// Packets the datapath dropped over its rate, over its quota.
+    #[serde(default)]
+    pub rate_dropped: u64,
+    #[serde(default)]
+    pub quota_dropped: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -89,6 +104,23 @@ pub struct PacketCount {
     pub packets: u64,
     pub bytes: u64,
 }
+
+impl Status {
+    /// Without what ties a client to a place or a destination: its public
+    /// address and the flows' remote endpoints (the default answer; `status
+    /// --addresses` asks for them).
+    pub fn without_addresses(mut self) -> Self {
+        for c in &mut self.clients {
+            c.peer = None;
+        }
+        self.flows.oldest = None;
+        self.flows.busiest.clear();
+        self
+    }
+}
+
+/// The request for a status with addresses.
+const WITH_ADDRESSES: &str = "status addresses";
 
 /// Binds the socket, replacing one a crashed daemon left behind.
 pub fn bind(state_dir: &Path) -> Result<UnixListener> {
@@ -129,15 +161,17 @@ pub async fn serve(listener: UnixListener, snapshot: impl Fn() -> Status) -> Res
         )
         .await;
         let reply = match (n, line.trim()) {
-            (Ok(Ok(_)), "status") => serde_json::to_string(&snapshot())?,
+            (Ok(Ok(_)), "status") => serde_json::to_string(&snapshot().without_addresses())?,
+            (Ok(Ok(_)), WITH_ADDRESSES) => serde_json::to_string(&snapshot())?,
             _ => r#"{"error":"unknown request: send `status`"}"#.to_owned(),
         };
         let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
     }
 }
 
-/// Asks the gateway running with `state_dir` for its status.
-pub async fn query(state_dir: &Path) -> Result<Status> {
+/// Asks the gateway running with `state_dir` for its status, with the
+/// clients' public addresses and the flows' remotes if `addresses`.
+pub async fn query(state_dir: &Path, addresses: bool) -> Result<Status> {
     let path = state_dir.join(SOCKET);
     let stream = UnixStream::connect(&path).await.with_context(|| {
         format!(
@@ -147,7 +181,8 @@ pub async fn query(state_dir: &Path) -> Result<Status> {
         )
     })?;
     let (read, mut write) = stream.into_split();
-    write.write_all(b"status\n").await?;
+    let request = if addresses { WITH_ADDRESSES } else { "status" };
+    write.write_all(format!("{request}\n").as_bytes()).await?;
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     serde_json::from_str(&line).context("reading the gateway's answer")

@@ -36,7 +36,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 8] = [
+pub const PINS: [(&str, &str); 9] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
@@ -45,6 +45,7 @@ pub const PINS: [(&str, &str); 8] = [
     (FWD_RULES_MAP, "forward_rules"),
     (FWD_FLOWS_MAP, "forward_flows"),
     (FWD_STATS_MAP, "forward_stats"),
+    (veil_common::ratelimit::RATE_MAP, "ratelimit"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +256,32 @@ impl Datapath {
             .map_err(|source| attach_error(PROG_FWD_TC, iface, source))?;
         info!(iface, "forwarding attached");
         Ok(())
+    }
+
+    /// Writes the TTL and IP ID normalisation of outgoing packets.
+    pub fn normalize(
+        &mut self,
+        value: veil_common::normalize::Normalize,
+    ) -> Result<(), DatapathError> {
+        let name = veil_common::normalize::NORMALIZE_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut array: aya::maps::Array<_, veil_common::normalize::Normalize> =
+            aya::maps::Array::try_from(map)
+                .map_err(|source| DatapathError::Map { name, source })?;
+        array
+            .set(0, value, 0)
+            .map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Hands the per-client limits map to the daemon; call once, after
+    /// [`Self::pin`].
+    pub fn rate_limits(&mut self) -> Result<crate::ratelimit::RateLimits, DatapathError> {
+        Ok(crate::ratelimit::RateLimits::new(
+            self.take_hash(veil_common::ratelimit::RATE_MAP)?,
+        ))
     }
 
     /// The datapath's counters, summed over CPUs, by reason.

@@ -272,6 +272,12 @@ impl FlowTable {
         self
     }
 
+    /// Which flows of one client socket share a NAT port.
+    pub fn with_mapping(mut self, mapping: crate::nat::Mapping) -> Self {
+        self.book.set_mapping(mapping);
+        self
+    }
+
     /// Caps the ports one client may hold toward one remote endpoint
     /// (`--max-ports-per-endpoint`; default a quarter of the range).
     pub fn with_port_share(mut self, ports: u32) -> Self {
@@ -340,7 +346,10 @@ impl FlowTable {
         if let Some(m) = self.book.get(&key) {
             return Ok(m.nat.port);
         }
-        let start = rand::rng().random_range(0..self.book.ports().len());
+        let n = self.book.ports().len();
+        let mut rng = rand::rng();
+        let draws: [u32; crate::nat::RANDOM_TRIES] =
+            std::array::from_fn(|_| rng.random_range(0..n));
         let capacity = self.book.capacity();
         let value = ReverseFlow {
             client_addr: key.client_addr,
@@ -350,7 +359,7 @@ impl FlowTable {
         let reverse = &mut self.reverse;
         // The reverse entry first, with BPF_NOEXIST: it claims the port
         // toward that endpoint on that address atomically.
-        let nat = self.book.allocate(&key, start, |rkey| {
+        let nat = self.book.allocate(&key, &draws, |rkey| {
             match reverse.insert(rkey, value, BPF_NOEXIST) {
                 Ok(()) => Ok(true),
                 // Taken behind our back (a flow we don't know): skip it.

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod preflight;
 pub mod qr;
 pub mod queue;
+pub mod ratelimit;
 pub mod settings;
 pub mod size;
 pub mod state;

@@ -54,6 +54,11 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also show each client's public address and the busiest flows'
+        /// destinations (left out by default: see docs/operations.md,
+        /// "Logging policy").
+        #[arg(long)]
+        addresses: bool,
     },
 }
 
@@ -92,9 +97,28 @@ enum ClientCommand {
         /// default: the client system's roots.
         #[arg(long, value_name = "FILE")]
         endpoint_ca: Option<PathBuf>,
+        /// Let the client also accept the gateway's certificate (--cert)
+        /// through the system's root CAs, so that a renewal with a new key
+        /// (ACME) keeps it connecting; the key is pinned either way.
+        #[arg(long)]
+        system_roots: bool,
     },
     /// List issued clients.
     List,
+    /// Set a client's own rate limit and quota, over the gateway's
+    /// --rate-limit and --quota (a running gateway applies them within a
+    /// second).
+    Limit {
+        name: String,
+        /// Its rate each way (50mbit, 1gbit), or `none`: exempt from
+        /// --rate-limit; leave out to follow the gateway's.
+        #[arg(long, value_name = "RATE|none")]
+        rate: Option<veil_user::ratelimit::Limit<veil_user::ratelimit::Rate>>,
+        /// Its bytes per quota period (10GiB), or `none`; leave out to
+        /// follow the gateway's.
+        #[arg(long, value_name = "SIZE|none")]
+        quota: Option<veil_user::ratelimit::Limit<veil_user::size::ByteSize>>,
+    },
     /// Revoke a client: refused from its next handshake on, its live
     /// session closed.
     Revoke { name: String },
@@ -115,7 +139,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Some(Command::Client(cmd)) => client(&cli.state_dir, cmd),
-        Some(Command::Status { json }) => status(&cli.state_dir, json),
+        Some(Command::Status { json, addresses }) => status(&cli.state_dir, json, addresses),
         None => serve(cli.gateway.resolve(cli.state_dir)?),
     }
 }
@@ -132,6 +156,7 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
             endpoint,
             endpoint_ca,
             force,
+            system_roots,
         } => {
             // Read before anything is issued.
             let endpoint_ca = endpoint_ca
@@ -153,6 +178,7 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                 .transpose()?;
             let mut profile = state.add_client(&name, &endpoint)?;
             profile.endpoint_ca = endpoint_ca;
+            profile.server_trust.system_roots = system_roots;
             // Rendered before anything is written: a profile too large for
             // a code fails whole.
             let code = (qr || png_file.is_some())
@@ -208,6 +234,16 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                 );
             }
         }
+        ClientCommand::Limit { name, rate, quota } => {
+            let limits = veil_user::ratelimit::ClientLimits { rate, quota };
+            state.set_limits(&name, limits)?;
+            let show = |v: Option<String>| v.unwrap_or_else(|| "the gateway's".into());
+            println!(
+                "client `{name}`: rate {}, quota {}",
+                show(rate.map(|r| r.to_string())),
+                show(quota.map(|q| q.to_string()))
+            );
+        }
         ClientCommand::Revoke { name } => {
             state.revoke(&name)?;
             println!(
@@ -240,11 +276,11 @@ fn read_endpoint_ca(path: &std::path::Path, endpoints: &[String]) -> Result<Stri
     Ok(pem)
 }
 
-fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
+fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let status = runtime.block_on(veil_user::control::query(state_dir))?;
+    let status = runtime.block_on(veil_user::control::query(state_dir, addresses))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -255,10 +291,26 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
     println!("clients: {}", status.clients.len());
     for c in &status.clients {
         let since = ago(now.saturating_sub(c.connected_since));
+        let from = c
+            .peer
+            .as_deref()
+            .map_or(String::new(), |p| format!("tunnel from {p:<21} "));
         println!(
-            "  {:<16} {:<15} tunnel from {:<21} up {since:>6}  {} B from it, {} B to it",
-            c.name, c.vip, c.peer, c.bytes_from_client, c.bytes_to_client
+            "  {:<16} {:<15} {from}up {since:>6}  {} B from it, {} B to it",
+            c.name, c.vip, c.bytes_from_client, c.bytes_to_client
         );
+        if let Some(rate) = &c.rate_limit {
+            println!(
+                "    rate limit {rate} each way: {} packets dropped",
+                c.rate_dropped
+            );
+        }
+        if let Some(quota) = c.quota {
+            println!(
+                "    quota {} of {quota} B used: {} packets dropped",
+                c.quota_used, c.quota_dropped
+            );
+        }
     }
     let f = &status.flows;
     println!(

@@ -120,6 +120,26 @@ pub fn render(s: &Status) -> String {
     });
     lines.push(format!("{bytes}{{direction=\"from_client\"}} {from}"));
     lines.push(format!("{bytes}{{direction=\"to_client\"}} {to}"));
+    let limited = family(
+        "veil_limited_clients",
+        "gauge",
+        "Clients connected now held to a rate limit or a quota, by limit, and those whose quota is used up (their drops: veil_datapath_packets_total{reason=\"drop_rate_limited\"} and {reason=\"drop_quota_exceeded\"}).",
+    );
+    let count = |f: &dyn Fn(&crate::control::ClientStatus) -> bool| {
+        s.clients.iter().filter(|c| f(c)).count()
+    };
+    lines.push(format!(
+        "{limited}{{limit=\"rate\"}} {}",
+        count(&|c| c.rate_limit.is_some())
+    ));
+    lines.push(format!(
+        "{limited}{{limit=\"quota\"}} {}",
+        count(&|c| c.quota.is_some())
+    ));
+    lines.push(format!(
+        "{limited}{{limit=\"quota_used_up\"}} {}",
+        count(&|c| c.quota.is_some_and(|q| c.quota_used >= q))
+    ));
     for (reason, c) in &s.datapath {
         lines.push(format!("{dp_packets}{{reason=\"{reason}\"}} {}", c.packets));
         lines.push(format!("{dp_bytes}{{reason=\"{reason}\"}} {}", c.bytes));
@@ -252,10 +272,15 @@ mod tests {
         ClientStatus {
             name: name.into(),
             vip: "10.77.0.2".parse().unwrap(),
-            peer: "10.200.1.2:5000".into(),
+            peer: Some("10.200.1.2:5000".into()),
             connected_since: 0,
             bytes_from_client: from,
             bytes_to_client: to,
+            rate_limit: Some("50mbit".into()),
+            quota: None,
+            quota_used: 0,
+            rate_dropped: 0,
+            quota_dropped: 0,
         }
     }
 

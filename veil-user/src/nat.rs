@@ -132,16 +132,57 @@ fn remote_of(key: &FlowKey) -> Remote {
     (key.proto, key.remote_addr, key.remote_port)
 }
 
-/// A client endpoint (protocol, address, port): the unit of
-/// endpoint-independent mapping.
-type ClientEndpoint = (u8, [u8; 4], u16);
-
-fn client_endpoint_of(key: &FlowKey) -> ClientEndpoint {
-    (key.proto, key.client_addr, key.client_port)
+/// Which flows of one client socket share a NAT port (RFC 4787 §4.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mapping {
+    /// Toward every remote (RFC 4787 REQ-1): what peer-to-peer needs (a
+    /// port learnt from a STUN server works for the peer too), but two
+    /// sites comparing notes see one socket behind one port.
+    #[default]
+    EndpointIndependent,
+    /// Toward one remote address only: each site sees its own port, so two
+    /// cannot tie one client socket together by it; hole punching through
+    /// a third party no longer works.
+    AddressDependent,
 }
 
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mapping::EndpointIndependent => "endpoint-independent",
+            Mapping::AddressDependent => "address-dependent",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("`{0}` is not a mapping: expected endpoint-independent or address-dependent")]
+pub struct MappingError(String);
+
+impl std::str::FromStr for Mapping {
+    type Err = MappingError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "endpoint-independent" => Ok(Mapping::EndpointIndependent),
+            "address-dependent" => Ok(Mapping::AddressDependent),
+            other => Err(MappingError(other.to_owned())),
+        }
+    }
+}
+
+/// A client endpoint (protocol, address, port) and, with address-dependent
+/// mapping, the remote address: the flows that share one NAT port.
+type MappingKey = (u8, [u8; 4], u16, [u8; 4]);
+
+/// Random candidates tried before the range is walked (RFC 6056 §3.3.2:
+/// a fresh draw per try, so a run of taken ports does not make the port
+/// after it likelier; the walk only guarantees a free port is found).
+pub const RANDOM_TRIES: usize = 8;
+
+/// A NAT port shared by the flows of one [`MappingKey`].
 #[derive(Clone, Copy, Debug)]
-struct Mapping {
+struct Shared {
     nat_port: u16,
     flows: u32,
 }
@@ -164,7 +205,8 @@ pub struct NatBook {
     /// since two flows toward one endpoint on one address cannot share a
     /// port.
     held: HashMap<([u8; 4], Remote), u32>,
-    mappings: HashMap<ClientEndpoint, Mapping>,
+    mapping: Mapping,
+    mappings: HashMap<MappingKey, Shared>,
 }
 
 impl NatBook {
@@ -187,6 +229,7 @@ impl NatBook {
             flows_of: HashMap::new(),
             claimed: HashSet::new(),
             held: HashMap::new(),
+            mapping: Mapping::default(),
             mappings: HashMap::new(),
         })
     }
@@ -206,6 +249,22 @@ impl NatBook {
 
     pub fn share(&self) -> u32 {
         self.share
+    }
+
+    pub fn set_mapping(&mut self, mapping: Mapping) {
+        self.mapping = mapping;
+    }
+
+    pub fn mapping(&self) -> Mapping {
+        self.mapping
+    }
+
+    fn mapping_key(&self, key: &FlowKey) -> MappingKey {
+        let remote = match self.mapping {
+            Mapping::EndpointIndependent => [0; 4],
+            Mapping::AddressDependent => key.remote_addr,
+        };
+        (key.proto, key.client_addr, key.client_port, remote)
     }
 
     pub fn capacity(&self) -> usize {
@@ -284,27 +343,35 @@ impl NatBook {
     /// Finds a translation for the new flow `key`, without recording it.
     ///
     /// The public address is the client's ([`Self::public_addr_of`]). The
-    /// port is the one its client endpoint already has toward other remotes
-    /// when that one is free toward this remote (endpoint-independent
-    /// mapping, RFC 4787 REQ-1); otherwise the range is walked from
-    /// `start` (random, RFC 6056). Each candidate not known to be taken is
-    /// offered to `claim`, which takes it in the kernel and answers
-    /// `Ok(false)` when someone else had it.
+    /// port is the one its client endpoint already has under the
+    /// [`Mapping`] (toward any remote, or toward this remote address) when
+    /// that one is free toward this remote; otherwise each of `draws`
+    /// (uniformly random offsets into the range, RFC 6056 §3.3.2; never
+    /// derived from the client's port), then the range walked on from the
+    /// last draw. Each candidate not known to be taken is offered to
+    /// `claim`, which takes it in the kernel and answers `Ok(false)` when
+    /// someone else had it.
     pub fn allocate(
         &self,
         key: &FlowKey,
-        start: u32,
+        draws: &[u32],
         mut claim: impl FnMut(ReverseKey) -> Result<bool, FlowError>,
     ) -> Result<Nat, FlowError> {
         self.admit(key)?;
         let addr = self.public_addr_of(key.client());
         let n = self.ports.len();
+        let port_at = |offset: u32| self.ports.min + (offset % n) as u16;
         let preferred = self
             .mappings
-            .get(&client_endpoint_of(key))
+            .get(&self.mapping_key(key))
             .map(|m| m.nat_port);
-        let walk = (0..n).map(|i| self.ports.min + ((start % n + i) % n) as u16);
-        for port in preferred.into_iter().chain(walk) {
+        let last = draws.last().map_or(0, |d| d % n + 1);
+        let walk = (0..n).map(|i| port_at(last + i));
+        let candidates = preferred
+            .into_iter()
+            .chain(draws.iter().map(|d| port_at(*d)))
+            .chain(walk);
+        for port in candidates {
             let rkey = key.reverse(addr, port);
             if !self.claimed.contains(&rkey) && claim(rkey)? {
                 return Ok(Nat { addr, port });
@@ -337,9 +404,9 @@ impl NatBook {
             .or_default() += 1;
         self.claimed.insert(key.reverse(nat.addr, nat.port));
         self.mappings
-            .entry(client_endpoint_of(&key))
+            .entry(self.mapping_key(&key))
             .and_modify(|m| m.flows += 1)
-            .or_insert(Mapping {
+            .or_insert(Shared {
                 nat_port: nat.port,
                 flows: 1,
             });
@@ -353,7 +420,8 @@ impl NatBook {
         decrement(&mut self.held, (key.client_addr, remote_of(key)));
         self.claimed
             .remove(&key.reverse(mapped.nat.addr, mapped.nat.port));
-        if let Entry::Occupied(mut m) = self.mappings.entry(client_endpoint_of(key)) {
+        let mapping_key = self.mapping_key(key);
+        if let Entry::Occupied(mut m) = self.mappings.entry(mapping_key) {
             m.get_mut().flows -= 1;
             if m.get().flows == 0 {
                 m.remove();
@@ -398,7 +466,7 @@ mod tests {
 
     /// Allocates and records with a kernel that accepts every claim.
     fn create(book: &mut NatBook, key: FlowKey) -> Result<Nat, FlowError> {
-        let nat = book.allocate(&key, 0, |_| Ok(true))?;
+        let nat = book.allocate(&key, &[], |_| Ok(true))?;
         book.insert(key, nat, 1);
         Ok(nat)
     }
@@ -493,12 +561,52 @@ mod tests {
     fn a_client_endpoint_keeps_its_port_toward_every_remote() {
         let mut book = NatBook::new(vec![P1], range(61000, 61099), 100).unwrap();
         let c = client(2);
-        let a = book.allocate(&udp(c, 5000, 53), 17, |_| Ok(true)).unwrap();
+        let a = book
+            .allocate(&udp(c, 5000, 53), &[17], |_| Ok(true))
+            .unwrap();
         book.insert(udp(c, 5000, 53), a, 1);
-        // Another start point: the mapping wins over it.
-        let b = book.allocate(&udp(c, 5000, 123), 60, |_| Ok(true)).unwrap();
+        // Another draw: the mapping wins over it.
+        let b = book
+            .allocate(&udp(c, 5000, 123), &[60], |_| Ok(true))
+            .unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.port, 61017, "the walk starts at `start`");
+        assert_eq!(a.port, 61017, "the draw is the first candidate");
+    }
+
+    #[test]
+    fn address_dependent_mapping_shares_a_port_only_toward_one_address() {
+        let mut book = NatBook::new(vec![P1], range(61000, 61099), 100).unwrap();
+        book.set_mapping(Mapping::AddressDependent);
+        let c = client(2);
+        let to = |remote: Ipv4Addr, rport| FlowKey::new(proto::UDP, c, 5000, remote, rport);
+        let other = Ipv4Addr::new(198, 18, 7, 7);
+        let a = book.allocate(&to(REMOTE, 53), &[17], |_| Ok(true)).unwrap();
+        book.insert(to(REMOTE, 53), a, 1);
+        let same_site = book
+            .allocate(&to(REMOTE, 443), &[60], |_| Ok(true))
+            .unwrap();
+        assert_eq!(same_site, a, "another port of the same address");
+        let other_site = book.allocate(&to(other, 53), &[60], |_| Ok(true)).unwrap();
+        assert_eq!(other_site.port, 61060, "another address draws afresh");
+        book.insert(to(other, 53), other_site, 1);
+        book.remove(&to(REMOTE, 53)).unwrap();
+        let again = book.allocate(&to(REMOTE, 53), &[30], |_| Ok(true)).unwrap();
+        assert_eq!(again.port, 61030, "the mapping went with its last flow");
+        assert_eq!("address-dependent".parse(), Ok(Mapping::AddressDependent));
+        assert!("symmetric".parse::<Mapping>().is_err());
+    }
+
+    #[test]
+    fn each_try_is_a_fresh_draw_then_the_range_is_walked() {
+        let book = NatBook::new(vec![P1], range(61000, 61099), 100).unwrap();
+        let mut offered = Vec::new();
+        let err = book.allocate(&udp(client(2), 1, 53), &[5, 50, 97], |rkey| {
+            offered.push(rkey.nat_port);
+            Ok(false)
+        });
+        assert!(matches!(err, Err(FlowError::PortsExhausted { .. })));
+        assert_eq!(&offered[..5], [61005, 61050, 61097, 61098, 61099]);
+        assert_eq!(offered.len(), 103, "three draws, then every port once");
     }
 
     #[test]
@@ -506,7 +614,7 @@ mod tests {
         let book = NatBook::new(vec![P1], range(61000, 61099), 100).unwrap();
         let mut offered = Vec::new();
         let nat = book
-            .allocate(&udp(client(2), 1, 53), 98, |rkey| {
+            .allocate(&udp(client(2), 1, 53), &[98], |rkey| {
                 offered.push(rkey.nat_port);
                 Ok(rkey.nat_port == 61001)
             })
@@ -515,7 +623,9 @@ mod tests {
         assert_eq!(offered, vec![61098, 61099, 61000, 61001], "wraps around");
         // A map error stops the walk.
         let err = book
-            .allocate(&udp(client(2), 1, 53), 0, |_| Err(FlowError::TableFull(7)))
+            .allocate(&udp(client(2), 1, 53), &[0], |_| {
+                Err(FlowError::TableFull(7))
+            })
             .unwrap_err();
         assert!(matches!(err, FlowError::TableFull(7)));
     }

@@ -22,6 +22,12 @@
 //! forward = "/etc/veil/forward.csv"
 //! ws-listen = "127.0.0.1:8080"   # behind a web server: docs/operations.md
 //! ws-path = "/veil"
+//! cert = "/etc/letsencrypt/live/www.example.org/fullchain.pem"
+//! key = "/etc/letsencrypt/live/www.example.org/privkey.pem"
+//! fallback = "127.0.0.1:8080"          # strangers see this web server
+//! mapping = "address-dependent"        # or "endpoint-independent"
+//! rate-limit = "50mbit"                # each client, each way
+//! quota = "10GiB"                      # each client, per quota-period
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -177,6 +183,54 @@ pub struct Settings {
     /// and when the file changes).
     #[arg(long, value_name = "FILE")]
     pub forward: Option<PathBuf>,
+    /// Which flows of one client socket share a NAT port:
+    /// endpoint-independent (toward every remote: peer-to-peer and STUN
+    /// work) or address-dependent (one port per remote address: two sites
+    /// cannot tie a client's socket together by its port)
+    /// [default: address-dependent].
+    #[arg(long, value_name = "MAPPING")]
+    #[serde(with = "text")]
+    pub mapping: Option<crate::nat::Mapping>,
+    /// Each client's rate, each way, policed in the datapath (bits per
+    /// second: 50mbit, 1gbit); a client's own (`client limit`) wins
+    /// [default: none].
+    #[arg(long, value_name = "RATE")]
+    #[serde(with = "text")]
+    pub rate_limit: Option<crate::ratelimit::Rate>,
+    /// Each client's bytes (both ways) per --quota-period, beyond which
+    /// its packets are dropped; a client's own wins [default: none].
+    #[arg(long, value_name = "SIZE")]
+    #[serde(with = "text")]
+    pub quota: Option<ByteSize>,
+    /// The quota's period, in seconds [default: 86400].
+    #[arg(long, value_name = "SECONDS")]
+    pub quota_period: Option<u64>,
+    /// The TTL every packet leaves the WAN interface with, whatever the
+    /// client's system started it at (64 is Linux's and macOS's)
+    /// [default: the client's, less one hop].
+    #[arg(long, value_name = "TTL", value_parser = clap::value_parser!(u8).range(2..))]
+    pub normalize_ttl: Option<u8>,
+    /// Give each unfragmented packet leaving the WAN interface a random
+    /// IPv4 ID (a client's own ID counter can tie its flows together).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub random_ip_id: Option<bool>,
+    /// The server certificate chain (PEM) everyone sees, e.g. from ACME
+    /// for the gateway's real name; with --key. Profiles issued after the
+    /// gateway ran with it name it and pin its key [default: the gateway's
+    /// own, named veil-gateway].
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A web server that connections without a client certificate are
+    /// proxied to, decrypted [default: a built-in static page].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub fallback: Option<SocketAddr>,
+    /// An HTML file the built-in fallback serves at `/` (without
+    /// --fallback).
+    #[arg(long, value_name = "FILE")]
+    pub fallback_page: Option<PathBuf>,
 }
 
 /// Why the settings cannot be used.
@@ -196,6 +250,8 @@ pub enum SettingsError {
     Merge(String),
     #[error("--ws-path `{0}` is not a path: it starts with `/` and has no spaces, e.g. /veil")]
     WsPath(String),
+    #[error("--cert and --key go together: the certificate chain and its private key (PEM)")]
+    CertWithoutKey,
     #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
     NoIface,
 }
@@ -279,6 +335,25 @@ impl Settings {
             threads: self.threads,
             dns: self.dns,
             forward: self.forward,
+            operator_cert: match (self.cert, self.key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => return Err(SettingsError::CertWithoutKey),
+            },
+            fair_use: crate::ratelimit::FairUse {
+                rate: self.rate_limit,
+                quota: self.quota,
+                period: secs(self.quota_period, 86_400).max(Duration::from_secs(1)),
+            },
+            normalize: veil_common::normalize::Normalize {
+                ttl: self.normalize_ttl.map_or(0, u32::from),
+                random_id: u32::from(self.random_ip_id.unwrap_or(false)),
+            },
+            mapping: self
+                .mapping
+                .unwrap_or(crate::nat::Mapping::AddressDependent),
+            fallback: self.fallback,
+            fallback_page: self.fallback_page,
         })
     }
 }
@@ -583,6 +658,16 @@ mod tests {
             timeout-udp-dns = 10
             timeout-icmp = 70
             forward = "/etc/veil/forward.csv"
+            cert = "/etc/veil/fullchain.pem"
+            key = "/etc/veil/privkey.pem"
+            fallback = "127.0.0.1:8080"
+            fallback-page = "/etc/veil/index.html"
+            mapping = "endpoint-independent"
+            rate-limit = "50mbit"
+            quota = "10GiB"
+            quota-period = 3600
+            normalize-ttl = 64
+            random-ip-id = true
             "#,
         )
         .unwrap();
@@ -609,6 +694,18 @@ mod tests {
             let err = s.resolve("/tmp".into()).unwrap_err().to_string();
             assert!(err.contains("--ws-path"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_certificate_needs_its_key() {
+        let err = parse("iface = \"eth0\"\ncert = \"/x.pem\"\n")
+            .unwrap()
+            .resolve("/tmp".into())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("--cert and --key go together"),
+            "{err}"
+        );
     }
 
     #[test]

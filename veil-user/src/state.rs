@@ -79,6 +79,12 @@ pub struct ClientRecord {
     /// name, revoked before it was issued again: still refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<String>,
+    /// Its own rate limit and quota (`client limit`), over the gateway's.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::ratelimit::ClientLimits::is_empty"
+    )]
+    pub limits: crate::ratelimit::ClientLimits,
 }
 
 impl ClientRecord {
@@ -95,6 +101,7 @@ impl ClientRecord {
                 created: self.created,
                 revoked: Some(revoked),
                 retired: Vec::new(),
+                limits: self.limits,
             })
             .collect();
         all.insert(0, self);
@@ -107,6 +114,17 @@ pub use veil_tunnel::profile::Profile;
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct GatewayRecord {
     endpoint: Option<String>,
+    /// The operator's certificate (`--cert`), for the profiles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    operator: Option<OperatorIdentity>,
+}
+
+/// What profiles need to check an operator's server certificate: the name
+/// it is issued for and its key's pin.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorIdentity {
+    pub server_name: String,
+    pub pin: String,
 }
 
 /// What [`StateDir::client_records`] found.
@@ -213,8 +231,19 @@ impl StateDir {
 
     /// Records the endpoint profiles will point at by default.
     pub fn record_endpoint(&self, endpoint: &str) -> Result<(), StateError> {
+        self.record_gateway(endpoint, None)
+    }
+
+    /// Records the endpoint and the operator's certificate (none: the
+    /// gateway's own) that profiles will be issued for.
+    pub fn record_gateway(
+        &self,
+        endpoint: &str,
+        operator: Option<OperatorIdentity>,
+    ) -> Result<(), StateError> {
         let record = GatewayRecord {
             endpoint: Some(endpoint.to_owned()),
+            operator,
         };
         write_file(
             &self.root.join("gateway.toml"),
@@ -223,12 +252,20 @@ impl StateDir {
     }
 
     pub fn endpoint(&self) -> Result<Option<String>, StateError> {
+        Ok(self.gateway_record()?.endpoint)
+    }
+
+    /// The operator's certificate the gateway last ran with, if any.
+    pub fn operator(&self) -> Result<Option<OperatorIdentity>, StateError> {
+        Ok(self.gateway_record()?.operator)
+    }
+
+    fn gateway_record(&self) -> Result<GatewayRecord, StateError> {
         let path = self.root.join("gateway.toml");
         if !path.exists() {
-            return Ok(None);
+            return Ok(GatewayRecord::default());
         }
-        let record: GatewayRecord = parse(&path)?;
-        Ok(record.endpoint)
+        parse(&path)
     }
 
     /// Issues a profile for a new client, or for a revoked one again (its
@@ -263,16 +300,26 @@ impl StateDir {
             created: now(),
             revoked: None,
             retired,
+            limits: Default::default(),
         };
         write_secret(&record_path, &toml::to_string(&record).expect("serializes"))?;
+        // With an operator's certificate, the profile names it and pins its
+        // key (`client add --system-roots` adds the system's roots).
+        let operator = self.operator()?;
         Ok(Profile {
             name: name.to_owned(),
             endpoints,
-            server_name: SERVER_NAME.to_owned(),
+            server_name: operator
+                .as_ref()
+                .map_or(SERVER_NAME.to_owned(), |o| o.server_name.clone()),
             ca: ca.cert_pem.clone(),
             cert: cert.pem(),
             key: key.serialize_pem(),
             endpoint_ca: None,
+            server_trust: veil_tunnel::profile::ServerTrust {
+                pin: operator.map(|o| o.pin),
+                system_roots: false,
+            },
         })
     }
 
@@ -338,6 +385,24 @@ impl StateDir {
         }
         let mut record: ClientRecord = parse(&path)?;
         record.revoked.get_or_insert_with(now);
+        write_secret(&path, &toml::to_string(&record).expect("serializes"))?;
+        Ok(record)
+    }
+
+    /// Sets a client's own limits (the gateway applies them within a
+    /// second, as it does revocations).
+    pub fn set_limits(
+        &self,
+        name: &str,
+        limits: crate::ratelimit::ClientLimits,
+    ) -> Result<ClientRecord, StateError> {
+        check_name(name)?;
+        let path = self.client_path(name);
+        if !path.exists() {
+            return Err(StateError::NoSuchClient(name.to_owned()));
+        }
+        let mut record: ClientRecord = parse(&path)?;
+        record.limits = limits;
         write_secret(&path, &toml::to_string(&record).expect("serializes"))?;
         Ok(record)
     }

@@ -32,6 +32,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("caddy", "caddy"),
     ("curl", "curl"),
+    // Strangers probing the gateway in tests/tests/probe.rs (and curl).
+    ("openssl", "openssl"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

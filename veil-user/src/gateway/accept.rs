@@ -200,8 +200,15 @@ async fn connection<S: Carrier>(
         .await
         .map_err(|_| Refused::HandshakeTimeout)?
         .map_err(Refused::Tls)?;
+    // Probe resistance: whoever is not a client gets the web site.
+    let record = match shared.authenticate(&tls) {
+        Ok(record) => record,
+        Err(stranger) => {
+            super::fallback::serve(&shared.fallback, tls).await;
+            return Err(stranger);
+        }
+    };
     let mut stream = Stream::new(tls);
-    let record = shared.authenticate(stream.get_ref())?;
     let name = record.name.clone();
     if record.revoked.is_some() {
         stream.close(CLOSE_TIMEOUT).await;
@@ -216,7 +223,7 @@ async fn connection<S: Carrier>(
         ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             keepalive_timeout: PEER_TIMEOUT,
-            offload: true,
+            offload: shared.offload_for(&record),
             max_packet_len: MTU,
             dns: shared.announced_dns(),
             ..ServerConfig::new(vip)
@@ -244,6 +251,7 @@ async fn connection<S: Carrier>(
             max: shared.cfg.max_clients,
         });
     };
+    shared.hold_to_limits(&record, vip);
     // Authenticated and admitted: `--max-clients` bounds it from now on,
     // and it reads through a full-size buffer.
     drop(permit);
@@ -289,9 +297,11 @@ impl Shared {
     /// client added since the last registry reload (at most a second ago)
     /// is looked up on disk rather than refused.
     fn authenticate<S>(&self, tls: &TlsStream<S>) -> Result<ClientRecord, Refused> {
-        let cert = tls
-            .get_ref()
-            .1
+        let conn = tls.get_ref().1;
+        if !crate::tls::is_tunnel_grade(conn) {
+            return Err(Refused::NoCertificate);
+        }
+        let cert = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or(Refused::NoCertificate)?;

@@ -200,13 +200,18 @@ impl Clients {
             .map(|(name, l)| ClientStatus {
                 name: name.clone(),
                 vip: l.vip,
-                peer: l.peer.to_string(),
+                peer: Some(l.peer.to_string()),
                 connected_since: l
                     .since
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 bytes_from_client: l.bytes.from_client.load(Relaxed),
                 bytes_to_client: l.bytes.to_client.load(Relaxed),
+                rate_limit: None,
+                quota: None,
+                quota_used: 0,
+                rate_dropped: 0,
+                quota_dropped: 0,
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));

@@ -14,6 +14,8 @@ mod accept;
 pub mod check;
 pub mod clients;
 mod dns;
+mod fairuse;
+pub mod fallback;
 mod forward;
 mod packets;
 mod registry;
@@ -96,6 +98,18 @@ pub struct GatewayConfig {
     pub dns: Vec<std::net::IpAddr>,
     /// The port forwarding rules file, if any.
     pub forward: Option<PathBuf>,
+    /// The operator's certificate chain and key files (`--cert`, `--key`);
+    /// `None`: the gateway's own.
+    pub operator_cert: Option<(PathBuf, PathBuf)>,
+    /// Which flows of one client socket share a NAT port.
+    pub mapping: crate::nat::Mapping,
+    /// TTL and IP ID normalisation of outgoing packets.
+    pub normalize: veil_common::normalize::Normalize,
+    /// Default rate limit and quota of every client.
+    pub fair_use: crate::ratelimit::FairUse,
+    /// Where strangers are proxied to; `None`: the built-in page.
+    pub fallback: Option<SocketAddr>,
+    pub fallback_page: Option<PathBuf>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -187,6 +201,10 @@ struct Shared {
     datapath: Mutex<Option<Datapath>>,
     /// Port forwarding (`--forward`), if configured.
     forwarding: Option<Arc<forward::Forwarding>>,
+    /// What connections without a client certificate get.
+    fallback: fallback::Fallback,
+    /// Each limited client's token buckets and quota in the datapath.
+    rate_limits: Mutex<crate::ratelimit::RateLimits>,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -219,17 +237,17 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let state = StateDir::open(&cfg.state_dir)
         .with_context(|| format!("opening the state directory {}", cfg.state_dir.display()))?;
     let ca = state.ca().context("loading the gateway's CA")?;
-    let (cert, key) = state
-        .server_identity(&ca)
-        .context("loading the server certificate")?;
+    let (cert, key, operator) = server_identity(&cfg, &state, &ca)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&ca.cert_pem, &cert, &key)?));
+    let fallback = fallback::Fallback::from_settings(cfg.fallback, cfg.fallback_page.as_deref())
+        .context("reading --fallback-page")?;
 
     let public_addrs = public_addrs(&cfg)?;
     let endpoint = cfg
         .endpoint
         .clone()
         .unwrap_or_else(|| format!("{}:{}", public_addrs[0], cfg.listen.port()));
-    state.record_endpoint(&endpoint)?;
+    state.record_gateway(&endpoint, operator)?;
     let inner_addr = first_host(cfg.pool)?;
 
     let tun = Tun::create(&cfg.tun_name, MTU)
@@ -249,12 +267,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         tun_ifindex: ifindex(tun.name())?,
         tun_l2_len: 0,
     })?;
+    datapath.normalize(cfg.normalize)?;
     let pins = datapath.pin(&cfg.pin_root)?;
     let datapath_log = datapath.logger(log::logger())?;
     let flows = datapath
         .flow_table(cfg.nat_ports, cfg.timeouts)?
         .with_capacity(cfg.max_flows)
-        .with_client_limit(cfg.max_flows_per_client);
+        .with_client_limit(cfg.max_flows_per_client)
+        .with_mapping(cfg.mapping);
     let flows = match cfg.max_ports_per_endpoint {
         Some(share) => flows.with_port_share(share.get()),
         None => flows,
@@ -278,6 +298,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         ))),
         None => None,
     };
+    let rate_limits = datapath.rate_limits()?;
     datapath.attach(&cfg.iface, tun.name())?;
 
     let policy = EgressPolicy::new(
@@ -305,6 +326,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         registry: RwLock::new(HashMap::new()),
         admission,
         counters: Counters::default(),
+        fallback,
+        rate_limits: Mutex::new(rate_limits),
         datapath: Mutex::new(Some(datapath)),
         forwarding,
         state,
@@ -317,7 +340,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     info!(
         iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen,
         ws_listen = ?shared.cfg.ws_listen.map(|a| format!("{a}{}", shared.cfg.ws_path)), %endpoint,
-        pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
+        pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, mapping = %shared.cfg.mapping,
+        pins = %pins.display(),
         dns = ?upstreams, "gateway up"
     );
 
@@ -361,6 +385,42 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     drop(shared.datapath.lock().expect("datapath lock").take());
     info!("gateway stopped: programs detached, pins removed");
     Ok(())
+}
+
+/// The server certificate and key (PEM) the listener presents: the
+/// operator's (`--cert`, `--key`), with the name and pin profiles get, or
+/// the gateway's own.
+fn server_identity(
+    cfg: &GatewayConfig,
+    state: &StateDir,
+    ca: &crate::state::Ca,
+) -> Result<(String, String, Option<crate::state::OperatorIdentity>)> {
+    let Some((cert_path, key_path)) = &cfg.operator_cert else {
+        let (cert, key) = state
+            .server_identity(ca)
+            .context("loading the server certificate")?;
+        return Ok((cert, key, None));
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let (cert, key) = (read(cert_path)?, read(key_path)?);
+    let server_name = tls::dns_names_pem(&cert)
+        .with_context(|| format!("reading the certificate {}", cert_path.display()))?
+        .into_iter()
+        .next()
+        .with_context(|| {
+            format!(
+                "the certificate {} names no DNS name: profiles need one to check it",
+                cert_path.display()
+            )
+        })?;
+    let pin = tls::spki_pin_pem(&cert)?;
+    Ok((
+        cert,
+        key,
+        Some(crate::state::OperatorIdentity { server_name, pin }),
+    ))
 }
 
 /// `--max-handshakes`, lowered if the descriptor limit could not hold it

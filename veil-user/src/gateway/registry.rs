@@ -63,7 +63,10 @@ pub(super) async fn watch(shared: Arc<Shared>) -> Result<()> {
     loop {
         tick.tick().await;
         match shared.reload_registry() {
-            Ok(()) => shared.close_revoked(),
+            Ok(()) => {
+                shared.close_revoked();
+                shared.reapply_limits();
+            }
             Err(e) => warn!("reloading the client registry: {e:#}"),
         }
     }

@@ -10,7 +10,8 @@ use crate::{
 
 impl Shared {
     pub(super) fn status(&self) -> Status {
-        let clients = self.clients.lock().expect("clients lock").status();
+        let mut clients = self.clients.lock().expect("clients lock").status();
+        self.limits_status(&mut clients);
         let flows = self.flow_counts();
         let c = &self.counters;
         let counters = [

@@ -139,6 +139,32 @@ pub(crate) fn rewrite_costs(runs: u32) -> Vec<(&'static str, f64)> {
         "TC TUN: translate echo request",
         mean_ns(tun, &egress_ping, runs),
     ));
+    // The same packets for a client held to a rate and a quota (both far
+    // above what the runs send, so every packet passes through the whole
+    // check): the rate limiter's cost is the difference.
+    let mut limits = bed.dp.rate_limits().unwrap();
+    limits
+        .apply(
+            CLIENT,
+            veil_user::ratelimit::Effective {
+                rate: Some("100gbit".parse().unwrap()),
+                quota: Some(veil_user::size::ByteSize(1 << 40)),
+                period: Duration::from_secs(86_400),
+            },
+        )
+        .unwrap();
+    {
+        let xdp: &mut Xdp = bed.dp.program(PROG_WAN_XDP).unwrap();
+        costs.push((
+            "XDP: admit UDP reply, rate-limited client",
+            mean_ns(xdp, &reply_udp, runs),
+        ));
+    }
+    let tun: &mut SchedClassifier = bed.dp.program(PROG_TUN_TC).unwrap();
+    costs.push((
+        "TC TUN: translate UDP egress, rate-limited client",
+        mean_ns(tun, &egress_udp, runs),
+    ));
     costs
 }
 

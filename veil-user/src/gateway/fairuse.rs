@@ -1,0 +1,80 @@
+//! Fair use around the sessions: each client held to its limits (its own
+//! from the registry, or the gateway's defaults) in the datapath from the
+//! moment it attaches, and again whenever the registry changes them.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use tracing::warn;
+
+use super::Shared;
+use crate::{control::ClientStatus, state::ClientRecord};
+
+impl Shared {
+    /// Writes `record`'s limits for `vip` into the datapath.
+    pub(super) fn hold_to_limits(&self, record: &ClientRecord, vip: Ipv4Addr) {
+        let limits = self.cfg.fair_use.for_client(&record.limits);
+        if let Err(e) = self
+            .rate_limits
+            .lock()
+            .expect("rate limits lock")
+            .apply(vip, limits)
+        {
+            warn!(client = %record.name, "setting its rate limit: {e}");
+        }
+    }
+
+    /// Whether `record`'s session may carry offload (GSO) packets: not
+    /// with a rate limit, which the datapath polices per packet. A 64 KiB
+    /// GSO packet dropped whole would lose some 45 TCP segments at once,
+    /// and TCP would back off far below the rate (measured: 19 Mbit/s
+    /// under a 50 Mbit/s limit); MTU-sized packets lose one segment each.
+    pub(super) fn offload_for(&self, record: &ClientRecord) -> bool {
+        self.cfg.fair_use.for_client(&record.limits).rate.is_none()
+    }
+
+    /// Applies the registry's limits to every live client (a change made
+    /// with `client limit` takes effect within a second).
+    pub(super) fn reapply_limits(&self) {
+        let live: Vec<(String, Ipv4Addr)> = self
+            .clients
+            .lock()
+            .expect("clients lock")
+            .status()
+            .into_iter()
+            .map(|c| (c.name, c.vip))
+            .collect();
+        let records: Vec<(ClientRecord, Ipv4Addr)> = {
+            let registry = self.registry.read().expect("registry lock");
+            let current: HashMap<&str, &ClientRecord> = registry
+                .values()
+                .filter(|r| r.revoked.is_none())
+                .map(|r| (r.name.as_str(), r))
+                .collect();
+            live.iter()
+                .filter_map(|(name, vip)| Some(((*current.get(name.as_str())?).clone(), *vip)))
+                .collect()
+        };
+        for (record, vip) in records {
+            self.hold_to_limits(&record, vip);
+        }
+    }
+
+    /// Fills in each client's limits and what the datapath counted of them.
+    pub(super) fn limits_status(&self, clients: &mut [ClientStatus]) {
+        let map = self.rate_limits.lock().expect("rate limits lock");
+        for c in clients {
+            if let Some(l) = map.get(c.vip) {
+                c.rate_limit = (l.rate != 0).then(|| {
+                    crate::ratelimit::Rate {
+                        bytes_per_sec: l.rate,
+                    }
+                    .to_string()
+                });
+                c.quota = (l.quota != 0).then_some(l.quota);
+                c.quota_used = l.used;
+                c.rate_dropped = l.rate_dropped;
+                c.quota_dropped = l.quota_dropped;
+            }
+        }
+    }
+}
