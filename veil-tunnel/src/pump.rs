@@ -85,6 +85,7 @@ where
                 Output::Send(bytes) => {
                     session.recycle_send_buffer(coalesce(transport.out_mut(), bytes))
                 }
+                Output::Datagram(datagram) => transport.send_datagram(datagram),
                 Output::Close { reason } => return End::Closed(reason),
                 other => {
                     if let Err(end) = local.output(session, other) {
@@ -110,6 +111,9 @@ where
                     let _ = session.receive(&buf[..n], std::time::Instant::now());
                 }
                 Ok(Event::Wrote) => {}
+                Ok(Event::Datagram(datagram)) => {
+                    session.receive_datagram(&datagram, std::time::Instant::now())
+                }
                 Err(e) => return End::Failed(e),
             },
             done = local.next(session, pending == 0) => {

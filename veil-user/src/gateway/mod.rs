@@ -13,6 +13,7 @@ mod accept;
 pub mod check;
 pub mod clients;
 mod dns;
+mod h3;
 mod packets;
 mod registry;
 mod session;
@@ -53,6 +54,8 @@ use crate::{
 pub struct GatewayConfig {
     pub iface: String,
     pub listen: SocketAddr,
+    /// Serve HTTP/3 on UDP at the `listen` address too.
+    pub h3: bool,
     pub endpoint: Option<String>,
     /// The addresses remote hosts see; empty: the interface's first.
     pub public_addrs: Vec<Ipv4Addr>,
@@ -205,7 +208,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let (cert, key) = state
         .server_identity(&ca)
         .context("loading the server certificate")?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&ca.cert_pem, &cert, &key)?));
+    let tls_config = tls::server_config(&ca.cert_pem, &cert, &key)?;
+    let quic = match cfg.h3 {
+        true => Some(h3::endpoint(cfg.listen, tls_config.clone())?),
+        false => None,
+    };
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
 
     let public_addrs = public_addrs(&cfg)?;
     let endpoint = cfg
@@ -293,6 +301,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry::watch(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
+    if let Some(quic) = quic {
+        tasks.spawn(h3::accept_loop(shared.clone(), quic, stopped.clone()));
+    }
     let accept = accept::accept_loop(shared.clone(), listener, acceptor, stopped);
     tokio::select! {
         () = shutdown => {}
