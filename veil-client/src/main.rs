@@ -20,6 +20,7 @@
 
 mod dns;
 mod firewall;
+mod h3;
 mod instance;
 mod routes;
 mod rules;
@@ -46,7 +47,7 @@ use veil_tunnel::{
     net::{self, Ipv4Net},
     profile::Profile,
     pump::{self, End, Limits, Local},
-    stream::Stream,
+    stream::{Stream, Transport},
     tls, tun,
 };
 
@@ -76,6 +77,11 @@ struct Cli {
     tun: String,
     #[arg(long, default_value_t = 1400)]
     mtu: u16,
+    /// How to reach the gateway: HTTP/3 over UDP (packets in datagrams,
+    /// no TCP-over-TCP stalls on a lossy path), TLS over TCP, or `auto`:
+    /// HTTP/3 if UDP gets through, TCP otherwise.
+    #[arg(long, value_enum, default_value_t = h3::Choice::Auto)]
+    transport: h3::Choice,
     /// Do not offer offload datagrams (whole 64 KiB TCP segments with
     /// partial checksums): every packet crosses the tunnel segmented and
     /// checksummed, as with any RFC 9484 peer. For diagnosis; slower.
@@ -172,6 +178,7 @@ fn unlock() -> Result<()> {
 
 async fn run(cli: Cli, profile: Profile) -> Result<()> {
     let (config, server_name) = tls::client_config(&profile)?;
+    let quic = h3::client_config(&config)?;
     let connector = TlsConnector::from(Arc::new(config));
     let gateways = resolve_all(&profile.endpoints)?;
     let endpoints: Vec<SocketAddrV4> = gateways
@@ -246,6 +253,8 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
         let tunnel = Tunnel {
             cli: &cli,
             connector: &connector,
+            quic: &quic,
+            quic_name: &profile.server_name,
             server_name: server_name.clone(),
             gateway,
             routes: &routes,
@@ -382,9 +391,19 @@ fn from_tun(session: &mut ClientSession, joined: &[u8]) -> usize {
     joined.len()
 }
 
+/// What a session's client side borrows from the connect loop.
+type Sides<'a> = (
+    &'a mut Option<Network>,
+    &'a mut Option<dns::SystemDns>,
+    &'a mut tokio::sync::watch::Receiver<bool>,
+    &'a mut Watch,
+);
+
 struct Tunnel<'a> {
     cli: &'a Cli,
     connector: &'a TlsConnector,
+    quic: &'a quinn::ClientConfig,
+    quic_name: &'a str,
     server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
     /// The endpoint this connection goes to (the others are reachable
     /// outside the tunnel too: see `rules`).
@@ -401,6 +420,51 @@ impl Tunnel<'_> {
         stopped: &mut tokio::sync::watch::Receiver<bool>,
         uplink: &mut Watch,
     ) -> Result<()> {
+        let quic = async {
+            h3::connect(
+                self.quic,
+                self.gateway,
+                self.quic_name,
+                CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT,
+            )
+            .await
+            .map_err(|e| Unanswered(format!("{e:#}")).into())
+        };
+        let dialed = h3::dial(self.cli.transport, quic, self.dial_tcp()).await?;
+        info!(gateway = %self.gateway, "transport up: {}", dialed.name());
+        let keepalive = Duration::from_secs(self.cli.keepalive);
+        let config = ClientConfig {
+            keepalive_interval: keepalive,
+            // Bounded by the parser; saturating all the same, since a
+            // panic here would take the whole client down.
+            keepalive_timeout: keepalive.saturating_mul(3),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            offload: !self.cli.no_offload,
+            ..ClientConfig::new(self.gateway.to_string())
+        };
+        let sides = (network, system_dns, stopped, uplink);
+        match dialed {
+            h3::Dialed::Tcp((stream, local)) => {
+                let session = ClientSession::new(config, Instant::now())?;
+                self.pump(session, stream, local, sides).await
+            }
+            h3::Dialed::H3(h3) => {
+                let h3::H3 {
+                    transport,
+                    stream_id,
+                    endpoint,
+                } = *h3;
+                let session = ClientSession::new_h3(config, Instant::now(), stream_id)?;
+                let local = uplink::source_for(self.gateway);
+                let end = self.pump(session, transport, local, sides).await;
+                endpoint.wait_idle().await;
+                end
+            }
+        }
+    }
+
+    /// TCP, then TLS: the stream and the local address it left from.
+    async fn dial_tcp(&self) -> Result<(Stream<tokio_rustls::client::TlsStream<tls::BufferedTcp>>, Option<IpAddr>)> {
         let tcp =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.gateway)).await {
                 Ok(Ok(tcp)) => tcp,
@@ -428,21 +492,17 @@ impl Tunnel<'_> {
         .context("TLS handshake")?;
 
         tls.get_mut().0.grow(tls::TUNNEL_READ_BUFFER);
-        let mut stream = Stream::new(tls);
+        Ok((Stream::new(tls), local))
+    }
 
-        let keepalive = Duration::from_secs(self.cli.keepalive);
-        let mut session = ClientSession::new(
-            ClientConfig {
-                keepalive_interval: keepalive,
-                // Bounded by the parser; saturating all the same, since a
-                // panic here would take the whole client down.
-                keepalive_timeout: keepalive.saturating_mul(3),
-                handshake_timeout: HANDSHAKE_TIMEOUT,
-                offload: !self.cli.no_offload,
-                ..ClientConfig::new(self.gateway.to_string())
-            },
-            Instant::now(),
-        )?;
+    /// The session over `transport` until it ends.
+    async fn pump<T: Transport>(
+        &self,
+        mut session: ClientSession,
+        mut transport: T,
+        local: Option<IpAddr>,
+        (network, system_dns, stopped, uplink): Sides<'_>,
+    ) -> Result<()> {
         let mut side = ClientSide {
             tunnel: self,
             network,
@@ -453,16 +513,16 @@ impl Tunnel<'_> {
             tun_buf: vec![0u8; tun::MAX_READ],
         };
         let mut net_buf = vec![0u8; 64 * 1024];
-        let end = pump::run(&mut session, &mut stream, &mut side, LIMITS, &mut net_buf).await;
+        let end = pump::run(&mut session, &mut transport, &mut side, LIMITS, &mut net_buf).await;
         match end {
             End::Local(Ended::Stop) => {
-                stream.close(CLOSE_TIMEOUT).await;
+                transport.close(CLOSE_TIMEOUT).await;
                 Ok(())
             }
             End::Local(Ended::Moved) => Err(Moved.into()),
             End::Local(Ended::Failed(e)) => Err(e),
             End::Closed(reason) => {
-                stream.close(CLOSE_TIMEOUT).await;
+                transport.close(CLOSE_TIMEOUT).await;
                 bail!("{reason}")
             }
             End::PeerClosed => bail!("the gateway closed the connection"),
