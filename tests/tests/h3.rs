@@ -50,3 +50,79 @@ fn a_download_over_http3_arrives_intact_and_the_remote_sees_only_the_gateway() {
     );
     assert!(!client.log().contains("reconnecting"), "{}", client.log());
 }
+
+#[test]
+fn unknown_and_revoked_clients_are_refused_over_http3() {
+    let mut world = World::new(3, &[]);
+    let good = world.add_client("good", 1);
+    let doomed = world.add_client("doomed", 2);
+    let h3 = ["--transport", "h3"];
+    let g = world.start_client_with(1, &good, true, &h3);
+    let mut d = world.start_client_with(2, &doomed, true, &h3);
+    assert_eq!(transport_of(&d), "h3");
+    assert!(world.ping(2, "198.18.0.2"));
+
+    // A profile from another gateway's CA: its QUIC handshake fails.
+    let other = world.dir.join("other-state");
+    let stranger = world.dir.join("stranger.veil");
+    let out = std::process::Command::new(veil_tests::proc::workspace_bin("veil-user"))
+        .args(["client", "add", "stranger", "--endpoint", "10.200.1.1:443", "--out"])
+        .arg(&stranger)
+        .arg("--state-dir")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut s = world.start_client_with(3, &stranger, false, &h3);
+    world
+        .gateway()
+        .wait_for_log("TLS handshake failed", Duration::from_secs(10));
+    assert!(!s.log().contains("connected"), "{}", s.log());
+    s.stop();
+
+    world.veil_user(&["client", "revoke", "doomed"]);
+    d.wait_for_log("tunnel down", Duration::from_secs(10));
+    world
+        .gateway()
+        .wait_for_log("client `doomed` is revoked", Duration::from_secs(10));
+    assert!(!world.ping(2, "198.18.0.2"), "a revoked client gets nowhere");
+    assert!(world.ping(1, "198.18.0.2"), "the others are unaffected");
+    assert_eq!(transport_of(&g), "h3");
+    d.stop();
+}
+
+#[test]
+fn auto_connects_over_tcp_within_two_seconds_when_udp_is_dropped() {
+    let world = World::new(1, &[]);
+    let profile = world.add_client("alice", 1);
+    // Inside the client's namespace only: its UDP to the gateway's port
+    // is dropped, as on a network that blocks QUIC.
+    let nft = |script: &str| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", world.client(1).name()))
+            .args(["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(out.success(), "nft {script}");
+    };
+    nft("table inet blockquic {\n chain out {\n type filter hook output priority -10;\n udp dport 443 drop\n }\n}\n");
+    let started = std::time::Instant::now();
+    let mut client = world.start_client_with(1, &profile, false, &["--transport", "auto"]);
+    client.wait_for_log("connected", Duration::from_secs(2));
+    let took = started.elapsed();
+    assert_eq!(transport_of(&client), "tcp");
+    assert!(took < Duration::from_secs(2), "connected after {took:?}");
+    assert_eq!(world.download(1).expect("download"), sha256(&download_data()));
+    client.stop();
+
+    // UDP allowed again: auto takes HTTP/3.
+    nft("delete table inet blockquic\n");
+    let client = world.start_client_with(1, &profile, true, &["--transport", "auto"]);
+    assert_eq!(transport_of(&client), "h3");
+}
