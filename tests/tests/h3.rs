@@ -66,7 +66,14 @@ fn unknown_and_revoked_clients_are_refused_over_http3() {
     let other = world.dir.join("other-state");
     let stranger = world.dir.join("stranger.veil");
     let out = std::process::Command::new(veil_tests::proc::workspace_bin("veil-user"))
-        .args(["client", "add", "stranger", "--endpoint", "10.200.1.1:443", "--out"])
+        .args([
+            "client",
+            "add",
+            "stranger",
+            "--endpoint",
+            "10.200.1.1:443",
+            "--out",
+        ])
         .arg(&stranger)
         .arg("--state-dir")
         .arg(&other)
@@ -85,7 +92,10 @@ fn unknown_and_revoked_clients_are_refused_over_http3() {
     world
         .gateway()
         .wait_for_log("client `doomed` is revoked", Duration::from_secs(10));
-    assert!(!world.ping(2, "198.18.0.2"), "a revoked client gets nowhere");
+    assert!(
+        !world.ping(2, "198.18.0.2"),
+        "a revoked client gets nowhere"
+    );
     assert!(world.ping(1, "198.18.0.2"), "the others are unaffected");
     assert_eq!(transport_of(&g), "h3");
     d.stop();
@@ -118,7 +128,10 @@ fn auto_connects_over_tcp_within_two_seconds_when_udp_is_dropped() {
     let took = started.elapsed();
     assert_eq!(transport_of(&client), "tcp");
     assert!(took < Duration::from_secs(2), "connected after {took:?}");
-    assert_eq!(world.download(1).expect("download"), sha256(&download_data()));
+    assert_eq!(
+        world.download(1).expect("download"),
+        sha256(&download_data())
+    );
     client.stop();
 
     // UDP allowed again: auto takes HTTP/3.

@@ -313,7 +313,8 @@ mod tests {
             \t\tudp sport 68 udp dport 67 accept\n";
         assert!(text.contains(output), "{text}");
         assert_eq!(
-            text.matches("192.0.2.1 meta l4proto { tcp, udp } th dport 443").count(),
+            text.matches("192.0.2.1 meta l4proto { tcp, udp } th dport 443")
+                .count(),
             2,
             "once per chain: {text}"
         );

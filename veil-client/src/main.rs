@@ -464,7 +464,12 @@ impl Tunnel<'_> {
     }
 
     /// TCP, then TLS: the stream and the local address it left from.
-    async fn dial_tcp(&self) -> Result<(Stream<tokio_rustls::client::TlsStream<tls::BufferedTcp>>, Option<IpAddr>)> {
+    async fn dial_tcp(
+        &self,
+    ) -> Result<(
+        Stream<tokio_rustls::client::TlsStream<tls::BufferedTcp>>,
+        Option<IpAddr>,
+    )> {
         let tcp =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.gateway)).await {
                 Ok(Ok(tcp)) => tcp,
@@ -513,7 +518,14 @@ impl Tunnel<'_> {
             tun_buf: vec![0u8; tun::MAX_READ],
         };
         let mut net_buf = vec![0u8; 64 * 1024];
-        let end = pump::run(&mut session, &mut transport, &mut side, LIMITS, &mut net_buf).await;
+        let end = pump::run(
+            &mut session,
+            &mut transport,
+            &mut side,
+            LIMITS,
+            &mut net_buf,
+        )
+        .await;
         match end {
             End::Local(Ended::Stop) => {
                 transport.close(CLOSE_TIMEOUT).await;

@@ -9,13 +9,7 @@
 //! transport runs.
 
 use std::{
-    collections::VecDeque,
-    future::Future,
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    time::Duration,
+    collections::VecDeque, future::Future, io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
 };
 
 use bytes::Bytes;
@@ -23,10 +17,7 @@ use quinn::{
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
     Connection, RecvStream, SendDatagramError, SendStream, TransportConfig, VarInt,
 };
-use tokio::{
-    io::Join,
-    time::Instant,
-};
+use tokio::{io::Join, time::Instant};
 use veil_proto::h3::{self, ControlReader, Settings};
 
 use crate::stream::{Event, Stream, Transport};
@@ -171,6 +162,9 @@ pub struct QuicTransport {
     outbox: Outbox,
 }
 
+/// quinn taking one datagram once its buffer has room.
+type Sending = Pin<Box<dyn Future<Output = Result<(), SendDatagramError>> + Send>>;
+
 /// Datagrams on their way into quinn's send buffer.
 struct Outbox {
     conn: Connection,
@@ -178,7 +172,7 @@ struct Outbox {
     queued: VecDeque<Bytes>,
     queued_bytes: usize,
     /// The datagram being handed to quinn once it has room.
-    sending: Option<Pin<Box<dyn Future<Output = Result<(), SendDatagramError>> + Send>>>,
+    sending: Option<Sending>,
     /// Datagrams too large for the path, dropped.
     too_large: u64,
 }
@@ -325,9 +319,7 @@ pub async fn open_request(conn: &Connection) -> Result<(SendStream, RecvStream, 
 }
 
 /// Accepts the client's request stream and returns its id.
-pub async fn accept_request(
-    conn: &Connection,
-) -> Result<(SendStream, RecvStream, u64), QuicError> {
+pub async fn accept_request(conn: &Connection) -> Result<(SendStream, RecvStream, u64), QuicError> {
     let (send, recv) = conn.accept_bi().await?;
     let id = VarInt::from(send.id()).into_inner();
     Ok((send, recv, id))
@@ -335,7 +327,11 @@ pub async fn accept_request(
 
 /// Checks what both ends need of the peer: HTTP datagrams at both layers
 /// and, from a gateway, extended CONNECT.
-pub fn check_peer(conn: &Connection, settings: &Settings, peer_is_server: bool) -> Result<(), QuicError> {
+pub fn check_peer(
+    conn: &Connection,
+    settings: &Settings,
+    peer_is_server: bool,
+) -> Result<(), QuicError> {
     if !settings.datagram {
         return Err(QuicError::NoDatagrams);
     }

@@ -268,6 +268,7 @@ mod tests {
                     break;
                 }
                 Event::Wrote => {}
+                Event::Datagram(_) => unreachable!("a byte stream has no datagrams"),
             }
         }
         let (got, _b) = reader.await.unwrap();

@@ -80,7 +80,9 @@ impl FrameDecoder {
                     }
                 }
                 State::Data { left } => {
-                    let take = bytes.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    let take = bytes
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
                     parts.push(Part::Data(bytes[..take].to_vec()));
                     *left -= take as u64;
                     bytes = &bytes[take..];
@@ -99,7 +101,9 @@ impl FrameDecoder {
                     }
                 }
                 State::Skip { left } => {
-                    let take = bytes.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    let take = bytes
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
                     *left -= take as u64;
                     bytes = &bytes[take..];
                     if *left == 0 {

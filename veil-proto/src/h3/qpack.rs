@@ -250,7 +250,9 @@ fn static_entry(index: u64) -> Result<(&'static str, &'static str), ProtoError> 
 pub fn decode_fields(block: &[u8]) -> Result<Vec<Field>, ProtoError> {
     let mut r = Reader { buf: block };
     if r.int(8)? != 0 {
-        return Err(qpack("refers to a dynamic table, which is announced as empty"));
+        return Err(qpack(
+            "refers to a dynamic table, which is announced as empty",
+        ));
     }
     r.int(7)?; // Sign and Delta Base: meaningless without a dynamic table.
     let mut fields = Vec::new();

@@ -61,7 +61,10 @@ impl Pair {
             let (s_bytes, s_dgrams, s_other) = split(drain(|| self.server.poll_output()));
             self.client_out.extend(c_other);
             self.server_out.extend(s_other);
-            if c_bytes.is_empty() && s_bytes.is_empty() && c_dgrams.is_empty() && s_dgrams.is_empty()
+            if c_bytes.is_empty()
+                && s_bytes.is_empty()
+                && c_dgrams.is_empty()
+                && s_dgrams.is_empty()
             {
                 return;
             }
@@ -146,7 +149,13 @@ fn datagrams_for_another_request_or_context_are_dropped_and_counted() {
     // Before the request: the tunnel is not up.
     p.server.receive_datagram(b"\x00\x00\x45early", p.now);
     p.pump();
-    for bad in [&b"\x01\x00\x45x"[..], b"\x00\x02\x45x", b"\x00", b"", b"\x40"] {
+    for bad in [
+        &b"\x01\x00\x45x"[..],
+        b"\x00\x02\x45x",
+        b"\x00",
+        b"",
+        b"\x40",
+    ] {
         p.server.receive_datagram(bad, p.now);
     }
     // The same Quarter Stream ID in a longer encoding is the same request.
@@ -244,4 +253,3 @@ fn keepalive_and_capsules_ride_data_frames() {
         Some(CloseReason::PeerDead { .. })
     ));
 }
-

@@ -226,6 +226,6 @@ pub struct Stats {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod h3_tests;
+#[cfg(test)]
+mod tests;

@@ -146,7 +146,7 @@ async fn connection(
         peer,
         permit,
         stream,
-        |config, now| ServerSession::new(config, now),
+        ServerSession::new,
         stopped,
     )
     .await

@@ -22,7 +22,9 @@ use crate::admission::Permit;
 pub(super) fn endpoint(listen: SocketAddr, tls: rustls::ServerConfig) -> Result<quinn::Endpoint> {
     let config = quic::server_config(tls)?;
     let socket = quic::udp_socket(listen).with_context(|| {
-        format!("serving HTTP/3 on UDP {listen} (something else on that port? --no-h3 turns it off)")
+        format!(
+            "serving HTTP/3 on UDP {listen} (something else on that port? --no-h3 turns it off)"
+        )
     })?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -81,7 +83,11 @@ async fn connection(
 ) -> Result<super::accept::SessionEnd, Refused> {
     let tls_failed = |e: &dyn std::fmt::Display| Refused::Tls(std::io::Error::other(e.to_string()));
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        incoming.accept().map_err(|e| tls_failed(&e))?.await.map_err(|e| tls_failed(&e))
+        incoming
+            .accept()
+            .map_err(|e| tls_failed(&e))?
+            .await
+            .map_err(|e| tls_failed(&e))
     })
     .await
     .map_err(|_| Refused::HandshakeTimeout)??;
