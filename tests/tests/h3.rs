@@ -2,7 +2,11 @@
 //! TCP, real clients choosing it (or falling back to TCP), as a user
 //! would check it.
 
-use std::{net::UdpSocket, time::Duration};
+use std::{
+    io::{Read, Write},
+    net::{TcpStream, UdpSocket},
+    time::Duration,
+};
 
 use veil_tests::{
     proc::Proc,
@@ -138,4 +142,55 @@ fn auto_connects_over_tcp_within_two_seconds_when_udp_is_dropped() {
     nft("delete table inet blockquic\n");
     let client = world.start_client_with(1, &profile, true, &["--transport", "auto"]);
     assert_eq!(transport_of(&client), "h3");
+}
+
+#[test]
+fn a_new_uplink_address_keeps_the_quic_connection_and_its_flows() {
+    let world = World::new(1, &[]);
+    let c = world.client(1);
+    let profile = world.add_client("roamer", 1);
+    let client = world.start_client_with(1, &profile, true, &["--transport", "h3"]);
+    assert_eq!(transport_of(&client), "h3");
+    let mut conn = c
+        .enter(|| TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)))
+        .expect("echo connection");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut echo = |msg: &[u8]| {
+        conn.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        conn.read_exact(&mut buf).unwrap();
+        buf
+    };
+    assert_eq!(echo(b"before"), b"before");
+
+    // A new address on the uplink, the old one gone (a new DHCP lease).
+    c.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
+    );
+    c.ip(&["addr", "add", "10.200.1.3/24", "dev", "eth0"]);
+    c.ip(&["addr", "del", "10.200.1.2/24", "dev", "eth0"]);
+    let mut client = client;
+    client.wait_for_log("the QUIC connection moves with it", Duration::from_secs(5));
+    // The same TCP connection, through the same session: a download
+    // in full after the move as well.
+    assert_eq!(echo(b"after the move"), b"after the move");
+    assert_eq!(
+        world.download(1).expect("download"),
+        sha256(&download_data())
+    );
+    let log = client.log();
+    assert_eq!(
+        log.matches("transport up").count(),
+        1,
+        "no reconnect: {log}"
+    );
+    let mut world = world;
+    let gateway = world.gateway().log();
+    assert_eq!(
+        gateway.matches("session started").count(),
+        1,
+        "one session throughout: {gateway}"
+    );
 }

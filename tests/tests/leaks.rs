@@ -120,7 +120,8 @@ fn is_tunnel(ethertype: u16, p: &[u8]) -> bool {
     }
     let ihl = usize::from(p[0] & 0x0f) * 4;
     let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-    p[9] == 6
+    // TCP (TLS) or UDP (HTTP/3) to the endpoint's port.
+    matches!(p[9], 6 | 17)
         && dst == GATEWAY
         && p.len() >= ihl + 4
         && u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]) == ENDPOINT_PORT

@@ -54,39 +54,54 @@ pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig> 
     Ok(quic::client_config(tls.clone())?)
 }
 
-/// A QUIC connection to `gateway`, the HTTP/3 control streams, and the
-/// request stream, within `timeout`.
+/// A QUIC connection to `gateway` (its handshake within `connect`, as a
+/// silent endpoint is given up on over TCP), then the HTTP/3 control
+/// streams and the request stream within `setup`.
 pub async fn connect(
     config: &quinn::ClientConfig,
     gateway: SocketAddr,
     server_name: &str,
-    timeout: Duration,
+    connect: Duration,
+    setup: Duration,
 ) -> Result<H3> {
+    let socket =
+        quic::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0))).context("opening a UDP socket")?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let connecting = endpoint.connect_with(config.clone(), gateway, server_name)?;
+    let conn = tokio::time::timeout(connect, connecting)
+        .await
+        .map_err(|_| anyhow::anyhow!("no QUIC answer from {gateway} within {connect:?}"))?
+        .context("QUIC handshake")?;
     let attempt = async {
-        let socket = quic::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0)))
-            .context("opening a UDP socket")?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
-        let conn = endpoint
-            .connect_with(config.clone(), gateway, server_name)?
-            .await
-            .context("QUIC handshake")?;
         let control = quic::control(&conn).await?;
         quic::check_peer(&conn, &control.settings, true)?;
         let (send, recv, stream_id) = quic::open_request(&conn).await?;
-        Ok::<_, anyhow::Error>(H3 {
-            transport: QuicTransport::new(conn, control, send, recv),
-            stream_id,
-            endpoint,
-        })
+        Ok::<_, anyhow::Error>((control, send, recv, stream_id))
     };
-    tokio::time::timeout(timeout, attempt)
+    let (control, send, recv, stream_id) = tokio::time::timeout(setup, attempt)
         .await
-        .map_err(|_| anyhow::anyhow!("HTTP/3 to {gateway} timed out after {timeout:?}"))?
+        .map_err(|_| anyhow::anyhow!("HTTP/3 setup with {gateway} timed out after {setup:?}"))??;
+    Ok(H3 {
+        transport: QuicTransport::new(conn, control, send, recv),
+        stream_id,
+        endpoint,
+    })
+}
+
+/// Moves `endpoint` to a fresh UDP socket, which leaves from the new
+/// uplink: QUIC connection migration keeps the connection, its session
+/// and every flow through it.
+pub fn migrate(endpoint: &quinn::Endpoint) -> Result<()> {
+    let socket =
+        quic::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0))).context("opening a UDP socket")?;
+    endpoint
+        .rebind(socket)
+        .context("moving the QUIC connection to the new uplink")
 }
 
 /// Dials as `choice` says: `h3` and `tcp` alone, `auto` HTTP/3 first and

@@ -425,7 +425,8 @@ impl Tunnel<'_> {
                 self.quic,
                 self.gateway,
                 self.quic_name,
-                CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT,
+                CONNECT_TIMEOUT,
+                HANDSHAKE_TIMEOUT,
             )
             .await
             .map_err(|e| Unanswered(format!("{e:#}")).into())
@@ -446,7 +447,7 @@ impl Tunnel<'_> {
         match dialed {
             h3::Dialed::Tcp((stream, local)) => {
                 let session = ClientSession::new(config, Instant::now())?;
-                self.pump(session, stream, local, sides).await
+                self.pump(session, stream, local, None, sides).await
             }
             h3::Dialed::H3(h3) => {
                 let h3::H3 {
@@ -456,7 +457,9 @@ impl Tunnel<'_> {
                 } = *h3;
                 let session = ClientSession::new_h3(config, Instant::now(), stream_id)?;
                 let local = uplink::source_for(self.gateway);
-                let end = self.pump(session, transport, local, sides).await;
+                let end = self
+                    .pump(session, transport, local, Some(endpoint.clone()), sides)
+                    .await;
                 endpoint.wait_idle().await;
                 end
             }
@@ -506,6 +509,7 @@ impl Tunnel<'_> {
         mut session: ClientSession,
         mut transport: T,
         local: Option<IpAddr>,
+        migrate: Option<quinn::Endpoint>,
         (network, system_dns, stopped, uplink): Sides<'_>,
     ) -> Result<()> {
         let mut side = ClientSide {
@@ -515,6 +519,7 @@ impl Tunnel<'_> {
             stopped,
             uplink,
             local,
+            migrate,
             tun_buf: vec![0u8; tun::MAX_READ],
         };
         let mut net_buf = vec![0u8; 64 * 1024];
@@ -612,6 +617,9 @@ struct ClientSide<'a> {
     /// connection left from.
     uplink: &'a mut Watch,
     local: Option<IpAddr>,
+    /// Over HTTP/3: the endpoint whose socket moves to a new uplink (QUIC
+    /// connection migration) instead of reconnecting.
+    migrate: Option<quinn::Endpoint>,
     tun_buf: Vec<u8>,
 }
 
@@ -659,6 +667,7 @@ impl Local<ClientSession> for ClientSide<'_> {
             stopped,
             uplink,
             local,
+            migrate,
             tun_buf,
             ..
         } = self;
@@ -687,7 +696,15 @@ impl Local<ClientSession> for ClientSide<'_> {
                 }
                 Ok(())
             }
-            _ = uplink.moved(*local) => Err(Ended::Moved),
+            now = uplink.moved(*local) => match migrate {
+                Some(endpoint) => {
+                    h3::migrate(endpoint).map_err(Ended::Failed)?;
+                    info!("the uplink changed: the QUIC connection moves with it");
+                    *local = Some(now);
+                    Ok(())
+                }
+                None => Err(Ended::Moved),
+            },
             _ = stopped.changed() => Err(Ended::Stop),
         }
     }

@@ -182,6 +182,18 @@ pub fn icmp_error(from: Ipv4Addr, original: &[u8], icmp_type: u8, code: u8) -> V
     out
 }
 
+/// ICMP "fragmentation needed" (type 3 code 4, RFC 1191) from `from` to
+/// the sender of `original`, announcing `mtu` as the next hop's: what a
+/// router says of a packet with DF set that its next link cannot carry.
+pub fn icmp_frag_needed(from: Ipv4Addr, original: &[u8], mtu: u16) -> Vec<u8> {
+    let mut out = icmp_error(from, original, 3, 4);
+    out[26..28].copy_from_slice(&mtu.to_be_bytes());
+    out[22..24].copy_from_slice(&[0, 0]);
+    let check = checksum(&out[20..]);
+    out[22..24].copy_from_slice(&check.to_be_bytes());
+    out
+}
+
 /// The Internet checksum (RFC 1071) of `bytes`.
 pub fn checksum(bytes: &[u8]) -> u16 {
     veil_common::csum::Checksum::of(bytes)

@@ -79,6 +79,8 @@ where
     L: Local<S>,
 {
     loop {
+        // QUIC's path MTU discovery moves this; a byte stream has none.
+        session.set_max_datagram(transport.max_datagram());
         // Act on everything the state machine has to say.
         while let Some(output) = session.poll_output() {
             match output {

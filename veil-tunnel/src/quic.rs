@@ -296,6 +296,10 @@ impl Transport for QuicTransport {
         self.outbox.push(Bytes::from(datagram));
     }
 
+    fn max_datagram(&self) -> Option<usize> {
+        self.conn.max_datagram_size()
+    }
+
     fn discard(&mut self) {
         self.stream.discard();
         self.outbox.clear();

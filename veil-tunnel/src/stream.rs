@@ -198,6 +198,10 @@ pub trait Transport {
     fn send_datagram(&mut self, datagram: Vec<u8>) {
         let _ = datagram;
     }
+    /// The largest datagram the path takes now (HTTP/3 only).
+    fn max_datagram(&self) -> Option<usize> {
+        None
+    }
     /// Forgets the bytes not yet handed to the writer.
     fn discard(&mut self);
     /// Writes what is queued and closes, giving up after `timeout`.

@@ -246,6 +246,15 @@ impl ClientSession {
         }
     }
 
+    /// Over HTTP/3: the largest HTTP datagram the path takes now (from
+    /// QUIC), so that a larger packet is not handed over only to be
+    /// dropped. On the client such a packet is answered with ICMP
+    /// "fragmentation needed" (an [`Output::Packet`] for the TUN device),
+    /// so that TCP through the tunnel finds the path MTU.
+    pub fn set_max_datagram(&mut self, max: Option<usize>) {
+        self.link.set_max_datagram(max, true);
+    }
+
     /// Bytes received from the gateway at `now`.
     ///
     /// An `Err` means the session just closed because of these bytes: the

@@ -253,3 +253,40 @@ fn keepalive_and_capsules_ride_data_frames() {
         Some(CloseReason::PeerDead { .. })
     ));
 }
+
+#[test]
+fn a_packet_too_large_for_a_datagram_gets_frag_needed_on_the_client_only() {
+    let mut p = Pair::new();
+    p.pump();
+    // An IPv4/TCP packet of 1400 bytes with DF, from 10.77.0.2 to 198.18.0.2.
+    let mut packet = vec![0u8; 1400];
+    packet[..20].copy_from_slice(&[
+        0x45, 0, 0x05, 0x78, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 77, 0, 2, 198, 18, 0, 2,
+    ]);
+    p.client.set_max_datagram(Some(1202));
+    p.client.send_packet(&packet);
+    let out = drain(|| p.client.poll_output());
+    let [Output::Packet(icmp)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((icmp[20], icmp[21]), (3, 4), "fragmentation needed");
+    assert_eq!(
+        u16::from_be_bytes([icmp[26], icmp[27]]),
+        1200,
+        "next-hop MTU"
+    );
+    assert_eq!(&icmp[12..16], &[198, 18, 0, 2]);
+    assert_eq!(&icmp[16..20], &[10, 77, 0, 2]);
+    assert_eq!(crate::packet::checksum(&icmp[20..]), 0);
+    assert_eq!(p.client.stats().packets_not_sent, 1);
+    // One that fits goes as before.
+    p.client.send_packet(&packet[..1200]);
+    assert!(matches!(
+        &drain(|| p.client.poll_output())[..],
+        [Output::Datagram(d)] if d.len() == 1202
+    ));
+    // The gateway only drops it.
+    p.server.set_max_datagram(Some(1202));
+    p.server.send_packet(&packet);
+    assert!(drain(|| p.server.poll_output()).is_empty());
+}

@@ -27,6 +27,12 @@ struct H3 {
     frames: FrameDecoder,
     /// Request-stream bytes already framed, in order.
     framed: Vec<u8>,
+    /// The largest HTTP datagram the path takes now, once known.
+    max_datagram: Option<usize>,
+    /// Answer a packet too large for a datagram with ICMP "fragmentation
+    /// needed" toward its sender (the client: its TCP then sends smaller
+    /// segments), rather than only dropping it.
+    frag_needed: bool,
 }
 
 /// A returned send buffer is kept for reuse only up to this capacity, so
@@ -86,7 +92,19 @@ impl Link {
             prefix: h3::datagram_prefix(stream_id),
             frames: FrameDecoder::default(),
             framed: Vec::new(),
+            max_datagram: None,
+            frag_needed: false,
         });
+    }
+
+    /// Over HTTP/3: the largest datagram the path takes now (QUIC's path
+    /// MTU discovery changes it), and whether a packet too large for it
+    /// gets ICMP "fragmentation needed".
+    pub(super) fn set_max_datagram(&mut self, max: Option<usize>, frag_needed: bool) {
+        if let Some(h3) = &mut self.h3 {
+            h3.max_datagram = max;
+            h3.frag_needed = frag_needed;
+        }
     }
 
     pub(super) fn is_h3(&self) -> bool {
@@ -436,6 +454,13 @@ fn emit_packet(
     packet: &[u8],
 ) {
     match h3 {
+        Some(h3) if too_big(h3, packet) => {
+            stats.packets_not_sent += 1;
+            if let Some(icmp) = frag_needed(h3, packet) {
+                events.push_back(Output::Packet(icmp));
+            }
+            return;
+        }
         Some(h3) => {
             let mut datagram = Vec::with_capacity(h3.prefix.len() + 1 + packet.len());
             datagram.extend_from_slice(&h3.prefix);
@@ -447,6 +472,33 @@ fn emit_packet(
     }
     stats.packets_sent += 1;
     stats.bytes_sent += packet.len() as u64;
+}
+
+fn too_big(h3: &H3, packet: &[u8]) -> bool {
+    h3.max_datagram
+        .is_some_and(|max| h3.prefix.len() + 1 + packet.len() > max)
+}
+
+/// The ICMP error for an IPv4 packet with DF set too large for a datagram,
+/// if this end sends them; from the packet's destination, which the
+/// sender's stack accepts as the hop that could not carry it.
+fn frag_needed(h3: &H3, packet: &[u8]) -> Option<Vec<u8>> {
+    let max = h3.max_datagram?;
+    let df = packet.len() >= 20 && packet[0] >> 4 == 4 && packet[6] & 0x40 != 0;
+    // Never an ICMP error about an ICMP error (RFC 1812 §4.3.2.7).
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let icmp_error = packet[9] == veil_common::proto::ICMP
+        && packet
+            .get(ihl)
+            .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
+    if !h3.frag_needed || !df || icmp_error {
+        return None;
+    }
+    let mtu = max
+        .saturating_sub(h3.prefix.len() + 1)
+        .min(usize::from(u16::MAX)) as u16;
+    let from = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    Some(crate::packet::icmp_frag_needed(from, packet, mtu))
 }
 
 /// `now + d` without the overflow panic: a timeout configured as

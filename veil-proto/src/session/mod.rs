@@ -84,6 +84,8 @@ pub enum Output {
 pub trait Session {
     /// Feeds bytes that arrived from the peer (see the sessions' own docs).
     fn receive(&mut self, bytes: &[u8], now: std::time::Instant) -> Result<(), ProtoError>;
+    /// The largest HTTP datagram the path takes now (HTTP/3 only).
+    fn set_max_datagram(&mut self, max: Option<usize>);
     /// Feeds an HTTP datagram that arrived from the peer (HTTP/3 only).
     fn receive_datagram(&mut self, datagram: &[u8], now: std::time::Instant);
     /// The next thing to do, `None` when there is nothing left.
@@ -101,6 +103,9 @@ macro_rules! session_by_inherent_methods {
         impl Session for $t {
             fn receive(&mut self, bytes: &[u8], now: std::time::Instant) -> Result<(), ProtoError> {
                 <$t>::receive(self, bytes, now)
+            }
+            fn set_max_datagram(&mut self, max: Option<usize>) {
+                <$t>::set_max_datagram(self, max)
             }
             fn receive_datagram(&mut self, datagram: &[u8], now: std::time::Instant) {
                 <$t>::receive_datagram(self, datagram, now)

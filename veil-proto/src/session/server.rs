@@ -164,6 +164,13 @@ impl ServerSession {
         self.link.receive_datagram(datagram, up);
     }
 
+    /// Over HTTP/3: the largest HTTP datagram the path takes now (from
+    /// QUIC), so that a larger packet is not handed over only to be
+    /// dropped.
+    pub fn set_max_datagram(&mut self, max: Option<usize>) {
+        self.link.set_max_datagram(max, false);
+    }
+
     /// Bytes received from the client at `now`.
     ///
     /// An `Err` means the session just closed because of these bytes (a
