@@ -194,3 +194,86 @@ fn a_new_uplink_address_keeps_the_quic_connection_and_its_flows() {
         "one session throughout: {gateway}"
     );
 }
+
+/// A tc BPF program on client `i`'s uplink (both directions) that drops
+/// `percent` % of packets at random (`bpf_get_prandom_u32`): this kernel
+/// has no netem. Assembled with llvm-mc; removed on drop.
+struct Loss<'a> {
+    world: &'a World,
+    i: usize,
+}
+
+impl<'a> Loss<'a> {
+    fn new(world: &'a World, i: usize, percent: u32) -> Self {
+        let threshold = (u64::from(percent) << 32) / 100;
+        let asm = format!(
+            "\t.section classifier,\"ax\",@progbits\n\t.globl drop\n\t.type drop,@function\n\
+             drop:\n\tcall 7\n\tif r0 < {threshold} goto shot\n\tr0 = 0\n\texit\n\
+             shot:\n\tr0 = 2\n\texit\n.Lend:\n\t.size drop, .Lend-drop\n\
+             \t.section license,\"aw\",@progbits\n\t.globl _license\n_license:\n\t.asciz \"GPL\"\n"
+        );
+        let src = world.dir.join(format!("drop{percent}.s"));
+        let obj = world.dir.join(format!("drop{percent}.o"));
+        std::fs::write(&src, asm).unwrap();
+        let built = std::process::Command::new("llvm-mc")
+            .args(["-triple", "bpf", "-filetype=obj", "-o"])
+            .arg(&obj)
+            .arg(&src)
+            .status()
+            .expect("llvm-mc (xtask setup installs llvm)");
+        assert!(built.success());
+        let ns = world.client(i);
+        ns.exec("tc", &["qdisc", "add", "dev", "eth0", "clsact"]);
+        for dir in ["egress", "ingress"] {
+            let out = ns.exec(
+                "tc",
+                &["filter", "add", "dev", "eth0", dir, "bpf", "da", "obj", obj.to_str().unwrap(), "sec", "classifier"],
+            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Loss { world, i }
+    }
+}
+
+impl Drop for Loss<'_> {
+    fn drop(&mut self) {
+        self.world
+            .client(self.i)
+            .exec("tc", &["qdisc", "del", "dev", "eth0", "clsact"]);
+    }
+}
+
+/// Megabits per second of the 8 MiB download from client 1.
+fn goodput(world: &World) -> f64 {
+    let started = std::time::Instant::now();
+    assert_eq!(world.download(1).expect("download"), sha256(&download_data()));
+    (download_data().len() * 8) as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+#[test]
+fn on_a_lossy_uplink_http3_carries_more_than_tcp() {
+    let world = World::new(1, &[]);
+    let profile = world.add_client("lossy", 1);
+    let mut results = Vec::new();
+    for percent in [1, 3] {
+        let mut rates = Vec::new();
+        for transport in ["h3", "tcp"] {
+            let mut client = world.start_client_with(1, &profile, true, &["--transport", transport]);
+            assert_eq!(transport_of(&client), transport);
+            let loss = Loss::new(&world, 1, percent);
+            rates.push(goodput(&world));
+            drop(loss);
+            client.stop();
+        }
+        eprintln!(
+            "{percent}% loss each way: h3 {:.0} Mbit/s, tcp {:.0} Mbit/s ({:.1}x)",
+            rates[0],
+            rates[1],
+            rates[0] / rates[1]
+        );
+        results.push((percent, rates[0], rates[1]));
+    }
+    for (percent, h3, tcp) in results {
+        assert!(h3 > tcp, "{percent}% loss: h3 {h3:.0} vs tcp {tcp:.0} Mbit/s");
+    }
+}

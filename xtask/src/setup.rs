@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
     ("iputils-ping", "ping"),
+    // The loss test's tc BPF program is assembled with llvm-mc.
+    ("llvm", "llvm-mc"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

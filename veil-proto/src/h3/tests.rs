@@ -157,3 +157,26 @@ fn control_stream_settings_read_back() {
     );
     assert!(ControlReader::default().feed(&[0x00, 0x00]).is_err());
 }
+
+/// The bytes docs/protocol.md shows.
+#[test]
+fn the_documented_first_frames() {
+    let request = request(
+        "gateway.example",
+        http::WELL_KNOWN_PATH,
+        Duration::from_secs(15),
+    );
+    let mut expected = vec![0x01, 0x40, 0x70, 0x00, 0x00, 0xcf, 0x27, 0x02];
+    expected.extend_from_slice(b":protocol\x0aconnect-ip\xd7\x50\x0fgateway.example\x51\x1b");
+    expected.extend_from_slice(b"/.well-known/masque/ip/*/*/");
+    expected.extend_from_slice(b"\x27\x09capsule-protocol\x02?1\x27\x07veil-keepalive\x0215");
+    assert_eq!(request, expected);
+    assert_eq!(request.len(), 115);
+    let mut ok = vec![0x01, 0x18, 0x00, 0x00, 0xd9, 0x27, 0x09];
+    ok.extend_from_slice(b"capsule-protocol\x02?1");
+    assert_eq!(ok_response(), ok);
+    assert_eq!(
+        control_stream_preface(),
+        [0x00, 0x04, 0x07, 0x06, 0x60, 0x00, 0x08, 0x01, 0x33, 0x01]
+    );
+}
