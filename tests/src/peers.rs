@@ -27,10 +27,12 @@ pub enum Kind {
     Boringtun,
     BoringtunThreads1,
     Veil,
+    /// veil over HTTP/3 (`--transport h3`); `Veil` is TLS over TCP.
+    VeilH3,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Direct,
         Kind::DirectNoOffload,
         Kind::Masquerade,
@@ -39,6 +41,7 @@ impl Kind {
         Kind::Boringtun,
         Kind::BoringtunThreads1,
         Kind::Veil,
+        Kind::VeilH3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +54,7 @@ impl Kind {
             Kind::Boringtun => "boringtun",
             Kind::BoringtunThreads1 => "boringtun-threads1",
             Kind::Veil => "veil",
+            Kind::VeilH3 => "veil-h3",
         }
     }
 
@@ -92,7 +96,7 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
             masquerade(world, "10.9.0.0/24");
             procs = boringtun(world, kind == Kind::BoringtunThreads1);
         }
-        Kind::Veil => {
+        Kind::Veil | Kind::VeilH3 => {
             // As a gateway for many short connections would be set up: the
             // NAT range widened (with the kernel's own ports moved out of
             // its way) and no per-client flow or per-endpoint port cap (the
@@ -112,7 +116,8 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
                 "65535",
             ]);
             let profile = world.add_client("bench", 1);
-            procs.push(world.start_client(1, &profile, true));
+            let transport = if kind == Kind::VeilH3 { "h3" } else { "tcp" };
+            procs.push(world.start_client_with(1, &profile, true, &["--transport", transport]));
         }
     }
     assert!(

@@ -196,7 +196,8 @@ impl World {
         cmd.arg("--profile")
             .arg(profile)
             .args(["--keepalive", "1", "--no-dns"])
-            .args(extra);
+            .args(extra)
+            .args(transport_override(extra));
         self.spawn_client(i, cmd, wait)
     }
 
@@ -218,7 +219,8 @@ impl World {
             .arg("--profile")
             .arg(profile)
             .args(["--keepalive", "1"])
-            .args(extra);
+            .args(extra)
+            .args(transport_override(extra));
         self.spawn_client(i, cmd, true)
     }
 
@@ -299,6 +301,17 @@ impl Drop for World {
         }
         self.servers.stop.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `--transport X` when `VEIL_TEST_TRANSPORT=X` is set and the test did
+/// not choose one: the same suite over another transport (`cargo xtask
+/// test` runs the tunnel suite again with `tcp`; by default clients take
+/// HTTP/3).
+fn transport_override(extra: &[&str]) -> Vec<String> {
+    match std::env::var("VEIL_TEST_TRANSPORT") {
+        Ok(t) if !extra.contains(&"--transport") => vec!["--transport".into(), t],
+        _ => Vec::new(),
     }
 }
 

@@ -479,7 +479,7 @@ fn a_new_uplink_address_reconnects_within_two_seconds_keeping_address_and_flows(
     let world = World::new(1, &[]);
     let c = world.client(1);
     let profile = world.add_client("roamer", 1);
-    let client = world.start_client(1, &profile, true);
+    let mut client = world.start_client(1, &profile, true);
     let vip = world.vip_of("roamer");
 
     let mut conn = c
@@ -523,11 +523,10 @@ fn a_new_uplink_address_reconnects_within_two_seconds_keeping_address_and_flows(
         "the tunnel came back after {back:?}"
     );
     assert!(ping(c, "198.18.0.2"));
-    assert!(
-        client.log().contains("the uplink changed"),
-        "{}",
-        client.log()
-    );
+    // Over HTTP/3 the tunnel may carry traffic again before the client
+    // notices (the kernel picks the new source address for the QUIC
+    // socket), so its note of the move can come just after.
+    client.wait_for_log("the uplink changed", Duration::from_secs(2));
     assert_eq!(world.vip_of("roamer"), vip, "the same tunnel address");
     assert_eq!(
         echo(b"after the move"),

@@ -140,7 +140,7 @@ pub(crate) fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
             push("udp64_pps", udp_pps(&ns, short, 64) / 1e3);
             push("udp1200_pps", udp_pps(&ns, short, 1200) / 1e3);
             push("conn_per_s", connections_per_sec(&world, short) / 1e3);
-            if *kind == peers::Kind::Veil {
+            if matches!(kind, peers::Kind::Veil | peers::Kind::VeilH3) {
                 // What the gateway dropped, for reading the figures.
                 let status = world.status();
                 eprintln!("veil gateway counters: {}", status["counters"]);
@@ -206,8 +206,15 @@ pub(crate) fn peers_table(
     for n in &order {
         let _ = write!(out, " {n} |");
     }
-    let _ = writeln!(out, " veil ÷ direct | veil ÷ best peer |");
-    let _ = writeln!(out, "|---|{}---:|---:|", "---:|".repeat(order.len()));
+    let _ = writeln!(
+        out,
+        " veil ÷ direct | veil ÷ best peer | veil-h3 ÷ best peer | veil-h3 ÷ veil |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|{}---:|---:|---:|---:|",
+        "---:|".repeat(order.len())
+    );
     let peers = [
         "openvpn-udp",
         "openvpn-tcp",
@@ -242,11 +249,22 @@ pub(crate) fn peers_table(
             .iter()
             .filter_map(|p| results.get(p).and_then(|r| r.get(key)).map(|f| f.median))
             .reduce(|a, b| if higher_better == (a > b) { a } else { b });
-        let ratio = |other: Option<f64>| match (veil, other) {
+        let h3 = results
+            .get("veil-h3")
+            .and_then(|r| r.get(key))
+            .map(|f| f.median);
+        let ratio = |this: Option<f64>, other: Option<f64>| match (this, other) {
             (Some(v), Some(o)) if o > 0.0 => format!("{:.2}", v / o),
             _ => "–".into(),
         };
-        let _ = writeln!(out, " {} | {} |", ratio(direct), ratio(best_peer));
+        let _ = writeln!(
+            out,
+            " {} | {} | {} | {} |",
+            ratio(veil, direct),
+            ratio(veil, best_peer),
+            ratio(h3, best_peer),
+            ratio(h3, veil)
+        );
     }
     out
 }
