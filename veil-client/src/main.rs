@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use veil_proto::{
+    gro::Coalescer,
     gso::VnetHdr,
     session::{ClientConfig, ClientSession, Output},
 };
@@ -521,6 +522,7 @@ impl Tunnel<'_> {
             local,
             migrate,
             tun_buf: vec![0u8; tun::MAX_READ],
+            gro: Coalescer::new(),
         };
         let mut net_buf = vec![0u8; 64 * 1024];
         let end = pump::run(
@@ -621,6 +623,10 @@ struct ClientSide<'a> {
     /// connection migration) instead of reconnecting.
     migrate: Option<quinn::Endpoint>,
     tun_buf: Vec<u8>,
+    /// Plain packets from the gateway (over HTTP/3 every packet is one),
+    /// merged per flow into super-packets: one TUN write for a run of
+    /// segments rather than one each.
+    gro: Coalescer,
 }
 
 /// Why the client's side ended a connection.
@@ -640,7 +646,9 @@ impl Local<ClientSession> for ClientSide<'_> {
         match output {
             Output::Packet(packet) => {
                 if let Some(net) = self.network {
-                    let _ = net.tun.send(&VnetHdr::NONE, &packet);
+                    self.gro.push(&VnetHdr::NONE, &packet, |hdr, packet| {
+                        let _ = net.tun.send(hdr, packet);
+                    });
                 }
             }
             Output::OffloadPacket(joined) => {
@@ -669,8 +677,16 @@ impl Local<ClientSession> for ClientSide<'_> {
             local,
             migrate,
             tun_buf,
+            gro,
             ..
         } = self;
+        // What the last turn's packets left in the coalescer goes out now,
+        // before waiting.
+        if let Some(net) = network {
+            gro.flush(|hdr, packet| {
+                let _ = net.tun.send(hdr, packet);
+            });
+        }
         let tun_read = async {
             match network {
                 Some(net) if room => net.tun.recv(tun_buf).await,

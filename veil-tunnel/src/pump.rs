@@ -29,6 +29,9 @@ pub struct Limits {
     pub write_stall: Duration,
 }
 
+/// Datagrams taken from the transport per turn of the loop, at most.
+const DATAGRAM_BATCH: usize = 64;
+
 /// The side of a session that is not the tunnel.
 pub trait Local<S> {
     /// Why this side ended the session.
@@ -114,7 +117,15 @@ where
                 }
                 Ok(Event::Wrote) => {}
                 Ok(Event::Datagram(datagram)) => {
-                    session.receive_datagram(&datagram, std::time::Instant::now())
+                    let now = std::time::Instant::now();
+                    session.receive_datagram(&datagram, now);
+                    // What else arrived meanwhile, in this turn: one pass
+                    // of the loop per datagram would cost more than the
+                    // datagram.
+                    for _ in 0..DATAGRAM_BATCH {
+                        let Some(datagram) = transport.try_datagram() else { break };
+                        session.receive_datagram(&datagram, now);
+                    }
                 }
                 Err(e) => return End::Failed(e),
             },

@@ -300,6 +300,17 @@ impl Transport for QuicTransport {
         self.conn.max_datagram_size()
     }
 
+    fn try_datagram(&mut self) -> Option<Bytes> {
+        // Polled once, never waited on: a datagram already queued comes
+        // back, otherwise nothing (and no wake-up is left registered).
+        let read = std::pin::pin!(self.conn.read_datagram());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match read.poll(&mut cx) {
+            std::task::Poll::Ready(Ok(datagram)) => Some(datagram),
+            _ => None,
+        }
+    }
+
     fn discard(&mut self) {
         self.stream.discard();
         self.outbox.clear();

@@ -198,6 +198,12 @@ pub trait Transport {
     fn send_datagram(&mut self, datagram: Vec<u8>) {
         let _ = datagram;
     }
+    /// A datagram that has already arrived, without waiting (HTTP/3 only):
+    /// after [`Event::Datagram`] the pump takes what else is there in the
+    /// same turn.
+    fn try_datagram(&mut self) -> Option<bytes::Bytes> {
+        None
+    }
     /// The largest datagram the path takes now (HTTP/3 only).
     fn max_datagram(&self) -> Option<usize> {
         None
