@@ -28,9 +28,10 @@ pub const H3_NO_ERROR: u32 = 0x100;
 /// HTTP/3's "general protocol error", for a peer that broke the rules.
 pub const H3_GENERAL_PROTOCOL_ERROR: u32 = 0x101;
 /// How much quinn buffers of our datagrams before we stop taking packets
-/// from the local side: enough for a burst at a gigabit, small enough not
-/// to add much queueing delay.
-const DATAGRAM_SEND_BUFFER: usize = 512 * 1024;
+/// from the local side: what a gigabit carries in a millisecond. It is a
+/// queue in front of every packet (and ping) that follows: 512 KiB made
+/// RTT under load 12 ms (see docs/performance.md).
+const DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
 /// How much of the peer's datagrams quinn holds until the pump reads them.
 const DATAGRAM_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
 /// QUIC's own idle timeout: longer than any session's keepalive timeout,
