@@ -2,15 +2,11 @@
 //! TCP, real clients choosing it (or falling back to TCP), as a user
 //! would check it.
 
-use std::{
-    io::{Read, Write},
-    net::{TcpStream, UdpSocket},
-    time::Duration,
-};
+use std::time::Duration;
 
 use veil_tests::{
     proc::Proc,
-    world::{download_data, sha256, World, PUBLIC, REMOTE},
+    world::{download_data, sha256, World, PUBLIC},
 };
 
 fn transport_of(client: &Proc) -> &'static str {
@@ -37,14 +33,7 @@ fn a_download_over_http3_arrives_intact_and_the_remote_sees_only_the_gateway() {
         sha256(&download_data()),
         "8 MiB arrive intact"
     );
-    let echoed = world.client(1).enter(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.send_to(b"veil udp echo", (REMOTE, 7)).unwrap();
-        let mut buf = [0u8; 64];
-        let (n, _) = s.recv_from(&mut buf).expect("UDP echo reply");
-        buf[..n].to_vec()
-    });
+    let echoed = world.udp_echo(1, b"veil udp echo");
     assert_eq!(echoed, b"veil udp echo");
     let seen = world.servers.seen();
     assert!(!seen.is_empty());
@@ -67,23 +56,7 @@ fn unknown_and_revoked_clients_are_refused_over_http3() {
     assert!(world.ping(2, "198.18.0.2"));
 
     // A profile from another gateway's CA: its QUIC handshake fails.
-    let other = world.dir.join("other-state");
-    let stranger = world.dir.join("stranger.veil");
-    let out = std::process::Command::new(veil_tests::proc::workspace_bin("veil-user"))
-        .args([
-            "client",
-            "add",
-            "stranger",
-            "--endpoint",
-            "10.200.1.1:443",
-            "--out",
-        ])
-        .arg(&stranger)
-        .arg("--state-dir")
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let stranger = world.foreign_profile();
     let mut s = world.start_client_with(3, &stranger, false, &h3);
     world
         .gateway()
@@ -147,30 +120,14 @@ fn auto_connects_over_tcp_within_two_seconds_when_udp_is_dropped() {
 #[test]
 fn a_new_uplink_address_keeps_the_quic_connection_and_its_flows() {
     let world = World::new(1, &[]);
-    let c = world.client(1);
     let profile = world.add_client("roamer", 1);
     let client = world.start_client_with(1, &profile, true, &["--transport", "h3"]);
     assert_eq!(transport_of(&client), "h3");
-    let mut conn = c
-        .enter(|| TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)))
-        .expect("echo connection");
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut echo = |msg: &[u8]| {
-        conn.write_all(msg).unwrap();
-        let mut buf = vec![0u8; msg.len()];
-        conn.read_exact(&mut buf).unwrap();
-        buf
-    };
+    let mut echo = world.echo_connection(1);
     assert_eq!(echo(b"before"), b"before");
 
     // A new address on the uplink, the old one gone (a new DHCP lease).
-    c.exec(
-        "sysctl",
-        &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
-    );
-    c.ip(&["addr", "add", "10.200.1.3/24", "dev", "eth0"]);
-    c.ip(&["addr", "del", "10.200.1.2/24", "dev", "eth0"]);
+    world.renumber_uplink(1);
     let mut client = client;
     client.wait_for_log("the QUIC connection moves with it", Duration::from_secs(5));
     // The same TCP connection, through the same session: a download

@@ -3,7 +3,6 @@
 //! below the firewall with an `AF_PACKET` socket.
 
 use std::{
-    io::{Read, Write},
     net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     time::{Duration, Instant},
@@ -482,26 +481,11 @@ fn a_new_uplink_address_reconnects_within_two_seconds_keeping_address_and_flows(
     let mut client = world.start_client(1, &profile, true);
     let vip = world.vip_of("roamer");
 
-    let mut conn = c
-        .enter(|| TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)))
-        .expect("echo connection");
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut echo = |msg: &[u8]| {
-        conn.write_all(msg).unwrap();
-        let mut buf = vec![0u8; msg.len()];
-        conn.read_exact(&mut buf).unwrap();
-        buf
-    };
+    let mut echo = world.echo_connection(1);
     assert_eq!(echo(b"before"), b"before");
 
     // A new address on the uplink, the old one gone (a new DHCP lease).
-    c.exec(
-        "sysctl",
-        &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
-    );
-    c.ip(&["addr", "add", "10.200.1.3/24", "dev", "eth0"]);
-    c.ip(&["addr", "del", "10.200.1.2/24", "dev", "eth0"]);
+    world.renumber_uplink(1);
     let moved = Instant::now();
     let udp = c.enter(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(100)))

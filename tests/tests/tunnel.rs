@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -105,14 +105,7 @@ fn a_client_reaches_the_internet_as_the_gateway() {
         sha256(&download_data()),
         "8 MiB arrive intact"
     );
-    let echoed = world.client(1).enter(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        s.send_to(b"veil udp echo", (REMOTE, 7)).unwrap();
-        let mut buf = [0u8; 64];
-        let (n, _) = s.recv_from(&mut buf).expect("UDP echo reply");
-        buf[..n].to_vec()
-    });
+    let echoed = world.udp_echo(1, b"veil udp echo");
     assert_eq!(echoed, b"veil udp echo");
 
     let seen = world.servers.seen();
@@ -239,23 +232,7 @@ fn unknown_and_revoked_certificates_are_refused() {
     assert!(world.ping(2, "198.18.0.2"));
 
     // A profile from another gateway's CA.
-    let other = tempdir(&world, "other-state");
-    let stranger = world.dir.join("stranger.veil");
-    let out = std::process::Command::new(veil_tests::proc::workspace_bin("veil-user"))
-        .args([
-            "client",
-            "add",
-            "stranger",
-            "--endpoint",
-            "10.200.1.1:443",
-            "--out",
-        ])
-        .arg(&stranger)
-        .arg("--state-dir")
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let stranger = world.foreign_profile();
     let mut s = world.start_client(3, &stranger, false);
     world
         .gateway()
@@ -479,10 +456,4 @@ fn the_client_reconnects_when_the_gateway_restarts() {
         "the same address after a restart"
     );
     assert!(c.is_running(), "the client kept going: {}", c.log());
-}
-
-fn tempdir(world: &World, name: &str) -> std::path::PathBuf {
-    let d = world.dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

@@ -119,30 +119,7 @@ impl ClientSession {
     /// upgrade request already queued. Fails if `host` or `path` cannot be
     /// sent as is.
     pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ProtoError> {
-        http::validate_target(&config.host, &config.path)?;
-        let mut link = Link::new(
-            config.max_capsule_len,
-            config.max_packet_len,
-            config.keepalive_timeout,
-            now,
-        );
-        link.send(&http::request(
-            &config.host,
-            &config.path,
-            config.keepalive_interval,
-            config.offload,
-        ));
-        Ok(ClientSession {
-            phase: Phase::AwaitingResponse {
-                buf: Vec::new(),
-                deadline: link::deadline(now, config.handshake_timeout),
-            },
-            assigned: None,
-            dns: None,
-            next_nonce: 1,
-            link,
-            config,
-        })
+        Self::with_binding(config, now, None)
     }
 
     /// A session over HTTP/3 whose QUIC connection was established at
@@ -151,6 +128,15 @@ impl ClientSession {
     /// stream's bytes go to [`Self::receive`], packets travel as
     /// [`Output::Datagram`] and [`Self::receive_datagram`].
     pub fn new_h3(config: ClientConfig, now: Instant, stream_id: u64) -> Result<Self, ProtoError> {
+        Self::with_binding(config, now, Some(stream_id))
+    }
+
+    /// HTTP/1.1 without a stream id, HTTP/3 on the request stream given.
+    fn with_binding(
+        config: ClientConfig,
+        now: Instant,
+        h3_stream: Option<u64>,
+    ) -> Result<Self, ProtoError> {
         http::validate_target(&config.host, &config.path)?;
         let mut link = Link::new(
             config.max_capsule_len,
@@ -158,12 +144,19 @@ impl ClientSession {
             config.keepalive_timeout,
             now,
         );
-        link.set_h3(stream_id);
-        link.send(&h3::request(
-            &config.host,
-            &config.path,
-            config.keepalive_interval,
-        ));
+        let request = match h3_stream {
+            Some(stream_id) => {
+                link.set_h3(stream_id);
+                h3::request(&config.host, &config.path, config.keepalive_interval)
+            }
+            None => http::request(
+                &config.host,
+                &config.path,
+                config.keepalive_interval,
+                config.offload,
+            ),
+        };
+        link.send(&request);
         Ok(ClientSession {
             phase: Phase::AwaitingResponse {
                 buf: Vec::new(),
