@@ -63,6 +63,7 @@ pub async fn connect(
     server_name: &str,
     connect: Duration,
     setup: Duration,
+    mtu: u16,
 ) -> Result<H3> {
     let socket =
         quic::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0))).context("opening a UDP socket")?;
@@ -86,11 +87,33 @@ pub async fn connect(
     let (control, send, recv, stream_id) = tokio::time::timeout(setup, attempt)
         .await
         .map_err(|_| anyhow::anyhow!("HTTP/3 setup with {gateway} timed out after {setup:?}"))??;
+    wait_for_path_mtu(&conn, mtu).await;
     Ok(H3 {
         transport: QuicTransport::new(conn, control, send, recv),
         stream_id,
         endpoint,
     })
+}
+
+/// How long the client waits for QUIC's path MTU discovery to make room
+/// for a full TUN packet before it carries traffic anyway.
+const PATH_MTU_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits (briefly) until a datagram holds a packet of the TUN's `mtu`:
+/// a connection starts at QUIC's minimum (1200 bytes) and discovers the
+/// path's within a few round trips. Until then a larger packet would be
+/// fragmented or refused with ICMP, and a single large UDP datagram sent
+/// in that window lost.
+async fn wait_for_path_mtu(conn: &quinn::Connection, mtu: u16) {
+    // Quarter Stream ID and context ID: one byte each on stream 0.
+    let want = usize::from(mtu) + 2;
+    let deadline = tokio::time::Instant::now() + PATH_MTU_WAIT;
+    while conn.max_datagram_size().is_some_and(|max| max < want)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    debug!(max_datagram = ?conn.max_datagram_size(), "path MTU");
 }
 
 /// Moves `endpoint` to a fresh UDP socket, which leaves from the new

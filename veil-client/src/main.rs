@@ -428,6 +428,7 @@ impl Tunnel<'_> {
                 self.quic_name,
                 CONNECT_TIMEOUT,
                 HANDSHAKE_TIMEOUT,
+                self.cli.mtu,
             )
             .await
             .map_err(|e| Unanswered(format!("{e:#}")).into())

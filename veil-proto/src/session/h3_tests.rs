@@ -255,7 +255,8 @@ fn keepalive_and_capsules_ride_data_frames() {
 }
 
 #[test]
-fn a_packet_too_large_for_a_datagram_gets_frag_needed_on_the_client_only() {
+fn a_packet_with_df_too_large_for_a_datagram_gets_frag_needed_on_the_client_and_fragments_on_the_gateway(
+) {
     let mut p = Pair::new();
     p.pump();
     // An IPv4/TCP packet of 1400 bytes with DF, from 10.77.0.2 to 198.18.0.2.
@@ -285,8 +286,27 @@ fn a_packet_too_large_for_a_datagram_gets_frag_needed_on_the_client_only() {
         &drain(|| p.client.poll_output())[..],
         [Output::Datagram(d)] if d.len() == 1202
     ));
-    // The gateway only drops it.
+    // The gateway, which cannot tell the sender, fragments it over DF.
     p.server.set_max_datagram(Some(1202));
     p.server.send_packet(&packet);
-    assert!(drain(|| p.server.poll_output()).is_empty());
+    assert_eq!(drain(|| p.server.poll_output()).len(), 2);
+}
+
+#[test]
+fn a_packet_without_df_too_large_for_a_datagram_is_fragmented_on_either_end() {
+    let mut p = Pair::new();
+    p.pump();
+    // A UDP reply of 1500 bytes without DF, from 198.18.0.2 to 10.77.0.2.
+    let mut packet = vec![7u8; 1500];
+    packet[..20].copy_from_slice(&[
+        0x45, 0, 0x05, 0xdc, 0, 1, 0, 0, 64, 17, 0, 0, 198, 18, 0, 2, 10, 77, 0, 2,
+    ]);
+    p.server.set_max_datagram(Some(1202));
+    p.server.send_packet(&packet);
+    let out = drain(|| p.server.poll_output());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, Output::Datagram(d) if d.len() <= 1202)));
+    assert_eq!(p.server.stats().packets_sent, 2);
 }

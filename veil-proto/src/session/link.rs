@@ -455,23 +455,43 @@ fn emit_packet(
 ) {
     match h3 {
         Some(h3) if too_big(h3, packet) => {
-            stats.packets_not_sent += 1;
-            if let Some(icmp) = frag_needed(h3, packet) {
-                events.push_back(Output::Packet(icmp));
+            // Fragmented as a router would (no DF); with DF refused with
+            // ICMP "fragmentation needed" on the client, whose stack then
+            // sends smaller packets. The gateway cannot tell a remote
+            // sender (ICMP errors from clients are not translated), so it
+            // fragments over DF rather than lose the packet.
+            let room = h3
+                .max_datagram
+                .unwrap_or(0)
+                .saturating_sub(h3.prefix.len() + 1);
+            let over_df = !h3.frag_needed;
+            let fragmented = crate::packet::fragment(packet, room, over_df, |piece| {
+                events.push_back(http_datagram(h3, piece));
+                stats.packets_sent += 1;
+                stats.bytes_sent += piece.len() as u64;
+            });
+            if !fragmented {
+                stats.packets_not_sent += 1;
+                if let Some(icmp) = frag_needed(h3, packet) {
+                    events.push_back(Output::Packet(icmp));
+                }
             }
             return;
         }
-        Some(h3) => {
-            let mut datagram = Vec::with_capacity(h3.prefix.len() + 1 + packet.len());
-            datagram.extend_from_slice(&h3.prefix);
-            datagram.push(capsule::IP_PACKET_CONTEXT as u8);
-            datagram.extend_from_slice(packet);
-            events.push_back(Output::Datagram(datagram));
-        }
+        Some(h3) => events.push_back(http_datagram(h3, packet)),
         None => capsule::encode_ip_datagram(packet, tx),
     }
     stats.packets_sent += 1;
     stats.bytes_sent += packet.len() as u64;
+}
+
+/// One packet as an HTTP datagram of this request.
+fn http_datagram(h3: &H3, packet: &[u8]) -> Output {
+    let mut datagram = Vec::with_capacity(h3.prefix.len() + 1 + packet.len());
+    datagram.extend_from_slice(&h3.prefix);
+    datagram.push(capsule::IP_PACKET_CONTEXT as u8);
+    datagram.extend_from_slice(packet);
+    Output::Datagram(datagram)
 }
 
 fn too_big(h3: &H3, packet: &[u8]) -> bool {
