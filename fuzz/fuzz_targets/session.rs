@@ -335,6 +335,7 @@ impl<S: Session> Run<S> {
                     );
                     self.packets += 1;
                 }
+                Output::Datagram(_) => panic!("an HTTP datagram from a session over HTTP/1.1"),
                 Output::Assigned { prefix, .. } => {
                     assert!(!S::GATEWAY, "a gateway is assigned an address");
                     assert!(prefix <= 32);

@@ -35,10 +35,12 @@ pub enum Kind {
     BoringtunThreads1,
     Veil,
     VeilWs,
+    /// veil over HTTP/3 (`--transport h3`); `Veil` is TLS over TCP.
+    VeilH3,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Direct,
         Kind::DirectNoOffload,
         Kind::Masquerade,
@@ -48,6 +50,7 @@ impl Kind {
         Kind::BoringtunThreads1,
         Kind::Veil,
         Kind::VeilWs,
+        Kind::VeilH3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +64,7 @@ impl Kind {
             Kind::BoringtunThreads1 => "boringtun-threads1",
             Kind::Veil => "veil",
             Kind::VeilWs => "veil-ws",
+            Kind::VeilH3 => "veil-h3",
         }
     }
 
@@ -113,10 +117,11 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
             masquerade(world, "10.9.0.0/24");
             procs = boringtun(world, kind == Kind::BoringtunThreads1);
         }
-        Kind::Veil => {
+        Kind::Veil | Kind::VeilH3 => {
             veil_gateway(world, &[]);
             let profile = world.add_client("bench", 1);
-            procs.push(world.start_client(1, &profile, true));
+            let transport = if kind == Kind::VeilH3 { "h3" } else { "tcp" };
+            procs.push(world.start_client_with(1, &profile, true, &["--transport", transport]));
         }
         Kind::VeilWs => {
             veil_gateway(world, &["--ws-listen", WEB.upstream]);

@@ -87,7 +87,10 @@ impl RawClient {
                 Output::Packet(p) => self.received.push(p),
                 Output::OffloadPacket(p) => self.received.push(p[10..].to_vec()),
                 Output::Close { reason } => panic!("session closed: {reason}"),
-                Output::Assigned { .. } | Output::Routes(_) | Output::Dns(_) => {}
+                Output::Assigned { .. }
+                | Output::Routes(_)
+                | Output::Dns(_)
+                | Output::Datagram(_) => {}
             }
         }
     }

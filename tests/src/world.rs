@@ -209,7 +209,8 @@ impl World {
         cmd.arg("--profile")
             .arg(profile)
             .args(["--keepalive", "1", "--no-dns"])
-            .args(extra);
+            .args(extra)
+            .args(transport_override(extra));
         self.spawn_client(i, cmd, wait)
     }
 
@@ -231,7 +232,8 @@ impl World {
             .arg("--profile")
             .arg(profile)
             .args(["--keepalive", "1"])
-            .args(extra);
+            .args(extra)
+            .args(transport_override(extra));
         self.spawn_client(i, cmd, true)
     }
 
@@ -302,6 +304,76 @@ impl World {
         })
     }
 
+    /// A profile issued by another gateway's CA (its own state directory
+    /// under this world's), pointing at this gateway: a stranger.
+    pub fn foreign_profile(&self) -> PathBuf {
+        let other = self.dir.join("other-state");
+        std::fs::create_dir_all(&other).unwrap();
+        let stranger = self.dir.join("stranger.veil");
+        let out = Command::new(workspace_bin("veil-user"))
+            .args([
+                "client",
+                "add",
+                "stranger",
+                "--endpoint",
+                "10.200.1.1:443",
+                "--out",
+            ])
+            .arg(&stranger)
+            .arg("--state-dir")
+            .arg(&other)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stranger
+    }
+
+    /// A TCP connection from client `i` to the remote's echo server, and a
+    /// function that sends a message on it and returns the echo.
+    pub fn echo_connection(&self, i: usize) -> impl FnMut(&[u8]) -> Vec<u8> {
+        let mut conn = self
+            .client(i)
+            .enter(|| TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)))
+            .expect("echo connection");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        move |msg: &[u8]| {
+            conn.write_all(msg).unwrap();
+            let mut buf = vec![0u8; msg.len()];
+            conn.read_exact(&mut buf).unwrap();
+            buf
+        }
+    }
+
+    /// `msg` to the remote's UDP echo server from client `i`: what came
+    /// back (within 3 s).
+    pub fn udp_echo(&self, i: usize, msg: &[u8]) -> Vec<u8> {
+        self.client(i).enter(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.send_to(msg, (REMOTE, 7)).unwrap();
+            let mut buf = [0u8; 1500];
+            let (n, _) = s.recv_from(&mut buf).expect("UDP echo reply");
+            buf[..n].to_vec()
+        })
+    }
+
+    /// Client `i`'s uplink gets a new address (`10.200.i.3`) and loses its
+    /// first one, as with a new DHCP lease.
+    pub fn renumber_uplink(&self, i: usize) {
+        let c = self.client(i);
+        c.exec(
+            "sysctl",
+            &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
+        );
+        c.ip(&["addr", "add", &format!("10.200.{i}.3/24"), "dev", "eth0"]);
+        c.ip(&["addr", "del", &format!("10.200.{i}.2/24"), "dev", "eth0"]);
+    }
+
     /// Pings `dst` from client `i`: did an answer come back?
     pub fn ping(&self, i: usize, dst: &str) -> bool {
         Command::new("nsenter")
@@ -323,6 +395,17 @@ impl Drop for World {
         }
         self.servers.stop.store(true, Ordering::Relaxed);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `--transport X` when `VEIL_TEST_TRANSPORT=X` is set and the test did
+/// not choose one: the same suite over another transport (`cargo xtask
+/// test` runs the tunnel suite again with `tcp`; by default clients take
+/// HTTP/3).
+fn transport_override(extra: &[&str]) -> Vec<String> {
+    match std::env::var("VEIL_TEST_TRANSPORT") {
+        Ok(t) if !extra.contains(&"--transport") => vec!["--transport".into(), t],
+        _ => Vec::new(),
     }
 }
 

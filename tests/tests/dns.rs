@@ -200,7 +200,9 @@ fn dns_failover_a_dead_first_endpoint_is_passed_over_within_3_seconds() {
     let nft = String::from_utf8_lossy(&nft.stdout);
     for endpoint in [dead, "10.200.1.1"] {
         assert!(
-            nft.contains(&format!("ip daddr {endpoint} tcp dport 443 accept")),
+            nft.contains(&format!(
+                "ip daddr {endpoint} meta l4proto {{ tcp, udp }} th dport 443 accept"
+            )),
             "{nft}"
         );
         let rules = ip_out(world.client(1), &["rule"]);

@@ -3,7 +3,6 @@
 //! below the firewall with an `AF_PACKET` socket.
 
 use std::{
-    io::{Read, Write},
     net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     time::{Duration, Instant},
@@ -120,7 +119,8 @@ fn is_tunnel(ethertype: u16, p: &[u8]) -> bool {
     }
     let ihl = usize::from(p[0] & 0x0f) * 4;
     let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-    p[9] == 6
+    // TCP (TLS) or UDP (HTTP/3) to the endpoint's port.
+    matches!(p[9], 6 | 17)
         && dst == GATEWAY
         && p.len() >= ihl + 4
         && u16::from_be_bytes([p[ihl + 2], p[ihl + 3]]) == ENDPOINT_PORT
@@ -478,29 +478,14 @@ fn a_new_uplink_address_reconnects_within_two_seconds_keeping_address_and_flows(
     let world = World::new(1, &[]);
     let c = world.client(1);
     let profile = world.add_client("roamer", 1);
-    let client = world.start_client(1, &profile, true);
+    let mut client = world.start_client(1, &profile, true);
     let vip = world.vip_of("roamer");
 
-    let mut conn = c
-        .enter(|| TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)))
-        .expect("echo connection");
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut echo = |msg: &[u8]| {
-        conn.write_all(msg).unwrap();
-        let mut buf = vec![0u8; msg.len()];
-        conn.read_exact(&mut buf).unwrap();
-        buf
-    };
+    let mut echo = world.echo_connection(1);
     assert_eq!(echo(b"before"), b"before");
 
     // A new address on the uplink, the old one gone (a new DHCP lease).
-    c.exec(
-        "sysctl",
-        &["-qw", "net.ipv4.conf.eth0.promote_secondaries=1"],
-    );
-    c.ip(&["addr", "add", "10.200.1.3/24", "dev", "eth0"]);
-    c.ip(&["addr", "del", "10.200.1.2/24", "dev", "eth0"]);
+    world.renumber_uplink(1);
     let moved = Instant::now();
     let udp = c.enter(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(100)))
@@ -522,11 +507,10 @@ fn a_new_uplink_address_reconnects_within_two_seconds_keeping_address_and_flows(
         "the tunnel came back after {back:?}"
     );
     assert!(ping(c, "198.18.0.2"));
-    assert!(
-        client.log().contains("the uplink changed"),
-        "{}",
-        client.log()
-    );
+    // Over HTTP/3 the tunnel may carry traffic again before the client
+    // notices (the kernel picks the new source address for the QUIC
+    // socket), so its note of the move can come just after.
+    client.wait_for_log("the uplink changed", Duration::from_secs(2));
     assert_eq!(world.vip_of("roamer"), vip, "the same tunnel address");
     assert_eq!(
         echo(b"after the move"),

@@ -44,11 +44,18 @@ pub struct Target {
     endpoint: Endpoint,
 }
 
+impl Target {
+    /// A `wss://` endpoint: a web server, reached only over TCP.
+    pub fn is_websocket(&self) -> bool {
+        matches!(self.endpoint, Endpoint::WebSocket { .. })
+    }
+}
+
 /// The endpoint did not take the connection in time (or refused it): the
 /// next one is tried at once.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Unanswered(String);
+pub struct Unanswered(pub String);
 
 /// What the tunnel's TLS runs on.
 pub enum Carrier {
@@ -64,6 +71,8 @@ pub type TunnelTls = tokio_rustls::client::TlsStream<Carrier>;
 pub struct Dialer {
     tunnel: TlsConnector,
     server_name: ServerName<'static>,
+    /// The same identity and trust for HTTP/3.
+    quic: quinn::ClientConfig,
     /// Built only if the profile has a `wss://` endpoint.
     web: Option<TlsConnector>,
 }
@@ -76,10 +85,16 @@ impl Dialer {
             .then(|| web_tls(profile.endpoint_ca.as_deref()))
             .transpose()?;
         Ok(Self {
+            quic: crate::h3::client_config(&config)?,
             tunnel: TlsConnector::from(Arc::new(config)),
             server_name,
             web,
         })
+    }
+
+    /// The QUIC client configuration, for HTTP/3 to the gateway.
+    pub fn quic(&self) -> &quinn::ClientConfig {
+        &self.quic
     }
 
     /// Connects to `target` and runs the TLS handshakes (and the WebSocket

@@ -1,6 +1,6 @@
 //! The kill switch: an nftables table of veil's own (`inet veil`) that
 //! lets nothing leave the machine except through the TUN device or to the
-//! gateway's endpoints (TCP to each address and port of the profile, so
+//! gateway's endpoints (TCP and UDP to each address and port of the profile, so
 //! that failing over to the next needs no change). It is installed before the first connection and
 //! stays through every reconnect, so a tunnel that is down, or not up
 //! yet, fails closed instead of letting traffic out the uplink.
@@ -175,9 +175,10 @@ pub fn ruleset(policy: &Policy, keep: bool) -> String {
     let mut allow = vec![format!("oifname \"{tun}\" accept")];
     // One rule per endpoint (each its own address and port), in the
     // profile's order; the same endpoint twice is one rule.
+    // TCP for TLS, UDP for HTTP/3 (QUIC), at the same port.
     for endpoint in &policy.endpoints {
         let rule = format!(
-            "ip daddr {} tcp dport {} accept",
+            "ip daddr {} meta l4proto {{ tcp, udp }} th dport {} accept",
             endpoint.ip(),
             endpoint.port()
         );
@@ -283,7 +284,7 @@ mod tests {
             \t\ttype filter hook output priority filter; policy drop;\n\
             \t\toifname \"veil0\" accept\n\
             \t\toifname \"lo\" accept\n\
-            \t\tip daddr 192.0.2.1 tcp dport 443 accept\n\
+            \t\tip daddr 192.0.2.1 meta l4proto { tcp, udp } th dport 443 accept\n\
             \t\tudp sport 68 udp dport 67 accept\n\
             \t}\n";
         assert!(text.contains(output), "{text}");
@@ -307,12 +308,13 @@ mod tests {
         let text = ruleset(&p, false);
         let output = "\t\toifname \"veil0\" accept\n\
             \t\toifname \"lo\" accept\n\
-            \t\tip daddr 192.0.2.1 tcp dport 443 accept\n\
-            \t\tip daddr 198.51.100.7 tcp dport 8443 accept\n\
+            \t\tip daddr 192.0.2.1 meta l4proto { tcp, udp } th dport 443 accept\n\
+            \t\tip daddr 198.51.100.7 meta l4proto { tcp, udp } th dport 8443 accept\n\
             \t\tudp sport 68 udp dport 67 accept\n";
         assert!(text.contains(output), "{text}");
         assert_eq!(
-            text.matches("192.0.2.1 tcp dport 443").count(),
+            text.matches("192.0.2.1 meta l4proto { tcp, udp } th dport 443")
+                .count(),
             2,
             "once per chain: {text}"
         );
@@ -320,7 +322,7 @@ mod tests {
         p.ranges = Some(vec!["198.51.100.0/24".parse().unwrap()]);
         let text = ruleset(&p, false);
         let endpoint = text
-            .find("ip daddr 198.51.100.7 tcp dport 8443 accept")
+            .find("ip daddr 198.51.100.7 meta l4proto { tcp, udp } th dport 8443 accept")
             .unwrap();
         let drop = text.find("ip daddr { 198.51.100.0/24 } drop").unwrap();
         assert!(endpoint < drop, "{text}");

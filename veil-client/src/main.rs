@@ -24,6 +24,7 @@
 mod dial;
 mod dns;
 mod firewall;
+mod h3;
 mod instance;
 mod routes;
 mod rules;
@@ -40,6 +41,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tracing::{debug, info, warn};
 use veil_proto::{
+    gro::Coalescer,
     gso::VnetHdr,
     session::{ClientConfig, ClientSession, Output},
 };
@@ -47,7 +49,7 @@ use veil_tunnel::{
     net::Ipv4Net,
     profile::Profile,
     pump::{self, End, Limits, Local},
-    stream::Stream,
+    stream::{Stream, Transport},
     tun,
 };
 
@@ -78,6 +80,11 @@ struct Cli {
     tun: String,
     #[arg(long, default_value_t = 1400)]
     mtu: u16,
+    /// How to reach the gateway: HTTP/3 over UDP (packets in datagrams,
+    /// no TCP-over-TCP stalls on a lossy path), TLS over TCP, or `auto`:
+    /// HTTP/3 if UDP gets through, TCP otherwise.
+    #[arg(long, value_enum, default_value_t = h3::Choice::Auto)]
+    transport: h3::Choice,
     /// Do not offer offload datagrams (whole 64 KiB TCP segments with
     /// partial checksums): every packet crosses the tunnel segmented and
     /// checksummed, as with any RFC 9484 peer. For diagnosis; slower.
@@ -249,6 +256,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
             cli: &cli,
             dialer: &dialer,
             target: &targets[current],
+            quic_name: &profile.server_name,
             gateway,
             routes: &routes,
         };
@@ -353,10 +361,20 @@ fn from_tun(session: &mut ClientSession, joined: &[u8]) -> usize {
     joined.len()
 }
 
+/// What a session's client side borrows from the connect loop.
+type Sides<'a> = (
+    &'a mut Option<Network>,
+    &'a mut Option<dns::SystemDns>,
+    &'a mut tokio::sync::watch::Receiver<bool>,
+    &'a mut Watch,
+);
+
 struct Tunnel<'a> {
     cli: &'a Cli,
     dialer: &'a Dialer,
     target: &'a Target,
+    /// The name QUIC checks the gateway's certificate against.
+    quic_name: &'a str,
     /// The first hop of the endpoint this connection goes to (the others
     /// are reachable outside the tunnel too: see `rules`).
     gateway: SocketAddr,
@@ -372,22 +390,76 @@ impl Tunnel<'_> {
         stopped: &mut tokio::sync::watch::Receiver<bool>,
         uplink: &mut Watch,
     ) -> Result<()> {
-        let (tls, local) = self.dialer.dial(self.target).await?;
-        let mut stream = Stream::new(tls);
-
+        let quic = async {
+            h3::connect(
+                self.dialer.quic(),
+                self.gateway,
+                self.quic_name,
+                CONNECT_TIMEOUT,
+                HANDSHAKE_TIMEOUT,
+                self.cli.mtu,
+            )
+            .await
+            .map_err(|e| Unanswered(format!("{e:#}")).into())
+        };
+        let tcp = async {
+            let (tls, local) = self.dialer.dial(self.target).await?;
+            Ok((Stream::new(tls), local))
+        };
+        // A wss:// endpoint is a web server's: only the WebSocket reaches
+        // the gateway through it.
+        let choice = match self.target.is_websocket() {
+            true => h3::Choice::Tcp,
+            false => self.cli.transport,
+        };
+        let dialed = h3::dial(choice, quic, tcp).await?;
+        let transport = match self.target.is_websocket() {
+            true => "websocket",
+            false => dialed.name(),
+        };
+        info!(gateway = %self.gateway, "transport up: {transport}");
         let keepalive = Duration::from_secs(self.cli.keepalive);
-        let mut session = ClientSession::new(
-            ClientConfig {
-                keepalive_interval: keepalive,
-                // Bounded by the parser; saturating all the same, since a
-                // panic here would take the whole client down.
-                keepalive_timeout: keepalive.saturating_mul(3),
-                handshake_timeout: HANDSHAKE_TIMEOUT,
-                offload: !self.cli.no_offload,
-                ..ClientConfig::new(self.gateway.to_string())
-            },
-            Instant::now(),
-        )?;
+        let config = ClientConfig {
+            keepalive_interval: keepalive,
+            // Bounded by the parser; saturating all the same, since a
+            // panic here would take the whole client down.
+            keepalive_timeout: keepalive.saturating_mul(3),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            offload: !self.cli.no_offload,
+            ..ClientConfig::new(self.gateway.to_string())
+        };
+        let sides = (network, system_dns, stopped, uplink);
+        match dialed {
+            h3::Dialed::Tcp((stream, local)) => {
+                let session = ClientSession::new(config, Instant::now())?;
+                self.pump(session, stream, local, None, sides).await
+            }
+            h3::Dialed::H3(h3) => {
+                let h3::H3 {
+                    transport,
+                    stream_id,
+                    endpoint,
+                } = *h3;
+                let session = ClientSession::new_h3(config, Instant::now(), stream_id)?;
+                let local = uplink::source_for(self.gateway);
+                let end = self
+                    .pump(session, transport, local, Some(endpoint.clone()), sides)
+                    .await;
+                endpoint.wait_idle().await;
+                end
+            }
+        }
+    }
+
+    /// The session over `transport` until it ends.
+    async fn pump<T: Transport>(
+        &self,
+        mut session: ClientSession,
+        mut transport: T,
+        local: Option<IpAddr>,
+        migrate: Option<quinn::Endpoint>,
+        (network, system_dns, stopped, uplink): Sides<'_>,
+    ) -> Result<()> {
         let mut side = ClientSide {
             tunnel: self,
             network,
@@ -395,19 +467,28 @@ impl Tunnel<'_> {
             stopped,
             uplink,
             local,
+            migrate,
             tun_buf: vec![0u8; tun::MAX_READ],
+            gro: Coalescer::new(),
         };
         let mut net_buf = vec![0u8; 64 * 1024];
-        let end = pump::run(&mut session, &mut stream, &mut side, LIMITS, &mut net_buf).await;
+        let end = pump::run(
+            &mut session,
+            &mut transport,
+            &mut side,
+            LIMITS,
+            &mut net_buf,
+        )
+        .await;
         match end {
             End::Local(Ended::Stop) => {
-                stream.close(CLOSE_TIMEOUT).await;
+                transport.close(CLOSE_TIMEOUT).await;
                 Ok(())
             }
             End::Local(Ended::Moved) => Err(Moved.into()),
             End::Local(Ended::Failed(e)) => Err(e),
             End::Closed(reason) => {
-                stream.close(CLOSE_TIMEOUT).await;
+                transport.close(CLOSE_TIMEOUT).await;
                 bail!("{reason}")
             }
             End::PeerClosed => bail!("the gateway closed the connection"),
@@ -485,7 +566,14 @@ struct ClientSide<'a> {
     /// connection left from.
     uplink: &'a mut Watch,
     local: Option<IpAddr>,
+    /// Over HTTP/3: the endpoint whose socket moves to a new uplink (QUIC
+    /// connection migration) instead of reconnecting.
+    migrate: Option<quinn::Endpoint>,
     tun_buf: Vec<u8>,
+    /// Plain packets from the gateway (over HTTP/3 every packet is one),
+    /// merged per flow into super-packets: one TUN write for a run of
+    /// segments rather than one each.
+    gro: Coalescer,
 }
 
 /// Why the client's side ended a connection.
@@ -505,7 +593,9 @@ impl Local<ClientSession> for ClientSide<'_> {
         match output {
             Output::Packet(packet) => {
                 if let Some(net) = self.network {
-                    let _ = net.tun.send(&VnetHdr::NONE, &packet);
+                    self.gro.push(&VnetHdr::NONE, &packet, |hdr, packet| {
+                        let _ = net.tun.send(hdr, packet);
+                    });
                 }
             }
             Output::OffloadPacket(joined) => {
@@ -532,9 +622,18 @@ impl Local<ClientSession> for ClientSide<'_> {
             stopped,
             uplink,
             local,
+            migrate,
             tun_buf,
+            gro,
             ..
         } = self;
+        // What the last turn's packets left in the coalescer goes out now,
+        // before waiting.
+        if let Some(net) = network {
+            gro.flush(|hdr, packet| {
+                let _ = net.tun.send(hdr, packet);
+            });
+        }
         let tun_read = async {
             match network {
                 Some(net) if room => net.tun.recv(tun_buf).await,
@@ -560,7 +659,15 @@ impl Local<ClientSession> for ClientSide<'_> {
                 }
                 Ok(())
             }
-            _ = uplink.moved(*local) => Err(Ended::Moved),
+            now = uplink.moved(*local) => match migrate {
+                Some(endpoint) => {
+                    h3::migrate(endpoint).map_err(Ended::Failed)?;
+                    info!("the uplink changed: the QUIC connection moves with it");
+                    *local = Some(now);
+                    Ok(())
+                }
+                None => Err(Ended::Moved),
+            },
             _ = stopped.changed() => Err(Ended::Stop),
         }
     }

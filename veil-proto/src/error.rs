@@ -126,6 +126,17 @@ pub enum ProtoError {
     /// A header that must appear once appears more than once.
     #[error("duplicate {name} header")]
     DuplicateHeader { name: &'static str },
+
+    // --- HTTP/3 ---------------------------------------------------------
+    /// An HTTP/3 frame that may not appear where it did, or is malformed.
+    #[error("HTTP/3 frame of type {frame_type:#x} {problem}")]
+    H3Frame {
+        frame_type: u64,
+        problem: &'static str,
+    },
+    /// A QPACK field section veil cannot or may not decode.
+    #[error("QPACK field section {problem}")]
+    Qpack { problem: &'static str },
     /// A header with the wrong value.
     #[error("{name} header is \"{found}\", expected {expected}")]
     BadHeaderValue {

@@ -106,6 +106,7 @@ pub mod capsule;
 mod error;
 pub mod gro;
 pub mod gso;
+pub mod h3;
 pub mod http;
 pub mod ipv4;
 pub mod packet;

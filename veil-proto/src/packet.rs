@@ -182,9 +182,126 @@ pub fn icmp_error(from: Ipv4Addr, original: &[u8], icmp_type: u8, code: u8) -> V
     out
 }
 
+/// ICMP "fragmentation needed" (type 3 code 4, RFC 1191) from `from` to
+/// the sender of `original`, announcing `mtu` as the next hop's: what a
+/// router says of a packet with DF set that its next link cannot carry.
+pub fn icmp_frag_needed(from: Ipv4Addr, original: &[u8], mtu: u16) -> Vec<u8> {
+    let mut out = icmp_error(from, original, 3, 4);
+    out[26..28].copy_from_slice(&mtu.to_be_bytes());
+    out[22..24].copy_from_slice(&[0, 0]);
+    let check = checksum(&out[20..]);
+    out[22..24].copy_from_slice(&check.to_be_bytes());
+    out
+}
+
+/// Splits an IPv4 packet without DF into fragments of at most `mtu`
+/// bytes, as a router before a smaller link does (RFC 791): each gets the
+/// header, its share of the payload (a multiple of 8 bytes but the last),
+/// its offset and MF. A packet that is already a fragment is split
+/// further with its offset and MF kept. Returns `false`, emitting nothing,
+/// when the packet is not IPv4, has DF set (unless `over_df`: for a hop
+/// that has no way to tell the sender), is malformed, or `mtu` leaves no
+/// room for 8 bytes of payload.
+pub fn fragment(packet: &[u8], mtu: usize, over_df: bool, mut emit: impl FnMut(&[u8])) -> bool {
+    if packet.len() < IPV4_MIN_HDR_LEN || packet[0] >> 4 != 4 {
+        return false;
+    }
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let flags_offset = be16(packet, 6);
+    let df = flags_offset & 0x4000 != 0 && !over_df;
+    if df
+        || ihl < IPV4_MIN_HDR_LEN
+        || packet.len() < ihl
+        || usize::from(be16(packet, 2)) != packet.len()
+    {
+        return false;
+    }
+    let chunk = mtu.saturating_sub(ihl) / 8 * 8;
+    if chunk == 0 {
+        return false;
+    }
+    let first_offset = usize::from(flags_offset & 0x1fff) * 8;
+    let more_after = flags_offset & 0x2000 != 0;
+    let payload = &packet[ihl..];
+    let mut piece = Vec::with_capacity(ihl + chunk);
+    for (i, part) in payload.chunks(chunk).enumerate() {
+        let last = (i + 1) * chunk >= payload.len();
+        let offset = (first_offset + i * chunk) / 8;
+        let mf = if last { more_after } else { true };
+        piece.clear();
+        piece.extend_from_slice(&packet[..ihl]);
+        piece.extend_from_slice(part);
+        piece[2..4].copy_from_slice(&((ihl + part.len()) as u16).to_be_bytes());
+        let field = (offset as u16 & 0x1fff) | if mf { 0x2000 } else { 0 };
+        piece[6..8].copy_from_slice(&field.to_be_bytes());
+        piece[10..12].copy_from_slice(&[0, 0]);
+        let check = checksum(&piece[..ihl]);
+        piece[10..12].copy_from_slice(&check.to_be_bytes());
+        emit(&piece);
+    }
+    true
+}
+
 /// The Internet checksum (RFC 1071) of `bytes`.
 pub fn checksum(bytes: &[u8]) -> u16 {
     veil_common::csum::Checksum::of(bytes)
+}
+
+#[cfg(test)]
+mod fragment_tests {
+    use super::*;
+
+    fn packet(len: usize, flags: u16) -> Vec<u8> {
+        let mut p = vec![0u8; len];
+        p[..20].copy_from_slice(&[
+            0x45, 0, 0, 0, 0x12, 0x34, 0, 0, 64, 17, 0, 0, 198, 18, 0, 2, 10, 77, 0, 2,
+        ]);
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[6..8].copy_from_slice(&flags.to_be_bytes());
+        for (i, b) in p[20..].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        p
+    }
+
+    #[test]
+    fn fragments_carry_the_payload_in_order_with_offsets_and_mf() {
+        let p = packet(1500, 0);
+        let mut pieces = Vec::new();
+        assert!(fragment(&p, 1400, false, |f| pieces.push(f.to_vec())));
+        assert_eq!(pieces.len(), 2);
+        let mut payload = Vec::new();
+        for (i, f) in pieces.iter().enumerate() {
+            assert!(f.len() <= 1400);
+            assert_eq!(usize::from(be16(f, 2)), f.len());
+            assert_eq!(checksum(&f[..20]), 0);
+            let field = be16(f, 6);
+            assert_eq!(usize::from(field & 0x1fff) * 8, payload.len());
+            assert_eq!(field & 0x2000 != 0, i == 0);
+            payload.extend_from_slice(&f[20..]);
+        }
+        assert_eq!(payload, &p[20..]);
+        // A middle fragment keeps MF on its last piece, and its offset.
+        let mid = packet(1500, 0x2000 | 100);
+        let mut last = Vec::new();
+        assert!(fragment(&mid, 800, false, |f| last = f.to_vec()));
+        assert!(be16(&last, 6) & 0x2000 != 0);
+        assert!(be16(&last, 6) & 0x1fff > 100);
+    }
+
+    #[test]
+    fn df_and_junk_are_not_fragmented() {
+        assert!(!fragment(&packet(1500, 0x4000), 1400, false, |_| panic!()));
+        assert!(!fragment(&[0x45; 10], 1400, false, |_| panic!()));
+        assert!(!fragment(&packet(1500, 0), 27, false, |_| panic!()));
+        // Over DF when asked: DF goes, as on every fragment.
+        let mut n = 0;
+        assert!(fragment(&packet(1500, 0x4000), 1400, true, |f| {
+            assert_eq!(be16(f, 6) & 0x4000, 0);
+            n += 1;
+        }));
+        assert_eq!(n, 2);
+    }
 }
 
 #[cfg(test)]

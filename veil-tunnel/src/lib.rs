@@ -10,6 +10,7 @@
 pub mod net;
 pub mod profile;
 pub mod pump;
+pub mod quic;
 pub mod stream;
 pub mod tls;
 pub mod tun;

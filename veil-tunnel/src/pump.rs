@@ -29,6 +29,9 @@ pub struct Limits {
     pub write_stall: Duration,
 }
 
+/// Datagrams taken from the transport per turn of the loop, at most.
+const DATAGRAM_BATCH: usize = 64;
+
 /// The side of a session that is not the tunnel.
 pub trait Local<S> {
     /// Why this side ended the session.
@@ -79,12 +82,15 @@ where
     L: Local<S>,
 {
     loop {
+        // QUIC's path MTU discovery moves this; a byte stream has none.
+        session.set_max_datagram(transport.max_datagram());
         // Act on everything the state machine has to say.
         while let Some(output) = session.poll_output() {
             match output {
                 Output::Send(bytes) => {
                     session.recycle_send_buffer(coalesce(transport.out_mut(), bytes))
                 }
+                Output::Datagram(datagram) => transport.send_datagram(datagram),
                 Output::Close { reason } => return End::Closed(reason),
                 other => {
                     if let Err(end) = local.output(session, other) {
@@ -110,6 +116,17 @@ where
                     let _ = session.receive(&buf[..n], std::time::Instant::now());
                 }
                 Ok(Event::Wrote) => {}
+                Ok(Event::Datagram(datagram)) => {
+                    let now = std::time::Instant::now();
+                    session.receive_datagram(&datagram, now);
+                    // What else arrived meanwhile, in this turn: one pass
+                    // of the loop per datagram would cost more than the
+                    // datagram.
+                    for _ in 0..DATAGRAM_BATCH {
+                        let Some(datagram) = transport.try_datagram() else { break };
+                        session.receive_datagram(&datagram, now);
+                    }
+                }
                 Err(e) => return End::Failed(e),
             },
             done = local.next(session, pending == 0) => {

@@ -35,6 +35,8 @@ pub enum Event {
     /// Queued bytes went out (possibly not all of them): room may have
     /// opened for more.
     Wrote,
+    /// An HTTP datagram arrived (HTTP/3 only).
+    Datagram(bytes::Bytes),
 }
 
 pub struct Stream<S> {
@@ -191,6 +193,21 @@ pub trait Transport {
         reason = "implemented and called with concrete types, whose futures' Send-ness the compiler sees"
     )]
     async fn next(&mut self, buf: &mut [u8], read: bool) -> io::Result<Event>;
+    /// Queues an HTTP datagram (HTTP/3 only: a byte stream has none to
+    /// carry, and its sessions never emit them).
+    fn send_datagram(&mut self, datagram: Vec<u8>) {
+        let _ = datagram;
+    }
+    /// A datagram that has already arrived, without waiting (HTTP/3 only):
+    /// after [`Event::Datagram`] the pump takes what else is there in the
+    /// same turn.
+    fn try_datagram(&mut self) -> Option<bytes::Bytes> {
+        None
+    }
+    /// The largest datagram the path takes now (HTTP/3 only).
+    fn max_datagram(&self) -> Option<usize> {
+        None
+    }
     /// Forgets the bytes not yet handed to the writer.
     fn discard(&mut self);
     /// Writes what is queued and closes, giving up after `timeout`.
@@ -261,6 +278,7 @@ mod tests {
                     break;
                 }
                 Event::Wrote => {}
+                Event::Datagram(_) => unreachable!("a byte stream has no datagrams"),
             }
         }
         let (got, _b) = reader.await.unwrap();

@@ -63,6 +63,10 @@ pub struct Settings {
     /// The tunnel listener [default: 0.0.0.0:443].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+    /// Do not serve HTTP/3 (QUIC on UDP at the --listen port): clients
+    /// then connect over TCP only.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub no_h3: Option<bool>,
     /// The address profiles point clients at [default: the first public
     /// address and the listener's port].
     #[arg(long, value_name = "HOST:PORT")]
@@ -300,6 +304,7 @@ impl Settings {
         Ok(GatewayConfig {
             iface: self.iface.ok_or(SettingsError::NoIface)?,
             listen: self.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 443))),
+            h3: !self.no_h3.unwrap_or(false),
             endpoint: self.endpoint,
             ws_listen: self.ws_listen,
             ws_path: ws_path(self.ws_path)?,

@@ -23,7 +23,7 @@ pub struct Options {
     pub quick: bool,
     /// `peers` only: the paths to measure, comma-separated (direct,
     /// direct-no-offload, masquerade, openvpn-udp, openvpn-tcp, boringtun,
-    /// boringtun-threads1, veil, veil-ws).
+    /// boringtun-threads1, veil, veil-h3, veil-ws).
     #[arg(long, value_name = "PATH,...")]
     pub only: Option<String>,
 }

@@ -34,6 +34,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     // Strangers probing the gateway in tests/tests/probe.rs (and curl).
     ("openssl", "openssl"),
+    // The loss test's tc BPF program is assembled with llvm-mc.
+    ("llvm", "llvm-mc"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

@@ -54,6 +54,26 @@ pub fn run(opts: &Options) -> Result<()> {
         test.arg(f);
     }
     let mut tally = run_counted(&mut test)?;
+    // The clients above take HTTP/3 (`--transport auto`); the tunnel suite
+    // again over TLS over TCP, so both transports pass it.
+    let mut tcp = cargo();
+    tcp.args([
+        "test",
+        "-p",
+        "veil-tests",
+        "--test",
+        "tunnel",
+        "--no-fail-fast",
+    ])
+    .env("VEIL_TEST_TRANSPORT", "tcp")
+    .arg("--")
+    .arg("--test-threads=1");
+    if let Some(f) = &opts.filter {
+        tcp.arg(f);
+    }
+    let over_tcp = run_counted(&mut tcp)?;
+    tally.passed += over_tcp.passed;
+    tally.failed += over_tcp.failed;
     // Every fuzz target for a few seconds, from its seeds (a filtered run
     // is for one test: it skips them).
     if opts.filter.is_none() {

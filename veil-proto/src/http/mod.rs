@@ -15,7 +15,7 @@ mod request;
 mod response;
 
 pub use head::MAX_HEADER_LEN;
-pub use request::{parse_request, Request};
+pub use request::{parse_keepalive, parse_request, Request};
 pub use response::{parse_response, Response, MAX_INTERIM_RESPONSES};
 
 use crate::ProtoError;
@@ -80,7 +80,9 @@ pub const KEEPALIVE_HEADER: &str = "Veil-Keepalive";
 /// The longest keepalive interval a gateway honours.
 pub const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
 
-fn keepalive_secs(d: Duration) -> u64 {
+/// The keepalive interval as announced: whole seconds, rounded up, 1 to
+/// [`MAX_KEEPALIVE`].
+pub fn keepalive_secs(d: Duration) -> u64 {
     d.as_secs()
         .saturating_add(u64::from(d.subsec_nanos() > 0))
         .clamp(1, MAX_KEEPALIVE.as_secs())

@@ -76,18 +76,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError>
     }
     let keepalive = match head.single(super::KEEPALIVE_HEADER)? {
         None => None,
-        Some(v) => {
-            let secs = std::str::from_utf8(v)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|s| (1..=super::MAX_KEEPALIVE.as_secs()).contains(s))
-                .ok_or_else(|| ProtoError::BadHeaderValue {
-                    name: super::KEEPALIVE_HEADER,
-                    found: printable(v),
-                    expected: "whole seconds from 1 to 3600",
-                })?;
-            Some(Duration::from_secs(secs))
-        }
+        Some(v) => Some(parse_keepalive(v)?),
     };
     let request = Request {
         host: String::from_utf8_lossy(host).into_owned(),
@@ -96,6 +85,20 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError>
         offload: super::offload_header(&head)?,
     };
     Ok(Some((request, len)))
+}
+
+/// A `Veil-Keepalive` value: whole seconds from 1 to [`super::MAX_KEEPALIVE`].
+pub fn parse_keepalive(v: &[u8]) -> Result<Duration, ProtoError> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| (1..=super::MAX_KEEPALIVE.as_secs()).contains(s))
+        .map(Duration::from_secs)
+        .ok_or_else(|| ProtoError::BadHeaderValue {
+            name: super::KEEPALIVE_HEADER,
+            found: printable(v),
+            expected: "whole seconds from 1 to 3600",
+        })
 }
 
 /// Fails fast on input that cannot become a valid request, whatever

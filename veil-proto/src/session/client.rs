@@ -15,6 +15,7 @@ use crate::{
         AssignedAddress, Capsule, DnsConfiguration, RequestedAddress, DEFAULT_MAX_CAPSULE_LEN,
     },
     gso::VnetHdr,
+    h3::{self, Part},
     http, ProtoError,
 };
 
@@ -79,10 +80,19 @@ enum Phase {
         buf: Vec<u8>,
         deadline: Instant,
     },
+    /// HTTP/3: a refusal's status arrived; collecting its one-line body.
+    Refused {
+        status: u16,
+        body: Vec<u8>,
+        deadline: Instant,
+    },
     Established {
         next_ping: Instant,
     },
 }
+
+/// The most of a refusal's body kept for the log.
+const MAX_REFUSAL_BODY: usize = 1024;
 
 /// The client's connection to the gateway.
 ///
@@ -109,6 +119,24 @@ impl ClientSession {
     /// upgrade request already queued. Fails if `host` or `path` cannot be
     /// sent as is.
     pub fn new(config: ClientConfig, now: Instant) -> Result<Self, ProtoError> {
+        Self::with_binding(config, now, None)
+    }
+
+    /// A session over HTTP/3 whose QUIC connection was established at
+    /// `now`, with the extended CONNECT queued for the request stream
+    /// `stream_id`: its bytes come out as [`Output::Send`] and the
+    /// stream's bytes go to [`Self::receive`], packets travel as
+    /// [`Output::Datagram`] and [`Self::receive_datagram`].
+    pub fn new_h3(config: ClientConfig, now: Instant, stream_id: u64) -> Result<Self, ProtoError> {
+        Self::with_binding(config, now, Some(stream_id))
+    }
+
+    /// HTTP/1.1 without a stream id, HTTP/3 on the request stream given.
+    fn with_binding(
+        config: ClientConfig,
+        now: Instant,
+        h3_stream: Option<u64>,
+    ) -> Result<Self, ProtoError> {
         http::validate_target(&config.host, &config.path)?;
         let mut link = Link::new(
             config.max_capsule_len,
@@ -116,12 +144,19 @@ impl ClientSession {
             config.keepalive_timeout,
             now,
         );
-        link.send(&http::request(
-            &config.host,
-            &config.path,
-            config.keepalive_interval,
-            config.offload,
-        ));
+        let request = match h3_stream {
+            Some(stream_id) => {
+                link.set_h3(stream_id);
+                h3::request(&config.host, &config.path, config.keepalive_interval)
+            }
+            None => http::request(
+                &config.host,
+                &config.path,
+                config.keepalive_interval,
+                config.offload,
+            ),
+        };
+        link.send(&request);
         Ok(ClientSession {
             phase: Phase::AwaitingResponse {
                 buf: Vec::new(),
@@ -133,6 +168,84 @@ impl ClientSession {
             link,
             config,
         })
+    }
+
+    /// An HTTP datagram from the gateway (HTTP/3 only), received at `now`.
+    pub fn receive_datagram(&mut self, datagram: &[u8], now: Instant) {
+        if self.link.is_closed() {
+            return;
+        }
+        self.link.heard_from_peer(now);
+        let up = matches!(self.phase, Phase::Established { .. });
+        self.link.receive_datagram(datagram, up);
+    }
+
+    /// The request stream over HTTP/3: the response's HEADERS (interim
+    /// ones skipped), then DATA frames with capsules, or a refusal's body.
+    fn receive_h3(&mut self, bytes: &[u8], now: Instant) {
+        let (parts, error) = self.link.h3_frames(bytes);
+        for part in parts {
+            if self.link.is_closed() {
+                return;
+            }
+            match (&mut self.phase, part) {
+                (Phase::AwaitingResponse { deadline, .. }, Part::Headers(block)) => {
+                    match h3::parse_status(&block) {
+                        Ok(100..=199) => {}
+                        Ok(200..=299) => self.upgraded(&[], now),
+                        Ok(status) => {
+                            self.phase = Phase::Refused {
+                                status,
+                                body: Vec::new(),
+                                deadline: *deadline,
+                            }
+                        }
+                        Err(e) => self.link.close(CloseReason::Protocol(e)),
+                    }
+                }
+                (Phase::AwaitingResponse { .. }, Part::Data(_)) => {
+                    self.link.close(CloseReason::Protocol(ProtoError::H3Frame {
+                        frame_type: h3::FRAME_DATA,
+                        problem: "came before the response's HEADERS",
+                    }))
+                }
+                (Phase::Refused { body, .. }, Part::Data(data)) => {
+                    let room = MAX_REFUSAL_BODY.saturating_sub(body.len());
+                    body.extend_from_slice(&data[..data.len().min(room)]);
+                    if body.contains(&b'\n') || body.len() >= MAX_REFUSAL_BODY {
+                        self.refused();
+                    }
+                }
+                (Phase::Established { .. }, Part::Data(data)) => self.receive_capsules(&data),
+                (_, Part::Headers(_)) => {}
+            }
+        }
+        if let Some(e) = error {
+            self.link.close(CloseReason::Protocol(e));
+        }
+    }
+
+    /// Closes with the refusal collected over HTTP/3.
+    fn refused(&mut self) {
+        if let Phase::Refused { status, body, .. } = &self.phase {
+            let line = String::from_utf8_lossy(body);
+            let line = line.lines().next().unwrap_or_default().trim();
+            let message = (!line.is_empty()).then(|| crate::error::printable(line.as_bytes()));
+            self.link.close(CloseReason::Refused {
+                status: *status,
+                reason: http::reason_phrase(*status).to_owned(),
+                message,
+            });
+        }
+    }
+
+    /// Over HTTP/3: the largest HTTP datagram the path takes now (from
+    /// QUIC), so that a larger packet is not handed over only to be
+    /// dropped. On the client such a packet is answered with ICMP
+    /// "fragmentation needed" (an [`Output::Packet`] for the TUN device),
+    /// so that TCP through the tunnel finds the path MTU.
+    pub fn set_max_datagram(&mut self, max: Option<usize>) {
+        self.link.set_max_datagram(max, true);
     }
 
     /// Bytes received from the gateway at `now`.
@@ -147,7 +260,13 @@ impl ClientSession {
             return Ok(());
         }
         self.link.heard_from_peer(now);
+        if self.link.is_h3() {
+            self.receive_h3(bytes, now);
+            return self.link.error_if_closed();
+        }
         match &mut self.phase {
+            // Only HTTP/3 has this phase.
+            Phase::Refused { .. } => {}
             Phase::AwaitingResponse { buf, .. } => {
                 buf.extend_from_slice(bytes);
                 match http::parse_response(buf) {
@@ -231,6 +350,9 @@ impl ClientSession {
 
     /// The gateway closed its side of the connection.
     pub fn receive_eof(&mut self) {
+        if matches!(self.phase, Phase::Refused { .. }) {
+            return self.refused();
+        }
         let during_handshake = matches!(self.phase, Phase::AwaitingResponse { .. });
         self.link
             .close(CloseReason::PeerClosed { during_handshake });
@@ -272,7 +394,7 @@ impl ClientSession {
             return None;
         }
         Some(match &self.phase {
-            Phase::AwaitingResponse { deadline, .. } => *deadline,
+            Phase::AwaitingResponse { deadline, .. } | Phase::Refused { deadline, .. } => *deadline,
             Phase::Established { next_ping } => (*next_ping).min(self.link.peer_deadline()),
         })
     }
@@ -285,6 +407,11 @@ impl ClientSession {
                 if now >= *deadline {
                     let after = self.config.handshake_timeout;
                     self.link.close(CloseReason::HandshakeTimeout { after });
+                }
+            }
+            Phase::Refused { deadline, .. } => {
+                if now >= *deadline {
+                    self.refused();
                 }
             }
             Phase::Established { next_ping } => {

@@ -13,8 +13,27 @@ use super::{CloseReason, Output, Stats};
 use crate::{
     capsule::{self, AssignedAddress, Capsule, CapsuleDecoder, RequestedAddress},
     gso::{self, VnetHdr, VNET_HDR_LEN},
-    ProtoError,
+    h3::{self, FrameDecoder, Part},
+    varint, ProtoError,
 };
+
+/// What a session over HTTP/3 needs beyond the capsule stream: capsules
+/// travel in DATA frames on the request stream, packets as HTTP datagrams.
+#[derive(Debug)]
+struct H3 {
+    /// The request's Quarter Stream ID, which every datagram starts with.
+    quarter: u64,
+    prefix: Vec<u8>,
+    frames: FrameDecoder,
+    /// Request-stream bytes already framed, in order.
+    framed: Vec<u8>,
+    /// The largest HTTP datagram the path takes now, once known.
+    max_datagram: Option<usize>,
+    /// Answer a packet too large for a datagram with ICMP "fragmentation
+    /// needed" toward its sender (the client: its TCP then sends smaller
+    /// segments), rather than only dropping it.
+    frag_needed: bool,
+}
 
 /// A returned send buffer is kept for reuse only up to this capacity, so
 /// one burst does not pin a large allocation for the session's lifetime.
@@ -38,6 +57,8 @@ pub(super) struct Link {
     scratch: Vec<u8>,
     /// The largest IP packet a segment of a peer's super-packet may become.
     max_packet_len: usize,
+    /// Set for a session over HTTP/3.
+    h3: Option<H3>,
 }
 
 impl Link {
@@ -58,6 +79,80 @@ impl Link {
             offload: false,
             scratch: Vec::new(),
             max_packet_len: usize::from(max_packet_len),
+            h3: None,
+        }
+    }
+
+    /// Carries the session over HTTP/3, on the request stream `stream_id`.
+    /// Offload datagrams are never negotiated there (a datagram holds one
+    /// packet), so super-packets are segmented here.
+    pub(super) fn set_h3(&mut self, stream_id: u64) {
+        self.h3 = Some(H3 {
+            quarter: stream_id / 4,
+            prefix: h3::datagram_prefix(stream_id),
+            frames: FrameDecoder::default(),
+            framed: Vec::new(),
+            max_datagram: None,
+            frag_needed: false,
+        });
+    }
+
+    /// Over HTTP/3: the largest datagram the path takes now (QUIC's path
+    /// MTU discovery changes it), and whether a packet too large for it
+    /// gets ICMP "fragmentation needed".
+    pub(super) fn set_max_datagram(&mut self, max: Option<usize>, frag_needed: bool) {
+        if let Some(h3) = &mut self.h3 {
+            h3.max_datagram = max;
+            h3.frag_needed = frag_needed;
+        }
+    }
+
+    pub(super) fn is_h3(&self) -> bool {
+        self.h3.is_some()
+    }
+
+    /// Splits request-stream bytes into frames (HTTP/3 only).
+    pub(super) fn h3_frames(&mut self, bytes: &[u8]) -> (Vec<Part>, Option<ProtoError>) {
+        match &mut self.h3 {
+            Some(h3) => h3.frames.decode(bytes),
+            None => (Vec::new(), None),
+        }
+    }
+
+    /// Moves the capsules queued so far into one DATA frame.
+    fn frame_capsules(&mut self) {
+        if let Some(h3) = &mut self.h3 {
+            if !self.tx.is_empty() {
+                h3::data_frame_header(self.tx.len(), &mut h3.framed);
+                h3.framed.extend_from_slice(&self.tx);
+                self.tx.clear();
+            }
+        }
+    }
+
+    /// An HTTP datagram from the peer: a packet if it belongs to this
+    /// request and carries context 0, dropped and counted otherwise (and
+    /// before the tunnel is `up`: datagrams may overtake the request).
+    pub(super) fn receive_datagram(&mut self, datagram: &[u8], up: bool) {
+        if self.is_closed() {
+            return;
+        }
+        let Some(h3) = &self.h3 else {
+            self.stats.datagrams_dropped += 1;
+            return;
+        };
+        let packet = varint::decode(datagram)
+            .filter(|&(quarter, _)| quarter == h3.quarter)
+            .and_then(|(_, n)| varint::decode(&datagram[n..]).map(|(ctx, m)| (ctx, n + m)))
+            .filter(|&(ctx, _)| ctx == capsule::IP_PACKET_CONTEXT && up)
+            .map(|(_, at)| &datagram[at..]);
+        match packet {
+            Some(packet) => {
+                self.stats.packets_received += 1;
+                self.stats.bytes_received += packet.len() as u64;
+                self.events.push_back(Output::Packet(packet.to_vec()));
+            }
+            None => self.stats.datagrams_dropped += 1,
         }
     }
 
@@ -102,8 +197,21 @@ impl Link {
 
     /// Queues raw bytes (HTTP heads, pre-encoded capsules).
     pub(super) fn send(&mut self, bytes: &[u8]) {
+        if self.is_closed() {
+            return;
+        }
+        self.frame_capsules();
+        match &mut self.h3 {
+            Some(h3) => h3.framed.extend_from_slice(bytes),
+            None => self.tx.extend_from_slice(bytes),
+        }
+    }
+
+    /// Queues capsules already encoded (over HTTP/3 they go into a DATA
+    /// frame, unlike the heads of [`Self::send`]).
+    pub(super) fn send_capsules(&mut self, encoded: &[u8]) {
         if !self.is_closed() {
-            self.tx.extend_from_slice(bytes);
+            self.tx.extend_from_slice(encoded);
         }
     }
 
@@ -126,9 +234,13 @@ impl Link {
             self.stats.packets_not_sent += 1;
             return;
         }
-        capsule::encode_ip_datagram(packet, &mut self.tx);
-        self.stats.packets_sent += 1;
-        self.stats.bytes_sent += packet.len() as u64;
+        emit_packet(
+            &mut self.tx,
+            &mut self.events,
+            self.h3.as_ref(),
+            &mut self.stats,
+            packet,
+        );
     }
 
     /// A packet as an offload-capable TUN device gives it: as is when the
@@ -147,12 +259,15 @@ impl Link {
             return;
         }
         let Link {
-            tx, stats, scratch, ..
+            tx,
+            events,
+            h3,
+            stats,
+            scratch,
+            ..
         } = self;
         let segmented = gso::segment(hdr, packet, scratch, |segment| {
-            capsule::encode_ip_datagram(segment, tx);
-            stats.packets_sent += 1;
-            stats.bytes_sent += segment.len() as u64;
+            emit_packet(tx, events, h3.as_ref(), stats, segment)
         });
         if segmented.is_err() {
             self.stats.packets_not_sent += 1;
@@ -177,6 +292,12 @@ impl Link {
 
     pub(super) fn poll_output(&mut self) -> Option<Output> {
         // Pending bytes go first: a Close must never overtake them.
+        self.frame_capsules();
+        if let Some(h3) = &mut self.h3 {
+            if !h3.framed.is_empty() {
+                return Some(Output::Send(mem::take(&mut h3.framed)));
+            }
+        }
         if !self.tx.is_empty() {
             return Some(Output::Send(mem::take(&mut self.tx)));
         }
@@ -320,6 +441,84 @@ impl Link {
         }
         self.send_capsule(&Capsule::AddressAssign(answer));
     }
+}
+
+/// One packet toward the peer: a DATAGRAM capsule appended to the stream's
+/// bytes, or over HTTP/3 an HTTP datagram of its own (Quarter Stream ID,
+/// context 0, packet).
+fn emit_packet(
+    tx: &mut Vec<u8>,
+    events: &mut VecDeque<Output>,
+    h3: Option<&H3>,
+    stats: &mut Stats,
+    packet: &[u8],
+) {
+    match h3 {
+        Some(h3) if too_big(h3, packet) => {
+            // Fragmented as a router would (no DF); with DF refused with
+            // ICMP "fragmentation needed" on the client, whose stack then
+            // sends smaller packets. The gateway cannot tell a remote
+            // sender (ICMP errors from clients are not translated), so it
+            // fragments over DF rather than lose the packet.
+            let room = h3
+                .max_datagram
+                .unwrap_or(0)
+                .saturating_sub(h3.prefix.len() + 1);
+            let over_df = !h3.frag_needed;
+            let fragmented = crate::packet::fragment(packet, room, over_df, |piece| {
+                events.push_back(http_datagram(h3, piece));
+                stats.packets_sent += 1;
+                stats.bytes_sent += piece.len() as u64;
+            });
+            if !fragmented {
+                stats.packets_not_sent += 1;
+                if let Some(icmp) = frag_needed(h3, packet) {
+                    events.push_back(Output::Packet(icmp));
+                }
+            }
+            return;
+        }
+        Some(h3) => events.push_back(http_datagram(h3, packet)),
+        None => capsule::encode_ip_datagram(packet, tx),
+    }
+    stats.packets_sent += 1;
+    stats.bytes_sent += packet.len() as u64;
+}
+
+/// One packet as an HTTP datagram of this request.
+fn http_datagram(h3: &H3, packet: &[u8]) -> Output {
+    let mut datagram = Vec::with_capacity(h3.prefix.len() + 1 + packet.len());
+    datagram.extend_from_slice(&h3.prefix);
+    datagram.push(capsule::IP_PACKET_CONTEXT as u8);
+    datagram.extend_from_slice(packet);
+    Output::Datagram(datagram)
+}
+
+fn too_big(h3: &H3, packet: &[u8]) -> bool {
+    h3.max_datagram
+        .is_some_and(|max| h3.prefix.len() + 1 + packet.len() > max)
+}
+
+/// The ICMP error for an IPv4 packet with DF set too large for a datagram,
+/// if this end sends them; from the packet's destination, which the
+/// sender's stack accepts as the hop that could not carry it.
+fn frag_needed(h3: &H3, packet: &[u8]) -> Option<Vec<u8>> {
+    let max = h3.max_datagram?;
+    let df = packet.len() >= 20 && packet[0] >> 4 == 4 && packet[6] & 0x40 != 0;
+    // Never an ICMP error about an ICMP error (RFC 1812 §4.3.2.7).
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let icmp_error = packet[9] == veil_common::proto::ICMP
+        && packet
+            .get(ihl)
+            .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
+    if !h3.frag_needed || !df || icmp_error {
+        return None;
+    }
+    let mtu = max
+        .saturating_sub(h3.prefix.len() + 1)
+        .min(usize::from(u16::MAX)) as u16;
+    let from = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    Some(crate::packet::icmp_frag_needed(from, packet, mtu))
 }
 
 /// `now + d` without the overflow panic: a timeout configured as

@@ -57,6 +57,9 @@ pub enum Output {
     /// An IP packet from the peer: for the datapath on the gateway, for the
     /// TUN device on the client.
     Packet(Vec<u8>),
+    /// HTTP/3 only: one HTTP datagram (Quarter Stream ID, context ID,
+    /// packet) for a QUIC DATAGRAM frame.
+    Datagram(Vec<u8>),
     /// Only when offload was negotiated: a [`crate::gso::VnetHdr`] (already
     /// validated) then an IP packet, ready for a TUN device opened with
     /// `IFF_VNET_HDR`.
@@ -81,6 +84,10 @@ pub enum Output {
 pub trait Session {
     /// Feeds bytes that arrived from the peer (see the sessions' own docs).
     fn receive(&mut self, bytes: &[u8], now: std::time::Instant) -> Result<(), ProtoError>;
+    /// The largest HTTP datagram the path takes now (HTTP/3 only).
+    fn set_max_datagram(&mut self, max: Option<usize>);
+    /// Feeds an HTTP datagram that arrived from the peer (HTTP/3 only).
+    fn receive_datagram(&mut self, datagram: &[u8], now: std::time::Instant);
     /// The next thing to do, `None` when there is nothing left.
     fn poll_output(&mut self) -> Option<Output>;
     /// Returns a written [`Output::Send`] buffer for reuse.
@@ -96,6 +103,12 @@ macro_rules! session_by_inherent_methods {
         impl Session for $t {
             fn receive(&mut self, bytes: &[u8], now: std::time::Instant) -> Result<(), ProtoError> {
                 <$t>::receive(self, bytes, now)
+            }
+            fn set_max_datagram(&mut self, max: Option<usize>) {
+                <$t>::set_max_datagram(self, max)
+            }
+            fn receive_datagram(&mut self, datagram: &[u8], now: std::time::Instant) {
+                <$t>::receive_datagram(self, datagram, now)
             }
             fn poll_output(&mut self) -> Option<Output> {
                 <$t>::poll_output(self)
@@ -217,5 +230,7 @@ pub struct Stats {
     pub pongs_received: u64,
 }
 
+#[cfg(test)]
+mod h3_tests;
 #[cfg(test)]
 mod tests;

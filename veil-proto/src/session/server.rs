@@ -15,6 +15,7 @@ use crate::{
         validate_routes, Capsule, DnsConfiguration, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN,
     },
     gso::VnetHdr,
+    h3::{self, Part},
     http::{self, Request},
     ProtoError,
 };
@@ -142,6 +143,34 @@ impl ServerSession {
         })
     }
 
+    /// A session over HTTP/3 for the request on `stream_id`, accepted at
+    /// `now`: the request stream's bytes go to [`Self::receive`], QUIC
+    /// DATAGRAM payloads to [`Self::receive_datagram`]; packets toward the
+    /// client come out as [`Output::Datagram`], everything else as the
+    /// request stream's bytes in [`Output::Send`].
+    pub fn new_h3(config: ServerConfig, now: Instant, stream_id: u64) -> Result<Self, ProtoError> {
+        let mut session = Self::new(config, now)?;
+        session.link.set_h3(stream_id);
+        Ok(session)
+    }
+
+    /// An HTTP datagram from the client (HTTP/3 only), received at `now`.
+    pub fn receive_datagram(&mut self, datagram: &[u8], now: Instant) {
+        if self.link.is_closed() {
+            return;
+        }
+        self.link.heard_from_peer(now);
+        let up = matches!(self.phase, Phase::Established);
+        self.link.receive_datagram(datagram, up);
+    }
+
+    /// Over HTTP/3: the largest HTTP datagram the path takes now (from
+    /// QUIC), so that a larger packet is not handed over only to be
+    /// dropped.
+    pub fn set_max_datagram(&mut self, max: Option<usize>) {
+        self.link.set_max_datagram(max, false);
+    }
+
     /// Bytes received from the client at `now`.
     ///
     /// An `Err` means the session just closed because of these bytes (a
@@ -154,6 +183,10 @@ impl ServerSession {
             return Ok(());
         }
         self.link.heard_from_peer(now);
+        if self.link.is_h3() {
+            self.receive_h3(bytes);
+            return self.link.error_if_closed();
+        }
         match &mut self.phase {
             Phase::AwaitingRequest { buf, .. } => {
                 buf.extend_from_slice(bytes);
@@ -163,17 +196,57 @@ impl ServerSession {
                         let rest = buf.split_off(used);
                         self.upgrade(request, &rest);
                     }
-                    Err(e) => {
-                        let body = e.to_string();
-                        self.link
-                            .send(&http::refusal(400, http::reason_phrase(400), &body));
-                        self.link.close(CloseReason::BadRequest(e));
-                    }
+                    Err(e) => self.bad_request(e),
                 }
             }
             Phase::Established => self.receive_capsules(bytes),
         }
         self.link.error_if_closed()
+    }
+
+    /// Answers a malformed request with 400 and its reason, and closes.
+    fn bad_request(&mut self, e: ProtoError) {
+        let body = e.to_string();
+        if self.link.is_h3() {
+            self.link.send(&h3::refusal(400, &body));
+        } else {
+            self.link
+                .send(&http::refusal(400, http::reason_phrase(400), &body));
+        }
+        self.link.close(CloseReason::BadRequest(e));
+    }
+
+    /// The request stream over HTTP/3: the request's HEADERS, then DATA
+    /// frames carrying capsules.
+    fn receive_h3(&mut self, bytes: &[u8]) {
+        let (parts, error) = self.link.h3_frames(bytes);
+        for part in parts {
+            if self.link.is_closed() {
+                return;
+            }
+            match (&self.phase, part) {
+                (Phase::AwaitingRequest { .. }, Part::Headers(block)) => {
+                    match h3::parse_request(&block) {
+                        Ok(request) => self.upgrade(request, &[]),
+                        Err(e) => self.bad_request(e),
+                    }
+                }
+                (Phase::AwaitingRequest { .. }, Part::Data(_)) => {
+                    self.bad_request(ProtoError::H3Frame {
+                        frame_type: h3::FRAME_DATA,
+                        problem: "came before the request's HEADERS",
+                    })
+                }
+                (Phase::Established, Part::Data(data)) => self.receive_capsules(&data),
+                // Trailers: nothing in them for a tunnel.
+                (Phase::Established, Part::Headers(_)) => {}
+            }
+        }
+        match error {
+            Some(e) if matches!(self.phase, Phase::AwaitingRequest { .. }) => self.bad_request(e),
+            Some(e) => self.link.close(CloseReason::Protocol(e)),
+            None => {}
+        }
     }
 
     fn upgrade(&mut self, request: Request, rest: &[u8]) {
@@ -186,11 +259,16 @@ impl ServerSession {
             let interval = interval.min(http::MAX_KEEPALIVE);
             self.link.set_keepalive_timeout(interval.saturating_mul(2));
         }
-        let offload = self.config.offload && request.offload;
+        let h3 = self.link.is_h3();
+        let offload = self.config.offload && request.offload && !h3;
         self.link.set_offload(offload);
         self.request = Some(request);
-        self.link.send(&http::switching_protocols(offload));
-        self.link.send(&self.greeting);
+        if h3 {
+            self.link.send(&h3::ok_response());
+        } else {
+            self.link.send(&http::switching_protocols(offload));
+        }
+        self.link.send_capsules(&self.greeting);
         self.phase = Phase::Established;
         // The client may have sent capsules right behind its request.
         self.receive_capsules(rest);
@@ -234,7 +312,11 @@ impl ServerSession {
         if self.link.is_closed() || !matches!(self.phase, Phase::AwaitingRequest { .. }) {
             return;
         }
-        let response = http::refusal(status, http::reason_phrase(status), message);
+        let response = if self.link.is_h3() {
+            h3::refusal(status, message)
+        } else {
+            http::refusal(status, http::reason_phrase(status), message)
+        };
         self.link.send(&response);
         self.link.close(CloseReason::RefusedClient {
             status,

@@ -21,8 +21,9 @@ use tracing::{debug, info};
 use veil_proto::{
     gro::Coalescer,
     session::{Output, ServerConfig, ServerSession},
+    ProtoError,
 };
-use veil_tunnel::pump;
+use veil_tunnel::{pump, stream::Transport};
 
 use super::{
     clients::{Attached, Bytes},
@@ -137,10 +138,10 @@ pub(super) fn refused(shared: &Shared, peer: SocketAddr, e: Refused) {
     debug!(%peer, "the refused connection came from here");
 }
 
-struct SessionEnd {
-    name: String,
-    vip: Ipv4Addr,
-    reason: String,
+pub(super) struct SessionEnd {
+    pub(super) name: String,
+    pub(super) vip: Ipv4Addr,
+    pub(super) reason: String,
 }
 
 /// Why a connection never became a session, by cause for the metrics.
@@ -170,7 +171,7 @@ pub(super) enum Refused {
 
 impl Refused {
     /// The `cause` label of `veil_handshake_failures_total`.
-    fn cause(&self) -> &'static str {
+    pub(super) fn cause(&self) -> &'static str {
         match self {
             Refused::HandshakeTimeout => "timeout",
             Refused::Tls(_) => "tls",
@@ -194,7 +195,7 @@ async fn connection<S: Carrier>(
     peer: SocketAddr,
     permit: Permit,
     acceptor: TlsAcceptor,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) -> Result<SessionEnd, Refused> {
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
         .await
@@ -208,10 +209,51 @@ async fn connection<S: Carrier>(
             return Err(stranger);
         }
     };
-    let mut stream = Stream::new(tls);
+    run_session(
+        shared,
+        record,
+        peer,
+        permit,
+        Stream::new(tls),
+        ServerSession::new,
+        stopped,
+    )
+    .await
+}
+
+/// What differs between the transports once a client is authenticated.
+pub(super) trait SessionTransport: Transport {
+    /// Authenticated and admitted: full-size buffers from now on.
+    fn admitted(&mut self) {}
+    /// Writes what is queued (a refusal) and lets go of the connection.
+    async fn refuse(&mut self);
+}
+
+impl<S: Carrier> SessionTransport for Stream<TlsStream<S>> {
+    fn admitted(&mut self) {
+        self.get_mut().get_mut().0.authenticated();
+    }
+
+    async fn refuse(&mut self) {
+        linger(self).await
+    }
+}
+
+/// An authenticated client on any transport: revocation, its address, its
+/// place among the clients, then the pump until the session ends.
+/// `new_session` makes the transport's session.
+pub(super) async fn run_session<T: SessionTransport>(
+    shared: &Arc<Shared>,
+    record: ClientRecord,
+    peer: SocketAddr,
+    permit: Permit,
+    mut transport: T,
+    new_session: impl FnOnce(ServerConfig, Instant) -> Result<ServerSession, ProtoError>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<SessionEnd, Refused> {
     let name = record.name.clone();
     if record.revoked.is_some() {
-        stream.close(CLOSE_TIMEOUT).await;
+        transport.close(CLOSE_TIMEOUT).await;
         return Err(Refused::Revoked(name));
     }
     let internal = |name: &str| {
@@ -219,7 +261,7 @@ async fn connection<S: Carrier>(
         move |source: anyhow::Error| Refused::Internal { name, source }
     };
     let vip = shared.lease(&name).map_err(internal(&name))?;
-    let mut session = ServerSession::new(
+    let mut session = new_session(
         ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             keepalive_timeout: PEER_TIMEOUT,
@@ -242,10 +284,10 @@ async fn connection<S: Carrier>(
         session.refuse(503, "the gateway is full");
         while let Some(output) = session.poll_output() {
             if let Output::Send(bytes) = output {
-                stream.out_mut().extend_from_slice(&bytes);
+                transport.out_mut().extend_from_slice(&bytes);
             }
         }
-        linger(&mut stream).await;
+        transport.refuse().await;
         return Err(Refused::Full {
             name,
             max: shared.cfg.max_clients,
@@ -255,7 +297,7 @@ async fn connection<S: Carrier>(
     // Authenticated and admitted: `--max-clients` bounds it from now on,
     // and it reads through a full-size buffer.
     drop(permit);
-    stream.get_mut().get_mut().0.authenticated();
+    transport.admitted();
     info!(client = %name, %vip, "session started");
     debug!(client = %name, %peer, "the session's connection comes from here");
     let mut side = GatewaySide {
@@ -268,16 +310,16 @@ async fn connection<S: Carrier>(
         gro: Coalescer::new(),
     };
     let mut buf = vec![0u8; 64 * 1024];
-    let end = pump::run(&mut session, &mut stream, &mut side, LIMITS, &mut buf).await;
+    let end = pump::run(&mut session, &mut transport, &mut side, LIMITS, &mut buf).await;
     shared.detach(&name, vip, generation);
     // Its queue and buffers go now, not after the goodbye.
     drop(side);
     drop((rx, session, buf));
     let (reason, flush) = describe(end);
     if !flush {
-        stream.discard();
+        transport.discard();
     }
-    stream.close(CLOSE_TIMEOUT).await;
+    transport.close(CLOSE_TIMEOUT).await;
     Ok(SessionEnd { name, vip, reason })
 }
 
@@ -305,6 +347,14 @@ impl Shared {
             .peer_certificates()
             .and_then(|c| c.first())
             .ok_or(Refused::NoCertificate)?;
+        self.authenticate_cert(cert)
+    }
+
+    /// The registry's record of the client with this certificate.
+    pub(super) fn authenticate_cert(
+        &self,
+        cert: &rustls::pki_types::CertificateDer<'_>,
+    ) -> Result<ClientRecord, Refused> {
         let fingerprint = fingerprint(cert);
         let known = self
             .registry

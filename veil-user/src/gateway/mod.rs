@@ -17,6 +17,7 @@ mod dns;
 mod fairuse;
 pub mod fallback;
 mod forward;
+mod h3;
 mod packets;
 mod registry;
 mod session;
@@ -58,6 +59,8 @@ use crate::{
 pub struct GatewayConfig {
     pub iface: String,
     pub listen: SocketAddr,
+    /// Serve HTTP/3 on UDP at the `listen` address too.
+    pub h3: bool,
     pub endpoint: Option<String>,
     /// The plain-HTTP listener for WebSocket upgrades, if any, and the
     /// path they are taken on.
@@ -238,7 +241,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .with_context(|| format!("opening the state directory {}", cfg.state_dir.display()))?;
     let ca = state.ca().context("loading the gateway's CA")?;
     let (cert, key, operator) = server_identity(&cfg, &state, &ca)?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(&ca.cert_pem, &cert, &key)?));
+    let tls_config = tls::server_config(&ca.cert_pem, &cert, &key)?;
+    let quic = match cfg.h3 {
+        true => Some(h3::endpoint(cfg.listen, tls_config.clone())?),
+        false => None,
+    };
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
     let fallback = fallback::Fallback::from_settings(cfg.fallback, cfg.fallback_page.as_deref())
         .context("reading --fallback-page")?;
 
@@ -370,6 +378,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
             acceptor.clone(),
             stopped.clone(),
         ));
+    }
+    if let Some(quic) = quic {
+        tasks.spawn(h3::accept_loop(shared.clone(), quic, stopped.clone()));
     }
     let accept = accept::accept_loop(shared.clone(), listener, acceptor, stopped);
     tokio::select! {

@@ -140,7 +140,10 @@ pub(crate) fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
             push("udp64_pps", udp_pps(&ns, short, 64) / 1e3);
             push("udp1200_pps", udp_pps(&ns, short, 1200) / 1e3);
             push("conn_per_s", connections_per_sec(&world, short) / 1e3);
-            if matches!(kind, peers::Kind::Veil | peers::Kind::VeilWs) {
+            if matches!(
+                kind,
+                peers::Kind::Veil | peers::Kind::VeilH3 | peers::Kind::VeilWs
+            ) {
                 // What the gateway dropped, for reading the figures.
                 let status = world.status();
                 eprintln!("veil gateway counters: {}", status["counters"]);
@@ -199,18 +202,21 @@ pub(crate) fn peers_table(
     for n in &order {
         let _ = write!(out, " {n} |");
     }
-    // veil-ws (when measured) has its own column beside veil's.
-    let ws = order.contains(&"veil-ws");
-    let _ = writeln!(
-        out,
-        " veil ÷ direct | veil ÷ best peer |{}",
-        if ws { " veil-ws ÷ best peer |" } else { "" }
-    );
+    // veil-h3 and veil-ws (when measured) have their own columns.
+    let extra: Vec<&str> = ["veil-h3", "veil-ws"]
+        .into_iter()
+        .filter(|p| order.contains(p))
+        .collect();
+    let mut head = String::new();
+    for p in &extra {
+        let _ = write!(head, " {p} ÷ best peer | {p} ÷ veil |");
+    }
+    let _ = writeln!(out, " veil ÷ direct | veil ÷ best peer |{head}");
     let _ = writeln!(
         out,
         "|---|{}---:|---:|{}",
         "---:|".repeat(order.len()),
-        if ws { "---:|" } else { "" }
+        "---:|---:|".repeat(extra.len())
     );
     let peers = [
         "openvpn-udp",
@@ -254,8 +260,13 @@ pub(crate) fn peers_table(
             ratio(veil, direct),
             ratio(veil, best_peer)
         );
-        if ws {
-            let _ = write!(out, " {} |", ratio(median("veil-ws"), best_peer));
+        for p in &extra {
+            let _ = write!(
+                out,
+                " {} | {} |",
+                ratio(median(p), best_peer),
+                ratio(median(p), veil)
+            );
         }
         let _ = writeln!(out);
     }

@@ -1,0 +1,312 @@
+//! Both ends over HTTP/3, back to back in memory: the request stream's
+//! bytes one way, HTTP datagrams the other, on virtual time.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use super::*;
+use crate::{
+    capsule::{Capsule, IpAddressRange},
+    h3,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const SECOND: Duration = Duration::from_secs(1);
+
+struct Pair {
+    client: ClientSession,
+    server: ServerSession,
+    now: Instant,
+    client_out: Vec<Output>,
+    server_out: Vec<Output>,
+    client_wire: Vec<u8>,
+    server_wire: Vec<u8>,
+}
+
+fn split(outputs: Vec<Output>) -> (Vec<u8>, Vec<Vec<u8>>, Vec<Output>) {
+    let (mut bytes, mut datagrams, mut other) = (Vec::new(), Vec::new(), Vec::new());
+    for o in outputs {
+        match o {
+            Output::Send(b) => bytes.extend_from_slice(&b),
+            Output::Datagram(d) => datagrams.push(d),
+            o => other.push(o),
+        }
+    }
+    (bytes, datagrams, other)
+}
+
+fn drain(mut poll: impl FnMut() -> Option<Output>) -> Vec<Output> {
+    std::iter::from_fn(&mut poll).collect()
+}
+
+impl Pair {
+    fn new() -> Self {
+        let now = Instant::now();
+        Pair {
+            client: ClientSession::new_h3(ClientConfig::new("gw.example"), now, 0).unwrap(),
+            server: ServerSession::new_h3(ServerConfig::new(VIP), now, 0).unwrap(),
+            now,
+            client_out: Vec::new(),
+            server_out: Vec::new(),
+            client_wire: Vec::new(),
+            server_wire: Vec::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        loop {
+            let (c_bytes, c_dgrams, c_other) = split(drain(|| self.client.poll_output()));
+            let (s_bytes, s_dgrams, s_other) = split(drain(|| self.server.poll_output()));
+            self.client_out.extend(c_other);
+            self.server_out.extend(s_other);
+            if c_bytes.is_empty()
+                && s_bytes.is_empty()
+                && c_dgrams.is_empty()
+                && s_dgrams.is_empty()
+            {
+                return;
+            }
+            self.client_wire.extend_from_slice(&c_bytes);
+            self.server_wire.extend_from_slice(&s_bytes);
+            let _ = self.server.receive(&c_bytes, self.now);
+            let _ = self.client.receive(&s_bytes, self.now);
+            for d in c_dgrams {
+                self.server.receive_datagram(&d, self.now);
+            }
+            for d in s_dgrams {
+                self.client.receive_datagram(&d, self.now);
+            }
+        }
+    }
+
+    fn packets(outputs: &mut Vec<Output>) -> Vec<Vec<u8>> {
+        let mut packets = Vec::new();
+        outputs.retain(|o| match o {
+            Output::Packet(p) => {
+                packets.push(p.clone());
+                false
+            }
+            _ => true,
+        });
+        packets
+    }
+}
+
+#[test]
+fn the_handshake_assigns_the_address_and_its_first_bytes_are_the_documented_ones() {
+    let mut p = Pair::new();
+    p.pump();
+    assert!(p.client.is_established() && p.server.is_established());
+    assert_eq!(p.client.assigned(), Some((VIP, 32)));
+    assert_eq!(p.server.request().unwrap().host, "gw.example");
+    assert!(!p.client.offload() && !p.server.offload());
+    // The client's stream: the request, then one DATA frame with its
+    // ADDRESS_REQUEST.
+    let request = h3::request(
+        "gw.example",
+        crate::http::WELL_KNOWN_PATH,
+        DEFAULT_KEEPALIVE_INTERVAL,
+    );
+    assert_eq!(&p.client_wire[..request.len()], &request[..]);
+    assert_eq!(
+        &p.client_wire[request.len()..],
+        b"\x00\x09\x02\x07\x01\x04\x00\x00\x00\x00\x20"
+    );
+    // The gateway's: 200, then one DATA frame with ADDRESS_ASSIGN and
+    // ROUTE_ADVERTISEMENT (as over HTTP/1.1), then the answer.
+    let ok = h3::ok_response();
+    assert_eq!(&p.server_wire[..ok.len()], &ok[..]);
+    assert_eq!(
+        &p.server_wire[ok.len()..ok.len() + 2 + 21],
+        b"\x00\x15\x01\x07\x00\x04\x0a\x4d\x00\x02\x20\
+          \x03\x0a\x04\x00\x00\x00\x00\xff\xff\xff\xff\x00"
+    );
+    assert!(p
+        .client_out
+        .contains(&Output::Routes(vec![IpAddressRange::ALL_IPV4])));
+}
+
+#[test]
+fn packets_travel_as_http_datagrams_with_context_zero() {
+    let mut p = Pair::new();
+    p.pump();
+    p.client.send_packet(b"\x45up");
+    let datagram = drain(|| p.client.poll_output());
+    assert_eq!(datagram, vec![Output::Datagram(b"\x00\x00\x45up".to_vec())]);
+    p.server.receive_datagram(b"\x00\x00\x45up", p.now);
+    p.server.send_packet(b"\x45down");
+    p.pump();
+    assert_eq!(Pair::packets(&mut p.server_out), vec![b"\x45up".to_vec()]);
+    assert_eq!(Pair::packets(&mut p.client_out), vec![b"\x45down".to_vec()]);
+    assert_eq!(p.client.stats().packets_received, 1);
+}
+
+#[test]
+fn datagrams_for_another_request_or_context_are_dropped_and_counted() {
+    let mut p = Pair::new();
+    // Before the request: the tunnel is not up.
+    p.server.receive_datagram(b"\x00\x00\x45early", p.now);
+    p.pump();
+    for bad in [
+        &b"\x01\x00\x45x"[..],
+        b"\x00\x02\x45x",
+        b"\x00",
+        b"",
+        b"\x40",
+    ] {
+        p.server.receive_datagram(bad, p.now);
+    }
+    // The same Quarter Stream ID in a longer encoding is the same request.
+    p.server.receive_datagram(b"\x40\x00\x00\x45ok", p.now);
+    p.pump();
+    assert_eq!(Pair::packets(&mut p.server_out), vec![b"\x45ok".to_vec()]);
+    assert_eq!(p.server.stats().datagrams_dropped, 6);
+    assert!(!p.server.is_closed());
+}
+
+#[test]
+fn a_refusal_reaches_the_client_with_its_message() {
+    let mut p = Pair::new();
+    p.server.refuse(503, "the gateway is full");
+    p.pump();
+    assert_eq!(
+        p.client.close_reason(),
+        Some(&CloseReason::Refused {
+            status: 503,
+            reason: "Service Unavailable".into(),
+            message: Some("the gateway is full".into()),
+        })
+    );
+}
+
+#[test]
+fn a_request_that_is_not_connect_ip_gets_400_with_the_reason() {
+    let now = Instant::now();
+    let mut server = ServerSession::new_h3(ServerConfig::new(VIP), now, 0).unwrap();
+    let mut block = Vec::new();
+    h3::encode_fields(
+        &[
+            h3::Field::new(":method", "GET"),
+            h3::Field::new(":scheme", "https"),
+        ],
+        &mut block,
+    );
+    let mut frame = vec![0x01, block.len() as u8];
+    frame.extend_from_slice(&block);
+    assert!(server.receive(&frame, now).is_err());
+    let (bytes, _, other) = split(drain(|| server.poll_output()));
+    assert!(matches!(
+        other.last(),
+        Some(Output::Close {
+            reason: CloseReason::BadRequest(_)
+        })
+    ));
+    let mut client = ClientSession::new_h3(ClientConfig::new("gw"), now, 0).unwrap();
+    drain(|| client.poll_output());
+    let _ = client.receive(&bytes, now);
+    client.receive_eof();
+    assert!(matches!(
+        client.close_reason(),
+        Some(CloseReason::Refused { status: 400, message: Some(m), .. }) if m.contains(":method")
+    ));
+}
+
+#[test]
+fn data_before_the_request_or_a_settings_frame_closes_the_session() {
+    let now = Instant::now();
+    let mut server = ServerSession::new_h3(ServerConfig::new(VIP), now, 0).unwrap();
+    assert!(server.receive(b"\x00\x01\x00", now).is_err());
+    let mut p = Pair::new();
+    p.pump();
+    assert!(p.server.receive(b"\x04\x00", p.now).is_err());
+    assert!(p.server.is_closed());
+}
+
+#[test]
+fn keepalive_and_capsules_ride_data_frames() {
+    let mut p = Pair::new();
+    p.pump();
+    p.now += DEFAULT_KEEPALIVE_INTERVAL + SECOND;
+    p.client.handle_timeout(p.now);
+    p.pump();
+    assert_eq!(p.client.stats().pongs_received, 1);
+    // A capsule split across DATA frames and stream reads arrives whole.
+    let mut ping = Vec::new();
+    Capsule::Ping(9).encode(&mut ping).unwrap();
+    let mut stream = Vec::new();
+    for half in ping.chunks(ping.len() / 2 + 1) {
+        h3::data_frame_header(half.len(), &mut stream);
+        stream.extend_from_slice(half);
+    }
+    for b in stream.chunks(3) {
+        p.server.receive(b, p.now).unwrap();
+    }
+    p.pump();
+    assert_eq!(p.server.stats().pongs_sent, 2);
+    // Silence past the timeout is a dead peer, as over TCP.
+    p.now += DEFAULT_KEEPALIVE_TIMEOUT + SECOND;
+    p.server.handle_timeout(p.now);
+    assert!(matches!(
+        p.server.close_reason(),
+        Some(CloseReason::PeerDead { .. })
+    ));
+}
+
+#[test]
+fn a_packet_with_df_too_large_for_a_datagram_gets_frag_needed_on_the_client_and_fragments_on_the_gateway(
+) {
+    let mut p = Pair::new();
+    p.pump();
+    // An IPv4/TCP packet of 1400 bytes with DF, from 10.77.0.2 to 198.18.0.2.
+    let mut packet = vec![0u8; 1400];
+    packet[..20].copy_from_slice(&[
+        0x45, 0, 0x05, 0x78, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 77, 0, 2, 198, 18, 0, 2,
+    ]);
+    p.client.set_max_datagram(Some(1202));
+    p.client.send_packet(&packet);
+    let out = drain(|| p.client.poll_output());
+    let [Output::Packet(icmp)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((icmp[20], icmp[21]), (3, 4), "fragmentation needed");
+    assert_eq!(
+        u16::from_be_bytes([icmp[26], icmp[27]]),
+        1200,
+        "next-hop MTU"
+    );
+    assert_eq!(&icmp[12..16], &[198, 18, 0, 2]);
+    assert_eq!(&icmp[16..20], &[10, 77, 0, 2]);
+    assert_eq!(crate::packet::checksum(&icmp[20..]), 0);
+    assert_eq!(p.client.stats().packets_not_sent, 1);
+    // One that fits goes as before.
+    p.client.send_packet(&packet[..1200]);
+    assert!(matches!(
+        &drain(|| p.client.poll_output())[..],
+        [Output::Datagram(d)] if d.len() == 1202
+    ));
+    // The gateway, which cannot tell the sender, fragments it over DF.
+    p.server.set_max_datagram(Some(1202));
+    p.server.send_packet(&packet);
+    assert_eq!(drain(|| p.server.poll_output()).len(), 2);
+}
+
+#[test]
+fn a_packet_without_df_too_large_for_a_datagram_is_fragmented_on_either_end() {
+    let mut p = Pair::new();
+    p.pump();
+    // A UDP reply of 1500 bytes without DF, from 198.18.0.2 to 10.77.0.2.
+    let mut packet = vec![7u8; 1500];
+    packet[..20].copy_from_slice(&[
+        0x45, 0, 0x05, 0xdc, 0, 1, 0, 0, 64, 17, 0, 0, 198, 18, 0, 2, 10, 77, 0, 2,
+    ]);
+    p.server.set_max_datagram(Some(1202));
+    p.server.send_packet(&packet);
+    let out = drain(|| p.server.poll_output());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, Output::Datagram(d) if d.len() <= 1202)));
+    assert_eq!(p.server.stats().packets_sent, 2);
+}

@@ -1,0 +1,368 @@
+//! The HTTP/3 transport, shared by client and gateway: QUIC (quinn) with
+//! the same TLS identities as the TCP transport, the HTTP/3 control
+//! streams, and [`QuicTransport`], the [`Transport`] a pump runs on: the
+//! request stream's bytes through a [`Stream`], packets as QUIC DATAGRAM
+//! frames (RFC 9221) carrying HTTP datagrams (RFC 9297).
+//!
+//! The HTTP/3 bytes themselves (frames, SETTINGS, QPACK) are
+//! `veil_proto::h3`'s; the session state machine is the same one the TCP
+//! transport runs.
+
+use std::{
+    collections::VecDeque, future::Future, io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
+};
+
+use bytes::Bytes;
+use quinn::{
+    crypto::rustls::{QuicClientConfig, QuicServerConfig},
+    Connection, RecvStream, SendDatagramError, SendStream, TransportConfig, VarInt,
+};
+use tokio::{io::Join, time::Instant};
+use veil_proto::h3::{self, ControlReader, Settings};
+
+use crate::stream::{Event, Stream, Transport};
+
+/// HTTP/3's "no error" code, for a connection closed at the end of a
+/// session (RFC 9114 §8.1).
+pub const H3_NO_ERROR: u32 = 0x100;
+/// HTTP/3's "general protocol error", for a peer that broke the rules.
+pub const H3_GENERAL_PROTOCOL_ERROR: u32 = 0x101;
+/// How much quinn buffers of our datagrams before we stop taking packets
+/// from the local side: what a gigabit carries in a millisecond. It is a
+/// queue in front of every packet (and ping) that follows: 512 KiB made
+/// RTT under load 12 ms (see docs/performance.md).
+const DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
+/// How much of the peer's datagrams quinn holds until the pump reads them.
+const DATAGRAM_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+/// QUIC's own idle timeout: longer than any session's keepalive timeout,
+/// which decides first (and says why).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why an HTTP/3 connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("TLS configuration not usable for QUIC: {0}")]
+    Crypto(String),
+    #[error("the connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("a stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("the peer's control stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("the peer's control stream: {0}")]
+    Protocol(#[from] veil_proto::ProtoError),
+    #[error("the peer closed its control stream before its SETTINGS")]
+    NoSettings,
+    #[error("the peer does not take HTTP datagrams (SETTINGS_H3_DATAGRAM)")]
+    NoDatagrams,
+    #[error("the gateway does not take extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)")]
+    NoExtendedConnect,
+    #[error("the peer's QUIC connection does not take DATAGRAM frames")]
+    NoQuicDatagrams,
+}
+
+/// The transport parameters both ends use.
+pub fn transport_config() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT.try_into().expect("idle timeout in range"),
+    ))
+    .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
+    .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER))
+    // One request stream and the HTTP/3 control and QPACK streams.
+    .max_concurrent_bidi_streams(VarInt::from_u32(1))
+    .max_concurrent_uni_streams(VarInt::from_u32(3));
+    t
+}
+
+/// The gateway's QUIC configuration from its TLS one (same CA, same
+/// certificate, client certificates required), with ALPN `h3`.
+pub fn server_config(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, QuicError> {
+    tls.alpn_protocols = vec![h3::ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    // A client whose address changes keeps its connection.
+    config.migration(true);
+    Ok(config)
+}
+
+/// The client's QUIC configuration from its TLS one, with ALPN `h3`.
+pub fn client_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
+    tls.alpn_protocols = vec![h3::ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// An HTTP/3 connection's control streams: ours, kept open for the
+/// connection's life (closing it is a connection error), and the peer's,
+/// read up to its SETTINGS.
+pub struct Control {
+    _ours: SendStream,
+    _theirs: RecvStream,
+    pub settings: Settings,
+}
+
+/// Opens our control stream with SETTINGS and reads the peer's SETTINGS.
+/// Other unidirectional streams the peer opens first are refused (QPACK
+/// streams carry nothing with a dynamic table of 0 bytes).
+pub async fn control(conn: &Connection) -> Result<Control, QuicError> {
+    let mut ours = conn.open_uni().await?;
+    ours.write_all(&h3::control_stream_preface()).await?;
+    loop {
+        let mut theirs = conn.accept_uni().await?;
+        let mut buf = [0u8; 256];
+        let mut head = Vec::new();
+        let mut reader: Option<ControlReader> = None;
+        loop {
+            let Some(n) = theirs.read(&mut buf).await? else {
+                break;
+            };
+            let bytes = &buf[..n];
+            let bytes = match &mut reader {
+                Some(_) => bytes,
+                None => {
+                    head.extend_from_slice(bytes);
+                    let Some((kind, used)) = veil_proto::varint::decode(&head) else {
+                        continue;
+                    };
+                    if kind != h3::STREAM_CONTROL {
+                        break; // Not the control stream: dropped.
+                    }
+                    reader = Some(ControlReader::default());
+                    let rest = head.split_off(used);
+                    head = rest;
+                    &head[..]
+                }
+            };
+            let r = reader.as_mut().expect("set above");
+            if let Some(settings) = r.feed(bytes)? {
+                return Ok(Control {
+                    _ours: ours,
+                    _theirs: theirs,
+                    settings,
+                });
+            }
+        }
+        if reader.is_some() {
+            return Err(QuicError::NoSettings);
+        }
+    }
+}
+
+/// The request stream, as a byte stream for [`Stream`].
+pub type RequestStream = Join<RecvStream, SendStream>;
+
+/// A session's transport over HTTP/3.
+pub struct QuicTransport {
+    conn: Connection,
+    stream: Stream<RequestStream>,
+    _control: Control,
+    outbox: Outbox,
+}
+
+/// quinn taking one datagram once its buffer has room.
+type Sending = Pin<Box<dyn Future<Output = Result<(), SendDatagramError>> + Send>>;
+
+/// Datagrams on their way into quinn's send buffer.
+struct Outbox {
+    conn: Connection,
+    /// Waiting for room, and their bytes.
+    queued: VecDeque<Bytes>,
+    queued_bytes: usize,
+    /// The datagram being handed to quinn once it has room.
+    sending: Option<Sending>,
+    /// Datagrams too large for the path, dropped.
+    too_large: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, datagram: Bytes) {
+        // Straight to quinn while it has room and nothing waits before it.
+        if self.queued.is_empty()
+            && self.sending.is_none()
+            && self.conn.datagram_send_buffer_space() >= datagram.len()
+        {
+            if let Err(SendDatagramError::TooLarge) = self.conn.send_datagram(datagram) {
+                self.too_large += 1;
+            }
+            // Other errors show on the next read: the connection is gone.
+            return;
+        }
+        self.queued_bytes += datagram.len();
+        self.queued.push_back(datagram);
+    }
+
+    /// Hands queued datagrams to quinn as it makes room; completes once
+    /// one went, never if none is queued. Cancel-safe: the datagram being
+    /// handed over is kept in `self`.
+    async fn send_queued(&mut self) -> io::Result<()> {
+        loop {
+            if let Some(sending) = &mut self.sending {
+                let r = sending.await;
+                self.sending = None;
+                return match r {
+                    Ok(()) => Ok(()),
+                    // Larger than the path takes now: the packet is lost,
+                    // as on a link with a smaller MTU.
+                    Err(SendDatagramError::TooLarge) => {
+                        self.too_large += 1;
+                        Ok(())
+                    }
+                    Err(e) => Err(io::Error::other(e)),
+                };
+            }
+            let Some(front) = self.queued.pop_front() else {
+                return std::future::pending().await;
+            };
+            self.queued_bytes -= front.len();
+            let conn = self.conn.clone();
+            self.sending = Some(Box::pin(
+                async move { conn.send_datagram_wait(front).await },
+            ));
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.queued_bytes + usize::from(self.sending.is_some())
+    }
+
+    fn clear(&mut self) {
+        self.queued.clear();
+        self.queued_bytes = 0;
+    }
+}
+
+impl QuicTransport {
+    pub fn new(conn: Connection, control: Control, send: SendStream, recv: RecvStream) -> Self {
+        QuicTransport {
+            stream: Stream::new(tokio::io::join(recv, send)),
+            _control: control,
+            outbox: Outbox {
+                conn: conn.clone(),
+                queued: VecDeque::new(),
+                queued_bytes: 0,
+                sending: None,
+                too_large: 0,
+            },
+            conn,
+        }
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Datagrams dropped as too large for the path.
+    pub fn too_large(&self) -> u64 {
+        self.outbox.too_large
+    }
+
+    /// Closes the connection at once, telling the peer why (`code`).
+    pub fn close_connection(&self, code: u32) {
+        self.conn.close(VarInt::from_u32(code), b"");
+    }
+}
+
+impl Transport for QuicTransport {
+    fn out_mut(&mut self) -> &mut Vec<u8> {
+        self.stream.out_mut()
+    }
+
+    fn pending(&self) -> usize {
+        self.stream.pending() + self.outbox.pending()
+    }
+
+    fn stalled_since(&self) -> Option<Instant> {
+        self.stream.stalled_since()
+    }
+
+    async fn next(&mut self, buf: &mut [u8], read: bool) -> io::Result<Event> {
+        let QuicTransport {
+            conn,
+            stream,
+            outbox,
+            ..
+        } = self;
+        tokio::select! {
+            d = conn.read_datagram() => d.map(Event::Datagram).map_err(io::Error::other),
+            r = outbox.send_queued() => r.map(|()| Event::Wrote),
+            e = stream.next(buf, read) => e,
+        }
+    }
+
+    fn send_datagram(&mut self, datagram: Vec<u8>) {
+        self.outbox.push(Bytes::from(datagram));
+    }
+
+    fn max_datagram(&self) -> Option<usize> {
+        self.conn.max_datagram_size()
+    }
+
+    fn try_datagram(&mut self) -> Option<Bytes> {
+        // Polled once, never waited on: a datagram already queued comes
+        // back, otherwise nothing (and no wake-up is left registered).
+        let read = std::pin::pin!(self.conn.read_datagram());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match read.poll(&mut cx) {
+            std::task::Poll::Ready(Ok(datagram)) => Some(datagram),
+            _ => None,
+        }
+    }
+
+    fn discard(&mut self) {
+        self.stream.discard();
+        self.outbox.clear();
+    }
+
+    async fn close(&mut self, timeout: Duration) {
+        // The request stream ends (FIN) once its bytes are written; the
+        // connection closes when the peer closes it or after `timeout`.
+        self.stream.close(timeout).await;
+        let _ = tokio::time::timeout(timeout, self.conn.closed()).await;
+        self.close_connection(H3_NO_ERROR);
+    }
+}
+
+/// Opens the request stream and returns its id (for the datagrams' Quarter
+/// Stream ID).
+pub async fn open_request(conn: &Connection) -> Result<(SendStream, RecvStream, u64), QuicError> {
+    let (send, recv) = conn.open_bi().await?;
+    let id = VarInt::from(send.id()).into_inner();
+    Ok((send, recv, id))
+}
+
+/// Accepts the client's request stream and returns its id.
+pub async fn accept_request(conn: &Connection) -> Result<(SendStream, RecvStream, u64), QuicError> {
+    let (send, recv) = conn.accept_bi().await?;
+    let id = VarInt::from(send.id()).into_inner();
+    Ok((send, recv, id))
+}
+
+/// Checks what both ends need of the peer: HTTP datagrams at both layers
+/// and, from a gateway, extended CONNECT.
+pub fn check_peer(
+    conn: &Connection,
+    settings: &Settings,
+    peer_is_server: bool,
+) -> Result<(), QuicError> {
+    if !settings.datagram {
+        return Err(QuicError::NoDatagrams);
+    }
+    if peer_is_server && !settings.extended_connect {
+        return Err(QuicError::NoExtendedConnect);
+    }
+    if conn.max_datagram_size().is_none() {
+        return Err(QuicError::NoQuicDatagrams);
+    }
+    Ok(())
+}
+
+/// A UDP socket for a QUIC endpoint at `addr`.
+pub fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}

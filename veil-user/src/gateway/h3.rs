@@ -1,0 +1,138 @@
+//! HTTP/3 on UDP at the tunnel listener's address: the QUIC handshake with
+//! the same certificates and CA as TLS over TCP, the HTTP/3 control
+//! streams, the client's request stream, then the same session, lease,
+//! admission and pump as over TCP ([`super::accept::run_session`]).
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use anyhow::{Context, Result};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+use tracing::{debug, info};
+use veil_proto::session::ServerSession;
+use veil_tunnel::quic::{self, QuicTransport};
+
+use super::{
+    accept::{run_session, Refused, SessionTransport},
+    Shared, CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT,
+};
+use crate::admission::Permit;
+
+/// The QUIC endpoint on UDP at `listen`, with the gateway's TLS identity.
+pub(super) fn endpoint(listen: SocketAddr, tls: rustls::ServerConfig) -> Result<quinn::Endpoint> {
+    let config = quic::server_config(tls)?;
+    let socket = quic::udp_socket(listen).with_context(|| {
+        format!(
+            "serving HTTP/3 on UDP {listen} (something else on that port? --no-h3 turns it off)"
+        )
+    })?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")
+}
+
+pub(super) async fn accept_loop(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    while let Some(incoming) = endpoint.accept().await {
+        let peer = incoming.remote_address();
+        // The same caps on strangers as over TCP; a QUIC Initial from a
+        // spoofed address costs a retry at most (quinn validates
+        // addresses before it keeps state for long).
+        let permit = match shared.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(turned) => {
+                shared.counters.refused(turned.cause());
+                debug!(%peer, "QUIC connection turned away: {turned}");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let (shared, stopped) = (shared.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match connection(&shared, incoming, peer, permit, stopped).await {
+                Ok(end) => {
+                    info!(client = %end.name, vip = %end.vip, transport = "h3",
+                        secs = started.elapsed().as_secs(), "session ended: {}", end.reason);
+                }
+                Err(e) => {
+                    shared.counters.refused(e.cause());
+                    info!(transport = "h3", "session refused: {e}");
+                    debug!(%peer, "the refused connection came from here");
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// One QUIC connection, from its first packet to close.
+async fn connection(
+    shared: &Arc<Shared>,
+    incoming: quinn::Incoming,
+    peer: SocketAddr,
+    permit: Permit,
+    stopped: watch::Receiver<bool>,
+) -> Result<super::accept::SessionEnd, Refused> {
+    let tls_failed = |e: &dyn std::fmt::Display| Refused::Tls(std::io::Error::other(e.to_string()));
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        incoming
+            .accept()
+            .map_err(|e| tls_failed(&e))?
+            .await
+            .map_err(|e| tls_failed(&e))
+    })
+    .await
+    .map_err(|_| Refused::HandshakeTimeout)??;
+    let record = {
+        let identity = conn.peer_identity();
+        let cert = identity
+            .as_ref()
+            .and_then(|any| any.downcast_ref::<Vec<CertificateDer<'static>>>())
+            .and_then(|certs| certs.first())
+            .ok_or(Refused::NoCertificate)?;
+        shared.authenticate_cert(cert)?
+    };
+    // The HTTP/3 setup and the request stream: within the handshake time.
+    let setup = async {
+        let control = quic::control(&conn).await?;
+        quic::check_peer(&conn, &control.settings, false)?;
+        let (send, recv, id) = quic::accept_request(&conn).await?;
+        Ok::<_, quic::QuicError>((control, send, recv, id))
+    };
+    let (control, send, recv, id) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(e)) => {
+            conn.close(quic::H3_GENERAL_PROTOCOL_ERROR.into(), b"");
+            return Err(tls_failed(&format!("HTTP/3 setup: {e}")));
+        }
+        Err(_) => {
+            conn.close(quic::H3_GENERAL_PROTOCOL_ERROR.into(), b"");
+            return Err(Refused::HandshakeTimeout);
+        }
+    };
+    let transport = QuicTransport::new(conn, control, send, recv);
+    run_session(
+        shared,
+        record,
+        peer,
+        permit,
+        transport,
+        |config, now| ServerSession::new_h3(config, now, id),
+        stopped,
+    )
+    .await
+}
+
+impl SessionTransport for QuicTransport {
+    async fn refuse(&mut self) {
+        veil_tunnel::stream::Transport::close(self, CLOSE_TIMEOUT).await
+    }
+}
