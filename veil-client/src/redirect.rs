@@ -150,7 +150,7 @@ fn ruleset(port: u16) -> String {
          delete table ip {TABLE}\n\
          table ip {TABLE} {{\n\
          \tchain output {{\n\
-         \t\ttype nat hook output priority dstnat; policy accept;\n\
+         \t\ttype nat hook output priority -100; policy accept;\n\
          \t\tmeta mark {MARK:#x} return\n\
          \t\tip daddr 127.0.0.0/8 return\n\
          \t\tmeta l4proto tcp redirect to :{port}\n\

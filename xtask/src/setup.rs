@@ -24,6 +24,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
     ("iputils-ping", "ping"),
+    // The SOCKS and redirect tests' client; shadowsocks is what the
+    // SOCKS benchmark compares veil with (`ss-local`, `ss-server`).
+    ("curl", "curl"),
+    ("shadowsocks-libev", "ss-local"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

@@ -7,6 +7,8 @@
 //!   device to a sink in a remote namespace, through veil's datapath and,
 //!   on the same topology, through the kernel's routing + MASQUERADE,
 //! - flow creations and deletions per second through the flow API.
+//!
+//! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
 
 use std::{
     io::Write,
@@ -35,8 +37,9 @@ fn main() {
         "datapath" => datapath(quick),
         "tunnel" => tunnel(quick),
         "peers" => peers(quick, only()),
+        "socks" => socks(quick),
         other => {
-            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers");
+            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers, socks");
             std::process::exit(2);
         }
     }
@@ -45,10 +48,11 @@ fn main() {
 mod datapath;
 mod measure;
 mod peers;
+mod socks;
 mod tunnel;
 
 #[allow(
     unused_imports,
     reason = "the modules share one import list through `use super::*`"
 )]
-use self::{datapath::*, measure::*, peers::*, tunnel::*};
+use self::{datapath::*, measure::*, peers::*, socks::*, tunnel::*};
