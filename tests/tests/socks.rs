@@ -411,3 +411,43 @@ fn redirect_rules_carry_an_unmodified_curl_and_leave_the_ruleset_as_it_was() {
     client.stop();
     assert_eq!(ruleset(), before, "the ruleset exactly as before");
 }
+
+/// Sends `msg` to an echo server and reads it back.
+fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn beside_the_tun_device_both_kinds_of_stream_survive_a_reconnect() {
+    let world = World::new(1, &["--grace", "10"]);
+    let profile = world.add_client("both", 1);
+    let mut client = world.start_client_with(1, &profile, true, &["--socks", PROXY, "--tun", "veil0"]);
+    let (mut via_socks, mut via_tun) = world.client(1).enter(|| {
+        let (code, bound, s) = socks_request(1, &ipv4_target(REMOTE, 7));
+        assert_eq!(code, 0);
+        assert!(bound.port() >= 61000, "the stack's ports are above the kernel's: {bound}");
+        let t = TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        (s, t)
+    });
+    assert_eq!(echo(&mut via_socks, b"socks before"), b"socks before");
+    assert_eq!(echo(&mut via_tun, b"tun before"), b"tun before");
+
+    // The tunnel's connection breaks (a reset, as a NAT box forgetting it
+    // would cause): the client reconnects, the streams carry on.
+    let killed = world
+        .client(1)
+        .exec("ss", &["-K", "dst", "10.200.1.1", "dport", "=", "443"]);
+    assert!(killed.status.success(), "ss -K: {killed:?}");
+    veil_tests::wait_until("the tunnel to break", Duration::from_secs(5), || {
+        client.log().contains("reconnecting")
+    });
+    assert_eq!(echo(&mut via_socks, b"socks after"), b"socks after");
+    assert_eq!(echo(&mut via_tun, b"tun after"), b"tun after");
+    assert!(world.servers.seen().iter().all(|a| *a == PUBLIC));
+    client.stop();
+}
