@@ -151,7 +151,13 @@ fn start_unprivileged(world: &World, extra: &[&str]) -> Proc {
     std::os::unix::fs::chown(&profile, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).unwrap();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", world.client(1).name()])
-        .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ])
         .arg(workspace_bin("veil-client"))
         .arg("--profile")
         .arg(&profile)
@@ -196,8 +202,9 @@ fn socks_request(cmd: u8, target: &[u8]) -> (u8, SocketAddrV4, TcpStream) {
     let mut choice = [0u8; 2];
     s.read_exact(&mut choice).unwrap();
     assert_eq!(choice, [5, 0], "no authentication on loopback");
-    s.write_all(&[5, cmd, 0]).unwrap();
-    s.write_all(target).unwrap();
+    let mut request = vec![5, cmd, 0];
+    request.extend_from_slice(target);
+    s.write_all(&request).unwrap();
     let mut reply = [0u8; 10];
     s.read_exact(&mut reply).expect("the SOCKS reply");
     assert_eq!((reply[0], reply[3]), (5, 1), "an IPv4 reply: {reply:?}");
@@ -264,7 +271,11 @@ fn socks_fetches_a_big_file_by_name_through_the_tunnel_without_tun_or_root() {
         client.log()
     );
     assert_eq!(file_sha256(&out), sha256(&big_file()), "50 MB intact");
-    assert_eq!(remote.seen(), vec![PUBLIC], "the remote saw only the gateway");
+    assert_eq!(
+        remote.seen(),
+        vec![PUBLIC],
+        "the remote saw only the gateway"
+    );
     assert_eq!(
         local.seen().len(),
         asked_locally,
@@ -297,9 +308,15 @@ fn socks_udp_associate_carries_a_dns_query() {
         datagram.extend_from_slice(&query.to_vec().unwrap());
         udp.send_to(&datagram, relay).unwrap();
         let mut buf = [0u8; 1500];
-        let (n, _) = udp.recv_from(&mut buf).expect("an answer through the relay");
+        let (n, _) = udp
+            .recv_from(&mut buf)
+            .expect("an answer through the relay");
         drop(control);
-        assert_eq!(&buf[..10], &[0, 0, 0, 1, 198, 18, 0, 2, 0, 53], "from the resolver");
+        assert_eq!(
+            &buf[..10],
+            &[0, 0, 0, 1, 198, 18, 0, 2, 0, 53],
+            "from the resolver"
+        );
         Message::from_vec(&buf[10..n]).expect("a DNS answer")
     });
     assert_eq!(answer.metadata.id, 0x5e11);
@@ -357,7 +374,10 @@ fn socks_reports_a_closed_port_within_a_second_and_half_closes_both_ways() {
 #[test]
 fn redirect_rules_carry_an_unmodified_curl_and_leave_the_ruleset_as_it_was() {
     let (world, _internet, _local, remote) = world();
-    let ruleset = || String::from_utf8_lossy(&world.client(1).exec("nft", &["list", "ruleset"]).stdout).into_owned();
+    let ruleset = || {
+        String::from_utf8_lossy(&world.client(1).exec("nft", &["list", "ruleset"]).stdout)
+            .into_owned()
+    };
     // Something of the user's own, which must survive untouched.
     world
         .client(1)
@@ -365,7 +385,12 @@ fn redirect_rules_carry_an_unmodified_curl_and_leave_the_ruleset_as_it_was() {
     let before = ruleset();
     let mut client = start_root(
         &world,
-        &["--redirect", "127.0.0.1:4333", "--redirect-rules", "--no-dns"],
+        &[
+            "--redirect",
+            "127.0.0.1:4333",
+            "--redirect-rules",
+            "--no-dns",
+        ],
     );
     assert!(ruleset().contains("veil_redirect"));
     let links = ip_out(world.client(1), &["-o", "link"]);
@@ -406,7 +431,11 @@ fn redirect_rules_carry_an_unmodified_curl_and_leave_the_ruleset_as_it_was() {
         assert!(started.elapsed() < Duration::from_secs(1));
     });
     assert!(remote.seen().iter().all(|a| *a == PUBLIC));
-    assert_eq!(world.servers.seen(), vec![PUBLIC], "the web server saw the gateway");
+    assert_eq!(
+        world.servers.seen(),
+        vec![PUBLIC],
+        "the web server saw the gateway"
+    );
 
     client.stop();
     assert_eq!(ruleset(), before, "the ruleset exactly as before");
@@ -424,11 +453,15 @@ fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
 fn beside_the_tun_device_both_kinds_of_stream_survive_a_reconnect() {
     let world = World::new(1, &["--grace", "10"]);
     let profile = world.add_client("both", 1);
-    let mut client = world.start_client_with(1, &profile, true, &["--socks", PROXY, "--tun", "veil0"]);
+    let mut client =
+        world.start_client_with(1, &profile, true, &["--socks", PROXY, "--tun", "veil0"]);
     let (mut via_socks, mut via_tun) = world.client(1).enter(|| {
         let (code, bound, s) = socks_request(1, &ipv4_target(REMOTE, 7));
         assert_eq!(code, 0);
-        assert!(bound.port() >= 61000, "the stack's ports are above the kernel's: {bound}");
+        assert!(
+            bound.port() >= 61000,
+            "the stack's ports are above the kernel's: {bound}"
+        );
         let t = TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();

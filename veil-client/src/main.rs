@@ -476,7 +476,7 @@ impl Tunnel<'_> {
     ) -> Result<()> {
         let mark = self.cli.redirect_rules.then_some(redirect::MARK);
         let tcp =
-            match tokio::time::timeout(CONNECT_TIMEOUT, redirect::connect(self.gateway, mark)).await {
+            match tokio::time::timeout(CONNECT_TIMEOUT, redirect::dial(self.gateway, mark)).await {
                 Ok(Ok(tcp)) => tcp,
                 Ok(Err(e)) => {
                     return Err(Unanswered(format!("connecting to {}: {e}", self.gateway)).into())
@@ -689,9 +689,11 @@ impl Local<ClientSession> for ClientSide<'_> {
             tun_buf,
             ..
         } = self;
+        // Packets sent before the session is up would be lost: they wait.
+        let up = session.is_established();
         let stack_out = async {
             match tunnel.stack {
-                Some(stack) if room => stack.outgoing().await,
+                Some(stack) if room && up => stack.outgoing().await,
                 _ => std::future::pending().await,
             }
         };
@@ -722,7 +724,7 @@ impl Local<ClientSession> for ClientSide<'_> {
             }
             () = stack_out => {
                 if let Some(stack) = tunnel.stack {
-                    stack.drain(TUN_BATCH_BYTES, |packet| session.send_packet(packet));
+                    stack.drain_into(session, TUN_BATCH_BYTES);
                 }
                 Ok(())
             }

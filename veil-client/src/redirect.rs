@@ -93,7 +93,7 @@ fn original_dst(stream: &TcpStream) -> io::Result<SocketAddrV4> {
 
 /// Connects to the gateway, marked when the redirect rules are in force
 /// so that they let the connection pass.
-pub async fn connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+pub async fn dial(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,

@@ -5,8 +5,8 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use smoltcp::wire::{
-    DnsFlags, DnsOpcode, DnsPacket, DnsQueryType, DnsQuestion, DnsRcode, DnsRecord,
-    DnsRecordData, DnsRepr,
+    DnsFlags, DnsOpcode, DnsPacket, DnsQueryType, DnsQuestion, DnsRcode, DnsRecord, DnsRecordData,
+    DnsRepr,
 };
 
 use crate::netstack::{ConnectError, Netstack};
@@ -46,11 +46,13 @@ pub async fn lookup(stack: &Netstack, name: &str) -> Result<Ipv4Addr, LookupErro
     for round in 0..ROUNDS * servers.len() {
         let server = servers[round % servers.len()];
         let id = transaction_id();
-        socket.send_to(&query(id, &encoded), std::net::SocketAddrV4::new(server, 53));
+        socket.send_to(
+            &query(id, &encoded),
+            std::net::SocketAddrV4::new(server, 53),
+        );
         let deadline = tokio::time::Instant::now() + TRY_TIMEOUT;
         loop {
-            let received =
-                tokio::time::timeout_at(deadline, socket.recv_from(&mut answer)).await;
+            let received = tokio::time::timeout_at(deadline, socket.recv_from(&mut answer)).await;
             let Ok((n, from)) = received else { break };
             if *from.ip() != server || from.port() != 53 {
                 continue;

@@ -102,8 +102,7 @@ impl Users {
                 bail!("line {}: expected user:password", n + 1);
             };
             // RFC 1929 carries each in at most 255 bytes.
-            if user.is_empty() || user.len() > 255 || password.is_empty() || password.len() > 255
-            {
+            if user.is_empty() || user.len() > 255 || password.is_empty() || password.len() > 255 {
                 bail!("line {}: user and password must be 1 to 255 bytes", n + 1);
             }
             users.push((user.as_bytes().to_vec(), password.as_bytes().to_vec()));
