@@ -251,8 +251,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
         redirect_rules: cli.redirect_rules,
         mtu: cli.mtu,
         beside_tun: cli.tun().is_some(),
-    })
-    .await?;
+    })?;
     let stack = proxies.as_ref().map(|p| &p.stack);
 
     // Fail closed from here on: the kill switch and the routing rules are

@@ -44,7 +44,7 @@ use tokio::{
 use veil_proto::{
     gro::Coalescer,
     gso::{VnetHdr, VNET_HDR_LEN},
-    ipv4::be16,
+    ipv4::{be16, IP_PROTO, PROTO_TCP, PROTO_UDP},
     session::ClientSession,
 };
 
@@ -146,7 +146,7 @@ struct State {
     sockets: SocketSet<'static>,
     used: HashSet<u16>,
     next_port: u16,
-    /// Sockets whose owner is gone: removed once closed.
+    /// TCP sockets whose owner is gone: removed once closed.
     orphans: Vec<SocketHandle>,
     /// Sockets an ICMP error ended while opening, and what it said.
     failed: Vec<(SocketHandle, ConnectError)>,
@@ -395,6 +395,7 @@ impl Netstack {
         })
     }
 
+    /// A TCP socket whose owner is gone: freed once closed.
     fn release(&self, handle: SocketHandle) {
         let mut state = self.lock();
         state.orphans.push(handle);
@@ -423,32 +424,32 @@ impl State {
             .map(|d| Duration::from_micros(d.total_micros()))
     }
 
-    /// Frees the sockets of gone owners once they are closed.
+    /// Frees the TCP sockets of gone owners once they are closed.
     fn reap(&mut self) {
         let mut i = 0;
         while i < self.orphans.len() {
             let handle = self.orphans[i];
-            let done = match self.sockets.iter().find(|(h, _)| *h == handle) {
-                Some((_, smoltcp::socket::Socket::Tcp(s))) => {
-                    matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait)
-                }
-                _ => true,
-            };
-            if done {
+            let socket = self.sockets.get::<tcp::Socket>(handle);
+            if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 self.orphans.swap_remove(i);
-                let port = match self.sockets.remove(handle) {
-                    smoltcp::socket::Socket::Tcp(s) => s.local_endpoint().map(|e| e.port),
-                    smoltcp::socket::Socket::Udp(s) => s.endpoint().port.into(),
-                    _ => None,
-                };
-                if let Some(port) = port {
-                    self.used.remove(&port);
-                }
-                self.failed.retain(|(h, _)| *h != handle);
+                self.remove(handle);
             } else {
                 i += 1;
             }
         }
+    }
+
+    /// Removes a socket and frees its port.
+    fn remove(&mut self, handle: SocketHandle) {
+        let port = match self.sockets.remove(handle) {
+            smoltcp::socket::Socket::Tcp(s) => s.local_endpoint().map(|e| e.port),
+            smoltcp::socket::Socket::Udp(s) => s.endpoint().port.into(),
+            _ => None,
+        };
+        if let Some(port) = port {
+            self.used.remove(&port);
+        }
+        self.failed.retain(|(h, _)| *h != handle);
     }
 
     fn take_port(&mut self, ports: Ports) -> Result<u16, ConnectError> {
@@ -506,19 +507,17 @@ fn random_seed() -> u64 {
 }
 
 /// The local port a packet from the gateway is for: the destination port
-/// of TCP and UDP, the quoted source port of an ICMP error.
+/// of TCP and UDP, the quoted source port of an ICMP error. (Read
+/// directly: an offload super-packet's length fields are not a plain
+/// packet's.)
 fn local_port(packet: &[u8]) -> Option<u16> {
-    let info = veil_proto::packet::parse(packet).ok();
-    // Offload super-packets may not pass the length check: read them
-    // directly.
-    let ihl = usize::from(packet.first()? & 0x0f) * 4;
-    let l4 = packet.get(ihl..)?;
-    match packet.get(9)? {
-        6 | 17 if l4.len() >= 4 => Some(be16(l4, 2)),
-        1 if info.is_some() => {
-            let (port, _, _) = quoted(l4)?;
-            Some(port)
-        }
+    if packet.first()? >> 4 != 4 {
+        return None;
+    }
+    let l4 = packet.get(usize::from(packet[0] & 0x0f) * 4..)?;
+    match *packet.get(IP_PROTO)? {
+        PROTO_TCP | PROTO_UDP if l4.len() >= 4 => Some(be16(l4, 2)),
+        PROTO_ICMP => quoted(l4).map(|(port, _, _)| port),
         _ => None,
     }
 }
@@ -541,16 +540,18 @@ fn quoted(icmp: &[u8]) -> Option<(u16, SocketAddrV4, u8)> {
     Some((be16(l4, 0), SocketAddrV4::new(dst, be16(l4, 2)), inner[9]))
 }
 
+const PROTO_ICMP: u8 = 1;
+
 /// An ICMP destination unreachable about a TCP connection of ours: the
 /// port it came from, where it went, and what to report.
 fn unreachable_port(packet: &[u8]) -> Option<(u16, SocketAddrV4, ConnectError)> {
     let ihl = usize::from(packet.first()? & 0x0f) * 4;
-    if *packet.get(9)? != 1 {
+    if *packet.get(IP_PROTO)? != PROTO_ICMP {
         return None;
     }
     let icmp = packet.get(ihl..)?;
     let (port, dst, proto) = quoted(icmp)?;
-    if icmp[0] != 3 || proto != 6 {
+    if icmp[0] != 3 || proto != PROTO_TCP {
         return None;
     }
     let error = match icmp[1] {
@@ -795,7 +796,8 @@ impl UdpConn {
 
 impl Drop for UdpConn {
     fn drop(&mut self) {
-        self.stack.release(self.handle);
+        // Nothing to finish: gone at once.
+        self.stack.lock().remove(self.handle);
     }
 }
 

@@ -54,7 +54,6 @@ pub enum Reply {
     NetworkUnreachable = 3,
     HostUnreachable = 4,
     Refused = 5,
-    TtlExpired = 6,
     CommandNotSupported = 7,
     AddressTypeNotSupported = 8,
 }
@@ -64,8 +63,9 @@ impl From<&ConnectError> for Reply {
         match e {
             ConnectError::Refused => Reply::Refused,
             ConnectError::NotAllowed => Reply::NotAllowed,
-            ConnectError::Unreachable | ConnectError::Unaddressable => Reply::HostUnreachable,
-            ConnectError::TimedOut => Reply::TtlExpired,
+            ConnectError::Unreachable | ConnectError::Unaddressable | ConnectError::TimedOut => {
+                Reply::HostUnreachable
+            }
             ConnectError::NoTunnel => Reply::NetworkUnreachable,
             ConnectError::NoPort => Reply::GeneralFailure,
         }

@@ -58,7 +58,22 @@ pub(crate) fn socks(quick: bool) {
          veil TUN: the same client with its TUN device. shadowsocks: ss-local → ss-server \
          (aes-256-gcm, the cipher veil's TLS 1.3 negotiates), ss-server in the gateway namespace.\n"
     );
-    let mut world = World::new(1, &[]);
+    // The gateway as the peers benchmark sets it up for many short
+    // connections (see `veil_tests::peers::up`): its default caps on flows
+    // per client and ports per remote endpoint would measure themselves.
+    let mut world = World::bare(1);
+    world.gw.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=10000 19999"],
+    );
+    world.start_gateway(&[
+        "--nat-ports",
+        "20000-65535",
+        "--max-flows-per-client",
+        "262144",
+        "--max-ports-per-endpoint",
+        "65535",
+    ]);
     let _servers = start_servers(&world.remote);
     let profile = world.add_client("bench", 1);
 
