@@ -93,24 +93,7 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
             procs = boringtun(world, kind == Kind::BoringtunThreads1);
         }
         Kind::Veil => {
-            // As a gateway for many short connections would be set up: the
-            // NAT range widened (with the kernel's own ports moved out of
-            // its way) and no per-client flow or per-endpoint port cap (the
-            // benchmark's one client opens every connection to one remote
-            // port), so the connection and flow figures measure the
-            // gateway, not its defaults.
-            world.gw.exec(
-                "sysctl",
-                &["-qw", "net.ipv4.ip_local_port_range=10000 19999"],
-            );
-            world.start_gateway(&[
-                "--nat-ports",
-                "20000-65535",
-                "--max-flows-per-client",
-                "262144",
-                "--max-ports-per-endpoint",
-                "65535",
-            ]);
+            start_gateway_for_many_connections(world);
             let profile = world.add_client("bench", 1);
             procs.push(world.start_client(1, &profile, true));
         }
@@ -121,6 +104,26 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
         kind.name()
     );
     Path { kind, procs }
+}
+
+/// Starts the gateway as one for many short connections would be set
+/// up: the NAT range widened (with the kernel's own ports moved out of
+/// its way) and no per-client flow or per-endpoint port cap (a
+/// benchmark's one client opens every connection to one remote port), so
+/// the connection and flow figures measure the gateway, not its defaults.
+pub fn start_gateway_for_many_connections(world: &mut World) {
+    world.gw.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=10000 19999"],
+    );
+    world.start_gateway(&[
+        "--nat-ports",
+        "20000-65535",
+        "--max-flows-per-client",
+        "262144",
+        "--max-ports-per-endpoint",
+        "65535",
+    ]);
 }
 
 fn forward(world: &World) {

@@ -310,8 +310,14 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
 
 /// The download's content: deterministic, incompressible enough.
 pub fn download_data() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..DOWNLOAD_LEN)
+    pseudo_random(DOWNLOAD_LEN, 0x9e37_79b9_7f4a_7c15)
+}
+
+/// `len` deterministic bytes from `seed` (xorshift): test data no link
+/// compresses.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;

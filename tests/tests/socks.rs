@@ -26,7 +26,7 @@ use veil_tests::{
     dns::DnsServer,
     netns::NetNs,
     proc::{workspace_bin, Proc},
-    world::{ip_out, sha256, World, PUBLIC, REMOTE},
+    world::{ip_out, pseudo_random, sha256, World, PUBLIC, REMOTE},
 };
 
 const PROXY: &str = "127.0.0.1:1080";
@@ -53,15 +53,7 @@ struct Remote {
 }
 
 fn big_file() -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    (0..BIG_LEN)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    pseudo_random(BIG_LEN, 0x2545_f491_4f6c_dd1d)
 }
 
 impl Remote {
@@ -147,31 +139,29 @@ fn world() -> (World, DnsServer, DnsServer, Remote) {
 /// `veil-client ARGS` in client namespace 1 as `nobody` (the profile
 /// given to it), waiting until connected.
 fn start_unprivileged(world: &World, extra: &[&str]) -> Proc {
+    start_client(world, true, extra)
+}
+
+/// `veil-client ARGS` in client namespace 1 as root.
+fn start_root(world: &World, extra: &[&str]) -> Proc {
+    start_client(world, false, extra)
+}
+
+fn start_client(world: &World, as_nobody: bool, extra: &[&str]) -> Proc {
     let profile = world.add_client("alice", 1);
-    std::os::unix::fs::chown(&profile, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).unwrap();
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", world.client(1).name()])
-        .args([
+    cmd.args(["netns", "exec", world.client(1).name()]);
+    if as_nobody {
+        std::os::unix::fs::chown(&profile, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).unwrap();
+        cmd.args([
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--",
-        ])
-        .arg(workspace_bin("veil-client"))
-        .arg("--profile")
-        .arg(&profile)
-        .args(["--keepalive", "1"])
-        .args(extra);
-    start(world, cmd)
-}
-
-/// `veil-client ARGS` in client namespace 1 as root.
-fn start_root(world: &World, extra: &[&str]) -> Proc {
-    let profile = world.add_client("alice", 1);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", world.client(1).name()])
-        .arg(workspace_bin("veil-client"))
+        ]);
+    }
+    cmd.arg(workspace_bin("veil-client"))
         .arg("--profile")
         .arg(&profile)
         .args(["--keepalive", "1"])

@@ -36,6 +36,9 @@ enum Via {
     Socks(&'static str),
 }
 
+/// One figure, read off a path's [`Figures`].
+type Figure = fn(&Figures) -> f64;
+
 struct Figures {
     down: f64,
     up: f64,
@@ -58,22 +61,11 @@ pub(crate) fn socks(quick: bool) {
          veil TUN: the same client with its TUN device. shadowsocks: ss-local → ss-server \
          (aes-256-gcm, the cipher veil's TLS 1.3 negotiates), ss-server in the gateway namespace.\n"
     );
-    // The gateway as the peers benchmark sets it up for many short
-    // connections (see `veil_tests::peers::up`): its default caps on flows
-    // per client and ports per remote endpoint would measure themselves.
+    // The gateway as the peers benchmark sets it up: its default caps on
+    // flows per client and ports per remote endpoint would measure
+    // themselves.
     let mut world = World::bare(1);
-    world.gw.exec(
-        "sysctl",
-        &["-qw", "net.ipv4.ip_local_port_range=10000 19999"],
-    );
-    world.start_gateway(&[
-        "--nat-ports",
-        "20000-65535",
-        "--max-flows-per-client",
-        "262144",
-        "--max-ports-per-endpoint",
-        "65535",
-    ]);
+    veil_tests::peers::start_gateway_for_many_connections(&mut world);
     let _servers = start_servers(&world.remote);
     let profile = world.add_client("bench", 1);
 
@@ -143,7 +135,7 @@ pub(crate) fn socks(quick: bool) {
 
     println!("| figure | veil SOCKS5 | veil TUN | shadowsocks | veil SOCKS5 ÷ shadowsocks |");
     println!("|---|---:|---:|---:|---:|");
-    let rows: [(&str, fn(&Figures) -> f64); 3] = [
+    let rows: [(&str, Figure); 3] = [
         ("TCP remote → client (Gbit/s)", |f| f.down / 1e9),
         ("TCP client → remote (Gbit/s)", |f| f.up / 1e9),
         ("new TCP connections/s (thousands)", |f| f.conns / 1e3),
