@@ -6,7 +6,7 @@
 //! the same.
 //!
 //! The stack outlives the tunnel's connections: its device is two queues
-//! that the session of the moment drains ([`Netstack::drain`]) and fills
+//! that the session of the moment drains ([`Netstack::drain_into`]) and fills
 //! ([`Netstack::deliver`]). The leased address is stable per client, so a
 //! reconnect is a pause for the stack's TCP, which retransmits as over
 //! any lossy link.
@@ -129,6 +129,13 @@ pub struct Netstack {
 
 struct Shared {
     state: Mutex<State>,
+    /// Packets between the tunnel's thread and the stack's, each way
+    /// behind a lock of its own, held only to move them: the tunnel never
+    /// waits for the stack's work.
+    inbox: Mutex<VecDeque<Vec<u8>>>,
+    outbox: Mutex<VecDeque<Vec<u8>>>,
+    /// The tunnel's alone.
+    coalescer: Mutex<Coalescer>,
     /// Wakes the poll task: a packet arrived, a socket changed.
     poke: Notify,
     /// Wakes the tunnel: packets wait in the transmit queue.
@@ -150,7 +157,6 @@ struct State {
     orphans: Vec<SocketHandle>,
     /// Sockets an ICMP error ended while opening, and what it said.
     failed: Vec<(SocketHandle, ConnectError)>,
-    coalescer: Coalescer,
     mtu: usize,
 }
 
@@ -168,9 +174,11 @@ impl Netstack {
                     next_port: ports.first,
                     orphans: Vec::new(),
                     failed: Vec::new(),
-                    coalescer: Coalescer::new(),
                     mtu: usize::from(mtu),
                 }),
+                inbox: Mutex::new(VecDeque::new()),
+                outbox: Mutex::new(VecDeque::new()),
+                coalescer: Mutex::new(Coalescer::new()),
                 poke: Notify::new(),
                 outgoing: Notify::new(),
                 address,
@@ -183,9 +191,7 @@ impl Netstack {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves smoltcp's state as it was
-        // between two calls: still consistent.
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.shared.state)
     }
 
     fn poke(&self) {
@@ -193,12 +199,16 @@ impl Netstack {
     }
 
     async fn poll_loop(self) {
+        let shared = &self.shared;
         loop {
             let delay = {
                 let mut state = self.lock();
+                state.device.rx.append(&mut lock(&shared.inbox));
+                state.device.room = TX_QUEUE.saturating_sub(lock(&shared.outbox).len());
                 let delay = state.poll();
                 if !state.device.tx.is_empty() {
-                    self.shared.outgoing.notify_one();
+                    lock(&shared.outbox).append(&mut state.device.tx);
+                    shared.outgoing.notify_one();
                 }
                 delay
             };
@@ -247,11 +257,7 @@ impl Netstack {
     }
 
     pub fn resolvers(&self) -> Vec<Ipv4Addr> {
-        self.shared
-            .resolvers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.shared.resolvers).clone()
     }
 
     /// Whether a packet from the gateway is for this stack rather than
@@ -271,21 +277,21 @@ impl Netstack {
             }
             packet.drain(..VNET_HDR_LEN);
         }
-        let mut state = self.lock();
         if let Some(error) = unreachable_port(&packet) {
-            state.icmp_error(error);
+            self.lock().icmp_error(error);
         }
-        if state.device.rx.len() < RX_QUEUE {
-            state.device.rx.push_back(packet);
+        let mut inbox = lock(&self.shared.inbox);
+        if inbox.len() < RX_QUEUE {
+            inbox.push_back(packet);
         }
-        drop(state);
+        drop(inbox);
         self.poke();
     }
 
     /// Waits until packets for the gateway are queued. Cancel-safe.
     pub async fn outgoing(&self) {
         loop {
-            if !self.lock().device.tx.is_empty() {
+            if !lock(&self.shared.outbox).is_empty() {
                 return;
             }
             self.shared.outgoing.notified().await;
@@ -298,10 +304,18 @@ impl Netstack {
     /// them): one datagram, one write into the gateway's TUN device,
     /// instead of one per segment.
     pub fn drain_into(&self, session: &mut ClientSession, max_bytes: usize) {
-        let mut state = self.lock();
-        let State {
-            device, coalescer, ..
-        } = &mut *state;
+        let mut batch = Vec::new();
+        let mut outbox = lock(&self.shared.outbox);
+        let mut taken = 0;
+        while taken < max_bytes {
+            let Some(packet) = outbox.pop_front() else {
+                break;
+            };
+            taken += packet.len();
+            batch.push(packet);
+        }
+        drop(outbox);
+        let mut coalescer = lock(&self.shared.coalescer);
         let offload = session.offload();
         // smoltcp computed the checksums: the coalescer may merge them.
         let valid = VnetHdr {
@@ -309,12 +323,7 @@ impl Netstack {
             ..VnetHdr::NONE
         };
         let mut send = |hdr: &VnetHdr, packet: &[u8]| session.send_offload_packet(hdr, packet);
-        let mut sent = 0;
-        while sent < max_bytes {
-            let Some(packet) = device.tx.pop_front() else {
-                break;
-            };
-            sent += packet.len();
+        for packet in batch {
             if offload {
                 coalescer.push(&valid, &packet, &mut send);
             } else {
@@ -322,7 +331,7 @@ impl Netstack {
             }
         }
         coalescer.flush(&mut send);
-        drop(state);
+        drop(coalescer);
         // Room in the queue: the sockets may send more.
         self.poke();
     }
@@ -492,6 +501,12 @@ impl State {
     }
 }
 
+/// A panic while holding a lock leaves what it guards as it was between
+/// two calls (smoltcp's state, a queue): still consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn random_seed() -> u64 {
     let mut seed = [0u8; 8];
     // Sequence numbers and DNS ids start from it: unpredictable is best,
@@ -564,11 +579,14 @@ fn unreachable_port(packet: &[u8]) -> Option<(u16, SocketAddrV4, ConnectError)> 
     Some((port, dst, error))
 }
 
-/// The stack's device: packets in from the tunnel, packets out to it.
+/// The stack's device: packets in from the tunnel, packets out to it
+/// (moved to and from the mailboxes around each poll).
 #[derive(Default)]
 struct Queues {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    /// How many more packets the outbox takes.
+    room: usize,
     mtu: usize,
 }
 
@@ -582,7 +600,7 @@ impl phy::Device for Queues {
     }
 
     fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        (self.tx.len() < TX_QUEUE).then_some(TxToken(&mut self.tx))
+        (self.tx.len() < self.room).then_some(TxToken(&mut self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
