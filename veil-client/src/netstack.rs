@@ -212,6 +212,9 @@ impl Netstack {
                 }
                 delay
             };
+            // The connections' tasks run before the next round, so that
+            // one round serves all they did, rather than a round per poke.
+            tokio::task::yield_now().await;
             let sleep = delay.unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 () = self.shared.poke.notified() => {}
