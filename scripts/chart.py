@@ -20,6 +20,7 @@ ORDER = [
     "boringtun",
     "boringtun-threads1",
     "veil",
+    "veil-ws",
 ]
 PANELS = [
     ("TCP throughput (Gbit/s, log scale)", True,

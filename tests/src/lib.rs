@@ -10,6 +10,7 @@ pub mod packet;
 pub mod peers;
 pub mod proc;
 pub mod raw;
+pub mod web;
 pub mod world;
 
 /// Polls `f` every 100 ms until it holds; panics naming `what` after

@@ -8,14 +8,21 @@
 //! - OpenVPN (TLS, AES-256-GCM) over UDP and over TCP, with MASQUERADE;
 //! - boringtun (userspace WireGuard) with MASQUERADE, at its default and
 //!   with `--threads 1`;
-//! - veil.
+//! - veil, and veil-ws: the same gateway behind a real nginx (TLS on
+//!   its own port, `/veil` proxied to `--ws-listen`), the client on a
+//!   `wss://` profile.
 //!
 //! Every path is brought up by [`up`] and torn down when its [`Path`] and
 //! the world drop.
 
 use std::{fs, path::Path as FsPath, process::Command, time::Duration};
 
-use crate::{netns::NetNs, proc::Proc, world::World};
+use crate::{
+    netns::NetNs,
+    proc::Proc,
+    web::{Server, Site, Website},
+    world::World,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -27,10 +34,11 @@ pub enum Kind {
     Boringtun,
     BoringtunThreads1,
     Veil,
+    VeilWs,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Direct,
         Kind::DirectNoOffload,
         Kind::Masquerade,
@@ -39,6 +47,7 @@ impl Kind {
         Kind::Boringtun,
         Kind::BoringtunThreads1,
         Kind::Veil,
+        Kind::VeilWs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +60,7 @@ impl Kind {
             Kind::Boringtun => "boringtun",
             Kind::BoringtunThreads1 => "boringtun-threads1",
             Kind::Veil => "veil",
+            Kind::VeilWs => "veil-ws",
         }
     }
 
@@ -63,11 +73,22 @@ impl Kind {
 pub struct Path {
     pub kind: Kind,
     pub procs: Vec<Proc>,
+    /// The web server in front of the gateway (veil-ws).
+    pub web: Option<Website>,
 }
+
+/// veil-ws's website, in the gateway's namespace.
+const WEB: Site = Site {
+    name: "proxy.test",
+    listen: "10.200.1.1:8443",
+    ws_path: "/veil",
+    upstream: "127.0.0.1:8080",
+};
 
 /// Brings `kind` up on `world` (fresh, without a gateway).
 pub fn up(world: &mut World, kind: Kind) -> Path {
     let mut procs = Vec::new();
+    let mut web = None;
     match kind {
         Kind::Direct | Kind::DirectNoOffload => {
             forward(world);
@@ -93,9 +114,19 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
             procs = boringtun(world, kind == Kind::BoringtunThreads1);
         }
         Kind::Veil => {
-            start_gateway_for_many_connections(world);
+            veil_gateway(world, &[]);
             let profile = world.add_client("bench", 1);
             procs.push(world.start_client(1, &profile, true));
+        }
+        Kind::VeilWs => {
+            veil_gateway(world, &["--ws-listen", WEB.upstream]);
+            let nginx = Website::start(Server::Nginx, &world.gw, &world.dir.join("nginx"), &WEB);
+            // By the website's address (its certificate has it): the
+            // client's namespace has no name for it.
+            let url = format!("wss://{}{}", WEB.listen, WEB.ws_path);
+            let profile = nginx.profile(world, "bench", &url);
+            procs.push(world.start_client(1, &profile, true));
+            web = Some(nginx);
         }
     }
     assert!(
@@ -103,27 +134,29 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
         "{}: the remote is unreachable",
         kind.name()
     );
-    Path { kind, procs }
+    Path { kind, procs, web }
 }
 
-/// Starts the gateway as one for many short connections would be set
-/// up: the NAT range widened (with the kernel's own ports moved out of
-/// its way) and no per-client flow or per-endpoint port cap (a
-/// benchmark's one client opens every connection to one remote port), so
-/// the connection and flow figures measure the gateway, not its defaults.
-pub fn start_gateway_for_many_connections(world: &mut World) {
+/// veil's gateway as one for many short connections would be set up: the
+/// NAT range widened (with the kernel's own ports moved out of its way)
+/// and no per-client flow or per-endpoint port cap (the benchmark's one
+/// client opens every connection to one remote port), so the connection
+/// and flow figures measure the gateway, not its defaults.
+pub fn veil_gateway(world: &mut World, extra: &[&str]) {
     world.gw.exec(
         "sysctl",
         &["-qw", "net.ipv4.ip_local_port_range=10000 19999"],
     );
-    world.start_gateway(&[
+    let mut args = vec![
         "--nat-ports",
         "20000-65535",
         "--max-flows-per-client",
         "262144",
         "--max-ports-per-endpoint",
         "65535",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    world.start_gateway(&args);
 }
 
 fn forward(world: &World) {

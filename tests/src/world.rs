@@ -160,17 +160,23 @@ impl World {
     /// Issues a profile for client `i` (1-based), pointing at the gateway's
     /// address on that client's link.
     pub fn add_client(&self, name: &str, i: usize) -> PathBuf {
+        self.add_client_at(name, &format!("10.200.{i}.1:443"), &[])
+    }
+
+    /// Issues a profile for `endpoint`, with more `client add` arguments.
+    pub fn add_client_at(&self, name: &str, endpoint: &str, extra: &[&str]) -> PathBuf {
         let out = self.dir.join(format!("{name}.veil"));
-        let endpoint = format!("10.200.{i}.1:443");
-        self.veil_user(&[
+        let mut args = vec![
             "client",
             "add",
             name,
             "--out",
             out.to_str().unwrap(),
             "--endpoint",
-            &endpoint,
-        ]);
+            endpoint,
+        ];
+        args.extend_from_slice(extra);
+        self.veil_user(&args);
         out
     }
 
@@ -313,8 +319,8 @@ pub fn download_data() -> Vec<u8> {
     pseudo_random(DOWNLOAD_LEN, 0x9e37_79b9_7f4a_7c15)
 }
 
-/// `len` deterministic bytes from `seed` (xorshift): test data no link
-/// compresses.
+/// `len` deterministic bytes that do not compress (xorshift from `seed`,
+/// which must not be 0).
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed;
     (0..len)
@@ -349,27 +355,7 @@ impl Servers {
                 UdpSocket::bind((REMOTE, 7)).unwrap(),
             )
         });
-        // Accepts and closes at once, as fast as connections come (the
-        // new-connections benchmark): woken by poll, not by a sleep, with
-        // a deep accept queue (std listens with 128): a full queue drops
-        // SYNs, and each drop costs its client a 1 s retransmission, which
-        // made that figure swing with the remote rather than the path.
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: listen() again on a listening socket only resizes
-            // its queue.
-            unsafe { libc::listen(discard.as_raw_fd(), 4096) };
-        }
-        discard.set_nonblocking(true).unwrap();
-        let st = stop.clone();
-        thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            while !st.load(Ordering::Relaxed) {
-                if crate::netns::readable(discard.as_raw_fd(), Duration::from_millis(100)) {
-                    while discard.accept().is_ok() {}
-                }
-            }
-        });
+        discard_forever(discard, stop.clone());
         serve_tcp(web, peers.clone(), stop.clone(), |mut s| {
             let peer = s
                 .peer_addr()
@@ -423,6 +409,26 @@ impl Servers {
             })
             .collect()
     }
+}
+
+/// Accepts connections on `listener` and closes each at once, as fast as
+/// they come (the new-connections benchmarks), until `stop`: woken by
+/// poll, not by a sleep, with a deep accept queue (std listens with 128):
+/// a full queue drops SYNs, and each drop costs its client a 1 s
+/// retransmission, which made that figure swing with the server rather
+/// than the path.
+pub fn discard_forever(discard: TcpListener, stop: Arc<AtomicBool>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen() again on a listening socket only resizes its queue.
+    unsafe { libc::listen(discard.as_raw_fd(), 4096) };
+    discard.set_nonblocking(true).unwrap();
+    thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if crate::netns::readable(discard.as_raw_fd(), Duration::from_millis(100)) {
+                while discard.accept().is_ok() {}
+            }
+        }
+    });
 }
 
 fn serve_tcp(

@@ -11,6 +11,9 @@
 //! the connect timeout is left for the next. The resolver the gateway
 //! announces becomes the system's while connected (see [`dns`]).
 //!
+//! An endpoint may be a `wss://` URL: the tunnel then runs in a WebSocket
+//! through the web server in front of the gateway (see [`dial`]).
+//!
 //! Nothing leaks outside the tunnel meanwhile (docs/client.md): a kill
 //! switch (`firewall`) installed before the first connection, routing
 //! rules that no local route can override (`rules`), both letting every
@@ -23,6 +26,7 @@
 //! (`proxy`, docs/client.md); alone they create no device, change no
 //! route, DNS setting or firewall, and need no root.
 
+mod dial;
 mod dns;
 mod firewall;
 mod instance;
@@ -38,29 +42,28 @@ mod uplink;
 mod watch;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 use veil_proto::{
     gso::{VnetHdr, VNET_HDR_LEN},
     session::{ClientConfig, ClientSession, Output},
 };
 use veil_tunnel::{
-    net::{self, Ipv4Net},
+    net::Ipv4Net,
     profile::Profile,
     pump::{self, End, Limits, Local},
     stream::Stream,
-    tls, tun,
+    tun,
 };
 
 use crate::{
+    dial::{Dialer, Target, Unanswered},
     firewall::{Firewall, Policy},
     routes::{Network, FULL_TUNNEL},
     rules::Rules,
@@ -220,9 +223,10 @@ fn unlock() -> Result<()> {
 }
 
 async fn run(cli: Cli, profile: Profile) -> Result<()> {
-    let (config, server_name) = tls::client_config(&profile)?;
-    let connector = TlsConnector::from(Arc::new(config));
-    let gateways = resolve_all(&profile.endpoints)?;
+    let mut dialer = Dialer::new(&profile)?;
+    dialer.mark = cli.redirect_rules.then_some(redirect::MARK);
+    let targets = dial::resolve_all(&profile.endpoints)?;
+    let gateways: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
     let endpoints: Vec<SocketAddrV4> = gateways
         .iter()
         .map(|g| match g {
@@ -314,8 +318,8 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
         watch.follow(gateway);
         let tunnel = Tunnel {
             cli: &cli,
-            connector: &connector,
-            server_name: server_name.clone(),
+            dialer: &dialer,
+            target: &targets[current],
             gateway,
             routes: &routes,
             stack,
@@ -411,37 +415,6 @@ struct Moved;
 #[error("{0}")]
 struct Fatal(String);
 
-/// The endpoint did not take the connection in time (or refused it): the
-/// next one is tried at once.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Unanswered(String);
-
-/// Every endpoint's address, in the profile's order; one that does not
-/// resolve is skipped (with a warning) as long as one does.
-fn resolve_all(endpoints: &[String]) -> Result<Vec<SocketAddr>> {
-    let mut found = Vec::new();
-    for endpoint in endpoints {
-        match resolve(endpoint) {
-            Ok(addr) => found.push(addr),
-            Err(e) if endpoints.len() > 1 => warn!("{e:#}: skipped"),
-            Err(e) => return Err(e),
-        }
-    }
-    if found.is_empty() {
-        bail!("no endpoint of the profile resolves");
-    }
-    Ok(found)
-}
-
-fn resolve(endpoint: &str) -> Result<SocketAddr> {
-    endpoint
-        .to_socket_addrs()
-        .with_context(|| format!("resolving the gateway {endpoint}"))?
-        .find(SocketAddr::is_ipv4)
-        .with_context(|| format!("the gateway {endpoint} has no IPv4 address"))
-}
-
 /// A packet read from the TUN device (offload header first), into the
 /// session; returns its size.
 fn from_tun(session: &mut ClientSession, joined: &[u8]) -> usize {
@@ -454,10 +427,10 @@ fn from_tun(session: &mut ClientSession, joined: &[u8]) -> usize {
 
 struct Tunnel<'a> {
     cli: &'a Cli,
-    connector: &'a TlsConnector,
-    server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
-    /// The endpoint this connection goes to (the others are reachable
-    /// outside the tunnel too: see `rules`).
+    dialer: &'a Dialer,
+    target: &'a Target,
+    /// The first hop of the endpoint this connection goes to (the others
+    /// are reachable outside the tunnel too: see `rules`).
     gateway: SocketAddr,
     routes: &'a [Ipv4Net],
     /// The user-space stack of `--socks` and `--redirect`.
@@ -473,34 +446,7 @@ impl Tunnel<'_> {
         stopped: &mut tokio::sync::watch::Receiver<bool>,
         uplink: &mut Watch,
     ) -> Result<()> {
-        let mark = self.cli.redirect_rules.then_some(redirect::MARK);
-        let tcp =
-            match tokio::time::timeout(CONNECT_TIMEOUT, redirect::dial(self.gateway, mark)).await {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => {
-                    return Err(Unanswered(format!("connecting to {}: {e}", self.gateway)).into())
-                }
-                Err(_) => {
-                    return Err(Unanswered(format!(
-                        "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
-                        self.gateway
-                    ))
-                    .into())
-                }
-            };
-        // Where it left from: another address later means another uplink.
-        let local = tcp.local_addr().ok().map(|a| a.ip());
-        net::tune_tunnel_socket(&tcp, net::TUNNEL_LOWAT);
-        let mut tls = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            self.connector
-                .connect(self.server_name.clone(), tls::buffered(tcp)),
-        )
-        .await
-        .context("TLS handshake timed out")?
-        .context("TLS handshake")?;
-
-        tls.get_mut().0.grow(tls::TUNNEL_READ_BUFFER);
+        let (tls, local) = self.dialer.dial(self.target).await?;
         let mut stream = Stream::new(tls);
 
         let keepalive = Duration::from_secs(self.cli.keepalive);

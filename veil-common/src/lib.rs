@@ -11,8 +11,10 @@
 #![no_std]
 
 pub mod csum;
+pub mod forward;
 pub mod maps;
 pub mod reason;
 
+pub use forward::*;
 pub use maps::*;
 pub use reason::Reason;

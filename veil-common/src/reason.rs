@@ -46,11 +46,20 @@ pub enum Reason {
     /// seen, or too long ago: it carries no ports, so nothing says whose
     /// flow it belongs to.
     DropOrphanFragment = 14,
+    /// A packet of a forwarded connection (`--forward`) was translated (both
+    /// addresses) and sent on toward the target or back to the remote.
+    FwdForwarded = 15,
+    /// A new forwarded connection found no room: the connection map is
+    /// full, or no NAT port toward the target was free in a few tries.
+    FwdDropNoRoom = 16,
+    /// A TCP packet other than a SYN to a forwarded port, with no
+    /// connection: one of a removed rule, or one that expired.
+    FwdDropNoFlow = 17,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 18] = [
         Reason::EgressForwarded,
         Reason::IngressForwarded,
         Reason::IcmpErrorForwarded,
@@ -66,6 +75,9 @@ impl Reason {
         Reason::DropHelperFailed,
         Reason::DropNotConfigured,
         Reason::DropOrphanFragment,
+        Reason::FwdForwarded,
+        Reason::FwdDropNoRoom,
+        Reason::FwdDropNoFlow,
     ];
 
     /// A stable snake_case name, for logs, `veil-user status` and metrics.
@@ -86,12 +98,22 @@ impl Reason {
             Reason::DropHelperFailed => "drop_helper_failed",
             Reason::DropNotConfigured => "drop_not_configured",
             Reason::DropOrphanFragment => "drop_orphan_fragment",
+            Reason::FwdForwarded => "fwd_forwarded",
+            Reason::FwdDropNoRoom => "fwd_drop_no_room",
+            Reason::FwdDropNoFlow => "fwd_drop_no_flow",
         }
     }
 
     /// Whether packets counted under this reason were dropped.
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Reason::DropNoEgressFlow as u32)
+        !matches!(
+            self,
+            Reason::EgressForwarded
+                | Reason::IngressForwarded
+                | Reason::IcmpErrorForwarded
+                | Reason::PassToHost
+                | Reason::FwdForwarded
+        )
     }
 
     /// The reason with this number, if there is one.

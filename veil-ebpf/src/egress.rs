@@ -22,6 +22,7 @@ use network_types::{
 use veil_common::{csum::L4Sum, proto, FlowKey, Reason};
 
 use crate::{
+    forward,
     frag::{self, Fragment},
     maps::{config, VEIL_EGRESS},
     packet::{pull_headers, Packet, ETH_LEN, IPV4_LEN},
@@ -42,6 +43,9 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         _ => return Err(Reason::DropNotConfigured),
     };
     pull_headers(ctx)?;
+    if let Some(verdict) = forward::from_client(ctx, cfg, l2)? {
+        return Ok(verdict);
+    }
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let ip: *mut Ipv4Hdr = pkt.at(l2)?;
     let (vihl, id, frags, ttl, protocol, src, dst) = unsafe {
@@ -137,6 +141,19 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
 /// `bpf_redirect_neigh`) and sends it out of the WAN interface.
 #[inline(always)]
 fn send_to_wan(ctx: &TcContext, l2: usize, wan_ifindex: u32) -> Result<Verdict, Reason> {
+    ethernet_header(ctx, l2)?;
+    let action = unsafe { bpf_redirect_neigh(wan_ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
+    }
+    Ok(Verdict::counted(action, Reason::EgressForwarded))
+}
+
+/// Writes an Ethernet header in front of the packet, making room for it
+/// when there is none (`l2` 0: a TUN device's bare IP packet), for
+/// `bpf_redirect_neigh` to fill in.
+#[inline(always)]
+pub fn ethernet_header(ctx: &TcContext, l2: usize) -> Result<(), Reason> {
     if l2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
         return Err(Reason::DropHelperFailed);
     }
@@ -145,11 +162,5 @@ fn send_to_wan(ctx: &TcContext, l2: usize, wan_ifindex: u32) -> Result<Verdict, 
         src_addr: [0; 6],
         ether_type: EtherType::Ipv4 as u16,
     };
-    ctx.store(0, &eth, 0)
-        .map_err(|_| Reason::DropHelperFailed)?;
-    let action = unsafe { bpf_redirect_neigh(wan_ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-    if action != TC_ACT_REDIRECT as i32 {
-        return Err(Reason::DropHelperFailed);
-    }
-    Ok(Verdict::counted(action, Reason::EgressForwarded))
+    ctx.store(0, &eth, 0).map_err(|_| Reason::DropHelperFailed)
 }

@@ -24,6 +24,7 @@ use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp:
 use veil_common::{csum::L4Sum, proto, Config, Reason, ReverseFlow, ReverseKey};
 
 use crate::{
+    forward,
     frag::{self, Fragment},
     maps::{config, VEIL_REVERSE},
     packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
@@ -258,6 +259,10 @@ fn reply_flow(key: &ReverseKey, kind: L4Sum) -> Result<Option<*mut ReverseFlow>,
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let cfg = config()?;
+    if forward::claims(&pkt, cfg) {
+        // Counted by `translate`, which forwards it.
+        return Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32));
+    }
     let to_host = Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost);
     // Counted by `translate`, which finishes the job.
     let to_translate = Verdict::uncounted(xdp_action::XDP_PASS as i32);
@@ -304,8 +309,11 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
 #[inline(always)]
 pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
     pull_headers(ctx)?;
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
     let cfg = config()?;
+    if let Some(verdict) = forward::translate(ctx, cfg)? {
+        return Ok(verdict);
+    }
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
     let reason = match classify(&pkt, cfg)? {
         // Counted by `filter` already.
         Wan::Host | Wan::HostFirstFragment => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),

@@ -9,7 +9,10 @@
 //!   fragments of replies, for the fragments after them (`frag`).
 //! - `veil_wan_tc` (TC ingress on the WAN interface): replies and ICMP
 //!   errors for NATed flows are translated back to their client and handed
-//!   to the TUN device, where the daemon reads them.
+//!   to the TUN device, where the daemon reads them. It also translates
+//!   forwarded connections (`forward`).
+//! - `veil_fwd_tc` (TC ingress on the interfaces forward targets are
+//!   reached through): the targets' replies, back to the remotes.
 //!
 //! Entry points stay thin: each calls its module and counts the outcome
 //! under one [`Reason`] (once per packet across the programs).
@@ -20,6 +23,7 @@
 #![allow(internal_features)]
 
 mod egress;
+mod forward;
 mod frag;
 mod ingress;
 mod maps;
@@ -91,6 +95,11 @@ pub fn veil_wan_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn veil_wan_tc(ctx: TcContext) -> i32 {
     conclude(&ctx, ingress::translate(&ctx), TC_ACT_SHOT, ctx.len())
+}
+
+#[classifier]
+pub fn veil_fwd_tc(ctx: TcContext) -> i32 {
+    conclude(&ctx, forward::from_target(&ctx), TC_ACT_SHOT, ctx.len())
 }
 
 #[classifier]

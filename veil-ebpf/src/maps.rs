@@ -5,8 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use veil_common::{
-    reason::REASON_SLOTS, Config, Counter, EgressFlow, FlowKey, FragEntry, FragKey, Reason,
-    ReverseFlow, ReverseKey, MAX_FLOWS, MAX_FRAGS,
+    reason::REASON_SLOTS, Config, Counter, EgressFlow, FlowKey, FragEntry, FragKey, FwdCounters,
+    FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason, ReverseFlow, ReverseKey, MAX_FLOWS, MAX_FRAGS,
+    MAX_FWD_FLOWS, MAX_FWD_RULES,
 };
 
 #[btf_map]
@@ -25,6 +26,18 @@ pub static VEIL_STATS: PerCpuArray<Counter, { REASON_SLOTS as usize }> = PerCpuA
 /// lived, and an evicted one costs one datagram at most.
 #[btf_map]
 pub static VEIL_FRAGS: LruHashMap<FragKey, FragEntry, { MAX_FRAGS as usize }> = LruHashMap::new();
+
+/// Port forwarding (`forward`): the rules, their connections, their counters.
+#[btf_map]
+pub static VEIL_FWD_RULES: HashMap<FwdRuleKey, FwdRule, { MAX_FWD_RULES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static VEIL_FWD_FLOWS: HashMap<FwdKey, FwdFlow, { MAX_FWD_FLOWS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static VEIL_FWD_STATS: HashMap<FwdRuleKey, FwdCounters, { MAX_FWD_RULES as usize }> =
+    HashMap::new();
 
 /// The daemon's configuration; without it nothing is translated. An array
 /// slot always exists, zeroed until written: no public address means the

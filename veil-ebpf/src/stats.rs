@@ -3,7 +3,7 @@
 use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use veil_common::{tcp_flags, FlowStats, Reason};
+use veil_common::{tcp_flags, FlowStats, FwdCounters, Reason};
 
 use crate::maps::VEIL_STATS;
 
@@ -34,5 +34,22 @@ pub fn touch(stats: *mut FlowStats, bytes: u32, flags: u64) {
         if seen & !(*stats).tcp_flags != 0 {
             atomic_or::<u64, u64, { Relaxed }>(&raw mut (*stats).tcp_flags, seen);
         }
+    }
+}
+
+/// One packet of a forward rule's connections.
+#[inline(always)]
+pub fn fwd_packet(c: *mut FwdCounters, bytes: u32) {
+    unsafe {
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).packets, 1);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).bytes, bytes as u64);
+    }
+}
+
+/// One new connection of a forward rule.
+#[inline(always)]
+pub fn fwd_connection(c: *mut FwdCounters) {
+    unsafe {
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).connections, 1);
     }
 }

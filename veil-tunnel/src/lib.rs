@@ -1,7 +1,8 @@
 //! What both ends of a veil tunnel do the same way, without the datapath:
 //! the profile a client carries, TLS 1.3 with mutual authentication, the
 //! TUN device with offload, and the [`stream::Stream`] that both pumps
-//! run on (reads and writes together, with deadlines).
+//! run on (reads and writes together, with deadlines), and [`ws`], the
+//! same stream carried in a WebSocket behind a web server.
 //!
 //! The client depends on this and on `veil-proto` only; the gateway
 //! (`veil-user`) adds the datapath, the flow table and the registry.
@@ -12,6 +13,7 @@ pub mod pump;
 pub mod stream;
 pub mod tls;
 pub mod tun;
+pub mod ws;
 
 /// Logs to stderr through tracing, `RUST_LOG` filtering (default `info`).
 pub fn init_logging() {

@@ -6,6 +6,10 @@
 //! - the compact text of a QR code (`VEIL1:` and base45), what `--qr`
 //!   shows: [`Profile::to_compact`], read back by [`Profile::parse`] like
 //!   the TOML, so a scanned code saved to a file is a profile.
+//!
+//! An endpoint is `HOST:PORT` (TLS over TCP straight to the gateway) or
+//! `wss://HOST[:PORT]/PATH` (a WebSocket through a web server or CDN in
+//! front of it): see [`Endpoint`].
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +43,78 @@ pub struct Profile {
     /// The client's certificate and key (PEM).
     pub cert: String,
     pub key: String,
+    /// The CA of the web server in front of `wss://` endpoints (PEM), for
+    /// a self-signed set-up; `None`: the system's roots.
+    pub endpoint_ca: Option<String>,
+}
+
+/// How a client reaches the gateway, as a profile's endpoint says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `HOST:PORT`: TCP to the gateway's listener, the tunnel's TLS on it.
+    Tcp(String),
+    /// `wss://HOST[:PORT]/PATH`: TCP to a web server, its TLS (checked
+    /// against HOST), a WebSocket on PATH, the tunnel's TLS inside it.
+    WebSocket {
+        host: String,
+        port: u16,
+        path: String,
+    },
+}
+
+impl Endpoint {
+    /// Reads an endpoint; the error says what was expected.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let expected =
+            || format!("`{text}` is not an endpoint: expected HOST:PORT or wss://HOST[:PORT]/PATH");
+        if let Some(rest) = text.strip_prefix("wss://") {
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, "/"),
+            };
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((host, port)) if !port.contains(']') => {
+                    (host, port.parse().map_err(|_| expected())?)
+                }
+                _ => (authority, 443),
+            };
+            if host.is_empty() || port == 0 || path.chars().any(char::is_whitespace) {
+                return Err(expected());
+            }
+            return Ok(Endpoint::WebSocket {
+                host: host.to_owned(),
+                port,
+                path: path.to_owned(),
+            });
+        }
+        if text.contains("://") {
+            return Err(format!(
+                "`{text}`: only wss:// URLs are endpoints (the web server's TLS is what makes the tunnel one more website)"
+            ));
+        }
+        match text.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                Ok(Endpoint::Tcp(text.to_owned()))
+            }
+            _ => Err(expected()),
+        }
+    }
+
+    /// `HOST:PORT` of the first hop: the gateway, or the web server.
+    pub fn address(&self) -> String {
+        match self {
+            Endpoint::Tcp(addr) => addr.clone(),
+            Endpoint::WebSocket { host, port, .. } => format!("{host}:{port}"),
+        }
+    }
+
+    /// The URL of a WebSocket endpoint.
+    pub fn url(&self) -> Option<String> {
+        match self {
+            Endpoint::Tcp(_) => None,
+            Endpoint::WebSocket { host, port, path } => Some(format!("wss://{host}:{port}{path}")),
+        }
+    }
 }
 
 /// The TOML layout: `endpoint = "HOST:PORT"` (one, as every profile had
@@ -55,6 +131,8 @@ struct ProfileFile {
     ca: String,
     cert: String,
     key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint_ca: Option<String>,
 }
 
 impl TryFrom<ProfileFile> for Profile {
@@ -77,6 +155,7 @@ impl TryFrom<ProfileFile> for Profile {
             ca: f.ca,
             cert: f.cert,
             key: f.key,
+            endpoint_ca: f.endpoint_ca,
         })
     }
 }
@@ -97,6 +176,7 @@ impl From<Profile> for ProfileFile {
             ca: p.ca,
             cert: p.cert,
             key: p.key,
+            endpoint_ca: p.endpoint_ca,
         }
     }
 }
@@ -167,6 +247,14 @@ mod compact {
         ]
         .into_iter()
         .chain(p.endpoints.iter().map(|e| Ok(e.clone().into_bytes())))
+        // What came later: after an empty field (no endpoint is empty), so
+        // that a profile without it reads as before.
+        .chain(
+            p.endpoint_ca
+                .as_ref()
+                .into_iter()
+                .flat_map(|ca| [Ok(Vec::new()), der(ca, "endpoint CA certificate")]),
+        )
         .collect::<Result<_, _>>()?;
         for field in &fields {
             let len = u16::try_from(field.len()).map_err(|_| "a field over 64 KiB")?;
@@ -188,6 +276,12 @@ mod compact {
             fields.push(tail.get(..len).ok_or("a field runs past the end")?);
             rest = &tail[len..];
         }
+        // The endpoints, then (after an empty field) the endpoint CA.
+        let (fields, endpoint_ca) = match fields.iter().position(|f| f.is_empty()) {
+            Some(i) if i >= 5 && fields.len() == i + 2 => (&fields[..i], Some(fields[i + 1])),
+            Some(_) => return Err("an empty field out of place".into()),
+            None => (&fields[..], None),
+        };
         if !rest.is_empty() || fields.len() < 6 {
             return Err("fields missing or cut short".into());
         }
@@ -211,6 +305,7 @@ mod compact {
                 .iter()
                 .map(|f| text(f))
                 .collect::<Result<_, _>>()?,
+            endpoint_ca: endpoint_ca.map(|der| pem("CERTIFICATE", der)),
         })
     }
 
@@ -267,6 +362,7 @@ mod tests {
             ca: "CA".into(),
             cert: "CERT".into(),
             key: "KEY".into(),
+            endpoint_ca: None,
         }
     }
 
@@ -313,6 +409,55 @@ mod tests {
         let none = old.replace("endpoint = \"198.51.100.1:443\"\n", "");
         let err = Profile::parse(&none).unwrap_err();
         assert!(err.contains("no endpoint"), "{err}");
+    }
+
+    #[test]
+    fn endpoints_are_a_host_and_port_or_a_wss_url() {
+        assert_eq!(
+            Endpoint::parse("198.51.100.1:443"),
+            Ok(Endpoint::Tcp("198.51.100.1:443".into()))
+        );
+        let ws = Endpoint::parse("wss://proxy.example/veil").unwrap();
+        assert_eq!(
+            ws,
+            Endpoint::WebSocket {
+                host: "proxy.example".into(),
+                port: 443,
+                path: "/veil".into()
+            }
+        );
+        assert_eq!(ws.address(), "proxy.example:443");
+        assert_eq!(ws.url().unwrap(), "wss://proxy.example:443/veil");
+        let ws = Endpoint::parse("wss://198.51.100.7:8443").unwrap();
+        assert_eq!(ws.address(), "198.51.100.7:8443");
+        assert_eq!(ws.url().unwrap(), "wss://198.51.100.7:8443/");
+        for bad in [
+            "gateway",
+            "gateway:0",
+            "gateway:https",
+            "wss://",
+            "wss://:443/veil",
+            "wss://proxy:x/veil",
+            "wss://proxy/a b",
+        ] {
+            let err = Endpoint::parse(bad).unwrap_err();
+            assert!(err.contains("expected HOST:PORT or wss://"), "{bad}: {err}");
+        }
+        let err = Endpoint::parse("ws://proxy/veil").unwrap_err();
+        assert!(err.contains("only wss://"), "{err}");
+    }
+
+    #[test]
+    fn the_endpoint_ca_is_kept_and_absent_from_profiles_without_it() {
+        let plain = alice(&["198.51.100.1:443"]).to_toml();
+        assert!(!plain.contains("endpoint_ca"), "{plain}");
+        let p = Profile {
+            endpoint_ca: Some("PROXY CA".into()),
+            ..alice(&["wss://proxy.example/veil"])
+        };
+        let text = p.to_toml();
+        assert!(text.contains("endpoint_ca = \"PROXY CA\""), "{text}");
+        assert_eq!(Profile::parse(&text).unwrap(), p);
     }
 
     #[test]

@@ -38,7 +38,11 @@ pub enum TlsError {
     ServerName(String),
 }
 
-fn certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificates of a PEM text; `what` names it in the error.
+pub fn certificates(
+    pem: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|source| TlsError::Pem { what, source })
@@ -48,9 +52,10 @@ fn key(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| TlsError::Pem { what, source })
 }
 
-fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
+/// The certificates of a PEM text as the only trusted roots.
+pub fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in certs(ca_pem, "CA certificate")? {
+    for cert in certificates(ca_pem, "CA certificate")? {
         roots.add(cert)?;
     }
     Ok(roots)
@@ -72,7 +77,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
-            certs(cert_pem, "server certificate")?,
+            certificates(cert_pem, "server certificate")?,
             key(key_pem, "server key")?,
         )?;
     Ok(config)
@@ -85,7 +90,7 @@ pub fn client_config(profile: &Profile) -> Result<(ClientConfig, ServerName<'sta
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(&profile.ca)?)
         .with_client_auth_cert(
-            certs(&profile.cert, "client certificate")?,
+            certificates(&profile.cert, "client certificate")?,
             key(&profile.key, "client key")?,
         )?;
     let name = ServerName::try_from(profile.server_name.clone())

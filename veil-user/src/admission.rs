@@ -48,7 +48,8 @@ pub struct Admission {
 /// A place under the caps, given back when dropped.
 #[derive(Debug)]
 pub struct Permit {
-    source: IpAddr,
+    /// `None`: a connection relayed by a proxy, under the overall cap only.
+    source: Option<IpAddr>,
     counts: Arc<Mutex<Counts>>,
 }
 
@@ -74,7 +75,23 @@ impl Admission {
         *n += 1;
         counts.total += 1;
         Ok(Permit {
-            source,
+            source: Some(source),
+            counts: self.counts.clone(),
+        })
+    }
+
+    /// A place for a connection a reverse proxy relays (the WebSocket
+    /// listener): under the overall cap only, since its source address is
+    /// the proxy's, the same for every client. Limit each client's
+    /// connections at the proxy instead.
+    pub fn admit_relayed(&self) -> Result<Permit, Turned> {
+        let mut counts = self.counts.lock().expect("admission lock");
+        if counts.total >= self.max {
+            return Err(Turned::Busy(counts.total));
+        }
+        counts.total += 1;
+        Ok(Permit {
+            source: None,
             counts: self.counts.clone(),
         })
     }
@@ -89,10 +106,11 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().expect("admission lock");
         counts.total -= 1;
-        if let Some(n) = counts.by_source.get_mut(&self.source) {
+        let Some(source) = self.source else { return };
+        if let Some(n) = counts.by_source.get_mut(&source) {
             *n -= 1;
             if *n == 0 {
-                counts.by_source.remove(&self.source);
+                counts.by_source.remove(&source);
             }
         }
     }
@@ -104,6 +122,17 @@ mod tests {
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn relayed_connections_count_toward_the_overall_cap_only() {
+        let a = Admission::new(3, 1);
+        let relayed: Vec<_> = (0..2).map(|_| a.admit_relayed().unwrap()).collect();
+        let direct = a.admit(ip(1)).expect("relayed ones hold no source's place");
+        assert_eq!(a.admit_relayed().unwrap_err(), Turned::Busy(3));
+        drop(relayed);
+        drop(direct);
+        assert_eq!(a.in_flight(), 0);
     }
 
     #[test]

@@ -23,6 +23,27 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     /// The datapath's counters, by reason code name.
     pub datapath: BTreeMap<String, PacketCount>,
+    /// Port forwarding rules in force, with their counters.
+    #[serde(default)]
+    pub forwards: Vec<ForwardStatus>,
+    /// Lines of the forward rule file that were skipped, with why.
+    #[serde(default)]
+    pub forward_problems: Vec<String>,
+}
+
+/// One forward rule, as `status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ForwardStatus {
+    /// `tcp/8080`
+    pub rule: String,
+    /// `10.200.9.2:80`, as written (a host name stays a name).
+    pub target: String,
+    /// Connections made, packets and bytes forwarded (both directions).
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Connections with entries in the datapath now.
+    pub open: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

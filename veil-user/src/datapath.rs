@@ -16,11 +16,13 @@ use aya::{
 use tracing::{debug, info};
 use veil_common::{
     reason::REASON_SLOTS, Config, Counter, FragEntry, FragKey, Reason, CONFIG_MAP, EGRESS_MAP,
-    FRAG_MAP, LAYOUT_VERSION, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
+    FRAG_MAP, FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_STATS_MAP, LAYOUT_VERSION, PROG_FWD_TC,
+    PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
 };
 
 use crate::{
     flows::{FlowTable, PortRange, Timeouts},
+    forward::Forwarder,
     nat::{check_public_addrs, PublicAddrError},
     net::Ipv4Net,
 };
@@ -34,12 +36,15 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 5] = [
+pub const PINS: [(&str, &str); 8] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
     (STATS_MAP, "stats"),
     (FRAG_MAP, "fragments"),
+    (FWD_RULES_MAP, "forward_rules"),
+    (FWD_FLOWS_MAP, "forward_flows"),
+    (FWD_STATS_MAP, "forward_stats"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +144,7 @@ impl Datapath {
             return Err(DatapathError::NoObject);
         }
         let mut ebpf = Ebpf::load(OBJECT).map_err(DatapathError::Load)?;
-        for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC] {
+        for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC, PROG_FWD_TC] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
@@ -229,6 +234,27 @@ impl Datapath {
         let reverse = self.take_hash(REVERSE_MAP)?;
         FlowTable::new(egress, reverse, self.public_addrs.clone(), ports, timeouts)
             .map_err(DatapathError::PublicAddrs)
+    }
+
+    /// Hands the forwarding maps to a [`Forwarder`]; call once.
+    pub fn forwarder(&mut self, timeouts: Timeouts) -> Result<Forwarder, DatapathError> {
+        Ok(Forwarder::new(
+            self.take_hash(FWD_RULES_MAP)?,
+            self.take_hash(FWD_FLOWS_MAP)?,
+            self.take_hash(FWD_STATS_MAP)?,
+            timeouts,
+        ))
+    }
+
+    /// Attaches the forwarding program (TC ingress) to the interface a
+    /// forward target is reached through, for its replies. The WAN
+    /// interface needs none: its own program forwards too.
+    pub fn attach_forward(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let tc: &mut SchedClassifier = self.program(PROG_FWD_TC)?;
+        tc.attach(iface, TcAttachType::Ingress)
+            .map_err(|source| attach_error(PROG_FWD_TC, iface, source))?;
+        info!(iface, "forwarding attached");
+        Ok(())
     }
 
     /// The datapath's counters, summed over CPUs, by reason.

@@ -7,6 +7,7 @@ pub mod control;
 pub mod datapath;
 pub mod dns;
 pub mod flows;
+pub mod forward;
 pub mod gateway;
 pub mod metrics;
 pub mod nat;

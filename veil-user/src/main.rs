@@ -83,9 +83,15 @@ enum ClientCommand {
         /// The gateway address clients connect to (repeatable: the client
         /// tries them in order, going on to the next when one does not
         /// answer); default: the one the gateway serves on, as recorded in
-        /// the state directory.
-        #[arg(long, value_name = "HOST:PORT")]
+        /// the state directory. `wss://HOST[:PORT]/PATH`: through the web
+        /// server at HOST that proxies PATH to --ws-listen.
+        #[arg(long, value_name = "HOST:PORT|URL", value_parser = endpoint)]
         endpoint: Vec<String>,
+        /// The CA certificate (PEM) that the web server's certificate for
+        /// wss:// endpoints is checked against, for a self-signed set-up;
+        /// default: the client system's roots.
+        #[arg(long, value_name = "FILE")]
+        endpoint_ca: Option<PathBuf>,
     },
     /// List issued clients.
     List,
@@ -124,8 +130,13 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
             qr,
             qr_png,
             endpoint,
+            endpoint_ca,
             force,
         } => {
+            // Read before anything is issued.
+            let endpoint_ca = endpoint_ca
+                .map(|path| read_endpoint_ca(&path, &endpoint))
+                .transpose()?;
             // Opened first: a refused --out (or --qr-png) issues nothing.
             let existing = if force {
                 Existing::Replace
@@ -140,7 +151,8 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
                 .as_ref()
                 .map(|path| PrivateFile::create(path, existing).context("writing the QR code"))
                 .transpose()?;
-            let profile = state.add_client(&name, &endpoint)?;
+            let mut profile = state.add_client(&name, &endpoint)?;
+            profile.endpoint_ca = endpoint_ca;
             // Rendered before anything is written: a profile too large for
             // a code fails whole.
             let code = (qr || png_file.is_some())
@@ -206,6 +218,28 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
     Ok(())
 }
 
+/// `--endpoint`, checked: `HOST:PORT` or `wss://HOST[:PORT]/PATH`.
+fn endpoint(text: &str) -> Result<String, String> {
+    veil_tunnel::profile::Endpoint::parse(text).map(|_| text.to_owned())
+}
+
+/// `--endpoint-ca`: PEM certificates, for `wss://` endpoints only.
+fn read_endpoint_ca(path: &std::path::Path, endpoints: &[String]) -> Result<String> {
+    if !endpoints.iter().any(|e| e.starts_with("wss://")) {
+        anyhow::bail!(
+            "--endpoint-ca is the web server's CA for wss:// endpoints, and no --endpoint is one"
+        );
+    }
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the endpoint CA {}", path.display()))?;
+    let certs = veil_tunnel::tls::certificates(&pem, "endpoint CA certificate")
+        .with_context(|| format!("{}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no certificate", path.display());
+    }
+    Ok(pem)
+}
+
 fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -246,6 +280,18 @@ fn status(state_dir: &std::path::Path, json: bool) -> Result<()> {
             println!("  {cause:<24} {n:>12}");
         }
     }
+    if !status.forwards.is_empty() || !status.forward_problems.is_empty() {
+        println!("forwards: {}", status.forwards.len());
+        for f in &status.forwards {
+            println!(
+                "  {:<10} -> {:<24} {} connections ({} open), {} packets, {} B",
+                f.rule, f.target, f.connections, f.open, f.packets, f.bytes
+            );
+        }
+        for p in &status.forward_problems {
+            println!("  skipped  {p}");
+        }
+    }
     println!("datapath (packets by reason):");
     for (reason, c) in &status.datapath {
         if c.packets > 0 {
@@ -276,6 +322,7 @@ fn ago(secs: u64) -> String {
 
 fn serve(config: GatewayConfig) -> Result<()> {
     veil_user::preflight::listeners(config.listen, config.metrics, config.nat_ports)?;
+    veil_user::preflight::ws_listener(config.ws_listen, config.nat_ports)?;
     let threads = config.threads.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
     });

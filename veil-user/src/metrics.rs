@@ -84,6 +84,27 @@ pub fn render(s: &Status) -> String {
         "gauge",
         "Distinct NAT ports used by some flow, per NAT port range.",
     );
+    let fwd_conns = family(
+        "veil_forward_connections_total",
+        "counter",
+        "Connections made by a port forwarding rule.",
+    );
+    let fwd_packets = family(
+        "veil_forward_packets_total",
+        "counter",
+        "Packets forwarded by a port forwarding rule, both directions.",
+    );
+    let fwd_bytes = family(
+        "veil_forward_bytes_total",
+        "counter",
+        "Bytes forwarded by a port forwarding rule, both directions.",
+    );
+    for f in &s.forwards {
+        let rule = &f.rule;
+        lines.push(format!("{fwd_conns}{{rule=\"{rule}\"}} {}", f.connections));
+        lines.push(format!("{fwd_packets}{{rule=\"{rule}\"}} {}", f.packets));
+        lines.push(format!("{fwd_bytes}{{rule=\"{rule}\"}} {}", f.bytes));
+    }
     for (proto, count) in [
         ("tcp", s.flows.tcp),
         ("udp", s.flows.udp),

@@ -87,6 +87,22 @@ pub fn listeners(
     }
 }
 
+/// [`listeners`]' check for `--ws-listen` (usually on loopback, behind a
+/// web server on the same host, and so exempt).
+pub fn ws_listener(addr: Option<SocketAddr>, nat: PortRange) -> Result<(), PreflightError> {
+    match addr {
+        Some(addr) if !addr.ip().is_loopback() && (nat.min..=nat.max).contains(&addr.port()) => {
+            Err(PreflightError::PortInNatRange {
+                what: "WebSocket listener",
+                flag: "--ws-listen",
+                addr,
+                nat,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What works but slower than it should, with the fix: logged as warnings
 /// at start-up, never fatal.
 pub fn advice(iface: &str) -> Vec<String> {
@@ -175,6 +191,9 @@ mod tests {
         let err =
             listeners(addr("198.18.0.1:443"), Some(addr("198.18.0.1:65535")), nat).unwrap_err();
         assert!(err.to_string().contains("metrics listener"), "{err}");
+        assert_eq!(ws_listener(Some(addr("127.0.0.1:61000")), nat), Ok(()));
+        let err = ws_listener(Some(addr("0.0.0.0:61000")), nat).unwrap_err();
+        assert!(err.to_string().contains("--ws-listen"), "{err}");
     }
 
     #[test]

@@ -109,6 +109,24 @@ mod tests {
     }
 
     #[test]
+    fn a_websocket_profile_with_its_proxy_ca_reads_back_from_the_code() {
+        let (mut p, root) = profile(&["wss://proxy.example/veil", "198.51.100.1:443"]);
+        // Any certificate will do as the proxy's CA: the gateway's own.
+        p.endpoint_ca = Some(p.ca.clone());
+        let png_bytes = png(&code(&p).unwrap()).unwrap();
+        assert_eq!(Profile::parse(&decode(&png_bytes)).unwrap(), p);
+        let without = Profile {
+            endpoint_ca: None,
+            ..p.clone()
+        };
+        assert_eq!(
+            Profile::parse(&without.to_compact().unwrap()).unwrap(),
+            without
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
     fn the_compact_text_is_small_enough_for_a_modest_code() {
         let (p, root) = profile(&["198.51.100.1:443"]);
         let toml = p.to_toml();

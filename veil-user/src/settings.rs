@@ -19,6 +19,9 @@
 //! max-ports-per-endpoint = 1134
 //! client-buffer = "4MiB"
 //! dns = ["192.0.2.53", "192.0.2.54"]   # or one: "192.0.2.53"
+//! forward = "/etc/veil/forward.csv"
+//! ws-listen = "127.0.0.1:8080"   # behind a web server: docs/operations.md
+//! ws-path = "/veil"
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -58,6 +61,15 @@ pub struct Settings {
     /// address and the listener's port].
     #[arg(long, value_name = "HOST:PORT")]
     pub endpoint: Option<String>,
+    /// Also take tunnels as WebSocket upgrades on this plain-HTTP listener,
+    /// for a TLS-terminating web server or CDN to proxy to (e.g.
+    /// 127.0.0.1:8080; see docs/operations.md) [default: none].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub ws_listen: Option<SocketAddr>,
+    /// The path WebSocket upgrades are taken on; other paths get 404
+    /// [default: /veil].
+    #[arg(long, value_name = "PATH")]
+    pub ws_path: Option<String>,
     /// A public address: what remote hosts see (repeatable, up to 16; each
     /// client keeps one for all its flows) [default: the interface's first
     /// IPv4 address].
@@ -160,6 +172,11 @@ pub struct Settings {
     /// Idle timeout of ICMP echo flows (RFC 5508: at least 60) [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub timeout_icmp: Option<u64>,
+    /// Port forwarding rules, one a line:
+    /// `listen_port,target_host,target_port[,tcp|udp]` (reloaded on SIGHUP
+    /// and when the file changes).
+    #[arg(long, value_name = "FILE")]
+    pub forward: Option<PathBuf>,
 }
 
 /// Why the settings cannot be used.
@@ -177,6 +194,8 @@ pub enum SettingsError {
     /// file into the other (a path that is not UTF-8, say).
     #[error("combining the command line with the configuration file: {0}")]
     Merge(String),
+    #[error("--ws-path `{0}` is not a path: it starts with `/` and has no spaces, e.g. /veil")]
+    WsPath(String),
     #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
     NoIface,
 }
@@ -226,6 +245,8 @@ impl Settings {
             iface: self.iface.ok_or(SettingsError::NoIface)?,
             listen: self.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 443))),
             endpoint: self.endpoint,
+            ws_listen: self.ws_listen,
+            ws_path: ws_path(self.ws_path)?,
             public_addrs: self.public_addr,
             state_dir,
             pool: self
@@ -257,7 +278,19 @@ impl Settings {
             max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
             threads: self.threads,
             dns: self.dns,
+            forward: self.forward,
         })
+    }
+}
+
+/// `--ws-path`, checked: what a request line can carry.
+fn ws_path(path: Option<String>) -> Result<String, SettingsError> {
+    match path {
+        None => Ok("/veil".into()),
+        Some(p) if p.starts_with('/') && !p.contains(|c: char| c.is_whitespace() || c == '?') => {
+            Ok(p)
+        }
+        Some(p) => Err(SettingsError::WsPath(p)),
     }
 }
 
@@ -522,6 +555,8 @@ mod tests {
             iface = "eth0"
             listen = "0.0.0.0:8443"
             endpoint = "gw.example:8443"
+            ws-listen = "127.0.0.1:8080"
+            ws-path = "/tunnel"
             public-addr = ["198.18.0.1", "198.18.0.3"]
             pool = "10.90.0.0/16"
             nat-ports = "62000-63000"
@@ -547,11 +582,33 @@ mod tests {
             timeout-udp = 300
             timeout-udp-dns = 10
             timeout-icmp = 70
+            forward = "/etc/veil/forward.csv"
             "#,
         )
         .unwrap();
         assert_eq!(Settings::default().or_file(all.clone()).unwrap(), all);
         assert_eq!(all.clone().or_file(Settings::default()).unwrap(), all);
+    }
+
+    #[test]
+    fn the_websocket_listener_is_off_unless_asked_for_and_its_path_checked() {
+        let base = || parse("iface = \"eth0\"\n").unwrap();
+        let cfg = base().resolve("/tmp".into()).unwrap();
+        assert_eq!((cfg.ws_listen, cfg.ws_path.as_str()), (None, "/veil"));
+        let on = parse("iface = \"eth0\"\nws-listen = \"127.0.0.1:8080\"\nws-path = \"/t\"\n")
+            .unwrap()
+            .resolve("/tmp".into())
+            .unwrap();
+        assert_eq!(on.ws_listen, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(on.ws_path, "/t");
+        for bad in ["veil", "/a b", "/a?b", ""] {
+            let s = Settings {
+                ws_path: Some(bad.into()),
+                ..base()
+            };
+            let err = s.resolve("/tmp".into()).unwrap_err().to_string();
+            assert!(err.contains("--ws-path"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -272,6 +272,7 @@ impl StateDir {
             ca: ca.cert_pem.clone(),
             cert: cert.pem(),
             key: key.serialize_pem(),
+            endpoint_ca: None,
         })
     }
 

@@ -16,14 +16,14 @@ use crate::{
 #[derive(Args)]
 pub struct Options {
     /// What to measure.
-    #[arg(default_value = "peers", value_parser = ["datapath", "tunnel", "peers", "socks"])]
+    #[arg(default_value = "peers", value_parser = ["datapath", "tunnel", "peers", "forward", "socks"])]
     pub what: String,
     /// Shorter runs: a smoke test of the numbers, not a measurement.
     #[arg(long)]
     pub quick: bool,
     /// `peers` only: the paths to measure, comma-separated (direct,
     /// direct-no-offload, masquerade, openvpn-udp, openvpn-tcp, boringtun,
-    /// boringtun-threads1, veil).
+    /// boringtun-threads1, veil, veil-ws).
     #[arg(long, value_name = "PATH,...")]
     pub only: Option<String>,
 }

@@ -24,6 +24,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("util-linux", "nsenter"),
     ("iputils-ping", "ping"),
+    // The user-space port forwarders `cargo xtask bench forward` compares
+    // veil's forwarding with.
+    ("haproxy", "haproxy"),
+    ("socat", "socat"),
+    // The web servers in front of the gateway (tests/tests/websocket.rs).
+    ("nginx", "nginx"),
+    ("caddy", "caddy"),
+    ("curl", "curl"),
     // The SOCKS and redirect tests' client; shadowsocks is what the
     // SOCKS benchmark compares veil with (`ss-local`, `ss-server`).
     ("curl", "curl"),

@@ -1,6 +1,8 @@
 //! From TCP accept to a running session: the caps on strangers, the TLS
 //! handshake, who the client is, its address and its place among the
-//! clients, then the pump until the session ends.
+//! clients, then the pump until the session ends. The same for a session
+//! carried in a WebSocket ([`super::ws`]): from its TLS handshake on, the
+//! connection is generic over what carries it ([`Carrier`]).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -10,6 +12,7 @@ use std::{
 
 use anyhow::Result;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -39,17 +42,50 @@ pub(super) async fn accept_loop(
     acceptor: TlsAcceptor,
     stopped: watch::Receiver<bool>,
 ) -> Result<()> {
+    accept_each(&shared, &listener, Sources::Clients, |tcp, peer, permit| {
+        let io = crate::tls::buffered(tcp);
+        let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
+        tokio::spawn(serve(shared, io, peer, permit, acceptor, stopped));
+    })
+    .await
+}
+
+/// Who a listener's connections come from, as the handshake caps see it.
+#[derive(Clone, Copy)]
+pub(super) enum Sources {
+    /// The clients themselves: capped overall and per source address.
+    Clients,
+    /// A reverse proxy relaying them all: capped overall only.
+    Proxy,
+}
+
+/// Accepts connections on `listener` for ever, each admitted under the
+/// caps on strangers, tuned, and handed to `start` with its place.
+pub(super) async fn accept_each(
+    shared: &Shared,
+    listener: &TcpListener,
+    sources: Sources,
+    mut start: impl FnMut(TcpStream, SocketAddr, Permit),
+) -> Result<()> {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                crate::net::accept_failed("tunnel listener", &e).await;
+                let name = match sources {
+                    Sources::Clients => "tunnel listener",
+                    Sources::Proxy => "WebSocket listener",
+                };
+                crate::net::accept_failed(name, &e).await;
                 continue;
             }
         };
         // Closed at once if over a cap: a flood of connections costs an
         // accept each, not a task, a buffer and a descriptor for seconds.
-        let permit = match shared.admission.admit(peer.ip()) {
+        let admitted = match sources {
+            Sources::Clients => shared.admission.admit(peer.ip()),
+            Sources::Proxy => shared.admission.admit_relayed(),
+        };
+        let permit = match admitted {
             Ok(permit) => permit,
             Err(turned) => {
                 shared.counters.refused(turned.cause());
@@ -58,22 +94,47 @@ pub(super) async fn accept_loop(
             }
         };
         crate::net::tune_tunnel_socket(&tcp, crate::net::TUNNEL_LOWAT);
-        let (shared, acceptor, stopped) = (shared.clone(), acceptor.clone(), stopped.clone());
-        tokio::spawn(async move {
-            let started = Instant::now();
-            match connection(&shared, tcp, peer, permit, acceptor, stopped).await {
-                Ok(end) => {
-                    info!(client = %end.name, vip = %end.vip,
-                        secs = started.elapsed().as_secs(), "session ended: {}", end.reason);
-                }
-                Err(e) => {
-                    shared.counters.refused(e.cause());
-                    info!("session refused: {e}");
-                    debug!(%peer, "the refused connection came from here");
-                }
-            }
-        });
+        start(tcp, peer, permit);
     }
+}
+
+/// What a client's TLS runs on: its TCP socket, or a WebSocket that a web
+/// server relays ([`super::ws`]).
+pub(super) trait Carrier: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The client authenticated: its reads may take a full-size buffer now.
+    fn authenticated(&mut self) {}
+}
+
+impl Carrier for crate::tls::BufferedTcp {
+    fn authenticated(&mut self) {
+        self.grow(crate::tls::TUNNEL_READ_BUFFER);
+    }
+}
+
+/// One connection's task: its session, and what the log says of its end.
+pub(super) async fn serve<S: Carrier>(
+    shared: Arc<Shared>,
+    io: S,
+    peer: SocketAddr,
+    permit: Permit,
+    acceptor: TlsAcceptor,
+    stopped: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    match connection(&shared, io, peer, permit, acceptor, stopped).await {
+        Ok(end) => {
+            info!(client = %end.name, vip = %end.vip,
+                secs = started.elapsed().as_secs(), "session ended: {}", end.reason);
+        }
+        Err(e) => refused(&shared, peer, e),
+    }
+}
+
+/// A connection that did not become a session: counted and logged.
+pub(super) fn refused(shared: &Shared, peer: SocketAddr, e: Refused) {
+    shared.counters.refused(e.cause());
+    info!("session refused: {e}");
+    debug!(%peer, "the refused connection came from here");
 }
 
 struct SessionEnd {
@@ -89,6 +150,8 @@ pub(super) enum Refused {
     HandshakeTimeout,
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] std::io::Error),
+    #[error("WebSocket upgrade failed: {0}")]
+    WebSocket(#[source] veil_tunnel::ws::WsError),
     #[error("no client certificate")]
     NoCertificate,
     #[error("certificate not issued by this gateway's registry")]
@@ -111,6 +174,7 @@ impl Refused {
         match self {
             Refused::HandshakeTimeout => "timeout",
             Refused::Tls(_) => "tls",
+            Refused::WebSocket(_) => "websocket",
             Refused::NoCertificate | Refused::UnknownClient => "unknown_client",
             Refused::Revoked(_) => "revoked",
             Refused::Full { .. } => "full",
@@ -119,21 +183,20 @@ impl Refused {
     }
 }
 
-/// A client's TLS stream, over a read-buffered socket.
-pub(super) type TlsStream = tokio_rustls::server::TlsStream<crate::tls::BufferedTcp>;
+/// A client's TLS stream, over a read-buffered socket or another carrier.
+pub(super) type TlsStream<S = crate::tls::BufferedTcp> = tokio_rustls::server::TlsStream<S>;
 
 /// One client connection, from TCP accept to close. `permit` holds its
 /// place among the unauthenticated until it becomes a session.
-async fn connection(
+async fn connection<S: Carrier>(
     shared: &Arc<Shared>,
-    tcp: TcpStream,
+    io: S,
     peer: SocketAddr,
     permit: Permit,
     acceptor: TlsAcceptor,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<SessionEnd, Refused> {
-    let tcp = crate::tls::buffered(tcp);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
         .await
         .map_err(|_| Refused::HandshakeTimeout)?
         .map_err(Refused::Tls)?;
@@ -184,11 +247,7 @@ async fn connection(
     // Authenticated and admitted: `--max-clients` bounds it from now on,
     // and it reads through a full-size buffer.
     drop(permit);
-    stream
-        .get_mut()
-        .get_mut()
-        .0
-        .grow(crate::tls::TUNNEL_READ_BUFFER);
+    stream.get_mut().get_mut().0.authenticated();
     info!(client = %name, %vip, "session started");
     debug!(client = %name, %peer, "the session's connection comes from here");
     let mut side = GatewaySide {
@@ -229,7 +288,7 @@ impl Shared {
     /// The registry's record of the client behind this TLS stream. A
     /// client added since the last registry reload (at most a second ago)
     /// is looked up on disk rather than refused.
-    fn authenticate(&self, tls: &TlsStream) -> Result<ClientRecord, Refused> {
+    fn authenticate<S>(&self, tls: &TlsStream<S>) -> Result<ClientRecord, Refused> {
         let cert = tls
             .get_ref()
             .1

@@ -1,7 +1,8 @@
 //! The gateway daemon: tunnels in, datapath out.
 //!
 //! One task accepts TLS connections and runs a session per client
-//! ([`accept`], [`session`]); one reads replies from the TUN device and
+//! ([`accept`], [`session`]), another the same inside WebSockets relayed
+//! by a web server, if asked to ([`ws`]); one reads replies from the TUN device and
 //! hands each to its client's session by destination address
 //! ([`packets`]); one expires idle flows; one watches the client registry
 //! for revocations ([`registry`]). The protocol itself is `veil_proto`'s
@@ -13,10 +14,12 @@ mod accept;
 pub mod check;
 pub mod clients;
 mod dns;
+mod forward;
 mod packets;
 mod registry;
 mod session;
 mod status;
+mod ws;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -54,6 +57,10 @@ pub struct GatewayConfig {
     pub iface: String,
     pub listen: SocketAddr,
     pub endpoint: Option<String>,
+    /// The plain-HTTP listener for WebSocket upgrades, if any, and the
+    /// path they are taken on.
+    pub ws_listen: Option<SocketAddr>,
+    pub ws_path: String,
     /// The addresses remote hosts see; empty: the interface's first.
     pub public_addrs: Vec<Ipv4Addr>,
     pub state_dir: PathBuf,
@@ -87,6 +94,8 @@ pub struct GatewayConfig {
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
     pub dns: Vec<std::net::IpAddr>,
+    /// The port forwarding rules file, if any.
+    pub forward: Option<PathBuf>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -176,6 +185,8 @@ struct Shared {
     counters: Counters,
     /// Taken at shutdown: dropping it detaches the programs and unpins.
     datapath: Mutex<Option<Datapath>>,
+    /// Port forwarding (`--forward`), if configured.
+    forwarding: Option<Arc<forward::Forwarding>>,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -191,6 +202,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
             cfg.listen
         )
     })?;
+    let ws_listener = match cfg.ws_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("listening for WebSocket upgrades on {addr} (pick another with --ws-listen)")
+        })?),
+        None => None,
+    };
     let metrics = match cfg.metrics {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -242,6 +259,25 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         Some(share) => flows.with_port_share(share.get()),
         None => flows,
     };
+    let forwarding = match &cfg.forward {
+        Some(path) => Some(Arc::new(forward::Forwarding::new(
+            path.clone(),
+            datapath.forwarder(cfg.timeouts)?,
+            crate::forward::Gateway {
+                own: crate::forward::own_addrs()
+                    .into_iter()
+                    .chain(public_addrs.iter().copied())
+                    .chain([inner_addr])
+                    .collect(),
+                pool: cfg.pool,
+                nat_ports: cfg.nat_ports,
+                tun_ifindex: ifindex(tun.name())?,
+            },
+            ifindex(&cfg.iface)?,
+            (ifindex(tun.name())?, inner_addr),
+        ))),
+        None => None,
+    };
     datapath.attach(&cfg.iface, tun.name())?;
 
     let policy = EgressPolicy::new(
@@ -270,12 +306,17 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         admission,
         counters: Counters::default(),
         datapath: Mutex::new(Some(datapath)),
+        forwarding,
         state,
         cfg,
     });
     shared.reload_registry()?;
+    if let Some(fwd) = &shared.forwarding {
+        fwd.load(&shared.datapath, &|name| shared.lease_of(name))?;
+    }
     info!(
-        iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen, %endpoint,
+        iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen,
+        ws_listen = ?shared.cfg.ws_listen.map(|a| format!("{a}{}", shared.cfg.ws_path)), %endpoint,
         pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, pins = %pins.display(),
         dns = ?upstreams, "gateway up"
     );
@@ -293,6 +334,19 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry::watch(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
+    if let Some(fwd) = shared.forwarding.clone() {
+        tasks.spawn(forward::watch(shared.clone(), fwd));
+    }
+    if let Some(listener) = ws_listener {
+        let path = shared.cfg.ws_path.as_str().into();
+        tasks.spawn(ws::accept_loop(
+            shared.clone(),
+            listener,
+            path,
+            acceptor.clone(),
+            stopped.clone(),
+        ));
+    }
     let accept = accept::accept_loop(shared.clone(), listener, acceptor, stopped);
     tokio::select! {
         () = shutdown => {}

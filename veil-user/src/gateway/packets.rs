@@ -38,6 +38,14 @@ impl Shared {
         hdr: &VnetHdr,
         pkt: &[u8],
     ) -> Option<Vec<u8>> {
+        if let Some(fwd) = &self.forwarding {
+            if fwd.is_client_reply(vip, pkt) {
+                if let Err(e) = self.tun.send(hdr, pkt) {
+                    debug!(%vip, "writing to the TUN device: {e}");
+                }
+                return None;
+            }
+        }
         match self.checks.check(vip, pkt) {
             Verdict::Datapath { flow } => {
                 if let Some(flow) = flow {

@@ -19,7 +19,7 @@ use veil_proto::{
 use veil_tunnel::pump::{End, Limits, Local};
 
 use super::{
-    accept::TlsStream,
+    accept::{Carrier, TlsStream},
     clients::{Attached, Bytes},
     Shared, CLOSE_TIMEOUT, OUT_HIGH_WATER, OUT_LIMIT, WRITE_STALL,
 };
@@ -149,7 +149,7 @@ fn to_client(session: &mut ServerSession, bytes: &Bytes, gro: &mut Coalescer, jo
 /// closes its own (for a second at most): closing with unread input would
 /// reset the connection and could destroy a refusal before the client
 /// reads it (RFC 9112 §9.6).
-pub(super) async fn linger(stream: &mut Stream<TlsStream>) {
+pub(super) async fn linger<S: Carrier>(stream: &mut Stream<TlsStream<S>>) {
     stream.close(CLOSE_TIMEOUT).await;
     let mut sink = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -57,13 +57,35 @@ impl Shared {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect();
+        let (forwards, forward_problems) = self.forward_status();
         Status {
             clients,
             flows,
             refused,
             counters,
             datapath,
+            forwards,
+            forward_problems,
         }
+    }
+
+    fn forward_status(&self) -> (Vec<control::ForwardStatus>, Vec<String>) {
+        let Some(fwd) = &self.forwarding else {
+            return Default::default();
+        };
+        let rules = fwd.forwarder.lock().expect("forwarder lock").status();
+        let rules = rules
+            .into_iter()
+            .map(|r| control::ForwardStatus {
+                rule: r.rule,
+                target: r.target,
+                connections: r.counters.connections,
+                packets: r.counters.packets,
+                bytes: r.counters.bytes,
+                open: r.open,
+            })
+            .collect();
+        (rules, fwd.problems.lock().expect("problems lock").clone())
     }
 
     fn flow_counts(&self) -> FlowCounts {

@@ -8,6 +8,8 @@
 //!   on the same topology, through the kernel's routing + MASQUERADE,
 //! - flow creations and deletions per second through the flow API.
 //!
+//! `forward`: a port forwarded in the datapath beside direct routing,
+//! HAProxy and socat.
 //! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
 
 use std::{
@@ -37,15 +39,19 @@ fn main() {
         "datapath" => datapath(quick),
         "tunnel" => tunnel(quick),
         "peers" => peers(quick, only()),
+        "forward" => forwarding(quick),
         "socks" => socks(quick),
         other => {
-            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers, socks");
+            eprintln!(
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks"
+            );
             std::process::exit(2);
         }
     }
 }
 
 mod datapath;
+mod forward;
 mod measure;
 mod peers;
 mod socks;
@@ -55,4 +61,4 @@ mod tunnel;
     unused_imports,
     reason = "the modules share one import list through `use super::*`"
 )]
-use self::{datapath::*, measure::*, peers::*, socks::*, tunnel::*};
+use self::{datapath::*, forward::*, measure::*, peers::*, socks::*, tunnel::*};

@@ -5,11 +5,25 @@
 use super::*;
 
 pub(crate) fn iperf3(ns: &str, secs: u32, streams: u32, reverse: bool) -> f64 {
+    iperf3_to(ns, (REMOTE, 5201).into(), secs, streams, reverse)
+}
+
+/// TCP bits per second received, from namespace `ns` to an iperf3 server
+/// at `server` (or back with `reverse`).
+pub(crate) fn iperf3_to(
+    ns: &str,
+    server: std::net::SocketAddr,
+    secs: u32,
+    streams: u32,
+    reverse: bool,
+) -> f64 {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{ns}")).args([
         "iperf3",
         "-c",
-        "198.18.0.2",
+        &server.ip().to_string(),
+        "-p",
+        &server.port().to_string(),
         "-J",
         "-t",
         &secs.to_string(),
@@ -103,10 +117,16 @@ pub(crate) fn udp_pps(ns: &str, secs: u32, len: u32) -> f64 {
 }
 
 /// New TCP connections per second from the client to the remote's discard
-/// port: 16 connecting threads (one thread's rate is bound by the round
-/// trip, not by the gateway), each connection reset on close (no TIME_WAIT
-/// to run out of ports).
+/// port (see [`connections_per_sec_to`]).
 pub(crate) fn connections_per_sec(world: &veil_tests::world::World, secs: u32) -> f64 {
+    connections_per_sec_to(world.client(1), (REMOTE, 9).into(), secs)
+}
+
+/// New TCP connections per second from namespace `from` to `to` (a server
+/// that accepts and closes): 16 connecting threads (one thread's rate is
+/// bound by the round trip, not by the gateway), each connection reset on
+/// close (no TIME_WAIT to run out of ports).
+pub(crate) fn connections_per_sec_to(from: &NetNs, to: std::net::SocketAddr, secs: u32) -> f64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     let done = AtomicU64::new(0);
     let deadline = std::time::Instant::now() + Duration::from_secs(secs as u64);
@@ -114,12 +134,9 @@ pub(crate) fn connections_per_sec(world: &veil_tests::world::World, secs: u32) -
     std::thread::scope(|s| {
         for _ in 0..16 {
             s.spawn(|| {
-                world.client(1).enter(|| {
+                from.enter(|| {
                     while std::time::Instant::now() < deadline {
-                        let c = std::net::TcpStream::connect_timeout(
-                            &(REMOTE, 9).into(),
-                            Duration::from_secs(1),
-                        );
+                        let c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1));
                         if let Ok(c) = c {
                             let _ = socket2_linger_zero(&c);
                             done.fetch_add(1, Ordering::Relaxed);
@@ -196,4 +213,17 @@ pub(crate) fn memory_with_flows(world: &veil_tests::world::World, n: u32) -> (f6
     // The flow maps are preallocated: their size does not change with the
     // number of flows; the daemon's index does.
     ((after - before).max(0.0) / 1e6, flows)
+}
+
+/// The datapath's counters that are not zero, from a gateway's status:
+/// `reason packets, ...`, for reading the figures.
+pub(crate) fn datapath_counts(status: &serde_json::Value) -> String {
+    let counted: Vec<String> = status["datapath"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0)
+        .map(|(reason, c)| format!("{reason} {}", c["packets"]))
+        .collect();
+    counted.join(", ")
 }

@@ -140,18 +140,11 @@ pub(crate) fn peers(quick: bool, kinds: Vec<veil_tests::peers::Kind>) {
             push("udp64_pps", udp_pps(&ns, short, 64) / 1e3);
             push("udp1200_pps", udp_pps(&ns, short, 1200) / 1e3);
             push("conn_per_s", connections_per_sec(&world, short) / 1e3);
-            if *kind == peers::Kind::Veil {
+            if matches!(kind, peers::Kind::Veil | peers::Kind::VeilWs) {
                 // What the gateway dropped, for reading the figures.
                 let status = world.status();
                 eprintln!("veil gateway counters: {}", status["counters"]);
-                let counted: Vec<String> = status["datapath"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, c)| c["packets"].as_u64().unwrap_or(0) > 0)
-                    .map(|(reason, c)| format!("{reason} {}", c["packets"]))
-                    .collect();
-                eprintln!("veil datapath: {}", counted.join(", "));
+                eprintln!("veil datapath: {}", datapath_counts(&status));
             }
             if *kind == peers::Kind::Veil {
                 let (mb, flows) = memory_with_flows(&world, 100_000);
@@ -206,8 +199,19 @@ pub(crate) fn peers_table(
     for n in &order {
         let _ = write!(out, " {n} |");
     }
-    let _ = writeln!(out, " veil ÷ direct | veil ÷ best peer |");
-    let _ = writeln!(out, "|---|{}---:|---:|", "---:|".repeat(order.len()));
+    // veil-ws (when measured) has its own column beside veil's.
+    let ws = order.contains(&"veil-ws");
+    let _ = writeln!(
+        out,
+        " veil ÷ direct | veil ÷ best peer |{}",
+        if ws { " veil-ws ÷ best peer |" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "|---|{}---:|---:|{}",
+        "---:|".repeat(order.len()),
+        if ws { "---:|" } else { "" }
+    );
     let peers = [
         "openvpn-udp",
         "openvpn-tcp",
@@ -230,23 +234,30 @@ pub(crate) fn peers_table(
                 let _ = write!(out, " {:.2} |", f.median);
             }
         }
-        let veil = results
-            .get("veil")
-            .and_then(|r| r.get(key))
-            .map(|f| f.median);
-        let direct = results
-            .get("direct")
-            .and_then(|r| r.get(key))
-            .map(|f| f.median);
-        let best_peer = peers
-            .iter()
-            .filter_map(|p| results.get(p).and_then(|r| r.get(key)).map(|f| f.median))
-            .reduce(|a, b| if higher_better == (a > b) { a } else { b });
-        let ratio = |other: Option<f64>| match (veil, other) {
+        let median = |path: &str| results.get(path).and_then(|r| r.get(key)).map(|f| f.median);
+        let veil = median("veil");
+        let direct = median("direct");
+        let best_peer = peers.iter().filter_map(|p| median(p)).reduce(|a, b| {
+            if higher_better == (a > b) {
+                a
+            } else {
+                b
+            }
+        });
+        let ratio = |ours: Option<f64>, other: Option<f64>| match (ours, other) {
             (Some(v), Some(o)) if o > 0.0 => format!("{:.2}", v / o),
             _ => "–".into(),
         };
-        let _ = writeln!(out, " {} | {} |", ratio(direct), ratio(best_peer));
+        let _ = write!(
+            out,
+            " {} | {} |",
+            ratio(veil, direct),
+            ratio(veil, best_peer)
+        );
+        if ws {
+            let _ = write!(out, " {} |", ratio(median("veil-ws"), best_peer));
+        }
+        let _ = writeln!(out);
     }
     out
 }

@@ -65,7 +65,7 @@ pub(crate) fn socks(quick: bool) {
     // flows per client and ports per remote endpoint would measure
     // themselves.
     let mut world = World::bare(1);
-    veil_tests::peers::start_gateway_for_many_connections(&mut world);
+    veil_tests::peers::veil_gateway(&mut world, &[]);
     let _servers = start_servers(&world.remote);
     let profile = world.add_client("bench", 1);
 

@@ -1,0 +1,557 @@
+//! Port forwarding (`--forward FILE`) with the real gateway: a host on the
+//! internet side (the remote namespace) reaches a host on the gateway's
+//! private side (the lan namespace) through a port of the gateway's public
+//! address. The gateway namespace does not forward (ip_forward is 0), so
+//! whatever arrives went through veil's datapath.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use veil_tests::{
+    netns::NetNs,
+    world::{pseudo_random, sha256, World, LAN_HOST, PUBLIC},
+};
+
+/// Bytes of the transfers: the issue's 50 MB.
+const BIG: usize = 50 << 20;
+/// The gateway's own address on the lan side: forwarded connections come
+/// from it.
+const GW_LAN: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 1);
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    pseudo_random(len, seed)
+}
+
+/// A server in the lan namespace. On each connection it reads one command
+/// byte: `D` sends [`BIG`] bytes and closes; `U` reads to the end (the
+/// client's half-close), then answers the SHA-256 of what it read; `E`
+/// echoes until the client closes. It notes who connected.
+struct LanServer {
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LanServer {
+    fn start(lan: &NetNs, port: u16) -> Self {
+        let listener = lan.enter(|| TcpListener::bind((LAN_HOST, port)).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, st) = (peers.clone(), stop.clone());
+        let download = Arc::new(data(BIG, 1));
+        thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let Ok((mut s, from)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                p.lock().unwrap().push(from);
+                s.set_nonblocking(false).unwrap();
+                let download = download.clone();
+                thread::spawn(move || {
+                    let mut cmd = [0u8];
+                    if s.read_exact(&mut cmd).is_err() {
+                        return;
+                    }
+                    match cmd[0] {
+                        b'D' => {
+                            let _ = s.write_all(&download);
+                        }
+                        b'U' => {
+                            let mut got = Vec::new();
+                            let _ = s.read_to_end(&mut got);
+                            let _ = s.write_all(&sha256(&got));
+                        }
+                        _ => {
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        LanServer { peers, stop }
+    }
+
+    fn seen(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LanServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A world whose gateway forwards with `rules` as its rule file.
+fn world_with(rules: &str) -> (World, PathBuf) {
+    let mut world = World::bare(0);
+    let file = world.dir.join("forward.csv");
+    std::fs::write(&file, rules).unwrap();
+    world.start_gateway(&["--forward", file.to_str().unwrap()]);
+    (world, file)
+}
+
+/// Connects from the remote (the internet side) to the gateway's public
+/// address.
+fn connect(world: &World, port: u16) -> std::io::Result<TcpStream> {
+    world.remote.enter(|| {
+        let s = TcpStream::connect_timeout(&(PUBLIC, port).into(), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(s)
+    })
+}
+
+fn download(world: &World, port: u16) -> Vec<u8> {
+    let mut s = connect(world, port).expect("connecting through the forwarded port");
+    s.write_all(b"D").unwrap();
+    let mut got = Vec::with_capacity(BIG);
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), BIG, "the whole file arrived");
+    sha256(&got)
+}
+
+fn upload(world: &World, port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut s = connect(world, port).expect("connecting through the forwarded port");
+    s.write_all(b"U").unwrap();
+    s.write_all(payload).unwrap();
+    // Half-close: the server reads to the end, then answers.
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    answer
+}
+
+fn forwards(world: &World) -> Vec<serde_json::Value> {
+    world.status()["forwards"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn fifty_megabytes_cross_a_forwarded_port_both_ways_intact() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let lan = LanServer::start(&world.lan, 8000);
+
+    assert_eq!(download(&world, 8080), sha256(&data(BIG, 1)), "download");
+    let payload = data(BIG, 7);
+    assert_eq!(upload(&world, 8080, &payload), sha256(&payload), "upload");
+
+    // The lan host saw the gateway's own address, never the remote's.
+    let seen = lan.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for peer in &seen {
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(GW_LAN), "{seen:?}");
+        assert!(
+            (61000..=65535).contains(&peer.port()),
+            "a NAT port from the range: {peer}"
+        );
+    }
+    let f = &forwards(&world)[0];
+    assert_eq!(f["rule"], "tcp/8080");
+    assert_eq!(f["target"], "10.200.9.2:8000");
+    assert_eq!(f["connections"], 2, "{f}");
+    assert!(f["bytes"].as_u64().unwrap() > 2 * BIG as u64, "{f}");
+
+    // The counters are in a pinned map bpftool reads.
+    let dir = world
+        .pins()
+        .join(format!("v{}", veil_common::LAYOUT_VERSION));
+    let out = world.gw.exec(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            dir.join("forward_stats").to_str().unwrap(),
+        ],
+    );
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = &dump[0]["formatted"];
+    assert_eq!(entry["key"]["listen_port"], 8080, "{dump}");
+    assert_eq!(entry["value"]["connections"], 2, "{dump}");
+}
+
+#[test]
+fn a_messy_file_works_and_its_bad_line_is_reported_by_number() {
+    let rules = "listen_port,target_host,target_port,proto\r\n\
+                 # web\r\n\
+                 \r\n\
+                 8080 , 10.200.9.2 , 8000 , tcp\r\n\
+                 9090,10.200.9.2,notaport\r\n\
+                 7070,10.200.9.2,8000   # the same server again\r\n";
+    let (mut world, file) = world_with(rules);
+    let _lan = LanServer::start(&world.lan, 8000);
+    let report = format!("{}:5: target_port `notaport` is not a port", file.display());
+    world
+        .gateway()
+        .wait_for_log(&report, Duration::from_secs(5));
+
+    for port in [8080, 7070] {
+        let mut s = connect(&world, port).unwrap();
+        s.write_all(b"Ehello").unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello", "port {port}");
+    }
+    let status = world.status();
+    let problems = status["forward_problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{status}");
+    assert!(
+        problems[0].as_str().unwrap().starts_with(&report),
+        "{status}"
+    );
+    assert_eq!(forwards(&world).len(), 2);
+}
+
+#[test]
+fn a_rule_toward_a_closed_port_is_refused_at_once() {
+    let (world, _file) = world_with("8080,10.200.9.2,8001\n");
+    let started = Instant::now();
+    let err = connect(&world, 8080).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_half_closed_connection_still_gets_its_reply() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+    let payload = b"after my FIN, your answer".to_vec();
+    assert_eq!(upload(&world, 8080, &payload), sha256(&payload));
+}
+
+#[test]
+fn udp_is_forwarded_both_ways() {
+    let (world, _file) = world_with("5353,10.200.9.2,5300,udp\n");
+    let server = world
+        .lan
+        .enter(|| UdpSocket::bind((LAN_HOST, 5300)).unwrap());
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let echo = thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(&buf[..n], from).unwrap();
+        from
+    });
+    let answer = world.remote.enter(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send_to(b"ping", (PUBLIC, 5353)).unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, from) = s.recv_from(&mut buf).unwrap();
+        (buf[..n].to_vec(), from)
+    });
+    assert_eq!(answer.0, b"ping");
+    assert_eq!(answer.1, SocketAddr::from((PUBLIC, 5353)));
+    assert_eq!(echo.join().unwrap().ip(), std::net::IpAddr::V4(GW_LAN));
+}
+
+#[test]
+fn a_reload_keeps_a_running_transfer_and_a_removed_rule_takes_no_new_connection() {
+    let (mut world, file) = world_with("8080,10.200.9.2,8000\n9090,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+
+    // A transfer in progress on 8080, read slowly.
+    let mut s = connect(&world, 8080).unwrap();
+    s.write_all(b"D").unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    s.read_exact(&mut got).unwrap();
+
+    // 9090 removed, a comment added: 8080 unchanged. Reloaded on SIGHUP.
+    std::fs::write(&file, "# edited\n8080,10.200.9.2,8000\n").unwrap();
+    world.gateway().signal(libc::SIGHUP);
+    world
+        .gateway()
+        .wait_for_log("1 removed, 1 unchanged", Duration::from_secs(5));
+
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    got.extend_from_slice(&rest);
+    assert_eq!(sha256(&got), sha256(&data(BIG, 1)), "the transfer went on");
+
+    // No new connection on the removed rule: 9090 is the gateway's again,
+    // which has nothing there.
+    assert!(connect(&world, 9090).is_err());
+    // And a change of the file alone is noticed.
+    std::fs::write(&file, "8080,10.200.9.2,8000\n9191,10.200.9.2,8000\n").unwrap();
+    world.gateway().wait_for_log(
+        "1 added, 0 changed, 0 removed, 1 unchanged",
+        Duration::from_secs(5),
+    );
+    let mut s = connect(&world, 9191).unwrap();
+    s.write_all(b"Eok").unwrap();
+    let mut buf = [0u8; 2];
+    s.read_exact(&mut buf).unwrap();
+}
+
+#[test]
+fn the_nat_range_still_drops_unsolicited_packets() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+    // A connection makes a NAT port; nothing else may use the range.
+    let mut s = connect(&world, 8080).unwrap();
+    s.write_all(b"Ex").unwrap();
+    let started = Instant::now();
+    let err = connect(&world, 61000).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not refused: {err}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let dropped = world.status()["datapath"]["drop_no_ingress_flow"]["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(dropped >= 1);
+}
+
+#[test]
+fn a_rule_may_not_open_the_gateway_itself() {
+    let (mut world, file) =
+        world_with("2222,10.200.9.1,22\n2223,127.0.0.1,22\n443,10.200.9.2,8000\n");
+    world.gateway().wait_for_log(
+        &format!(
+            "{}:3: listen port 443 (tcp) is in use on the gateway",
+            file.display()
+        ),
+        Duration::from_secs(5),
+    );
+    let problems = world.status()["forward_problems"].clone();
+    let problems: Vec<&str> = problems
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(problems[0].contains(":1: target 10.200.9.1 is the gateway itself"));
+    assert!(problems[1].contains(":2: target 127.0.0.1 is the gateway itself"));
+    assert!(forwards(&world).is_empty());
+}
+
+#[test]
+fn a_rule_to_a_client_by_name_reaches_that_service_and_no_other() {
+    let mut world = World::bare(1);
+    let file = world.dir.join("forward.csv");
+    std::fs::write(&file, "7070,client:alpha,7000\n").unwrap();
+    world.start_gateway(&["--forward", file.to_str().unwrap()]);
+    // alpha has never connected: no address yet, the rule waits.
+    world.gateway().wait_for_log(
+        &format!("{}:1: client `alpha` has no address yet", file.display()),
+        Duration::from_secs(5),
+    );
+    let profile = world.add_client("alpha", 1);
+    let _client = world.start_client(1, &profile, true);
+    world.gateway().wait_for_log(
+        "1 added, 0 changed, 0 removed, 0 unchanged, 0 skipped",
+        Duration::from_secs(5),
+    );
+
+    // A service on the client (all its addresses), and one that no rule names.
+    let (service, other) = world.client(1).enter(|| {
+        (
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7000)).unwrap(),
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7001)).unwrap(),
+        )
+    });
+    let served = thread::spawn(move || {
+        let (mut s, from) = service.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        from
+    });
+    let mut s = connect(&world, 7070).expect("the client's service through the gateway");
+    s.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    let from = served.join().unwrap();
+    assert_eq!(
+        from.ip(),
+        std::net::IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1)),
+        "the client sees the gateway's address inside the tunnel, not the remote's"
+    );
+
+    // The client's other ports stay closed: nothing reaches 7001.
+    other.set_nonblocking(true).unwrap();
+    assert!(connect(&world, 7001).is_err());
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        other.accept().is_err(),
+        "no connection reached the port no rule names"
+    );
+    let f = &forwards(&world)[0];
+    assert_eq!(f["target"], "client:alpha:7000");
+    assert_eq!(f["connections"], 1, "{f}");
+}
+
+// ---- the translation itself, under BPF_PROG_TEST_RUN ----
+
+mod bpf {
+    use veil_common::{proto, FwdRule, Reason, PROG_FWD_TC};
+    use veil_tests::{
+        bed::*,
+        packet::{assert_checksums, edit_ip, frame, icmp_error, ip_of, ETH_LEN, L4},
+    };
+    use veil_user::{
+        forward::{Forwarder, Resolved, Rule, Target},
+        Timeouts,
+    };
+
+    use super::{Ipv4Addr, GW_LAN, LAN_HOST};
+
+    const TARGET: Ipv4Addr = LAN_HOST;
+    const TARGET_IF: u32 = 77;
+
+    /// A bed forwarding TCP and UDP 8080 of the public address to the
+    /// target's 8000.
+    fn bed() -> (Bed, Forwarder) {
+        let mut bed = Bed::new();
+        let mut fwd = bed.dp.forwarder(Timeouts::default()).unwrap();
+        let rule = |proto| Resolved {
+            rule: Rule {
+                line: 1,
+                proto,
+                listen_port: 8080,
+                target: Target::Host(TARGET.to_string()),
+                target_port: 8000,
+            },
+            value: FwdRule {
+                target_addr: TARGET.octets(),
+                snat_addr: GW_LAN.octets(),
+                ifindex: TARGET_IF,
+                target_port: 8000,
+                _pad: [0; 2],
+            },
+        };
+        fwd.apply(vec![rule(proto::TCP), rule(proto::UDP)]).unwrap();
+        (bed, fwd)
+    }
+
+    fn from_target(bed: &mut Bed, input: &[u8]) -> (i32, Vec<u8>) {
+        let prog: &mut aya::programs::SchedClassifier = bed.dp.program(PROG_FWD_TC).unwrap();
+        let (rc, out) = run(prog, input);
+        (rc as i32, out)
+    }
+
+    /// The NAT port a translated frame leaves from.
+    fn src_port(frame: &[u8]) -> u16 {
+        u16::from_be_bytes([frame[ETH_LEN + 20], frame[ETH_LEN + 21]])
+    }
+
+    #[test]
+    fn a_syn_opens_a_connection_translated_both_ways() {
+        let (mut bed, fwd) = bed();
+        let syn = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 8080, "S", b""));
+
+        let wan = bed.wan(&syn);
+        assert_eq!(wan.xdp, XDP_PASS);
+        assert_eq!(wan.tc, Some(TC_ACT_REDIRECT), "sent toward the target");
+        let nat = src_port(&wan.out);
+        assert!(PORTS.contains(nat), "NAT port {nat} from the range");
+        assert_eq!(
+            wan.out,
+            frame(GW_LAN, TARGET, 63, L4::tcp(nat, 8000, "S", b"")),
+            "both addresses and ports rewritten, TTL - 1, all else intact"
+        );
+        assert_checksums(ip_of(&wan.out));
+
+        let synack = frame(TARGET, GW_LAN, 64, L4::tcp(8000, nat, "SA", b"hi"));
+        let (action, out) = from_target(&mut bed, &synack);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(
+            out,
+            frame(PUBLIC, REMOTE, 63, L4::tcp(8080, 40000, "SA", b"hi"))
+        );
+        assert_checksums(ip_of(&out));
+
+        // The same connection's next packet reuses its entries.
+        let ack = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 8080, "A", b"x"));
+        assert_eq!(
+            bed.wan_tc(&ack).1,
+            frame(GW_LAN, TARGET, 63, L4::tcp(nat, 8000, "A", b"x"))
+        );
+        assert_eq!(bed.count(Reason::FwdForwarded), 3);
+        let status = fwd.status();
+        let tcp = status.iter().find(|r| r.rule == "tcp/8080").unwrap();
+        assert_eq!(tcp.counters.connections, 1);
+        assert_eq!(tcp.counters.packets, 3);
+        assert_eq!(tcp.open, 1);
+    }
+
+    #[test]
+    fn udp_opens_on_any_datagram_and_a_zero_checksum_stays_zero() {
+        let (mut bed, _fwd) = bed();
+        let mut dgram = frame(REMOTE, PUBLIC, 64, L4::udp(5000, 8080, b"query"));
+        // No UDP checksum.
+        dgram[ETH_LEN + 26..ETH_LEN + 28].copy_from_slice(&[0, 0]);
+        let wan = bed.wan(&dgram);
+        assert_eq!(wan.tc, Some(TC_ACT_REDIRECT));
+        let nat = src_port(&wan.out);
+        let mut expected = frame(GW_LAN, TARGET, 63, L4::udp(nat, 8000, b"query"));
+        expected[ETH_LEN + 26..ETH_LEN + 28].copy_from_slice(&[0, 0]);
+        assert_eq!(wan.out, expected);
+    }
+
+    #[test]
+    fn a_tcp_packet_of_no_connection_is_dropped_and_other_ports_are_the_hosts() {
+        let (mut bed, _fwd) = bed();
+        let stray = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 8080, "A", b""));
+        assert_eq!(bed.wan(&stray).tc, Some(TC_ACT_SHOT));
+        assert_eq!(bed.count(Reason::FwdDropNoFlow), 1);
+
+        let ssh = frame(REMOTE, PUBLIC, 64, L4::tcp(40000, 22, "S", b""));
+        let wan = bed.wan(&ssh);
+        assert!(wan.passed_untouched(&ssh), "not a forwarded port");
+
+        // The target's side: what is not a forwarded connection's passes.
+        let other = frame(TARGET, GW_LAN, 64, L4::tcp(8000, 61000, "SA", b""));
+        let (action, out) = from_target(&mut bed, &other);
+        assert_eq!((action, out), (TC_ACT_OK, other));
+    }
+
+    #[test]
+    fn an_icmp_error_from_the_target_reaches_the_remote_about_its_own_packet() {
+        let (mut bed, _fwd) = bed();
+        let dgram = frame(REMOTE, PUBLIC, 64, L4::udp(5000, 8080, b"query"));
+        let sent = bed.wan(&dgram).out;
+        let nat = src_port(&sent);
+
+        // Port unreachable from the target, quoting what the gateway sent.
+        let error = icmp_error(TARGET, GW_LAN, 3, 3, [0; 4], ip_of(&sent));
+        let (action, out) = from_target(&mut bed, &error);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        // About the remote's own datagram as the gateway got it (its TTL
+        // one less: the quote is of what the gateway sent), from the
+        // address it was sent to.
+        let original = frame(REMOTE, PUBLIC, 63, L4::udp(5000, 8080, b"query"));
+        let mut expected = icmp_error(PUBLIC, REMOTE, 3, 3, [0; 4], ip_of(&original));
+        edit_ip(&mut expected, |f| f[ETH_LEN + 8] = 63);
+        assert_eq!(out, expected, "NAT port {nat}");
+        assert_checksums(ip_of(&out));
+    }
+}

@@ -1,0 +1,254 @@
+//! veil behind an ordinary website: a real nginx (or Caddy) in the
+//! gateway's namespace ends the website's TLS on its own port with its own
+//! certificate, serves a static page at `/` and proxies `/veil` to the
+//! gateway's `--ws-listen`; clients have `wss://` profiles.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use veil_tests::{
+    proc::{workspace_bin, Proc},
+    web::{Server, Site, Website, PAGE},
+    world::{download_data, sha256, World, PUBLIC},
+};
+
+const SITE: Site = Site {
+    name: "proxy.test",
+    listen: "10.200.1.1:8443",
+    ws_path: "/veil",
+    upstream: "127.0.0.1:8080",
+};
+const URL: &str = "wss://proxy.test:8443/veil";
+
+/// The world with its gateway taking WebSockets, `server` in front of it,
+/// and client 1's namespace resolving the website's name.
+fn behind(server: Server) -> (World, Website) {
+    let world = World::new(1, &["--ws-listen", SITE.upstream]);
+    let web = Website::start(server, &world.gw, &world.dir.join("web"), &SITE);
+    // `ip netns exec` shows the namespace this file as /etc/hosts (removed
+    // with the namespace).
+    let etc = PathBuf::from("/etc/netns").join(world.client(1).name());
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("hosts"), "10.200.1.1 proxy.test\n").unwrap();
+    (world, web)
+}
+
+/// veil-client in client 1's namespace as `ip netns exec` runs it (its
+/// /etc/hosts knows the website), connected.
+fn start_client(world: &World, profile: &PathBuf) -> Proc {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", world.client(1).name()])
+        .arg(workspace_bin("veil-client"))
+        .arg("--profile")
+        .arg(profile)
+        .args(["--keepalive", "1", "--no-dns"]);
+    let mut client = Proc::start("veil-client", cmd, world.dir.join("client-ws.log"));
+    client.wait_for_log("connected", Duration::from_secs(15));
+    client
+}
+
+/// `curl` in namespace `ns`: its stdout.
+fn curl(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{ns}"))
+        .args(["curl", "-sS", "--max-time", "5"])
+        .args(args)
+        .output()
+        .expect("running curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_wss_client_downloads_through_nginx_and_the_website_stays_a_website() {
+    through(Server::Nginx);
+}
+
+#[test]
+fn a_wss_client_downloads_through_caddy_and_the_website_stays_a_website() {
+    through(Server::Caddy);
+}
+
+fn through(server: Server) {
+    let (world, web) = behind(server);
+    let profile = web.profile(&world, "alice", URL);
+    let text = std::fs::read_to_string(&profile).unwrap();
+    assert!(text.contains(URL) && text.contains("endpoint_ca"), "{text}");
+    let mut client = start_client(&world, &profile);
+
+    let got = world.download(1).expect("download through the WebSocket");
+    assert_eq!(got, sha256(&download_data()), "the bytes arrived intact");
+    assert_eq!(
+        world.servers.seen(),
+        [PUBLIC],
+        "the remote saw the gateway's address only"
+    );
+    // The website, from the client's namespace while the tunnel is up
+    // (the web server is its endpoint, let through the kill switch).
+    let ca = web.ca.to_str().unwrap();
+    let page = curl(
+        world.client(1).name(),
+        &[
+            "--cacert",
+            ca,
+            "--resolve",
+            "proxy.test:8443:10.200.1.1",
+            "https://proxy.test:8443/",
+        ],
+    );
+    assert_eq!(page, PAGE, "the static page is still served");
+
+    // The gateway's listener itself: an upgrade elsewhere than its path is
+    // not found.
+    let status = curl(
+        world.gw.name(),
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "http://127.0.0.1:8080/other",
+        ],
+    );
+    assert_eq!(status, "404");
+    let status = world.status();
+    assert_eq!(status["clients"][0]["name"], "alice", "{status}");
+
+    // The web server logs a relayed WebSocket when it ends.
+    client.stop();
+    veil_tests::wait_until(
+        "the web server's log of the upgrade",
+        Duration::from_secs(5),
+        || web.logged_upgrade(SITE.ws_path),
+    );
+}
+
+#[test]
+fn a_websocket_upgrade_without_a_client_certificate_gets_no_tunnel() {
+    let (mut world, mut web) = behind(Server::Nginx);
+    let ca = std::fs::read_to_string(&web.ca).unwrap();
+    let gateway_ca = std::fs::read_to_string(world.state.join("ca.crt")).unwrap();
+    let answer = world
+        .client(1)
+        .enter(|| without_certificate(&ca, &gateway_ca));
+    eprintln!("without a certificate: {answer}");
+    assert!(
+        !answer.contains("HTTP/1.1 2") && !answer.contains(" 101"),
+        "the CONNECT-IP request got an answer: {answer}"
+    );
+    let gateway = world.gateway();
+    gateway.wait_for_log("session refused", Duration::from_secs(5));
+    assert!(!gateway.log().contains("session started"));
+    assert!(
+        world.status()["refused"]
+            .as_object()
+            .unwrap()
+            .contains_key("tls")
+            || world.status()["refused"]
+                .as_object()
+                .unwrap()
+                .contains_key("unknown_client"),
+        "{}",
+        world.status()
+    );
+    // Everyone else is served as before.
+    assert!(web.is_running());
+    let profile = web.profile(&world, "bob", URL);
+    let _client = start_client(&world, &profile);
+    assert!(world.fetch(1).unwrap().contains("198.18.0.1"));
+}
+
+/// Through the website's TLS and a WebSocket upgrade on its path, the
+/// tunnel's TLS with no client certificate, then a CONNECT-IP request: what
+/// came back (an error's description if the connection failed).
+fn without_certificate(website_ca: &str, gateway_ca: &str) -> String {
+    let tcp = TcpStream::connect("10.200.1.1:8443").unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let web = tls_client("proxy.test", website_ca, tcp);
+    let (ws, response) = tungstenite::client(URL, web).expect("the upgrade through nginx");
+    assert_eq!(response.status(), 101);
+    let mut tunnel = tls_client("veil-gateway", gateway_ca, WsIo { ws, rx: Vec::new() });
+    let request = "GET /.well-known/masque/ip/*/*/ HTTP/1.1\r\nHost: veil-gateway\r\n\
+                   Connection: Upgrade\r\nUpgrade: connect-ip\r\nCapsule-Protocol: ?1\r\n\r\n";
+    if let Err(e) = tunnel.write_all(request.as_bytes()) {
+        return format!("write failed: {e}");
+    }
+    let mut answer = String::new();
+    match tunnel.read_to_string(&mut answer) {
+        Ok(_) => answer,
+        Err(e) => format!("{answer}[read failed: {e}]"),
+    }
+}
+
+/// A blocking TLS client for `name`, trusting `ca` only, no certificate.
+fn tls_client<S: Read + Write>(
+    name: &str,
+    ca: &str,
+    io: S,
+) -> rustls::StreamOwned<rustls::ClientConnection, S> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name.to_owned().try_into().unwrap())
+        .unwrap();
+    rustls::StreamOwned::new(conn, io)
+}
+
+/// A blocking WebSocket as a byte stream: one binary message per write.
+struct WsIo<S: Read + Write> {
+    ws: tungstenite::WebSocket<S>,
+    rx: Vec<u8>,
+}
+
+impl<S: Read + Write> Read for WsIo<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.rx.is_empty() {
+            match self.ws.read() {
+                Ok(tungstenite::Message::Binary(b)) => self.rx = b.to_vec(),
+                Ok(tungstenite::Message::Close(_)) => return Ok(0),
+                Ok(_) => {}
+                Err(tungstenite::Error::ConnectionClosed) => return Ok(0),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.rx.len());
+        buf[..n].copy_from_slice(&self.rx[..n]);
+        self.rx.drain(..n);
+        Ok(n)
+    }
+}
+
+impl<S: Read + Write> Write for WsIo<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.ws
+            .send(tungstenite::Message::binary(buf.to_vec()))
+            .map_err(std::io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.ws.flush().map_err(std::io::Error::other)
+    }
+}

@@ -1,0 +1,184 @@
+//! Port forwarding: the maps of the rules (`--forward FILE`) and of the
+//! connections the datapath translates for them.
+//!
+//! A rule says: TCP or UDP to any public address on `listen_port` goes to
+//! `target_addr:target_port`. The datapath translates both addresses of
+//! such a connection (as IPVS and Katran do): the remote's packet
+//! `R:rp -> PUBLIC:listen` leaves toward the target as
+//! `SNAT:nat_port -> T:tp`, where `SNAT` is the gateway's own address on the
+//! target's side and `nat_port` one of the NAT range; the target's replies
+//! `T:tp -> SNAT:nat_port` go back as `PUBLIC:listen -> R:rp`.
+//!
+//! Each connection is two entries of [`FWD_FLOWS_MAP`], one per direction,
+//! keyed by the packet as it arrives ([`FwdKey`]) and holding what it
+//! becomes ([`FwdFlow`]): each entry's translation, reversed, is the other
+//! entry's key. The datapath creates them on a connection's first packet
+//! (no user space per packet); the daemon expires them.
+
+use crate::maps::FlowStats;
+
+/// The rules: [`FwdRuleKey`] -> [`FwdRule`]. Hash, written by the daemon.
+pub const FWD_RULES_MAP: &str = "VEIL_FWD_RULES";
+/// Forwarded connections, two entries each: [`FwdKey`] -> [`FwdFlow`].
+/// Hash: the datapath inserts, the daemon expires (an LRU would evict
+/// live connections under load).
+pub const FWD_FLOWS_MAP: &str = "VEIL_FWD_FLOWS";
+/// Per-rule counters: [`FwdRuleKey`] -> [`FwdCounters`]. Hash, the entry
+/// made by the daemon with the rule, added to by the datapath.
+pub const FWD_STATS_MAP: &str = "VEIL_FWD_STATS";
+
+/// The forwarding program on the interfaces targets are reached through
+/// (TC ingress): the targets' replies.
+pub const PROG_FWD_TC: &str = "veil_fwd_tc";
+
+/// Most forward rules.
+pub const MAX_FWD_RULES: u32 = 4096;
+/// Capacity of [`FWD_FLOWS_MAP`]: two entries a connection.
+pub const MAX_FWD_FLOWS: u32 = 131_072;
+
+/// Which packets a rule takes: the protocol and the port on the public
+/// addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FwdRuleKey {
+    pub listen_port: u16,
+    /// [`crate::proto::TCP`] or [`crate::proto::UDP`].
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl FwdRuleKey {
+    pub const fn new(proto: u8, listen_port: u16) -> Self {
+        Self {
+            listen_port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Where a rule sends its connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdRule {
+    pub target_addr: [u8; 4],
+    /// The gateway's own address toward the target: the connections'
+    /// source there, so that the replies come back through the gateway.
+    pub snat_addr: [u8; 4],
+    /// The interface the target is reached through.
+    pub ifindex: u32,
+    pub target_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// A packet of a forwarded connection as it arrives: the key of one
+/// direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FwdKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What one direction of a forwarded connection becomes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdFlow {
+    /// This direction's packets, as the datapath counted them.
+    pub stats: FlowStats,
+    /// `bpf_ktime_get_ns()` when the connection was made.
+    pub created_ns: u64,
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Where the translated packet leaves.
+    pub ifindex: u32,
+    /// The rule the connection was made for (its counters).
+    pub rule: FwdRuleKey,
+    /// [`fwd_dir`]: which way this entry translates.
+    pub dir: u32,
+}
+
+impl FwdFlow {
+    /// The key of the other direction's entry: the translated packet's
+    /// answer.
+    pub const fn partner(&self) -> FwdKey {
+        FwdKey {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.rule.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Which way an [`FwdFlow`] entry translates.
+pub mod fwd_dir {
+    /// From the remote to the target.
+    pub const INBOUND: u32 = 1;
+    /// From the target back to the remote.
+    pub const REPLY: u32 = 2;
+}
+
+/// One rule's tally, added to atomically from every CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdCounters {
+    pub connections: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integers and byte arrays, every padding byte an
+    // explicit field.
+    unsafe impl aya::Pod for super::FwdRuleKey {}
+    unsafe impl aya::Pod for super::FwdRule {}
+    unsafe impl aya::Pod for super::FwdKey {}
+    unsafe impl aya::Pod for super::FwdFlow {}
+    unsafe impl aya::Pod for super::FwdCounters {}
+}
+
+const _: () = {
+    assert!(size_of::<FwdRuleKey>() == 4);
+    assert!(size_of::<FwdRule>() == 16);
+    assert!(size_of::<FwdKey>() == 16);
+    assert!(size_of::<FwdFlow>() == 64);
+    assert!(size_of::<FwdCounters>() == 24);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_entry_names_its_partner() {
+        let flow = FwdFlow {
+            src_addr: [10, 200, 9, 1],
+            dst_addr: [10, 200, 9, 2],
+            src_port: 61000,
+            dst_port: 8080,
+            rule: FwdRuleKey::new(crate::proto::TCP, 80),
+            ..Default::default()
+        };
+        assert_eq!(
+            flow.partner(),
+            FwdKey {
+                src_addr: [10, 200, 9, 2],
+                dst_addr: [10, 200, 9, 1],
+                src_port: 8080,
+                dst_port: 61000,
+                proto: crate::proto::TCP,
+                _pad: [0; 3],
+            }
+        );
+    }
+}

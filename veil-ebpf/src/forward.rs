@@ -1,0 +1,540 @@
+//! Port forwarding (`--forward FILE`): connections to a listen port on a
+//! public address, translated to a target and back, in TC.
+//!
+//! A packet is the forwarder's when its 5-tuple is a connection in
+//! `VEIL_FWD_FLOWS` (either direction), or when it opens one: it goes to a
+//! public address on a port with a rule in `VEIL_FWD_RULES` (a TCP SYN, or
+//! any UDP datagram). The first packet makes both entries ([`open`]): the
+//! reply entry first with `BPF_NOEXIST`, which claims the NAT port toward
+//! the target atomically, as the daemon does for clients' flows. Every
+//! packet then has both addresses and ports rewritten with the kernel's
+//! checksum helpers (`rewrite`), its TTL counted, and is sent out of the
+//! entry's interface with `bpf_redirect_neigh`: the gateway's kernel does
+//! not forward (ip_forward may be 0) and netfilter never sees the packet.
+//!
+//! XDP on the WAN only asks [`claims`] so that it lets such packets through
+//! to TC uncounted; TC ([`translate`]) counts them.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr};
+use veil_common::{
+    csum::{self, L4Sum}, fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason,
+    ReverseKey,
+};
+
+use crate::{
+    egress::ethernet_header,
+    maps::{config, VEIL_FWD_FLOWS, VEIL_FWD_RULES, VEIL_FWD_STATS, VEIL_REVERSE},
+    packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
+    rewrite::{cover, decrement_ttl, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
+    stats, Verdict,
+};
+
+const IP: usize = ETH_LEN;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const L4_AT: usize = ETH_LEN + IPV4_LEN;
+/// NAT ports tried for a new connection before it is refused: a random
+/// start, then its neighbours. Collisions need the same target endpoint.
+const PORT_TRIES: u32 = 8;
+
+/// A TCP or UDP packet that may be a forwarded connection's.
+struct Candidate {
+    key: FwdKey,
+    kind: L4Sum,
+    ttl: u8,
+    tcp_flags: u64,
+}
+
+/// Reads the 5-tuple of an unfragmented TCP or UDP packet without IP
+/// options (a forwarded connection's packets are such); `None` for
+/// anything else, which is left to the rest of the datapath.
+#[inline(always)]
+fn candidate(pkt: &Packet, l2: usize) -> Option<Candidate> {
+    if l2 != 0 {
+        let eth: *mut EthHdr = pkt.at(0).ok()?;
+        if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+            return None;
+        }
+    }
+    let ip: *mut Ipv4Hdr = pkt.at(l2).ok()?;
+    let (vihl, frags, protocol, ttl, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            (*ip).ttl,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    // Options and fragments are not forwarded.
+    if vihl != 0x45 || frags & 0x3fff != 0 {
+        return None;
+    }
+    let kind = match protocol {
+        proto::TCP => L4Sum::Tcp,
+        proto::UDP => L4Sum::Udp,
+        _ => return None,
+    };
+    let ports: *mut Ports = pkt.at(l2 + IPV4_LEN).ok()?;
+    let tcp_flags = match kind {
+        L4Sum::Tcp => {
+            let flags: *mut [u8; 14] = pkt.at(l2 + IPV4_LEN).ok()?;
+            unsafe { (*flags)[13] as u64 }
+        }
+        _ => 0,
+    };
+    Some(Candidate {
+        key: FwdKey {
+            src_addr: src,
+            dst_addr: dst,
+            src_port: u16::from_be_bytes(unsafe { (*ports).src }),
+            dst_port: u16::from_be_bytes(unsafe { (*ports).dst }),
+            proto: protocol,
+            _pad: [0; 3],
+        },
+        kind,
+        ttl,
+        tcp_flags,
+    })
+}
+
+/// The header bytes of an ICMP error that say what it is about: the quoted
+/// IPv4 header and the first 8 bytes of its transport header.
+const ICMP_HDR_LEN: usize = 8;
+const INNER_IP: usize = L4_AT + ICMP_HDR_LEN;
+const INNER_L4: usize = INNER_IP + IPV4_LEN;
+
+/// What an ICMP error quotes of a TCP or UDP packet.
+struct Quote {
+    /// The quoted packet's 5-tuple, reversed: the key of the connection
+    /// entry it answers to.
+    key: FwdKey,
+    kind: L4Sum,
+    /// The error's own TTL.
+    ttl: u8,
+}
+
+/// Reads an ICMP error's quote; `None` for any other packet.
+#[inline(always)]
+fn quote(pkt: &Packet) -> Option<Quote> {
+    let eth: *mut EthHdr = pkt.at(0).ok()?;
+    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip: *mut Ipv4Hdr = pkt.at(IP).ok()?;
+    let (vihl, frags, protocol, ttl) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            (*ip).ttl,
+        )
+    };
+    if vihl != 0x45 || frags & 0x3fff != 0 || protocol != proto::ICMP {
+        return None;
+    }
+    let icmp: *mut Icmpv4Hdr = pkt.at(L4_AT).ok()?;
+    match unsafe { (*icmp).type_ } {
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => {}
+        _ => return None,
+    }
+    let inner: *mut Ipv4Hdr = pkt.at(INNER_IP).ok()?;
+    let (inner_vihl, inner_proto, quoted_src, quoted_dst) = unsafe {
+        (
+            (*inner).vihl,
+            (*inner).proto,
+            (*inner).src_addr,
+            (*inner).dst_addr,
+        )
+    };
+    let kind = match inner_proto {
+        proto::TCP => L4Sum::Tcp,
+        proto::UDP => L4Sum::Udp,
+        _ => return None,
+    };
+    if inner_vihl != 0x45 {
+        return None;
+    }
+    let ports: *mut Ports = pkt.at(INNER_L4).ok()?;
+    let (quoted_sport, quoted_dport) = unsafe { ((*ports).src, (*ports).dst) };
+    Some(Quote {
+        key: FwdKey {
+            src_addr: quoted_dst,
+            dst_addr: quoted_src,
+            src_port: u16::from_be_bytes(quoted_dport),
+            dst_port: u16::from_be_bytes(quoted_sport),
+            proto: inner_proto,
+            _pad: [0; 3],
+        },
+        kind,
+        ttl,
+    })
+}
+
+/// An ICMP error about a packet of a forwarded connection (a target's
+/// port unreachable, a router's "fragmentation needed" on either side):
+/// translated for the other side, as the connection's packets are, so
+/// that it reaches whoever sent the packet it quotes, about that packet
+/// as they sent it. `None` when it is about something else.
+///
+/// The quote `a -> b` is what the gateway sent; the connection entry
+/// keyed `b -> a` translates to `x -> y`, and `a -> b` was made from
+/// `y -> x`. So the quote becomes `y -> x` and the error goes from `x` to
+/// `y`, out of that entry's interface.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, pkt: &Packet, cfg: &Config) -> Result<Option<Verdict>, Reason> {
+    let Some(Quote { key, kind, ttl }) = quote(pkt) else {
+        return Ok(None);
+    };
+    let ip: *mut Ipv4Hdr = pkt.at(IP)?;
+    let icmp: *mut Icmpv4Hdr = pkt.at(L4_AT)?;
+    let inner: *mut Ipv4Hdr = pkt.at(INNER_IP)?;
+    let ports: *mut Ports = pkt.at(INNER_L4)?;
+    let Some(flow) = VEIL_FWD_FLOWS.get_ptr(key) else {
+        return Ok(None);
+    };
+    if ttl <= 1 {
+        return Err(Reason::DropTtlExpired);
+    }
+    let (x, x_port, y, y_port, ifindex, rule) = unsafe {
+        (
+            (*flow).src_addr,
+            (*flow).src_port,
+            (*flow).dst_addr,
+            (*flow).dst_port,
+            (*flow).ifindex,
+            (*flow).rule,
+        )
+    };
+    // RFC 792 promises 8 bytes of the quoted transport header: TCP's
+    // checksum is patched when it was quoted.
+    let check = match kind {
+        L4Sum::Tcp => pkt
+            .at::<[u8; 18]>(INNER_L4)
+            .ok()
+            .map(|tcp| unsafe { (tcp as *mut u8).add(16) as *mut [u8; 2] }),
+        _ => pkt
+            .at::<[u8; 8]>(INNER_L4)
+            .ok()
+            .map(|udp| unsafe { (udp as *mut u8).add(6) as *mut [u8; 2] }),
+    };
+    unsafe {
+        let src = L4 {
+            kind,
+            port: &raw mut (*ports).src,
+            check,
+        };
+        let moved_src = move_endpoint(inner, &raw mut (*inner).src_addr, &src, y, y_port);
+        let dst = L4 {
+            kind,
+            port: &raw mut (*ports).dst,
+            check,
+        };
+        let moved_dst = move_endpoint(inner, &raw mut (*inner).dst_addr, &dst, x, x_port);
+        let sum = cover(word((*icmp).check), &moved_src);
+        (*icmp).check = cover(sum, &moved_dst).to_ne_bytes();
+        let mut ip_check = word((*ip).check);
+        ip_check = csum::replace32(ip_check, dword((*ip).src_addr), dword(x));
+        ip_check = csum::replace32(ip_check, dword((*ip).dst_addr), dword(y));
+        (*ip).src_addr = x;
+        (*ip).dst_addr = y;
+        (*ip).check = ip_check.to_ne_bytes();
+    }
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+        stats::fwd_packet(counters, ctx.len());
+    }
+    decrement_ttl(ctx, IP, ttl, proto::ICMP)?;
+    send(cfg, ifindex)
+}
+
+/// Sends the translated packet (with its Ethernet header) out of
+/// `ifindex`: the kernel fills in the link-layer addresses for the next
+/// hop; into the TUN device (a `client:NAME` target) it goes bare.
+#[inline(always)]
+fn send(cfg: &Config, ifindex: u32) -> Result<Option<Verdict>, Reason> {
+    let action = if ifindex == cfg.tun_ifindex {
+        unsafe { bpf_redirect(ifindex, 0) }
+    } else {
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }
+    } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
+    }
+    Ok(Some(Verdict::counted(action, Reason::FwdForwarded)))
+}
+
+/// The rule a packet to a public address opens a connection under.
+#[inline(always)]
+fn rule_for(key: &FwdKey, cfg: &Config) -> Option<(FwdRuleKey, *const FwdRule)> {
+    if !cfg.is_public(key.dst_addr) {
+        return None;
+    }
+    let rule = FwdRuleKey::new(key.proto, key.dst_port);
+    VEIL_FWD_RULES.get_ptr(rule).map(|r| (rule, r))
+}
+
+/// XDP: whether TC's [`translate`] will take this packet.
+#[inline(always)]
+pub fn claims(pkt: &Packet, cfg: &Config) -> bool {
+    match candidate(pkt, ETH_LEN) {
+        Some(c) => VEIL_FWD_FLOWS.get_ptr(c.key).is_some() || rule_for(&c.key, cfg).is_some(),
+        None => quote(pkt).is_some_and(|q| VEIL_FWD_FLOWS.get_ptr(q.key).is_some()),
+    }
+}
+
+/// TC: translates and sends on a forwarded connection's packet; `None`
+/// when the packet is not one (the caller goes on with it).
+#[inline(always)]
+pub fn translate(ctx: &TcContext, cfg: &Config) -> Result<Option<Verdict>, Reason> {
+    translate_at(ctx, cfg, ETH_LEN, true)
+}
+
+/// TC on the TUN device: a connected client's answer on a connection a
+/// `client:NAME` rule made (the daemon writes only those here, beside its
+/// clients' own flows). Never opens one: a client cannot use a rule.
+#[inline(always)]
+pub fn from_client(ctx: &TcContext, cfg: &Config, l2: usize) -> Result<Option<Verdict>, Reason> {
+    translate_at(ctx, cfg, l2, false)
+}
+
+/// [`translate`] for a packet whose IPv4 header is at `l2` (0 on the TUN
+/// device); `may_open`: whether it may open a connection under a rule.
+#[inline(always)]
+fn translate_at(
+    ctx: &TcContext,
+    cfg: &Config,
+    l2: usize,
+    may_open: bool,
+) -> Result<Option<Verdict>, Reason> {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let Some(c) = candidate(&pkt, l2) else {
+        if l2 != ETH_LEN {
+            return Ok(None);
+        }
+        return icmp_error(ctx, &pkt, cfg);
+    };
+    let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let flow = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
+        Some(flow) => {
+            if c.kind == L4Sum::Tcp && syn {
+                reopen(flow);
+            }
+            flow
+        }
+        None if !may_open => return Ok(None),
+        None => {
+            let Some((rule_key, rule)) = rule_for(&c.key, cfg) else {
+                return Ok(None);
+            };
+            // Only a SYN opens a TCP connection: anything else of one the
+            // gateway does not know (its rule removed, or it expired) is
+            // dropped, as the target would not know it either.
+            if c.kind == L4Sum::Tcp && !syn {
+                return Err(Reason::FwdDropNoFlow);
+            }
+            let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+            open(&c.key, rule_key, unsafe { &*rule }, ingress, cfg)?
+        }
+    };
+    if c.ttl <= 1 {
+        return Err(Reason::DropTtlExpired);
+    }
+    let (to, rule, ifindex) = unsafe {
+        (
+            (
+                (*flow).src_addr,
+                (*flow).src_port,
+                (*flow).dst_addr,
+                (*flow).dst_port,
+            ),
+            (*flow).rule,
+            (*flow).ifindex,
+        )
+    };
+    stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), c.tcp_flags);
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+        stats::fwd_packet(counters, ctx.len());
+    }
+    let l4 = l2 + IPV4_LEN;
+    let check = match c.kind {
+        L4Sum::Tcp => l4 + 16,
+        _ => l4 + 6,
+    };
+    let src = SkbEndpoint {
+        kind: c.kind,
+        ip_check: l2 + 10,
+        addr: l2 + 12,
+        port: l4,
+        l4_check: check,
+    };
+    let dst = SkbEndpoint {
+        addr: l2 + 16,
+        port: l4 + 2,
+        ..src
+    };
+    let k = &c.key;
+    move_endpoint_skb(
+        ctx,
+        &src,
+        dword(k.src_addr),
+        word(k.src_port.to_be_bytes()),
+        to.0,
+        to.1,
+    )?;
+    move_endpoint_skb(
+        ctx,
+        &dst,
+        dword(k.dst_addr),
+        word(k.dst_port.to_be_bytes()),
+        to.2,
+        to.3,
+    )?;
+    decrement_ttl(ctx, l2, c.ttl, k.proto)?;
+    if l2 == 0 {
+        ethernet_header(ctx, l2)?;
+    }
+    send(cfg, ifindex)
+}
+
+/// Makes a new connection's two entries: a NAT port on the gateway's
+/// address toward the target, claimed by inserting the reply entry with
+/// `BPF_NOEXIST`. `ingress` is where the remote's packets come from, and
+/// so where the replies go.
+#[inline(always)]
+fn open(
+    key: &FwdKey,
+    rule_key: FwdRuleKey,
+    rule: &FwdRule,
+    ingress: u32,
+    cfg: &Config,
+) -> Result<*mut FwdFlow, Reason> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let inbound = |nat_port| FwdFlow {
+        created_ns: now,
+        src_addr: rule.snat_addr,
+        dst_addr: rule.target_addr,
+        src_port: nat_port,
+        dst_port: rule.target_port,
+        ifindex: rule.ifindex,
+        rule: rule_key,
+        dir: fwd_dir::INBOUND,
+        ..Default::default()
+    };
+    let reply = FwdFlow {
+        created_ns: now,
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        ifindex: ingress,
+        rule: rule_key,
+        dir: fwd_dir::REPLY,
+        ..Default::default()
+    };
+    let span = (cfg.nat_port_max - cfg.nat_port_min) as u32 + 1;
+    let start = unsafe { bpf_get_prandom_u32() };
+    for i in 0..PORT_TRIES {
+        let nat_port = cfg.nat_port_min + (start.wrapping_add(i) % span) as u16;
+        let forward = inbound(nat_port);
+        let reply_key = forward.partner();
+        // Toward a target behind the WAN the gateway's address there is a
+        // public one, whose NAT ports clients' flows use too.
+        let client_flow = ReverseKey {
+            remote_addr: rule.target_addr,
+            public_addr: rule.snat_addr,
+            remote_port: rule.target_port,
+            nat_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        if VEIL_REVERSE.get_ptr(client_flow).is_some() {
+            continue;
+        }
+        if VEIL_FWD_FLOWS
+            .insert(reply_key, reply, BPF_NOEXIST as u64)
+            .is_err()
+            && !reclaim(&reply_key, &reply)
+        {
+            continue;
+        }
+        if VEIL_FWD_FLOWS
+            .insert(*key, forward, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            // Another CPU opened it meanwhile (a retransmitted SYN): use
+            // that one, give this port back.
+            let _ = VEIL_FWD_FLOWS.remove(reply_key);
+            return VEIL_FWD_FLOWS.get_ptr_mut(key).ok_or(Reason::FwdDropNoRoom);
+        }
+        if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule_key) {
+            stats::fwd_connection(counters);
+        }
+        return VEIL_FWD_FLOWS.get_ptr_mut(key).ok_or(Reason::FwdDropNoRoom);
+    }
+    Err(Reason::FwdDropNoRoom)
+}
+
+/// A SYN on a connection that is over (the remote reuses its port, a
+/// connection after a reset): a new connection on the same entries. Its
+/// flags start again, so that neither expiry nor [`reclaim`] takes it for
+/// the closed one.
+#[inline(always)]
+fn reopen(flow: *mut FwdFlow) {
+    let closed = tcp_flags::RST | tcp_flags::FIN;
+    let (seen, partner, rule) =
+        unsafe { ((*flow).stats.tcp_flags, (*flow).partner(), (*flow).rule) };
+    let reply = VEIL_FWD_FLOWS.get_ptr_mut(partner);
+    let seen_back = match reply {
+        Some(reply) => unsafe { (*reply).stats.tcp_flags },
+        None => 0,
+    };
+    if (seen | seen_back) & closed == 0 {
+        return;
+    }
+    unsafe { (*flow).stats.tcp_flags = 0 };
+    if let Some(reply) = reply {
+        unsafe { (*reply).stats.tcp_flags = 0 };
+    }
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+        stats::fwd_connection(counters);
+    }
+}
+
+/// Takes over the NAT port of a connection that is over (reset, or closed
+/// both ways) for a new one: as conntrack reuses a closed tuple, so that
+/// a burst of short connections toward one target is not limited by the
+/// daemon's expiry. `false` if the port's connection is still alive.
+#[inline(always)]
+fn reclaim(reply_key: &FwdKey, reply: &FwdFlow) -> bool {
+    let Some(old) = VEIL_FWD_FLOWS.get_ptr(reply_key) else {
+        return false;
+    };
+    let (back, old_inbound) = unsafe { ((*old).stats.tcp_flags, (*old).partner()) };
+    let out = match VEIL_FWD_FLOWS.get_ptr(old_inbound) {
+        Some(inbound) => unsafe { (*inbound).stats.tcp_flags },
+        None => tcp_flags::RST,
+    };
+    let fin_both = out & back & tcp_flags::FIN != 0;
+    if (out | back) & tcp_flags::RST == 0 && !fin_both {
+        return false;
+    }
+    let _ = VEIL_FWD_FLOWS.remove(old_inbound);
+    VEIL_FWD_FLOWS.insert(reply_key, reply, 0).is_ok()
+}
+
+/// TC on an interface targets are reached through: their replies go back
+/// to the remotes; everything else is left alone (and uncounted: it is
+/// not veil's).
+#[inline(always)]
+pub fn from_target(ctx: &TcContext) -> Result<Verdict, Reason> {
+    pull_headers(ctx)?;
+    let cfg = config()?;
+    Ok(translate(ctx, cfg)?.unwrap_or(Verdict::uncounted(TC_ACT_OK as i32)))
+}

@@ -1,0 +1,222 @@
+//! Port forwarding in the running gateway: the rule file loaded at start,
+//! reloaded on SIGHUP and when it changes, and the forwarded connections
+//! expired. The datapath forwards every packet; this only keeps its maps.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{debug, info, warn};
+
+use super::{Shared, GC_INTERVAL};
+use crate::{
+    datapath::Datapath,
+    forward::{self, Forwarder, Gateway},
+    net::monotonic_ns,
+};
+
+/// How often the rule file is looked at for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The forwarding state the gateway keeps.
+pub struct Forwarding {
+    pub path: PathBuf,
+    pub forwarder: Mutex<Forwarder>,
+    /// The skipped lines of the last load, as reported (`FILE:LINE: why`).
+    pub problems: Mutex<Vec<String>>,
+    gateway: Gateway,
+    /// The TUN device and the gateway's address inside the tunnel: where
+    /// `client:NAME` targets are reached, and from.
+    client_route: (u32, Ipv4Addr),
+    /// Clients named by rules that could not apply yet (no address).
+    waiting: Mutex<BTreeSet<String>>,
+    /// Whether a rule forwards to a client: only then are client packets
+    /// looked at as replies.
+    to_clients: AtomicBool,
+    /// Interfaces the forwarding program is attached to (or need none).
+    attached: Mutex<BTreeSet<u32>>,
+    /// The file's bytes when last loaded.
+    loaded: Mutex<Option<Vec<u8>>>,
+}
+
+impl Forwarding {
+    pub fn new(
+        path: PathBuf,
+        forwarder: Forwarder,
+        gateway: Gateway,
+        wan_ifindex: u32,
+        client_route: (u32, Ipv4Addr),
+    ) -> Self {
+        Self {
+            path,
+            forwarder: Mutex::new(forwarder),
+            problems: Mutex::new(Vec::new()),
+            // The WAN's own program forwards; the TUN device's answers
+            // clients' connections.
+            attached: Mutex::new(BTreeSet::from([wan_ifindex, client_route.0])),
+            gateway,
+            client_route,
+            waiting: Mutex::new(BTreeSet::new()),
+            to_clients: AtomicBool::new(false),
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// Whether a packet from client `vip` answers a `client:NAME`
+    /// connection: then it goes to the datapath as it is (no flow of its
+    /// own, no egress policy: the rule is the operator's).
+    pub fn is_client_reply(&self, vip: Ipv4Addr, pkt: &[u8]) -> bool {
+        if !self.to_clients.load(Relaxed) {
+            return false;
+        }
+        forward::client_reply_key(pkt, vip, self.client_route.1).is_some_and(|key| {
+            self.forwarder
+                .lock()
+                .expect("forwarder lock")
+                .is_reply(&key)
+        })
+    }
+
+    /// Whether a client a rule waits for has an address now.
+    fn client_arrived(&self, leases: &dyn Fn(&str) -> Option<Ipv4Addr>) -> bool {
+        let waiting = self.waiting.lock().expect("waiting lock");
+        waiting.iter().any(|name| leases(name).is_some())
+    }
+
+    /// Reads, resolves and applies the rule file. A file that cannot be
+    /// read leaves the rules as they were.
+    pub fn load(
+        &self,
+        datapath: &Mutex<Option<Datapath>>,
+        leases: &dyn Fn(&str) -> Option<Ipv4Addr>,
+    ) -> Result<()> {
+        let bytes = std::fs::read(&self.path)
+            .with_context(|| format!("reading the forward rules {}", self.path.display()))?;
+        *self.loaded.lock().expect("loaded lock") = Some(bytes.clone());
+        let text = String::from_utf8_lossy(&bytes);
+        let (rules, mut problems) = forward::parse(&text);
+        let named: BTreeSet<String> = rules
+            .iter()
+            .filter_map(|r| match &r.target {
+                forward::Target::Client(name) => Some(name.clone()),
+                forward::Target::Host(_) => None,
+            })
+            .collect();
+        let (resolved, more) = forward::resolve(rules, &self.gateway, leases, self.client_route);
+        problems.extend(more);
+        *self.waiting.lock().expect("waiting lock") = named
+            .iter()
+            .filter(|n| leases(n).is_none())
+            .cloned()
+            .collect();
+        self.to_clients.store(
+            resolved
+                .iter()
+                .any(|r| r.value.ifindex == self.client_route.0),
+            Relaxed,
+        );
+        problems.sort_by_key(|p| p.line);
+        let reports: Vec<String> = problems.iter().map(|p| p.report(&self.path)).collect();
+        for r in &reports {
+            warn!("forward rule skipped: {r}");
+        }
+        let ifaces: BTreeSet<u32> = resolved.iter().map(|r| r.value.ifindex).collect();
+        match datapath.lock().expect("datapath lock").as_mut() {
+            Some(datapath) => self.attach(datapath, &ifaces)?,
+            None => return Ok(()),
+        }
+        let applied = self
+            .forwarder
+            .lock()
+            .expect("forwarder lock")
+            .apply(resolved)?;
+        info!(
+            file = %self.path.display(),
+            "forward rules loaded: {} added, {} changed, {} removed, {} unchanged, {} skipped",
+            applied.added, applied.changed, applied.removed, applied.unchanged, reports.len()
+        );
+        *self.problems.lock().expect("problems lock") = reports;
+        Ok(())
+    }
+
+    /// Attaches the forwarding program where targets' replies arrive.
+    fn attach(&self, datapath: &mut Datapath, ifaces: &BTreeSet<u32>) -> Result<()> {
+        let mut attached = self.attached.lock().expect("attached lock");
+        for index in ifaces.difference(&attached.clone()) {
+            let Some((_, name)) = forward::ifaces().into_iter().find(|(i, _)| i == index) else {
+                continue;
+            };
+            datapath.attach_forward(&name)?;
+            attached.insert(*index);
+        }
+        Ok(())
+    }
+
+    /// Whether the file's bytes differ from what was loaded.
+    fn changed(&self) -> bool {
+        let now = std::fs::read(&self.path).ok();
+        now.is_some() && *self.loaded.lock().expect("loaded lock") != now
+    }
+}
+
+impl Shared {
+    /// A client's address, if it has one (a lease is for good).
+    pub(super) fn lease_of(&self, name: &str) -> Option<Ipv4Addr> {
+        self.clients
+            .lock()
+            .expect("clients lock")
+            .leases()
+            .get(name)
+            .copied()
+    }
+
+    fn reload_forward(&self, fwd: &Forwarding) {
+        if let Err(e) = fwd.load(&self.datapath, &|name| self.lease_of(name)) {
+            warn!("forward rules kept as they were: {e:#}");
+        }
+    }
+}
+
+/// Reloads the rules on SIGHUP and when the file changes; expires idle
+/// connections.
+pub(super) async fn watch(shared: Arc<Shared>, fwd: Arc<Forwarding>) -> Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    let mut look = tokio::time::interval(WATCH_INTERVAL);
+    let mut gc = tokio::time::interval(GC_INTERVAL);
+    loop {
+        let reload = tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the forward rules");
+                true
+            }
+            _ = look.tick() => fwd.changed() || fwd.client_arrived(&|n| shared.lease_of(n)),
+            _ = gc.tick() => {
+                let fwd = fwd.clone();
+                let expired = tokio::task::spawn_blocking(move || {
+                    fwd.forwarder.lock().expect("forwarder lock").gc(monotonic_ns())
+                })
+                .await?;
+                match expired {
+                    Ok(0) => {}
+                    Ok(n) => debug!(expired = n, "forward gc"),
+                    Err(e) => warn!("forward gc: {e:#}"),
+                }
+                false
+            }
+        };
+        if reload {
+            let (shared, fwd) = (shared.clone(), fwd.clone());
+            // DNS and route look-ups block.
+            tokio::task::spawn_blocking(move || shared.reload_forward(&fwd)).await?;
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The WebSocket listener (`--ws-listen`): plain HTTP, for a web server or
+//! CDN that ends the website's TLS to proxy one path (`--ws-path`) to.
+//! An upgrade on that path becomes a WebSocket, and inside it the same
+//! connection as on the TLS listener ([`super::accept`]): the tunnel's
+//! own mutual TLS, end to end, then CONNECT-IP. The proxy sees neither the
+//! client's certificate nor its packets.
+//!
+//! Every connection here comes from the proxy, so the per-source
+//! handshake cap would be one cap on all clients together: only
+//! `--max-handshakes` applies (limit per client at the proxy).
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::TlsAcceptor;
+use veil_tunnel::ws::WsStream;
+
+use super::{
+    accept::{accept_each, refused, serve, Carrier, Refused, Sources},
+    Shared, HANDSHAKE_TIMEOUT,
+};
+
+/// A WebSocket has its read buffer from the start (tungstenite's), so
+/// nothing grows once the client authenticates.
+impl Carrier for WsStream<tokio::net::TcpStream> {}
+
+pub(super) async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    path: Arc<str>,
+    acceptor: TlsAcceptor,
+    stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    accept_each(&shared, &listener, Sources::Proxy, |tcp, peer, permit| {
+        let (shared, path, acceptor, stopped) = (
+            shared.clone(),
+            path.clone(),
+            acceptor.clone(),
+            stopped.clone(),
+        );
+        tokio::spawn(async move {
+            let upgrade =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, veil_tunnel::ws::accept(tcp, &path));
+            match upgrade.await {
+                Ok(Ok(ws)) => serve(shared, ws, peer, permit, acceptor, stopped).await,
+                Ok(Err(e)) => refused(&shared, peer, Refused::WebSocket(e)),
+                Err(_) => refused(&shared, peer, Refused::HandshakeTimeout),
+            }
+        });
+    })
+    .await
+}
