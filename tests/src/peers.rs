@@ -147,7 +147,7 @@ pub fn up(world: &mut World, kind: Kind) -> Path {
 /// and no per-client flow or per-endpoint port cap (the benchmark's one
 /// client opens every connection to one remote port), so the connection
 /// and flow figures measure the gateway, not its defaults.
-fn veil_gateway(world: &mut World, extra: &[&str]) {
+pub fn veil_gateway(world: &mut World, extra: &[&str]) {
     world.gw.exec(
         "sysctl",
         &["-qw", "net.ipv4.ip_local_port_range=10000 19999"],

@@ -75,6 +75,9 @@ pub struct Dialer {
     quic: quinn::ClientConfig,
     /// Built only if the profile has a `wss://` endpoint.
     web: Option<TlsConnector>,
+    /// The firewall mark of the connection to the gateway
+    /// (`--redirect-rules` lets it pass: [`crate::redirect::MARK`]).
+    pub mark: Option<u32>,
 }
 
 impl Dialer {
@@ -89,6 +92,7 @@ impl Dialer {
             tunnel: TlsConnector::from(Arc::new(config)),
             server_name,
             web,
+            mark: None,
         })
     }
 
@@ -102,8 +106,8 @@ impl Dialer {
     /// left from. A first hop that does not take the TCP connection is
     /// [`Unanswered`].
     pub async fn dial(&self, target: &Target) -> Result<(TunnelTls, Option<IpAddr>)> {
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.addr)).await
-        {
+        let connect = crate::redirect::dial(target.addr, self.mark);
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 return Err(Unanswered(format!("connecting to {}: {e}", target.addr)).into())

@@ -58,12 +58,12 @@ pub struct Policy {
 pub enum Error {
     #[error(
         "nft is not installed: install nftables (`apt-get install nftables`); \
-         veil-client does not run without its kill switch"
+         veil-client's kill switch and redirect rules need it"
     )]
     Missing(#[source] std::io::Error),
     #[error("running nft")]
     Run(#[source] std::io::Error),
-    #[error("nft refused the kill switch ({0}): is this kernel built with nf_tables?")]
+    #[error("nft refused the rules ({0}): is this kernel built with nf_tables?")]
     Refused(String),
 }
 
@@ -146,7 +146,7 @@ fn spawn_error(e: std::io::Error) -> Error {
 }
 
 /// Runs `nft -f -` with `script`: one transaction, all or nothing.
-fn nft(script: &str) -> Result<(), Error> {
+pub(crate) fn nft(script: &str) -> Result<(), Error> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

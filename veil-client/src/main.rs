@@ -20,14 +20,25 @@
 //! endpoint of the profile through so that failover works; a reconnect
 //! as soon as the uplink toward the endpoint in use changes (`watch`);
 //! and one client per network namespace (`instance`).
+//!
+//! `--socks` and `--redirect` carry applications' connections without a
+//! TUN device, through a user-space TCP/IP stack on the same session
+//! (`proxy`, docs/client.md); alone they create no device, change no
+//! route, DNS setting or firewall, and need no root.
 
 mod dial;
 mod dns;
 mod firewall;
 mod h3;
 mod instance;
+mod netstack;
+mod proxy;
+mod redirect;
+mod relay;
+mod resolve;
 mod routes;
 mod rules;
+mod socks;
 mod uplink;
 mod watch;
 
@@ -42,7 +53,7 @@ use clap::Parser;
 use tracing::{debug, info, warn};
 use veil_proto::{
     gro::Coalescer,
-    gso::VnetHdr,
+    gso::{VnetHdr, VNET_HDR_LEN},
     session::{ClientConfig, ClientSession, Output},
 };
 use veil_tunnel::{
@@ -75,9 +86,26 @@ struct Cli {
     /// everything.
     #[arg(long = "route", value_name = "CIDR")]
     routes: Vec<Ipv4Net>,
-    /// The TUN device to create.
-    #[arg(long, default_value = "veil0", value_name = "NAME")]
-    tun: String,
+    /// The TUN device to create (default veil0). With --socks or
+    /// --redirect, a TUN device is created only when this is given.
+    #[arg(long, value_name = "NAME")]
+    tun: Option<String>,
+    /// Serve SOCKS5 (CONNECT, UDP ASSOCIATE) here, through the tunnel;
+    /// alone: no TUN device, no root.
+    #[arg(long, value_name = "ADDR")]
+    socks: Option<SocketAddr>,
+    /// `user:password` lines: SOCKS clients must log in (required when
+    /// --socks listens beyond loopback).
+    #[arg(long, value_name = "FILE", requires = "socks")]
+    socks_users: Option<PathBuf>,
+    /// Carry connections the kernel redirected here (nftables/iptables
+    /// REDIRECT) through the tunnel, to their original destination.
+    #[arg(long, value_name = "ADDR")]
+    redirect: Option<SocketAddr>,
+    /// Install the redirect rules for --redirect (every TCP connection of
+    /// this machine but the client's own), removed on exit.
+    #[arg(long, requires = "redirect")]
+    redirect_rules: bool,
     #[arg(long, default_value_t = 1400)]
     mtu: u16,
     /// How to reach the gateway: HTTP/3 over UDP (packets in datagrams,
@@ -120,6 +148,24 @@ struct Cli {
     unlock: bool,
 }
 
+impl Cli {
+    /// The TUN device to run, if any: by default, unless only the modes
+    /// without one are asked for.
+    fn tun(&self) -> Option<&str> {
+        match &self.tun {
+            Some(name) => Some(name),
+            None if self.socks.is_none() && self.redirect.is_none() => Some("veil0"),
+            None => None,
+        }
+    }
+
+    /// Whether this run changes the machine's configuration (and so must
+    /// be the namespace's only client).
+    fn configures_system(&self) -> bool {
+        self.unlock || self.tun().is_some() || self.redirect_rules
+    }
+}
+
 /// A gateway that has not taken the TCP connection by then (a SYN and one
 /// retransmission) is left for the profile's next endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -139,19 +185,23 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     // The namespace is ours before anything in it is touched: a second
     // client must not take back the first one's DNS settings.
-    let _instance = if cli.unlock {
-        instance::claim().map_err(|e| match e {
+    let _instance = if !cli.configures_system() {
+        None
+    } else if cli.unlock {
+        Some(instance::claim().map_err(|e| match e {
             instance::Error::Busy => anyhow::anyhow!(
                 "a veil-client is running in this network namespace: stop it instead \
                  (without --lockdown its exit removes the kill switch)"
             ),
             e => e.into(),
-        })?
+        })?)
     } else {
-        instance::claim()?
+        Some(instance::claim()?)
     };
     // A resolv.conf left by a run that was killed goes back first.
-    dns::recover();
+    if cli.configures_system() {
+        dns::recover();
+    }
     if cli.unlock {
         return unlock();
     }
@@ -180,7 +230,8 @@ fn unlock() -> Result<()> {
 }
 
 async fn run(cli: Cli, profile: Profile) -> Result<()> {
-    let dialer = Dialer::new(&profile)?;
+    let mut dialer = Dialer::new(&profile)?;
+    dialer.mark = cli.redirect_rules.then_some(redirect::MARK);
     let targets = dial::resolve_all(&profile.endpoints)?;
     let gateways: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
     let endpoints: Vec<SocketAddrV4> = gateways
@@ -202,29 +253,49 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
     // Which endpoint, and how many in a row did not answer.
     let (mut current, mut unanswered) = (0, 0);
 
+    // The modes without a TUN device, listening before the first
+    // connection; stopped (redirect rules removed) when this returns.
+    let proxies = proxy::Proxies::start(proxy::Options {
+        socks: cli.socks,
+        socks_users: cli.socks_users.clone(),
+        redirect: cli.redirect,
+        redirect_rules: cli.redirect_rules,
+        mtu: cli.mtu,
+        beside_tun: cli.tun().is_some(),
+    })?;
+    let stack = proxies.as_ref().map(|p| &p.stack);
+
     // Fail closed from here on: the kill switch and the routing rules are
     // in force before the first connection and until this function
     // returns (dropped in reverse order: DNS, the network, the rules, then
     // the kill switch). Both let every endpoint through, so that failing
     // over to the next one needs no change to either.
-    let lan = allowed_lan(&cli, gateways[current]);
-    let mut firewall = Firewall::install(Policy {
-        tun: cli.tun.clone(),
-        endpoints: endpoints.clone(),
-        ranges: (!cli.routes.is_empty()).then(|| routes.clone()),
-        lan: lan.clone(),
-        lockdown: cli.lockdown,
-    })
-    .context("installing the kill switch")?;
-    let gateway_ips: Vec<Ipv4Addr> = endpoints.iter().map(|e| *e.ip()).collect();
-    let mut rules = Rules::install(&gateway_ips, lan_v4(&lan))
-        .context("installing the routing rules: is iproute2 installed?")?;
-    info!(
-        lockdown = cli.lockdown,
-        allow_lan = cli.allow_lan,
-        endpoints = endpoints.len(),
-        "kill switch on"
-    );
+    // Without a TUN device nothing of the machine's is routed or
+    // filtered: only what the proxies carry goes through the tunnel.
+    let (mut firewall, mut rules) = match cli.tun() {
+        Some(tun) => {
+            let lan = allowed_lan(&cli, gateways[current]);
+            let firewall = Firewall::install(Policy {
+                tun: tun.to_owned(),
+                endpoints: endpoints.clone(),
+                ranges: (!cli.routes.is_empty()).then(|| routes.clone()),
+                lan: lan.clone(),
+                lockdown: cli.lockdown,
+            })
+            .context("installing the kill switch")?;
+            let gateway_ips: Vec<Ipv4Addr> = endpoints.iter().map(|e| *e.ip()).collect();
+            let rules = Rules::install(&gateway_ips, lan_v4(&lan))
+                .context("installing the routing rules: is iproute2 installed?")?;
+            info!(
+                lockdown = cli.lockdown,
+                allow_lan = cli.allow_lan,
+                endpoints = endpoints.len(),
+                "kill switch on"
+            );
+            (Some(firewall), Some(rules))
+        }
+        None => (None, None),
+    };
     // Follows the endpoint in use (retargeted on failover).
     let mut watch = Watch::new(gateways[current]);
 
@@ -259,6 +330,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
             quic_name: &profile.server_name,
             gateway,
             routes: &routes,
+            stack,
         };
         match tunnel
             .run(&mut network, &mut system_dns, &mut stopped, &mut watch)
@@ -310,7 +382,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
             }
         }
         // The LAN may be another one now.
-        if cli.allow_lan {
+        if let (true, Some(firewall), Some(rules)) = (cli.allow_lan, &mut firewall, &mut rules) {
             let lan = allowed_lan(&cli, gateways[current]);
             if let Err(e) = firewall.set_lan(lan.clone()) {
                 warn!("updating the kill switch for the new LAN: {e}");
@@ -379,6 +451,8 @@ struct Tunnel<'a> {
     /// are reachable outside the tunnel too: see `rules`).
     gateway: SocketAddr,
     routes: &'a [Ipv4Net],
+    /// The user-space stack of `--socks` and `--redirect`.
+    stack: Option<&'a netstack::Netstack>,
 }
 
 impl Tunnel<'_> {
@@ -508,10 +582,14 @@ impl Tunnel<'_> {
         system_dns: &mut Option<dns::SystemDns>,
         configs: &[veil_proto::capsule::DnsConfiguration],
     ) {
+        let plan = dns::Plan::from_announcement(configs);
+        // Names the proxies are given are resolved there too, always.
+        if let Some(stack) = self.stack {
+            stack.set_resolvers(plan.as_ref().map(|p| p.servers.clone()).unwrap_or_default());
+        }
         let (false, Some(net)) = (self.cli.no_dns, network) else {
             return;
         };
-        let plan = dns::Plan::from_announcement(configs);
         if system_dns.as_ref().map(|d| d.plan()) == plan.as_ref() {
             return;
         }
@@ -526,6 +604,18 @@ impl Tunnel<'_> {
     }
 
     fn assigned(&self, network: &mut Option<Network>, addr: Ipv4Addr) -> Result<()> {
+        if let Some(stack) = self.stack {
+            // The stack's connections are bound to the address.
+            stack.assign(addr).map_err(|old| {
+                Fatal(format!(
+                    "the gateway assigned {addr} after {old}: restart the client"
+                ))
+            })?;
+        }
+        let Some(tun) = self.cli.tun() else {
+            info!(%addr, gateway = %self.gateway, "connected");
+            return Ok(());
+        };
         match network {
             Some(net) if net.addr == addr => Ok(()),
             Some(net) => Err(Fatal(format!(
@@ -535,7 +625,7 @@ impl Tunnel<'_> {
             .into()),
             None => {
                 *network = Some(
-                    Network::up(&self.cli.tun, self.cli.mtu, addr, self.routes)
+                    Network::up(tun, self.cli.mtu, addr, self.routes)
                         .map_err(|e| Fatal(format!("{e:#}")))?,
                 );
                 info!(%addr, gateway = %self.gateway, "connected");
@@ -591,18 +681,26 @@ impl Local<ClientSession> for ClientSide<'_> {
 
     fn output(&mut self, _: &mut ClientSession, output: Output) -> Result<(), Ended> {
         match output {
-            Output::Packet(packet) => {
-                if let Some(net) = self.network {
-                    self.gro.push(&VnetHdr::NONE, &packet, |hdr, packet| {
-                        let _ = net.tun.send(hdr, packet);
-                    });
+            Output::Packet(packet) => match self.tunnel.stack {
+                Some(stack) if stack.wants(&packet) => stack.deliver(packet, false),
+                _ => {
+                    if let Some(net) = self.network {
+                        self.gro.push(&VnetHdr::NONE, &packet, |hdr, packet| {
+                            let _ = net.tun.send(hdr, packet);
+                        });
+                    }
                 }
-            }
-            Output::OffloadPacket(joined) => {
-                if let Some(net) = self.network {
-                    let _ = net.tun.send_joined(&joined);
+            },
+            Output::OffloadPacket(joined) => match self.tunnel.stack {
+                Some(stack) if stack.wants(joined.get(VNET_HDR_LEN..).unwrap_or_default()) => {
+                    stack.deliver(joined, true)
                 }
-            }
+                _ => {
+                    if let Some(net) = self.network {
+                        let _ = net.tun.send_joined(&joined);
+                    }
+                }
+            },
             Output::Assigned { addr, .. } => self
                 .tunnel
                 .assigned(self.network, addr)
@@ -618,6 +716,7 @@ impl Local<ClientSession> for ClientSide<'_> {
 
     async fn next(&mut self, session: &mut ClientSession, room: bool) -> Result<(), Ended> {
         let Self {
+            tunnel,
             network,
             stopped,
             uplink,
@@ -634,6 +733,14 @@ impl Local<ClientSession> for ClientSide<'_> {
                 let _ = net.tun.send(hdr, packet);
             });
         }
+        // Packets sent before the session is up would be lost: they wait.
+        let up = session.is_established();
+        let stack_out = async {
+            match tunnel.stack {
+                Some(stack) if room && up => stack.outgoing().await,
+                _ => std::future::pending().await,
+            }
+        };
         let tun_read = async {
             match network {
                 Some(net) if room => net.tun.recv(tun_buf).await,
@@ -668,6 +775,12 @@ impl Local<ClientSession> for ClientSide<'_> {
                 }
                 None => Err(Ended::Moved),
             },
+            () = stack_out => {
+                if let Some(stack) = tunnel.stack {
+                    stack.drain_into(session, TUN_BATCH_BYTES);
+                }
+                Ok(())
+            }
             _ = stopped.changed() => Err(Ended::Stop),
         }
     }

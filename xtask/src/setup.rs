@@ -36,6 +36,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // The loss test's tc BPF program is assembled with llvm-mc.
     ("llvm", "llvm-mc"),
+    // shadowsocks is what the SOCKS benchmark compares veil with
+    // (`ss-local`, `ss-server`).
+    ("shadowsocks-libev", "ss-local"),
 ];
 
 /// The bpf-linker release that links LLVM 22 (nightly 1.97's).

@@ -10,6 +10,7 @@
 //!
 //! `forward`: a port forwarded in the datapath beside direct routing,
 //! HAProxy and socat.
+//! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
 
 use std::{
     io::Write,
@@ -39,8 +40,11 @@ fn main() {
         "tunnel" => tunnel(quick),
         "peers" => peers(quick, only()),
         "forward" => forwarding(quick),
+        "socks" => socks(quick),
         other => {
-            eprintln!("unknown benchmark `{other}`; known: datapath, tunnel, peers, forward");
+            eprintln!(
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks"
+            );
             std::process::exit(2);
         }
     }
@@ -50,10 +54,11 @@ mod datapath;
 mod forward;
 mod measure;
 mod peers;
+mod socks;
 mod tunnel;
 
 #[allow(
     unused_imports,
     reason = "the modules share one import list through `use super::*`"
 )]
-use self::{datapath::*, forward::*, measure::*, peers::*, tunnel::*};
+use self::{datapath::*, forward::*, measure::*, peers::*, socks::*, tunnel::*};
