@@ -443,8 +443,13 @@ fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
 fn beside_the_tun_device_both_kinds_of_stream_survive_a_reconnect() {
     let world = World::new(1, &["--grace", "10"]);
     let profile = world.add_client("both", 1);
-    let mut client =
-        world.start_client_with(1, &profile, true, &["--socks", PROXY, "--tun", "veil0"]);
+    // Over TCP: the reconnect below is forced by resetting its connection.
+    let mut client = world.start_client_with(
+        1,
+        &profile,
+        true,
+        &["--socks", PROXY, "--tun", "veil0", "--transport", "tcp"],
+    );
     let (mut via_socks, mut via_tun) = world.client(1).enter(|| {
         let (code, bound, s) = socks_request(1, &ipv4_target(REMOTE, 7));
         assert_eq!(code, 0);
