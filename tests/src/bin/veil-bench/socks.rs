@@ -58,7 +58,7 @@ pub(crate) fn socks(quick: bool) {
     );
     println!(
         "veil SOCKS5: `veil-client --socks` (smoltcp on the tunnel's address, no TUN). \
-         veil TUN: the same client with its TUN device. shadowsocks: ss-local → ss-server \
+         veil TUN: the same client with its TUN device. Both over TLS over TCP. shadowsocks: ss-local → ss-server \
          (aes-256-gcm, the cipher veil's TLS 1.3 negotiates), ss-server in the gateway namespace.\n"
     );
     // The gateway as the peers benchmark sets it up: its default caps on
@@ -69,13 +69,17 @@ pub(crate) fn socks(quick: bool) {
     let _servers = start_servers(&world.remote);
     let profile = world.add_client("bench", 1);
 
+    // Both over TLS over TCP, as shadowsocks runs over TCP: the transport
+    // is not what this compares (`bench peers` has veil-h3 beside veil).
+    let tcp = ["--transport", "tcp"];
     eprintln!("measuring veil SOCKS5 ...");
-    let client = world.start_client_with(1, &profile, true, &["--socks", VEIL_SOCKS]);
+    let client =
+        world.start_client_with(1, &profile, true, &["--socks", VEIL_SOCKS, tcp[0], tcp[1]]);
     let veil_socks = figures(&world, Via::Socks(VEIL_SOCKS), secs, conn_secs);
     drop(client);
 
     eprintln!("measuring veil TUN ...");
-    let client = world.start_client(1, &profile, true);
+    let client = world.start_client_with(1, &profile, true, &tcp);
     let veil_tun = figures(&world, Via::Direct, secs, conn_secs);
     drop(client);
 
