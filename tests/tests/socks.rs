@@ -41,6 +41,8 @@ const BIG_LEN: usize = 50 << 20;
 const COUNT_PORT: u16 = 8001;
 /// Closes its side first, then counts what the client still sends.
 const FIRST_PORT: u16 = 8002;
+/// Answers once the client has closed its side: the sha256 of what it sent.
+const HASH_PORT: u16 = 8003;
 /// Nothing listens there: the remote answers with a reset.
 const CLOSED_PORT: u16 = 8009;
 const UNPRIVILEGED: u32 = 65534;
@@ -58,11 +60,12 @@ fn big_file() -> Vec<u8> {
 
 impl Remote {
     fn start(ns: &NetNs) -> Remote {
-        let (big, count, first) = ns.enter(|| {
+        let (big, count, first, hash) = ns.enter(|| {
             (
                 TcpListener::bind((REMOTE, BIG_PORT)).unwrap(),
                 TcpListener::bind((REMOTE, COUNT_PORT)).unwrap(),
                 TcpListener::bind((REMOTE, FIRST_PORT)).unwrap(),
+                TcpListener::bind((REMOTE, HASH_PORT)).unwrap(),
             )
         });
         let peers = Arc::new(Mutex::new(Vec::new()));
@@ -84,6 +87,11 @@ impl Remote {
             let mut all = Vec::new();
             let _ = s.read_to_end(&mut all);
             let _ = write!(s, "got {} bytes", all.len());
+        });
+        accept_each(hash, p.clone(), |mut s| {
+            let mut all = Vec::new();
+            let _ = s.read_to_end(&mut all);
+            let _ = s.write_all(&sha256(&all));
         });
         let r = received_after_close.clone();
         accept_each(first, p, move |mut s| {
@@ -320,6 +328,39 @@ fn socks_udp_associate_carries_a_dns_query() {
         .collect();
     assert_eq!(addrs, vec![REMOTE]);
     assert!(internet.seen().iter().all(|(f, _)| f.ip() == PUBLIC));
+}
+
+/// Over HTTP/3 a packet must fit a QUIC datagram: the stack's segments
+/// are sized to it, or full-size ones would be lost (smoltcp does no
+/// path MTU discovery) and an upload would stall. Not a speed test: a
+/// stalled upload times out.
+#[test]
+fn socks_uploads_20_mb_intact_over_http3() {
+    let (world, _internet, _local, remote) = world();
+    let client = start_unprivileged(&world, &["--socks", PROXY, "--transport", "h3"]);
+    assert!(
+        client.log().contains("transport up: h3"),
+        "{}",
+        client.log()
+    );
+    let data = pseudo_random(20 << 20, 0x9e37_79b9_7f4a_7c15);
+    let hash = world.client(1).enter(|| {
+        let (code, _, mut s) = socks_request(1, &ipv4_target(REMOTE, HASH_PORT));
+        assert_eq!(code, 0);
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(&data).expect("the upload");
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut hash = Vec::new();
+        s.read_to_end(&mut hash).expect("the remote's sha256");
+        hash
+    });
+    assert_eq!(hash, sha256(&data), "20 MB intact\n{}", client.log());
+    assert_eq!(
+        remote.seen(),
+        vec![PUBLIC],
+        "the remote saw only the gateway"
+    );
 }
 
 #[test]
