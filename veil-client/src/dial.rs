@@ -169,18 +169,8 @@ impl Dialer {
 fn web_tls(endpoint_ca: Option<&str>) -> Result<TlsConnector> {
     let roots = match endpoint_ca {
         Some(pem) => tls::roots(pem).context("the profile's endpoint CA")?,
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for e in &found.errors {
-                warn!("reading the system's root certificates: {e}");
-            }
-            let mut roots = rustls::RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                bail!("no system root certificates to check the web server's with: install ca-certificates, or issue the profile with --endpoint-ca");
-            }
-            roots
-        }
+        None => tls::system_roots()
+            .context("the web server's certificate is checked against the system's roots (or issue the profile with --endpoint-ca)")?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)

@@ -50,12 +50,8 @@ pub enum TlsError {
     ServerName(String),
     #[error("server_pin `{0}` is not `sha256/` and the base64 of 32 bytes")]
     Pin(String),
-    #[error("reading the system's root certificates from {path}")]
-    SystemRoots {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("no usable root certificate on this system ({0}): install ca-certificates, or set SSL_CERT_FILE to a PEM bundle")]
+    NoSystemRoots(String),
     #[error("server certificate verifier")]
     ServerVerifier(#[source] rustls::server::VerifierBuilderError),
 }
@@ -170,18 +166,20 @@ fn parse_pin(pin: &str) -> Result<[u8; 32], TlsError> {
         .ok_or_else(|| TlsError::Pin(pin.to_owned()))
 }
 
-/// Where the system's roots are: `SSL_CERT_FILE`, as OpenSSL reads it, or
-/// Debian's bundle (package ca-certificates).
-fn system_roots() -> Result<RootCertStore, TlsError> {
-    let path = std::env::var("SSL_CERT_FILE")
-        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".into());
-    let pem = std::fs::read_to_string(&path).map_err(|source| TlsError::SystemRoots {
-        path: path.clone(),
-        source,
-    })?;
+/// The system's root CAs, as OpenSSL finds them (`SSL_CERT_FILE`, or the
+/// distribution's bundle: Debian's ca-certificates). Certificates webpki
+/// cannot use are skipped; none at all is an error.
+pub fn system_roots() -> Result<RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
-    // A bundle may hold certificates webpki cannot use: skip those.
-    roots.add_parsable_certificates(CertificateDer::pem_slice_iter(pem.as_bytes()).flatten());
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = match found.errors.first() {
+            Some(e) => e.to_string(),
+            None => "none found".into(),
+        };
+        return Err(TlsError::NoSystemRoots(why));
+    }
     Ok(roots)
 }
 
