@@ -36,7 +36,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 9] = [
+pub const PINS: [(&str, &str); 12] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
@@ -46,6 +46,9 @@ pub const PINS: [(&str, &str); 9] = [
     (FWD_FLOWS_MAP, "forward_flows"),
     (FWD_STATS_MAP, "forward_stats"),
     (veil_common::ratelimit::RATE_MAP, "ratelimit"),
+    (veil_common::EGRESS6_MAP, "egress6"),
+    (veil_common::REVERSE6_MAP, "reverse6"),
+    (veil_common::CONFIG6_MAP, "config6"),
 ];
 
 #[derive(Debug, thiserror::Error)]
