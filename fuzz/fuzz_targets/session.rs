@@ -340,6 +340,10 @@ impl<S: Session> Run<S> {
                     assert!(!S::GATEWAY, "a gateway is assigned an address");
                     assert!(prefix <= 32);
                 }
+                Output::Assigned6 { prefix, .. } => {
+                    assert!(!S::GATEWAY, "a gateway is assigned an address");
+                    assert!(prefix <= 128);
+                }
                 Output::Dns(configs) => {
                     assert!(!S::GATEWAY, "a gateway is given DNS servers");
                     assert_dns_safe(&configs);

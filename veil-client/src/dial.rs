@@ -9,16 +9,24 @@
 //!
 //! Either way what comes out is the tunnel's TLS stream, for the same
 //! session and pump: nothing past this module knows the difference.
+//!
+//! A host name with both IPv6 and IPv4 addresses is dialed with happy
+//! eyeballs (RFC 8305): the addresses interleaved by family, IPv6 first,
+//! a new attempt started every [`ATTEMPT_DELAY`] (or as soon as one fails)
+//! while earlier ones continue, the first connection taken.
 
 use std::{
+    future::Future,
     io,
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -37,14 +45,20 @@ use veil_tunnel::{
 
 use crate::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
 
-/// An endpoint of the profile and the address its first hop (the gateway,
-/// or the web server) resolved to.
+/// An endpoint of the profile and the addresses its first hop (the
+/// gateway, or the web server) resolved to, in the order they are tried.
 pub struct Target {
-    pub addr: SocketAddr,
+    pub addrs: Vec<SocketAddr>,
     endpoint: Endpoint,
 }
 
 impl Target {
+    /// The address tried first: the one followed while nothing is
+    /// connected.
+    pub fn primary(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
     /// A `wss://` endpoint: a web server, reached only over TCP.
     pub fn is_websocket(&self) -> bool {
         matches!(self.endpoint, Endpoint::WebSocket { .. })
@@ -101,32 +115,33 @@ impl Dialer {
         &self.quic
     }
 
-    /// Connects to `target` and runs the TLS handshakes (and the WebSocket
-    /// upgrade) up to the tunnel's; also the local address the connection
-    /// left from. A first hop that does not take the TCP connection is
-    /// [`Unanswered`].
-    pub async fn dial(&self, target: &Target) -> Result<(TunnelTls, Option<IpAddr>)> {
-        let connect = crate::redirect::dial(target.addr, self.mark);
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                return Err(Unanswered(format!("connecting to {}: {e}", target.addr)).into())
-            }
-            Err(_) => {
-                return Err(Unanswered(format!(
-                    "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
-                    target.addr
-                ))
-                .into())
+    /// Connects to `target` (happy eyeballs over its addresses) and runs
+    /// the TLS handshakes (and the WebSocket upgrade) up to the tunnel's;
+    /// also the local address the connection left from and the address it
+    /// went to. A first hop that takes the TCP connection at none of its
+    /// addresses is [`Unanswered`].
+    pub async fn dial(&self, target: &Target) -> Result<(TunnelTls, Option<IpAddr>, SocketAddr)> {
+        let connect = |addr: SocketAddr| async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, crate::redirect::dial(addr, self.mark))
+                .await
+            {
+                Ok(Ok(tcp)) => Ok(tcp),
+                Ok(Err(e)) => Err(anyhow::anyhow!("connecting to {addr}: {e}")),
+                Err(_) => Err(anyhow::anyhow!(
+                    "connecting to {addr} timed out after {CONNECT_TIMEOUT:?}"
+                )),
             }
         };
+        let (tcp, gateway) = happy_eyeballs(&target.addrs, ATTEMPT_DELAY, connect)
+            .await
+            .map_err(|e| Unanswered(format!("{e:#}")))?;
         // Where it left from: another address later means another uplink.
         let local = tcp.local_addr().ok().map(|a| a.ip());
         net::tune_tunnel_socket(&tcp, net::TUNNEL_LOWAT);
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshakes(target, tcp))
             .await
             .context("the handshake timed out")??;
-        Ok((tls, local))
+        Ok((tls, local, gateway))
     }
 
     async fn handshakes(&self, target: &Target, tcp: TcpStream) -> Result<TunnelTls> {
@@ -201,12 +216,76 @@ pub fn resolve_all(endpoints: &[String]) -> Result<Vec<Target>> {
 fn resolve(text: &str) -> Result<Target> {
     let endpoint = Endpoint::parse(text).map_err(anyhow::Error::msg)?;
     let first_hop = endpoint.address();
-    let addr = first_hop
+    let found: Vec<SocketAddr> = first_hop
         .to_socket_addrs()
         .with_context(|| format!("resolving the gateway {first_hop}"))?
-        .find(SocketAddr::is_ipv4)
-        .with_context(|| format!("the gateway {first_hop} has no IPv4 address"))?;
-    Ok(Target { addr, endpoint })
+        .collect();
+    if found.is_empty() {
+        bail!("the gateway {first_hop} has no address");
+    }
+    Ok(Target {
+        addrs: interleave(found),
+        endpoint,
+    })
+}
+
+/// RFC 8305's Connection Attempt Delay: how long one attempt has alone
+/// before the next address is tried beside it.
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// The order addresses are tried in (RFC 8305 §4): families alternating,
+/// IPv6 first, each family in the resolver's order; duplicates once.
+pub fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut unique = Vec::new();
+    for a in addrs {
+        if !unique.contains(&a) {
+            unique.push(a);
+        }
+    }
+    let (v6, v4): (Vec<_>, Vec<_>) = unique.into_iter().partition(SocketAddr::is_ipv6);
+    let (mut v6, mut v4) = (v6.into_iter(), v4.into_iter());
+    let mut out = Vec::new();
+    loop {
+        match (v6.next(), v4.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// Happy eyeballs (RFC 8305 §5): `connect` to `addrs` in order, starting
+/// the next attempt after `delay` or as soon as the last one failed,
+/// earlier attempts continuing; the first success wins (the others are
+/// dropped, which closes them) with the address it reached. Fails with
+/// the last error once every attempt has.
+pub async fn happy_eyeballs<T, Fut>(
+    addrs: &[SocketAddr],
+    delay: Duration,
+    connect: impl Fn(SocketAddr) -> Fut,
+) -> Result<(T, SocketAddr)>
+where
+    Fut: Future<Output = Result<T>>,
+{
+    let mut next = addrs.iter();
+    let mut attempts = FuturesUnordered::new();
+    let mut last_error = None;
+    loop {
+        if let Some(&addr) = next.next() {
+            let attempt = connect(addr);
+            attempts.push(async move { (attempt.await, addr) });
+        }
+        if attempts.is_empty() {
+            return Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no address to connect to")));
+        }
+        let more = next.len() > 0;
+        tokio::select! {
+            Some((result, addr)) = attempts.next() => match result {
+                Ok(conn) => return Ok((conn, addr)),
+                Err(e) => last_error = Some(e),
+            },
+            () = tokio::time::sleep(delay), if more => {}
+        }
+    }
 }
 
 impl AsyncRead for Carrier {
@@ -274,11 +353,89 @@ mod tests {
     #[test]
     fn a_websocket_endpoint_resolves_to_its_web_server() {
         let t = resolve("wss://127.0.0.1/veil").unwrap();
-        assert_eq!(t.addr, "127.0.0.1:443".parse().unwrap());
+        assert_eq!(t.addrs, ["127.0.0.1:443".parse().unwrap()]);
         let t = resolve("127.0.0.1:8443").unwrap();
-        assert_eq!(t.addr, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(t.addrs, ["127.0.0.1:8443".parse().unwrap()]);
+        let t = resolve("[2001:2::1]:443").unwrap();
+        assert_eq!(t.addrs, ["[2001:2::1]:443".parse().unwrap()]);
         assert!(resolve("ws://127.0.0.1/veil").is_err());
         let found = resolve_all(&["nonsense".into(), "wss://127.0.0.2:8443/v".into()]).unwrap();
         assert_eq!(found.len(), 1, "the bad one skipped");
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn families_alternate_ipv6_first() {
+        let got = interleave(addrs(&[
+            "192.0.2.1:443",
+            "192.0.2.2:443",
+            "[2001:db8::1]:443",
+            "192.0.2.1:443",
+            "192.0.2.3:443",
+        ]));
+        assert_eq!(
+            got,
+            addrs(&[
+                "[2001:db8::1]:443",
+                "192.0.2.1:443",
+                "192.0.2.2:443",
+                "192.0.2.3:443"
+            ])
+        );
+    }
+
+    /// Attempts that answer (or fail) after the given delays.
+    fn after(
+        outcomes: &[(&str, u64, bool)],
+    ) -> impl Fn(SocketAddr) -> Pin<Box<dyn Future<Output = Result<SocketAddr>>>> {
+        let outcomes: Vec<(SocketAddr, u64, bool)> = outcomes
+            .iter()
+            .map(|(a, ms, ok)| (a.parse().unwrap(), *ms, *ok))
+            .collect();
+        move |addr| {
+            let (_, ms, ok) = *outcomes.iter().find(|o| o.0 == addr).unwrap();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                match ok {
+                    true => Ok(addr),
+                    false => Err(anyhow::anyhow!("{addr} refused")),
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_ipv6_address_costs_the_attempt_delay() {
+        let start = tokio::time::Instant::now();
+        let list = addrs(&["[2001:db8::1]:443", "192.0.2.1:443"]);
+        let connect = after(&[("[2001:db8::1]:443", 60_000, true), ("192.0.2.1:443", 10, true)]);
+        let (conn, addr) = happy_eyeballs(&list, ATTEMPT_DELAY, connect).await.unwrap();
+        assert_eq!((conn, addr), (list[1], list[1]));
+        assert_eq!(start.elapsed(), ATTEMPT_DELAY + Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_wins_when_it_answers_first_and_a_failure_starts_the_next_at_once() {
+        let list = addrs(&["[2001:db8::1]:443", "192.0.2.1:443"]);
+        let connect = after(&[("[2001:db8::1]:443", 30, true), ("192.0.2.1:443", 1, true)]);
+        let (_, addr) = happy_eyeballs(&list, ATTEMPT_DELAY, connect).await.unwrap();
+        assert_eq!(addr, list[0]);
+
+        let start = tokio::time::Instant::now();
+        let connect = after(&[("[2001:db8::1]:443", 5, false), ("192.0.2.1:443", 1, true)]);
+        let (_, addr) = happy_eyeballs(&list, ATTEMPT_DELAY, connect).await.unwrap();
+        assert_eq!(addr, list[1]);
+        assert_eq!(start.elapsed(), Duration::from_millis(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_address_failing_is_the_last_error() {
+        let list = addrs(&["[2001:db8::1]:443", "192.0.2.1:443"]);
+        let connect = after(&[("[2001:db8::1]:443", 5, false), ("192.0.2.1:443", 1, false)]);
+        let e = happy_eyeballs(&list, ATTEMPT_DELAY, connect).await.unwrap_err();
+        assert!(e.to_string().contains("192.0.2.1:443 refused"), "{e}");
     }
 }

@@ -8,21 +8,25 @@
 //! One table, replaced whole in one nft transaction: installing it again
 //! (a new LAN after a network change, a client started after a crash)
 //! never opens a gap, and removing it restores exactly what was there
-//! before, since nothing outside the table is touched. IPv6 is dropped
-//! in the same table while the tunnel claims all traffic (the tunnel
-//! carries IPv4 only): a dual-stack host loses IPv6 rather than leaking
-//! it, and gets it back when the table goes.
+//! before, since nothing outside the table is touched. IPv6 follows the
+//! same rule while the tunnel claims all traffic: through the TUN device
+//! when the gateway assigned an IPv6 address (the client then routes
+//! IPv6 into the tunnel), dropped otherwise, so a dual-stack host behind
+//! an IPv4-only gateway loses IPv6 rather than leaking it, and gets it
+//! back when the table goes.
 //!
 //! Only the output and forward hooks are filtered: what leaves is what
 //! leaks. Packets the kernel sends for the host (TCP resets, ICMP errors,
 //! neighbour discovery) go through the output hook too. ARP is not seen
 //! by `inet` tables and stays allowed: it is needed to reach the next hop
 //! toward the gateway and tells the local segment only what it already
-//! knows.
+//! knows. Its IPv6 counterpart, neighbour discovery, is ICMPv6 and so is
+//! let through explicitly (hop limit 255: it never leaves the link) when
+//! an endpoint is an IPv6 address.
 
 use std::{
     io::Write,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     process::{Command, Stdio},
 };
 
@@ -42,9 +46,10 @@ const TRANSIENT: &str = "veil-client";
 pub struct Policy {
     /// The TUN device: everything may leave through it.
     pub tun: String,
-    /// The gateway's endpoints (TCP), every one of the profile's: the
-    /// tunnel itself, wherever it fails over to.
-    pub endpoints: Vec<SocketAddrV4>,
+    /// The gateway's endpoints (TCP and UDP), every address of every one
+    /// of the profile's, either family: the tunnel itself, wherever it
+    /// fails over to.
+    pub endpoints: Vec<SocketAddr>,
     /// `None`: the tunnel claims everything (IPv6 included, which is
     /// dropped). Otherwise only these ranges must not leave outside it.
     pub ranges: Option<Vec<Ipv4Net>>,
@@ -177,14 +182,27 @@ pub fn ruleset(policy: &Policy, keep: bool) -> String {
     // profile's order; the same endpoint twice is one rule.
     // TCP for TLS, UDP for HTTP/3 (QUIC), at the same port.
     for endpoint in &policy.endpoints {
+        let family = match endpoint {
+            SocketAddr::V4(_) => "ip",
+            SocketAddr::V6(_) => "ip6",
+        };
         let rule = format!(
-            "ip daddr {} meta l4proto {{ tcp, udp }} th dport {} accept",
+            "{family} daddr {} meta l4proto {{ tcp, udp }} th dport {} accept",
             endpoint.ip(),
             endpoint.port()
         );
         if !allow.contains(&rule) {
             allow.push(rule);
         }
+    }
+    if policy.endpoints.iter().any(SocketAddr::is_ipv6) {
+        // The next hop toward an IPv6 gateway is found, and answers, with
+        // neighbour discovery: link-local by its hop limit.
+        allow.push(
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } \
+             ip6 hoplimit 255 accept"
+                .into(),
+        );
     }
     if let Some(lan) = &policy.lan {
         if !lan.v4.is_empty() {
@@ -326,6 +344,18 @@ mod tests {
             .unwrap();
         let drop = text.find("ip daddr { 198.51.100.0/24 } drop").unwrap();
         assert!(endpoint < drop, "{text}");
+    }
+
+    #[test]
+    fn an_ipv6_endpoint_is_let_through_with_neighbour_discovery() {
+        let mut p = policy();
+        p.endpoints.push("[2001:2::1]:443".parse().unwrap());
+        let text = ruleset(&p, false);
+        let output = "\t\tip daddr 192.0.2.1 meta l4proto { tcp, udp } th dport 443 accept\n\
+            \t\tip6 daddr 2001:2::1 meta l4proto { tcp, udp } th dport 443 accept\n\
+            \t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } ip6 hoplimit 255 accept\n";
+        assert!(text.contains(output), "{text}");
+        assert!(text.contains("policy drop;"), "everything else still dropped: {text}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct H3 {
     pub stream_id: u64,
     /// The endpoint, which owns the UDP socket (kept with the connection).
     pub endpoint: quinn::Endpoint,
+    /// The gateway's address this connection reached.
+    pub gateway: SocketAddr,
 }
 
 /// What a connection attempt ended with.
@@ -65,8 +67,7 @@ pub async fn connect(
     setup: Duration,
     mtu: u16,
 ) -> Result<H3> {
-    let socket =
-        quic::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0))).context("opening a UDP socket")?;
+    let socket = quic::udp_socket(any_port_of(gateway)).context("opening a UDP socket")?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
@@ -92,6 +93,7 @@ pub async fn connect(
         transport: QuicTransport::new(conn, control, send, recv),
         stream_id,
         endpoint,
+        gateway,
     })
 }
 
@@ -120,11 +122,20 @@ async fn wait_for_path_mtu(conn: &quinn::Connection, mtu: u16) {
 /// uplink: QUIC connection migration keeps the connection, its session
 /// and every flow through it.
 pub fn migrate(endpoint: &quinn::Endpoint) -> Result<()> {
-    let socket =
-        quic::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0))).context("opening a UDP socket")?;
+    let family = endpoint.local_addr().context("the QUIC socket's address")?;
+    let socket = quic::udp_socket(any_port_of(family)).context("opening a UDP socket")?;
     endpoint
         .rebind(socket)
         .context("moving the QUIC connection to the new uplink")
+}
+
+/// Any local address and port of `addr`'s family: a UDP socket toward an
+/// IPv6 gateway must be an IPv6 one.
+fn any_port_of(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    }
 }
 
 /// Dials as `choice` says: `h3` and `tcp` alone, `auto` HTTP/3 first and

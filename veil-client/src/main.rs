@@ -43,7 +43,7 @@ mod uplink;
 mod watch;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -233,14 +233,10 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
     let mut dialer = Dialer::new(&profile)?;
     dialer.mark = cli.redirect_rules.then_some(redirect::MARK);
     let targets = dial::resolve_all(&profile.endpoints)?;
-    let gateways: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
-    let endpoints: Vec<SocketAddrV4> = gateways
-        .iter()
-        .map(|g| match g {
-            SocketAddr::V4(a) => *a,
-            SocketAddr::V6(_) => unreachable!("resolved to IPv4"),
-        })
-        .collect();
+    // Every address of every endpoint, either family: the kill switch and
+    // the routing rules let each through, so that happy eyeballs and
+    // failover need no change to either.
+    let endpoints: Vec<SocketAddr> = targets.iter().flat_map(|t| t.addrs.clone()).collect();
     let routes: Vec<Ipv4Net> = if cli.routes.is_empty() {
         FULL_TUNNEL
             .iter()
@@ -274,7 +270,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
     // filtered: only what the proxies carry goes through the tunnel.
     let (mut firewall, mut rules) = match cli.tun() {
         Some(tun) => {
-            let lan = allowed_lan(&cli, gateways[current]);
+            let lan = allowed_lan(&cli, targets[current].primary());
             let firewall = Firewall::install(Policy {
                 tun: tun.to_owned(),
                 endpoints: endpoints.clone(),
@@ -283,7 +279,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
                 lockdown: cli.lockdown,
             })
             .context("installing the kill switch")?;
-            let gateway_ips: Vec<Ipv4Addr> = endpoints.iter().map(|e| *e.ip()).collect();
+            let gateway_ips: Vec<IpAddr> = endpoints.iter().map(|e| e.ip()).collect();
             let rules = Rules::install(&gateway_ips, lan_v4(&lan))
                 .context("installing the routing rules: is iproute2 installed?")?;
             info!(
@@ -297,7 +293,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
         None => (None, None),
     };
     // Follows the endpoint in use (retargeted on failover).
-    let mut watch = Watch::new(gateways[current]);
+    let mut watch = Watch::new(targets[current].primary());
 
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -321,9 +317,9 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let gateway = gateways[current];
+        let gateway = targets[current].primary();
         watch.follow(gateway);
-        let tunnel = Tunnel {
+        let mut tunnel = Tunnel {
             cli: &cli,
             dialer: &dialer,
             target: &targets[current],
@@ -347,16 +343,16 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
             Err(e) if e.is::<Unanswered>() => {
                 // Straight on to the next endpoint; the backoff only once
                 // every one of them was tried.
-                current = (current + 1) % gateways.len();
+                current = (current + 1) % targets.len();
                 unanswered += 1;
-                if unanswered < gateways.len() {
+                if unanswered < targets.len() {
                     warn!("{e:#}; trying the next endpoint");
                     continue;
                 }
                 unanswered = 0;
                 warn!("{e:#}; no endpoint answered, retrying in {backoff:?}");
-                let from = uplink::source_for(gateways[current]);
-                watch.follow(gateways[current]);
+                let from = uplink::source_for(targets[current].primary());
+                watch.follow(targets[current].primary());
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     // A new uplink is worth trying at once.
@@ -371,7 +367,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
                     backoff = BACKOFF_MIN;
                 }
                 warn!("tunnel down: {e:#}; reconnecting in {backoff:?}");
-                let from = uplink::source_for(gateway);
+                let from = uplink::source_for(tunnel.gateway);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     // A new uplink is worth trying at once.
@@ -383,7 +379,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
         }
         // The LAN may be another one now.
         if let (true, Some(firewall), Some(rules)) = (cli.allow_lan, &mut firewall, &mut rules) {
-            let lan = allowed_lan(&cli, gateways[current]);
+            let lan = allowed_lan(&cli, targets[current].primary());
             if let Err(e) = firewall.set_lan(lan.clone()) {
                 warn!("updating the kill switch for the new LAN: {e}");
             }
@@ -448,7 +444,8 @@ struct Tunnel<'a> {
     /// The name QUIC checks the gateway's certificate against.
     quic_name: &'a str,
     /// The first hop of the endpoint this connection goes to (the others
-    /// are reachable outside the tunnel too: see `rules`).
+    /// are reachable outside the tunnel too: see `rules`): its first
+    /// address, then the one happy eyeballs connected to.
     gateway: SocketAddr,
     routes: &'a [Ipv4Net],
     /// The user-space stack of `--socks` and `--redirect`.
@@ -458,27 +455,31 @@ struct Tunnel<'a> {
 impl Tunnel<'_> {
     /// One connection, until it breaks (`Err`) or we are told to stop.
     async fn run(
-        &self,
+        &mut self,
         network: &mut Option<Network>,
         system_dns: &mut Option<dns::SystemDns>,
         stopped: &mut tokio::sync::watch::Receiver<bool>,
         uplink: &mut Watch,
     ) -> Result<()> {
         let quic = async {
-            h3::connect(
-                self.dialer.quic(),
-                self.gateway,
-                self.quic_name,
-                CONNECT_TIMEOUT,
-                HANDSHAKE_TIMEOUT,
-                self.cli.mtu,
-            )
-            .await
-            .map_err(|e| Unanswered(format!("{e:#}")).into())
+            let connect = |addr| {
+                h3::connect(
+                    self.dialer.quic(),
+                    addr,
+                    self.quic_name,
+                    CONNECT_TIMEOUT,
+                    HANDSHAKE_TIMEOUT,
+                    self.cli.mtu,
+                )
+            };
+            dial::happy_eyeballs(&self.target.addrs, dial::ATTEMPT_DELAY, connect)
+                .await
+                .map(|(h3, _)| h3)
+                .map_err(|e| Unanswered(format!("{e:#}")).into())
         };
         let tcp = async {
-            let (tls, local) = self.dialer.dial(self.target).await?;
-            Ok((Stream::new(tls), local))
+            let (tls, local, gateway) = self.dialer.dial(self.target).await?;
+            Ok((Stream::new(tls), local, gateway))
         };
         // A wss:// endpoint is a web server's: only the WebSocket reaches
         // the gateway through it.
@@ -487,6 +488,11 @@ impl Tunnel<'_> {
             false => self.cli.transport,
         };
         let dialed = h3::dial(choice, quic, tcp).await?;
+        self.gateway = match &dialed {
+            h3::Dialed::Tcp((_, _, gateway)) => *gateway,
+            h3::Dialed::H3(h3) => h3.gateway,
+        };
+        uplink.follow(self.gateway);
         let transport = match self.target.is_websocket() {
             true => "websocket",
             false => dialed.name(),
@@ -504,7 +510,7 @@ impl Tunnel<'_> {
         };
         let sides = (network, system_dns, stopped, uplink);
         match dialed {
-            h3::Dialed::Tcp((stream, local)) => {
+            h3::Dialed::Tcp((stream, local, _)) => {
                 let session = ClientSession::new(config, Instant::now())?;
                 self.pump(session, stream, local, None, sides).await
             }
@@ -513,6 +519,7 @@ impl Tunnel<'_> {
                     transport,
                     stream_id,
                     endpoint,
+                    ..
                 } = *h3;
                 let session = ClientSession::new_h3(config, Instant::now(), stream_id)?;
                 let local = uplink::source_for(self.gateway);
@@ -635,6 +642,31 @@ impl Tunnel<'_> {
     }
 }
 
+impl Tunnel<'_> {
+    /// The gateway carries IPv6: the TUN device gets `addr` and, for a full
+    /// tunnel, IPv6's routes, so that the kill switch's IPv6 block becomes
+    /// IPv6 through the tunnel. Without a TUN device (`--socks`,
+    /// `--redirect` alone) the proxies carry IPv4 only.
+    fn assigned6(&self, network: &mut Option<Network>, addr: Ipv6Addr) -> Result<()> {
+        let Some(net) = network else {
+            return Ok(());
+        };
+        match net.addr6 {
+            Some(old) if old == addr => Ok(()),
+            Some(old) => Err(Fatal(format!(
+                "the gateway assigned {addr} after {old}: restart the client"
+            ))
+            .into()),
+            None => {
+                net.carry_ipv6(addr, self.cli.routes.is_empty())
+                    .map_err(|e| Fatal(format!("{e:#}")))?;
+                info!(%addr, "IPv6 through the tunnel");
+                Ok(())
+            }
+        }
+    }
+}
+
 /// How much the client buffers: it always reads the gateway, and a gateway
 /// that takes nothing for 15 s is gone. (The TUN device is read only once
 /// what was read before is written; the kernel's queue, bounded by TCP
@@ -704,6 +736,10 @@ impl Local<ClientSession> for ClientSide<'_> {
             Output::Assigned { addr, .. } => self
                 .tunnel
                 .assigned(self.network, addr)
+                .map_err(Ended::Failed)?,
+            Output::Assigned6 { addr, .. } => self
+                .tunnel
+                .assigned6(self.network, addr)
                 .map_err(Ended::Failed)?,
             Output::Dns(configs) => {
                 self.tunnel

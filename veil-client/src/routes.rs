@@ -4,7 +4,10 @@
 //! taken back on drop; the kernel deletes the routes with the device when
 //! the client is killed.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
@@ -15,12 +18,18 @@ use crate::rules::TABLE;
 pub struct Network {
     pub tun: Tun,
     pub addr: Ipv4Addr,
+    /// The IPv6 address, once the gateway assigned one.
+    pub addr6: Option<Ipv6Addr>,
     /// `ip route` arguments of each route added, to delete them in reverse.
     added: Vec<Vec<String>>,
 }
 
 /// Everything through the tunnel: the default route of the tunnel's table.
 pub const FULL_TUNNEL: [&str; 1] = ["0.0.0.0/0"];
+
+/// All of IPv6 through the tunnel, as two halves: more specific than any
+/// default route, so they win even in a table that has one.
+pub const FULL_TUNNEL6: [&str; 2] = ["::/1", "8000::/1"];
 
 impl Network {
     /// Creates the TUN device, gives it `addr` and routes `routes` into
@@ -31,11 +40,13 @@ impl Network {
         let mut net = Network {
             tun,
             addr,
+            addr6: None,
             added: Vec::new(),
         };
         let dev = net.tun.name().to_owned();
-        // The tunnel carries IPv4; without this the kernel would send IPv6
-        // router solicitations into it.
+        // IPv6 stays off until the gateway assigns an address
+        // (`carry_ipv6`); without this the kernel would send router
+        // solicitations into the tunnel.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
         ip(&["addr", "add", &format!("{addr}/32"), "dev", &dev])?;
         // Fair queueing with a delay target: a bulk upload must not make
@@ -62,11 +73,48 @@ impl Network {
         Ok(net)
     }
 
+    /// The gateway carries IPv6: `addr` on the device and, when `full`,
+    /// all of IPv6 ([`FULL_TUNNEL6`]) into the tunnel's table, where the
+    /// routing rules keep the gateway itself out of it.
+    pub fn carry_ipv6(&mut self, addr: Ipv6Addr, full: bool) -> Result<()> {
+        let dev = self.tun.name().to_owned();
+        // No link-local address, router solicitation or autoconfiguration
+        // on a tunnel: its one address is the gateway's to give.
+        for (key, value) in [
+            ("accept_ra", "0"),
+            ("autoconf", "0"),
+            ("router_solicitations", "0"),
+            ("addr_gen_mode", "1"),
+            ("disable_ipv6", "0"),
+        ] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/{key}"), value)
+                .with_context(|| format!("setting net.ipv6.conf.{dev}.{key}"))?;
+        }
+        // No duplicate address detection: nobody else is on a TUN link,
+        // and the address would stay unusable ("tentative") meanwhile.
+        ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", &dev, "nodad"])?;
+        self.addr6 = Some(addr);
+        if full {
+            let table = TABLE.to_string();
+            for r in FULL_TUNNEL6 {
+                self.add(
+                    ["-6", "route", "add", r, "dev", &dev, "table", &table]
+                        .map(String::from)
+                        .to_vec(),
+                )?;
+            }
+        }
+        info!(tun = %dev, %addr, full, "IPv6 through the tunnel");
+        Ok(())
+    }
+
     fn add(&mut self, args: Vec<String>) -> Result<()> {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         ip(&refs)?;
         let mut del = args;
-        del[1] = "del".into();
+        if let Some(verb) = del.iter_mut().find(|a| *a == "add") {
+            *verb = "del".into();
+        }
         self.added.push(del);
         Ok(())
     }

@@ -14,14 +14,20 @@
 //!
 //! ```text
 //! 7670: to GATEWAY lookup main         the tunnel's connection: the uplink
-//!                                      (one rule per endpoint address)
+//!                                      (one rule per endpoint address, in
+//!                                      its family's rules: `ip -6 rule`)
 //! 7671: to GATEWAY unreachable         ...and no uplink: fail at once
 //!                                      (one per endpoint address)
 //! 7672: to LAN lookup main             --allow-lan, private subnets only
 //! 7673: lookup 7670                    everything the tunnel claims
+//!                                      (IPv4 and IPv6 each)
 //! ```
+//!
+//! IPv6 reaches the tunnel's table too: without an IPv6 address from the
+//! gateway it holds no IPv6 route and the kill switch drops IPv6; with one
+//! it holds `::/1` and `8000::/1` through the tunnel.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::Result;
 use tracing::warn;
@@ -48,7 +54,7 @@ impl Rules {
     /// Clears what an earlier run left (a `kill -9` leaves its rules),
     /// then installs the rules for `gateways` (every endpoint's address,
     /// in the profile's order) and `lan`.
-    pub fn install(gateways: &[Ipv4Addr], lan: &[Ipv4Net]) -> Result<Self> {
+    pub fn install(gateways: &[IpAddr], lan: &[Ipv4Net]) -> Result<Self> {
         clear();
         let mut rules = Rules {
             added: Vec::new(),
@@ -61,11 +67,19 @@ impl Rules {
                 continue;
             }
             seen.push(*gateway);
-            let gw = format!("{gateway}/32");
-            rules.add(&["to", &gw, "lookup", "main"], PRIO_GATEWAY)?;
-            rules.add(&["to", &gw, "unreachable"], PRIO_GATEWAY_ONLY)?;
+            let (family, gw) = match gateway {
+                IpAddr::V4(v4) => (Family::V4, format!("{v4}/32")),
+                IpAddr::V6(v6) => (Family::V6, format!("{v6}/128")),
+            };
+            rules.add(family, &["to", &gw, "lookup", "main"], PRIO_GATEWAY)?;
+            rules.add(family, &["to", &gw, "unreachable"], PRIO_GATEWAY_ONLY)?;
         }
-        rules.add(&["lookup", &TABLE.to_string()], PRIO_TUNNEL)?;
+        let table = TABLE.to_string();
+        rules.add(Family::V4, &["lookup", &table], PRIO_TUNNEL)?;
+        // A kernel without IPv6 has no IPv6 to route (or leak).
+        if let Err(e) = rules.add(Family::V6, &["lookup", &table], PRIO_TUNNEL) {
+            warn!("no IPv6 routing rule ({e:#}): IPv6 stays blocked");
+        }
         rules.set_lan(lan)?;
         Ok(rules)
     }
@@ -80,14 +94,15 @@ impl Rules {
             self.remove(&["to", &to, "lookup", "main"], PRIO_LAN);
         }
         for net in lan {
-            self.add(&["to", &net.to_string(), "lookup", "main"], PRIO_LAN)?;
+            let to = net.to_string();
+            self.add(Family::V4, &["to", &to, "lookup", "main"], PRIO_LAN)?;
             self.lan.push(*net);
         }
         Ok(())
     }
 
-    fn add(&mut self, selector: &[&str], priority: u32) -> Result<()> {
-        let args = rule("add", selector, priority);
+    fn add(&mut self, family: Family, selector: &[&str], priority: u32) -> Result<()> {
+        let args = rule(family, "add", selector, priority);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         ip(&refs)?;
         self.added.push(args);
@@ -95,7 +110,7 @@ impl Rules {
     }
 
     fn remove(&mut self, selector: &[&str], priority: u32) {
-        let args = rule("add", selector, priority);
+        let args = rule(Family::V4, "add", selector, priority);
         self.added.retain(|a| *a != args);
         delete(args);
     }
@@ -109,15 +124,26 @@ impl Drop for Rules {
     }
 }
 
-fn rule(verb: &str, selector: &[&str], priority: u32) -> Vec<String> {
-    let mut args = vec!["rule".to_owned(), verb.to_owned()];
+/// Which family's rules: `ip rule` or `ip -6 rule`.
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+fn rule(family: Family, verb: &str, selector: &[&str], priority: u32) -> Vec<String> {
+    let flag = match family {
+        Family::V4 => "-4",
+        Family::V6 => "-6",
+    };
+    let mut args = vec![flag.to_owned(), "rule".to_owned(), verb.to_owned()];
     args.extend(selector.iter().map(|s| (*s).to_owned()));
     args.extend(["priority".to_owned(), priority.to_string()]);
     args
 }
 
 fn delete(mut args: Vec<String>) {
-    args[1] = "del".into();
+    args[2] = "del".into();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     if let Err(e) = ip(&refs) {
         warn!("restoring routing rules: {e:#}");
@@ -127,14 +153,16 @@ fn delete(mut args: Vec<String>) {
 /// Deletes every rule at veil's priorities and the routes in its table:
 /// what a client killed with SIGKILL left (`--unlock`, and each start).
 pub fn clear() {
-    for priority in PRIORITIES {
-        let p = priority.to_string();
-        // One rule per call; a bound in case deletion keeps "succeeding".
-        for _ in 0..1024 {
-            if ip(&["rule", "del", "priority", &p]).is_err() {
-                break;
+    for family in ["-4", "-6"] {
+        for priority in PRIORITIES {
+            let p = priority.to_string();
+            // One rule per call; a bound in case deletion keeps "succeeding".
+            for _ in 0..1024 {
+                if ip(&[family, "rule", "del", "priority", &p]).is_err() {
+                    break;
+                }
             }
         }
+        let _ = ip(&[family, "route", "flush", "table", &TABLE.to_string()]);
     }
-    let _ = ip(&["route", "flush", "table", &TABLE.to_string()]);
 }

@@ -23,7 +23,11 @@ pub struct Lan {
 /// or `None` while there is no route to it. A connected UDP socket makes
 /// the kernel choose, with the routing rules in force; no packet is sent.
 pub fn source_for(gateway: SocketAddr) -> Option<IpAddr> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    let any: IpAddr = match gateway {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind((any, 0)).ok()?;
     socket.connect(gateway).ok()?;
     socket.local_addr().ok().map(|a| a.ip())
 }

@@ -84,7 +84,7 @@ pub enum ProtoError {
     },
     /// A gateway configured to hand out an address no host can have.
     #[error("cannot assign {addr} to a client")]
-    UnassignableAddress { addr: std::net::Ipv4Addr },
+    UnassignableAddress { addr: std::net::IpAddr },
     /// The gateway's ADDRESS_ASSIGN leaves the client without an address.
     #[error("the gateway's ADDRESS_ASSIGN contains no IPv4 address")]
     NoIpv4Assigned,

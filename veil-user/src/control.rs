@@ -50,6 +50,9 @@ pub struct ForwardStatus {
 pub struct ClientStatus {
     pub name: String,
     pub vip: Ipv4Addr,
+    /// Its IPv6 address, when the gateway carries IPv6 (`--pool6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<std::net::Ipv6Addr>,
     /// The tunnel's remote address: the client's public address, shown
     /// only when asked for (`status --addresses`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

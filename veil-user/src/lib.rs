@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod nat;
 pub mod net;
 pub mod policy;
+pub mod pool6;
 pub mod preflight;
 pub mod qr;
 pub mod queue;

@@ -299,6 +299,9 @@ fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()
             "  {:<16} {:<15} {from}up {since:>6}  {} B from it, {} B to it",
             c.name, c.vip, c.bytes_from_client, c.bytes_to_client
         );
+        if let Some(vip6) = c.vip6 {
+            println!("    IPv6 {vip6}");
+        }
         if let Some(rate) = &c.rate_limit {
             println!(
                 "    rate limit {rate} each way: {} packets dropped",

@@ -120,6 +120,13 @@ pub fn render(s: &Status) -> String {
     });
     lines.push(format!("{bytes}{{direction=\"from_client\"}} {from}"));
     lines.push(format!("{bytes}{{direction=\"to_client\"}} {to}"));
+    let ipv6 = family(
+        "veil_connected_clients_ipv6",
+        "gauge",
+        "Clients connected now with an IPv6 address through the tunnel (--pool6); their addresses are in `veil-user status`.",
+    );
+    let leased6 = s.clients.iter().filter(|c| c.vip6.is_some()).count();
+    lines.push(format!("{ipv6} {leased6}"));
     let limited = family(
         "veil_limited_clients",
         "gauge",
@@ -272,6 +279,7 @@ mod tests {
         ClientStatus {
             name: name.into(),
             vip: "10.77.0.2".parse().unwrap(),
+            vip6: None,
             peer: Some("10.200.1.2:5000".into()),
             connected_since: 0,
             bytes_from_client: from,
@@ -292,6 +300,7 @@ mod tests {
         s.flows.nat_ports_in_use = 2;
         s.clients.push(client("alice", 10, 20));
         s.clients.push(client("bob", 1, 2));
+        s.clients[1].vip6 = Some("fd00:7665:696c::a4d:3".parse().unwrap());
         s.datapath.insert(
             "egress_forwarded".into(),
             PacketCount {
@@ -304,6 +313,7 @@ mod tests {
         let text = render(&s);
         for line in [
             "veil_clients 2",
+            "veil_connected_clients_ipv6 1",
             "veil_flows{proto=\"tcp\"} 2",
             "veil_connected_clients_bytes{direction=\"from_client\"} 11",
             "veil_connected_clients_bytes{direction=\"to_client\"} 22",
@@ -326,8 +336,10 @@ mod tests {
     fn no_client_is_named() {
         let mut s = Status::default();
         s.clients.push(client("alice", 10, 20));
+        s.clients[0].vip6 = Some("fd00:7665:696c::a4d:2".parse().unwrap());
         let text = render(&s);
         assert!(!text.contains("alice"), "{text}");
+        assert!(!text.contains("fd00:7665"), "{text}");
         assert!(!text.contains("client="), "{text}");
         assert!(
             !text.contains("10.77.0.2") && !text.contains("10.200.1.2"),

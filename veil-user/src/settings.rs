@@ -9,6 +9,7 @@
 //! iface = "eth0"
 //! listen = "0.0.0.0:443"
 //! pool = "10.77.0.0/16"
+//! pool6 = "fd00:7665:696c::/64"  # or "none": no IPv6 through the tunnel
 //! nat-ports = "61000-65535"
 //! max-clients = 1024
 //! grace = 30
@@ -48,6 +49,7 @@ use crate::{
     flows::{PortRange, Timeouts},
     gateway::GatewayConfig,
     net::Ipv4Net,
+    pool6::Pool6,
     size::ByteSize,
 };
 
@@ -91,6 +93,12 @@ pub struct Settings {
     #[arg(long, value_name = "CIDR")]
     #[serde(with = "text")]
     pub pool: Option<Ipv4Net>,
+    /// The clients' IPv6 addresses: a prefix of at most /96 whose last 32
+    /// bits are each client's IPv4 lease, or `none` to carry no IPv6
+    /// [default: fd00:7665:696c::/64].
+    #[arg(long, value_name = "CIDR|none")]
+    #[serde(with = "text")]
+    pub pool6: Option<Pool6>,
     /// NAT ports; keep them out of net.ipv4.ip_local_port_range
     /// [default: 61000-65535].
     #[arg(long, value_name = "MIN-MAX")]
@@ -313,6 +321,7 @@ impl Settings {
             pool: self
                 .pool
                 .unwrap_or_else(|| "10.77.0.0/16".parse().expect("valid")),
+            pool6: self.pool6.unwrap_or(Pool6::DEFAULT),
             nat_ports: self.nat_ports.unwrap_or(PortRange::DEFAULT),
             tun_name: self.tun.unwrap_or_else(|| "veilgw".into()),
             pin_root: self
@@ -533,6 +542,21 @@ mod tests {
         );
         assert_eq!(c.max_ports_per_endpoint, NonZeroU32::new(100));
         assert_eq!(c.allow_client_to_client, Some(true));
+    }
+
+    #[test]
+    fn pool6_is_a_prefix_or_none_and_on_by_default() {
+        let c = parse("pool6 = \"fd00:1::/64\"\n").unwrap();
+        assert_eq!(c.pool6, Some("fd00:1::/64".parse().unwrap()));
+        let off = parse("pool6 = \"none\"\n").unwrap();
+        assert_eq!(off.pool6, Some(Pool6::Off));
+        let err = parse("pool6 = \"fd00::/120\"\n").unwrap_err();
+        assert!(err.contains("at most /96"), "{err}");
+        let resolved = parse("iface = \"eth0\"\n")
+            .unwrap()
+            .resolve("/tmp/unused".into())
+            .unwrap();
+        assert_eq!(resolved.pool6, Pool6::DEFAULT);
     }
 
     #[test]

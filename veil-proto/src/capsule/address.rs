@@ -101,6 +101,15 @@ impl IpAddressRange {
         ip_protocol: 0,
     };
 
+    /// The whole IPv6 space for every protocol: what a full-tunnel gateway
+    /// that carries IPv6 advertises after [`Self::ALL_IPV4`] (RFC 9484
+    /// §4.7.3 orders ranges by IP version first).
+    pub const ALL_IPV6: IpAddressRange = IpAddressRange {
+        start: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        end: IpAddr::V6(std::net::Ipv6Addr::from_bits(u128::MAX)),
+        ip_protocol: 0,
+    };
+
     /// Checks one range on its own: same family at both ends, start ≤ end.
     pub fn validate(&self) -> Result<(), ProtoError> {
         let (start, end) = (self.start, self.end);

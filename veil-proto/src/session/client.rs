@@ -1,7 +1,7 @@
 //! The client end of a tunnel.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -108,6 +108,8 @@ pub struct ClientSession {
     config: ClientConfig,
     phase: Phase,
     assigned: Option<(Ipv4Addr, u8)>,
+    /// The IPv6 address assigned beside it, if the gateway carries IPv6.
+    assigned6: Option<(Ipv6Addr, u8)>,
     /// The last DNS configuration reported.
     dns: Option<Vec<DnsConfiguration>>,
     next_nonce: u64,
@@ -163,6 +165,7 @@ impl ClientSession {
                 deadline: link::deadline(now, config.handshake_timeout),
             },
             assigned: None,
+            assigned6: None,
             dns: None,
             next_nonce: 1,
             link,
@@ -321,29 +324,45 @@ impl ClientSession {
                 }
                 // The client assigns nothing: every request is declined.
                 Capsule::AddressRequest(requests) => {
-                    self.link.answer_address_request(&requests, None)
+                    self.link.answer_address_request(&requests, None, None)
                 }
                 _ => {}
             }
         }
     }
 
-    /// Takes the first IPv4 address that is not a rejection. The list is
-    /// the gateway's full set of assignments, so one without any IPv4
-    /// address leaves the client nothing to send from.
+    /// Takes the first IPv4 address that is not a rejection, and the first
+    /// IPv6 one if there is one. The list is the gateway's full set of
+    /// assignments, so one without any IPv4 address leaves the client
+    /// nothing to send from; IPv6 is optional (a gateway that carries IPv4
+    /// only assigns none).
     fn address_assigned(&mut self, list: &[AssignedAddress]) {
         let usable = list.iter().find_map(|a| match a.ip {
             IpAddr::V4(addr) if !a.is_rejection() => Some((addr, a.prefix_len)),
             _ => None,
         });
+        let usable6 = list.iter().find_map(|a| match a.ip {
+            IpAddr::V6(addr) if !a.is_rejection() => Some((addr, a.prefix_len)),
+            _ => None,
+        });
         match usable {
-            None => self
-                .link
-                .close(CloseReason::Protocol(ProtoError::NoIpv4Assigned)),
+            None => {
+                return self
+                    .link
+                    .close(CloseReason::Protocol(ProtoError::NoIpv4Assigned))
+            }
             Some(current) if self.assigned == Some(current) => {}
             Some((addr, prefix)) => {
                 self.assigned = Some((addr, prefix));
                 self.link.push(Output::Assigned { addr, prefix });
+            }
+        }
+        // A later list without IPv6 does not take it back: the routes and
+        // the address stay until the client restarts.
+        if let Some((addr, prefix)) = usable6 {
+            if self.assigned6 != usable6 {
+                self.assigned6 = usable6;
+                self.link.push(Output::Assigned6 { addr, prefix });
             }
         }
     }
@@ -432,6 +451,11 @@ impl ClientSession {
     /// The address the gateway assigned, once known.
     pub fn assigned(&self) -> Option<(Ipv4Addr, u8)> {
         self.assigned
+    }
+
+    /// The IPv6 address the gateway assigned, if it carries IPv6.
+    pub fn assigned6(&self) -> Option<(Ipv6Addr, u8)> {
+        self.assigned6
     }
 
     pub fn is_established(&self) -> bool {

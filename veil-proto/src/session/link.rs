@@ -413,30 +413,30 @@ impl Link {
         &mut self,
         requests: &[RequestedAddress],
         assigned: Option<Ipv4Addr>,
+        assigned6: Option<Ipv6Addr>,
     ) {
         let mut answer: Vec<AssignedAddress> = requests
             .iter()
-            .map(|req| match (req.ip, assigned) {
-                (IpAddr::V4(_), Some(addr)) => AssignedAddress {
+            .map(|req| {
+                let ip = match (req.ip, assigned, assigned6) {
+                    (IpAddr::V4(_), Some(addr), _) => IpAddr::V4(addr),
+                    (IpAddr::V4(_), None, _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    (IpAddr::V6(_), _, Some(addr)) => IpAddr::V6(addr),
+                    (IpAddr::V6(_), _, None) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                };
+                AssignedAddress {
                     request_id: req.request_id,
-                    ip: IpAddr::V4(addr),
-                    prefix_len: 32,
-                },
-                (IpAddr::V4(_), None) => AssignedAddress {
-                    request_id: req.request_id,
-                    ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    prefix_len: 32,
-                },
-                (IpAddr::V6(_), _) => AssignedAddress {
-                    request_id: req.request_id,
-                    ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-                    prefix_len: 128,
-                },
+                    ip,
+                    prefix_len: host_prefix(ip),
+                }
             })
             .collect();
-        if let Some(addr) = assigned {
-            if !requests.iter().any(|r| r.ip.is_ipv4()) {
-                answer.push(unsolicited(addr));
+        // The capsule is the full set of assignments (RFC 9484 §4.7.1):
+        // what was not asked for is repeated, unsolicited.
+        let unasked = [assigned.map(IpAddr::V4), assigned6.map(IpAddr::V6)];
+        for ip in unasked.into_iter().flatten() {
+            if !requests.iter().any(|r| r.ip.is_ipv4() == ip.is_ipv4()) {
+                answer.push(unsolicited(ip));
             }
         }
         self.send_capsule(&Capsule::AddressAssign(answer));
@@ -528,11 +528,20 @@ pub(super) fn deadline(now: Instant, d: Duration) -> Instant {
     now.checked_add(d.min(CENTURY)).unwrap_or(now)
 }
 
-/// The unsolicited assignment of one /32 (Request ID 0).
-pub(super) fn unsolicited(addr: Ipv4Addr) -> AssignedAddress {
+/// The unsolicited assignment of one host address, a /32 or a /128
+/// (Request ID 0).
+pub(super) fn unsolicited(ip: IpAddr) -> AssignedAddress {
     AssignedAddress {
         request_id: 0,
-        ip: IpAddr::V4(addr),
-        prefix_len: 32,
+        ip,
+        prefix_len: host_prefix(ip),
+    }
+}
+
+/// The prefix length of one host: 32 for IPv4, 128 for IPv6.
+fn host_prefix(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
     }
 }

@@ -19,7 +19,11 @@ mod client;
 mod link;
 mod server;
 
-use std::{fmt, net::Ipv4Addr, time::Duration};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 pub use client::{ClientConfig, ClientSession};
 pub use server::{ServerConfig, ServerSession};
@@ -67,6 +71,11 @@ pub enum Output {
     /// Client only: the gateway assigned this address. Emitted again only
     /// if the assignment changes.
     Assigned { addr: Ipv4Addr, prefix: u8 },
+    /// Client only: the gateway also assigned this IPv6 address (it
+    /// carries IPv6 through the tunnel). Follows [`Output::Assigned`];
+    /// emitted again only if it changes. Never emitted by a gateway that
+    /// assigns IPv4 only.
+    Assigned6 { addr: Ipv6Addr, prefix: u8 },
     /// Client only: the gateway's full route list, replacing any earlier.
     Routes(Vec<IpAddressRange>),
     /// Client only: the DNS configuration the gateway announced

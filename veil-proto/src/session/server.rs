@@ -1,7 +1,7 @@
 //! The gateway end of a tunnel.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -25,6 +25,10 @@ use crate::{
 pub struct ServerConfig {
     /// The client's virtual address, assigned as a /32.
     pub assigned: Ipv4Addr,
+    /// The client's IPv6 address, assigned as a /128 beside the IPv4 one
+    /// in the same ADDRESS_ASSIGN; `None`: the tunnel carries IPv4 only.
+    /// Routing IPv6 is up to `routes` ([`IpAddressRange::ALL_IPV6`]).
+    pub assigned6: Option<Ipv6Addr>,
     /// The ranges the gateway routes for the client, in RFC 9484 order.
     /// Empty advertises no routes at all.
     pub routes: Vec<IpAddressRange>,
@@ -55,6 +59,7 @@ impl ServerConfig {
     pub fn new(assigned: Ipv4Addr) -> Self {
         ServerConfig {
             assigned,
+            assigned6: None,
             routes: vec![IpAddressRange::ALL_IPV4],
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -72,10 +77,31 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ProtoError> {
         let addr = self.assigned;
         if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
-            return Err(ProtoError::UnassignableAddress { addr });
+            return Err(ProtoError::UnassignableAddress {
+                addr: IpAddr::V4(addr),
+            });
+        }
+        if let Some(addr) = self.assigned6 {
+            if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() {
+                return Err(ProtoError::UnassignableAddress {
+                    addr: IpAddr::V6(addr),
+                });
+            }
         }
         validate_routes(&self.routes)?;
         Capsule::DnsAssign(self.dns.clone()).encode(&mut Vec::new())
+    }
+}
+
+impl ServerConfig {
+    /// The unsolicited ADDRESS_ASSIGN entries: the IPv4 address, then the
+    /// IPv6 one if any.
+    fn assignments(&self) -> Vec<crate::capsule::AssignedAddress> {
+        let v6 = self.assigned6.map(IpAddr::V6);
+        std::iter::once(IpAddr::V4(self.assigned))
+            .chain(v6)
+            .map(link::unsolicited)
+            .collect()
     }
 }
 
@@ -99,7 +125,8 @@ enum Phase {
 /// One client connection on the gateway.
 ///
 /// Awaits the upgrade request; answers a valid one with `101 Switching
-/// Protocols`, then ADDRESS_ASSIGN (the VIP /32, Request ID 0),
+/// Protocols`, then ADDRESS_ASSIGN (the VIP /32 and, if configured, the
+/// IPv6 /128, Request ID 0),
 /// ROUTE_ADVERTISEMENT (the configured routes) and, if configured,
 /// DNS_ASSIGN, all in one [`Output::Send`]. From then on DATAGRAM capsules with context ID 0
 /// become [`Output::Packet`]s (and, with offload negotiated, context 2
@@ -121,7 +148,7 @@ impl ServerSession {
     pub fn new(config: ServerConfig, now: Instant) -> Result<Self, ProtoError> {
         config.validate()?;
         let mut greeting = Vec::new();
-        Capsule::AddressAssign(vec![link::unsolicited(config.assigned)]).encode(&mut greeting)?;
+        Capsule::AddressAssign(config.assignments()).encode(&mut greeting)?;
         Capsule::RouteAdvertisement(config.routes.clone()).encode(&mut greeting)?;
         if !config.dns.is_empty() {
             Capsule::DnsAssign(config.dns.clone()).encode(&mut greeting)?;
@@ -283,8 +310,11 @@ impl ServerSession {
             // harmless, so they are ignored (the DNS draft, §3.5: a proxy
             // ignores DNS configuration from its clients).
             if let Capsule::AddressRequest(requests) = capsule {
-                self.link
-                    .answer_address_request(&requests, Some(self.config.assigned));
+                self.link.answer_address_request(
+                    &requests,
+                    Some(self.config.assigned),
+                    self.config.assigned6,
+                );
             }
         }
     }

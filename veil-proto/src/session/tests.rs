@@ -792,7 +792,7 @@ fn default_configs_must_be_filled_in() {
     assert_eq!(
         ServerSession::new(ServerConfig::default(), now).map(|_| ()),
         Err(ProtoError::UnassignableAddress {
-            addr: Ipv4Addr::UNSPECIFIED
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         })
     );
     assert!(matches!(
@@ -1346,4 +1346,161 @@ fn offload_packets_before_the_upgrade_are_not_sent() {
     assert_eq!(pair.client.stats().packets_not_sent, 1);
     assert_eq!(pair.client.stats().packets_sent, 0);
     assert!(Pair::packets(&pair.server_out).is_empty());
+}
+
+/// A gateway that carries IPv6: the client's /128 beside its /32.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7665, 0x696c, 0, 0, 0, 0x0a4d, 0x0002);
+
+fn dual_stack_config() -> ServerConfig {
+    ServerConfig {
+        assigned6: Some(VIP6),
+        routes: vec![IpAddressRange::ALL_IPV4, IpAddressRange::ALL_IPV6],
+        ..server_config()
+    }
+}
+
+#[test]
+fn a_dual_stack_gateway_assigns_both_addresses_in_one_capsule() {
+    let mut pair = Pair::with(client_config(), dual_stack_config());
+    pair.pump();
+    let v6 = VIP6.octets();
+    // ADDRESS_ASSIGN, 26 bytes: 10.77.0.2/32 then fd00:7665:696c::a4d:2/128,
+    // both Request ID 0.
+    let mut assign = b"\x01\x1a\x00\x04\x0a\x4d\x00\x02\x20\x00\x06".to_vec();
+    assign.extend_from_slice(&v6);
+    assign.push(128);
+    // ROUTE_ADVERTISEMENT, 44 bytes: all of IPv4, then all of IPv6.
+    let mut routes = b"\x03\x2c\x04\x00\x00\x00\x00\xff\xff\xff\xff\x00\x06".to_vec();
+    routes.extend_from_slice(&[0; 16]);
+    routes.extend_from_slice(&[0xff; 16]);
+    routes.push(0);
+    // The answer to the client's request for IPv4 repeats the IPv6
+    // address: each ADDRESS_ASSIGN is the full set.
+    let mut answer = b"\x01\x1a\x01\x04\x0a\x4d\x00\x02\x20\x00\x06".to_vec();
+    answer.extend_from_slice(&v6);
+    answer.push(128);
+    let head = http::switching_protocols(false);
+    let expected = [&head[..], &assign, &routes, &answer].concat();
+    assert_eq!(pair.server_wire, expected);
+
+    assert_eq!(pair.client.assigned(), Some((VIP, 32)));
+    assert_eq!(pair.client.assigned6(), Some((VIP6, 128)));
+    let assigned: Vec<&Output> = pair
+        .client_out
+        .iter()
+        .filter(|o| matches!(o, Output::Assigned { .. } | Output::Assigned6 { .. }))
+        .collect();
+    assert_eq!(
+        assigned,
+        [
+            &Output::Assigned {
+                addr: VIP,
+                prefix: 32
+            },
+            &Output::Assigned6 {
+                addr: VIP6,
+                prefix: 128
+            }
+        ],
+        "each reported once, IPv4 first"
+    );
+    assert!(pair.client_out.contains(&Output::Routes(vec![
+        IpAddressRange::ALL_IPV4,
+        IpAddressRange::ALL_IPV6
+    ])));
+}
+
+#[test]
+fn an_ipv4_only_gateway_assigns_no_ipv6_and_refuses_a_request_for_it() {
+    let mut pair = Pair::new();
+    pair.pump();
+    assert_eq!(pair.client.assigned6(), None);
+    assert!(!pair
+        .client_out
+        .iter()
+        .any(|o| matches!(o, Output::Assigned6 { .. })));
+    // A client asking for IPv6 gets the RFC's "not assigned" (::/128).
+    pair.server_wire.clear();
+    let mut request = Vec::new();
+    Capsule::AddressRequest(vec![RequestedAddress {
+        request_id: 7,
+        ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        prefix_len: 128,
+    }])
+    .encode(&mut request)
+    .unwrap();
+    pair.server.receive(&request, pair.now).unwrap();
+    pair.pump();
+    let mut expected = Vec::new();
+    Capsule::AddressAssign(vec![
+        AssignedAddress {
+            request_id: 7,
+            ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            prefix_len: 128,
+        },
+        AssignedAddress {
+            request_id: 0,
+            ip: IpAddr::V4(VIP),
+            prefix_len: 32,
+        },
+    ])
+    .encode(&mut expected)
+    .unwrap();
+    assert_eq!(pair.server_wire, expected);
+}
+
+#[test]
+fn a_dual_stack_gateway_answers_a_request_for_ipv6_with_its_address() {
+    let mut pair = Pair::with(client_config(), dual_stack_config());
+    pair.pump();
+    pair.server_wire.clear();
+    let mut request = Vec::new();
+    Capsule::AddressRequest(vec![RequestedAddress {
+        request_id: 9,
+        ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        prefix_len: 128,
+    }])
+    .encode(&mut request)
+    .unwrap();
+    pair.server.receive(&request, pair.now).unwrap();
+    pair.pump();
+    let mut expected = Vec::new();
+    Capsule::AddressAssign(vec![
+        AssignedAddress {
+            request_id: 9,
+            ip: IpAddr::V6(VIP6),
+            prefix_len: 128,
+        },
+        AssignedAddress {
+            request_id: 0,
+            ip: IpAddr::V4(VIP),
+            prefix_len: 32,
+        },
+    ])
+    .encode(&mut expected)
+    .unwrap();
+    assert_eq!(pair.server_wire, expected);
+    // The same addresses again: nothing new to report.
+    let reports = pair
+        .client_out
+        .iter()
+        .filter(|o| matches!(o, Output::Assigned6 { .. }))
+        .count();
+    assert_eq!(reports, 1);
+}
+
+#[test]
+fn an_unassignable_ipv6_address_is_refused_at_start() {
+    for bad in [Ipv6Addr::UNSPECIFIED, Ipv6Addr::LOCALHOST, "ff02::1".parse().unwrap()] {
+        let config = ServerConfig {
+            assigned6: Some(bad),
+            ..server_config()
+        };
+        assert_eq!(
+            ServerSession::new(config, Instant::now()).map(|_| ()),
+            Err(ProtoError::UnassignableAddress {
+                addr: IpAddr::V6(bad)
+            })
+        );
+    }
 }

@@ -19,6 +19,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 use veil_proto::{
+    capsule::IpAddressRange,
     gro::Coalescer,
     session::{Output, ServerConfig, ServerSession},
     ProtoError,
@@ -60,6 +61,13 @@ pub(super) enum Sources {
     Proxy,
 }
 
+/// An IPv4 client of a dual-stack listener (`--listen [::]:443`) as the
+/// IPv4 address it is, not `::ffff:a.b.c.d`: one source for the caps on
+/// strangers whichever listener it reached, and logs that read the same.
+pub(super) fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 /// Accepts connections on `listener` for ever, each admitted under the
 /// caps on strangers, tuned, and handed to `start` with its place.
 pub(super) async fn accept_each(
@@ -70,7 +78,7 @@ pub(super) async fn accept_each(
 ) -> Result<()> {
     loop {
         let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
+            Ok((tcp, peer)) => (tcp, canonical(peer)),
             Err(e) => {
                 let name = match sources {
                     Sources::Clients => "tunnel listener",
@@ -261,8 +269,11 @@ pub(super) async fn run_session<T: SessionTransport>(
         move |source: anyhow::Error| Refused::Internal { name, source }
     };
     let vip = shared.lease(&name).map_err(internal(&name))?;
+    let vip6 = shared.cfg.pool6.address_for(vip);
     let mut session = new_session(
         ServerConfig {
+            assigned6: vip6,
+            routes: routes_for(vip6.is_some()),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             keepalive_timeout: PEER_TIMEOUT,
             offload: shared.offload_for(&record),
@@ -321,6 +332,16 @@ pub(super) async fn run_session<T: SessionTransport>(
     }
     transport.close(CLOSE_TIMEOUT).await;
     Ok(SessionEnd { name, vip, reason })
+}
+
+/// What a client is told to route through the tunnel: all of IPv4, and
+/// all of IPv6 when it has an IPv6 address.
+fn routes_for(ipv6: bool) -> Vec<IpAddressRange> {
+    let mut routes = vec![IpAddressRange::ALL_IPV4];
+    if ipv6 {
+        routes.push(IpAddressRange::ALL_IPV6);
+    }
+    routes
 }
 
 impl Shared {

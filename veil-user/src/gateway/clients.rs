@@ -200,6 +200,8 @@ impl Clients {
             .map(|(name, l)| ClientStatus {
                 name: name.clone(),
                 vip: l.vip,
+                // Derived from `vip` by the caller, which knows the pool.
+                vip6: None,
                 peer: Some(l.peer.to_string()),
                 connected_since: l
                     .since

@@ -41,7 +41,7 @@ pub(super) async fn accept_loop(
     stopped: watch::Receiver<bool>,
 ) -> Result<()> {
     while let Some(incoming) = endpoint.accept().await {
-        let peer = incoming.remote_address();
+        let peer = super::accept::canonical(incoming.remote_address());
         // The same caps on strangers as over TCP; a QUIC Initial from a
         // spoofed address costs a retry at most (quinn validates
         // addresses before it keeps state for long).

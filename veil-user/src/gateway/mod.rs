@@ -70,6 +70,8 @@ pub struct GatewayConfig {
     pub public_addrs: Vec<Ipv4Addr>,
     pub state_dir: PathBuf,
     pub pool: Ipv4Net,
+    /// The clients' IPv6 addresses, or none (`--pool6`).
+    pub pool6: crate::pool6::Pool6,
     pub nat_ports: PortRange,
     pub tun_name: String,
     pub pin_root: PathBuf,

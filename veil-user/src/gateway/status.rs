@@ -11,6 +11,9 @@ use crate::{
 impl Shared {
     pub(super) fn status(&self) -> Status {
         let mut clients = self.clients.lock().expect("clients lock").status();
+        for c in &mut clients {
+            c.vip6 = self.cfg.pool6.address_for(c.vip);
+        }
         self.limits_status(&mut clients);
         let flows = self.flow_counts();
         let c = &self.counters;
