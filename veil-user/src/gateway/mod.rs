@@ -12,6 +12,7 @@
 
 mod accept;
 pub mod check;
+pub mod check6;
 pub mod clients;
 mod dns;
 mod fairuse;
