@@ -62,6 +62,11 @@ impl RawClient {
         client
     }
 
+    /// The IPv6 address the gateway assigned, if it carries IPv6.
+    pub fn vip6(&self) -> Option<std::net::Ipv6Addr> {
+        self.session.assigned6().map(|(addr, _)| addr)
+    }
+
     /// The address the gateway assigned.
     pub fn vip(&self) -> Ipv4Addr {
         self.session.assigned().expect("assigned").0
@@ -88,6 +93,7 @@ impl RawClient {
                 Output::OffloadPacket(p) => self.received.push(p[10..].to_vec()),
                 Output::Close { reason } => panic!("session closed: {reason}"),
                 Output::Assigned { .. }
+                | Output::Assigned6 { .. }
                 | Output::Routes(_)
                 | Output::Dns(_)
                 | Output::Datagram(_) => {}
@@ -151,6 +157,11 @@ pub struct Capture {
 impl Capture {
     pub fn new(ns: &NetNs, iface: &str) -> Self {
         Self::open(ns, iface, libc::ETH_P_IP as u16, false)
+    }
+
+    /// Both directions on `iface`, of one ethertype (`ETH_P_IPV6`...).
+    pub fn of(ns: &NetNs, iface: &str, ethertype: u16) -> Self {
+        Self::open(ns, iface, ethertype, false)
     }
 
     /// What leaves through `iface` (after the firewall: what the network

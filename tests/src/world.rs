@@ -11,10 +11,16 @@
 //! The gateway namespace does not forward (ip_forward stays 0): whatever
 //! reaches the remote went through veil's datapath. Everything is torn
 //! down on drop: processes by PID, then namespaces, pins and files.
+//!
+//! [`World::add_ipv6`] numbers the same links with IPv6 from 2001:2::/48
+//! (reserved for benchmarking, RFC 5180): the gateway's public address
+//! 2001:2::1, the remote 2001:2::2 with the same servers, client `i`'s
+//! uplink 2001:2:0:i::2 (the gateway's end 2001:2:0:i::1);
+//! [`World::ipv6_only_uplink`] then takes client `i`'s IPv4 away.
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     process::Command,
     sync::{
@@ -34,6 +40,20 @@ use crate::{
 pub const PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const LAN_HOST: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 2);
+/// The gateway's public IPv6 address and the remote's ([`World::add_ipv6`]).
+pub const PUBLIC6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+
+/// The gateway's IPv6 address on client `i`'s link.
+pub fn gateway6_for(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, i as u16, 0, 0, 0, 1)
+}
+
+/// Client `i`'s IPv6 address on its uplink.
+pub fn client6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, i as u16, 0, 0, 0, 2)
+}
+
 /// Bytes the download server sends, and their SHA-256.
 pub const DOWNLOAD_LEN: usize = 8 << 20;
 
@@ -42,6 +62,9 @@ pub struct World {
     pub state: PathBuf,
     pub gateway: Option<Proc>,
     pub servers: Servers,
+    /// The same servers on the remote's IPv6 address, once
+    /// [`World::add_ipv6`] gave it one.
+    pub servers6: Option<Servers>,
     pub clients: Vec<NetNs>,
     pub lan: NetNs,
     pub remote: NetNs,
@@ -80,12 +103,13 @@ impl World {
         let dir = std::env::temp_dir().join(format!("veil-world-{}", gw.name()));
         let state = dir.join("state");
         std::fs::create_dir_all(&dir).unwrap();
-        let servers = Servers::start(&remote);
+        let servers = Servers::start(&remote, REMOTE.into());
         World {
             dir,
             state,
             gateway: None,
             servers,
+            servers6: None,
             clients,
             lan,
             remote,
@@ -126,8 +150,11 @@ impl World {
     pub fn start_gateway_logging(&mut self, extra: &[&str], log: &str) {
         let mut cmd = self.nsenter(&self.gw, "veil-user");
         cmd.env("RUST_LOG", log);
-        cmd.args(["--iface", "wan0", "--listen", "0.0.0.0:443"])
-            .arg("--state-dir")
+        cmd.args(["--iface", "wan0"]);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "0.0.0.0:443"]);
+        }
+        cmd.arg("--state-dir")
             .arg(&self.state)
             .arg("--pin-dir")
             .arg(self.pins())
@@ -385,6 +412,72 @@ impl World {
     }
 }
 
+/// IPv6 in the world ([`World::add_ipv6`]).
+impl World {
+    /// Numbers every link with IPv6 too (see the module's docs) and starts
+    /// the remote's servers on 2001:2::2. The gateway's namespace still
+    /// forwards nothing: IPv6 reaches the remote through veil or not at
+    /// all.
+    pub fn add_ipv6(&mut self) {
+        let add = |ns: &NetNs, addr: String, dev: &str| {
+            ns.ip(&["-6", "addr", "add", &addr, "dev", dev, "nodad"]);
+        };
+        add(&self.gw, format!("{PUBLIC6}/64"), "wan0");
+        add(&self.remote, format!("{REMOTE6}/64"), "eth0");
+        for i in 1..=self.clients.len() {
+            add(&self.gw, format!("{}/64", gateway6_for(i)), &format!("c{i}"));
+            let c = self.client(i);
+            add(c, format!("{}/64", client6(i)), "eth0");
+            c.ip(&["-6", "route", "add", "default", "via", &gateway6_for(i).to_string()]);
+        }
+        self.servers6 = Some(Servers::start(&self.remote, REMOTE6.into()));
+    }
+
+    /// Client `i`'s uplink loses IPv4 (its address and default route): it
+    /// reaches the gateway over IPv6 alone.
+    pub fn ipv6_only_uplink(&self, i: usize) {
+        let c = self.client(i);
+        c.ip(&["-4", "route", "flush", "table", "main"]);
+        c.ip(&["-4", "addr", "flush", "dev", "eth0"]);
+    }
+
+    /// Downloads the remote's test file over IPv6 from client `i`; its
+    /// SHA-256.
+    pub fn download6(&self, i: usize) -> std::io::Result<Vec<u8>> {
+        self.client(i).enter(|| {
+            let to = SocketAddr::from((REMOTE6, 8080));
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut data = Vec::with_capacity(DOWNLOAD_LEN);
+            s.read_to_end(&mut data)?;
+            Ok(sha256(&data))
+        })
+    }
+
+    /// `msg` to the remote's UDP echo server on its IPv6 address from
+    /// client `i`: what came back (within 3 s), if anything.
+    pub fn udp_echo6(&self, i: usize, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        self.client(i).enter(|| {
+            let s = UdpSocket::bind("[::]:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(msg, (REMOTE6, 7))?;
+            let mut buf = [0u8; 1500];
+            let (n, _) = s.recv_from(&mut buf)?;
+            Ok(buf[..n].to_vec())
+        })
+    }
+
+    /// Pings `dst` (IPv6) from client `i`: did an answer come back?
+    pub fn ping6(&self, i: usize, dst: &str) -> bool {
+        Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.client(i).name()))
+            .args(["ping", "-6", "-c", "1", "-W", "2", dst])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         if let Some(mut g) = self.gateway.take() {
@@ -394,6 +487,9 @@ impl Drop for World {
             }
         }
         self.servers.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = &self.servers6 {
+            s.stop.store(true, Ordering::Relaxed);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -444,16 +540,16 @@ pub struct Servers {
 }
 
 impl Servers {
-    fn start(remote: &NetNs) -> Self {
+    fn start(remote: &NetNs, at: IpAddr) -> Self {
         let peers = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (discard, web, download, echo, udp) = remote.enter(|| {
             (
-                TcpListener::bind((REMOTE, 9)).unwrap(),
-                TcpListener::bind((REMOTE, 80)).unwrap(),
-                TcpListener::bind((REMOTE, 8080)).unwrap(),
-                TcpListener::bind((REMOTE, 7)).unwrap(),
-                UdpSocket::bind((REMOTE, 7)).unwrap(),
+                TcpListener::bind((at, 9)).unwrap(),
+                TcpListener::bind((at, 80)).unwrap(),
+                TcpListener::bind((at, 8080)).unwrap(),
+                TcpListener::bind((at, 7)).unwrap(),
+                UdpSocket::bind((at, 7)).unwrap(),
             )
         });
         discard_forever(discard, stop.clone());
@@ -509,6 +605,11 @@ impl Servers {
                 std::net::IpAddr::V6(_) => panic!("IPv6 peer"),
             })
             .collect()
+    }
+
+    /// The addresses the remote saw, either family.
+    pub fn seen_ips(&self) -> Vec<IpAddr> {
+        self.peers.lock().unwrap().iter().map(|a| a.ip()).collect()
     }
 }
 

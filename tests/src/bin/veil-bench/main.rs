@@ -11,6 +11,7 @@
 //! `forward`: a port forwarded in the datapath beside direct routing,
 //! HAProxy and socat.
 //! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
+//! `ipv6`: TCP through veil over IPv6 beside IPv4.
 
 use std::{
     io::Write,
@@ -41,9 +42,10 @@ fn main() {
         "peers" => peers(quick, only()),
         "forward" => forwarding(quick),
         "socks" => socks(quick),
+        "ipv6" => ipv6(quick),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks"
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6"
             );
             std::process::exit(2);
         }
@@ -52,6 +54,7 @@ fn main() {
 
 mod datapath;
 mod forward;
+mod ipv6;
 mod measure;
 mod peers;
 mod socks;
@@ -61,4 +64,4 @@ mod tunnel;
     unused_imports,
     reason = "the modules share one import list through `use super::*`"
 )]
-use self::{datapath::*, forward::*, measure::*, peers::*, socks::*, tunnel::*};
+use self::{datapath::*, forward::*, ipv6::*, measure::*, peers::*, socks::*, tunnel::*};
