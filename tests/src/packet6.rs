@@ -38,7 +38,9 @@ pub fn frame6(src: Ipv6Addr, dst: Ipv6Addr, hop: u8, l4: L4<'_>) -> Vec<u8> {
         L4::EchoRequest { id, seq, payload } => {
             ip.icmpv6_echo_request(id, seq).write(&mut out, payload)
         }
-        L4::EchoReply { id, seq, payload } => ip.icmpv6_echo_reply(id, seq).write(&mut out, payload),
+        L4::EchoReply { id, seq, payload } => {
+            ip.icmpv6_echo_reply(id, seq).write(&mut out, payload)
+        }
     }
     .expect("building a test packet");
     out
@@ -67,7 +69,10 @@ pub fn assert_checksums6(ip: &[u8]) {
         58 => "ICMPv6",
         p => panic!("unexpected next header {p}"),
     };
-    assert!(sum_ok(&ip[8..24], &ip[24..40], ip[6], l4), "{name} checksum is wrong");
+    assert!(
+        sum_ok(&ip[8..24], &ip[24..40], ip[6], l4),
+        "{name} checksum is wrong"
+    );
 }
 
 /// An ICMPv6 error frame from `router` to `to` quoting `quoted` (an IPv6

@@ -27,7 +27,10 @@ fn egress_udp6_leaves_from_the_public_ipv6_address() {
 
     let (action, out) = bed.tun(&input);
 
-    assert_eq!(action, TC_ACT_REDIRECT, "sent to the WAN with redirect_neigh");
+    assert_eq!(
+        action, TC_ACT_REDIRECT,
+        "sent to the WAN with redirect_neigh"
+    );
     assert_eq!(
         out,
         frame6(PUBLIC6, REMOTE6, 63, L4::udp(nat, 53, b"a question")),
@@ -50,14 +53,25 @@ fn egress_tcp6_records_flags_and_fixes_its_checksum() {
     let (action, out) = bed.tun(&input);
 
     assert_eq!(action, TC_ACT_REDIRECT);
-    assert_eq!(out, frame6(PUBLIC6, REMOTE6, 63, L4::tcp(nat, 443, "S", b"")));
+    assert_eq!(
+        out,
+        frame6(PUBLIC6, REMOTE6, 63, L4::tcp(nat, 443, "S", b""))
+    );
     assert_checksums6(ip(&out));
     assert_eq!(bed.listed(&key).egress.tcp_flags, tcp_flags::SYN);
 
-    let data = frame6(CLIENT6, REMOTE6, 64, L4::tcp(50000, 443, "PA", &[0xab; 1000]));
+    let data = frame6(
+        CLIENT6,
+        REMOTE6,
+        64,
+        L4::tcp(50000, 443, "PA", &[0xab; 1000]),
+    );
     let (action, out) = bed.tun(&data);
     assert_eq!(action, TC_ACT_REDIRECT);
-    assert_eq!(out, frame6(PUBLIC6, REMOTE6, 63, L4::tcp(nat, 443, "PA", &[0xab; 1000])));
+    assert_eq!(
+        out,
+        frame6(PUBLIC6, REMOTE6, 63, L4::tcp(nat, 443, "PA", &[0xab; 1000]))
+    );
     assert_checksums6(ip(&out));
 }
 
@@ -70,7 +84,10 @@ fn egress_echo6_uses_the_identifier_as_port() {
     let (action, out) = bed.tun(&input);
 
     assert_eq!(action, TC_ACT_REDIRECT);
-    assert_eq!(out, frame6(PUBLIC6, REMOTE6, 63, L4::echo_request(nat, 7, b"ping!")));
+    assert_eq!(
+        out,
+        frame6(PUBLIC6, REMOTE6, 63, L4::echo_request(nat, 7, b"ping!"))
+    );
     assert_checksums6(ip(&out));
 }
 
@@ -140,7 +157,10 @@ fn ingress_udp6_reply_goes_back_to_the_client() {
     let wan = bed.wan(&reply);
 
     assert!(wan.delivered(), "{wan:?}");
-    assert_eq!(wan.out, frame6(REMOTE6, CLIENT6, 60, L4::udp(53, 40000, b"the answer")));
+    assert_eq!(
+        wan.out,
+        frame6(REMOTE6, CLIENT6, 60, L4::udp(53, 40000, b"the answer"))
+    );
     assert_checksums6(ip(&wan.out));
     assert_eq!(bed.listed(&key).reverse.packets, 1);
     assert_eq!(bed.count(Reason::IngressForwarded), 1);
@@ -155,9 +175,15 @@ fn ingress_tcp6_reply_records_flags() {
     let wan = bed.wan(&reply);
 
     assert!(wan.delivered(), "{wan:?}");
-    assert_eq!(wan.out, frame6(REMOTE6, CLIENT6, 60, L4::tcp(443, 50000, "SA", b"")));
+    assert_eq!(
+        wan.out,
+        frame6(REMOTE6, CLIENT6, 60, L4::tcp(443, 50000, "SA", b""))
+    );
     assert_checksums6(ip(&wan.out));
-    assert_eq!(bed.listed(&key).reverse.tcp_flags, tcp_flags::SYN | tcp_flags::ACK);
+    assert_eq!(
+        bed.listed(&key).reverse.tcp_flags,
+        tcp_flags::SYN | tcp_flags::ACK
+    );
 }
 
 #[test]
@@ -169,7 +195,10 @@ fn ingress_echo6_reply_gets_its_identifier_back() {
     let wan = bed.wan(&reply);
 
     assert!(wan.delivered(), "{wan:?}");
-    assert_eq!(wan.out, frame6(REMOTE6, CLIENT6, 60, L4::echo_reply(0x1234, 7, b"pong")));
+    assert_eq!(
+        wan.out,
+        frame6(REMOTE6, CLIENT6, 60, L4::echo_reply(0x1234, 7, b"pong"))
+    );
     assert_checksums6(ip(&wan.out));
 }
 
@@ -200,13 +229,24 @@ fn the_hosts_own_ipv6_traffic_passes_untouched() {
     let mut bed = Bed6::new();
     bed.flow(proto::TCP, 50000, 443);
     let ssh = frame6(REMOTE6, PUBLIC6, 64, L4::tcp(50000, 22, "S", b""));
-    let ping = frame6(REMOTE6, PUBLIC6, 64, L4::echo_request(PORTS.min, 1, b"hi gateway"));
+    let ping = frame6(
+        REMOTE6,
+        PUBLIC6,
+        64,
+        L4::echo_request(PORTS.min, 1, b"hi gateway"),
+    );
     // An echo reply in the NAT range without a flow: the host's own ping.
     let pong = frame6(REMOTE6, PUBLIC6, 64, L4::echo_reply(PORTS.min + 3, 1, b""));
     // Neighbour solicitation for the public address.
     let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
     ns.extend_from_slice(&PUBLIC6.octets());
-    let ns = raw_frame6("fe80::2".parse().unwrap(), "ff02::1:ff00:1".parse().unwrap(), 58, 255, &ns);
+    let ns = raw_frame6(
+        "fe80::2".parse().unwrap(),
+        "ff02::1:ff00:1".parse().unwrap(),
+        58,
+        255,
+        &ns,
+    );
     let elsewhere = frame6(REMOTE6, ROUTER6, 64, L4::udp(53, PORTS.min, b"x"));
     for input in [&ssh, &ping, &pong, &ns, &elsewhere] {
         let wan = bed.wan(input);
@@ -243,13 +283,24 @@ fn wan_extension_headers_and_fragments_to_the_nat_range_are_dropped_with_a_reaso
         let input = with_ext_header(&reply, kind, 1);
         let wan = bed.wan(&input);
         assert_eq!(wan.xdp, XDP_DROP, "next header {kind}");
-        assert_eq!(bed.count(reason) as usize, if kind == 44 { 1 } else { [0, 60, 43].iter().position(|k| *k == kind).unwrap() + 1 });
+        assert_eq!(
+            bed.count(reason) as usize,
+            if kind == 44 {
+                1
+            } else {
+                [0, 60, 43].iter().position(|k| *k == kind).unwrap() + 1
+            }
+        );
     }
     // Two headers in a chain are walked too.
     let twice = with_ext_header(&with_ext_header(&reply, 60, 0), 0, 0);
     assert_eq!(bed.wan(&twice).xdp, XDP_DROP);
     // The same headers outside the NAT range are the host's.
-    let ssh = with_ext_header(&frame6(REMOTE6, PUBLIC6, 64, L4::tcp(50000, 22, "S", b"")), 60, 0);
+    let ssh = with_ext_header(
+        &frame6(REMOTE6, PUBLIC6, 64, L4::tcp(50000, 22, "S", b"")),
+        60,
+        0,
+    );
     assert!(bed.wan(&ssh).passed_untouched(&ssh));
     // A later fragment has no ports: the host's, as for IPv4.
     let later = with_ext_header(&reply, 44, 0x00a8);
@@ -271,7 +322,12 @@ fn packet_too_big_reaches_the_client_whose_flow_caused_it_and_only_it() {
     let (_, nat_a) = bed.flow_of(VIP, CLIENT6, proto::TCP, 50000, 443);
     let (_, nat_b) = bed.flow_of(VIP2, CLIENT6_2, proto::TCP, 50000, 443);
     assert_ne!(nat_a, nat_b);
-    let big = frame6(CLIENT6_2, REMOTE6, 64, L4::tcp(50000, 443, "PA", &[7; 1300]));
+    let big = frame6(
+        CLIENT6_2,
+        REMOTE6,
+        64,
+        L4::tcp(50000, 443, "PA", &[7; 1300]),
+    );
     let on_the_wire = sent(&mut bed, &big);
     // A router quotes what fits in 1280 bytes.
     let quote = &on_the_wire[..1280 - 48];
@@ -304,7 +360,10 @@ fn destination_unreachable_for_a_udp6_flow_and_time_exceeded_for_a_ping() {
         assert!(wan.delivered(), "{wan:?}");
         let mut mine = input[ETH_LEN..].to_vec();
         mine[7] = 63;
-        assert_eq!(wan.out, icmp6_error(from, CLIENT6, icmp_type, code, 0, &mine));
+        assert_eq!(
+            wan.out,
+            icmp6_error(from, CLIENT6, icmp_type, code, 0, &mine)
+        );
         assert_checksums6(ip(&wan.out));
     }
     assert_eq!(bed.count(Reason::IcmpErrorForwarded), 2);

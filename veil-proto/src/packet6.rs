@@ -29,7 +29,9 @@ pub enum Packet6Error {
     TooShort(usize),
     #[error("IP version {0}, not 6")]
     NotIpv6(u8),
-    #[error("IPv6 payload length {payload} does not match the {actual} bytes received after the header")]
+    #[error(
+        "IPv6 payload length {payload} does not match the {actual} bytes received after the header"
+    )]
     LengthMismatch { payload: usize, actual: usize },
     #[error("a {proto} header cut short")]
     Truncated { proto: u8 },
@@ -136,7 +138,13 @@ pub fn checksum6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> u16 
 /// An ICMPv6 error from `from` to the sender of `original`, quoting as
 /// much of it as fits in 1280 bytes (RFC 4443 2.4 (c)); `param` is the
 /// type-specific word (the MTU of Packet Too Big, 0 for the others).
-pub fn icmp6_error(from: Ipv6Addr, original: &[u8], icmp_type: u8, code: u8, param: u32) -> Vec<u8> {
+pub fn icmp6_error(
+    from: Ipv6Addr,
+    original: &[u8],
+    icmp_type: u8,
+    code: u8,
+    param: u32,
+) -> Vec<u8> {
     let quote = &original[..original.len().min(IPV6_MIN_MTU - IPV6_HDR_LEN - 8)];
     let to = if original.len() >= IPV6_HDR_LEN {
         addr(&original[8..])
@@ -217,7 +225,11 @@ mod tests {
         assert_eq!((info.src, info.dst), (GW, A));
         assert_eq!(info.icmp_type, Some(ICMPV6_PACKET_TOO_BIG));
         assert_eq!(&e[44..48], &1280u32.to_be_bytes());
-        assert_eq!(checksum6(GW, A, IPPROTO_ICMPV6, &e[40..]), 0, "checksum verifies");
+        assert_eq!(
+            checksum6(GW, A, IPPROTO_ICMPV6, &e[40..]),
+            0,
+            "checksum verifies"
+        );
         assert_eq!(&e[48..88], &original[..40], "the original header is quoted");
     }
 }

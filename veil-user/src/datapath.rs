@@ -190,7 +190,11 @@ impl Datapath {
     /// Writes the IPv6 configuration (NAT66 to `public`, clients in
     /// `pool`); without it IPv6 from the tunnel is dropped and IPv6 on the
     /// WAN left to the host. Call before [`Self::flow_table6`].
-    pub fn configure6(&mut self, public: Ipv6Addr, pool: ipnet::Ipv6Net) -> Result<(), DatapathError> {
+    pub fn configure6(
+        &mut self,
+        public: Ipv6Addr,
+        pool: ipnet::Ipv6Net,
+    ) -> Result<(), DatapathError> {
         let name = veil_common::CONFIG6_MAP;
         let map_err = |source| DatapathError::Map { name, source };
         let map = self

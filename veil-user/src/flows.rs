@@ -230,21 +230,21 @@ pub fn idle_timeout(
     reverse: &FlowStats,
     t: &Timeouts,
 ) -> Duration {
-        match proto {
-            proto::TCP => {
-                let (out, back) = (egress.tcp_flags, reverse.tcp_flags);
-                let opened = out & tcp_flags::SYN != 0 && back & tcp_flags::SYN != 0;
-                let closing = (out | back) & (tcp_flags::RST | tcp_flags::FIN) != 0;
-                if opened && !closing {
-                    t.tcp_established
-                } else {
-                    t.tcp_transitory
-                }
+    match proto {
+        proto::TCP => {
+            let (out, back) = (egress.tcp_flags, reverse.tcp_flags);
+            let opened = out & tcp_flags::SYN != 0 && back & tcp_flags::SYN != 0;
+            let closing = (out | back) & (tcp_flags::RST | tcp_flags::FIN) != 0;
+            if opened && !closing {
+                t.tcp_established
+            } else {
+                t.tcp_transitory
             }
-            proto::UDP if remote_port == DNS_PORT => t.udp_dns,
-            proto::UDP => t.udp,
-            _ => t.icmp,
         }
+        proto::UDP if remote_port == DNS_PORT => t.udp_dns,
+        proto::UDP => t.udp,
+        _ => t.icmp,
+    }
 }
 
 /// What one [`FlowTable::gc`] pass did.
@@ -533,7 +533,12 @@ pub(crate) fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-pub(crate) fn map_error(op: &'static str, map: &'static str, source: MapError, capacity: usize) -> FlowError {
+pub(crate) fn map_error(
+    op: &'static str,
+    map: &'static str,
+    source: MapError,
+    capacity: usize,
+) -> FlowError {
     match &source {
         MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
             FlowError::TableFull(capacity)

@@ -32,8 +32,8 @@ use veil_common::{
 
 use crate::{
     flows::{
-        idle_timeout, lookup, map_error, remove_ignoring_missing, FlowError, PortRange,
-        ProtoName, Timeouts, BPF_NOEXIST,
+        idle_timeout, lookup, map_error, remove_ignoring_missing, FlowError, PortRange, ProtoName,
+        Timeouts, BPF_NOEXIST,
     },
     nat::{decrement, default_share, RANDOM_TRIES},
 };
@@ -178,7 +178,13 @@ impl FlowTable6 {
             }
             .into());
         }
-        if self.held.get(&(key.client_addr, remote(key))).copied().unwrap_or(0) >= self.share {
+        if self
+            .held
+            .get(&(key.client_addr, remote(key)))
+            .copied()
+            .unwrap_or(0)
+            >= self.share
+        {
             return Err(Flow6Error::ShareExhausted {
                 client: key.client(),
                 remote: key.remote(),
@@ -261,7 +267,10 @@ impl FlowTable6 {
         };
         self.flows.insert(key, mapped);
         *self.flows_of.entry(key.client_addr).or_default() += 1;
-        *self.held.entry((key.client_addr, remote(&key))).or_default() += 1;
+        *self
+            .held
+            .entry((key.client_addr, remote(&key)))
+            .or_default() += 1;
         self.claimed.insert(key.reverse(self.public, nat_port));
         self.sockets
             .entry(socket(&key))
@@ -336,7 +345,13 @@ impl FlowTable6 {
             .filter(|f| {
                 let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));
                 let k = &f.key;
-                idle > idle_timeout(k.proto, k.remote_port, &f.egress, &f.reverse, &self.timeouts)
+                idle > idle_timeout(
+                    k.proto,
+                    k.remote_port,
+                    &f.egress,
+                    &f.reverse,
+                    &self.timeouts,
+                )
             })
             .map(|f| f.key)
             .collect();

@@ -152,3 +152,43 @@ mod tests {
         );
     }
 }
+
+/// The first global unicast IPv6 address of interface `name` (not
+/// link-local, unique-local, loopback or multicast), if it has one: the
+/// default public IPv6 address of NAT66.
+pub fn iface_global_ipv6(name: &str) -> io::Result<Option<std::net::Ipv6Addr>> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `addrs`; freed below.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() && found.is_none() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET6 {
+            continue;
+        }
+        // SAFETY: a NUL-terminated interface name.
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if ifname.to_bytes() != name.as_bytes() {
+            continue;
+        }
+        // SAFETY: AF_INET6 addresses are sockaddr_in6.
+        let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+        let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        let special = a.is_loopback()
+            || a.is_multicast()
+            || a.is_unspecified()
+            || a.is_unicast_link_local()
+            || a.is_unique_local();
+        if !special {
+            found = Some(a);
+        }
+    }
+    // SAFETY: the list from getifaddrs.
+    unsafe { libc::freeifaddrs(addrs) };
+    Ok(found)
+}

@@ -8,13 +8,73 @@ use std::{fmt, net::Ipv6Addr};
 
 use ipnet::Ipv6Net;
 
+use crate::net::Ipv4Net;
+
+/// An `--allow` / `--deny` prefix: IPv4 or IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefix {
+    V4(Ipv4Net),
+    V6(Ipv6Net),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("`{0}` is not an IPv4 or IPv6 prefix: expected ADDRESS/LENGTH, such as 10.20.0.0/16 or 2001:db8::/32")]
+pub struct PrefixError(String);
+
+impl std::str::FromStr for Prefix {
+    type Err = PrefixError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains(':') {
+            let net: Ipv6Net = s.parse().map_err(|_| PrefixError(s.to_owned()))?;
+            // As for IPv4: host bits past the prefix are cleared.
+            return Ok(Prefix::V6(net.trunc()));
+        }
+        s.parse()
+            .map(Prefix::V4)
+            .map_err(|_| PrefixError(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Prefix::V4(n) => n.fmt(f),
+            Prefix::V6(n) => n.fmt(f),
+        }
+    }
+}
+
+/// The IPv4 prefixes of a list.
+pub fn v4_of(list: &[Prefix]) -> Vec<Ipv4Net> {
+    list.iter()
+        .filter_map(|p| match p {
+            Prefix::V4(n) => Some(*n),
+            Prefix::V6(_) => None,
+        })
+        .collect()
+}
+
+/// The IPv6 prefixes of a list.
+pub fn v6_of(list: &[Prefix]) -> Vec<Ipv6Net> {
+    list.iter()
+        .filter_map(|p| match p {
+            Prefix::V6(n) => Some(*n),
+            Prefix::V4(_) => None,
+        })
+        .collect()
+}
+
 /// Ranges refused by default, with why.
 const DEFAULT_DENY6: &[(&str, &str)] = &[
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("::ffff:0:0/96", "IPv4-mapped"),
     ("::/96", "IPv4-compatible (deprecated)"),
-    ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation (RFC 8215)"),
+    (
+        "64:ff9b:1::/48",
+        "local-use IPv4/IPv6 translation (RFC 8215)",
+    ),
     ("100::/64", "discard-only (RFC 6666)"),
     ("2001:db8::/32", "documentation (RFC 3849)"),
     ("fc00::/7", "unique local (RFC 4193)"),
@@ -31,7 +91,10 @@ pub enum Refusal6 {
     /// Another client (the IPv6 pool): clients do not reach each other
     /// over IPv6.
     OtherClient,
-    Default { net: Ipv6Net, why: &'static str },
+    Default {
+        net: Ipv6Net,
+        why: &'static str,
+    },
     /// A `--deny` prefix.
     Configured(Ipv6Net),
 }
@@ -116,9 +179,33 @@ mod tests {
     }
 
     #[test]
+    fn allow_and_deny_take_either_family() {
+        let list: Vec<Prefix> = ["10.20.0.0/16", "fd12::/16", "2001:db8::/32"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            v4_of(&list),
+            vec!["10.20.0.0/16".parse::<Ipv4Net>().unwrap()]
+        );
+        assert_eq!(v6_of(&list).len(), 2);
+        assert_eq!(list[1].to_string(), "fd12::/16");
+        assert_eq!("fd12::1/16".parse::<Prefix>().unwrap(), list[1]);
+        for bad in ["fd12::/129", "nonsense", "10.0.0.0/33", "fd12::"] {
+            let err = bad.parse::<Prefix>().unwrap_err();
+            assert!(err.to_string().contains("prefix"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn the_public_ipv6_internet_is_allowed_by_default() {
         let p = policy(&[], &[]);
-        for a in ["2001:2::2", "2606:4700:4700::1111", "2a00:1450:4001::200e", "64:ff9b::c000:201"] {
+        for a in [
+            "2001:2::2",
+            "2606:4700:4700::1111",
+            "2a00:1450:4001::200e",
+            "64:ff9b::c000:201",
+        ] {
             assert_eq!(p.check(ip(a)), Ok(()), "{a}");
         }
     }
@@ -127,10 +214,22 @@ mod tests {
     fn special_ranges_are_refused_by_default() {
         let p = policy(&[], &[]);
         for a in [
-            "::", "::1", "::ffff:10.0.0.1", "::ffff:8.8.8.8", "2001:db8::1", "fd12::1", "fc00::1",
-            "fe80::1", "ff02::1", "ff0e::fb", "100::1",
+            "::",
+            "::1",
+            "::ffff:10.0.0.1",
+            "::ffff:8.8.8.8",
+            "2001:db8::1",
+            "fd12::1",
+            "fc00::1",
+            "fe80::1",
+            "ff02::1",
+            "ff0e::fb",
+            "100::1",
         ] {
-            assert!(matches!(p.check(ip(a)), Err(Refusal6::Default { .. })), "{a}");
+            assert!(
+                matches!(p.check(ip(a)), Err(Refusal6::Default { .. })),
+                "{a}"
+            );
         }
     }
 
@@ -150,8 +249,14 @@ mod tests {
     fn allow_opens_a_default_range_and_deny_wins() {
         let p = policy(&["fd12::/16"], &["fd12:1::/32", "2001:2:0:9::/64"]);
         assert_eq!(p.check(ip("fd12:2::1")), Ok(()));
-        assert!(matches!(p.check(ip("fd12:1::1")), Err(Refusal6::Configured(_))));
-        assert!(matches!(p.check(ip("2001:2:0:9::5")), Err(Refusal6::Configured(_))));
+        assert!(matches!(
+            p.check(ip("fd12:1::1")),
+            Err(Refusal6::Configured(_))
+        ));
+        assert!(matches!(
+            p.check(ip("2001:2:0:9::5")),
+            Err(Refusal6::Configured(_))
+        ));
         assert_eq!(p.check(ip("2001:2:0:8::5")), Ok(()));
     }
 }

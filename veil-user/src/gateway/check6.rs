@@ -33,7 +33,9 @@ pub enum Dropped6 {
     /// translates none.
     ExtensionHeader(u8),
     /// A protocol or ICMPv6 type the datapath does not translate.
-    Untranslatable { next: u8 },
+    Untranslatable {
+        next: u8,
+    },
 }
 
 /// What to do with a client's IPv6 packet.
@@ -60,7 +62,10 @@ pub struct Checks6 {
 /// Extension headers (RFC 8200 4, and the IANA list): named so that the
 /// cause a packet is dropped for says which.
 fn is_extension_header(next: u8) -> bool {
-    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }
 
 impl Checks6 {
@@ -145,7 +150,13 @@ mod tests {
     }
 
     fn udp(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
-        ipv6(src, dst, proto::UDP, 64, &[0x9c, 0x40, 0, 53, 0, 9, 0, 0, b'x'])
+        ipv6(
+            src,
+            dst,
+            proto::UDP,
+            64,
+            &[0x9c, 0x40, 0, 53, 0, 9, 0, 0, b'x'],
+        )
     }
 
     fn answer_of(v: &Verdict6) -> &[u8] {
@@ -188,36 +199,76 @@ mod tests {
 
     #[test]
     fn refused_destinations_get_an_admin_prohibited_from_the_gateway() {
-        for dst in ["fd12::1", "fe80::1", "ff02::1", "::1", "2001:db8::1", "::ffff:1.2.3.4"] {
+        for dst in [
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::1",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+        ] {
             let dst: Ipv6Addr = dst.parse().unwrap();
             let pkt = udp(CLIENT, dst);
             let v = checks().check(CLIENT, &pkt);
             assert!(
-                matches!(&v, Verdict6::Dropped { why: Dropped6::Policy(_), .. }),
+                matches!(
+                    &v,
+                    Verdict6::Dropped {
+                        why: Dropped6::Policy(_),
+                        ..
+                    }
+                ),
                 "{dst}: {v:?}"
             );
             let a = answer_of(&v);
-            assert_eq!((a[40], a[41]), (ICMPV6_DEST_UNREACH, UNREACH_ADMIN_PROHIBITED));
+            assert_eq!(
+                (a[40], a[41]),
+                (ICMPV6_DEST_UNREACH, UNREACH_ADMIN_PROHIBITED)
+            );
             assert_eq!(&a[8..24], &GATEWAY.octets(), "from the gateway");
             assert_eq!(&a[24..40], &CLIENT.octets(), "to the client");
             assert_eq!(checksum6(GATEWAY, CLIENT, IPPROTO_ICMPV6, &a[40..]), 0);
             assert_eq!(&a[48..], &pkt[..], "quotes the packet");
         }
         let v = checks().check(CLIENT, &udp(CLIENT, PUBLIC));
-        assert!(matches!(v, Verdict6::Dropped { why: Dropped6::Policy(Refusal6::Gateway), .. }));
+        assert!(matches!(
+            v,
+            Verdict6::Dropped {
+                why: Dropped6::Policy(Refusal6::Gateway),
+                ..
+            }
+        ));
     }
 
     #[test]
     fn hop_limit_one_gets_time_exceeded() {
-        let pkt = ipv6(CLIENT, REMOTE, proto::UDP, 1, &[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+        let pkt = ipv6(
+            CLIENT,
+            REMOTE,
+            proto::UDP,
+            1,
+            &[0x9c, 0x40, 0, 53, 0, 8, 0, 0],
+        );
         let v = checks().check(CLIENT, &pkt);
-        assert!(matches!(&v, Verdict6::Dropped { why: Dropped6::HopLimitExceeded, .. }));
+        assert!(matches!(
+            &v,
+            Verdict6::Dropped {
+                why: Dropped6::HopLimitExceeded,
+                ..
+            }
+        ));
         assert_eq!(answer_of(&v)[40], ICMPV6_TIME_EXCEEDED);
     }
 
     #[test]
     fn extension_headers_fragments_and_other_protocols_are_dropped_by_cause() {
-        let frag = ipv6(CLIENT, REMOTE, 44, 64, &[17, 0, 0, 1, 0, 0, 0, 7, 0x9c, 0x40, 0, 53]);
+        let frag = ipv6(
+            CLIENT,
+            REMOTE,
+            44,
+            64,
+            &[17, 0, 0, 1, 0, 0, 0, 7, 0x9c, 0x40, 0, 53],
+        );
         assert_eq!(
             checks().check(CLIENT, &frag),
             Verdict6::Dropped {
@@ -228,26 +279,49 @@ mod tests {
         let hbh = ipv6(CLIENT, REMOTE, 0, 64, &[17, 0, 1, 4, 0, 0, 0, 0]);
         assert!(matches!(
             checks().check(CLIENT, &hbh),
-            Verdict6::Dropped { why: Dropped6::ExtensionHeader(0), .. }
+            Verdict6::Dropped {
+                why: Dropped6::ExtensionHeader(0),
+                ..
+            }
         ));
         let gre = ipv6(CLIENT, REMOTE, 47, 64, &[0; 8]);
         assert!(matches!(
             checks().check(CLIENT, &gre),
-            Verdict6::Dropped { why: Dropped6::Untranslatable { next: 47 }, .. }
+            Verdict6::Dropped {
+                why: Dropped6::Untranslatable { next: 47 },
+                ..
+            }
         ));
-        let echo_reply = ipv6(CLIENT, REMOTE, IPPROTO_ICMPV6, 64, &[129, 0, 0, 0, 0, 1, 0, 1]);
+        let echo_reply = ipv6(
+            CLIENT,
+            REMOTE,
+            IPPROTO_ICMPV6,
+            64,
+            &[129, 0, 0, 0, 0, 1, 0, 1],
+        );
         assert!(matches!(
             checks().check(CLIENT, &echo_reply),
-            Verdict6::Dropped { why: Dropped6::Untranslatable { .. }, .. }
+            Verdict6::Dropped {
+                why: Dropped6::Untranslatable { .. },
+                ..
+            }
         ));
     }
 
     #[test]
     fn garbage_is_malformed_never_a_panic() {
-        for junk in [&[][..], &[0x60; 39], &[0x45; 60], &[0x60, 0, 0, 0, 0xff, 0xff, 17, 64]] {
+        for junk in [
+            &[][..],
+            &[0x60; 39],
+            &[0x45; 60],
+            &[0x60, 0, 0, 0, 0xff, 0xff, 17, 64],
+        ] {
             assert!(matches!(
                 checks().check(CLIENT, junk),
-                Verdict6::Dropped { why: Dropped6::Malformed(_), answer: None }
+                Verdict6::Dropped {
+                    why: Dropped6::Malformed(_),
+                    answer: None
+                }
             ));
         }
     }
