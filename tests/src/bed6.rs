@@ -3,7 +3,10 @@
 //! fd00:7665:696c::/64 (the `--pool6` default: a client's address is its
 //! IPv4 lease in the low 32 bits).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
 
 use aya::programs::{SchedClassifier, Xdp};
 use veil_common::{FlowKey6, Reason, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP};
@@ -16,6 +19,7 @@ use veil_user::{
 
 use crate::{
     bed::{run, Wan, PORTS, PUBLIC, XDP_PASS},
+    bpffs::BpfFs,
     packet::ETH_LEN,
 };
 
@@ -42,6 +46,19 @@ impl Default for Bed6 {
 
 impl Bed6 {
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// A bed whose maps are also pinned (on a BPF filesystem of its own),
+    /// for `bpftool`.
+    pub fn pinned() -> (Self, PathBuf, BpfFs) {
+        let fs = BpfFs::new();
+        let mut dir = PathBuf::new();
+        let bed = Self::build(Some((&fs.path().join("veil"), &mut dir)));
+        (bed, dir, fs)
+    }
+
+    fn build(pin: Option<(&Path, &mut PathBuf)>) -> Self {
         let mut dp = Datapath::load().expect("loading the datapath (are you root?)");
         dp.configure(&DatapathConfig {
             public_addrs: vec![PUBLIC],
@@ -53,6 +70,9 @@ impl Bed6 {
         })
         .unwrap();
         dp.configure6(PUBLIC6, POOL6.parse().unwrap()).unwrap();
+        if let Some((root, dir)) = pin {
+            *dir = dp.pin(root).expect("pinning maps");
+        }
         let flows = dp.flow_table(PORTS, Timeouts::default()).unwrap();
         let flows6 = dp.flow_table6(PORTS, Timeouts::default()).unwrap();
         Self { dp, flows, flows6 }

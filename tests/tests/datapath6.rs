@@ -416,3 +416,44 @@ fn reply_hop_limit_and_counters_and_expiry_of_v6_flows() {
     assert_eq!(action, TC_ACT_SHOT, "the egress entry went with it");
     let _ = XDP_PASS;
 }
+
+#[test]
+fn bpftool_shows_the_ipv6_maps_with_named_fields() {
+    let (mut bed, dir, _fs) = Bed6::pinned();
+    let (_, nat) = bed.flow(proto::TCP, 50000, 443);
+    let dump = |file: &str| -> serde_json::Value {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(dir.join(file))
+            .output()
+            .expect("running bpftool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let octets = |a: std::net::Ipv6Addr| serde_json::json!(a.octets());
+    let egress = dump("egress6");
+    let e = &egress[0]["formatted"];
+    assert_eq!(e["key"]["client_addr"], octets(CLIENT6), "{egress}");
+    assert_eq!(e["key"]["remote_addr"], octets(REMOTE6));
+    assert_eq!(e["key"]["client_port"], 50000);
+    assert_eq!(e["key"]["remote_port"], 443);
+    assert_eq!(e["key"]["proto"], proto::TCP);
+    assert_eq!(e["value"]["public_addr"], octets(PUBLIC6));
+    assert_eq!(e["value"]["nat_port"], nat);
+    assert_eq!(e["value"]["client_vip"], serde_json::json!(VIP.octets()));
+    let reverse = dump("reverse6");
+    let r = &reverse[0]["formatted"];
+    assert_eq!(r["key"]["nat_port"], nat, "{reverse}");
+    assert_eq!(r["value"]["client_addr"], octets(CLIENT6));
+    let config = dump("config6");
+    assert_eq!(
+        config[0]["formatted"]["value"]["public_addr"],
+        octets(PUBLIC6),
+        "{config}"
+    );
+    assert_eq!(config[0]["formatted"]["value"]["enabled"], 1);
+}
