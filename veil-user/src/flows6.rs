@@ -163,7 +163,7 @@ impl FlowTable6 {
         self.flows.get(key).map(|m| m.nat_port)
     }
 
-    fn admit(&self, key: &FlowKey6) -> Result<(), Flow6Error> {
+    fn admit(&self, key: &FlowKey6, vip: Ipv4Addr) -> Result<(), Flow6Error> {
         if !matches!(key.proto, proto::TCP | proto::UDP | IPPROTO_ICMPV6) {
             return Err(FlowError::Unsupported(key.proto).into());
         }
@@ -172,8 +172,7 @@ impl FlowTable6 {
         }
         if self.flows_of.get(&key.client_addr).copied().unwrap_or(0) >= self.per_client {
             return Err(FlowError::ClientFull {
-                // The session's address names the client in logs.
-                client: Ipv4Addr::UNSPECIFIED,
+                client: vip,
                 limit: self.per_client,
             }
             .into());
@@ -201,7 +200,7 @@ impl FlowTable6 {
         if let Some(m) = self.flows.get(&key) {
             return Ok(m.nat_port);
         }
-        self.admit(&key)?;
+        self.admit(&key, vip)?;
         let n = self.ports.len();
         let mut rng = rand::rng();
         let draws: [u32; RANDOM_TRIES] = std::array::from_fn(|_| rng.random_range(0..n));
