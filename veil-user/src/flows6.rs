@@ -312,10 +312,20 @@ impl FlowTable6 {
         Ok(keys.len())
     }
 
+    /// Every flow's key (from the user-space index: no syscalls).
+    pub fn keys(&self) -> Vec<FlowKey6> {
+        self.flows.keys().copied().collect()
+    }
+
     /// Every flow with the datapath's view of it.
     pub fn list(&self) -> Result<Vec<Flow6>, FlowError> {
-        self.flows
-            .iter()
+        self.list_some(&self.keys())
+    }
+
+    /// [`Self::list`] for those of `keys` that still exist.
+    pub fn list_some(&self, keys: &[FlowKey6]) -> Result<Vec<Flow6>, FlowError> {
+        keys.iter()
+            .filter_map(|key| self.flows.get(key).map(|m| (key, m)))
             .map(|(key, m)| {
                 let egress = lookup(&self.egress, key, EGRESS6_MAP)?;
                 let reverse = lookup(
@@ -338,8 +348,14 @@ impl FlowTable6 {
     /// Expires the flows idle longer than their protocol and state allow;
     /// returns the expired keys.
     pub fn gc(&mut self, now_ns: u64) -> Result<Vec<FlowKey6>, FlowError> {
+        self.expire(&self.keys(), now_ns)
+    }
+
+    /// [`Self::gc`] for those of `keys` that still exist: a caller sweeps
+    /// a large table in slices, releasing its lock in between.
+    pub fn expire(&mut self, keys: &[FlowKey6], now_ns: u64) -> Result<Vec<FlowKey6>, FlowError> {
         let expired: Vec<FlowKey6> = self
-            .list()?
+            .list_some(keys)?
             .into_iter()
             .filter(|f| {
                 let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));
