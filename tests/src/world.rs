@@ -425,10 +425,21 @@ impl World {
         add(&self.gw, format!("{PUBLIC6}/64"), "wan0");
         add(&self.remote, format!("{REMOTE6}/64"), "eth0");
         for i in 1..=self.clients.len() {
-            add(&self.gw, format!("{}/64", gateway6_for(i)), &format!("c{i}"));
+            add(
+                &self.gw,
+                format!("{}/64", gateway6_for(i)),
+                &format!("c{i}"),
+            );
             let c = self.client(i);
             add(c, format!("{}/64", client6(i)), "eth0");
-            c.ip(&["-6", "route", "add", "default", "via", &gateway6_for(i).to_string()]);
+            c.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway6_for(i).to_string(),
+            ]);
         }
         self.servers6 = Some(Servers::start(&self.remote, REMOTE6.into()));
     }

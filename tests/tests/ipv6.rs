@@ -82,7 +82,10 @@ fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
     let addrs = ip_out(world.client(1), &["-6", "addr", "show", "dev", "veil0"]);
     assert!(addrs.contains(&format!("{vip6}/128")), "{addrs}");
 
-    assert!(world.ping6(1, &REMOTE6.to_string()), "ping6 through the tunnel");
+    assert!(
+        world.ping6(1, &REMOTE6.to_string()),
+        "ping6 through the tunnel"
+    );
     assert_eq!(
         world.download6(1).expect("download over IPv6"),
         sha256(&download_data()),
@@ -203,7 +206,14 @@ fn a_packet_too_big_reaches_the_client_whose_flow_caused_it_and_only_it() {
         socket.send_to(&payload, (REMOTE6, 7)).unwrap();
         let mut buf = [0u8; 2048];
         socket.recv_from(&mut buf).expect("the echo");
-        let seen = world.servers6.as_ref().unwrap().peers.lock().unwrap().clone();
+        let seen = world
+            .servers6
+            .as_ref()
+            .unwrap()
+            .peers
+            .lock()
+            .unwrap()
+            .clone();
         let SocketAddr::V6(from) = *seen.last().unwrap() else {
             panic!("an IPv4 peer")
         };
@@ -229,7 +239,10 @@ fn a_packet_too_big_reaches_the_client_whose_flow_caused_it_and_only_it() {
     let to_first = too_bigs(&captures[0].packets(Duration::from_secs(2)));
     assert_eq!(to_first, [1280], "client 1 learns the path MTU");
     let to_second = too_bigs(&captures[1].packets(Duration::from_millis(200)));
-    assert!(to_second.is_empty(), "client 2 hears nothing: {to_second:?}");
+    assert!(
+        to_second.is_empty(),
+        "client 2 hears nothing: {to_second:?}"
+    );
     drop(clients);
 }
 
@@ -274,8 +287,7 @@ fn a_client_reaches_the_gateway_over_an_ipv6_only_uplink() {
     let endpoint = format!("[{}]:443", gateway6_for(1));
     let profile = world.add_client_at("v6only", &endpoint, &[]);
     for transport in ["tcp", "h3"] {
-        let mut client =
-            world.start_client_with(1, &profile, true, &["--transport", transport]);
+        let mut client = world.start_client_with(1, &profile, true, &["--transport", transport]);
         // Inner IPv4 through a tunnel that runs over IPv6.
         assert_eq!(
             world.download(1).expect("download over IPv4"),
@@ -287,10 +299,7 @@ fn a_client_reaches_the_gateway_over_an_ipv6_only_uplink() {
             format!("Hello {PUBLIC}: that is the address this web server sees.\n")
         );
         let log = client.log();
-        assert!(
-            log.contains(&format!("transport up: {transport}")),
-            "{log}"
-        );
+        assert!(log.contains(&format!("transport up: {transport}")), "{log}");
         assert!(client.stop().unwrap().success(), "{}", client.log());
     }
 }
@@ -303,7 +312,9 @@ fn the_clients_ipv6_is_restored_on_exit() {
     let rules6 = || ip_out(c, &["-6", "rule"]);
     let routes6 = || ip_out(c, &["-6", "route", "show", "table", "all"]);
     wait_until("IPv6 DAD on the uplink", Duration::from_secs(5), || {
-        ip_out(c, &["-6", "addr", "show", "tentative"]).trim().is_empty()
+        ip_out(c, &["-6", "addr", "show", "tentative"])
+            .trim()
+            .is_empty()
     });
     assert!(world.ping6(1, &gw6), "IPv6 on the uplink before");
     let (rules_before, routes_before) = (rules6(), routes6());
@@ -315,7 +326,11 @@ fn the_clients_ipv6_is_restored_on_exit() {
     for route in ["::/1 dev veil0 table 7670", "8000::/1 dev veil0 table 7670"] {
         assert!(during.contains(route), "{route} in\n{during}");
     }
-    assert!(rules6().contains("7673:\tfrom all lookup 7670"), "{}", rules6());
+    assert!(
+        rules6().contains("7673:\tfrom all lookup 7670"),
+        "{}",
+        rules6()
+    );
     assert!(
         !world.ping6(1, &gw6),
         "the uplink's IPv6 router is not reached outside the tunnel"

@@ -411,7 +411,10 @@ mod tests {
     async fn a_silent_ipv6_address_costs_the_attempt_delay() {
         let start = tokio::time::Instant::now();
         let list = addrs(&["[2001:db8::1]:443", "192.0.2.1:443"]);
-        let connect = after(&[("[2001:db8::1]:443", 60_000, true), ("192.0.2.1:443", 10, true)]);
+        let connect = after(&[
+            ("[2001:db8::1]:443", 60_000, true),
+            ("192.0.2.1:443", 10, true),
+        ]);
         let (conn, addr) = happy_eyeballs(&list, ATTEMPT_DELAY, connect).await.unwrap();
         assert_eq!((conn, addr), (list[1], list[1]));
         assert_eq!(start.elapsed(), ATTEMPT_DELAY + Duration::from_millis(10));
@@ -435,7 +438,9 @@ mod tests {
     async fn every_address_failing_is_the_last_error() {
         let list = addrs(&["[2001:db8::1]:443", "192.0.2.1:443"]);
         let connect = after(&[("[2001:db8::1]:443", 5, false), ("192.0.2.1:443", 1, false)]);
-        let e = happy_eyeballs(&list, ATTEMPT_DELAY, connect).await.unwrap_err();
+        let e = happy_eyeballs(&list, ATTEMPT_DELAY, connect)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("192.0.2.1:443 refused"), "{e}");
     }
 }

@@ -355,7 +355,10 @@ mod tests {
             \t\tip6 daddr 2001:2::1 meta l4proto { tcp, udp } th dport 443 accept\n\
             \t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } ip6 hoplimit 255 accept\n";
         assert!(text.contains(output), "{text}");
-        assert!(text.contains("policy drop;"), "everything else still dropped: {text}");
+        assert!(
+            text.contains("policy drop;"),
+            "everything else still dropped: {text}"
+        );
     }
 
     #[test]

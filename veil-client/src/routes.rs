@@ -92,7 +92,15 @@ impl Network {
         }
         // No duplicate address detection: nobody else is on a TUN link,
         // and the address would stay unusable ("tentative") meanwhile.
-        ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", &dev, "nodad"])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            &dev,
+            "nodad",
+        ])?;
         self.addr6 = Some(addr);
         if full {
             let table = TABLE.to_string();

@@ -34,9 +34,9 @@
 
 use std::net::IpAddr;
 
+use crate::{routes::ip, uplink::Lan};
 use anyhow::Result;
 use tracing::warn;
-use crate::{routes::ip, uplink::Lan};
 
 /// The routing table that holds the tunnel's routes.
 pub const TABLE: u32 = 7670;

@@ -63,7 +63,9 @@ pub enum Pool6Error {
     TooLong(u8),
     #[error("{0} has bits set past its prefix length")]
     HostBits(String),
-    #[error("{0} cannot hold clients' addresses (multicast, loopback, link-local, or IPv4-mapped)")]
+    #[error(
+        "{0} cannot hold clients' addresses (multicast, loopback, link-local, or IPv4-mapped)"
+    )]
     Unusable(String),
 }
 
@@ -132,10 +134,7 @@ mod tests {
             assert_eq!(pool.to_string(), text);
         }
         assert_eq!("off".parse(), Ok(Pool6::Off));
-        assert_eq!(
-            "fd00::/112".parse::<Pool6>(),
-            Err(Pool6Error::TooLong(112))
-        );
+        assert_eq!("fd00::/112".parse::<Pool6>(), Err(Pool6Error::TooLong(112)));
         assert!(matches!(
             "fd00::1/64".parse::<Pool6>(),
             Err(Pool6Error::HostBits(_))

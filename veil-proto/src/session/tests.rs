@@ -1491,7 +1491,11 @@ fn a_dual_stack_gateway_answers_a_request_for_ipv6_with_its_address() {
 
 #[test]
 fn an_unassignable_ipv6_address_is_refused_at_start() {
-    for bad in [Ipv6Addr::UNSPECIFIED, Ipv6Addr::LOCALHOST, "ff02::1".parse().unwrap()] {
+    for bad in [
+        Ipv6Addr::UNSPECIFIED,
+        Ipv6Addr::LOCALHOST,
+        "ff02::1".parse().unwrap(),
+    ] {
         let config = ServerConfig {
             assigned6: Some(bad),
             ..server_config()
