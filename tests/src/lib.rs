@@ -3,10 +3,12 @@
 //! after themselves.
 
 pub mod bed;
+pub mod bed6;
 pub mod bpffs;
 pub mod dns;
 pub mod netns;
 pub mod packet;
+pub mod packet6;
 pub mod peers;
 pub mod proc;
 pub mod raw;

@@ -13,10 +13,12 @@
 pub mod csum;
 pub mod forward;
 pub mod maps;
+pub mod maps6;
 pub mod normalize;
 pub mod ratelimit;
 pub mod reason;
 
 pub use forward::*;
 pub use maps::*;
+pub use maps6::*;
 pub use reason::Reason;

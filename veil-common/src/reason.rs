@@ -60,11 +60,25 @@ pub enum Reason {
     DropRateLimited = 18,
     /// Over its client's byte quota (`--quota`) for the period.
     DropQuotaExceeded = 19,
+    /// An IPv6 extension header (hop-by-hop, routing, destination options,
+    /// or one the datapath does not know) on a NAT path: not walked past,
+    /// dropped.
+    DropIpv6ExtHeader = 20,
+    /// An IPv6 fragment on a NAT path: IPv6 fragments are not translated
+    /// (only the sending host fragments in IPv6, and veil's clients do
+    /// path-MTU discovery with the Packet Too Big the datapath relays).
+    DropIpv6Fragment = 21,
+    /// An IPv6 packet from the WAN addressed into the clients' IPv6
+    /// prefix: forged.
+    DropSpoofedV6 = 22,
+    /// An IPv6 packet to the gateway's IPv6 address in the NAT range with
+    /// no mapping: unsolicited, dropped so that the kernel never answers.
+    DropNoIngressFlow6 = 23,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 24] = [
         Reason::EgressForwarded,
         Reason::IngressForwarded,
         Reason::IcmpErrorForwarded,
@@ -85,6 +99,10 @@ impl Reason {
         Reason::FwdDropNoFlow,
         Reason::DropRateLimited,
         Reason::DropQuotaExceeded,
+        Reason::DropIpv6ExtHeader,
+        Reason::DropIpv6Fragment,
+        Reason::DropSpoofedV6,
+        Reason::DropNoIngressFlow6,
     ];
 
     /// A stable snake_case name, for logs, `veil-user status` and metrics.
@@ -110,6 +128,10 @@ impl Reason {
             Reason::FwdDropNoFlow => "fwd_drop_no_flow",
             Reason::DropRateLimited => "drop_rate_limited",
             Reason::DropQuotaExceeded => "drop_quota_exceeded",
+            Reason::DropIpv6ExtHeader => "drop_ipv6_ext_header",
+            Reason::DropIpv6Fragment => "drop_ipv6_fragment",
+            Reason::DropSpoofedV6 => "drop_spoofed_v6",
+            Reason::DropNoIngressFlow6 => "drop_no_ingress_flow6",
         }
     }
 

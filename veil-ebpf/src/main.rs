@@ -23,14 +23,17 @@
 #![allow(internal_features)]
 
 mod egress;
+mod egress6;
 mod forward;
 mod frag;
 mod ingress;
+mod ingress6;
 mod maps;
 mod normalize;
 mod packet;
 mod ratelimit;
 mod rewrite;
+mod rewrite6;
 mod stats;
 
 use aya_ebpf::{
@@ -83,20 +86,28 @@ fn conclude<C: EbpfContext>(ctx: &C, verdict: Result<Verdict, Reason>, drop: i32
     verdict.action
 }
 
+// IPv4 and IPv6 each run in a BPF-to-BPF call of their own: inlined
+// together their stacks would add up past the 512 bytes BPF allows.
+
 #[xdp]
 pub fn veil_wan_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    conclude(
-        &ctx,
-        ingress::filter(&ctx),
-        xdp_action::XDP_DROP as i32,
-        len,
-    ) as u32
+    let verdict = if ingress6::is_ipv6_xdp(&ctx) {
+        ingress6::filter(&ctx)
+    } else {
+        ingress::filter(&ctx)
+    };
+    conclude(&ctx, verdict, xdp_action::XDP_DROP as i32, len) as u32
 }
 
 #[classifier]
 pub fn veil_wan_tc(ctx: TcContext) -> i32 {
-    conclude(&ctx, ingress::translate(&ctx), TC_ACT_SHOT, ctx.len())
+    let verdict = if rewrite6::is_ipv6_skb(&ctx) {
+        ingress6::translate(&ctx)
+    } else {
+        ingress::translate(&ctx)
+    };
+    conclude(&ctx, verdict, TC_ACT_SHOT, ctx.len())
 }
 
 #[classifier]
@@ -106,7 +117,12 @@ pub fn veil_fwd_tc(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn veil_tun_tc(ctx: TcContext) -> i32 {
-    conclude(&ctx, egress::from_tunnel(&ctx), TC_ACT_SHOT, ctx.len())
+    let verdict = if rewrite6::is_ipv6_skb(&ctx) {
+        egress6::from_tunnel(&ctx)
+    } else {
+        egress::from_tunnel(&ctx)
+    };
+    conclude(&ctx, verdict, TC_ACT_SHOT, ctx.len())
 }
 
 #[cfg(not(test))]

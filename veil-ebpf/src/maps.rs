@@ -9,6 +9,7 @@ use veil_common::{
     FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason, ReverseFlow, ReverseKey, MAX_FLOWS, MAX_FRAGS,
     MAX_FWD_FLOWS, MAX_FWD_RULES,
 };
+use veil_common::{Config6, EgressFlow6, FlowKey6, ReverseFlow6, ReverseKey6, MAX_FLOWS6};
 
 #[btf_map]
 pub static VEIL_EGRESS: HashMap<FlowKey, EgressFlow, { MAX_FLOWS as usize }> = HashMap::new();
@@ -47,5 +48,26 @@ pub fn config() -> Result<&'static Config, Reason> {
     match VEIL_CONFIG.get(0) {
         Some(cfg) if cfg.public_count != 0 => Ok(cfg),
         _ => Err(Reason::DropNotConfigured),
+    }
+}
+
+/// IPv6 (NAT66): flows both ways and the IPv6 configuration
+/// (`veil_common::maps6`).
+#[btf_map]
+pub static VEIL_EGRESS6: HashMap<FlowKey6, EgressFlow6, { MAX_FLOWS6 as usize }> = HashMap::new();
+
+#[btf_map]
+pub static VEIL_REVERSE6: HashMap<ReverseKey6, ReverseFlow6, { MAX_FLOWS6 as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static VEIL_CONFIG6: Array<Config6, 1> = Array::new();
+
+/// The IPv6 configuration, if the daemon enabled IPv6.
+#[inline(always)]
+pub fn config6() -> Option<&'static Config6> {
+    match VEIL_CONFIG6.get(0) {
+        Some(cfg) if cfg.enabled != 0 => Some(cfg),
+        _ => None,
     }
 }

@@ -110,6 +110,7 @@ pub mod h3;
 pub mod http;
 pub mod ipv4;
 pub mod packet;
+pub mod packet6;
 pub mod session;
 pub mod varint;
 

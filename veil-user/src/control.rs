@@ -85,6 +85,9 @@ pub struct FlowCounts {
     /// The NAT port range and how many of its ports some flow uses.
     pub nat_ports: String,
     pub nat_ports_in_use: usize,
+    /// IPv6 flows (NAT66), not counted in the others.
+    #[serde(default)]
+    pub ipv6: usize,
     /// The longest-lived flow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest: Option<FlowBrief>,

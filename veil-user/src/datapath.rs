@@ -4,7 +4,7 @@
 
 use std::{
     fs, io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -22,6 +22,7 @@ use veil_common::{
 
 use crate::{
     flows::{FlowTable, PortRange, Timeouts},
+    flows6::FlowTable6,
     forward::Forwarder,
     nat::{check_public_addrs, PublicAddrError},
     net::Ipv4Net,
@@ -36,7 +37,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 9] = [
+pub const PINS: [(&str, &str); 12] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
@@ -46,6 +47,9 @@ pub const PINS: [(&str, &str); 9] = [
     (FWD_FLOWS_MAP, "forward_flows"),
     (FWD_STATS_MAP, "forward_stats"),
     (veil_common::ratelimit::RATE_MAP, "ratelimit"),
+    (veil_common::EGRESS6_MAP, "egress6"),
+    (veil_common::REVERSE6_MAP, "reverse6"),
+    (veil_common::CONFIG6_MAP, "config6"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +139,8 @@ pub struct Datapath {
     /// The public addresses written by [`Self::configure`], for the flow
     /// table.
     public_addrs: Vec<Ipv4Addr>,
+    /// The public IPv6 address written by [`Self::configure6`], if any.
+    public6: Option<Ipv6Addr>,
 }
 
 impl Datapath {
@@ -160,6 +166,7 @@ impl Datapath {
             ebpf,
             pin_dir: None,
             public_addrs: Vec::new(),
+            public6: None,
         })
     }
 
@@ -178,6 +185,46 @@ impl Datapath {
         config.set(0, value, 0).map_err(map_err)?;
         self.public_addrs = cfg.public_addrs.clone();
         Ok(())
+    }
+
+    /// Writes the IPv6 configuration (NAT66 to `public`, clients in
+    /// `pool`); without it IPv6 from the tunnel is dropped and IPv6 on the
+    /// WAN left to the host. Call before [`Self::flow_table6`].
+    pub fn configure6(
+        &mut self,
+        public: Ipv6Addr,
+        pool: ipnet::Ipv6Net,
+    ) -> Result<(), DatapathError> {
+        let name = veil_common::CONFIG6_MAP;
+        let map_err = |source| DatapathError::Map { name, source };
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let value = veil_common::Config6 {
+            public_addr: public.octets(),
+            client_net: pool.network().octets(),
+            client_mask: pool.netmask().octets(),
+            enabled: 1,
+            _pad: 0,
+        };
+        let mut config: Array<_, veil_common::Config6> = Array::try_from(map).map_err(map_err)?;
+        config.set(0, value, 0).map_err(map_err)?;
+        self.public6 = Some(public);
+        Ok(())
+    }
+
+    /// Hands the IPv6 flow maps to a [`FlowTable6`]; call once, after
+    /// [`Self::configure6`].
+    pub fn flow_table6(
+        &mut self,
+        ports: PortRange,
+        timeouts: Timeouts,
+    ) -> Result<FlowTable6, DatapathError> {
+        let public = self.public6.ok_or(DatapathError::NotConfigured)?;
+        let egress = self.take_hash(veil_common::EGRESS6_MAP)?;
+        let reverse = self.take_hash(veil_common::REVERSE6_MAP)?;
+        Ok(FlowTable6::new(egress, reverse, public, ports, timeouts))
     }
 
     /// Attaches XDP and TC to the WAN interface and TC to the tunnel device.

@@ -24,7 +24,7 @@ use veil_common::{
 
 use crate::nat::{Mapped, Nat, NatBook, PublicAddrError};
 
-const BPF_NOEXIST: u64 = 1;
+pub(crate) const BPF_NOEXIST: u64 = 1;
 
 /// An inclusive range of NAT ports (ICMP identifiers share it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,21 +211,39 @@ impl Flow {
 
     /// How long this flow may stay idle, given what the datapath saw.
     pub fn timeout(&self, t: &Timeouts) -> Duration {
-        match self.key.proto {
-            proto::TCP => {
-                let (out, back) = (self.egress.tcp_flags, self.reverse.tcp_flags);
-                let opened = out & tcp_flags::SYN != 0 && back & tcp_flags::SYN != 0;
-                let closing = (out | back) & (tcp_flags::RST | tcp_flags::FIN) != 0;
-                if opened && !closing {
-                    t.tcp_established
-                } else {
-                    t.tcp_transitory
-                }
+        idle_timeout(
+            self.key.proto,
+            self.key.remote_port,
+            &self.egress,
+            &self.reverse,
+            t,
+        )
+    }
+}
+
+/// How long a flow may stay idle, by protocol and what the datapath saw of
+/// it both ways (IPv4 and IPv6 alike; ICMP and ICMPv6 get `t.icmp`).
+pub fn idle_timeout(
+    proto: u8,
+    remote_port: u16,
+    egress: &FlowStats,
+    reverse: &FlowStats,
+    t: &Timeouts,
+) -> Duration {
+    match proto {
+        proto::TCP => {
+            let (out, back) = (egress.tcp_flags, reverse.tcp_flags);
+            let opened = out & tcp_flags::SYN != 0 && back & tcp_flags::SYN != 0;
+            let closing = (out | back) & (tcp_flags::RST | tcp_flags::FIN) != 0;
+            if opened && !closing {
+                t.tcp_established
+            } else {
+                t.tcp_transitory
             }
-            proto::UDP if self.key.remote_port == DNS_PORT => t.udp_dns,
-            proto::UDP => t.udp,
-            _ => t.icmp,
         }
+        proto::UDP if remote_port == DNS_PORT => t.udp_dns,
+        proto::UDP => t.udp,
+        _ => t.icmp,
     }
 }
 
@@ -483,7 +501,7 @@ impl FlowTable {
     }
 }
 
-fn lookup<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn lookup<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     key: &K,
     name: &'static str,
@@ -499,7 +517,7 @@ fn lookup<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
     name: &'static str,
@@ -515,7 +533,12 @@ fn remove_ignoring_missing<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn map_error(op: &'static str, map: &'static str, source: MapError, capacity: usize) -> FlowError {
+pub(crate) fn map_error(
+    op: &'static str,
+    map: &'static str,
+    source: MapError,
+    capacity: usize,
+) -> FlowError {
     match &source {
         MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
             FlowError::TableFull(capacity)

@@ -53,7 +53,11 @@ pub fn render(s: &Status) -> String {
 
     let n = family("veil_clients", "gauge", "Clients connected now.");
     lines.push(format!("{n} {}", s.clients.len()));
-    let flows = family("veil_flows", "gauge", "Flows in the NAT maps, by protocol.");
+    let flows = family(
+        "veil_flows",
+        "gauge",
+        "Flows in the NAT maps, by protocol (IPv4: tcp, udp, icmp; all IPv6 flows: ipv6).",
+    );
     let bytes = family(
         "veil_connected_clients_bytes",
         "gauge",
@@ -109,6 +113,7 @@ pub fn render(s: &Status) -> String {
         ("tcp", s.flows.tcp),
         ("udp", s.flows.udp),
         ("icmp", s.flows.icmp),
+        ("ipv6", s.flows.ipv6),
     ] {
         lines.push(format!("{flows}{{proto=\"{proto}\"}} {count}"));
     }

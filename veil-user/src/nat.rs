@@ -432,7 +432,10 @@ impl NatBook {
 }
 
 /// Counts down, and forgets the key at zero so the maps shrink back.
-fn decrement<K: std::hash::Hash + Eq, N: Copy + PartialEq + std::ops::SubAssign + From<u8>>(
+pub(crate) fn decrement<
+    K: std::hash::Hash + Eq,
+    N: Copy + PartialEq + std::ops::SubAssign + From<u8>,
+>(
     counts: &mut HashMap<K, N>,
     key: K,
 ) {

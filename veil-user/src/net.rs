@@ -31,31 +31,64 @@ pub fn iface_ipv4(name: &str) -> io::Result<Ipv4Addr> {
 /// The IPv4 addresses of interface `name`, in the kernel's order (in the
 /// calling thread's network namespace); empty if it has none.
 pub fn iface_ipv4s(name: &str) -> io::Result<Vec<Ipv4Addr>> {
+    let mut found = Vec::new();
+    each_iface_addr(name, |sa| {
+        // SAFETY: a socket address getifaddrs gave, of its family's size.
+        if unsafe { (*sa).sa_family } as i32 == libc::AF_INET {
+            // SAFETY: AF_INET addresses are sockaddr_in.
+            let sin = unsafe { &*(sa as *const libc::sockaddr_in) };
+            found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+        }
+    })?;
+    Ok(found)
+}
+
+/// The first global unicast IPv6 address of interface `name` (not
+/// link-local, unique-local, loopback or multicast), if it has one: the
+/// default public IPv6 address of NAT66.
+pub fn iface_global_ipv6(name: &str) -> io::Result<Option<std::net::Ipv6Addr>> {
+    let mut found = Vec::new();
+    each_iface_addr(name, |sa| {
+        // SAFETY: as above.
+        if unsafe { (*sa).sa_family } as i32 == libc::AF_INET6 {
+            // SAFETY: AF_INET6 addresses are sockaddr_in6.
+            let sin6 = unsafe { &*(sa as *const libc::sockaddr_in6) };
+            found.push(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr));
+        }
+    })?;
+    Ok(found.into_iter().find(|a| {
+        !(a.is_loopback()
+            || a.is_multicast()
+            || a.is_unspecified()
+            || a.is_unicast_link_local()
+            || a.is_unique_local())
+    }))
+}
+
+/// Calls `f` with each address of interface `name` (getifaddrs).
+fn each_iface_addr(name: &str, mut f: impl FnMut(*const libc::sockaddr)) -> io::Result<()> {
     let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `addrs`; freed below.
     if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut found = Vec::new();
     let mut cur = addrs;
     while !cur.is_null() {
         // SAFETY: a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+        if ifa.ifa_addr.is_null() {
             continue;
         }
         // SAFETY: a NUL-terminated interface name.
         let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
         if ifname.to_bytes() == name.as_bytes() {
-            // SAFETY: AF_INET addresses are sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            f(ifa.ifa_addr);
         }
     }
     // SAFETY: the list from getifaddrs.
     unsafe { libc::freeifaddrs(addrs) };
-    Ok(found)
+    Ok(())
 }
 
 /// What every listener of the daemon does when `accept` fails (out of file

@@ -147,14 +147,19 @@ pub struct Settings {
     /// reconnect, in seconds [default: 30].
     #[arg(long, value_name = "SECONDS")]
     pub grace: Option<u64>,
-    /// Open a range the default egress policy closes (repeatable).
+    /// Open a range the default egress policy closes, IPv4 or IPv6
+    /// (repeatable).
     #[arg(long, value_name = "CIDR")]
     #[serde(with = "text_list")]
-    pub allow: Vec<Ipv4Net>,
-    /// Close a range (repeatable; wins over --allow).
+    pub allow: Vec<crate::policy6::Prefix>,
+    /// Close a range, IPv4 or IPv6 (repeatable; wins over --allow).
     #[arg(long, value_name = "CIDR")]
     #[serde(with = "text_list")]
-    pub deny: Vec<Ipv4Net>,
+    pub deny: Vec<crate::policy6::Prefix>,
+    /// The gateway's IPv6 address remote hosts see (NAT66) [default: the
+    /// interface's first global IPv6 address].
+    #[arg(long, value_name = "IPV6")]
+    pub public6: Option<std::net::Ipv6Addr>,
     /// Let clients reach each other's virtual addresses.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub allow_client_to_client: Option<bool>,
@@ -332,8 +337,11 @@ impl Settings {
             max_flows_per_client: self.max_flows_per_client.unwrap_or(32768),
             max_ports_per_endpoint: self.max_ports_per_endpoint,
             grace: secs(self.grace, 30),
-            allow: self.allow,
-            deny: self.deny,
+            allow: crate::policy6::v4_of(&self.allow),
+            deny: crate::policy6::v4_of(&self.deny),
+            allow6: crate::policy6::v6_of(&self.allow),
+            deny6: crate::policy6::v6_of(&self.deny),
+            public6: self.public6,
             client_to_client: self.allow_client_to_client.unwrap_or(false),
             timeouts: Timeouts {
                 tcp_established: secs(self.timeout_tcp_established, 7440),

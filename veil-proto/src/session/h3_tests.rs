@@ -310,3 +310,32 @@ fn a_packet_without_df_too_large_for_a_datagram_is_fragmented_on_either_end() {
         .all(|o| matches!(o, Output::Datagram(d) if d.len() <= 1202)));
     assert_eq!(p.server.stats().packets_sent, 2);
 }
+
+#[test]
+fn an_ipv6_packet_too_large_for_a_datagram_gets_packet_too_big_on_the_client() {
+    let mut p = Pair::new();
+    p.pump();
+    // An IPv6/TCP packet of 1400 bytes from the client's ULA to 2001:2::2.
+    let src: std::net::Ipv6Addr = "fd00:7665:696c::a4d:2".parse().unwrap();
+    let dst: std::net::Ipv6Addr = "2001:2::2".parse().unwrap();
+    let mut packet = vec![0u8; 1400];
+    packet[..8].copy_from_slice(&[0x60, 0, 0, 0, 0x05, 0x50, 6, 64]);
+    packet[8..24].copy_from_slice(&src.octets());
+    packet[24..40].copy_from_slice(&dst.octets());
+    p.client.set_max_datagram(Some(1302));
+    p.client.send_packet(&packet);
+    let out = drain(|| p.client.poll_output());
+    let [Output::Packet(icmp)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(icmp[40], 2, "Packet Too Big");
+    assert_eq!(
+        u32::from_be_bytes([icmp[44], icmp[45], icmp[46], icmp[47]]),
+        1300,
+        "MTU"
+    );
+    assert_eq!(&icmp[8..24], &dst.octets(), "from the destination");
+    assert_eq!(&icmp[24..40], &src.octets(), "to the sender");
+    assert_eq!(crate::packet6::checksum6(dst, src, 58, &icmp[40..]), 0);
+    assert_eq!(p.client.stats().packets_not_sent, 1);
+}

@@ -504,6 +504,9 @@ fn too_big(h3: &H3, packet: &[u8]) -> bool {
 /// sender's stack accepts as the hop that could not carry it.
 fn frag_needed(h3: &H3, packet: &[u8]) -> Option<Vec<u8>> {
     let max = h3.max_datagram?;
+    if packet.first()? >> 4 == 6 {
+        return packet_too_big(h3, packet, max);
+    }
     let df = packet.len() >= 20 && packet[0] >> 4 == 4 && packet[6] & 0x40 != 0;
     // Never an ICMP error about an ICMP error (RFC 1812 §4.3.2.7).
     let ihl = usize::from(packet.first()? & 0x0f) * 4;
@@ -519,6 +522,20 @@ fn frag_needed(h3: &H3, packet: &[u8]) -> Option<Vec<u8>> {
         .min(usize::from(u16::MAX)) as u16;
     let from = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
     Some(crate::packet::icmp_frag_needed(from, packet, mtu))
+}
+
+/// IPv6's "fragmentation needed": Packet Too Big (RFC 8201) for an IPv6
+/// packet too large for a datagram, if this end sends them, from the
+/// packet's destination. IPv6 routers never fragment, so there is no DF to
+/// look at; never about an ICMPv6 error (types below 128, RFC 4443 2.4).
+fn packet_too_big(h3: &H3, packet: &[u8], max: usize) -> Option<Vec<u8>> {
+    let info = crate::packet6::parse6(packet).ok()?;
+    let icmp_error = info.icmp_type.is_some_and(|t| t < 128);
+    if !h3.frag_needed || icmp_error {
+        return None;
+    }
+    let mtu = max.saturating_sub(h3.prefix.len() + 1) as u32;
+    Some(crate::packet6::icmp6_packet_too_big(info.dst, packet, mtu))
 }
 
 /// `now + d` without the overflow panic: a timeout configured as

@@ -12,6 +12,7 @@
 
 mod accept;
 pub mod check;
+pub mod check6;
 pub mod clients;
 mod dns;
 mod fairuse;
@@ -19,6 +20,7 @@ pub mod fallback;
 mod forward;
 mod h3;
 mod packets;
+mod packets6;
 mod registry;
 mod session;
 mod status;
@@ -84,6 +86,12 @@ pub struct GatewayConfig {
     pub grace: Duration,
     pub allow: Vec<Ipv4Net>,
     pub deny: Vec<Ipv4Net>,
+    /// The IPv6 prefixes of `--allow` and `--deny`.
+    pub allow6: Vec<ipnet::Ipv6Net>,
+    pub deny6: Vec<ipnet::Ipv6Net>,
+    /// The address remote hosts see over IPv6 (`--public6`); `None`: the
+    /// WAN interface's first global IPv6 address.
+    pub public6: Option<std::net::Ipv6Addr>,
     pub client_to_client: bool,
     pub timeouts: Timeouts,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -210,6 +218,9 @@ struct Shared {
     fallback: fallback::Fallback,
     /// Each limited client's token buckets and quota in the datapath.
     rate_limits: Mutex<crate::ratelimit::RateLimits>,
+    /// NAT66, when the gateway carries IPv6 ([`packets6`]).
+    v6: Option<packets6::V6>,
+    counters6: packets6::Counters6,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -309,6 +320,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         None => None,
     };
     let rate_limits = datapath.rate_limits()?;
+    let v6 = packets6::V6::setup(&cfg, &mut datapath, inner_addr)?;
     datapath.attach(&cfg.iface, tun.name())?;
 
     let policy = EgressPolicy::new(
@@ -338,6 +350,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         counters: Counters::default(),
         fallback,
         rate_limits: Mutex::new(rate_limits),
+        v6,
+        counters6: Default::default(),
         datapath: Mutex::new(Some(datapath)),
         forwarding,
         state,
@@ -527,6 +541,7 @@ async fn flow_gc(shared: Arc<Shared>) -> Result<()> {
                     .expire(slice, now)?;
                 expired += report.expired.len();
             }
+            let expired = expired + shared.v6_flows_gc(now)?;
             Ok::<_, FlowError>((keys.len(), expired))
         })
         .await?;

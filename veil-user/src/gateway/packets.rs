@@ -38,6 +38,9 @@ impl Shared {
         hdr: &VnetHdr,
         pkt: &[u8],
     ) -> Option<Vec<u8>> {
+        if pkt.first().is_some_and(|b| b >> 4 == 6) {
+            return self.client_packet6(vip, hdr, pkt);
+        }
         if let Some(fwd) = &self.forwarding {
             if fwd.is_client_reply(vip, pkt) {
                 if let Err(e) = self.tun.send(hdr, pkt) {
@@ -145,6 +148,9 @@ impl Shared {
             self.counters.malformed.fetch_add(1, Relaxed);
             return;
         };
+        if pkt.first().is_some_and(|b| b >> 4 == 6) {
+            return self.to_session6(sessions, pkt, joined);
+        }
         if pkt.len() < 20 || pkt[0] >> 4 != 4 {
             return;
         }

@@ -221,6 +221,7 @@ impl Shared {
             Ok(n) => info!(client = %name, %vip, flows = n, "grace period over: flows removed"),
             Err(e) => warn!(client = %name, %vip, "removing flows: {e:#}"),
         }
+        self.v6_delete_client(vip);
         drop(clients);
     }
 }

@@ -15,7 +15,8 @@ impl Shared {
             c.vip6 = self.cfg.pool6.address_for(c.vip);
         }
         self.limits_status(&mut clients);
-        let flows = self.flow_counts();
+        let mut flows = self.flow_counts();
+        flows.ipv6 = self.v6_flow_count();
         let c = &self.counters;
         let counters = [
             ("forged_source", &c.forged_source),
@@ -36,6 +37,11 @@ impl Shared {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Relaxed)))
+        .chain(
+            self.v6_counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v)),
+        )
         .collect();
         let datapath = self
             .datapath

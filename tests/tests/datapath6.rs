@@ -1,0 +1,459 @@
+//! The real eBPF programs' IPv6 paths (NAT66) under BPF_PROG_TEST_RUN: for
+//! every path the action, the exact output bytes against packets etherparse
+//! builds, the checksums recomputed from scratch, the map state and the
+//! reason counted.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN). Run through `cargo xtask test`.
+
+use veil_common::{proto, tcp_flags, Reason, IPPROTO_ICMPV6};
+use veil_tests::{
+    bed::{Bed, PORTS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+    bed6::*,
+    packet::{ETH_LEN, L4},
+    packet6::{assert_checksums6, frame6, icmp6_error, raw_frame6, with_ext_header, IPV6_LEN},
+};
+
+fn ip(frame: &[u8]) -> &[u8] {
+    &frame[ETH_LEN..]
+}
+
+// ---- egress: client -> internet (TC on the TUN device) ----
+
+#[test]
+fn egress_udp6_leaves_from_the_public_ipv6_address() {
+    let mut bed = Bed6::new();
+    let (key, nat) = bed.flow(proto::UDP, 40000, 53);
+    let input = frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, b"a question"));
+
+    let (action, out) = bed.tun(&input);
+
+    assert_eq!(
+        action, TC_ACT_REDIRECT,
+        "sent to the WAN with redirect_neigh"
+    );
+    assert_eq!(
+        out,
+        frame6(PUBLIC6, REMOTE6, 63, L4::udp(nat, 53, b"a question")),
+        "source = public:nat port, hop limit - 1, all else intact"
+    );
+    assert_checksums6(ip(&out));
+    let flow = bed.listed(&key);
+    assert_eq!(flow.egress.packets, 1);
+    assert_eq!(flow.egress.bytes, input.len() as u64);
+    assert!(flow.egress.last_seen_ns > 0);
+    assert_eq!(bed.count(Reason::EgressForwarded), 1);
+}
+
+#[test]
+fn egress_tcp6_records_flags_and_fixes_its_checksum() {
+    let mut bed = Bed6::new();
+    let (key, nat) = bed.flow(proto::TCP, 50000, 443);
+    let input = frame6(CLIENT6, REMOTE6, 64, L4::tcp(50000, 443, "S", b""));
+
+    let (action, out) = bed.tun(&input);
+
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        frame6(PUBLIC6, REMOTE6, 63, L4::tcp(nat, 443, "S", b""))
+    );
+    assert_checksums6(ip(&out));
+    assert_eq!(bed.listed(&key).egress.tcp_flags, tcp_flags::SYN);
+
+    let data = frame6(
+        CLIENT6,
+        REMOTE6,
+        64,
+        L4::tcp(50000, 443, "PA", &[0xab; 1000]),
+    );
+    let (action, out) = bed.tun(&data);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        frame6(PUBLIC6, REMOTE6, 63, L4::tcp(nat, 443, "PA", &[0xab; 1000]))
+    );
+    assert_checksums6(ip(&out));
+}
+
+#[test]
+fn egress_echo6_uses_the_identifier_as_port() {
+    let mut bed = Bed6::new();
+    let (_, nat) = bed.flow(IPPROTO_ICMPV6, 0x1234, 0);
+    let input = frame6(CLIENT6, REMOTE6, 64, L4::echo_request(0x1234, 7, b"ping!"));
+
+    let (action, out) = bed.tun(&input);
+
+    assert_eq!(action, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        frame6(PUBLIC6, REMOTE6, 63, L4::echo_request(nat, 7, b"ping!"))
+    );
+    assert_checksums6(ip(&out));
+}
+
+#[test]
+fn egress6_without_a_flow_is_dropped_and_counted() {
+    let mut bed = Bed6::new();
+    let (action, _) = bed.tun(&frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, b"x")));
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropNoEgressFlow), 1);
+    // Another client's source on this client's flow: no flow either.
+    bed.flow(proto::UDP, 40000, 53);
+    let (action, _) = bed.tun(&frame6(CLIENT6_2, REMOTE6, 64, L4::udp(40000, 53, b"x")));
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropNoEgressFlow), 2);
+    assert_eq!(bed.count(Reason::EgressForwarded), 0);
+}
+
+#[test]
+fn egress6_refuses_what_it_cannot_translate_with_a_reason() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 53);
+    let good = frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, b"hello"));
+    let hop_by_hop = with_ext_header(&good, 0, 0);
+    let dest_opts = with_ext_header(&good, 60, 0);
+    let fragment = with_ext_header(&good, 44, 1); // offset 0, more to come
+    let expiring = frame6(CLIENT6, REMOTE6, 1, L4::udp(40000, 53, b"x"));
+    let mut echo_reply = frame6(CLIENT6, REMOTE6, 64, L4::echo_reply(1, 1, b""));
+    echo_reply[ETH_LEN + IPV6_LEN] = 129;
+    let gre = raw_frame6(CLIENT6, REMOTE6, 47, 64, &[0; 8]);
+    let truncated = good[..ETH_LEN + IPV6_LEN + 4].to_vec();
+
+    for (input, reason) in [
+        (&hop_by_hop, Reason::DropIpv6ExtHeader),
+        (&dest_opts, Reason::DropIpv6ExtHeader),
+        (&fragment, Reason::DropIpv6Fragment),
+        (&expiring, Reason::DropTtlExpired),
+        (&echo_reply, Reason::DropUnsupported),
+        (&gre, Reason::DropUnsupported),
+        (&truncated, Reason::DropMalformed),
+    ] {
+        let before = bed.count(reason);
+        let (action, _) = bed.tun(input);
+        assert_eq!(action, TC_ACT_SHOT, "{reason:?}");
+        assert_eq!(bed.count(reason), before + 1, "{reason:?}");
+    }
+    assert_eq!(bed.count(Reason::EgressForwarded), 0);
+}
+
+#[test]
+fn without_ipv6_configured_the_tunnels_ipv6_is_dropped_and_the_wans_passes() {
+    let mut bed = Bed::new();
+    let (action, _) = bed.tun(&frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, b"x")));
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropUnsupported), 1);
+    let syn = frame6(REMOTE6, PUBLIC6, 64, L4::tcp(443, PORTS.min, "S", b""));
+    assert!(bed.wan(&syn).passed_untouched(&syn), "the host's business");
+}
+
+// ---- ingress: internet -> client (XDP + TC on the WAN) ----
+
+#[test]
+fn ingress_udp6_reply_goes_back_to_the_client() {
+    let mut bed = Bed6::new();
+    let (key, nat) = bed.flow(proto::UDP, 40000, 53);
+    let reply = frame6(REMOTE6, PUBLIC6, 60, L4::udp(53, nat, b"the answer"));
+
+    let wan = bed.wan(&reply);
+
+    assert!(wan.delivered(), "{wan:?}");
+    assert_eq!(
+        wan.out,
+        frame6(REMOTE6, CLIENT6, 60, L4::udp(53, 40000, b"the answer"))
+    );
+    assert_checksums6(ip(&wan.out));
+    assert_eq!(bed.listed(&key).reverse.packets, 1);
+    assert_eq!(bed.count(Reason::IngressForwarded), 1);
+}
+
+#[test]
+fn ingress_tcp6_reply_records_flags() {
+    let mut bed = Bed6::new();
+    let (key, nat) = bed.flow(proto::TCP, 50000, 443);
+    let reply = frame6(REMOTE6, PUBLIC6, 60, L4::tcp(443, nat, "SA", b""));
+
+    let wan = bed.wan(&reply);
+
+    assert!(wan.delivered(), "{wan:?}");
+    assert_eq!(
+        wan.out,
+        frame6(REMOTE6, CLIENT6, 60, L4::tcp(443, 50000, "SA", b""))
+    );
+    assert_checksums6(ip(&wan.out));
+    assert_eq!(
+        bed.listed(&key).reverse.tcp_flags,
+        tcp_flags::SYN | tcp_flags::ACK
+    );
+}
+
+#[test]
+fn ingress_echo6_reply_gets_its_identifier_back() {
+    let mut bed = Bed6::new();
+    let (_, nat) = bed.flow(IPPROTO_ICMPV6, 0x1234, 0);
+    let reply = frame6(REMOTE6, PUBLIC6, 60, L4::echo_reply(nat, 7, b"pong"));
+
+    let wan = bed.wan(&reply);
+
+    assert!(wan.delivered(), "{wan:?}");
+    assert_eq!(
+        wan.out,
+        frame6(REMOTE6, CLIENT6, 60, L4::echo_reply(0x1234, 7, b"pong"))
+    );
+    assert_checksums6(ip(&wan.out));
+}
+
+#[test]
+fn an_unsolicited_syn6_to_the_nat_range_is_dropped_in_xdp() {
+    let mut bed = Bed6::new();
+    let (_, nat) = bed.flow(proto::TCP, 50000, 443);
+    for syn in [
+        // No flow on that port at all.
+        frame6(REMOTE6, PUBLIC6, 64, L4::tcp(443, PORTS.min + 7, "S", b"")),
+        // The flow's port, but from another remote port: filtering is
+        // address-and-port dependent.
+        frame6(REMOTE6, PUBLIC6, 64, L4::tcp(444, nat, "S", b"")),
+        // The flow's port from another host.
+        frame6(ROUTER6, PUBLIC6, 64, L4::tcp(443, nat, "S", b"")),
+    ] {
+        let wan = bed.wan(&syn);
+        assert_eq!(wan.xdp, XDP_DROP, "dropped before the kernel could answer");
+    }
+    assert_eq!(bed.count(Reason::DropNoIngressFlow6), 3);
+    let udp = frame6(REMOTE6, PUBLIC6, 64, L4::udp(53, PORTS.max, b"x"));
+    assert_eq!(bed.wan(&udp).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropNoIngressFlow6), 4);
+}
+
+#[test]
+fn the_hosts_own_ipv6_traffic_passes_untouched() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::TCP, 50000, 443);
+    let ssh = frame6(REMOTE6, PUBLIC6, 64, L4::tcp(50000, 22, "S", b""));
+    let ping = frame6(
+        REMOTE6,
+        PUBLIC6,
+        64,
+        L4::echo_request(PORTS.min, 1, b"hi gateway"),
+    );
+    // An echo reply in the NAT range without a flow: the host's own ping.
+    let pong = frame6(REMOTE6, PUBLIC6, 64, L4::echo_reply(PORTS.min + 3, 1, b""));
+    // Neighbour solicitation for the public address.
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&PUBLIC6.octets());
+    let ns = raw_frame6(
+        "fe80::2".parse().unwrap(),
+        "ff02::1:ff00:1".parse().unwrap(),
+        58,
+        255,
+        &ns,
+    );
+    let elsewhere = frame6(REMOTE6, ROUTER6, 64, L4::udp(53, PORTS.min, b"x"));
+    for input in [&ssh, &ping, &pong, &ns, &elsewhere] {
+        let wan = bed.wan(input);
+        assert!(wan.passed_untouched(input), "{wan:?}");
+    }
+    assert_eq!(bed.count(Reason::PassToHost), 5);
+}
+
+#[test]
+fn wan_packets6_addressed_to_a_client_are_dropped_as_forged() {
+    let mut bed = Bed6::new();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    for forged in [
+        frame6(REMOTE6, CLIENT6, 64, L4::udp(53, 40000, b"x")),
+        frame6(REMOTE6, CLIENT6_2, 64, L4::tcp(443, nat, "S", b"")),
+    ] {
+        let wan = bed.wan(&forged);
+        assert_eq!(wan.xdp, XDP_DROP);
+    }
+    assert_eq!(bed.count(Reason::DropSpoofedV6), 2);
+}
+
+#[test]
+fn wan_extension_headers_and_fragments_to_the_nat_range_are_dropped_with_a_reason() {
+    let mut bed = Bed6::new();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    let reply = frame6(REMOTE6, PUBLIC6, 60, L4::udp(53, nat, b"the answer"));
+    for (kind, reason) in [
+        (0, Reason::DropIpv6ExtHeader),
+        (60, Reason::DropIpv6ExtHeader),
+        (43, Reason::DropIpv6ExtHeader),
+        (44, Reason::DropIpv6Fragment),
+    ] {
+        let input = with_ext_header(&reply, kind, 1);
+        let wan = bed.wan(&input);
+        assert_eq!(wan.xdp, XDP_DROP, "next header {kind}");
+        assert_eq!(
+            bed.count(reason) as usize,
+            if kind == 44 {
+                1
+            } else {
+                [0, 60, 43].iter().position(|k| *k == kind).unwrap() + 1
+            }
+        );
+    }
+    // Two headers in a chain are walked too.
+    let twice = with_ext_header(&with_ext_header(&reply, 60, 0), 0, 0);
+    assert_eq!(bed.wan(&twice).xdp, XDP_DROP);
+    // The same headers outside the NAT range are the host's.
+    let ssh = with_ext_header(
+        &frame6(REMOTE6, PUBLIC6, 64, L4::tcp(50000, 22, "S", b"")),
+        60,
+        0,
+    );
+    assert!(bed.wan(&ssh).passed_untouched(&ssh));
+    // A later fragment has no ports: the host's, as for IPv4.
+    let later = with_ext_header(&reply, 44, 0x00a8);
+    assert!(bed.wan(&later).passed_untouched(&later));
+}
+
+// ---- ICMPv6 errors about NATed flows ----
+
+/// The packet the remote side saw (translated), as a quote.
+fn sent(bed: &mut Bed6, input: &[u8]) -> Vec<u8> {
+    let (action, out) = bed.tun(input);
+    assert_eq!(action, TC_ACT_REDIRECT);
+    out[ETH_LEN..].to_vec()
+}
+
+#[test]
+fn packet_too_big_reaches_the_client_whose_flow_caused_it_and_only_it() {
+    let mut bed = Bed6::new();
+    let (_, nat_a) = bed.flow_of(VIP, CLIENT6, proto::TCP, 50000, 443);
+    let (_, nat_b) = bed.flow_of(VIP2, CLIENT6_2, proto::TCP, 50000, 443);
+    assert_ne!(nat_a, nat_b);
+    let big = frame6(
+        CLIENT6_2,
+        REMOTE6,
+        64,
+        L4::tcp(50000, 443, "PA", &[7; 1300]),
+    );
+    let on_the_wire = sent(&mut bed, &big);
+    // A router quotes what fits in 1280 bytes.
+    let quote = &on_the_wire[..1280 - 48];
+    let ptb = icmp6_error(ROUTER6, PUBLIC6, 2, 0, 1280, quote);
+
+    let wan = bed.wan(&ptb);
+
+    assert!(wan.delivered(), "{wan:?}");
+    assert_eq!(bed.count(Reason::IcmpErrorForwarded), 1);
+    // What the client's kernel gets: the error to it, the MTU kept, and
+    // the quote its own packet as it sent it (hop limit as it left).
+    let mut mine = big[ETH_LEN..].to_vec();
+    mine[7] = 63;
+    let expected = icmp6_error(ROUTER6, CLIENT6_2, 2, 0, 1280, &mine[..1280 - 48]);
+    assert_eq!(wan.out, expected);
+    assert_checksums6(ip(&wan.out));
+}
+
+#[test]
+fn destination_unreachable_for_a_udp6_flow_and_time_exceeded_for_a_ping() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 9999);
+    bed.flow(IPPROTO_ICMPV6, 0x4242, 0);
+    let udp = frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 9999, b"anyone?"));
+    let ping = frame6(CLIENT6, REMOTE6, 64, L4::echo_request(0x4242, 3, b"hello"));
+    for (input, icmp_type, code, from) in [(&udp, 1, 4, REMOTE6), (&ping, 3, 0, ROUTER6)] {
+        let quote = sent(&mut bed, input);
+        let error = icmp6_error(from, PUBLIC6, icmp_type, code, 0, &quote);
+        let wan = bed.wan(&error);
+        assert!(wan.delivered(), "{wan:?}");
+        let mut mine = input[ETH_LEN..].to_vec();
+        mine[7] = 63;
+        assert_eq!(
+            wan.out,
+            icmp6_error(from, CLIENT6, icmp_type, code, 0, &mine)
+        );
+        assert_checksums6(ip(&wan.out));
+    }
+    assert_eq!(bed.count(Reason::IcmpErrorForwarded), 2);
+}
+
+#[test]
+fn a_short_tcp6_quote_is_translated_without_its_checksum() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::TCP, 50000, 443);
+    let input = frame6(CLIENT6, REMOTE6, 64, L4::tcp(50000, 443, "S", b""));
+    let quote = sent(&mut bed, &input);
+    // Only 8 bytes of the TCP header quoted: ports and sequence number.
+    let error = icmp6_error(ROUTER6, PUBLIC6, 1, 0, 0, &quote[..IPV6_LEN + 8]);
+    let wan = bed.wan(&error);
+    assert!(wan.delivered(), "{wan:?}");
+    let mut mine = input[ETH_LEN..ETH_LEN + IPV6_LEN + 8].to_vec();
+    mine[7] = 63;
+    assert_eq!(wan.out, icmp6_error(ROUTER6, CLIENT6, 1, 0, 0, &mine));
+    assert_checksums6(ip(&wan.out));
+}
+
+#[test]
+fn icmp6_errors_without_a_flow_are_dropped_and_the_hosts_own_pass() {
+    let mut bed = Bed6::new();
+    // A flow's quote, but no such flow: the NAT range stays closed.
+    let stray = frame6(PUBLIC6, REMOTE6, 63, L4::udp(PORTS.min + 5, 53, b"x"));
+    let error = icmp6_error(ROUTER6, PUBLIC6, 1, 4, 0, &stray[ETH_LEN..]);
+    assert_eq!(bed.wan(&error).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropNoIngressFlow6), 1);
+    // About the host's own packet (port 22, outside the NAT range).
+    let ssh = frame6(PUBLIC6, REMOTE6, 64, L4::tcp(22, 50000, "SA", b""));
+    let error = icmp6_error(ROUTER6, PUBLIC6, 2, 0, 1400, &ssh[ETH_LEN..]);
+    let wan = bed.wan(&error);
+    assert!(wan.passed_untouched(&error), "{wan:?}");
+    assert_eq!(wan.tc, Some(TC_ACT_OK));
+}
+
+#[test]
+fn reply_hop_limit_and_counters_and_expiry_of_v6_flows() {
+    let mut bed = Bed6::new();
+    let (key, _) = bed.flow(proto::UDP, 40000, 53);
+    assert_eq!(bed.flows6.len(), 1);
+    // Not idle yet at creation time; long after, expired and gone from
+    // both maps.
+    assert!(bed.flows6.gc(2).unwrap().is_empty());
+    let expired = bed.flows6.gc(u64::MAX / 2).unwrap();
+    assert_eq!(expired, vec![key]);
+    assert_eq!(bed.flows6.len(), 0);
+    let (action, _) = bed.tun(&frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, b"x")));
+    assert_eq!(action, TC_ACT_SHOT, "the egress entry went with it");
+    let _ = XDP_PASS;
+}
+
+#[test]
+fn bpftool_shows_the_ipv6_maps_with_named_fields() {
+    let (mut bed, dir, _fs) = Bed6::pinned();
+    let (_, nat) = bed.flow(proto::TCP, 50000, 443);
+    let dump = |file: &str| -> serde_json::Value {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(dir.join(file))
+            .output()
+            .expect("running bpftool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let octets = |a: std::net::Ipv6Addr| serde_json::json!(a.octets());
+    let egress = dump("egress6");
+    let e = &egress[0]["formatted"];
+    assert_eq!(e["key"]["client_addr"], octets(CLIENT6), "{egress}");
+    assert_eq!(e["key"]["remote_addr"], octets(REMOTE6));
+    assert_eq!(e["key"]["client_port"], 50000);
+    assert_eq!(e["key"]["remote_port"], 443);
+    assert_eq!(e["key"]["proto"], proto::TCP);
+    assert_eq!(e["value"]["public_addr"], octets(PUBLIC6));
+    assert_eq!(e["value"]["nat_port"], nat);
+    assert_eq!(e["value"]["client_vip"], serde_json::json!(VIP.octets()));
+    let reverse = dump("reverse6");
+    let r = &reverse[0]["formatted"];
+    assert_eq!(r["key"]["nat_port"], nat, "{reverse}");
+    assert_eq!(r["value"]["client_addr"], octets(CLIENT6));
+    let config = dump("config6");
+    assert_eq!(
+        config[0]["formatted"]["value"]["public_addr"],
+        octets(PUBLIC6),
+        "{config}"
+    );
+    assert_eq!(config[0]["formatted"]["value"]["enabled"], 1);
+}

@@ -1,0 +1,138 @@
+//! Client to internet over IPv6 (NAT66): the IPv6 packets the daemon
+//! writes into the TUN device, from `egress::from_tunnel`.
+//!
+//! Like IPv4: each must belong to a flow the daemon created
+//! (`VEIL_EGRESS6`); its source becomes the gateway's IPv6 address and
+//! the flow's NAT port (TCP, UDP, ICMPv6 echo with the identifier as the
+//! port), its hop limit is decremented (or normalised), and it leaves
+//! through the WAN with `bpf_redirect_neigh`. Extension headers and
+//! fragments are dropped with their reason: the daemon already refuses
+//! them (`check6`), this is the datapath's own guard.
+
+use aya_ebpf::{
+    bindings::TC_ACT_REDIRECT,
+    helpers::{bpf_redirect_neigh, bpf_skb_change_head},
+    programs::TcContext,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv6Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use veil_common::{csum::L4Sum, proto, ratelimit::Direction, FlowKey6, Reason, IPPROTO_ICMPV6};
+
+use crate::{
+    maps::{config, config6, VEIL_EGRESS6},
+    normalize::VEIL_NORMALIZE,
+    packet::{Packet, ETH_LEN},
+    rewrite6::{
+        move_endpoint6_skb, not_translated, pull_headers6, Endpoint6, ICMPV6_ECHO_REQUEST,
+        IPV6_LEN,
+    },
+    stats, Verdict,
+};
+
+// A call of its own beside the IPv4 path's (see main.rs).
+#[inline(never)]
+pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    // As on the IPv4 path: TUN has no link-layer header; TAP and
+    // BPF_PROG_TEST_RUN have an Ethernet one.
+    let l2 = match cfg.tun_l2_len {
+        0 => 0,
+        14 => ETH_LEN,
+        _ => return Err(Reason::DropNotConfigured),
+    };
+    // IPv6 not configured: nothing to translate to.
+    config6().ok_or(Reason::DropUnsupported)?;
+    pull_headers6(ctx)?;
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let ip: *mut Ipv6Hdr = pkt.at(l2)?;
+    let (next, hop, src, dst) = unsafe {
+        (
+            (*ip).next_hdr,
+            (*ip).hop_limit,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    if hop <= 1 {
+        return Err(Reason::DropTtlExpired);
+    }
+    let l4 = l2 + IPV6_LEN;
+    // (kind, offset of the client's port, of the checksum, remote port, TCP flags)
+    let (kind, port_at, check_at, remote_port, flags) = match next {
+        proto::TCP => {
+            let tcp: *mut TcpHdr = pkt.at(l4)?;
+            let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
+            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, flags)
+        }
+        proto::UDP => {
+            let udp: *mut UdpHdr = pkt.at(l4)?;
+            (L4Sum::Udp, l4, l4 + 6, unsafe { (*udp).dst }, 0)
+        }
+        IPPROTO_ICMPV6 => {
+            let icmp: *mut [u8; 8] = pkt.at(l4)?;
+            if unsafe { (*icmp)[0] } != ICMPV6_ECHO_REQUEST {
+                return Err(Reason::DropUnsupported);
+            }
+            (L4Sum::Icmp, l4 + 4, l4 + 2, [0, 0], 0)
+        }
+        n => return Err(not_translated(n)),
+    };
+    let client_port: *mut [u8; 2] = pkt.at(port_at)?;
+    let client_port = unsafe { *client_port };
+    let key = FlowKey6 {
+        client_addr: src,
+        remote_addr: dst,
+        client_port: u16::from_be_bytes(client_port),
+        remote_port: u16::from_be_bytes(remote_port),
+        proto: next,
+        _pad: [0; 3],
+    };
+    let flow = VEIL_EGRESS6
+        .get_ptr_mut(&key)
+        .ok_or(Reason::DropNoEgressFlow)?;
+    let (public_addr, nat_port, vip) =
+        unsafe { ((*flow).public_addr, (*flow).nat_port, (*flow).client_vip) };
+    crate::ratelimit::police(vip, ctx.len() - l2 as u32, Direction::Up)?;
+    stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
+    let at = Endpoint6 {
+        kind,
+        addr: l2 + 8,
+        port: port_at,
+        l4_check: check_at,
+    };
+    move_endpoint6_skb(ctx, &at, &src, client_port, &public_addr, nat_port)?;
+    // One router hop; or the configured value (`--normalize-ttl`). The
+    // hop limit is covered by no checksum.
+    let hop = match VEIL_NORMALIZE.get(0) {
+        Some(n) if n.ttl != 0 => n.ttl as u8,
+        _ => hop - 1,
+    };
+    ctx.store(l2 + 7, &hop, 0)
+        .map_err(|_| Reason::DropHelperFailed)?;
+    send_to_wan6(ctx, l2, cfg.wan_ifindex)
+}
+
+/// Gives the packet an Ethernet header for IPv6 and sends it out of the
+/// WAN interface (`bpf_redirect_neigh` resolves the neighbour by ND).
+#[inline(always)]
+fn send_to_wan6(ctx: &TcContext, l2: usize, wan_ifindex: u32) -> Result<Verdict, Reason> {
+    if l2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
+        return Err(Reason::DropHelperFailed);
+    }
+    let eth = EthHdr {
+        dst_addr: [0; 6],
+        src_addr: [0; 6],
+        ether_type: EtherType::Ipv6 as u16,
+    };
+    ctx.store(0, &eth, 0)
+        .map_err(|_| Reason::DropHelperFailed)?;
+    let action = unsafe { bpf_redirect_neigh(wan_ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
+    }
+    Ok(Verdict::counted(action, Reason::EgressForwarded))
+}

@@ -1,0 +1,420 @@
+//! Internet to client over IPv6: what arrives on the WAN interface with
+//! EtherType IPv6, from `ingress::filter` (XDP) and `ingress::translate`
+//! (TC). The same split as IPv4:
+//!
+//! - XDP ([`filter`]) drops packets to the gateway's IPv6 address in the
+//!   NAT range with no reverse mapping (`drop_no_ingress_flow6`: the
+//!   kernel never answers them), packets addressed into the clients' IPv6
+//!   prefix (`drop_spoofed_v6`), and veil's packets carrying extension
+//!   headers or in fragments (`drop_ipv6_ext_header`,
+//!   `drop_ipv6_fragment`). To tell veil's from the host's it walks up to
+//!   [`MAX_EXT`] hop-by-hop, routing, destination-options and fragment
+//!   headers to the ports. Neighbour discovery, the host's own traffic,
+//!   later fragments (no ports: the host's, as far as anyone can tell) pass.
+//! - TC ([`translate`]) rewrites replies (TCP, UDP, ICMPv6 echo) to their
+//!   client and ICMPv6 errors (Destination Unreachable, Packet Too Big,
+//!   Time Exceeded, Parameter Problem) quoting a NATed packet: the quote's
+//!   source and the outer destination become the client's, with the
+//!   quote's transport checksum and the outer ICMPv6 checksum (which covers
+//!   the pseudo-header) patched. Then `bpf_redirect` to the TUN device.
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT},
+    helpers::bpf_redirect,
+    programs::{TcContext, XdpContext},
+};
+use network_types::{ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
+use veil_common::{
+    csum::{self, L4Sum},
+    proto,
+    ratelimit::Direction,
+    Config, Config6, Reason, ReverseFlow6, ReverseKey6, IPPROTO_ICMPV6,
+};
+
+use crate::{
+    maps::{config, config6, VEIL_REVERSE6},
+    packet::{Packet, Ports, ETH_LEN},
+    rewrite6::{
+        move_endpoint6_skb, pull_headers6, replace128, Endpoint6, ICMPV6_ECHO_REPLY,
+        ICMPV6_ECHO_REQUEST, ICMPV6_ERROR_MAX, IPV6_LEN, NH_DEST_OPTS, NH_FRAGMENT,
+        NH_HOP_BY_HOP, NH_ROUTING,
+    },
+    stats, Verdict,
+};
+
+const IP: usize = ETH_LEN;
+const L4_AT: usize = ETH_LEN + IPV6_LEN;
+const ICMP_HDR_LEN: usize = 8;
+const INNER_IP: usize = L4_AT + ICMP_HDR_LEN;
+const INNER_L4: usize = INNER_IP + IPV6_LEN;
+
+/// Extension headers walked at most before the ports (RFC 8200's usual
+/// order: hop-by-hop, destination options, routing, fragment).
+pub const MAX_EXT: usize = 4;
+/// Where the upper-layer header may start at the latest: a bound the
+/// verifier can see, and more than any sane chain of headers.
+const MAX_UPPER_AT: usize = 512;
+
+/// Whether a WAN frame is IPv6, by its EtherType.
+#[inline(always)]
+pub fn is_ipv6_xdp(ctx: &XdpContext) -> bool {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    match pkt.at::<[u8; 2]>(12) {
+        Ok(t) => u16::from_be_bytes(unsafe { *t }) == crate::rewrite6::ETH_P_IPV6,
+        Err(_) => false,
+    }
+}
+
+/// What an IPv6 WAN packet is to veil.
+enum Wan6 {
+    Host,
+    Reply {
+        key: ReverseKey6,
+        kind: L4Sum,
+        tcp_flags: u64,
+    },
+    IcmpError {
+        key: ReverseKey6,
+    },
+}
+
+/// The upper-layer header past any extension headers.
+struct Upper {
+    proto: u8,
+    at: usize,
+    /// Extension headers other than a fragment header were passed.
+    ext: bool,
+    /// A first fragment (later fragments have no upper-layer header).
+    fragment: bool,
+}
+
+/// Walks the extension headers from the IPv6 header's `next`; `None` for
+/// a fragment after the first.
+#[inline(always)]
+fn upper(pkt: &Packet, next: u8) -> Result<Option<Upper>, Reason> {
+    let mut u = Upper {
+        proto: next,
+        at: L4_AT,
+        ext: false,
+        fragment: false,
+    };
+    for _ in 0..MAX_EXT {
+        match u.proto {
+            NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
+                let h: *mut [u8; 2] = pkt.at(u.at)?;
+                let (nh, len) = unsafe { ((*h)[0], (*h)[1]) };
+                u.proto = nh;
+                u.at += (len as usize + 1) * 8;
+                u.ext = true;
+            }
+            NH_FRAGMENT => {
+                let h: *mut [u8; 4] = pkt.at(u.at)?;
+                let (nh, off) = unsafe { ((*h)[0], u16::from_be_bytes([(*h)[2], (*h)[3]])) };
+                if off & 0xfff8 != 0 {
+                    return Ok(None);
+                }
+                u.proto = nh;
+                u.at += 8;
+                u.fragment = true;
+            }
+            _ => return Ok(Some(u)),
+        }
+        if u.at > MAX_UPPER_AT {
+            return Err(Reason::DropIpv6ExtHeader);
+        }
+    }
+    Ok(Some(u))
+}
+
+#[inline(never)]
+fn classify(pkt: &Packet, cfg: &Config, cfg6: &Config6) -> Result<Wan6, Reason> {
+    let ip: *mut Ipv6Hdr = pkt.at(IP)?;
+    let (vcf, next, src, dst) = unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    if !cfg6.is_public(&dst) {
+        // Client addresses exist only behind the tunnel.
+        if cfg6.in_client_net(&dst) {
+            return Err(Reason::DropSpoofedV6);
+        }
+        return Ok(Wan6::Host);
+    }
+    if vcf >> 4 != 6 {
+        return Err(Reason::DropMalformed);
+    }
+    let Some(up) = upper(pkt, next)? else {
+        return Ok(Wan6::Host);
+    };
+    let at = if up.at > MAX_UPPER_AT { return Err(Reason::DropIpv6ExtHeader) } else { up.at };
+    // Is it in the NAT range (veil's)?
+    let ours = match up.proto {
+        proto::TCP | proto::UDP => {
+            let ports: *mut Ports = pkt.at(at)?;
+            cfg.in_nat_range(u16::from_be_bytes(unsafe { (*ports).dst }))
+        }
+        IPPROTO_ICMPV6 => {
+            let icmp: *mut [u8; 8] = pkt.at(at)?;
+            let (t, id) = unsafe { ((*icmp)[0], u16::from_be_bytes([(*icmp)[4], (*icmp)[5]])) };
+            match t {
+                ICMPV6_ECHO_REPLY => cfg.in_nat_range(id),
+                1..=ICMPV6_ERROR_MAX => true,
+                // Neighbour discovery, echo requests to the gateway, MLD:
+                // the host's.
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    if !ours {
+        return Ok(Wan6::Host);
+    }
+    if up.fragment {
+        return Err(Reason::DropIpv6Fragment);
+    }
+    if up.ext {
+        return Err(Reason::DropIpv6ExtHeader);
+    }
+    let reply = |kind, remote_port: [u8; 2], nat_port: [u8; 2], tcp_flags| Wan6::Reply {
+        key: ReverseKey6 {
+            remote_addr: src,
+            public_addr: dst,
+            remote_port: u16::from_be_bytes(remote_port),
+            nat_port: u16::from_be_bytes(nat_port),
+            proto: next,
+            _pad: [0; 3],
+        },
+        kind,
+        tcp_flags,
+    };
+    match next {
+        proto::TCP => {
+            let tcp: *mut TcpHdr = pkt.at(L4_AT)?;
+            let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
+            Ok(unsafe { reply(L4Sum::Tcp, (*tcp).source, (*tcp).dest, flags) })
+        }
+        proto::UDP => {
+            let udp: *mut UdpHdr = pkt.at(L4_AT)?;
+            Ok(unsafe { reply(L4Sum::Udp, (*udp).src, (*udp).dst, 0) })
+        }
+        _ => {
+            let icmp: *mut [u8; 8] = pkt.at(L4_AT)?;
+            let (t, id) = unsafe { ((*icmp)[0], [(*icmp)[4], (*icmp)[5]]) };
+            if t == ICMPV6_ECHO_REPLY {
+                Ok(reply(L4Sum::Icmp, [0, 0], id, 0))
+            } else {
+                classify_icmp_error(pkt, cfg, cfg6)
+            }
+        }
+    }
+}
+
+/// An ICMPv6 error is veil's when it quotes `public:nat_port -> remote`
+/// with the upper-layer header right after the quoted IPv6 header (veil
+/// sends no extension headers).
+#[inline(always)]
+fn classify_icmp_error(pkt: &Packet, cfg: &Config, cfg6: &Config6) -> Result<Wan6, Reason> {
+    let inner: *mut Ipv6Hdr = pkt.at(INNER_IP)?;
+    let (next, src, dst) = unsafe { ((*inner).next_hdr, (*inner).src_addr, (*inner).dst_addr) };
+    if !cfg6.is_public(&src) {
+        return Ok(Wan6::Host);
+    }
+    let (nat_port, remote_port) = match next {
+        proto::TCP | proto::UDP => {
+            let ports: *mut Ports = pkt.at(INNER_L4)?;
+            unsafe { ((*ports).src, (*ports).dst) }
+        }
+        IPPROTO_ICMPV6 => {
+            let echo: *mut [u8; 8] = pkt.at(INNER_L4)?;
+            if unsafe { (*echo)[0] } != ICMPV6_ECHO_REQUEST {
+                return Ok(Wan6::Host);
+            }
+            (unsafe { [(*echo)[4], (*echo)[5]] }, [0, 0])
+        }
+        _ => return Ok(Wan6::Host),
+    };
+    let nat_port = u16::from_be_bytes(nat_port);
+    if !cfg.in_nat_range(nat_port) {
+        return Ok(Wan6::Host);
+    }
+    Ok(Wan6::IcmpError {
+        key: ReverseKey6 {
+            remote_addr: dst,
+            public_addr: src,
+            remote_port: u16::from_be_bytes(remote_port),
+            nat_port,
+            proto: next,
+            _pad: [0; 3],
+        },
+    })
+}
+
+#[inline(always)]
+fn flow(key: &ReverseKey6) -> Result<*mut ReverseFlow6, Reason> {
+    VEIL_REVERSE6
+        .get_ptr_mut(key)
+        .ok_or(Reason::DropNoIngressFlow6)
+}
+
+/// The flow of a reply; `None` for an echo reply without one (the host's
+/// own ping whose identifier falls in the NAT range).
+#[inline(always)]
+fn reply_flow(key: &ReverseKey6, kind: L4Sum) -> Result<Option<*mut ReverseFlow6>, Reason> {
+    match (flow(key), kind) {
+        (Ok(flow), _) => Ok(Some(flow)),
+        (Err(_), L4Sum::Icmp) => Ok(None),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// XDP, for an IPv6 frame: drop early what veil must not let through.
+// A call of its own beside the IPv4 path's (see main.rs).
+#[inline(never)]
+pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    let pkt = &Packet::new(ctx.data(), ctx.data_end());
+    let to_host = Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost);
+    let Some(cfg6) = config6() else {
+        return Ok(to_host);
+    };
+    let to_translate = Verdict::uncounted(xdp_action::XDP_PASS as i32);
+    match classify(pkt, cfg, cfg6)? {
+        Wan6::Host => Ok(to_host),
+        Wan6::Reply { key, kind, .. } => match reply_flow(&key, kind)? {
+            Some(flow) => {
+                let ip_len =
+                    ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+                let vip = unsafe { (*flow).client_vip };
+                crate::ratelimit::police(vip, ip_len, Direction::Down)?;
+                Ok(to_translate)
+            }
+            None => Ok(to_host),
+        },
+        Wan6::IcmpError { key } => {
+            flow(&key)?;
+            Ok(to_translate)
+        }
+    }
+}
+
+/// TC, for an IPv6 frame: translate what `filter` let through and hand it
+/// to the TUN device.
+// A call of its own beside the IPv4 path's (see main.rs).
+#[inline(never)]
+pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    let Some(cfg6) = config6() else {
+        return Ok(Verdict::uncounted(TC_ACT_OK as i32));
+    };
+    pull_headers6(ctx)?;
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let reason = match classify(&pkt, cfg, cfg6)? {
+        // Counted by `filter` already.
+        Wan6::Host => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
+        Wan6::Reply {
+            key,
+            kind,
+            tcp_flags,
+        } => {
+            let Some(flow) = reply_flow(&key, kind)? else {
+                return Ok(Verdict::uncounted(TC_ACT_OK as i32));
+            };
+            let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
+            stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
+            let at = match kind {
+                L4Sum::Tcp => reply_at(kind, L4_AT + 2, L4_AT + 16),
+                L4Sum::Udp => reply_at(kind, L4_AT + 2, L4_AT + 6),
+                L4Sum::Icmp => reply_at(kind, L4_AT + 4, L4_AT + 2),
+            };
+            move_endpoint6_skb(
+                ctx,
+                &at,
+                &key.public_addr,
+                key.nat_port.to_be_bytes(),
+                &client_addr,
+                client_port,
+            )?;
+            Reason::IngressForwarded
+        }
+        Wan6::IcmpError { key } => {
+            let flow = flow(&key)?;
+            icmp_error(&pkt, cfg6, flow)?;
+            Reason::IcmpErrorForwarded
+        }
+    };
+    let action = unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
+    }
+    Ok(Verdict::counted(action, reason))
+}
+
+#[inline(always)]
+const fn reply_at(kind: L4Sum, port: usize, l4_check: usize) -> Endpoint6 {
+    Endpoint6 {
+        kind,
+        addr: IP + 24,
+        port,
+        l4_check,
+    }
+}
+
+/// Rewrites an ICMPv6 error for its client: the quote's source address and
+/// port back to the client's, its transport checksum patched when quoted;
+/// the outer destination to the client, and the ICMPv6 checksum for both
+/// (it covers the pseudo-header and the quote). ICMPv6 checksums are
+/// always complete, so the pure helpers patch them directly.
+#[inline(never)]
+fn icmp_error(pkt: &Packet, cfg6: &Config6, flow: *mut ReverseFlow6) -> Result<(), Reason> {
+    let ip: *mut Ipv6Hdr = pkt.at(IP)?;
+    let icmp: *mut [u8; 8] = pkt.at(L4_AT)?;
+    let inner: *mut Ipv6Hdr = pkt.at(INNER_IP)?;
+    let inner_proto = unsafe { (*inner).next_hdr };
+    // (the quoted port or identifier, the quoted checksum if quoted)
+    let (port, check): (*mut [u8; 2], Option<*mut [u8; 2]>) = match inner_proto {
+        proto::UDP => {
+            let udp: *mut UdpHdr = pkt.at(INNER_L4)?;
+            unsafe { (&raw mut (*udp).src, Some(&raw mut (*udp).check)) }
+        }
+        proto::TCP => {
+            let ports: *mut Ports = pkt.at(INNER_L4)?;
+            let check = pkt
+                .at::<TcpHdr>(INNER_L4)
+                .ok()
+                .map(|tcp| unsafe { &raw mut (*tcp).check });
+            (unsafe { &raw mut (*ports).src }, check)
+        }
+        _ => {
+            let echo: *mut [u8; 8] = pkt.at(INNER_L4)?;
+            let base = echo as *mut u8;
+            unsafe { (base.add(4).cast(), Some(base.add(2).cast())) }
+        }
+    };
+    unsafe {
+        // The quote's source and the outer destination are both the public
+        // address (`classify` checked): read from the map value, aligned,
+        // rather than byte by byte from the packet (which spills registers
+        // past the stack BPF allows).
+        let public = &cfg6.public_addr;
+        let client = &(*flow).client_addr;
+        let old_port = u16::from_ne_bytes(*port);
+        let new_port = u16::from_ne_bytes((*flow).client_port.to_be_bytes());
+        let mut outer = u16::from_ne_bytes([(*icmp)[2], (*icmp)[3]]);
+        if let Some(check) = check {
+            let old = u16::from_ne_bytes(*check);
+            let mut new = replace128(old, public, client);
+            new = csum::replace16(new, old_port, new_port);
+            *check = new.to_ne_bytes();
+            outer = csum::replace16(outer, old, new);
+        }
+        // Twice: the quote's source (data) and the outer destination
+        // (pseudo-header).
+        outer = replace128(outer, public, client);
+        outer = replace128(outer, public, client);
+        outer = csum::replace16(outer, old_port, new_port);
+        (*inner).src_addr = *client;
+        *port = new_port.to_ne_bytes();
+        (*ip).dst_addr = *client;
+        let o = outer.to_ne_bytes();
+        (*icmp)[2] = o[0];
+        (*icmp)[3] = o[1];
+    }
+    Ok(())
+}

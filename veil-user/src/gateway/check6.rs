@@ -1,0 +1,328 @@
+//! What the gateway decides about an IPv6 packet a client sent (beside
+//! [`super::check`] for IPv4): pure, run on any bytes without root.
+//!
+//! Public API: [`Checks6::check`]`(leased, pkt)` → [`Verdict6`].
+//!
+//! In order: the packet parses ([`veil_proto::packet6::parse6`]); its
+//! source is the client's leased IPv6 address (anti-spoofing: anything
+//! else is dropped unanswered); the egress policy ([`EgressPolicy6`])
+//! lets the destination in (else Destination Unreachable, administratively
+//! prohibited); the hop limit is above 1 (else Time Exceeded); and the
+//! datapath translates it: TCP, UDP or an ICMPv6 echo request with no
+//! extension header (else dropped, counted by cause).
+
+use std::net::Ipv6Addr;
+
+use veil_common::FlowKey6;
+use veil_proto::packet6::{
+    self, icmp6_error, parse6, Packet6Error, ICMPV6_DEST_UNREACH, ICMPV6_TIME_EXCEEDED,
+    UNREACH_ADMIN_PROHIBITED,
+};
+
+use crate::policy6::{EgressPolicy6, Refusal6};
+
+/// Why a client's IPv6 packet went no further.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dropped6 {
+    Malformed(Packet6Error),
+    /// The source is not the client's own IPv6 address.
+    ForgedSource(Ipv6Addr),
+    Policy(Refusal6),
+    HopLimitExceeded,
+    /// An extension header (including a fragment header): the datapath
+    /// translates none.
+    ExtensionHeader(u8),
+    /// A protocol or ICMPv6 type the datapath does not translate.
+    Untranslatable {
+        next: u8,
+    },
+}
+
+/// What to do with a client's IPv6 packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict6 {
+    /// Into the datapath once `flow` exists.
+    Datapath { flow: FlowKey6 },
+    /// Not sent; `answer` is the ICMPv6 error the client gets, if any.
+    Dropped {
+        why: Dropped6,
+        answer: Option<Vec<u8>>,
+    },
+}
+
+/// The rules a client's IPv6 packet is checked against.
+#[derive(Clone, Debug)]
+pub struct Checks6 {
+    pub policy: EgressPolicy6,
+    /// The gateway's address in the clients' IPv6 prefix: the source of
+    /// its ICMPv6 errors.
+    pub gateway: Ipv6Addr,
+}
+
+/// Extension headers (RFC 8200 4, and the IANA list): named so that the
+/// cause a packet is dropped for says which.
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+impl Checks6 {
+    /// The fate of `pkt` from the client whose IPv6 address is `leased`.
+    pub fn check(&self, leased: Ipv6Addr, pkt: &[u8]) -> Verdict6 {
+        let drop = |why| Verdict6::Dropped { why, answer: None };
+        let info = match parse6(pkt) {
+            Ok(info) => info,
+            Err(e) => return drop(Dropped6::Malformed(e)),
+        };
+        if info.src != leased {
+            return drop(Dropped6::ForgedSource(info.src));
+        }
+        if let Err(refusal) = self.policy.check(info.dst) {
+            return Verdict6::Dropped {
+                why: Dropped6::Policy(refusal),
+                answer: Some(icmp6_error(
+                    self.gateway,
+                    pkt,
+                    ICMPV6_DEST_UNREACH,
+                    UNREACH_ADMIN_PROHIBITED,
+                    0,
+                )),
+            };
+        }
+        if info.hop_limit <= 1 {
+            return Verdict6::Dropped {
+                why: Dropped6::HopLimitExceeded,
+                answer: Some(icmp6_error(self.gateway, pkt, ICMPV6_TIME_EXCEEDED, 0, 0)),
+            };
+        }
+        if is_extension_header(info.next) {
+            return drop(Dropped6::ExtensionHeader(info.next));
+        }
+        match info.flow_key() {
+            Some(flow) => Verdict6::Datapath { flow },
+            None => drop(Dropped6::Untranslatable { next: info.next }),
+        }
+    }
+}
+
+/// Packet Too Big from the gateway for a client packet larger than `mtu`
+/// (what a router before a smaller link answers in IPv6: nobody on the
+/// way fragments).
+pub fn too_big(gateway: Ipv6Addr, pkt: &[u8], mtu: u32) -> Vec<u8> {
+    packet6::icmp6_packet_too_big(gateway, pkt, mtu)
+}
+
+#[cfg(test)]
+mod tests {
+    use veil_common::{proto, IPPROTO_ICMPV6};
+    use veil_proto::packet6::{checksum6, ICMPV6_ECHO_REQUEST};
+
+    use super::*;
+
+    const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7665, 0x696c, 0, 0, 0, 0x0a4d, 2);
+    const OTHER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7665, 0x696c, 0, 0, 0, 0x0a4d, 3);
+    const GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7665, 0x696c, 0, 0, 0, 0x0a4d, 1);
+    const PUBLIC: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+    const REMOTE: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+
+    fn checks() -> Checks6 {
+        Checks6 {
+            policy: EgressPolicy6::new(
+                vec![PUBLIC, GATEWAY],
+                Some("fd00:7665:696c::/64".parse().unwrap()),
+                vec![],
+                vec![],
+            ),
+            gateway: GATEWAY,
+        }
+    }
+
+    fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, hop: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        p.extend_from_slice(&[next, hop]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(l4);
+        p
+    }
+
+    fn udp(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+        ipv6(
+            src,
+            dst,
+            proto::UDP,
+            64,
+            &[0x9c, 0x40, 0, 53, 0, 9, 0, 0, b'x'],
+        )
+    }
+
+    fn answer_of(v: &Verdict6) -> &[u8] {
+        match v {
+            Verdict6::Dropped {
+                answer: Some(a), ..
+            } => a,
+            other => panic!("no answer: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_packet_to_the_internet_goes_to_the_datapath_with_its_flow() {
+        let v = checks().check(CLIENT, &udp(CLIENT, REMOTE));
+        let flow = FlowKey6::new(proto::UDP, CLIENT, 40000, REMOTE, 53);
+        assert_eq!(v, Verdict6::Datapath { flow });
+        let ping = ipv6(
+            CLIENT,
+            REMOTE,
+            IPPROTO_ICMPV6,
+            64,
+            &[ICMPV6_ECHO_REQUEST, 0, 0, 0, 0x12, 0x34, 0, 1],
+        );
+        let flow = FlowKey6::new(IPPROTO_ICMPV6, CLIENT, 0x1234, REMOTE, 0);
+        assert_eq!(checks().check(CLIENT, &ping), Verdict6::Datapath { flow });
+    }
+
+    #[test]
+    fn a_forged_source_is_dropped_without_an_answer() {
+        for forged in [OTHER, REMOTE, "fe80::1".parse().unwrap()] {
+            assert_eq!(
+                checks().check(CLIENT, &udp(forged, REMOTE)),
+                Verdict6::Dropped {
+                    why: Dropped6::ForgedSource(forged),
+                    answer: None
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn refused_destinations_get_an_admin_prohibited_from_the_gateway() {
+        for dst in [
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::1",
+            "2001:db8::1",
+            "::ffff:1.2.3.4",
+        ] {
+            let dst: Ipv6Addr = dst.parse().unwrap();
+            let pkt = udp(CLIENT, dst);
+            let v = checks().check(CLIENT, &pkt);
+            assert!(
+                matches!(
+                    &v,
+                    Verdict6::Dropped {
+                        why: Dropped6::Policy(_),
+                        ..
+                    }
+                ),
+                "{dst}: {v:?}"
+            );
+            let a = answer_of(&v);
+            assert_eq!(
+                (a[40], a[41]),
+                (ICMPV6_DEST_UNREACH, UNREACH_ADMIN_PROHIBITED)
+            );
+            assert_eq!(&a[8..24], &GATEWAY.octets(), "from the gateway");
+            assert_eq!(&a[24..40], &CLIENT.octets(), "to the client");
+            assert_eq!(checksum6(GATEWAY, CLIENT, IPPROTO_ICMPV6, &a[40..]), 0);
+            assert_eq!(&a[48..], &pkt[..], "quotes the packet");
+        }
+        let v = checks().check(CLIENT, &udp(CLIENT, PUBLIC));
+        assert!(matches!(
+            v,
+            Verdict6::Dropped {
+                why: Dropped6::Policy(Refusal6::Gateway),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn hop_limit_one_gets_time_exceeded() {
+        let pkt = ipv6(
+            CLIENT,
+            REMOTE,
+            proto::UDP,
+            1,
+            &[0x9c, 0x40, 0, 53, 0, 8, 0, 0],
+        );
+        let v = checks().check(CLIENT, &pkt);
+        assert!(matches!(
+            &v,
+            Verdict6::Dropped {
+                why: Dropped6::HopLimitExceeded,
+                ..
+            }
+        ));
+        assert_eq!(answer_of(&v)[40], ICMPV6_TIME_EXCEEDED);
+    }
+
+    #[test]
+    fn extension_headers_fragments_and_other_protocols_are_dropped_by_cause() {
+        let frag = ipv6(
+            CLIENT,
+            REMOTE,
+            44,
+            64,
+            &[17, 0, 0, 1, 0, 0, 0, 7, 0x9c, 0x40, 0, 53],
+        );
+        assert_eq!(
+            checks().check(CLIENT, &frag),
+            Verdict6::Dropped {
+                why: Dropped6::ExtensionHeader(44),
+                answer: None
+            }
+        );
+        let hbh = ipv6(CLIENT, REMOTE, 0, 64, &[17, 0, 1, 4, 0, 0, 0, 0]);
+        assert!(matches!(
+            checks().check(CLIENT, &hbh),
+            Verdict6::Dropped {
+                why: Dropped6::ExtensionHeader(0),
+                ..
+            }
+        ));
+        let gre = ipv6(CLIENT, REMOTE, 47, 64, &[0; 8]);
+        assert!(matches!(
+            checks().check(CLIENT, &gre),
+            Verdict6::Dropped {
+                why: Dropped6::Untranslatable { next: 47 },
+                ..
+            }
+        ));
+        let echo_reply = ipv6(
+            CLIENT,
+            REMOTE,
+            IPPROTO_ICMPV6,
+            64,
+            &[129, 0, 0, 0, 0, 1, 0, 1],
+        );
+        assert!(matches!(
+            checks().check(CLIENT, &echo_reply),
+            Verdict6::Dropped {
+                why: Dropped6::Untranslatable { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn garbage_is_malformed_never_a_panic() {
+        for junk in [
+            &[][..],
+            &[0x60; 39],
+            &[0x45; 60],
+            &[0x60, 0, 0, 0, 0xff, 0xff, 17, 64],
+        ] {
+            assert!(matches!(
+                checks().check(CLIENT, junk),
+                Verdict6::Dropped {
+                    why: Dropped6::Malformed(_),
+                    answer: None
+                }
+            ));
+        }
+    }
+}
