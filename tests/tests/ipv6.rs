@@ -354,3 +354,47 @@ fn without_pool6_the_client_keeps_ipv6_blocked() {
     assert!(world.ping(1, "198.18.0.2"), "IPv4 through the tunnel");
     assert!(client.stop().unwrap().success(), "{}", client.log());
 }
+
+#[test]
+fn happy_eyeballs_passes_over_a_silent_ipv6_address_of_the_gateways_name() {
+    let world = dual_stack(1, &[]);
+    let c = world.client(1);
+    // The name has an IPv6 address that swallows everything (a blackhole
+    // route in the gateway's namespace: no answer, not even an error) and
+    // the gateway's IPv4 address.
+    world
+        .gw
+        .ip(&["-6", "route", "add", "blackhole", "2001:2:dead::/48"]);
+    c.set_resolv_conf("nameserver 127.0.0.1\n");
+    let hosts = std::path::Path::new("/etc/netns")
+        .join(c.name())
+        .join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n2001:2:dead::1 gateway.test\n10.200.1.1 gateway.test\n",
+    )
+    .unwrap();
+    let profile = world.add_client_at("eyeballs", "gateway.test:443", &[]);
+    for transport in ["tcp", "h3"] {
+        let started = std::time::Instant::now();
+        let mut client =
+            world.start_client_dns(1, &profile, &["--no-dns", "--transport", transport]);
+        // Waiting for the IPv6 attempt's connect timeout (2 s) first would
+        // take longer than this.
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1900),
+            "connected after {took:?} over {transport}"
+        );
+        let log = client.log();
+        assert!(
+            log.contains("10.200.1.1:443") && !log.contains("tunnel down"),
+            "{log}"
+        );
+        assert_eq!(
+            world.fetch(1).expect("GET /"),
+            format!("Hello {PUBLIC}: that is the address this web server sees.\n")
+        );
+        assert!(client.stop().unwrap().success(), "{}", client.log());
+    }
+}

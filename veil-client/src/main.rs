@@ -280,7 +280,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
             })
             .context("installing the kill switch")?;
             let gateway_ips: Vec<IpAddr> = endpoints.iter().map(|e| e.ip()).collect();
-            let rules = Rules::install(&gateway_ips, lan_v4(&lan))
+            let rules = Rules::install(&gateway_ips, &lan.clone().unwrap_or_default())
                 .context("installing the routing rules: is iproute2 installed?")?;
             info!(
                 lockdown = cli.lockdown,
@@ -383,7 +383,7 @@ async fn run(cli: Cli, profile: Profile) -> Result<()> {
             if let Err(e) = firewall.set_lan(lan.clone()) {
                 warn!("updating the kill switch for the new LAN: {e}");
             }
-            if let Err(e) = rules.set_lan(lan_v4(&lan)) {
+            if let Err(e) = rules.set_lan(&lan.unwrap_or_default()) {
                 warn!("updating the routing rules for the new LAN: {e:#}");
             }
         }
@@ -402,10 +402,6 @@ fn allowed_lan(cli: &Cli, gateway: SocketAddr) -> Option<Lan> {
             Lan::default()
         })
     })
-}
-
-fn lan_v4(lan: &Option<Lan>) -> &[Ipv4Net] {
-    lan.as_ref().map_or(&[], |l| &l.v4)
 }
 
 /// The connection left from an address the machine no longer prefers

@@ -19,6 +19,11 @@
 //! 7671: to GATEWAY unreachable         ...and no uplink: fail at once
 //!                                      (one per endpoint address)
 //! 7672: to LAN lookup main             --allow-lan, private subnets only
+//!                                      (IPv4 and IPv6)
+//! 7672: to fe80::/10, ff00::/8         IPv6 link-local and multicast: the
+//!       lookup main                    uplink's neighbour discovery, never
+//!                                      the tunnel's (the kill switch still
+//!                                      decides what leaves)
 //! 7673: lookup 7670                    everything the tunnel claims
 //!                                      (IPv4 and IPv6 each)
 //! ```
@@ -29,11 +34,9 @@
 
 use std::net::IpAddr;
 
+use crate::{routes::ip, uplink::Lan};
 use anyhow::Result;
 use tracing::warn;
-use veil_tunnel::net::Ipv4Net;
-
-use crate::routes::ip;
 
 /// The routing table that holds the tunnel's routes.
 pub const TABLE: u32 = 7670;
@@ -47,14 +50,15 @@ const PRIORITIES: [u32; 4] = [PRIO_GATEWAY, PRIO_GATEWAY_ONLY, PRIO_LAN, PRIO_TU
 pub struct Rules {
     /// `ip rule add` arguments of each rule in force.
     added: Vec<Vec<String>>,
-    lan: Vec<Ipv4Net>,
+    /// `--allow-lan`'s networks in force, as `(family, "ADDR/LEN")`.
+    lan: Vec<(Family, String)>,
 }
 
 impl Rules {
     /// Clears what an earlier run left (a `kill -9` leaves its rules),
     /// then installs the rules for `gateways` (every endpoint's address,
     /// in the profile's order) and `lan`.
-    pub fn install(gateways: &[IpAddr], lan: &[Ipv4Net]) -> Result<Self> {
+    pub fn install(gateways: &[IpAddr], lan: &Lan) -> Result<Self> {
         clear();
         let mut rules = Rules {
             added: Vec::new(),
@@ -80,23 +84,30 @@ impl Rules {
         if let Err(e) = rules.add(Family::V6, &["lookup", &table], PRIO_TUNNEL) {
             warn!("no IPv6 routing rule ({e:#}): IPv6 stays blocked");
         }
+        // The tunnel's ::/1 and 8000::/1 would cover these too.
+        for link in LINK_SCOPE6 {
+            if let Err(e) = rules.add(Family::V6, &["to", link, "lookup", "main"], PRIO_LAN) {
+                warn!("no IPv6 link-scope rule ({e:#})");
+            }
+        }
         rules.set_lan(lan)?;
         Ok(rules)
     }
 
     /// Lets `lan` bypass the tunnel instead of the networks before.
-    pub fn set_lan(&mut self, lan: &[Ipv4Net]) -> Result<()> {
-        if self.lan == lan {
+    pub fn set_lan(&mut self, lan: &Lan) -> Result<()> {
+        let v4 = lan.v4.iter().map(|n| (Family::V4, n.to_string()));
+        let v6 = lan.v6.iter().map(|(a, p)| (Family::V6, format!("{a}/{p}")));
+        let wanted: Vec<(Family, String)> = v4.chain(v6).collect();
+        if self.lan == wanted {
             return Ok(());
         }
-        for old in std::mem::take(&mut self.lan) {
-            let to = old.to_string();
-            self.remove(&["to", &to, "lookup", "main"], PRIO_LAN);
+        for (family, to) in std::mem::take(&mut self.lan) {
+            self.remove(family, &["to", &to, "lookup", "main"], PRIO_LAN);
         }
-        for net in lan {
-            let to = net.to_string();
-            self.add(Family::V4, &["to", &to, "lookup", "main"], PRIO_LAN)?;
-            self.lan.push(*net);
+        for (family, to) in wanted {
+            self.add(family, &["to", &to, "lookup", "main"], PRIO_LAN)?;
+            self.lan.push((family, to));
         }
         Ok(())
     }
@@ -109,8 +120,8 @@ impl Rules {
         Ok(())
     }
 
-    fn remove(&mut self, selector: &[&str], priority: u32) {
-        let args = rule(Family::V4, "add", selector, priority);
+    fn remove(&mut self, family: Family, selector: &[&str], priority: u32) {
+        let args = rule(family, "add", selector, priority);
         self.added.retain(|a| *a != args);
         delete(args);
     }
@@ -124,8 +135,11 @@ impl Drop for Rules {
     }
 }
 
+/// IPv6 that is never the tunnel's: link-local and multicast.
+const LINK_SCOPE6: [&str; 2] = ["fe80::/10", "ff00::/8"];
+
 /// Which family's rules: `ip rule` or `ip -6 rule`.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Family {
     V4,
     V6,
