@@ -20,10 +20,14 @@ pub mod seeds;
 // build. The `client_packet` target reaches them by their veil-user paths.
 #[path = "../../veil-user/src/gateway/check.rs"]
 pub mod check;
+#[path = "../../veil-user/src/gateway/check6.rs"]
+pub mod check6;
 #[path = "../../veil-tunnel/src/net.rs"]
 pub mod net;
 #[path = "../../veil-user/src/policy.rs"]
 pub mod policy;
+#[path = "../../veil-user/src/policy6.rs"]
+pub mod policy6;
 pub use veil_proto::packet;
 
 pub use rng::Rng;
@@ -57,5 +61,5 @@ pub fn assert_dns_safe(configs: &[DnsConfiguration]) {
 
 /// The pieces of veil-user the targets check, by their veil-user paths.
 pub mod veil_user {
-    pub use crate::{check, net, packet, policy};
+    pub use crate::{check, check6, net, packet, policy, policy6};
 }

@@ -14,6 +14,10 @@
 //! - `veil_fwd_tc` (TC ingress on the interfaces forward targets are
 //!   reached through): the targets' replies, back to the remotes.
 //!
+//! IPv6 (NAT66) runs in the same programs: each entry point hands an IPv6
+//! packet to `egress6` or `ingress6` (by EtherType in XDP, by the skb's
+//! protocol in TC), IPv4 to the modules above.
+//!
 //! Entry points stay thin: each calls its module and counts the outcome
 //! under one [`Reason`] (once per packet across the programs).
 

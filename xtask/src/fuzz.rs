@@ -31,6 +31,7 @@ pub const TARGETS: &[&str] = &[
     "coalescer",
     "session",
     "client_packet",
+    "client_packet6",
 ];
 
 /// How long `cargo xtask test` runs each target.
