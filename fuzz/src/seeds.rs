@@ -585,7 +585,9 @@ fn ipv6(dst: [u8; 16], next: u8, hop: u8, l4: &[u8]) -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0];
     p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
     p.extend_from_slice(&[next, hop]);
-    p.extend_from_slice(&[0xfd, 0, 0x76, 0x65, 0x69, 0x6c, 0, 0, 0, 0, 0, 0, 10, 77, 0, 2]);
+    p.extend_from_slice(&[
+        0xfd, 0, 0x76, 0x65, 0x69, 0x6c, 0, 0, 0, 0, 0, 0, 10, 77, 0, 2,
+    ]);
     p.extend_from_slice(&dst);
     p.extend_from_slice(l4);
     p
@@ -596,7 +598,9 @@ fn client_packet6(out: &mut Vec<Seed>) {
     const REMOTE: [u8; 16] = [0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
     let udp = [0x9c, 0x40, 0, 53, 0, 12, 0, 0, b'h', b'e', b'y', b'!'];
     seed(out, T, "udp-dns", &[&ipv6(REMOTE, 17, 64, &udp)]);
-    let mut syn = vec![0xc3, 0x50, 1, 0xbb, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff];
+    let mut syn = vec![
+        0xc3, 0x50, 1, 0xbb, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff,
+    ];
     syn.extend_from_slice(&[0, 0, 0, 0]);
     seed(out, T, "tcp-syn", &[&ipv6(REMOTE, 6, 64, &syn)]);
     let echo = [128, 0, 0, 0, 0x42, 0x42, 0, 1, b'p', b'i', b'n', b'g'];

@@ -27,8 +27,7 @@ use crate::{
     normalize::VEIL_NORMALIZE,
     packet::{Packet, ETH_LEN},
     rewrite6::{
-        move_endpoint6_skb, not_translated, pull_headers6, Endpoint6, ICMPV6_ECHO_REQUEST,
-        IPV6_LEN,
+        move_endpoint6_skb, not_translated, pull_headers6, Endpoint6, ICMPV6_ECHO_REQUEST, IPV6_LEN,
     },
     stats, Verdict,
 };

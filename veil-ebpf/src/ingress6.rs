@@ -36,8 +36,8 @@ use crate::{
     packet::{Packet, Ports, ETH_LEN},
     rewrite6::{
         move_endpoint6_skb, pull_headers6, replace128, Endpoint6, ICMPV6_ECHO_REPLY,
-        ICMPV6_ECHO_REQUEST, ICMPV6_ERROR_MAX, IPV6_LEN, NH_DEST_OPTS, NH_FRAGMENT,
-        NH_HOP_BY_HOP, NH_ROUTING,
+        ICMPV6_ECHO_REQUEST, ICMPV6_ERROR_MAX, IPV6_LEN, NH_DEST_OPTS, NH_FRAGMENT, NH_HOP_BY_HOP,
+        NH_ROUTING,
     },
     stats, Verdict,
 };
@@ -129,7 +129,8 @@ fn upper(pkt: &Packet, next: u8) -> Result<Option<Upper>, Reason> {
 #[inline(never)]
 fn classify(pkt: &Packet, cfg: &Config, cfg6: &Config6) -> Result<Wan6, Reason> {
     let ip: *mut Ipv6Hdr = pkt.at(IP)?;
-    let (vcf, next, src, dst) = unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    let (vcf, next, src, dst) =
+        unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
     if !cfg6.is_public(&dst) {
         // Client addresses exist only behind the tunnel.
         if cfg6.in_client_net(&dst) {
@@ -143,7 +144,11 @@ fn classify(pkt: &Packet, cfg: &Config, cfg6: &Config6) -> Result<Wan6, Reason> 
     let Some(up) = upper(pkt, next)? else {
         return Ok(Wan6::Host);
     };
-    let at = if up.at > MAX_UPPER_AT { return Err(Reason::DropIpv6ExtHeader) } else { up.at };
+    let at = if up.at > MAX_UPPER_AT {
+        return Err(Reason::DropIpv6ExtHeader);
+    } else {
+        up.at
+    };
     // Is it in the NAT range (veil's)?
     let ours = match up.proto {
         proto::TCP | proto::UDP => {
@@ -279,8 +284,7 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
         Wan6::Host => Ok(to_host),
         Wan6::Reply { key, kind, .. } => match reply_flow(&key, kind)? {
             Some(flow) => {
-                let ip_len =
-                    ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+                let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
                 let vip = unsafe { (*flow).client_vip };
                 crate::ratelimit::police(vip, ip_len, Direction::Down)?;
                 Ok(to_translate)
