@@ -56,6 +56,20 @@ fn wait_for_ipv6(world: &World, i: usize) {
     });
 }
 
+/// The gateway's metrics (`--metrics 9477`).
+fn scrape(world: &World) -> String {
+    use std::io::{Read, Write};
+    world.gw.enter(|| {
+        let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    })
+}
+
 /// The remote's web page over IPv6 from client `i`: the address it saw.
 fn seen_by_remote6(world: &World, i: usize) -> String {
     use std::io::{Read, Write};
@@ -73,7 +87,7 @@ fn seen_by_remote6(world: &World, i: usize) -> String {
 
 #[test]
 fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
-    let world = dual_stack(1, &[]);
+    let world = dual_stack(1, &["--metrics", "9477"]);
     let profile = world.add_client("six", 1);
     let mut client = world.start_client(1, &profile, true);
     wait_for_ipv6(&world, 1);
@@ -81,6 +95,16 @@ fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
     assert_eq!(vip6, "fd00:7665:696c::a4d:2".parse::<Ipv6Addr>().unwrap());
     let addrs = ip_out(world.client(1), &["-6", "addr", "show", "dev", "veil0"]);
     assert!(addrs.contains(&format!("{vip6}/128")), "{addrs}");
+    let text = world.veil_user(&["status"]);
+    assert!(text.contains(&format!("IPv6 {vip6}")), "{text}");
+    let metrics = scrape(&world);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "veil_connected_clients_ipv6 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("fd00:7665"), "no address in metrics");
 
     assert!(
         world.ping6(1, &REMOTE6.to_string()),
@@ -278,6 +302,8 @@ fn a_forged_ipv6_source_is_dropped() {
         .filter(|p| p[0] >> 4 == 6 && p.ends_with(b"genuine"))
         .collect();
     assert_eq!(echoed.len(), 1, "its echo came back");
+    let counters = &world.status()["counters"];
+    assert_eq!(counters["ipv6_forged_source"], 3, "{counters}");
 }
 
 #[test]
@@ -345,9 +371,21 @@ fn the_clients_ipv6_is_restored_on_exit() {
 #[test]
 fn without_pool6_the_client_keeps_ipv6_blocked() {
     let world = dual_stack(1, &["--pool6", "none"]);
+    ipv6_stays_blocked(&world);
+}
+
+#[test]
+fn a_gateway_without_a_public_ipv6_address_assigns_none() {
+    // No IPv6 on the WAN side: nothing to translate IPv6 to.
+    let world = World::new(1, &[]);
+    ipv6_stays_blocked(&world);
+}
+
+/// Client 1 connects, gets no IPv6 address, and reaches nothing over IPv6.
+fn ipv6_stays_blocked(world: &World) {
     let profile = world.add_client("four", 1);
     let mut client = world.start_client(1, &profile, true);
-    assert_eq!(vip6_of(&world, "four"), None);
+    assert_eq!(vip6_of(world, "four"), None);
     let addrs = ip_out(world.client(1), &["-6", "addr", "show", "dev", "veil0"]);
     assert!(!addrs.contains("inet6"), "{addrs}");
     assert!(!world.ping6(1, &REMOTE6.to_string()), "no IPv6 anywhere");
