@@ -56,20 +56,6 @@ fn wait_for_ipv6(world: &World, i: usize) {
     });
 }
 
-/// The gateway's metrics (`--metrics 9477`).
-fn scrape(world: &World) -> String {
-    use std::io::{Read, Write};
-    world.gw.enter(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text
-    })
-}
-
 /// The remote's web page over IPv6 from client `i`: the address it saw.
 fn seen_by_remote6(world: &World, i: usize) -> String {
     use std::io::{Read, Write};
@@ -97,7 +83,7 @@ fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
     assert!(addrs.contains(&format!("{vip6}/128")), "{addrs}");
     let text = world.veil_user(&["status"]);
     assert!(text.contains(&format!("IPv6 {vip6}")), "{text}");
-    let metrics = scrape(&world);
+    let metrics = world.metrics();
     assert!(
         metrics
             .lines()
