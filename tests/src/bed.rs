@@ -147,18 +147,7 @@ impl Bed {
     /// A frame arriving on the WAN: XDP first (which never rewrites), then,
     /// if it passed, TC. Returns both actions and TC's output.
     pub fn wan(&mut self, input: &[u8]) -> Wan {
-        let (xdp, out) = self.xdp(input);
-        assert_eq!(out, input, "XDP filters, it never rewrites");
-        if xdp != XDP_PASS {
-            return Wan { xdp, tc: None, out };
-        }
-        let prog: &mut SchedClassifier = self.dp.program(PROG_WAN_TC).unwrap();
-        let (tc, out) = run(prog, input);
-        Wan {
-            xdp,
-            tc: Some(tc as i32),
-            out,
-        }
+        wan(&mut self.dp, input)
     }
 
     /// TC on the WAN alone: for frames XDP already passed (the kernel runs
@@ -179,6 +168,23 @@ impl Bed {
         all.into_iter()
             .find(|f| f.key == *key)
             .expect("flow listed")
+    }
+}
+
+/// A frame arriving on the WAN of `dp`: XDP, then TC if XDP passed it.
+pub fn wan(dp: &mut Datapath, input: &[u8]) -> Wan {
+    let prog: &mut Xdp = dp.program(PROG_WAN_XDP).unwrap();
+    let (xdp, out) = run(prog, input);
+    assert_eq!(out, input, "XDP filters, it never rewrites");
+    if xdp != XDP_PASS {
+        return Wan { xdp, tc: None, out };
+    }
+    let prog: &mut SchedClassifier = dp.program(PROG_WAN_TC).unwrap();
+    let (tc, out) = run(prog, input);
+    Wan {
+        xdp,
+        tc: Some(tc as i32),
+        out,
     }
 }
 

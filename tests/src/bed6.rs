@@ -8,8 +8,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{SchedClassifier, Xdp};
-use veil_common::{FlowKey6, Reason, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP};
+use aya::programs::SchedClassifier;
+use veil_common::{FlowKey6, Reason, PROG_TUN_TC};
 use veil_user::{
     flows::{FlowTable, Timeouts},
     flows6::{Flow6, FlowTable6},
@@ -18,7 +18,7 @@ use veil_user::{
 };
 
 use crate::{
-    bed::{run, Wan, PORTS, PUBLIC, XDP_PASS},
+    bed::{run, Wan, PORTS, PUBLIC},
     bpffs::BpfFs,
     packet::ETH_LEN,
 };
@@ -105,19 +105,7 @@ impl Bed6 {
 
     /// XDP, then TC if XDP passed it (see [`crate::bed::Bed::wan`]).
     pub fn wan(&mut self, input: &[u8]) -> Wan {
-        let prog: &mut Xdp = self.dp.program(PROG_WAN_XDP).unwrap();
-        let (xdp, out) = run(prog, input);
-        assert_eq!(out, input, "XDP filters, it never rewrites");
-        if xdp != XDP_PASS {
-            return Wan { xdp, tc: None, out };
-        }
-        let prog: &mut SchedClassifier = self.dp.program(PROG_WAN_TC).unwrap();
-        let (tc, out) = run(prog, input);
-        Wan {
-            xdp,
-            tc: Some(tc as i32),
-            out,
-        }
+        crate::bed::wan(&mut self.dp, input)
     }
 
     pub fn count(&self, reason: Reason) -> u64 {

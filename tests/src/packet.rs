@@ -104,6 +104,15 @@ impl<'a> L4<'a> {
 /// IPv4 packet with every checksum computed by etherparse.
 pub fn frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, l4: L4<'_>) -> Vec<u8> {
     let ip = PacketBuilder::ethernet2([0; 6], [0; 6]).ipv4(src.octets(), dst.octets(), ttl);
+    write_l4(ip, l4, false)
+}
+
+/// `l4` after the IP header of `ip` (IPv6 when `v6`: ICMPv6 echo then).
+pub fn write_l4(
+    ip: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    l4: L4<'_>,
+    v6: bool,
+) -> Vec<u8> {
     let mut out = Vec::new();
     match l4 {
         L4::Udp { src, dst, payload } => ip.udp(src, dst).write(&mut out, payload),
@@ -125,6 +134,12 @@ pub fn frame(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, l4: L4<'_>) -> Vec<u8> {
                 };
             }
             b.write(&mut out, payload)
+        }
+        L4::EchoRequest { id, seq, payload } if v6 => {
+            ip.icmpv6_echo_request(id, seq).write(&mut out, payload)
+        }
+        L4::EchoReply { id, seq, payload } if v6 => {
+            ip.icmpv6_echo_reply(id, seq).write(&mut out, payload)
         }
         L4::EchoRequest { id, seq, payload } => {
             ip.icmpv4_echo_request(id, seq).write(&mut out, payload)

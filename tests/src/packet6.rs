@@ -5,7 +5,7 @@ use std::net::Ipv6Addr;
 
 use etherparse::PacketBuilder;
 
-use crate::packet::{ones_sum, L4};
+use crate::packet::{ones_sum, write_l4, L4};
 
 pub const IPV6_LEN: usize = 40;
 
@@ -13,37 +13,7 @@ pub const IPV6_LEN: usize = 40;
 /// computed by etherparse.
 pub fn frame6(src: Ipv6Addr, dst: Ipv6Addr, hop: u8, l4: L4<'_>) -> Vec<u8> {
     let ip = PacketBuilder::ethernet2([0; 6], [0; 6]).ipv6(src.octets(), dst.octets(), hop);
-    let mut out = Vec::new();
-    match l4 {
-        L4::Udp { src, dst, payload } => ip.udp(src, dst).write(&mut out, payload),
-        L4::Tcp {
-            src,
-            dst,
-            flags,
-            payload,
-        } => {
-            let mut b = ip.tcp(src, dst, 1000, 64240);
-            for f in flags.chars() {
-                b = match f {
-                    'S' => b.syn(),
-                    'A' => b.ack(2000),
-                    'F' => b.fin(),
-                    'R' => b.rst(),
-                    'P' => b.psh(),
-                    other => panic!("unknown TCP flag {other}"),
-                };
-            }
-            b.write(&mut out, payload)
-        }
-        L4::EchoRequest { id, seq, payload } => {
-            ip.icmpv6_echo_request(id, seq).write(&mut out, payload)
-        }
-        L4::EchoReply { id, seq, payload } => {
-            ip.icmpv6_echo_reply(id, seq).write(&mut out, payload)
-        }
-    }
-    .expect("building a test packet");
-    out
+    write_l4(ip, l4, true)
 }
 
 /// The pseudo-header sum check of an upper-layer packet `l4` (RFC 8200 8.1).

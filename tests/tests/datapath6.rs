@@ -457,3 +457,32 @@ fn bpftool_shows_the_ipv6_maps_with_named_fields() {
     );
     assert_eq!(config[0]["formatted"]["value"]["enabled"], 1);
 }
+
+#[test]
+fn v6_flows_keep_a_sockets_port_respect_the_share_and_go_with_their_client() {
+    let mut bed = Bed6::new();
+    let other: std::net::Ipv6Addr = "2001:2::9".parse().unwrap();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    // Endpoint-independent mapping: the same client socket toward another
+    // remote keeps its NAT port.
+    let key = veil_common::FlowKey6::new(proto::UDP, CLIENT6, 40000, other, 53);
+    assert_eq!(bed.flows6.create(key, VIP, 1).unwrap(), nat);
+    // A second client's socket gets a port of its own toward the same remote.
+    let (_, nat2) = bed.flow_of(VIP2, CLIENT6_2, proto::UDP, 40000, 53);
+    assert_ne!(nat2, nat);
+    // The share: a quarter of the range toward one endpoint, per client.
+    let share = PORTS.len() / 4;
+    for port in 0..share as u16 {
+        let key = veil_common::FlowKey6::new(proto::UDP, CLIENT6, 1000 + port, REMOTE6, 443);
+        bed.flows6.create(key, VIP, 1).unwrap();
+    }
+    let over = veil_common::FlowKey6::new(proto::UDP, CLIENT6, 9999, REMOTE6, 443);
+    let err = bed.flows6.create(over, VIP, 1).unwrap_err();
+    assert!(err.to_string().contains("its share"), "{err}");
+    // Its session over: every IPv6 flow of that client goes, the other's stays.
+    let before = bed.flows6.len();
+    assert_eq!(bed.flows6.delete_client(VIP).unwrap(), before - 1);
+    assert_eq!(bed.flows6.len(), 1);
+    let reply = frame6(REMOTE6, PUBLIC6, 60, L4::udp(53, nat, b"late"));
+    assert_eq!(bed.wan(&reply).xdp, XDP_DROP, "the reverse entry went too");
+}

@@ -163,7 +163,7 @@ impl FlowTable6 {
         self.flows.get(key).map(|m| m.nat_port)
     }
 
-    fn admit(&self, key: &FlowKey6) -> Result<(), Flow6Error> {
+    fn admit(&self, key: &FlowKey6, vip: Ipv4Addr) -> Result<(), Flow6Error> {
         if !matches!(key.proto, proto::TCP | proto::UDP | IPPROTO_ICMPV6) {
             return Err(FlowError::Unsupported(key.proto).into());
         }
@@ -172,8 +172,7 @@ impl FlowTable6 {
         }
         if self.flows_of.get(&key.client_addr).copied().unwrap_or(0) >= self.per_client {
             return Err(FlowError::ClientFull {
-                // The session's address names the client in logs.
-                client: Ipv4Addr::UNSPECIFIED,
+                client: vip,
                 limit: self.per_client,
             }
             .into());
@@ -201,7 +200,7 @@ impl FlowTable6 {
         if let Some(m) = self.flows.get(&key) {
             return Ok(m.nat_port);
         }
-        self.admit(&key)?;
+        self.admit(&key, vip)?;
         let n = self.ports.len();
         let mut rng = rand::rng();
         let draws: [u32; RANDOM_TRIES] = std::array::from_fn(|_| rng.random_range(0..n));
@@ -313,10 +312,20 @@ impl FlowTable6 {
         Ok(keys.len())
     }
 
+    /// Every flow's key (from the user-space index: no syscalls).
+    pub fn keys(&self) -> Vec<FlowKey6> {
+        self.flows.keys().copied().collect()
+    }
+
     /// Every flow with the datapath's view of it.
     pub fn list(&self) -> Result<Vec<Flow6>, FlowError> {
-        self.flows
-            .iter()
+        self.list_some(&self.keys())
+    }
+
+    /// [`Self::list`] for those of `keys` that still exist.
+    pub fn list_some(&self, keys: &[FlowKey6]) -> Result<Vec<Flow6>, FlowError> {
+        keys.iter()
+            .filter_map(|key| self.flows.get(key).map(|m| (key, m)))
             .map(|(key, m)| {
                 let egress = lookup(&self.egress, key, EGRESS6_MAP)?;
                 let reverse = lookup(
@@ -339,8 +348,14 @@ impl FlowTable6 {
     /// Expires the flows idle longer than their protocol and state allow;
     /// returns the expired keys.
     pub fn gc(&mut self, now_ns: u64) -> Result<Vec<FlowKey6>, FlowError> {
+        self.expire(&self.keys(), now_ns)
+    }
+
+    /// [`Self::gc`] for those of `keys` that still exist: a caller sweeps
+    /// a large table in slices, releasing its lock in between.
+    pub fn expire(&mut self, keys: &[FlowKey6], now_ns: u64) -> Result<Vec<FlowKey6>, FlowError> {
         let expired: Vec<FlowKey6> = self
-            .list()?
+            .list_some(keys)?
             .into_iter()
             .filter(|f| {
                 let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));

@@ -317,8 +317,8 @@ fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()
     }
     let f = &status.flows;
     println!(
-        "flows: {} (tcp {}, udp {}, icmp {}); NAT ports {}: {} in use",
-        f.total, f.tcp, f.udp, f.icmp, f.nat_ports, f.nat_ports_in_use
+        "flows: {} (tcp {}, udp {}, icmp {}), ipv6 {}; NAT ports {}: {} in use",
+        f.total, f.tcp, f.udp, f.icmp, f.ipv6, f.nat_ports, f.nat_ports_in_use
     );
     if let Some(o) = &f.oldest {
         println!("  oldest   {}  ({} old)", o.flow, ago(o.age_secs));

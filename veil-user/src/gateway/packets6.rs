@@ -199,12 +199,23 @@ impl Shared {
         }
     }
 
-    /// Expires idle IPv6 flows; how many went.
+    /// Expires idle IPv6 flows, in slices as for IPv4 (sessions making
+    /// flows wait for one slice at most); how many went.
     pub(super) fn v6_flows_gc(&self, now_ns: u64) -> Result<usize, crate::flows::FlowError> {
-        match &self.v6 {
-            Some(v6) => Ok(v6.flows.lock().expect("flows6 lock").gc(now_ns)?.len()),
-            None => Ok(0),
+        let Some(v6) = &self.v6 else {
+            return Ok(0);
+        };
+        let keys = v6.flows.lock().expect("flows6 lock").keys();
+        let mut expired = 0;
+        for slice in keys.chunks(super::GC_SLICE) {
+            expired += v6
+                .flows
+                .lock()
+                .expect("flows6 lock")
+                .expire(slice, now_ns)?
+                .len();
         }
+        Ok(expired)
     }
 
     /// Removes the IPv6 flows of the client at `vip` (its grace period is

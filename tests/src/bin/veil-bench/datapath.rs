@@ -165,6 +165,58 @@ pub(crate) fn rewrite_costs(runs: u32) -> Vec<(&'static str, f64)> {
         "TC TUN: translate UDP egress, rate-limited client",
         mean_ns(tun, &egress_udp, runs),
     ));
+    costs.extend(rewrite_costs6(runs));
+    costs
+}
+
+/// The IPv6 (NAT66) paths, the same packets as IPv4's above.
+fn rewrite_costs6(runs: u32) -> Vec<(&'static str, f64)> {
+    use veil_tests::{
+        bed6::*,
+        packet6::{frame6, icmp6_error},
+    };
+    let mut bed = Bed6::new();
+    let (_, udp_nat) = bed.flow(proto::UDP, 40000, 53);
+    let (_, tcp_nat) = bed.flow(proto::TCP, 50000, 443);
+    let payload = [0u8; 22];
+    let egress_udp = frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, &payload));
+    let egress_tcp = frame6(CLIENT6, REMOTE6, 64, L4::tcp(50000, 443, "A", &payload));
+    let reply_udp = frame6(REMOTE6, PUBLIC6, 60, L4::udp(53, udp_nat, &payload));
+    let reply_tcp = frame6(REMOTE6, PUBLIC6, 60, L4::tcp(443, tcp_nat, "A", &payload));
+    let sent = frame6(PUBLIC6, REMOTE6, 63, L4::tcp(tcp_nat, 443, "A", &payload));
+    let too_big = icmp6_error(ROUTER6, PUBLIC6, 2, 0, 1280, ip_of(&sent));
+    let unsolicited = frame6(REMOTE6, PUBLIC6, 60, L4::tcp(4444, PORTS.min + 9, "S", b""));
+    let mut costs = Vec::new();
+    {
+        let xdp: &mut Xdp = bed.dp.program(PROG_WAN_XDP).unwrap();
+        costs.push((
+            "IPv6 XDP: drop unsolicited SYN",
+            mean_ns(xdp, &unsolicited, runs),
+        ));
+        costs.push(("IPv6 XDP: admit UDP reply", mean_ns(xdp, &reply_udp, runs)));
+    }
+    let tc: &mut SchedClassifier = bed.dp.program(PROG_WAN_TC).unwrap();
+    costs.push((
+        "IPv6 TC WAN: translate UDP reply",
+        mean_ns(tc, &reply_udp, runs),
+    ));
+    costs.push((
+        "IPv6 TC WAN: translate TCP reply",
+        mean_ns(tc, &reply_tcp, runs),
+    ));
+    costs.push((
+        "IPv6 TC WAN: translate Packet Too Big",
+        mean_ns(tc, &too_big, runs),
+    ));
+    let tun: &mut SchedClassifier = bed.dp.program(PROG_TUN_TC).unwrap();
+    costs.push((
+        "IPv6 TC TUN: translate UDP egress",
+        mean_ns(tun, &egress_udp, runs),
+    ));
+    costs.push((
+        "IPv6 TC TUN: translate TCP egress",
+        mean_ns(tun, &egress_tcp, runs),
+    ));
     costs
 }
 
