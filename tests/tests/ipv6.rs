@@ -49,10 +49,13 @@ fn vip6_of(world: &World, name: &str) -> Option<Ipv6Addr> {
     c["vip6"].as_str().map(|a| a.parse().unwrap())
 }
 
-/// Waits until client `i`'s TUN device has its IPv6 address.
+/// Waits until client `i` carries IPv6 through the tunnel: the address on
+/// its TUN device, then the last route added (`8000::/1`).
 fn wait_for_ipv6(world: &World, i: usize) {
-    wait_until("IPv6 on veil0", Duration::from_secs(10), || {
-        ip_out(world.client(i), &["-6", "addr", "show", "dev", "veil0"]).contains("scope global")
+    wait_until("IPv6 through veil0", Duration::from_secs(10), || {
+        let c = world.client(i);
+        ip_out(c, &["-6", "addr", "show", "dev", "veil0"]).contains("scope global")
+            && ip_out(c, &["-6", "route", "show", "table", "7670"]).contains("8000::/1")
     });
 }
 
