@@ -295,6 +295,20 @@ impl World {
         serde_json::from_str(&self.veil_user(&["status", "--json"])).expect("status JSON")
     }
 
+    /// The gateway's Prometheus metrics (started with `--metrics 9477`):
+    /// the whole HTTP response.
+    pub fn metrics(&self) -> String {
+        self.gw.enter(|| {
+            let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            text
+        })
+    }
+
     /// The virtual address of the connected client `name`, from `status`.
     pub fn vip_of(&self, name: &str) -> Ipv4Addr {
         let status = self.status();

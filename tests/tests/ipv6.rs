@@ -49,10 +49,13 @@ fn vip6_of(world: &World, name: &str) -> Option<Ipv6Addr> {
     c["vip6"].as_str().map(|a| a.parse().unwrap())
 }
 
-/// Waits until client `i`'s TUN device has its IPv6 address.
+/// Waits until client `i` carries IPv6 through the tunnel: the address on
+/// its TUN device, then the last route added (`8000::/1`).
 fn wait_for_ipv6(world: &World, i: usize) {
-    wait_until("IPv6 on veil0", Duration::from_secs(10), || {
-        ip_out(world.client(i), &["-6", "addr", "show", "dev", "veil0"]).contains("scope global")
+    wait_until("IPv6 through veil0", Duration::from_secs(10), || {
+        let c = world.client(i);
+        ip_out(c, &["-6", "addr", "show", "dev", "veil0"]).contains("scope global")
+            && ip_out(c, &["-6", "route", "show", "table", "7670"]).contains("8000::/1")
     });
 }
 
@@ -73,7 +76,7 @@ fn seen_by_remote6(world: &World, i: usize) -> String {
 
 #[test]
 fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
-    let world = dual_stack(1, &[]);
+    let world = dual_stack(1, &["--metrics", "9477"]);
     let profile = world.add_client("six", 1);
     let mut client = world.start_client(1, &profile, true);
     wait_for_ipv6(&world, 1);
@@ -81,6 +84,16 @@ fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
     assert_eq!(vip6, "fd00:7665:696c::a4d:2".parse::<Ipv6Addr>().unwrap());
     let addrs = ip_out(world.client(1), &["-6", "addr", "show", "dev", "veil0"]);
     assert!(addrs.contains(&format!("{vip6}/128")), "{addrs}");
+    let text = world.veil_user(&["status"]);
+    assert!(text.contains(&format!("IPv6 {vip6}")), "{text}");
+    let metrics = world.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "veil_connected_clients_ipv6 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("fd00:7665"), "no address in metrics");
 
     assert!(
         world.ping6(1, &REMOTE6.to_string()),
@@ -278,6 +291,8 @@ fn a_forged_ipv6_source_is_dropped() {
         .filter(|p| p[0] >> 4 == 6 && p.ends_with(b"genuine"))
         .collect();
     assert_eq!(echoed.len(), 1, "its echo came back");
+    let counters = &world.status()["counters"];
+    assert_eq!(counters["ipv6_forged_source"], 3, "{counters}");
 }
 
 #[test]
@@ -345,9 +360,21 @@ fn the_clients_ipv6_is_restored_on_exit() {
 #[test]
 fn without_pool6_the_client_keeps_ipv6_blocked() {
     let world = dual_stack(1, &["--pool6", "none"]);
+    ipv6_stays_blocked(&world);
+}
+
+#[test]
+fn a_gateway_without_a_public_ipv6_address_assigns_none() {
+    // No IPv6 on the WAN side: nothing to translate IPv6 to.
+    let world = World::new(1, &[]);
+    ipv6_stays_blocked(&world);
+}
+
+/// Client 1 connects, gets no IPv6 address, and reaches nothing over IPv6.
+fn ipv6_stays_blocked(world: &World) {
     let profile = world.add_client("four", 1);
     let mut client = world.start_client(1, &profile, true);
-    assert_eq!(vip6_of(&world, "four"), None);
+    assert_eq!(vip6_of(world, "four"), None);
     let addrs = ip_out(world.client(1), &["-6", "addr", "show", "dev", "veil0"]);
     assert!(!addrs.contains("inet6"), "{addrs}");
     assert!(!world.ping6(1, &REMOTE6.to_string()), "no IPv6 anywhere");

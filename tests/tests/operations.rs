@@ -2,12 +2,7 @@
 //! metrics against known traffic, and shutdowns (clean or not) that leave
 //! nothing behind.
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use veil_tests::world::{World, DOWNLOAD_LEN};
 
@@ -162,15 +157,7 @@ fn status_and_metrics_count_what_went_through() {
     assert!(forwarded("ingress_forwarded") >= DOWNLOAD_LEN as u64);
     assert!(forwarded("egress_forwarded") > 0);
 
-    let metrics = world.gw.enter(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text
-    });
+    let metrics = world.metrics();
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     let value = |line_start: &str| -> u64 {
         metrics

@@ -1410,6 +1410,39 @@ fn a_dual_stack_gateway_assigns_both_addresses_in_one_capsule() {
     ])));
 }
 
+/// The client asks for any IPv6 address (Request ID `id`): what the
+/// gateway answers, and the ADDRESS_ASSIGN that answer should be: `v6`
+/// for the request, then the IPv4 address unsolicited.
+fn ask_for_ipv6(pair: &mut Pair, id: u64, v6: Ipv6Addr) -> (Vec<u8>, Vec<u8>) {
+    pair.server_wire.clear();
+    let mut request = Vec::new();
+    Capsule::AddressRequest(vec![RequestedAddress {
+        request_id: id,
+        ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        prefix_len: 128,
+    }])
+    .encode(&mut request)
+    .unwrap();
+    pair.server.receive(&request, pair.now).unwrap();
+    pair.pump();
+    let mut expected = Vec::new();
+    Capsule::AddressAssign(vec![
+        AssignedAddress {
+            request_id: id,
+            ip: IpAddr::V6(v6),
+            prefix_len: 128,
+        },
+        AssignedAddress {
+            request_id: 0,
+            ip: IpAddr::V4(VIP),
+            prefix_len: 32,
+        },
+    ])
+    .encode(&mut expected)
+    .unwrap();
+    (std::mem::take(&mut pair.server_wire), expected)
+}
+
 #[test]
 fn an_ipv4_only_gateway_assigns_no_ipv6_and_refuses_a_request_for_it() {
     let mut pair = Pair::new();
@@ -1420,66 +1453,16 @@ fn an_ipv4_only_gateway_assigns_no_ipv6_and_refuses_a_request_for_it() {
         .iter()
         .any(|o| matches!(o, Output::Assigned6 { .. })));
     // A client asking for IPv6 gets the RFC's "not assigned" (::/128).
-    pair.server_wire.clear();
-    let mut request = Vec::new();
-    Capsule::AddressRequest(vec![RequestedAddress {
-        request_id: 7,
-        ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        prefix_len: 128,
-    }])
-    .encode(&mut request)
-    .unwrap();
-    pair.server.receive(&request, pair.now).unwrap();
-    pair.pump();
-    let mut expected = Vec::new();
-    Capsule::AddressAssign(vec![
-        AssignedAddress {
-            request_id: 7,
-            ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            prefix_len: 128,
-        },
-        AssignedAddress {
-            request_id: 0,
-            ip: IpAddr::V4(VIP),
-            prefix_len: 32,
-        },
-    ])
-    .encode(&mut expected)
-    .unwrap();
-    assert_eq!(pair.server_wire, expected);
+    let (answer, expected) = ask_for_ipv6(&mut pair, 7, Ipv6Addr::UNSPECIFIED);
+    assert_eq!(answer, expected);
 }
 
 #[test]
 fn a_dual_stack_gateway_answers_a_request_for_ipv6_with_its_address() {
     let mut pair = Pair::with(client_config(), dual_stack_config());
     pair.pump();
-    pair.server_wire.clear();
-    let mut request = Vec::new();
-    Capsule::AddressRequest(vec![RequestedAddress {
-        request_id: 9,
-        ip: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        prefix_len: 128,
-    }])
-    .encode(&mut request)
-    .unwrap();
-    pair.server.receive(&request, pair.now).unwrap();
-    pair.pump();
-    let mut expected = Vec::new();
-    Capsule::AddressAssign(vec![
-        AssignedAddress {
-            request_id: 9,
-            ip: IpAddr::V6(VIP6),
-            prefix_len: 128,
-        },
-        AssignedAddress {
-            request_id: 0,
-            ip: IpAddr::V4(VIP),
-            prefix_len: 32,
-        },
-    ])
-    .encode(&mut expected)
-    .unwrap();
-    assert_eq!(pair.server_wire, expected);
+    let (answer, expected) = ask_for_ipv6(&mut pair, 9, VIP6);
+    assert_eq!(answer, expected);
     // The same addresses again: nothing new to report.
     let reports = pair
         .client_out

@@ -269,7 +269,7 @@ pub(super) async fn run_session<T: SessionTransport>(
         move |source: anyhow::Error| Refused::Internal { name, source }
     };
     let vip = shared.lease(&name).map_err(internal(&name))?;
-    let vip6 = shared.cfg.pool6.address_for(vip);
+    let vip6 = shared.vip6_of(vip);
     let mut session = new_session(
         ServerConfig {
             assigned6: vip6,

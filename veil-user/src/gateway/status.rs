@@ -9,10 +9,18 @@ use crate::{
 };
 
 impl Shared {
+    /// The IPv6 address of the client at `vip`, when the gateway carries
+    /// IPv6 (`--pool6` and a public IPv6 address): a client is never given
+    /// an address whose traffic the datapath would not carry.
+    pub(super) fn vip6_of(&self, vip: std::net::Ipv4Addr) -> Option<std::net::Ipv6Addr> {
+        self.v6.as_ref()?;
+        self.cfg.pool6.address_for(vip)
+    }
+
     pub(super) fn status(&self) -> Status {
         let mut clients = self.clients.lock().expect("clients lock").status();
         for c in &mut clients {
-            c.vip6 = self.cfg.pool6.address_for(c.vip);
+            c.vip6 = self.vip6_of(c.vip);
         }
         self.limits_status(&mut clients);
         let mut flows = self.flow_counts();
