@@ -235,6 +235,18 @@ pub struct Settings {
     /// --fallback).
     #[arg(long, value_name = "FILE")]
     pub fallback_page: Option<PathBuf>,
+    /// The revocation list several gateways share, signed by the CA (a
+    /// file, or an http:// or https:// URL), re-read every second or two:
+    /// clients the CA issued elsewhere are let in unless it revokes them
+    /// (docs/operations.md, "More than one gateway") [default: none].
+    #[arg(long, value_name = "FILE|URL")]
+    pub revocations: Option<String>,
+    /// This gateway's part of --pool, when several share one: I/N takes
+    /// part I (from 0) of N equal parts (N a power of two)
+    /// [default: the whole pool].
+    #[arg(long, value_name = "I/N")]
+    #[serde(with = "text")]
+    pub pool_slice: Option<crate::slice::PoolSlice>,
 }
 
 /// Why the settings cannot be used.
@@ -256,6 +268,8 @@ pub enum SettingsError {
     WsPath(String),
     #[error("--cert and --key go together: the certificate chain and its private key (PEM)")]
     CertWithoutKey,
+    #[error("--pool-slice: {0}")]
+    Slice(#[from] crate::slice::SliceError),
     #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
     NoIface,
 }
@@ -310,9 +324,7 @@ impl Settings {
             ws_path: ws_path(self.ws_path)?,
             public_addrs: self.public_addr,
             state_dir,
-            pool: self
-                .pool
-                .unwrap_or_else(|| "10.77.0.0/16".parse().expect("valid")),
+            pool: pool(self.pool, self.pool_slice)?,
             nat_ports: self.nat_ports.unwrap_or(PortRange::DEFAULT),
             tun_name: self.tun.unwrap_or_else(|| "veilgw".into()),
             pin_root: self
@@ -359,7 +371,20 @@ impl Settings {
                 .unwrap_or(crate::nat::Mapping::AddressDependent),
             fallback: self.fallback,
             fallback_page: self.fallback_page,
+            revocations: self.revocations,
         })
+    }
+}
+
+/// `--pool`, or its `--pool-slice`.
+fn pool(
+    pool: Option<Ipv4Net>,
+    slice: Option<crate::slice::PoolSlice>,
+) -> Result<Ipv4Net, SettingsError> {
+    let pool = pool.unwrap_or_else(|| "10.77.0.0/16".parse().expect("valid"));
+    match slice {
+        Some(slice) => Ok(slice.of(pool)?),
+        None => Ok(pool),
     }
 }
 

@@ -362,14 +362,20 @@ impl Shared {
             .expect("registry lock")
             .get(&fingerprint)
             .cloned();
-        match known {
-            Some(record) => Ok(record),
-            None => self
+        let mut record = match known {
+            Some(record) => record,
+            None => match self
                 .state
                 .clients()
                 .ok()
                 .and_then(|all| all.into_iter().find(|r| r.fingerprint == fingerprint))
-                .ok_or(Refused::UnknownClient),
-        }
+            {
+                Some(record) => record,
+                // Issued on another host by the same CA (`--revocations`).
+                None => self.issued_elsewhere(cert)?,
+            },
+        };
+        self.check_revocation_list(cert, &mut record);
+        Ok(record)
     }
 }

@@ -20,6 +20,7 @@ mod forward;
 mod h3;
 mod packets;
 mod registry;
+mod revocations;
 mod session;
 mod status;
 mod ws;
@@ -113,6 +114,9 @@ pub struct GatewayConfig {
     /// Where strangers are proxied to; `None`: the built-in page.
     pub fallback: Option<SocketAddr>,
     pub fallback_page: Option<PathBuf>,
+    /// The revocation list several gateways share (a file, or an
+    /// http(s):// URL), if any: see [`revocations`].
+    pub revocations: Option<String>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -208,6 +212,8 @@ struct Shared {
     fallback: fallback::Fallback,
     /// Each limited client's token buckets and quota in the datapath.
     rate_limits: Mutex<crate::ratelimit::RateLimits>,
+    /// The shared revocation list (`--revocations`), if any.
+    revocations: Option<revocations::Revocations>,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -338,10 +344,16 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         rate_limits: Mutex::new(rate_limits),
         datapath: Mutex::new(Some(datapath)),
         forwarding,
+        revocations: cfg.revocations.clone().map(|source| {
+            revocations::Revocations::new(revocations::Source::parse(&source), ca.cert_pem.clone())
+        }),
         state,
         cfg,
     });
     shared.reload_registry()?;
+    if let Some(list) = &shared.revocations {
+        revocations::first_read(list).await;
+    }
     if let Some(fwd) = &shared.forwarding {
         fwd.load(&shared.datapath, &|name| shared.lease_of(name))?;
     }
@@ -365,6 +377,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(packets::tun_reader(shared.clone()));
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry::watch(shared.clone()));
+    tasks.spawn(revocations::watch(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
     if let Some(fwd) = shared.forwarding.clone() {
         tasks.spawn(forward::watch(shared.clone(), fwd));
