@@ -618,11 +618,12 @@ impl Tunnel<'_> {
         };
         match network {
             Some(net) if net.addr == addr => Ok(()),
-            Some(net) => Err(Fatal(format!(
-                "the gateway assigned {addr} after {}: restart the client",
-                net.addr
-            ))
-            .into()),
+            // Another gateway (failover), another slice of addresses.
+            Some(net) => {
+                net.readdress(addr).map_err(|e| Fatal(format!("{e:#}")))?;
+                info!(%addr, gateway = %self.gateway, "connected");
+                Ok(())
+            }
             None => {
                 *network = Some(
                     Network::up(tun, self.cli.mtu, addr, self.routes)
