@@ -123,7 +123,9 @@ pub struct Settings {
     #[arg(long, value_name = "SIZE")]
     #[serde(with = "text")]
     pub client_buffer: Option<ByteSize>,
-    /// Most flows at once [default: 262144].
+    /// Most flows at once: the size of the flow maps, which the kernel
+    /// allocates whole at start (about 200 bytes a flow; 1048576 for a
+    /// million) [default: 262144].
     #[arg(long, value_name = "N")]
     pub max_flows: Option<usize>,
     /// Most flows one client may hold, so that one client cannot fill the

@@ -271,7 +271,11 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),
         "1",
     );
-    let mut datapath = Datapath::load()?;
+    let max_flows = u32::try_from(cfg.max_flows)
+        .ok()
+        .filter(|n| *n > 0)
+        .context("--max-flows must be between 1 and 4294967295")?;
+    let mut datapath = Datapath::load_sized(max_flows)?;
     datapath.configure(&DatapathConfig {
         public_addrs: public_addrs.clone(),
         vip_pool: cfg.pool,

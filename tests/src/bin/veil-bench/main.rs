@@ -11,6 +11,9 @@
 //! `forward`: a port forwarded in the datapath beside direct routing,
 //! HAProxy and socat.
 //! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
+//! `flows`: the memory of a million flows (`--max-flows`).
+//! `churn`: thousands of real sessions connecting, sending, leaving and
+//! coming back.
 
 use std::{
     io::Write,
@@ -41,18 +44,22 @@ fn main() {
         "peers" => peers(quick, only()),
         "forward" => forwarding(quick),
         "socks" => socks(quick),
+        "flows" => million_flows(quick),
+        "churn" => churn(quick),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks"
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, flows, churn"
             );
             std::process::exit(2);
         }
     }
 }
 
+mod churn;
 mod datapath;
 mod forward;
 mod measure;
+mod million;
 mod peers;
 mod socks;
 mod tunnel;
@@ -61,4 +68,6 @@ mod tunnel;
     unused_imports,
     reason = "the modules share one import list through `use super::*`"
 )]
-use self::{datapath::*, forward::*, measure::*, peers::*, socks::*, tunnel::*};
+use self::{
+    churn::*, datapath::*, forward::*, measure::*, million::*, peers::*, socks::*, tunnel::*,
+};
