@@ -260,7 +260,7 @@ pub(super) async fn run_session<T: SessionTransport>(
         let name = name.to_owned();
         move |source: anyhow::Error| Refused::Internal { name, source }
     };
-    let vip = shared.lease(&name).map_err(internal(&name))?;
+    let vip = shared.lease(&name).await.map_err(internal(&name))?;
     let mut session = new_session(
         ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,

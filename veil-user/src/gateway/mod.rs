@@ -18,6 +18,7 @@ mod fairuse;
 pub mod fallback;
 mod forward;
 mod h3;
+mod leases;
 mod packets;
 mod registry;
 mod revocations;
@@ -214,6 +215,8 @@ struct Shared {
     rate_limits: Mutex<crate::ratelimit::RateLimits>,
     /// The shared revocation list (`--revocations`), if any.
     revocations: Option<revocations::Revocations>,
+    /// Saves new leases, in groups.
+    lease_writer: leases::LeaseWriter,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -348,6 +351,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         rate_limits: Mutex::new(rate_limits),
         datapath: Mutex::new(Some(datapath)),
         forwarding,
+        lease_writer: Default::default(),
         revocations: cfg.revocations.clone().map(|source| {
             revocations::Revocations::new(revocations::Source::parse(&source), ca.cert_pem.clone())
         }),
@@ -382,6 +386,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry::watch(shared.clone()));
     tasks.spawn(revocations::watch(shared.clone()));
+    tasks.spawn(leases::writer(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
     if let Some(fwd) = shared.forwarding.clone() {
         tasks.spawn(forward::watch(shared.clone(), fwd));
