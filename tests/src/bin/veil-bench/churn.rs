@@ -164,6 +164,21 @@ async fn hold(mut live: Live, mut leave: tokio::sync::oneshot::Receiver<()>) {
     let _ = live.tls.shutdown().await;
 }
 
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Past the command name, which may hold spaces: utime and stime are
+    // the 12th and 13th fields after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / hz
+}
+
 /// The gateway process's descriptors.
 fn fds_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -180,7 +195,7 @@ pub(crate) fn churn(quick: bool) {
         .unwrap_or(if quick { 5 } else { 60 });
     println!("## {n} clients, churning (`cargo xtask bench churn`)\n");
     println!(
-        "kernel {}, {} CPUs. Real sessions (TCP, TLS 1.3 with each client's certificate, CONNECT-IP, a leased address, a UDP echo through the datapath) from one client namespace, veil's library code, no TUN per client; the gateway is the release `veil-user` with `--max-clients {} --max-handshakes {IN_FLIGHT} --max-handshakes-per-source {IN_FLIGHT} --grace {GRACE}`, pool 10.77.0.0/16.\n",
+        "kernel {}, {} CPUs. Real sessions (TCP, TLS 1.3 with each client's certificate, CONNECT-IP, a leased address, a UDP echo through the datapath) from one client namespace, veil's library code, no TUN per client; the gateway is the release `veil-user` with `--max-clients {} --max-handshakes {IN_FLIGHT} --max-handshakes-per-source {IN_FLIGHT} --grace {GRACE} --nat-ports 20000-65535`, pool 10.77.0.0/16.\n",
         kernel(),
         num_cpus(),
         n + 16
@@ -201,6 +216,9 @@ pub(crate) fn churn(quick: bool) {
         })
         .collect();
     eprintln!("{n} profiles issued in {:.1} s", started.elapsed().as_secs_f64());
+    world
+        .gw
+        .exec("sysctl", &["-qw", "net.ipv4.ip_local_port_range=10000 19999"]);
     let max_clients = (n + 16).to_string();
     let in_flight = IN_FLIGHT.to_string();
     let grace = GRACE.to_string();
@@ -215,6 +233,11 @@ pub(crate) fn churn(quick: bool) {
             "--grace",
             &grace,
             "--no-h3",
+            // Every client's echo goes to one remote endpoint: the NAT
+            // ports toward it bound the flows (docs/operations.md, "Sizing
+            // the NAT"), so the wide range, as for a busy gateway.
+            "--nat-ports",
+            "20000-65535",
         ],
         // "gateway up", not a line per session.
         "warn,veil_user::gateway=info,veil_user::gateway::accept=warn,veil_user::gateway::session=warn",
@@ -254,6 +277,15 @@ pub(crate) fn churn(quick: bool) {
         report.connected as f64 / report.connect_secs
     );
     println!(
+        "| CPU per new session: gateway, clients' process | {:.2} ms, {:.2} ms |",
+        report.gateway_cpu * 1e3 / report.connected.max(1) as f64,
+        report.client_cpu * 1e3 / report.connected.max(1) as f64
+    );
+    println!(
+        "| gateway CPU with every client connected, idle | {:.0} % of a core |",
+        report.idle_cpu * 100.0
+    );
+    println!(
         "| gateway memory per idle client (RSS with all − RSS before, ÷ N) | {:.1} KiB |",
         (report.rss_all.saturating_sub(rss_0)) as f64 / 1024.0 / report.connected.max(1) as f64
     );
@@ -291,6 +323,12 @@ pub(crate) fn churn(quick: bool) {
 }
 
 struct Report {
+    /// CPU seconds of the gateway and of the clients' process while every
+    /// client connected from cold.
+    gateway_cpu: f64,
+    client_cpu: f64,
+    /// The gateway's CPU (cores) with every client connected and idle.
+    idle_cpu: f64,
     returned: usize,
     return_secs: f64,
     /// Clients that had the same address after everyone came back.
@@ -353,8 +391,15 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     let mut leave: Vec<Option<tokio::sync::oneshot::Sender<()>>> = (0..n).map(|_| None).collect();
     let mut vips: Vec<Option<Ipv4Addr>> = vec![None; n];
     let mut holders = tokio::task::JoinSet::new();
+    let (gw_cpu, own_cpu) = (cpu_secs(pid), cpu_secs(std::process::id()));
     let (connected, connect_secs) =
         connect_all(&ids, &mut leave, &mut vips, &mut holders).await;
+    let gateway_cpu = cpu_secs(pid) - gw_cpu;
+    let client_cpu = cpu_secs(std::process::id()) - own_cpu;
+    // Idle: every client connected, sending only keepalives.
+    let idle_from = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_cpu = (cpu_secs(pid) - idle_from) / 10.0;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss_all, fds_all) = (rss_of(pid), fds_of(pid));
     let flows_all = tokio::task::block_in_place(|| world.status()["flows"]["total"].as_u64().unwrap_or(0));
@@ -410,12 +455,17 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = vips.clone();
     let (returned, return_secs) = connect_all(&ids, &mut leave, &mut vips, &mut holders).await;
-    let kept = before.iter().zip(&vips).filter(|(a, b)| a.is_some() && a == b).count();
+    let kept = (0..n)
+        .filter(|i| leave[*i].is_some() && before[*i].is_some() && before[*i] == vips[*i])
+        .count();
     for tx in leave.iter_mut().filter_map(Option::take) {
         let _ = tx.send(());
     }
     while holders.join_next().await.is_some() {}
     Report {
+        gateway_cpu,
+        client_cpu,
+        idle_cpu,
         returned,
         return_secs,
         kept,
