@@ -168,7 +168,7 @@ pub fn verify(list: &[u8], ca_pem: &str) -> Result<RevocationList, CrlError> {
 }
 
 fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
-    if hex.is_empty() || hex.len() % 2 != 0 {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())

@@ -44,7 +44,10 @@ impl Shared {
             let (vip, new) = clients.lease(name, self.cfg.pool, self.checks.gateway)?;
             // Counted under the clients lock: a snapshot taken under it
             // after reading `made` holds every lease up to that version.
-            (vip, new.then(|| writer.made.fetch_add(1, Ordering::SeqCst) + 1))
+            (
+                vip,
+                new.then(|| writer.made.fetch_add(1, Ordering::SeqCst) + 1),
+            )
         };
         let Some(version) = version else {
             return Ok(vip);

@@ -41,7 +41,10 @@ struct Live {
 }
 
 /// Writes what the session has to send; packets that arrived, returned.
-async fn flush(live_tls: &mut TlsStream<tokio::net::TcpStream>, session: &mut ClientSession) -> std::io::Result<Vec<Output>> {
+async fn flush(
+    live_tls: &mut TlsStream<tokio::net::TcpStream>,
+    session: &mut ClientSession,
+) -> std::io::Result<Vec<Output>> {
     let mut other = Vec::new();
     while let Some(out) = session.poll_output() {
         match out {
@@ -82,7 +85,9 @@ async fn connect(id: &Identity) -> std::io::Result<Live> {
     let tcp = tokio::net::TcpStream::connect(GATEWAY).await?;
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::try_from("veil-gateway").unwrap();
-    let mut tls = TlsConnector::from(id.tls.clone()).connect(name, tcp).await?;
+    let mut tls = TlsConnector::from(id.tls.clone())
+        .connect(name, tcp)
+        .await?;
     let mut session = ClientSession::new(ClientConfig::new("veil-gateway"), Instant::now())
         .map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; 16 * 1024];
@@ -92,14 +97,18 @@ async fn connect(id: &Identity) -> std::io::Result<Live> {
         for out in flush(&mut tls, &mut session).await? {
             match out {
                 Output::Assigned { addr, .. } => vip = Some(addr),
-                Output::Close { reason } => return Err(std::io::Error::other(format!("{reason:?}"))),
+                Output::Close { reason } => {
+                    return Err(std::io::Error::other(format!("{reason:?}")))
+                }
                 _ => {}
             }
         }
         if vip.is_some() {
             break;
         }
-        if Instant::now() > deadline || !read_into(&mut tls, &mut session, &mut buf, Duration::from_secs(5)).await? {
+        if Instant::now() > deadline
+            || !read_into(&mut tls, &mut session, &mut buf, Duration::from_secs(5)).await?
+        {
             return Err(std::io::Error::other("no address assigned"));
         }
     }
@@ -128,11 +137,20 @@ async fn echo(live: &mut Live, buf: &mut [u8]) -> std::io::Result<()> {
             for out in flush(&mut live.tls, &mut live.session).await? {
                 match out {
                     Output::Packet(p) if p.ends_with(b"churn") => return Ok(()),
-                    Output::Close { reason } => return Err(std::io::Error::other(format!("{reason:?}"))),
+                    Output::Close { reason } => {
+                        return Err(std::io::Error::other(format!("{reason:?}")))
+                    }
                     _ => {}
                 }
             }
-            if !read_into(&mut live.tls, &mut live.session, buf, Duration::from_millis(200)).await? {
+            if !read_into(
+                &mut live.tls,
+                &mut live.session,
+                buf,
+                Duration::from_millis(200),
+            )
+            .await?
+            {
                 return Err(std::io::Error::other("closed before the echo"));
             }
         }
@@ -215,10 +233,14 @@ pub(crate) fn churn(quick: bool) {
             }
         })
         .collect();
-    eprintln!("{n} profiles issued in {:.1} s", started.elapsed().as_secs_f64());
-    world
-        .gw
-        .exec("sysctl", &["-qw", "net.ipv4.ip_local_port_range=10000 19999"]);
+    eprintln!(
+        "{n} profiles issued in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    world.gw.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=10000 19999"],
+    );
     let max_clients = (n + 16).to_string();
     let in_flight = IN_FLIGHT.to_string();
     let grace = GRACE.to_string();
@@ -249,7 +271,10 @@ pub(crate) fn churn(quick: bool) {
     let report = world.client(1).enter(|| {
         // SAFETY: raising our own soft limit to the hard one.
         unsafe {
-            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
@@ -271,7 +296,10 @@ pub(crate) fn churn(quick: bool) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!("| what | figure |");
     println!("|---|---:|");
-    println!("| clients connected at once | {} of {n} |", report.connected);
+    println!(
+        "| clients connected at once | {} of {n} |",
+        report.connected
+    );
     println!(
         "| new sessions per second (all {n} from cold, {IN_FLIGHT} in flight) | {:.0} |",
         report.connected as f64 / report.connect_secs
@@ -298,7 +326,11 @@ pub(crate) fn churn(quick: bool) {
         "| same address after everyone came back | {} of {} |",
         report.kept, report.returned
     );
-    println!("| churn: reconnects in {churn_secs} s | {} ({:.0}/s) |", report.reconnects, report.reconnects as f64 / f64::from(churn_secs));
+    println!(
+        "| churn: reconnects in {churn_secs} s | {} ({:.0}/s) |",
+        report.reconnects,
+        report.reconnects as f64 / f64::from(churn_secs)
+    );
     println!("| churn: reconnects that failed | {} |", report.failures);
     println!(
         "| same address after reconnecting | {} of {} |",
@@ -392,8 +424,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     let mut vips: Vec<Option<Ipv4Addr>> = vec![None; n];
     let mut holders = tokio::task::JoinSet::new();
     let (gw_cpu, own_cpu) = (cpu_secs(pid), cpu_secs(std::process::id()));
-    let (connected, connect_secs) =
-        connect_all(&ids, &mut leave, &mut vips, &mut holders).await;
+    let (connected, connect_secs) = connect_all(&ids, &mut leave, &mut vips, &mut holders).await;
     let gateway_cpu = cpu_secs(pid) - gw_cpu;
     let client_cpu = cpu_secs(std::process::id()) - own_cpu;
     // Idle: every client connected, sending only keepalives.
@@ -402,7 +433,8 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     let idle_cpu = (cpu_secs(pid) - idle_from) / 10.0;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss_all, fds_all) = (rss_of(pid), fds_of(pid));
-    let flows_all = tokio::task::block_in_place(|| world.status()["flows"]["total"].as_u64().unwrap_or(0));
+    let flows_all =
+        tokio::task::block_in_place(|| world.status()["flows"]["total"].as_u64().unwrap_or(0));
 
     // Churn: random clients leave and come back, each sending again.
     let end = Instant::now() + Duration::from_secs(u64::from(churn_secs));

@@ -119,10 +119,7 @@ pub(crate) fn million_flows(quick: bool) {
         "| flow maps (egress + reverse, kernel, allocated at load) | {:.0} MiB |",
         mib(flow_maps)
     );
-    println!(
-        "| every map of the datapath | {:.0} MiB |",
-        mib(all_maps)
-    );
+    println!("| every map of the datapath | {:.0} MiB |", mib(all_maps));
     println!(
         "| user-space flow index (RSS with {n} flows − RSS empty) | {:.0} MiB |",
         mib(rss_full.saturating_sub(rss_empty))
@@ -139,5 +136,11 @@ pub(crate) fn million_flows(quick: bool) {
         mib(rss_empty),
         mib(rss_full)
     );
-    println!("\nmaps held: {}", maps.iter().map(|(name, m, e)| format!("{name} {e} entries {:.1} MiB", mib(*m))).collect::<Vec<_>>().join(", "));
+    println!(
+        "\nmaps held: {}",
+        maps.iter()
+            .map(|(name, m, e)| format!("{name} {e} entries {:.1} MiB", mib(*m)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
