@@ -9,11 +9,17 @@
 //!
 //! Gateway A's state directory is where profiles are issued and revoked
 //! (`veil-user client add/revoke`); B holds only a copy of the CA and reads
-//! A's `revocations.crl`, as it would from a shared directory or a URL.
+//! A's `revocations.crl`, from the file (a shared directory) or over
+//! HTTP from a server in its namespace.
 
 use std::{
-    net::Ipv4Addr,
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener},
     path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -31,6 +37,12 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
+        Self::with_list(|a, _| a.state.join("revocations.crl").to_str().unwrap().to_owned())
+    }
+
+    /// Two gateways, B reading the list from where `source` says (given
+    /// both worlds before either gateway starts).
+    fn with_list(source: impl FnOnce(&World, &World) -> String) -> Self {
         let mut a = World::bare(1);
         let mut b = World::bare(0);
         // The issuing state directory: its CA, and a first (empty) list.
@@ -49,8 +61,16 @@ impl Pair {
         );
         let list = a.state.join("revocations.crl");
         let list = list.to_str().unwrap();
+        let b_list = source(&a, &b);
         a.start_gateway(&["--pool", POOL, "--pool-slice", "0/2", "--revocations", list]);
-        b.start_gateway(&["--pool", POOL, "--pool-slice", "1/2", "--revocations", list]);
+        b.start_gateway(&[
+            "--pool",
+            POOL,
+            "--pool-slice",
+            "1/2",
+            "--revocations",
+            &b_list,
+        ]);
         Pair { a, b }
     }
 
@@ -203,4 +223,57 @@ fn a_list_that_does_not_verify_changes_nothing() {
     );
     assert!(log.contains("not a certificate revocation list"), "{log}");
     std::fs::write(&list, good).unwrap();
+}
+
+/// Serves `file` over HTTP/1.0 on 127.0.0.1:8088 in `world`'s gateway
+/// namespace, read afresh for each request, until `stop`.
+fn serve_list(world: &World, file: PathBuf, stop: Arc<AtomicBool>) {
+    let listener = world
+        .gw
+        .enter(|| TcpListener::bind("127.0.0.1:8088"))
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let body = std::fs::read(&file).unwrap_or_default();
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Type: application/pkix-crl\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+}
+
+#[test]
+fn a_revocation_list_served_over_http_reaches_the_other_gateway() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let pair = Pair::with_list(|a, b| {
+        serve_list(b, a.state.join("revocations.crl"), stop.clone());
+        "http://127.0.0.1:8088/veil/revocations.crl".into()
+    });
+    let profile = pair.profile("dave", &[ENDPOINT_B]);
+    let _client = pair.a.start_client(1, &profile, true);
+    assert!(
+        connected(&pair.b, "dave").is_some(),
+        "let in by the list from the URL"
+    );
+
+    pair.a.veil_user(&["client", "revoke", "dave"]);
+    let took = wait_for(
+        Duration::from_secs(10),
+        "dave's session closed on B",
+        || connected(&pair.b, "dave").is_none(),
+    );
+    eprintln!("B applied the list from the URL {took:?} after the revocation");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    stop.store(true, Ordering::Relaxed);
 }
