@@ -182,6 +182,13 @@ async fn hold(mut live: Live, mut leave: tokio::sync::oneshot::Receiver<()>) {
     let _ = live.tls.shutdown().await;
 }
 
+/// Holds `live` open in a task of `holders`; what tells it to leave.
+fn keep(live: Live, holders: &mut tokio::task::JoinSet<()>) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    holders.spawn(hold(live, rx));
+    tx
+}
+
 /// CPU seconds a process has used (user + system), from /proc.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -400,9 +407,7 @@ async fn connect_all(
             (i, Ok(live)) => {
                 up += 1;
                 vips[i] = Some(live.vip);
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                leave[i] = Some(tx);
-                holders.spawn(hold(live, rx));
+                leave[i] = Some(keep(live, holders));
             }
             (_, Err(e)) => {
                 errors += 1;
@@ -463,9 +468,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
                     if Some(live.vip) == vips[i] {
                         same_vip += 1;
                     }
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    leave[i] = Some(tx);
-                    holders.spawn(hold(live, rx));
+                    leave[i] = Some(keep(live, &mut holders));
                 }
                 (_, Err(e)) => {
                     failures += 1;

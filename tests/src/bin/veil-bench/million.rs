@@ -51,6 +51,22 @@ pub(crate) fn rss_of(pid: u32) -> u64 {
         * 1024
 }
 
+/// The flow table of `dp`, configured as a gateway's (nothing attached):
+/// the table takes its public addresses from the configuration.
+pub(crate) fn gateway_flow_table(dp: &mut Datapath) -> veil_user::FlowTable {
+    dp.configure(&DatapathConfig {
+        public_addrs: vec![PUBLIC],
+        vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
+        nat_ports: PortRange::DEFAULT,
+        wan_ifindex: 4242,
+        tun_ifindex: 4343,
+        tun_l2_len: 0,
+    })
+    .unwrap();
+    dp.flow_table(PortRange::DEFAULT, Timeouts::default())
+        .unwrap()
+}
+
 /// `n` distinct flows as a busy gateway holds them: 65,534 clients (a /16
 /// pool), each with `n / 65,534` connections spread over 1,024 remote
 /// endpoints (about a thousand flows each, inside the 4,536 NAT ports an
@@ -78,19 +94,7 @@ pub(crate) fn million_flows(quick: bool) {
     let me = std::process::id();
     let rss_start = rss_of(me);
     let mut dp = Datapath::load_sized(n).expect("loading the datapath sized for the flows");
-    dp.configure(&DatapathConfig {
-        public_addrs: vec![PUBLIC],
-        vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
-        nat_ports: PortRange::DEFAULT,
-        wan_ifindex: 4242,
-        tun_ifindex: 4343,
-        tun_l2_len: 0,
-    })
-    .unwrap();
-    let mut flows = dp
-        .flow_table(PortRange::DEFAULT, Timeouts::default())
-        .unwrap()
-        .with_capacity(n as usize);
+    let mut flows = gateway_flow_table(&mut dp).with_capacity(n as usize);
     let maps = own_maps();
     let flow_maps: u64 = maps
         .iter()
