@@ -621,11 +621,12 @@ impl Tunnel<'_> {
         };
         match network {
             Some(net) if net.addr == addr => Ok(()),
-            Some(net) => Err(Fatal(format!(
-                "the gateway assigned {addr} after {}: restart the client",
-                net.addr
-            ))
-            .into()),
+            // Another gateway (failover), another slice of addresses.
+            Some(net) => {
+                net.readdress(addr).map_err(|e| Fatal(format!("{e:#}")))?;
+                info!(%addr, gateway = %self.gateway, "connected");
+                Ok(())
+            }
             None => {
                 *network = Some(
                     Network::up(tun, self.cli.mtu, addr, self.routes)
@@ -649,10 +650,10 @@ impl Tunnel<'_> {
         };
         match net.addr6 {
             Some(old) if old == addr => Ok(()),
-            Some(old) => Err(Fatal(format!(
-                "the gateway assigned {addr} after {old}: restart the client"
-            ))
-            .into()),
+            // Another gateway (failover), another slice of addresses.
+            Some(_) => net
+                .readdress6(addr)
+                .map_err(|e| Fatal(format!("{e:#}")).into()),
             None => {
                 net.carry_ipv6(addr, self.cli.routes.is_empty())
                     .map_err(|e| Fatal(format!("{e:#}")))?;

@@ -116,6 +116,32 @@ impl Network {
         Ok(())
     }
 
+    /// Moves the device to `addr`, the address another gateway assigned
+    /// (failover): the routes name the device, not the address, and stay.
+    /// Connections bound to the old address end, as they would anyway:
+    /// the new gateway holds none of their NAT state.
+    pub fn readdress(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let dev = self.tun.name().to_owned();
+        ip(&["addr", "add", &format!("{addr}/32"), "dev", &dev])?;
+        ip(&["addr", "del", &format!("{}/32", self.addr), "dev", &dev])?;
+        info!(tun = %dev, old = %self.addr, %addr, "tunnel address changed");
+        self.addr = addr;
+        Ok(())
+    }
+
+    /// [`Self::readdress`] for the IPv6 address: the routes name the
+    /// device and stay.
+    pub fn readdress6(&mut self, addr: Ipv6Addr) -> Result<()> {
+        let dev = self.tun.name().to_owned();
+        let new = format!("{addr}/128");
+        ip(&["-6", "addr", "add", &new, "dev", &dev, "nodad"])?;
+        if let Some(old) = self.addr6.replace(addr) {
+            ip(&["-6", "addr", "del", &format!("{old}/128"), "dev", &dev])?;
+        }
+        info!(tun = %dev, %addr, "tunnel IPv6 address changed");
+        Ok(())
+    }
+
     fn add(&mut self, args: Vec<String>) -> Result<()> {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         ip(&refs)?;

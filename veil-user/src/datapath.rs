@@ -147,10 +147,21 @@ impl Datapath {
     /// Loads the embedded object and verifies every program. Nothing is
     /// attached yet.
     pub fn load() -> Result<Self, DatapathError> {
+        Self::load_sized(veil_common::MAX_FLOWS)
+    }
+
+    /// [`Self::load`] with flow maps of `flows` entries each
+    /// (`--max-flows`). The kernel allocates them whole at load, so this is
+    /// what they cost used or not (docs/operations.md, "Sizing").
+    pub fn load_sized(flows: u32) -> Result<Self, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(EGRESS_MAP, flows)
+            .map_max_entries(REVERSE_MAP, flows)
+            .load(OBJECT)
+            .map_err(DatapathError::Load)?;
         for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC, PROG_FWD_TC] {
             let prog = ebpf
                 .program_mut(name)

@@ -259,6 +259,8 @@ pub struct FlowTable {
     reverse: HashMap<MapData, ReverseKey, ReverseFlow>,
     timeouts: Timeouts,
     book: NatBook,
+    /// Entries each flow map holds ([`crate::Datapath::load_sized`]).
+    map_size: usize,
 }
 
 impl FlowTable {
@@ -270,17 +272,21 @@ impl FlowTable {
         ports: PortRange,
         timeouts: Timeouts,
     ) -> Result<Self, PublicAddrError> {
+        let map_size = aya::maps::IterableMap::map(&egress)
+            .info()
+            .map_or(MAX_FLOWS as usize, |i| i.max_entries() as usize);
         Ok(Self {
             egress,
             reverse,
             timeouts,
-            book: NatBook::new(public, ports, MAX_FLOWS as usize)?,
+            book: NatBook::new(public, ports, map_size)?,
+            map_size,
         })
     }
 
     /// Caps the table below the maps' size (`--max-flows`).
     pub fn with_capacity(mut self, flows: usize) -> Self {
-        self.book.set_capacity(flows.min(MAX_FLOWS as usize));
+        self.book.set_capacity(flows.min(self.map_size));
         self
     }
 

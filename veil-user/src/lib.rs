@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod control;
+pub mod crl;
 pub mod datapath;
 pub mod dns;
 pub mod flows;
@@ -22,6 +23,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod settings;
 pub mod size;
+pub mod slice;
 pub mod state;
 
 pub use datapath::{Datapath, DatapathConfig, DatapathError};

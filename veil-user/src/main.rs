@@ -122,6 +122,10 @@ enum ClientCommand {
     /// Revoke a client: refused from its next handshake on, its live
     /// session closed.
     Revoke { name: String },
+    /// Write the revocation list again (`revocations.crl` in the state
+    /// directory, signed by the CA): a fresh list for gateways started with
+    /// `--revocations` before any revocation, or one past its next update.
+    Revocations,
 }
 
 fn main() -> Result<()> {
@@ -245,9 +249,25 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
             );
         }
         ClientCommand::Revoke { name } => {
-            state.revoke(&name)?;
+            let record = state.revoke(&name)?;
             println!(
                 "client `{name}` revoked; a running gateway closes its session within seconds"
+            );
+            if record.serial.is_none() {
+                println!("(its profile predates revocation lists: gateways that do not hold this registry are not told; issue profiles again to revoke them everywhere)");
+            }
+            println!(
+                "revocation list written: {} (for gateways run with --revocations)",
+                state.revocations_path().display()
+            );
+        }
+        ClientCommand::Revocations => {
+            let list = state.write_revocations()?;
+            println!(
+                "revocation list {} written: {} revoked certificate(s), number {}",
+                state.revocations_path().display(),
+                list.serials.len(),
+                list.number
             );
         }
     }

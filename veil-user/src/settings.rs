@@ -131,7 +131,9 @@ pub struct Settings {
     #[arg(long, value_name = "SIZE")]
     #[serde(with = "text")]
     pub client_buffer: Option<ByteSize>,
-    /// Most flows at once [default: 262144].
+    /// Most flows at once: the size of the flow maps, which the kernel
+    /// allocates whole at start (about 200 bytes a flow; 1048576 for a
+    /// million) [default: 262144].
     #[arg(long, value_name = "N")]
     pub max_flows: Option<usize>,
     /// Most flows one client may hold, so that one client cannot fill the
@@ -248,6 +250,18 @@ pub struct Settings {
     /// --fallback).
     #[arg(long, value_name = "FILE")]
     pub fallback_page: Option<PathBuf>,
+    /// The revocation list several gateways share, signed by the CA (a
+    /// file, or an http:// or https:// URL), re-read every second or two:
+    /// clients the CA issued elsewhere are let in unless it revokes them
+    /// (docs/operations.md, "More than one gateway") [default: none].
+    #[arg(long, value_name = "FILE|URL")]
+    pub revocations: Option<String>,
+    /// This gateway's part of --pool, when several share one: I/N takes
+    /// part I (from 0) of N equal parts (N a power of two)
+    /// [default: the whole pool].
+    #[arg(long, value_name = "I/N")]
+    #[serde(with = "text")]
+    pub pool_slice: Option<crate::slice::PoolSlice>,
 }
 
 /// Why the settings cannot be used.
@@ -269,6 +283,8 @@ pub enum SettingsError {
     WsPath(String),
     #[error("--cert and --key go together: the certificate chain and its private key (PEM)")]
     CertWithoutKey,
+    #[error("--pool-slice: {0}")]
+    Slice(#[from] crate::slice::SliceError),
     #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
     NoIface,
 }
@@ -323,9 +339,7 @@ impl Settings {
             ws_path: ws_path(self.ws_path)?,
             public_addrs: self.public_addr,
             state_dir,
-            pool: self
-                .pool
-                .unwrap_or_else(|| "10.77.0.0/16".parse().expect("valid")),
+            pool: pool(self.pool, self.pool_slice)?,
             pool6: self.pool6.unwrap_or(Pool6::DEFAULT),
             nat_ports: self.nat_ports.unwrap_or(PortRange::DEFAULT),
             tun_name: self.tun.unwrap_or_else(|| "veilgw".into()),
@@ -376,7 +390,20 @@ impl Settings {
                 .unwrap_or(crate::nat::Mapping::AddressDependent),
             fallback: self.fallback,
             fallback_page: self.fallback_page,
+            revocations: self.revocations,
         })
+    }
+}
+
+/// `--pool`, or its `--pool-slice`.
+fn pool(
+    pool: Option<Ipv4Net>,
+    slice: Option<crate::slice::PoolSlice>,
+) -> Result<Ipv4Net, SettingsError> {
+    let pool = pool.unwrap_or_else(|| "10.77.0.0/16".parse().expect("valid"));
+    match slice {
+        Some(slice) => Ok(slice.of(pool)?),
+        None => Ok(pool),
     }
 }
 

@@ -9,6 +9,8 @@
 //!   gateway.toml              the endpoint profiles point at
 //!   clients/NAME.toml         one per issued profile: fingerprint, revoked
 //!   leases.toml               client name -> virtual address
+//!   revocations.crl           the revoked certificates, signed by the CA,
+//!                             for every gateway (`--revocations`, crate::crl)
 //! ```
 //!
 //! The directory is 0700. Keys, client records and leases are written
@@ -38,6 +40,8 @@ use serde::{Deserialize, Serialize};
 /// re-addressing a gateway never needs new certificates.
 pub const SERVER_NAME: &str = "veil-gateway";
 const CA_NAME: &str = "veil gateway CA";
+/// The signed revocation list, in the state directory.
+pub const REVOCATIONS: &str = "revocations.crl";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -79,6 +83,13 @@ pub struct ClientRecord {
     /// name, revoked before it was issued again: still refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<String>,
+    /// The certificate's serial number (hex), as the revocation list
+    /// names it; none for profiles issued before the lists existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// The serial numbers of the retired certificates (those known).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_serials: Vec<String>,
     /// Its own rate limit and quota (`client limit`), over the gateway's.
     #[serde(
         default,
@@ -101,6 +112,8 @@ impl ClientRecord {
                 created: self.created,
                 revoked: Some(revoked),
                 retired: Vec::new(),
+                serial: None,
+                retired_serials: Vec::new(),
                 limits: self.limits,
             })
             .collect();
@@ -275,7 +288,7 @@ impl StateDir {
     pub fn add_client(&self, name: &str, endpoints: &[String]) -> Result<Profile, StateError> {
         check_name(name)?;
         let record_path = self.client_path(name);
-        let mut retired = Vec::new();
+        let (mut retired, mut retired_serials) = (Vec::new(), Vec::new());
         if record_path.exists() {
             let old: ClientRecord = parse(&record_path)?;
             if old.revoked.is_none() {
@@ -283,6 +296,8 @@ impl StateDir {
             }
             retired = old.retired;
             retired.push(old.fingerprint);
+            retired_serials = old.retired_serials;
+            retired_serials.extend(old.serial);
         }
         let endpoints = match endpoints {
             [] => vec![self.endpoint()?.ok_or(StateError::NoEndpoint)?],
@@ -293,6 +308,9 @@ impl StateDir {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // A serial of our own, recorded: the revocation list names it.
+        let serial = crate::crl::new_serial();
+        params.serial_number = Some(serial.clone().into());
         let cert = params.signed_by(&key, &ca.issuer())?;
         let record = ClientRecord {
             name: name.to_owned(),
@@ -300,6 +318,8 @@ impl StateDir {
             created: now(),
             revoked: None,
             retired,
+            serial: Some(crate::crl::serial_hex(&serial)),
+            retired_serials,
             limits: Default::default(),
         };
         write_secret(&record_path, &toml::to_string(&record).expect("serializes"))?;
@@ -386,7 +406,51 @@ impl StateDir {
         let mut record: ClientRecord = parse(&path)?;
         record.revoked.get_or_insert_with(now);
         write_secret(&path, &toml::to_string(&record).expect("serializes"))?;
+        self.write_revocations()?;
         Ok(record)
+    }
+
+    /// Where [`Self::write_revocations`] puts the list.
+    pub fn revocations_path(&self) -> PathBuf {
+        self.root.join(REVOCATIONS)
+    }
+
+    /// Signs the list of every revoked certificate (by serial number) with
+    /// the CA and writes it to `revocations.crl`, numbered above the one it
+    /// replaces: what gateways started with `--revocations` apply. Records
+    /// that do not read are left out (they are refused here anyway).
+    pub fn write_revocations(&self) -> Result<crate::crl::RevocationList, StateError> {
+        let ca = self.ca()?;
+        let revoked: Vec<crate::crl::Revoked> = self
+            .clients()?
+            .iter()
+            .flat_map(|r| {
+                let at = r.revoked.unwrap_or(r.created);
+                let current = r.revoked.and(r.serial.clone());
+                current
+                    .into_iter()
+                    .chain(r.retired_serials.iter().cloned())
+                    .map(move |serial| crate::crl::Revoked { serial, at })
+            })
+            .collect();
+        let path = self.revocations_path();
+        let previous = fs::read(&path)
+            .ok()
+            .and_then(|der| crate::crl::verify(&der, &ca.cert_pem).ok())
+            .map_or(0, |l| l.number);
+        let now = now();
+        let der =
+            crate::crl::sign(&ca.issuer(), &revoked, now.max(previous + 1), now).map_err(|e| {
+                StateError::Corrupt {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        PrivateFile::with_mode(&path, Existing::Replace, 0o644)?.commit(&der)?;
+        crate::crl::verify(&der, &ca.cert_pem).map_err(|e| StateError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
     }
 
     /// Sets a client's own limits (the gateway applies them within a
@@ -435,7 +499,7 @@ pub struct Ca {
 }
 
 impl Ca {
-    fn issuer(&self) -> Issuer<'_, &KeyPair> {
+    pub(crate) fn issuer(&self) -> Issuer<'_, &KeyPair> {
         // The CA's subject and key are all a signature needs: rebuilt from
         // the fixed parameters rather than parsed back from the PEM.
         Issuer::new(ca_params(), &self.key)
@@ -458,6 +522,11 @@ pub fn fingerprint(der: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Whether `name` is a client name `client add` would accept.
+pub fn valid_name(name: &str) -> bool {
+    check_name(name).is_ok()
 }
 
 fn check_name(name: &str) -> Result<(), StateError> {
@@ -718,6 +787,21 @@ mod tests {
             fingerprint(&CertificateDer::from_pem_slice(p.cert.as_bytes()).unwrap())
         };
         assert_eq!(record.retired, [fingerprint(&first), fingerprint(&second)]);
+        // The signed list names both earlier certificates, not the current.
+        let list = crate::crl::verify(
+            &fs::read(state.revocations_path()).unwrap(),
+            &state.ca().unwrap().cert_pem,
+        )
+        .unwrap();
+        assert_eq!(record.retired_serials.len(), 2);
+        assert!(record.retired_serials.iter().all(|s| list.revokes(s)));
+        assert!(!list.revokes(record.serial.as_deref().unwrap()));
+        let again = state.write_revocations().unwrap();
+        assert!(
+            again.number > list.number,
+            "each list numbered above the last"
+        );
+        assert_eq!(again.serials, list.serials);
         let registry = record.clone().with_retired();
         assert_eq!(registry.len(), 3);
         assert!(registry[0].revoked.is_none());

@@ -268,7 +268,7 @@ pub(super) async fn run_session<T: SessionTransport>(
         let name = name.to_owned();
         move |source: anyhow::Error| Refused::Internal { name, source }
     };
-    let vip = shared.lease(&name).map_err(internal(&name))?;
+    let vip = shared.lease(&name).await.map_err(internal(&name))?;
     let vip6 = shared.vip6_of(vip);
     let mut session = new_session(
         ServerConfig {
@@ -383,14 +383,20 @@ impl Shared {
             .expect("registry lock")
             .get(&fingerprint)
             .cloned();
-        match known {
-            Some(record) => Ok(record),
-            None => self
+        let mut record = match known {
+            Some(record) => record,
+            None => match self
                 .state
                 .clients()
                 .ok()
                 .and_then(|all| all.into_iter().find(|r| r.fingerprint == fingerprint))
-                .ok_or(Refused::UnknownClient),
-        }
+            {
+                Some(record) => record,
+                // Issued on another host by the same CA (`--revocations`).
+                None => self.issued_elsewhere(cert)?,
+            },
+        };
+        self.check_revocation_list(cert, &mut record);
+        Ok(record)
     }
 }

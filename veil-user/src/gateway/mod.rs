@@ -19,9 +19,11 @@ mod fairuse;
 pub mod fallback;
 mod forward;
 mod h3;
+mod leases;
 mod packets;
 mod packets6;
 mod registry;
+mod revocations;
 mod session;
 mod status;
 mod ws;
@@ -123,6 +125,9 @@ pub struct GatewayConfig {
     /// Where strangers are proxied to; `None`: the built-in page.
     pub fallback: Option<SocketAddr>,
     pub fallback_page: Option<PathBuf>,
+    /// The revocation list several gateways share (a file, or an
+    /// http(s):// URL), if any: see [`revocations`].
+    pub revocations: Option<String>,
 }
 
 /// The TUN device's MTU, and the largest IP packet a client may send.
@@ -221,6 +226,10 @@ struct Shared {
     /// NAT66, when the gateway carries IPv6 ([`packets6`]).
     v6: Option<packets6::V6>,
     counters6: packets6::Counters6,
+    /// The shared revocation list (`--revocations`), if any.
+    revocations: Option<revocations::Revocations>,
+    /// Saves new leases, in groups.
+    lease_writer: leases::LeaseWriter,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -278,7 +287,11 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),
         "1",
     );
-    let mut datapath = Datapath::load()?;
+    let max_flows = u32::try_from(cfg.max_flows)
+        .ok()
+        .filter(|n| *n > 0)
+        .context("--max-flows must be between 1 and 4294967295")?;
+    let mut datapath = Datapath::load_sized(max_flows)?;
     datapath.configure(&DatapathConfig {
         public_addrs: public_addrs.clone(),
         vip_pool: cfg.pool,
@@ -354,10 +367,17 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         counters6: Default::default(),
         datapath: Mutex::new(Some(datapath)),
         forwarding,
+        lease_writer: Default::default(),
+        revocations: cfg.revocations.clone().map(|source| {
+            revocations::Revocations::new(revocations::Source::parse(&source), ca.cert_pem.clone())
+        }),
         state,
         cfg,
     });
     shared.reload_registry()?;
+    if let Some(list) = &shared.revocations {
+        revocations::first_read(list).await;
+    }
     if let Some(fwd) = &shared.forwarding {
         fwd.load(&shared.datapath, &|name| shared.lease_of(name))?;
     }
@@ -381,6 +401,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(packets::tun_reader(shared.clone()));
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry::watch(shared.clone()));
+    tasks.spawn(revocations::watch(shared.clone()));
+    tasks.spawn(leases::writer(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
     if let Some(fwd) = shared.forwarding.clone() {
         tasks.spawn(forward::watch(shared.clone(), fwd));

@@ -41,8 +41,8 @@ impl Shared {
 
     /// Closes every live session whose certificate is revoked (by its
     /// fingerprint: a name issued again keeps its new session).
-    fn close_revoked(&self) {
-        let revoked: HashSet<String> = self
+    pub(super) fn close_revoked(&self) {
+        let mut revoked: HashSet<String> = self
             .registry
             .read()
             .expect("registry lock")
@@ -50,6 +50,7 @@ impl Shared {
             .filter(|r| r.revoked.is_some())
             .map(|r| r.fingerprint.clone())
             .collect();
+        revoked.extend(self.revoked_by_list());
         let clients = self.clients.lock().expect("clients lock");
         for name in clients.close_certificates(&revoked, "client revoked") {
             info!(client = %name, "revoked: closing its session");

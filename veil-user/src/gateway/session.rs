@@ -159,17 +159,6 @@ pub(super) async fn linger<S: Carrier>(stream: &mut Stream<TlsStream<S>>) {
 }
 
 impl Shared {
-    /// The client's address: the one it had before, or the next free one
-    /// (saved before it is used).
-    pub(super) fn lease(&self, name: &str) -> Result<Ipv4Addr> {
-        let mut clients = self.clients.lock().expect("clients lock");
-        let (vip, new) = clients.lease(name, self.cfg.pool, self.checks.gateway)?;
-        if new {
-            self.state.save_leases(clients.leases())?;
-        }
-        Ok(vip)
-    }
-
     /// Registers a live session and its reply queue (see
     /// [`super::clients::Clients::attach`]); `None` if `--max-clients` is reached.
     pub(super) fn attach(

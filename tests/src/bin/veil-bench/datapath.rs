@@ -318,20 +318,7 @@ pub(crate) fn rx_packets(ns: &NetNs) -> u64 {
 /// ports toward a handful of remotes, as a busy gateway sees them).
 pub(crate) fn flow_setup(n: u32) -> (f64, f64) {
     let mut dp = Datapath::load().unwrap();
-    // Configured as a gateway (nothing attached): the flow table takes its
-    // public addresses from the configuration.
-    dp.configure(&DatapathConfig {
-        public_addrs: vec![PUBLIC],
-        vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
-        nat_ports: PortRange::DEFAULT,
-        wan_ifindex: 4242,
-        tun_ifindex: 4343,
-        tun_l2_len: 0,
-    })
-    .unwrap();
-    let mut flows = dp
-        .flow_table(PortRange::DEFAULT, Timeouts::default())
-        .unwrap();
+    let mut flows = gateway_flow_table(&mut dp);
     let keys: Vec<FlowKey> = (0..n)
         .map(|i| {
             let client = Ipv4Addr::from_bits(0x0a4d_0000 | (i % 4096));

@@ -12,6 +12,9 @@
 //! HAProxy and socat.
 //! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
 //! `ipv6`: TCP through veil over IPv6 beside IPv4.
+//! `flows`: the memory of a million flows (`--max-flows`).
+//! `churn`: thousands of real sessions connecting, sending, leaving and
+//! coming back.
 
 use std::{
     io::Write,
@@ -43,19 +46,23 @@ fn main() {
         "forward" => forwarding(quick),
         "socks" => socks(quick),
         "ipv6" => ipv6(quick),
+        "flows" => million_flows(quick),
+        "churn" => churn(quick),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6"
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn"
             );
             std::process::exit(2);
         }
     }
 }
 
+mod churn;
 mod datapath;
 mod forward;
 mod ipv6;
 mod measure;
+mod million;
 mod peers;
 mod socks;
 mod tunnel;
@@ -64,4 +71,7 @@ mod tunnel;
     unused_imports,
     reason = "the modules share one import list through `use super::*`"
 )]
-use self::{datapath::*, forward::*, ipv6::*, measure::*, peers::*, socks::*, tunnel::*};
+use self::{
+    churn::*, datapath::*, forward::*, ipv6::*, measure::*, million::*, peers::*, socks::*,
+    tunnel::*,
+};
