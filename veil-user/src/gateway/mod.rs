@@ -95,6 +95,8 @@ pub struct GatewayConfig {
     pub max_handshakes_per_source: usize,
     /// Worker threads for tunnels; `None`: one per CPU.
     pub threads: Option<u16>,
+    /// How long to busy-poll after each packet (zero: never).
+    pub busy_poll: Duration,
     /// Upstream resolvers of the DNS service clients get on the gateway's
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
@@ -159,6 +161,8 @@ pub struct Counters {
     pub port_share_exceeded: AtomicU64,
     pub client_queue_full: AtomicU64,
     pub no_session: AtomicU64,
+    /// Client packets the TUN device refused (a failed write).
+    pub tun_write_failed: AtomicU64,
     /// Packets one client sent to another (`--allow-client-to-client`).
     pub client_to_client: AtomicU64,
     /// DNS queries to the gateway's resolver service: taken, answered,
@@ -213,6 +217,7 @@ struct Shared {
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     preflight::check(&cfg.iface, cfg.nat_ports)?;
+    veil_tunnel::busy::start(cfg.busy_poll);
     for advice in preflight::advice(&cfg.iface) {
         warn!("{advice}");
     }
