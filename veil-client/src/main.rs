@@ -560,6 +560,16 @@ impl Tunnel<'_> {
             &mut net_buf,
         )
         .await;
+        // Packets lost at the TUN device so far, both ways.
+        if let Some(net) = side.network.as_ref() {
+            let (refused, overflowed) = (net.tun.write_failures(), net.tun.queue_drops());
+            if refused + overflowed > 0 {
+                info!(
+                    "TUN device: {refused} packets from the gateway refused, \
+                     {overflowed} toward it dropped (its queue full)"
+                );
+            }
+        }
         match end {
             End::Local(Ended::Stop) => {
                 transport.close(CLOSE_TIMEOUT).await;

@@ -8,7 +8,11 @@
 //! peer that negotiated offload; `veil_proto::gso` segments them for one
 //! that did not.
 
-use std::{io, os::fd::AsRawFd};
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use tokio::io::{unix::AsyncFd, Interest};
 use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
@@ -41,6 +45,9 @@ pub const MAX_READ: usize = VNET_HDR_LEN + 65_536;
 pub struct Tun {
     fd: AsyncFd<tun::Device>,
     name: String,
+    /// Packets a write failed to hand to the kernel (counted, not logged
+    /// one by one: a failing device fails for every packet).
+    write_failures: AtomicU64,
 }
 
 impl Tun {
@@ -64,11 +71,20 @@ impl Tun {
         // SAFETY: the device owns its fd, open until the AsyncFd drops it.
         let fd = unsafe { AsyncFd::register_with_interest(dev, Interest::READABLE) }
             .map_err(io::Error::from)?;
-        Ok(Self { fd, name })
+        Ok(Self {
+            fd,
+            name,
+            write_failures: AtomicU64::new(0),
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Packets our writes failed to hand to the kernel so far.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Relaxed)
     }
 
     /// Packets the kernel dropped because the device's queue was full (our
@@ -124,6 +140,7 @@ impl Tun {
         // SAFETY: a valid fd; both buffers outlive the call and are only read.
         let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
         if n < 0 {
+            self.write_failures.fetch_add(1, Relaxed);
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -136,6 +153,7 @@ impl Tun {
         // SAFETY: a valid fd and buffer.
         let n = unsafe { libc::write(fd, hdr_and_packet.as_ptr().cast(), hdr_and_packet.len()) };
         if n < 0 {
+            self.write_failures.fetch_add(1, Relaxed);
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -58,8 +58,18 @@ fn iperf3_json(
     if reverse {
         cmd.arg("-R");
     }
-    let out = cmd.output().expect("running iperf3");
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+    // A run right after another may find the server still busy with it:
+    // once more after a pause, saying why.
+    for attempt in 0..3 {
+        let out = cmd.output().expect("running iperf3");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        match v["error"].as_str() {
+            Some(e) if attempt < 2 => eprintln!("iperf3: {e}; again"),
+            _ => return v,
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    serde_json::Value::Null
 }
 
 /// Round-trip times in µs of `n` pings 10 ms apart.

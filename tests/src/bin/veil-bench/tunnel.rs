@@ -240,7 +240,29 @@ pub(crate) fn veil_drops(world: &veil_tests::world::World) -> BTreeMap<String, u
             lost.insert(format!("{dev} {dir} dropped"), n);
         }
     }
+    // Socket buffers: HTTP/3's datagrams can overflow either end's.
+    for (ns, end) in [(&world.gw, "gateway"), (world.client(1), "client")] {
+        for (counter, n) in udp_buffer_errors(ns) {
+            lost.insert(format!("{end} UDP {counter}"), n);
+        }
+    }
     lost
+}
+
+/// A namespace's UDP receive and send buffer errors (`/proc/net/snmp`).
+fn udp_buffer_errors(ns: &NetNs) -> Vec<(String, u64)> {
+    let out = ns.exec("cat", &["/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return Vec::new();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter(|(name, _)| matches!(*name, "RcvbufErrors" | "SndbufErrors"))
+        .map(|(name, v)| (name.to_owned(), v.parse().unwrap_or(0)))
+        .collect()
 }
 
 /// An interface's receive and transmit drops.
