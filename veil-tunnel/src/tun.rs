@@ -26,14 +26,18 @@ const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 const TUN_F_USO4: libc::c_uint = 0x20;
 
-/// The device's transmit queue (what the kernel holds for our reads), in
-/// packets. The kernel's default, 500, overflowed during a download with
-/// GRO off on the gateway's WAN side (every reply one MTU-sized packet
-/// here): 8,000–12,000 drops, each a TCP retransmission, in 2 s. 4,096
-/// covers a TCP receive window's worth of MTU-sized packets (the client's
-/// default maximum of 6 MiB) plus bursts; TCP paces itself by its
-/// window, so a longer queue is used only when the reader falls behind.
-pub const QUEUE_LEN: u32 = 4096;
+/// A transmit queue (what the kernel holds for our reads) for a device
+/// that carries other hosts' downloads, in packets: the gateway's. The
+/// kernel's default, 500, overflowed during a download with GRO off on
+/// the gateway's WAN side (every reply one MTU-sized packet there):
+/// 8,000–12,000 drops, each a TCP retransmission, in 2 s. 4,096 covers a
+/// TCP receive window's worth of MTU-sized packets (Linux's default
+/// maximum of 6 MiB) plus bursts; TCP paces itself by its window, so a
+/// longer queue is used only when the reader falls behind. The client
+/// keeps the default: its queue holds its own uploads, where TCP small
+/// queues bound each flow and a longer queue would only hold an
+/// unpaced sender's excess in front of everything else.
+pub const GATEWAY_QUEUE_LEN: u32 = 4096;
 
 /// `SIOCSIFTXQLEN`.
 const SIOCSIFTXQLEN: libc::c_ulong = 0x8943;
@@ -64,10 +68,6 @@ impl Tun {
         set_little_endian(dev.as_raw_fd())?;
         set_offload(dev.as_raw_fd())?;
         let name = tun::AbstractDevice::tun_name(&dev).map_err(io::Error::other)?;
-        // Without the privilege to lengthen it, the default queue still works.
-        if let Err(e) = set_queue_len(&name, QUEUE_LEN) {
-            tracing::warn!("setting the queue length of {name}: {e}");
-        }
         // SAFETY: the device owns its fd, open until the AsyncFd drops it.
         let fd = unsafe { AsyncFd::register_with_interest(dev, Interest::READABLE) }
             .map_err(io::Error::from)?;
@@ -80,6 +80,12 @@ impl Tun {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets the device's transmit queue length (see
+    /// [`GATEWAY_QUEUE_LEN`]).
+    pub fn set_queue_len(&self, packets: u32) -> io::Result<()> {
+        set_queue_len(&self.name, packets)
     }
 
     /// Packets our writes failed to hand to the kernel so far.
@@ -160,7 +166,7 @@ impl Tun {
     }
 }
 
-/// Sets the transmit queue length of interface `name` (see [`QUEUE_LEN`]).
+/// Sets the transmit queue length of interface `name`.
 fn set_queue_len(name: &str, len: u32) -> io::Result<()> {
     /// `struct ifreq` with the `ifr_qlen` member of its union.
     #[repr(C)]

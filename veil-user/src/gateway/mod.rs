@@ -265,6 +265,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
 
     let tun = Tun::create(&cfg.tun_name, MTU)
         .with_context(|| format!("creating the TUN device {}", cfg.tun_name))?;
+    tun.set_queue_len(veil_tunnel::tun::GATEWAY_QUEUE_LEN)
+        .context("setting the TUN device's queue length")?;
     // The kernel would otherwise send IPv6 router solicitations into it.
     let _ = std::fs::write(
         format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),
