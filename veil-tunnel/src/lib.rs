@@ -7,6 +7,7 @@
 //! The client depends on this and on `veil-proto` only; the gateway
 //! (`veil-user`) adds the datapath, the flow table and the registry.
 
+pub mod busy;
 pub mod net;
 pub mod profile;
 pub mod pump;

@@ -82,6 +82,8 @@ where
     L: Local<S>,
 {
     loop {
+        // Something happened (or the pump starts): see `busy`.
+        crate::busy::touch();
         // QUIC's path MTU discovery moves this; a byte stream has none.
         session.set_max_datagram(transport.max_datagram());
         // Act on everything the state machine has to say.

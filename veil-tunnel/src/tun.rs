@@ -8,7 +8,11 @@
 //! peer that negotiated offload; `veil_proto::gso` segments them for one
 //! that did not.
 
-use std::{io, os::fd::AsRawFd};
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use tokio::io::{unix::AsyncFd, Interest};
 use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
@@ -22,6 +26,22 @@ const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 const TUN_F_USO4: libc::c_uint = 0x20;
 
+/// A transmit queue (what the kernel holds for our reads) for a device
+/// that carries other hosts' downloads, in packets: the gateway's. The
+/// kernel's default, 500, overflowed during a download with GRO off on
+/// the gateway's WAN side (every reply one MTU-sized packet there):
+/// 8,000–12,000 drops, each a TCP retransmission, in 2 s. 4,096 covers a
+/// TCP receive window's worth of MTU-sized packets (Linux's default
+/// maximum of 6 MiB) plus bursts; TCP paces itself by its window, so a
+/// longer queue is used only when the reader falls behind. The client
+/// keeps the default: its queue holds its own uploads, where TCP small
+/// queues bound each flow and a longer queue would only hold an
+/// unpaced sender's excess in front of everything else.
+pub const GATEWAY_QUEUE_LEN: u32 = 4096;
+
+/// `SIOCSIFTXQLEN`.
+const SIOCSIFTXQLEN: libc::c_ulong = 0x8943;
+
 /// Room for the largest packet a read can return: the offload header and
 /// an IPv4 super-packet of at most 64 KiB.
 pub const MAX_READ: usize = VNET_HDR_LEN + 65_536;
@@ -29,6 +49,9 @@ pub const MAX_READ: usize = VNET_HDR_LEN + 65_536;
 pub struct Tun {
     fd: AsyncFd<tun::Device>,
     name: String,
+    /// Packets a write failed to hand to the kernel (counted, not logged
+    /// one by one: a failing device fails for every packet).
+    write_failures: AtomicU64,
 }
 
 impl Tun {
@@ -48,11 +71,38 @@ impl Tun {
         // SAFETY: the device owns its fd, open until the AsyncFd drops it.
         let fd = unsafe { AsyncFd::register_with_interest(dev, Interest::READABLE) }
             .map_err(io::Error::from)?;
-        Ok(Self { fd, name })
+        Ok(Self {
+            fd,
+            name,
+            write_failures: AtomicU64::new(0),
+        })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets the device's transmit queue length (see
+    /// [`GATEWAY_QUEUE_LEN`]).
+    pub fn set_queue_len(&self, packets: u32) -> io::Result<()> {
+        set_queue_len(&self.name, packets)
+    }
+
+    /// Packets our writes failed to hand to the kernel so far.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Relaxed)
+    }
+
+    /// Packets the kernel dropped because the device's queue was full (our
+    /// reads fell behind): the interface's `tx_dropped`.
+    pub fn queue_drops(&self) -> u64 {
+        std::fs::read_to_string(format!(
+            "/sys/class/net/{}/statistics/tx_dropped",
+            self.name
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
     }
 
     /// Reads one packet, its offload header first; `buf` should hold
@@ -96,6 +146,7 @@ impl Tun {
         // SAFETY: a valid fd; both buffers outlive the call and are only read.
         let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
         if n < 0 {
+            self.write_failures.fetch_add(1, Relaxed);
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -108,10 +159,48 @@ impl Tun {
         // SAFETY: a valid fd and buffer.
         let n = unsafe { libc::write(fd, hdr_and_packet.as_ptr().cast(), hdr_and_packet.len()) };
         if n < 0 {
+            self.write_failures.fetch_add(1, Relaxed);
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
+}
+
+/// Sets the transmit queue length of interface `name`.
+fn set_queue_len(name: &str, len: u32) -> io::Result<()> {
+    /// `struct ifreq` with the `ifr_qlen` member of its union.
+    #[repr(C)]
+    struct IfReqQlen {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        qlen: libc::c_int,
+        pad: [u8; 20],
+    }
+    let mut req = IfReqQlen {
+        name: [0; libc::IFNAMSIZ],
+        qlen: len as libc::c_int,
+        pad: [0; 20],
+    };
+    for (d, s) in req
+        .name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: a plain datagram socket, closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCSIFTXQLEN reads a struct ifreq through the pointer.
+    let rc = unsafe { libc::ioctl(sock, SIOCSIFTXQLEN as _, &req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: our socket, closed once.
+    unsafe { libc::close(sock) };
+    if rc != 0 {
+        return Err(err);
+    }
+    Ok(())
 }
 
 /// The offload header is little-endian on the wire (virtio 1.x); the

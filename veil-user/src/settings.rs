@@ -175,6 +175,12 @@ pub struct Settings {
     /// per CPU].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// Keep polling the tunnels and the TUN device for this many
+    /// microseconds after each packet before sleeping: lower round-trip
+    /// time for a core kept busy meanwhile (best with `--threads 1`; see
+    /// docs/performance.md) [default: 0, off].
+    #[arg(long, value_name = "MICROS")]
+    pub busy_poll: Option<u64>,
     /// Serve Prometheus metrics (GET /metrics) on this port of 127.0.0.1,
     /// or on ADDR:PORT to expose them (aggregates only: no client names).
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::metrics::parse_addr)]
@@ -369,6 +375,7 @@ impl Settings {
             max_handshakes: self.max_handshakes.unwrap_or(256),
             max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
             threads: self.threads,
+            busy_poll: Duration::from_micros(self.busy_poll.unwrap_or(0)),
             dns: self.dns,
             forward: self.forward,
             operator_cert: match (self.cert, self.key) {

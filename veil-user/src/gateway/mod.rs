@@ -107,6 +107,8 @@ pub struct GatewayConfig {
     pub max_handshakes_per_source: usize,
     /// Worker threads for tunnels; `None`: one per CPU.
     pub threads: Option<u16>,
+    /// How long to busy-poll after each packet (zero: never).
+    pub busy_poll: Duration,
     /// Upstream resolvers of the DNS service clients get on the gateway's
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
@@ -174,6 +176,8 @@ pub struct Counters {
     pub port_share_exceeded: AtomicU64,
     pub client_queue_full: AtomicU64,
     pub no_session: AtomicU64,
+    /// Client packets the TUN device refused (a failed write).
+    pub tun_write_failed: AtomicU64,
     /// Packets one client sent to another (`--allow-client-to-client`).
     pub client_to_client: AtomicU64,
     /// DNS queries to the gateway's resolver service: taken, answered,
@@ -235,6 +239,7 @@ struct Shared {
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     preflight::check(&cfg.iface, cfg.nat_ports)?;
+    veil_tunnel::busy::start(cfg.busy_poll);
     for advice in preflight::advice(&cfg.iface) {
         warn!("{advice}");
     }
@@ -282,6 +287,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
 
     let tun = Tun::create(&cfg.tun_name, MTU)
         .with_context(|| format!("creating the TUN device {}", cfg.tun_name))?;
+    tun.set_queue_len(veil_tunnel::tun::GATEWAY_QUEUE_LEN)
+        .context("setting the TUN device's queue length")?;
     // The kernel would otherwise send IPv6 router solicitations into it.
     let _ = std::fs::write(
         format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),

@@ -43,9 +43,7 @@ impl Shared {
         }
         if let Some(fwd) = &self.forwarding {
             if fwd.is_client_reply(vip, pkt) {
-                if let Err(e) = self.tun.send(hdr, pkt) {
-                    debug!(%vip, "writing to the TUN device: {e}");
-                }
+                self.to_tun(vip, hdr, pkt);
                 return None;
             }
         }
@@ -56,9 +54,7 @@ impl Shared {
                 }
                 // A fragment after the first has no flow of its own: the
                 // datapath translates it as its first, or drops it.
-                if let Err(e) = self.tun.send(hdr, pkt) {
-                    debug!(%vip, "writing to the TUN device: {e}");
-                }
+                self.to_tun(vip, hdr, pkt);
                 None
             }
             Verdict::Client(dst) => self.to_other_client(dst, hdr, pkt),
@@ -70,6 +66,15 @@ impl Shared {
                 self.dropped(vip, &why);
                 answer
             }
+        }
+    }
+
+    /// A client's packet into the TUN device, toward the datapath. A write
+    /// the kernel refuses (its memory short, the device down) is counted.
+    fn to_tun(&self, vip: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) {
+        if let Err(e) = self.tun.send(hdr, pkt) {
+            self.counters.tun_write_failed.fetch_add(1, Relaxed);
+            debug!(%vip, "writing to the TUN device: {e}");
         }
     }
 
@@ -205,6 +210,7 @@ pub(super) async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
                 continue;
             }
         };
+        veil_tunnel::busy::touch();
         // Sessions that start or end meanwhile wait for one batch at most.
         let sessions = shared.sessions.read().expect("sessions lock");
         shared.to_session(&sessions, &buf[..n]);

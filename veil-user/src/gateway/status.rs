@@ -37,6 +37,7 @@ impl Shared {
             ("port_share_exceeded", &c.port_share_exceeded),
             ("client_queue_full", &c.client_queue_full),
             ("no_session", &c.no_session),
+            ("tun_write_failed", &c.tun_write_failed),
             ("client_to_client", &c.client_to_client),
             ("dns_queries", &c.dns_queries),
             ("dns_answered", &c.dns_answered),
@@ -50,6 +51,9 @@ impl Shared {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v)),
         )
+        // Replies the kernel dropped before our reads took them (the TUN
+        // device's queue full): counted by the kernel, shown beside ours.
+        .chain([("tun_queue_full".to_owned(), self.tun.queue_drops())])
         .collect();
         let datapath = self
             .datapath

@@ -8,6 +8,18 @@ pub(crate) fn iperf3(ns: &str, secs: u32, streams: u32, reverse: bool) -> f64 {
     iperf3_to(ns, (REMOTE, 5201).into(), secs, streams, reverse)
 }
 
+/// [`iperf3`] with one stream: bits per second received and the sender's
+/// TCP retransmissions.
+pub(crate) fn iperf3_retransmits(ns: &str, secs: u32, reverse: bool) -> (f64, u64) {
+    let v = iperf3_json(ns, (REMOTE, 5201).into(), secs, 1, reverse);
+    (
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0),
+        v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    )
+}
+
 /// TCP bits per second received, from namespace `ns` to an iperf3 server
 /// at `server` (or back with `reverse`).
 pub(crate) fn iperf3_to(
@@ -17,6 +29,19 @@ pub(crate) fn iperf3_to(
     streams: u32,
     reverse: bool,
 ) -> f64 {
+    iperf3_json(ns, server, secs, streams, reverse)["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+}
+
+/// iperf3's JSON report of one run (`Null` if it did not run).
+fn iperf3_json(
+    ns: &str,
+    server: std::net::SocketAddr,
+    secs: u32,
+    streams: u32,
+    reverse: bool,
+) -> serde_json::Value {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{ns}")).args([
         "iperf3",
@@ -33,11 +58,18 @@ pub(crate) fn iperf3_to(
     if reverse {
         cmd.arg("-R");
     }
-    let out = cmd.output().expect("running iperf3");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
+    // A run right after another may find the server still busy with it:
+    // once more after a pause, saying why.
+    for attempt in 0..3 {
+        let out = cmd.output().expect("running iperf3");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        match v["error"].as_str() {
+            Some(e) if attempt < 2 => eprintln!("iperf3: {e}; again"),
+            _ => return v,
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    serde_json::Value::Null
 }
 
 /// Round-trip times in µs of `n` pings 10 ms apart.
