@@ -151,9 +151,6 @@ impl World {
         let mut cmd = self.nsenter(&self.gw, "veil-user");
         cmd.env("RUST_LOG", log);
         cmd.args(["--iface", "wan0"]);
-        if !extra.contains(&"--listen") {
-            cmd.args(["--listen", "0.0.0.0:443"]);
-        }
         cmd.arg("--state-dir")
             .arg(&self.state)
             .arg("--pin-dir")

@@ -25,14 +25,12 @@ const ETH_P_IPV6: u16 = libc::ETH_P_IPV6 as u16;
 /// ICMPv6 Packet Too Big.
 const PACKET_TOO_BIG: u8 = 2;
 
-/// A world with IPv6 on every link and a gateway listening on both
-/// families (`[::]:443`), started with `extra` flags.
+/// A world with IPv6 on every link and a gateway on its default listener
+/// (`[::]:443`, both families), started with `extra` flags.
 fn dual_stack(clients: usize, extra: &[&str]) -> World {
     let mut world = World::bare(clients);
     world.add_ipv6();
-    let mut args = vec!["--listen", "[::]:443"];
-    args.extend_from_slice(extra);
-    world.start_gateway(&args);
+    world.start_gateway(extra);
     world
 }
 

@@ -1,7 +1,12 @@
-//! Network vocabulary both ends share: IPv4 prefixes, and how a tunnel's
-//! socket is tuned.
+//! Network vocabulary both ends share: IPv4 prefixes, how a tunnel's
+//! socket is tuned, and the gateway's dual-stack listener sockets.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
+use std::{
+    fmt, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+    time::Duration,
+};
 
 /// An IPv4 network such as `10.77.0.0/16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +112,41 @@ pub const TUNNEL_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// (`TCP_NOTSENT_LOWAT`): enough to keep the pipe full, little enough that
 /// what the pump writes next is not stuck behind seconds of backlog.
 pub const TUNNEL_LOWAT: u32 = 128 * 1024;
+
+/// The tunnel listener's default: every family on one socket.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 443);
+
+/// A socket bound to `addr` (listening, for a stream socket), made so that
+/// `[::]` takes IPv4 as well: `IPV6_V6ONLY` off whatever
+/// `net.ipv6.bindv6only` says, and on a kernel without IPv6
+/// (`ipv6.disable=1`) `0.0.0.0` on the same port instead.
+pub fn listener_socket(addr: SocketAddr, ty: socket2::Type) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket};
+    let any6 = addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let (socket, addr) = match Socket::new(Domain::for_address(addr), ty, None) {
+        Ok(socket) => (socket, addr),
+        Err(e) if any6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+            (Socket::new(Domain::IPV4, ty, None)?, v4)
+        }
+        Err(e) => return Err(e),
+    };
+    if addr.is_ipv6() && any6 {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    if ty == socket2::Type::STREAM {
+        // As tokio's `TcpListener::bind`: a restart finds the port free
+        // while the last run's connections are in TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+    } else {
+        socket.bind(&addr.into())?;
+    }
+    Ok(socket)
+}
 
 #[cfg(test)]
 mod tests {

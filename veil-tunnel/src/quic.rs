@@ -362,8 +362,8 @@ pub fn check_peer(
 
 /// A UDP socket for a QUIC endpoint at `addr`.
 pub fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    socket.set_nonblocking(true)?;
+    let socket: std::net::UdpSocket =
+        crate::net::listener_socket(addr, socket2::Type::DGRAM)?.into();
     set_buffers(&socket, SOCKET_BUFFER);
     Ok(socket)
 }

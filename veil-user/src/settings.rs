@@ -7,7 +7,7 @@
 //!
 //! ```toml
 //! iface = "eth0"
-//! listen = "0.0.0.0:443"
+//! listen = "[::]:443"
 //! pool = "10.77.0.0/16"
 //! pool6 = "fd00:7665:696c::/64"  # or "none": no IPv6 through the tunnel
 //! nat-ports = "61000-65535"
@@ -62,7 +62,7 @@ pub struct Settings {
     /// remote hosts see. Required.
     #[arg(long, value_name = "IFACE")]
     pub iface: Option<String>,
-    /// The tunnel listener [default: 0.0.0.0:443].
+    /// The tunnel listener [default: [::]:443, IPv4 and IPv6 on one socket].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
     /// Do not serve HTTP/3 (QUIC on UDP at the --listen port): clients
@@ -338,7 +338,7 @@ impl Settings {
         let secs = |v: Option<u64>, default| Duration::from_secs(v.unwrap_or(default));
         Ok(GatewayConfig {
             iface: self.iface.ok_or(SettingsError::NoIface)?,
-            listen: self.listen.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 443))),
+            listen: self.listen.unwrap_or(veil_tunnel::net::DEFAULT_LISTEN),
             h3: !self.no_h3.unwrap_or(false),
             endpoint: self.endpoint,
             ws_listen: self.ws_listen,
@@ -689,7 +689,7 @@ mod tests {
             ["203.0.113.0/24".parse().unwrap()],
             "the flag's list replaces the file's"
         );
-        assert_eq!(cfg.listen, "0.0.0.0:443".parse().unwrap(), "the default");
+        assert_eq!(cfg.listen, "[::]:443".parse().unwrap(), "the default");
         assert_eq!(cfg.client_buffer, 4 << 20);
         assert_eq!(cfg.nat_ports, PortRange::DEFAULT);
     }

@@ -244,7 +244,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         warn!("{advice}");
     }
     // Bound first: a port in use is the most common start-up failure.
-    let listener = TcpListener::bind(cfg.listen).await.with_context(|| {
+    let listener = veil_tunnel::net::listener_socket(cfg.listen, socket2::Type::STREAM)
+        .and_then(|s| TcpListener::from_std(s.into()))
+        .with_context(|| {
         format!(
             "listening on {} (another veil-user or a web server on that port? pick one with --listen)",
             cfg.listen
