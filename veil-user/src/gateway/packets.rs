@@ -157,6 +157,7 @@ impl Shared {
             return self.to_session6(sessions, pkt, joined);
         }
         if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+            self.counters.malformed.fetch_add(1, Relaxed);
             return;
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
