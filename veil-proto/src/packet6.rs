@@ -9,7 +9,12 @@ use std::net::Ipv6Addr;
 
 use veil_common::{proto, FlowKey6, IPPROTO_ICMPV6};
 
+pub use crate::packet::Fragment;
+
 pub const IPV6_HDR_LEN: usize = 40;
+/// The fragment header's Next Header value, and its length.
+pub const NEXT_FRAGMENT: u8 = 44;
+pub const FRAGMENT_HDR_LEN: usize = 8;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 /// ICMPv6 types (RFC 4443).
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
@@ -43,8 +48,13 @@ pub struct Ipv6Info {
     pub src: Ipv6Addr,
     pub dst: Ipv6Addr,
     /// The IPv6 header's Next Header: TCP, UDP, ICMPv6 or an extension
-    /// header (not walked: the gateway translates none).
+    /// header (not walked: the gateway translates none). Past a fragment
+    /// header right after the IPv6 header, the fragment header's.
     pub next: u8,
+    /// Where the packet stands among its datagram's fragments, by a
+    /// fragment header right after the IPv6 header (`Whole` without one,
+    /// and for an atomic fragment). A later fragment has no ports.
+    pub fragment: Fragment,
     pub hop_limit: u8,
     /// Source and destination port (TCP, UDP), or the identifier and 0
     /// (ICMPv6 echo request); `None` otherwise.
@@ -88,8 +98,26 @@ pub fn parse6(pkt: &[u8]) -> Result<Ipv6Info, Packet6Error> {
             actual: pkt.len() - IPV6_HDR_LEN,
         });
     }
-    let next = pkt[6];
-    let l4 = &pkt[IPV6_HDR_LEN..];
+    let (next, fragment, l4) = match pkt[6] {
+        NEXT_FRAGMENT => {
+            let f = &pkt[IPV6_HDR_LEN..];
+            if f.len() < FRAGMENT_HDR_LEN {
+                return Err(Packet6Error::Truncated {
+                    proto: NEXT_FRAGMENT,
+                });
+            }
+            let word = be16(f, 2);
+            let fragment = if word & 0xfff8 != 0 {
+                Fragment::Later
+            } else if word & 1 != 0 {
+                Fragment::First
+            } else {
+                Fragment::Whole
+            };
+            (f[0], fragment, &f[FRAGMENT_HDR_LEN..])
+        }
+        next => (next, Fragment::Whole, &pkt[IPV6_HDR_LEN..]),
+    };
     let need = |n: usize| {
         if l4.len() < n {
             Err(Packet6Error::Truncated { proto: next })
@@ -98,6 +126,7 @@ pub fn parse6(pkt: &[u8]) -> Result<Ipv6Info, Packet6Error> {
         }
     };
     let (ports, icmp_type) = match next {
+        _ if fragment == Fragment::Later => (None, None),
         proto::TCP => {
             need(20)?;
             (Some((be16(l4, 0), be16(l4, 2))), None)
@@ -117,6 +146,7 @@ pub fn parse6(pkt: &[u8]) -> Result<Ipv6Info, Packet6Error> {
         src: addr(&pkt[8..]),
         dst: addr(&pkt[24..]),
         next,
+        fragment,
         hop_limit: pkt[7],
         ports,
         icmp_type,
