@@ -454,6 +454,18 @@ fn bpftool_shows_the_ipv6_maps_with_named_fields() {
         "{config}"
     );
     assert_eq!(config[0]["formatted"]["value"]["enabled"], 1);
+    // A reply's first fragment, noted for the fragments after it.
+    let (_, udp_nat) = bed.flow(proto::UDP, 50001, 443);
+    let first = &udp_fragments(REMOTE6, PUBLIC6, 60, 443, udp_nat)[0];
+    assert!(bed.wan(first).delivered());
+    let fragments = dump("fragments6");
+    let f = &fragments[0]["formatted"];
+    assert_eq!(f["key"]["src_addr"], octets(REMOTE6), "{fragments}");
+    assert_eq!(f["key"]["dst_addr"], octets(PUBLIC6));
+    assert_eq!(f["key"]["id"], CLIENT_ID);
+    assert_eq!(f["key"]["kind"], frag_kind::INGRESS);
+    assert_eq!(f["value"]["addr"], octets(CLIENT6));
+    assert_eq!(f["value"]["client_vip"], serde_json::json!(VIP.octets()));
 }
 
 #[test]
@@ -509,6 +521,18 @@ fn send_fragments6(bed: &mut Bed6, sent: &[Vec<u8>]) -> Vec<Vec<u8>> {
             let (action, out) = bed.tun(f);
             assert_eq!(action, TC_ACT_REDIRECT, "every fragment goes out");
             out
+        })
+        .collect()
+}
+
+/// Fragments from the WAN: each must be translated to its client.
+fn receive_fragments6(bed: &mut Bed6, arrived: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    arrived
+        .iter()
+        .map(|f| {
+            let wan = bed.wan(f);
+            assert!(wan.delivered(), "{wan:?}");
+            wan.out
         })
         .collect()
 }
@@ -576,14 +600,7 @@ fn reply_fragments6_return_to_the_client_their_first_went_to() {
     let (key, nat) = bed.flow(proto::UDP, 40000, 53);
     let arrived = udp_fragments(REMOTE6, PUBLIC6, 60, 53, nat);
 
-    let delivered: Vec<Vec<u8>> = arrived
-        .iter()
-        .map(|f| {
-            let wan = bed.wan(f);
-            assert!(wan.delivered(), "{wan:?}");
-            wan.out
-        })
-        .collect();
+    let delivered = receive_fragments6(&mut bed, &arrived);
 
     for f in &delivered {
         assert_eq!(&f[ETH_LEN + 24..ETH_LEN + 40], &CLIENT6.octets());
@@ -669,14 +686,7 @@ fn a_large_ping6_in_fragments_is_translated_both_ways() {
         77,
         1232,
     );
-    let delivered: Vec<Vec<u8>> = arrived
-        .iter()
-        .map(|f| {
-            let wan = bed.wan(f);
-            assert!(wan.delivered(), "{wan:?}");
-            wan.out
-        })
-        .collect();
+    let delivered = receive_fragments6(&mut bed, &arrived);
     let reply = reassemble6(&delivered);
     assert_eq!(
         reply,
@@ -696,4 +706,48 @@ fn the_hosts_own_fragments6_reach_the_host() {
     }
     assert_eq!(bed.count(Reason::PassToHost), 3);
     assert!(fragment_entries6(&mut bed).is_empty());
+}
+
+#[test]
+fn an_expired_fragment6_entry_is_not_used() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 53);
+    let sent = udp_fragments(CLIENT6, REMOTE6, 64, 40000, 53);
+    // An entry for this datagram from long ago (boot time + 1 ns).
+    let key = FragKey6::new(
+        frag_kind::EGRESS,
+        CLIENT6.octets(),
+        REMOTE6.octets(),
+        CLIENT_ID,
+    );
+    let stale = FragEntry6 {
+        first_seen_ns: 1,
+        addr: PUBLIC6.octets(),
+        id: 99,
+        client_vip: VIP.octets(),
+    };
+    bed.dp.fragments6().unwrap().insert(key, stale, 0).unwrap();
+
+    let (action, _) = bed.tun(&sent[1]);
+
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropOrphanFragment), 1);
+}
+
+#[test]
+fn an_icmp6_error_in_fragments_is_dropped_with_its_reason() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 53);
+    let out = sent(
+        &mut bed,
+        &frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, &[7; 1200])),
+    );
+    let error = icmp6_error(ROUTER6, PUBLIC6, 1, 4, 0, &out);
+    let pieces = fragment6(&error, 5, 1000);
+
+    let wan = bed.wan(&pieces[0]);
+
+    assert_eq!(wan.xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropIpv6Fragment), 1);
+    assert_eq!(bed.count(Reason::IcmpErrorForwarded), 0);
 }

@@ -6,17 +6,20 @@
 //!   NAT range with no reverse mapping (`drop_no_ingress_flow6`: the
 //!   kernel never answers them), packets addressed into the clients' IPv6
 //!   prefix (`drop_spoofed_v6`), and veil's packets carrying extension
-//!   headers or in fragments (`drop_ipv6_ext_header`,
-//!   `drop_ipv6_fragment`). To tell veil's from the host's it walks up to
-//!   [`MAX_EXT`] hop-by-hop, routing, destination-options and fragment
-//!   headers to the ports. Neighbour discovery, the host's own traffic,
-//!   later fragments (no ports: the host's, as far as anyone can tell) pass.
-//! - TC ([`translate`]) rewrites replies (TCP, UDP, ICMPv6 echo) to their
-//!   client and ICMPv6 errors (Destination Unreachable, Packet Too Big,
-//!   Time Exceeded, Parameter Problem) quoting a NATed packet: the quote's
-//!   source and the outer destination become the client's, with the
-//!   quote's transport checksum and the outer ICMPv6 checksum (which covers
-//!   the pseudo-header) patched. Then `bpf_redirect` to the TUN device.
+//!   headers (`drop_ipv6_ext_header`) or a fragment header anywhere but
+//!   right after the IPv6 header (`drop_ipv6_fragment`). To tell veil's
+//!   from the host's it walks up to [`MAX_EXT`] hop-by-hop, routing,
+//!   destination-options and fragment headers to the ports. It notes a
+//!   reply's first fragment for the fragments after it (`frag6`).
+//!   Neighbour discovery, the host's own traffic, later fragments nobody
+//!   noted (no ports: the host's, as far as anyone can tell) pass.
+//! - TC ([`translate`]) rewrites replies (TCP, UDP, ICMPv6 echo, and
+//!   their fragments) to their client, and ICMPv6 errors (Destination
+//!   Unreachable, Packet Too Big, Time Exceeded, Parameter Problem)
+//!   quoting a NATed packet: the quote's source and the outer destination
+//!   become the client's, with the quote's transport checksum and the
+//!   outer ICMPv6 checksum (which covers the pseudo-header) patched. Then
+//!   `bpf_redirect` to the TUN device.
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT},
