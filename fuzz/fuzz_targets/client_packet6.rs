@@ -23,7 +23,7 @@ use veil_fuzz::{
         policy6::EgressPolicy6,
     },
 };
-use veil_proto::packet6::{checksum6, parse6};
+use veil_proto::packet6::{checksum6, parse6, Fragment};
 
 const GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x7665, 0x696c, 0, 0, 0, 0x0a4d, 1);
 const PUBLIC: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
@@ -68,11 +68,20 @@ fn verdict(checks: &Checks6, pool: &ipnet::Ipv6Net, leased: Ipv6Addr, pkt: &[u8]
             assert!(!dst.is_multicast() && !dst.is_unicast_link_local());
             assert!(!dst.is_unique_local() && !dst.is_loopback());
             assert!(dst.to_ipv4_mapped().is_none());
+            // A fragment after the first has no ports, so no flow.
+            let Some(flow) = flow else {
+                assert_eq!((pkt[6], info.fragment), (44, Fragment::Later));
+                return;
+            };
             assert_eq!(flow.client_addr, info.src.octets());
             assert_eq!(flow.remote_addr, dst.octets());
-            assert_eq!(flow.proto, pkt[6]);
-            let l4 = &pkt[40..];
-            let ports = match pkt[6] {
+            // Past a fragment header right after the IPv6 header, or none.
+            let (next, l4) = match pkt[6] {
+                44 => (pkt[40], &pkt[48..]),
+                n => (n, &pkt[40..]),
+            };
+            assert_eq!(flow.proto, next);
+            let ports = match next {
                 IPPROTO_ICMPV6 => {
                     assert_eq!(l4[0], 128, "a flow for an ICMPv6 message other than echo");
                     (be16(l4, 4), 0)

@@ -103,3 +103,60 @@ pub fn with_ext_header(frame: &[u8], kind: u8, frag_word: u16) -> Vec<u8> {
     out[ip + 4..ip + 6].copy_from_slice(&len.to_be_bytes());
     out
 }
+
+/// Cuts the IPv6 frame `frame` (no extension headers) into fragments of
+/// at most `size` bytes of its upper-layer part each (a multiple of 8),
+/// as its sender would: a fragment header with `id` after each copy of
+/// the IPv6 header (RFC 8200 4.5).
+pub fn fragment6(frame: &[u8], id: u32, size: usize) -> Vec<Vec<u8>> {
+    assert_eq!(size % 8, 0, "fragment sizes are multiples of 8");
+    let ip = 14;
+    let next = frame[ip + 6];
+    let upper = &frame[ip + IPV6_LEN..];
+    let chunks: Vec<&[u8]> = upper.chunks(size).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let more = u16::from(i + 1 < chunks.len());
+            let word = ((i * size) as u16) | more;
+            let mut out = frame[..ip + IPV6_LEN].to_vec();
+            out[ip + 6] = 44;
+            let len = (8 + chunk.len()) as u16;
+            out[ip + 4..ip + 6].copy_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&[next, 0]);
+            out.extend_from_slice(&word.to_be_bytes());
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(chunk);
+            out
+        })
+        .collect()
+}
+
+/// The fragment header's identification of a fragment [`fragment6`] cut.
+pub fn fragment_id(frame: &[u8]) -> u32 {
+    let at = 14 + IPV6_LEN + 4;
+    u32::from_be_bytes(frame[at..at + 4].try_into().unwrap())
+}
+
+/// The datagram the fragments (in order) make, as a frame with the first
+/// fragment's headers; panics unless they share source, destination and
+/// identification and fit end to end.
+pub fn reassemble6(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let ip = 14;
+    let first = &fragments[0];
+    let mut out = first[..ip + IPV6_LEN].to_vec();
+    out[ip + 6] = first[ip + IPV6_LEN];
+    let mut upper = Vec::new();
+    for f in fragments {
+        assert_eq!(f[ip + 6], 44, "a fragment");
+        assert_eq!(f[ip + 8..ip + 40], first[ip + 8..ip + 40], "same addresses");
+        assert_eq!(fragment_id(f), fragment_id(first), "same identification");
+        let word = u16::from_be_bytes([f[ip + IPV6_LEN + 2], f[ip + IPV6_LEN + 3]]);
+        assert_eq!(usize::from(word & 0xfff8), upper.len(), "contiguous");
+        upper.extend_from_slice(&f[ip + IPV6_LEN + 8..]);
+    }
+    out[ip + 4..ip + 6].copy_from_slice(&(upper.len() as u16).to_be_bytes());
+    out.extend_from_slice(&upper);
+    out
+}

@@ -5,12 +5,17 @@
 //!
 //! Needs root (CAP_BPF + CAP_NET_ADMIN). Run through `cargo xtask test`.
 
-use veil_common::{proto, tcp_flags, Reason, IPPROTO_ICMPV6};
+use std::net::Ipv6Addr;
+
+use veil_common::{frag_kind, proto, tcp_flags, FragEntry6, FragKey6, Reason, IPPROTO_ICMPV6};
 use veil_tests::{
     bed::{Bed, PORTS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
     bed6::*,
     packet::{ETH_LEN, L4},
-    packet6::{assert_checksums6, frame6, icmp6_error, raw_frame6, with_ext_header, IPV6_LEN},
+    packet6::{
+        assert_checksums6, fragment6, fragment_id, frame6, icmp6_error, raw_frame6, reassemble6,
+        with_ext_header, IPV6_LEN,
+    },
 };
 
 fn ip(frame: &[u8]) -> &[u8] {
@@ -112,7 +117,8 @@ fn egress6_refuses_what_it_cannot_translate_with_a_reason() {
     let good = frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, b"hello"));
     let hop_by_hop = with_ext_header(&good, 0, 0);
     let dest_opts = with_ext_header(&good, 60, 0);
-    let fragment = with_ext_header(&good, 44, 1); // offset 0, more to come
+    // A fragment whose upper layer is another fragment header.
+    let fragment = with_ext_header(&with_ext_header(&good, 44, 1), 44, 1);
     let expiring = frame6(CLIENT6, REMOTE6, 1, L4::udp(40000, 53, b"x"));
     let mut echo_reply = frame6(CLIENT6, REMOTE6, 64, L4::echo_reply(1, 1, b""));
     echo_reply[ETH_LEN + IPV6_LEN] = 129;
@@ -270,28 +276,20 @@ fn wan_packets6_addressed_to_a_client_are_dropped_as_forged() {
 }
 
 #[test]
-fn wan_extension_headers_and_fragments_to_the_nat_range_are_dropped_with_a_reason() {
+fn wan_extension_headers_to_the_nat_range_are_dropped_with_a_reason() {
     let mut bed = Bed6::new();
     let (_, nat) = bed.flow(proto::UDP, 40000, 53);
     let reply = frame6(REMOTE6, PUBLIC6, 60, L4::udp(53, nat, b"the answer"));
-    for (kind, reason) in [
-        (0, Reason::DropIpv6ExtHeader),
-        (60, Reason::DropIpv6ExtHeader),
-        (43, Reason::DropIpv6ExtHeader),
-        (44, Reason::DropIpv6Fragment),
-    ] {
+    for (n, kind) in [0, 60, 43].into_iter().enumerate() {
         let input = with_ext_header(&reply, kind, 1);
         let wan = bed.wan(&input);
         assert_eq!(wan.xdp, XDP_DROP, "next header {kind}");
-        assert_eq!(
-            bed.count(reason) as usize,
-            if kind == 44 {
-                1
-            } else {
-                [0, 60, 43].iter().position(|k| *k == kind).unwrap() + 1
-            }
-        );
+        assert_eq!(bed.count(Reason::DropIpv6ExtHeader) as usize, n + 1);
     }
+    // A fragment header after another extension header: not translated.
+    let late_fragment = with_ext_header(&with_ext_header(&reply, 44, 1), 60, 0);
+    assert_eq!(bed.wan(&late_fragment).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropIpv6Fragment), 1);
     // Two headers in a chain are walked too.
     let twice = with_ext_header(&with_ext_header(&reply, 60, 0), 0, 0);
     assert_eq!(bed.wan(&twice).xdp, XDP_DROP);
@@ -456,6 +454,18 @@ fn bpftool_shows_the_ipv6_maps_with_named_fields() {
         "{config}"
     );
     assert_eq!(config[0]["formatted"]["value"]["enabled"], 1);
+    // A reply's first fragment, noted for the fragments after it.
+    let (_, udp_nat) = bed.flow(proto::UDP, 50001, 443);
+    let first = &udp_fragments(REMOTE6, PUBLIC6, 60, 443, udp_nat)[0];
+    assert!(bed.wan(first).delivered());
+    let fragments = dump("fragments6");
+    let f = &fragments[0]["formatted"];
+    assert_eq!(f["key"]["src_addr"], octets(REMOTE6), "{fragments}");
+    assert_eq!(f["key"]["dst_addr"], octets(PUBLIC6));
+    assert_eq!(f["key"]["id"], CLIENT_ID);
+    assert_eq!(f["key"]["kind"], frag_kind::INGRESS);
+    assert_eq!(f["value"]["addr"], octets(CLIENT6));
+    assert_eq!(f["value"]["client_vip"], serde_json::json!(VIP.octets()));
 }
 
 #[test]
@@ -485,4 +495,259 @@ fn v6_flows_keep_a_sockets_port_respect_the_share_and_go_with_their_client() {
     assert_eq!(bed.flows6.len(), 1);
     let reply = frame6(REMOTE6, PUBLIC6, 60, L4::udp(53, nat, b"late"));
     assert_eq!(bed.wan(&reply).xdp, XDP_DROP, "the reverse entry went too");
+}
+
+// ---- fragments (a fragment header right after the IPv6 header) ----
+
+/// The client's identification in every test datagram.
+const CLIENT_ID: u32 = 0x1234_5678;
+
+/// A UDP datagram of 3000 bytes of payload in three fragments.
+fn udp_fragments(src: Ipv6Addr, dst: Ipv6Addr, hop: u8, sport: u16, dport: u16) -> Vec<Vec<u8>> {
+    fragment6(
+        &frame6(src, dst, hop, L4::udp(sport, dport, &payload())),
+        CLIENT_ID,
+        1232,
+    )
+}
+
+fn payload() -> Vec<u8> {
+    (0..3000u32).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn send_fragments6(bed: &mut Bed6, sent: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    sent.iter()
+        .map(|f| {
+            let (action, out) = bed.tun(f);
+            assert_eq!(action, TC_ACT_REDIRECT, "every fragment goes out");
+            out
+        })
+        .collect()
+}
+
+/// Fragments from the WAN: each must be translated to its client.
+fn receive_fragments6(bed: &mut Bed6, arrived: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    arrived
+        .iter()
+        .map(|f| {
+            let wan = bed.wan(f);
+            assert!(wan.delivered(), "{wan:?}");
+            wan.out
+        })
+        .collect()
+}
+
+fn fragment_entries6(bed: &mut Bed6) -> Vec<(FragKey6, FragEntry6)> {
+    let map = bed.dp.fragments6().unwrap();
+    map.iter().map(|r| r.unwrap()).collect()
+}
+
+#[test]
+fn egress_fragments6_leave_as_their_first_did_under_an_identification_of_the_gateways() {
+    let mut bed = Bed6::new();
+    let (key, nat) = bed.flow(proto::UDP, 40000, 53);
+    let sent = udp_fragments(CLIENT6, REMOTE6, 64, 40000, 53);
+    assert_eq!(sent.len(), 3);
+
+    let out = send_fragments6(&mut bed, &sent);
+
+    let wan_id = fragment_id(&out[0]);
+    assert_ne!(
+        wan_id, CLIENT_ID,
+        "the client's identification stays hidden"
+    );
+    for f in &out {
+        assert_eq!(
+            &f[ETH_LEN + 8..ETH_LEN + 24],
+            &PUBLIC6.octets(),
+            "from the public address"
+        );
+        assert_eq!(
+            fragment_id(f),
+            wan_id,
+            "one identification for the datagram"
+        );
+        assert_eq!(f[ETH_LEN + 7], 63, "hop limit - 1");
+    }
+    // What the remote reassembles: the datagram from public:nat, its
+    // checksum right (updated on the first fragment only).
+    let datagram = reassemble6(&out);
+    assert_eq!(
+        datagram,
+        frame6(PUBLIC6, REMOTE6, 63, L4::udp(nat, 53, &payload()))
+    );
+    assert_checksums6(ip(&datagram));
+    assert_eq!(bed.count(Reason::EgressForwarded), 3);
+    assert_eq!(
+        bed.listed(&key).egress.packets,
+        1,
+        "the flow counts the first"
+    );
+    // The last fragment took the datagram's entry away; the
+    // identification stays reserved toward the remote.
+    let entries = fragment_entries6(&mut bed);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let (k, _) = entries[0];
+    assert_eq!(
+        (k.kind, k.src_addr, k.dst_addr, k.id),
+        (frag_kind::ID, PUBLIC6.octets(), REMOTE6.octets(), wan_id)
+    );
+}
+
+#[test]
+fn reply_fragments6_return_to_the_client_their_first_went_to() {
+    let mut bed = Bed6::new();
+    let (key, nat) = bed.flow(proto::UDP, 40000, 53);
+    let arrived = udp_fragments(REMOTE6, PUBLIC6, 60, 53, nat);
+
+    let delivered = receive_fragments6(&mut bed, &arrived);
+
+    for f in &delivered {
+        assert_eq!(&f[ETH_LEN + 24..ETH_LEN + 40], &CLIENT6.octets());
+        assert_eq!(
+            fragment_id(f),
+            CLIENT_ID,
+            "the remote's identification kept"
+        );
+    }
+    let datagram = reassemble6(&delivered);
+    assert_eq!(
+        datagram,
+        frame6(REMOTE6, CLIENT6, 60, L4::udp(53, 40000, &payload()))
+    );
+    assert_checksums6(ip(&datagram));
+    assert_eq!(bed.count(Reason::IngressForwarded), 3);
+    assert_eq!(bed.listed(&key).reverse.packets, 1);
+    assert!(fragment_entries6(&mut bed).is_empty(), "gone with the last");
+}
+
+#[test]
+fn a_later_fragment6_without_its_first_is_dropped_going_out_and_left_to_the_host_coming_in() {
+    let mut bed = Bed6::new();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    let sent = udp_fragments(CLIENT6, REMOTE6, 64, 40000, 53);
+    let (action, _) = bed.tun(&sent[1]);
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropOrphanFragment), 1);
+    assert_eq!(bed.count(Reason::EgressForwarded), 0);
+
+    let arrived = udp_fragments(REMOTE6, PUBLIC6, 60, 53, nat);
+    assert!(bed.wan(&arrived[2]).passed_untouched(&arrived[2]));
+    assert_eq!(bed.count(Reason::PassToHost), 1);
+}
+
+#[test]
+fn two_clients6_fragmenting_under_one_identification_leave_under_different_ones() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 53);
+    bed.flow_of(VIP2, CLIENT6_2, proto::UDP, 40000, 53);
+    let one = udp_fragments(CLIENT6, REMOTE6, 64, 40000, 53);
+    let two = udp_fragments(CLIENT6_2, REMOTE6, 64, 40000, 53);
+
+    // Interleaved, as two clients' datagrams would be.
+    let (a0, b0) = (bed.tun(&one[0]).1, bed.tun(&two[0]).1);
+    let (a1, b1) = (bed.tun(&one[1]).1, bed.tun(&two[1]).1);
+    let (a2, b2) = (bed.tun(&one[2]).1, bed.tun(&two[2]).1);
+
+    let (ida, idb) = (fragment_id(&a0), fragment_id(&b0));
+    assert_ne!(ida, idb, "the remote must not mix them");
+    let a = reassemble6(&[a0, a1, a2]);
+    let b = reassemble6(&[b0, b1, b2]);
+    assert_checksums6(ip(&a));
+    assert_checksums6(ip(&b));
+    assert_ne!(
+        &a[ETH_LEN + IPV6_LEN..ETH_LEN + IPV6_LEN + 2],
+        &b[ETH_LEN + IPV6_LEN..ETH_LEN + IPV6_LEN + 2],
+        "different NAT ports"
+    );
+    assert_eq!(bed.count(Reason::EgressForwarded), 6);
+}
+
+#[test]
+fn a_large_ping6_in_fragments_is_translated_both_ways() {
+    let mut bed = Bed6::new();
+    let (_, nat) = bed.flow(IPPROTO_ICMPV6, 0x1234, 0);
+    let data = payload();
+    let sent = fragment6(
+        &frame6(CLIENT6, REMOTE6, 64, L4::echo_request(0x1234, 1, &data)),
+        CLIENT_ID,
+        1232,
+    );
+    let out = send_fragments6(&mut bed, &sent);
+    let request = reassemble6(&out);
+    assert_eq!(
+        request,
+        frame6(PUBLIC6, REMOTE6, 63, L4::echo_request(nat, 1, &data))
+    );
+    assert_checksums6(ip(&request));
+
+    let arrived = fragment6(
+        &frame6(REMOTE6, PUBLIC6, 60, L4::echo_reply(nat, 1, &data)),
+        77,
+        1232,
+    );
+    let delivered = receive_fragments6(&mut bed, &arrived);
+    let reply = reassemble6(&delivered);
+    assert_eq!(
+        reply,
+        frame6(REMOTE6, CLIENT6, 60, L4::echo_reply(0x1234, 1, &data))
+    );
+    assert_checksums6(ip(&reply));
+}
+
+#[test]
+fn the_hosts_own_fragments6_reach_the_host() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 53);
+    // To a port outside the NAT range: the host's datagram, all of it.
+    let arrived = udp_fragments(REMOTE6, PUBLIC6, 60, 53, 22);
+    for f in &arrived {
+        assert!(bed.wan(f).passed_untouched(f));
+    }
+    assert_eq!(bed.count(Reason::PassToHost), 3);
+    assert!(fragment_entries6(&mut bed).is_empty());
+}
+
+#[test]
+fn an_expired_fragment6_entry_is_not_used() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 53);
+    let sent = udp_fragments(CLIENT6, REMOTE6, 64, 40000, 53);
+    // An entry for this datagram from long ago (boot time + 1 ns).
+    let key = FragKey6::new(
+        frag_kind::EGRESS,
+        CLIENT6.octets(),
+        REMOTE6.octets(),
+        CLIENT_ID,
+    );
+    let stale = FragEntry6 {
+        first_seen_ns: 1,
+        addr: PUBLIC6.octets(),
+        id: 99,
+        client_vip: VIP.octets(),
+    };
+    bed.dp.fragments6().unwrap().insert(key, stale, 0).unwrap();
+
+    let (action, _) = bed.tun(&sent[1]);
+
+    assert_eq!(action, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropOrphanFragment), 1);
+}
+
+#[test]
+fn an_icmp6_error_in_fragments_is_dropped_with_its_reason() {
+    let mut bed = Bed6::new();
+    bed.flow(proto::UDP, 40000, 53);
+    let out = sent(
+        &mut bed,
+        &frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, &[7; 1200])),
+    );
+    let error = icmp6_error(ROUTER6, PUBLIC6, 1, 4, 0, &out);
+    let pieces = fragment6(&error, 5, 1000);
+
+    let wan = bed.wan(&pieces[0]);
+
+    assert_eq!(wan.xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropIpv6Fragment), 1);
+    assert_eq!(bed.count(Reason::IcmpErrorForwarded), 0);
 }

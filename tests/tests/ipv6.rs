@@ -122,6 +122,62 @@ fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
     assert!(client.stop().unwrap().success(), "{}", client.log());
 }
 
+/// Packets the gateway's datapath counted under `reason`.
+fn datapath(world: &World, reason: &str) -> u64 {
+    world.status()["datapath"][reason]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no datapath counter {reason}"))
+}
+
+#[test]
+fn udp_datagrams_larger_than_the_tunnel_echo_intact_over_ipv6_in_fragments() {
+    let world = dual_stack(1, &[]);
+    let profile = world.add_client("big", 1);
+    let mut client = world.start_client(1, &profile, true);
+    wait_for_ipv6(&world, 1);
+    let (out_before, in_before) = (
+        datapath(&world, "egress_forwarded"),
+        datapath(&world, "ingress_forwarded"),
+    );
+
+    // The tunnel's MTU is 1400 and the WAN's 1500: the client's kernel
+    // cuts these on the way out, the remote's on the way back, and the
+    // datapath translates them fragment by fragment.
+    for len in [3000, 8000] {
+        let sent: Vec<u8> = (0..len).map(|i| ((i * 7 + len) % 251) as u8).collect();
+        let echoed = world.client(1).enter(|| {
+            let s = UdpSocket::bind("[::]:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.send_to(&sent, (REMOTE6, 7)).unwrap();
+            let mut buf = vec![0u8; 65536];
+            let (n, from) = s.recv_from(&mut buf).ok()?;
+            assert_eq!(from, SocketAddr::from((REMOTE6, 7)));
+            buf.truncate(n);
+            Some(buf)
+        });
+        let echoed = echoed
+            .unwrap_or_else(|| panic!("no echo of {len} bytes; gateway: {:#}", world.status()));
+        assert_eq!(echoed.len(), len, "{len} bytes back");
+        assert!(echoed == sent, "{len} bytes intact both ways");
+    }
+
+    let seen = world.servers6.as_ref().unwrap().seen_ips();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen.iter().all(|ip| *ip == IpAddr::V6(PUBLIC6)),
+        "the remote saw only the gateway's IPv6 address: {seen:?}"
+    );
+    // In fragments both ways, every one translated: at least 3 + 6 each
+    // way.
+    let out = datapath(&world, "egress_forwarded") - out_before;
+    let back = datapath(&world, "ingress_forwarded") - in_before;
+    assert!(out >= 9, "{out} packets out");
+    assert!(back >= 9, "{back} packets back");
+    assert_eq!(datapath(&world, "drop_orphan_fragment"), 0);
+    assert_eq!(datapath(&world, "drop_ipv6_fragment"), 0);
+    assert!(client.stop().unwrap().success(), "{}", client.log());
+}
+
 #[test]
 fn an_unsolicited_ipv6_syn_to_the_gateway_gets_no_answer() {
     let world = dual_stack(1, &[]);

@@ -29,6 +29,10 @@ pub const EGRESS6_MAP: &str = "VEIL_EGRESS6";
 pub const REVERSE6_MAP: &str = "VEIL_REVERSE6";
 /// One [`Config6`] at index 0.
 pub const CONFIG6_MAP: &str = "VEIL_CONFIG6";
+/// IPv6 fragments, as [`crate::FRAG_MAP`] for IPv4: LRU hash, key
+/// [`FragKey6`], value [`FragEntry6`], the datapath's own. Sized like
+/// the IPv4 one (`MAX_FRAGS`).
+pub const FRAG6_MAP: &str = "VEIL_FRAGS6";
 
 /// Capacity of each IPv6 flow map (two entries a flow). Smaller than the
 /// IPv4 maps': their keys are 2.5 times as large and most flows are IPv4.
@@ -129,6 +133,58 @@ pub struct ReverseFlow6 {
     pub _pad: [u8; 2],
 }
 
+/// The IPv6 fragment map's key: what the fragments of one datagram share
+/// (RFC 8200 4.5: source, destination and identification; not the next
+/// header, which may differ between fragments), and what the entry is
+/// for (one of [`crate::frag_kind`], which mean for IPv6 what they mean
+/// for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// The fragment header's identification, host order.
+    pub id: u32,
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FragKey6 {
+    pub const fn new(kind: u8, src: [u8; 16], dst: [u8; 16], id: u32) -> Self {
+        Self {
+            src_addr: src,
+            dst_addr: dst,
+            id,
+            kind,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The IPv6 fragment map's value, as [`crate::FragEntry`] with an IPv6
+/// address and a 32-bit identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry6 {
+    /// `bpf_ktime_get_ns()` when the first fragment was seen.
+    pub first_seen_ns: u64,
+    /// The address the fragments are translated to.
+    pub addr: [u8; 16],
+    /// An identification, host order; 0 where unused.
+    pub id: u32,
+    /// The client's IPv4 address (its rate limit's key, as in the flow
+    /// maps): later fragments have no flow to find it by. Zero in an ID
+    /// reservation.
+    pub client_vip: [u8; 4],
+}
+
+impl FragEntry6 {
+    /// As [`crate::FragEntry::is_live`].
+    pub const fn is_live(&self, now_ns: u64, lifetime_ns: u64) -> bool {
+        now_ns >= self.first_seen_ns && now_ns - self.first_seen_ns <= lifetime_ns
+    }
+}
+
 /// The IPv6 side of the datapath's settings, written by the daemon before
 /// it attaches. `enabled` 0 (the array's initial zeroes): IPv6 from the
 /// tunnel is dropped (`drop_unsupported`) and IPv6 on the WAN left to the
@@ -188,6 +244,8 @@ mod pod {
     unsafe impl aya::Pod for super::ReverseKey6 {}
     unsafe impl aya::Pod for super::ReverseFlow6 {}
     unsafe impl aya::Pod for super::Config6 {}
+    unsafe impl aya::Pod for super::FragKey6 {}
+    unsafe impl aya::Pod for super::FragEntry6 {}
 }
 
 const _: () = {
@@ -196,6 +254,8 @@ const _: () = {
     assert!(size_of::<ReverseKey6>() == 40);
     assert!(size_of::<ReverseFlow6>() == 56);
     assert!(size_of::<Config6>() == 56);
+    assert!(size_of::<FragKey6>() == 40);
+    assert!(size_of::<FragEntry6>() == 32);
 };
 
 #[cfg(test)]

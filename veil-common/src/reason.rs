@@ -42,9 +42,9 @@ pub enum Reason {
     /// The datapath has no configuration yet (the daemon writes it before
     /// attaching, so this means something is badly wrong).
     DropNotConfigured = 13,
-    /// A later IPv4 fragment from a client whose first fragment was not
-    /// seen, or too long ago: it carries no ports, so nothing says whose
-    /// flow it belongs to.
+    /// A later fragment (IPv4 or IPv6) from a client whose first fragment
+    /// was not seen, or too long ago: it carries no ports, so nothing says
+    /// whose flow it belongs to.
     DropOrphanFragment = 14,
     /// A packet of a forwarded connection (`--forward`) was translated (both
     /// addresses) and sent on toward the target or back to the remote.
@@ -64,9 +64,10 @@ pub enum Reason {
     /// or one the datapath does not know) on a NAT path: not walked past,
     /// dropped.
     DropIpv6ExtHeader = 20,
-    /// An IPv6 fragment on a NAT path: IPv6 fragments are not translated
-    /// (only the sending host fragments in IPv6, and veil's clients do
-    /// path-MTU discovery with the Packet Too Big the datapath relays).
+    /// An IPv6 fragment on a NAT path that is not translated: a fragment
+    /// header after other extension headers, or an ICMPv6 error in
+    /// fragments. (Fragments whose fragment header follows the IPv6 header
+    /// are translated, as for IPv4.)
     DropIpv6Fragment = 21,
     /// An IPv6 packet from the WAN addressed into the clients' IPv6
     /// prefix: forged.

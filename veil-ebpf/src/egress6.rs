@@ -5,9 +5,11 @@
 //! (`VEIL_EGRESS6`); its source becomes the gateway's IPv6 address and
 //! the flow's NAT port (TCP, UDP, ICMPv6 echo with the identifier as the
 //! port), its hop limit is decremented (or normalised), and it leaves
-//! through the WAN with `bpf_redirect_neigh`. Extension headers and
-//! fragments are dropped with their reason: the daemon already refuses
-//! them (`check6`), this is the datapath's own guard.
+//! through the WAN with `bpf_redirect_neigh`. Fragments (a fragment
+//! header right after the IPv6 header) are translated as for IPv4
+//! (`frag6`); other extension headers are dropped with their reason: the
+//! daemon already refuses them (`check6`), this is the datapath's own
+//! guard.
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
@@ -20,14 +22,19 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use veil_common::{csum::L4Sum, proto, ratelimit::Direction, FlowKey6, Reason, IPPROTO_ICMPV6};
+use veil_common::{
+    csum::L4Sum, frag_kind, proto, ratelimit::Direction, FlowKey6, FragKey6, Reason, IPPROTO_ICMPV6,
+};
 
 use crate::{
+    frag::Fragment,
+    frag6::{self, FRAG_HDR_LEN},
     maps::{config, config6, VEIL_EGRESS6},
     normalize::VEIL_NORMALIZE,
     packet::{Packet, ETH_LEN},
     rewrite6::{
-        move_endpoint6_skb, not_translated, pull_headers6, Endpoint6, ICMPV6_ECHO_REQUEST, IPV6_LEN,
+        move_endpoint6_skb, not_translated, pull_headers6, Endpoint6, ICMPV6_ECHO_REQUEST,
+        IPV6_LEN, NH_FRAGMENT,
     },
     stats, Verdict,
 };
@@ -59,9 +66,27 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     if hop <= 1 {
         return Err(Reason::DropTtlExpired);
     }
-    let l4 = l2 + IPV6_LEN;
+    // A fragment header right after the IPv6 header: the first fragment
+    // carries the transport header after it; later fragments follow the
+    // first (`frag6`).
+    let mut l4 = l2 + IPV6_LEN;
+    let mut upper = next;
+    let mut first = None;
+    if next == NH_FRAGMENT {
+        let frag = frag6::read(&pkt, l4)?;
+        let key = FragKey6::new(frag_kind::EGRESS, src, dst, frag.id);
+        if let Fragment::Later { last } = frag.fragment {
+            let vip = frag6::egress_later(ctx, l2, l4, &key, last)?;
+            crate::ratelimit::police(vip, ctx.len() - l2 as u32, Direction::Up)?;
+            set_hop_limit(ctx, l2, hop)?;
+            return send_to_wan6(ctx, l2, cfg.wan_ifindex);
+        }
+        first = Some((l4, key));
+        upper = frag.next;
+        l4 += FRAG_HDR_LEN;
+    }
     // (kind, offset of the client's port, of the checksum, remote port, TCP flags)
-    let (kind, port_at, check_at, remote_port, flags) = match next {
+    let (kind, port_at, check_at, remote_port, flags) = match upper {
         proto::TCP => {
             let tcp: *mut TcpHdr = pkt.at(l4)?;
             let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
@@ -87,7 +112,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         remote_addr: dst,
         client_port: u16::from_be_bytes(client_port),
         remote_port: u16::from_be_bytes(remote_port),
-        proto: next,
+        proto: upper,
         _pad: [0; 3],
     };
     let flow = VEIL_EGRESS6
@@ -104,15 +129,23 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         l4_check: check_at,
     };
     move_endpoint6_skb(ctx, &at, &src, client_port, &public_addr, nat_port)?;
-    // One router hop; or the configured value (`--normalize-ttl`). The
-    // hop limit is covered by no checksum.
+    if let Some((frag, key)) = first {
+        frag6::egress_first(ctx, frag, &key, &public_addr, vip)?;
+    }
+    set_hop_limit(ctx, l2, hop)?;
+    send_to_wan6(ctx, l2, cfg.wan_ifindex)
+}
+
+/// One router hop; or the configured value (`--normalize-ttl`). The hop
+/// limit is covered by no checksum.
+#[inline(always)]
+fn set_hop_limit(ctx: &TcContext, l2: usize, hop: u8) -> Result<(), Reason> {
     let hop = match VEIL_NORMALIZE.get(0) {
         Some(n) if n.ttl != 0 => n.ttl as u8,
         _ => hop - 1,
     };
     ctx.store(l2 + 7, &hop, 0)
-        .map_err(|_| Reason::DropHelperFailed)?;
-    send_to_wan6(ctx, l2, cfg.wan_ifindex)
+        .map_err(|_| Reason::DropHelperFailed)
 }
 
 /// Gives the packet an Ethernet header for IPv6 and sends it out of the

@@ -6,17 +6,20 @@
 //!   NAT range with no reverse mapping (`drop_no_ingress_flow6`: the
 //!   kernel never answers them), packets addressed into the clients' IPv6
 //!   prefix (`drop_spoofed_v6`), and veil's packets carrying extension
-//!   headers or in fragments (`drop_ipv6_ext_header`,
-//!   `drop_ipv6_fragment`). To tell veil's from the host's it walks up to
-//!   [`MAX_EXT`] hop-by-hop, routing, destination-options and fragment
-//!   headers to the ports. Neighbour discovery, the host's own traffic,
-//!   later fragments (no ports: the host's, as far as anyone can tell) pass.
-//! - TC ([`translate`]) rewrites replies (TCP, UDP, ICMPv6 echo) to their
-//!   client and ICMPv6 errors (Destination Unreachable, Packet Too Big,
-//!   Time Exceeded, Parameter Problem) quoting a NATed packet: the quote's
-//!   source and the outer destination become the client's, with the
-//!   quote's transport checksum and the outer ICMPv6 checksum (which covers
-//!   the pseudo-header) patched. Then `bpf_redirect` to the TUN device.
+//!   headers (`drop_ipv6_ext_header`) or a fragment header anywhere but
+//!   right after the IPv6 header (`drop_ipv6_fragment`). To tell veil's
+//!   from the host's it walks up to [`MAX_EXT`] hop-by-hop, routing,
+//!   destination-options and fragment headers to the ports. It notes a
+//!   reply's first fragment for the fragments after it (`frag6`).
+//!   Neighbour discovery, the host's own traffic, later fragments nobody
+//!   noted (no ports: the host's, as far as anyone can tell) pass.
+//! - TC ([`translate`]) rewrites replies (TCP, UDP, ICMPv6 echo, and
+//!   their fragments) to their client, and ICMPv6 errors (Destination
+//!   Unreachable, Packet Too Big, Time Exceeded, Parameter Problem)
+//!   quoting a NATed packet: the quote's source and the outer destination
+//!   become the client's, with the quote's transport checksum and the
+//!   outer ICMPv6 checksum (which covers the pseudo-header) patched. Then
+//!   `bpf_redirect` to the TUN device.
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT},
@@ -26,12 +29,14 @@ use aya_ebpf::{
 use network_types::{ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 use veil_common::{
     csum::{self, L4Sum},
-    proto,
+    frag_kind, proto,
     ratelimit::Direction,
-    Config, Config6, Reason, ReverseFlow6, ReverseKey6, IPPROTO_ICMPV6,
+    Config, Config6, Reason, ReverseFlow6, ReverseKey6, FRAG_TIMEOUT_NS, IPPROTO_ICMPV6,
 };
 
 use crate::{
+    frag::Fragment,
+    frag6::{self, FragHdr, FRAG_HDR_LEN},
     maps::{config, config6, VEIL_REVERSE6},
     packet::{Packet, Ports, ETH_LEN},
     rewrite6::{
@@ -68,10 +73,23 @@ pub fn is_ipv6_xdp(ctx: &XdpContext) -> bool {
 /// What an IPv6 WAN packet is to veil.
 enum Wan6 {
     Host,
+    /// The first fragment of a datagram to the public address that is not
+    /// veil's (its fragment header's identification).
+    HostFirstFragment(u32),
+    /// A fragment after the first, to the public address: veil's when its
+    /// first fragment was (`frag6`), the host's otherwise.
+    LaterFragment {
+        id: u32,
+        last: bool,
+    },
+    /// A reply, whole or its first fragment (`first_fragment`: the
+    /// identification); its transport header at `at`.
     Reply {
         key: ReverseKey6,
         kind: L4Sum,
         tcp_flags: u64,
+        at: usize,
+        first_fragment: Option<u32>,
     },
     IcmpError {
         key: ReverseKey6,
@@ -82,21 +100,21 @@ enum Wan6 {
 struct Upper {
     proto: u8,
     at: usize,
-    /// Extension headers other than a fragment header were passed.
+    /// Extension headers other than one fragment header were passed.
     ext: bool,
-    /// A first fragment (later fragments have no upper-layer header).
-    fragment: bool,
+    /// The fragment header's fields, if there is one. A later fragment has
+    /// no upper-layer header: the walk stops at it.
+    frag: Option<FragHdr>,
 }
 
-/// Walks the extension headers from the IPv6 header's `next`; `None` for
-/// a fragment after the first.
+/// Walks the extension headers from the IPv6 header's `next`.
 #[inline(always)]
-fn upper(pkt: &Packet, next: u8) -> Result<Option<Upper>, Reason> {
+fn upper(pkt: &Packet, next: u8) -> Result<Upper, Reason> {
     let mut u = Upper {
         proto: next,
         at: L4_AT,
         ext: false,
-        fragment: false,
+        frag: None,
     };
     for _ in 0..MAX_EXT {
         match u.proto {
@@ -108,22 +126,23 @@ fn upper(pkt: &Packet, next: u8) -> Result<Option<Upper>, Reason> {
                 u.ext = true;
             }
             NH_FRAGMENT => {
-                let h: *mut [u8; 4] = pkt.at(u.at)?;
-                let (nh, off) = unsafe { ((*h)[0], u16::from_be_bytes([(*h)[2], (*h)[3]])) };
-                if off & 0xfff8 != 0 {
-                    return Ok(None);
+                let frag = frag6::read(pkt, u.at)?;
+                // A fragment header after others: not translated.
+                u.ext |= u.at != L4_AT;
+                u.frag = Some(frag);
+                if let Fragment::Later { .. } = frag.fragment {
+                    return Ok(u);
                 }
-                u.proto = nh;
-                u.at += 8;
-                u.fragment = true;
+                u.proto = frag.next;
+                u.at += FRAG_HDR_LEN;
             }
-            _ => return Ok(Some(u)),
+            _ => return Ok(u),
         }
         if u.at > MAX_UPPER_AT {
             return Err(Reason::DropIpv6ExtHeader);
         }
     }
-    Ok(Some(u))
+    Ok(u)
 }
 
 #[inline(never)]
@@ -141,8 +160,21 @@ fn classify(pkt: &Packet, cfg: &Config, cfg6: &Config6) -> Result<Wan6, Reason> 
     if vcf >> 4 != 6 {
         return Err(Reason::DropMalformed);
     }
-    let Some(up) = upper(pkt, next)? else {
-        return Ok(Wan6::Host);
+    let up = upper(pkt, next)?;
+    // Later fragments carry no ports: whose they are, their first
+    // fragment said.
+    let frag_id = match up.frag {
+        Some(FragHdr {
+            fragment: Fragment::Later { last },
+            id,
+            ..
+        }) => return Ok(Wan6::LaterFragment { id, last }),
+        Some(FragHdr {
+            fragment: Fragment::First,
+            id,
+            ..
+        }) => Some(id),
+        _ => None,
     };
     let at = if up.at > MAX_UPPER_AT {
         return Err(Reason::DropIpv6ExtHeader);
@@ -169,41 +201,52 @@ fn classify(pkt: &Packet, cfg: &Config, cfg6: &Config6) -> Result<Wan6, Reason> 
         _ => false,
     };
     if !ours {
-        return Ok(Wan6::Host);
-    }
-    if up.fragment {
-        return Err(Reason::DropIpv6Fragment);
+        return Ok(match frag_id {
+            Some(id) => Wan6::HostFirstFragment(id),
+            None => Wan6::Host,
+        });
     }
     if up.ext {
-        return Err(Reason::DropIpv6ExtHeader);
+        return Err(if up.frag.is_some() {
+            Reason::DropIpv6Fragment
+        } else {
+            Reason::DropIpv6ExtHeader
+        });
     }
+    let upper = up.proto;
     let reply = |kind, remote_port: [u8; 2], nat_port: [u8; 2], tcp_flags| Wan6::Reply {
         key: ReverseKey6 {
             remote_addr: src,
             public_addr: dst,
             remote_port: u16::from_be_bytes(remote_port),
             nat_port: u16::from_be_bytes(nat_port),
-            proto: next,
+            proto: upper,
             _pad: [0; 3],
         },
         kind,
         tcp_flags,
+        at,
+        first_fragment: frag_id,
     };
-    match next {
+    match upper {
         proto::TCP => {
-            let tcp: *mut TcpHdr = pkt.at(L4_AT)?;
+            let tcp: *mut TcpHdr = pkt.at(at)?;
             let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
             Ok(unsafe { reply(L4Sum::Tcp, (*tcp).source, (*tcp).dest, flags) })
         }
         proto::UDP => {
-            let udp: *mut UdpHdr = pkt.at(L4_AT)?;
+            let udp: *mut UdpHdr = pkt.at(at)?;
             Ok(unsafe { reply(L4Sum::Udp, (*udp).src, (*udp).dst, 0) })
         }
         _ => {
-            let icmp: *mut [u8; 8] = pkt.at(L4_AT)?;
+            let icmp: *mut [u8; 8] = pkt.at(at)?;
             let (t, id) = unsafe { ((*icmp)[0], [(*icmp)[4], (*icmp)[5]]) };
             if t == ICMPV6_ECHO_REPLY {
                 Ok(reply(L4Sum::Icmp, [0, 0], id, 0))
+            } else if up.frag.is_some() {
+                // Errors quote at most 1280 bytes: one in fragments is
+                // odd, and its quote is not where the walk expects it.
+                Err(Reason::DropIpv6Fragment)
             } else {
                 classify_icmp_error(pkt, cfg, cfg6)
             }
@@ -280,16 +323,43 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
         return Ok(to_host);
     };
     let to_translate = Verdict::uncounted(xdp_action::XDP_PASS as i32);
+    let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+    let datagram = |id| frag6::key(pkt, IP, frag_kind::INGRESS, id);
     match classify(pkt, cfg, cfg6)? {
         Wan6::Host => Ok(to_host),
-        Wan6::Reply { key, kind, .. } => match reply_flow(&key, kind)? {
-            Some(flow) => {
-                let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
-                let vip = unsafe { (*flow).client_vip };
-                crate::ratelimit::police(vip, ip_len, Direction::Down)?;
+        Wan6::HostFirstFragment(id) => {
+            frag6::forget(&datagram(id)?);
+            Ok(to_host)
+        }
+        // A later fragment nobody noted is the host's, as far as anyone
+        // can tell (as for IPv4).
+        Wan6::LaterFragment { id, .. } => match frag6::live(&datagram(id)?, FRAG_TIMEOUT_NS) {
+            Some(entry) => {
+                crate::ratelimit::police(entry.client_vip, ip_len, Direction::Down)?;
                 Ok(to_translate)
             }
             None => Ok(to_host),
+        },
+        Wan6::Reply {
+            key,
+            kind,
+            first_fragment,
+            ..
+        } => match reply_flow(&key, kind)? {
+            Some(flow) => {
+                let vip = unsafe { (*flow).client_vip };
+                crate::ratelimit::police(vip, ip_len, Direction::Down)?;
+                if let Some(id) = first_fragment {
+                    frag6::remember(&datagram(id)?, unsafe { &(*flow).client_addr }, vip)?;
+                }
+                Ok(to_translate)
+            }
+            None => {
+                if let Some(id) = first_fragment {
+                    frag6::forget(&datagram(id)?);
+                }
+                Ok(to_host)
+            }
         },
         Wan6::IcmpError { key } => {
             flow(&key)?;
@@ -311,11 +381,20 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let reason = match classify(&pkt, cfg, cfg6)? {
         // Counted by `filter` already.
-        Wan6::Host => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
+        Wan6::Host | Wan6::HostFirstFragment(_) => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
+        Wan6::LaterFragment { id, last } => {
+            if !frag6::ingress_later(ctx, &pkt, IP, id, last)? {
+                // The host's (counted by `filter`).
+                return Ok(Verdict::uncounted(TC_ACT_OK as i32));
+            }
+            Reason::IngressForwarded
+        }
         Wan6::Reply {
             key,
             kind,
             tcp_flags,
+            at: l4,
+            ..
         } => {
             let Some(flow) = reply_flow(&key, kind)? else {
                 return Ok(Verdict::uncounted(TC_ACT_OK as i32));
@@ -323,9 +402,9 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
             let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
             stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
             let at = match kind {
-                L4Sum::Tcp => reply_at(kind, L4_AT + 2, L4_AT + 16),
-                L4Sum::Udp => reply_at(kind, L4_AT + 2, L4_AT + 6),
-                L4Sum::Icmp => reply_at(kind, L4_AT + 4, L4_AT + 2),
+                L4Sum::Tcp => reply_at(kind, l4 + 2, l4 + 16),
+                L4Sum::Udp => reply_at(kind, l4 + 2, l4 + 6),
+                L4Sum::Icmp => reply_at(kind, l4 + 4, l4 + 2),
             };
             move_endpoint6_skb(
                 ctx,

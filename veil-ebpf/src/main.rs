@@ -30,6 +30,7 @@ mod egress;
 mod egress6;
 mod forward;
 mod frag;
+mod frag6;
 mod ingress;
 mod ingress6;
 mod maps;

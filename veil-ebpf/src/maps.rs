@@ -9,7 +9,9 @@ use veil_common::{
     FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason, ReverseFlow, ReverseKey, MAX_FLOWS, MAX_FRAGS,
     MAX_FWD_FLOWS, MAX_FWD_RULES,
 };
-use veil_common::{Config6, EgressFlow6, FlowKey6, ReverseFlow6, ReverseKey6, MAX_FLOWS6};
+use veil_common::{
+    Config6, EgressFlow6, FlowKey6, FragEntry6, FragKey6, ReverseFlow6, ReverseKey6, MAX_FLOWS6,
+};
 
 #[btf_map]
 pub static VEIL_EGRESS: HashMap<FlowKey, EgressFlow, { MAX_FLOWS as usize }> = HashMap::new();
@@ -62,6 +64,11 @@ pub static VEIL_REVERSE6: HashMap<ReverseKey6, ReverseFlow6, { MAX_FLOWS6 as usi
 
 #[btf_map]
 pub static VEIL_CONFIG6: Array<Config6, 1> = Array::new();
+
+/// IPv6 fragments (`frag6`): LRU like `VEIL_FRAGS`, for the same reasons.
+#[btf_map]
+pub static VEIL_FRAGS6: LruHashMap<FragKey6, FragEntry6, { MAX_FRAGS as usize }> =
+    LruHashMap::new();
 
 /// The IPv6 configuration, if the daemon enabled IPv6.
 #[inline(always)]

@@ -9,7 +9,12 @@ use std::net::Ipv6Addr;
 
 use veil_common::{proto, FlowKey6, IPPROTO_ICMPV6};
 
+pub use crate::packet::Fragment;
+
 pub const IPV6_HDR_LEN: usize = 40;
+/// The fragment header's Next Header value, and its length.
+pub const NEXT_FRAGMENT: u8 = 44;
+pub const FRAGMENT_HDR_LEN: usize = 8;
 pub const ICMPV6_ECHO_REQUEST: u8 = 128;
 /// ICMPv6 types (RFC 4443).
 pub const ICMPV6_DEST_UNREACH: u8 = 1;
@@ -43,8 +48,13 @@ pub struct Ipv6Info {
     pub src: Ipv6Addr,
     pub dst: Ipv6Addr,
     /// The IPv6 header's Next Header: TCP, UDP, ICMPv6 or an extension
-    /// header (not walked: the gateway translates none).
+    /// header (not walked: the gateway translates none). Past a fragment
+    /// header right after the IPv6 header, the fragment header's.
     pub next: u8,
+    /// Where the packet stands among its datagram's fragments, by a
+    /// fragment header right after the IPv6 header (`Whole` without one,
+    /// and for an atomic fragment). A later fragment has no ports.
+    pub fragment: Fragment,
     pub hop_limit: u8,
     /// Source and destination port (TCP, UDP), or the identifier and 0
     /// (ICMPv6 echo request); `None` otherwise.
@@ -88,8 +98,26 @@ pub fn parse6(pkt: &[u8]) -> Result<Ipv6Info, Packet6Error> {
             actual: pkt.len() - IPV6_HDR_LEN,
         });
     }
-    let next = pkt[6];
-    let l4 = &pkt[IPV6_HDR_LEN..];
+    let (next, fragment, l4) = match pkt[6] {
+        NEXT_FRAGMENT => {
+            let f = &pkt[IPV6_HDR_LEN..];
+            if f.len() < FRAGMENT_HDR_LEN {
+                return Err(Packet6Error::Truncated {
+                    proto: NEXT_FRAGMENT,
+                });
+            }
+            let word = be16(f, 2);
+            let fragment = if word & 0xfff8 != 0 {
+                Fragment::Later
+            } else if word & 1 != 0 {
+                Fragment::First
+            } else {
+                Fragment::Whole
+            };
+            (f[0], fragment, &f[FRAGMENT_HDR_LEN..])
+        }
+        next => (next, Fragment::Whole, &pkt[IPV6_HDR_LEN..]),
+    };
     let need = |n: usize| {
         if l4.len() < n {
             Err(Packet6Error::Truncated { proto: next })
@@ -98,6 +126,7 @@ pub fn parse6(pkt: &[u8]) -> Result<Ipv6Info, Packet6Error> {
         }
     };
     let (ports, icmp_type) = match next {
+        _ if fragment == Fragment::Later => (None, None),
         proto::TCP => {
             need(20)?;
             (Some((be16(l4, 0), be16(l4, 2))), None)
@@ -117,10 +146,50 @@ pub fn parse6(pkt: &[u8]) -> Result<Ipv6Info, Packet6Error> {
         src: addr(&pkt[8..]),
         dst: addr(&pkt[24..]),
         next,
+        fragment,
         hop_limit: pkt[7],
         ports,
         icmp_type,
     })
+}
+
+/// Splits an IPv6 fragment (a fragment header right after the IPv6
+/// header) too large for `mtu` bytes into smaller fragments of the same
+/// datagram: each gets the headers, its share of the fragment's data (a
+/// multiple of 8 bytes but the last), its offset, the identification, and
+/// M set but on the last piece, which keeps the fragment's own. The
+/// receiver reassembles them as it would have the fragment. Returns
+/// `false`, emitting nothing, for a packet that is not such a fragment
+/// (IPv6 forbids fragmenting on the way: a whole packet is left alone),
+/// is malformed, or when `mtu` leaves no room for 8 bytes of data.
+pub fn refragment6(packet: &[u8], mtu: usize, mut emit: impl FnMut(&[u8])) -> bool {
+    const HEADERS: usize = IPV6_HDR_LEN + FRAGMENT_HDR_LEN;
+    if packet.len() <= HEADERS
+        || packet[0] >> 4 != 6
+        || packet[6] != NEXT_FRAGMENT
+        || usize::from(be16(packet, 4)) != packet.len() - IPV6_HDR_LEN
+    {
+        return false;
+    }
+    let chunk = mtu.saturating_sub(HEADERS) & !7;
+    let word = be16(packet, IPV6_HDR_LEN + 2);
+    let (offset, more) = (usize::from(word & 0xfff8), word & 1);
+    let data = &packet[HEADERS..];
+    if chunk == 0 || offset + data.len() > usize::from(u16::MAX) {
+        return false;
+    }
+    let mut piece = Vec::with_capacity(HEADERS + chunk);
+    for (i, part) in data.chunks(chunk).enumerate() {
+        let last = (i + 1) * chunk >= data.len();
+        let word = (offset + i * chunk) as u16 | if last { more } else { 1 };
+        piece.clear();
+        piece.extend_from_slice(&packet[..HEADERS]);
+        piece[4..6].copy_from_slice(&((FRAGMENT_HDR_LEN + part.len()) as u16).to_be_bytes());
+        piece[IPV6_HDR_LEN + 2..IPV6_HDR_LEN + 4].copy_from_slice(&word.to_be_bytes());
+        piece.extend_from_slice(part);
+        emit(&piece);
+    }
+    true
 }
 
 /// The ICMPv6 (or TCP, UDP) checksum of `payload` from `src` to `dst`:
@@ -231,5 +300,57 @@ mod tests {
             "checksum verifies"
         );
         assert_eq!(&e[48..88], &original[..40], "the original header is quoted");
+    }
+
+    /// An IPv6 fragment of `data` at `offset` with M = `more`, id 9.
+    fn fragment_of(offset: u16, more: bool, data: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[NEXT_FRAGMENT, 64]);
+        p.extend_from_slice(&[0x20; 32]);
+        p.extend_from_slice(&[17, 0]);
+        p.extend_from_slice(&(offset | u16::from(more)).to_be_bytes());
+        p.extend_from_slice(&9u32.to_be_bytes());
+        p.extend_from_slice(data);
+        p
+    }
+
+    #[test]
+    fn a_fragment_too_large_is_cut_into_smaller_ones_of_the_same_datagram() {
+        let data: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+        for (offset, more) in [(0, true), (1448, false)] {
+            let mut pieces = Vec::new();
+            assert!(refragment6(&fragment_of(offset, more, &data), 1000, |p| {
+                pieces.push(p.to_vec())
+            }));
+            assert_eq!(pieces.len(), 3);
+            let mut joined = Vec::new();
+            for (i, p) in pieces.iter().enumerate() {
+                assert!(p.len() <= 1000);
+                assert_eq!(usize::from(be16(p, 4)), p.len() - IPV6_HDR_LEN);
+                assert_eq!(p[6..40], fragment_of(offset, more, &data)[6..40], "{i}");
+                assert_eq!(p[40], 17);
+                assert_eq!(p[44..48], 9u32.to_be_bytes(), "same identification");
+                let word = be16(p, 42);
+                assert_eq!(
+                    usize::from(word & 0xfff8),
+                    usize::from(offset) + joined.len()
+                );
+                let m = word & 1 == 1;
+                assert_eq!(m, if i == 2 { more } else { true });
+                joined.extend_from_slice(&p[48..]);
+            }
+            assert_eq!(joined, data);
+        }
+        // A whole packet, a fragment that fits no 8 bytes: left alone.
+        let whole = {
+            let mut p = fragment_of(0, false, &data);
+            p[6] = 17;
+            p
+        };
+        assert!(!refragment6(&whole, 1000, |_| panic!("emitted")));
+        assert!(!refragment6(&fragment_of(0, true, &data), 55, |_| panic!(
+            "emitted"
+        )));
     }
 }

@@ -37,7 +37,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 12] = [
+pub const PINS: [(&str, &str); 13] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
@@ -50,6 +50,7 @@ pub const PINS: [(&str, &str); 12] = [
     (veil_common::EGRESS6_MAP, "egress6"),
     (veil_common::REVERSE6_MAP, "reverse6"),
     (veil_common::CONFIG6_MAP, "config6"),
+    (veil_common::FRAG6_MAP, "fragments6"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -379,6 +380,19 @@ impl Datapath {
             name: FRAG_MAP,
             source,
         })
+    }
+
+    /// The IPv6 fragment map (the datapath's own), for inspection and tests.
+    pub fn fragments6(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, veil_common::FragKey6, veil_common::FragEntry6>, DatapathError>
+    {
+        let name = veil_common::FRAG6_MAP;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
     }
 
     /// The datapath's log (aya-log), delivered to `logger` on

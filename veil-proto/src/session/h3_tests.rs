@@ -339,3 +339,33 @@ fn an_ipv6_packet_too_large_for_a_datagram_gets_packet_too_big_on_the_client() {
     assert_eq!(crate::packet6::checksum6(dst, src, 58, &icmp[40..]), 0);
     assert_eq!(p.client.stats().packets_not_sent, 1);
 }
+
+#[test]
+fn an_ipv6_fragment_too_large_for_a_datagram_is_cut_further_a_whole_packet_is_not() {
+    let mut p = Pair::new();
+    p.pump();
+    // A reply's first fragment of 1496 bytes (a remote on a 1500-byte
+    // path), from 2001:2::2 to the client's ULA.
+    let src: std::net::Ipv6Addr = "2001:2::2".parse().unwrap();
+    let dst: std::net::Ipv6Addr = "fd00:7665:696c::a4d:2".parse().unwrap();
+    let mut fragment = vec![7u8; 1496];
+    fragment[..8].copy_from_slice(&[0x60, 0, 0, 0, 0x05, 0xb0, 44, 64]);
+    fragment[8..24].copy_from_slice(&src.octets());
+    fragment[24..40].copy_from_slice(&dst.octets());
+    fragment[40..48].copy_from_slice(&[17, 0, 0, 1, 0, 0, 0, 9]);
+    p.server.set_max_datagram(Some(1302));
+    p.server.send_packet(&fragment);
+    let out = drain(|| p.server.poll_output());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, Output::Datagram(d) if d.len() <= 1302)));
+    assert_eq!(p.server.stats().packets_sent, 2);
+    // The same bytes as a whole UDP packet: IPv6 is never fragmented on
+    // the way, and the gateway sends no Packet Too Big: lost.
+    let mut whole = fragment.clone();
+    whole[6] = 17;
+    p.server.send_packet(&whole);
+    assert!(drain(|| p.server.poll_output()).is_empty());
+    assert_eq!(p.server.stats().packets_not_sent, 1);
+}

@@ -465,11 +465,18 @@ fn emit_packet(
                 .unwrap_or(0)
                 .saturating_sub(h3.prefix.len() + 1);
             let over_df = !h3.frag_needed;
-            let fragmented = crate::packet::fragment(packet, room, over_df, |piece| {
+            let mut emit = |piece: &[u8]| {
                 events.push_back(http_datagram(h3, piece));
                 stats.packets_sent += 1;
                 stats.bytes_sent += piece.len() as u64;
-            });
+            };
+            // IPv6: only a datagram already in fragments is cut further
+            // (same identification); a whole packet is never fragmented
+            // on the way.
+            let fragmented = match packet.first().map(|b| b >> 4) {
+                Some(6) => crate::packet6::refragment6(packet, room, &mut emit),
+                _ => crate::packet::fragment(packet, room, over_df, &mut emit),
+            };
             if !fragmented {
                 stats.packets_not_sent += 1;
                 if let Some(icmp) = frag_needed(h3, packet) {

@@ -9,13 +9,16 @@
 //! lets the destination in (else Destination Unreachable, administratively
 //! prohibited); the hop limit is above 1 (else Time Exceeded); and the
 //! datapath translates it: TCP, UDP or an ICMPv6 echo request with no
-//! extension header (else dropped, counted by cause).
+//! extension header but a fragment header right after the IPv6 header
+//! (else dropped, counted by cause). A fragment after the first has no
+//! ports: it goes to the datapath without a flow, which translates it as
+//! its first fragment was, as for IPv4 ([`super::check`]).
 
 use std::net::Ipv6Addr;
 
 use veil_common::FlowKey6;
 use veil_proto::packet6::{
-    self, icmp6_error, parse6, Packet6Error, ICMPV6_DEST_UNREACH, ICMPV6_TIME_EXCEEDED,
+    self, icmp6_error, parse6, Fragment, Packet6Error, ICMPV6_DEST_UNREACH, ICMPV6_TIME_EXCEEDED,
     UNREACH_ADMIN_PROHIBITED,
 };
 
@@ -29,8 +32,8 @@ pub enum Dropped6 {
     ForgedSource(Ipv6Addr),
     Policy(Refusal6),
     HopLimitExceeded,
-    /// An extension header (including a fragment header): the datapath
-    /// translates none.
+    /// An extension header (other than one fragment header right after
+    /// the IPv6 header): the datapath translates none.
     ExtensionHeader(u8),
     /// A protocol or ICMPv6 type the datapath does not translate.
     Untranslatable {
@@ -41,8 +44,9 @@ pub enum Dropped6 {
 /// What to do with a client's IPv6 packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict6 {
-    /// Into the datapath once `flow` exists.
-    Datapath { flow: FlowKey6 },
+    /// Into the datapath once `flow` exists; a fragment after the first
+    /// has none (the datapath matches it to its first fragment).
+    Datapath { flow: Option<FlowKey6> },
     /// Not sent; `answer` is the ICMPv6 error the client gets, if any.
     Dropped {
         why: Dropped6,
@@ -79,29 +83,31 @@ impl Checks6 {
         if info.src != leased {
             return drop(Dropped6::ForgedSource(info.src));
         }
+        // As for IPv4: no error about a fragment after the first, whose
+        // first fragment already had its answer.
+        let later = info.fragment == Fragment::Later;
+        let answer =
+            |icmp_type, code| (!later).then(|| icmp6_error(self.gateway, pkt, icmp_type, code, 0));
         if let Err(refusal) = self.policy.check(info.dst) {
             return Verdict6::Dropped {
                 why: Dropped6::Policy(refusal),
-                answer: Some(icmp6_error(
-                    self.gateway,
-                    pkt,
-                    ICMPV6_DEST_UNREACH,
-                    UNREACH_ADMIN_PROHIBITED,
-                    0,
-                )),
+                answer: answer(ICMPV6_DEST_UNREACH, UNREACH_ADMIN_PROHIBITED),
             };
         }
         if info.hop_limit <= 1 {
             return Verdict6::Dropped {
                 why: Dropped6::HopLimitExceeded,
-                answer: Some(icmp6_error(self.gateway, pkt, ICMPV6_TIME_EXCEEDED, 0, 0)),
+                answer: answer(ICMPV6_TIME_EXCEEDED, 0),
             };
+        }
+        if later {
+            return Verdict6::Datapath { flow: None };
         }
         if is_extension_header(info.next) {
             return drop(Dropped6::ExtensionHeader(info.next));
         }
         match info.flow_key() {
-            Some(flow) => Verdict6::Datapath { flow },
+            Some(flow) => Verdict6::Datapath { flow: Some(flow) },
             None => drop(Dropped6::Untranslatable { next: info.next }),
         }
     }
@@ -172,7 +178,7 @@ mod tests {
     fn a_packet_to_the_internet_goes_to_the_datapath_with_its_flow() {
         let v = checks().check(CLIENT, &udp(CLIENT, REMOTE));
         let flow = FlowKey6::new(proto::UDP, CLIENT, 40000, REMOTE, 53);
-        assert_eq!(v, Verdict6::Datapath { flow });
+        assert_eq!(v, Verdict6::Datapath { flow: Some(flow) });
         let ping = ipv6(
             CLIENT,
             REMOTE,
@@ -181,7 +187,10 @@ mod tests {
             &[ICMPV6_ECHO_REQUEST, 0, 0, 0, 0x12, 0x34, 0, 1],
         );
         let flow = FlowKey6::new(IPPROTO_ICMPV6, CLIENT, 0x1234, REMOTE, 0);
-        assert_eq!(checks().check(CLIENT, &ping), Verdict6::Datapath { flow });
+        assert_eq!(
+            checks().check(CLIENT, &ping),
+            Verdict6::Datapath { flow: Some(flow) }
+        );
     }
 
     #[test]
@@ -261,18 +270,13 @@ mod tests {
     }
 
     #[test]
-    fn extension_headers_fragments_and_other_protocols_are_dropped_by_cause() {
-        let frag = ipv6(
-            CLIENT,
-            REMOTE,
-            44,
-            64,
-            &[17, 0, 0, 1, 0, 0, 0, 7, 0x9c, 0x40, 0, 53],
-        );
+    fn extension_headers_and_other_protocols_are_dropped_by_cause() {
+        // A fragment header leading to a hop-by-hop one.
+        let frag_hbh = ipv6(CLIENT, REMOTE, 44, 64, &fragment(0, 0, 1, &[0; 8]));
         assert_eq!(
-            checks().check(CLIENT, &frag),
+            checks().check(CLIENT, &frag_hbh),
             Verdict6::Dropped {
-                why: Dropped6::ExtensionHeader(44),
+                why: Dropped6::ExtensionHeader(0),
                 answer: None
             }
         );
@@ -306,6 +310,71 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A fragment header (`next`, offset in 8-byte units, more flag,
+    /// identification 7) and `rest`.
+    fn fragment(next: u8, offset: u16, more: u16, rest: &[u8]) -> Vec<u8> {
+        let word = (offset << 3) | more;
+        let mut f = vec![next, 0];
+        f.extend_from_slice(&word.to_be_bytes());
+        f.extend_from_slice(&7u32.to_be_bytes());
+        f.extend_from_slice(rest);
+        f
+    }
+
+    #[test]
+    fn fragments_go_to_the_datapath_the_first_with_its_flow_the_later_without() {
+        let c = checks();
+        let udp_head = [0x9c, 0x40, 0, 53, 0x0b, 0xc0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        let first = ipv6(CLIENT, REMOTE, 44, 64, &fragment(17, 0, 1, &udp_head));
+        assert_eq!(
+            c.check(CLIENT, &first),
+            Verdict6::Datapath {
+                flow: Some(FlowKey6::new(proto::UDP, CLIENT, 40000, REMOTE, 53))
+            }
+        );
+        // No ports in a later fragment: its first fragment's flow.
+        let later = ipv6(CLIENT, REMOTE, 44, 64, &fragment(17, 2, 0, &[0xab; 16]));
+        assert_eq!(c.check(CLIENT, &later), Verdict6::Datapath { flow: None });
+        // Its source and destination are checked as any packet's; refused
+        // without an answer (the first fragment had it).
+        let forged = ipv6(OTHER, REMOTE, 44, 64, &fragment(17, 2, 0, &[0xab; 16]));
+        assert_eq!(
+            c.check(CLIENT, &forged),
+            Verdict6::Dropped {
+                why: Dropped6::ForgedSource(OTHER),
+                answer: None
+            }
+        );
+        let refused = ipv6(CLIENT, GATEWAY, 44, 64, &fragment(17, 2, 0, &[0xab; 16]));
+        assert!(matches!(
+            c.check(CLIENT, &refused),
+            Verdict6::Dropped {
+                why: Dropped6::Policy(_),
+                answer: None
+            }
+        ));
+        let refused_first = ipv6(CLIENT, GATEWAY, 44, 64, &fragment(17, 0, 1, &udp_head));
+        assert!(matches!(
+            c.check(CLIENT, &refused_first),
+            Verdict6::Dropped {
+                why: Dropped6::Policy(_),
+                answer: Some(_)
+            }
+        ));
+        // A first fragment too short for its ports, a cut fragment header.
+        let short = ipv6(CLIENT, REMOTE, 44, 64, &fragment(17, 0, 1, &udp_head[..4]));
+        let cut = ipv6(CLIENT, REMOTE, 44, 64, &[17, 0, 0]);
+        for bad in [short, cut] {
+            assert!(matches!(
+                c.check(CLIENT, &bad),
+                Verdict6::Dropped {
+                    why: Dropped6::Malformed(_),
+                    ..
+                }
+            ));
+        }
     }
 
     #[test]

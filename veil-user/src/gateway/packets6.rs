@@ -139,12 +139,16 @@ impl Shared {
         let leased = v6.pool.address_for(vip)?;
         match v6.checks.check(leased, pkt) {
             Verdict6::Datapath { flow } => {
-                let created = {
-                    let mut flows = v6.flows.lock().expect("flows6 lock");
-                    match flows.get(&flow) {
-                        Some(_) => Ok(0),
-                        None => flows.create(flow, vip, monotonic_ns()),
+                let created = match flow {
+                    Some(flow) => {
+                        let mut flows = v6.flows.lock().expect("flows6 lock");
+                        match flows.get(&flow) {
+                            Some(_) => Ok(0),
+                            None => flows.create(flow, vip, monotonic_ns()),
+                        }
                     }
+                    // A later fragment: its first fragment's flow.
+                    None => Ok(0),
                 };
                 if let Err(e) = created {
                     c.flow_errors.fetch_add(1, Relaxed);
