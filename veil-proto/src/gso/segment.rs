@@ -55,9 +55,12 @@ fn segment_gso(
         scratch.clear();
         scratch.extend_from_slice(headers);
         scratch.extend_from_slice(&payload[start..end]);
-        fix_ipv4_header(scratch, layout.ip_hdr_len, index);
         match layout.transport {
-            Transport::Tcp => fix_tcp_header(scratch, layout, index, count),
+            Transport::Tcp6 => fix_ipv6_header(scratch),
+            Transport::Tcp | Transport::Udp => fix_ipv4_header(scratch, layout.ip_hdr_len, index),
+        }
+        match layout.transport {
+            Transport::Tcp | Transport::Tcp6 => fix_tcp_header(scratch, layout, index, count),
             Transport::Udp => fix_udp_header(scratch, layout.ip_hdr_len),
         }
         emit(scratch);
@@ -81,6 +84,13 @@ fn fix_ipv4_header(seg: &mut [u8], ip_hdr_len: usize, index: usize) {
     set_header_checksum(seg, ip_hdr_len);
 }
 
+/// Payload length for an IPv6 segment: there is no ID (that lives in the
+/// fragment header, which a TCP segment has none of) and no header checksum.
+fn fix_ipv6_header(seg: &mut [u8]) {
+    // A segment is never longer than the packet, whose length came from a u16.
+    put16(seg, IPV6_PAYLOAD_LEN, (seg.len() - IPV6_HDR_LEN) as u16);
+}
+
 /// Sequence number, flags and checksum for TCP segment `index` of `count`,
 /// following `tcp_gso_segment`: FIN and PSH end the data so they belong to
 /// the last segment, CWR answers ECE once so it belongs to the first.
@@ -95,7 +105,10 @@ fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize
     if index != 0 {
         seg[tcp + TCP_FLAGS] &= !TCP_CWR;
     }
-    let csum = transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM);
+    let csum = match layout.transport {
+        Transport::Tcp6 => transport_checksum6(seg, tcp, PROTO_TCP, TCP_CSUM),
+        Transport::Tcp | Transport::Udp => transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM),
+    };
     put16(seg, tcp + TCP_CSUM, csum);
 }
 
@@ -117,6 +130,15 @@ fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usiz
     put16(seg, l4 + csum_offset, 0);
     let l4_len = seg.len() - l4;
     let mut sum = pseudo_header(seg, protocol, l4_len as u16);
+    sum.add(&seg[l4..]);
+    sum.finish()
+}
+
+/// [`transport_checksum`] with the IPv6 pseudo-header.
+fn transport_checksum6(seg: &mut [u8], l4: usize, next: u8, csum_offset: usize) -> u16 {
+    put16(seg, l4 + csum_offset, 0);
+    let l4_len = seg.len() - l4;
+    let mut sum = pseudo_header6(seg, next, l4_len as u16);
     sum.add(&seg[l4..]);
     sum.finish()
 }
