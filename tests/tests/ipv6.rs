@@ -6,7 +6,6 @@
 //! found it.
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
@@ -123,36 +122,6 @@ fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
     assert!(client.stop().unwrap().success(), "{}", client.log());
 }
 
-/// Sends `data` to the remote's TCP echo server over IPv6 from client
-/// `i`; what came back.
-fn echo6_through(world: &World, i: usize, data: &[u8]) -> Vec<u8> {
-    world.client(i).enter(|| {
-        let to = SocketAddr::from((REMOTE6, 7));
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut reader = s.try_clone().unwrap();
-        let back = std::thread::spawn(move || {
-            let mut back = Vec::new();
-            let _ = reader.read_to_end(&mut back);
-            back
-        });
-        let mut s = s;
-        s.write_all(data).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        back.join().unwrap()
-    })
-}
-
-/// Packets and bytes the gateway's datapath has forwarded from clients
-/// (IPv4 and IPv6 alike).
-fn egress_forwarded(world: &World) -> (u64, u64) {
-    let dp = &world.status()["datapath"]["egress_forwarded"];
-    (
-        dp["packets"].as_u64().unwrap(),
-        dp["bytes"].as_u64().unwrap(),
-    )
-}
-
 #[test]
 fn ipv6_tcp_crosses_the_tunnel_as_super_packets_and_arrives_intact() {
     let world = dual_stack(1, &[]);
@@ -170,9 +139,9 @@ fn ipv6_tcp_crosses_the_tunnel_as_super_packets_and_arrives_intact() {
         let features = world.client(1).exec("ethtool", &["-k", "veil0"]);
         let features = String::from_utf8_lossy(&features.stdout);
         assert!(features.contains("tx-tcp6-segmentation: on"), "{features}");
-        let (packets, bytes) = egress_forwarded(&world);
+        let (packets, bytes) = world.egress_forwarded();
         let upload = download_data();
-        let echoed = echo6_through(&world, 1, &upload);
+        let echoed = world.echo_bulk(1, (REMOTE6, 7).into(), &upload);
         assert_eq!(echoed.len(), upload.len(), "offload {offload}");
         assert_eq!(
             sha256(&echoed),
@@ -186,7 +155,7 @@ fn ipv6_tcp_crosses_the_tunnel_as_super_packets_and_arrives_intact() {
         );
         // Whole IPv6 TCP super-packets reached the datapath with offload;
         // without it nothing larger than the client's MTU (1400) did.
-        let (p, b) = egress_forwarded(&world);
+        let (p, b) = world.egress_forwarded();
         let per_packet = (b - bytes) / (p - packets).max(1);
         if offload {
             assert!(per_packet > 1500, "{per_packet} B per packet with offload");

@@ -2,7 +2,7 @@
 //! super-packets that segment back into the originals.
 
 use super::*;
-use crate::gso::segment;
+use crate::gso::{segment, tests6::ones_sum};
 
 const SRC: [u8; 16] = [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const DST: [u8; 16] = [
@@ -11,18 +11,6 @@ const DST: [u8; 16] = [
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
 const TS_OPTION: [u8; 12] = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
-
-fn ones_sum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for pair in data.chunks(2) {
-        let lo = pair.get(1).copied().unwrap_or(0);
-        sum += u32::from(u16::from_be_bytes([pair[0], lo]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
 
 fn pseudo_header(packet: &[u8]) -> Vec<u8> {
     let mut p = packet[8..40].to_vec();

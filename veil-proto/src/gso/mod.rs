@@ -25,7 +25,7 @@ use crate::ipv4::*;
 
 mod segment;
 #[cfg(test)]
-mod tests6;
+pub(crate) mod tests6;
 
 pub use segment::segment;
 

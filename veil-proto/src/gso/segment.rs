@@ -105,10 +105,8 @@ fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize
     if index != 0 {
         seg[tcp + TCP_FLAGS] &= !TCP_CWR;
     }
-    let csum = match layout.transport {
-        Transport::Tcp6 => transport_checksum6(seg, tcp, PROTO_TCP, TCP_CSUM),
-        Transport::Tcp | Transport::Udp => transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM),
-    };
+    let ipv6 = layout.transport == Transport::Tcp6;
+    let csum = transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM, ipv6);
     put16(seg, tcp + TCP_CSUM, csum);
 }
 
@@ -116,7 +114,7 @@ fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize
 fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
     let udp = ip_hdr_len;
     put16(seg, udp + UDP_LEN, (seg.len() - udp) as u16);
-    let mut csum = transport_checksum(seg, udp, PROTO_UDP, UDP_CSUM);
+    let mut csum = transport_checksum(seg, udp, PROTO_UDP, UDP_CSUM, false);
     // Zero would mean "no checksum"; 0xffff is the same value.
     if csum == 0 {
         csum = 0xffff;
@@ -124,21 +122,24 @@ fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
     put16(seg, udp + UDP_CSUM, csum);
 }
 
-/// The transport checksum computed from scratch over the IPv4
-/// pseudo-header and `seg[l4..]`, ignoring whatever the field held.
-fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usize) -> u16 {
+/// The transport checksum computed from scratch over the IPv4 (or, with
+/// `ipv6`, the IPv6) pseudo-header and `seg[l4..]`, ignoring whatever the
+/// field held.
+fn transport_checksum(
+    seg: &mut [u8],
+    l4: usize,
+    protocol: u8,
+    csum_offset: usize,
+    ipv6: bool,
+) -> u16 {
     put16(seg, l4 + csum_offset, 0);
-    let l4_len = seg.len() - l4;
-    let mut sum = pseudo_header(seg, protocol, l4_len as u16);
-    sum.add(&seg[l4..]);
-    sum.finish()
-}
-
-/// [`transport_checksum`] with the IPv6 pseudo-header.
-fn transport_checksum6(seg: &mut [u8], l4: usize, next: u8, csum_offset: usize) -> u16 {
-    put16(seg, l4 + csum_offset, 0);
-    let l4_len = seg.len() - l4;
-    let mut sum = pseudo_header6(seg, next, l4_len as u16);
+    // A segment is never longer than the packet, whose length came from a u16.
+    let l4_len = (seg.len() - l4) as u16;
+    let mut sum = if ipv6 {
+        pseudo_header6(seg, protocol, l4_len)
+    } else {
+        pseudo_header(seg, protocol, l4_len)
+    };
     sum.add(&seg[l4..]);
     sum.finish()
 }
