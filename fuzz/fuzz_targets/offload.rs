@@ -6,8 +6,8 @@
 //! Asserts, beyond "no panic":
 //! - whatever `split` accepts, `segment` takes too (same checks), within a
 //!   heap bound, and produces what `veil_fuzz::ip::assert_segmented`
-//!   describes: for a super-packet, well-formed IPv4 packets no larger
-//!   than it, cutting its payload in order, with correct IP and transport
+//!   describes: for a super-packet, well-formed IPv4 (IPv6 for TCPv6)
+//!   packets no larger than it, cutting its payload in order, with correct IP and transport
 //!   checksums, sequence numbers and flags; otherwise the packet itself
 //!   with its partial checksum completed;
 //! - `sanitize` leaves the packet alone, but for the checksum field it
