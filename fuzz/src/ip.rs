@@ -52,6 +52,43 @@ pub fn pseudo_sum(p: &[u8], ihl: usize) -> u16 {
     ones_sum(&ph)
 }
 
+/// The IPv6 pseudo-header sum (RFC 8200 §8.1) of `p`'s TCP segment,
+/// right after a 40-byte header.
+pub fn pseudo_sum6(p: &[u8]) -> u16 {
+    let mut ph = p[8..40].to_vec();
+    ph.extend_from_slice(&((p.len() - 40) as u32).to_be_bytes());
+    ph.extend_from_slice(&[0, 0, 0, p[6]]);
+    ones_sum(&ph)
+}
+
+/// `p`, an IPv4 TCP packet built by [`Builder`] (its checksum partial or
+/// complete), as the same TCP segment behind an IPv6 header: the IPv4
+/// TOS as traffic class, TTL as hop limit, the addresses in a
+/// documentation and a ULA prefix, the checksum of the same kind over the
+/// IPv6 pseudo-header.
+pub fn to_ipv6(p: &[u8], partial: bool) -> Vec<u8> {
+    let ihl = usize::from(p[0] & 0xf) * 4;
+    let l4 = &p[ihl..];
+    let mut v6 = vec![0x60 | p[1] >> 4, p[1] << 4, 0, 0];
+    v6.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    v6.extend_from_slice(&[p[9], p[8]]);
+    v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    v6.extend_from_slice(&p[12..16]);
+    v6.extend_from_slice(&[0xfd, 0, 0x76, 0x65, 0, 0, 0, 0, 0, 0, 0, 0]);
+    v6.extend_from_slice(&p[16..20]);
+    v6.extend_from_slice(l4);
+    if l4.len() >= 18 && p[9] == TCP {
+        v6[56..58].copy_from_slice(&[0, 0]);
+        let sum = if partial {
+            pseudo_sum6(&v6)
+        } else {
+            !ones_add(pseudo_sum6(&v6), ones_sum(&v6[40..]))
+        };
+        v6[56..58].copy_from_slice(&sum.to_be_bytes());
+    }
+    v6
+}
+
 /// Asserts that `p` is a whole, well-formed IPv4 packet: version 4, a
 /// header length that fits, a total length equal to its size, a correct
 /// header checksum. Returns the header length.
@@ -173,11 +210,18 @@ fn assert_segmented6(hdr: &VnetHdr, packet: &[u8], segments: &[Vec<u8>]) {
     let count = payload.len().div_ceil(size).max(1);
     assert_eq!(segments.len(), count, "segment count");
     for (i, seg) in segments.iter().enumerate() {
-        assert!(seg.len() <= packet.len(), "a segment larger than its packet");
+        assert!(
+            seg.len() <= packet.len(),
+            "a segment larger than its packet"
+        );
         assert!(seg.len() >= headers);
         assert_eq!(usize::from(be16(seg, 4)), seg.len() - 40, "payload length");
         assert_eq!(seg[..4], packet[..4], "version, class, flow label");
-        assert_eq!(seg[6..40], packet[6..40], "next header, hop limit, addresses");
+        assert_eq!(
+            seg[6..40],
+            packet[6..40],
+            "next header, hop limit, addresses"
+        );
         let end = payload.len().min((i + 1) * size);
         assert_eq!(&seg[headers..], &payload[i * size..end], "payload of {i}");
         assert_tcp_segment(&packet[40..], &seg[40..], l4_len, (i, count), size);

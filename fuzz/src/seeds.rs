@@ -137,7 +137,9 @@ fn super_packet6() -> (VnetHdr, Vec<u8>) {
     let mut p = vec![0x60, 0, 0, 0];
     p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
     p.extend_from_slice(&[6, 64]);
-    p.extend_from_slice(&[0xfd, 0, 0x76, 0x65, 0x69, 0x6c, 0, 0, 0, 0, 0, 0, 10, 77, 0, 2]);
+    p.extend_from_slice(&[
+        0xfd, 0, 0x76, 0x65, 0x69, 0x6c, 0, 0, 0, 0, 0, 0, 10, 77, 0, 2,
+    ]);
     p.extend_from_slice(&[0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     p.extend_from_slice(l4);
     let mut pseudo = p[8..40].to_vec();
