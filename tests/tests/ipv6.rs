@@ -126,12 +126,15 @@ fn ping_download_and_udp_echo_over_ipv6_and_the_remote_sees_only_the_gateway() {
 fn ipv6_tcp_crosses_the_tunnel_as_super_packets_and_arrives_intact() {
     let world = dual_stack(1, &[]);
     let profile = world.add_client("six", 1);
-    // Offload datagrams are the TCP transport's.
+    // Offload datagrams are the TCP transport's; without them (and over
+    // HTTP/3, where a datagram carries one packet) the client cuts what
+    // its TUN device reads into packets first.
     for extra in [
         &["--transport", "tcp"][..],
         &["--transport", "tcp", "--no-offload"][..],
+        &["--transport", "h3"][..],
     ] {
-        let offload = !extra.contains(&"--no-offload");
+        let offload = !extra.contains(&"--no-offload") && !extra.contains(&"h3");
         let mut client = world.start_client_with(1, &profile, true, extra);
         wait_for_ipv6(&world, 1);
         // What `ethtool -k veil0` shows a user: the kernel may hand the
