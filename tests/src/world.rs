@@ -416,6 +416,23 @@ impl World {
         )
     }
 
+    /// Asserts what crossed the datapath from clients since `before` (an
+    /// [`World::egress_forwarded`]): whole TCP super-packets with
+    /// `offload`, nothing larger than the client's MTU (1400) without.
+    #[track_caller]
+    pub fn assert_super_packets_since(&self, before: (u64, u64), offload: bool) {
+        let (p, b) = self.egress_forwarded();
+        let per_packet = (b - before.1) / (p - before.0).max(1);
+        if offload {
+            assert!(per_packet > 1500, "{per_packet} B per packet with offload");
+        } else {
+            assert!(
+                per_packet <= 1400,
+                "{per_packet} B per packet without offload"
+            );
+        }
+    }
+
     /// `msg` to the remote's UDP echo server from client `i`: what came
     /// back (within 3 s).
     pub fn udp_echo(&self, i: usize, msg: &[u8]) -> Vec<u8> {

@@ -158,16 +158,7 @@ fn ipv6_tcp_crosses_the_tunnel_as_super_packets_and_arrives_intact() {
         );
         // Whole IPv6 TCP super-packets reached the datapath with offload;
         // without it nothing larger than the client's MTU (1400) did.
-        let (p, b) = world.egress_forwarded();
-        let per_packet = (b - bytes) / (p - packets).max(1);
-        if offload {
-            assert!(per_packet > 1500, "{per_packet} B per packet with offload");
-        } else {
-            assert!(
-                per_packet <= 1400,
-                "{per_packet} B per packet without offload"
-            );
-        }
+        world.assert_super_packets_since((packets, bytes), offload);
         assert!(client.stop().unwrap().success(), "{}", client.log());
         wait_until("the session to end", Duration::from_secs(10), || {
             world.status()["clients"].as_array().unwrap().is_empty()

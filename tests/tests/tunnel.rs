@@ -54,16 +54,7 @@ fn bulk_data_arrives_intact_with_offload_and_without() {
         );
         // Whole TCP super-packets cross the tunnel with offload; without
         // it nothing larger than the client's MTU (1400) does.
-        let (p, b) = world.egress_forwarded();
-        let per_packet = (b - bytes) / (p - packets).max(1);
-        if offload {
-            assert!(per_packet > 1500, "{per_packet} B per packet with offload");
-        } else {
-            assert!(
-                per_packet <= 1400,
-                "{per_packet} B per packet without offload"
-            );
-        }
+        world.assert_super_packets_since((packets, bytes), offload);
         client.stop();
         wait_until("the session to end", Duration::from_secs(10), || {
             world.status()["clients"].as_array().unwrap().is_empty()
