@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 use libfuzzer_sys::fuzz_target;
 use veil_common::proto;
 use veil_fuzz::{
-    ip::{assert_ipv4, be16, ones_sum},
+    ip::{assert_checksum_place, assert_ipv4, be16, ones_sum},
     veil_user::{
         check::{Checks, Dropped, Verdict},
         packet::{self, Fragment},
@@ -61,15 +61,7 @@ fn check_sanitized(hdr: &VnetHdr, pkt: &[u8]) {
         assert_eq!(*hdr, VnetHdr::NONE);
         return;
     }
-    let ihl = usize::from(pkt[0] & 0xf) * 4;
-    assert_eq!(usize::from(hdr.csum_start), ihl);
-    let want = match pkt[9] {
-        proto::TCP => 16,
-        proto::UDP => 6,
-        p => panic!("a partial checksum left on protocol {p}"),
-    };
-    assert_eq!(hdr.csum_offset, want);
-    assert_eq!(be16(pkt, 6) & 0x3fff, 0, "a partial checksum on a fragment");
+    assert_checksum_place(hdr, pkt);
     if hdr.is_gso() {
         assert!(usize::from(hdr.hdr_len) + usize::from(hdr.gso_size) <= MTU);
     }

@@ -18,7 +18,7 @@ use libfuzzer_sys::{arbitrary::Unstructured, fuzz_target};
 use veil_fuzz::{
     gro_ops::{Generator, Op},
     heap,
-    ip::{self, assert_ipv4, assert_segmented, be16, ones_sum, pseudo_sum},
+    ip::{self, assert_ipv4, assert_segmented, be16, ones_sum, pseudo_sum, pseudo_sum6},
 };
 use veil_proto::{
     gro::{Coalescer, MAX_MERGED_LEN},
@@ -68,33 +68,60 @@ fuzz_target!(|data: &[u8]| {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Class {
     Other,
-    Addrs([u8; 8]),
-    Flow([u8; 12]),
+    Addrs(Addrs),
+    Flow(Addrs, [u8; 4]),
 }
+
+/// The IP version and the addresses (IPv4's padded).
+type Addrs = (u8, [u8; 32]);
 
 impl Class {
     fn of(p: &[u8]) -> Class {
-        if p.len() < 20 || p[0] >> 4 != 4 || p[9] != ip::TCP {
+        match p.first().map(|b| b >> 4) {
+            Some(4) => Self::of4(p),
+            Some(6) => Self::of6(p),
+            _ => Class::Other,
+        }
+    }
+
+    fn of4(p: &[u8]) -> Class {
+        if p.len() < 20 || p[9] != ip::TCP {
             return Class::Other;
         }
-        let addrs: [u8; 8] = p[12..20].try_into().unwrap();
+        let addrs = addrs(4, &p[12..20]);
         let ihl = usize::from(p[0] & 0xf) * 4;
         if ihl < 20 || be16(p, 6) & 0x3fff != 0 || p.len() < ihl + 4 {
             return Class::Addrs(addrs);
         }
-        let mut key = [0; 12];
-        key[..8].copy_from_slice(&addrs);
-        key[8..].copy_from_slice(&p[ihl..ihl + 4]);
-        Class::Flow(key)
+        Class::Flow(addrs, p[ihl..ihl + 4].try_into().unwrap())
     }
 
-    fn addrs(self) -> Option<[u8; 8]> {
-        match self {
-            Class::Other => None,
-            Class::Addrs(a) => Some(a),
-            Class::Flow(k) => Some(k[..8].try_into().unwrap()),
+    /// IPv6: TCP right after the header is a flow; UDP and ICMPv6 are of
+    /// none; behind an extension header it may be TCP of any flow.
+    fn of6(p: &[u8]) -> Class {
+        if p.len() < 40 {
+            return Class::Other;
+        }
+        let addrs = addrs(6, &p[8..40]);
+        match p[6] {
+            ip::TCP if p.len() >= 44 => Class::Flow(addrs, p[40..44].try_into().unwrap()),
+            ip::UDP | 58 => Class::Other,
+            _ => Class::Addrs(addrs),
         }
     }
+
+    fn addrs(self) -> Option<Addrs> {
+        match self {
+            Class::Other => None,
+            Class::Addrs(a) | Class::Flow(a, _) => Some(a),
+        }
+    }
+}
+
+fn addrs(version: u8, bytes: &[u8]) -> Addrs {
+    let mut a = [0; 32];
+    a[..bytes.len()].copy_from_slice(bytes);
+    (version, a)
 }
 
 struct Input {
@@ -124,7 +151,7 @@ impl Tracker {
 
     fn emitted(&mut self, hdr: &VnetHdr, packet: &[u8]) {
         let class = Class::of(packet);
-        let Class::Flow(_) = class else {
+        let Class::Flow(..) = class else {
             // Never held: it is the packet being pushed, after everything
             // pending between its addresses.
             let current = self.inputs.len() - 1;
@@ -164,24 +191,46 @@ impl Tracker {
     fn merged(&mut self, hdr: &VnetHdr, packet: &[u8], pending: &[usize]) -> usize {
         let first = &self.inputs[pending[0]];
         assert!(packet.len() <= MAX_MERGED_LEN);
-        assert_eq!(assert_ipv4(packet), 20, "merged packets have no IP options");
-        let thl = usize::from(packet[32] >> 4) * 4;
-        let headers = 20 + thl;
+        let v6 = packet[0] >> 4 == 6;
+        // IPv4 without options or IPv6 without extension headers.
+        let ip = if v6 {
+            assert_eq!(usize::from(be16(packet, 4)), packet.len() - 40);
+            assert_eq!(
+                packet[6],
+                ip::TCP,
+                "merged packets have no extension headers"
+            );
+            40
+        } else {
+            assert_eq!(assert_ipv4(packet), 20, "merged packets have no IP options");
+            20
+        };
+        let thl = usize::from(packet[ip + 12] >> 4) * 4;
+        let headers = ip + thl;
         assert_eq!(
             *hdr,
             VnetHdr {
                 flags: VnetHdr::F_NEEDS_CSUM,
-                gso_type: VnetHdr::GSO_TCPV4,
+                gso_type: if v6 {
+                    VnetHdr::GSO_TCPV6
+                } else {
+                    VnetHdr::GSO_TCPV4
+                },
                 hdr_len: headers as u16,
                 gso_size: hdr.gso_size,
-                csum_start: 20,
+                csum_start: ip as u16,
                 csum_offset: 16,
             },
             "header of a merged packet"
         );
         assert!(hdr.gso_size >= MIN_GSO_SIZE);
         assert_eq!(hdr.validate(packet), Ok(()));
-        assert_eq!(be16(packet, 36), pseudo_sum(packet, 20), "partial checksum");
+        let pseudo = if v6 {
+            pseudo_sum6(packet)
+        } else {
+            pseudo_sum(packet, 20)
+        };
+        assert_eq!(be16(packet, ip + 16), pseudo, "partial checksum");
 
         // The payload is the pending inputs' payloads, in order.
         let payload = &packet[headers..];
@@ -193,16 +242,21 @@ impl Tracker {
                 panic!("a merged packet carries more than its flow's pending inputs");
             };
             let p = &self.inputs[i].packet;
+            let plain = if v6 {
+                p.len() > 60 && p[0] >> 4 == 6 && p[6] == ip::TCP
+            } else {
+                p.len() > 40 && p[0] == 0x45
+            };
             assert!(
-                p.len() > 40 && p[0] == 0x45,
-                "merged input {i}, which is no plain IPv4/TCP segment"
+                plain,
+                "merged input {i}, which is no plain TCP segment of its version"
             );
-            let part = &p[20 + usize::from(p[32] >> 4) * 4..];
+            let part = &p[ip + usize::from(p[ip + 12] >> 4) * 4..];
             assert!(
                 payload[at..].starts_with(part),
                 "merged payload differs from input {i}'s"
             );
-            psh |= p[33] & ip::PSH != 0;
+            psh |= p[ip + 13] & ip::PSH != 0;
             at += part.len();
             used += 1;
         }
@@ -212,9 +266,15 @@ impl Tracker {
         // The first input's headers, with what merging owns fixed.
         let f = &first.packet;
         let same = |r: std::ops::Range<usize>| packet[r.clone()] == f[r];
-        assert!(same(0..2) && same(4..10) && same(12..33) && same(34..36));
-        assert!(same(38..headers), "urgent pointer and options");
-        assert_eq!(packet[33], f[33] | if psh { ip::PSH } else { 0 }, "flags");
+        if v6 {
+            assert!(same(0..4) && same(6..40), "IPv6 header");
+        } else {
+            assert!(same(0..2) && same(4..10) && same(12..20), "IPv4 header");
+        }
+        assert!(same(ip..ip + 13) && same(ip + 14..ip + 16), "TCP header");
+        assert!(same(ip + 18..headers), "urgent pointer and options");
+        let flags = f[ip + 13] | if psh { ip::PSH } else { 0 };
+        assert_eq!(packet[ip + 13], flags, "flags");
 
         let mut segments = Vec::new();
         segment(hdr, packet, &mut self.scratch, |s| {
@@ -222,7 +282,9 @@ impl Tracker {
         })
         .expect("a merged packet segments");
         assert_segmented(hdr, packet, &segments);
-        assert_eq!(ones_sum(&packet[..20]), 0xffff);
+        if !v6 {
+            assert_eq!(ones_sum(&packet[..20]), 0xffff);
+        }
         used
     }
 }

@@ -6,8 +6,8 @@
 //! Asserts, beyond "no panic":
 //! - whatever `split` accepts, `segment` takes too (same checks), within a
 //!   heap bound, and produces what `veil_fuzz::ip::assert_segmented`
-//!   describes: for a super-packet, well-formed IPv4 packets no larger
-//!   than it, cutting its payload in order, with correct IP and transport
+//!   describes: for a super-packet, well-formed IPv4 (IPv6 for TCPv6)
+//!   packets no larger than it, cutting its payload in order, with correct IP and transport
 //!   checksums, sequence numbers and flags; otherwise the packet itself
 //!   with its partial checksum completed;
 //! - `sanitize` leaves the packet alone, but for the checksum field it
@@ -26,7 +26,7 @@
 use libfuzzer_sys::fuzz_target;
 use veil_fuzz::{
     heap,
-    ip::{assert_segmented, be16},
+    ip::{assert_checksum_place, assert_segmented},
 };
 use veil_proto::gso::{segment, VnetHdr, MIN_GSO_SIZE, VNET_HDR_LEN};
 
@@ -90,22 +90,7 @@ fn sanitized(data: &[u8]) {
     if clean.flags & VnetHdr::F_NEEDS_CSUM == 0 {
         assert_eq!(clean, VnetHdr::NONE);
     } else {
-        let ihl = usize::from(packet[0] & 0xf) * 4;
-        let field = match packet[9] {
-            6 => 16,
-            17 => 6,
-            p => panic!("a partial checksum left on protocol {p}"),
-        };
-        assert_eq!(
-            (usize::from(clean.csum_start), clean.csum_offset),
-            (ihl, field),
-            "a partial checksum outside the transport checksum field"
-        );
-        assert_eq!(
-            be16(&packet, 6) & 0x3fff,
-            0,
-            "a partial checksum on a fragment"
-        );
+        assert_checksum_place(&clean, &packet);
     }
     let mut segments = Vec::new();
     segment(&clean, &packet, &mut Vec::new(), |s| {
@@ -119,6 +104,31 @@ fn sanitized(data: &[u8]) {
     }
 }
 
+/// `repair` for TCPv6: an IPv6 header with TCP next, the payload length
+/// the packet's, the checksum in the TCP field. `false` if too short.
+fn repair6(mut hdr: VnetHdr, head: &mut [u8], packet: &mut [u8], gso_type: u8) -> bool {
+    if packet.len() < 60 {
+        return false;
+    }
+    let Ok(payload_len) = u16::try_from(packet.len() - 40) else {
+        return false;
+    };
+    packet[0] = 0x60 | (packet[0] & 0x0f);
+    packet[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    packet[6] = 6;
+    hdr.gso_type = gso_type;
+    hdr.flags |= VnetHdr::F_NEEDS_CSUM;
+    hdr.csum_start = 40;
+    hdr.csum_offset = 16;
+    hdr.hdr_len = (u32::from(hdr.hdr_len) % (u32::from(payload_len) + 41)) as u16;
+    hdr.gso_size = MIN_GSO_SIZE + hdr.gso_size % 1400;
+    let room = (packet.len() - 40) / 4;
+    let words = usize::from(packet[52] >> 4).clamp(5, room.clamp(5, 15));
+    packet[52] = (words as u8) << 4 | (packet[52] & 0x0f);
+    head.copy_from_slice(&hdr.to_bytes());
+    true
+}
+
 /// The input with its header made to agree with its packet, if it is long
 /// enough to hold both headers.
 fn repair(data: &[u8]) -> Option<Vec<u8>> {
@@ -129,11 +139,16 @@ fn repair(data: &[u8]) -> Option<Vec<u8>> {
     let (head, packet) = v.split_at_mut(VNET_HDR_LEN);
     let mut hdr = VnetHdr::from_bytes(head.try_into().ok()?);
     hdr.flags &= VnetHdr::F_NEEDS_CSUM | VnetHdr::F_DATA_VALID;
-    let (gso_type, protocol, offset) = match hdr.gso_type % 4 {
+    let (gso_type, protocol, offset) = match hdr.gso_type % 6 {
         0 => (VnetHdr::GSO_NONE, packet[9], hdr.csum_offset % 32),
         1 => (VnetHdr::GSO_TCPV4, 6, 16),
         2 => (VnetHdr::GSO_TCPV4 | VnetHdr::GSO_ECN, 6, 16),
-        _ => (VnetHdr::GSO_UDP_L4, 17, 6),
+        3 => (VnetHdr::GSO_UDP_L4, 17, 6),
+        4 => return repair6(hdr, head, packet, VnetHdr::GSO_TCPV6).then_some(v),
+        _ => {
+            let ecn = VnetHdr::GSO_TCPV6 | VnetHdr::GSO_ECN;
+            return repair6(hdr, head, packet, ecn).then_some(v);
+        }
     };
     let len = u16::try_from(packet.len()).ok()?;
     packet[0] = 0x40 | (packet[0] & 0x0f).max(5);

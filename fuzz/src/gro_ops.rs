@@ -10,6 +10,32 @@ use veil_proto::gso::{VnetHdr, MIN_GSO_SIZE};
 
 use crate::ip::{self, Builder};
 
+/// The flow whose segments go as IPv6 (the others are IPv4).
+const IPV6_FLOW: usize = 3;
+
+/// The IPv4 segment `packet` (with an `ihl`-byte header) and its header
+/// as the same segment over IPv6: a header [`Builder::offload_hdr`] made
+/// follows the TCP header to its new place.
+fn as_ipv6(hdr: VnetHdr, packet: &[u8], ihl: usize) -> (VnetHdr, Vec<u8>) {
+    let made = hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 && usize::from(hdr.csum_start) == ihl;
+    let partial = made || hdr.flags & VnetHdr::F_DATA_VALID == 0 && hdr != VnetHdr::NONE;
+    let v6 = ip::to_ipv6(packet, partial);
+    if !made {
+        return (hdr, v6);
+    }
+    let gso_type = match hdr.gso_type {
+        VnetHdr::GSO_TCPV4 => VnetHdr::GSO_TCPV6,
+        t => t,
+    };
+    let hdr = VnetHdr {
+        gso_type,
+        hdr_len: (usize::from(hdr.hdr_len) - ihl + 40) as u16,
+        csum_start: 40,
+        ..hdr
+    };
+    (hdr, v6)
+}
+
 pub enum Op {
     Push(VnetHdr, Vec<u8>),
     Flush,
@@ -104,7 +130,7 @@ impl Generator {
         }
         b.id = u.arbitrary()?;
         let body = ip::payload(len, b.seq as u8);
-        let (hdr, mut packet) = match u.int_in_range(0..=5)? {
+        let (mut hdr, mut packet) = match u.int_in_range(0..=5)? {
             0 | 1 => {
                 let gso_size = gso.then(|| mss.clamp(1, 65535) as u16);
                 (b.offload_hdr(gso_size), b.partial(&body))
@@ -120,6 +146,9 @@ impl Generator {
             4 => (VnetHdr::from_bytes(u.arbitrary()?), b.partial(&body)),
             _ => (b.offload_hdr(None), b.partial(&body)),
         };
+        if flow == IPV6_FLOW {
+            (hdr, packet) = as_ipv6(hdr, &packet, b.ihl());
+        }
         if u.ratio(1, 32)? {
             packet[6] |= 0x20; // more fragments
         }

@@ -52,6 +52,43 @@ pub fn pseudo_sum(p: &[u8], ihl: usize) -> u16 {
     ones_sum(&ph)
 }
 
+/// The IPv6 pseudo-header sum (RFC 8200 §8.1) of `p`'s TCP segment,
+/// right after a 40-byte header.
+pub fn pseudo_sum6(p: &[u8]) -> u16 {
+    let mut ph = p[8..40].to_vec();
+    ph.extend_from_slice(&((p.len() - 40) as u32).to_be_bytes());
+    ph.extend_from_slice(&[0, 0, 0, p[6]]);
+    ones_sum(&ph)
+}
+
+/// `p`, an IPv4 TCP packet built by [`Builder`] (its checksum partial or
+/// complete), as the same TCP segment behind an IPv6 header: the IPv4
+/// TOS as traffic class, TTL as hop limit, the addresses in a
+/// documentation and a ULA prefix, the checksum of the same kind over the
+/// IPv6 pseudo-header.
+pub fn to_ipv6(p: &[u8], partial: bool) -> Vec<u8> {
+    let ihl = usize::from(p[0] & 0xf) * 4;
+    let l4 = &p[ihl..];
+    let mut v6 = vec![0x60 | p[1] >> 4, p[1] << 4, 0, 0];
+    v6.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    v6.extend_from_slice(&[p[9], p[8]]);
+    v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    v6.extend_from_slice(&p[12..16]);
+    v6.extend_from_slice(&[0xfd, 0, 0x76, 0x65, 0, 0, 0, 0, 0, 0, 0, 0]);
+    v6.extend_from_slice(&p[16..20]);
+    v6.extend_from_slice(l4);
+    if l4.len() >= 18 && p[9] == TCP {
+        v6[56..58].copy_from_slice(&[0, 0]);
+        let sum = if partial {
+            pseudo_sum6(&v6)
+        } else {
+            !ones_add(pseudo_sum6(&v6), ones_sum(&v6[40..]))
+        };
+        v6[56..58].copy_from_slice(&sum.to_be_bytes());
+    }
+    v6
+}
+
 /// Asserts that `p` is a whole, well-formed IPv4 packet: version 4, a
 /// header length that fits, a total length equal to its size, a correct
 /// header checksum. Returns the header length.
@@ -112,6 +149,9 @@ pub fn assert_segmented(hdr: &VnetHdr, packet: &[u8], segments: &[Vec<u8>]) {
         }
         return;
     }
+    if packet[0] >> 4 == 6 {
+        return assert_segmented6(hdr, packet, segments);
+    }
     // The packet's own header checksum is not segmentation's business
     // (each segment gets a fresh one); its layout was validated.
     let ihl = usize::from(packet[0] & 0xf) * 4;
@@ -147,29 +187,107 @@ pub fn assert_segmented(hdr: &VnetHdr, packet: &[u8], segments: &[Vec<u8>]) {
         assert_eq!(&seg[headers..], &payload[i * size..end], "payload of {i}");
         let (o, s) = (&packet[ihl..], &seg[ihl..]);
         if tcp {
-            assert_eq!(
-                be32(s, 4),
-                be32(o, 4).wrapping_add((i * size) as u32),
-                "sequence number of segment {i}"
-            );
-            let mut flags = o[13];
-            if i + 1 != count {
-                flags &= !(FIN | PSH);
-            }
-            if i != 0 {
-                flags &= !CWR;
-            }
-            assert_eq!(s[13], flags, "TCP flags of segment {i} of {count}");
-            assert_eq!(s[..4], o[..4], "ports");
-            assert_eq!(s[8..13], o[8..13], "ack and data offset");
-            assert_eq!(s[14..16], o[14..16], "window");
-            assert_eq!(s[18..l4_len], o[18..l4_len], "urgent pointer and options");
+            assert_tcp_segment(o, s, l4_len, (i, count), size);
         } else {
             assert_eq!(s[..4], o[..4], "ports");
             assert_eq!(usize::from(be16(s, 4)), s.len(), "UDP length");
         }
         assert_l4_checksum(seg, ihl);
     }
+}
+
+/// [`assert_segmented`] for a TCPv6 super-packet: IPv6 segments with the
+/// payload length their own, everything else of the IPv6 header as it
+/// was, and the TCP fields as for IPv4.
+#[track_caller]
+fn assert_segmented6(hdr: &VnetHdr, packet: &[u8], segments: &[Vec<u8>]) {
+    assert_eq!(hdr.gso_type & !VnetHdr::GSO_ECN, VnetHdr::GSO_TCPV6);
+    assert_eq!(packet[6], TCP, "TCPv6 only, no extension headers");
+    let l4_len = usize::from(packet[40 + 12] >> 4) * 4;
+    let headers = 40 + l4_len;
+    let payload = &packet[headers..];
+    let size = usize::from(hdr.gso_size);
+    let count = payload.len().div_ceil(size).max(1);
+    assert_eq!(segments.len(), count, "segment count");
+    for (i, seg) in segments.iter().enumerate() {
+        assert!(
+            seg.len() <= packet.len(),
+            "a segment larger than its packet"
+        );
+        assert!(seg.len() >= headers);
+        assert_eq!(usize::from(be16(seg, 4)), seg.len() - 40, "payload length");
+        assert_eq!(seg[..4], packet[..4], "version, class, flow label");
+        assert_eq!(
+            seg[6..40],
+            packet[6..40],
+            "next header, hop limit, addresses"
+        );
+        let end = payload.len().min((i + 1) * size);
+        assert_eq!(&seg[headers..], &payload[i * size..end], "payload of {i}");
+        assert_tcp_segment(&packet[40..], &seg[40..], l4_len, (i, count), size);
+        assert_l4_checksum6(seg);
+    }
+}
+
+/// The TCP header of segment `i` of `count` (`s`) against the
+/// super-packet's (`o`): sequence advanced, FIN/PSH on the last only, CWR
+/// on the first only, the rest unchanged.
+#[track_caller]
+fn assert_tcp_segment(o: &[u8], s: &[u8], l4_len: usize, (i, count): (usize, usize), size: usize) {
+    assert_eq!(
+        be32(s, 4),
+        be32(o, 4).wrapping_add((i * size) as u32),
+        "sequence number of segment {i}"
+    );
+    let mut flags = o[13];
+    if i + 1 != count {
+        flags &= !(FIN | PSH);
+    }
+    if i != 0 {
+        flags &= !CWR;
+    }
+    assert_eq!(s[13], flags, "TCP flags of segment {i} of {count}");
+    assert_eq!(s[..4], o[..4], "ports");
+    assert_eq!(s[8..13], o[8..13], "ack and data offset");
+    assert_eq!(s[14..16], o[14..16], "window");
+    assert_eq!(s[18..l4_len], o[18..l4_len], "urgent pointer and options");
+}
+
+/// Asserts that the TCP checksum of IPv6 packet `p` (no extension
+/// headers) verifies over the IPv6 pseudo-header (RFC 8200 §8.1).
+#[track_caller]
+pub fn assert_l4_checksum6(p: &[u8]) {
+    let mut ph = p[8..40].to_vec();
+    ph.extend_from_slice(&((p.len() - 40) as u32).to_be_bytes());
+    ph.extend_from_slice(&[0, 0, 0, p[6]]);
+    let sum = ones_add(ones_sum(&ph), ones_sum(&p[40..]));
+    assert_eq!(sum, 0xffff, "transport checksum");
+}
+
+/// Where a sanitized header may keep a partial checksum: in the transport
+/// checksum field of the packet's own protocol, right after an IPv4
+/// header (TCP or UDP, not on a fragment) or a bare IPv6 one (TCP).
+#[track_caller]
+pub fn assert_checksum_place(hdr: &VnetHdr, pkt: &[u8]) {
+    let version = pkt[0] >> 4;
+    let (start, proto) = match version {
+        4 => {
+            assert_eq!(be16(pkt, 6) & 0x3fff, 0, "a partial checksum on a fragment");
+            (usize::from(pkt[0] & 0xf) * 4, pkt[9])
+        }
+        6 => (40, pkt[6]),
+        v => panic!("a partial checksum on IP version {v}"),
+    };
+    let field = match (version, proto) {
+        (_, TCP) => 16,
+        (4, UDP) => 6,
+        (v, p) => panic!("a partial checksum left on protocol {p} over IPv{v}"),
+    };
+    assert_eq!(
+        (usize::from(hdr.csum_start), hdr.csum_offset),
+        (start, field),
+        "a partial checksum outside the transport checksum field"
+    );
 }
 
 /// An IPv4 packet to build: TCP (`flags` apply) or UDP.

@@ -127,6 +127,37 @@ fn super_packet() -> (VnetHdr, Vec<u8>) {
     (b.offload_hdr(Some(100)), b.partial(&payload(250, 0)))
 }
 
+/// A TCPv6 super-packet of three segments: [`super_packet`]'s TCP header
+/// and payload behind an IPv6 header, its partial checksum the IPv6
+/// pseudo-header's.
+fn super_packet6() -> (VnetHdr, Vec<u8>) {
+    let b = Builder::tcp();
+    let v4 = b.partial(&payload(250, 7));
+    let l4 = &v4[b.ihl()..];
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[6, 64]);
+    p.extend_from_slice(&[
+        0xfd, 0, 0x76, 0x65, 0x69, 0x6c, 0, 0, 0, 0, 0, 0, 10, 77, 0, 2,
+    ]);
+    p.extend_from_slice(&[0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    p.extend_from_slice(l4);
+    let mut pseudo = p[8..40].to_vec();
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 6]);
+    let partial = ip::ones_sum(&pseudo);
+    p[56..58].copy_from_slice(&partial.to_be_bytes());
+    let hdr = VnetHdr {
+        flags: VnetHdr::F_NEEDS_CSUM,
+        gso_type: VnetHdr::GSO_TCPV6,
+        hdr_len: (40 + b.l4_header_len()) as u16,
+        gso_size: 100,
+        csum_start: 40,
+        csum_offset: 16,
+    };
+    (hdr, p)
+}
+
 fn capsule_decoder(out: &mut Vec<Seed>) {
     const T: &str = "capsule_decoder";
     // Cut seeds (two bytes) and limits (one byte) come first.
@@ -303,6 +334,8 @@ fn offload(out: &mut Vec<Seed>) {
     const T: &str = "offload";
     let (hdr, packet) = super_packet();
     seed(out, T, "tcp-tso-3-segments", &[&joined(&hdr, &packet)]);
+    let (hdr6, packet6) = super_packet6();
+    seed(out, T, "tcp6-tso-3-segments", &[&joined(&hdr6, &packet6)]);
 
     let ecn = Builder {
         flags: ip::ACK | ip::CWR | ip::FIN,

@@ -387,6 +387,52 @@ impl World {
         }
     }
 
+    /// Sends `data` to the TCP echo server at `to` from client `i`, then
+    /// closes its side; what came back.
+    pub fn echo_bulk(&self, i: usize, to: SocketAddr, data: &[u8]) -> Vec<u8> {
+        self.client(i).enter(|| {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut reader = s.try_clone().unwrap();
+            let back = thread::spawn(move || {
+                let mut back = Vec::new();
+                let _ = reader.read_to_end(&mut back);
+                back
+            });
+            let mut s = s;
+            s.write_all(data).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            back.join().unwrap()
+        })
+    }
+
+    /// Packets and bytes the gateway's datapath has forwarded from clients
+    /// (IPv4 and IPv6 alike), from `status`.
+    pub fn egress_forwarded(&self) -> (u64, u64) {
+        let dp = &self.status()["datapath"]["egress_forwarded"];
+        (
+            dp["packets"].as_u64().unwrap(),
+            dp["bytes"].as_u64().unwrap(),
+        )
+    }
+
+    /// Asserts what crossed the datapath from clients since `before` (an
+    /// [`World::egress_forwarded`]): whole TCP super-packets with
+    /// `offload`, nothing larger than the client's MTU (1400) without.
+    #[track_caller]
+    pub fn assert_super_packets_since(&self, before: (u64, u64), offload: bool) {
+        let (p, b) = self.egress_forwarded();
+        let per_packet = (b - before.1) / (p - before.0).max(1);
+        if offload {
+            assert!(per_packet > 1500, "{per_packet} B per packet with offload");
+        } else {
+            assert!(
+                per_packet <= 1400,
+                "{per_packet} B per packet without offload"
+            );
+        }
+    }
+
     /// `msg` to the remote's UDP echo server from client `i`: what came
     /// back (within 3 s).
     pub fn udp_echo(&self, i: usize, msg: &[u8]) -> Vec<u8> {

@@ -24,29 +24,7 @@ fn flows(world: &World) -> u64 {
 /// Sends `data` to the remote's TCP echo server from client `i` and
 /// returns what came back.
 fn echo_through(world: &World, i: usize, data: &[u8]) -> Vec<u8> {
-    world.client(i).enter(|| {
-        let s = TcpStream::connect_timeout(&(REMOTE, 7).into(), Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut reader = s.try_clone().unwrap();
-        let back = std::thread::spawn(move || {
-            let mut back = Vec::new();
-            let _ = reader.read_to_end(&mut back);
-            back
-        });
-        let mut s = s;
-        s.write_all(data).unwrap();
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-        back.join().unwrap()
-    })
-}
-
-/// Packets and bytes the gateway's datapath has forwarded from clients.
-fn egress_forwarded(world: &World) -> (u64, u64) {
-    let dp = &world.status()["datapath"]["egress_forwarded"];
-    (
-        dp["packets"].as_u64().unwrap(),
-        dp["bytes"].as_u64().unwrap(),
-    )
+    world.echo_bulk(i, (REMOTE, 7).into(), data)
 }
 
 #[test]
@@ -62,7 +40,7 @@ fn bulk_data_arrives_intact_with_offload_and_without() {
     ] {
         let offload = !extra.contains(&"--no-offload");
         let mut client = world.start_client_with(1, &profile, true, extra);
-        let (packets, bytes) = egress_forwarded(&world);
+        let (packets, bytes) = world.egress_forwarded();
         assert_eq!(
             world.download(1).expect("download"),
             sha256(&download_data()),
@@ -76,16 +54,7 @@ fn bulk_data_arrives_intact_with_offload_and_without() {
         );
         // Whole TCP super-packets cross the tunnel with offload; without
         // it nothing larger than the client's MTU (1400) does.
-        let (p, b) = egress_forwarded(&world);
-        let per_packet = (b - bytes) / (p - packets).max(1);
-        if offload {
-            assert!(per_packet > 1500, "{per_packet} B per packet with offload");
-        } else {
-            assert!(
-                per_packet <= 1400,
-                "{per_packet} B per packet without offload"
-            );
-        }
+        world.assert_super_packets_since((packets, bytes), offload);
         client.stop();
         wait_until("the session to end", Duration::from_secs(10), || {
             world.status()["clients"].as_array().unwrap().is_empty()

@@ -6,7 +6,8 @@
 //! of them single MTU-sized TCP segments. Each costs a read, a framing, an
 //! encryption on this end and a decryption and a TUN write on the other.
 //! Handing the peer one 64 KiB super-packet with a [`VnetHdr`] of type
-//! TCPv4 instead lets its kernel take the whole run at once, the way it
+//! TCPv4 (or TCPv6: IPv6 without extension headers merges the same way)
+//! instead lets its kernel take the whole run at once, the way it
 //! takes what a NIC's GRO built.
 //!
 //! [`Coalescer`] keeps up to [`MAX_FLOWS`] pending packets, one per flow. A
@@ -29,16 +30,21 @@ use crate::{
     ipv4::*,
 };
 
-/// Largest merged IPv4 packet (total length field).
+/// Largest merged packet: IPv4's total length field; an IPv6 packet is
+/// held to the same (its payload length could say 40 bytes more).
 pub const MAX_MERGED_LEN: usize = 65_535;
 
 /// How many flows may have a packet pending at once: enough for the few
 /// bulk flows a batch interleaves, few enough that a linear scan is cheap.
 pub const MAX_FLOWS: usize = 8;
 
-/// Source and destination addresses, then source and destination ports, as
-/// they sit in the packet.
-type FlowKey = [u8; 12];
+/// The IP version, then source and destination addresses as they sit in
+/// the packet (IPv4's padded with zeros): what a packet whose ports cannot
+/// be read is known by.
+type AddrKey = (u8, [u8; 32]);
+
+/// [`AddrKey`], then source and destination ports.
+type FlowKey = (AddrKey, [u8; 4]);
 
 /// Merges consecutive TCP segments per flow; see the module documentation.
 /// Feed it every packet of a batch with [`Coalescer::push`], then call
@@ -73,7 +79,7 @@ impl Coalescer {
             Class::Addrs(addrs) => {
                 // Which flow it belongs to is unknown: let out everything
                 // that might be ahead of it.
-                self.emit_oldest_while(&mut emit, |slot| slot.key[..8] == addrs);
+                self.emit_oldest_while(&mut emit, |slot| slot.key.0 == addrs);
                 emit(hdr, packet);
             }
             Class::Flow(key, None) => {
@@ -181,6 +187,8 @@ struct Slot {
     hdr: VnetHdr,
     /// The first packet's IP and TCP headers, then every payload so far.
     packet: Vec<u8>,
+    /// 20 (IPv4 without options) or 40 (IPv6 without extension headers).
+    ip_hdr_len: usize,
     tcp_hdr_len: usize,
     /// The sequence number a joining segment must carry.
     next_seq: u32,
@@ -203,6 +211,7 @@ impl Slot {
         self.hdr = *hdr;
         self.packet.clear();
         self.packet.extend_from_slice(packet);
+        self.ip_hdr_len = seg.ip_hdr_len;
         self.tcp_hdr_len = seg.tcp_hdr_len;
         self.next_seq = seg.next_seq();
         self.mss = seg.gso_size.unwrap_or(seg.payload_len);
@@ -225,17 +234,18 @@ impl Slot {
             && self.payload_len.is_multiple_of(self.mss)
             && size_fits
             && self.packet.len() + seg.payload_len <= MAX_MERGED_LEN
-            && same_headers(&self.packet, packet, self.tcp_hdr_len, seg.tcp_hdr_len)
+            && seg.ip_hdr_len == self.ip_hdr_len
+            && same_headers(&self.packet, packet, self.ip_hdr_len, self.tcp_hdr_len, seg.tcp_hdr_len)
     }
 
     fn append(&mut self, seg: &Segment, packet: &[u8]) {
         self.packet
-            .extend_from_slice(&packet[IPV4_MIN_HDR_LEN + seg.tcp_hdr_len..]);
+            .extend_from_slice(&packet[seg.ip_hdr_len + seg.tcp_hdr_len..]);
         self.payload_len += seg.payload_len;
         self.next_seq = seg.next_seq();
         self.merged = true;
         if seg.psh {
-            self.packet[IPV4_MIN_HDR_LEN + TCP_FLAGS] |= TCP_PSH;
+            self.packet[self.ip_hdr_len + TCP_FLAGS] |= TCP_PSH;
             self.psh = true;
         }
     }
@@ -247,28 +257,31 @@ impl Slot {
             return self.hdr;
         }
         let packet = &mut self.packet[..];
+        let ip = self.ip_hdr_len;
         // At most MAX_MERGED_LEN, checked on every append.
-        let total_len = packet.len() as u16;
-        put16(packet, IP_TOTAL_LEN, total_len);
-        set_header_checksum(packet, IPV4_MIN_HDR_LEN);
-        put16(
-            packet,
-            IPV4_MIN_HDR_LEN + TCP_CSUM,
-            partial_checksum(packet),
-        );
+        let len = packet.len() as u16;
+        let (tcp_gso, partial) = if ip == IPV6_HDR_LEN {
+            put16(packet, IPV6_PAYLOAD_LEN, len - IPV6_HDR_LEN as u16);
+            (VnetHdr::GSO_TCPV6, partial_checksum6(packet))
+        } else {
+            put16(packet, IP_TOTAL_LEN, len);
+            set_header_checksum(packet, IPV4_MIN_HDR_LEN);
+            (VnetHdr::GSO_TCPV4, partial_checksum(packet))
+        };
+        put16(packet, ip + TCP_CSUM, partial);
         let gso_type = if self.payload_len > self.mss {
-            VnetHdr::GSO_TCPV4
+            tcp_gso
         } else {
             self.hdr.gso_type
         };
-        let headers_len = IPV4_MIN_HDR_LEN + self.tcp_hdr_len;
+        let headers_len = ip + self.tcp_hdr_len;
         VnetHdr {
             flags: VnetHdr::F_NEEDS_CSUM,
             gso_type,
             // Headers and segment sizes are bounded by the packet length.
             hdr_len: headers_len as u16,
             gso_size: self.mss as u16,
-            csum_start: IPV4_MIN_HDR_LEN as u16,
+            csum_start: ip as u16,
             csum_offset: TCP_CSUM as u16,
         }
     }
@@ -276,18 +289,20 @@ impl Slot {
 
 /// What [`Coalescer::push`] needs to know about a packet.
 enum Class {
-    /// Not IPv4 TCP: of no flow that can be pending.
+    /// Not TCP: of no flow that can be pending.
     Other,
-    /// IPv4 TCP whose ports cannot be read (a fragment, a truncated
-    /// header): it may belong to any pending flow between these addresses.
-    Addrs([u8; 8]),
-    /// IPv4 TCP of a known flow, with what merging needs if it can merge.
+    /// TCP, or possibly TCP (behind IPv6 extension headers), whose ports
+    /// cannot be read (a fragment, a truncated header): it may belong to
+    /// any pending flow between these addresses.
+    Addrs(AddrKey),
+    /// TCP of a known flow, with what merging needs if it can merge.
     Flow(FlowKey, Option<Segment>),
 }
 
 /// A mergeable TCP segment (or super-packet of them).
 struct Segment {
     seq: u32,
+    ip_hdr_len: usize,
     tcp_hdr_len: usize,
     payload_len: usize,
     psh: bool,
@@ -303,53 +318,94 @@ impl Segment {
 }
 
 fn classify(hdr: &VnetHdr, packet: &[u8]) -> Class {
-    if packet.len() < IPV4_MIN_HDR_LEN || packet[0] >> 4 != 4 || packet[IP_PROTO] != PROTO_TCP {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => classify4(hdr, packet),
+        Some(6) => classify6(hdr, packet),
+        _ => Class::Other,
+    }
+}
+
+fn classify4(hdr: &VnetHdr, packet: &[u8]) -> Class {
+    if packet.len() < IPV4_MIN_HDR_LEN || packet[IP_PROTO] != PROTO_TCP {
         return Class::Other;
     }
-    let mut addrs = [0; 8];
-    addrs.copy_from_slice(&packet[IP_ADDRS]);
+    let addrs = addr_key(4, &packet[IP_ADDRS]);
     let ip_hdr_len = usize::from(packet[0] & 0x0f) * 4;
     let fragment = be16(packet, IP_FRAG) & IP_FRAG_MASK != 0;
     if ip_hdr_len < IPV4_MIN_HDR_LEN || fragment || packet.len() < ip_hdr_len + 4 {
         return Class::Addrs(addrs);
     }
-    let mut key = [0; 12];
-    key[..8].copy_from_slice(&addrs);
-    key[8..].copy_from_slice(&packet[ip_hdr_len..ip_hdr_len + 4]);
-    let segment = if ip_hdr_len == IPV4_MIN_HDR_LEN {
-        mergeable(hdr, packet)
+    let key = flow_key(&addrs, &packet[ip_hdr_len..ip_hdr_len + 4]);
+    let segment = if ip_hdr_len == IPV4_MIN_HDR_LEN
+        && usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len()
+    {
+        mergeable(hdr, packet, IPV4_MIN_HDR_LEN, VnetHdr::GSO_TCPV4)
     } else {
         None
     };
     Class::Flow(key, segment)
 }
 
-/// The segment a packet of IPv4 TCP with a 20-byte IP header (not a
-/// fragment) is, if it may be merged at all.
-fn mergeable(hdr: &VnetHdr, packet: &[u8]) -> Option<Segment> {
-    if usize::from(be16(packet, IP_TOTAL_LEN)) != packet.len() {
-        return None;
+/// IPv6: TCP right after the header is a flow; anything behind an
+/// extension header may be TCP whose ports cannot be read (a fragment) and
+/// is never merged.
+fn classify6(hdr: &VnetHdr, packet: &[u8]) -> Class {
+    if packet.len() < IPV6_HDR_LEN {
+        return Class::Other;
     }
-    let data_offset = packet.get(IPV4_MIN_HDR_LEN + TCP_DATA_OFFSET)? >> 4;
+    let addrs = addr_key(6, &packet[IPV6_ADDRS]);
+    match packet[IPV6_NEXT] {
+        PROTO_TCP if packet.len() >= IPV6_HDR_LEN + 4 => {
+            let key = flow_key(&addrs, &packet[IPV6_HDR_LEN..IPV6_HDR_LEN + 4]);
+            let whole = usize::from(be16(packet, IPV6_PAYLOAD_LEN)) == packet.len() - IPV6_HDR_LEN;
+            let segment = whole
+                .then(|| mergeable(hdr, packet, IPV6_HDR_LEN, VnetHdr::GSO_TCPV6))
+                .flatten();
+            Class::Flow(key, segment)
+        }
+        PROTO_UDP | 58 => Class::Other,
+        _ => Class::Addrs(addrs),
+    }
+}
+
+fn addr_key(version: u8, addrs: &[u8]) -> AddrKey {
+    let mut key = [0; 32];
+    key[..addrs.len()].copy_from_slice(addrs);
+    (version, key)
+}
+
+fn flow_key(addrs: &AddrKey, ports: &[u8]) -> FlowKey {
+    let mut key = [0; 4];
+    key.copy_from_slice(ports);
+    (*addrs, key)
+}
+
+/// The segment a TCP packet is, if it may be merged at all: `ip` is its
+/// IP header's length (IPv4 without options or IPv6 without extension
+/// headers, its length field checked), `tcp_gso` the GSO type of its
+/// version.
+fn mergeable(hdr: &VnetHdr, packet: &[u8], ip: usize, tcp_gso: u8) -> Option<Segment> {
+    let data_offset = packet.get(ip + TCP_DATA_OFFSET)? >> 4;
     let tcp_hdr_len = usize::from(data_offset) * 4;
-    let headers_len = IPV4_MIN_HDR_LEN + tcp_hdr_len;
+    let headers_len = ip + tcp_hdr_len;
     if tcp_hdr_len < TCP_MIN_HDR_LEN || headers_len >= packet.len() {
         // A header that does not fit, or no payload to merge.
         return None;
     }
     // No SYN, FIN, RST, URG, ECE or CWR: each means something on its own
     // segment that merging would move or duplicate.
-    let flags = packet[IPV4_MIN_HDR_LEN + TCP_FLAGS];
+    let flags = packet[ip + TCP_FLAGS];
     if flags != TCP_ACK && flags != TCP_ACK | TCP_PSH {
         return None;
     }
-    if !checksum_known(hdr) {
+    if !checksum_known(hdr, ip) {
         return None;
     }
     let gso_size = match hdr.gso_type {
         VnetHdr::GSO_NONE => None,
-        VnetHdr::GSO_TCPV4
-            if hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 && hdr.gso_size >= MIN_GSO_SIZE =>
+        t if t == tcp_gso
+            && hdr.flags & VnetHdr::F_NEEDS_CSUM != 0
+            && hdr.gso_size >= MIN_GSO_SIZE =>
         {
             Some(usize::from(hdr.gso_size))
         }
@@ -358,7 +414,8 @@ fn mergeable(hdr: &VnetHdr, packet: &[u8]) -> Option<Segment> {
         _ => return None,
     };
     Some(Segment {
-        seq: be32(packet, IPV4_MIN_HDR_LEN + TCP_SEQ),
+        seq: be32(packet, ip + TCP_SEQ),
+        ip_hdr_len: ip,
         tcp_hdr_len,
         payload_len: packet.len() - headers_len,
         psh: flags & TCP_PSH != 0,
@@ -369,29 +426,39 @@ fn mergeable(hdr: &VnetHdr, packet: &[u8]) -> Option<Segment> {
 /// Whether the kernel either verified the checksum or left it to compute
 /// in the TCP checksum field, the only two states a recomputed checksum
 /// cannot make worse.
-fn checksum_known(hdr: &VnetHdr) -> bool {
+fn checksum_known(hdr: &VnetHdr, ip: usize) -> bool {
     let known = VnetHdr::F_NEEDS_CSUM | VnetHdr::F_DATA_VALID;
     if hdr.flags & !known != 0 {
         return false;
     }
     if hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 {
-        return usize::from(hdr.csum_start) == IPV4_MIN_HDR_LEN
-            && usize::from(hdr.csum_offset) == TCP_CSUM;
+        return usize::from(hdr.csum_start) == ip && usize::from(hdr.csum_offset) == TCP_CSUM;
     }
     hdr.flags & VnetHdr::F_DATA_VALID != 0
 }
 
 /// Whether the fields that must agree for two segments to be one stream's
-/// consecutive data do: TOS, TTL, DF, ack, window and options.
-fn same_headers(first: &[u8], next: &[u8], first_tcp_len: usize, next_tcp_len: usize) -> bool {
-    let tcp = |range: std::ops::Range<usize>| {
-        IPV4_MIN_HDR_LEN + range.start..IPV4_MIN_HDR_LEN + range.end
-    };
+/// consecutive data do: TOS, TTL, DF (IPv4) or traffic class, flow label,
+/// hop limit (IPv6), then ack, window and options. Both packets have an
+/// `ip`-byte IP header.
+fn same_headers(
+    first: &[u8],
+    next: &[u8],
+    ip: usize,
+    first_tcp_len: usize,
+    next_tcp_len: usize,
+) -> bool {
+    let tcp = |range: std::ops::Range<usize>| ip + range.start..ip + range.end;
     let options = tcp(TCP_MIN_HDR_LEN..first_tcp_len);
+    let same_ip = if ip == IPV6_HDR_LEN {
+        first[IPV6_FLOW] == next[IPV6_FLOW] && first[IPV6_HOP_LIMIT] == next[IPV6_HOP_LIMIT]
+    } else {
+        first[IP_TOS] == next[IP_TOS]
+            && first[IP_TTL] == next[IP_TTL]
+            && be16(first, IP_FRAG) & IP_DF == be16(next, IP_FRAG) & IP_DF
+    };
     first_tcp_len == next_tcp_len
-        && first[IP_TOS] == next[IP_TOS]
-        && first[IP_TTL] == next[IP_TTL]
-        && be16(first, IP_FRAG) & IP_DF == be16(next, IP_FRAG) & IP_DF
+        && same_ip
         && first[tcp(TCP_ACK_NUM)] == next[tcp(TCP_ACK_NUM)]
         && first[tcp(TCP_WINDOW)] == next[tcp(TCP_WINDOW)]
         && first[options.clone()] == next[options]
@@ -404,6 +471,17 @@ fn partial_checksum(packet: &[u8]) -> u16 {
     let l4_len = (packet.len() - IPV4_MIN_HDR_LEN) as u16;
     !pseudo_header(packet, PROTO_TCP, l4_len).finish()
 }
+
+/// [`partial_checksum`] for IPv6 without extension headers.
+fn partial_checksum6(packet: &[u8]) -> u16 {
+    // The packet is at most MAX_MERGED_LEN long.
+    let l4_len = (packet.len() - IPV6_HDR_LEN) as u16;
+    !pseudo_header6(packet, PROTO_TCP, l4_len).finish()
+}
+
+#[cfg(test)]
+#[path = "gro_tests6.rs"]
+mod tests6;
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,19 @@
-//! Where the IPv4, TCP and UDP header fields sit, and big-endian access to
+//! Where the IPv4, IPv6, TCP and UDP header fields sit, and big-endian access to
 //! them: what [`crate::gso`], [`crate::gro`] and [`crate::packet`] read and
 //! rewrite, named once.
 
 use std::ops::Range;
 
 use veil_common::csum::Checksum;
+
+// IPv6 header (RFC 8200): what the offload code needs of it.
+pub const IPV6_HDR_LEN: usize = 40;
+pub const IPV6_PAYLOAD_LEN: usize = 4;
+pub const IPV6_NEXT: usize = 6;
+pub const IPV6_HOP_LIMIT: usize = 7;
+/// The traffic class straddles the first two bytes.
+pub const IPV6_FLOW: Range<usize> = 0..4;
+pub const IPV6_ADDRS: Range<usize> = 8..40;
 
 // IPv4 header (RFC 791).
 pub const IPV4_MIN_HDR_LEN: usize = 20;
@@ -59,6 +68,16 @@ pub fn pseudo_header(packet: &[u8], protocol: u8, l4_len: u16) -> Checksum {
     sum.add(&packet[IP_ADDRS]);
     sum.add_u16(u16::from(protocol));
     sum.add_u16(l4_len);
+    sum
+}
+
+/// The IPv6 pseudo-header (RFC 8200 §8.1) of `packet`'s upper-layer
+/// header: addresses, the upper-layer length `l4_len` and next header.
+pub fn pseudo_header6(packet: &[u8], next: u8, l4_len: u16) -> Checksum {
+    let mut sum = Checksum::default();
+    sum.add(&packet[IPV6_ADDRS]);
+    sum.add_u16(l4_len);
+    sum.add_u16(u16::from(next));
     sum
 }
 

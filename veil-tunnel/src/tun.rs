@@ -23,6 +23,7 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETLE: libc::c_ulong = 0x4004_54dc;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 const TUN_F_USO4: libc::c_uint = 0x20;
 
@@ -214,11 +215,13 @@ fn set_little_endian(fd: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Lets the kernel hand over unsegmented TCP (and, where the kernel has
-/// it, UDP) super-packets with partial checksums.
+/// Lets the kernel hand over unsegmented IPv4 and IPv6 TCP (and, where
+/// the kernel has it, UDP) super-packets with partial checksums; falls
+/// back to fewer kinds if the kernel refuses a combination.
 fn set_offload(fd: i32) -> io::Result<()> {
-    let tcp = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
-    for flags in [tcp | TUN_F_USO4, tcp] {
+    let tcp4 = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+    let tcp = tcp4 | TUN_F_TSO6;
+    for flags in [tcp | TUN_F_USO4, tcp, tcp4] {
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
         if unsafe { libc::ioctl(fd, TUNSETOFFLOAD as _, flags as libc::c_ulong) } == 0 {
             return Ok(());

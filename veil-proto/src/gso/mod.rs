@@ -24,6 +24,8 @@ use veil_common::csum::Checksum;
 use crate::ipv4::*;
 
 mod segment;
+#[cfg(test)]
+pub(crate) mod tests6;
 
 pub use segment::segment;
 
@@ -42,9 +44,9 @@ pub const MIN_GSO_SIZE: u16 = 64;
 pub struct VnetHdr {
     /// [`VnetHdr::F_NEEDS_CSUM`] and/or [`VnetHdr::F_DATA_VALID`].
     pub flags: u8,
-    /// [`VnetHdr::GSO_NONE`], [`VnetHdr::GSO_TCPV4`] or
-    /// [`VnetHdr::GSO_UDP_L4`], the first two possibly with
-    /// [`VnetHdr::GSO_ECN`] (only valid with TCPv4).
+    /// [`VnetHdr::GSO_NONE`], [`VnetHdr::GSO_TCPV4`],
+    /// [`VnetHdr::GSO_TCPV6`] or [`VnetHdr::GSO_UDP_L4`], the TCP ones
+    /// possibly with [`VnetHdr::GSO_ECN`].
     pub gso_type: u8,
     /// Length of the headers repeated in every segment; advisory only (Linux
     /// recomputes it), so validation only bounds it by the packet length.
@@ -68,6 +70,8 @@ impl VnetHdr {
     pub const GSO_NONE: u8 = 0;
     /// An IPv4 TCP super-packet, to be cut into `gso_size`-byte segments.
     pub const GSO_TCPV4: u8 = 1;
+    /// An IPv6 TCP super-packet (no extension headers), likewise.
+    pub const GSO_TCPV6: u8 = 4;
     /// An IPv4 UDP super-packet, to be cut into `gso_size`-byte datagrams.
     pub const GSO_UDP_L4: u8 = 5;
     /// The TCP flow uses ECN: CWR goes on the first segment only.
@@ -169,6 +173,7 @@ impl VnetHdr {
         let transport = match self.gso_type & !Self::GSO_ECN {
             Self::GSO_NONE => None,
             Self::GSO_TCPV4 => Some(Transport::Tcp),
+            Self::GSO_TCPV6 => Some(Transport::Tcp6),
             Self::GSO_UDP_L4 => Some(Transport::Udp),
             _ => {
                 return Err(GsoError::UnknownGsoType {
@@ -177,7 +182,7 @@ impl VnetHdr {
             }
         };
         // ECN only describes how TCP's CWR flag is spread over segments.
-        if self.gso_type & Self::GSO_ECN != 0 && transport != Some(Transport::Tcp) {
+        if self.gso_type & Self::GSO_ECN != 0 && !transport.is_some_and(Transport::is_tcp) {
             return Err(GsoError::EcnWithoutTcp {
                 gso_type: self.gso_type,
             });
@@ -219,7 +224,10 @@ impl VnetHdr {
                 size: self.gso_size,
             });
         }
-        let ip_hdr_len = ipv4_header_len(packet, transport)?;
+        let ip_hdr_len = match transport {
+            Transport::Tcp6 => ipv6_header_len(packet, transport)?,
+            Transport::Tcp | Transport::Udp => ipv4_header_len(packet, transport)?,
+        };
         self.check_checksum_place(transport, ip_hdr_len)?;
         let l4_hdr_len = transport_header_len(packet, ip_hdr_len, transport)?;
         Ok(GsoLayout {
@@ -237,7 +245,8 @@ impl VnetHdr {
     /// anywhere in the packet *after* the gateway checked and translated it
     /// (its source port, the destination, an address). So:
     ///
-    /// - a GSO packet must be IPv4 TCP or UDP with the checksum in its own
+    /// - a GSO packet must be IPv4 TCP or UDP, or IPv6 TCP without
+    ///   extension headers, with the checksum in its own
     ///   transport field and a segment size between [`MIN_GSO_SIZE`] and
     ///   what fits in `max_packet` bytes of IP; anything else is an error;
     /// - a packet that only needs its checksum keeps the offload when the
@@ -309,11 +318,11 @@ pub enum GsoError {
     /// Flag bits other than NEEDS_CSUM and DATA_VALID.
     #[error("offload header: unknown flags {flags:#x}")]
     UnknownFlags { flags: u8 },
-    /// A GSO type other than none, TCPv4 and UDP_L4 (ECN bit aside).
+    /// A GSO type other than none, TCPv4, TCPv6 and UDP_L4 (ECN bit aside).
     #[error("offload header: unknown GSO type {gso_type:#x}")]
     UnknownGsoType { gso_type: u8 },
-    /// The ECN bit on anything but TCPv4.
-    #[error("offload header: ECN bit in GSO type {gso_type:#x}, allowed only with TCPv4")]
+    /// The ECN bit on anything but TCP.
+    #[error("offload header: ECN bit in GSO type {gso_type:#x}, allowed only with TCP")]
     EcnWithoutTcp { gso_type: u8 },
     /// A header length past the end of the packet.
     #[error("offload header: header length {hdr_len} exceeds the {len}-byte packet")]
@@ -332,7 +341,7 @@ pub enum GsoError {
     /// send packets nobody on the path asked for.
     #[error("offload header: GSO size {size} exceeds the {max} bytes of payload the MTU allows")]
     GsoSizeTooLarge { size: u16, max: usize },
-    /// A GSO packet that is not IPv4 carrying the GSO type's protocol.
+    /// A GSO packet that is not of the GSO type's IP version and protocol.
     #[error("offload header: GSO type {gso} on a packet that is not {expected}")]
     NotGsoPacket {
         gso: &'static str,
@@ -346,6 +355,17 @@ pub enum GsoError {
     /// An IPv4 fragment cannot be segmented: it has no complete transport payload.
     #[error("offload header: GSO type {gso} on an IPv4 fragment")]
     Fragment { gso: &'static str },
+    /// A GSO packet whose IPv6 payload length disagrees with its size (a
+    /// jumbogram's 0 included: there is no hop-by-hop header to carry it).
+    #[error(
+        "offload header: GSO packet's IPv6 payload length {payload_len} differs from the {len} bytes after its header"
+    )]
+    PayloadLengthMismatch { payload_len: u16, len: usize },
+    /// An IPv6 super-packet with extension headers (next header
+    /// `next`): neither Linux's TCP nor any NIC segments through them, so
+    /// such a header was not made by a kernel and is refused.
+    #[error("offload header: GSO type {gso} on an IPv6 packet with extension header {next}")]
+    ExtensionHeader { gso: &'static str, next: u8 },
     /// A partial checksum somewhere other than the transport's checksum field.
     #[error(
         "offload header: GSO type {gso} needs the checksum at {want_start}+{want_offset}, not {start}+{offset}"
@@ -359,7 +379,7 @@ pub enum GsoError {
     },
     /// A TCP data offset below 5 words or past the end of the packet.
     #[error(
-        "offload header: TCP data offset {data_offset} does not fit the {available} bytes after the IPv4 header"
+        "offload header: TCP data offset {data_offset} does not fit the {available} bytes after the IP header"
     )]
     BadTcpHeader { data_offset: u8, available: usize },
 }
@@ -367,7 +387,11 @@ pub enum GsoError {
 /// The transport a GSO type segments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transport {
+    /// TCP over IPv4.
     Tcp,
+    /// TCP over IPv6, the TCP header right after the 40-byte IPv6 header.
+    Tcp6,
+    /// UDP over IPv4.
     Udp,
 }
 
@@ -375,6 +399,7 @@ impl Transport {
     fn gso_name(self) -> &'static str {
         match self {
             Transport::Tcp => "TCPv4",
+            Transport::Tcp6 => "TCPv6",
             Transport::Udp => "UDP_L4",
         }
     }
@@ -382,20 +407,25 @@ impl Transport {
     fn expected_packet(self) -> &'static str {
         match self {
             Transport::Tcp => "IPv4/TCP",
+            Transport::Tcp6 => "IPv6/TCP",
             Transport::Udp => "IPv4/UDP",
         }
     }
 
+    fn is_tcp(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Tcp6)
+    }
+
     fn protocol(self) -> u8 {
         match self {
-            Transport::Tcp => PROTO_TCP,
+            Transport::Tcp | Transport::Tcp6 => PROTO_TCP,
             Transport::Udp => PROTO_UDP,
         }
     }
 
     fn csum_offset(self) -> u16 {
         match self {
-            Transport::Tcp => TCP_CSUM as u16,
+            Transport::Tcp | Transport::Tcp6 => TCP_CSUM as u16,
             Transport::Udp => UDP_CSUM as u16,
         }
     }
@@ -420,6 +450,7 @@ impl GsoLayout {
     fn header(&self, ecn: u8) -> VnetHdr {
         let gso_type = match self.transport {
             Transport::Tcp => VnetHdr::GSO_TCPV4 | ecn,
+            Transport::Tcp6 => VnetHdr::GSO_TCPV6 | ecn,
             Transport::Udp => VnetHdr::GSO_UDP_L4,
         };
         VnetHdr {
@@ -434,15 +465,22 @@ impl GsoLayout {
     }
 }
 
-/// Where an unsegmented IPv4 TCP or UDP packet keeps its checksum, if it
-/// is one whose checksum the kernel may be asked to finish; `gso_size` is 0.
+/// Where an unsegmented IPv4 TCP or UDP packet, or IPv6 TCP packet, keeps
+/// its checksum, if it is one whose checksum the kernel may be asked to
+/// finish; `gso_size` is 0. (IPv6 UDP has its checksum completed by the
+/// sanitizer instead: the segmentation code knows no IPv6 UDP.)
 fn checksum_layout(packet: &[u8]) -> Option<GsoLayout> {
-    let transport = match packet.get(IP_PROTO) {
-        Some(&PROTO_TCP) => Transport::Tcp,
-        Some(&PROTO_UDP) => Transport::Udp,
+    let version = packet.first()? >> 4;
+    let transport = match (version, packet.get(IP_PROTO), packet.get(IPV6_NEXT)) {
+        (4, Some(&PROTO_TCP), _) => Transport::Tcp,
+        (4, Some(&PROTO_UDP), _) => Transport::Udp,
+        (6, _, Some(&PROTO_TCP)) => Transport::Tcp6,
         _ => return None,
     };
-    let ip_hdr_len = ipv4_header_len(packet, transport).ok()?;
+    let ip_hdr_len = match transport {
+        Transport::Tcp6 => ipv6_header_len(packet, transport).ok()?,
+        Transport::Tcp | Transport::Udp => ipv4_header_len(packet, transport).ok()?,
+    };
     let l4_hdr_len = transport_header_len(packet, ip_hdr_len, transport).ok()?;
     Some(GsoLayout {
         transport,
@@ -484,7 +522,51 @@ fn ipv4_header_len(packet: &[u8], transport: Transport) -> Result<usize, GsoErro
     Ok(ip_hdr_len)
 }
 
-/// The transport header length, checked to fit after the IPv4 header.
+/// The IPv6 header length (always [`IPV6_HDR_LEN`]: extension headers
+/// are refused) of a packet fit for `transport` segmentation.
+fn ipv6_header_len(packet: &[u8], transport: Transport) -> Result<usize, GsoError> {
+    if packet.len() < IPV6_HDR_LEN || packet[0] >> 4 != 6 {
+        return Err(GsoError::NotGsoPacket {
+            gso: transport.gso_name(),
+            expected: transport.expected_packet(),
+        });
+    }
+    let next = packet[IPV6_NEXT];
+    if next != transport.protocol() {
+        return Err(if is_ipv6_extension(next) {
+            GsoError::ExtensionHeader {
+                gso: transport.gso_name(),
+                next,
+            }
+        } else {
+            GsoError::NotGsoPacket {
+                gso: transport.gso_name(),
+                expected: transport.expected_packet(),
+            }
+        });
+    }
+    // Segment lengths are derived from the packet's size, so the two must agree.
+    let payload_len = be16(packet, IPV6_PAYLOAD_LEN);
+    if usize::from(payload_len) != packet.len() - IPV6_HDR_LEN {
+        return Err(GsoError::PayloadLengthMismatch {
+            payload_len,
+            len: packet.len() - IPV6_HDR_LEN,
+        });
+    }
+    Ok(IPV6_HDR_LEN)
+}
+
+/// The IPv6 extension headers (RFC 8200 4, RFC 7045): hop-by-hop,
+/// routing, fragment, ESP, AH, destination options, mobility, HIP, shim6
+/// and the two experimental values.
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+/// The transport header length, checked to fit after the IP header.
 fn transport_header_len(
     packet: &[u8],
     ip_hdr_len: usize,
@@ -493,7 +575,7 @@ fn transport_header_len(
     let available = packet.len() - ip_hdr_len;
     let l4_hdr_len = match transport {
         Transport::Udp => UDP_HDR_LEN,
-        Transport::Tcp => {
+        Transport::Tcp | Transport::Tcp6 => {
             let data_offset = packet
                 .get(ip_hdr_len + TCP_DATA_OFFSET)
                 .map_or(0, |byte| byte >> 4);
@@ -821,8 +903,8 @@ mod tests {
         let err = split_err(&hdr, &tcp_packet(&payload(3000)));
         assert_eq!(err, GsoError::UnknownGsoType { gso_type: 3 });
         assert_eq!(err.to_string(), "offload header: unknown GSO type 0x3");
-        // GSO_UDP (UFO, 3) and TCPv6 (4) are not ours either.
-        for gso_type in [4, 6, 0x7f] {
+        // GSO_UDP (UFO, 3) is not ours either.
+        for gso_type in [2, 6, 0x7f] {
             let hdr = VnetHdr {
                 gso_type,
                 ..VnetHdr::NONE
@@ -835,7 +917,7 @@ mod tests {
     }
 
     #[test]
-    fn ecn_is_allowed_only_with_tcpv4() {
+    fn ecn_is_allowed_only_with_tcp() {
         let udp = VnetHdr {
             gso_type: VnetHdr::GSO_UDP_L4 | VnetHdr::GSO_ECN,
             ..udp_gso(500)
@@ -844,7 +926,7 @@ mod tests {
         assert_eq!(err, GsoError::EcnWithoutTcp { gso_type: 0x85 });
         assert_eq!(
             err.to_string(),
-            "offload header: ECN bit in GSO type 0x85, allowed only with TCPv4"
+            "offload header: ECN bit in GSO type 0x85, allowed only with TCP"
         );
         let none = VnetHdr {
             gso_type: VnetHdr::GSO_ECN,
@@ -1091,7 +1173,7 @@ mod tests {
         let err = hdr.validate(&long).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "offload header: TCP data offset 15 does not fit the 22 bytes after the IPv4 header"
+            "offload header: TCP data offset 15 does not fit the 22 bytes after the IP header"
         );
     }
 

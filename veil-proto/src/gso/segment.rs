@@ -55,9 +55,12 @@ fn segment_gso(
         scratch.clear();
         scratch.extend_from_slice(headers);
         scratch.extend_from_slice(&payload[start..end]);
-        fix_ipv4_header(scratch, layout.ip_hdr_len, index);
         match layout.transport {
-            Transport::Tcp => fix_tcp_header(scratch, layout, index, count),
+            Transport::Tcp6 => fix_ipv6_header(scratch),
+            Transport::Tcp | Transport::Udp => fix_ipv4_header(scratch, layout.ip_hdr_len, index),
+        }
+        match layout.transport {
+            Transport::Tcp | Transport::Tcp6 => fix_tcp_header(scratch, layout, index, count),
             Transport::Udp => fix_udp_header(scratch, layout.ip_hdr_len),
         }
         emit(scratch);
@@ -81,6 +84,13 @@ fn fix_ipv4_header(seg: &mut [u8], ip_hdr_len: usize, index: usize) {
     set_header_checksum(seg, ip_hdr_len);
 }
 
+/// Payload length for an IPv6 segment: there is no ID (that lives in the
+/// fragment header, which a TCP segment has none of) and no header checksum.
+fn fix_ipv6_header(seg: &mut [u8]) {
+    // A segment is never longer than the packet, whose length came from a u16.
+    put16(seg, IPV6_PAYLOAD_LEN, (seg.len() - IPV6_HDR_LEN) as u16);
+}
+
 /// Sequence number, flags and checksum for TCP segment `index` of `count`,
 /// following `tcp_gso_segment`: FIN and PSH end the data so they belong to
 /// the last segment, CWR answers ECE once so it belongs to the first.
@@ -95,7 +105,8 @@ fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize
     if index != 0 {
         seg[tcp + TCP_FLAGS] &= !TCP_CWR;
     }
-    let csum = transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM);
+    let ipv6 = layout.transport == Transport::Tcp6;
+    let csum = transport_checksum(seg, tcp, PROTO_TCP, TCP_CSUM, ipv6);
     put16(seg, tcp + TCP_CSUM, csum);
 }
 
@@ -103,7 +114,7 @@ fn fix_tcp_header(seg: &mut [u8], layout: &GsoLayout, index: usize, count: usize
 fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
     let udp = ip_hdr_len;
     put16(seg, udp + UDP_LEN, (seg.len() - udp) as u16);
-    let mut csum = transport_checksum(seg, udp, PROTO_UDP, UDP_CSUM);
+    let mut csum = transport_checksum(seg, udp, PROTO_UDP, UDP_CSUM, false);
     // Zero would mean "no checksum"; 0xffff is the same value.
     if csum == 0 {
         csum = 0xffff;
@@ -111,12 +122,24 @@ fn fix_udp_header(seg: &mut [u8], ip_hdr_len: usize) {
     put16(seg, udp + UDP_CSUM, csum);
 }
 
-/// The transport checksum computed from scratch over the IPv4
-/// pseudo-header and `seg[l4..]`, ignoring whatever the field held.
-fn transport_checksum(seg: &mut [u8], l4: usize, protocol: u8, csum_offset: usize) -> u16 {
+/// The transport checksum computed from scratch over the IPv4 (or, with
+/// `ipv6`, the IPv6) pseudo-header and `seg[l4..]`, ignoring whatever the
+/// field held.
+fn transport_checksum(
+    seg: &mut [u8],
+    l4: usize,
+    protocol: u8,
+    csum_offset: usize,
+    ipv6: bool,
+) -> u16 {
     put16(seg, l4 + csum_offset, 0);
-    let l4_len = seg.len() - l4;
-    let mut sum = pseudo_header(seg, protocol, l4_len as u16);
+    // A segment is never longer than the packet, whose length came from a u16.
+    let l4_len = (seg.len() - l4) as u16;
+    let mut sum = if ipv6 {
+        pseudo_header6(seg, protocol, l4_len)
+    } else {
+        pseudo_header(seg, protocol, l4_len)
+    };
     sum.add(&seg[l4..]);
     sum.finish()
 }
