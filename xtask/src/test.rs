@@ -54,8 +54,8 @@ pub fn run(opts: &Options) -> Result<()> {
         test.arg(f);
     }
     let mut tally = run_counted(&mut test)?;
-    // The clients above take HTTP/3 (`--transport auto`); the tunnel suite
-    // again over TLS over TCP, so both transports pass it.
+    // The clients above take HTTP/3 (`--transport auto`); the tunnel and
+    // IPv6 suites again over TLS over TCP, so both transports pass them.
     let mut tcp = cargo();
     tcp.args([
         "test",
@@ -63,6 +63,8 @@ pub fn run(opts: &Options) -> Result<()> {
         "veil-tests",
         "--test",
         "tunnel",
+        "--test",
+        "ipv6",
         "--no-fail-fast",
     ])
     .env("VEIL_TEST_TRANSPORT", "tcp")
