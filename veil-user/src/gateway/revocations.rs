@@ -306,16 +306,26 @@ async fn fetch(source: &Source) -> Result<Vec<u8>> {
     match source {
         Source::File(path) => {
             let path = path.clone();
-            let bytes = tokio::task::spawn_blocking(move || std::fs::read(path)).await??;
-            if bytes.len() > MAX_LIST {
-                bail!("larger than {MAX_LIST} bytes");
-            }
-            Ok(bytes)
+            tokio::task::spawn_blocking(move || read_bounded(&path)).await?
         }
         Source::Url(url) => tokio::time::timeout(FETCH_TIMEOUT, get(url))
             .await
             .context("timed out")?,
     }
+}
+
+/// The file, read only up to [`MAX_LIST`]: a list file that grew huge
+/// (or a device) costs the gateway no more memory than a list may take.
+fn read_bounded(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_LIST as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > MAX_LIST {
+        bail!("larger than {MAX_LIST} bytes");
+    }
+    Ok(bytes)
 }
 
 /// `GET url` (HTTP/1.0: the body runs to the close), the body of a 200.
