@@ -190,6 +190,8 @@ impl Shared {
         joined: &[u8],
     ) {
         let (Some(v6), Some(dst)) = (&self.v6, pkt.get(24..40)) else {
+            // Too short for an IPv6 header, or IPv6 while none is carried.
+            self.counters.malformed.fetch_add(1, Relaxed);
             return;
         };
         let dst = Ipv6Addr::from(<[u8; 16]>::try_from(dst).expect("16 bytes"));
