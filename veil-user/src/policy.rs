@@ -1,7 +1,14 @@
 //! The egress policy: which destinations a client may reach through the
-//! gateway. By default the public internet only.
+//! gateway. By default the public internet only. The rules are one
+//! generic over the address family; [`crate::policy6`] has IPv6's defaults.
 
-use std::{fmt, net::Ipv4Addr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use ipnet::Ipv6Net;
 
 use crate::net::Ipv4Net;
 
@@ -18,20 +25,45 @@ const DEFAULT_DENY: &[(&str, &str)] = &[
     ("240.0.0.0/4", "reserved and broadcast"),
 ];
 
-/// Why a destination is refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// One of the gateway's own addresses.
-    Gateway,
-    /// Another client (the VIP pool), without `--allow-client-to-client`.
-    OtherClient,
-    /// A default-denied range.
-    Default { net: Ipv4Net, why: &'static str },
-    /// A `--deny` range.
-    Configured(Ipv4Net),
+/// A prefix of one address family, as the policy uses it: the same rules
+/// apply to IPv4 and IPv6, over different types.
+pub trait Net: Copy + fmt::Display + fmt::Debug + PartialEq + FromStr<Err: fmt::Debug> {
+    type Addr: Copy + PartialEq;
+
+    fn has(&self, addr: Self::Addr) -> bool;
 }
 
-impl fmt::Display for Refusal {
+impl Net for Ipv4Net {
+    type Addr = Ipv4Addr;
+
+    fn has(&self, addr: Ipv4Addr) -> bool {
+        self.contains(addr)
+    }
+}
+
+impl Net for Ipv6Net {
+    type Addr = Ipv6Addr;
+
+    fn has(&self, addr: Ipv6Addr) -> bool {
+        self.contains(&addr)
+    }
+}
+
+/// Why a destination is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal<N = Ipv4Net> {
+    /// One of the gateway's own addresses.
+    Gateway,
+    /// Another client (the address pool), without
+    /// `--allow-client-to-client`.
+    OtherClient,
+    /// A default-denied range.
+    Default { net: N, why: &'static str },
+    /// A `--deny` range.
+    Configured(N),
+}
+
+impl<N: fmt::Display> fmt::Display for Refusal<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::Gateway => f.write_str("the gateway itself"),
@@ -42,28 +74,33 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// Which destinations of one address family clients may reach.
 #[derive(Clone, Debug)]
-pub struct EgressPolicy {
-    gateway: Vec<Ipv4Addr>,
-    pool: Ipv4Net,
+pub struct Policy<N: Net> {
+    gateway: Vec<N::Addr>,
+    pool: Option<N>,
     client_to_client: bool,
-    allow: Vec<Ipv4Net>,
-    deny: Vec<Ipv4Net>,
-    defaults: Vec<(Ipv4Net, &'static str)>,
+    allow: Vec<N>,
+    deny: Vec<N>,
+    defaults: Vec<(N, &'static str)>,
 }
 
-impl EgressPolicy {
-    /// `gateway`: the gateway's own addresses (never reachable through it).
-    /// `allow` opens ranges the defaults close (a `--deny` still wins);
-    /// `deny` closes more.
-    pub fn new(
-        gateway: Vec<Ipv4Addr>,
-        pool: Ipv4Net,
+/// The IPv4 egress policy.
+pub type EgressPolicy = Policy<Ipv4Net>;
+
+impl<N: Net> Policy<N> {
+    /// `gateway`: the gateway's own addresses (never reachable through
+    /// it); `pool`: the clients' addresses. `allow` opens ranges the
+    /// defaults close (a `--deny` still wins); `deny` closes more.
+    pub(crate) fn with_defaults(
+        gateway: Vec<N::Addr>,
+        pool: Option<N>,
         client_to_client: bool,
-        allow: Vec<Ipv4Net>,
-        deny: Vec<Ipv4Net>,
+        allow: Vec<N>,
+        deny: Vec<N>,
+        defaults: &[(&str, &'static str)],
     ) -> Self {
-        let defaults = DEFAULT_DENY
+        let defaults = defaults
             .iter()
             .map(|(net, why)| (net.parse().expect("valid built-in range"), *why))
             .collect();
@@ -77,27 +114,46 @@ impl EgressPolicy {
         }
     }
 
-    pub fn check(&self, dst: Ipv4Addr) -> Result<(), Refusal> {
+    pub fn check(&self, dst: N::Addr) -> Result<(), Refusal<N>> {
         if self.gateway.contains(&dst) {
             return Err(Refusal::Gateway);
         }
-        if let Some(net) = self.deny.iter().find(|n| n.contains(dst)) {
+        if let Some(net) = self.deny.iter().find(|n| n.has(dst)) {
             return Err(Refusal::Configured(*net));
         }
-        if self.pool.contains(dst) {
+        if self.pool.is_some_and(|p| p.has(dst)) {
             return if self.client_to_client {
                 Ok(())
             } else {
                 Err(Refusal::OtherClient)
             };
         }
-        if self.allow.iter().any(|n| n.contains(dst)) {
+        if self.allow.iter().any(|n| n.has(dst)) {
             return Ok(());
         }
-        match self.defaults.iter().find(|(n, _)| n.contains(dst)) {
+        match self.defaults.iter().find(|(n, _)| n.has(dst)) {
             Some((net, why)) => Err(Refusal::Default { net: *net, why }),
             None => Ok(()),
         }
+    }
+}
+
+impl EgressPolicy {
+    pub fn new(
+        gateway: Vec<Ipv4Addr>,
+        pool: Ipv4Net,
+        client_to_client: bool,
+        allow: Vec<Ipv4Net>,
+        deny: Vec<Ipv4Net>,
+    ) -> Self {
+        Self::with_defaults(
+            gateway,
+            Some(pool),
+            client_to_client,
+            allow,
+            deny,
+            DEFAULT_DENY,
+        )
     }
 }
 

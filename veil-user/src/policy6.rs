@@ -8,7 +8,10 @@ use std::{fmt, net::Ipv6Addr};
 
 use ipnet::Ipv6Net;
 
-use crate::net::Ipv4Net;
+use crate::{
+    net::Ipv4Net,
+    policy::{Policy, Refusal},
+};
 
 /// An `--allow` / `--deny` prefix: IPv4 or IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,40 +87,11 @@ const DEFAULT_DENY6: &[(&str, &str)] = &[
 ];
 
 /// Why an IPv6 destination is refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Refusal6 {
-    /// One of the gateway's own addresses.
-    Gateway,
-    /// Another client (the IPv6 pool): clients do not reach each other
-    /// over IPv6.
-    OtherClient,
-    Default {
-        net: Ipv6Net,
-        why: &'static str,
-    },
-    /// A `--deny` prefix.
-    Configured(Ipv6Net),
-}
+pub type Refusal6 = Refusal<Ipv6Net>;
 
-impl fmt::Display for Refusal6 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Refusal6::Gateway => f.write_str("the gateway itself"),
-            Refusal6::OtherClient => f.write_str("another client"),
-            Refusal6::Default { net, why } => write!(f, "{net}, {why}"),
-            Refusal6::Configured(net) => write!(f, "{net}, denied by configuration"),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct EgressPolicy6 {
-    gateway: Vec<Ipv6Addr>,
-    pool: Option<Ipv6Net>,
-    allow: Vec<Ipv6Net>,
-    deny: Vec<Ipv6Net>,
-    defaults: Vec<(Ipv6Net, &'static str)>,
-}
+/// The IPv6 egress policy: the IPv4 one's rules, except that clients never
+/// reach each other over IPv6.
+pub type EgressPolicy6 = Policy<Ipv6Net>;
 
 impl EgressPolicy6 {
     /// `gateway`: the gateway's own IPv6 addresses; `pool`: the clients'
@@ -128,36 +102,7 @@ impl EgressPolicy6 {
         allow: Vec<Ipv6Net>,
         deny: Vec<Ipv6Net>,
     ) -> Self {
-        let defaults = DEFAULT_DENY6
-            .iter()
-            .map(|(net, why)| (net.parse().expect("valid built-in range"), *why))
-            .collect();
-        Self {
-            gateway,
-            pool,
-            allow,
-            deny,
-            defaults,
-        }
-    }
-
-    pub fn check(&self, dst: Ipv6Addr) -> Result<(), Refusal6> {
-        if self.gateway.contains(&dst) {
-            return Err(Refusal6::Gateway);
-        }
-        if let Some(net) = self.deny.iter().find(|n| n.contains(&dst)) {
-            return Err(Refusal6::Configured(*net));
-        }
-        if self.pool.is_some_and(|p| p.contains(&dst)) {
-            return Err(Refusal6::OtherClient);
-        }
-        if self.allow.iter().any(|n| n.contains(&dst)) {
-            return Ok(());
-        }
-        match self.defaults.iter().find(|(n, _)| n.contains(&dst)) {
-            Some((net, why)) => Err(Refusal6::Default { net: *net, why }),
-            None => Ok(()),
-        }
+        Self::with_defaults(gateway, pool, false, allow, deny, DEFAULT_DENY6)
     }
 }
 
