@@ -245,7 +245,11 @@ fn open_queue(name: &str) -> io::Result<(OwnedFd, String)> {
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut req) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let len = req.name.iter().position(|c| *c == 0).unwrap_or(libc::IFNAMSIZ);
+    let len = req
+        .name
+        .iter()
+        .position(|c| *c == 0)
+        .unwrap_or(libc::IFNAMSIZ);
     let attached = req.name[..len].iter().map(|c| *c as u8 as char).collect();
     Ok((fd, attached))
 }

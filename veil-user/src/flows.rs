@@ -18,14 +18,7 @@
 //! "does this flow exist", is answered without that lock by
 //! [`KnownFlows`], a concurrent set the table keeps in step.
 
-use std::{
-    fmt,
-    hash::Hash,
-    net::Ipv4Addr,
-    str::FromStr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{fmt, hash::Hash, net::Ipv4Addr, str::FromStr, sync::Arc, time::Duration};
 
 use aya::maps::{HashMap, MapData, MapError};
 use rand::Rng;
