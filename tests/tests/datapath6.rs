@@ -407,9 +407,12 @@ fn reply_hop_limit_and_counters_and_expiry_of_v6_flows() {
     // Not idle yet at creation time; long after, expired and gone from
     // both maps.
     assert!(bed.flows6.gc(2).unwrap().is_empty());
+    let known = bed.flows6.known();
+    assert!(known.contains(&key), "a new flow is known without the lock");
     let expired = bed.flows6.gc(u64::MAX / 2).unwrap();
     assert_eq!(expired, vec![key]);
     assert_eq!(bed.flows6.len(), 0);
+    assert!(!known.contains(&key), "an expired flow is no longer known");
     let (action, _) = bed.tun(&frame6(CLIENT6, REMOTE6, 64, L4::udp(40000, 53, b"x")));
     assert_eq!(action, TC_ACT_SHOT, "the egress entry went with it");
     let _ = XDP_PASS;
@@ -493,6 +496,11 @@ fn v6_flows_keep_a_sockets_port_respect_the_share_and_go_with_their_client() {
     let before = bed.flows6.len();
     assert_eq!(bed.flows6.delete_client(VIP).unwrap(), before - 1);
     assert_eq!(bed.flows6.len(), 1);
+    assert_eq!(
+        bed.flows6.known().len(),
+        1,
+        "a departed client's flows are not known"
+    );
     let reply = frame6(REMOTE6, PUBLIC6, 60, L4::udp(53, nat, b"late"));
     assert_eq!(bed.wan(&reply).xdp, XDP_DROP, "the reverse entry went too");
 }

@@ -291,6 +291,46 @@ fn expiry_follows_protocol_and_tcp_state() {
     assert!(bed.flows.is_empty());
 }
 
+/// The lock-free index the packet path asks "is this flow known" must
+/// lose a flow when the table does, whatever removes it: otherwise a
+/// client's packet would skip creating a flow that is gone from the maps.
+#[test]
+fn the_known_flows_index_follows_creation_expiry_deletion_and_a_clients_end() {
+    let mut bed = Bed::new();
+    let known = bed.flows.known();
+    let t0 = monotonic_ns();
+    let dns = key(proto::UDP, CLIENT, 40001, REMOTE, 53);
+    let udp = key(proto::UDP, CLIENT, 40000, REMOTE, 123);
+    let tcp = key(proto::TCP, CLIENT, 50000, REMOTE, 443);
+    let other = key(proto::TCP, Ipv4Addr::new(10, 77, 0, 3), 50000, REMOTE, 443);
+    assert!(!known.contains(&dns), "nothing known before it is made");
+    for k in [dns, udp, tcp, other] {
+        bed.flows.create(k, t0).unwrap();
+    }
+    assert!([dns, udp, tcp, other].iter().all(|k| known.contains(k)));
+    assert_eq!(known.len(), bed.flows.len());
+
+    // The sweep: the DNS flow expires (30 s), the others stay.
+    let expired = bed.flows.gc(t0 + 31_000_000_000).unwrap().expired;
+    assert_eq!(expired, vec![dns]);
+    assert!(!known.contains(&dns), "an expired flow is no longer known");
+    assert!(known.contains(&udp));
+    // And in slices, as the gateway sweeps.
+    let late = t0 + 121_000_000_000;
+    assert_eq!(bed.flows.expire(&[udp], late).unwrap().expired, vec![udp]);
+    assert!(!known.contains(&udp));
+    // A packet after expiry makes the flow anew, and it is known again.
+    bed.flows.create(udp, late).unwrap();
+    assert!(known.contains(&udp));
+
+    assert!(bed.flows.delete(&udp).unwrap());
+    assert!(!known.contains(&udp), "a deleted flow is no longer known");
+    assert_eq!(bed.flows.delete_client(CLIENT).unwrap(), 1);
+    assert!(!known.contains(&tcp), "nor a departed client's");
+    assert!(known.contains(&other), "another client's flow stays");
+    assert_eq!(known.len(), bed.flows.len());
+}
+
 // ---- each client's share of an endpoint ----
 
 #[test]

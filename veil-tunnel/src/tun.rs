@@ -1,4 +1,5 @@
-//! A TUN device shared by tasks: one reader, many writers.
+//! A TUN device shared by tasks: one reader, many writers; or, for the
+//! gateway, several queues ([`Tun::create_queues`]), each its own `Tun`.
 //!
 //! The device is opened with `IFF_VNET_HDR` and TCP/UDP segmentation
 //! offload, as a virtual machine's NIC would be: every read and write
@@ -10,7 +11,7 @@
 
 use std::{
     io,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd},
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
@@ -69,6 +70,41 @@ impl Tun {
         set_little_endian(dev.as_raw_fd())?;
         set_offload(dev.as_raw_fd())?;
         let name = tun::AbstractDevice::tun_name(&dev).map_err(io::Error::other)?;
+        Self::register(dev, name)
+    }
+
+    /// Creates (or opens) TUN device `name` with `queues` queues
+    /// (`IFF_MULTI_QUEUE`), one per returned `Tun`, each with the offloads
+    /// of [`Self::create`], up, non-blocking. The kernel hands a packet
+    /// for the device to one queue (see docs/architecture.md, "Cores"), so
+    /// each queue can have a reader of its own. One queue: [`Self::create`]
+    /// (a device without `IFF_MULTI_QUEUE`, as before).
+    pub fn create_queues(name: &str, mtu: u16, queues: usize) -> io::Result<Vec<Self>> {
+        if queues <= 1 {
+            return Ok(vec![Self::create(name, mtu)?]);
+        }
+        let mut name = name.to_owned();
+        let mut out = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            let (fd, attached) = open_queue(&name)?;
+            // The kernel names a device asked for as `veil%d`: every
+            // further queue attaches to the name it got.
+            name = attached;
+            set_little_endian(fd.as_raw_fd())?;
+            set_offload(fd.as_raw_fd())?;
+            let mut cfg = tun::Configuration::default();
+            cfg.raw_fd(fd.into_raw_fd()).tun_name(&name).mtu(mtu);
+            let mut dev = tun::create(&cfg).map_err(io::Error::other)?;
+            if out.is_empty() {
+                tun::AbstractDevice::set_mtu(&mut dev, mtu).map_err(io::Error::other)?;
+                tun::AbstractDevice::enabled(&mut dev, true).map_err(io::Error::other)?;
+            }
+            out.push(Self::register(dev, name.clone())?);
+        }
+        Ok(out)
+    }
+
+    fn register(dev: tun::Device, name: String) -> io::Result<Self> {
         // SAFETY: the device owns its fd, open until the AsyncFd drops it.
         let fd = unsafe { AsyncFd::register_with_interest(dev, Interest::READABLE) }
             .map_err(io::Error::from)?;
@@ -165,6 +201,57 @@ impl Tun {
         }
         Ok(())
     }
+}
+
+/// Opens one queue of multi-queue TUN device `name` (created by the first
+/// call) with offload headers and no packet information, non-blocking;
+/// returns its fd and the device's name.
+fn open_queue(name: &str) -> io::Result<(OwnedFd, String)> {
+    /// `struct ifreq` with the `ifr_flags` member of its union.
+    #[repr(C)]
+    struct IfReqFlags {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        pad: [u8; 22],
+    }
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("TUN device name `{name}` is longer than 15 bytes"),
+        ));
+    }
+    let mut req = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE)
+            as libc::c_short,
+        pad: [0; 22],
+    };
+    for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: a constant path; the fd returned is ours.
+    let raw = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq through the pointer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = req
+        .name
+        .iter()
+        .position(|c| *c == 0)
+        .unwrap_or(libc::IFNAMSIZ);
+    let attached = req.name[..len].iter().map(|c| *c as u8 as char).collect();
+    Ok((fd, attached))
 }
 
 /// Sets the transmit queue length of interface `name`.

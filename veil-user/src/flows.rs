@@ -13,8 +13,12 @@
 //! of the ports toward one endpoint. The datapath writes last-seen times,
 //! counters and TCP flags into the map values; [`FlowTable::gc`] reads them
 //! to expire flows.
+//!
+//! The table lives behind one lock; what every client packet asks of it,
+//! "does this flow exist", is answered without that lock by
+//! [`KnownFlows`], a concurrent set the table keeps in step.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
+use std::{fmt, hash::Hash, net::Ipv4Addr, str::FromStr, sync::Arc, time::Duration};
 
 use aya::maps::{HashMap, MapData, MapError};
 use rand::Rng;
@@ -247,6 +251,55 @@ pub fn idle_timeout(
     }
 }
 
+/// The keys of the flows that exist, shared between a flow table (the
+/// one writer, under its lock) and the packet path (every session, no
+/// lock). A sharded concurrent set (`dashmap`): a lookup takes one shard's
+/// read lock among many, so sessions on different cores do not wait for
+/// each other or for a flow being created. Its hasher is keyed per
+/// process, as std's, so clients cannot choose keys that collide.
+///
+/// Kept in step by the table: a key goes in once the flow's map entries
+/// are written, and out before they are removed (on expiry, deletion or a
+/// client's end). A packet that found its key just before the removal is
+/// written to the TUN device, where the datapath finds no flow and drops
+/// it, as when it raced the table's lock.
+#[derive(Debug)]
+pub struct KnownFlows<K: Eq + Hash>(Arc<dashmap::DashSet<K>>);
+
+impl<K: Eq + Hash> Clone for KnownFlows<K> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<K: Eq + Hash + Clone> Default for KnownFlows<K> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<K: Eq + Hash + Clone> KnownFlows<K> {
+    pub fn contains(&self, key: &K) -> bool {
+        self.0.contains(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn insert(&self, key: K) {
+        self.0.insert(key);
+    }
+
+    pub(crate) fn remove(&self, key: &K) {
+        self.0.remove(key);
+    }
+}
+
 /// What one [`FlowTable::gc`] pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -259,6 +312,8 @@ pub struct FlowTable {
     reverse: HashMap<MapData, ReverseKey, ReverseFlow>,
     timeouts: Timeouts,
     book: NatBook,
+    /// The keys of `book`, for lookups without the table's lock.
+    known: KnownFlows<FlowKey>,
     /// Entries each flow map holds ([`crate::Datapath::load_sized`]).
     map_size: usize,
 }
@@ -280,8 +335,15 @@ impl FlowTable {
             reverse,
             timeouts,
             book: NatBook::new(public, ports, map_size)?,
+            known: KnownFlows::default(),
             map_size,
         })
+    }
+
+    /// The flows that exist, readable without this table's lock (see
+    /// [`KnownFlows`]): a handle the table keeps up to date.
+    pub fn known(&self) -> KnownFlows<FlowKey> {
+        self.known.clone()
     }
 
     /// Caps the table below the maps' size (`--max-flows`).
@@ -415,6 +477,7 @@ impl FlowTable {
             ));
         }
         self.book.insert(key, nat, now_ns);
+        self.known.insert(key);
         Ok(nat.port)
     }
 
@@ -423,6 +486,9 @@ impl FlowTable {
         let Some(mapped) = self.book.remove(key) else {
             return Ok(false);
         };
+        // Out of the index first: no packet is let through without the
+        // lock once the entries start going.
+        self.known.remove(key);
         let rkey = key.reverse(mapped.nat.addr, mapped.nat.port);
         // Egress first: the client's packets stop before replies do.
         let r1 = remove_ignoring_missing(&mut self.egress, key, veil_common::EGRESS_MAP);
@@ -556,6 +622,17 @@ pub(crate) fn map_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_flows_are_one_set_shared_by_every_handle() {
+        let known = KnownFlows::<u32>::default();
+        let reader = known.clone();
+        known.insert(7);
+        assert!(reader.contains(&7) && !reader.contains(&8));
+        assert_eq!(reader.len(), 1);
+        known.remove(&7);
+        assert!(!reader.contains(&7) && reader.is_empty());
+    }
 
     #[test]
     fn port_range_parses() {

@@ -32,8 +32,8 @@ use veil_common::{
 
 use crate::{
     flows::{
-        idle_timeout, lookup, map_error, remove_ignoring_missing, FlowError, PortRange, ProtoName,
-        Timeouts, BPF_NOEXIST,
+        idle_timeout, lookup, map_error, remove_ignoring_missing, FlowError, KnownFlows, PortRange,
+        ProtoName, Timeouts, BPF_NOEXIST,
     },
     nat::{decrement, default_share, RANDOM_TRIES},
 };
@@ -102,6 +102,8 @@ pub struct FlowTable6 {
     per_client: usize,
     share: u32,
     flows: StdMap<FlowKey6, Mapped6>,
+    /// The keys of `flows`, for lookups without the table's lock.
+    known: KnownFlows<FlowKey6>,
     claimed: HashSet<ReverseKey6>,
     flows_of: StdMap<[u8; 16], usize>,
     held: StdMap<([u8; 16], Remote6), u32>,
@@ -127,6 +129,7 @@ impl FlowTable6 {
             per_client: usize::MAX,
             share: default_share(ports),
             flows: StdMap::new(),
+            known: KnownFlows::default(),
             claimed: HashSet::new(),
             flows_of: StdMap::new(),
             held: StdMap::new(),
@@ -152,6 +155,12 @@ impl FlowTable6 {
 
     pub fn len(&self) -> usize {
         self.flows.len()
+    }
+
+    /// The flows that exist, readable without this table's lock (see
+    /// [`KnownFlows`]): a handle the table keeps up to date.
+    pub fn known(&self) -> KnownFlows<FlowKey6> {
+        self.known.clone()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,6 +274,7 @@ impl FlowTable6 {
             created_ns: now_ns,
         };
         self.flows.insert(key, mapped);
+        self.known.insert(key);
         *self.flows_of.entry(key.client_addr).or_default() += 1;
         *self
             .held
@@ -282,6 +292,7 @@ impl FlowTable6 {
         let Some(mapped) = self.flows.remove(key) else {
             return Ok(false);
         };
+        self.known.remove(key);
         let rkey = key.reverse(self.public, mapped.nat_port);
         self.claimed.remove(&rkey);
         decrement(&mut self.flows_of, key.client_addr);

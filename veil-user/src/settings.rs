@@ -175,6 +175,10 @@ pub struct Settings {
     /// per CPU].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// Queues of the TUN device, each read by a task of its own (at most
+    /// 256) [default: one per worker thread].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub tun_queues: Option<u16>,
     /// Keep polling the tunnels and the TUN device for this many
     /// microseconds after each packet before sleeping: lower round-trip
     /// time for a core kept busy meanwhile (best with `--threads 1`; see
@@ -375,6 +379,7 @@ impl Settings {
             max_handshakes: self.max_handshakes.unwrap_or(256),
             max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
             threads: self.threads,
+            tun_queues: self.tun_queues,
             busy_poll: Duration::from_micros(self.busy_poll.unwrap_or(0)),
             dns: self.dns,
             forward: self.forward,

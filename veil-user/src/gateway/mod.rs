@@ -2,9 +2,9 @@
 //!
 //! One task accepts TLS connections and runs a session per client
 //! ([`accept`], [`session`]), another the same inside WebSockets relayed
-//! by a web server, if asked to ([`ws`]); one reads replies from the TUN device and
-//! hands each to its client's session by destination address
-//! ([`packets`]); one expires idle flows; one watches the client registry
+//! by a web server, if asked to ([`ws`]); one per TUN queue reads replies from the
+//! TUN device ([`tun_queues`]) and hands each to its client's session by
+//! destination address ([`packets`]); one expires idle flows; one watches the client registry
 //! for revocations ([`registry`]). The protocol itself is `veil_proto`'s
 //! state machine, and what is decided about a client or a packet is pure
 //! ([`clients`], [`check`]): these modules only move bytes and packets
@@ -26,6 +26,7 @@ mod registry;
 mod revocations;
 mod session;
 mod status;
+mod tun_queues;
 mod ws;
 
 use std::{
@@ -54,7 +55,6 @@ use crate::{
     queue::ReplySender,
     state::{ClientRecord, StateDir},
     tls,
-    tun::Tun,
 };
 
 /// What the gateway runs with: [`crate::settings::Settings`] resolved,
@@ -107,6 +107,9 @@ pub struct GatewayConfig {
     pub max_handshakes_per_source: usize,
     /// Worker threads for tunnels; `None`: one per CPU.
     pub threads: Option<u16>,
+    /// Queues of the TUN device, each with its reader; `None`: one per
+    /// worker thread.
+    pub tun_queues: Option<u16>,
     /// How long to busy-poll after each packet (zero: never).
     pub busy_poll: Duration,
     /// Upstream resolvers of the DNS service clients get on the gateway's
@@ -209,8 +212,11 @@ struct Shared {
     checks: Checks,
     /// The DNS service, if the gateway has upstreams for it.
     resolver: Option<Arc<dns::Resolver>>,
-    tun: Tun,
+    tun: tun_queues::TunQueues,
     flows: Mutex<FlowTable>,
+    /// The flows that exist, read without `flows`' lock by every client
+    /// packet ([`crate::flows::KnownFlows`]).
+    known_flows: crate::flows::KnownFlows<veil_common::FlowKey>,
     state: StateDir,
     clients: Mutex<Clients>,
     /// Client address -> its session's packet queue: the reply hot path.
@@ -287,7 +293,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     state.record_gateway(&endpoint, operator)?;
     let inner_addr = first_host(cfg.pool)?;
 
-    let tun = Tun::create(&cfg.tun_name, MTU)
+    let queues = cfg
+        .tun_queues
+        .map_or_else(tun_queues::default_queues, usize::from);
+    let tun = tun_queues::TunQueues::create(&cfg.tun_name, MTU, queues)
         .with_context(|| format!("creating the TUN device {}", cfg.tun_name))?;
     tun.set_queue_len(veil_tunnel::tun::GATEWAY_QUEUE_LEN)
         .context("setting the TUN device's queue length")?;
@@ -364,6 +373,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         },
         resolver: (!upstreams.is_empty()).then(|| dns::Resolver::new(upstreams.clone())),
         tun,
+        known_flows: flows.known(),
         flows: Mutex::new(flows),
         clients: Mutex::new(Clients::with_leases(leases)),
         sessions: RwLock::new(HashMap::new()),
@@ -394,7 +404,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         iface = %shared.cfg.iface, public_addrs = ?public_addrs, listen = %shared.cfg.listen,
         ws_listen = ?shared.cfg.ws_listen.map(|a| format!("{a}{}", shared.cfg.ws_path)), %endpoint,
         pool = %shared.cfg.pool, nat_ports = %shared.cfg.nat_ports, mapping = %shared.cfg.mapping,
-        pins = %pins.display(),
+        pins = %pins.display(), tun_queues = shared.tun.len(),
         dns = ?upstreams, "gateway up"
     );
 
@@ -407,7 +417,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         let snap = shared.clone();
         tasks.spawn(async move { crate::metrics::serve(listener, || snap.status()).await });
     }
-    tasks.spawn(packets::tun_reader(shared.clone()));
+    for queue in 0..shared.tun.len() {
+        tasks.spawn(packets::tun_reader(shared.clone(), queue));
+    }
     tasks.spawn(flow_gc(shared.clone()));
     tasks.spawn(registry::watch(shared.clone()));
     tasks.spawn(revocations::watch(shared.clone()));

@@ -1,6 +1,10 @@
 //! Packets between the sessions and the datapath: a client's packet into
-//! the TUN device (after [`super::check`]), the datapath's replies from it
-//! to the session of their destination.
+//! the TUN device (after [`super::check`]), on its client's queue; the
+//! datapath's replies from each queue to the session of their destination.
+//!
+//! Nothing global is locked per packet: a client's packet for a flow that
+//! exists is checked against [`crate::flows::KnownFlows`] (a concurrent
+//! set), and takes the flow table's lock only to create a flow.
 
 use std::{
     collections::HashMap,
@@ -72,7 +76,7 @@ impl Shared {
     /// A client's packet into the TUN device, toward the datapath. A write
     /// the kernel refuses (its memory short, the device down) is counted.
     fn to_tun(&self, vip: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) {
-        if let Err(e) = self.tun.send(hdr, pkt) {
+        if let Err(e) = self.tun.send(vip, hdr, pkt) {
             self.counters.tun_write_failed.fetch_add(1, Relaxed);
             debug!(%vip, "writing to the TUN device: {e}");
         }
@@ -95,7 +99,12 @@ impl Shared {
     }
 
     /// Makes sure the flow exists (creating it on a client's first packet).
+    /// A known flow costs a lookup in the concurrent index, not the table's
+    /// lock; the sweep removes a flow from the index before its map entries.
     fn ensure_flow(&self, vip: Ipv4Addr, key: veil_common::FlowKey) -> Result<(), FlowError> {
+        if self.known_flows.contains(&key) {
+            return Ok(());
+        }
         let created = {
             let mut flows = self.flows.lock().expect("flows lock");
             match flows.get(&key) {
@@ -198,13 +207,14 @@ pub(super) enum Delivery {
     NoSession,
 }
 
-/// Replies from the datapath, to the session of their destination. A read
-/// error is logged and the reader goes on: every client's replies depend on
-/// this task.
-pub(super) async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
+/// Replies from the datapath on TUN queue `queue`, to the session of their
+/// destination. A read error is logged and the reader goes on: the replies
+/// of every client on this queue depend on this task.
+pub(super) async fn tun_reader(shared: Arc<Shared>, queue: usize) -> Result<()> {
     let mut buf = vec![0u8; tun::MAX_READ];
+    let tun = shared.tun.queue(queue);
     loop {
-        let n = match shared.tun.recv(&mut buf).await {
+        let n = match tun.recv(&mut buf).await {
             Ok(n) => n,
             Err(e) => {
                 tun_read_failed(&e).await;
@@ -217,7 +227,7 @@ pub(super) async fn tun_reader(shared: Arc<Shared>) -> Result<()> {
         shared.to_session(&sessions, &buf[..n]);
         // Drain what else is waiting before going back to the reactor.
         for _ in 0..TUN_BATCH {
-            match shared.tun.try_recv(&mut buf) {
+            match tun.try_recv(&mut buf) {
                 Ok(Some(n)) => shared.to_session(&sessions, &buf[..n]),
                 Ok(None) => break,
                 Err(e) => {

@@ -24,6 +24,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tracing::{debug, info, warn};
+use veil_common::FlowKey6;
 use veil_proto::gso::VnetHdr;
 
 use super::{
@@ -32,6 +33,7 @@ use super::{
 };
 use crate::{
     datapath::Datapath,
+    flows::KnownFlows,
     flows6::{Flow6Error, FlowTable6},
     net::monotonic_ns,
     policy6::EgressPolicy6,
@@ -59,6 +61,8 @@ pub struct V6 {
     pub pool: Pool6,
     pub checks: Checks6,
     pub flows: Mutex<FlowTable6>,
+    /// The flows that exist, read without `flows`' lock (as for IPv4).
+    pub known: KnownFlows<FlowKey6>,
 }
 
 impl V6 {
@@ -109,6 +113,7 @@ impl V6 {
         Ok(Some(V6 {
             pool: cfg.pool6,
             checks: Checks6 { policy, gateway },
+            known: flows.known(),
             flows: Mutex::new(flows),
         }))
     }
@@ -140,6 +145,8 @@ impl Shared {
         match v6.checks.check(leased, pkt) {
             Verdict6::Datapath { flow } => {
                 let created = match flow {
+                    // Known: no lock (see `packets::ensure_flow`).
+                    Some(flow) if v6.known.contains(&flow) => Ok(0),
                     Some(flow) => {
                         let mut flows = v6.flows.lock().expect("flows6 lock");
                         match flows.get(&flow) {
@@ -160,7 +167,7 @@ impl Shared {
                     }
                     return None;
                 }
-                if let Err(e) = self.tun.send(hdr, pkt) {
+                if let Err(e) = self.tun.send(vip, hdr, pkt) {
                     debug!(%vip, "writing to the TUN device: {e}");
                 }
                 None

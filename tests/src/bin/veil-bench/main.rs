@@ -13,6 +13,8 @@
 //! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
 //! `ipv6`: TCP through veil over IPv6 beside IPv4.
 //! `flows`: the memory of a million flows (`--max-flows`).
+//! `scale`: aggregate throughput with 1, 2, 4 and 8 clients, the TUN
+//! device multi-queue and single-queue.
 //! `churn`: thousands of real sessions connecting, sending, leaving and
 //! coming back.
 
@@ -48,9 +50,10 @@ fn main() {
         "ipv6" => ipv6(quick),
         "flows" => million_flows(quick),
         "churn" => churn(quick),
+        "scale" => scale(quick),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn"
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn, scale"
             );
             std::process::exit(2);
         }
@@ -64,6 +67,7 @@ mod ipv6;
 mod measure;
 mod million;
 mod peers;
+mod scale;
 mod socks;
 mod tunnel;
 
@@ -72,6 +76,6 @@ mod tunnel;
     reason = "the modules share one import list through `use super::*`"
 )]
 use self::{
-    churn::*, datapath::*, forward::*, ipv6::*, measure::*, million::*, peers::*, socks::*,
-    tunnel::*,
+    churn::*, datapath::*, forward::*, ipv6::*, measure::*, million::*, peers::*, scale::*,
+    socks::*, tunnel::*,
 };

@@ -259,3 +259,20 @@ pub(crate) fn datapath_counts(status: &serde_json::Value) -> String {
         .collect();
     counted.join(", ")
 }
+
+/// CPU seconds process `pid` has used (user + system, every thread), from
+/// /proc.
+pub(crate) fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Past the command name, which may hold spaces: utime and stime are
+    // the 12th and 13th fields after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: f64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
