@@ -70,6 +70,8 @@ pub struct Clients {
     /// if no session came after the one it was started for.
     latest: HashMap<String, u64>,
     generation: u64,
+    /// Sessions detached so far.
+    ended: u64,
 }
 
 impl Clients {
@@ -174,8 +176,14 @@ impl Clients {
             .is_some_and(|l| l.generation == generation);
         if current {
             self.live.remove(name);
+            self.ended += 1;
         }
         current
+    }
+
+    /// How many sessions ended (were detached) so far.
+    pub fn ended(&self) -> u64 {
+        self.ended
     }
 
     /// Whether `name` connected again after its session `generation`.

@@ -1,0 +1,41 @@
+//! Gives the memory of ended sessions back to the kernel. glibc keeps what
+//! a thread freed in that thread's arena: after 10,000 clients came and
+//! went the gateway's RSS stayed at its peak (1.4 GiB), though nothing
+//! used it. `malloc_trim` returns the free pages of every arena.
+
+use std::{sync::Arc, time::Duration};
+
+use super::Shared;
+
+/// How often the number of sessions is looked at.
+const EVERY: Duration = Duration::from_secs(10);
+
+/// Sessions that must have ended since the last trim for another: a trim
+/// walks every arena, not worth it for a few.
+const ENDED: u64 = 64;
+
+/// Trims whenever many sessions ended since the last trim.
+pub(super) async fn watch(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmed_at = 0;
+    loop {
+        tick.tick().await;
+        let ended = shared.clients.lock().expect("clients lock").ended();
+        if ended - trimmed_at >= ENDED {
+            let _ = tokio::task::spawn_blocking(trim).await;
+            trimmed_at = ended;
+        }
+    }
+}
+
+#[cfg(target_env = "gnu")]
+fn trim() {
+    // SAFETY: malloc_trim has no preconditions; it takes the arenas' locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim() {}
