@@ -212,7 +212,8 @@ impl LeaseLog {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(io_err("opening", path))?;
-        let text = fs::read_to_string(path).map_err(io_err("reading", path))?;
+        let mut text = String::new();
+        io::Read::read_to_string(&mut &file, &mut text).map_err(io_err("reading", path))?;
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
         if complete < text.len() {
             file.set_len(complete as u64)

@@ -181,9 +181,10 @@ impl Clients {
         current
     }
 
-    /// How many sessions ended (were detached) so far.
-    pub fn ended(&self) -> u64 {
-        self.ended
+    /// How many sessions started (attached) and ended (were detached) so
+    /// far.
+    pub fn started_and_ended(&self) -> (u64, u64) {
+        (self.generation, self.ended)
     }
 
     /// Whether `name` connected again after its session `generation`.

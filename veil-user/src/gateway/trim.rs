@@ -14,18 +14,26 @@ const EVERY: Duration = Duration::from_secs(10);
 /// walks every arena, not worth it for a few.
 const ENDED: u64 = 64;
 
-/// Trims whenever many sessions ended since the last trim.
+/// Trims once many sessions ended since the last trim and none started
+/// for a while. Not while sessions keep starting: a trim holds each
+/// arena's lock while it walks it (with a heap of a gigabyte, every
+/// handshake would wait), and a busy gateway reuses what it freed.
 pub(super) async fn watch(shared: Arc<Shared>) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut trimmed_at = 0;
+    let (mut trimmed_at, mut started_before) = (0, 0);
     loop {
         tick.tick().await;
-        let ended = shared.clients.lock().expect("clients lock").ended();
-        if ended - trimmed_at >= ENDED {
+        let (started, ended) = shared
+            .clients
+            .lock()
+            .expect("clients lock")
+            .started_and_ended();
+        if ended - trimmed_at >= ENDED && started == started_before {
             let _ = tokio::task::spawn_blocking(trim).await;
             trimmed_at = ended;
         }
+        started_before = started;
     }
 }
 
