@@ -36,11 +36,8 @@ async fn connect(tls: &Arc<rustls::ClientConfig>) -> Outcome {
     'talk: loop {
         while let Some(out) = session.poll_output() {
             match out {
-                Output::Send(bytes) => {
-                    if tls.write_all(&bytes).await.is_err() {
-                        break 'talk;
-                    }
-                }
+                // Written in the guard: a write that fails ends the talk.
+                Output::Send(bytes) if tls.write_all(&bytes).await.is_err() => break 'talk,
                 Output::Assigned { addr, .. } => {
                     vip = Some(addr);
                     break 'talk;
