@@ -9,6 +9,8 @@
 //!   gateway.toml              the endpoint profiles point at
 //!   clients/NAME.toml         one per issued profile: fingerprint, revoked
 //!   leases.toml               client name -> virtual address
+//!   leases.log                leases made since leases.toml was written,
+//!                             one `NAME = "ADDRESS"` line each
 //!   revocations.crl           the revoked certificates, signed by the CA,
 //!                             for every gateway (`--revocations`, crate::crl)
 //! ```
@@ -34,6 +36,8 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use serde::{Deserialize, Serialize};
+
+mod records;
 
 /// The name the server certificate carries and clients verify, whatever
 /// address they reach the gateway at: the pinned CA is the trust anchor, so
@@ -148,6 +152,10 @@ pub struct ClientRecords {
     /// The files that did not: their clients are unknown to the gateway,
     /// so refused, until the file is fixed or removed.
     pub unreadable: Vec<Unreadable>,
+    /// Whether a record was added, changed or removed, or the unreadable
+    /// files are others, since the previous [`StateDir::client_records`]
+    /// (always on the first).
+    pub changed: bool,
 }
 
 /// A client record that could not be read or parsed.
@@ -181,10 +189,90 @@ impl std::fmt::Display for Unreadable {
     }
 }
 
+/// The snapshot of the leases, and the log of those made since.
+const LEASES: &str = "leases.toml";
+const LEASE_LOG: &str = "leases.log";
+
+/// The lease log, open for appending.
+struct LeaseLog {
+    file: fs::File,
+    /// Complete lines in it.
+    lines: usize,
+}
+
+impl LeaseLog {
+    /// Opens (creating it 0600, never through a symlink) the log, cutting
+    /// off an incomplete last line.
+    fn open(path: &Path) -> Result<Self, StateError> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_err("opening", path))?;
+        let mut text = String::new();
+        io::Read::read_to_string(&mut &file, &mut text).map_err(io_err("reading", path))?;
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        if complete < text.len() {
+            file.set_len(complete as u64)
+                .map_err(io_err("repairing", path))?;
+        }
+        // A new file's name reaches the disk with its directory.
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("writing", dir))?;
+        }
+        Ok(LeaseLog {
+            file,
+            lines: text[..complete].lines().count(),
+        })
+    }
+}
+
+/// The leases of a lease log's text, in order: `NAME = "ADDRESS"` lines.
+/// An incomplete last line (a crash in the middle of an append, never
+/// acknowledged) is left out.
+fn lease_lines(text: &str) -> Result<Vec<(String, Ipv4Addr)>, String> {
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            let bad = || format!("line {}: `{line}` is not NAME = \"ADDRESS\"", i + 1);
+            let (name, vip) = line.split_once(" = ").ok_or_else(bad)?;
+            let vip = vip
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(bad)?;
+            if !valid_name(name) {
+                return Err(bad());
+            }
+            Ok((name.to_owned(), vip))
+        })
+        .collect()
+}
+
+/// A read of `clients/`, and the cache's generation after it.
+struct Found {
+    records: ClientRecords,
+    generation: u64,
+}
+
 pub struct StateDir {
     root: PathBuf,
     /// The client records found unreadable by the last `client_records`.
     unreadable: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
+    /// The records as last read, and the generation `client_records`
+    /// last returned.
+    cache: std::sync::Mutex<records::RecordCache>,
+    reported: std::sync::atomic::AtomicU64,
+    /// The lease log, once opened.
+    lease_log: std::sync::Mutex<Option<LeaseLog>>,
 }
 
 impl StateDir {
@@ -199,6 +287,9 @@ impl StateDir {
         Ok(Self {
             root,
             unreadable: Default::default(),
+            cache: Default::default(),
+            reported: std::sync::atomic::AtomicU64::new(u64::MAX),
+            lease_log: Default::default(),
         })
     }
 
@@ -347,7 +438,7 @@ impl StateDir {
     /// by name. A record that does not read is left out (see
     /// [`Self::client_records`]).
     pub fn clients(&self) -> Result<Vec<ClientRecord>, StateError> {
-        Ok(self.read_clients()?.records)
+        Ok(self.read_clients()?.records.records)
     }
 
     /// Every client record, and the files under `clients/` that do not
@@ -357,24 +448,56 @@ impl StateDir {
     pub fn client_records(&self) -> Result<ClientRecords, StateError> {
         let mut found = self.read_clients()?;
         let mut seen = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
-        for u in &mut found.unreadable {
+        for u in &mut found.records.unreadable {
             u.new = !seen.contains(&u.path);
         }
-        *seen = found.unreadable.iter().map(|u| u.path.clone()).collect();
-        Ok(found)
+        let unreadable: std::collections::BTreeSet<PathBuf> = found
+            .records
+            .unreadable
+            .iter()
+            .map(|u| u.path.clone())
+            .collect();
+        let generation = found.generation;
+        let before = self
+            .reported
+            .swap(generation, std::sync::atomic::Ordering::SeqCst);
+        found.records.changed = before != generation || unreadable != *seen;
+        *seen = unreadable;
+        Ok(found.records)
     }
 
-    fn read_clients(&self) -> Result<ClientRecords, StateError> {
+    /// Reads `clients/`, parsing only the files changed since the last
+    /// read ([`records`]).
+    fn read_clients(&self) -> Result<Found, StateError> {
         let dir = self.root.join("clients");
         let mut records = Vec::new();
         let mut unreadable = Vec::new();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sweep = cache.begin();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
-            let path = entry.map_err(io_err("listing", &dir))?.path();
+            let entry = entry.map_err(io_err("listing", &dir))?;
+            let path = entry.path();
             if path.extension().is_none_or(|e| e != "toml") {
                 continue;
             }
-            match parse::<ClientRecord>(&path) {
-                Ok(record) => records.push(record),
+            // Follows a symlink, as reading the file does.
+            let stamp = fs::metadata(&path).map(|m| records::Stamp::of(&m));
+            if let Some(record) = stamp
+                .as_ref()
+                .ok()
+                .and_then(|stamp| cache.unchanged(&mut sweep, path.clone(), stamp))
+            {
+                records.push(record);
+                continue;
+            }
+            match stamp
+                .map_err(io_err("reading", &path))
+                .and_then(|stamp| Ok((stamp, parse::<ClientRecord>(&path)?)))
+            {
+                Ok((stamp, record)) => {
+                    records.push(record.clone());
+                    cache.found(&mut sweep, path, stamp, record);
+                }
                 Err(error) => unreadable.push(Unreadable {
                     name: path
                         .file_stem()
@@ -387,11 +510,17 @@ impl StateDir {
                 }),
             }
         }
+        let generation = cache.finish(sweep);
+        drop(cache);
         records.sort_by(|a, b| a.name.cmp(&b.name));
         unreadable.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(ClientRecords {
-            records,
-            unreadable,
+        Ok(Found {
+            records: ClientRecords {
+                records,
+                unreadable,
+                changed: true,
+            },
+            generation,
         })
     }
 
@@ -471,20 +600,85 @@ impl StateDir {
         Ok(record)
     }
 
-    /// Client name -> virtual address, as handed out so far.
+    /// Client name -> virtual address, as handed out so far:
+    /// `leases.toml`, then what the lease log added since it was written.
     pub fn leases(&self) -> Result<BTreeMap<String, Ipv4Addr>, StateError> {
-        let path = self.root.join("leases.toml");
-        if !path.exists() {
-            return Ok(BTreeMap::new());
+        let path = self.root.join(LEASES);
+        let mut leases = if path.exists() {
+            parse(&path)?
+        } else {
+            BTreeMap::new()
+        };
+        let log = self.root.join(LEASE_LOG);
+        let text = match fs::read_to_string(&log) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(leases),
+            Err(e) => return Err(io_err("reading", &log)(e)),
+        };
+        for (name, vip) in lease_lines(&text).map_err(|message| StateError::Corrupt {
+            path: log.clone(),
+            message,
+        })? {
+            leases.insert(name, vip);
         }
-        parse(&path)
+        Ok(leases)
     }
 
+    /// Appends new leases to the lease log and flushes them to disk; the
+    /// lines the log holds now. A line a crash cut short was never
+    /// acknowledged: it is cut off before the next append.
+    pub fn append_leases(&self, new: &[(String, Ipv4Addr)]) -> Result<usize, StateError> {
+        let path = self.root.join(LEASE_LOG);
+        let mut log = self.lease_log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.is_none() {
+            *log = Some(LeaseLog::open(&path)?);
+        }
+        let open = log.as_mut().expect("opened above");
+        let mut text = String::new();
+        for (name, vip) in new {
+            // Names are checked ([`valid_name`]): nothing to quote.
+            text.push_str(&format!("{name} = \"{vip}\"\n"));
+        }
+        let written = open
+            .file
+            .write_all(text.as_bytes())
+            .and_then(|()| open.file.sync_data());
+        if let Err(e) = written {
+            // Whatever half got there is cut off when reopened.
+            *log = None;
+            return Err(io_err("writing", &path)(e));
+        }
+        open.lines += new.len();
+        Ok(open.lines)
+    }
+
+    /// Writes every lease to `leases.toml` (a new file renamed into place)
+    /// and empties the lease log, which it holds from then on.
     pub fn save_leases(&self, leases: &BTreeMap<String, Ipv4Addr>) -> Result<(), StateError> {
+        let mut log = self.lease_log.lock().unwrap_or_else(|e| e.into_inner());
         write_secret(
-            &self.root.join("leases.toml"),
+            &self.root.join(LEASES),
             &toml::to_string(leases).expect("serializes"),
-        )
+        )?;
+        // The log's lines are all in the file now. A crash before the
+        // truncation reaches the disk replays them over it: the same
+        // leases, in the same order.
+        let path = self.root.join(LEASE_LOG);
+        match log.as_mut() {
+            Some(open) => {
+                open.file
+                    .set_len(0)
+                    .and_then(|()| open.file.sync_all())
+                    .map_err(io_err("emptying", &path))?;
+                open.lines = 0;
+            }
+            None => match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("removing", &path)(e)),
+            },
+        }
+        Ok(())
     }
 
     fn client_path(&self, name: &str) -> PathBuf {
@@ -706,6 +900,7 @@ fn write_secret(path: &Path, text: &str) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn temp() -> PathBuf {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -988,6 +1183,146 @@ mod tests {
                 (Some("carol".to_owned()), false)
             ]
         );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Drives a client and a server connection in memory until neither
+    /// has anything to send.
+    fn handshake(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+        for _ in 0..16 {
+            let mut moved = false;
+            while client.wants_write() {
+                let mut buf = Vec::new();
+                client.write_tls(&mut buf).unwrap();
+                server.read_tls(&mut buf.as_slice()).unwrap();
+                server.process_new_packets().unwrap();
+                moved = true;
+            }
+            while server.wants_write() {
+                let mut buf = Vec::new();
+                server.write_tls(&mut buf).unwrap();
+                client.read_tls(&mut buf.as_slice()).unwrap();
+                client.process_new_packets().unwrap();
+                moved = true;
+            }
+            if !moved && !client.is_handshaking() && !server.is_handshaking() {
+                return;
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn a_resumed_tls_session_still_names_the_client_certificate() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        state.record_endpoint("198.18.0.1:443").unwrap();
+        let ca = state.ca().unwrap();
+        let (cert, key) = state.server_identity(&ca).unwrap();
+        let server = Arc::new(crate::tls::server_config(&ca.cert_pem, &cert, &key).unwrap());
+        let profile = state.add_client("alice", &[]).unwrap();
+        let alice = state.clients().unwrap().remove(0);
+        let (client, name) = crate::tls::client_config(&profile).unwrap();
+        let client = Arc::new(client);
+        for round in 0..3 {
+            let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            handshake(&mut c, &mut s);
+            let kind = s.handshake_kind().unwrap();
+            assert_eq!(
+                kind == rustls::HandshakeKind::Resumed,
+                round > 0,
+                "round {round}: {kind:?}"
+            );
+            // What the gateway checks against its registry and the
+            // revocation list, after a full handshake or a resumed one.
+            let seen = s.peer_certificates().expect("the client's certificate");
+            assert_eq!(fingerprint(&seen[0]), alice.fingerprint, "round {round}");
+            assert!(crate::tls::is_tunnel_grade(&s));
+        }
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn leases_are_appended_to_a_log_read_back_over_the_snapshot_and_folded_in() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        let a = |n: u8| Ipv4Addr::new(10, 77, 0, n);
+        // A snapshot written by an earlier version: still read.
+        state
+            .save_leases(&BTreeMap::from([("old".to_owned(), a(2))]))
+            .unwrap();
+        assert_eq!(
+            state
+                .append_leases(&[("alice".into(), a(3)), ("bob".into(), a(4))])
+                .unwrap(),
+            2
+        );
+        assert_eq!(state.append_leases(&[("carol".into(), a(5))]).unwrap(), 3);
+        assert_eq!(mode(&root.join(LEASE_LOG)), 0o600);
+        let want = BTreeMap::from([
+            ("old".to_owned(), a(2)),
+            ("alice".to_owned(), a(3)),
+            ("bob".to_owned(), a(4)),
+            ("carol".to_owned(), a(5)),
+        ]);
+        // As a restarted gateway reads them.
+        assert_eq!(StateDir::open(&root).unwrap().leases().unwrap(), want);
+
+        // A crash in the middle of an append: the cut line was never
+        // acknowledged, is not read, and is cut off before the next one.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(root.join(LEASE_LOG))
+            .unwrap()
+            .write_all(b"dave = \"10.77")
+            .unwrap();
+        let again = StateDir::open(&root).unwrap();
+        assert_eq!(again.leases().unwrap(), want);
+        assert_eq!(again.append_leases(&[("erin".into(), a(6))]).unwrap(), 4);
+        let mut with_erin = want.clone();
+        with_erin.insert("erin".into(), a(6));
+        assert_eq!(again.leases().unwrap(), with_erin);
+
+        // Folded into the snapshot: the log starts over, nothing lost.
+        again.save_leases(&with_erin).unwrap();
+        assert_eq!(fs::metadata(root.join(LEASE_LOG)).unwrap().len(), 0);
+        assert_eq!(again.append_leases(&[("frank".into(), a(7))]).unwrap(), 1);
+        with_erin.insert("frank".into(), a(7));
+        assert_eq!(StateDir::open(&root).unwrap().leases().unwrap(), with_erin);
+
+        // A line that is not a lease is an error that names the file.
+        fs::write(root.join(LEASE_LOG), "gina = 10.77.0.8\n").unwrap();
+        let err = StateDir::open(&root).unwrap().leases().unwrap_err();
+        assert!(err.to_string().contains("leases.log"), "{err}");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_record_changed_within_a_clock_tick_of_the_last_read_is_read_again() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        state.record_endpoint("198.18.0.1:443").unwrap();
+        state.add_client("alice", &[]).unwrap();
+        assert!(state.client_records().unwrap().changed, "the first read");
+        assert!(!state.client_records().unwrap().changed, "nothing changed");
+        // Rewritten in place, at once and to the same size: the same
+        // timestamps on a coarse clock, yet the change is seen.
+        let path = root.join("clients/alice.toml");
+        let text = fs::read_to_string(&path).unwrap();
+        let revoked = text.replacen("created = ", "revoked = 1\ncreated = ", 1);
+        fs::write(&path, &revoked).unwrap();
+        let found = state.client_records().unwrap();
+        assert!(found.changed);
+        assert_eq!(found.records[0].revoked, Some(1));
+        fs::write(&path, revoked.replace("revoked = 1", "revoked = 2")).unwrap();
+        let found = state.client_records().unwrap();
+        assert!(found.changed);
+        assert_eq!(found.records[0].revoked, Some(2));
+        // Removed: gone from the records.
+        fs::remove_file(&path).unwrap();
+        let found = state.client_records().unwrap();
+        assert!(found.changed && found.records.is_empty());
         fs::remove_dir_all(root).unwrap();
     }
 }

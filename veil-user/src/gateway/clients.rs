@@ -58,20 +58,41 @@ pub struct Attached {
 #[derive(Debug, Default)]
 pub struct Clients {
     leases: BTreeMap<String, Ipv4Addr>,
+    /// Every leased address, and where the search for a free one resumes:
+    /// leases are never taken back, so every address below `free_from` is
+    /// taken and a new lease costs no walk over all the others.
+    taken: HashSet<Ipv4Addr>,
+    free_from: u32,
+    /// Leases made and not yet handed to the writer ([`Self::take_unsaved`]).
+    unsaved: Vec<(String, Ipv4Addr)>,
     live: HashMap<String, Live>,
     /// Each client's most recent session: a grace timer only removes flows
     /// if no session came after the one it was started for.
     latest: HashMap<String, u64>,
     generation: u64,
+    /// Sessions detached so far.
+    ended: u64,
 }
 
 impl Clients {
     /// Starts from the leases saved in the state directory.
     pub fn with_leases(leases: BTreeMap<String, Ipv4Addr>) -> Self {
         Self {
+            taken: leases.values().copied().collect(),
             leases,
             ..Default::default()
         }
+    }
+
+    /// The leases made since the last call, oldest first, for the writer.
+    pub fn take_unsaved(&mut self) -> Vec<(String, Ipv4Addr)> {
+        std::mem::take(&mut self.unsaved)
+    }
+
+    /// Leases the writer could not save: first in line for the next write.
+    pub fn unsaved_again(&mut self, mut failed: Vec<(String, Ipv4Addr)>) {
+        failed.append(&mut self.unsaved);
+        self.unsaved = failed;
     }
 
     pub fn leases(&self) -> &BTreeMap<String, Ipv4Addr> {
@@ -93,15 +114,18 @@ impl Clients {
                 return Ok((*vip, false));
             }
         }
-        let taken: HashSet<Ipv4Addr> = self.leases.values().copied().collect();
         let first = gateway.to_bits() + 1;
         // The pool's broadcast address is never handed out.
         let last = pool.addr().to_bits() | !pool.mask().to_bits();
-        let vip = (first..last)
+        let from = self.free_from.max(first);
+        let vip = (from..last)
             .map(Ipv4Addr::from_bits)
-            .find(|a| !taken.contains(a))
+            .find(|a| !self.taken.contains(a))
             .ok_or(PoolExhausted(pool))?;
+        self.free_from = vip.to_bits() + 1;
+        self.taken.insert(vip);
         self.leases.insert(name.to_owned(), vip);
+        self.unsaved.push((name.to_owned(), vip));
         Ok((vip, true))
     }
 
@@ -152,8 +176,15 @@ impl Clients {
             .is_some_and(|l| l.generation == generation);
         if current {
             self.live.remove(name);
+            self.ended += 1;
         }
         current
+    }
+
+    /// How many sessions started (attached) and ended (were detached) so
+    /// far.
+    pub fn started_and_ended(&self) -> (u64, u64) {
+        (self.generation, self.ended)
     }
 
     /// Whether `name` connected again after its session `generation`.

@@ -1,8 +1,11 @@
-//! New leases reach `leases.toml` before they are used, in groups: one
-//! writer rewrites the file for every lease made since its last write, and
-//! each session waits for the write that holds its own. A thousand clients
-//! arriving at once cost a few writes, not a thousand rewrites of a file
-//! that grows with every client (and a thousand fsyncs on the workers).
+//! New leases reach the disk before they are used, in groups: one writer
+//! appends every lease made since its last write to the lease log
+//! (`StateDir::append_leases`), and each session waits for the write that
+//! holds its own. A thousand clients arriving at once cost a few appends
+//! and fsyncs, not a thousand rewrites of a file that grows with every
+//! client. Once the log holds more lines than there are leases, the
+//! writer folds it into `leases.toml` (`StateDir::save_leases`): each
+//! lease is written a bounded number of times, however many clients.
 
 use std::{
     net::Ipv4Addr,
@@ -62,6 +65,24 @@ impl Shared {
     }
 }
 
+/// Lines the lease log may hold (or as many as there are leases, if more)
+/// before it is folded into `leases.toml`.
+const COMPACT_AFTER: usize = 4096;
+
+/// Folds the lease log into `leases.toml`. A failure loses nothing: the
+/// log still holds every lease, and the next group tries again.
+fn compact(shared: &Shared) {
+    let leases = shared
+        .clients
+        .lock()
+        .expect("clients lock")
+        .leases()
+        .clone();
+    if let Err(e) = shared.state.save_leases(&leases) {
+        warn!("folding the lease log into leases.toml: {e:#}");
+    }
+}
+
 /// Writes the leases whenever new ones were made, one write for all those
 /// made meanwhile.
 pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
@@ -69,18 +90,37 @@ pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
     loop {
         writer.wake.notified().await;
         loop {
-            let (version, leases) = {
-                let clients = shared.clients.lock().expect("clients lock");
-                (writer.made.load(Ordering::SeqCst), clients.leases().clone())
+            let (version, new, leased) = {
+                let mut clients = shared.clients.lock().expect("clients lock");
+                let version = writer.made.load(Ordering::SeqCst);
+                (version, clients.take_unsaved(), clients.leases().len())
             };
             if version <= writer.saved.borrow().version {
                 break;
             }
             let s = shared.clone();
-            let written = tokio::task::spawn_blocking(move || s.state.save_leases(&leases)).await?;
-            if let Err(e) = &written {
+            let written = tokio::task::spawn_blocking(move || {
+                let logged = s.state.append_leases(&new);
+                match logged {
+                    Ok(lines) => {
+                        if lines > COMPACT_AFTER.max(leased) {
+                            compact(&s);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err((e, new)),
+                }
+            })
+            .await?;
+            let written = written.map_err(|(e, new)| {
                 warn!("saving the leases: {e:#}");
-            }
+                // Written again with the next group: none is lost.
+                shared
+                    .clients
+                    .lock()
+                    .expect("clients lock")
+                    .unsaved_again(new);
+            });
             writer.saved.send_replace(Saved {
                 version,
                 failed: written.is_err(),

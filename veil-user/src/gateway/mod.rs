@@ -26,6 +26,7 @@ mod registry;
 mod revocations;
 mod session;
 mod status;
+mod trim;
 mod tun_queues;
 mod ws;
 
@@ -424,6 +425,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(registry::watch(shared.clone()));
     tasks.spawn(revocations::watch(shared.clone()));
     tasks.spawn(leases::writer(shared.clone()));
+    tasks.spawn(trim::watch(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
     if let Some(fwd) = shared.forwarding.clone() {
         tasks.spawn(forward::watch(shared.clone(), fwd));

@@ -191,6 +191,17 @@ impl Shared {
         let (shared, name) = (self.clone(), name.to_owned());
         tokio::spawn(async move {
             tokio::time::sleep(shared.cfg.grace).await;
+            // Back already: nothing to remove, and no blocking task (10,000
+            // clients coming back at once would start a thread each).
+            // `end_grace` checks again under the lock that decides.
+            let back = shared
+                .clients
+                .lock()
+                .expect("clients lock")
+                .came_back(&name, generation);
+            if back {
+                return;
+            }
             // A map syscall per flow: off the async workers.
             let _ =
                 tokio::task::spawn_blocking(move || shared.end_grace(&name, vip, generation)).await;

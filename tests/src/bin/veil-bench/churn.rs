@@ -38,6 +38,11 @@ struct Live {
     tls: TlsStream<tokio::net::TcpStream>,
     session: ClientSession,
     vip: Ipv4Addr,
+    /// Whether its TLS handshake resumed an earlier session (a ticket).
+    resumed: bool,
+    /// When it was done with TCP, TLS, the upgrade (its address) and the
+    /// echo, from the start.
+    phases: [Duration; 4],
 }
 
 /// Writes what the session has to send; packets that arrived, returned.
@@ -82,12 +87,15 @@ async fn read_into(
 /// Connects, upgrades, waits for the address, and sends one UDP packet
 /// to the remote's echo server until its echo comes back.
 async fn connect(id: &Identity) -> std::io::Result<Live> {
+    let began = Instant::now();
     let tcp = tokio::net::TcpStream::connect(GATEWAY).await?;
+    let tcp_done = began.elapsed();
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::try_from("veil-gateway").unwrap();
     let mut tls = TlsConnector::from(id.tls.clone())
         .connect(name, tcp)
         .await?;
+    let tls_done = began.elapsed();
     let mut session = ClientSession::new(ClientConfig::new("veil-gateway"), Instant::now())
         .map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; 16 * 1024];
@@ -112,13 +120,22 @@ async fn connect(id: &Identity) -> std::io::Result<Live> {
             return Err(std::io::Error::other("no address assigned"));
         }
     }
+    let resumed = live_resumed(&tls);
+    let upgraded = began.elapsed();
     let mut live = Live {
         tls,
         session,
         vip: vip.unwrap(),
+        resumed,
+        phases: [tcp_done, tls_done, upgraded, Duration::ZERO],
     };
     echo(&mut live, &mut buf).await?;
+    live.phases[3] = began.elapsed();
     Ok(live)
+}
+
+fn live_resumed(tls: &TlsStream<tokio::net::TcpStream>) -> bool {
+    tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
 }
 
 /// A UDP datagram to the remote's echo server and its echo back.
@@ -303,42 +320,49 @@ pub(crate) fn churn(quick: bool) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!("| what | figure |");
     println!("|---|---:|");
-    println!(
-        "| clients connected at once | {} of {n} |",
-        report.connected
-    );
+    let (cold, back) = (&report.cold, &report.back);
+    println!("| clients connected at once | {} of {n} |", cold.up);
     println!(
         "| new sessions per second (all {n} from cold, {IN_FLIGHT} in flight) | {:.0} |",
-        report.connected as f64 / report.connect_secs
+        cold.per_sec()
     );
     println!(
-        "| CPU per new session: gateway, clients' process | {:.2} ms, {:.2} ms |",
-        report.gateway_cpu * 1e3 / report.connected.max(1) as f64,
-        report.client_cpu * 1e3 / report.connected.max(1) as f64
+        "| CPU per new session from cold: gateway, clients' process | {:.2} ms, {:.2} ms |",
+        cold.ms_each().0,
+        cold.ms_each().1
     );
     println!(
-        "| gateway CPU with every client connected, idle | {:.0} % of a core |",
+        "| gateway CPU with every client connected, idle | {:.1} % of a core |",
         report.idle_cpu * 100.0
     );
     println!(
         "| gateway memory per idle client (RSS with all − RSS before, ÷ N) | {:.1} KiB |",
-        (report.rss_all.saturating_sub(rss_0)) as f64 / 1024.0 / report.connected.max(1) as f64
+        (report.rss_all.saturating_sub(rss_0)) as f64 / 1024.0 / cold.up.max(1) as f64
     );
     println!(
-        "| sessions per second, all {n} coming back at once (leases known) | {:.0} ({} up) |",
-        report.returned as f64 / report.return_secs,
-        report.returned
+        "| sessions per second, all {n} coming back at once (leases known) | {:.0} ({} up, {} resumed TLS) |",
+        back.per_sec(),
+        back.up,
+        back.resumed
+    );
+    println!(
+        "| CPU per returning session: gateway, clients' process | {:.2} ms, {:.2} ms |",
+        back.ms_each().0,
+        back.ms_each().1
     );
     println!(
         "| same address after everyone came back | {} of {} |",
-        report.kept, report.returned
+        report.kept, back.up
     );
     println!(
         "| churn: reconnects in {churn_secs} s | {} ({:.0}/s) |",
         report.reconnects,
         report.reconnects as f64 / f64::from(churn_secs)
     );
-    println!("| churn: reconnects that failed | {} |", report.failures);
+    println!(
+        "| churn: reconnects that failed, that resumed TLS | {}, {} |",
+        report.failures, report.churn_resumed
+    );
     println!(
         "| same address after reconnecting | {} of {} |",
         report.same_vip, report.reconnects
@@ -362,18 +386,14 @@ pub(crate) fn churn(quick: bool) {
 }
 
 struct Report {
-    /// CPU seconds of the gateway and of the clients' process while every
-    /// client connected from cold.
-    gateway_cpu: f64,
-    client_cpu: f64,
+    /// Every client connecting from cold (no lease, no TLS session yet).
+    cold: Wave,
+    /// Every client coming back at once (lease known, TLS resumed).
+    back: Wave,
     /// The gateway's CPU (cores) with every client connected and idle.
     idle_cpu: f64,
-    returned: usize,
-    return_secs: f64,
     /// Clients that had the same address after everyone came back.
     kept: usize,
-    connected: usize,
-    connect_secs: f64,
     rss_all: u64,
     rss_churned: u64,
     fds_all: usize,
@@ -381,17 +401,44 @@ struct Report {
     reconnects: usize,
     failures: usize,
     same_vip: usize,
+    /// Reconnects whose TLS handshake resumed.
+    churn_resumed: usize,
+}
+
+/// One wave of connections: every client without a session, at once.
+struct Wave {
+    up: usize,
+    secs: f64,
+    /// Handshakes that resumed an earlier TLS session.
+    resumed: usize,
+    /// CPU seconds the gateway and the clients' process spent meanwhile.
+    gateway_cpu: f64,
+    client_cpu: f64,
+}
+
+impl Wave {
+    fn per_sec(&self) -> f64 {
+        self.up as f64 / self.secs
+    }
+
+    /// CPU milliseconds per session up: the gateway's, the clients'.
+    fn ms_each(&self) -> (f64, f64) {
+        let n = self.up.max(1) as f64;
+        (self.gateway_cpu * 1e3 / n, self.client_cpu * 1e3 / n)
+    }
 }
 
 /// Connects every client without a session, `IN_FLIGHT` at a time; each
-/// one up is held open. How many came up, in how many seconds.
+/// one up is held open.
 async fn connect_all(
     ids: &Arc<Vec<Identity>>,
+    pid: u32,
     leave: &mut [Option<tokio::sync::oneshot::Sender<()>>],
     vips: &mut [Option<Ipv4Addr>],
     holders: &mut tokio::task::JoinSet<()>,
-) -> (usize, f64) {
+) -> Wave {
     let gate = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let (gw_cpu, own_cpu) = (cpu_secs(pid), cpu_secs(std::process::id()));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in (0..ids.len()).filter(|i| leave[*i].is_none()) {
@@ -401,11 +448,14 @@ async fn connect_all(
             (i, connect(&ids[i]).await)
         });
     }
-    let (mut up, mut errors) = (0, 0);
+    let (mut up, mut errors, mut resumed) = (0, 0, 0);
+    let mut took = Vec::new();
     while let Some(done) = tasks.join_next().await {
         match done.unwrap() {
             (i, Ok(live)) => {
                 up += 1;
+                took.push(live.phases);
+                resumed += usize::from(live.resumed);
                 vips[i] = Some(live.vip);
                 leave[i] = Some(keep(live, holders));
             }
@@ -418,8 +468,34 @@ async fn connect_all(
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    eprintln!("{up} sessions up in {secs:.1} s ({errors} failed)");
-    (up, secs)
+    for (k, phase) in ["TCP", "TLS", "address", "echo"].iter().enumerate() {
+        let mut t: Vec<Duration> = took.iter().map(|p| p[k]).collect();
+        t.sort();
+        let at = |q: f64| {
+            t.get(((t.len() as f64 * q) as usize).min(t.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        eprintln!(
+            "  done with {phase} after: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(1.0)
+        );
+    }
+    let wave = Wave {
+        up,
+        secs,
+        resumed,
+        gateway_cpu: cpu_secs(pid) - gw_cpu,
+        client_cpu: cpu_secs(std::process::id()) - own_cpu,
+    };
+    let (gw_ms, own_ms) = wave.ms_each();
+    eprintln!(
+        "{up} sessions up in {secs:.1} s ({errors} failed, {resumed} resumed): {:.0}/s, CPU per session {gw_ms:.2} ms gateway, {own_ms:.2} ms clients",
+        wave.per_sec()
+    );
+    wave
 }
 
 async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Report {
@@ -428,10 +504,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     let mut leave: Vec<Option<tokio::sync::oneshot::Sender<()>>> = (0..n).map(|_| None).collect();
     let mut vips: Vec<Option<Ipv4Addr>> = vec![None; n];
     let mut holders = tokio::task::JoinSet::new();
-    let (gw_cpu, own_cpu) = (cpu_secs(pid), cpu_secs(std::process::id()));
-    let (connected, connect_secs) = connect_all(&ids, &mut leave, &mut vips, &mut holders).await;
-    let gateway_cpu = cpu_secs(pid) - gw_cpu;
-    let client_cpu = cpu_secs(std::process::id()) - own_cpu;
+    let cold = connect_all(&ids, pid, &mut leave, &mut vips, &mut holders).await;
     // Idle: every client connected, sending only keepalives.
     let idle_from = cpu_secs(pid);
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -443,7 +516,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
 
     // Churn: random clients leave and come back, each sending again.
     let end = Instant::now() + Duration::from_secs(u64::from(churn_secs));
-    let (mut reconnects, mut failures, mut same_vip) = (0, 0, 0);
+    let (mut reconnects, mut failures, mut same_vip, mut churn_resumed) = (0, 0, 0, 0);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     while Instant::now() < end {
         let mut batch = tokio::task::JoinSet::new();
@@ -468,6 +541,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
                     if Some(live.vip) == vips[i] {
                         same_vip += 1;
                     }
+                    churn_resumed += usize::from(live.resumed);
                     leave[i] = Some(keep(live, &mut holders));
                 }
                 (_, Err(e)) => {
@@ -489,7 +563,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     while holders.join_next().await.is_some() {}
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = vips.clone();
-    let (returned, return_secs) = connect_all(&ids, &mut leave, &mut vips, &mut holders).await;
+    let back = connect_all(&ids, pid, &mut leave, &mut vips, &mut holders).await;
     let kept = (0..n)
         .filter(|i| leave[*i].is_some() && before[*i].is_some() && before[*i] == vips[*i])
         .count();
@@ -498,14 +572,10 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     }
     while holders.join_next().await.is_some() {}
     Report {
-        gateway_cpu,
-        client_cpu,
+        cold,
+        back,
         idle_cpu,
-        returned,
-        return_secs,
         kept,
-        connected,
-        connect_secs,
         rss_all,
         rss_churned,
         fds_all,
@@ -513,5 +583,6 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
         reconnects,
         failures,
         same_vip,
+        churn_resumed,
     }
 }
