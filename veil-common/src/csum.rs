@@ -72,6 +72,21 @@ pub const fn replace32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// What a 32-bit group's change from `old` to `new` adds to a
+/// one's-complement sum (RFC 1624's `~m + m'`), added to `acc` and folded:
+/// the diff `bpf_l4_csum_replace` takes in one call for a whole changed
+/// field (an IPv6 address is four groups).
+#[inline(always)]
+pub const fn diff32(acc: u16, old: u32, new: u32) -> u16 {
+    fold(
+        acc as u32
+            + (!(old as u16) as u32)
+            + (!((old >> 16) as u16) as u32)
+            + (new & 0xffff)
+            + (new >> 16),
+    )
+}
+
 /// A transport checksum that may be absent: UDP over IPv4 sends 0 for "no
 /// checksum" (RFC 768), which must stay 0, and a computed 0 is sent as
 /// 0xffff. TCP and ICMP pass `optional = false`.

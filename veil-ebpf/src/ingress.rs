@@ -284,7 +284,8 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
                     // after GRO: dropping a 64 KiB aggregate would lose
                     // 45 segments at once, and TCP backs off far below
                     // the rate. IP bytes, as on the way up.
-                    let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+                    let ip_len =
+                        ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
                     let client = unsafe { (*flow).client_addr };
                     crate::ratelimit::police(client, ip_len, Direction::Down)?;
                     if fragment == Fragment::First {
