@@ -66,7 +66,10 @@ pub(crate) fn datapath(quick: bool) {
             mid(veil),
             mid(ratio)
         );
-        println!("| {generator} | routing + MASQUERADE | {:.0} | 1.00 |", mid(masq));
+        println!(
+            "| {generator} | routing + MASQUERADE | {:.0} | 1.00 |",
+            mid(masq)
+        );
     }
     if let Some(p) = in_situ {
         println!("\n### In situ: the kernel's own run-time statistics (BPF_ENABLE_STATS)\n");
