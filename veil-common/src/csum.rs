@@ -72,6 +72,21 @@ pub const fn replace32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// What a 32-bit group's change from `old` to `new` adds to a
+/// one's-complement sum (RFC 1624's `~m + m'`), added to `acc` and folded:
+/// the diff `bpf_l4_csum_replace` takes in one call for a whole changed
+/// field (an IPv6 address is four groups).
+#[inline(always)]
+pub const fn diff32(acc: u16, old: u32, new: u32) -> u16 {
+    fold(
+        acc as u32
+            + (!(old as u16) as u32)
+            + (!((old >> 16) as u16) as u32)
+            + (new & 0xffff)
+            + (new >> 16),
+    )
+}
+
 /// A transport checksum that may be absent: UDP over IPv4 sends 0 for "no
 /// checksum" (RFC 768), which must stay 0, and a computed 0 is sent as
 /// 0xffff. TCP and ICMP pass `optional = false`.
@@ -292,5 +307,26 @@ mod tests {
             .expect("some replacement yields 0");
         assert_eq!(l4_replace16(check, old, hit, true), 0xffff);
         assert_eq!(l4_replace16(check, old, hit, false), 0);
+    }
+
+    /// A 16-byte field (an IPv6 address) replaced through one diff, applied
+    /// as the kernel's `csum_replace_by_diff` does (`~fold(~check + diff)`),
+    /// gives the checksum a full recompute gives.
+    #[test]
+    fn one_diff_for_an_ipv6_address_matches_full_recompute() {
+        let mut data: Vec<u8> = (0..40u8).map(|i| i.wrapping_mul(37)).collect();
+        // Checksums as raw words, as the datapath reads them.
+        let raw = |c: u16| u16::from_ne_bytes(c.to_be_bytes());
+        let check = raw(full(&data));
+        let new: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0xfe, 0xdc, 0x00, 0x01,
+        ];
+        let mut diff = 0;
+        for i in 0..4 {
+            diff = diff32(diff, dword(&data, 8 + 4 * i), dword(&new, 4 * i));
+        }
+        data[8..24].copy_from_slice(&new);
+        let patched = !fold(!check as u32 + diff as u32);
+        assert_eq!(patched, raw(full(&data)));
     }
 }

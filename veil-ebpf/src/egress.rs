@@ -44,9 +44,6 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         _ => return Err(Reason::DropNotConfigured),
     };
     pull_headers(ctx)?;
-    if let Some(verdict) = forward::from_client(ctx, cfg, l2)? {
-        return Ok(verdict);
-    }
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let ip: *mut Ipv4Hdr = pkt.at(l2)?;
     let (vihl, id, frags, ttl, protocol, src, dst) = unsafe {
@@ -112,9 +109,14 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         proto: protocol,
         _pad: [0; 3],
     };
-    let flow = VEIL_EGRESS
-        .get_ptr_mut(&key)
-        .ok_or(Reason::DropNoEgressFlow)?;
+    // Clients' own flows first: they are nearly all the traffic here. A
+    // packet of none may answer a forwarded connection to a client.
+    let Some(flow) = VEIL_EGRESS.get_ptr_mut(&key) else {
+        return match forward::from_client(ctx, cfg, l2)? {
+            Some(verdict) => Ok(verdict),
+            None => Err(Reason::DropNoEgressFlow),
+        };
+    };
     let (public_addr, nat_port) = unsafe { ((*flow).public_addr, (*flow).nat_port) };
     crate::ratelimit::police(src, ctx.len() - l2 as u32, Direction::Up)?;
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
@@ -147,7 +149,18 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
 /// `bpf_redirect_neigh`) and sends it out of the WAN interface.
 #[inline(always)]
 fn send_to_wan(ctx: &TcContext, l2: usize, wan_ifindex: u32) -> Result<Verdict, Reason> {
-    ethernet_header(ctx, l2)?;
+    send_to_wan_as(ctx, l2, wan_ifindex, EtherType::Ipv4)
+}
+
+/// [`send_to_wan`] for a packet of `ether_type`.
+#[inline(always)]
+pub fn send_to_wan_as(
+    ctx: &TcContext,
+    l2: usize,
+    wan_ifindex: u32,
+    ether_type: EtherType,
+) -> Result<Verdict, Reason> {
+    ethernet_header(ctx, l2, ether_type)?;
     let action = unsafe { bpf_redirect_neigh(wan_ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     if action != TC_ACT_REDIRECT as i32 {
         return Err(Reason::DropHelperFailed);
@@ -159,14 +172,18 @@ fn send_to_wan(ctx: &TcContext, l2: usize, wan_ifindex: u32) -> Result<Verdict, 
 /// when there is none (`l2` 0: a TUN device's bare IP packet), for
 /// `bpf_redirect_neigh` to fill in.
 #[inline(always)]
-pub fn ethernet_header(ctx: &TcContext, l2: usize) -> Result<(), Reason> {
+pub fn ethernet_header(ctx: &TcContext, l2: usize, ether_type: EtherType) -> Result<(), Reason> {
     if l2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
         return Err(Reason::DropHelperFailed);
     }
-    let eth = EthHdr {
-        dst_addr: [0; 6],
-        src_addr: [0; 6],
-        ether_type: EtherType::Ipv4 as u16,
-    };
-    ctx.store(0, &eth, 0).map_err(|_| Reason::DropHelperFailed)
+    // Written directly: the header is linear (pulled, or just made).
+    let eth: *mut EthHdr = Packet::new(ctx.data(), ctx.data_end()).at(0)?;
+    unsafe {
+        *eth = EthHdr {
+            dst_addr: [0; 6],
+            src_addr: [0; 6],
+            ether_type: ether_type as u16,
+        };
+    }
+    Ok(())
 }

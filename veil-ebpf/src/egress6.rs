@@ -11,30 +11,22 @@
 //! daemon already refuses them (`check6`), this is the datapath's own
 //! guard.
 
-use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_redirect_neigh, bpf_skb_change_head},
-    programs::TcContext,
-};
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::Ipv6Hdr,
-    tcp::TcpHdr,
-    udp::UdpHdr,
-};
+use aya_ebpf::programs::TcContext;
+use network_types::{eth::EtherType, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 use veil_common::{
     csum::L4Sum, frag_kind, proto, ratelimit::Direction, FlowKey6, FragKey6, Reason, IPPROTO_ICMPV6,
 };
 
 use crate::{
+    egress::send_to_wan_as,
     frag::Fragment,
     frag6::{self, FRAG_HDR_LEN},
     maps::{config, config6, VEIL_EGRESS6},
     normalize::VEIL_NORMALIZE,
     packet::{Packet, ETH_LEN},
     rewrite6::{
-        move_endpoint6_skb, not_translated, pull_headers6, Endpoint6, ICMPV6_ECHO_REQUEST,
-        IPV6_LEN, NH_FRAGMENT,
+        move_endpoint6_skb, not_translated, pull_headers6, Endpoint6, PortChange,
+        ICMPV6_ECHO_REQUEST, IPV6_LEN, NH_FRAGMENT,
     },
     stats, Verdict,
 };
@@ -128,7 +120,11 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         port: port_at,
         l4_check: check_at,
     };
-    move_endpoint6_skb(ctx, &at, &src, client_port, &public_addr, nat_port)?;
+    let ports = PortChange {
+        old: client_port,
+        new: nat_port,
+    };
+    move_endpoint6_skb(ctx, &at, &src, &public_addr, &ports)?;
     if let Some((frag, key)) = first {
         frag6::egress_first(ctx, frag, &key, &public_addr, vip)?;
     }
@@ -144,27 +140,14 @@ fn set_hop_limit(ctx: &TcContext, l2: usize, hop: u8) -> Result<(), Reason> {
         Some(n) if n.ttl != 0 => n.ttl as u8,
         _ => hop - 1,
     };
-    ctx.store(l2 + 7, &hop, 0)
-        .map_err(|_| Reason::DropHelperFailed)
+    let ip: *mut Ipv6Hdr = Packet::new(ctx.data(), ctx.data_end()).at(l2)?;
+    unsafe { (*ip).hop_limit = hop };
+    Ok(())
 }
 
 /// Gives the packet an Ethernet header for IPv6 and sends it out of the
 /// WAN interface (`bpf_redirect_neigh` resolves the neighbour by ND).
 #[inline(always)]
 fn send_to_wan6(ctx: &TcContext, l2: usize, wan_ifindex: u32) -> Result<Verdict, Reason> {
-    if l2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_LEN as u32, 0) } != 0 {
-        return Err(Reason::DropHelperFailed);
-    }
-    let eth = EthHdr {
-        dst_addr: [0; 6],
-        src_addr: [0; 6],
-        ether_type: EtherType::Ipv6 as u16,
-    };
-    ctx.store(0, &eth, 0)
-        .map_err(|_| Reason::DropHelperFailed)?;
-    let action = unsafe { bpf_redirect_neigh(wan_ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-    if action != TC_ACT_REDIRECT as i32 {
-        return Err(Reason::DropHelperFailed);
-    }
-    Ok(Verdict::counted(action, Reason::EgressForwarded))
+    send_to_wan_as(ctx, l2, wan_ifindex, EtherType::Ipv6)
 }

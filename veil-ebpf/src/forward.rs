@@ -20,17 +20,23 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    icmp::Icmpv4Hdr,
+    ip::Ipv4Hdr,
+};
 use veil_common::{
-    csum::{self, L4Sum}, fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason,
-    ReverseKey,
+    csum::{self, L4Sum},
+    fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason, ReverseKey,
 };
 
 use crate::{
     egress::ethernet_header,
     maps::{config, VEIL_FWD_FLOWS, VEIL_FWD_RULES, VEIL_FWD_STATS, VEIL_REVERSE},
     packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
-    rewrite::{cover, decrement_ttl, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
+    rewrite::{
+        cover, decrement_ttl, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4,
+    },
     stats, Verdict,
 };
 
@@ -273,7 +279,9 @@ fn send(cfg: &Config, ifindex: u32) -> Result<Option<Verdict>, Reason> {
 /// The rule a packet to a public address opens a connection under.
 #[inline(always)]
 fn rule_for(key: &FwdKey, cfg: &Config) -> Option<(FwdRuleKey, *const FwdRule)> {
-    if !cfg.is_public(key.dst_addr) {
+    // No rule listens in the NAT range (the daemon refuses one there):
+    // replies to clients' flows need no lookup.
+    if !cfg.is_public(key.dst_addr) || cfg.in_nat_range(key.dst_port) {
         return None;
     }
     let rule = FwdRuleKey::new(key.proto, key.dst_port);
@@ -398,7 +406,7 @@ fn translate_at(
     )?;
     decrement_ttl(ctx, l2, c.ttl, k.proto)?;
     if l2 == 0 {
-        ethernet_header(ctx, l2)?;
+        ethernet_header(ctx, l2, EtherType::Ipv4)?;
     }
     send(cfg, ifindex)
 }

@@ -256,27 +256,45 @@ fn reply_flow(key: &ReverseKey, kind: L4Sum) -> Result<Option<*mut ReverseFlow>,
     }
 }
 
+/// The flow of a reply to one of the clients' flows, looked up before the
+/// forwarder is asked: nearly all of the WAN's traffic to the NAT range is
+/// such replies, and they need none of its lookups. (A forwarded
+/// connection's NAT port is never one a client's flow holds:
+/// `forward::open` checks.)
+#[inline(always)]
+fn known_reply(wan: &Result<Wan, Reason>) -> Option<*mut ReverseFlow> {
+    match wan {
+        Ok(Wan::Reply { key, .. }) => flow(key).ok(),
+        _ => None,
+    }
+}
+
 /// XDP: drop early what veil must not let through; pass the rest.
 // Not inlined: the IPv6 path is a call of its own beside it (see main.rs).
 #[inline(never)]
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let cfg = config()?;
-    if forward::claims(&pkt, cfg) {
+    let wan = classify(&pkt, cfg);
+    let known = known_reply(&wan);
+    if known.is_none() && forward::claims(&pkt, cfg) {
         // Counted by `translate`, which forwards it.
         return Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32));
     }
     let to_host = Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost);
     // Counted by `translate`, which finishes the job.
     let to_translate = Verdict::uncounted(xdp_action::XDP_PASS as i32);
-    match classify(&pkt, cfg)? {
+    match wan? {
         Wan::Host => Ok(to_host),
         Wan::HostFirstFragment => {
             frag::forget(&frag::datagram(&pkt, IP)?.1);
             Ok(to_host)
         }
         Wan::Reply { key, kind, .. } => {
-            let flow = reply_flow(&key, kind)?;
+            let flow = match known {
+                Some(flow) => Some(flow),
+                None => reply_flow(&key, kind)?,
+            };
             let (fragment, frag) = frag::datagram(&pkt, IP)?;
             match flow {
                 Some(flow) => {
@@ -284,7 +302,8 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
                     // after GRO: dropping a 64 KiB aggregate would lose
                     // 45 segments at once, and TCP backs off far below
                     // the rate. IP bytes, as on the way up.
-                    let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+                    let ip_len =
+                        ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
                     let client = unsafe { (*flow).client_addr };
                     crate::ratelimit::police(client, ip_len, Direction::Down)?;
                     if fragment == Fragment::First {
@@ -321,6 +340,20 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
 pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
     pull_headers(ctx)?;
     let cfg = config()?;
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    // A reply on a client's flow first (see `known_reply`); the rest as the
+    // forwarder leaves it.
+    if let Ok(Wan::Reply {
+        key,
+        kind,
+        tcp_flags,
+    }) = classify(&pkt, cfg)
+    {
+        if let Ok(flow) = flow(&key) {
+            reply(ctx, &pkt, flow, &key, kind, tcp_flags)?;
+            return to_tun(cfg, Reason::IngressForwarded);
+        }
+    }
     if let Some(verdict) = forward::translate(ctx, cfg)? {
         return Ok(verdict);
     }
@@ -346,23 +379,7 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
                 // The host's own (counted by `filter`).
                 return Ok(Verdict::uncounted(TC_ACT_OK as i32));
             };
-            let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
-            stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
-            let ip: *mut Ipv4Hdr = pkt.at(IP)?;
-            let old_addr = dword(unsafe { (*ip).dst_addr });
-            let at = match kind {
-                L4Sum::Tcp => reply_at(kind, L4_AT + 2, L4_AT + 16),
-                L4Sum::Udp => reply_at(kind, L4_AT + 2, L4_AT + 6),
-                L4Sum::Icmp => reply_at(kind, L4_AT + 4, L4_AT + 2),
-            };
-            move_endpoint_skb(
-                ctx,
-                &at,
-                old_addr,
-                word(key.nat_port.to_be_bytes()),
-                client_addr,
-                client_port,
-            )?;
+            reply(ctx, &pkt, flow, &key, kind, tcp_flags)?;
             Reason::IngressForwarded
         }
         Wan::IcmpError { key } => {
@@ -371,11 +388,46 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
             Reason::IcmpErrorForwarded
         }
     };
+    to_tun(cfg, reason)
+}
+
+/// Hands the translated packet to the TUN device.
+#[inline(always)]
+fn to_tun(cfg: &Config, reason: Reason) -> Result<Verdict, Reason> {
     let action = unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
     if action != TC_ACT_REDIRECT as i32 {
         return Err(Reason::DropHelperFailed);
     }
     Ok(Verdict::counted(action, reason))
+}
+
+/// Translates a reply on `flow` back to its client.
+#[inline(always)]
+fn reply(
+    ctx: &TcContext,
+    pkt: &Packet,
+    flow: *mut ReverseFlow,
+    key: &ReverseKey,
+    kind: L4Sum,
+    tcp_flags: u64,
+) -> Result<(), Reason> {
+    let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
+    stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
+    let ip: *mut Ipv4Hdr = pkt.at(IP)?;
+    let old_addr = dword(unsafe { (*ip).dst_addr });
+    let at = match kind {
+        L4Sum::Tcp => reply_at(kind, L4_AT + 2, L4_AT + 16),
+        L4Sum::Udp => reply_at(kind, L4_AT + 2, L4_AT + 6),
+        L4Sum::Icmp => reply_at(kind, L4_AT + 4, L4_AT + 2),
+    };
+    move_endpoint_skb(
+        ctx,
+        &at,
+        old_addr,
+        word(key.nat_port.to_be_bytes()),
+        client_addr,
+        client_port,
+    )
 }
 
 #[inline(always)]

@@ -40,7 +40,7 @@ use crate::{
     maps::{config, config6, VEIL_REVERSE6},
     packet::{Packet, Ports, ETH_LEN},
     rewrite6::{
-        move_endpoint6_skb, pull_headers6, replace128, Endpoint6, ICMPV6_ECHO_REPLY,
+        move_endpoint6_skb, pull_headers6, replace128, Endpoint6, PortChange, ICMPV6_ECHO_REPLY,
         ICMPV6_ECHO_REQUEST, ICMPV6_ERROR_MAX, IPV6_LEN, NH_DEST_OPTS, NH_FRAGMENT, NH_HOP_BY_HOP,
         NH_ROUTING,
     },
@@ -406,14 +406,11 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
                 L4Sum::Udp => reply_at(kind, l4 + 2, l4 + 6),
                 L4Sum::Icmp => reply_at(kind, l4 + 4, l4 + 2),
             };
-            move_endpoint6_skb(
-                ctx,
-                &at,
-                &key.public_addr,
-                key.nat_port.to_be_bytes(),
-                &client_addr,
-                client_port,
-            )?;
+            let ports = PortChange {
+                old: key.nat_port.to_be_bytes(),
+                new: client_port,
+            };
+            move_endpoint6_skb(ctx, &at, &key.public_addr, &client_addr, &ports)?;
             Reason::IngressForwarded
         }
         Wan6::IcmpError { key } => {

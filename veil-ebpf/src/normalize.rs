@@ -1,10 +1,16 @@
 //! The optional TTL and IP ID normalisation of outgoing packets
 //! (`veil_common::normalize`), after the NAT rewrite and the hop's TTL.
 
-use aya_ebpf::{btf_maps::Array, helpers::bpf_get_prandom_u32, macros::btf_map, programs::TcContext};
-use veil_common::{normalize::Normalize, Reason};
+use aya_ebpf::{
+    btf_maps::Array, helpers::bpf_get_prandom_u32, macros::btf_map, programs::TcContext,
+};
+use network_types::ip::Ipv4Hdr;
+use veil_common::{csum, normalize::Normalize, Reason};
 
-use crate::rewrite::word;
+use crate::{
+    packet::Packet,
+    rewrite::{set_ttl, word},
+};
 
 #[btf_map]
 pub static VEIL_NORMALIZE: Array<Normalize, 1> = Array::new();
@@ -24,19 +30,19 @@ pub fn outgoing(
     let Some(cfg) = VEIL_NORMALIZE.get(0) else {
         return Ok(());
     };
-    let failed = |_| Reason::DropHelperFailed;
     let target = cfg.ttl as u8;
     if cfg.ttl != 0 && target != ttl {
-        let (old, new) = (word([ttl, proto]) as u64, word([target, proto]) as u64);
-        ctx.l3_csum_replace(ip + 10, old, new, 2).map_err(failed)?;
-        ctx.store(ip + 8, &target, 0).map_err(failed)?;
+        set_ttl(ctx, ip, ttl, target, proto)?;
     }
     if cfg.random_id != 0 && whole {
         let new_id = (unsafe { bpf_get_prandom_u32() } as u16).to_be_bytes();
-        let old = word(id.to_be_bytes()) as u64;
-        ctx.l3_csum_replace(ip + 10, old, word(new_id) as u64, 2)
-            .map_err(failed)?;
-        ctx.store(ip + 4, &new_id, 0).map_err(failed)?;
+        let pkt = Packet::new(ctx.data(), ctx.data_end());
+        let hdr: *mut Ipv4Hdr = pkt.at(ip)?;
+        unsafe {
+            let check = csum::replace16(word((*hdr).check), word(id.to_be_bytes()), word(new_id));
+            (*hdr).id = new_id;
+            (*hdr).check = check.to_ne_bytes();
+        }
     }
     Ok(())
 }

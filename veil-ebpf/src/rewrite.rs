@@ -1,11 +1,14 @@
 //! Header rewrites, two ways.
 //!
-//! Packet headers are rewritten with the kernel's checksum helpers
+//! Transport checksums are updated with the kernel's checksum helpers
 //! ([`move_endpoint_skb`]): only the skb knows whether a transport checksum
-//! is complete or, for a packet sent by a local socket over veth
-//! (CHECKSUM_PARTIAL), just the pseudo-header sum that the sender's "NIC"
-//! will finish. An update written for a complete checksum corrupts the
-//! second kind; the helpers handle both.
+//! is complete or, for a packet sent by a local socket over veth or written
+//! into the TUN device with an offload header (CHECKSUM_PARTIAL), just the
+//! pseudo-header sum that the sender's "NIC" will finish. An update written
+//! for a complete checksum corrupts the second kind; the helpers handle
+//! both. The rest of the rewrite (addresses, ports, TTL, the IPv4 header
+//! checksum, which is always complete) is written directly: a helper call
+//! per field costs more than the whole arithmetic (docs/performance.md).
 //!
 //! Checksums that cover a header as plain data (the outer ICMP checksum of
 //! an ICMP error and the quote inside it) are patched directly with the
@@ -20,6 +23,8 @@ use veil_common::{
     csum::{self, L4Sum},
     Reason,
 };
+
+use crate::packet::Packet;
 
 /// Where one endpoint of a packet sits, as offsets from the skb's data.
 pub struct SkbEndpoint {
@@ -36,6 +41,14 @@ pub struct SkbEndpoint {
 
 /// Moves one endpoint from `old_addr:old_port` (raw words, as read from the
 /// packet) to `addr:port`, with every checksum that covers it.
+///
+/// The transport checksum goes through the kernel's helper, which knows
+/// whether it is complete or partial (two calls: the pseudo-header's
+/// address, then the port, which a partial checksum does not cover yet).
+/// Everything else is written directly: the address, the port and the IPv4
+/// header checksum, which is always complete (RFC 1624 arithmetic). A
+/// header rewritten with its checksum leaves the header's sum, and so a
+/// CHECKSUM_COMPLETE skb's `csum`, unchanged.
 #[inline(always)]
 pub fn move_endpoint_skb(
     ctx: &TcContext,
@@ -45,9 +58,33 @@ pub fn move_endpoint_skb(
     addr: [u8; 4],
     port: u16,
 ) -> Result<(), Reason> {
-    let new_addr = dword(addr) as u64;
+    let new_addr = dword(addr);
     let port = port.to_be_bytes();
-    let new_port = word(port) as u64;
+    let new_port = word(port);
+    l4_csum_replace(ctx, at, old_addr, new_addr, old_port, new_port)?;
+    // The helpers may move the packet: its pointers are taken afterwards.
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let ip_check: *mut [u8; 2] = pkt.at(at.ip_check)?;
+    let addr_at: *mut [u8; 4] = pkt.at(at.addr)?;
+    let port_at: *mut [u8; 2] = pkt.at(at.port)?;
+    unsafe {
+        *ip_check = csum::replace32(word(*ip_check), old_addr, new_addr).to_ne_bytes();
+        *addr_at = addr;
+        *port_at = port;
+    }
+    Ok(())
+}
+
+/// The transport checksum's part of [`move_endpoint_skb`].
+#[inline(always)]
+fn l4_csum_replace(
+    ctx: &TcContext,
+    at: &SkbEndpoint,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), Reason> {
     // UDP: a zero checksum means none and stays zero; a computed zero is
     // sent as 0xffff.
     let mangled = match at.kind {
@@ -59,17 +96,14 @@ pub fn move_endpoint_skb(
         ctx.l4_csum_replace(
             at.l4_check,
             old_addr as u64,
-            new_addr,
+            new_addr as u64,
             BPF_F_PSEUDO_HDR as u64 | mangled | 4,
         )
         .map_err(failed)?;
     }
-    ctx.l4_csum_replace(at.l4_check, old_port as u64, new_port, mangled | 2)
+    ctx.l4_csum_replace(at.l4_check, old_port as u64, new_port as u64, mangled | 2)
         .map_err(failed)?;
-    ctx.l3_csum_replace(at.ip_check, old_addr as u64, new_addr, 4)
-        .map_err(failed)?;
-    ctx.store(at.addr, &addr, 0).map_err(failed)?;
-    ctx.store(at.port, &port, 0).map_err(failed)
+    Ok(())
 }
 
 #[inline(always)]
@@ -151,11 +185,21 @@ pub unsafe fn move_endpoint(
 /// the offset of the IPv4 header; `ttl` and `proto` its current values.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext, ip: usize, ttl: u8, proto: u8) -> Result<(), Reason> {
-    let failed = |_| Reason::DropHelperFailed;
-    let old = word([ttl, proto]) as u64;
-    let new = word([ttl - 1, proto]) as u64;
-    ctx.l3_csum_replace(ip + 10, old, new, 2).map_err(failed)?;
-    ctx.store(ip + 8, &(ttl - 1), 0).map_err(failed)
+    set_ttl(ctx, ip, ttl, ttl - 1, proto)
+}
+
+/// Rewrites the TTL of the IPv4 header at `ip` from `old` to `new`, written
+/// directly with the header checksum (always complete) patched.
+#[inline(always)]
+pub fn set_ttl(ctx: &TcContext, ip: usize, old: u8, new: u8, proto: u8) -> Result<(), Reason> {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let hdr: *mut Ipv4Hdr = pkt.at(ip)?;
+    unsafe {
+        let check = csum::replace16(word((*hdr).check), word([old, proto]), word([new, proto]));
+        (*hdr).ttl = new;
+        (*hdr).check = check.to_ne_bytes();
+    }
+    Ok(())
 }
 
 /// Patches a checksum that covers the rewritten header as plain data.

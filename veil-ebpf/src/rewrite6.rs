@@ -3,17 +3,21 @@
 //!
 //! IPv6 has no header checksum; the transport checksums (TCP, UDP and,
 //! unlike ICMPv4, ICMPv6) cover a pseudo-header with both addresses. So an
-//! address rewrite is four 32-bit `bpf_l4_csum_replace` calls with
-//! `BPF_F_PSEUDO_HDR` for every protocol, which keeps partial checksums
-//! (CHECKSUM_PARTIAL super-packets) right, as on the IPv4 path.
+//! address rewrite is one `bpf_l4_csum_replace` call with
+//! `BPF_F_PSEUDO_HDR` and the address's whole diff for every protocol,
+//! which keeps partial checksums (CHECKSUM_PARTIAL super-packets) right,
+//! as on the IPv4 path.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use veil_common::{csum::L4Sum, Reason};
+use veil_common::{
+    csum::{self, L4Sum},
+    Reason,
+};
 
-use crate::packet::ETH_LEN;
+use crate::packet::{Packet, ETH_LEN};
 
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPV6_LEN: usize = 40;
@@ -81,6 +85,13 @@ pub struct Endpoint6 {
     pub l4_check: usize,
 }
 
+/// A port (or ICMPv6 echo identifier) rewrite: `old` as read from the
+/// packet, `new` in host order.
+pub struct PortChange {
+    pub old: [u8; 2],
+    pub new: u16,
+}
+
 /// The `i`th 32-bit word of an address, as raw (network-order) bits.
 #[inline(always)]
 pub fn word32(a: &[u8; 16], i: usize) -> u32 {
@@ -89,35 +100,61 @@ pub fn word32(a: &[u8; 16], i: usize) -> u32 {
 
 /// Moves one endpoint from `old_addr:old_port` (as read from the packet)
 /// to `addr:port`, with the transport checksum that covers both.
-#[inline(always)]
+///
+/// Two helper calls, as on the IPv4 path (`rewrite::move_endpoint_skb`):
+/// the address's change to the pseudo-header, summed here first and handed
+/// over as one diff, then the port's; the address and port are written
+/// directly. A call of its own: inlined, its stack would add up with its
+/// callers' past the 512 bytes BPF allows (and BPF calls take at most five
+/// arguments: the ports come as one).
+#[inline(never)]
 pub fn move_endpoint6_skb(
     ctx: &TcContext,
     at: &Endpoint6,
     old_addr: &[u8; 16],
-    old_port: [u8; 2],
     addr: &[u8; 16],
-    port: u16,
+    ports: &PortChange,
 ) -> Result<(), Reason> {
+    let (old_port, port) = (ports.old, ports.new);
     let failed = |_| Reason::DropHelperFailed;
     // UDP: a zero checksum is sent as 0xffff (IPv6 requires one).
     let mangled = match at.kind {
         L4Sum::Udp => BPF_F_MARK_MANGLED_0 as u64,
         _ => 0,
     };
-    let flags = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+    let mut diff = 0;
     for i in 0..4 {
-        let (old, new) = (word32(old_addr, i), word32(addr, i));
-        if old != new {
-            ctx.l4_csum_replace(at.l4_check, old as u64, new as u64, flags)
-                .map_err(failed)?;
-        }
+        diff = csum::diff32(diff, word32(old_addr, i), word32(addr, i));
+    }
+    // A zero diff (either zero of one's complement) changes no sum.
+    if diff != 0 && diff != 0xffff {
+        // Size 0: `to` is a diff, applied to a partial checksum too.
+        ctx.l4_csum_replace(
+            at.l4_check,
+            0,
+            diff as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled,
+        )
+        .map_err(failed)?;
     }
     let port = port.to_be_bytes();
     let (old, new) = (u16::from_ne_bytes(old_port), u16::from_ne_bytes(port));
     ctx.l4_csum_replace(at.l4_check, old as u64, new as u64, mangled | 2)
         .map_err(failed)?;
-    ctx.store(at.addr, addr, 0).map_err(failed)?;
-    ctx.store(at.port, &port, 0).map_err(failed)
+    // The offsets come from the caller, unbounded as far as the verifier
+    // knows in this call: bounded here for direct access.
+    if at.addr > MAX_HEADERS6 as usize || at.port > MAX_HEADERS6 as usize {
+        return Err(Reason::DropMalformed);
+    }
+    // The helpers may move the packet: its pointers are taken afterwards.
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let addr_at: *mut [u8; 16] = pkt.at(at.addr)?;
+    let port_at: *mut [u8; 2] = pkt.at(at.port)?;
+    unsafe {
+        *addr_at = *addr;
+        *port_at = port;
+    }
+    Ok(())
 }
 
 /// Patches a complete checksum for a 16-byte field changed from `old` to

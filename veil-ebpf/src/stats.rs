@@ -2,7 +2,7 @@
 
 use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering::Relaxed};
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use veil_common::{tcp_flags, FlowStats, FwdCounters, Reason};
 
 use crate::maps::VEIL_STATS;
@@ -20,10 +20,17 @@ pub fn count(reason: Reason, bytes: u32) {
 
 /// Notes one packet of a flow: last-seen time, counters and the TCP flags
 /// the daemon's expiry needs. The same flow can be hit on several CPUs.
+///
+/// The last-seen time is the coarse monotonic clock (the last tick: a few
+/// ms behind at most, against expiry timeouts of seconds), read for a
+/// fraction of the precise clock's cost, and written only when it moved.
 #[inline(always)]
 pub fn touch(stats: *mut FlowStats, bytes: u32, flags: u64) {
     unsafe {
-        (*stats).last_seen_ns = bpf_ktime_get_ns();
+        let now = bpf_ktime_get_coarse_ns();
+        if now > (*stats).last_seen_ns {
+            (*stats).last_seen_ns = now;
+        }
         // The bpfel target exposes no `Atomic*::fetch_*`; the intrinsics
         // lower to BPF_ATOMIC add/or.
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*stats).packets, 1);
