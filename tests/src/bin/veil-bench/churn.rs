@@ -206,21 +206,6 @@ fn keep(live: Live, holders: &mut tokio::task::JoinSet<()>) -> tokio::sync::ones
     tx
 }
 
-/// CPU seconds a process has used (user + system), from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Past the command name, which may hold spaces: utime and stime are
-    // the 12th and 13th fields after it.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / hz
-}
-
 /// The gateway process's descriptors.
 fn fds_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -438,7 +423,10 @@ async fn connect_all(
     holders: &mut tokio::task::JoinSet<()>,
 ) -> Wave {
     let gate = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let (gw_cpu, own_cpu) = (cpu_secs(pid), cpu_secs(std::process::id()));
+    let (gw_cpu, own_cpu) = (
+        measure::process_cpu_secs(pid),
+        measure::process_cpu_secs(std::process::id()),
+    );
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in (0..ids.len()).filter(|i| leave[*i].is_none()) {
@@ -487,8 +475,8 @@ async fn connect_all(
         up,
         secs,
         resumed,
-        gateway_cpu: cpu_secs(pid) - gw_cpu,
-        client_cpu: cpu_secs(std::process::id()) - own_cpu,
+        gateway_cpu: measure::process_cpu_secs(pid) - gw_cpu,
+        client_cpu: measure::process_cpu_secs(std::process::id()) - own_cpu,
     };
     let (gw_ms, own_ms) = wave.ms_each();
     eprintln!(
@@ -506,9 +494,9 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     let mut holders = tokio::task::JoinSet::new();
     let cold = connect_all(&ids, pid, &mut leave, &mut vips, &mut holders).await;
     // Idle: every client connected, sending only keepalives.
-    let idle_from = cpu_secs(pid);
+    let idle_from = measure::process_cpu_secs(pid);
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle_cpu = (cpu_secs(pid) - idle_from) / 10.0;
+    let idle_cpu = (measure::process_cpu_secs(pid) - idle_from) / 10.0;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss_all, fds_all) = (rss_of(pid), fds_of(pid));
     let flows_all =
