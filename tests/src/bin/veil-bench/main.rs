@@ -13,6 +13,7 @@
 //! `socks`: the SOCKS5 mode beside the TUN mode and shadowsocks.
 //! `ipv6`: TCP through veil over IPv6 beside IPv4.
 //! `flows`: the memory of a million flows (`--max-flows`).
+//! `loss`: TCP goodput over HTTP/3 and TLS/TCP through loss and delay.
 //! `churn`: thousands of real sessions connecting, sending, leaving and
 //! coming back.
 
@@ -48,9 +49,10 @@ fn main() {
         "ipv6" => ipv6(quick),
         "flows" => million_flows(quick),
         "churn" => churn(quick),
+        "loss" => loss(quick),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn"
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn, loss"
             );
             std::process::exit(2);
         }
@@ -61,6 +63,7 @@ mod churn;
 mod datapath;
 mod forward;
 mod ipv6;
+mod loss;
 mod measure;
 mod million;
 mod peers;
@@ -72,6 +75,6 @@ mod tunnel;
     reason = "the modules share one import list through `use super::*`"
 )]
 use self::{
-    churn::*, datapath::*, forward::*, ipv6::*, measure::*, million::*, peers::*, socks::*,
+    churn::*, datapath::*, forward::*, ipv6::*, loss::*, measure::*, million::*, peers::*, socks::*,
     tunnel::*,
 };
