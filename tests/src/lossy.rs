@@ -105,14 +105,15 @@ const DEVICE: &str = "dly0";
 
 impl DelayLine {
     /// `uplink` in `ns` has address `from`; `next_hop_mac` is the MAC
-    /// address of `to`'s end of the link.
+    /// address of `to`'s end of the link. `route` adds attributes to the
+    /// route to `to` (say `congctl cubic`).
     pub fn new(
         ns: &NetNs,
         uplink: &str,
-        from: Ipv4Addr,
-        to: Ipv4Addr,
+        (from, to): (Ipv4Addr, Ipv4Addr),
         next_hop_mac: [u8; 6],
         delay: Duration,
+        route: &[&str],
     ) -> Self {
         let own_mac = mac_of(ns, uplink);
         let (tun, packet) = ns.enter(|| {
@@ -129,19 +130,14 @@ impl DelayLine {
                 &["-qw", &format!("net.ipv4.conf.{conf}.rp_filter=0")],
             );
         }
-        let route = ns.ip(&[
-            "route",
-            "add",
-            &format!("{to}/32"),
-            "dev",
-            DEVICE,
-            "src",
-            &from.to_string(),
-        ]);
+        let (to_net, from_addr) = (format!("{to}/32"), from.to_string());
+        let mut args = vec!["route", "add", &to_net, "dev", DEVICE, "src", &from_addr];
+        args.extend_from_slice(route);
+        let added = ns.ip(&args);
         assert!(
-            route.status.success(),
+            added.status.success(),
             "{}",
-            String::from_utf8_lossy(&route.stderr)
+            String::from_utf8_lossy(&added.stderr)
         );
         let stop = Arc::new(AtomicBool::new(false));
         let loss = Arc::new(AtomicU32::new(0));

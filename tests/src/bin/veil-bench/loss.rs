@@ -13,7 +13,9 @@ use veil_tests::lossy::{mac_of, DelayLine};
 /// Loss each way, in percent.
 const LOSSES: [f64; 3] = [0.0, 1.0, 3.0];
 
-/// `VEIL_BENCH_RTT_MS=0,20` sets the round trips (ms) measured.
+/// `VEIL_BENCH_RTT_MS=0,20` sets the round trips (ms) measured,
+/// `VEIL_BENCH_TCP_CC=bbr,cubic` the TCP congestion controls (every TCP
+/// on the path: iperf3's, the TLS/TCP tunnel's).
 pub(crate) fn loss(quick: bool) {
     let secs = if quick { 4 } else { 10 };
     let rtts: Vec<u64> = std::env::var("VEIL_BENCH_RTT_MS")
@@ -21,41 +23,52 @@ pub(crate) fn loss(quick: bool) {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
+    let ccs: Vec<String> = std::env::var("VEIL_BENCH_TCP_CC")
+        .unwrap_or_else(|_| "cubic,bbr".into())
+        .split(',')
+        .map(|c| c.trim().to_owned())
+        .collect();
     println!("## veil on a lossy path: HTTP/3 beside TLS/TCP\n");
     println!(
-        "kernel {}, {} CPUs; iperf3, one TCP stream, {secs} s per run. The client's link to the gateway (a veth pair) runs through a delay line at each end: a TUN device whose reader drops that fraction of the packets each way at random (per packet: the kernel segments offload super-packets for a TUN device without offloads) and holds the rest for half the round trip before it sends them on with an AF_PACKET socket.\n",
+        "kernel {}, {} CPUs; iperf3, one TCP stream, {secs} s per run. The client's link to the gateway (a veth pair) runs through a delay line at each end: a TUN device whose reader drops that fraction of the packets each way at random (per packet: the kernel segments offload super-packets for a TUN device without offloads) and holds the rest for half the round trip before it sends them on with an AF_PACKET socket. veil's QUIC connection runs BBR (quinn's); the TCP congestion control is that of every TCP on the path (iperf3's `-C` and, by a route's `congctl`, the TLS/TCP tunnel's; the host's default is BBR).\n",
         kernel(),
         num_cpus()
     );
-    println!("| RTT (ms) | loss each way | direction | HTTP/3 (Mbit/s) | TLS/TCP (Mbit/s) | HTTP/3 ÷ TLS/TCP |");
-    println!("|---:|---:|---|---:|---:|---:|");
-    for rtt in rtts {
+    println!("| TCP congestion control | RTT (ms) | loss each way | direction | HTTP/3 (Mbit/s) | TLS/TCP (Mbit/s) | HTTP/3 ÷ TLS/TCP |");
+    println!("|---|---:|---:|---|---:|---:|---:|");
+    for (cc, rtt) in ccs
+        .iter()
+        .flat_map(|cc| rtts.iter().map(move |rtt| (cc.as_str(), *rtt)))
+    {
         let world = lossy_world();
         let (client, gateway) = (Ipv4Addr::new(10, 200, 1, 2), Ipv4Addr::new(10, 200, 1, 1));
         let half = Duration::from_micros(rtt * 500);
+        // The tunnel's TCP connection runs `cc` by its route (a network
+        // namespace may only default to the algorithms the host allows).
+        let congctl = ["congctl", cc];
         let lines = [
             DelayLine::new(
                 world.client(1),
                 "eth0",
-                client,
-                gateway,
+                (client, gateway),
                 mac_of(&world.gw, "c1"),
                 half,
+                &congctl,
             ),
             DelayLine::new(
                 &world.gw,
                 "c1",
-                gateway,
-                client,
+                (gateway, client),
                 mac_of(world.client(1), "eth0"),
                 half,
+                &congctl,
             ),
         ];
         let profile = world.add_client("lossy", 1);
         // figures[transport][(loss, direction)]
         let mut figures: Vec<Vec<f64>> = Vec::new();
         for transport in ["h3", "tcp"] {
-            eprintln!("RTT {rtt} ms, {transport} ...");
+            eprintln!("{cc}, RTT {rtt} ms, {transport} ...");
             for line in &lines {
                 line.set_loss(0.0);
             }
@@ -67,7 +80,7 @@ pub(crate) fn loss(quick: bool) {
                     line.set_loss(percent);
                 }
                 for reverse in [true, false] {
-                    let rate = iperf3(ns, secs, 1, reverse) / 1e6;
+                    let rate = iperf3_cc(ns, secs, cc, reverse) / 1e6;
                     eprintln!("  {percent} % loss, reverse {reverse}: {rate:.1} Mbit/s");
                     rates.push(rate);
                 }
@@ -81,13 +94,33 @@ pub(crate) fn loss(quick: bool) {
             for direction in ["remote→client", "client→remote"] {
                 let (h3, tcp) = (figures[0][i], figures[1][i]);
                 println!(
-                    "| {rtt} | {percent} % | {direction} | {h3:.1} | {tcp:.1} | {:.2} |",
+                    "| {cc} | {rtt} | {percent} % | {direction} | {h3:.1} | {tcp:.1} | {:.2} |",
                     h3 / tcp.max(1e-9)
                 );
                 i += 1;
             }
         }
     }
+}
+
+/// Bits per second of one iperf3 TCP stream whose ends run congestion
+/// control `cc` (`-C`; iperf3 tells its server).
+fn iperf3_cc(ns: &str, secs: u32, cc: &str, reverse: bool) -> f64 {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{ns}"))
+        .args(["iperf3", "-c", "198.18.0.2", "-J", "-C", cc])
+        .args(["-t", &secs.to_string()]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = cmd.output().expect("running iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if let Some(e) = v["error"].as_str() {
+        eprintln!("iperf3: {e}");
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
 }
 
 /// One client, the gateway and the remote's iperf3 server.
