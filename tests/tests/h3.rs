@@ -177,8 +177,8 @@ fn on_a_lossy_uplink_both_transports_deliver_intact() {
             let mut client =
                 world.start_client_with(1, &profile, true, &["--transport", transport]);
             assert_eq!(transport_of(&client), transport);
-            let loss = (percent > 0)
-                .then(|| Loss::new(world.client(1), "eth0", &world.dir, percent));
+            let loss =
+                (percent > 0).then(|| Loss::new(world.client(1), "eth0", &world.dir, percent));
             rates.push(goodput(&world));
             drop(loss);
             client.stop();

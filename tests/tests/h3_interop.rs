@@ -41,7 +41,10 @@ fn an_aioquic_client_opens_a_connect_ip_session_and_gets_a_reply() {
         "aioquic's session failed:\n{stdout}\n{stderr}\ngateway:\n{gateway}"
     );
     assert!(stdout.contains("response: 200"), "{stdout}");
-    assert!(stdout.contains("capsule: ADDRESS_ASSIGN 10.77."), "{stdout}");
+    assert!(
+        stdout.contains("capsule: ADDRESS_ASSIGN 10.77."),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("UDP reply from 198.18.0.2: hello from aioquic"),
         "{stdout}"

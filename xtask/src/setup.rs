@@ -66,7 +66,11 @@ fn aioquic() -> Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing aioquic in {AIOQUIC_VENV} (for the HTTP/3 interop test)");
-    let venv = || Command::new("/usr/bin/python3").args(["-m", "venv", AIOQUIC_VENV]).status();
+    let venv = || {
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv", AIOQUIC_VENV])
+            .status()
+    };
     if !venv().is_ok_and(|s| s.success()) {
         // `python3 -m venv` needs ensurepip, which Debian ships apart.
         apt_install_always(&["python3-venv"])?;

@@ -93,9 +93,24 @@ pub(crate) fn loss(quick: bool) {
         for percent in LOSSES {
             for direction in ["remote→client", "client→remote"] {
                 let (h3, tcp) = (figures[0][i], figures[1][i]);
+                // A run iperf3 could not finish (its control connection
+                // lost too) shows as such, not as a ratio.
+                let shown = |v: f64| {
+                    if v > 0.0 {
+                        format!("{v:.1}")
+                    } else {
+                        "failed".into()
+                    }
+                };
+                let ratio = if h3 > 0.0 && tcp > 0.0 {
+                    format!("{:.2}", h3 / tcp)
+                } else {
+                    "–".into()
+                };
                 println!(
-                    "| {cc} | {rtt} | {percent} % | {direction} | {h3:.1} | {tcp:.1} | {:.2} |",
-                    h3 / tcp.max(1e-9)
+                    "| {cc} | {rtt} | {percent} % | {direction} | {} | {} | {ratio} |",
+                    shown(h3),
+                    shown(tcp)
                 );
                 i += 1;
             }
@@ -113,14 +128,22 @@ fn iperf3_cc(ns: &str, secs: u32, cc: &str, reverse: bool) -> f64 {
     if reverse {
         cmd.arg("-R");
     }
-    let out = cmd.output().expect("running iperf3");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    if let Some(e) = v["error"].as_str() {
-        eprintln!("iperf3: {e}");
+    // A server still busy with the run before (its control connection
+    // lost on the lossy link) is tried again after a pause.
+    for _ in 0..3 {
+        let out = cmd.output().expect("running iperf3");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        match v["error"].as_str() {
+            Some(e) => eprintln!("iperf3: {e}"),
+            None => {
+                return v["end"]["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
+    0.0
 }
 
 /// One client, the gateway and the remote's iperf3 server.

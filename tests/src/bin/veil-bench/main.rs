@@ -75,6 +75,6 @@ mod tunnel;
     reason = "the modules share one import list through `use super::*`"
 )]
 use self::{
-    churn::*, datapath::*, forward::*, ipv6::*, loss::*, measure::*, million::*, peers::*, socks::*,
-    tunnel::*,
+    churn::*, datapath::*, forward::*, ipv6::*, loss::*, measure::*, million::*, peers::*,
+    socks::*, tunnel::*,
 };
