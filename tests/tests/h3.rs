@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use veil_tests::{
+    lossy::Loss,
     proc::Proc,
     world::{download_data, sha256, World, PUBLIC},
 };
@@ -152,70 +153,6 @@ fn a_new_uplink_address_keeps_the_quic_connection_and_its_flows() {
     );
 }
 
-/// A tc BPF program on client `i`'s uplink (both directions) that drops
-/// `percent` % of packets at random (`bpf_get_prandom_u32`): this kernel
-/// has no netem. Assembled with llvm-mc; removed on drop.
-struct Loss<'a> {
-    world: &'a World,
-    i: usize,
-}
-
-impl<'a> Loss<'a> {
-    fn new(world: &'a World, i: usize, percent: u32) -> Self {
-        let threshold = (u64::from(percent) << 32) / 100;
-        let asm = format!(
-            "\t.section classifier,\"ax\",@progbits\n\t.globl drop\n\t.type drop,@function\n\
-             drop:\n\tcall 7\n\tif r0 < {threshold} goto shot\n\tr0 = 0\n\texit\n\
-             shot:\n\tr0 = 2\n\texit\n.Lend:\n\t.size drop, .Lend-drop\n\
-             \t.section license,\"aw\",@progbits\n\t.globl _license\n_license:\n\t.asciz \"GPL\"\n"
-        );
-        let src = world.dir.join(format!("drop{percent}.s"));
-        let obj = world.dir.join(format!("drop{percent}.o"));
-        std::fs::write(&src, asm).unwrap();
-        let built = std::process::Command::new("llvm-mc")
-            .args(["-triple", "bpf", "-filetype=obj", "-o"])
-            .arg(&obj)
-            .arg(&src)
-            .status()
-            .expect("llvm-mc (xtask setup installs llvm)");
-        assert!(built.success());
-        let ns = world.client(i);
-        ns.exec("tc", &["qdisc", "add", "dev", "eth0", "clsact"]);
-        for dir in ["egress", "ingress"] {
-            let out = ns.exec(
-                "tc",
-                &[
-                    "filter",
-                    "add",
-                    "dev",
-                    "eth0",
-                    dir,
-                    "bpf",
-                    "da",
-                    "obj",
-                    obj.to_str().unwrap(),
-                    "sec",
-                    "classifier",
-                ],
-            );
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Loss { world, i }
-    }
-}
-
-impl Drop for Loss<'_> {
-    fn drop(&mut self) {
-        self.world
-            .client(self.i)
-            .exec("tc", &["qdisc", "del", "dev", "eth0", "clsact"]);
-    }
-}
-
 /// Megabits per second of the 8 MiB download from client 1.
 fn goodput(world: &World) -> f64 {
     let started = std::time::Instant::now();
@@ -240,7 +177,8 @@ fn on_a_lossy_uplink_both_transports_deliver_intact() {
             let mut client =
                 world.start_client_with(1, &profile, true, &["--transport", transport]);
             assert_eq!(transport_of(&client), transport);
-            let loss = (percent > 0).then(|| Loss::new(&world, 1, percent));
+            let loss =
+                (percent > 0).then(|| Loss::new(world.client(1), "eth0", &world.dir, percent));
             rates.push(goodput(&world));
             drop(loss);
             client.stop();

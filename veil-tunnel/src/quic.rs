@@ -71,7 +71,13 @@ pub fn transport_config() -> TransportConfig {
     .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER))
     // One request stream and the HTTP/3 control and QPACK streams.
     .max_concurrent_bidi_streams(VarInt::from_u32(1))
-    .max_concurrent_uni_streams(VarInt::from_u32(3));
+    .max_concurrent_uni_streams(VarInt::from_u32(3))
+    // BBR, not quinn's default CUBIC: what the connection carries is
+    // packets of connections with congestion control of their own, which
+    // back off on their losses; CUBIC halving the tunnel's window on the
+    // same random losses throttled TCP through it to 10 Mbit/s at 1 %
+    // loss and 20 ms (docs/performance.md).
+    .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     t
 }
 

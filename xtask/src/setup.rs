@@ -47,7 +47,48 @@ const BPF_LINKER_VERSION: &str = "0.13";
 pub fn run() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
-    bpf_linker()
+    bpf_linker()?;
+    aioquic()
+}
+
+/// Where the HTTP/3 interop test (`tests/tests/h3_interop.rs`) finds
+/// aioquic, an HTTP/3 implementation independent of veil's: a virtual
+/// environment of Debian's Python, from PyPI (Debian has no package).
+const AIOQUIC_VENV: &str = "/opt/veil-tests/aioquic";
+
+fn aioquic() -> Result<()> {
+    let python = Path::new(AIOQUIC_VENV).join("bin/python3");
+    let ready = Command::new(&python)
+        .args(["-c", "import aioquic"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(());
+    }
+    eprintln!("setup: installing aioquic in {AIOQUIC_VENV} (for the HTTP/3 interop test)");
+    let venv = || {
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv", AIOQUIC_VENV])
+            .status()
+    };
+    if !venv().is_ok_and(|s| s.success()) {
+        // `python3 -m venv` needs ensurepip, which Debian ships apart.
+        apt_install_always(&["python3-venv"])?;
+        exec(Command::new("/usr/bin/python3").args(["-m", "venv", AIOQUIC_VENV]))?;
+    }
+    exec(Command::new(&python).args(["-m", "pip", "install", "-q", "aioquic"]))
+}
+
+/// Installs Debian packages that provide no command to look for.
+fn apt_install_always(packages: &[&str]) -> Result<()> {
+    exec(as_root("apt-get").args(["update", "-qq"]))?;
+    exec(
+        as_root("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages),
+    )
+    .context("installing Debian packages")
 }
 
 /// What `cargo xtask bench peers` compares veil with: OpenVPN and

@@ -1,8 +1,8 @@
 //! QPACK field sections without a dynamic table (RFC 9204 §4.5): both ends
 //! announce a capacity of 0, so every field line is a static-table
-//! reference or a literal. Literals are written without Huffman coding;
-//! Huffman-coded strings from a peer are refused (a documented limit:
-//! veil's own peers never send them).
+//! reference or a literal. Literals are written without Huffman coding
+//! (optional for an encoder); a peer's Huffman-coded strings are decoded
+//! (other HTTP/3 stacks, aioquic's among them, use it wherever shorter).
 
 use crate::ProtoError;
 
@@ -224,9 +224,7 @@ impl Reader<'_> {
 
     /// A string whose Huffman flag is the bit above its `bits`-bit length.
     fn string(&mut self, bits: u32) -> Result<Vec<u8>, ProtoError> {
-        if self.byte()? & (1 << bits) != 0 {
-            return Err(qpack("uses Huffman coding, which veil does not decode"));
-        }
+        let huffman = self.byte()? & (1 << bits) != 0;
         let len = self.int(bits)?;
         let len = usize::try_from(len).map_err(|_| qpack("has a string too long"))?;
         let s = self
@@ -234,6 +232,13 @@ impl Reader<'_> {
             .get(..len)
             .ok_or_else(|| qpack("ends inside a string"))?;
         self.buf = &self.buf[len..];
+        if huffman {
+            // At most 8 symbols per 5 bytes (the shortest code is 5 bits):
+            // bounded by the field section, which is bounded by the frame.
+            return loona_hpack::huffman::HuffmanDecoder::new()
+                .decode(s)
+                .map_err(|_| qpack("has a malformed Huffman-coded string"));
+        }
         Ok(s.to_vec())
     }
 }

@@ -15,6 +15,7 @@
 //! `flows`: the memory of a million flows (`--max-flows`).
 //! `scale`: aggregate throughput with 1, 2, 4 and 8 clients, the TUN
 //! device multi-queue and single-queue.
+//! `loss`: TCP goodput over HTTP/3 and TLS/TCP through loss and delay.
 //! `churn`: thousands of real sessions connecting, sending, leaving and
 //! coming back.
 
@@ -51,9 +52,10 @@ fn main() {
         "flows" => million_flows(quick),
         "churn" => churn(quick),
         "scale" => scale(quick),
+        "loss" => loss(quick),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn, scale"
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn, scale, loss"
             );
             std::process::exit(2);
         }
@@ -64,6 +66,7 @@ mod churn;
 mod datapath;
 mod forward;
 mod ipv6;
+mod loss;
 mod measure;
 mod million;
 mod peers;
@@ -76,6 +79,6 @@ mod tunnel;
     reason = "the modules share one import list through `use super::*`"
 )]
 use self::{
-    churn::*, datapath::*, forward::*, ipv6::*, measure::*, million::*, peers::*, scale::*,
-    socks::*, tunnel::*,
+    churn::*, datapath::*, forward::*, ipv6::*, loss::*, measure::*, million::*, peers::*,
+    scale::*, socks::*, tunnel::*,
 };

@@ -1,0 +1,187 @@
+"""A CONNECT-IP (RFC 9484) client written on aioquic, an HTTP/3
+implementation independent of veil's: it reads a veil profile, opens the
+session (extended CONNECT, :protocol connect-ip, capsules), takes the
+address the gateway assigns, sends one UDP packet in an HTTP datagram
+(context ID 0) and prints what comes back.
+
+    python3 connect_ip_aioquic.py PROFILE HOST:PORT REMOTE:PORT MESSAGE
+
+Exit status 0 when the reply echoes MESSAGE; the lines printed say what
+each side sent (for the test's assertions and for reading a failure).
+"""
+
+import asyncio
+import ipaddress
+import os
+import struct
+import sys
+import tempfile
+import tomllib
+
+from aioquic.asyncio import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.buffer import Buffer, UINT_VAR_MAX_SIZE
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DatagramReceived, DataReceived, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+
+ADDRESS_ASSIGN = 0x01
+ADDRESS_REQUEST = 0x02
+ROUTE_ADVERTISEMENT = 0x03
+
+
+def varint(value: int) -> bytes:
+    buf = Buffer(capacity=UINT_VAR_MAX_SIZE)
+    buf.push_uint_var(value)
+    return buf.data
+
+
+def capsule(kind: int, payload: bytes) -> bytes:
+    return varint(kind) + varint(len(payload)) + payload
+
+
+def capsules(data: bytes):
+    """(type, payload) of each whole capsule in `data`, and the rest."""
+    buf = Buffer(data=data)
+    whole = []
+    while not buf.eof():
+        start = buf.tell()
+        try:
+            kind = buf.pull_uint_var()
+            length = buf.pull_uint_var()
+            payload = buf.pull_bytes(length)
+        except Exception:
+            return whole, data[start:]
+        whole.append((kind, payload))
+    return whole, b""
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_packet(src, dst, sport: int, dport: int, payload: bytes) -> bytes:
+    length = 8 + len(payload)
+    pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 17, length)
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 1, 0x4000, 64, 17, 0,
+        src.packed, dst.packed,
+    )
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return header + udp
+
+
+class Session(QuicConnectionProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # aioquic announces SETTINGS_H3_DATAGRAM with its WebTransport
+        # support (it also announces ENABLE_WEBTRANSPORT, which veil ignores).
+        self.h3 = H3Connection(self._quic, enable_webtransport=True)
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def quic_event_received(self, event):
+        for e in self.h3.handle_event(event):
+            self.events.put_nowait(e)
+
+
+async def run(profile_path, gateway, remote, message) -> int:
+    with open(profile_path, "rb") as f:
+        profile = tomllib.load(f)
+    host, port = gateway.rsplit(":", 1)
+    remote_host, remote_port = remote.rsplit(":", 1)
+    remote_ip = ipaddress.IPv4Address(remote_host)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for part in ("ca", "cert", "key"):
+            paths[part] = os.path.join(tmp, part + ".pem")
+            with open(paths[part], "w") as f:
+                f.write(profile[part])
+        config = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=H3_ALPN,
+            server_name=profile["server_name"],
+            max_datagram_frame_size=65536,
+        )
+        config.load_verify_locations(paths["ca"])
+        config.load_cert_chain(paths["cert"], paths["key"])
+        async with connect(host, int(port), configuration=config,
+                           create_protocol=Session) as session:
+            h3 = session.h3
+            stream = session._quic.get_next_available_stream_id()
+            h3.send_headers(stream, [
+                (b":method", b"CONNECT"),
+                (b":protocol", b"connect-ip"),
+                (b":scheme", b"https"),
+                (b":authority", profile["server_name"].encode()),
+                (b":path", b"/.well-known/masque/ip/*/*/"),
+                (b"capsule-protocol", b"?1"),
+            ])
+            request = varint(1) + bytes([4]) + bytes(4) + bytes([32])
+            h3.send_data(stream, capsule(ADDRESS_REQUEST, request), end_stream=False)
+            session.transmit()
+            print("sent: extended CONNECT, connect-ip, ADDRESS_REQUEST", flush=True)
+
+            assigned = None
+            pending = b""
+            sent = False
+            while True:
+                event = await session.events.get()
+                if isinstance(event, HeadersReceived):
+                    status = dict(event.headers).get(b":status", b"?").decode()
+                    print(f"response: {status}", flush=True)
+                    if status != "200":
+                        return 1
+                elif isinstance(event, DataReceived):
+                    whole, pending = capsules(pending + event.data)
+                    for kind, payload in whole:
+                        if kind == ADDRESS_ASSIGN:
+                            buf = Buffer(data=payload)
+                            buf.pull_uint_var()  # request ID
+                            if buf.pull_uint8() == 4:
+                                assigned = ipaddress.IPv4Address(buf.pull_bytes(4))
+                                print(f"capsule: ADDRESS_ASSIGN {assigned}", flush=True)
+                        elif kind == ROUTE_ADVERTISEMENT:
+                            print("capsule: ROUTE_ADVERTISEMENT", flush=True)
+                        else:
+                            print(f"capsule: type {kind:#x}", flush=True)
+                elif isinstance(event, DatagramReceived):
+                    context = Buffer(data=event.data)
+                    if context.pull_uint_var() != 0:
+                        continue
+                    packet = event.data[context.tell():]
+                    if packet[9] != 17 or packet[12:16] != remote_ip.packed:
+                        continue
+                    ihl = (packet[0] & 0x0F) * 4
+                    reply = packet[ihl + 8:]
+                    print(f"datagram: UDP reply from {remote_ip}: {reply.decode(errors='replace')}",
+                          flush=True)
+                    return 0 if reply == message.encode() else 1
+                if assigned is not None and not sent:
+                    packet = udp_packet(assigned, remote_ip, 40000, int(remote_port),
+                                        message.encode())
+                    h3.send_datagram(stream, varint(0) + packet)
+                    session.transmit()
+                    sent = True
+                    print(f"sent: datagram, context 0, UDP {assigned} -> {remote}", flush=True)
+
+
+def main() -> int:
+    if len(sys.argv) != 5:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(asyncio.wait_for(run(*sys.argv[1:]), timeout=10))
+    except asyncio.TimeoutError:
+        print("timed out", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
