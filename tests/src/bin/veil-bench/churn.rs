@@ -190,7 +190,7 @@ fn keep(live: Live, holders: &mut tokio::task::JoinSet<()>) -> tokio::sync::ones
 }
 
 /// CPU seconds a process has used (user + system), from /proc.
-fn cpu_secs(pid: u32) -> f64 {
+pub(crate) fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Past the command name, which may hold spaces: utime and stime are
     // the 12th and 13th fields after it.
