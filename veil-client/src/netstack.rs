@@ -717,7 +717,11 @@ impl TcpConn {
     /// Writes what the connection received straight from its receive
     /// buffer into `local`, with no buffer of ours between them: the
     /// bytes written, `0` once the peer's FIN came after all its data.
-    pub fn poll_recv_into(&self, cx: &mut Context<'_>, local: &TcpStream) -> Poll<io::Result<usize>> {
+    pub fn poll_recv_into(
+        &self,
+        cx: &mut Context<'_>,
+        local: &TcpStream,
+    ) -> Poll<io::Result<usize>> {
         loop {
             ready!(local.poll_write_ready(cx))?;
             let mut state = self.stack.lock();
@@ -754,7 +758,11 @@ impl TcpConn {
 
     /// Reads from `local` straight into the connection's send buffer: the
     /// bytes taken, `0` at `local`'s end of stream.
-    pub fn poll_send_from(&self, cx: &mut Context<'_>, local: &TcpStream) -> Poll<io::Result<usize>> {
+    pub fn poll_send_from(
+        &self,
+        cx: &mut Context<'_>,
+        local: &TcpStream,
+    ) -> Poll<io::Result<usize>> {
         loop {
             ready!(local.poll_read_ready(cx))?;
             let mut state = self.stack.lock();

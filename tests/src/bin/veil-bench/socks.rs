@@ -78,7 +78,13 @@ pub(crate) fn socks(quick: bool) {
     eprintln!("measuring veil SOCKS5 ...");
     let client =
         world.start_client_with(1, &profile, true, &["--socks", VEIL_SOCKS, tcp[0], tcp[1]]);
-    let veil_socks = figures(&world, Via::Socks(VEIL_SOCKS), client.pid(), secs, conn_secs);
+    let veil_socks = figures(
+        &world,
+        Via::Socks(VEIL_SOCKS),
+        client.pid(),
+        secs,
+        conn_secs,
+    );
     drop(client);
 
     eprintln!("measuring veil TUN ...");
