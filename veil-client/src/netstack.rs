@@ -730,10 +730,7 @@ impl TcpConn {
                 if data.is_empty() {
                     return (0, Ok(0));
                 }
-                match local.try_write(data) {
-                    Ok(n) => (n, Ok(n)),
-                    Err(e) => (0, Err(e)),
-                }
+                taken(local.try_write(data))
             });
             match written {
                 Ok(Ok(0)) => {
@@ -768,20 +765,14 @@ impl TcpConn {
             let mut state = self.stack.lock();
             let socket = state.tcp(self.handle);
             if !socket.may_send() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "the connection is closed for writing",
-                )));
+                return Poll::Ready(Err(closed_for_writing()));
             }
             if socket.send_queue() == socket.send_capacity() {
                 socket.register_send_waker(cx.waker());
                 return Poll::Pending;
             }
             // Not full: the free space offered is not empty.
-            let read = socket.send(|room| match local.try_read(room) {
-                Ok(n) => (n, Ok(n)),
-                Err(e) => (0, Err(e)),
-            });
+            let read = socket.send(|room| taken(local.try_read(room)));
             match read {
                 Ok(Ok(n)) => {
                     drop(state);
@@ -821,6 +812,22 @@ impl Drop for TcpConn {
         }
         self.stack.release(self.handle);
     }
+}
+
+/// What a system call on the local socket moved, as smoltcp's buffer
+/// closures return it: the bytes the buffer gave or took, and the result.
+fn taken(moved: io::Result<usize>) -> (usize, io::Result<usize>) {
+    match moved {
+        Ok(n) => (n, Ok(n)),
+        Err(e) => (0, Err(e)),
+    }
+}
+
+fn closed_for_writing() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "the connection is closed for writing",
+    )
 }
 
 fn reset() -> io::Error {
@@ -868,10 +875,7 @@ impl AsyncWrite for TcpConn {
         let mut state = self.stack.lock();
         let socket = state.tcp(self.handle);
         if !socket.may_send() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the connection is closed for writing",
-            )));
+            return Poll::Ready(Err(closed_for_writing()));
         }
         match socket.send_slice(buf) {
             Ok(0) => {
