@@ -312,7 +312,10 @@ async fn connect(mut client: TcpStream, stack: &Netstack, target: Target) -> Res
         }
     };
     reply(&mut client, Reply::Succeeded, conn.local()).await?;
-    relay::both_ways(client, conn).await
+    if let Err(e) = relay::both_ways(client, conn).await {
+        debug!("SOCKS connection: {e}");
+    }
+    Ok(())
 }
 
 /// UDP ASSOCIATE: a UDP relay on the control connection's local address,

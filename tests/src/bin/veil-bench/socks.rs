@@ -43,6 +43,9 @@ struct Figures {
     down: f64,
     up: f64,
     conns: f64,
+    /// CPU seconds the client-side process (veil-client, ss-local) used
+    /// per GB carried, both directions' streams together.
+    cpu_per_gb: f64,
 }
 
 pub(crate) fn socks(quick: bool) {
@@ -75,12 +78,18 @@ pub(crate) fn socks(quick: bool) {
     eprintln!("measuring veil SOCKS5 ...");
     let client =
         world.start_client_with(1, &profile, true, &["--socks", VEIL_SOCKS, tcp[0], tcp[1]]);
-    let veil_socks = figures(&world, Via::Socks(VEIL_SOCKS), secs, conn_secs);
+    let veil_socks = figures(
+        &world,
+        Via::Socks(VEIL_SOCKS),
+        client.pid(),
+        secs,
+        conn_secs,
+    );
     drop(client);
 
     eprintln!("measuring veil TUN ...");
     let client = world.start_client_with(1, &profile, true, &tcp);
-    let veil_tun = figures(&world, Via::Direct, secs, conn_secs);
+    let veil_tun = figures(&world, Via::Direct, client.pid(), secs, conn_secs);
     drop(client);
 
     eprintln!("measuring shadowsocks ...");
@@ -132,17 +141,21 @@ pub(crate) fn socks(quick: bool) {
         world.dir.join("ss-local.log"),
     );
     std::thread::sleep(Duration::from_millis(500));
-    let shadowsocks = figures(&world, Via::Socks(SS_LOCAL), secs, conn_secs);
+    let shadowsocks = figures(&world, Via::Socks(SS_LOCAL), local.pid(), secs, conn_secs);
     drop(local);
     drop(server);
     let _ = world.gateway();
 
     println!("| figure | veil SOCKS5 | veil TUN | shadowsocks | veil SOCKS5 ÷ shadowsocks |");
     println!("|---|---:|---:|---:|---:|");
-    let rows: [(&str, Figure); 3] = [
+    let rows: [(&str, Figure); 4] = [
         ("TCP remote → client (Gbit/s)", |f| f.down / 1e9),
         ("TCP client → remote (Gbit/s)", |f| f.up / 1e9),
         ("new TCP connections/s (thousands)", |f| f.conns / 1e3),
+        (
+            "client process CPU seconds per GB (streams; TUN: without the kernel's TCP)",
+            |f| f.cpu_per_gb,
+        ),
     ];
     for (label, get) in rows {
         let (s, t, ss) = (get(&veil_socks), get(&veil_tun), get(&shadowsocks));
@@ -155,13 +168,37 @@ pub(crate) fn socks(quick: bool) {
     }
 }
 
-fn figures(world: &veil_tests::world::World, via: Via, secs: u32, conn_secs: u32) -> Figures {
+fn figures(
+    world: &veil_tests::world::World,
+    via: Via,
+    pid: u32,
+    secs: u32,
+    conn_secs: u32,
+) -> Figures {
     let run = Duration::from_secs(secs.into());
-    world.client(1).enter(|| Figures {
-        down: throughput(via, run, false),
-        up: throughput(via, run, true),
-        conns: connections(via, Duration::from_secs(conn_secs.into())),
+    world.client(1).enter(|| {
+        let down = throughput(via, run, false, pid);
+        let up = throughput(via, run, true, pid);
+        let bytes = down.bytes + up.bytes;
+        Figures {
+            down: down.bits_per_sec,
+            up: up.bits_per_sec,
+            conns: connections(via, Duration::from_secs(conn_secs.into())),
+            cpu_per_gb: if bytes > 0 {
+                (down.cpu_secs + up.cpu_secs) / (bytes as f64 / 1e9)
+            } else {
+                0.0
+            },
+        }
     })
+}
+
+/// One stream's measurement.
+struct Stream {
+    bits_per_sec: f64,
+    /// Counted after the warm-up, and the CPU seconds `pid` used meanwhile.
+    bytes: u64,
+    cpu_secs: f64,
 }
 
 /// Opens a connection to the remote's `port`, through the SOCKS server
@@ -191,8 +228,8 @@ fn open(via: Via, port: u16) -> std::io::Result<TcpStream> {
 }
 
 /// Bits per second over one connection, after a quarter second of
-/// warm-up: from the remote, or to it.
-fn throughput(via: Via, run: Duration, up: bool) -> f64 {
+/// warm-up: from the remote, or to it; and the CPU `pid` used meanwhile.
+fn throughput(via: Via, run: Duration, up: bool, pid: u32) -> Stream {
     use std::io::Write;
     let mut s = open(via, if up { SINK_PORT } else { SOURCE_PORT }).expect("opening the stream");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -201,12 +238,14 @@ fn throughput(via: Via, run: Duration, up: bool) -> f64 {
     let mut counted = 0u64;
     // Counting starts once the warm-up is over.
     let mut from: Option<Instant> = None;
+    let mut cpu_from = 0.0;
     loop {
         let now = Instant::now();
         match from {
             Some(f) if now - f >= run => break,
             None if now >= warmup => {
                 from = Some(now);
+                cpu_from = measure::process_cpu_secs(pid);
                 counted = 0;
             }
             _ => {}
@@ -221,12 +260,17 @@ fn throughput(via: Via, run: Duration, up: bool) -> f64 {
         }
         counted += n as u64;
     }
+    let cpu_secs = measure::process_cpu_secs(pid) - cpu_from;
+    let elapsed = from.map_or(1e-9, |f| f.elapsed().as_secs_f64());
     // A reset, so that no backlog keeps flowing into the next figure.
     let _ = socket2_linger_zero(&s);
     drop(s);
     std::thread::sleep(Duration::from_millis(300));
-    let elapsed = from.map_or(1e-9, |f| f.elapsed().as_secs_f64());
-    counted as f64 * 8.0 / elapsed
+    Stream {
+        bits_per_sec: counted as f64 * 8.0 / elapsed,
+        bytes: counted,
+        cpu_secs,
+    }
 }
 
 /// Connections opened (and reset, as the peers benchmark does) per
