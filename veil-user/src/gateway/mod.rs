@@ -245,6 +245,7 @@ struct Shared {
 
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    trim::large_blocks_on_their_own_pages();
     preflight::check(&cfg.iface, cfg.nat_ports)?;
     veil_tunnel::busy::start(cfg.busy_poll);
     for advice in preflight::advice(&cfg.iface) {

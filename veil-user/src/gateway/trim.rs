@@ -7,6 +7,22 @@ use std::{sync::Arc, time::Duration};
 
 use super::Shared;
 
+/// Blocks of this size and above get pages of their own (mmap), which go
+/// back to the kernel when freed. glibc raises its threshold each time
+/// such a block is freed, after which sessions' buffers come from the
+/// arenas and stay there: with 10,000 clients churning, the RSS tripled
+/// while the number of clients stayed the same. A fixed threshold keeps
+/// it flat, at no cost in new sessions per second that a run could tell.
+const MMAP_THRESHOLD: libc::c_int = 64 * 1024;
+
+/// Fixes the allocator's mmap threshold (see [`MMAP_THRESHOLD`]).
+pub(super) fn large_blocks_on_their_own_pages() {
+    // SAFETY: mallopt only sets a parameter of the allocator.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
+        tracing::debug!("the allocator refused a fixed mmap threshold");
+    }
+}
+
 /// How often the number of sessions is looked at.
 const EVERY: Duration = Duration::from_secs(10);
 
