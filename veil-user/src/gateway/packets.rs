@@ -75,7 +75,7 @@ impl Shared {
 
     /// A client's packet into the TUN device, toward the datapath. A write
     /// the kernel refuses (its memory short, the device down) is counted.
-    fn to_tun(&self, vip: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) {
+    pub(super) fn to_tun(&self, vip: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) {
         if let Err(e) = self.tun.send(vip, hdr, pkt) {
             self.counters.tun_write_failed.fetch_add(1, Relaxed);
             debug!(%vip, "writing to the TUN device: {e}");

@@ -167,9 +167,7 @@ impl Shared {
                     }
                     return None;
                 }
-                if let Err(e) = self.tun.send(vip, hdr, pkt) {
-                    debug!(%vip, "writing to the TUN device: {e}");
-                }
+                self.to_tun(vip, hdr, pkt);
                 None
             }
             Verdict6::Dropped { why, answer } => {
