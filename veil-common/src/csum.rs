@@ -23,7 +23,14 @@ pub struct Checksum(u64);
 
 impl Checksum {
     pub fn add(&mut self, data: &[u8]) {
-        let mut words = data.chunks_exact(2);
+        // Four bytes at a time: a 32-bit word is congruent to the sum of its
+        // two 16-bit halves modulo 0xffff, so the final fold gives the same
+        // sum with half the additions (it runs per packet over HTTP/3).
+        let mut quads = data.chunks_exact(4);
+        for quad in &mut quads {
+            self.0 += u32::from_be_bytes([quad[0], quad[1], quad[2], quad[3]]) as u64;
+        }
+        let mut words = quads.remainder().chunks_exact(2);
         for word in &mut words {
             self.0 += u16::from_be_bytes([word[0], word[1]]) as u64;
         }
@@ -194,6 +201,25 @@ mod tests {
         hdr[10] = c[0];
         hdr[11] = c[1];
         hdr
+    }
+
+    #[test]
+    fn the_whole_buffer_sum_matches_the_word_by_word_one() {
+        // Every length up to a few hundred bytes (each tail of the
+        // four-byte loop), all-ones data (the carries), and a split at an
+        // even offset as a pseudo-header and a segment are added.
+        for fill in [0x00u8, 0xff, 0x5a] {
+            let data: [u8; 300] = core::array::from_fn(|i| fill ^ (i as u8).wrapping_mul(37));
+            for len in 0..data.len() {
+                let bytes = &data[..len];
+                assert_eq!(Checksum::of(bytes), full(bytes), "fill {fill:#x} len {len}");
+                let split = (len / 3) & !1;
+                let mut sum = Checksum::default();
+                sum.add(&bytes[..split]);
+                sum.add(&bytes[split..]);
+                assert_eq!(sum.finish(), full(bytes), "split {split} of {len}");
+            }
+        }
     }
 
     #[test]

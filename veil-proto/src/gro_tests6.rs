@@ -222,3 +222,19 @@ fn a_tcpv4_header_on_an_ipv6_packet_is_not_merged() {
     ];
     assert_eq!(run(&inputs), inputs.to_vec());
 }
+
+#[test]
+fn verified_ipv6_segments_from_a_tunnel_merge() {
+    let (a, b) = (Tcp6::at(5000), Tcp6::at(6000));
+    let (pa, pb) = (a.complete(&data(1000, 0)), b.complete(&data(1000, 1)));
+    assert_eq!(verified(&pa).flags, VnetHdr::F_DATA_VALID);
+    let out = run(&[(verified(&pa), pa.clone()), (verified(&pb), pb.clone())]);
+    assert_eq!(out.len(), 1, "merged");
+    assert_eq!(resegment(&out[0].0, &out[0].1).len(), 2);
+
+    let mut corrupt = pb;
+    corrupt[100] ^= 1;
+    assert_eq!(verified(&corrupt), VnetHdr::NONE);
+    // Cut short: the payload length no longer matches.
+    assert_eq!(verified(&pa[..pa.len() - 1]), VnetHdr::NONE);
+}

@@ -319,6 +319,7 @@ pub(super) async fn run_session<T: SessionTransport>(
         stopped: &mut stopped,
         bytes: &bytes,
         gro: Coalescer::new(),
+        up: shared.offload_for(&record).then(Coalescer::new),
     };
     let mut buf = vec![0u8; 64 * 1024];
     let end = pump::run(&mut session, &mut transport, &mut side, LIMITS, &mut buf).await;

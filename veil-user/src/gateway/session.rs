@@ -12,7 +12,7 @@ use anyhow::Result;
 use tokio::{io::AsyncReadExt, sync::watch};
 use tracing::{info, warn};
 use veil_proto::{
-    gro::Coalescer,
+    gro::{self, Coalescer},
     gso::VnetHdr,
     session::{Output, ServerSession},
 };
@@ -41,6 +41,11 @@ pub(super) struct GatewaySide<'a> {
     pub(super) stopped: &'a mut watch::Receiver<bool>,
     pub(super) bytes: &'a Bytes,
     pub(super) gro: Coalescer,
+    /// The client's plain packets (over HTTP/3, every packet), merged per
+    /// flow before they enter the TUN device: one write and one pass
+    /// through the datapath for a run of segments. `None` for a client
+    /// with a rate limit, which gets no super-packets (see `offload_for`).
+    pub(super) up: Option<Coalescer>,
 }
 
 /// Why the gateway's side ended a session.
@@ -77,26 +82,61 @@ impl Local<ServerSession> for GatewaySide<'_> {
     type End = Ended;
 
     fn output(&mut self, session: &mut ServerSession, output: Output) -> Result<(), Ended> {
-        let (hdr, packet) = match &output {
-            Output::Packet(packet) => (VnetHdr::NONE, &packet[..]),
+        let Self {
+            shared,
+            vip,
+            bytes,
+            up,
+            ..
+        } = self;
+        let vip = *vip;
+        match &output {
+            Output::Packet(packet) => {
+                bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
+                match up {
+                    Some(up) => {
+                        let hdr = gro::verified(packet);
+                        up.push(&hdr, packet, |hdr, packet| {
+                            forward(shared, vip, session, hdr, packet)
+                        });
+                    }
+                    None => forward(shared, vip, session, &VnetHdr::NONE, packet),
+                }
+            }
             // The session replaced the client's header with the only one
             // its packet can mean.
-            Output::OffloadPacket(joined) => match VnetHdr::peel(joined) {
-                Some(split) => split,
-                None => return Ok(()),
-            },
+            Output::OffloadPacket(joined) => {
+                let Some((hdr, packet)) = VnetHdr::peel(joined) else {
+                    return Ok(());
+                };
+                bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
+                // Whatever of the client's was pending goes first.
+                if let Some(up) = up {
+                    up.flush(|hdr, packet| forward(shared, vip, session, hdr, packet));
+                }
+                forward(shared, vip, session, &hdr, packet);
+            }
             // Client-side outputs.
-            _ => return Ok(()),
-        };
-        let from_client = &self.bytes.from_client;
-        from_client.fetch_add(packet.len() as u64, Relaxed);
-        if let Some(reply) = self.shared.client_packet(self.vip, &hdr, packet) {
-            session.send_packet(&reply);
+            _ => {}
         }
         Ok(())
     }
 
     async fn next(&mut self, session: &mut ServerSession, room: bool) -> Result<(), Ended> {
+        // What the last turn's packets left pending goes in now, and the
+        // pump gets a turn to send any ICMP error that earned before this
+        // waits.
+        if let Some(up) = &mut self.up {
+            let (shared, vip) = (self.shared, self.vip);
+            let mut flushed = false;
+            up.flush(|hdr, packet| {
+                flushed = true;
+                forward(shared, vip, session, hdr, packet)
+            });
+            if flushed {
+                return Ok(());
+            }
+        }
         let Self {
             rx,
             closed,
@@ -124,6 +164,20 @@ impl Local<ServerSession> for GatewaySide<'_> {
             _ = closed.changed() => Err(Ended::Closed(closed.borrow().unwrap_or("closed"))),
             _ = stopped.changed() => Err(Ended::Shutdown),
         }
+    }
+}
+
+/// A client's packet (or a super-packet of its segments) into the
+/// datapath; an ICMP error it earns goes back to the client.
+fn forward(
+    shared: &Arc<Shared>,
+    vip: Ipv4Addr,
+    session: &mut ServerSession,
+    hdr: &VnetHdr,
+    packet: &[u8],
+) {
+    if let Some(reply) = shared.client_packet(vip, hdr, packet) {
+        session.send_packet(&reply);
     }
 }
 
