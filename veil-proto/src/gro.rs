@@ -50,8 +50,12 @@ pub const MAX_FLOWS: usize = 8;
 /// be read is known by.
 type AddrKey = (u8, [u8; 32]);
 
-/// [`AddrKey`], then source and destination ports.
-type FlowKey = (AddrKey, [u8; 4]);
+/// [`AddrKey`], source and destination ports, then the protocol.
+type FlowKey = (AddrKey, [u8; 4], u8);
+
+/// The most datagrams one UDP super-packet may carry: the kernel refuses
+/// more (`UDP_MAX_SEGMENTS`, 64 before Linux 6.9).
+pub const MAX_UDP_SEGMENTS: usize = 64;
 
 /// Merges consecutive TCP segments per flow; see the module documentation.
 /// Feed it every packet of a batch with [`Coalescer::push`], then call
@@ -196,7 +200,11 @@ struct Slot {
     packet: Vec<u8>,
     /// 20 (IPv4 without options) or 40 (IPv6 without extension headers).
     ip_hdr_len: usize,
-    tcp_hdr_len: usize,
+    /// TCP's header with options, or UDP's 8 bytes.
+    l4_hdr_len: usize,
+    /// UDP datagrams rather than TCP segments: no sequence to follow, and
+    /// each datagram's boundary kept by the segment size.
+    udp: bool,
     /// The sequence number a joining segment must carry.
     next_seq: u32,
     /// Payload bytes per segment: `gso_size` of a super-packet, else the
@@ -219,7 +227,8 @@ impl Slot {
         self.packet.clear();
         self.packet.extend_from_slice(packet);
         self.ip_hdr_len = seg.ip_hdr_len;
-        self.tcp_hdr_len = seg.tcp_hdr_len;
+        self.l4_hdr_len = seg.l4_hdr_len;
+        self.udp = seg.udp;
         self.next_seq = seg.next_seq();
         self.mss = seg.gso_size.unwrap_or(seg.payload_len);
         self.payload_len = seg.payload_len;
@@ -234,20 +243,33 @@ impl Slot {
             Some(gso_size) => gso_size == self.mss,
             None => seg.payload_len <= self.mss,
         };
+        let follows = if self.udp {
+            self.payload_len / self.mss < MAX_UDP_SEGMENTS
+                && same_ip(&self.packet, packet, self.ip_hdr_len)
+        } else {
+            seg.seq == self.next_seq
+                && same_headers(
+                    &self.packet,
+                    packet,
+                    self.ip_hdr_len,
+                    self.l4_hdr_len,
+                    seg.l4_hdr_len,
+                )
+        };
         !self.psh
-            && seg.seq == self.next_seq
+            && seg.udp == self.udp
             && self.mss >= usize::from(MIN_GSO_SIZE)
             // A short segment can only be the last one.
             && self.payload_len.is_multiple_of(self.mss)
             && size_fits
             && self.packet.len() + seg.payload_len <= MAX_MERGED_LEN
             && seg.ip_hdr_len == self.ip_hdr_len
-            && same_headers(&self.packet, packet, self.ip_hdr_len, self.tcp_hdr_len, seg.tcp_hdr_len)
+            && follows
     }
 
     fn append(&mut self, seg: &Segment, packet: &[u8]) {
         self.packet
-            .extend_from_slice(&packet[seg.ip_hdr_len + seg.tcp_hdr_len..]);
+            .extend_from_slice(&packet[seg.ip_hdr_len + seg.l4_hdr_len..]);
         self.payload_len += seg.payload_len;
         self.next_seq = seg.next_seq();
         self.merged = true;
@@ -267,21 +289,32 @@ impl Slot {
         let ip = self.ip_hdr_len;
         // At most MAX_MERGED_LEN, checked on every append.
         let len = packet.len() as u16;
-        let (tcp_gso, partial) = if ip == IPV6_HDR_LEN {
-            put16(packet, IPV6_PAYLOAD_LEN, len - IPV6_HDR_LEN as u16);
-            (VnetHdr::GSO_TCPV6, partial_checksum6(packet))
+        let l4_len = len - ip as u16;
+        let (proto, csum_field) = if self.udp {
+            // Linux's UDP super-packet: the length of the whole, each
+            // datagram's set when it is cut.
+            put16(packet, ip + UDP_LEN, l4_len);
+            (PROTO_UDP, UDP_CSUM)
+        } else {
+            (PROTO_TCP, TCP_CSUM)
+        };
+        let (gso, partial) = if ip == IPV6_HDR_LEN {
+            put16(packet, IPV6_PAYLOAD_LEN, l4_len);
+            (VnetHdr::GSO_TCPV6, pseudo_header6(packet, proto, l4_len))
         } else {
             put16(packet, IP_TOTAL_LEN, len);
             set_header_checksum(packet, IPV4_MIN_HDR_LEN);
-            (VnetHdr::GSO_TCPV4, partial_checksum(packet))
+            (VnetHdr::GSO_TCPV4, pseudo_header(packet, proto, l4_len))
         };
-        put16(packet, ip + TCP_CSUM, partial);
-        let gso_type = if self.payload_len > self.mss {
-            tcp_gso
-        } else {
-            self.hdr.gso_type
+        // What Linux keeps in the field of a `CHECKSUM_PARTIAL` packet:
+        // the pseudo-header sum, folded but not complemented.
+        put16(packet, ip + csum_field, !partial.finish());
+        let gso_type = match (self.payload_len > self.mss, self.udp) {
+            (false, _) => self.hdr.gso_type,
+            (true, false) => gso,
+            (true, true) => VnetHdr::GSO_UDP_L4,
         };
-        let headers_len = ip + self.tcp_hdr_len;
+        let headers_len = ip + self.l4_hdr_len;
         VnetHdr {
             flags: VnetHdr::F_NEEDS_CSUM,
             gso_type,
@@ -289,7 +322,7 @@ impl Slot {
             hdr_len: headers_len as u16,
             gso_size: self.mss as u16,
             csum_start: ip as u16,
-            csum_offset: TCP_CSUM as u16,
+            csum_offset: csum_field as u16,
         }
     }
 }
@@ -306,11 +339,13 @@ enum Class {
     Flow(FlowKey, Option<Segment>),
 }
 
-/// A mergeable TCP segment (or super-packet of them).
+/// A mergeable TCP segment (or super-packet of them), or UDP datagram.
 struct Segment {
+    /// TCP's sequence number; 0 for UDP.
     seq: u32,
+    udp: bool,
     ip_hdr_len: usize,
-    tcp_hdr_len: usize,
+    l4_hdr_len: usize,
     payload_len: usize,
     psh: bool,
     /// The segment size of a TCPv4 super-packet; `None` for one segment.
@@ -333,7 +368,14 @@ fn classify(hdr: &VnetHdr, packet: &[u8]) -> Class {
 }
 
 fn classify4(hdr: &VnetHdr, packet: &[u8]) -> Class {
-    if packet.len() < IPV4_MIN_HDR_LEN || packet[IP_PROTO] != PROTO_TCP {
+    if packet.len() < IPV4_MIN_HDR_LEN {
+        return Class::Other;
+    }
+    let proto = packet[IP_PROTO];
+    if proto == PROTO_UDP {
+        return classify_udp4(hdr, packet);
+    }
+    if proto != PROTO_TCP {
         return Class::Other;
     }
     let addrs = addr_key(4, &packet[IP_ADDRS]);
@@ -342,7 +384,7 @@ fn classify4(hdr: &VnetHdr, packet: &[u8]) -> Class {
     if ip_hdr_len < IPV4_MIN_HDR_LEN || fragment || packet.len() < ip_hdr_len + 4 {
         return Class::Addrs(addrs);
     }
-    let key = flow_key(&addrs, &packet[ip_hdr_len..ip_hdr_len + 4]);
+    let key = flow_key(&addrs, &packet[ip_hdr_len..ip_hdr_len + 4], PROTO_TCP);
     let segment = if ip_hdr_len == IPV4_MIN_HDR_LEN
         && usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len()
     {
@@ -363,7 +405,7 @@ fn classify6(hdr: &VnetHdr, packet: &[u8]) -> Class {
     let addrs = addr_key(6, &packet[IPV6_ADDRS]);
     match packet[IPV6_NEXT] {
         PROTO_TCP if packet.len() >= IPV6_HDR_LEN + 4 => {
-            let key = flow_key(&addrs, &packet[IPV6_HDR_LEN..IPV6_HDR_LEN + 4]);
+            let key = flow_key(&addrs, &packet[IPV6_HDR_LEN..IPV6_HDR_LEN + 4], PROTO_TCP);
             let whole = usize::from(be16(packet, IPV6_PAYLOAD_LEN)) == packet.len() - IPV6_HDR_LEN;
             let segment = whole
                 .then(|| mergeable(hdr, packet, IPV6_HDR_LEN, VnetHdr::GSO_TCPV6))
@@ -381,10 +423,44 @@ fn addr_key(version: u8, addrs: &[u8]) -> AddrKey {
     (version, key)
 }
 
-fn flow_key(addrs: &AddrKey, ports: &[u8]) -> FlowKey {
+fn flow_key(addrs: &AddrKey, ports: &[u8], proto: u8) -> FlowKey {
     let mut key = [0; 4];
     key.copy_from_slice(ports);
-    (*addrs, key)
+    (*addrs, key, proto)
+}
+
+/// IPv4 UDP: a flow of its own. A datagram may merge when it is whole (no
+/// options, no fragment, lengths that agree), carries a checksum the
+/// kernel verified or left partial (a zero one, "no checksum", would gain
+/// one), and is not already a super-packet. IPv6 UDP is left as it is:
+/// veil's offload header takes UDP super-packets over IPv4 only.
+fn classify_udp4(hdr: &VnetHdr, packet: &[u8]) -> Class {
+    let addrs = addr_key(4, &packet[IP_ADDRS]);
+    let ip_hdr_len = usize::from(packet[0] & 0x0f) * 4;
+    let fragment = be16(packet, IP_FRAG) & IP_FRAG_MASK != 0;
+    if ip_hdr_len < IPV4_MIN_HDR_LEN || fragment || packet.len() < ip_hdr_len + 4 {
+        return Class::Addrs(addrs);
+    }
+    let key = flow_key(&addrs, &packet[ip_hdr_len..ip_hdr_len + 4], PROTO_UDP);
+    let ip = IPV4_MIN_HDR_LEN;
+    let whole = ip_hdr_len == ip
+        && usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len()
+        && packet.len() > ip + UDP_HDR_LEN
+        && usize::from(be16(packet, ip + UDP_LEN)) == packet.len() - ip;
+    let mergeable = whole
+        && hdr.gso_type == VnetHdr::GSO_NONE
+        && checksum_known(hdr, ip, UDP_CSUM)
+        && (hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 || be16(packet, ip + UDP_CSUM) != 0);
+    let segment = mergeable.then(|| Segment {
+        seq: 0,
+        udp: true,
+        ip_hdr_len: ip,
+        l4_hdr_len: UDP_HDR_LEN,
+        payload_len: packet.len() - ip - UDP_HDR_LEN,
+        psh: false,
+        gso_size: None,
+    });
+    Class::Flow(key, segment)
 }
 
 /// The segment a TCP packet is, if it may be merged at all: `ip` is its
@@ -393,9 +469,9 @@ fn flow_key(addrs: &AddrKey, ports: &[u8]) -> FlowKey {
 /// version.
 fn mergeable(hdr: &VnetHdr, packet: &[u8], ip: usize, tcp_gso: u8) -> Option<Segment> {
     let data_offset = packet.get(ip + TCP_DATA_OFFSET)? >> 4;
-    let tcp_hdr_len = usize::from(data_offset) * 4;
-    let headers_len = ip + tcp_hdr_len;
-    if tcp_hdr_len < TCP_MIN_HDR_LEN || headers_len >= packet.len() {
+    let l4_hdr_len = usize::from(data_offset) * 4;
+    let headers_len = ip + l4_hdr_len;
+    if l4_hdr_len < TCP_MIN_HDR_LEN || headers_len >= packet.len() {
         // A header that does not fit, or no payload to merge.
         return None;
     }
@@ -405,7 +481,7 @@ fn mergeable(hdr: &VnetHdr, packet: &[u8], ip: usize, tcp_gso: u8) -> Option<Seg
     if flags != TCP_ACK && flags != TCP_ACK | TCP_PSH {
         return None;
     }
-    if !checksum_known(hdr, ip) {
+    if !checksum_known(hdr, ip, TCP_CSUM) {
         return None;
     }
     let gso_size = match hdr.gso_type {
@@ -422,8 +498,9 @@ fn mergeable(hdr: &VnetHdr, packet: &[u8], ip: usize, tcp_gso: u8) -> Option<Seg
     };
     Some(Segment {
         seq: be32(packet, ip + TCP_SEQ),
+        udp: false,
         ip_hdr_len: ip,
-        tcp_hdr_len,
+        l4_hdr_len,
         payload_len: packet.len() - headers_len,
         psh: flags & TCP_PSH != 0,
         gso_size,
@@ -432,66 +509,83 @@ fn mergeable(hdr: &VnetHdr, packet: &[u8], ip: usize, tcp_gso: u8) -> Option<Seg
 
 /// The offload header for a packet that arrived with none (an HTTP/3
 /// datagram, a plain capsule): `F_DATA_VALID` when it is a whole TCP
-/// segment whose checksum verifies here, so [`Coalescer::push`] may merge
-/// it; [`VnetHdr::NONE`] otherwise, and the receiving kernel checks it.
+/// segment, or IPv4 UDP datagram with a checksum, whose sums verify here,
+/// so [`Coalescer::push`] may merge it; [`VnetHdr::NONE`] otherwise, and
+/// the receiving kernel checks it.
 ///
 /// The tunnel's AEAD already vouches for the bytes since the gateway; the
 /// sum catches what was corrupt before it, which a merge would hide. One
 /// pass over the packet costs far less than the TUN write per segment it
 /// saves.
 pub fn verified(packet: &[u8]) -> VnetHdr {
-    let valid = VnetHdr {
-        flags: VnetHdr::F_DATA_VALID,
-        ..VnetHdr::NONE
-    };
-    let sum_ok = match packet.first().map(|b| b >> 4) {
-        Some(4) if packet.len() >= IPV4_MIN_HDR_LEN && packet[IP_PROTO] == PROTO_TCP => {
-            let ihl = usize::from(packet[0] & 0x0f) * 4;
-            let whole = usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len();
-            let fragment = be16(packet, IP_FRAG) & IP_FRAG_MASK != 0;
-            whole
-                && !fragment
-                && ihl >= IPV4_MIN_HDR_LEN
-                && packet.len() > ihl + TCP_MIN_HDR_LEN
-                && {
-                    // A merge rewrites the IP header's checksum as well.
-                    let header_ok = crate::packet::checksum(&packet[..ihl]) == 0;
-                    let l4 = &packet[ihl..];
-                    // Bounded by the total length field.
-                    let mut sum = pseudo_header(packet, PROTO_TCP, l4.len() as u16);
-                    sum.add(l4);
-                    header_ok && sum.finish() == 0
-                }
-        }
-        Some(6)
-            if packet.len() > IPV6_HDR_LEN + TCP_MIN_HDR_LEN && packet[IPV6_NEXT] == PROTO_TCP =>
-        {
-            let l4 = &packet[IPV6_HDR_LEN..];
-            usize::from(be16(packet, IPV6_PAYLOAD_LEN)) == l4.len() && {
-                let mut sum = pseudo_header6(packet, PROTO_TCP, l4.len() as u16);
-                sum.add(l4);
-                sum.finish() == 0
-            }
-        }
+    let sums_ok = match packet.first().map(|b| b >> 4) {
+        Some(4) => sums_verify4(packet),
+        Some(6) => sums_verify6(packet),
         _ => false,
     };
-    if sum_ok {
-        valid
+    if sums_ok {
+        VnetHdr {
+            flags: VnetHdr::F_DATA_VALID,
+            ..VnetHdr::NONE
+        }
     } else {
         VnetHdr::NONE
     }
 }
 
+/// [`verified`] for IPv4: a whole TCP segment or UDP datagram whose IP
+/// header checksum (a merge rewrites it) and transport checksum verify.
+fn sums_verify4(packet: &[u8]) -> bool {
+    if packet.len() < IPV4_MIN_HDR_LEN {
+        return false;
+    }
+    let proto = packet[IP_PROTO];
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let l4_min = match proto {
+        PROTO_TCP => TCP_MIN_HDR_LEN,
+        PROTO_UDP => UDP_HDR_LEN,
+        _ => return false,
+    };
+    let whole = usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len();
+    let fragment = be16(packet, IP_FRAG) & IP_FRAG_MASK != 0;
+    if !whole || fragment || ihl < IPV4_MIN_HDR_LEN || packet.len() <= ihl + l4_min {
+        return false;
+    }
+    // A zero UDP checksum is none at all: nothing to vouch for.
+    if proto == PROTO_UDP && be16(packet, ihl + UDP_CSUM) == 0 {
+        return false;
+    }
+    let l4 = &packet[ihl..];
+    // Bounded by the total length field.
+    let mut sum = pseudo_header(packet, proto, l4.len() as u16);
+    sum.add(l4);
+    crate::packet::checksum(&packet[..ihl]) == 0 && sum.finish() == 0
+}
+
+/// [`verified`] for IPv6: TCP right after the header, checksum verified.
+fn sums_verify6(packet: &[u8]) -> bool {
+    if packet.len() <= IPV6_HDR_LEN + TCP_MIN_HDR_LEN || packet[IPV6_NEXT] != PROTO_TCP {
+        return false;
+    }
+    let l4 = &packet[IPV6_HDR_LEN..];
+    if usize::from(be16(packet, IPV6_PAYLOAD_LEN)) != l4.len() {
+        return false;
+    }
+    let mut sum = pseudo_header6(packet, PROTO_TCP, l4.len() as u16);
+    sum.add(l4);
+    sum.finish() == 0
+}
+
 /// Whether the kernel either verified the checksum or left it to compute
-/// in the TCP checksum field, the only two states a recomputed checksum
-/// cannot make worse.
-fn checksum_known(hdr: &VnetHdr, ip: usize) -> bool {
+/// in the transport's checksum field (`csum_field` past the IP header),
+/// the only two states a recomputed checksum cannot make worse.
+fn checksum_known(hdr: &VnetHdr, ip: usize, csum_field: usize) -> bool {
     let known = VnetHdr::F_NEEDS_CSUM | VnetHdr::F_DATA_VALID;
     if hdr.flags & !known != 0 {
         return false;
     }
     if hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 {
-        return usize::from(hdr.csum_start) == ip && usize::from(hdr.csum_offset) == TCP_CSUM;
+        return usize::from(hdr.csum_start) == ip && usize::from(hdr.csum_offset) == csum_field;
     }
     hdr.flags & VnetHdr::F_DATA_VALID != 0
 }
@@ -509,33 +603,23 @@ fn same_headers(
 ) -> bool {
     let tcp = |range: std::ops::Range<usize>| ip + range.start..ip + range.end;
     let options = tcp(TCP_MIN_HDR_LEN..first_tcp_len);
-    let same_ip = if ip == IPV6_HDR_LEN {
-        first[IPV6_FLOW] == next[IPV6_FLOW] && first[IPV6_HOP_LIMIT] == next[IPV6_HOP_LIMIT]
-    } else {
-        first[IP_TOS] == next[IP_TOS]
-            && first[IP_TTL] == next[IP_TTL]
-            && be16(first, IP_FRAG) & IP_DF == be16(next, IP_FRAG) & IP_DF
-    };
     first_tcp_len == next_tcp_len
-        && same_ip
+        && same_ip(first, next, ip)
         && first[tcp(TCP_ACK_NUM)] == next[tcp(TCP_ACK_NUM)]
         && first[tcp(TCP_WINDOW)] == next[tcp(TCP_WINDOW)]
         && first[options.clone()] == next[options]
 }
 
-/// The value Linux keeps in the checksum field of a `CHECKSUM_PARTIAL` TCP
-/// packet: the pseudo-header sum, folded but not complemented.
-fn partial_checksum(packet: &[u8]) -> u16 {
-    // The packet is at most MAX_MERGED_LEN long.
-    let l4_len = (packet.len() - IPV4_MIN_HDR_LEN) as u16;
-    !pseudo_header(packet, PROTO_TCP, l4_len).finish()
-}
-
-/// [`partial_checksum`] for IPv6 without extension headers.
-fn partial_checksum6(packet: &[u8]) -> u16 {
-    // The packet is at most MAX_MERGED_LEN long.
-    let l4_len = (packet.len() - IPV6_HDR_LEN) as u16;
-    !pseudo_header6(packet, PROTO_TCP, l4_len).finish()
+/// Whether the IP fields every packet of a merged run repeats agree: TOS,
+/// TTL, DF (IPv4) or traffic class, flow label, hop limit (IPv6).
+fn same_ip(first: &[u8], next: &[u8], ip: usize) -> bool {
+    if ip == IPV6_HDR_LEN {
+        first[IPV6_FLOW] == next[IPV6_FLOW] && first[IPV6_HOP_LIMIT] == next[IPV6_HOP_LIMIT]
+    } else {
+        first[IP_TOS] == next[IP_TOS]
+            && first[IP_TTL] == next[IP_TTL]
+            && be16(first, IP_FRAG) & IP_DF == be16(next, IP_FRAG) & IP_DF
+    }
 }
 
 #[cfg(test)]
@@ -1372,6 +1456,133 @@ mod tests {
             verified(&Tcp::at(1000).packet(&data(500, 0))),
             VnetHdr::NONE
         );
+    }
+
+    // --- UDP ------------------------------------------------------------
+
+    /// IPv4 UDP around `payload`, between the TCP flow's addresses and
+    /// ports, the `n`th of its socket (the IP ID counts them): as the
+    /// kernel hands it over with NEEDS_CSUM (`partial`, the pseudo-header
+    /// sum in the field), else as on the wire.
+    fn udp_nth(n: u16, payload: &[u8], partial: bool) -> Vec<u8> {
+        let mut p = vec![0x45, 0];
+        p.extend_from_slice(&((28 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&(0x1234 + n).to_be_bytes());
+        p.extend_from_slice(&[0x40, 0, 64, 17, 0, 0]);
+        p.extend_from_slice(&SRC);
+        p.extend_from_slice(&DST);
+        p.extend_from_slice(&443u16.to_be_bytes());
+        p.extend_from_slice(&40000u16.to_be_bytes());
+        p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(payload);
+        let ip = !ones_sum(&p[..20]);
+        p[10..12].copy_from_slice(&ip.to_be_bytes());
+        let mut all = pseudo_header(&p);
+        let csum = if partial {
+            ones_sum(&all)
+        } else {
+            all.extend_from_slice(&p[20..]);
+            !ones_sum(&all)
+        };
+        p[26..28].copy_from_slice(&csum.to_be_bytes());
+        p
+    }
+
+    fn udp(payload: &[u8], partial: bool) -> Vec<u8> {
+        udp_nth(0, payload, partial)
+    }
+
+    fn udp_partial_hdr() -> VnetHdr {
+        VnetHdr {
+            flags: VnetHdr::F_NEEDS_CSUM,
+            gso_type: VnetHdr::GSO_NONE,
+            hdr_len: 28,
+            gso_size: 0,
+            csum_start: 20,
+            csum_offset: 6,
+        }
+    }
+
+    #[test]
+    fn udp_datagrams_of_a_flow_merge_and_segment_back_into_the_originals() {
+        let payloads: Vec<Vec<u8>> = (0..5).map(|i| data(64, i)).collect();
+        let inputs: Vec<_> = (0..5)
+            .map(|i| (udp_partial_hdr(), udp_nth(i as u16, &payloads[i], true)))
+            .collect();
+        let out = run(&inputs);
+        assert_eq!(out.len(), 1, "one super-packet");
+        let (hdr, merged) = &out[0];
+        assert_eq!(
+            *hdr,
+            VnetHdr {
+                gso_type: VnetHdr::GSO_UDP_L4,
+                gso_size: 64,
+                ..udp_partial_hdr()
+            }
+        );
+        assert_eq!(hdr.validate(merged), Ok(()));
+        assert_eq!(usize::from(u16_at(merged, 2)), merged.len());
+        assert_eq!(usize::from(u16_at(merged, 24)), merged.len() - 20);
+        assert!(ip_checksum_ok(merged));
+        assert_eq!(u16_at(merged, 26), ones_sum(&pseudo_header(merged)));
+        // Cut again, each datagram is the one that went in, complete.
+        let wire: Vec<Vec<u8>> = (0..5)
+            .map(|i| udp_nth(i as u16, &payloads[i], false))
+            .collect();
+        assert_eq!(resegment(hdr, merged), wire);
+
+        // Verified on arrival (over HTTP/3), the same.
+        let inputs: Vec<_> = wire.iter().map(|p| (verified(p), p.clone())).collect();
+        assert_eq!(inputs[0].0, data_valid());
+        let out = run(&inputs);
+        assert_eq!(out.len(), 1);
+        assert_eq!(resegment(&out[0].0, &out[0].1), wire);
+    }
+
+    #[test]
+    fn a_udp_run_keeps_its_datagrams_apart_where_it_must() {
+        let (full, short, long) = (data(200, 0), data(100, 1), data(300, 2));
+        let input = |p: &[u8]| (udp_partial_hdr(), udp(p, true));
+        // A shorter datagram ends the run; a longer one starts another.
+        let out = run(&[input(&full), input(&short), input(&full)]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0.gso_size, 200);
+        assert_eq!(out[0].1.len(), 28 + 300);
+        let out = run(&[input(&full), input(&long)]);
+        assert_eq!(out, vec![input(&full), input(&long)]);
+        // At most MAX_UDP_SEGMENTS datagrams in one.
+        let many: Vec<_> = (0..MAX_UDP_SEGMENTS + 1)
+            .map(|_| input(&data(64, 3)))
+            .collect();
+        let out = run(&many);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].1.len(), 28 + 64 * MAX_UDP_SEGMENTS);
+        // No checksum (zero) is not a verified one: it stays as it came.
+        let mut none = udp(&full, false);
+        none[26..28].copy_from_slice(&[0, 0]);
+        assert_eq!(verified(&none), VnetHdr::NONE);
+        let inputs = [(data_valid(), none.clone()), (data_valid(), none.clone())];
+        assert_eq!(run(&inputs), inputs.to_vec());
+    }
+
+    #[test]
+    fn udp_and_tcp_on_the_same_ports_are_different_flows() {
+        let t = Tcp::at(1000);
+        let inputs = [
+            (t.hdr(), t.packet(&data(1000, 0))),
+            input_udp(&data(100, 1)),
+            (Tcp::at(2000).hdr(), Tcp::at(2000).packet(&data(1000, 2))),
+            input_udp(&data(100, 3)),
+        ];
+        let out = run(&inputs);
+        assert_eq!(out.len(), 2, "one run each");
+        assert_eq!(out[0].0.gso_type, VnetHdr::GSO_TCPV4);
+        assert_eq!(out[1].0.gso_type, VnetHdr::GSO_UDP_L4);
+    }
+
+    fn input_udp(payload: &[u8]) -> (VnetHdr, Vec<u8>) {
+        (udp_partial_hdr(), udp(payload, true))
     }
 
     #[test]

@@ -295,6 +295,14 @@ pub enum SettingsError {
     CertWithoutKey,
     #[error("--pool-slice: {0}")]
     Slice(#[from] crate::slice::SliceError),
+    /// A number the command line bounds (clap) that the file set beyond
+    /// those bounds.
+    #[error("{setting} = {value} is out of range: it takes {range}")]
+    OutOfRange {
+        setting: &'static str,
+        value: u64,
+        range: &'static str,
+    },
     #[error("--iface is required to run the gateway: the WAN interface, e.g. --iface eth0 (or `iface = \"eth0\"` in the --config file)")]
     NoIface,
 }
@@ -378,8 +386,8 @@ impl Settings {
             client_buffer: self.client_buffer.map_or(4 << 20, |b| b.0),
             max_handshakes: self.max_handshakes.unwrap_or(256),
             max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
-            threads: self.threads,
-            tun_queues: self.tun_queues,
+            threads: within("threads", self.threads, 1, u16::MAX, "1 or more")?,
+            tun_queues: within("tun-queues", self.tun_queues, 1, 256, "1 to 256")?,
             busy_poll: Duration::from_micros(self.busy_poll.unwrap_or(0)),
             dns: self.dns,
             forward: self.forward,
@@ -416,6 +424,25 @@ fn pool(
     match slice {
         Some(slice) => Ok(slice.of(pool)?),
         None => Ok(pool),
+    }
+}
+
+/// `value` if it lies in `min..=max`: the bounds `--help` gives, which
+/// clap checks on the command line and this checks for the file.
+fn within(
+    setting: &'static str,
+    value: Option<u16>,
+    min: u16,
+    max: u16,
+    range: &'static str,
+) -> Result<Option<u16>, SettingsError> {
+    match value {
+        Some(v) if !(min..=max).contains(&v) => Err(SettingsError::OutOfRange {
+            setting,
+            value: u64::from(v),
+            range,
+        }),
+        v => Ok(v),
     }
 }
 
@@ -664,6 +691,37 @@ mod tests {
             err.contains("listen") || err.contains("socket address"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_count_beyond_the_flags_bounds_in_the_file_is_refused_by_name() {
+        for (text, key, range) in [
+            (
+                "iface = \"eth0\"\ntun-queues = 300\n",
+                "tun-queues = 300",
+                "1 to 256",
+            ),
+            (
+                "iface = \"eth0\"\ntun-queues = 0\n",
+                "tun-queues = 0",
+                "1 to 256",
+            ),
+            (
+                "iface = \"eth0\"\nthreads = 0\n",
+                "threads = 0",
+                "1 or more",
+            ),
+        ] {
+            let err = parse(text)
+                .unwrap()
+                .resolve(PathBuf::from("/var/lib/veil"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(range), "{err}");
+        }
+        let ok = parse("iface = \"eth0\"\ntun-queues = 256\nthreads = 1\n").unwrap();
+        let cfg = ok.resolve(PathBuf::from("/var/lib/veil")).unwrap();
+        assert_eq!((cfg.tun_queues, cfg.threads), (Some(256), Some(1)));
     }
 
     #[test]

@@ -41,10 +41,12 @@ pub(super) struct GatewaySide<'a> {
     pub(super) stopped: &'a mut watch::Receiver<bool>,
     pub(super) bytes: &'a Bytes,
     pub(super) gro: Coalescer,
-    /// The client's plain packets (over HTTP/3, every packet), merged per
-    /// flow before they enter the TUN device: one write and one pass
-    /// through the datapath for a run of segments. `None` for a client
-    /// with a rate limit, which gets no super-packets (see `offload_for`).
+    /// The client's single packets (over HTTP/3, every packet; over TCP,
+    /// what its kernel did not send as a super-packet, small UDP datagrams
+    /// among them), merged per flow before they enter the TUN device: one
+    /// write and one pass through the datapath for a run of them. `None`
+    /// for a client with a rate limit, which gets no super-packets (see
+    /// `offload_for`).
     pub(super) up: Option<Coalescer>,
 }
 
@@ -110,11 +112,21 @@ impl Local<ServerSession> for GatewaySide<'_> {
                     return Ok(());
                 };
                 bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
-                // Whatever of the client's was pending goes first.
-                if let Some(up) = up {
-                    up.flush(|hdr, packet| forward(shared, vip, session, hdr, packet));
+                match up {
+                    // One packet (a small UDP datagram, say): it may merge.
+                    Some(up) if hdr.gso_type == VnetHdr::GSO_NONE => {
+                        up.push(&hdr, packet, |hdr, packet| {
+                            forward(shared, vip, session, hdr, packet)
+                        });
+                    }
+                    // A super-packet already: whatever of the client's was
+                    // pending goes first.
+                    Some(up) => {
+                        up.flush(|hdr, packet| forward(shared, vip, session, hdr, packet));
+                        forward(shared, vip, session, &hdr, packet);
+                    }
+                    None => forward(shared, vip, session, &hdr, packet),
                 }
-                forward(shared, vip, session, &hdr, packet);
             }
             // Client-side outputs.
             _ => {}
