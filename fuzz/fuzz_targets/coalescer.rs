@@ -3,7 +3,8 @@
 //!
 //! Asserts, beyond "no panic", on every packet emitted:
 //! - it is either an input exactly as pushed, or the merge of two or more
-//!   consecutive inputs of one flow: the first one's headers (with its
+//!   consecutive inputs of one flow (TCP, or IPv4 UDP: at most
+//!   `MAX_UDP_SEGMENTS` datagrams): the first one's headers (with its
 //!   length, checksums and PSH fixed), every payload after them in order,
 //!   a header that validates, and segmentation of it gives well-formed
 //!   packets with correct checksums;
@@ -21,7 +22,7 @@ use veil_fuzz::{
     ip::{self, assert_ipv4, assert_segmented, be16, ones_sum, pseudo_sum, pseudo_sum6},
 };
 use veil_proto::{
-    gro::{Coalescer, MAX_MERGED_LEN},
+    gro::{Coalescer, MAX_MERGED_LEN, MAX_UDP_SEGMENTS},
     gso::{segment, VnetHdr, MIN_GSO_SIZE},
 };
 
@@ -69,7 +70,8 @@ fuzz_target!(|data: &[u8]| {
 enum Class {
     Other,
     Addrs(Addrs),
-    Flow(Addrs, [u8; 4]),
+    /// Addresses, ports and protocol.
+    Flow(Addrs, [u8; 4], u8),
 }
 
 /// The IP version and the addresses (IPv4's padded).
@@ -84,8 +86,10 @@ impl Class {
         }
     }
 
+    /// IPv4: TCP and UDP are flows, a fragment or truncated header of
+    /// either may be of any flow between its addresses.
     fn of4(p: &[u8]) -> Class {
-        if p.len() < 20 || p[9] != ip::TCP {
+        if p.len() < 20 || (p[9] != ip::TCP && p[9] != ip::UDP) {
             return Class::Other;
         }
         let addrs = addrs(4, &p[12..20]);
@@ -93,7 +97,7 @@ impl Class {
         if ihl < 20 || be16(p, 6) & 0x3fff != 0 || p.len() < ihl + 4 {
             return Class::Addrs(addrs);
         }
-        Class::Flow(addrs, p[ihl..ihl + 4].try_into().unwrap())
+        Class::Flow(addrs, p[ihl..ihl + 4].try_into().unwrap(), p[9])
     }
 
     /// IPv6: TCP right after the header is a flow; UDP and ICMPv6 are of
@@ -104,7 +108,9 @@ impl Class {
         }
         let addrs = addrs(6, &p[8..40]);
         match p[6] {
-            ip::TCP if p.len() >= 44 => Class::Flow(addrs, p[40..44].try_into().unwrap()),
+            ip::TCP if p.len() >= 44 => {
+                Class::Flow(addrs, p[40..44].try_into().unwrap(), ip::TCP)
+            }
             ip::UDP | 58 => Class::Other,
             _ => Class::Addrs(addrs),
         }
@@ -113,7 +119,7 @@ impl Class {
     fn addrs(self) -> Option<Addrs> {
         match self {
             Class::Other => None,
-            Class::Addrs(a) | Class::Flow(a, _) => Some(a),
+            Class::Addrs(a) | Class::Flow(a, ..) => Some(a),
         }
     }
 }
@@ -192,6 +198,9 @@ impl Tracker {
         let first = &self.inputs[pending[0]];
         assert!(packet.len() <= MAX_MERGED_LEN);
         let v6 = packet[0] >> 4 == 6;
+        if !v6 && packet[9] == ip::UDP {
+            return self.merged_udp(hdr, packet, pending);
+        }
         // IPv4 without options or IPv6 without extension headers.
         let ip = if v6 {
             assert_eq!(usize::from(be16(packet, 4)), packet.len() - 40);
@@ -285,6 +294,65 @@ impl Tracker {
         if !v6 {
             assert_eq!(ones_sum(&packet[..20]), 0xffff);
         }
+        used
+    }
+
+    /// [`Tracker::merged`] for IPv4 UDP: a UDP super-packet whose
+    /// datagrams are the pending inputs', each of the first one's size but
+    /// the last.
+    fn merged_udp(&mut self, hdr: &VnetHdr, packet: &[u8], pending: &[usize]) -> usize {
+        assert_eq!(assert_ipv4(packet), 20, "merged packets have no IP options");
+        assert_eq!(
+            *hdr,
+            VnetHdr {
+                flags: VnetHdr::F_NEEDS_CSUM,
+                gso_type: VnetHdr::GSO_UDP_L4,
+                hdr_len: 28,
+                gso_size: hdr.gso_size,
+                csum_start: 20,
+                csum_offset: 6,
+            },
+            "header of a merged UDP packet"
+        );
+        assert!(hdr.gso_size >= MIN_GSO_SIZE);
+        assert_eq!(hdr.validate(packet), Ok(()));
+        assert_eq!(usize::from(be16(packet, 24)), packet.len() - 20, "UDP length");
+        assert_eq!(be16(packet, 26), pseudo_sum(packet, 20), "partial checksum");
+        let payload = &packet[28..];
+        let (mut at, mut used) = (0, 0);
+        while at < payload.len() {
+            let Some(&i) = pending.get(used) else {
+                panic!("a merged packet carries more than its flow's pending inputs");
+            };
+            let p = &self.inputs[i].packet;
+            assert!(
+                p.len() > 28 && p[0] == 0x45 && p[9] == ip::UDP,
+                "merged input {i}, which is no plain UDP datagram"
+            );
+            let part = &p[28..];
+            assert!(
+                part.len() == usize::from(hdr.gso_size) || at + part.len() == payload.len(),
+                "datagram {i} of another size, not the last"
+            );
+            assert!(
+                payload[at..].starts_with(part),
+                "merged payload differs from input {i}'s"
+            );
+            at += part.len();
+            used += 1;
+        }
+        assert!(used >= 2, "a packet came out changed but not merged");
+        assert!(used <= MAX_UDP_SEGMENTS, "{used} datagrams in one");
+        let f = &self.inputs[pending[0]].packet;
+        let same = |r: std::ops::Range<usize>| packet[r.clone()] == f[r];
+        assert!(same(0..2) && same(4..10) && same(12..24), "IPv4 and UDP header");
+        let mut segments = Vec::new();
+        segment(hdr, packet, &mut self.scratch, |s| {
+            segments.push(s.to_vec())
+        })
+        .expect("a merged packet segments");
+        assert_segmented(hdr, packet, &segments);
+        assert_eq!(ones_sum(&packet[..20]), 0xffff);
         used
     }
 }
