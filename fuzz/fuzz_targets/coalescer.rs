@@ -35,7 +35,8 @@ fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let mut gen = Generator::default();
     let mut tracker = Tracker::default();
-    let mut gro = Coalescer::new();
+    // UDP merging on: the superset of what any coalescer does.
+    let mut gro = Coalescer::with_udp();
     // Eight slots of at most 64 KiB, twice over while growing, plus what
     // the checks copy.
     let limit = 4 << 20;
@@ -328,6 +329,13 @@ impl Tracker {
             assert!(
                 p.len() > 28 && p[0] == 0x45 && p[9] == ip::UDP,
                 "merged input {i}, which is no plain UDP datagram"
+            );
+            // What the gateway's checks read of each must be the first's:
+            // TOS, DF, TTL (and, by the flow, addresses and ports).
+            let f = &self.inputs[pending[0]].packet;
+            assert!(
+                p[1] == f[1] && p[6] & 0x40 == f[6] & 0x40 && p[8] == f[8],
+                "input {i} merged with other TOS, DF or TTL"
             );
             let part = &p[28..];
             assert!(

@@ -111,6 +111,83 @@ fn dns_names_resolve_through_the_tunnel_and_resolv_conf_comes_back_exactly() {
     );
 }
 
+/// Queries that reach the gateway's DNS service as one UDP super-packet
+/// (sent here as one buffer with UDP_SEGMENT; the client's kernel cuts it
+/// up for `veil0`, and the gateway merges the datagrams again before its
+/// checks) are each a query of their own, and each gets its answer, over
+/// either transport.
+#[test]
+fn dns_queries_in_one_udp_super_packet_are_each_answered() {
+    use std::os::fd::AsRawFd;
+
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RecordType},
+    };
+    const LONG: &str = "a-name-long-enough-for-queries-to-be-merged.veil-dns-test.example.";
+    const QUERIES: u16 = 16;
+    let world = World::new(1, &["--dns", &REMOTE.to_string()]);
+    let _internet = DnsServer::start(
+        &world.remote,
+        REMOTE,
+        &[(LONG, THROUGH_TUNNEL.parse().unwrap())],
+    );
+    let profile = world.add_client("burst", 1);
+    for transport in ["tcp", "h3"] {
+        let mut client = world.start_client_with(1, &profile, true, &["--transport", transport]);
+        let answered = world.client(1).enter(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            // Queries of one length (ids differ), sent as one buffer the
+            // kernel cuts into datagrams of that size (UDP_SEGMENT).
+            let queries: Vec<Vec<u8>> = (1..=QUERIES)
+                .map(|id| {
+                    let mut q = Message::new(id, MessageType::Query, OpCode::Query);
+                    q.metadata.recursion_desired = true;
+                    q.add_query(Query::query(Name::from_ascii(LONG).unwrap(), RecordType::A));
+                    q.to_vec().unwrap()
+                })
+                .collect();
+            let size = queries[0].len() as libc::c_int;
+            // SAFETY: a valid socket, and an int option.
+            let set = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_UDP,
+                    libc::UDP_SEGMENT,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(set, 0, "UDP_SEGMENT");
+            socket
+                .send_to(&queries.concat(), ("10.77.0.1", 53))
+                .unwrap();
+            let mut answered = std::collections::BTreeSet::new();
+            let mut buf = [0u8; 1500];
+            while answered.len() < usize::from(QUERIES) {
+                let Ok(n) = socket.recv(&mut buf) else { break };
+                if let Ok(answer) = Message::from_vec(&buf[..n]) {
+                    answered.insert(answer.metadata.id);
+                }
+            }
+            answered
+        });
+        assert_eq!(
+            answered,
+            (1..=QUERIES).collect(),
+            "over {transport}: every query answered ({})",
+            world.status()["counters"]
+        );
+        client.stop();
+        wait_until("the session to end", Duration::from_secs(10), || {
+            world.status()["clients"].as_array().unwrap().is_empty()
+        });
+    }
+}
+
 #[test]
 fn dns_settings_left_by_a_killed_client_are_restored_at_its_next_start() {
     let world = World::new(1, &["--dns", &REMOTE.to_string()]);

@@ -57,7 +57,8 @@ type FlowKey = (AddrKey, [u8; 4], u8);
 /// more (`UDP_MAX_SEGMENTS`, 64 before Linux 6.9).
 pub const MAX_UDP_SEGMENTS: usize = 64;
 
-/// Merges consecutive TCP segments per flow; see the module documentation.
+/// Merges consecutive TCP segments per flow (and, if made
+/// [`Coalescer::with_udp`], UDP datagrams); see the module documentation.
 /// Feed it every packet of a batch with [`Coalescer::push`], then call
 /// [`Coalescer::flush`].
 pub struct Coalescer {
@@ -65,15 +66,32 @@ pub struct Coalescer {
     /// Stamps slots in the order their packets started, so the oldest goes
     /// first when a slot is needed and on flush.
     clock: u64,
+    /// Whether IPv4 UDP datagrams merge too.
+    udp: bool,
 }
 
 impl Coalescer {
-    /// An empty coalescer. Slot buffers grow on first use and are reused
-    /// from then on, so the steady state does not allocate.
+    /// An empty coalescer that merges TCP segments. Slot buffers grow on
+    /// first use and are reused from then on, so the steady state does not
+    /// allocate.
     pub fn new() -> Self {
         Coalescer {
             slots: std::array::from_fn(|_| Slot::default()),
             clock: 0,
+            udp: false,
+        }
+    }
+
+    /// One that merges IPv4 UDP datagrams into UDP super-packets too. Only
+    /// for packets bound for a kernel that takes them (a TUN device on
+    /// Linux 6.2 on, which knows `TUN_F_USO4`: older ones refuse the
+    /// write) and for no
+    /// reader that would take a super-packet for one datagram (a
+    /// user-space stack, a DNS server).
+    pub fn with_udp() -> Self {
+        Coalescer {
+            udp: true,
+            ..Coalescer::new()
         }
     }
 
@@ -85,7 +103,7 @@ impl Coalescer {
     /// Per-flow order is preserved; packets of different flows may be
     /// reordered relative to each other.
     pub fn push(&mut self, hdr: &VnetHdr, packet: &[u8], mut emit: impl FnMut(&VnetHdr, &[u8])) {
-        match classify(hdr, packet) {
+        match classify(hdr, packet, self.udp) {
             Class::Other => emit(hdr, packet),
             Class::Addrs(addrs) => {
                 // Which flow it belongs to is unknown: let out everything
@@ -243,6 +261,9 @@ impl Slot {
             Some(gso_size) => gso_size == self.mss,
             None => seg.payload_len <= self.mss,
         };
+        if self.mss < usize::from(MIN_GSO_SIZE) {
+            return false;
+        }
         let follows = if self.udp {
             self.payload_len / self.mss < MAX_UDP_SEGMENTS
                 && same_ip(&self.packet, packet, self.ip_hdr_len)
@@ -258,7 +279,6 @@ impl Slot {
         };
         !self.psh
             && seg.udp == self.udp
-            && self.mss >= usize::from(MIN_GSO_SIZE)
             // A short segment can only be the last one.
             && self.payload_len.is_multiple_of(self.mss)
             && size_fits
@@ -359,20 +379,21 @@ impl Segment {
     }
 }
 
-fn classify(hdr: &VnetHdr, packet: &[u8]) -> Class {
+fn classify(hdr: &VnetHdr, packet: &[u8], udp: bool) -> Class {
     match packet.first().map(|b| b >> 4) {
-        Some(4) => classify4(hdr, packet),
+        Some(4) => classify4(hdr, packet, udp),
         Some(6) => classify6(hdr, packet),
         _ => Class::Other,
     }
 }
 
-fn classify4(hdr: &VnetHdr, packet: &[u8]) -> Class {
+/// IPv4: TCP is always a flow; UDP is one when `udp` datagrams merge.
+fn classify4(hdr: &VnetHdr, packet: &[u8], udp: bool) -> Class {
     if packet.len() < IPV4_MIN_HDR_LEN {
         return Class::Other;
     }
     let proto = packet[IP_PROTO];
-    if proto == PROTO_UDP {
+    if proto == PROTO_UDP && udp {
         return classify_udp4(hdr, packet);
     }
     if proto != PROTO_TCP {
@@ -430,9 +451,10 @@ fn flow_key(addrs: &AddrKey, ports: &[u8], proto: u8) -> FlowKey {
 }
 
 /// IPv4 UDP: a flow of its own. A datagram may merge when it is whole (no
-/// options, no fragment, lengths that agree), carries a checksum the
-/// kernel verified or left partial (a zero one, "no checksum", would gain
-/// one), and is not already a super-packet. IPv6 UDP is left as it is:
+/// options, no fragment, lengths that agree), carries at least
+/// [`MIN_GSO_SIZE`] bytes, a checksum the kernel verified or left partial
+/// (a zero one, "no checksum", would gain one), and is not already a
+/// super-packet. IPv6 UDP is left as it is:
 /// veil's offload header takes UDP super-packets over IPv4 only.
 fn classify_udp4(hdr: &VnetHdr, packet: &[u8]) -> Class {
     let addrs = addr_key(4, &packet[IP_ADDRS]);
@@ -447,7 +469,10 @@ fn classify_udp4(hdr: &VnetHdr, packet: &[u8]) -> Class {
         && usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len()
         && packet.len() > ip + UDP_HDR_LEN
         && usize::from(be16(packet, ip + UDP_LEN)) == packet.len() - ip;
+    // A payload under the segment size floor could never be joined:
+    // it goes out at once rather than wait in a slot.
     let mergeable = whole
+        && packet.len() - ip - UDP_HDR_LEN >= usize::from(MIN_GSO_SIZE)
         && hdr.gso_type == VnetHdr::GSO_NONE
         && checksum_known(hdr, ip, UDP_CSUM)
         && (hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 || be16(packet, ip + UDP_CSUM) != 0);
@@ -551,11 +576,16 @@ fn sums_verify4(packet: &[u8]) -> bool {
     if !whole || fragment || ihl < IPV4_MIN_HDR_LEN || packet.len() <= ihl + l4_min {
         return false;
     }
-    // A zero UDP checksum is none at all: nothing to vouch for.
-    if proto == PROTO_UDP && be16(packet, ihl + UDP_CSUM) == 0 {
+    let l4 = &packet[ihl..];
+    // A zero UDP checksum is none at all: nothing to vouch for. A UDP
+    // length short of the IP payload would leave bytes the sum covers
+    // that the datagram does not.
+    if proto == PROTO_UDP
+        && (be16(packet, ihl + UDP_CSUM) == 0
+            || usize::from(be16(packet, ihl + UDP_LEN)) != l4.len())
+    {
         return false;
     }
-    let l4 = &packet[ihl..];
     // Bounded by the total length field.
     let mut sum = pseudo_header(packet, proto, l4.len() as u16);
     sum.add(l4);
@@ -845,7 +875,15 @@ mod tests {
 
     /// Everything emitted, in order, for `inputs` pushed then flushed.
     fn run(inputs: &[(VnetHdr, Vec<u8>)]) -> Out {
-        let mut c = Coalescer::new();
+        run_with(Coalescer::new(), inputs)
+    }
+
+    /// [`run`] through a coalescer that merges UDP too.
+    fn run_udp(inputs: &[(VnetHdr, Vec<u8>)]) -> Out {
+        run_with(Coalescer::with_udp(), inputs)
+    }
+
+    fn run_with(mut c: Coalescer, inputs: &[(VnetHdr, Vec<u8>)]) -> Out {
         let mut out = Vec::new();
         for (hdr, packet) in inputs {
             out.extend(push(&mut c, hdr, packet));
@@ -1510,7 +1548,7 @@ mod tests {
         let inputs: Vec<_> = (0..5)
             .map(|i| (udp_partial_hdr(), udp_nth(i as u16, &payloads[i], true)))
             .collect();
-        let out = run(&inputs);
+        let out = run_udp(&inputs);
         assert_eq!(out.len(), 1, "one super-packet");
         let (hdr, merged) = &out[0];
         assert_eq!(
@@ -1535,7 +1573,7 @@ mod tests {
         // Verified on arrival (over HTTP/3), the same.
         let inputs: Vec<_> = wire.iter().map(|p| (verified(p), p.clone())).collect();
         assert_eq!(inputs[0].0, data_valid());
-        let out = run(&inputs);
+        let out = run_udp(&inputs);
         assert_eq!(out.len(), 1);
         assert_eq!(resegment(&out[0].0, &out[0].1), wire);
     }
@@ -1545,25 +1583,39 @@ mod tests {
         let (full, short, long) = (data(200, 0), data(100, 1), data(300, 2));
         let input = |p: &[u8]| (udp_partial_hdr(), udp(p, true));
         // A shorter datagram ends the run; a longer one starts another.
-        let out = run(&[input(&full), input(&short), input(&full)]);
+        let out = run_udp(&[input(&full), input(&short), input(&full)]);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].0.gso_size, 200);
         assert_eq!(out[0].1.len(), 28 + 300);
-        let out = run(&[input(&full), input(&long)]);
+        let out = run_udp(&[input(&full), input(&long)]);
         assert_eq!(out, vec![input(&full), input(&long)]);
         // At most MAX_UDP_SEGMENTS datagrams in one.
         let many: Vec<_> = (0..MAX_UDP_SEGMENTS + 1)
             .map(|_| input(&data(64, 3)))
             .collect();
-        let out = run(&many);
+        let out = run_udp(&many);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].1.len(), 28 + 64 * MAX_UDP_SEGMENTS);
+        // A UDP length short of the IP payload is not vouched for.
+        let mut short_len = udp(&full, false);
+        short_len[24..26].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(verified(&short_len), VnetHdr::NONE);
         // No checksum (zero) is not a verified one: it stays as it came.
         let mut none = udp(&full, false);
         none[26..28].copy_from_slice(&[0, 0]);
         assert_eq!(verified(&none), VnetHdr::NONE);
         let inputs = [(data_valid(), none.clone()), (data_valid(), none.clone())];
-        assert_eq!(run(&inputs), inputs.to_vec());
+        assert_eq!(run_udp(&inputs), inputs.to_vec());
+    }
+
+    #[test]
+    fn without_udp_merging_datagrams_pass_as_they_came() {
+        let inputs: Vec<_> = (0..3).map(|i| input_udp(&data(200, i))).collect();
+        assert_eq!(run(&inputs), inputs);
+        // Nor does a datagram too short to be joined wait for one.
+        let mut c = Coalescer::with_udp();
+        let short = input_udp(&data(usize::from(MIN_GSO_SIZE) - 1, 0));
+        assert_eq!(push(&mut c, &short.0, &short.1), vec![short.clone()]);
     }
 
     #[test]
@@ -1575,7 +1627,7 @@ mod tests {
             (Tcp::at(2000).hdr(), Tcp::at(2000).packet(&data(1000, 2))),
             input_udp(&data(100, 3)),
         ];
-        let out = run(&inputs);
+        let out = run_udp(&inputs);
         assert_eq!(out.len(), 2, "one run each");
         assert_eq!(out[0].0.gso_type, VnetHdr::GSO_TCPV4);
         assert_eq!(out[1].0.gso_type, VnetHdr::GSO_UDP_L4);

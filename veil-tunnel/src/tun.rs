@@ -27,6 +27,7 @@ const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 /// A transmit queue (what the kernel holds for our reads) for a device
 /// that carries other hosts' downloads, in packets: the gateway's. The
@@ -54,6 +55,10 @@ pub struct Tun {
     /// Packets a write failed to hand to the kernel (counted, not logged
     /// one by one: a failing device fails for every packet).
     write_failures: AtomicU64,
+    /// The kernel knows UDP segmentation (Linux 6.2 on), and with it takes
+    /// writes of UDP super-packets (`GSO_UDP_L4`), which older kernels
+    /// refuse.
+    udp_gso: bool,
 }
 
 impl Tun {
@@ -68,9 +73,9 @@ impl Tun {
         let dev = tun::create(&cfg).map_err(io::Error::other)?;
         dev.set_nonblock().map_err(io::Error::other)?;
         set_little_endian(dev.as_raw_fd())?;
-        set_offload(dev.as_raw_fd())?;
+        let udp_gso = set_offload(dev.as_raw_fd())?;
         let name = tun::AbstractDevice::tun_name(&dev).map_err(io::Error::other)?;
-        Self::register(dev, name)
+        Self::register(dev, name, udp_gso)
     }
 
     /// Creates (or opens) TUN device `name` with `queues` queues
@@ -91,7 +96,7 @@ impl Tun {
             // further queue attaches to the name it got.
             name = attached;
             set_little_endian(fd.as_raw_fd())?;
-            set_offload(fd.as_raw_fd())?;
+            let udp_gso = set_offload(fd.as_raw_fd())?;
             let mut cfg = tun::Configuration::default();
             cfg.raw_fd(fd.into_raw_fd()).tun_name(&name).mtu(mtu);
             let mut dev = tun::create(&cfg).map_err(io::Error::other)?;
@@ -99,12 +104,12 @@ impl Tun {
                 tun::AbstractDevice::set_mtu(&mut dev, mtu).map_err(io::Error::other)?;
                 tun::AbstractDevice::enabled(&mut dev, true).map_err(io::Error::other)?;
             }
-            out.push(Self::register(dev, name.clone())?);
+            out.push(Self::register(dev, name.clone(), udp_gso)?);
         }
         Ok(out)
     }
 
-    fn register(dev: tun::Device, name: String) -> io::Result<Self> {
+    fn register(dev: tun::Device, name: String, udp_gso: bool) -> io::Result<Self> {
         // SAFETY: the device owns its fd, open until the AsyncFd drops it.
         let fd = unsafe { AsyncFd::register_with_interest(dev, Interest::READABLE) }
             .map_err(io::Error::from)?;
@@ -112,11 +117,19 @@ impl Tun {
             fd,
             name,
             write_failures: AtomicU64::new(0),
+            udp_gso,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the device takes UDP super-packets (`GSO_UDP_L4`) written to
+    /// it: only then may a writer merge datagrams
+    /// (`veil_proto::gro::Coalescer::with_udp`).
+    pub fn takes_udp_gso(&self) -> bool {
+        self.udp_gso
     }
 
     /// Sets the device's transmit queue length (see
@@ -305,13 +318,22 @@ fn set_little_endian(fd: i32) -> io::Result<()> {
 /// Lets the kernel hand over unsegmented IPv4 and IPv6 TCP (and, where
 /// the kernel has it, UDP) super-packets with partial checksums; falls
 /// back to fewer kinds if the kernel refuses a combination.
-fn set_offload(fd: i32) -> io::Result<()> {
+/// Sets the TCP offloads, the most this kernel takes first. Returns
+/// whether the kernel knows UDP segmentation (`TUN_F_USO4 | TUN_F_USO6`,
+/// Linux 6.2 on), which is when it also takes UDP super-packets written
+/// to the device. The device itself is left without it: its readers would
+/// get UDP super-packets, which a peer on an older kernel could not write.
+fn set_offload(fd: i32) -> io::Result<bool> {
     let tcp4 = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
     let tcp = tcp4 | TUN_F_TSO6;
-    for flags in [tcp | TUN_F_USO4, tcp, tcp4] {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(fd, TUNSETOFFLOAD as _, flags as libc::c_ulong) } == 0 {
-            return Ok(());
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    let set = |flags: libc::c_uint| unsafe {
+        libc::ioctl(fd, TUNSETOFFLOAD as _, flags as libc::c_ulong) == 0
+    };
+    let udp_gso = set(tcp | TUN_F_USO4 | TUN_F_USO6);
+    for flags in [tcp, tcp4] {
+        if set(flags) {
+            return Ok(udp_gso);
         }
     }
     Err(io::Error::last_os_error())

@@ -2,9 +2,10 @@
 //! front of every packet, and the software segmentation that stands in for a
 //! NIC when the peer cannot take offloaded packets.
 //!
-//! With `TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4)` the kernel hands
-//! the TUN reader unsegmented IPv4 TCP and UDP "super-packets" of up to 64 KiB
-//! whose transport checksum is only partial, each described by a 10-byte
+//! With `TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)` the kernel hands
+//! the TUN reader unsegmented TCP "super-packets" of up to 64 KiB (and takes
+//! UDP ones, `GSO_UDP_L4`, written to it from Linux 6.2 on) whose transport
+//! checksum is only partial, each described by a 10-byte
 //! [`VnetHdr`] (virtio 1.x layout, little-endian). Carrying header and packet
 //! through the tunnel as they are lets both ends encrypt and frame one large
 //! packet instead of dozens of MTU-sized ones; the receiving end writes them

@@ -319,10 +319,17 @@ pub(super) async fn run_session<T: SessionTransport>(
         stopped: &mut stopped,
         bytes: &bytes,
         gro: Coalescer::new(),
-        up: shared.offload_for(&record).then(Coalescer::new),
+        up: shared
+            .offload_for(&record)
+            .then(|| match shared.tun.takes_udp_gso() {
+                true => Coalescer::with_udp(),
+                false => Coalescer::new(),
+            }),
     };
     let mut buf = vec![0u8; 64 * 1024];
     let end = pump::run(&mut session, &mut transport, &mut side, LIMITS, &mut buf).await;
+    // The client's last packets, if the coalescer still held some.
+    side.flush_up(&mut session);
     shared.detach(&name, vip, generation);
     // Its queue and buffers go now, not after the goodbye.
     drop(side);

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::Result;
 use tracing::{debug, warn};
-use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
+use veil_proto::gso::{segment, VnetHdr, VNET_HDR_LEN};
 
 use super::{
     check::{Dropped, Verdict},
@@ -63,7 +63,15 @@ impl Shared {
             }
             Verdict::Client(dst) => self.to_other_client(dst, hdr, pkt),
             Verdict::Dns { port, payload } => {
-                self.dns_query(vip, port, &pkt[payload..]);
+                if hdr.is_gso() {
+                    // A UDP super-packet (merged here, or the client's own
+                    // GSO): every datagram in it is a query of its own.
+                    let _ = segment(hdr, pkt, &mut Vec::new(), |datagram| {
+                        self.dns_query(vip, port, datagram.get(payload..).unwrap_or_default())
+                    });
+                } else {
+                    self.dns_query(vip, port, &pkt[payload..]);
+                }
                 None
             }
             Verdict::Dropped { why, answer } => {

@@ -46,7 +46,8 @@ pub(super) struct GatewaySide<'a> {
     /// among them), merged per flow before they enter the TUN device: one
     /// write and one pass through the datapath for a run of them. `None`
     /// for a client with a rate limit, which gets no super-packets (see
-    /// `offload_for`).
+    /// `offload_for`). UDP datagrams merge too where the TUN device takes
+    /// UDP super-packets.
     pub(super) up: Option<Coalescer>,
 }
 
@@ -99,10 +100,12 @@ impl Local<ServerSession> for GatewaySide<'_> {
                     Some(up) => {
                         let hdr = gro::verified(packet);
                         up.push(&hdr, packet, |hdr, packet| {
-                            forward(shared, vip, session, hdr, packet)
+                            forward(shared, vip, session, hdr, packet);
                         });
                     }
-                    None => forward(shared, vip, session, &VnetHdr::NONE, packet),
+                    None => {
+                        forward(shared, vip, session, &VnetHdr::NONE, packet);
+                    }
                 }
             }
             // The session replaced the client's header with the only one
@@ -116,16 +119,20 @@ impl Local<ServerSession> for GatewaySide<'_> {
                     // One packet (a small UDP datagram, say): it may merge.
                     Some(up) if hdr.gso_type == VnetHdr::GSO_NONE => {
                         up.push(&hdr, packet, |hdr, packet| {
-                            forward(shared, vip, session, hdr, packet)
+                            forward(shared, vip, session, hdr, packet);
                         });
                     }
                     // A super-packet already: whatever of the client's was
                     // pending goes first.
                     Some(up) => {
-                        up.flush(|hdr, packet| forward(shared, vip, session, hdr, packet));
+                        up.flush(|hdr, packet| {
+                            forward(shared, vip, session, hdr, packet);
+                        });
                         forward(shared, vip, session, &hdr, packet);
                     }
-                    None => forward(shared, vip, session, &hdr, packet),
+                    None => {
+                        forward(shared, vip, session, &hdr, packet);
+                    }
                 }
             }
             // Client-side outputs.
@@ -135,19 +142,11 @@ impl Local<ServerSession> for GatewaySide<'_> {
     }
 
     async fn next(&mut self, session: &mut ServerSession, room: bool) -> Result<(), Ended> {
-        // What the last turn's packets left pending goes in now, and the
-        // pump gets a turn to send any ICMP error that earned before this
-        // waits.
-        if let Some(up) = &mut self.up {
-            let (shared, vip) = (self.shared, self.vip);
-            let mut flushed = false;
-            up.flush(|hdr, packet| {
-                flushed = true;
-                forward(shared, vip, session, hdr, packet)
-            });
-            if flushed {
-                return Ok(());
-            }
+        // What the last turn's packets left pending goes in now; if that
+        // earned an ICMP error, the pump gets a turn to send it before
+        // this waits.
+        if self.flush_up(session) {
+            return Ok(());
         }
         let Self {
             rx,
@@ -179,17 +178,36 @@ impl Local<ServerSession> for GatewaySide<'_> {
     }
 }
 
+impl GatewaySide<'_> {
+    /// Hands on whatever of the client's packets the coalescer holds (at
+    /// the end of a turn, and when the session ends); whether that earned
+    /// an ICMP error for the client.
+    pub(super) fn flush_up(&mut self, session: &mut ServerSession) -> bool {
+        let (shared, vip) = (self.shared, self.vip);
+        let mut replied = false;
+        if let Some(up) = &mut self.up {
+            up.flush(|hdr, packet| replied |= forward(shared, vip, session, hdr, packet));
+        }
+        replied
+    }
+}
+
 /// A client's packet (or a super-packet of its segments) into the
-/// datapath; an ICMP error it earns goes back to the client.
+/// datapath; an ICMP error it earns goes back to the client (and then
+/// `true`).
 fn forward(
     shared: &Arc<Shared>,
     vip: Ipv4Addr,
     session: &mut ServerSession,
     hdr: &VnetHdr,
     packet: &[u8],
-) {
-    if let Some(reply) = shared.client_packet(vip, hdr, packet) {
-        session.send_packet(&reply);
+) -> bool {
+    match shared.client_packet(vip, hdr, packet) {
+        Some(reply) => {
+            session.send_packet(&reply);
+            true
+        }
+        None => false,
     }
 }
 

@@ -46,6 +46,12 @@ impl TunQueues {
         self.queues.len()
     }
 
+    /// Whether UDP super-packets may be written (see
+    /// [`Tun::takes_udp_gso`]); every queue was set up alike.
+    pub fn takes_udp_gso(&self) -> bool {
+        self.queues[0].takes_udp_gso()
+    }
+
     /// Queue `i` (`i < len()`).
     pub fn queue(&self, i: usize) -> &Tun {
         &self.queues[i]
