@@ -52,7 +52,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tracing::{debug, info, warn};
 use veil_proto::{
-    gro::{self, Coalescer},
+    gro::Coalescer,
     gso::{VnetHdr, VNET_HDR_LEN},
     session::{ClientConfig, ClientSession, Output},
 };
@@ -736,8 +736,7 @@ impl Local<ClientSession> for ClientSide<'_> {
                 Some(stack) if stack.wants(&packet) => stack.deliver(packet, false),
                 _ => {
                     if let Some(net) = self.network {
-                        let hdr = gro::verified(&packet);
-                        self.gro.push(&hdr, &packet, |hdr, packet| {
+                        self.gro.push_plain(&packet, |hdr, packet| {
                             let _ = net.tun.send(hdr, packet);
                         });
                     }

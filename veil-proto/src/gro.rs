@@ -135,6 +135,21 @@ impl Coalescer {
         }
     }
 
+    /// [`Coalescer::push`] for a packet that arrived with no offload header
+    /// (an HTTP/3 datagram, a plain capsule): its sums are checked
+    /// ([`verified`]) so that it may merge, unless it is UDP and this
+    /// coalescer does not merge UDP.
+    pub fn push_plain(&mut self, packet: &[u8], emit: impl FnMut(&VnetHdr, &[u8])) {
+        let udp4 =
+            packet.first().is_some_and(|b| b >> 4 == 4) && packet.get(IP_PROTO) == Some(&PROTO_UDP);
+        let hdr = if udp4 && !self.udp {
+            VnetHdr::NONE
+        } else {
+            verified(packet)
+        };
+        self.push(&hdr, packet, emit);
+    }
+
     /// Emits every pending packet (call at the end of each batch), oldest
     /// first, so nothing waits for a packet that may never come.
     pub fn flush(&mut self, mut emit: impl FnMut(&VnetHdr, &[u8])) {
@@ -220,9 +235,6 @@ struct Slot {
     ip_hdr_len: usize,
     /// TCP's header with options, or UDP's 8 bytes.
     l4_hdr_len: usize,
-    /// UDP datagrams rather than TCP segments: no sequence to follow, and
-    /// each datagram's boundary kept by the segment size.
-    udp: bool,
     /// The sequence number a joining segment must carry.
     next_seq: u32,
     /// Payload bytes per segment: `gso_size` of a super-packet, else the
@@ -237,6 +249,13 @@ struct Slot {
 }
 
 impl Slot {
+    /// UDP datagrams rather than TCP segments (the flow's protocol): no
+    /// sequence to follow, each datagram's boundary kept by the segment
+    /// size.
+    fn is_udp(&self) -> bool {
+        self.key.2 == PROTO_UDP
+    }
+
     fn start(&mut self, age: u64, key: FlowKey, hdr: &VnetHdr, seg: &Segment, packet: &[u8]) {
         self.busy = true;
         self.age = age;
@@ -246,7 +265,6 @@ impl Slot {
         self.packet.extend_from_slice(packet);
         self.ip_hdr_len = seg.ip_hdr_len;
         self.l4_hdr_len = seg.l4_hdr_len;
-        self.udp = seg.udp;
         self.next_seq = seg.next_seq();
         self.mss = seg.gso_size.unwrap_or(seg.payload_len);
         self.payload_len = seg.payload_len;
@@ -264,7 +282,7 @@ impl Slot {
         if self.mss < usize::from(MIN_GSO_SIZE) {
             return false;
         }
-        let follows = if self.udp {
+        let follows = if self.is_udp() {
             self.payload_len / self.mss < MAX_UDP_SEGMENTS
                 && same_ip(&self.packet, packet, self.ip_hdr_len)
         } else {
@@ -278,7 +296,6 @@ impl Slot {
                 )
         };
         !self.psh
-            && seg.udp == self.udp
             // A short segment can only be the last one.
             && self.payload_len.is_multiple_of(self.mss)
             && size_fits
@@ -305,12 +322,13 @@ impl Slot {
         if !self.merged {
             return self.hdr;
         }
+        let udp = self.is_udp();
         let packet = &mut self.packet[..];
         let ip = self.ip_hdr_len;
         // At most MAX_MERGED_LEN, checked on every append.
         let len = packet.len() as u16;
         let l4_len = len - ip as u16;
-        let (proto, csum_field) = if self.udp {
+        let (proto, csum_field) = if udp {
             // Linux's UDP super-packet: the length of the whole, each
             // datagram's set when it is cut.
             put16(packet, ip + UDP_LEN, l4_len);
@@ -329,7 +347,7 @@ impl Slot {
         // What Linux keeps in the field of a `CHECKSUM_PARTIAL` packet:
         // the pseudo-header sum, folded but not complemented.
         put16(packet, ip + csum_field, !partial.finish());
-        let gso_type = match (self.payload_len > self.mss, self.udp) {
+        let gso_type = match (self.payload_len > self.mss, udp) {
             (false, _) => self.hdr.gso_type,
             (true, false) => gso,
             (true, true) => VnetHdr::GSO_UDP_L4,
@@ -363,7 +381,6 @@ enum Class {
 struct Segment {
     /// TCP's sequence number; 0 for UDP.
     seq: u32,
-    udp: bool,
     ip_hdr_len: usize,
     l4_hdr_len: usize,
     payload_len: usize,
@@ -393,10 +410,7 @@ fn classify4(hdr: &VnetHdr, packet: &[u8], udp: bool) -> Class {
         return Class::Other;
     }
     let proto = packet[IP_PROTO];
-    if proto == PROTO_UDP && udp {
-        return classify_udp4(hdr, packet);
-    }
-    if proto != PROTO_TCP {
+    if !(proto == PROTO_TCP || proto == PROTO_UDP && udp) {
         return Class::Other;
     }
     let addrs = addr_key(4, &packet[IP_ADDRS]);
@@ -405,13 +419,14 @@ fn classify4(hdr: &VnetHdr, packet: &[u8], udp: bool) -> Class {
     if ip_hdr_len < IPV4_MIN_HDR_LEN || fragment || packet.len() < ip_hdr_len + 4 {
         return Class::Addrs(addrs);
     }
-    let key = flow_key(&addrs, &packet[ip_hdr_len..ip_hdr_len + 4], PROTO_TCP);
-    let segment = if ip_hdr_len == IPV4_MIN_HDR_LEN
-        && usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len()
-    {
-        mergeable(hdr, packet, IPV4_MIN_HDR_LEN, VnetHdr::GSO_TCPV4)
-    } else {
-        None
+    let key = flow_key(&addrs, &packet[ip_hdr_len..ip_hdr_len + 4], proto);
+    // Only a packet without options whose length field agrees merges.
+    let whole =
+        ip_hdr_len == IPV4_MIN_HDR_LEN && usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len();
+    let segment = match (whole, proto) {
+        (false, _) => None,
+        (true, PROTO_TCP) => mergeable(hdr, packet, IPV4_MIN_HDR_LEN, VnetHdr::GSO_TCPV4),
+        (true, _) => mergeable_udp4(hdr, packet),
     };
     Class::Flow(key, segment)
 }
@@ -450,42 +465,29 @@ fn flow_key(addrs: &AddrKey, ports: &[u8], proto: u8) -> FlowKey {
     (*addrs, key, proto)
 }
 
-/// IPv4 UDP: a flow of its own. A datagram may merge when it is whole (no
-/// options, no fragment, lengths that agree), carries at least
-/// [`MIN_GSO_SIZE`] bytes, a checksum the kernel verified or left partial
-/// (a zero one, "no checksum", would gain one), and is not already a
-/// super-packet. IPv6 UDP is left as it is:
-/// veil's offload header takes UDP super-packets over IPv4 only.
-fn classify_udp4(hdr: &VnetHdr, packet: &[u8]) -> Class {
-    let addrs = addr_key(4, &packet[IP_ADDRS]);
-    let ip_hdr_len = usize::from(packet[0] & 0x0f) * 4;
-    let fragment = be16(packet, IP_FRAG) & IP_FRAG_MASK != 0;
-    if ip_hdr_len < IPV4_MIN_HDR_LEN || fragment || packet.len() < ip_hdr_len + 4 {
-        return Class::Addrs(addrs);
-    }
-    let key = flow_key(&addrs, &packet[ip_hdr_len..ip_hdr_len + 4], PROTO_UDP);
+/// The datagram a whole IPv4 UDP packet (no options) is, if it may merge:
+/// its UDP length agrees, it carries at least [`MIN_GSO_SIZE`] bytes (a
+/// smaller one could never be joined: it goes out at once rather than wait
+/// in a slot), a checksum the kernel verified or left partial (a zero one,
+/// "no checksum", would gain one), and it is not already a super-packet.
+/// IPv6 UDP is left as it is: veil's offload header takes UDP
+/// super-packets over IPv4 only.
+fn mergeable_udp4(hdr: &VnetHdr, packet: &[u8]) -> Option<Segment> {
     let ip = IPV4_MIN_HDR_LEN;
-    let whole = ip_hdr_len == ip
-        && usize::from(be16(packet, IP_TOTAL_LEN)) == packet.len()
-        && packet.len() > ip + UDP_HDR_LEN
-        && usize::from(be16(packet, ip + UDP_LEN)) == packet.len() - ip;
-    // A payload under the segment size floor could never be joined:
-    // it goes out at once rather than wait in a slot.
-    let mergeable = whole
-        && packet.len() - ip - UDP_HDR_LEN >= usize::from(MIN_GSO_SIZE)
+    let payload_len = packet.len().checked_sub(ip + UDP_HDR_LEN)?;
+    let mergeable = payload_len >= usize::from(MIN_GSO_SIZE)
+        && usize::from(be16(packet, ip + UDP_LEN)) == packet.len() - ip
         && hdr.gso_type == VnetHdr::GSO_NONE
         && checksum_known(hdr, ip, UDP_CSUM)
         && (hdr.flags & VnetHdr::F_NEEDS_CSUM != 0 || be16(packet, ip + UDP_CSUM) != 0);
-    let segment = mergeable.then(|| Segment {
+    mergeable.then_some(Segment {
         seq: 0,
-        udp: true,
         ip_hdr_len: ip,
         l4_hdr_len: UDP_HDR_LEN,
-        payload_len: packet.len() - ip - UDP_HDR_LEN,
+        payload_len,
         psh: false,
         gso_size: None,
-    });
-    Class::Flow(key, segment)
+    })
 }
 
 /// The segment a TCP packet is, if it may be merged at all: `ip` is its
@@ -523,7 +525,6 @@ fn mergeable(hdr: &VnetHdr, packet: &[u8], ip: usize, tcp_gso: u8) -> Option<Seg
     };
     Some(Segment {
         seq: be32(packet, ip + TCP_SEQ),
-        udp: false,
         ip_hdr_len: ip,
         l4_hdr_len,
         payload_len: packet.len() - headers_len,

@@ -315,10 +315,9 @@ fn set_little_endian(fd: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Lets the kernel hand over unsegmented IPv4 and IPv6 TCP (and, where
-/// the kernel has it, UDP) super-packets with partial checksums; falls
-/// back to fewer kinds if the kernel refuses a combination.
-/// Sets the TCP offloads, the most this kernel takes first. Returns
+/// Lets the kernel hand over unsegmented IPv4 and IPv6 TCP super-packets
+/// with partial checksums, falling back to fewer kinds if it refuses a
+/// combination. Returns
 /// whether the kernel knows UDP segmentation (`TUN_F_USO4 | TUN_F_USO6`,
 /// Linux 6.2 on), which is when it also takes UDP super-packets written
 /// to the device. The device itself is left without it: its readers would

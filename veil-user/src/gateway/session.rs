@@ -12,7 +12,7 @@ use anyhow::Result;
 use tokio::{io::AsyncReadExt, sync::watch};
 use tracing::{info, warn};
 use veil_proto::{
-    gro::{self, Coalescer},
+    gro::Coalescer,
     gso::VnetHdr,
     session::{Output, ServerSession},
 };
@@ -85,27 +85,18 @@ impl Local<ServerSession> for GatewaySide<'_> {
     type End = Ended;
 
     fn output(&mut self, session: &mut ServerSession, output: Output) -> Result<(), Ended> {
-        let Self {
-            shared,
-            vip,
-            bytes,
-            up,
-            ..
-        } = self;
-        let vip = *vip;
+        let (shared, vip) = (self.shared, self.vip);
+        let mut forward = |hdr: &VnetHdr, packet: &[u8]| {
+            forward(shared, vip, session, hdr, packet);
+        };
+        let from_client = &self.bytes.from_client;
+        let up = self.up.as_mut();
         match &output {
             Output::Packet(packet) => {
-                bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
+                from_client.fetch_add(packet.len() as u64, Relaxed);
                 match up {
-                    Some(up) => {
-                        let hdr = gro::verified(packet);
-                        up.push(&hdr, packet, |hdr, packet| {
-                            forward(shared, vip, session, hdr, packet);
-                        });
-                    }
-                    None => {
-                        forward(shared, vip, session, &VnetHdr::NONE, packet);
-                    }
+                    Some(up) => up.push_plain(packet, forward),
+                    None => forward(&VnetHdr::NONE, packet),
                 }
             }
             // The session replaced the client's header with the only one
@@ -114,29 +105,21 @@ impl Local<ServerSession> for GatewaySide<'_> {
                 let Some((hdr, packet)) = VnetHdr::peel(joined) else {
                     return Ok(());
                 };
-                bytes.from_client.fetch_add(packet.len() as u64, Relaxed);
+                from_client.fetch_add(packet.len() as u64, Relaxed);
                 match up {
                     // One packet (a small UDP datagram, say): it may merge.
-                    Some(up) if hdr.gso_type == VnetHdr::GSO_NONE => {
-                        up.push(&hdr, packet, |hdr, packet| {
-                            forward(shared, vip, session, hdr, packet);
-                        });
-                    }
-                    // A super-packet already: whatever of the client's was
-                    // pending goes first.
+                    Some(up) if !hdr.is_gso() => up.push(&hdr, packet, forward),
+                    // A super-packet already, not copied into a slot:
+                    // whatever of the client's was pending goes first.
                     Some(up) => {
-                        up.flush(|hdr, packet| {
-                            forward(shared, vip, session, hdr, packet);
-                        });
-                        forward(shared, vip, session, &hdr, packet);
+                        up.flush(&mut forward);
+                        forward(&hdr, packet);
                     }
-                    None => {
-                        forward(shared, vip, session, &hdr, packet);
-                    }
+                    None => forward(&hdr, packet),
                 }
             }
             // Client-side outputs.
-            _ => {}
+            _ => return Ok(()),
         }
         Ok(())
     }
