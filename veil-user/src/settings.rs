@@ -402,7 +402,9 @@ impl Settings {
                 period: secs(self.quota_period, 86_400).max(Duration::from_secs(1)),
             },
             normalize: veil_common::normalize::Normalize {
-                ttl: self.normalize_ttl.map_or(0, u32::from),
+                // 0 would turn it off and 1 would die at the first router.
+                ttl: within("normalize-ttl", self.normalize_ttl, 2, u8::MAX, "2 to 255")?
+                    .map_or(0, u32::from),
                 random_id: u32::from(self.random_ip_id.unwrap_or(false)),
             },
             mapping: self
@@ -429,17 +431,17 @@ fn pool(
 
 /// `value` if it lies in `min..=max`: the bounds `--help` gives, which
 /// clap checks on the command line and this checks for the file.
-fn within(
+fn within<T: Copy + PartialOrd + Into<u64>>(
     setting: &'static str,
-    value: Option<u16>,
-    min: u16,
-    max: u16,
+    value: Option<T>,
+    min: T,
+    max: T,
     range: &'static str,
-) -> Result<Option<u16>, SettingsError> {
+) -> Result<Option<T>, SettingsError> {
     match value {
         Some(v) if !(min..=max).contains(&v) => Err(SettingsError::OutOfRange {
             setting,
-            value: u64::from(v),
+            value: v.into(),
             range,
         }),
         v => Ok(v),
@@ -710,6 +712,11 @@ mod tests {
                 "iface = \"eth0\"\nthreads = 0\n",
                 "threads = 0",
                 "1 or more",
+            ),
+            (
+                "iface = \"eth0\"\nnormalize-ttl = 1\n",
+                "normalize-ttl = 1",
+                "2 to 255",
             ),
         ] {
             let err = parse(text)

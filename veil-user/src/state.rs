@@ -212,11 +212,11 @@ impl LeaseLog {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(io_err("opening", path))?;
-        let mut text = String::new();
-        io::Read::read_to_string(&mut &file, &mut text).map_err(io_err("reading", path))?;
-        let complete = text.rfind('\n').map_or(0, |i| i + 1);
-        if complete < text.len() {
-            file.set_len(complete as u64)
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut &file, &mut bytes).map_err(io_err("reading", path))?;
+        let complete = complete_lines(&bytes);
+        if complete.len() < bytes.len() {
+            file.set_len(complete.len() as u64)
                 .map_err(io_err("repairing", path))?;
         }
         // A new file's name reaches the disk with its directory.
@@ -225,18 +225,23 @@ impl LeaseLog {
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("writing", dir))?;
         }
-        Ok(LeaseLog {
-            file,
-            lines: text[..complete].lines().count(),
-        })
+        let lines = complete.iter().filter(|&&b| b == b'\n').count();
+        Ok(LeaseLog { file, lines })
     }
 }
 
-/// The leases of a lease log's text, in order: `NAME = "ADDRESS"` lines.
-/// An incomplete last line (a crash in the middle of an append, never
-/// acknowledged) is left out.
-fn lease_lines(text: &str) -> Result<Vec<(String, Ipv4Addr)>, String> {
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+/// A lease log's bytes up to its last newline. What follows is an append
+/// a crash cut short, never acknowledged: any bytes at all, not even
+/// UTF-8 (a torn block after a power loss), so it is cut before decoding.
+fn complete_lines(bytes: &[u8]) -> &[u8] {
+    &bytes[..bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)]
+}
+
+/// The leases of a lease log, in order: `NAME = "ADDRESS"` lines. An
+/// incomplete last line is left out ([`complete_lines`]).
+fn lease_lines(bytes: &[u8]) -> Result<Vec<(String, Ipv4Addr)>, String> {
+    let complete = std::str::from_utf8(complete_lines(bytes))
+        .map_err(|e| format!("not UTF-8 after byte {}", e.valid_up_to()))?;
     complete
         .lines()
         .enumerate()
@@ -610,8 +615,8 @@ impl StateDir {
             BTreeMap::new()
         };
         let log = self.root.join(LEASE_LOG);
-        let text = match fs::read_to_string(&log) {
-            Ok(text) => text,
+        let text = match fs::read(&log) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(leases),
             Err(e) => return Err(io_err("reading", &log)(e)),
         };
@@ -634,10 +639,11 @@ impl StateDir {
             *log = Some(LeaseLog::open(&path)?);
         }
         let open = log.as_mut().expect("opened above");
+        use std::fmt::Write as _;
         let mut text = String::new();
         for (name, vip) in new {
             // Names are checked ([`valid_name`]): nothing to quote.
-            text.push_str(&format!("{name} = \"{vip}\"\n"));
+            let _ = writeln!(text, "{name} = \"{vip}\"");
         }
         let written = open
             .file
@@ -1269,13 +1275,14 @@ mod tests {
         // As a restarted gateway reads them.
         assert_eq!(StateDir::open(&root).unwrap().leases().unwrap(), want);
 
-        // A crash in the middle of an append: the cut line was never
-        // acknowledged, is not read, and is cut off before the next one.
+        // A crash in the middle of an append: the cut line (here with a
+        // torn block's bytes, not UTF-8) was never acknowledged, is not
+        // read, and is cut off before the next one.
         fs::OpenOptions::new()
             .append(true)
             .open(root.join(LEASE_LOG))
             .unwrap()
-            .write_all(b"dave = \"10.77")
+            .write_all(b"dave = \"10.77\xff\xfe\x00")
             .unwrap();
         let again = StateDir::open(&root).unwrap();
         assert_eq!(again.leases().unwrap(), want);

@@ -319,12 +319,13 @@ pub(super) async fn run_session<T: SessionTransport>(
         stopped: &mut stopped,
         bytes: &bytes,
         gro: Coalescer::new(),
-        up: shared
-            .offload_for(&record)
-            .then(|| match shared.tun.takes_udp_gso() {
-                true => Coalescer::with_udp(),
-                false => Coalescer::new(),
-            }),
+        up: shared.offload_for(&record).then(|| {
+            if shared.tun.takes_udp_gso() {
+                Coalescer::with_udp()
+            } else {
+                Coalescer::new()
+            }
+        }),
     };
     let mut buf = vec![0u8; 64 * 1024];
     let end = pump::run(&mut session, &mut transport, &mut side, LIMITS, &mut buf).await;

@@ -13,9 +13,11 @@ use super::Shared;
 /// arenas and stay there: with 10,000 clients churning, the RSS tripled
 /// while the number of clients stayed the same. A fixed threshold keeps
 /// it flat, at no cost in new sessions per second that a run could tell.
+#[cfg(target_env = "gnu")]
 const MMAP_THRESHOLD: libc::c_int = 64 * 1024;
 
 /// Fixes the allocator's mmap threshold (see [`MMAP_THRESHOLD`]).
+#[cfg(target_env = "gnu")]
 pub(super) fn large_blocks_on_their_own_pages() {
     // SAFETY: mallopt only sets a parameter of the allocator.
     if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) } != 1 {
@@ -63,3 +65,6 @@ fn trim() {
 
 #[cfg(not(target_env = "gnu"))]
 fn trim() {}
+
+#[cfg(not(target_env = "gnu"))]
+pub(super) fn large_blocks_on_their_own_pages() {}
