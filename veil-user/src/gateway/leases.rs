@@ -100,16 +100,7 @@ pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
             }
             let s = shared.clone();
             let written = tokio::task::spawn_blocking(move || {
-                let logged = s.state.append_leases(&new);
-                match logged {
-                    Ok(lines) => {
-                        if lines > COMPACT_AFTER.max(leased) {
-                            compact(&s);
-                        }
-                        Ok(())
-                    }
-                    Err(e) => Err((e, new)),
-                }
+                s.state.append_leases(&new).map_err(|e| (e, new))
             })
             .await?;
             let written = written.map_err(|(e, new)| {
@@ -121,10 +112,18 @@ pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
                     .expect("clients lock")
                     .unsaved_again(new);
             });
+            let lines = written.as_ref().ok().copied();
+            // The waiting sessions' leases are on disk: they go on now,
+            // not after the fold, which this task still does before the
+            // next append.
             writer.saved.send_replace(Saved {
                 version,
                 failed: written.is_err(),
             });
+            if lines.is_some_and(|lines| lines > COMPACT_AFTER.max(leased)) {
+                let s = shared.clone();
+                tokio::task::spawn_blocking(move || compact(&s)).await?;
+            }
         }
     }
 }
