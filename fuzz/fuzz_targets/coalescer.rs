@@ -35,8 +35,15 @@ fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let mut gen = Generator::default();
     let mut tracker = Tracker::default();
-    // UDP merging on: the superset of what any coalescer does.
-    let mut gro = Coalescer::with_udp();
+    // With UDP merging (the gateway toward its datapath) or without (the
+    // rest), as the input's first byte says.
+    let udp = u.arbitrary::<bool>().unwrap_or(true);
+    let mut gro = if udp {
+        Coalescer::with_udp()
+    } else {
+        Coalescer::new()
+    };
+    tracker.udp = udp;
     // Eight slots of at most 64 KiB, twice over while growing, plus what
     // the checks copy.
     let limit = 4 << 20;
@@ -79,18 +86,19 @@ enum Class {
 type Addrs = (u8, [u8; 32]);
 
 impl Class {
-    fn of(p: &[u8]) -> Class {
+    fn of(p: &[u8], udp: bool) -> Class {
         match p.first().map(|b| b >> 4) {
-            Some(4) => Self::of4(p),
+            Some(4) => Self::of4(p, udp),
             Some(6) => Self::of6(p),
             _ => Class::Other,
         }
     }
 
-    /// IPv4: TCP and UDP are flows, a fragment or truncated header of
-    /// either may be of any flow between its addresses.
-    fn of4(p: &[u8]) -> Class {
-        if p.len() < 20 || (p[9] != ip::TCP && p[9] != ip::UDP) {
+    /// IPv4: TCP is a flow, and UDP when the coalescer merges it; a
+    /// fragment or truncated header of either may be of any flow between
+    /// its addresses.
+    fn of4(p: &[u8], udp: bool) -> Class {
+        if p.len() < 20 || (p[9] != ip::TCP && !(udp && p[9] == ip::UDP)) {
             return Class::Other;
         }
         let addrs = addrs(4, &p[12..20]);
@@ -140,6 +148,8 @@ struct Input {
 
 #[derive(Default)]
 struct Tracker {
+    /// Whether the coalescer under test merges UDP.
+    udp: bool,
     inputs: Vec<Input>,
     bytes: usize,
     scratch: Vec<u8>,
@@ -151,13 +161,13 @@ impl Tracker {
         self.inputs.push(Input {
             hdr,
             packet: packet.to_vec(),
-            class: Class::of(packet),
+            class: Class::of(packet, self.udp),
             out: false,
         });
     }
 
     fn emitted(&mut self, hdr: &VnetHdr, packet: &[u8]) {
-        let class = Class::of(packet);
+        let class = Class::of(packet, self.udp);
         let Class::Flow(..) = class else {
             // Never held: it is the packet being pushed, after everything
             // pending between its addresses.
@@ -200,6 +210,7 @@ impl Tracker {
         assert!(packet.len() <= MAX_MERGED_LEN);
         let v6 = packet[0] >> 4 == 6;
         if !v6 && packet[9] == ip::UDP {
+            assert!(self.udp, "UDP merged by a coalescer without UDP");
             return self.merged_udp(hdr, packet, pending);
         }
         // IPv4 without options or IPv6 without extension headers.

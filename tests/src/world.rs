@@ -425,7 +425,11 @@ impl World {
     #[track_caller]
     pub fn assert_super_packets_since(&self, before: (u64, u64), merged: bool) {
         let (p, b) = self.egress_forwarded();
-        let per_packet = (b - before.1) / (p - before.0).max(1);
+        assert!(
+            p > before.0,
+            "nothing crossed the datapath since {before:?}"
+        );
+        let per_packet = (b - before.1) / (p - before.0);
         if merged {
             assert!(per_packet > 1500, "{per_packet} B per packet, merged");
         } else {
