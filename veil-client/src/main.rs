@@ -563,14 +563,12 @@ impl Tunnel<'_> {
             &mut net_buf,
         )
         .await;
-        // The gateway's last packets, if the coalescer still held some.
         if let Some(net) = side.network.as_ref() {
+            // The gateway's last packets, if the coalescer still held some.
             side.gro.flush(|hdr, packet| {
                 let _ = net.tun.send(hdr, packet);
             });
-        }
-        // Packets lost at the TUN device so far, both ways.
-        if let Some(net) = side.network.as_ref() {
+            // Packets lost at the TUN device so far, both ways.
             let (refused, overflowed) = (net.tun.write_failures(), net.tun.queue_drops());
             if refused + overflowed > 0 {
                 info!(

@@ -191,6 +191,10 @@ fn qpack(problem: &'static str) -> ProtoError {
 
 struct Reader<'a> {
     buf: &'a [u8],
+    /// Built on the first Huffman-coded string (its tables take 257
+    /// symbols) and kept for the rest of the section: a peer's section of
+    /// thousands of tiny Huffman strings costs one build, not thousands.
+    huffman: Option<loona_hpack::huffman::HuffmanDecoder>,
 }
 
 impl Reader<'_> {
@@ -232,10 +236,12 @@ impl Reader<'_> {
             .get(..len)
             .ok_or_else(|| qpack("ends inside a string"))?;
         self.buf = &self.buf[len..];
-        if huffman {
+        if huffman && !s.is_empty() {
             // At most 8 symbols per 5 bytes (the shortest code is 5 bits):
             // bounded by the field section, which is bounded by the frame.
-            return loona_hpack::huffman::HuffmanDecoder::new()
+            return self
+                .huffman
+                .get_or_insert_with(loona_hpack::huffman::HuffmanDecoder::new)
                 .decode(s)
                 .map_err(|_| qpack("has a malformed Huffman-coded string"));
         }
@@ -253,7 +259,10 @@ fn static_entry(index: u64) -> Result<(&'static str, &'static str), ProtoError> 
 
 /// Decodes a field section that refers to no dynamic table.
 pub fn decode_fields(block: &[u8]) -> Result<Vec<Field>, ProtoError> {
-    let mut r = Reader { buf: block };
+    let mut r = Reader {
+        buf: block,
+        huffman: None,
+    };
     if r.int(8)? != 0 {
         return Err(qpack(
             "refers to a dynamic table, which is announced as empty",

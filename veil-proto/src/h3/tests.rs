@@ -152,9 +152,15 @@ fn qpack_refuses_what_needs_a_dynamic_table() {
     assert!(decode_fields(&[0x00, 0x00, 0x80]).is_err());
     // Static index 99 is past the table.
     assert!(decode_fields(&[0x00, 0x00, 0xff, 0x24]).is_err());
-    // Literal name with H=1, not valid Huffman code (a lone `a` byte
-    // is a 5-bit symbol and 3 bits of padding that are not all ones).
-    assert!(decode_fields(&[0x00, 0x00, 0x29, 0x00]).is_err());
+    // Literal name with H=1 and a plain empty value: the name's byte 0x00
+    // is `0` (5 bits) and 3 bits of padding that are not all ones, which
+    // alone makes it invalid; with 0x1f (`a` and all-ones padding) the
+    // same line reads back.
+    assert!(decode_fields(&[0x00, 0x00, 0x29, 0x00, 0x00]).is_err());
+    assert_eq!(
+        decode_fields(&[0x00, 0x00, 0x29, 0x1f, 0x00]).unwrap(),
+        vec![Field::new("a", "")]
+    );
     // Truncated string.
     assert!(decode_fields(&[0x00, 0x00, 0x23, b'a']).is_err());
     // A long value needs a multi-byte prefixed integer and reads back.
