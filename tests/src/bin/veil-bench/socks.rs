@@ -25,8 +25,10 @@ const SS_SERVER: (&str, u16) = ("10.200.1.1", 8388);
 /// The remote's endless source and bottomless sink.
 const SOURCE_PORT: u16 = 5001;
 const SINK_PORT: u16 = 5002;
-/// Accepts and closes at once (`veil_tests::world::Servers`).
-const DISCARD_PORT: u16 = 9;
+/// Answers one byte with one byte, then closes.
+const REPLY_PORT: u16 = 5003;
+/// Threads serving [`REPLY_PORT`]: one per connecting thread.
+const CONNECTING: usize = 16;
 const CHUNK: usize = 256 << 10;
 
 /// How a connection reaches the remote.
@@ -55,7 +57,8 @@ pub(crate) fn socks(quick: bool) {
     println!("## SOCKS5: veil beside shadowsocks\n");
     println!(
         "kernel {}, {} CPUs; one TCP stream for {secs} s each way, new connections for {conn_secs} s \
-         (16 at a time, each opened and reset: a SOCKS handshake and CONNECT for the proxies).\n",
+         ({CONNECTING} at a time: each opened (a SOCKS handshake and CONNECT for the proxies), one byte sent \
+         and the remote's one-byte answer read, then reset).\n",
         kernel(),
         num_cpus()
     );
@@ -151,7 +154,10 @@ pub(crate) fn socks(quick: bool) {
     let rows: [(&str, Figure); 4] = [
         ("TCP remote → client (Gbit/s)", |f| f.down / 1e9),
         ("TCP client → remote (Gbit/s)", |f| f.up / 1e9),
-        ("new TCP connections/s (thousands)", |f| f.conns / 1e3),
+        (
+            "new TCP connections/s, each with a one-byte request and answer (thousands)",
+            |f| f.conns / 1e3,
+        ),
         (
             "client process CPU seconds per GB (streams; TUN: without the kernel's TCP)",
             |f| f.cpu_per_gb,
@@ -273,19 +279,29 @@ fn throughput(via: Via, run: Duration, up: bool, pid: u32) -> Stream {
     }
 }
 
-/// Connections opened (and reset, as the peers benchmark does) per
-/// second, 16 at a time.
+/// Connections per second that reached the remote, [`CONNECTING`] at a
+/// time: each sends a byte and reads the remote's answer before it is
+/// reset. The answer is what makes the proxies comparable: `ss-local`
+/// answers a SOCKS CONNECT at once, before it has dialled anything, and
+/// dials only once the application sends (or 50 ms later), so a
+/// connection reset right after the SOCKS reply never leaves the client.
+/// veil answers once the remote's SYN-ACK is back.
 fn connections(via: Via, run: Duration) -> f64 {
+    use std::io::Write;
     let count = AtomicU64::new(0);
     let start = Instant::now();
     std::thread::scope(|scope| {
-        for _ in 0..16 {
+        for _ in 0..CONNECTING {
             scope.spawn(|| {
                 while start.elapsed() < run {
-                    if let Ok(s) = open(via, DISCARD_PORT) {
-                        let _ = socket2_linger_zero(&s);
+                    let Ok(mut s) = open(via, REPLY_PORT) else {
+                        continue;
+                    };
+                    let mut answer = [0u8; 1];
+                    if s.write_all(&[1]).is_ok() && s.read_exact(&mut answer).is_ok() {
                         count.fetch_add(1, Ordering::Relaxed);
                     }
+                    let _ = socket2_linger_zero(&s);
                 }
             });
         }
@@ -305,10 +321,11 @@ impl Drop for Servers {
 fn start_servers(remote: &veil_tests::netns::NetNs) -> Servers {
     use std::io::Write;
     let stop = Arc::new(AtomicBool::new(false));
-    let (source, sink) = remote.enter(|| {
+    let (source, sink, reply) = remote.enter(|| {
         (
             TcpListener::bind((veil_tests::world::REMOTE, SOURCE_PORT)).unwrap(),
             TcpListener::bind((veil_tests::world::REMOTE, SINK_PORT)).unwrap(),
+            TcpListener::bind((veil_tests::world::REMOTE, REPLY_PORT)).unwrap(),
         )
     });
     let serve = |listener: TcpListener, write: bool, stop: Arc<AtomicBool>| {
@@ -336,5 +353,28 @@ fn start_servers(remote: &veil_tests::netns::NetNs) -> Servers {
     };
     serve(source, true, stop.clone());
     serve(sink, false, stop.clone());
+    serve_replies(reply);
     Servers(stop)
+}
+
+/// One thread per connecting thread, all blocked in `accept` on one
+/// listener with a deep queue (a full queue drops SYNs, and each drop
+/// costs its client a 1 s retransmission). The threads end with the
+/// benchmark's process.
+fn serve_replies(listener: TcpListener) {
+    use std::{io::Write, os::fd::AsRawFd};
+    // SAFETY: listen() again on a listening socket only resizes its queue.
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    let listener = Arc::new(listener);
+    for _ in 0..CONNECTING {
+        let listener = listener.clone();
+        std::thread::spawn(move || {
+            while let Ok((mut s, _)) = listener.accept() {
+                let mut request = [0u8; 1];
+                if s.read_exact(&mut request).is_ok() {
+                    let _ = s.write_all(&request);
+                }
+            }
+        });
+    }
 }
