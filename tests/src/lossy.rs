@@ -30,10 +30,13 @@ pub struct Loss<'a> {
 
 impl<'a> Loss<'a> {
     pub fn new(ns: &'a NetNs, dev: &str, dir: &Path, percent: u32) -> Self {
+        // A 64-bit constant compared with a register: an immediate
+        // operand is a sign-extended 32-bit one, which would read any
+        // threshold from 50 % up as negative (every packet dropped).
         let threshold = (u64::from(percent) << 32) / 100;
         let asm = format!(
             "\t.section classifier,\"ax\",@progbits\n\t.globl drop\n\t.type drop,@function\n\
-             drop:\n\tcall 7\n\tif r0 < {threshold} goto shot\n\tr0 = 0\n\texit\n\
+             drop:\n\tcall 7\n\tr1 = {threshold} ll\n\tif r0 < r1 goto shot\n\tr0 = 0\n\texit\n\
              shot:\n\tr0 = 2\n\texit\n.Lend:\n\t.size drop, .Lend-drop\n\
              \t.section license,\"aw\",@progbits\n\t.globl _license\n_license:\n\t.asciz \"GPL\"\n"
         );

@@ -69,6 +69,13 @@ fn the_datapath_lets_a_limited_client_its_burst_then_drops_and_no_one_else() {
         .unwrap();
     assert!(limits.get(CLIENT).is_none());
     assert_eq!(bed.tun(&up).0, TC_ACT_REDIRECT);
+    // Held again after no client was limited (the datapath skipped the
+    // lookup meanwhile): policed again, from a fresh burst.
+    limits.apply(CLIENT, at("8bit")).unwrap();
+    let passed = (0..200)
+        .take_while(|_| bed.tun(&up).0 == TC_ACT_REDIRECT)
+        .count();
+    assert_eq!(passed, 132, "a fresh burst, then drops");
 }
 
 /// Starts an iperf3 server on the remote at `port`.

@@ -24,7 +24,6 @@ use std::{
     future::poll_fn,
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
     task::{ready, Context, Poll},
     time::Duration,
@@ -38,7 +37,6 @@ use smoltcp::{
     wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint},
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::{watch, Notify},
 };
@@ -68,6 +66,9 @@ const TCP_TX_BUFFER: usize = 512 << 10;
 /// behind it were a third of the stack thread's time while connections
 /// opened). Worst case this keeps 24 MiB that no connection uses.
 const SPARE_SOCKETS: usize = 16;
+/// The most one read or write on a local socket moves while it holds the
+/// stack's lock, which the poll task and every other connection wait on.
+const LOCKED_IO: usize = 64 << 10;
 /// Datagrams a UDP socket holds each way, and their bytes.
 const UDP_PACKETS: usize = 64;
 const UDP_BYTES: usize = 256 << 10;
@@ -730,7 +731,7 @@ impl TcpConn {
                 if data.is_empty() {
                     return (0, Ok(0));
                 }
-                taken(local.try_write(data))
+                taken(local.try_write(&data[..data.len().min(LOCKED_IO)]))
             });
             match written {
                 Ok(Ok(0)) => {
@@ -772,7 +773,10 @@ impl TcpConn {
                 return Poll::Pending;
             }
             // Not full: the free space offered is not empty.
-            let read = socket.send(|room| taken(local.try_read(room)));
+            let read = socket.send(|room| {
+                let len = room.len().min(LOCKED_IO);
+                taken(local.try_read(&mut room[..len]))
+            });
             match read {
                 Ok(Ok(n)) => {
                     drop(state);
@@ -832,74 +836,6 @@ fn closed_for_writing() -> io::Error {
 
 fn reset() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, "the connection was reset")
-}
-
-impl AsyncRead for TcpConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let mut state = self.stack.lock();
-        let socket = state.tcp(self.handle);
-        let read = socket.recv(|data| {
-            let n = data.len().min(buf.remaining());
-            buf.put_slice(&data[..n]);
-            (n, n)
-        });
-        match read {
-            Ok(0) => {
-                socket.register_recv_waker(cx.waker());
-                Poll::Pending
-            }
-            Ok(_) => {
-                drop(state);
-                // The window opened: the peer may be waiting to hear it.
-                self.stack.poke();
-                Poll::Ready(Ok(()))
-            }
-            // The peer's FIN, after all its data: end of stream.
-            Err(tcp::RecvError::Finished) => Poll::Ready(Ok(())),
-            // Reset, or timed out.
-            Err(_) => Poll::Ready(Err(reset())),
-        }
-    }
-}
-
-impl AsyncWrite for TcpConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut state = self.stack.lock();
-        let socket = state.tcp(self.handle);
-        if !socket.may_send() {
-            return Poll::Ready(Err(closed_for_writing()));
-        }
-        match socket.send_slice(buf) {
-            Ok(0) => {
-                socket.register_send_waker(cx.waker());
-                Poll::Pending
-            }
-            Ok(n) => {
-                drop(state);
-                self.stack.poke();
-                Poll::Ready(Ok(n))
-            }
-            Err(_) => Poll::Ready(Err(reset())),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    /// Half-close: a FIN after the data, reading goes on.
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.shutdown();
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// A UDP socket through the tunnel.

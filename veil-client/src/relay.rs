@@ -29,6 +29,9 @@ const ROUNDS: usize = 8;
 /// `AsyncRead`/`AsyncWrite`.
 pub async fn both_ways(mut local: TcpStream, remote: TcpConn) -> io::Result<()> {
     let (mut up, mut down) = (Open, Open);
+    // Whether the FIN for the remote's has been handed to `local`: a
+    // shutdown that pends is polled again, not forgotten.
+    let mut local_shut = false;
     let ended = poll_fn(|cx| {
         if up == Open {
             up = turn(cx, |cx| remote.poll_send_from(cx, &local))?;
@@ -38,12 +41,12 @@ pub async fn both_ways(mut local: TcpStream, remote: TcpConn) -> io::Result<()> 
         }
         if down == Open {
             down = turn(cx, |cx| remote.poll_recv_into(cx, &local))?;
-            if down == Ended {
-                // Shutting a TCP socket's write half does not block.
-                ready!(Pin::new(&mut local).poll_shutdown(cx))?;
-            }
         }
-        if up == Ended && down == Ended {
+        if down == Ended && !local_shut {
+            ready!(Pin::new(&mut local).poll_shutdown(cx))?;
+            local_shut = true;
+        }
+        if up == Ended && local_shut {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending

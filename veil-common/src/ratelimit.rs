@@ -1,8 +1,9 @@
 //! Fair use: each client's token buckets (one each way) and byte quota,
 //! kept by the datapath in `VEIL_RATE` and set by the daemon.
 //!
-//! A client with no entry is not limited (the common case costs one hash
-//! lookup). The daemon writes [`RateLimit::rate`], [`RateLimit::burst`],
+//! A client with no entry is not limited. While no client has one (the
+//! common case), the datapath skips the lookup: [`LIMITED_MAP`] holds the
+//! count of entries. The daemon writes [`RateLimit::rate`], [`RateLimit::burst`],
 //! [`RateLimit::quota`] and [`RateLimit::period_ns`]; the datapath keeps
 //! the rest. The datapath polices: a packet over the rate or the quota is
 //! dropped (there is no queue in XDP/TC to delay it in), and TCP backs off
@@ -17,6 +18,11 @@ use crate::Reason;
 
 /// Per-client limits. Hash, key [`RateKey`], value [`RateLimit`].
 pub const RATE_MAP: &str = "VEIL_RATE";
+
+/// How many entries [`RATE_MAP`] holds. Array, one `u32`, written by the
+/// daemon after each entry it adds and after each it removes: 0 lets the
+/// datapath skip the hash lookup for every packet.
+pub const LIMITED_MAP: &str = "VEIL_LIMITED";
 
 /// Clients with a limit at once, at most.
 pub const MAX_LIMITED: u32 = 65_536;

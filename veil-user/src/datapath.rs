@@ -338,9 +338,17 @@ impl Datapath {
     /// Hands the per-client limits map to the daemon; call once, after
     /// [`Self::pin`].
     pub fn rate_limits(&mut self) -> Result<crate::ratelimit::RateLimits, DatapathError> {
-        Ok(crate::ratelimit::RateLimits::new(
-            self.take_hash(veil_common::ratelimit::RATE_MAP)?,
-        ))
+        let name = veil_common::ratelimit::LIMITED_MAP;
+        let count = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap(name))
+            .and_then(|map| {
+                aya::maps::Array::try_from(map)
+                    .map_err(|source| DatapathError::Map { name, source })
+            })?;
+        crate::ratelimit::RateLimits::new(self.take_hash(veil_common::ratelimit::RATE_MAP)?, count)
+            .map_err(|source| DatapathError::Map { name, source })
     }
 
     /// The datapath's counters, summed over CPUs, by reason.

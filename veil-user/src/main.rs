@@ -222,7 +222,8 @@ fn client(state_dir: &std::path::Path, cmd: ClientCommand) -> Result<()> {
             for bad in &found.unreadable {
                 eprintln!("warning: {bad}");
             }
-            for c in found.records {
+            // This process's first read: every record.
+            for c in found.records.unwrap_or_default() {
                 let addr = leases.get(&c.name).map_or("-".into(), |a| a.to_string());
                 let status = if c.revoked.is_some() {
                     "revoked"

@@ -5,7 +5,7 @@
 
 use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError};
 use serde::{Deserialize, Serialize};
 use veil_common::ratelimit::{RateKey, RateLimit, MAX_RATE};
 
@@ -181,9 +181,13 @@ impl FairUse {
     }
 }
 
-/// The `VEIL_RATE` map: one entry per limited client, by virtual address.
+/// The `VEIL_RATE` map: one entry per limited client, by virtual address;
+/// and `VEIL_LIMITED`, its count, by which the datapath skips the lookup
+/// while no client is limited.
 pub struct RateLimits {
     map: HashMap<MapData, RateKey, RateLimit>,
+    count: Array<MapData, u32>,
+    limited: u32,
 }
 
 fn key(vip: Ipv4Addr) -> RateKey {
@@ -193,8 +197,18 @@ fn key(vip: Ipv4Addr) -> RateKey {
 }
 
 impl RateLimits {
-    pub fn new(map: HashMap<MapData, RateKey, RateLimit>) -> Self {
-        Self { map }
+    pub fn new(
+        map: HashMap<MapData, RateKey, RateLimit>,
+        count: Array<MapData, u32>,
+    ) -> Result<Self, MapError> {
+        let limited = map.keys().count() as u32;
+        let mut limits = Self {
+            map,
+            count,
+            limited,
+        };
+        limits.count.set(0, limited, 0)?;
+        Ok(limits)
     }
 
     /// Holds `vip` to `limits` from now on: an entry written (keeping the
@@ -204,7 +218,8 @@ impl RateLimits {
         let k = key(vip);
         if limits.rate.is_none() && limits.quota.is_none() {
             return match self.map.remove(&k) {
-                Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+                Ok(()) => self.counted(-1),
+                Err(MapError::KeyNotFound) => Ok(()),
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
                 {
@@ -219,12 +234,23 @@ impl RateLimits {
             limits.period.as_nanos().min(u64::MAX as u128) as u64,
             monotonic_ns(),
         );
-        let value = match self.map.get(&k, 0) {
+        let (value, new) = match self.map.get(&k, 0) {
             Ok(old) if old.rate == fresh.rate && old.quota == fresh.quota => return Ok(()),
-            Ok(old) => fresh.with_state_of(&old),
-            Err(_) => fresh,
+            Ok(old) => (fresh.with_state_of(&old), false),
+            Err(_) => (fresh, true),
         };
-        self.map.insert(k, value, 0)
+        // The entry first, then the count that makes the datapath look.
+        self.map.insert(k, value, 0)?;
+        if new {
+            self.counted(1)?;
+        }
+        Ok(())
+    }
+
+    /// One entry more or fewer, told to the datapath.
+    fn counted(&mut self, change: i32) -> Result<(), MapError> {
+        self.limited = self.limited.saturating_add_signed(change);
+        self.count.set(0, self.limited, 0)
     }
 
     /// The datapath's state of `vip`'s limits, if it has any.

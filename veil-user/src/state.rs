@@ -147,8 +147,9 @@ pub struct OperatorIdentity {
 /// What [`StateDir::client_records`] found.
 #[derive(Debug)]
 pub struct ClientRecords {
-    /// The records that read, by name.
-    pub records: Vec<ClientRecord>,
+    /// The records that read, by name: `None` when nothing `changed`
+    /// (what the caller had from before is current).
+    pub records: Option<Vec<ClientRecord>>,
     /// The files that did not: their clients are unknown to the gateway,
     /// so refused, until the file is fixed or removed.
     pub unreadable: Vec<Unreadable>,
@@ -264,7 +265,7 @@ fn lease_lines(bytes: &[u8]) -> Result<Vec<(String, Ipv4Addr)>, String> {
 
 /// A read of `clients/`, and the cache's generation after it.
 struct Found {
-    records: ClientRecords,
+    unreadable: Vec<Unreadable>,
     generation: u64,
 }
 
@@ -443,7 +444,8 @@ impl StateDir {
     /// by name. A record that does not read is left out (see
     /// [`Self::client_records`]).
     pub fn clients(&self) -> Result<Vec<ClientRecord>, StateError> {
-        Ok(self.read_clients()?.records.records)
+        self.read_clients()?;
+        Ok(self.cached_records())
     }
 
     /// Every client record, and the files under `clients/` that do not
@@ -451,31 +453,42 @@ impl StateDir {
     /// a good file must apply whatever else is in the directory. Fails only
     /// if the directory cannot be listed.
     pub fn client_records(&self) -> Result<ClientRecords, StateError> {
-        let mut found = self.read_clients()?;
+        let Found {
+            mut unreadable,
+            generation,
+        } = self.read_clients()?;
         let mut seen = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
-        for u in &mut found.records.unreadable {
+        for u in &mut unreadable {
             u.new = !seen.contains(&u.path);
         }
-        let unreadable: std::collections::BTreeSet<PathBuf> = found
-            .records
-            .unreadable
-            .iter()
-            .map(|u| u.path.clone())
-            .collect();
-        let generation = found.generation;
+        let paths: std::collections::BTreeSet<PathBuf> =
+            unreadable.iter().map(|u| u.path.clone()).collect();
         let before = self
             .reported
             .swap(generation, std::sync::atomic::Ordering::SeqCst);
-        found.records.changed = before != generation || unreadable != *seen;
-        *seen = unreadable;
-        Ok(found.records)
+        let changed = before != generation || paths != *seen;
+        *seen = paths;
+        drop(seen);
+        Ok(ClientRecords {
+            records: changed.then(|| self.cached_records()),
+            unreadable,
+            changed,
+        })
+    }
+
+    /// Every record the last read of `clients/` found, by name.
+    fn cached_records(&self) -> Vec<ClientRecord> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .records()
     }
 
     /// Reads `clients/`, parsing only the files changed since the last
-    /// read ([`records`]).
+    /// read ([`records`]): the files that do not read, and the cache's
+    /// generation after the read.
     fn read_clients(&self) -> Result<Found, StateError> {
         let dir = self.root.join("clients");
-        let mut records = Vec::new();
         let mut unreadable = Vec::new();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let mut sweep = cache.begin();
@@ -487,22 +500,16 @@ impl StateDir {
             }
             // Follows a symlink, as reading the file does.
             let stamp = fs::metadata(&path).map(|m| records::Stamp::of(&m));
-            if let Some(record) = stamp
-                .as_ref()
-                .ok()
-                .and_then(|stamp| cache.unchanged(&mut sweep, path.clone(), stamp))
-            {
-                records.push(record);
-                continue;
+            if let Ok(stamp) = &stamp {
+                if cache.unchanged(&mut sweep, &path, stamp) {
+                    continue;
+                }
             }
             match stamp
                 .map_err(io_err("reading", &path))
                 .and_then(|stamp| Ok((stamp, parse::<ClientRecord>(&path)?)))
             {
-                Ok((stamp, record)) => {
-                    records.push(record.clone());
-                    cache.found(&mut sweep, path, stamp, record);
-                }
+                Ok((stamp, record)) => cache.found(&mut sweep, path, stamp, record),
                 Err(error) => unreadable.push(Unreadable {
                     name: path
                         .file_stem()
@@ -517,14 +524,9 @@ impl StateDir {
         }
         let generation = cache.finish(sweep);
         drop(cache);
-        records.sort_by(|a, b| a.name.cmp(&b.name));
         unreadable.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Found {
-            records: ClientRecords {
-                records,
-                unreadable,
-                changed: true,
-            },
+            unreadable,
             generation,
         })
     }
@@ -1165,7 +1167,7 @@ mod tests {
         assert!(all[1].revoked.is_some(), "the revocation applies");
 
         let found = state.client_records().unwrap();
-        assert_eq!(names(&found.records), ["alice", "bob"]);
+        assert_eq!(names(found.records.as_deref().unwrap()), ["alice", "bob"]);
         let bad: Vec<_> = found.unreadable.iter().map(|u| u.name.clone()).collect();
         assert_eq!(bad, [None, Some("carol".to_owned())]);
         assert!(found.unreadable.iter().all(|u| u.new));
@@ -1312,7 +1314,9 @@ mod tests {
         state.record_endpoint("198.18.0.1:443").unwrap();
         state.add_client("alice", &[]).unwrap();
         assert!(state.client_records().unwrap().changed, "the first read");
-        assert!(!state.client_records().unwrap().changed, "nothing changed");
+        let again = state.client_records().unwrap();
+        assert!(!again.changed, "nothing changed");
+        assert!(again.records.is_none(), "and nothing copied");
         // Rewritten in place, at once and to the same size: the same
         // timestamps on a coarse clock, yet the change is seen.
         let path = root.join("clients/alice.toml");
@@ -1321,15 +1325,16 @@ mod tests {
         fs::write(&path, &revoked).unwrap();
         let found = state.client_records().unwrap();
         assert!(found.changed);
-        assert_eq!(found.records[0].revoked, Some(1));
+        assert_eq!(found.records.unwrap()[0].revoked, Some(1));
         fs::write(&path, revoked.replace("revoked = 1", "revoked = 2")).unwrap();
         let found = state.client_records().unwrap();
         assert!(found.changed);
-        assert_eq!(found.records[0].revoked, Some(2));
+        assert_eq!(found.records.unwrap()[0].revoked, Some(2));
         // Removed: gone from the records.
         fs::remove_file(&path).unwrap();
         let found = state.client_records().unwrap();
-        assert!(found.changed && found.records.is_empty());
+        assert!(found.changed);
+        assert_eq!(found.records, Some(Vec::new()));
         fs::remove_dir_all(root).unwrap();
     }
 }

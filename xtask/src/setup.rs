@@ -56,27 +56,39 @@ pub fn run() -> Result<()> {
 /// environment of Debian's Python, from PyPI (Debian has no package).
 const AIOQUIC_VENV: &str = "/opt/veil-tests/aioquic";
 
+/// The aioquic release the interop test was written against.
+const AIOQUIC_VERSION: &str = "1.7.2";
+
 fn aioquic() -> Result<()> {
     let python = Path::new(AIOQUIC_VENV).join("bin/python3");
+    let check =
+        format!("import aioquic, sys; sys.exit(aioquic.__version__ != '{AIOQUIC_VERSION}')");
     let ready = Command::new(&python)
-        .args(["-c", "import aioquic"])
+        .args(["-c", &check])
         .status()
         .is_ok_and(|s| s.success());
     if ready {
         return Ok(());
     }
-    eprintln!("setup: installing aioquic in {AIOQUIC_VENV} (for the HTTP/3 interop test)");
+    eprintln!(
+        "setup: installing aioquic {AIOQUIC_VERSION} in {AIOQUIC_VENV} (for the HTTP/3 interop test)"
+    );
+    // Under /opt: root's, as the Debian packages are.
     let venv = || {
-        Command::new("/usr/bin/python3")
+        as_root("/usr/bin/python3")
             .args(["-m", "venv", AIOQUIC_VENV])
             .status()
     };
     if !venv().is_ok_and(|s| s.success()) {
         // `python3 -m venv` needs ensurepip, which Debian ships apart.
         apt_install_always(&["python3-venv"])?;
-        exec(Command::new("/usr/bin/python3").args(["-m", "venv", AIOQUIC_VENV]))?;
+        exec(as_root("/usr/bin/python3").args(["-m", "venv", AIOQUIC_VENV]))?;
     }
-    exec(Command::new(&python).args(["-m", "pip", "install", "-q", "aioquic"]))
+    let pinned = format!("aioquic=={AIOQUIC_VERSION}");
+    exec(
+        as_root(python.to_str().context("the venv's path")?)
+            .args(["-m", "pip", "install", "-q", &pinned]),
+    )
 }
 
 /// Installs Debian packages that provide no command to look for.

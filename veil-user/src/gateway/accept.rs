@@ -304,6 +304,10 @@ pub(super) async fn run_session<T: SessionTransport>(
             max: shared.cfg.max_clients,
         });
     };
+    // A limit changed while this session was being admitted reached only
+    // the clients attached then: read it again now that this one is
+    // attached (any later change reaches it through `reapply_limits`).
+    let record = shared.with_current_limits(record);
     shared.hold_to_limits(&record, vip);
     // Authenticated and admitted: `--max-clients` bounds it from now on,
     // and it reads through a full-size buffer.

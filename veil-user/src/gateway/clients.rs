@@ -101,8 +101,9 @@ impl Clients {
 
     /// The client's address: the one it had before (if still in `pool`),
     /// or the lowest free one above `gateway` (the gateway's own address in
-    /// the pool). The second value says whether the leases changed and
-    /// need saving.
+    /// the pool). The second value says whether the lease is not on disk
+    /// yet: new, or put back after a failed write, so that a client
+    /// that comes back after a refusal waits for the write again.
     pub fn lease(
         &mut self,
         name: &str,
@@ -111,7 +112,8 @@ impl Clients {
     ) -> Result<(Ipv4Addr, bool), PoolExhausted> {
         if let Some(vip) = self.leases.get(name) {
             if pool.contains(*vip) {
-                return Ok((*vip, false));
+                let unsaved = self.unsaved.iter().any(|(n, _)| n == name);
+                return Ok((*vip, unsaved));
             }
         }
         let first = gateway.to_bits() + 1;
@@ -288,11 +290,38 @@ mod tests {
             got.push(vip.octets()[3]);
         }
         assert_eq!(got, [2, 3, 4, 5, 6]);
+        let saving = c.take_unsaved();
+        assert_eq!(saving.len(), 5);
         assert_eq!(
             c.lease("c", pool(), GATEWAY),
             Ok((Ipv4Addr::new(10, 77, 0, 4), false))
         );
         assert_eq!(c.lease("f", pool(), GATEWAY), Err(PoolExhausted(pool())));
+    }
+
+    #[test]
+    fn a_lease_whose_write_failed_is_waited_for_again() {
+        let mut c = Clients::default();
+        let (vip, new) = c.lease("a", pool(), GATEWAY).unwrap();
+        assert!(new);
+        assert_eq!(
+            c.lease("a", pool(), GATEWAY),
+            Ok((vip, true)),
+            "not taken yet"
+        );
+        let saving = c.take_unsaved();
+        assert_eq!(
+            c.lease("a", pool(), GATEWAY),
+            Ok((vip, false)),
+            "being written"
+        );
+        c.unsaved_again(saving);
+        assert_eq!(
+            c.lease("a", pool(), GATEWAY),
+            Ok((vip, true)),
+            "the write failed"
+        );
+        assert_eq!(c.take_unsaved(), [("a".to_owned(), vip)], "once, not twice");
     }
 
     #[test]

@@ -23,6 +23,19 @@ impl Shared {
         }
     }
 
+    /// `record` with the limits the registry holds for it now.
+    pub(super) fn with_current_limits(&self, mut record: ClientRecord) -> ClientRecord {
+        if let Some(current) = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .get(&record.fingerprint)
+        {
+            record.limits = current.limits;
+        }
+        record
+    }
+
     /// Whether `record`'s session may carry offload (GSO) packets: not
     /// with a rate limit, which the datapath polices per packet. A 64 KiB
     /// GSO packet dropped whole would lose some 45 TCP segments at once,

@@ -13,6 +13,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use anyhow::{bail, Result};
@@ -44,12 +45,12 @@ impl Shared {
         let writer = &self.lease_writer;
         let (vip, version) = {
             let mut clients = self.clients.lock().expect("clients lock");
-            let (vip, new) = clients.lease(name, self.cfg.pool, self.checks.gateway)?;
+            let (vip, unsaved) = clients.lease(name, self.cfg.pool, self.checks.gateway)?;
             // Counted under the clients lock: a snapshot taken under it
             // after reading `made` holds every lease up to that version.
             (
                 vip,
-                new.then(|| writer.made.fetch_add(1, Ordering::SeqCst) + 1),
+                unsaved.then(|| writer.made.fetch_add(1, Ordering::SeqCst) + 1),
             )
         };
         let Some(version) = version else {
@@ -83,19 +84,31 @@ fn compact(shared: &Shared) {
     }
 }
 
+/// How soon leases whose write failed are written again when no new
+/// lease comes to wake the writer.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Writes the leases whenever new ones were made, one write for all those
-/// made meanwhile.
+/// made meanwhile; after a failed write, again within [`RETRY_AFTER`].
 pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
     let writer = &shared.lease_writer;
+    let mut failed = false;
     loop {
-        writer.wake.notified().await;
+        if failed {
+            tokio::select! {
+                () = writer.wake.notified() => {}
+                () = tokio::time::sleep(RETRY_AFTER) => {}
+            }
+        } else {
+            writer.wake.notified().await;
+        }
         loop {
             let (version, new, leased) = {
                 let mut clients = shared.clients.lock().expect("clients lock");
                 let version = writer.made.load(Ordering::SeqCst);
                 (version, clients.take_unsaved(), clients.leases().len())
             };
-            if version <= writer.saved.borrow().version {
+            if version <= writer.saved.borrow().version && new.is_empty() {
                 break;
             }
             let s = shared.clone();
@@ -113,13 +126,16 @@ pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
                     .unsaved_again(new);
             });
             let lines = written.as_ref().ok().copied();
+            failed = written.is_err();
             // The waiting sessions' leases are on disk: they go on now,
             // not after the fold, which this task still does before the
             // next append.
-            writer.saved.send_replace(Saved {
-                version,
-                failed: written.is_err(),
-            });
+            writer.saved.send_replace(Saved { version, failed });
+            if failed {
+                // Not again at once: a full or read-only disk stays so
+                // for a while.
+                break;
+            }
             if lines.is_some_and(|lines| lines > COMPACT_AFTER.max(leased)) {
                 let s = shared.clone();
                 tokio::task::spawn_blocking(move || compact(&s)).await?;

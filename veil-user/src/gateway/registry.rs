@@ -22,11 +22,10 @@ impl Shared {
         for bad in found.unreadable.iter().filter(|u| u.new) {
             warn!("reading the client registry: {bad}");
         }
-        if found.changed {
+        if let Some(records) = found.records {
             // A name issued again after a revocation keeps its earlier
             // certificates' fingerprints: each is known, and revoked.
-            *self.registry.write().expect("registry lock") = found
-                .records
+            *self.registry.write().expect("registry lock") = records
                 .into_iter()
                 .flat_map(|r| r.with_retired())
                 .map(|r| (r.fingerprint.clone(), r))

@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     fs,
     os::unix::fs::MetadataExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -55,6 +55,8 @@ struct Entry {
     stamp: Stamp,
     settled: bool,
     record: ClientRecord,
+    /// The last sweep that saw the file.
+    sweep: u64,
 }
 
 /// The parsed records by path, and a count of the changes seen.
@@ -63,36 +65,41 @@ pub(super) struct RecordCache {
     files: HashMap<PathBuf, Entry>,
     /// One more whenever a read found a file added, changed or gone.
     generation: u64,
+    /// Sweeps begun.
+    sweeps: u64,
 }
 
 impl RecordCache {
-    /// The cached record of `path` (seen by `sweep`), if its stamp says
-    /// it did not change.
-    pub(super) fn unchanged(
-        &self,
-        sweep: &mut Sweep,
-        path: PathBuf,
-        stamp: &Stamp,
-    ) -> Option<ClientRecord> {
-        let entry = self
+    /// Whether `path`'s stamp says it did not change since it was read; if
+    /// so, `sweep` has seen it. Copies nothing: the poll of an unchanged
+    /// directory costs a `stat` per file.
+    pub(super) fn unchanged(&mut self, sweep: &mut Sweep, path: &Path, stamp: &Stamp) -> bool {
+        let Some(entry) = self
             .files
-            .get(&path)
-            .filter(|e| e.settled && e.stamp == *stamp)?;
-        sweep.seen.push(path);
-        Some(entry.record.clone())
+            .get_mut(path)
+            .filter(|e| e.settled && e.stamp == *stamp)
+        else {
+            return false;
+        };
+        entry.sweep = sweep.number;
+        sweep.seen += 1;
+        true
     }
 
     /// Starts a read of the directory: what it finds goes through
-    /// [`Self::found`], then [`Self::finish`] drops the files not seen.
-    pub(super) fn begin(&self) -> Sweep {
+    /// [`Self::unchanged`] or [`Self::found`], then [`Self::finish`]
+    /// drops the files not seen.
+    pub(super) fn begin(&mut self) -> Sweep {
+        self.sweeps += 1;
         Sweep {
             now: now_ns(),
-            seen: Vec::new(),
+            number: self.sweeps,
+            seen: 0,
             changed: false,
         }
     }
 
-    /// A record read (or found unchanged) during `sweep`.
+    /// A record read during `sweep`.
     pub(super) fn found(
         &mut self,
         sweep: &mut Sweep,
@@ -108,23 +115,24 @@ impl RecordCache {
         if !same {
             sweep.changed = true;
         }
-        sweep.seen.push(path.clone());
+        sweep.seen += 1;
         self.files.insert(
             path,
             Entry {
                 stamp,
                 settled,
                 record,
+                sweep: sweep.number,
             },
         );
     }
 
-    /// Ends `sweep`: files not seen are gone (or unreadable now).
+    /// Ends `sweep`: files not seen are gone (or unreadable now). The
+    /// generation: one more than before if anything changed.
     pub(super) fn finish(&mut self, sweep: Sweep) -> u64 {
         let mut changed = sweep.changed;
-        if sweep.seen.len() != self.files.len() {
-            let seen: std::collections::HashSet<&PathBuf> = sweep.seen.iter().collect();
-            self.files.retain(|p, _| seen.contains(p));
+        if sweep.seen != self.files.len() {
+            self.files.retain(|_, e| e.sweep == sweep.number);
             changed = true;
         }
         if changed {
@@ -132,12 +140,21 @@ impl RecordCache {
         }
         self.generation
     }
+
+    /// Every record the last sweep found, by name.
+    pub(super) fn records(&self) -> Vec<ClientRecord> {
+        let mut all: Vec<ClientRecord> = self.files.values().map(|e| e.record.clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
 }
 
 /// One read of the directory in progress.
 pub(super) struct Sweep {
     now: i128,
-    seen: Vec<PathBuf>,
+    number: u64,
+    /// Files seen, readable.
+    seen: usize,
     changed: bool,
 }
 

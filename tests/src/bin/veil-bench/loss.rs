@@ -80,7 +80,12 @@ pub(crate) fn loss(quick: bool) {
                     line.set_loss(percent);
                 }
                 for reverse in [true, false] {
-                    let rate = iperf3_cc(ns, secs, cc, reverse) / 1e6;
+                    let server = (Ipv4Addr::new(198, 18, 0, 2), 5201).into();
+                    let report = iperf3_json(ns, server, secs, 1, reverse, &["-C", cc]);
+                    let rate = report["end"]["sum_received"]["bits_per_second"]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                        / 1e6;
                     eprintln!("  {percent} % loss, reverse {reverse}: {rate:.1} Mbit/s");
                     rates.push(rate);
                 }
@@ -116,34 +121,6 @@ pub(crate) fn loss(quick: bool) {
             }
         }
     }
-}
-
-/// Bits per second of one iperf3 TCP stream whose ends run congestion
-/// control `cc` (`-C`; iperf3 tells its server).
-fn iperf3_cc(ns: &str, secs: u32, cc: &str, reverse: bool) -> f64 {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/var/run/netns/{ns}"))
-        .args(["iperf3", "-c", "198.18.0.2", "-J", "-C", cc])
-        .args(["-t", &secs.to_string()]);
-    if reverse {
-        cmd.arg("-R");
-    }
-    // A server still busy with the run before (its control connection
-    // lost on the lossy link) is tried again after a pause.
-    for _ in 0..3 {
-        let out = cmd.output().expect("running iperf3");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        match v["error"].as_str() {
-            Some(e) => eprintln!("iperf3: {e}"),
-            None => {
-                return v["end"]["sum_received"]["bits_per_second"]
-                    .as_f64()
-                    .unwrap_or(0.0)
-            }
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    0.0
 }
 
 /// One client, the gateway and the remote's iperf3 server.

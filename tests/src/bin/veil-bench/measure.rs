@@ -11,7 +11,7 @@ pub(crate) fn iperf3(ns: &str, secs: u32, streams: u32, reverse: bool) -> f64 {
 /// [`iperf3`] with one stream: bits per second received and the sender's
 /// TCP retransmissions.
 pub(crate) fn iperf3_retransmits(ns: &str, secs: u32, reverse: bool) -> (f64, u64) {
-    let v = iperf3_json(ns, (REMOTE, 5201).into(), secs, 1, reverse);
+    let v = iperf3_json(ns, (REMOTE, 5201).into(), secs, 1, reverse, &[]);
     (
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
@@ -29,18 +29,20 @@ pub(crate) fn iperf3_to(
     streams: u32,
     reverse: bool,
 ) -> f64 {
-    iperf3_json(ns, server, secs, streams, reverse)["end"]["sum_received"]["bits_per_second"]
+    iperf3_json(ns, server, secs, streams, reverse, &[])["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
 }
 
-/// iperf3's JSON report of one run (`Null` if it did not run).
-fn iperf3_json(
+/// iperf3's JSON report of one run (`Null` if it did not run), `extra`
+/// added to its client's arguments.
+pub(crate) fn iperf3_json(
     ns: &str,
     server: std::net::SocketAddr,
     secs: u32,
     streams: u32,
     reverse: bool,
+    extra: &[&str],
 ) -> serde_json::Value {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/var/run/netns/{ns}")).args([
@@ -55,11 +57,13 @@ fn iperf3_json(
         "-P",
         &streams.to_string(),
     ]);
+    cmd.args(extra);
     if reverse {
         cmd.arg("-R");
     }
-    // A run right after another may find the server still busy with it:
-    // once more after a pause, saying why.
+    // A run right after another may find the server still busy with it
+    // (on a lossy link, its control connection lost): again after a
+    // pause, saying why.
     for attempt in 0..3 {
         let out = cmd.output().expect("running iperf3");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -67,7 +71,7 @@ fn iperf3_json(
             Some(e) if attempt < 2 => eprintln!("iperf3: {e}; again"),
             _ => return v,
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(500 << (2 * attempt)));
     }
     serde_json::Value::Null
 }
