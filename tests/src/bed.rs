@@ -59,6 +59,7 @@ impl Wan {
 pub struct Bed {
     pub dp: Datapath,
     pub flows: FlowTable,
+    config: DatapathConfig,
 }
 
 impl Default for Bed {
@@ -97,7 +98,7 @@ impl Bed {
 
     fn build(public: &[Ipv4Addr], ports: PortRange, pin: Option<(&Path, &mut PathBuf)>) -> Self {
         let mut dp = Datapath::load().expect("loading the datapath (are you root?)");
-        dp.configure(&DatapathConfig {
+        let config = DatapathConfig {
             public_addrs: public.to_vec(),
             vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
             nat_ports: ports,
@@ -105,13 +106,21 @@ impl Bed {
             tun_ifindex: 4343,
             // BPF_PROG_TEST_RUN gives TC programs an Ethernet header.
             tun_l2_len: ETH_LEN as u32,
-        })
-        .unwrap();
+            wan_filter: veil_user::datapath::WanFilter::Xdp,
+        };
+        dp.configure(&config).unwrap();
         if let Some((root, dir)) = pin {
             *dir = dp.pin(root).expect("pinning maps");
         }
         let flows = dp.flow_table(ports, Timeouts::default()).unwrap();
-        Self { dp, flows }
+        Self { dp, flows, config }
+    }
+
+    /// As `veil-user --wan-filter tc`: TC on the WAN does XDP's checks
+    /// too, for a WAN with no XDP program.
+    pub fn wan_filter_in_tc(&mut self) {
+        self.config.wan_filter = veil_user::datapath::WanFilter::Tc;
+        self.dp.configure(&self.config).unwrap();
     }
 
     pub fn flow(&mut self, proto: u8, client_port: u16, remote_port: u16) -> (FlowKey, u16) {

@@ -67,6 +67,7 @@ impl Bed6 {
             wan_ifindex: 4242,
             tun_ifindex: 4343,
             tun_l2_len: ETH_LEN as u32,
+            wan_filter: veil_user::datapath::WanFilter::Xdp,
         })
         .unwrap();
         dp.configure6(PUBLIC6, POOL6.parse().unwrap()).unwrap();

@@ -959,3 +959,74 @@ fn an_unconfigured_datapath_drops_everything_and_says_so() {
     assert_eq!(records[0].0, log::Level::Error);
     assert!(records[0].1.contains("VEIL_CONFIG is empty"), "{records:?}");
 }
+
+// ---- the WAN filter in TC (`--wan-filter tc`: no XDP program) ----
+
+/// TC alone does what XDP did in front of it: a stranger's packet to the
+/// NAT range is dropped with its reason, a reply in fragments is noted by
+/// its first fragment and translated whole, the host's traffic passes,
+/// counted once.
+#[test]
+fn with_the_wan_filter_in_tc_tc_alone_drops_strangers_and_translates_fragments() {
+    let mut bed = Bed::new();
+    bed.wan_filter_in_tc();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+
+    let stranger = frame(REMOTE, PUBLIC, 60, L4::udp(53, nat + 1, b"knock"));
+    assert_eq!(bed.wan_tc(&stranger).0, TC_ACT_SHOT);
+    assert_eq!(bed.count(Reason::DropNoIngressFlow), 1);
+
+    let host = frame(REMOTE, PUBLIC, 60, L4::udp(5353, 22, b"the host's"));
+    assert_eq!(bed.wan_tc(&host), (TC_ACT_OK, host.clone()), "untouched");
+    assert_eq!(bed.count(Reason::PassToHost), 1);
+
+    let data = payload(3000);
+    let arrived = fragments(
+        &frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, &data)),
+        REMOTE_ID,
+        1480,
+    );
+    let out: Vec<Vec<u8>> = arrived
+        .iter()
+        .map(|f| {
+            let (action, out) = bed.wan_tc(f);
+            assert_eq!(action, TC_ACT_REDIRECT, "every fragment to the tunnel");
+            out
+        })
+        .collect();
+    let expected = fragments(
+        &frame(REMOTE, CLIENT, 57, L4::udp(53, 40000, &data)),
+        REMOTE_ID,
+        1480,
+    );
+    assert_eq!(out, expected, "to the client's address and port, ID kept");
+    assert_eq!(bed.count(Reason::IngressForwarded), 3);
+    assert_eq!(bed.count(Reason::PassToHost), 1, "still the host's one");
+}
+
+/// A limited client's downloads are policed in TC when XDP is absent.
+#[test]
+fn with_the_wan_filter_in_tc_a_limited_clients_replies_are_policed_there() {
+    let mut bed = Bed::new();
+    bed.wan_filter_in_tc();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    let mut limits = bed.dp.rate_limits().unwrap();
+    limits
+        .apply(
+            CLIENT,
+            veil_user::ratelimit::Effective {
+                rate: Some("8bit".parse().unwrap()),
+                quota: None,
+                period: std::time::Duration::from_secs(86_400),
+            },
+        )
+        .unwrap();
+    // 1,000 IP bytes each: the 128 KiB burst lets 132 through.
+    let down = frame(REMOTE, PUBLIC, 60, L4::udp(53, nat, &[7u8; 972]));
+    let delivered = (0..200)
+        .take_while(|_| bed.wan_tc(&down).0 == TC_ACT_REDIRECT)
+        .count();
+    assert_eq!(delivered, 132);
+    assert_eq!(bed.wan_tc(&down).0, TC_ACT_SHOT);
+    assert!(bed.count(Reason::DropRateLimited) >= 1);
+}

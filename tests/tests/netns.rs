@@ -19,6 +19,7 @@ use veil_tests::{
     packet::{assert_checksums, frame, ip_of, L4},
 };
 use veil_user::{
+    datapath::WanFilter,
     flows::{FlowTable, PortRange, Timeouts},
     net::{ifindex, Ipv4Net},
     Datapath, DatapathConfig,
@@ -41,6 +42,10 @@ struct Gateway {
 }
 
 fn gateway() -> Gateway {
+    gateway_with(WanFilter::Xdp)
+}
+
+fn gateway_with(wan_filter: WanFilter) -> Gateway {
     let (gw, remote) = gateway_and_remote("gw", "remote");
     let bpffs = BpfFs::new();
     let (tun, dp, flows, pins) = gw.enter(|| {
@@ -55,6 +60,7 @@ fn gateway() -> Gateway {
             wan_ifindex: ifindex("wan0").unwrap(),
             tun_ifindex: ifindex("veilgw").unwrap(),
             tun_l2_len: 0,
+            wan_filter,
         })
         .unwrap();
         let pins = dp.pin(&bpffs.path().join("veil")).unwrap();
@@ -98,7 +104,30 @@ impl Gateway {
 
 #[test]
 fn udp_goes_out_as_the_gateway_and_the_reply_comes_back_to_the_client() {
-    let mut gw = gateway();
+    udp_round_trip(&mut gateway());
+}
+
+/// `--wan-filter tc`: no XDP program on the WAN, and TC there keeps the
+/// promises XDP makes: replies reach their client, an unsolicited
+/// connection to the NAT range gets no answer, the host's own traffic
+/// (its ping, its listeners) goes on as before.
+#[test]
+fn with_the_wan_filter_in_tc_replies_come_back_and_strangers_get_no_answer() {
+    let mut gw = gateway_with(WanFilter::Tc);
+    let link = String::from_utf8_lossy(&gw.gw_ns.ip(&["link", "show", "wan0"]).stdout).into_owned();
+    assert!(!link.contains("xdp"), "no XDP program: {link}");
+    udp_round_trip(&mut gw);
+    unsolicited_connections_get_no_answer(&gw);
+    let remote = REMOTE.to_string();
+    let id = (PORTS.min + 3).to_string();
+    let ping = gw
+        .gw_ns
+        .exec("ping", &["-c", "1", "-W", "2", "-e", &id, &remote]);
+    assert!(ping.status.success(), "the gateway's own ping is answered");
+    assert!(gw.count(Reason::PassToHost) >= 1);
+}
+
+fn udp_round_trip(gw: &mut Gateway) {
     let echo = gw
         .remote
         .enter(|| UdpSocket::bind((REMOTE, 7)).expect("binding the echo socket"));
@@ -214,7 +243,10 @@ fn the_gateways_own_ping_is_answered_whatever_its_identifier() {
 
 #[test]
 fn unsolicited_connections_to_the_nat_range_get_no_answer() {
-    let gw = gateway();
+    unsolicited_connections_get_no_answer(&gateway());
+}
+
+fn unsolicited_connections_get_no_answer(gw: &Gateway) {
     let (nat_range, outside) = gw.remote.enter(|| {
         let nat = TcpStream::connect_timeout(
             &(GW_WAN, PORTS.min + 17).into(),

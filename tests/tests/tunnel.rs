@@ -142,6 +142,47 @@ fn a_client_reaches_the_internet_as_the_gateway() {
     assert!(flows(&world) >= 3, "tcp, udp and icmp flows in the maps");
 }
 
+/// `--wan-filter tc`, for a WAN where an XDP program costs offloads: no
+/// XDP program on the interface, and everything else as before: the
+/// client reaches the internet as the gateway, bytes intact both ways, and
+/// a stranger's connection to the NAT range gets no answer at all.
+#[test]
+fn with_the_wan_filter_in_tc_a_client_reaches_the_internet_and_strangers_get_no_answer() {
+    let world = World::new(1, &["--wan-filter", "tc"]);
+    let link = ip_out(&world.gw, &["link", "show", "wan0"]);
+    assert!(!link.contains("xdp"), "no XDP program on the WAN: {link}");
+    let profile = world.add_client("alice", 1);
+    let _client = world.start_client(1, &profile, true);
+
+    assert!(world.ping(1, "198.18.0.2"), "ping through the tunnel");
+    assert_eq!(
+        world.download(1).expect("download"),
+        sha256(&download_data()),
+        "8 MiB down intact"
+    );
+    let upload = download_data();
+    assert!(
+        echo_through(&world, 1, &upload) == upload,
+        "8 MiB up and back intact"
+    );
+    assert_eq!(world.udp_echo(1, b"veil udp echo"), b"veil udp echo");
+    let seen = world.servers.seen();
+    assert!(
+        seen.iter().all(|a| *a == PUBLIC),
+        "the remote saw only the gateway: {seen:?}"
+    );
+
+    let nat_port = veil_user::flows::PortRange::DEFAULT.min + 17;
+    let knock = world.remote.enter(|| {
+        TcpStream::connect_timeout(&(PUBLIC, nat_port).into(), Duration::from_millis(1500))
+    });
+    assert_eq!(
+        knock.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::TimedOut,
+        "a RST would mean the kernel saw the SYN"
+    );
+}
+
 #[test]
 fn clients_get_their_own_address_and_cannot_reach_each_other_or_private_networks() {
     let world = World::new(2, &[]);

@@ -202,9 +202,20 @@ pub struct Config {
     /// flow leaves from one of them (the egress map says which); replies
     /// to any of them are translated.
     pub public_addrs: [[u8; 4]; MAX_PUBLIC_ADDRS],
+    /// [`Config::WAN_FILTER_IN_TC`], or 0.
+    pub flags: u32,
 }
 
 impl Config {
+    /// No XDP program on the WAN: TC there does its admission checks too
+    /// (`veil-user --wan-filter tc`).
+    pub const WAN_FILTER_IN_TC: u32 = 1;
+
+    #[inline(always)]
+    pub const fn wan_filter_in_tc(&self) -> bool {
+        self.flags & Self::WAN_FILTER_IN_TC != 0
+    }
+
     /// Whether `addr` is one of the gateway's public addresses.
     #[inline(always)]
     pub fn is_public(&self, addr: [u8; 4]) -> bool {
@@ -330,7 +341,7 @@ const _: () = {
     assert!(size_of::<EgressFlow>() == 40);
     assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<ReverseFlow>() == 40);
-    assert!(size_of::<Config>() == 28 + 4 * MAX_PUBLIC_ADDRS);
+    assert!(size_of::<Config>() == 32 + 4 * MAX_PUBLIC_ADDRS);
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragEntry>() == 16);

@@ -269,69 +269,101 @@ fn known_reply(wan: &Result<Wan, Reason>) -> Option<*mut ReverseFlow> {
     }
 }
 
+/// What the WAN's first program decides about a packet it does not drop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// The host's: passed untouched (and counted as such).
+    Host,
+    /// veil's, or the forwarder's: TC translates it.
+    Translate,
+}
+
 /// XDP: drop early what veil must not let through; pass the rest.
 // Not inlined: the IPv6 path is a call of its own beside it (see main.rs).
 #[inline(never)]
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
-    let cfg = config()?;
-    let wan = classify(&pkt, cfg);
+    let ip_len = || ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+    Ok(match admit(&pkt, config()?, ip_len)? {
+        Admit::Host => Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost),
+        // Counted by `translate`, which finishes the job.
+        Admit::Translate => Verdict::uncounted(xdp_action::XDP_PASS as i32),
+    })
+}
+
+/// The checks that come before any translation, in XDP per packet on the
+/// wire, or at the start of TC when there is no XDP program
+/// (`Config::wan_filter_in_tc`). `ip_len` gives what the rate limit
+/// counts, asked only where it polices.
+#[inline(always)]
+fn admit(pkt: &Packet, cfg: &Config, ip_len: impl Fn() -> u32) -> Result<Admit, Reason> {
+    let wan = classify(pkt, cfg);
     let known = known_reply(&wan);
-    if known.is_none() && forward::claims(&pkt, cfg) {
-        // Counted by `translate`, which forwards it.
-        return Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32));
+    if known.is_none() && forward::claims(pkt, cfg) {
+        return Ok(Admit::Translate);
     }
-    let to_host = Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost);
-    // Counted by `translate`, which finishes the job.
-    let to_translate = Verdict::uncounted(xdp_action::XDP_PASS as i32);
     match wan? {
-        Wan::Host => Ok(to_host),
+        Wan::Host => Ok(Admit::Host),
         Wan::HostFirstFragment => {
-            frag::forget(&frag::datagram(&pkt, IP)?.1);
-            Ok(to_host)
+            frag::forget(&frag::datagram(pkt, IP)?.1);
+            Ok(Admit::Host)
         }
         Wan::Reply { key, kind, .. } => {
             let flow = match known {
                 Some(flow) => Some(flow),
                 None => reply_flow(&key, kind)?,
             };
-            let (fragment, frag) = frag::datagram(&pkt, IP)?;
+            let (fragment, frag) = frag::datagram(pkt, IP)?;
             match flow {
                 Some(flow) => {
-                    // Here, per packet on the wire, rather than in TC
+                    // In XDP, per packet on the wire rather than in TC
                     // after GRO: dropping a 64 KiB aggregate would lose
                     // 45 segments at once, and TCP backs off far below
-                    // the rate. IP bytes, as on the way up.
-                    let ip_len =
-                        ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+                    // the rate (which `--wan-filter tc` accepts). IP
+                    // bytes, as on the way up.
                     let client = unsafe { (*flow).client_addr };
-                    crate::ratelimit::police(client, ip_len, Direction::Down)?;
+                    crate::ratelimit::police(client, ip_len(), Direction::Down)?;
                     if fragment == Fragment::First {
                         frag::remember(&frag, unsafe { (*flow).client_addr })?;
                     }
-                    Ok(to_translate)
+                    Ok(Admit::Translate)
                 }
                 None => {
                     if fragment == Fragment::First {
                         frag::forget(&frag);
                     }
-                    Ok(to_host)
+                    Ok(Admit::Host)
                 }
             }
         }
         // A later fragment nobody noted is the host's, as far as anyone
         // can tell; if it was veil's, its first fragment went to a client
         // and the host's reassembly never completes, so it answers nothing.
-        Wan::LaterFragment => Ok(if frag::is_translated(&frag::datagram(&pkt, IP)?.1) {
-            to_translate
+        Wan::LaterFragment => Ok(if frag::is_translated(&frag::datagram(pkt, IP)?.1) {
+            Admit::Translate
         } else {
-            to_host
+            Admit::Host
         }),
         Wan::IcmpError { key } => {
             flow(&key)?;
-            Ok(Verdict::uncounted(xdp_action::XDP_PASS as i32))
+            Ok(Admit::Translate)
         }
     }
+}
+
+/// TC, before `translate`: with no XDP program in front
+/// (`Config::wan_filter_in_tc`), its checks, on what GRO may have merged.
+// A call of its own: inlined into `translate`, the two stacks would pass
+// the 512 bytes BPF allows.
+#[inline(never)]
+pub fn admit_in_tc(ctx: &TcContext) -> Result<Admit, Reason> {
+    let cfg = config()?;
+    if !cfg.wan_filter_in_tc() {
+        return Ok(Admit::Translate);
+    }
+    pull_headers(ctx)?;
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    admit(&pkt, cfg, || ctx.len().saturating_sub(ETH_LEN as u32))
 }
 
 /// TC: translate what `filter` let through and hand it to the TUN device.

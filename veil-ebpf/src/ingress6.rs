@@ -36,6 +36,7 @@ use veil_common::{
 
 use crate::{
     frag::Fragment,
+    ingress::Admit,
     frag6::{self, FragHdr, FRAG_HDR_LEN},
     maps::{config, config6, VEIL_REVERSE6},
     packet::{Packet, Ports, ETH_LEN},
@@ -318,27 +319,34 @@ fn reply_flow(key: &ReverseKey6, kind: L4Sum) -> Result<Option<*mut ReverseFlow6
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
     let pkt = &Packet::new(ctx.data(), ctx.data_end());
-    let to_host = Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost);
+    let ip_len = || ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
+    Ok(match admit(pkt, cfg, ip_len)? {
+        Admit::Host => Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost),
+        Admit::Translate => Verdict::uncounted(xdp_action::XDP_PASS as i32),
+    })
+}
+
+/// The checks before any translation (IPv4's `ingress::admit`, for IPv6).
+#[inline(always)]
+fn admit(pkt: &Packet, cfg: &Config, ip_len: impl Fn() -> u32) -> Result<Admit, Reason> {
     let Some(cfg6) = config6() else {
-        return Ok(to_host);
+        return Ok(Admit::Host);
     };
-    let to_translate = Verdict::uncounted(xdp_action::XDP_PASS as i32);
-    let ip_len = ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
     let datagram = |id| frag6::key(pkt, IP, frag_kind::INGRESS, id);
     match classify(pkt, cfg, cfg6)? {
-        Wan6::Host => Ok(to_host),
+        Wan6::Host => Ok(Admit::Host),
         Wan6::HostFirstFragment(id) => {
             frag6::forget(&datagram(id)?);
-            Ok(to_host)
+            Ok(Admit::Host)
         }
         // A later fragment nobody noted is the host's, as far as anyone
         // can tell (as for IPv4).
         Wan6::LaterFragment { id, .. } => match frag6::live(&datagram(id)?, FRAG_TIMEOUT_NS) {
             Some(entry) => {
-                crate::ratelimit::police(entry.client_vip, ip_len, Direction::Down)?;
-                Ok(to_translate)
+                crate::ratelimit::police(entry.client_vip, ip_len(), Direction::Down)?;
+                Ok(Admit::Translate)
             }
-            None => Ok(to_host),
+            None => Ok(Admit::Host),
         },
         Wan6::Reply {
             key,
@@ -348,24 +356,37 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
         } => match reply_flow(&key, kind)? {
             Some(flow) => {
                 let vip = unsafe { (*flow).client_vip };
-                crate::ratelimit::police(vip, ip_len, Direction::Down)?;
+                crate::ratelimit::police(vip, ip_len(), Direction::Down)?;
                 if let Some(id) = first_fragment {
                     frag6::remember(&datagram(id)?, unsafe { &(*flow).client_addr }, vip)?;
                 }
-                Ok(to_translate)
+                Ok(Admit::Translate)
             }
             None => {
                 if let Some(id) = first_fragment {
                     frag6::forget(&datagram(id)?);
                 }
-                Ok(to_host)
+                Ok(Admit::Host)
             }
         },
         Wan6::IcmpError { key } => {
             flow(&key)?;
-            Ok(to_translate)
+            Ok(Admit::Translate)
         }
     }
+}
+
+/// TC, for an IPv6 frame, before `translate`: XDP's checks when there is
+/// no XDP program (`ingress::admit_in_tc`).
+#[inline(never)]
+pub fn admit_in_tc(ctx: &TcContext) -> Result<Admit, Reason> {
+    let cfg = config()?;
+    if !cfg.wan_filter_in_tc() {
+        return Ok(Admit::Translate);
+    }
+    pull_headers6(ctx)?;
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    admit(&pkt, cfg, || ctx.len().saturating_sub(ETH_LEN as u32))
 }
 
 /// TC, for an IPv6 frame: translate what `filter` let through and hand it

@@ -42,7 +42,7 @@ mod rewrite6;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_SHOT},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
     EbpfContext,
@@ -108,11 +108,24 @@ pub fn veil_wan_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn veil_wan_tc(ctx: TcContext) -> i32 {
     let verdict = if rewrite6::is_ipv6_skb(&ctx) {
-        ingress6::translate(&ctx)
+        ingress6::admit_in_tc(&ctx).and_then(|a| unless_hosts(a, || ingress6::translate(&ctx)))
     } else {
-        ingress::translate(&ctx)
+        ingress::admit_in_tc(&ctx).and_then(|a| unless_hosts(a, || ingress::translate(&ctx)))
     };
     conclude(&ctx, verdict, TC_ACT_SHOT, ctx.len())
+}
+
+/// The host's packet passes (counted here when TC did the admitting);
+/// anything else goes on to `translate`.
+#[inline(always)]
+fn unless_hosts(
+    admitted: ingress::Admit,
+    translate: impl FnOnce() -> Result<Verdict, Reason>,
+) -> Result<Verdict, Reason> {
+    match admitted {
+        ingress::Admit::Host => Ok(Verdict::counted(TC_ACT_OK as i32, Reason::PassToHost)),
+        ingress::Admit::Translate => translate(),
+    }
 }
 
 #[classifier]

@@ -111,6 +111,42 @@ pub struct DatapathConfig {
     /// 0 for a TUN device; 14 where frames carry an Ethernet header (TAP,
     /// BPF_PROG_TEST_RUN).
     pub tun_l2_len: u32,
+    pub wan_filter: WanFilter,
+}
+
+/// Where the WAN's admission checks run (dropping what has no flow, the
+/// download rate limit, fragment notes) before TC translates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WanFilter {
+    /// In an XDP program, per packet on the wire, before the kernel builds
+    /// an skb: the cheapest drop.
+    #[default]
+    Xdp,
+    /// At the start of TC, after GRO: for a WAN interface where a native
+    /// XDP program costs offloads (a veth takes TSO from its peer, and
+    /// virtio-net turns off the host's receive offloads).
+    Tc,
+}
+
+impl std::str::FromStr for WanFilter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "xdp" => Ok(Self::Xdp),
+            "tc" => Ok(Self::Tc),
+            other => Err(format!("`{other}` is not a WAN filter: xdp or tc")),
+        }
+    }
+}
+
+impl std::fmt::Display for WanFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Xdp => "xdp",
+            Self::Tc => "tc",
+        })
+    }
 }
 
 impl DatapathConfig {
@@ -130,6 +166,10 @@ impl DatapathConfig {
             nat_port_min: self.nat_ports.min,
             nat_port_max: self.nat_ports.max,
             tun_l2_len: self.tun_l2_len,
+            flags: match self.wan_filter {
+                WanFilter::Xdp => 0,
+                WanFilter::Tc => Config::WAN_FILTER_IN_TC,
+            },
         })
     }
 }
@@ -142,6 +182,9 @@ pub struct Datapath {
     public_addrs: Vec<Ipv4Addr>,
     /// The public IPv6 address written by [`Self::configure6`], if any.
     public6: Option<Ipv6Addr>,
+    /// As [`Self::configure`] was told: whether [`Self::attach`] attaches
+    /// XDP.
+    wan_filter: WanFilter,
 }
 
 impl Datapath {
@@ -179,6 +222,7 @@ impl Datapath {
             pin_dir: None,
             public_addrs: Vec::new(),
             public6: None,
+            wan_filter: WanFilter::Xdp,
         })
     }
 
@@ -196,6 +240,7 @@ impl Datapath {
         let mut config: Array<_, Config> = Array::try_from(map).map_err(map_err)?;
         config.set(0, value, 0).map_err(map_err)?;
         self.public_addrs = cfg.public_addrs.clone();
+        self.wan_filter = cfg.wan_filter;
         Ok(())
     }
 
@@ -239,11 +284,14 @@ impl Datapath {
         Ok(FlowTable6::new(egress, reverse, public, ports, timeouts))
     }
 
-    /// Attaches XDP and TC to the WAN interface and TC to the tunnel device.
+    /// Attaches XDP (unless the WAN filter is in TC) and TC to the WAN
+    /// interface and TC to the tunnel device.
     pub fn attach(&mut self, wan: &str, tun: &str) -> Result<(), DatapathError> {
-        let xdp: &mut Xdp = self.program(PROG_WAN_XDP)?;
-        xdp.attach(wan, XdpMode::Default)
-            .map_err(|source| attach_error(PROG_WAN_XDP, wan, source))?;
+        if self.wan_filter == WanFilter::Xdp {
+            let xdp: &mut Xdp = self.program(PROG_WAN_XDP)?;
+            xdp.attach(wan, XdpMode::Default)
+                .map_err(|source| attach_error(PROG_WAN_XDP, wan, source))?;
+        }
         for (name, iface) in [(PROG_WAN_TC, wan), (PROG_TUN_TC, tun)] {
             let tc: &mut SchedClassifier = self.program(name)?;
             tc.attach(iface, TcAttachType::Ingress)

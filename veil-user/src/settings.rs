@@ -29,6 +29,7 @@
 //! mapping = "address-dependent"        # or "endpoint-independent"
 //! rate-limit = "50mbit"                # each client, each way
 //! quota = "10GiB"                      # each client, per quota-period
+//! wan-filter = "tc"                    # no XDP on a veth or virtio-net WAN
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -185,6 +186,13 @@ pub struct Settings {
     /// docs/performance.md) [default: 0, off].
     #[arg(long, value_name = "MICROS")]
     pub busy_poll: Option<u64>,
+    /// Where the WAN's admission checks run: `xdp`, per packet before the
+    /// kernel builds an skb, or `tc`, after GRO, for an interface where an
+    /// XDP program costs offloads (veth, virtio-net: see
+    /// docs/operations.md) [default: xdp].
+    #[arg(long, value_name = "xdp|tc")]
+    #[serde(with = "text")]
+    pub wan_filter: Option<crate::datapath::WanFilter>,
     /// Serve Prometheus metrics (GET /metrics) on this port of 127.0.0.1,
     /// or on ADDR:PORT to expose them (aggregates only: no client names).
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::metrics::parse_addr)]
@@ -389,6 +397,7 @@ impl Settings {
             threads: within("threads", self.threads, 1, u16::MAX, "1 or more")?,
             tun_queues: within("tun-queues", self.tun_queues, 1, 256, "1 to 256")?,
             busy_poll: Duration::from_micros(self.busy_poll.unwrap_or(0)),
+            wan_filter: self.wan_filter.unwrap_or_default(),
             dns: self.dns,
             forward: self.forward,
             operator_cert: match (self.cert, self.key) {
@@ -633,6 +642,17 @@ mod tests {
             .resolve("/tmp/unused".into())
             .unwrap();
         assert_eq!(resolved.pool6, Pool6::DEFAULT);
+    }
+
+    #[test]
+    fn the_wan_filter_is_xdp_unless_told_tc() {
+        use crate::datapath::WanFilter;
+        let resolve = |text: &str| parse(text).unwrap().resolve("/tmp/unused".into()).unwrap();
+        assert_eq!(resolve("iface = \"eth0\"\n").wan_filter, WanFilter::Xdp);
+        let tc = resolve("iface = \"eth0\"\nwan-filter = \"tc\"\n");
+        assert_eq!(tc.wan_filter, WanFilter::Tc);
+        let err = parse("wan-filter = \"xpd\"\n").unwrap_err();
+        assert!(err.contains("xdp or tc"), "{err}");
     }
 
     #[test]

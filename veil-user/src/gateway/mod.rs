@@ -113,6 +113,7 @@ pub struct GatewayConfig {
     pub tun_queues: Option<u16>,
     /// How long to busy-poll after each packet (zero: never).
     pub busy_poll: Duration,
+    pub wan_filter: crate::datapath::WanFilter,
     /// Upstream resolvers of the DNS service clients get on the gateway's
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
@@ -320,6 +321,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
             .with_context(|| format!("interface {} not found", cfg.iface))?,
         tun_ifindex: ifindex(tun.name())?,
         tun_l2_len: 0,
+        wan_filter: cfg.wan_filter,
     })?;
     datapath.normalize(cfg.normalize)?;
     let pins = datapath.pin(&cfg.pin_root)?;

@@ -461,6 +461,7 @@ pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
                     wan_ifindex: ifindex("wan0").unwrap(),
                     tun_ifindex: ifindex("veilgw").unwrap(),
                     tun_l2_len: 0,
+                    wan_filter: veil_user::datapath::WanFilter::Xdp,
                 })
                 .unwrap();
                 let mut flows = dp

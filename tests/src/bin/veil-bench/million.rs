@@ -61,6 +61,7 @@ pub(crate) fn gateway_flow_table(dp: &mut Datapath) -> veil_user::FlowTable {
         wan_ifindex: 4242,
         tun_ifindex: 4343,
         tun_l2_len: 0,
+        wan_filter: veil_user::datapath::WanFilter::Xdp,
     })
     .unwrap();
     dp.flow_table(PortRange::DEFAULT, Timeouts::default())

@@ -10,10 +10,11 @@ use super::*;
 
 /// The paths the tunnel benchmark compares: a name, and what
 /// `VEIL_BENCH_PATHS` calls it (for veil: the transport).
-const PATHS: [(&str, &str); 4] = [
+const PATHS: [(&str, &str); 5] = [
     ("direct routing", "direct"),
     ("routing + MASQUERADE", "masquerade"),
     ("veil (TLS/TCP)", "tcp"),
+    ("veil (TLS/TCP, `--wan-filter tc`)", "tcp-tc"),
     ("veil (HTTP/3)", "h3"),
 ];
 
@@ -21,7 +22,7 @@ const PATHS: [(&str, &str); 4] = [
 /// to the remote, through veil over both transports and, on the same
 /// topology, by plain routing through the gateway namespace; each with GRO
 /// on the gateway's WAN veth (as NIC drivers have it) and without.
-/// `VEIL_BENCH_PATHS=direct,masquerade,tcp,h3` narrows the paths;
+/// `VEIL_BENCH_PATHS=direct,masquerade,tcp,tcp-tc,h3` narrows the paths;
 /// `VEIL_BENCH_GRO=on` or `off` one setting;
 /// `VEIL_BENCH_GATEWAY` and `VEIL_BENCH_CLIENT` add flags to veil's ends.
 pub(crate) fn tunnel(quick: bool) {
@@ -89,7 +90,14 @@ fn tunnel_path(gro: bool, path: &str, secs: u32) -> (Measured, Lost) {
 
     let mut world = World::bare(1);
     if !gro {
+        // A NIC without GRO: every reply reaches the gateway as its own
+        // packet. The remote sends MTU-sized ones whatever the path (an
+        // XDP program on wan0 already takes its TSO; without one its
+        // 64 KiB TSO packets would cross the veth whole).
         world.gw.exec("ethtool", &["-K", "wan0", "gro", "off"]);
+        world
+            .remote
+            .exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off"]);
     }
     let _iperf = {
         let mut cmd = Command::new("nsenter");
@@ -114,11 +122,18 @@ fn tunnel_path(gro: bool, path: &str, secs: u32) -> (Measured, Lost) {
         let _path = veil_tests::peers::up(&mut world, kind);
         return (measure(&world, secs, || ()), Lost::default());
     }
-    let transport = path;
+    // `tcp-tc`: the TLS/TCP transport, with no XDP program on the WAN.
+    let (transport, filter_in_tc) = match path {
+        "tcp-tc" => ("tcp", true),
+        other => (other, false),
+    };
     // Extra flags of either end, for trying options (say `--busy-poll`).
     let flags = |var: &str| std::env::var(var).unwrap_or_default();
     let (gw_flags, client_flags) = (flags("VEIL_BENCH_GATEWAY"), flags("VEIL_BENCH_CLIENT"));
-    let gw_flags: Vec<&str> = gw_flags.split_whitespace().collect();
+    let mut gw_flags: Vec<&str> = gw_flags.split_whitespace().collect();
+    if filter_in_tc {
+        gw_flags.extend(["--wan-filter", "tc"]);
+    }
     veil_tests::peers::veil_gateway(&mut world, &gw_flags);
     let profile = world.add_client("bench", 1);
     let mut client_args = vec!["--transport", transport];
