@@ -127,6 +127,13 @@ impl Coalescer {
                         self.emit_slot(index, &mut emit);
                         index
                     }
+                    None if seg.is_full(packet) => {
+                        // Nothing would join it: out at once, not copied
+                        // into a slot (a 64 KiB super-packet from the TUN
+                        // device, a segment with PSH).
+                        emit(hdr, packet);
+                        return;
+                    }
                     None => self.free_slot(&mut emit),
                 };
                 self.clock += 1;
@@ -393,6 +400,19 @@ impl Segment {
     fn next_seq(&self) -> u32 {
         // Sequence numbers wrap; a payload is under 64 KiB.
         self.seq.wrapping_add(self.payload_len as u32)
+    }
+
+    /// Whether a slot started with `packet` (this segment) would take no
+    /// other segment of its size ([`Slot::can_join`]): it ends with PSH
+    /// or a short segment, its segments are below the floor, or one more
+    /// would pass [`MAX_MERGED_LEN`]. (Only a shorter last segment could
+    /// still join the last case: not worth a copy of up to 64 KiB.)
+    fn is_full(&self, packet: &[u8]) -> bool {
+        let mss = self.gso_size.unwrap_or(self.payload_len);
+        self.psh
+            || mss < usize::from(MIN_GSO_SIZE)
+            || !self.payload_len.is_multiple_of(mss)
+            || packet.len() + mss > MAX_MERGED_LEN
     }
 }
 

@@ -11,6 +11,7 @@
 //! between them, the socket, the flow table and the TUN device.
 
 mod accept;
+mod bigbuf;
 pub mod check;
 pub mod check6;
 pub mod clients;
@@ -242,6 +243,8 @@ struct Shared {
     revocations: Option<revocations::Revocations>,
     /// Saves new leases, in groups.
     lease_writer: leases::LeaseWriter,
+    /// Kept buffers for the largest replies.
+    big: bigbuf::BigBuffers,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -391,6 +394,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         datapath: Mutex::new(Some(datapath)),
         forwarding,
         lease_writer: Default::default(),
+        big: Default::default(),
         revocations: cfg.revocations.clone().map(|source| {
             revocations::Revocations::new(revocations::Source::parse(&source), ca.cert_pem.clone())
         }),

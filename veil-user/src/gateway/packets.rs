@@ -178,7 +178,7 @@ impl Shared {
             return;
         }
         let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        self.deliver(sessions, dst, joined.to_vec());
+        self.deliver(sessions, dst, self.big.copy_of(joined));
     }
 
     /// Offload header and packet, joined, into the reply queue of the

@@ -202,7 +202,7 @@ impl Shared {
         let dst = Ipv6Addr::from(<[u8; 16]>::try_from(dst).expect("16 bytes"));
         match v6.vip_of(dst) {
             Some(vip) => {
-                self.deliver(sessions, vip, joined.to_vec());
+                self.deliver(sessions, vip, self.big.copy_of(joined));
             }
             None => {
                 self.counters.no_session.fetch_add(1, Relaxed);

@@ -132,6 +132,7 @@ impl Local<ServerSession> for GatewaySide<'_> {
             return Ok(());
         }
         let Self {
+            shared,
             rx,
             closed,
             stopped,
@@ -143,6 +144,7 @@ impl Local<ServerSession> for GatewaySide<'_> {
             Some(joined) = rx.recv(), if room => {
                 let mut taken = joined.len();
                 to_client(session, bytes, gro, &joined);
+                shared.big.give_back(joined);
                 // Take more of what is queued: one TLS write for the lot,
                 // and consecutive segments of a flow merged. Up to the high
                 // water mark only: the queue is where replies wait, bounded,
@@ -151,6 +153,7 @@ impl Local<ServerSession> for GatewaySide<'_> {
                     let Some(joined) = rx.try_recv() else { break };
                     taken += joined.len();
                     to_client(session, bytes, gro, &joined);
+                    shared.big.give_back(joined);
                 }
                 gro.flush(|hdr, packet| session.send_offload_packet(hdr, packet));
                 Ok(())
