@@ -119,27 +119,31 @@ fn a_client_reaches_the_internet_as_the_gateway() {
     let profile = world.add_client("alice", 1);
     let _client = world.start_client(1, &profile, true);
 
-    assert!(world.ping(1, "198.18.0.2"), "ping through the tunnel");
-    assert_eq!(
-        world.download(1).expect("download"),
-        sha256(&download_data()),
-        "8 MiB arrive intact"
-    );
-    let echoed = world.udp_echo(1, b"veil udp echo");
-    assert_eq!(echoed, b"veil udp echo");
-
-    let seen = world.servers.seen();
-    assert!(seen.len() >= 2, "{seen:?}");
-    assert!(
-        seen.iter().all(|a| *a == PUBLIC),
-        "the remote saw only the gateway: {seen:?}"
-    );
+    reaches_the_internet_as_the_gateway(&world);
     let vip = vip_of(&world, "alice");
     assert!("10.77.0.0/16"
         .parse::<veil_user::net::Ipv4Net>()
         .unwrap()
         .contains(vip));
     assert!(flows(&world) >= 3, "tcp, udp and icmp flows in the maps");
+}
+
+/// Client 1 pings the remote, downloads 8 MiB intact and gets a UDP echo,
+/// and the remote saw only the gateway's address.
+fn reaches_the_internet_as_the_gateway(world: &World) {
+    assert!(world.ping(1, "198.18.0.2"), "ping through the tunnel");
+    assert_eq!(
+        world.download(1).expect("download"),
+        sha256(&download_data()),
+        "8 MiB arrive intact"
+    );
+    assert_eq!(world.udp_echo(1, b"veil udp echo"), b"veil udp echo");
+    let seen = world.servers.seen();
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(
+        seen.iter().all(|a| *a == PUBLIC),
+        "the remote saw only the gateway: {seen:?}"
+    );
 }
 
 /// `--wan-filter tc`, for a WAN where an XDP program costs offloads: no
@@ -154,22 +158,11 @@ fn with_the_wan_filter_in_tc_a_client_reaches_the_internet_and_strangers_get_no_
     let profile = world.add_client("alice", 1);
     let _client = world.start_client(1, &profile, true);
 
-    assert!(world.ping(1, "198.18.0.2"), "ping through the tunnel");
-    assert_eq!(
-        world.download(1).expect("download"),
-        sha256(&download_data()),
-        "8 MiB down intact"
-    );
+    reaches_the_internet_as_the_gateway(&world);
     let upload = download_data();
     assert!(
         echo_through(&world, 1, &upload) == upload,
         "8 MiB up and back intact"
-    );
-    assert_eq!(world.udp_echo(1, b"veil udp echo"), b"veil udp echo");
-    let seen = world.servers.seen();
-    assert!(
-        seen.iter().all(|a| *a == PUBLIC),
-        "the remote saw only the gateway: {seen:?}"
     );
 
     let nat_port = veil_user::flows::PortRange::DEFAULT.min + 17;
