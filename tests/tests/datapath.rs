@@ -1030,3 +1030,34 @@ fn with_the_wan_filter_in_tc_a_limited_clients_replies_are_policed_there() {
     assert_eq!(bed.wan_tc(&down).0, TC_ACT_SHOT);
     assert!(bed.count(Reason::DropRateLimited) >= 1);
 }
+
+/// A limited client's fragmented download counts every fragment against
+/// its rate, not only the first (each has its own bytes on the wire).
+#[test]
+fn every_fragment_of_a_limited_clients_reply_is_policed() {
+    let mut bed = Bed::new();
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    let mut limits = bed.dp.rate_limits().unwrap();
+    limits
+        .apply(
+            CLIENT,
+            veil_user::ratelimit::Effective {
+                rate: Some("1gbit".parse().unwrap()),
+                quota: None,
+                period: std::time::Duration::from_secs(86_400),
+            },
+        )
+        .unwrap();
+    let arrived = fragments(
+        &frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, &payload(3000))),
+        REMOTE_ID,
+        1480,
+    );
+    receive_fragments(&mut bed, &arrived);
+    let ip_bytes: u64 = arrived.iter().map(|f| (f.len() - ETH_LEN) as u64).sum();
+    assert_eq!(
+        limits.get(CLIENT).unwrap().used,
+        ip_bytes,
+        "all three counted"
+    );
+}

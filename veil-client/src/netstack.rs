@@ -15,9 +15,11 @@
 //! only ([`Ports::BESIDE_KERNEL`], above the kernel's ephemeral range);
 //! alone it takes every packet.
 //!
-//! One poll task drives the stack (timers, ingress, egress); connections
-//! are tokio `AsyncRead`/`AsyncWrite` objects that lock it briefly and
-//! wake the poll task when they changed something.
+//! One poll task drives the stack (timers, ingress, egress); a
+//! connection's bytes move between a local socket and the stack's buffers
+//! ([`TcpConn::poll_send_from`], [`TcpConn::poll_recv_into`], driven by
+//! [`crate::relay`]), each step holding the stack's lock briefly and
+//! waking the poll task when it changed something.
 
 use std::{
     collections::{HashSet, VecDeque},

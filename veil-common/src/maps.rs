@@ -64,7 +64,7 @@ pub const FRAG_ID_HOLD_NS: u64 = 30_000_000_000;
 
 /// Bump when a layout below changes: the pin directory carries it, so a new
 /// daemon never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Most public addresses one gateway translates to ([`Config::public_addrs`]).
 /// The datapath compares a packet's address with each in turn: a handful of

@@ -208,10 +208,11 @@ pub fn forget(key: &FragKey) {
     let _ = VEIL_FRAGS.remove(key);
 }
 
-/// XDP: whether a later fragment belongs to a datagram veil translates.
+/// The client a later fragment from the WAN goes to, if its first one was
+/// translated: whether the datagram is veil's.
 #[inline(always)]
-pub fn is_translated(key: &FragKey) -> bool {
-    live(key, FRAG_TIMEOUT_NS).is_some()
+pub fn ingress_client(key: &FragKey) -> Option<[u8; 4]> {
+    live(key, FRAG_TIMEOUT_NS).map(|entry| entry.addr)
 }
 
 /// TC, a later fragment from the WAN: to the client its first fragment

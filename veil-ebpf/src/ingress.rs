@@ -339,11 +339,14 @@ fn admit(pkt: &Packet, cfg: &Config, ip_len: impl Fn() -> u32) -> Result<Admit, 
         // A later fragment nobody noted is the host's, as far as anyone
         // can tell; if it was veil's, its first fragment went to a client
         // and the host's reassembly never completes, so it answers nothing.
-        Wan::LaterFragment => Ok(if frag::is_translated(&frag::datagram(pkt, IP)?.1) {
-            Admit::Translate
-        } else {
-            Admit::Host
-        }),
+        Wan::LaterFragment => match frag::ingress_client(&frag::datagram(pkt, IP)?.1) {
+            Some(client) => {
+                // Each fragment counts against the rate, as on IPv6.
+                crate::ratelimit::police(client, ip_len(), Direction::Down)?;
+                Ok(Admit::Translate)
+            }
+            None => Ok(Admit::Host),
+        },
         Wan::IcmpError { key } => {
             flow(&key)?;
             Ok(Admit::Translate)

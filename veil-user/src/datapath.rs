@@ -10,7 +10,10 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::LinkOrder, tc::TcAttachOptions, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
+    },
     Ebpf, EbpfError,
 };
 use tracing::{debug, info};
@@ -293,9 +296,18 @@ impl Datapath {
                 .map_err(|source| attach_error(PROG_WAN_XDP, wan, source))?;
         }
         for (name, iface) in [(PROG_WAN_TC, wan), (PROG_TUN_TC, tun)] {
+            // With the WAN filter in TC, veil's program goes first on the
+            // WAN: a program ahead of it that passes a packet would end
+            // the chain before veil's checks (the default puts it last).
+            let first = name == PROG_WAN_TC && self.wan_filter == WanFilter::Tc;
             let tc: &mut SchedClassifier = self.program(name)?;
-            tc.attach(iface, TcAttachType::Ingress)
-                .map_err(|source| attach_error(name, iface, source))?;
+            let attached = if first {
+                let order = TcAttachOptions::TcxOrder(LinkOrder::first());
+                tc.attach_with_options(iface, TcAttachType::Ingress, order)
+            } else {
+                tc.attach(iface, TcAttachType::Ingress)
+            };
+            attached.map_err(|source| attach_error(name, iface, source))?;
         }
         info!(wan, tun, "datapath attached");
         Ok(())

@@ -187,7 +187,11 @@ impl FairUse {
 pub struct RateLimits {
     map: HashMap<MapData, RateKey, RateLimit>,
     count: Array<MapData, u32>,
+    /// Entries in `map`.
     limited: u32,
+    /// What `count` holds, if it was written: a failed write is tried
+    /// again at the next [`Self::apply`], whatever that one changes.
+    written: Option<u32>,
 }
 
 fn key(vip: Ipv4Addr) -> RateKey {
@@ -206,8 +210,9 @@ impl RateLimits {
             map,
             count,
             limited,
+            written: None,
         };
-        limits.count.set(0, limited, 0)?;
+        limits.sync_count()?;
         Ok(limits)
     }
 
@@ -217,16 +222,14 @@ impl RateLimits {
     pub fn apply(&mut self, vip: Ipv4Addr, limits: Effective) -> Result<(), MapError> {
         let k = key(vip);
         if limits.rate.is_none() && limits.quota.is_none() {
-            return match self.map.remove(&k) {
-                Ok(()) => self.counted(-1),
-                Err(MapError::KeyNotFound) => Ok(()),
+            match self.map.remove(&k) {
+                Ok(()) => self.limited = self.limited.saturating_sub(1),
+                Err(MapError::KeyNotFound) => {}
                 Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-                {
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            };
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+            return self.sync_count();
         }
         let fresh = RateLimit::new(
             limits.rate.map_or(0, |r| r.bytes_per_sec),
@@ -235,22 +238,27 @@ impl RateLimits {
             monotonic_ns(),
         );
         let (value, new) = match self.map.get(&k, 0) {
-            Ok(old) if old.rate == fresh.rate && old.quota == fresh.quota => return Ok(()),
+            Ok(old) if old.rate == fresh.rate && old.quota == fresh.quota => {
+                return self.sync_count();
+            }
             Ok(old) => (fresh.with_state_of(&old), false),
             Err(_) => (fresh, true),
         };
         // The entry first, then the count that makes the datapath look.
         self.map.insert(k, value, 0)?;
         if new {
-            self.counted(1)?;
+            self.limited += 1;
         }
-        Ok(())
+        self.sync_count()
     }
 
-    /// One entry more or fewer, told to the datapath.
-    fn counted(&mut self, change: i32) -> Result<(), MapError> {
-        self.limited = self.limited.saturating_add_signed(change);
-        self.count.set(0, self.limited, 0)
+    /// Tells the datapath how many entries there are, unless it knows.
+    fn sync_count(&mut self) -> Result<(), MapError> {
+        if self.written != Some(self.limited) {
+            self.count.set(0, self.limited, 0)?;
+            self.written = Some(self.limited);
+        }
+        Ok(())
     }
 
     /// The datapath's state of `vip`'s limits, if it has any.

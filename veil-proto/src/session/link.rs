@@ -37,12 +37,7 @@ struct H3 {
 
 /// A returned send buffer is kept for reuse only up to this capacity, so
 /// one burst does not pin a large allocation for the session's lifetime.
-/// It holds what the gateway takes for one write (256 KiB of replies, and
-/// the 64 KiB super-packet that crosses that mark, in a buffer grown by
-/// doubling): a buffer given back and allocated anew each turn is fresh
-/// pages each time, faulted in as they are written (6 % of the gateway's
-/// time in a download).
-const MAX_RECYCLED_CAPACITY: usize = 512 * 1024;
+const MAX_RECYCLED_CAPACITY: usize = 256 * 1024;
 
 #[derive(Debug)]
 pub(super) struct Link {

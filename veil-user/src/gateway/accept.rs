@@ -270,6 +270,10 @@ pub(super) async fn run_session<T: SessionTransport>(
     };
     let vip = shared.lease(&name).await.map_err(internal(&name))?;
     let vip6 = shared.vip6_of(vip);
+    // The limits as the registry has them now (a change may have come
+    // while the client authenticated and its lease was saved): they decide
+    // whether its session carries offload packets.
+    let record = shared.with_current_limits(record);
     let mut session = new_session(
         ServerConfig {
             assigned6: vip6,
@@ -304,10 +308,8 @@ pub(super) async fn run_session<T: SessionTransport>(
             max: shared.cfg.max_clients,
         });
     };
-    // A limit changed while this session was being admitted reached only
-    // the clients attached then: read it again now that this one is
-    // attached (any later change reaches it through `reapply_limits`).
-    let record = shared.with_current_limits(record);
+    // Attached: any later change reaches it through `reapply_limits`, and
+    // `hold_to_limits` reads the registry again under the limits' lock.
     shared.hold_to_limits(&record, vip);
     // Authenticated and admitted: `--max-clients` bounds it from now on,
     // and it reads through a full-size buffer.

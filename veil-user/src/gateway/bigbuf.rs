@@ -10,15 +10,17 @@ use std::sync::Mutex;
 
 use veil_proto::gso::VNET_HDR_LEN;
 
-/// A reply this long or longer gets a kept buffer: below it the allocator
-/// serves it from its arenas, which reuse memory anyway.
-const LARGE: usize = 32 * 1024;
+/// A reply this long or longer gets a kept buffer: shorter ones come from
+/// the allocator's arenas, which reuse memory anyway. Near the capacity, so
+/// that a kept buffer holds little more than the queue counts for it.
+const LARGE: usize = 60 * 1024;
 
 /// Every kept buffer's capacity: an offload header and the largest packet.
 const CAPACITY: usize = VNET_HDR_LEN + 65_535;
 
 /// Buffers kept at most (4 MiB): a client's reply queue holds 4 MiB by
-/// default, so one download's worth.
+/// default, so one download's worth. A buffer holds at most 7 % more than
+/// its reply, which is what a client's queue counts.
 const KEPT: usize = 64;
 
 #[derive(Default)]
@@ -59,14 +61,14 @@ mod tests {
     #[test]
     fn large_replies_reuse_a_kept_buffer_and_small_ones_do_not() {
         let pool = BigBuffers::default();
-        let big = vec![7u8; 60_000];
+        let big = vec![7u8; 64_000];
         let first = pool.copy_of(&big);
         assert_eq!(first, big);
         let at = first.as_ptr();
         pool.give_back(first);
-        let again = pool.copy_of(&[9u8; 40_000]);
+        let again = pool.copy_of(&[9u8; 62_000]);
         assert_eq!(again.as_ptr(), at, "the same buffer");
-        assert_eq!(again, vec![9u8; 40_000], "holding only the new bytes");
+        assert_eq!(again, vec![9u8; 62_000], "holding only the new bytes");
         let small = pool.copy_of(b"tiny");
         assert_eq!(small.capacity(), 4);
         pool.give_back(small);

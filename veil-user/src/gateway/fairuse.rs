@@ -10,15 +10,19 @@ use super::Shared;
 use crate::{control::ClientStatus, state::ClientRecord};
 
 impl Shared {
-    /// Writes `record`'s limits for `vip` into the datapath.
+    /// Writes the limits of `record`'s client, as the registry holds them
+    /// now, for `vip` into the datapath. The registry is read under the
+    /// limits' lock: a session attaching while a reload applies a change
+    /// (`reapply_limits`) cannot write an older reading after it.
     pub(super) fn hold_to_limits(&self, record: &ClientRecord, vip: Ipv4Addr) {
-        let limits = self.cfg.fair_use.for_client(&record.limits);
-        if let Err(e) = self
-            .rate_limits
-            .lock()
-            .expect("rate limits lock")
-            .apply(vip, limits)
-        {
+        let mut map = self.rate_limits.lock().expect("rate limits lock");
+        let own = self
+            .registry
+            .read()
+            .expect("registry lock")
+            .get(&record.fingerprint)
+            .map_or(record.limits, |current| current.limits);
+        if let Err(e) = map.apply(vip, self.cfg.fair_use.for_client(&own)) {
             warn!(client = %record.name, "setting its rate limit: {e}");
         }
     }

@@ -32,7 +32,8 @@ struct Saved {
 
 #[derive(Default)]
 pub(super) struct LeaseWriter {
-    /// The version of the newest lease (one more per new lease).
+    /// The version of the newest lease to save (one more per lease made,
+    /// and per lease a client waits on again after a failed write).
     made: AtomicU64,
     wake: Notify,
     saved: watch::Sender<Saved>,
