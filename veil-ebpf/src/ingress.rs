@@ -354,16 +354,13 @@ fn admit(pkt: &Packet, cfg: &Config, ip_len: impl Fn() -> u32) -> Result<Admit, 
     }
 }
 
-/// TC, before `translate`: with no XDP program in front
-/// (`Config::wan_filter_in_tc`), its checks, on what GRO may have merged.
+/// TC, before `translate`, when there is no XDP program in front
+/// (`Config::wan_filter_in_tc`): its checks, on what GRO may have merged.
 // A call of its own: inlined into `translate`, the two stacks would pass
 // the 512 bytes BPF allows.
 #[inline(never)]
 pub fn admit_in_tc(ctx: &TcContext) -> Result<Admit, Reason> {
     let cfg = config()?;
-    if !cfg.wan_filter_in_tc() {
-        return Ok(Admit::Translate);
-    }
     pull_headers(ctx)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     admit(&pkt, cfg, || ctx.len().saturating_sub(ETH_LEN as u32))

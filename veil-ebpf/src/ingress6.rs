@@ -381,9 +381,6 @@ fn admit(pkt: &Packet, cfg: &Config, ip_len: impl Fn() -> u32) -> Result<Admit, 
 #[inline(never)]
 pub fn admit_in_tc(ctx: &TcContext) -> Result<Admit, Reason> {
     let cfg = config()?;
-    if !cfg.wan_filter_in_tc() {
-        return Ok(Admit::Translate);
-    }
     pull_headers6(ctx)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     admit(&pkt, cfg, || ctx.len().saturating_sub(ETH_LEN as u32))

@@ -107,25 +107,28 @@ pub fn veil_wan_xdp(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn veil_wan_tc(ctx: TcContext) -> i32 {
+    // With no XDP program in front (`--wan-filter tc`), its checks first.
+    let admit_here = maps::config().is_ok_and(|cfg| cfg.wan_filter_in_tc());
     let verdict = if rewrite6::is_ipv6_skb(&ctx) {
-        ingress6::admit_in_tc(&ctx).and_then(|a| unless_hosts(a, || ingress6::translate(&ctx)))
+        admitted(admit_here, || ingress6::admit_in_tc(&ctx), || ingress6::translate(&ctx))
     } else {
-        ingress::admit_in_tc(&ctx).and_then(|a| unless_hosts(a, || ingress::translate(&ctx)))
+        admitted(admit_here, || ingress::admit_in_tc(&ctx), || ingress::translate(&ctx))
     };
     conclude(&ctx, verdict, TC_ACT_SHOT, ctx.len())
 }
 
-/// The host's packet passes (counted here when TC did the admitting);
-/// anything else goes on to `translate`.
+/// `translate`, after `admit` if TC does the admitting: the host's packet
+/// then passes here, counted.
 #[inline(always)]
-fn unless_hosts(
-    admitted: ingress::Admit,
+fn admitted(
+    admit_here: bool,
+    admit: impl FnOnce() -> Result<ingress::Admit, Reason>,
     translate: impl FnOnce() -> Result<Verdict, Reason>,
 ) -> Result<Verdict, Reason> {
-    match admitted {
-        ingress::Admit::Host => Ok(Verdict::counted(TC_ACT_OK as i32, Reason::PassToHost)),
-        ingress::Admit::Translate => translate(),
+    if admit_here && admit()? == ingress::Admit::Host {
+        return Ok(Verdict::counted(TC_ACT_OK as i32, Reason::PassToHost));
     }
+    translate()
 }
 
 #[classifier]
