@@ -25,6 +25,13 @@ pub enum Dropped {
     Closed,
 }
 
+/// A reply that was not queued, given back (its buffer may be reused).
+#[derive(Debug)]
+pub struct Refused {
+    pub why: Dropped,
+    pub packet: Vec<u8>,
+}
+
 /// The TUN reader's end.
 #[derive(Clone, Debug)]
 pub struct ReplySender {
@@ -56,19 +63,28 @@ pub fn reply_queue(limit: usize) -> (ReplySender, ReplyReceiver) {
 
 impl ReplySender {
     /// Queues `packet` unless that would pass the limit.
-    pub fn push(&self, packet: Vec<u8>) -> Result<(), Dropped> {
+    pub fn push(&self, packet: Vec<u8>) -> Result<(), Refused> {
         let len = packet.len();
         // Reserve first: two pushers never both take the last room.
         let before = self.queued.fetch_add(len, Relaxed);
         if before + len > self.limit {
             self.queued.fetch_sub(len, Relaxed);
-            return Err(Dropped::Full);
+            return Err(Refused {
+                why: Dropped::Full,
+                packet,
+            });
         }
         self.tx.try_send(packet).map_err(|e| {
             self.queued.fetch_sub(len, Relaxed);
             match e {
-                mpsc::error::TrySendError::Full(_) => Dropped::Full,
-                mpsc::error::TrySendError::Closed(_) => Dropped::Closed,
+                mpsc::error::TrySendError::Full(packet) => Refused {
+                    why: Dropped::Full,
+                    packet,
+                },
+                mpsc::error::TrySendError::Closed(packet) => Refused {
+                    why: Dropped::Closed,
+                    packet,
+                },
             }
         })
     }
@@ -105,10 +121,13 @@ mod tests {
         for _ in 0..3 {
             tx.push(vec![0; 3000]).unwrap();
         }
-        assert_eq!(tx.push(vec![0; 3000]), Err(Dropped::Full));
+        assert_eq!(
+            tx.push(vec![0; 3000]).map_err(|r| r.why),
+            Err(Dropped::Full)
+        );
         tx.push(vec![0; 1000]).unwrap();
         assert_eq!(tx.queued(), 10_000);
-        assert_eq!(tx.push(vec![0]), Err(Dropped::Full));
+        assert_eq!(tx.push(vec![0]).map_err(|r| r.why), Err(Dropped::Full));
         assert_eq!(rx.recv().await.unwrap().len(), 3000);
         tx.push(vec![0; 3000]).unwrap();
         assert_eq!(tx.queued(), 10_000);
@@ -120,7 +139,7 @@ mod tests {
         for _ in 0..MAX_PACKETS {
             tx.push(vec![1]).unwrap();
         }
-        assert_eq!(tx.push(vec![1]), Err(Dropped::Full));
+        assert_eq!(tx.push(vec![1]).map_err(|r| r.why), Err(Dropped::Full));
         assert_eq!(tx.queued(), MAX_PACKETS, "a refused packet is not counted");
         assert!(rx.try_recv().is_some());
         tx.push(vec![1]).unwrap();
@@ -130,7 +149,10 @@ mod tests {
     fn a_closed_session_is_told_apart_from_a_full_one() {
         let (tx, rx) = reply_queue(100);
         drop(rx);
-        assert_eq!(tx.push(vec![0; 10]), Err(Dropped::Closed));
+        assert_eq!(
+            tx.push(vec![0; 10]).map_err(|r| r.why),
+            Err(Dropped::Closed)
+        );
         assert_eq!(tx.queued(), 0);
     }
 }

@@ -191,11 +191,19 @@ impl Shared {
         dst: Ipv4Addr,
         joined: Vec<u8>,
     ) -> Delivery {
-        let delivery = match sessions.get(&dst).map(|tx| tx.push(joined)) {
-            Some(Ok(())) => return Delivery::Queued,
-            Some(Err(queue::Dropped::Full)) => Delivery::QueueFull,
-            Some(Err(queue::Dropped::Closed)) | None => Delivery::NoSession,
+        let (delivery, unsent) = match sessions.get(&dst) {
+            None => (Delivery::NoSession, joined),
+            Some(tx) => match tx.push(joined) {
+                Ok(()) => return Delivery::Queued,
+                Err(refused) => match refused.why {
+                    queue::Dropped::Full => (Delivery::QueueFull, refused.packet),
+                    queue::Dropped::Closed => (Delivery::NoSession, refused.packet),
+                },
+            },
         };
+        // A kept buffer goes back rather than be unmapped: queues overflow
+        // when the gateway is busiest.
+        self.big.give_back(unsent);
         let counter = match delivery {
             Delivery::QueueFull => &self.counters.client_queue_full,
             _ => &self.counters.no_session,
