@@ -1011,16 +1011,7 @@ fn with_the_wan_filter_in_tc_a_limited_clients_replies_are_policed_there() {
     bed.wan_filter_in_tc();
     let (_, nat) = bed.flow(proto::UDP, 40000, 53);
     let mut limits = bed.dp.rate_limits().unwrap();
-    limits
-        .apply(
-            CLIENT,
-            veil_user::ratelimit::Effective {
-                rate: Some("8bit".parse().unwrap()),
-                quota: None,
-                period: std::time::Duration::from_secs(86_400),
-            },
-        )
-        .unwrap();
+    limits.apply(CLIENT, held_to("8bit")).unwrap();
     // 1,000 IP bytes each: the 128 KiB burst lets 132 through.
     let down = frame(REMOTE, PUBLIC, 60, L4::udp(53, nat, &[7u8; 972]));
     let delivered = (0..200)
@@ -1038,16 +1029,7 @@ fn every_fragment_of_a_limited_clients_reply_is_policed() {
     let mut bed = Bed::new();
     let (_, nat) = bed.flow(proto::UDP, 40000, 53);
     let mut limits = bed.dp.rate_limits().unwrap();
-    limits
-        .apply(
-            CLIENT,
-            veil_user::ratelimit::Effective {
-                rate: Some("1gbit".parse().unwrap()),
-                quota: None,
-                period: std::time::Duration::from_secs(86_400),
-            },
-        )
-        .unwrap();
+    limits.apply(CLIENT, held_to("1gbit")).unwrap();
     let arrived = fragments(
         &frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, &payload(3000))),
         REMOTE_ID,
@@ -1060,4 +1042,13 @@ fn every_fragment_of_a_limited_clients_reply_is_policed() {
         ip_bytes,
         "all three counted"
     );
+}
+
+/// A rate limit alone, each way.
+fn held_to(rate: &str) -> veil_user::ratelimit::Effective {
+    veil_user::ratelimit::Effective {
+        rate: Some(rate.parse().unwrap()),
+        quota: None,
+        period: std::time::Duration::from_secs(86_400),
+    }
 }

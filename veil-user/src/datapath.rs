@@ -131,14 +131,18 @@ pub enum WanFilter {
     Tc,
 }
 
-impl std::str::FromStr for WanFilter {
-    type Err = String;
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a WAN filter: expected xdp or tc")]
+pub struct WanFilterError(String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for WanFilter {
+    type Err = WanFilterError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "xdp" => Ok(Self::Xdp),
             "tc" => Ok(Self::Tc),
-            other => Err(format!("`{other}` is not a WAN filter: xdp or tc")),
+            other => Err(WanFilterError(other.to_owned())),
         }
     }
 }
@@ -399,14 +403,7 @@ impl Datapath {
     /// [`Self::pin`].
     pub fn rate_limits(&mut self) -> Result<crate::ratelimit::RateLimits, DatapathError> {
         let name = veil_common::ratelimit::LIMITED_MAP;
-        let count = self
-            .ebpf
-            .take_map(name)
-            .ok_or(DatapathError::MissingMap(name))
-            .and_then(|map| {
-                aya::maps::Array::try_from(map)
-                    .map_err(|source| DatapathError::Map { name, source })
-            })?;
+        let count = self.take_array(name)?;
         crate::ratelimit::RateLimits::new(self.take_hash(veil_common::ratelimit::RATE_MAP)?, count)
             .map_err(|source| DatapathError::Map { name, source })
     }
@@ -485,6 +482,17 @@ impl Datapath {
             .ok_or(DatapathError::MissingProgram(name))?;
         prog.try_into()
             .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn take_array<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<Array<MapData, V>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        Array::try_from(map).map_err(|source| DatapathError::Map { name, source })
     }
 
     fn take_hash<K: aya::Pod, V: aya::Pod>(

@@ -147,16 +147,14 @@ pub struct OperatorIdentity {
 /// What [`StateDir::client_records`] found.
 #[derive(Debug)]
 pub struct ClientRecords {
-    /// The records that read, by name: `None` when nothing `changed`
-    /// (what the caller had from before is current).
+    /// The records that read, by name, if a record was added, changed or
+    /// removed, or the unreadable files are others, since the previous
+    /// [`StateDir::client_records`] (always on the first); `None` when
+    /// nothing changed: what the caller had from before is current.
     pub records: Option<Vec<ClientRecord>>,
     /// The files that did not: their clients are unknown to the gateway,
     /// so refused, until the file is fixed or removed.
     pub unreadable: Vec<Unreadable>,
-    /// Whether a record was added, changed or removed, or the unreadable
-    /// files are others, since the previous [`StateDir::client_records`]
-    /// (always on the first).
-    pub changed: bool,
 }
 
 /// A client record that could not be read or parsed.
@@ -279,6 +277,13 @@ pub struct StateDir {
     reported: std::sync::atomic::AtomicU64,
     /// The lease log, once opened.
     lease_log: std::sync::Mutex<Option<LeaseLog>>,
+}
+
+impl ClientRecords {
+    /// Whether anything changed ([`Self::records`]).
+    pub fn changed(&self) -> bool {
+        self.records.is_some()
+    }
 }
 
 impl StateDir {
@@ -472,7 +477,6 @@ impl StateDir {
         Ok(ClientRecords {
             records: changed.then(|| self.cached_records()),
             unreadable,
-            changed,
         })
     }
 
@@ -1313,9 +1317,9 @@ mod tests {
         let state = StateDir::open(&root).unwrap();
         state.record_endpoint("198.18.0.1:443").unwrap();
         state.add_client("alice", &[]).unwrap();
-        assert!(state.client_records().unwrap().changed, "the first read");
+        assert!(state.client_records().unwrap().changed(), "the first read");
         let again = state.client_records().unwrap();
-        assert!(!again.changed, "nothing changed");
+        assert!(!again.changed(), "nothing changed");
         assert!(again.records.is_none(), "and nothing copied");
         // Rewritten in place, at once and to the same size: the same
         // timestamps on a coarse clock, yet the change is seen.
@@ -1324,16 +1328,16 @@ mod tests {
         let revoked = text.replacen("created = ", "revoked = 1\ncreated = ", 1);
         fs::write(&path, &revoked).unwrap();
         let found = state.client_records().unwrap();
-        assert!(found.changed);
+        assert!(found.changed());
         assert_eq!(found.records.unwrap()[0].revoked, Some(1));
         fs::write(&path, revoked.replace("revoked = 1", "revoked = 2")).unwrap();
         let found = state.client_records().unwrap();
-        assert!(found.changed);
+        assert!(found.changed());
         assert_eq!(found.records.unwrap()[0].revoked, Some(2));
         // Removed: gone from the records.
         fs::remove_file(&path).unwrap();
         let found = state.client_records().unwrap();
-        assert!(found.changed);
+        assert!(found.changed());
         assert_eq!(found.records, Some(Vec::new()));
         fs::remove_dir_all(root).unwrap();
     }

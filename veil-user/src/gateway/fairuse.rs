@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use tracing::warn;
 
 use super::Shared;
-use crate::{control::ClientStatus, state::ClientRecord};
+use crate::{control::ClientStatus, ratelimit::ClientLimits, state::ClientRecord};
 
 impl Shared {
     /// Writes the limits of `record`'s client, as the registry holds them
@@ -16,12 +16,7 @@ impl Shared {
     /// (`reapply_limits`) cannot write an older reading after it.
     pub(super) fn hold_to_limits(&self, record: &ClientRecord, vip: Ipv4Addr) {
         let mut map = self.rate_limits.lock().expect("rate limits lock");
-        let own = self
-            .registry
-            .read()
-            .expect("registry lock")
-            .get(&record.fingerprint)
-            .map_or(record.limits, |current| current.limits);
+        let own = self.current_limits(record);
         if let Err(e) = map.apply(vip, self.cfg.fair_use.for_client(&own)) {
             warn!(client = %record.name, "setting its rate limit: {e}");
         }
@@ -29,15 +24,18 @@ impl Shared {
 
     /// `record` with the limits the registry holds for it now.
     pub(super) fn with_current_limits(&self, mut record: ClientRecord) -> ClientRecord {
-        if let Some(current) = self
-            .registry
+        record.limits = self.current_limits(&record);
+        record
+    }
+
+    /// The limits the registry holds for `record`'s certificate now; its
+    /// own if the registry no longer has it.
+    fn current_limits(&self, record: &ClientRecord) -> ClientLimits {
+        self.registry
             .read()
             .expect("registry lock")
             .get(&record.fingerprint)
-        {
-            record.limits = current.limits;
-        }
-        record
+            .map_or(record.limits, |current| current.limits)
     }
 
     /// Whether `record`'s session may carry offload (GSO) packets: not

@@ -19,6 +19,7 @@ impl Shared {
     /// Whether the registry changed.
     pub(super) fn reload_registry(&self) -> Result<bool> {
         let found = self.state.client_records()?;
+        let changed = found.changed();
         for bad in found.unreadable.iter().filter(|u| u.new) {
             warn!("reading the client registry: {bad}");
         }
@@ -40,7 +41,7 @@ impl Shared {
         for name in clients.close(&unreadable, "client record unreadable") {
             info!(client = %name, "record unreadable: closing its session");
         }
-        Ok(found.changed)
+        Ok(changed)
     }
 
     /// Closes every live session whose certificate is revoked (by its

@@ -86,7 +86,7 @@ impl Local<ServerSession> for GatewaySide<'_> {
 
     fn output(&mut self, session: &mut ServerSession, output: Output) -> Result<(), Ended> {
         let (shared, vip) = (self.shared, self.vip);
-        let mut forward = |hdr: &VnetHdr, packet: &[u8]| {
+        let mut into_datapath = |hdr: &VnetHdr, packet: &[u8]| {
             forward(shared, vip, session, hdr, packet);
         };
         let from_client = &self.bytes.from_client;
@@ -95,8 +95,8 @@ impl Local<ServerSession> for GatewaySide<'_> {
             Output::Packet(packet) => {
                 from_client.fetch_add(packet.len() as u64, Relaxed);
                 match up {
-                    Some(up) => up.push_plain(packet, forward),
-                    None => forward(&VnetHdr::NONE, packet),
+                    Some(up) => up.push_plain(packet, into_datapath),
+                    None => into_datapath(&VnetHdr::NONE, packet),
                 }
             }
             // The session replaced the client's header with the only one
@@ -108,14 +108,14 @@ impl Local<ServerSession> for GatewaySide<'_> {
                 from_client.fetch_add(packet.len() as u64, Relaxed);
                 match up {
                     // One packet (a small UDP datagram, say): it may merge.
-                    Some(up) if !hdr.is_gso() => up.push(&hdr, packet, forward),
+                    Some(up) if !hdr.is_gso() => up.push(&hdr, packet, into_datapath),
                     // A super-packet already, not copied into a slot:
                     // whatever of the client's was pending goes first.
                     Some(up) => {
-                        up.flush(&mut forward);
-                        forward(&hdr, packet);
+                        up.flush(&mut into_datapath);
+                        into_datapath(&hdr, packet);
                     }
-                    None => forward(&hdr, packet),
+                    None => into_datapath(&hdr, packet),
                 }
             }
             // Client-side outputs.
