@@ -728,18 +728,9 @@ enum Ended {
 impl Local<ClientSession> for ClientSide<'_> {
     type End = Ended;
 
-    fn output(&mut self, _: &mut ClientSession, output: Output) -> Result<(), Ended> {
+    fn output(&mut self, session: &mut ClientSession, output: Output) -> Result<(), Ended> {
         match output {
-            Output::Packet(packet) => match self.tunnel.stack {
-                Some(stack) if stack.wants(&packet) => stack.deliver(packet, false),
-                _ => {
-                    if let Some(net) = self.network {
-                        self.gro.push_plain(&packet, |hdr, packet| {
-                            let _ = net.tun.send(hdr, packet);
-                        });
-                    }
-                }
-            },
+            Output::Packet(packet) => return self.packet(session, &packet),
             Output::OffloadPacket(joined) => match self.tunnel.stack {
                 Some(stack) if stack.wants(joined.get(VNET_HDR_LEN..).unwrap_or_default()) => {
                     stack.deliver(joined, true)
@@ -763,6 +754,20 @@ impl Local<ClientSession> for ClientSide<'_> {
                     .dns_announced(self.network, self.system_dns, &configs)
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    fn packet(&mut self, _: &mut ClientSession, packet: &[u8]) -> Result<(), Ended> {
+        match self.tunnel.stack {
+            Some(stack) if stack.wants(packet) => stack.deliver(packet.to_vec(), false),
+            _ => {
+                if let Some(net) = self.network {
+                    self.gro.push_plain(packet, |hdr, packet| {
+                        let _ = net.tun.send(hdr, packet);
+                    });
+                }
+            }
         }
         Ok(())
     }

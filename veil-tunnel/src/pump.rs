@@ -41,6 +41,10 @@ pub trait Local<S> {
     /// (a packet, an address, routes); `Err` ends the pump.
     fn output(&mut self, session: &mut S, output: Output) -> Result<(), Self::End>;
 
+    /// Acts on a packet from the peer that arrived in an HTTP datagram,
+    /// borrowed from it, as on an [`Output::Packet`].
+    fn packet(&mut self, session: &mut S, packet: &[u8]) -> Result<(), Self::End>;
+
     /// Waits for local work and does it: packets into the session (only
     /// when `room`: nothing is left to write), or a signal that ends the pump. Must be cancel-safe:
     /// the pump drops it whenever something else happens first.
@@ -118,15 +122,19 @@ where
                     let _ = session.receive(&buf[..n], std::time::Instant::now());
                 }
                 Ok(Event::Wrote) => {}
-                Ok(Event::Datagram(datagram)) => {
+                Ok(Event::Datagram(first)) => {
                     let now = std::time::Instant::now();
-                    session.receive_datagram(&datagram, now);
                     // What else arrived meanwhile, in this turn: one pass
                     // of the loop per datagram would cost more than the
                     // datagram.
-                    for _ in 0..DATAGRAM_BATCH {
-                        let Some(datagram) = transport.try_datagram() else { break };
-                        session.receive_datagram(&datagram, now);
+                    let rest = std::iter::from_fn(|| transport.try_datagram()).take(DATAGRAM_BATCH);
+                    for datagram in std::iter::once(first).chain(rest) {
+                        // The packet goes on straight from the datagram:
+                        // neither queued nor copied.
+                        let Some(packet) = session.receive_datagram(&datagram, now) else { continue };
+                        if let Err(end) = local.packet(session, packet) {
+                            return End::Local(end);
+                        }
                     }
                 }
                 Err(e) => return End::Failed(e),

@@ -28,7 +28,7 @@ mod segment;
 #[cfg(test)]
 pub(crate) mod tests6;
 
-pub use segment::segment;
+pub use segment::{segment, segment_framed};
 
 /// Size of `struct virtio_net_hdr` (without the `num_buffers` field of the
 /// mergeable-buffers variant, which TUN does not use).

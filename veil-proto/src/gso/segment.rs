@@ -18,7 +18,9 @@ pub fn segment(
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, GsoError> {
     match hdr.check(packet)? {
-        Some(layout) => Ok(segment_gso(&layout, packet, scratch, &mut emit)),
+        Some(layout) => Ok(segment_gso(&layout, &[], packet, scratch, &mut |seg| {
+            emit(seg)
+        })),
         None if hdr.needs_csum() => {
             complete_checksum(hdr, packet, scratch);
             emit(scratch);
@@ -26,6 +28,33 @@ pub fn segment(
         }
         None => {
             emit(packet);
+            Ok(1)
+        }
+    }
+}
+
+/// As [`segment`], but each packet is built in `buf` after `prefix` (an
+/// HTTP datagram's Quarter Stream ID and context) and handed over with it,
+/// mutably: the caller may take the buffer as the datagram instead of
+/// copying the packet once more. A packet that needs no change is copied
+/// once, behind the prefix, like the rest.
+pub fn segment_framed(
+    prefix: &[u8],
+    hdr: &VnetHdr,
+    packet: &[u8],
+    buf: &mut Vec<u8>,
+    mut emit: impl FnMut(&mut Vec<u8>),
+) -> Result<usize, GsoError> {
+    match hdr.check(packet)? {
+        Some(layout) => Ok(segment_gso(&layout, prefix, packet, buf, &mut emit)),
+        None => {
+            buf.clear();
+            buf.extend_from_slice(prefix);
+            buf.extend_from_slice(packet);
+            if hdr.needs_csum() {
+                complete_in_place(hdr, &mut buf[prefix.len()..]);
+            }
+            emit(buf);
             Ok(1)
         }
     }
@@ -40,30 +69,34 @@ fn complete_checksum(hdr: &VnetHdr, packet: &[u8], scratch: &mut Vec<u8>) {
     complete_in_place(hdr, scratch);
 }
 
-/// Cuts a validated super-packet into segments, each built in `scratch`.
+/// Cuts a validated super-packet into segments, each built in `buf` after
+/// `prefix`.
 fn segment_gso(
     layout: &GsoLayout,
+    prefix: &[u8],
     packet: &[u8],
-    scratch: &mut Vec<u8>,
-    emit: &mut impl FnMut(&[u8]),
+    buf: &mut Vec<u8>,
+    emit: &mut impl FnMut(&mut Vec<u8>),
 ) -> usize {
     let (headers, payload) = packet.split_at(layout.headers_len());
     let count = segment_count(payload.len(), layout.gso_size);
     for index in 0..count {
         let start = index * layout.gso_size;
         let end = payload.len().min(start + layout.gso_size);
-        scratch.clear();
-        scratch.extend_from_slice(headers);
-        scratch.extend_from_slice(&payload[start..end]);
+        buf.clear();
+        buf.extend_from_slice(prefix);
+        buf.extend_from_slice(headers);
+        buf.extend_from_slice(&payload[start..end]);
+        let seg = &mut buf[prefix.len()..];
         match layout.transport {
-            Transport::Tcp6 => fix_ipv6_header(scratch),
-            Transport::Tcp | Transport::Udp => fix_ipv4_header(scratch, layout.ip_hdr_len, index),
+            Transport::Tcp6 => fix_ipv6_header(seg),
+            Transport::Tcp | Transport::Udp => fix_ipv4_header(seg, layout.ip_hdr_len, index),
         }
         match layout.transport {
-            Transport::Tcp | Transport::Tcp6 => fix_tcp_header(scratch, layout, index, count),
-            Transport::Udp => fix_udp_header(scratch, layout.ip_hdr_len),
+            Transport::Tcp | Transport::Tcp6 => fix_tcp_header(seg, layout, index, count),
+            Transport::Udp => fix_udp_header(seg, layout.ip_hdr_len),
         }
-        emit(scratch);
+        emit(buf);
     }
     count
 }

@@ -130,16 +130,20 @@ impl Link {
         }
     }
 
-    /// An HTTP datagram from the peer: a packet if it belongs to this
-    /// request and carries context 0, dropped and counted otherwise (and
-    /// before the tunnel is `up`: datagrams may overtake the request).
-    pub(super) fn receive_datagram(&mut self, datagram: &[u8], up: bool) {
+    /// An HTTP datagram from the peer: the packet in it if it belongs to
+    /// this request and carries context 0, dropped and counted otherwise
+    /// (and before the tunnel is `up`: datagrams may overtake the request).
+    pub(super) fn receive_datagram<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        up: bool,
+    ) -> Option<&'a [u8]> {
         if self.is_closed() {
-            return;
+            return None;
         }
         let Some(h3) = &self.h3 else {
             self.stats.datagrams_dropped += 1;
-            return;
+            return None;
         };
         let packet = varint::decode(datagram)
             .filter(|&(quarter, _)| quarter == h3.quarter)
@@ -150,10 +154,10 @@ impl Link {
             Some(packet) => {
                 self.stats.packets_received += 1;
                 self.stats.bytes_received += packet.len() as u64;
-                self.events.push_back(Output::Packet(packet.to_vec()));
             }
             None => self.stats.datagrams_dropped += 1,
         }
+        packet
     }
 
     pub(super) fn set_offload(&mut self, offload: bool) {
@@ -266,9 +270,32 @@ impl Link {
             scratch,
             ..
         } = self;
-        let segmented = gso::segment(hdr, packet, scratch, |segment| {
-            emit_packet(tx, events, h3.as_ref(), stats, segment)
-        });
+        let segmented = match h3 {
+            // Each segment built behind the datagram's prefix, and the
+            // buffer sent as it is: one copy of the bytes fewer.
+            Some(h3) => {
+                let mut prefix = h3.prefix.clone();
+                prefix.push(capsule::IP_PACKET_CONTEXT as u8);
+                gso::segment_framed(&prefix, hdr, packet, scratch, |datagram| {
+                    let segment = &datagram[prefix.len()..];
+                    if too_big(h3, segment) {
+                        return emit_packet(tx, events, Some(h3), stats, segment);
+                    }
+                    stats.packets_sent += 1;
+                    stats.bytes_sent += segment.len() as u64;
+                    // The segments of a run are alike: the next buffer is
+                    // this one's size, and this one (the first of a run may
+                    // have grown larger before) no larger than its bytes.
+                    let next = Vec::with_capacity(datagram.len());
+                    let mut sent = mem::replace(datagram, next);
+                    sent.shrink_to_fit();
+                    events.push_back(Output::Datagram(sent));
+                })
+            }
+            None => gso::segment(hdr, packet, scratch, |segment| {
+                emit_packet(tx, events, None, stats, segment)
+            }),
+        };
         if segmented.is_err() {
             self.stats.packets_not_sent += 1;
         }

@@ -95,8 +95,13 @@ pub trait Session {
     fn receive(&mut self, bytes: &[u8], now: std::time::Instant) -> Result<(), ProtoError>;
     /// The largest HTTP datagram the path takes now (HTTP/3 only).
     fn set_max_datagram(&mut self, max: Option<usize>);
-    /// Feeds an HTTP datagram that arrived from the peer (HTTP/3 only).
-    fn receive_datagram(&mut self, datagram: &[u8], now: std::time::Instant);
+    /// Feeds an HTTP datagram that arrived from the peer (HTTP/3 only);
+    /// returns the packet in it, which is not queued as an output.
+    fn receive_datagram<'a>(
+        &mut self,
+        datagram: &'a [u8],
+        now: std::time::Instant,
+    ) -> Option<&'a [u8]>;
     /// The next thing to do, `None` when there is nothing left.
     fn poll_output(&mut self) -> Option<Output>;
     /// Returns a written [`Output::Send`] buffer for reuse.
@@ -116,7 +121,11 @@ macro_rules! session_by_inherent_methods {
             fn set_max_datagram(&mut self, max: Option<usize>) {
                 <$t>::set_max_datagram(self, max)
             }
-            fn receive_datagram(&mut self, datagram: &[u8], now: std::time::Instant) {
+            fn receive_datagram<'a>(
+                &mut self,
+                datagram: &'a [u8],
+                now: std::time::Instant,
+            ) -> Option<&'a [u8]> {
                 <$t>::receive_datagram(self, datagram, now)
             }
             fn poll_output(&mut self) -> Option<Output> {

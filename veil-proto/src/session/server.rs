@@ -182,13 +182,17 @@ impl ServerSession {
     }
 
     /// An HTTP datagram from the client (HTTP/3 only), received at `now`.
-    pub fn receive_datagram(&mut self, datagram: &[u8], now: Instant) {
+    ///
+    /// Returns the packet it carries, for the caller to act on at once as
+    /// on an [`Output::Packet`]: nothing is queued, nor copied.
+    #[must_use = "the datagram's packet is returned, not queued"]
+    pub fn receive_datagram<'a>(&mut self, datagram: &'a [u8], now: Instant) -> Option<&'a [u8]> {
         if self.link.is_closed() {
-            return;
+            return None;
         }
         self.link.heard_from_peer(now);
         let up = matches!(self.phase, Phase::Established);
-        self.link.receive_datagram(datagram, up);
+        self.link.receive_datagram(datagram, up)
     }
 
     /// Over HTTP/3: the largest HTTP datagram the path takes now (from

@@ -1002,7 +1002,7 @@ fn tcp_checksum_ok(packet: &[u8]) -> bool {
 /// `payload`, as a TUN device with TSO hands it over: the IP header
 /// checksum complete, the TCP checksum field holding only the
 /// pseudo-header sum.
-fn tcp_super_packet(payload: &[u8]) -> Vec<u8> {
+pub(super) fn tcp_super_packet(payload: &[u8]) -> Vec<u8> {
     let total = 40 + payload.len();
     let mut p = vec![0x45, 0];
     p.extend_from_slice(&(total as u16).to_be_bytes());
@@ -1025,7 +1025,7 @@ fn tcp_super_packet(payload: &[u8]) -> Vec<u8> {
 }
 
 /// The header for [`tcp_super_packet`]: TCPv4 GSO in `MSS`-byte segments.
-fn tso_header() -> VnetHdr {
+pub(super) fn tso_header() -> VnetHdr {
     VnetHdr {
         flags: VnetHdr::F_NEEDS_CSUM,
         gso_type: VnetHdr::GSO_TCPV4,
@@ -1037,7 +1037,7 @@ fn tso_header() -> VnetHdr {
 }
 
 /// 3 x MSS bytes of payload that are not all alike.
-fn super_payload() -> Vec<u8> {
+pub(super) fn super_payload() -> Vec<u8> {
     (0..3 * usize::from(MSS))
         .map(|i| (i * 7 % 251) as u8)
         .collect()
@@ -1073,7 +1073,7 @@ fn offload_packets(outputs: &[Output]) -> Vec<&[u8]> {
 
 /// Checks what a peer without offload received for [`tcp_super_packet`]
 /// of `payload`: complete MSS-sized segments that add up to it.
-fn assert_segmented(received: &[&[u8]], payload: &[u8]) {
+pub(super) fn assert_segmented(received: &[&[u8]], payload: &[u8]) {
     assert_eq!(received.len(), 3, "one packet per MSS");
     let mut joined = Vec::new();
     for (i, seg) in received.iter().enumerate() {

@@ -85,41 +85,49 @@ impl Local<ServerSession> for GatewaySide<'_> {
     type End = Ended;
 
     fn output(&mut self, session: &mut ServerSession, output: Output) -> Result<(), Ended> {
+        let joined = match &output {
+            Output::Packet(packet) => return self.packet(session, packet),
+            Output::OffloadPacket(joined) => joined,
+            // Client-side outputs.
+            _ => return Ok(()),
+        };
+        // The session replaced the client's header with the only one its
+        // packet can mean.
+        let Some((hdr, packet)) = VnetHdr::peel(joined) else {
+            return Ok(());
+        };
+        self.bytes
+            .from_client
+            .fetch_add(packet.len() as u64, Relaxed);
         let (shared, vip) = (self.shared, self.vip);
         let mut into_datapath = |hdr: &VnetHdr, packet: &[u8]| {
             forward(shared, vip, session, hdr, packet);
         };
-        let from_client = &self.bytes.from_client;
-        let up = self.up.as_mut();
-        match &output {
-            Output::Packet(packet) => {
-                from_client.fetch_add(packet.len() as u64, Relaxed);
-                match up {
-                    Some(up) => up.push_plain(packet, into_datapath),
-                    None => into_datapath(&VnetHdr::NONE, packet),
-                }
+        match self.up.as_mut() {
+            // One packet (a small UDP datagram, say): it may merge.
+            Some(up) if !hdr.is_gso() => up.push(&hdr, packet, into_datapath),
+            // A super-packet already, not copied into a slot: whatever of
+            // the client's was pending goes first.
+            Some(up) => {
+                up.flush(&mut into_datapath);
+                into_datapath(&hdr, packet);
             }
-            // The session replaced the client's header with the only one
-            // its packet can mean.
-            Output::OffloadPacket(joined) => {
-                let Some((hdr, packet)) = VnetHdr::peel(joined) else {
-                    return Ok(());
-                };
-                from_client.fetch_add(packet.len() as u64, Relaxed);
-                match up {
-                    // One packet (a small UDP datagram, say): it may merge.
-                    Some(up) if !hdr.is_gso() => up.push(&hdr, packet, into_datapath),
-                    // A super-packet already, not copied into a slot:
-                    // whatever of the client's was pending goes first.
-                    Some(up) => {
-                        up.flush(&mut into_datapath);
-                        into_datapath(&hdr, packet);
-                    }
-                    None => into_datapath(&hdr, packet),
-                }
-            }
-            // Client-side outputs.
-            _ => return Ok(()),
+            None => into_datapath(&hdr, packet),
+        }
+        Ok(())
+    }
+
+    fn packet(&mut self, session: &mut ServerSession, packet: &[u8]) -> Result<(), Ended> {
+        let (shared, vip) = (self.shared, self.vip);
+        let mut into_datapath = |hdr: &VnetHdr, packet: &[u8]| {
+            forward(shared, vip, session, hdr, packet);
+        };
+        self.bytes
+            .from_client
+            .fetch_add(packet.len() as u64, Relaxed);
+        match self.up.as_mut() {
+            Some(up) => up.push_plain(packet, into_datapath),
+            None => into_datapath(&VnetHdr::NONE, packet),
         }
         Ok(())
     }
