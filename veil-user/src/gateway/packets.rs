@@ -29,7 +29,6 @@ use crate::{
     net::monotonic_ns,
     packet::{self, unreachable},
     queue::{self, ReplySender},
-    tun,
 };
 
 impl Shared {
@@ -161,24 +160,26 @@ impl Shared {
         }
     }
 
-    /// A reply from the datapath, to the session of its destination.
-    /// `sessions` is the session table, read-locked once per batch of
-    /// replies rather than once per packet.
-    fn to_session(&self, sessions: &HashMap<Ipv4Addr, ReplySender>, joined: &[u8]) {
+    /// A reply from the datapath (the TUN reader's `buf[..n]`), to the
+    /// session of its destination. `sessions` is the session table,
+    /// read-locked once per batch of replies rather than once per packet.
+    fn to_session(&self, sessions: &HashMap<Ipv4Addr, ReplySender>, buf: &mut Vec<u8>, n: usize) {
         // Only the destination is read here; the session does the rest.
-        let Some((_, pkt)) = VnetHdr::peel(joined) else {
+        let Some((_, pkt)) = VnetHdr::peel(&buf[..n]) else {
             self.counters.malformed.fetch_add(1, Relaxed);
             return;
         };
-        if pkt.first().is_some_and(|b| b >> 4 == 6) {
-            return self.to_session6(sessions, pkt, joined);
-        }
-        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        let dst = if pkt.first().is_some_and(|b| b >> 4 == 6) {
+            self.reply6_client(pkt)
+        } else if pkt.len() < 20 || pkt[0] >> 4 != 4 {
             self.counters.malformed.fetch_add(1, Relaxed);
-            return;
+            None
+        } else {
+            Some(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]))
+        };
+        if let Some(dst) = dst {
+            self.deliver(sessions, dst, self.big.take(buf, n));
         }
-        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        self.deliver(sessions, dst, self.big.copy_of(joined));
     }
 
     /// Offload header and packet, joined, into the reply queue of the
@@ -227,7 +228,8 @@ pub(super) enum Delivery {
 /// destination. A read error is logged and the reader goes on: the replies
 /// of every client on this queue depend on this task.
 pub(super) async fn tun_reader(shared: Arc<Shared>, queue: usize) -> Result<()> {
-    let mut buf = vec![0u8; tun::MAX_READ];
+    // A kept buffer: a large reply leaves in it, and another takes its place.
+    let mut buf = shared.big.read_buffer();
     let tun = shared.tun.queue(queue);
     loop {
         let n = match tun.recv(&mut buf).await {
@@ -240,11 +242,11 @@ pub(super) async fn tun_reader(shared: Arc<Shared>, queue: usize) -> Result<()> 
         veil_tunnel::busy::touch();
         // Sessions that start or end meanwhile wait for one batch at most.
         let sessions = shared.sessions.read().expect("sessions lock");
-        shared.to_session(&sessions, &buf[..n]);
+        shared.to_session(&sessions, &mut buf, n);
         // Drain what else is waiting before going back to the reactor.
         for _ in 0..TUN_BATCH {
             match tun.try_recv(&mut buf) {
-                Ok(Some(n)) => shared.to_session(&sessions, &buf[..n]),
+                Ok(Some(n)) => shared.to_session(&sessions, &mut buf, n),
                 Ok(None) => break,
                 Err(e) => {
                     warn!("reading the TUN device: {e}");

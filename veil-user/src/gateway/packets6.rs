@@ -9,12 +9,11 @@
 //! destination's low 32 bits. Nothing for the session code to call.
 //!
 //! Public API (crate): [`V6::setup`] at start-up; [`Shared::client_packet6`]
-//! and [`Shared::to_session6`] from `packets`; [`Shared::v6_flows_gc`],
+//! and [`Shared::reply6_client`] from `packets`; [`Shared::v6_flows_gc`],
 //! [`Shared::v6_delete_client`] and [`Shared::v6_flow_count`] from the
 //! sweeper, the session's end and the status.
 
 use std::{
-    collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr},
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -38,7 +37,6 @@ use crate::{
     net::monotonic_ns,
     policy6::EgressPolicy6,
     pool6::Pool6,
-    queue::ReplySender,
 };
 
 /// Why clients' IPv6 packets went no further, for `status`.
@@ -186,28 +184,20 @@ impl Shared {
         }
     }
 
-    /// An IPv6 reply from the datapath (`pkt`, inside `joined` after its
-    /// offload header), to the session its destination belongs to.
-    pub(super) fn to_session6(
-        &self,
-        sessions: &HashMap<Ipv4Addr, ReplySender>,
-        pkt: &[u8],
-        joined: &[u8],
-    ) {
+    /// The client an IPv6 reply from the datapath goes to; `None` (and
+    /// counted) if it is malformed or no client holds its address.
+    pub(super) fn reply6_client(&self, pkt: &[u8]) -> Option<Ipv4Addr> {
         let (Some(v6), Some(dst)) = (&self.v6, pkt.get(24..40)) else {
             // Too short for an IPv6 header, or IPv6 while none is carried.
             self.counters.malformed.fetch_add(1, Relaxed);
-            return;
+            return None;
         };
         let dst = Ipv6Addr::from(<[u8; 16]>::try_from(dst).expect("16 bytes"));
-        match v6.vip_of(dst) {
-            Some(vip) => {
-                self.deliver(sessions, vip, self.big.copy_of(joined));
-            }
-            None => {
-                self.counters.no_session.fetch_add(1, Relaxed);
-            }
+        let vip = v6.vip_of(dst);
+        if vip.is_none() {
+            self.counters.no_session.fetch_add(1, Relaxed);
         }
+        vip
     }
 
     /// Expires idle IPv6 flows, in slices as for IPv4 (sessions making
