@@ -1052,3 +1052,51 @@ fn held_to(rate: &str) -> veil_user::ratelimit::Effective {
         period: std::time::Duration::from_secs(86_400),
     }
 }
+
+/// The TUN device's steering program answers with a reply's client: its
+/// IPv4 destination, or the last 32 bits of an IPv6 one (the client's
+/// IPv4 lease). The kernel takes that modulo the queue count, as the
+/// daemon does to pick the queue it writes the client's packets on.
+#[test]
+fn the_steering_program_names_each_replys_client() {
+    use std::net::Ipv6Addr;
+
+    use aya::programs::{SocketFilter, TestRun, TestRunOptions};
+    use veil_common::{steer::queue_of, PROG_TUN_STEER};
+    use veil_tests::packet6::frame6;
+
+    let mut bed = Bed::new();
+    let prog: &mut SocketFilter = bed.dp.program(PROG_TUN_STEER).unwrap();
+    let client = Ipv4Addr::new(10, 77, 1, 5);
+    let reply = frame(REMOTE, client, 63, L4::udp(53, 40000, b"an answer"));
+    // A socket filter returns a number, not a packet (the kernel refuses
+    // an output buffer for one).
+    let answer_for = |frame: &[u8]| {
+        let run = TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        };
+        prog.test_run(run).expect("BPF_PROG_TEST_RUN").return_value
+    };
+    let answer = answer_for(&reply);
+    assert_eq!(answer, client.to_bits());
+
+    let client6 = Ipv6Addr::new(0xfd00, 0x7665, 0x696c, 0, 0, 0, 0x0a4d, 0x0105);
+    let remote6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+    let reply6 = frame6(remote6, client6, 63, L4::udp(53, 40000, b"an answer"));
+    let answer6 = answer_for(&reply6);
+    assert_eq!(answer6, client.to_bits(), "the same client, the same queue");
+    for queues in 1..=8 {
+        assert_eq!(
+            queue_of(answer, queues),
+            (answer as u16) as usize % queues,
+            "what the kernel makes of the answer"
+        );
+    }
+
+    // Too short to hold an address (the kernel would take no such IP
+    // packet to test: an ARP frame's length): the first queue.
+    let mut short = reply[..ETH_LEN + 12].to_vec();
+    short[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert_eq!(answer_for(&short), 0);
+}

@@ -17,6 +17,7 @@ pub mod maps6;
 pub mod normalize;
 pub mod ratelimit;
 pub mod reason;
+pub mod steer;
 
 pub use forward::*;
 pub use maps::*;

@@ -42,6 +42,8 @@ pub const ALL_MAPS: [&str; 5] = [EGRESS_MAP, REVERSE_MAP, CONFIG_MAP, STATS_MAP,
 pub const PROG_WAN_XDP: &str = "veil_wan_xdp";
 pub const PROG_WAN_TC: &str = "veil_wan_tc";
 pub const PROG_TUN_TC: &str = "veil_tun_tc";
+/// The gateway TUN device's steering program (see [`crate::steer`]).
+pub const PROG_TUN_STEER: &str = "veil_tun_steer";
 
 /// Capacity of each flow map. Two entries a flow (egress and reverse).
 pub const MAX_FLOWS: u32 = 262_144;

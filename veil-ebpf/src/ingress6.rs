@@ -36,8 +36,8 @@ use veil_common::{
 
 use crate::{
     frag::Fragment,
-    ingress::Admit,
     frag6::{self, FragHdr, FRAG_HDR_LEN},
+    ingress::Admit,
     maps::{config, config6, VEIL_REVERSE6},
     packet::{Packet, Ports, ETH_LEN},
     rewrite6::{

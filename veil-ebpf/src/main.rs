@@ -1,4 +1,4 @@
-//! veil's datapath: three small programs around the NAT maps.
+//! veil's datapath: small programs around the NAT maps.
 //!
 //! - `veil_tun_tc` (TC ingress on the gateway's TUN device): client packets
 //!   the daemon writes are translated to the public address and a NAT port
@@ -13,6 +13,8 @@
 //!   forwarded connections (`forward`).
 //! - `veil_fwd_tc` (TC ingress on the interfaces forward targets are
 //!   reached through): the targets' replies, back to the remotes.
+//! - `veil_tun_steer` (the TUN device's steering program): the queue a
+//!   reply is read from, its client's (`steer`).
 //!
 //! IPv6 (NAT66) runs in the same programs: each entry point hands an IPv6
 //! packet to `egress6` or `ingress6` (by EtherType in XDP, by the skb's
@@ -40,11 +42,12 @@ mod ratelimit;
 mod rewrite;
 mod rewrite6;
 mod stats;
+mod steer;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, socket_filter, xdp},
+    programs::{SkBuffContext, TcContext, XdpContext},
     EbpfContext,
 };
 use aya_log_ebpf::{error, warn};
@@ -110,9 +113,17 @@ pub fn veil_wan_tc(ctx: TcContext) -> i32 {
     // With no XDP program in front (`--wan-filter tc`), its checks first.
     let admit_here = maps::config().is_ok_and(|cfg| cfg.wan_filter_in_tc());
     let verdict = if rewrite6::is_ipv6_skb(&ctx) {
-        admitted(admit_here, || ingress6::admit_in_tc(&ctx), || ingress6::translate(&ctx))
+        admitted(
+            admit_here,
+            || ingress6::admit_in_tc(&ctx),
+            || ingress6::translate(&ctx),
+        )
     } else {
-        admitted(admit_here, || ingress::admit_in_tc(&ctx), || ingress::translate(&ctx))
+        admitted(
+            admit_here,
+            || ingress::admit_in_tc(&ctx),
+            || ingress::translate(&ctx),
+        )
     };
     conclude(&ctx, verdict, TC_ACT_SHOT, ctx.len())
 }
@@ -144,6 +155,11 @@ pub fn veil_tun_tc(ctx: TcContext) -> i32 {
         egress::from_tunnel(&ctx)
     };
     conclude(&ctx, verdict, TC_ACT_SHOT, ctx.len())
+}
+
+#[socket_filter]
+pub fn veil_tun_steer(ctx: SkBuffContext) -> i64 {
+    i64::from(steer::client_of(&ctx))
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd},
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
@@ -22,6 +22,8 @@ use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `_IOW('T', 220, int)`.
 const TUNSETVNETLE: libc::c_ulong = 0x4004_54dc;
+/// `_IOR('T', 224, int)`.
+const TUNSETSTEERINGEBPF: libc::c_ulong = 0x8004_54e0;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
@@ -136,6 +138,27 @@ impl Tun {
     /// [`GATEWAY_QUEUE_LEN`]).
     pub fn set_queue_len(&self, packets: u32) -> io::Result<()> {
         set_queue_len(&self.name, packets)
+    }
+
+    /// Has the kernel pick the queue of each packet it hands to the device
+    /// with `program` (a socket filter whose answer, modulo the queue
+    /// count, is the queue) instead of hashing its flow. One call serves
+    /// the whole device; the kernel keeps its own reference to the
+    /// program.
+    pub fn set_steering_program(&self, program: BorrowedFd<'_>) -> io::Result<()> {
+        let prog_fd: libc::c_int = program.as_raw_fd();
+        // SAFETY: a valid TUN fd; the kernel reads one int from the pointer.
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.get_ref().as_raw_fd(),
+                TUNSETSTEERINGEBPF as _,
+                &prog_fd as *const libc::c_int,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Packets our writes failed to hand to the kernel so far.

@@ -5,14 +5,15 @@
 use std::{
     fs, io,
     net::{Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        links::LinkOrder, tc::TcAttachOptions, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        links::LinkOrder, tc::TcAttachOptions, ProgramError, SchedClassifier, SocketFilter,
+        TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfError,
 };
@@ -20,7 +21,7 @@ use tracing::{debug, info};
 use veil_common::{
     reason::REASON_SLOTS, Config, Counter, FragEntry, FragKey, Reason, CONFIG_MAP, EGRESS_MAP,
     FRAG_MAP, FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_STATS_MAP, LAYOUT_VERSION, PROG_FWD_TC,
-    PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
+    PROG_TUN_STEER, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
 };
 
 use crate::{
@@ -213,13 +214,20 @@ impl Datapath {
             .map_max_entries(REVERSE_MAP, flows)
             .load(OBJECT)
             .map_err(DatapathError::Load)?;
-        for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC, PROG_FWD_TC] {
+        for name in [
+            PROG_WAN_XDP,
+            PROG_WAN_TC,
+            PROG_TUN_TC,
+            PROG_FWD_TC,
+            PROG_TUN_STEER,
+        ] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
             let loaded = match prog {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::SocketFilter(p) => p.load(),
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
             loaded.map_err(|source| DatapathError::Program { name, source })?;
@@ -289,6 +297,17 @@ impl Datapath {
         let egress = self.take_hash(veil_common::EGRESS6_MAP)?;
         let reverse = self.take_hash(veil_common::REVERSE6_MAP)?;
         Ok(FlowTable6::new(egress, reverse, public, ports, timeouts))
+    }
+
+    /// The TUN device's steering program, for
+    /// `Tun::set_steering_program` (see `veil_common::steer`).
+    pub fn tun_steering(&mut self) -> Result<BorrowedFd<'_>, DatapathError> {
+        let prog: &mut SocketFilter = self.program(PROG_TUN_STEER)?;
+        let fd = prog.fd().map_err(|source| DatapathError::Program {
+            name: PROG_TUN_STEER,
+            source,
+        })?;
+        Ok(fd.as_fd())
     }
 
     /// Attaches XDP (unless the WAN filter is in TC) and TC to the WAN

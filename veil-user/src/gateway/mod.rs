@@ -316,6 +316,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .filter(|n| *n > 0)
         .context("--max-flows must be between 1 and 4294967295")?;
     let mut datapath = Datapath::load_sized(max_flows)?;
+    if tun.len() > 1 {
+        tun.steer(datapath.tun_steering()?)
+            .context("giving the TUN device its steering program")?;
+    }
     datapath.configure(&DatapathConfig {
         public_addrs: public_addrs.clone(),
         vip_pool: cfg.pool,

@@ -1,22 +1,15 @@
 //! The gateway's TUN device as several queues (`IFF_MULTI_QUEUE`), one
 //! reader task each ([`super::packets::tun_reader`]).
 //!
-//! Which queue a packet goes through:
-//! - Into the datapath (a client's packet, written by its session): the
-//!   client's queue, [`TunQueues::of_client`], fixed by its address, so
-//!   that every flow of one client is written on one queue.
-//! - Out of it (a reply, read by a reader): the kernel chooses
-//!   (`tun_select_queue`): it hashes the packet's flow (symmetric: the
-//!   reply's 5-tuple hashes as the client's packet did) and looks the hash
-//!   up in the device's flow table, which records the queue each flow was
-//!   last written on. A reply therefore comes back on the queue of its
-//!   client, read by one reader in order. That table holds 4,096 flows and
-//!   forgets one not written for 3 s (a download over UDP that the client
-//!   never answers); such a flow's replies go to a queue chosen by the
-//!   hash alone: still one queue per flow, in order, but maybe not its
-//!   client's.
+//! Every packet of a client, both ways, goes through its queue
+//! ([`veil_common::steer`]): the daemon writes the client's packets on
+//! it ([`TunQueues::of_client`]), and the kernel hands the replies to it
+//! through veil's steering program ([`TunQueues::steer`]). A client's
+//! replies are therefore read by one reader, in order, however many flows
+//! it has and however long a flow was quiet; and the kernel hashes no
+//! packet to choose.
 
-use std::{io, net::Ipv4Addr};
+use std::{io, net::Ipv4Addr, os::fd::BorrowedFd};
 
 use veil_proto::gso::VnetHdr;
 
@@ -67,6 +60,12 @@ impl TunQueues {
         self.of_client(vip).send(hdr, packet)
     }
 
+    /// Has the kernel hand each reply to its client's queue with
+    /// `program` (`veil_tun_steer`). Not needed with one queue.
+    pub fn steer(&self, program: BorrowedFd<'_>) -> io::Result<()> {
+        self.queues[0].set_steering_program(program)
+    }
+
     /// Sets the transmit queue length of the device (every queue's).
     pub fn set_queue_len(&self, packets: u32) -> io::Result<()> {
         self.queues[0].set_queue_len(packets)
@@ -79,10 +78,9 @@ impl TunQueues {
     }
 }
 
-/// A client's queue: its address modulo the queue count. Leases are
-/// handed out in order, so consecutive clients take consecutive queues.
+/// A client's queue: as the steering program has the kernel choose it.
 fn queue_of(vip: Ipv4Addr, queues: usize) -> usize {
-    vip.to_bits() as usize % queues.max(1)
+    veil_common::steer::queue_of(vip.to_bits(), queues)
 }
 
 /// The queues to create when none are asked for: one per worker of the
@@ -92,19 +90,4 @@ pub(super) fn default_queues() -> usize {
     tokio::runtime::Handle::try_current()
         .map(|h| h.metrics().num_workers())
         .unwrap_or(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn consecutive_clients_take_consecutive_queues_and_keep_them() {
-        let vip = |last| Ipv4Addr::new(10, 77, 0, last);
-        let queues: Vec<usize> = (2..10).map(|i| queue_of(vip(i), 4)).collect();
-        assert_eq!(queues, [2, 3, 0, 1, 2, 3, 0, 1]);
-        assert_eq!(queue_of(vip(7), 4), queue_of(vip(7), 4));
-        assert_eq!(queue_of(vip(7), 1), 0);
-        assert_eq!(queue_of(vip(7), 0), 0, "no division by zero");
-    }
 }
