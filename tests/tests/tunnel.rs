@@ -111,6 +111,16 @@ fn a_multi_queue_tun_device_carries_every_clients_bytes_both_ways() {
     for c in ["tun_write_failed", "tun_queue_full", "no_session"] {
         assert_eq!(counters[c], 0, "{c}");
     }
+    // The gateway loaded the steering program, which it does only to give
+    // it to a device of several queues (and stops if that fails): one
+    // socket filter among its descriptors.
+    let pid = world.gateway.as_ref().expect("the gateway").pid();
+    let socket_filters = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .filter(|info| info.lines().any(|l| l == "prog_type:\t1"))
+        .count();
+    assert_eq!(socket_filters, 1, "the steering program");
 }
 
 #[test]

@@ -9,6 +9,10 @@
 //! table that holds 4,096 flows and forgets a flow after 3 s: beyond that
 //! a reply goes to a queue chosen by its hash, maybe not its client's.
 
+// A kernel series under review (2025) would have an answer of -1 fall back
+// to the kernel's hashing: only 255.255.255.255 (or an IPv6 destination
+// ending in ffff:ffff) answers that, and no client has such an address.
+
 /// The queue of the client at `vip` (its IPv4 address's bits) among
 /// `queues`. The kernel keeps the low 16 bits of the steering program's
 /// answer (`tun_ebpf_select_queue` returns a `u16`) and takes them modulo

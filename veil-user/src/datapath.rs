@@ -1,6 +1,8 @@
 //! Loads veil's eBPF object, configures it, pins its maps and attaches its
-//! programs. Dropping the [`Datapath`] detaches the programs (they are held
-//! by bpf_link file descriptors) and removes the pins it made.
+//! programs. Dropping the [`Datapath`] detaches the XDP and TC programs
+//! (they are held by bpf_link file descriptors) and removes the pins it
+//! made. The TUN device's steering program is the device's own once
+//! given to it (the kernel holds a reference): it goes with the device.
 
 use std::{
     fs, io,
@@ -214,20 +216,15 @@ impl Datapath {
             .map_max_entries(REVERSE_MAP, flows)
             .load(OBJECT)
             .map_err(DatapathError::Load)?;
-        for name in [
-            PROG_WAN_XDP,
-            PROG_WAN_TC,
-            PROG_TUN_TC,
-            PROG_FWD_TC,
-            PROG_TUN_STEER,
-        ] {
+        // The steering program is loaded when a device with several
+        // queues asks for it (`tun_steering`).
+        for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC, PROG_FWD_TC] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
             let loaded = match prog {
                 aya::programs::Program::Xdp(p) => p.load(),
                 aya::programs::Program::SchedClassifier(p) => p.load(),
-                aya::programs::Program::SocketFilter(p) => p.load(),
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
             loaded.map_err(|source| DatapathError::Program { name, source })?;
@@ -299,14 +296,18 @@ impl Datapath {
         Ok(FlowTable6::new(egress, reverse, public, ports, timeouts))
     }
 
-    /// The TUN device's steering program, for
+    /// The TUN device's steering program, loaded on the first call, for
     /// `Tun::set_steering_program` (see `veil_common::steer`).
     pub fn tun_steering(&mut self) -> Result<BorrowedFd<'_>, DatapathError> {
-        let prog: &mut SocketFilter = self.program(PROG_TUN_STEER)?;
-        let fd = prog.fd().map_err(|source| DatapathError::Program {
-            name: PROG_TUN_STEER,
-            source,
-        })?;
+        let name = PROG_TUN_STEER;
+        let prog: &mut SocketFilter = self.program(name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let fd = prog
+            .fd()
+            .map_err(|source| DatapathError::Program { name, source })?;
         Ok(fd.as_fd())
     }
 

@@ -9,6 +9,7 @@ use std::{
 use super::*;
 use crate::{
     capsule::{Capsule, IpAddressRange},
+    gso::VnetHdr,
     h3,
 };
 
@@ -167,6 +168,54 @@ fn a_super_packet_reaches_the_client_as_one_datagram_per_segment() {
         .filter_map(|d| p.client.receive_datagram(d, p.now))
         .collect();
     assert_segmented(&segments, &payload);
+}
+
+#[test]
+fn a_short_last_segment_and_a_checksum_only_packet_go_as_datagrams_of_their_size() {
+    use super::tests::{ip_checksum_ok, tcp_checksum_ok, tcp_super_packet, tso_header};
+    let mut p = Pair::new();
+    p.pump();
+    // Two full segments and a short one.
+    let payload: Vec<u8> = (0..2 * 1000 + 300).map(|i| (i % 251) as u8).collect();
+    p.server
+        .send_offload_packet(&tso_header(), &tcp_super_packet(&payload));
+    // One packet whose checksum the sender's kernel left to the NIC.
+    let small = tcp_super_packet(b"just one");
+    let csum_only = VnetHdr {
+        gso_type: VnetHdr::GSO_NONE,
+        gso_size: 0,
+        ..tso_header()
+    };
+    p.server.send_offload_packet(&csum_only, &small);
+    let (_, datagrams, _) = split(drain(|| p.server.poll_output()));
+    let sizes: Vec<usize> = datagrams.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [2 + 1040, 2 + 1040, 2 + 340, 2 + 48]);
+    let mut joined = Vec::new();
+    for d in &datagrams {
+        assert_eq!(d.capacity(), d.len(), "no spare room carried along");
+        let packet = p.client.receive_datagram(d, p.now).expect("a packet");
+        assert!(ip_checksum_ok(packet) && tcp_checksum_ok(packet));
+        joined.extend_from_slice(&packet[40..]);
+    }
+    assert_eq!(joined[..payload.len()], payload[..]);
+    assert_eq!(&joined[payload.len()..], b"just one");
+}
+
+#[test]
+fn a_segment_too_large_for_a_datagram_is_fragmented_by_the_gateway() {
+    use super::tests::{super_payload, tcp_super_packet, tso_header};
+    let mut p = Pair::new();
+    p.pump();
+    p.server.set_max_datagram(Some(600));
+    p.server
+        .send_offload_packet(&tso_header(), &tcp_super_packet(&super_payload()));
+    let (_, datagrams, _) = split(drain(|| p.server.poll_output()));
+    assert!(datagrams.len() > 3, "each segment in fragments");
+    assert!(datagrams.iter().all(|d| d.len() <= 600));
+    assert_eq!(p.server.stats().packets_sent, datagrams.len() as u64);
+    // Every byte of the three segments is there, in fragments.
+    let carried: usize = datagrams.iter().map(|d| d.len() - 2 - 20).sum();
+    assert_eq!(carried, 3 * (20 + 1000));
 }
 
 #[test]

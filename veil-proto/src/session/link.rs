@@ -23,6 +23,8 @@ use crate::{
 struct H3 {
     /// The request's Quarter Stream ID, which every datagram starts with.
     quarter: u64,
+    /// What every packet's datagram starts with: the Quarter Stream ID
+    /// and context 0.
     prefix: Vec<u8>,
     frames: FrameDecoder,
     /// Request-stream bytes already framed, in order.
@@ -89,7 +91,11 @@ impl Link {
     pub(super) fn set_h3(&mut self, stream_id: u64) {
         self.h3 = Some(H3 {
             quarter: stream_id / 4,
-            prefix: h3::datagram_prefix(stream_id),
+            prefix: {
+                let mut prefix = h3::datagram_prefix(stream_id);
+                prefix.push(capsule::IP_PACKET_CONTEXT as u8);
+                prefix
+            },
             frames: FrameDecoder::default(),
             framed: Vec::new(),
             max_datagram: None,
@@ -274,10 +280,9 @@ impl Link {
             // Each segment built behind the datagram's prefix, and the
             // buffer sent as it is: one copy of the bytes fewer.
             Some(h3) => {
-                let mut prefix = h3.prefix.clone();
-                prefix.push(capsule::IP_PACKET_CONTEXT as u8);
-                gso::segment_framed(&prefix, hdr, packet, scratch, |datagram| {
-                    let segment = &datagram[prefix.len()..];
+                let prefix = h3.prefix.len();
+                gso::segment_framed(&h3.prefix, hdr, packet, scratch, |datagram| {
+                    let segment = &datagram[prefix..];
                     if too_big(h3, segment) {
                         return emit_packet(tx, events, Some(h3), stats, segment);
                     }
@@ -487,10 +492,7 @@ fn emit_packet(
             // sends smaller packets. The gateway cannot tell a remote
             // sender (ICMP errors from clients are not translated), so it
             // fragments over DF rather than lose the packet.
-            let room = h3
-                .max_datagram
-                .unwrap_or(0)
-                .saturating_sub(h3.prefix.len() + 1);
+            let room = h3.max_datagram.unwrap_or(0).saturating_sub(h3.prefix.len());
             let over_df = !h3.frag_needed;
             let mut emit = |piece: &[u8]| {
                 events.push_back(http_datagram(h3, piece));
@@ -521,16 +523,15 @@ fn emit_packet(
 
 /// One packet as an HTTP datagram of this request.
 fn http_datagram(h3: &H3, packet: &[u8]) -> Output {
-    let mut datagram = Vec::with_capacity(h3.prefix.len() + 1 + packet.len());
+    let mut datagram = Vec::with_capacity(h3.prefix.len() + packet.len());
     datagram.extend_from_slice(&h3.prefix);
-    datagram.push(capsule::IP_PACKET_CONTEXT as u8);
     datagram.extend_from_slice(packet);
     Output::Datagram(datagram)
 }
 
 fn too_big(h3: &H3, packet: &[u8]) -> bool {
     h3.max_datagram
-        .is_some_and(|max| h3.prefix.len() + 1 + packet.len() > max)
+        .is_some_and(|max| h3.prefix.len() + packet.len() > max)
 }
 
 /// The ICMP error for an IPv4 packet with DF set too large for a datagram,
@@ -552,7 +553,7 @@ fn frag_needed(h3: &H3, packet: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let mtu = max
-        .saturating_sub(h3.prefix.len() + 1)
+        .saturating_sub(h3.prefix.len())
         .min(usize::from(u16::MAX)) as u16;
     let from = std::net::Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
     Some(crate::packet::icmp_frag_needed(from, packet, mtu))
@@ -568,7 +569,7 @@ fn packet_too_big(h3: &H3, packet: &[u8], max: usize) -> Option<Vec<u8>> {
     if !h3.frag_needed || icmp_error {
         return None;
     }
-    let mtu = max.saturating_sub(h3.prefix.len() + 1) as u32;
+    let mtu = max.saturating_sub(h3.prefix.len()) as u32;
     Some(crate::packet6::icmp6_packet_too_big(info.dst, packet, mtu))
 }
 

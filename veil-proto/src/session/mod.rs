@@ -59,7 +59,9 @@ pub enum Output {
     /// `recycle_send_buffer` once written to spare an allocation.
     Send(Vec<u8>),
     /// An IP packet from the peer: for the datapath on the gateway, for the
-    /// TUN device on the client.
+    /// TUN device on the client. (Over HTTP/3 the peer's packets come back
+    /// from `receive_datagram` instead, borrowed; this end's own ICMP
+    /// errors still come out here.)
     Packet(Vec<u8>),
     /// HTTP/3 only: one HTTP datagram (Quarter Stream ID, context ID,
     /// packet) for a QUIC DATAGRAM frame.

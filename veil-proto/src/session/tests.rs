@@ -986,13 +986,13 @@ fn pseudo_header(packet: &[u8], tcp_len: usize) -> Vec<u8> {
 }
 
 /// Whether the IPv4 header checksum (20-byte header) verifies.
-fn ip_checksum_ok(packet: &[u8]) -> bool {
+pub(super) fn ip_checksum_ok(packet: &[u8]) -> bool {
     ones_sum(&packet[..20]) == 0xffff
 }
 
 /// Whether the TCP checksum of an IPv4 packet with a 20-byte header
 /// verifies over pseudo-header, header and payload.
-fn tcp_checksum_ok(packet: &[u8]) -> bool {
+pub(super) fn tcp_checksum_ok(packet: &[u8]) -> bool {
     let mut all = pseudo_header(packet, packet.len() - 20);
     all.extend_from_slice(&packet[20..]);
     ones_sum(&all) == 0xffff

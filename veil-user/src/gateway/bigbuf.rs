@@ -56,11 +56,11 @@ impl BigBuffers {
         if buf.capacity() != CAPACITY {
             return;
         }
-        // Back to a read buffer's length: at most the few KiB past a large
-        // reply are written.
-        buf.resize(CAPACITY, 0);
         let mut free = self.free.lock().expect("big buffers lock");
         if free.len() < KEPT {
+            // Back to a read buffer's length: at most the few KiB past a
+            // large reply are written.
+            buf.resize(CAPACITY, 0);
             free.push(buf);
         }
     }
