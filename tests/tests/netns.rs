@@ -34,6 +34,8 @@ struct Gateway {
     tun: tun::Device,
     flows: FlowTable,
     dp: Datapath,
+    /// Someone else's program on the WAN, attached before veil's.
+    _other: Option<Datapath>,
     pins: std::path::PathBuf,
     // Dropped last: namespaces go after the programs and pins.
     _bpffs: BpfFs,
@@ -46,14 +48,20 @@ fn gateway() -> Gateway {
 }
 
 fn gateway_with(wan_filter: WanFilter) -> Gateway {
+    gateway_after(wan_filter, false)
+}
+
+/// A gateway; with `another_first`, another program is on the WAN's
+/// ingress before veil attaches (a second copy of `veil_fwd_tc`, which
+/// passes whatever it does not forward).
+fn gateway_after(wan_filter: WanFilter, another_first: bool) -> Gateway {
     let (gw, remote) = gateway_and_remote("gw", "remote");
     let bpffs = BpfFs::new();
-    let (tun, dp, flows, pins) = gw.enter(|| {
+    let (tun, dp, other, flows, pins) = gw.enter(|| {
         let mut cfg = tun::Configuration::default();
         cfg.tun_name("veilgw").up();
         let tun = tun::create(&cfg).expect("creating the TUN device");
-        let mut dp = Datapath::load().expect("loading the datapath");
-        dp.configure(&DatapathConfig {
+        let config = DatapathConfig {
             public_addrs: vec![GW_WAN],
             vip_pool: "10.77.0.0/16".parse::<Ipv4Net>().unwrap(),
             nat_ports: PORTS,
@@ -61,17 +69,25 @@ fn gateway_with(wan_filter: WanFilter) -> Gateway {
             tun_ifindex: ifindex("veilgw").unwrap(),
             tun_l2_len: 0,
             wan_filter,
-        })
-        .unwrap();
+        };
+        let mut dp = Datapath::load().expect("loading the datapath");
+        dp.configure(&config).unwrap();
         let pins = dp.pin(&bpffs.path().join("veil")).unwrap();
         let flows = dp.flow_table(PORTS, Timeouts::default()).unwrap();
+        let other = another_first.then(|| {
+            let mut other = Datapath::load().expect("loading another copy");
+            other.configure(&config).unwrap();
+            other.attach_forward("wan0").expect("attaching it");
+            other
+        });
         dp.attach("wan0", "veilgw").expect("attaching");
-        (tun, dp, flows, pins)
+        (tun, dp, other, flows, pins)
     });
     Gateway {
         tun,
         flows,
         dp,
+        _other: other,
         pins,
         _bpffs: bpffs,
         remote,
@@ -125,6 +141,17 @@ fn with_the_wan_filter_in_tc_replies_come_back_and_strangers_get_no_answer() {
         .exec("ping", &["-c", "1", "-W", "2", "-e", &id, &remote]);
     assert!(ping.status.success(), "the gateway's own ping is answered");
     assert!(gw.count(Reason::PassToHost) >= 1);
+}
+
+/// With the filter in TC, veil's program goes first in the WAN's TCX
+/// chain, whatever was attached before it: there a program that passes a
+/// packet (`TC_ACT_OK`) ends the chain, and a stranger's SYN would reach
+/// the host unchecked (and get its RST) behind one.
+#[test]
+fn with_the_wan_filter_in_tc_veil_checks_before_programs_attached_earlier() {
+    let mut gw = gateway_after(WanFilter::Tc, true);
+    unsolicited_connections_get_no_answer(&gw);
+    udp_round_trip(&mut gw);
 }
 
 fn udp_round_trip(gw: &mut Gateway) {
