@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use tokio::sync::{watch, Notify};
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 use super::Shared;
 
@@ -89,11 +89,31 @@ fn compact(shared: &Shared) {
 /// lease comes to wake the writer.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Failed writes in a row: a disk that stays full or read-only is
+/// reported when it starts failing and when it works again, not at every
+/// retry.
+#[derive(Debug, Default)]
+struct Failures(u64);
+
+impl Failures {
+    /// Notes a failed write; whether it starts a run (worth a warning).
+    fn failed(&mut self) -> bool {
+        self.0 += 1;
+        self.0 == 1
+    }
+
+    /// Notes a write that worked; how many failed before it, if any did.
+    fn succeeded(&mut self) -> Option<u64> {
+        (self.0 > 0).then(|| std::mem::take(&mut self.0))
+    }
+}
+
 /// Writes the leases whenever new ones were made, one write for all those
 /// made meanwhile; after a failed write, again within [`RETRY_AFTER`].
 pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
     let writer = &shared.lease_writer;
     let mut failed = false;
+    let mut failures = Failures::default();
     loop {
         if failed {
             tokio::select! {
@@ -118,7 +138,11 @@ pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
             })
             .await?;
             let written = written.map_err(|(e, new)| {
-                warn!("saving the leases: {e:#}");
+                if failures.failed() {
+                    warn!("saving the leases: {e:#} (tried again every second, logged again once it works)");
+                } else {
+                    debug!("saving the leases: {e:#}");
+                }
                 // Written again with the next group: none is lost.
                 shared
                     .clients
@@ -128,6 +152,9 @@ pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
             });
             let lines = written.as_ref().ok().copied();
             failed = written.is_err();
+            if let Some(failed_writes) = lines.and_then(|_| failures.succeeded()) {
+                info!(failed_writes, "saving the leases works again");
+            }
             // The waiting sessions' leases are on disk: they go on now,
             // not after the fold, which this task still does before the
             // next append.
@@ -142,5 +169,24 @@ pub(super) async fn writer(shared: Arc<Shared>) -> Result<()> {
                 tokio::task::spawn_blocking(move || compact(&s)).await?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_failed_writes_is_reported_once_and_its_end_once() {
+        let mut failures = Failures::default();
+        assert_eq!(failures.succeeded(), None, "nothing to report");
+        assert!(failures.failed(), "the first failure: a warning");
+        assert!(
+            !failures.failed() && !failures.failed(),
+            "the retries: quiet"
+        );
+        assert_eq!(failures.succeeded(), Some(3), "works again, after 3");
+        assert_eq!(failures.succeeded(), None);
+        assert!(failures.failed(), "a new run: a warning again");
     }
 }
