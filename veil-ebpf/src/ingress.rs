@@ -278,17 +278,26 @@ pub enum Admit {
     Translate,
 }
 
+impl Admit {
+    /// What the admitting program returns: the packet passes (`pass`),
+    /// the host's counted here, the rest by `translate`, which finishes
+    /// the job.
+    #[inline(always)]
+    pub fn verdict(self, pass: i32) -> Verdict {
+        match self {
+            Admit::Host => Verdict::counted(pass, Reason::PassToHost),
+            Admit::Translate => Verdict::uncounted(pass),
+        }
+    }
+}
+
 /// XDP: drop early what veil must not let through; pass the rest.
 // Not inlined: the IPv6 path is a call of its own beside it (see main.rs).
 #[inline(never)]
 pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let ip_len = || ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
-    Ok(match admit(&pkt, config()?, ip_len)? {
-        Admit::Host => Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost),
-        // Counted by `translate`, which finishes the job.
-        Admit::Translate => Verdict::uncounted(xdp_action::XDP_PASS as i32),
-    })
+    Ok(admit(&pkt, config()?, ip_len)?.verdict(xdp_action::XDP_PASS as i32))
 }
 
 /// The checks that come before any translation, in XDP per packet on the

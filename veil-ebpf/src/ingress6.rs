@@ -320,10 +320,7 @@ pub fn filter(ctx: &XdpContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
     let pkt = &Packet::new(ctx.data(), ctx.data_end());
     let ip_len = || ((ctx.data_end() - ctx.data()) as u32).saturating_sub(ETH_LEN as u32);
-    Ok(match admit(pkt, cfg, ip_len)? {
-        Admit::Host => Verdict::counted(xdp_action::XDP_PASS as i32, Reason::PassToHost),
-        Admit::Translate => Verdict::uncounted(xdp_action::XDP_PASS as i32),
-    })
+    Ok(admit(pkt, cfg, ip_len)?.verdict(xdp_action::XDP_PASS as i32))
 }
 
 /// The checks before any translation (IPv4's `ingress::admit`, for IPv6).

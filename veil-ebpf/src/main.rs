@@ -137,7 +137,7 @@ fn admitted(
     translate: impl FnOnce() -> Result<Verdict, Reason>,
 ) -> Result<Verdict, Reason> {
     if admit_here && admit()? == ingress::Admit::Host {
-        return Ok(Verdict::counted(TC_ACT_OK as i32, Reason::PassToHost));
+        return Ok(ingress::Admit::Host.verdict(TC_ACT_OK as i32));
     }
     translate()
 }
