@@ -28,6 +28,16 @@ pub const PORTS: PortRange = PortRange {
     max: 61999,
 };
 
+/// A port of [`PORTS`] other than `taken`, for a stranger's packet: a flow's
+/// NAT port is random and may be any of them, the range's ends included.
+pub fn port_besides(taken: u16) -> u16 {
+    if taken == PORTS.max {
+        taken - 1
+    } else {
+        taken + 1
+    }
+}
+
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_OK: i32 = 0;

@@ -288,7 +288,7 @@ fn ingress_options_unsolicited_first_fragments_and_fragmented_errors_are_dropped
     let (_, nat) = bed.flow(proto::UDP, 40000, 53);
     let reply = frame(REMOTE, PUBLIC, 57, L4::udp(53, nat, b"answer"));
     let options = with_options(reply.clone());
-    let unsolicited = frame(REMOTE, PUBLIC, 57, L4::udp(53, PORTS.max, &[7; 64]));
+    let unsolicited = frame(REMOTE, PUBLIC, 57, L4::udp(53, port_besides(nat), &[7; 64]));
     let unsolicited_first = fragments(&unsolicited, 0x4242, 32).remove(0);
     let sent = frame(PUBLIC, REMOTE, 63, L4::udp(nat, 53, &[1; 600]));
     let error = icmp_error(ROUTER, PUBLIC, 3, 3, [0; 4], ip_of(&sent));
@@ -972,7 +972,7 @@ fn with_the_wan_filter_in_tc_tc_alone_drops_strangers_and_translates_fragments()
     bed.wan_filter_in_tc();
     let (_, nat) = bed.flow(proto::UDP, 40000, 53);
 
-    let stranger = frame(REMOTE, PUBLIC, 60, L4::udp(53, nat + 1, b"knock"));
+    let stranger = frame(REMOTE, PUBLIC, 60, L4::udp(53, port_besides(nat), b"knock"));
     assert_eq!(bed.wan_tc(&stranger).0, TC_ACT_SHOT);
     assert_eq!(bed.count(Reason::DropNoIngressFlow), 1);
 

@@ -9,7 +9,7 @@ use std::net::Ipv6Addr;
 
 use veil_common::{frag_kind, proto, tcp_flags, FragEntry6, FragKey6, Reason, IPPROTO_ICMPV6};
 use veil_tests::{
-    bed::{Bed, PORTS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+    bed::{port_besides, Bed, PORTS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
     bed6::*,
     packet::{ETH_LEN, L4},
     packet6::{
@@ -214,7 +214,12 @@ fn an_unsolicited_syn6_to_the_nat_range_is_dropped_in_xdp() {
     let (_, nat) = bed.flow(proto::TCP, 50000, 443);
     for syn in [
         // No flow on that port at all.
-        frame6(REMOTE6, PUBLIC6, 64, L4::tcp(443, PORTS.min + 7, "S", b"")),
+        frame6(
+            REMOTE6,
+            PUBLIC6,
+            64,
+            L4::tcp(443, port_besides(nat), "S", b""),
+        ),
         // The flow's port, but from another remote port: filtering is
         // address-and-port dependent.
         frame6(REMOTE6, PUBLIC6, 64, L4::tcp(444, nat, "S", b"")),
