@@ -156,15 +156,14 @@ fn reaches_the_internet_as_the_gateway(world: &World) {
     );
 }
 
-/// `--wan-filter tc`, for a WAN where an XDP program costs offloads: no
-/// XDP program on the interface, and everything else as before: the
-/// client reaches the internet as the gateway, bytes intact both ways, and
-/// a stranger's connection to the NAT range gets no answer at all.
+/// `--wan-filter xdp`, as on a NIC: the XDP program on the interface, and
+/// the client reaches the internet as the gateway, bytes intact both ways,
+/// while a stranger's connection to the NAT range gets no answer at all.
 #[test]
-fn with_the_wan_filter_in_tc_a_client_reaches_the_internet_and_strangers_get_no_answer() {
-    let world = World::new(1, &["--wan-filter", "tc"]);
+fn with_xdp_on_the_wan_a_client_reaches_the_internet_and_strangers_get_no_answer() {
+    let world = World::new(1, &["--wan-filter", "xdp"]);
     let link = ip_out(&world.gw, &["link", "show", "wan0"]);
-    assert!(!link.contains("xdp"), "no XDP program on the WAN: {link}");
+    assert!(link.contains("xdp"), "an XDP program on the WAN: {link}");
     let profile = world.add_client("alice", 1);
     let _client = world.start_client(1, &profile, true);
 
@@ -174,7 +173,30 @@ fn with_the_wan_filter_in_tc_a_client_reaches_the_internet_and_strangers_get_no_
         echo_through(&world, 1, &upload) == upload,
         "8 MiB up and back intact"
     );
+    assert_strangers_get_no_answer(&world);
+}
 
+/// With no `--wan-filter`, a veth WAN gets the filter in TC (XDP on a veth
+/// costs its peer's offloads and saves nothing), and says so; strangers
+/// still get no answer.
+#[test]
+fn on_a_veth_wan_the_filter_is_in_tc_unless_named_and_strangers_get_no_answer() {
+    let mut world = World::new(1, &[]);
+    let link = ip_out(&world.gw, &["link", "show", "wan0"]);
+    assert!(!link.contains("xdp"), "no XDP program on the WAN: {link}");
+    let log = world.gateway().log();
+    assert!(
+        log.contains("WAN filter picked for the interface's driver")
+            && log.contains("driver=veth")
+            && log.contains("filter=tc"),
+        "{log}"
+    );
+    assert_strangers_get_no_answer(&world);
+}
+
+/// A stranger's TCP connection to a port of the NAT range gets neither a
+/// SYN-ACK nor a RST: the datapath dropped the SYN before the kernel saw it.
+fn assert_strangers_get_no_answer(world: &World) {
     let nat_port = veil_user::flows::PortRange::DEFAULT.min + 17;
     let knock = world.remote.enter(|| {
         TcpStream::connect_timeout(&(PUBLIC, nat_port).into(), Duration::from_millis(1500))

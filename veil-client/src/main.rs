@@ -180,8 +180,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Packets read from the TUN device per TLS write, at most.
 const TUN_BATCH: usize = 64;
 /// ...and at most this many bytes of them: with offload one read can be a
-/// 64 KiB super-packet, and a huge write only delays what follows it.
-const TUN_BATCH_BYTES: usize = 256 * 1024;
+/// 64 KiB super-packet, and a huge write only delays what follows it; the
+/// session's send buffer, kept between writes, holds that many.
+const TUN_BATCH_BYTES: usize = veil_proto::session::batch_bytes(veil_tunnel::tun::MAX_READ);
 /// How long closing the connection may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 

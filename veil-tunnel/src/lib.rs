@@ -17,12 +17,16 @@ pub mod tls;
 pub mod tun;
 pub mod ws;
 
-/// Logs to stderr through tracing, `RUST_LOG` filtering (default `info`).
+/// Logs to stderr through tracing, `RUST_LOG` filtering (default `info`);
+/// in colour only on a terminal, so that journald and log files get plain
+/// text.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -123,37 +123,69 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
 /// Whether generic receive offload is on for `iface` (`ethtool -k`'s
 /// `generic-receive-offload`).
 pub fn gro_enabled(iface: &str) -> std::io::Result<bool> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
     const ETHTOOL_GGRO: u32 = 0x2b;
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
         data: u32,
     }
-    if iface.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
-    }
     let mut value = EthtoolValue {
         cmd: ETHTOOL_GGRO,
         data: 0,
     };
+    ethtool(iface, (&mut value as *mut EthtoolValue).cast())?;
+    Ok(value.data != 0)
+}
+
+/// The name of `iface`'s driver (`ethtool -i`): `veth`, `virtio_net`,
+/// `mlx5_core`, ...
+pub fn driver(iface: &str) -> std::io::Result<String> {
+    const ETHTOOL_GDRVINFO: u32 = 0x03;
+    /// `struct ethtool_drvinfo`.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    // SAFETY: all-zero bytes are a valid DrvInfo.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    ethtool(iface, (&mut info as *mut DrvInfo).cast())?;
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+}
+
+/// One `SIOCETHTOOL` request on `iface`; `data` is the command's structure,
+/// its first field the command, which the kernel fills in.
+fn ethtool(iface: &str, data: *mut libc::c_void) -> std::io::Result<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
     // SAFETY: an all-zero ifreq is valid; the name fits (checked above).
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
         *dst = src as libc::c_char;
     }
-    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    req.ifr_ifru.ifru_data = data.cast();
     // SAFETY: a plain datagram socket, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: SIOCETHTOOL reads the ifreq and writes `value`, both live.
+    // SAFETY: SIOCETHTOOL reads the ifreq and writes the command's
+    // structure, which the caller keeps alive across the call.
     let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
     let result = if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
-        Ok(value.data != 0)
+        Ok(())
     };
     // SAFETY: our own fd.
     unsafe { libc::close(fd) };

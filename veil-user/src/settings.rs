@@ -29,7 +29,7 @@
 //! mapping = "address-dependent"        # or "endpoint-independent"
 //! rate-limit = "50mbit"                # each client, each way
 //! quota = "10GiB"                      # each client, per quota-period
-//! wan-filter = "tc"                    # no XDP on a veth or virtio-net WAN
+//! wan-filter = "tc"                    # default: tc on a veth, else xdp
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -188,8 +188,8 @@ pub struct Settings {
     pub busy_poll: Option<u64>,
     /// Where the WAN's admission checks run: `xdp`, per packet before the
     /// kernel builds an skb, or `tc`, after GRO, for an interface where an
-    /// XDP program costs offloads (veth, virtio-net: see
-    /// docs/operations.md) [default: xdp].
+    /// XDP program costs offloads (see docs/operations.md) [default: tc on
+    /// a veth WAN, xdp on any other].
     #[arg(long, value_name = "xdp|tc")]
     #[serde(with = "text")]
     pub wan_filter: Option<crate::datapath::WanFilter>,
@@ -397,7 +397,7 @@ impl Settings {
             threads: within("threads", self.threads, 1, u16::MAX, "1 or more")?,
             tun_queues: within("tun-queues", self.tun_queues, 1, 256, "1 to 256")?,
             busy_poll: Duration::from_micros(self.busy_poll.unwrap_or(0)),
-            wan_filter: self.wan_filter.unwrap_or_default(),
+            wan_filter: self.wan_filter,
             dns: self.dns,
             forward: self.forward,
             operator_cert: match (self.cert, self.key) {
@@ -645,12 +645,23 @@ mod tests {
     }
 
     #[test]
-    fn the_wan_filter_is_xdp_unless_told_tc() {
+    fn the_wan_filter_is_picked_for_the_driver_unless_named() {
         use crate::datapath::WanFilter;
         let resolve = |text: &str| parse(text).unwrap().resolve("/tmp/unused".into()).unwrap();
-        assert_eq!(resolve("iface = \"eth0\"\n").wan_filter, WanFilter::Xdp);
+        assert_eq!(resolve("iface = \"eth0\"\n").wan_filter, None);
         let tc = resolve("iface = \"eth0\"\nwan-filter = \"tc\"\n");
-        assert_eq!(tc.wan_filter, WanFilter::Tc);
+        assert_eq!(tc.wan_filter, Some(WanFilter::Tc));
+        let xdp = resolve("iface = \"eth0\"\nwan-filter = \"xdp\"\n");
+        assert_eq!(xdp.wan_filter, Some(WanFilter::Xdp));
+        for (driver, picked) in [
+            ("veth", WanFilter::Tc),
+            ("virtio_net", WanFilter::Xdp),
+            ("mlx5_core", WanFilter::Xdp),
+            ("ixgbe", WanFilter::Xdp),
+            ("", WanFilter::Xdp),
+        ] {
+            assert_eq!(WanFilter::for_driver(driver), picked, "{driver}");
+        }
         let err = parse("wan-filter = \"xpd\"\n").unwrap_err();
         assert!(err.contains("xdp or tc"), "{err}");
     }

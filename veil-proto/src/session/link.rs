@@ -39,7 +39,12 @@ struct H3 {
 
 /// A returned send buffer is kept for reuse only up to this capacity, so
 /// one burst does not pin a large allocation for the session's lifetime.
-const MAX_RECYCLED_CAPACITY: usize = 256 * 1024;
+/// What a turn adds to the send buffer must stay below it (see
+/// [`super::batch_bytes`]): a buffer that outgrew it is freed after
+/// each write and grown again, by doubling, from nothing: a copy at each
+/// step, and pages of its own (glibc maps blocks from 64 KiB up) faulted in
+/// on every turn.
+pub(super) const MAX_RECYCLED_CAPACITY: usize = 256 * 1024;
 
 #[derive(Debug)]
 pub(super) struct Link {
@@ -337,11 +342,15 @@ impl Link {
     }
 
     pub(super) fn recycle(&mut self, mut buf: Vec<u8>) {
+        // Growing by doubling from an odd size can overshoot the cap by up
+        // to twice; such a buffer is trimmed back, which copies nothing
+        // since it is empty.
         if self.tx.is_empty()
             && buf.capacity() > self.tx.capacity()
-            && buf.capacity() <= MAX_RECYCLED_CAPACITY
+            && buf.capacity() <= 2 * MAX_RECYCLED_CAPACITY
         {
             buf.clear();
+            buf.shrink_to(MAX_RECYCLED_CAPACITY);
             self.tx = buf;
         }
     }

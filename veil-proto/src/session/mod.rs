@@ -148,6 +148,19 @@ macro_rules! session_by_inherent_methods {
 
 session_by_inherent_methods!(ClientSession, ServerSession);
 
+/// The most bytes a caller should hand a session for one write, as whole
+/// packets: it stops taking packets once this many are in, so a turn adds
+/// at most this plus one largest packet (`largest`, offload header and
+/// all) and the capsules' framing, which still fits the send buffer the
+/// session keeps between writes.
+pub const fn batch_bytes(largest: usize) -> usize {
+    link::MAX_RECYCLED_CAPACITY - largest - BATCH_FRAMING
+}
+
+/// Room [`batch_bytes`] leaves for the capsules' framing of one batch: a
+/// few bytes per packet, and a batch is at most a few hundred packets.
+const BATCH_FRAMING: usize = 4096;
+
 /// Adds an [`Output::Send`] buffer to the bytes waiting for one write:
 /// taken whole when nothing waits (no copy), appended otherwise. Returns
 /// the buffer left over, for `recycle_send_buffer`.

@@ -863,6 +863,33 @@ fn send_buffers_are_recycled() {
 }
 
 #[test]
+fn a_full_batch_of_the_largest_packets_fits_the_kept_send_buffer() {
+    let mut pair = Pair::new();
+    pair.pump();
+    let largest = [0x45; 65_535];
+    let turn = |server: &mut ServerSession| {
+        let mut taken = 0;
+        while taken < super::batch_bytes(largest.len()) {
+            server.send_packet(&largest);
+            taken += largest.len();
+        }
+        let Some(Output::Send(buf)) = server.poll_output() else {
+            panic!("expected bytes to send")
+        };
+        buf
+    };
+    // The first turn grows a buffer from nothing, and may overshoot.
+    let first = turn(&mut pair.server);
+    pair.server.recycle_send_buffer(first);
+    let second = turn(&mut pair.server);
+    assert!(second.capacity() <= super::link::MAX_RECYCLED_CAPACITY);
+    let at = second.as_ptr();
+    pair.server.recycle_send_buffer(second);
+    let third = turn(&mut pair.server);
+    assert_eq!(third.as_ptr(), at, "kept, and not grown again");
+}
+
+#[test]
 fn unbounded_timeouts_mean_never_not_a_panic() {
     // The client's PINGs are capped at one an hour (what it announces), so
     // both ends stay up however long nothing else happens.

@@ -49,7 +49,7 @@ use self::{check::Checks, clients::Clients};
 use crate::{
     admission::Admission,
     control,
-    datapath::{Datapath, DatapathConfig},
+    datapath::{Datapath, DatapathConfig, WanFilter},
     flows::{FlowError, FlowTable, PortRange, Timeouts},
     net::{iface_ipv4s, ifindex, monotonic_ns, Ipv4Net},
     policy::EgressPolicy,
@@ -114,7 +114,9 @@ pub struct GatewayConfig {
     pub tun_queues: Option<u16>,
     /// How long to busy-poll after each packet (zero: never).
     pub busy_poll: Duration,
-    pub wan_filter: crate::datapath::WanFilter,
+    /// Where the WAN's first checks run; `None`: picked for the
+    /// interface's driver ([`crate::datapath::WanFilter::for_driver`]).
+    pub wan_filter: Option<crate::datapath::WanFilter>,
     /// Upstream resolvers of the DNS service clients get on the gateway's
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
@@ -156,8 +158,9 @@ const WRITE_STALL: Duration = Duration::from_secs(15);
 /// How long closing a connection may take (the last bytes, close_notify).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes of replies a session takes off its queue for one write, at most
-/// (the rest wait there, bounded, instead of in the write buffer).
-const OUT_HIGH_WATER: usize = 256 * 1024;
+/// (the rest wait there, bounded, instead of in the write buffer); the
+/// session's send buffer, kept between writes, holds that many.
+const OUT_HIGH_WATER: usize = veil_proto::session::batch_bytes(veil_tunnel::tun::MAX_READ);
 /// Unwritten bytes above which a session stops reading from its client: a
 /// client that sends but does not read cannot grow our buffer.
 const OUT_LIMIT: usize = 1024 * 1024;
@@ -328,7 +331,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
             .with_context(|| format!("interface {} not found", cfg.iface))?,
         tun_ifindex: ifindex(tun.name())?,
         tun_l2_len: 0,
-        wan_filter: cfg.wan_filter,
+        wan_filter: wan_filter(&cfg.iface, cfg.wan_filter),
     })?;
     datapath.normalize(cfg.normalize)?;
     let pins = datapath.pin(&cfg.pin_root)?;
@@ -508,6 +511,26 @@ fn server_identity(
 
 /// `--max-handshakes`, lowered if the descriptor limit could not hold it
 /// beside `--max-clients` sessions and the daemon's own files.
+/// The WAN filter the operator named, or the one for the interface's
+/// driver (XDP if the driver cannot be read), logged either way.
+fn wan_filter(iface: &str, named: Option<WanFilter>) -> WanFilter {
+    if let Some(filter) = named {
+        info!(%iface, %filter, "WAN filter as configured");
+        return filter;
+    }
+    match crate::net::driver(iface) {
+        Ok(driver) => {
+            let filter = WanFilter::for_driver(&driver);
+            info!(%iface, %driver, %filter, "WAN filter picked for the interface's driver");
+            filter
+        }
+        Err(e) => {
+            warn!(%iface, "reading the interface's driver: {e}; the WAN filter is xdp");
+            WanFilter::Xdp
+        }
+    }
+}
+
 fn handshake_cap(cfg: &GatewayConfig) -> Result<usize> {
     let limit = crate::net::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let sessions = cfg.max_clients as u64;

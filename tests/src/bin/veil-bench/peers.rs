@@ -196,7 +196,7 @@ pub(crate) fn peers_table(
     );
     let _ = writeln!(
         out,
-        "Topology: client — gateway — remote namespaces over veth pairs, MTU 1500. Offloads: as the kernel sets them, plus GRO on the gateway's WAN veth (NIC drivers default to it); direct-no-offload turns TSO, GSO, GRO and TX checksumming off on every veth. veil: TUN devices with TSO (offload datagrams), XDP on the WAN veth.\n"
+        "Topology: client — gateway — remote namespaces over veth pairs, MTU 1500. Offloads: as the kernel sets them, plus GRO on the gateway's WAN veth (NIC drivers default to it); direct-no-offload turns TSO, GSO, GRO and TX checksumming off on every veth. veil: TUN devices with TSO (offload datagrams), the WAN filter it picks for a veth (TC).\n"
     );
     let _ = write!(out, "| figure |");
     for n in &order {

@@ -14,7 +14,7 @@ const PATHS: [(&str, &str); 5] = [
     ("direct routing", "direct"),
     ("routing + MASQUERADE", "masquerade"),
     ("veil (TLS/TCP)", "tcp"),
-    ("veil (TLS/TCP, `--wan-filter tc`)", "tcp-tc"),
+    ("veil (TLS/TCP, `--wan-filter xdp`)", "tcp-xdp"),
     ("veil (HTTP/3)", "h3"),
 ];
 
@@ -22,7 +22,7 @@ const PATHS: [(&str, &str); 5] = [
 /// to the remote, through veil over both transports and, on the same
 /// topology, by plain routing through the gateway namespace; each with GRO
 /// on the gateway's WAN veth (as NIC drivers have it) and without.
-/// `VEIL_BENCH_PATHS=direct,masquerade,tcp,tcp-tc,h3` narrows the paths;
+/// `VEIL_BENCH_PATHS=direct,masquerade,tcp,tcp-xdp,h3` narrows the paths;
 /// `VEIL_BENCH_GRO=on` or `off` one setting;
 /// `VEIL_BENCH_GATEWAY` and `VEIL_BENCH_CLIENT` add flags to veil's ends.
 pub(crate) fn tunnel(quick: bool) {
@@ -112,9 +112,9 @@ fn tunnel_path(gro: bool, path: &str, secs: u32) -> (Measured, Lost) {
         _ => None,
     };
     if let Some(kind) = kernel {
-        // Direct routing with veil's gateway (and so its XDP program on
-        // the WAN veth) running, as in the tests: the same veth offloads
-        // as veil's path. MASQUERADE without: XDP would drop the replies
+        // Direct routing with veil's gateway (and so its WAN filter)
+        // running, as in the tests: the same veth offloads as veil's
+        // path. MASQUERADE without: the filter would drop the replies
         // to its ports, which fall in veil's NAT range.
         if kind == veil_tests::peers::Kind::Direct {
             veil_tests::peers::veil_gateway(&mut world, &[]);
@@ -122,17 +122,18 @@ fn tunnel_path(gro: bool, path: &str, secs: u32) -> (Measured, Lost) {
         let _path = veil_tests::peers::up(&mut world, kind);
         return (measure(&world, secs, || ()), Lost::default());
     }
-    // `tcp-tc`: the TLS/TCP transport, with no XDP program on the WAN.
-    let (transport, filter_in_tc) = match path {
-        "tcp-tc" => ("tcp", true),
+    // veil picks the WAN filter for the veth (TC); `tcp-xdp`: the TLS/TCP
+    // transport with XDP on the WAN, as on a NIC.
+    let (transport, xdp) = match path {
+        "tcp-xdp" => ("tcp", true),
         other => (other, false),
     };
     // Extra flags of either end, for trying options (say `--busy-poll`).
     let flags = |var: &str| std::env::var(var).unwrap_or_default();
     let (gw_flags, client_flags) = (flags("VEIL_BENCH_GATEWAY"), flags("VEIL_BENCH_CLIENT"));
     let mut gw_flags: Vec<&str> = gw_flags.split_whitespace().collect();
-    if filter_in_tc {
-        gw_flags.extend(["--wan-filter", "tc"]);
+    if xdp {
+        gw_flags.extend(["--wan-filter", "xdp"]);
     }
     veil_tests::peers::veil_gateway(&mut world, &gw_flags);
     let profile = world.add_client("bench", 1);
@@ -251,8 +252,8 @@ pub(crate) fn veil_drops(world: &veil_tests::world::World) -> BTreeMap<String, u
             }),
     );
     // The remote's end of the WAN veth counts as its own transmit drops
-    // what the ring of `wan0`'s native XDP mode (256 packets) had no room
-    // for: where a NIC would count missed packets.
+    // what `wan0`'s receive ring (256 packets, there with XDP or GRO on
+    // the veth) had no room for: where a NIC would count missed packets.
     let links = [
         (&world.gw, "veilgw", "veilgw"),
         (&world.gw, "wan0", "wan0"),
