@@ -192,13 +192,21 @@ impl Tun {
 
     /// Reads one more packet if one is already waiting: for batching after
     /// [`Self::recv`] without going back to the reactor. Through the
-    /// reactor's readiness, so that the read that finds the queue empty
-    /// clears it, and the next [`Self::recv`] waits rather than try a read
-    /// that would find it empty again (one system call less per wake-up).
+    /// reactor's readiness while it says readable, so that the read that
+    /// finds the queue empty clears it and the next [`Self::recv`] waits,
+    /// rather than try a read that would find it empty again (one system
+    /// call less per wake-up).
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        let read = self
-            .fd
-            .try_io(Interest::READABLE, |dev| raw_read(dev.as_raw_fd(), buf));
+        let mut tried = false;
+        let mut read = self.fd.try_io(Interest::READABLE, |dev| {
+            tried = true;
+            raw_read(dev.as_raw_fd(), buf)
+        });
+        if !tried {
+            // The reactor has not seen the device readable (no `recv`
+            // before): ask the device itself.
+            read = raw_read(self.fd.get_ref().as_raw_fd(), buf);
+        }
         match read {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
