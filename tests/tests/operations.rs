@@ -157,6 +157,15 @@ fn status_and_metrics_count_what_went_through() {
     let forwarded = |reason: &str| status["datapath"][reason]["bytes"].as_u64().unwrap();
     assert!(forwarded("ingress_forwarded") >= DOWNLOAD_LEN as u64);
     assert!(forwarded("egress_forwarded") > 0);
+    // Nothing dropped: not even what a new TUN device's kernel sends on
+    // its own (IPv6 router solicitations), which is no client's packet.
+    let dropped: Vec<_> = status["counters"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, n)| n.as_u64() != Some(0) && !name.starts_with("dns_"))
+        .collect();
+    assert!(dropped.is_empty(), "{dropped:?}");
 
     let metrics = world.metrics();
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");

@@ -44,10 +44,8 @@ impl Network {
             added: Vec::new(),
         };
         let dev = net.tun.name().to_owned();
-        // IPv6 stays off until the gateway assigns an address
-        // (`carry_ipv6`); without this the kernel would send router
-        // solicitations into the tunnel.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+        // IPv6 stays off (as `Tun::create` left it) until the gateway
+        // assigns an address (`carry_ipv6`).
         ip(&["addr", "add", &format!("{addr}/32"), "dev", &dev])?;
         // Fair queueing with a delay target: a bulk upload must not make
         // everything else on the machine wait behind it in the TUN queue.

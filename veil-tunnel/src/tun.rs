@@ -65,18 +65,20 @@ pub struct Tun {
 
 impl Tun {
     /// Creates (or opens) TUN device `name` with offloads, up,
-    /// non-blocking; the address and MTU are the caller's business.
+    /// non-blocking, and IPv6 off until its user turns it on; the address
+    /// and MTU are the caller's business.
     pub fn create(name: &str, mtu: u16) -> io::Result<Self> {
         let mut cfg = tun::Configuration::default();
-        cfg.tun_name(name).mtu(mtu).up();
+        cfg.tun_name(name).mtu(mtu);
         cfg.platform_config(|p| {
             p.vnet_hdr(true);
         });
-        let dev = tun::create(&cfg).map_err(io::Error::other)?;
+        let mut dev = tun::create(&cfg).map_err(io::Error::other)?;
+        let name = tun::AbstractDevice::tun_name(&dev).map_err(io::Error::other)?;
+        up_without_ipv6(&mut dev, &name)?;
         dev.set_nonblock().map_err(io::Error::other)?;
         set_little_endian(dev.as_raw_fd())?;
         let udp_gso = set_offload(dev.as_raw_fd())?;
-        let name = tun::AbstractDevice::tun_name(&dev).map_err(io::Error::other)?;
         Self::register(dev, name, udp_gso)
     }
 
@@ -104,7 +106,7 @@ impl Tun {
             let mut dev = tun::create(&cfg).map_err(io::Error::other)?;
             if out.is_empty() {
                 tun::AbstractDevice::set_mtu(&mut dev, mtu).map_err(io::Error::other)?;
-                tun::AbstractDevice::enabled(&mut dev, true).map_err(io::Error::other)?;
+                up_without_ipv6(&mut dev, &name)?;
             }
             out.push(Self::register(dev, name.clone(), udp_gso)?);
         }
@@ -251,6 +253,15 @@ impl Tun {
         }
         Ok(())
     }
+}
+
+/// Brings device `name` up with IPv6 off: were it on, the kernel would
+/// send its own router solicitation and MLD report into the new device at
+/// once, which its reader would take for a client's packet or a reply.
+/// IPv6 may be missing from the kernel: then there is nothing to turn off.
+fn up_without_ipv6(dev: &mut tun::Device, name: &str) -> io::Result<()> {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    tun::AbstractDevice::enabled(dev, true).map_err(io::Error::other)
 }
 
 /// Opens one queue of multi-queue TUN device `name` (created by the first

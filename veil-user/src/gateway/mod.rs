@@ -309,11 +309,6 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .with_context(|| format!("creating the TUN device {}", cfg.tun_name))?;
     tun.set_queue_len(veil_tunnel::tun::GATEWAY_QUEUE_LEN)
         .context("setting the TUN device's queue length")?;
-    // The kernel would otherwise send IPv6 router solicitations into it.
-    let _ = std::fs::write(
-        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),
-        "1",
-    );
     let max_flows = u32::try_from(cfg.max_flows)
         .ok()
         .filter(|n| *n > 0)
