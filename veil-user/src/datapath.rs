@@ -122,11 +122,10 @@ pub struct DatapathConfig {
 
 /// Where the WAN's admission checks run (dropping what has no flow, the
 /// download rate limit, fragment notes) before TC translates.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WanFilter {
     /// In an XDP program, per packet on the wire, before the kernel builds
     /// an skb: the cheapest drop.
-    #[default]
     Xdp,
     /// At the start of TC, after GRO: for a WAN interface where a native
     /// XDP program costs offloads (a veth takes TSO from its peer, and

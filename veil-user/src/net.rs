@@ -133,7 +133,8 @@ pub fn gro_enabled(iface: &str) -> std::io::Result<bool> {
         cmd: ETHTOOL_GGRO,
         data: 0,
     };
-    ethtool(iface, (&mut value as *mut EthtoolValue).cast())?;
+    // SAFETY: ETHTOOL_GGRO reads and writes a `struct ethtool_value`.
+    unsafe { ethtool(iface, &mut value)? };
     Ok(value.data != 0)
 }
 
@@ -156,14 +157,20 @@ pub fn driver(iface: &str) -> std::io::Result<String> {
     // SAFETY: all-zero bytes are a valid DrvInfo.
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
-    ethtool(iface, (&mut info as *mut DrvInfo).cast())?;
+    // SAFETY: ETHTOOL_GDRVINFO reads and writes a `struct ethtool_drvinfo`.
+    unsafe { ethtool(iface, &mut info)? };
     let len = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
     Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
 }
 
-/// One `SIOCETHTOOL` request on `iface`; `data` is the command's structure,
-/// its first field the command, which the kernel fills in.
-fn ethtool(iface: &str, data: *mut libc::c_void) -> std::io::Result<()> {
+/// One `SIOCETHTOOL` request on `iface`: `data` starts with the command,
+/// and the kernel fills in the rest.
+///
+/// # Safety
+///
+/// `T` must be the `#[repr(C)]` structure of the command in its first
+/// field: the kernel writes that command's structure, whatever `T` is.
+unsafe fn ethtool<T>(iface: &str, data: &mut T) -> std::io::Result<()> {
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
     if iface.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
@@ -173,14 +180,14 @@ fn ethtool(iface: &str, data: *mut libc::c_void) -> std::io::Result<()> {
     for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
         *dst = src as libc::c_char;
     }
-    req.ifr_ifru.ifru_data = data.cast();
+    req.ifr_ifru.ifru_data = (data as *mut T).cast();
     // SAFETY: a plain datagram socket, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: SIOCETHTOOL reads the ifreq and writes the command's
-    // structure, which the caller keeps alive across the call.
+    // structure, `data` (its size is the caller's promise), both live.
     let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
     let result = if rc < 0 {
         Err(std::io::Error::last_os_error())

@@ -151,15 +151,19 @@ session_by_inherent_methods!(ClientSession, ServerSession);
 /// The most bytes a caller should hand a session for one write, as whole
 /// packets: it stops taking packets once this many are in, so a turn adds
 /// at most this plus one largest packet (`largest`, offload header and
-/// all) and the capsules' framing, which still fits the send buffer the
-/// session keeps between writes.
+/// all), each with its capsule's framing, and that still fits the send
+/// buffer the session keeps between writes.
+///
+/// A packet's framing is a capsule type, a length and a context ID: 3
+/// bytes below 64 bytes of packet, at most 6 beyond. On the smallest
+/// packet, a bare 20-byte IPv4 header, that is 3/20 more; on anything
+/// larger, less.
 pub const fn batch_bytes(largest: usize) -> usize {
-    link::MAX_RECYCLED_CAPACITY - largest - BATCH_FRAMING
+    (link::MAX_RECYCLED_CAPACITY - largest - MAX_FRAMING) * 20 / 23
 }
 
-/// Room [`batch_bytes`] leaves for the capsules' framing of one batch: a
-/// few bytes per packet, and a batch is at most a few hundred packets.
-const BATCH_FRAMING: usize = 4096;
+/// The most framing one packet's capsule adds (see [`batch_bytes`]).
+const MAX_FRAMING: usize = 6;
 
 /// Adds an [`Output::Send`] buffer to the bytes waiting for one write:
 /// taken whole when nothing waits (no copy), appended otherwise. Returns

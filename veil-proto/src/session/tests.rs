@@ -863,30 +863,41 @@ fn send_buffers_are_recycled() {
 }
 
 #[test]
-fn a_full_batch_of_the_largest_packets_fits_the_kept_send_buffer() {
-    let mut pair = Pair::new();
-    pair.pump();
-    let largest = [0x45; 65_535];
-    let turn = |server: &mut ServerSession| {
-        let mut taken = 0;
-        while taken < super::batch_bytes(largest.len()) {
-            server.send_packet(&largest);
-            taken += largest.len();
-        }
-        let Some(Output::Send(buf)) = server.poll_output() else {
-            panic!("expected bytes to send")
+fn a_full_batch_fits_the_kept_send_buffer_whatever_its_packets() {
+    const LARGEST: usize = 65_535;
+    // The largest packets; and the smallest, where framing weighs most,
+    // with the largest as the one that crosses the mark.
+    for size in [LARGEST, 20] {
+        let mut pair = Pair::new();
+        pair.pump();
+        let (packet, largest) = (vec![0x45; size], vec![0x45; LARGEST]);
+        let turn = |server: &mut ServerSession| {
+            let mut taken = 0;
+            while taken < super::batch_bytes(LARGEST) {
+                let next = if taken + size < super::batch_bytes(LARGEST) {
+                    &packet
+                } else {
+                    &largest
+                };
+                server.send_packet(next);
+                taken += next.len();
+            }
+            let Some(Output::Send(buf)) = server.poll_output() else {
+                panic!("expected bytes to send")
+            };
+            assert!(buf.len() <= super::link::MAX_RECYCLED_CAPACITY, "{size}");
+            buf
         };
-        buf
-    };
-    // The first turn grows a buffer from nothing, and may overshoot.
-    let first = turn(&mut pair.server);
-    pair.server.recycle_send_buffer(first);
-    let second = turn(&mut pair.server);
-    assert!(second.capacity() <= super::link::MAX_RECYCLED_CAPACITY);
-    let at = second.as_ptr();
-    pair.server.recycle_send_buffer(second);
-    let third = turn(&mut pair.server);
-    assert_eq!(third.as_ptr(), at, "kept, and not grown again");
+        // The first turn grows a buffer from nothing, and may overshoot.
+        let first = turn(&mut pair.server);
+        pair.server.recycle_send_buffer(first);
+        let second = turn(&mut pair.server);
+        assert!(second.capacity() <= super::link::MAX_RECYCLED_CAPACITY);
+        let at = second.as_ptr();
+        pair.server.recycle_send_buffer(second);
+        let third = turn(&mut pair.server);
+        assert_eq!(third.as_ptr(), at, "{size}: kept, and not grown again");
+    }
 }
 
 #[test]

@@ -504,8 +504,6 @@ fn server_identity(
     ))
 }
 
-/// `--max-handshakes`, lowered if the descriptor limit could not hold it
-/// beside `--max-clients` sessions and the daemon's own files.
 /// The WAN filter the operator named, or the one for the interface's
 /// driver (XDP if the driver cannot be read), logged either way.
 fn wan_filter(iface: &str, named: Option<WanFilter>) -> WanFilter {
@@ -520,12 +518,18 @@ fn wan_filter(iface: &str, named: Option<WanFilter>) -> WanFilter {
             filter
         }
         Err(e) => {
-            warn!(%iface, "reading the interface's driver: {e}; the WAN filter is xdp");
+            warn!(
+                %iface,
+                "could not read the interface's driver ({e}): the WAN filter runs in XDP; \
+                 `--wan-filter tc` or `xdp` chooses"
+            );
             WanFilter::Xdp
         }
     }
 }
 
+/// `--max-handshakes`, lowered if the descriptor limit could not hold it
+/// beside `--max-clients` sessions and the daemon's own files.
 fn handshake_cap(cfg: &GatewayConfig) -> Result<usize> {
     let limit = crate::net::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let sessions = cfg.max_clients as u64;
