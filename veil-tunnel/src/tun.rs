@@ -233,7 +233,7 @@ impl Tun {
         ];
         let fd = self.fd.get_ref().as_raw_fd();
         // SAFETY: a valid fd; both buffers outlive the call and are only read.
-        let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+        let n = unsafe { libc::syscall(libc::SYS_writev, fd, iov.as_ptr(), iov.len()) };
         if n < 0 {
             self.write_failures.fetch_add(1, Relaxed);
             return Err(io::Error::last_os_error());
@@ -246,7 +246,14 @@ impl Tun {
     pub fn send_joined(&self, hdr_and_packet: &[u8]) -> io::Result<()> {
         let fd = self.fd.get_ref().as_raw_fd();
         // SAFETY: a valid fd and buffer.
-        let n = unsafe { libc::write(fd, hdr_and_packet.as_ptr().cast(), hdr_and_packet.len()) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_write,
+                fd,
+                hdr_and_packet.as_ptr(),
+                hdr_and_packet.len(),
+            )
+        };
         if n < 0 {
             self.write_failures.fetch_add(1, Relaxed);
             return Err(io::Error::last_os_error());
@@ -386,9 +393,14 @@ fn set_offload(fd: i32) -> io::Result<bool> {
     Err(io::Error::last_os_error())
 }
 
+/// A packet's read. Like the writes above it calls the kernel directly:
+/// glibc's `read` and `write` are cancellation points, which in a threaded
+/// process set and clear the thread's cancel state around every call; with
+/// a read per MTU-sized reply that was 4 % of the gateway's time, and
+/// nothing here is ever cancelled.
 fn raw_read(fd: i32, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: a valid fd and buffer.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -11,15 +11,16 @@ use std::sync::Mutex;
 
 use veil_tunnel::tun::MAX_READ;
 
+use crate::queue::{Replies, REPLY_PREFIX};
+
 /// A reply this long or longer leaves in the read buffer: shorter ones are
-/// copied into an allocation of their size (from the allocator's arenas,
-/// which reuse memory anyway). Near the capacity, so that a kept buffer
-/// holds little more than the queue counts for it.
+/// copied into their client's batch ([`Replies`]). Near the capacity, so
+/// that a kept buffer holds little more than the queue counts for it.
 const LARGE: usize = 60 * 1024;
 
 /// Every kept buffer's capacity, and its length while it waits: the
-/// largest read.
-const CAPACITY: usize = MAX_READ;
+/// largest read, behind the length a queue entry starts with.
+const CAPACITY: usize = REPLY_PREFIX + MAX_READ;
 
 /// Buffers kept at most (4 MiB): a client's reply queue holds 4 MiB by
 /// default, so one download's worth. A buffer holds at most 7 % more than
@@ -32,22 +33,22 @@ pub(super) struct BigBuffers {
 }
 
 impl BigBuffers {
-    /// A buffer to read a reply into, [`CAPACITY`] bytes long.
+    /// A buffer to read a reply into, [`CAPACITY`] bytes long; the read
+    /// goes to [`read_area`].
     pub(super) fn read_buffer(&self) -> Vec<u8> {
         let kept = self.free.lock().expect("big buffers lock").pop();
         kept.unwrap_or_else(|| vec![0; CAPACITY])
     }
 
-    /// The reply in `buf[..n]` as a buffer of its own: a large one is
-    /// `buf` itself, and `buf` becomes another read buffer; a small one is
-    /// copied.
-    pub(super) fn take(&self, buf: &mut Vec<u8>, n: usize) -> Vec<u8> {
+    /// A large reply in `buf` (read into its [`read_area`], `n` bytes) as
+    /// a queue entry of its own, and another buffer in `buf` for the next
+    /// read; `None` for a small one, which the caller copies.
+    pub(super) fn take(&self, buf: &mut Vec<u8>, n: usize) -> Option<Replies> {
         if n < LARGE || buf.capacity() != CAPACITY {
-            return buf[..n].to_vec();
+            return None;
         }
-        let mut reply = std::mem::replace(buf, self.read_buffer());
-        reply.truncate(n);
-        reply
+        let reply = std::mem::replace(buf, self.read_buffer());
+        Some(Replies::in_place(reply, n))
     }
 
     /// A reply's buffer, done with: kept if it is one of ours and there
@@ -66,34 +67,46 @@ impl BigBuffers {
     }
 }
 
+/// Where a read into `buf` goes: behind the room for a queue entry's
+/// length, so that a large reply is an entry without a copy.
+pub(super) fn read_area(buf: &mut [u8]) -> &mut [u8] {
+    &mut buf[REPLY_PREFIX..]
+}
+
+/// The reply a read of `n` bytes left in `buf`.
+pub(super) fn read_reply(buf: &[u8], n: usize) -> &[u8] {
+    &buf[REPLY_PREFIX..REPLY_PREFIX + n]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_large_reply_leaves_in_the_read_buffer_and_a_small_one_is_copied() {
+    fn a_large_reply_leaves_in_the_read_buffer_and_a_small_one_stays() {
         let pool = BigBuffers::default();
         let mut buf = pool.read_buffer();
         assert_eq!(buf.len(), CAPACITY);
-        buf[..64_000].fill(7);
+        read_area(&mut buf)[..64_000].fill(7);
         let at = buf.as_ptr();
-        let reply = pool.take(&mut buf, 64_000);
-        assert_eq!(reply.as_ptr(), at, "not copied");
-        assert_eq!(reply, vec![7u8; 64_000]);
+        let reply = pool.take(&mut buf, 64_000).expect("large");
+        assert_eq!(reply.iter().collect::<Vec<_>>(), [&[7u8; 64_000][..]]);
         assert_ne!(buf.as_ptr(), at, "another buffer to read into");
         assert_eq!(buf.len(), CAPACITY);
 
+        let reply = reply.into_buffer();
+        assert_eq!(reply.as_ptr(), at, "not copied");
         pool.give_back(reply);
         let again = pool.read_buffer();
         assert_eq!(again.as_ptr(), at, "the same buffer, kept");
         assert_eq!(again.len(), CAPACITY, "ready for a read");
 
-        buf[..4].copy_from_slice(b"tiny");
+        read_area(&mut buf)[..4].copy_from_slice(b"tiny");
         let before = buf.as_ptr();
-        let small = pool.take(&mut buf, 4);
-        assert_eq!((small.as_slice(), small.capacity()), (&b"tiny"[..], 4));
+        assert!(pool.take(&mut buf, 4).is_none(), "small: the caller copies");
+        assert_eq!(read_reply(&buf, 4), b"tiny");
         assert_eq!(buf.as_ptr(), before, "the read buffer stays");
-        pool.give_back(small);
+        pool.give_back(Replies::one(b"tiny").into_buffer());
         assert!(pool.free.lock().unwrap().is_empty(), "not kept");
     }
 
@@ -101,9 +114,11 @@ mod tests {
     fn no_more_than_kept_are_kept() {
         let pool = BigBuffers::default();
         let mut buf = pool.read_buffer();
-        let replies: Vec<_> = (0..KEPT + 5).map(|_| pool.take(&mut buf, LARGE)).collect();
+        let replies: Vec<_> = (0..KEPT + 5)
+            .map(|_| pool.take(&mut buf, LARGE).expect("large"))
+            .collect();
         for reply in replies {
-            pool.give_back(reply);
+            pool.give_back(reply.into_buffer());
         }
         assert_eq!(pool.free.lock().unwrap().len(), KEPT);
     }

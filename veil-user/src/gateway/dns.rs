@@ -30,6 +30,7 @@ use super::Shared;
 use crate::{
     dns::{self, Query},
     packet,
+    queue::Replies,
 };
 
 /// Queries in flight at once, all clients together.
@@ -189,6 +190,6 @@ impl Shared {
             answer,
         );
         let sessions = self.sessions.read().expect("sessions lock");
-        self.deliver(&sessions, vip, joined);
+        self.deliver(&sessions, vip, Replies::one(&joined));
     }
 }

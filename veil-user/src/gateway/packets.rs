@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 use veil_proto::gso::{segment, VnetHdr, VNET_HDR_LEN};
 
 use super::{
+    bigbuf,
     check::{Dropped, Verdict},
     Shared, TUN_BATCH,
 };
@@ -28,7 +29,7 @@ use crate::{
     flows::FlowError,
     net::monotonic_ns,
     packet::{self, unreachable},
-    queue::{self, ReplySender},
+    queue::{self, Replies, ReplySender, REPLY_PREFIX},
 };
 
 impl Shared {
@@ -140,12 +141,11 @@ impl Shared {
     /// reply queue as if it came from the datapath, TTL decremented as any
     /// router would. No session there: ICMP host unreachable.
     fn to_other_client(&self, dst: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) -> Option<Vec<u8>> {
-        let mut joined = Vec::with_capacity(VNET_HDR_LEN + pkt.len());
-        joined.extend_from_slice(&hdr.to_bytes());
-        joined.extend_from_slice(pkt);
+        let mut replies = Replies::with_capacity(REPLY_PREFIX + VNET_HDR_LEN + pkt.len());
+        let joined = replies.push(&[&hdr.to_bytes(), pkt]);
         packet::decrement_ttl(&mut joined[VNET_HDR_LEN..]);
         let sessions = self.sessions.read().expect("sessions lock");
-        match self.deliver(&sessions, dst, joined) {
+        match self.deliver(&sessions, dst, replies) {
             Delivery::Queued => {
                 self.counters.client_to_client.fetch_add(1, Relaxed);
                 None
@@ -160,56 +160,51 @@ impl Shared {
         }
     }
 
-    /// A reply from the datapath (the TUN reader's `buf[..n]`), to the
-    /// session of its destination. `sessions` is the session table,
-    /// read-locked once per batch of replies rather than once per packet.
-    fn to_session(&self, sessions: &HashMap<Ipv4Addr, ReplySender>, buf: &mut Vec<u8>, n: usize) {
-        // Only the destination is read here; the session does the rest.
-        let Some((_, pkt)) = VnetHdr::peel(&buf[..n]) else {
+    /// The client a reply from the datapath is for: its destination. Only
+    /// that is read here; the session does the rest.
+    fn reply_client(&self, joined: &[u8]) -> Option<Ipv4Addr> {
+        let Some((_, pkt)) = VnetHdr::peel(joined) else {
             self.counters.malformed.fetch_add(1, Relaxed);
-            return;
+            return None;
         };
-        let dst = if pkt.first().is_some_and(|b| b >> 4 == 6) {
+        if pkt.first().is_some_and(|b| b >> 4 == 6) {
             self.reply6_client(pkt)
         } else if pkt.len() < 20 || pkt[0] >> 4 != 4 {
             self.counters.malformed.fetch_add(1, Relaxed);
             None
         } else {
             Some(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]))
-        };
-        if let Some(dst) = dst {
-            self.deliver(sessions, dst, self.big.take(buf, n));
         }
     }
 
-    /// Offload header and packet, joined, into the reply queue of the
-    /// client at `dst`: the one way anything reaches a session from the
-    /// gateway's side (datapath replies, other clients, DNS answers). What
-    /// does not get there is counted here.
+    /// Replies into the queue of the client at `dst`: the one way anything
+    /// reaches a session from the gateway's side (datapath replies, other
+    /// clients, DNS answers). What does not get there is counted here, a
+    /// packet at a time.
     pub(super) fn deliver(
         &self,
         sessions: &HashMap<Ipv4Addr, ReplySender>,
         dst: Ipv4Addr,
-        joined: Vec<u8>,
+        replies: Replies,
     ) -> Delivery {
         let (delivery, unsent) = match sessions.get(&dst) {
-            None => (Delivery::NoSession, joined),
-            Some(tx) => match tx.push(joined) {
+            None => (Delivery::NoSession, replies),
+            Some(tx) => match tx.push(replies) {
                 Ok(()) => return Delivery::Queued,
                 Err(refused) => match refused.why {
-                    queue::Dropped::Full => (Delivery::QueueFull, refused.packet),
-                    queue::Dropped::Closed => (Delivery::NoSession, refused.packet),
+                    queue::Dropped::Full => (Delivery::QueueFull, refused.replies),
+                    queue::Dropped::Closed => (Delivery::NoSession, refused.replies),
                 },
             },
         };
-        // A kept buffer goes back rather than be unmapped: queues overflow
-        // when the gateway is busiest.
-        self.big.give_back(unsent);
         let counter = match delivery {
             Delivery::QueueFull => &self.counters.client_queue_full,
             _ => &self.counters.no_session,
         };
-        counter.fetch_add(1, Relaxed);
+        counter.fetch_add(unsent.count(), Relaxed);
+        // A kept buffer goes back rather than be unmapped: queues overflow
+        // when the gateway is busiest.
+        self.big.give_back(unsent.into_buffer());
         delivery
     }
 }
@@ -230,9 +225,10 @@ pub(super) enum Delivery {
 pub(super) async fn tun_reader(shared: Arc<Shared>, queue: usize) -> Result<()> {
     // A kept buffer: a large reply leaves in it, and another takes its place.
     let mut buf = shared.big.read_buffer();
+    let mut gathered = Gathered::default();
     let tun = shared.tun.queue(queue);
     loop {
-        let n = match tun.recv(&mut buf).await {
+        let n = match tun.recv(bigbuf::read_area(&mut buf)).await {
             Ok(n) => n,
             Err(e) => {
                 tun_read_failed(&e).await;
@@ -242,17 +238,99 @@ pub(super) async fn tun_reader(shared: Arc<Shared>, queue: usize) -> Result<()> 
         veil_tunnel::busy::touch();
         // Sessions that start or end meanwhile wait for one batch at most.
         let sessions = shared.sessions.read().expect("sessions lock");
-        shared.to_session(&sessions, &mut buf, n);
+        let mut deliver = |dst, replies| {
+            shared.deliver(&sessions, dst, replies);
+        };
+        shared.gather(&mut gathered, &mut buf, n, &mut deliver);
         // Drain what else is waiting before going back to the reactor.
         for _ in 0..TUN_BATCH {
-            match tun.try_recv(&mut buf) {
-                Ok(Some(n)) => shared.to_session(&sessions, &mut buf, n),
+            match tun.try_recv(bigbuf::read_area(&mut buf)) {
+                Ok(Some(n)) => shared.gather(&mut gathered, &mut buf, n, &mut deliver),
                 Ok(None) => break,
                 Err(e) => {
                     warn!("reading the TUN device: {e}");
                     break;
                 }
             }
+        }
+        gathered.flush(&mut deliver);
+    }
+}
+
+impl Shared {
+    /// The reply a read left in `buf` (`n` bytes), into its client's share
+    /// of the batch; a large one goes on at once, in its read buffer.
+    fn gather(
+        &self,
+        gathered: &mut Gathered,
+        buf: &mut Vec<u8>,
+        n: usize,
+        deliver: &mut impl FnMut(Ipv4Addr, Replies),
+    ) {
+        let Some(dst) = self.reply_client(bigbuf::read_reply(buf, n)) else {
+            return;
+        };
+        match self.big.take(buf, n) {
+            Some(large) => {
+                // After what was gathered before it: a client's replies
+                // keep their order.
+                gathered.flush_one(dst, deliver);
+                deliver(dst, large);
+            }
+            None => gathered.push(dst, bigbuf::read_reply(buf, n), deliver),
+        }
+    }
+}
+
+/// Bytes one client's share of a batch holds at most (unless a single
+/// reply is larger): below the allocator's mmap threshold ([`super::trim`]),
+/// so that it is arena memory, not pages mapped and faulted in per batch.
+const GATHER_BYTES: usize = 32 * 1024;
+
+/// A batch of replies, gathered per client until the batch ends, so that
+/// a client gets one queue entry per batch rather than one per packet.
+#[derive(Default)]
+struct Gathered {
+    /// Few clients have replies in one batch: a scan finds a client's.
+    entries: Vec<(Ipv4Addr, Replies)>,
+}
+
+impl Gathered {
+    /// Adds `reply` to `dst`'s share, after handing that share on if it
+    /// is full.
+    fn push(&mut self, dst: Ipv4Addr, reply: &[u8], deliver: &mut impl FnMut(Ipv4Addr, Replies)) {
+        let fresh = || Replies::with_capacity(GATHER_BYTES.max(REPLY_PREFIX + reply.len()));
+        let replies = match self.entries.iter_mut().find(|(to, _)| *to == dst) {
+            Some((_, replies)) => {
+                if !replies.has_room(reply.len()) {
+                    let mut full = std::mem::replace(replies, fresh());
+                    full.trim();
+                    deliver(dst, full);
+                }
+                replies
+            }
+            None => {
+                self.entries.push((dst, fresh()));
+                &mut self.entries.last_mut().expect("just pushed").1
+            }
+        };
+        replies.push(&[reply]);
+    }
+
+    /// Hands on `dst`'s share, if it has one.
+    fn flush_one(&mut self, dst: Ipv4Addr, deliver: &mut impl FnMut(Ipv4Addr, Replies)) {
+        if let Some(at) = self.entries.iter().position(|(to, _)| *to == dst) {
+            let (dst, mut replies) = self.entries.swap_remove(at);
+            replies.trim();
+            deliver(dst, replies);
+        }
+    }
+
+    /// Hands on every share: the batch is over.
+    fn flush(&mut self, deliver: &mut impl FnMut(Ipv4Addr, Replies)) {
+        for (dst, mut replies) in self.entries.drain(..) {
+            replies.trim();
+            deliver(dst, replies);
         }
     }
 }
@@ -262,4 +340,72 @@ pub(super) async fn tun_reader(shared: Arc<Shared>, queue: usize) -> Result<()> 
 async fn tun_read_failed(e: &std::io::Error) {
     warn!("reading the TUN device: {e}");
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 7, 0, 2);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 7, 0, 3);
+
+    /// What `deliver` was handed, an entry at a time.
+    fn entries(delivered: &[(Ipv4Addr, Replies)]) -> Vec<(Ipv4Addr, Vec<Vec<u8>>)> {
+        delivered
+            .iter()
+            .map(|(to, r)| (*to, r.iter().map(<[u8]>::to_vec).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_gives_each_client_one_entry_in_the_order_read() {
+        let mut gathered = Gathered::default();
+        let mut delivered = Vec::new();
+        let mut deliver = |to, replies| delivered.push((to, replies));
+        gathered.push(A, b"a1", &mut deliver);
+        gathered.push(B, b"b1", &mut deliver);
+        gathered.push(A, b"a2", &mut deliver);
+        gathered.flush(&mut deliver);
+        gathered.flush(&mut deliver);
+        let mut got = entries(&delivered);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                (A, vec![b"a1".to_vec(), b"a2".to_vec()]),
+                (B, vec![b"b1".to_vec()])
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_share_goes_on_and_a_flushed_one_goes_before_what_follows() {
+        let mut gathered = Gathered::default();
+        let delivered = std::cell::RefCell::new(Vec::new());
+        let mut deliver = |to, replies| delivered.borrow_mut().push((to, replies));
+        let reply = vec![1u8; 1500];
+        let fit = GATHER_BYTES / (REPLY_PREFIX + reply.len());
+        for _ in 0..=fit {
+            gathered.push(A, &reply, &mut deliver);
+        }
+        assert_eq!(delivered.borrow().len(), 1, "the share that filled went on");
+        assert_eq!(delivered.borrow()[0].1.count(), fit as u64);
+        gathered.flush_one(A, &mut deliver);
+        gathered.flush_one(B, &mut deliver);
+        assert_eq!(delivered.borrow().len(), 2, "the rest, and nothing for B");
+        assert_eq!(delivered.borrow()[1].1.count(), 1);
+        gathered.flush(&mut deliver);
+        assert_eq!(delivered.borrow().len(), 2, "nothing left");
+    }
+
+    #[test]
+    fn a_reply_larger_than_a_share_has_one_of_its_own_size() {
+        let mut gathered = Gathered::default();
+        let mut delivered = Vec::new();
+        let mut deliver = |to, replies| delivered.push((to, replies));
+        let large = vec![2u8; GATHER_BYTES + 100];
+        gathered.push(A, &large, &mut deliver);
+        gathered.flush(&mut deliver);
+        assert_eq!(entries(&delivered), [(A, vec![large])]);
+    }
 }

@@ -149,19 +149,19 @@ impl Local<ServerSession> for GatewaySide<'_> {
             ..
         } = self;
         tokio::select! {
-            Some(joined) = rx.recv(), if room => {
-                let mut taken = joined.len();
-                to_client(session, bytes, gro, &joined);
-                shared.big.give_back(joined);
+            Some(replies) = rx.recv(), if room => {
+                let mut taken = replies.len();
+                to_client(session, bytes, gro, replies.iter());
+                shared.big.give_back(replies.into_buffer());
                 // Take more of what is queued: one TLS write for the lot,
                 // and consecutive segments of a flow merged. Up to the high
                 // water mark only: the queue is where replies wait, bounded,
                 // not the write buffer.
                 while taken < OUT_HIGH_WATER {
-                    let Some(joined) = rx.try_recv() else { break };
-                    taken += joined.len();
-                    to_client(session, bytes, gro, &joined);
-                    shared.big.give_back(joined);
+                    let Some(replies) = rx.try_recv() else { break };
+                    taken += replies.len();
+                    to_client(session, bytes, gro, replies.iter());
+                    shared.big.give_back(replies.into_buffer());
                 }
                 gro.flush(|hdr, packet| session.send_offload_packet(hdr, packet));
                 Ok(())
@@ -205,21 +205,28 @@ fn forward(
     }
 }
 
-/// A reply as the TUN reader queued it (offload header, packet), into the
-/// session: through `gro` when the client takes offload datagrams, so that
-/// it gets one super-packet where the WAN delivered a run of segments.
-fn to_client(session: &mut ServerSession, bytes: &Bytes, gro: &mut Coalescer, joined: &[u8]) {
-    // Our kernel's header; the coalescer and `segment` check what they use.
-    let Some((hdr, packet)) = VnetHdr::peel(joined) else {
-        return;
-    };
-    bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
-    if session.offload() {
-        gro.push(&hdr, packet, |hdr, packet| {
-            session.send_offload_packet(hdr, packet)
-        });
-    } else {
-        session.send_offload_packet(&hdr, packet);
+/// Replies as the TUN reader queued them (offload header, packet), into
+/// the session: through `gro` when the client takes offload datagrams, so
+/// that it gets one super-packet where the WAN delivered a run of segments.
+fn to_client<'a>(
+    session: &mut ServerSession,
+    bytes: &Bytes,
+    gro: &mut Coalescer,
+    replies: impl Iterator<Item = &'a [u8]>,
+) {
+    for joined in replies {
+        // Our kernel's header; the coalescer and `segment` check what they use.
+        let Some((hdr, packet)) = VnetHdr::peel(joined) else {
+            continue;
+        };
+        bytes.to_client.fetch_add(packet.len() as u64, Relaxed);
+        if session.offload() {
+            gro.push(&hdr, packet, |hdr, packet| {
+                session.send_offload_packet(hdr, packet)
+            });
+        } else {
+            session.send_offload_packet(&hdr, packet);
+        }
     }
 }
 
