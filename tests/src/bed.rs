@@ -117,6 +117,7 @@ impl Bed {
             // BPF_PROG_TEST_RUN gives TC programs an Ethernet header.
             tun_l2_len: ETH_LEN as u32,
             wan_filter: veil_user::datapath::WanFilter::Xdp,
+            gro_stage: None,
         };
         dp.configure(&config).unwrap();
         if let Some((root, dir)) = pin {

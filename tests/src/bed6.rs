@@ -68,6 +68,7 @@ impl Bed6 {
             tun_ifindex: 4343,
             tun_l2_len: ETH_LEN as u32,
             wan_filter: veil_user::datapath::WanFilter::Xdp,
+            gro_stage: None,
         })
         .unwrap();
         dp.configure6(PUBLIC6, POOL6.parse().unwrap()).unwrap();

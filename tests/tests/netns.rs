@@ -69,6 +69,7 @@ fn gateway_after(wan_filter: WanFilter, another_first: bool) -> Gateway {
             tun_ifindex: ifindex("veilgw").unwrap(),
             tun_l2_len: 0,
             wan_filter,
+            gro_stage: None,
         };
         let mut dp = Datapath::load().expect("loading the datapath");
         dp.configure(&config).unwrap();

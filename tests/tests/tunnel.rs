@@ -64,6 +64,67 @@ fn bulk_data_arrives_intact_with_offload_and_without() {
     }
 }
 
+/// Packets `dev` in namespace `ns` has sent: for the gateway's TUN device,
+/// those its daemon read.
+fn tx_packets(ns: &veil_tests::netns::NetNs, dev: &str) -> u64 {
+    let out = ns.ip(&["-s", "-j", "link", "show", "dev", dev]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
+}
+
+/// A WAN without GRO, and a remote that sends each segment on its own (no
+/// TSO, as through a NIC without GRO): by default the gateway puts its GRO
+/// stage in front of the TUN device, so that the download arrives intact
+/// while the daemon reads a fraction of the packets the remote sent; a ping
+/// still answers (it bypasses the stage), and the stage goes with the
+/// gateway (one a killed gateway left is replaced at the next start). With
+/// `--gro-stage off` the daemon reads every segment.
+#[test]
+fn without_gro_on_the_wan_the_kernel_merges_replies_before_the_daemon_reads_them() {
+    for (extra, staged) in [(&[][..], true), (&["--gro-stage", "off"][..], false)] {
+        let mut world = World::bare(1);
+        world.gw.exec("ethtool", &["-K", "wan0", "gro", "off"]);
+        world
+            .remote
+            .exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off"]);
+        world.start_gateway(extra);
+        let links = ip_out(&world.gw, &["-br", "link"]);
+        assert_eq!(links.contains("veilgw-gi"), staged, "{links}");
+        let profile = world.add_client("alice", 1);
+        let _client = world.start_client(1, &profile, true);
+        assert!(world.ping(1, "198.18.0.2"));
+
+        let (sent, read) = (
+            tx_packets(&world.remote, "eth0"),
+            tx_packets(&world.gw, "veilgw"),
+        );
+        assert_eq!(
+            world.download(1).expect("download"),
+            sha256(&download_data()),
+            "8 MiB down intact (stage {staged})"
+        );
+        let sent = tx_packets(&world.remote, "eth0") - sent;
+        let read = tx_packets(&world.gw, "veilgw") - read;
+        assert!(sent > 5000, "the remote sent {sent} segments");
+        if staged {
+            assert!(read * 4 < sent, "{read} reads for {sent} segments, merged");
+        } else {
+            assert!(read * 10 > sent * 9, "{read} reads for {sent} segments");
+        }
+        assert_eq!(world.status()["counters"]["gro_stage_full"], 0);
+
+        if staged {
+            // A killed gateway leaves its stage; the next one replaces it.
+            world.gateway().kill();
+            world.start_gateway(extra);
+            assert!(ip_out(&world.gw, &["-br", "link"]).contains("veilgw-gi"));
+        }
+        world.gateway().stop();
+        let links = ip_out(&world.gw, &["-br", "link"]);
+        assert!(!links.contains("veilgw-g"), "the stage is gone: {links}");
+    }
+}
+
 /// `--tun-queues`: the gateway's TUN device has that many queues, each
 /// with its reader, and clients on different queues (leases .2 and .3 take
 /// queues 2 and 0 of 3) get their bytes intact both ways.

@@ -42,6 +42,9 @@ pub const ALL_MAPS: [&str; 5] = [EGRESS_MAP, REVERSE_MAP, CONFIG_MAP, STATS_MAP,
 pub const PROG_WAN_XDP: &str = "veil_wan_xdp";
 pub const PROG_WAN_TC: &str = "veil_wan_tc";
 pub const PROG_TUN_TC: &str = "veil_tun_tc";
+/// TC ingress on the far end of the gateway's GRO stage (see
+/// [`Config::reply_ifindex`]): replies, merged, into the TUN device.
+pub const PROG_GRO_TC: &str = "veil_gro_tc";
 /// The gateway TUN device's steering program (see [`crate::steer`]).
 pub const PROG_TUN_STEER: &str = "veil_tun_steer";
 
@@ -66,7 +69,7 @@ pub const FRAG_ID_HOLD_NS: u64 = 30_000_000_000;
 
 /// Bump when a layout below changes: the pin directory carries it, so a new
 /// daemon never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Most public addresses one gateway translates to ([`Config::public_addrs`]).
 /// The datapath compares a packet's address with each in turn: a handful of
@@ -206,6 +209,12 @@ pub struct Config {
     pub public_addrs: [[u8; 4]; MAX_PUBLIC_ADDRS],
     /// [`Config::WAN_FILTER_IN_TC`], or 0.
     pub flags: u32,
+    /// Where translated replies go: `tun_ifindex`, or, when the WAN does
+    /// no GRO, the near end of the gateway's GRO stage: a veth whose far
+    /// end merges each flow's segments (the kernel's GRO) and hands them
+    /// to `tun_ifindex` ([`PROG_GRO_TC`]), so that the daemon reads a run
+    /// of segments at once rather than one MTU-sized packet per read.
+    pub reply_ifindex: u32,
 }
 
 impl Config {
@@ -343,7 +352,7 @@ const _: () = {
     assert!(size_of::<EgressFlow>() == 40);
     assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<ReverseFlow>() == 40);
-    assert!(size_of::<Config>() == 32 + 4 * MAX_PUBLIC_ADDRS);
+    assert!(size_of::<Config>() == 36 + 4 * MAX_PUBLIC_ADDRS);
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragEntry>() == 16);

@@ -392,13 +392,16 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
     {
         if let Ok(flow) = flow(&key) {
             reply(ctx, &pkt, flow, &key, kind, tcp_flags)?;
-            return to_tun(cfg, Reason::IngressForwarded);
+            let tcp = matches!(kind, L4Sum::Tcp);
+            return to_tun(ctx, cfg, Reason::IngressForwarded, tcp);
         }
     }
     if let Some(verdict) = forward::translate(ctx, cfg)? {
         return Ok(verdict);
     }
     let pkt = Packet::new(ctx.data(), ctx.data_end());
+    // Whether the reply is TCP, which the GRO stage may merge.
+    let mut tcp = false;
     let reason = match classify(&pkt, cfg)? {
         // Counted by `filter` already.
         Wan::Host | Wan::HostFirstFragment => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
@@ -421,6 +424,7 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
                 return Ok(Verdict::uncounted(TC_ACT_OK as i32));
             };
             reply(ctx, &pkt, flow, &key, kind, tcp_flags)?;
+            tcp = matches!(kind, L4Sum::Tcp);
             Reason::IngressForwarded
         }
         Wan::IcmpError { key } => {
@@ -429,17 +433,40 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
             Reason::IcmpErrorForwarded
         }
     };
-    to_tun(cfg, reason)
+    to_tun(ctx, cfg, reason, tcp)
 }
 
-/// Hands the translated packet to the TUN device.
+/// Hands the translated packet to the TUN device: a TCP segment that
+/// arrived alone through the GRO stage if there is one
+/// ([`Config::reply_ifindex`]), where the kernel merges it with the rest of
+/// its run; anything else straight. Already merged (the WAN's GRO, or a
+/// local peer's TSO across a veth), the stage would only cut a packet up
+/// and merge it again; and GRO merges nothing but TCP here, so other
+/// packets (pings, DNS) would only pay the stage's hop.
 #[inline(always)]
-fn to_tun(cfg: &Config, reason: Reason) -> Result<Verdict, Reason> {
-    let action = unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+pub fn to_tun(ctx: &TcContext, cfg: &Config, reason: Reason, tcp: bool) -> Result<Verdict, Reason> {
+    let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let to = if tcp && !merged {
+        cfg.reply_ifindex
+    } else {
+        cfg.tun_ifindex
+    };
+    let action = unsafe { bpf_redirect(to, 0) } as i32;
     if action != TC_ACT_REDIRECT as i32 {
         return Err(Reason::DropHelperFailed);
     }
     Ok(Verdict::counted(action, reason))
+}
+
+/// A reply the GRO stage's kernel merged (or passed on as it came), into
+/// the TUN device. It was counted when it was translated.
+pub fn from_gro_stage() -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    let action = unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+    if action != TC_ACT_REDIRECT as i32 {
+        return Err(Reason::DropHelperFailed);
+    }
+    Ok(Verdict::uncounted(action))
 }
 
 /// Translates a reply on `flow` back to its client.

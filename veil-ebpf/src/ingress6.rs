@@ -19,11 +19,10 @@
 //!   quoting a NATed packet: the quote's source and the outer destination
 //!   become the client's, with the quote's transport checksum and the
 //!   outer ICMPv6 checksum (which covers the pseudo-header) patched. Then
-//!   `bpf_redirect` to the TUN device.
+//!   to the TUN device, as IPv4's replies go (`ingress::to_tun`).
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::bpf_redirect,
+    bindings::{xdp_action, TC_ACT_OK},
     programs::{TcContext, XdpContext},
 };
 use network_types::{ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
@@ -394,6 +393,8 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
     };
     pull_headers6(ctx)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end());
+    // Whether the reply is TCP, which the GRO stage may merge.
+    let mut tcp = false;
     let reason = match classify(&pkt, cfg, cfg6)? {
         // Counted by `filter` already.
         Wan6::Host | Wan6::HostFirstFragment(_) => return Ok(Verdict::uncounted(TC_ACT_OK as i32)),
@@ -416,6 +417,7 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
             };
             let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
             stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
+            tcp = matches!(kind, L4Sum::Tcp);
             let at = match kind {
                 L4Sum::Tcp => reply_at(kind, l4 + 2, l4 + 16),
                 L4Sum::Udp => reply_at(kind, l4 + 2, l4 + 6),
@@ -434,11 +436,7 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
             Reason::IcmpErrorForwarded
         }
     };
-    let action = unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
-    if action != TC_ACT_REDIRECT as i32 {
-        return Err(Reason::DropHelperFailed);
-    }
-    Ok(Verdict::counted(action, reason))
+    crate::ingress::to_tun(ctx, cfg, reason, tcp)
 }
 
 #[inline(always)]

@@ -11,6 +11,9 @@
 //!   errors for NATed flows are translated back to their client and handed
 //!   to the TUN device, where the daemon reads them. It also translates
 //!   forwarded connections (`forward`).
+//! - `veil_gro_tc` (TC ingress on the far end of the GRO stage, a veth pair
+//!   the gateway puts between the WAN and the TUN device when the WAN does
+//!   no GRO): the replies the kernel merged there, into the TUN device.
 //! - `veil_fwd_tc` (TC ingress on the interfaces forward targets are
 //!   reached through): the targets' replies, back to the remotes.
 //! - `veil_tun_steer` (the TUN device's steering program): the queue a
@@ -140,6 +143,11 @@ fn admitted(
         return Ok(ingress::Admit::Host.verdict(TC_ACT_OK as i32));
     }
     translate()
+}
+
+#[classifier]
+pub fn veil_gro_tc(ctx: TcContext) -> i32 {
+    conclude(&ctx, ingress::from_gro_stage(), TC_ACT_SHOT, ctx.len())
 }
 
 #[classifier]

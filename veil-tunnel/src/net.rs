@@ -181,3 +181,43 @@ mod tests {
         );
     }
 }
+
+/// Packets the kernel dropped on their way out of `iface` (its
+/// `tx_dropped`), read from `/proc/net/dev`: that follows the reading
+/// thread's network namespace, where `/sys/class/net` shows the one sysfs
+/// was mounted in (a daemon started with `nsenter --net` sees the host's).
+/// 0 if the interface is not there.
+pub fn tx_dropped(iface: &str) -> u64 {
+    let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    tx_dropped_in(&dev, iface).unwrap_or(0)
+}
+
+/// The transmit drops of `iface` in `/proc/net/dev`'s text: after its
+/// `name:`, eight receive columns, then transmit bytes, packets, errors
+/// and drops.
+fn tx_dropped_in(dev: &str, iface: &str) -> Option<u64> {
+    dev.lines().find_map(|line| {
+        let (name, columns) = line.split_once(':')?;
+        if name.trim() != iface {
+            return None;
+        }
+        columns.split_whitespace().nth(11)?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod dev_tests {
+    use super::*;
+
+    #[test]
+    fn transmit_drops_are_read_from_their_column() {
+        let dev = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:    1000      10    0    0    0     0          0         0     1000      10    0    0    0     0       0          0
+veilgw: 5000 50 1 2 3 4 5 6 7000 70 8 93 10 11 12 13
+";
+        assert_eq!(tx_dropped_in(dev, "veilgw"), Some(93));
+        assert_eq!(tx_dropped_in(dev, "lo"), Some(0));
+        assert_eq!(tx_dropped_in(dev, "veil"), None);
+    }
+}

@@ -171,13 +171,7 @@ impl Tun {
     /// Packets the kernel dropped because the device's queue was full (our
     /// reads fell behind): the interface's `tx_dropped`.
     pub fn queue_drops(&self) -> u64 {
-        std::fs::read_to_string(format!(
-            "/sys/class/net/{}/statistics/tx_dropped",
-            self.name
-        ))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+        crate::net::tx_dropped(&self.name)
     }
 
     /// Reads one packet, its offload header first; `buf` should hold

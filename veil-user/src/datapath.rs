@@ -23,7 +23,7 @@ use tracing::{debug, info};
 use veil_common::{
     reason::REASON_SLOTS, Config, Counter, FragEntry, FragKey, Reason, CONFIG_MAP, EGRESS_MAP,
     FRAG_MAP, FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_STATS_MAP, LAYOUT_VERSION, PROG_FWD_TC,
-    PROG_TUN_STEER, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
+    PROG_GRO_TC, PROG_TUN_STEER, PROG_TUN_TC, PROG_WAN_TC, PROG_WAN_XDP, REVERSE_MAP, STATS_MAP,
 };
 
 use crate::{
@@ -118,6 +118,9 @@ pub struct DatapathConfig {
     /// BPF_PROG_TEST_RUN).
     pub tun_l2_len: u32,
     pub wan_filter: WanFilter,
+    /// The near end of the GRO stage ([`crate::gro_stage`]), if replies go
+    /// through one on their way to `tun_ifindex`.
+    pub gro_stage: Option<u32>,
 }
 
 /// Where the WAN's admission checks run (dropping what has no flow, the
@@ -191,6 +194,7 @@ impl DatapathConfig {
             vip_mask: self.vip_pool.mask().octets(),
             wan_ifindex: self.wan_ifindex,
             tun_ifindex: self.tun_ifindex,
+            reply_ifindex: self.gro_stage.unwrap_or(self.tun_ifindex),
             nat_port_min: self.nat_ports.min,
             nat_port_max: self.nat_ports.max,
             tun_l2_len: self.tun_l2_len,
@@ -236,7 +240,13 @@ impl Datapath {
             .map_err(DatapathError::Load)?;
         // The steering program is loaded when a device with several
         // queues asks for it (`tun_steering`).
-        for name in [PROG_WAN_XDP, PROG_WAN_TC, PROG_TUN_TC, PROG_FWD_TC] {
+        for name in [
+            PROG_WAN_XDP,
+            PROG_WAN_TC,
+            PROG_TUN_TC,
+            PROG_FWD_TC,
+            PROG_GRO_TC,
+        ] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
@@ -352,6 +362,15 @@ impl Datapath {
             attached.map_err(|source| attach_error(name, iface, source))?;
         }
         info!(wan, tun, "datapath attached");
+        Ok(())
+    }
+
+    /// Attaches the GRO stage's program (TC ingress) to the stage's far
+    /// end, `iface`: what comes out of it goes into the TUN device.
+    pub fn attach_gro_stage(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let tc: &mut SchedClassifier = self.program(PROG_GRO_TC)?;
+        tc.attach(iface, TcAttachType::Ingress)
+            .map_err(|source| attach_error(PROG_GRO_TC, iface, source))?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod flows;
 pub mod flows6;
 pub mod forward;
 pub mod gateway;
+pub mod gro_stage;
 pub mod metrics;
 pub mod nat;
 pub mod net;

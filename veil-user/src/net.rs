@@ -120,22 +120,46 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// `struct ethtool_value`: a command and one number.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// One get or set of an offload that `struct ethtool_value` carries.
+fn ethtool_value(iface: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
+    let mut value = EthtoolValue { cmd, data };
+    // SAFETY: the commands passed here read and write a `struct ethtool_value`.
+    unsafe { ethtool(iface, &mut value)? };
+    Ok(value.data)
+}
+
 /// Whether generic receive offload is on for `iface` (`ethtool -k`'s
 /// `generic-receive-offload`).
 pub fn gro_enabled(iface: &str) -> std::io::Result<bool> {
     const ETHTOOL_GGRO: u32 = 0x2b;
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_GGRO,
-        data: 0,
-    };
-    // SAFETY: ETHTOOL_GGRO reads and writes a `struct ethtool_value`.
-    unsafe { ethtool(iface, &mut value)? };
-    Ok(value.data != 0)
+    Ok(ethtool_value(iface, ETHTOOL_GGRO, 0)? != 0)
+}
+
+/// `ethtool -K iface gro on|off`.
+pub fn set_gro(iface: &str, on: bool) -> std::io::Result<()> {
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    ethtool_value(iface, ETHTOOL_SGRO, on.into()).map(drop)
+}
+
+/// `ethtool -K iface tso on|off`.
+pub fn set_tso(iface: &str, on: bool) -> std::io::Result<()> {
+    const ETHTOOL_STSO: u32 = 0x1f;
+    ethtool_value(iface, ETHTOOL_STSO, on.into()).map(drop)
+}
+
+/// `iface`'s MTU (`SIOCGIFMTU`: the calling thread's namespace, where
+/// `/sys/class/net` shows the namespace sysfs was mounted in).
+pub fn mtu(iface: &str) -> std::io::Result<u32> {
+    let req = if_ioctl(iface, libc::SIOCGIFMTU, |_| {})?;
+    // SAFETY: SIOCGIFMTU answers in `ifru_mtu`.
+    Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
 /// The name of `iface`'s driver (`ethtool -i`): `veth`, `virtio_net`,
@@ -172,6 +196,20 @@ pub fn driver(iface: &str) -> std::io::Result<String> {
 /// field: the kernel writes that command's structure, whatever `T` is.
 unsafe fn ethtool<T>(iface: &str, data: &mut T) -> std::io::Result<()> {
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if_ioctl(iface, SIOCETHTOOL, |req| {
+        req.ifr_ifru.ifru_data = (data as *mut T).cast();
+    })
+    .map(drop)
+}
+
+/// One interface request on `iface` (an `ifreq` that `fill` completes),
+/// and the `ifreq` the kernel answered with. The caller of a request that
+/// carries a pointer (`SIOCETHTOOL`) vouches for what it points to.
+fn if_ioctl(
+    iface: &str,
+    request: libc::c_ulong,
+    fill: impl FnOnce(&mut libc::ifreq),
+) -> std::io::Result<libc::ifreq> {
     if iface.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
     }
@@ -180,19 +218,19 @@ unsafe fn ethtool<T>(iface: &str, data: &mut T) -> std::io::Result<()> {
     for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
         *dst = src as libc::c_char;
     }
-    req.ifr_ifru.ifru_data = (data as *mut T).cast();
+    fill(&mut req);
     // SAFETY: a plain datagram socket, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: SIOCETHTOOL reads the ifreq and writes the command's
-    // structure, `data` (its size is the caller's promise), both live.
-    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    // SAFETY: the kernel reads and writes the ifreq, which is live; what
+    // it points to is the caller's promise.
+    let rc = unsafe { libc::ioctl(fd, request as _, &mut req) };
     let result = if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(req)
     };
     // SAFETY: our own fd.
     unsafe { libc::close(fd) };

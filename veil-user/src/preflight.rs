@@ -104,12 +104,13 @@ pub fn ws_listener(addr: Option<SocketAddr>, nat: PortRange) -> Result<(), Prefl
 }
 
 /// What works but slower than it should, with the fix: logged as warnings
-/// at start-up, never fatal.
-pub fn advice(iface: &str) -> Vec<String> {
+/// at start-up, never fatal. With the GRO stage turned off (`stage_off`), a
+/// WAN without GRO hands the daemon every reply on its own.
+pub fn advice(iface: &str, stage_off: bool) -> Vec<String> {
     let mut advice = Vec::new();
-    if matches!(gro_enabled(iface), Ok(false)) {
+    if stage_off && matches!(gro_enabled(iface), Ok(false)) {
         advice.push(format!(
-            "generic receive offload is off on {iface}: replies reach the datapath one packet at a time, which caps download throughput; turn it on with `ethtool -K {iface} gro on`"
+            "generic receive offload is off on {iface} and so is the GRO stage: the daemon reads replies one packet at a time, which caps download throughput; turn GRO on with `ethtool -K {iface} gro on`, or the stage with `--gro-stage on`"
         ));
     }
     advice

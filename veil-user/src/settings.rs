@@ -30,6 +30,7 @@
 //! rate-limit = "50mbit"                # each client, each way
 //! quota = "10GiB"                      # each client, per quota-period
 //! wan-filter = "tc"                    # default: tc on a veth, else xdp
+//! gro-stage = "off"                    # default: on when the WAN's GRO is off
 //! ```
 //!
 //! Adding a setting: a field here (its doc comment is the `--help` text,
@@ -193,6 +194,12 @@ pub struct Settings {
     #[arg(long, value_name = "xdp|tc")]
     #[serde(with = "text")]
     pub wan_filter: Option<crate::datapath::WanFilter>,
+    /// A veth pair in front of the TUN device where the kernel's GRO merges
+    /// replies before the daemon reads them: `on`, `off` (see
+    /// docs/datapath.md) [default: on when the WAN interface's GRO is off].
+    #[arg(long, value_name = "on|off")]
+    #[serde(with = "text")]
+    pub gro_stage: Option<crate::gro_stage::StageSetting>,
     /// Serve Prometheus metrics (GET /metrics) on this port of 127.0.0.1,
     /// or on ADDR:PORT to expose them (aggregates only: no client names).
     #[arg(long, value_name = "[ADDR:]PORT", value_parser = crate::metrics::parse_addr)]
@@ -398,6 +405,7 @@ impl Settings {
             tun_queues: within("tun-queues", self.tun_queues, 1, 256, "1 to 256")?,
             busy_poll: Duration::from_micros(self.busy_poll.unwrap_or(0)),
             wan_filter: self.wan_filter,
+            gro_stage: self.gro_stage,
             dns: self.dns,
             forward: self.forward,
             operator_cert: match (self.cert, self.key) {

@@ -51,6 +51,7 @@ use crate::{
     control,
     datapath::{Datapath, DatapathConfig, WanFilter},
     flows::{FlowError, FlowTable, PortRange, Timeouts},
+    gro_stage::{self, GroStage, StageSetting},
     net::{iface_ipv4s, ifindex, monotonic_ns, Ipv4Net},
     policy::EgressPolicy,
     preflight,
@@ -117,6 +118,9 @@ pub struct GatewayConfig {
     /// Where the WAN's first checks run; `None`: picked for the
     /// interface's driver ([`crate::datapath::WanFilter::for_driver`]).
     pub wan_filter: Option<crate::datapath::WanFilter>,
+    /// The GRO stage in front of the TUN device; `None`: there when the
+    /// WAN does no GRO ([`crate::gro_stage::wanted`]).
+    pub gro_stage: Option<crate::gro_stage::StageSetting>,
     /// Upstream resolvers of the DNS service clients get on the gateway's
     /// pool address; empty: the nameservers of the gateway's own
     /// /etc/resolv.conf.
@@ -219,6 +223,8 @@ struct Shared {
     /// The DNS service, if the gateway has upstreams for it.
     resolver: Option<Arc<dns::Resolver>>,
     tun: tun_queues::TunQueues,
+    /// The GRO stage's drops, if the gateway has one.
+    stage_drops: Option<gro_stage::StageDrops>,
     flows: Mutex<FlowTable>,
     /// The flows that exist, read without `flows`' lock by every client
     /// packet ([`crate::flows::KnownFlows`]).
@@ -255,7 +261,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     trim::large_blocks_on_their_own_pages();
     preflight::check(&cfg.iface, cfg.nat_ports)?;
     veil_tunnel::busy::start(cfg.busy_poll);
-    for advice in preflight::advice(&cfg.iface) {
+    let stage_off = cfg.gro_stage == Some(StageSetting::Off);
+    for advice in preflight::advice(&cfg.iface, stage_off) {
         warn!("{advice}");
     }
     // Bound first: a port in use is the most common start-up failure.
@@ -313,6 +320,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .ok()
         .filter(|n| *n > 0)
         .context("--max-flows must be between 1 and 4294967295")?;
+    let stage = gro_stage(&cfg.iface, tun.name(), cfg.gro_stage)?;
     let mut datapath = Datapath::load_sized(max_flows)?;
     if tun.len() > 1 {
         tun.steer(datapath.tun_steering()?)
@@ -327,6 +335,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         tun_ifindex: ifindex(tun.name())?,
         tun_l2_len: 0,
         wan_filter: wan_filter(&cfg.iface, cfg.wan_filter),
+        gro_stage: stage.as_ref().map(GroStage::near_ifindex),
     })?;
     datapath.normalize(cfg.normalize)?;
     let pins = datapath.pin(&cfg.pin_root)?;
@@ -362,6 +371,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let rate_limits = datapath.rate_limits()?;
     let v6 = packets6::V6::setup(&cfg, &mut datapath, inner_addr)?;
     datapath.attach(&cfg.iface, tun.name())?;
+    if let Some(stage) = &stage {
+        datapath.attach_gro_stage(stage.far())?;
+    }
 
     let policy = EgressPolicy::new(
         public_addrs.iter().copied().chain([inner_addr]).collect(),
@@ -382,6 +394,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         },
         resolver: (!upstreams.is_empty()).then(|| dns::Resolver::new(upstreams.clone())),
         tun,
+        stage_drops: stage.as_ref().map(GroStage::drops),
         known_flows: flows.known(),
         flows: Mutex::new(flows),
         clients: Mutex::new(Clients::with_leases(leases)),
@@ -502,6 +515,32 @@ fn server_identity(
         key,
         Some(crate::state::OperatorIdentity { server_name, pin }),
     ))
+}
+
+/// The GRO stage, if the operator asked for it or the WAN does no GRO
+/// (logged either way). A stage that cannot be made stops the gateway only
+/// if it was asked for: without it, replies are read one by one.
+fn gro_stage(iface: &str, tun: &str, setting: Option<StageSetting>) -> Result<Option<GroStage>> {
+    let wan_gro = crate::net::gro_enabled(iface);
+    if !gro_stage::wanted(setting, &wan_gro) {
+        info!(%iface, wan_gro = ?wan_gro.ok(), setting = ?setting, "no GRO stage: replies go straight to the TUN device");
+        return Ok(None);
+    }
+    let mtu = crate::net::mtu(iface).with_context(|| format!("reading the MTU of {iface}"))?;
+    match GroStage::create(tun, mtu) {
+        Ok(stage) => {
+            info!(
+                %iface, near = stage.near(), far = stage.far(),
+                "GRO stage in: the WAN does no GRO, so the kernel merges replies in front of the TUN device"
+            );
+            Ok(Some(stage))
+        }
+        Err(e) if setting.is_none() => {
+            warn!("{e}: replies reach the TUN device unmerged (`--gro-stage off` silences this)");
+            Ok(None)
+        }
+        Err(e) => Err(e).context("--gro-stage on"),
+    }
 }
 
 /// The WAN filter the operator named, or the one for the interface's

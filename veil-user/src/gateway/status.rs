@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::{Shared, GC_SLICE};
 use crate::{
     control::{self, FlowCounts, PacketCount, Status},
+    gro_stage::StageDrops,
     net::monotonic_ns,
 };
 
@@ -54,6 +55,11 @@ impl Shared {
         // Replies the kernel dropped before our reads took them (the TUN
         // device's queue full): counted by the kernel, shown beside ours.
         .chain([("tun_queue_full".to_owned(), self.tun.queue_drops())])
+        // Likewise the GRO stage's ring, if there is one.
+        .chain([(
+            "gro_stage_full".to_owned(),
+            self.stage_drops.as_ref().map_or(0, StageDrops::count),
+        )])
         .collect();
         let datapath = self
             .datapath

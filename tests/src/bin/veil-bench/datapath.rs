@@ -462,6 +462,7 @@ pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
                     tun_ifindex: ifindex("veilgw").unwrap(),
                     tun_l2_len: 0,
                     wan_filter: veil_user::datapath::WanFilter::Xdp,
+                    gro_stage: None,
                 })
                 .unwrap();
                 let mut flows = dp
