@@ -118,6 +118,11 @@ fn without_gro_on_the_wan_the_kernel_merges_replies_before_the_daemon_reads_them
             world.gateway().kill();
             world.start_gateway(extra);
             assert!(ip_out(&world.gw, &["-br", "link"]).contains("veilgw-gi"));
+            let log = world.gateway().log();
+            assert!(
+                log.contains("removed the GRO stage a previous run left"),
+                "{log}"
+            );
         }
         world.gateway().stop();
         let links = ip_out(&world.gw, &["-br", "link"]);

@@ -33,7 +33,7 @@ use rtnetlink::{
     sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
     LinkUnspec, LinkVeth,
 };
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::net;
 
@@ -122,7 +122,8 @@ impl GroStage {
     pub fn create(tun: &str, mtu: u32) -> Result<Self, GroStageError> {
         let (near, far) = names(tun);
         match delete_link(&near) {
-            Ok(()) => debug!(%near, "replaced a GRO stage a previous run left"),
+            // A gateway that was killed leaves its pair behind.
+            Ok(()) => info!(%near, "removed the GRO stage a previous run left"),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
             Err(e) => debug!(%near, "removing a stale GRO stage: {e}"),
         }
