@@ -254,6 +254,16 @@ fn a_client_that_stops_reading_cannot_hold_the_gateway_or_the_others() {
         world.download(2).expect("download"),
         sha256(&download_data())
     );
+    // `status` shows the stalled client's replies waiting, its buffer
+    // (4 MiB by default) about full.
+    let status = world.status();
+    let clients = status["clients"].as_array().unwrap();
+    let staller = clients.iter().find(|c| c["name"] == "staller").unwrap();
+    let queued = staller["replies_queued"].as_u64().unwrap();
+    assert!(
+        (1 << 20..=4 << 20).contains(&queued),
+        "{queued} bytes queued"
+    );
 
     // The last connection is stalled and live: revoking it closes it.
     world.gateway().wait_for_log(

@@ -192,6 +192,8 @@ fn status_and_metrics_count_what_went_through() {
     );
     assert!(value("veil_nat_ports_in_use{range=\"61000-65535\"}") >= 1);
     assert!(metrics.contains("# TYPE veil_handshake_failures_total counter"));
+    // Both clients idle now: nothing waits to be sent to them.
+    assert_eq!(value("veil_replies_queued_bytes "), 0);
 }
 
 #[test]

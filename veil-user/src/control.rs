@@ -74,6 +74,11 @@ pub struct ClientStatus {
     pub rate_dropped: u64,
     #[serde(default)]
     pub quota_dropped: u64,
+    /// Bytes of replies waiting in its queue for its session to send, up
+    /// to `--client-buffer`: a client that reads slower than its replies
+    /// arrive (or a session that falls behind) holds it full.
+    #[serde(default)]
+    pub replies_queued: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

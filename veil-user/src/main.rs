@@ -323,6 +323,9 @@ fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()
         if let Some(vip6) = c.vip6 {
             println!("    IPv6 {vip6}");
         }
+        if c.replies_queued > 0 {
+            println!("    {} B of replies waiting to be sent", c.replies_queued);
+        }
         if let Some(rate) = &c.rate_limit {
             println!(
                 "    rate limit {rate} each way: {} packets dropped",

@@ -125,6 +125,16 @@ pub fn render(s: &Status) -> String {
     });
     lines.push(format!("{bytes}{{direction=\"from_client\"}} {from}"));
     lines.push(format!("{bytes}{{direction=\"to_client\"}} {to}"));
+    let queued = family(
+        "veil_replies_queued_bytes",
+        "gauge",
+        "Bytes of replies waiting in the clients' queues for their sessions to send, all clients together (each up to --client-buffer; per client in `veil-user status`).",
+    );
+    let waiting = s
+        .clients
+        .iter()
+        .fold(0u64, |sum, c| sum.saturating_add(c.replies_queued));
+    lines.push(format!("{queued} {waiting}"));
     let ipv6 = family(
         "veil_connected_clients_ipv6",
         "gauge",
@@ -294,6 +304,7 @@ mod tests {
             quota_used: 0,
             rate_dropped: 0,
             quota_dropped: 0,
+            replies_queued: 0,
         }
     }
 

@@ -247,6 +247,8 @@ impl Clients {
                 quota_used: 0,
                 rate_dropped: 0,
                 quota_dropped: 0,
+                // Read from the session's queue by the caller.
+                replies_queued: 0,
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));

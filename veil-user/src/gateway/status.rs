@@ -20,8 +20,12 @@ impl Shared {
 
     pub(super) fn status(&self) -> Status {
         let mut clients = self.clients.lock().expect("clients lock").status();
-        for c in &mut clients {
-            c.vip6 = self.vip6_of(c.vip);
+        {
+            let sessions = self.sessions.read().expect("sessions lock");
+            for c in &mut clients {
+                c.vip6 = self.vip6_of(c.vip);
+                c.replies_queued = sessions.get(&c.vip).map_or(0, |tx| tx.queued() as u64);
+            }
         }
         self.limits_status(&mut clients);
         let mut flows = self.flow_counts();
