@@ -451,22 +451,24 @@ pub fn to_tun(ctx: &TcContext, cfg: &Config, reason: Reason, tcp: bool) -> Resul
     } else {
         cfg.tun_ifindex
     };
-    let action = unsafe { bpf_redirect(to, 0) } as i32;
-    if action != TC_ACT_REDIRECT as i32 {
-        return Err(Reason::DropHelperFailed);
-    }
-    Ok(Verdict::counted(action, reason))
+    Ok(Verdict::counted(redirect(to)?, reason))
 }
 
 /// A reply the GRO stage's kernel merged (or passed on as it came), into
 /// the TUN device. It was counted when it was translated.
 pub fn from_gro_stage() -> Result<Verdict, Reason> {
-    let cfg = config()?;
-    let action = unsafe { bpf_redirect(cfg.tun_ifindex, 0) } as i32;
+    Ok(Verdict::uncounted(redirect(config()?.tun_ifindex)?))
+}
+
+/// `bpf_redirect` to `ifindex`'s egress: the action, or the drop reason if
+/// the helper refused.
+#[inline(always)]
+fn redirect(ifindex: u32) -> Result<i32, Reason> {
+    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
     if action != TC_ACT_REDIRECT as i32 {
         return Err(Reason::DropHelperFailed);
     }
-    Ok(Verdict::uncounted(action))
+    Ok(action)
 }
 
 /// Translates a reply on `flow` back to its client.

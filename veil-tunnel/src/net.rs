@@ -182,6 +182,16 @@ mod tests {
     }
 }
 
+/// Turns IPv6 off on `iface`, so that the kernel sends nothing of its own
+/// through it (router solicitations, MLD reports) once it is up. A kernel
+/// without IPv6 has nothing to turn off.
+pub fn disable_ipv6(iface: &str) -> io::Result<()> {
+    match std::fs::write(format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6"), "1") {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Packets the kernel dropped on their way out of `iface` (its
 /// `tx_dropped`), read from `/proc/net/dev`: that follows the reading
 /// thread's network namespace, where `/sys/class/net` shows the one sysfs

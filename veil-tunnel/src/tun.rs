@@ -259,9 +259,9 @@ impl Tun {
 /// Brings device `name` up with IPv6 off: were it on, the kernel would
 /// send its own router solicitation and MLD report into the new device at
 /// once, which its reader would take for a client's packet or a reply.
-/// IPv6 may be missing from the kernel: then there is nothing to turn off.
+/// A failure to turn it off is not one to bring the device down for.
 fn up_without_ipv6(dev: &mut tun::Device, name: &str) -> io::Result<()> {
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let _ = crate::net::disable_ipv6(name);
     tun::AbstractDevice::enabled(dev, true).map_err(io::Error::other)
 }
 

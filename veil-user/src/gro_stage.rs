@@ -154,15 +154,6 @@ impl GroStage {
                 source,
             })
         };
-        let ipv6_off = |iface: &str| {
-            std::fs::write(format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6"), "1").or_else(
-                |e| match e.kind() {
-                    // A kernel without IPv6 sends nothing of it.
-                    io::ErrorKind::NotFound => Ok(()),
-                    _ => Err(e),
-                },
-            )
-        };
         let up = |iface: &str| {
             let msg = LinkUnspec::new_with_name(iface).mtu(mtu).up().build();
             request(RouteNetlinkMessage::SetLink(msg), 0)
@@ -170,7 +161,7 @@ impl GroStage {
         setup(&self.near, &|iface| net::set_tso(iface, false))?;
         setup(&self.far, &|iface| net::set_gro(iface, true))?;
         for iface in [&self.near, &self.far] {
-            setup(iface, &ipv6_off)?;
+            setup(iface, &veil_tunnel::net::disable_ipv6)?;
             setup(iface, &up)?;
         }
         self.near_ifindex = net::ifindex(&self.near).map_err(|source| GroStageError::Setup {

@@ -675,6 +675,17 @@ mod tests {
     }
 
     #[test]
+    fn the_gro_stage_is_automatic_unless_named_and_a_typo_says_what_is_expected() {
+        use crate::gro_stage::StageSetting;
+        let resolve = |text: &str| parse(text).unwrap().resolve("/tmp/unused".into()).unwrap();
+        assert_eq!(resolve("iface = \"eth0\"\n").gro_stage, None);
+        let off = resolve("iface = \"eth0\"\ngro-stage = \"off\"\n");
+        assert_eq!(off.gro_stage, Some(StageSetting::Off));
+        let err = parse("gro-stage = \"yes\"\n").unwrap_err();
+        assert!(err.contains("on or off"), "{err}");
+    }
+
+    #[test]
     fn one_public_address_is_a_list_of_one() {
         let c = parse("public-addr = \"203.0.113.10\"\n").unwrap();
         assert_eq!(c.public_addr, vec![Ipv4Addr::new(203, 0, 113, 10)]);

@@ -526,17 +526,23 @@ fn gro_stage(iface: &str, tun: &str, setting: Option<StageSetting>) -> Result<Op
         info!(%iface, wan_gro = ?wan_gro.ok(), setting = ?setting, "no GRO stage: replies go straight to the TUN device");
         return Ok(None);
     }
-    let mtu = crate::net::mtu(iface).with_context(|| format!("reading the MTU of {iface}"))?;
-    match GroStage::create(tun, mtu) {
+    let made = crate::net::mtu(iface)
+        .with_context(|| format!("reading the MTU of {iface}"))
+        .and_then(|mtu| Ok(GroStage::create(tun, mtu)?));
+    match made {
         Ok(stage) => {
+            let why = match setting {
+                Some(_) => "as configured",
+                None => "the WAN does no GRO",
+            };
             info!(
                 %iface, near = stage.near(), far = stage.far(),
-                "GRO stage in: the WAN does no GRO, so the kernel merges replies in front of the TUN device"
+                "GRO stage in ({why}): the kernel merges replies in front of the TUN device"
             );
             Ok(Some(stage))
         }
         Err(e) if setting.is_none() => {
-            warn!("{e}: replies reach the TUN device unmerged (`--gro-stage off` silences this)");
+            warn!("no GRO stage: {e:#}; replies reach the TUN device unmerged (`--gro-stage off` silences this)");
             Ok(None)
         }
         Err(e) => Err(e).context("--gro-stage on"),

@@ -303,9 +303,7 @@ impl Gathered {
         let replies = match self.entries.iter_mut().find(|(to, _)| *to == dst) {
             Some((_, replies)) => {
                 if !replies.has_room(reply.len()) {
-                    let mut full = std::mem::replace(replies, fresh());
-                    full.trim();
-                    deliver(dst, full);
+                    hand_on(dst, std::mem::replace(replies, fresh()), deliver);
                 }
                 replies
             }
@@ -320,19 +318,23 @@ impl Gathered {
     /// Hands on `dst`'s share, if it has one.
     fn flush_one(&mut self, dst: Ipv4Addr, deliver: &mut impl FnMut(Ipv4Addr, Replies)) {
         if let Some(at) = self.entries.iter().position(|(to, _)| *to == dst) {
-            let (dst, mut replies) = self.entries.swap_remove(at);
-            replies.trim();
-            deliver(dst, replies);
+            let (dst, replies) = self.entries.swap_remove(at);
+            hand_on(dst, replies, deliver);
         }
     }
 
     /// Hands on every share: the batch is over.
     fn flush(&mut self, deliver: &mut impl FnMut(Ipv4Addr, Replies)) {
-        for (dst, mut replies) in self.entries.drain(..) {
-            replies.trim();
-            deliver(dst, replies);
+        for (dst, replies) in self.entries.drain(..) {
+            hand_on(dst, replies, deliver);
         }
     }
+}
+
+/// A share, to its client's queue, with what it did not use given back.
+fn hand_on(dst: Ipv4Addr, mut replies: Replies, deliver: &mut impl FnMut(Ipv4Addr, Replies)) {
+    replies.trim();
+    deliver(dst, replies);
 }
 
 /// Logs a failed TUN read and pauses briefly, so that an error that
