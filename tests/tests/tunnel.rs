@@ -123,11 +123,57 @@ fn without_gro_on_the_wan_the_kernel_merges_replies_before_the_daemon_reads_them
                 log.contains("removed the GRO stage a previous run left"),
                 "{log}"
             );
+            assert_eq!(world.status()["gro_stage"], "in");
+
+            // Deleted under the gateway, the stage would swallow every
+            // reply: the gateway notices, and replies bypass it.
+            world.gw.ip(&["link", "del", "veilgw-gi"]);
+            wait_until("the stage noticed lost", Duration::from_secs(5), || {
+                world.status()["gro_stage"] == "lost"
+            });
+            // The client is back from the kill before the bytes are counted.
+            wait_until("the client back", Duration::from_secs(20), || {
+                world.ping(1, "198.18.0.2")
+            });
+            assert_eq!(
+                world.download(1).expect("download without the stage"),
+                sha256(&download_data()),
+                "8 MiB down intact around the lost stage"
+            );
+            let log = world.gateway().log();
+            assert!(log.contains("GRO stage lost (veilgw-gi is gone)"), "{log}");
         }
         world.gateway().stop();
         let links = ip_out(&world.gw, &["-br", "link"]);
         assert!(!links.contains("veilgw-g"), "the stage is gone: {links}");
     }
+}
+
+/// A link named as the GRO stage that is not a veth is someone else's: the
+/// gateway leaves it alone, runs without a stage when none was asked for,
+/// and refuses to start, saying why, when `--gro-stage on` was.
+#[test]
+fn a_link_that_only_shares_the_stages_name_is_left_alone() {
+    let mut world = World::bare(1);
+    world.gw.exec("ethtool", &["-K", "wan0", "gro", "off"]);
+    // A persistent TUN device: there is no dummy driver on this kernel.
+    world.gw.ip(&["tuntap", "add", "veilgw-gi", "mode", "tun"]);
+
+    world.start_gateway(&[]);
+    let log = world.gateway().log();
+    assert!(log.contains("is not a veth (its driver: tun)"), "{log}");
+    assert!(world.status().get("gro_stage").is_none());
+    let profile = world.add_client("alice", 1);
+    let _client = world.start_client(1, &profile, true);
+    assert!(world.ping(1, "198.18.0.2"), "served without a stage");
+    world.gateway().stop();
+
+    let (code, out) = world.failed_start(&["--iface", "wan0", "--gro-stage", "on"]);
+    assert!(!code.success());
+    assert!(out.contains("--gro-stage on"), "{out}");
+    assert!(out.contains("veilgw-gi exists and is not a veth"), "{out}");
+    let links = ip_out(&world.gw, &["-d", "link", "show", "veilgw-gi"]);
+    assert!(links.contains("tun type tun"), "still there: {links}");
 }
 
 /// `--tun-queues`: the gateway's TUN device has that many queues, each

@@ -29,6 +29,11 @@ pub struct Status {
     /// Lines of the forward rule file that were skipped, with why.
     #[serde(default)]
     pub forward_problems: Vec<String>,
+    /// The GRO stage in front of the TUN device: `in`, or `lost` (deleted
+    /// or set down under the gateway: replies bypass it); absent without
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gro_stage: Option<String>,
 }
 
 /// One forward rule, as `status` shows it.

@@ -284,6 +284,23 @@ impl Datapath {
         Ok(())
     }
 
+    /// Sends translated replies to `ifindex` from now on (the TUN device
+    /// when the GRO stage is lost), the rest of the configuration kept.
+    pub fn send_replies_to(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let map_err = |source| DatapathError::Map {
+            name: CONFIG_MAP,
+            source,
+        };
+        let map = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .ok_or(DatapathError::MissingMap(CONFIG_MAP))?;
+        let mut config: Array<_, Config> = Array::try_from(map).map_err(map_err)?;
+        let mut value = config.get(&0, 0).map_err(map_err)?;
+        value.reply_ifindex = ifindex;
+        config.set(0, value, 0).map_err(map_err)
+    }
+
     /// Writes the IPv6 configuration (NAT66 to `public`, clients in
     /// `pool`); without it IPv6 from the tunnel is dropped and IPv6 on the
     /// WAN left to the host. Call before [`Self::flow_table6`].

@@ -20,7 +20,12 @@
 //! The pair is made and removed over rtnetlink (its messages built with the
 //! `rtnetlink` crate, sent on a blocking socket, so that dropping the stage
 //! removes it on every path out of the gateway). A pair that a killed
-//! gateway left behind is replaced at the next start.
+//! gateway left behind is replaced at the next start; a link of that name
+//! that is not a veth is someone else's, and left alone.
+//!
+//! A stage deleted (or set down) under a running gateway would swallow
+//! every reply sent into it, uncounted: [`StageWatch`] notices, and the
+//! gateway then sends replies straight to the TUN device.
 
 use std::io;
 
@@ -100,6 +105,8 @@ pub enum GroStageError {
         #[source]
         source: io::Error,
     },
+    #[error("a link named {name} exists and is not a veth (its driver: {driver}); veil leaves it alone: rename it, or the TUN device (--tun-name)")]
+    NameTaken { name: String, driver: String },
     #[error("setting up {iface}: {source}")]
     Setup {
         iface: String,
@@ -121,12 +128,7 @@ impl GroStage {
     /// replacing one a previous run left.
     pub fn create(tun: &str, mtu: u32) -> Result<Self, GroStageError> {
         let (near, far) = names(tun);
-        match delete_link(&near) {
-            // A gateway that was killed leaves its pair behind.
-            Ok(()) => info!(%near, "removed the GRO stage a previous run left"),
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
-            Err(e) => debug!(%near, "removing a stale GRO stage: {e}"),
-        }
+        remove_stale(&near)?;
         let pair = LinkVeth::new(&near, &far).mtu(mtu).build();
         request(
             RouteNetlinkMessage::NewLink(pair),
@@ -186,6 +188,15 @@ impl GroStage {
         &self.near
     }
 
+    /// What checks that the stage is still there and up.
+    pub fn watch(&self) -> StageWatch {
+        StageWatch {
+            near: self.near.clone(),
+            far: self.far.clone(),
+            near_ifindex: self.near_ifindex,
+        }
+    }
+
     /// What reads the stage's drops, for `status`.
     pub fn drops(&self) -> StageDrops {
         StageDrops {
@@ -207,6 +218,39 @@ impl StageDrops {
     }
 }
 
+/// Checks that the stage the datapath sends replies into is still the one
+/// the gateway made, and up.
+#[derive(Clone, Debug)]
+pub struct StageWatch {
+    near: String,
+    far: String,
+    near_ifindex: u32,
+}
+
+impl StageWatch {
+    /// `Err` says what is wrong: an end gone, replaced or down.
+    pub fn check(&self) -> Result<(), String> {
+        match net::ifindex(&self.near) {
+            Ok(i) if i == self.near_ifindex => {}
+            Ok(_) => return Err(format!("{} was replaced", self.near)),
+            Err(_) => return Err(format!("{} is gone", self.near)),
+        }
+        for end in [&self.near, &self.far] {
+            match net::is_up(end) {
+                Ok(true) => {}
+                Ok(false) => return Err(format!("{end} is down")),
+                Err(_) => return Err(format!("{end} is gone")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The end replies go in at.
+    pub fn near(&self) -> &str {
+        &self.near
+    }
+}
+
 impl Drop for GroStage {
     fn drop(&mut self) {
         match delete_link(&self.near) {
@@ -214,6 +258,31 @@ impl Drop for GroStage {
             Err(e) => debug!(near = %self.near, "removing the GRO stage: {e}"),
         }
     }
+}
+
+/// Removes the near end a killed gateway left (taking its peer with it),
+/// if it is a veth: a link of another kind under that name is not ours.
+fn remove_stale(near: &str) -> Result<(), GroStageError> {
+    match net::driver(near) {
+        Ok(driver) if driver == "veth" => {}
+        Ok(driver) => {
+            return Err(GroStageError::NameTaken {
+                name: near.to_owned(),
+                driver,
+            })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+        // Unreadable: creating the pair says what is wrong.
+        Err(e) => {
+            debug!(%near, "reading the driver of a stale GRO stage: {e}");
+            return Ok(());
+        }
+    }
+    match delete_link(near) {
+        Ok(()) => info!(%near, "removed the GRO stage a previous run left"),
+        Err(e) => debug!(%near, "removing a stale GRO stage: {e}"),
+    }
+    Ok(())
 }
 
 /// Deletes link `name` (a veth takes its peer with it).

@@ -371,6 +371,13 @@ fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()
             println!("  skipped  {p}");
         }
     }
+    match status.gro_stage.as_deref() {
+        Some("lost") => {
+            println!("GRO stage: lost (deleted or down): replies reach the TUN device unmerged; restart to make it again")
+        }
+        Some(state) => println!("GRO stage: {state}"),
+        None => {}
+    }
     println!("datapath (packets by reason):");
     for (reason, c) in &status.datapath {
         if c.packets > 0 {

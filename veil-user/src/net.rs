@@ -162,6 +162,14 @@ pub fn mtu(iface: &str) -> std::io::Result<u32> {
     Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
+/// Whether `iface` is administratively up (`SIOCGIFFLAGS`'s `IFF_UP`).
+pub fn is_up(iface: &str) -> std::io::Result<bool> {
+    let req = if_ioctl(iface, libc::SIOCGIFFLAGS, |_| {})?;
+    // SAFETY: SIOCGIFFLAGS answers in `ifru_flags`.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(flags & libc::IFF_UP as libc::c_short != 0)
+}
+
 /// The name of `iface`'s driver (`ethtool -i`): `veth`, `virtio_net`,
 /// `mlx5_core`, ...
 pub fn driver(iface: &str) -> std::io::Result<String> {
@@ -260,5 +268,11 @@ mod tests {
             iface_ipv4("no-such-if").unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
+    }
+
+    #[test]
+    fn loopback_is_up_and_a_missing_link_is_an_error() {
+        assert!(is_up("lo").unwrap());
+        assert!(is_up("no-such-if").is_err());
     }
 }

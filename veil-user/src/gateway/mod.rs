@@ -36,7 +36,10 @@ use std::{
     future::Future,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, RwLock,
+    },
     time::Duration,
 };
 
@@ -51,7 +54,7 @@ use crate::{
     control,
     datapath::{Datapath, DatapathConfig, WanFilter},
     flows::{FlowError, FlowTable, PortRange, Timeouts},
-    gro_stage::{self, GroStage, StageSetting},
+    gro_stage::{self, GroStage, StageSetting, StageWatch},
     net::{iface_ipv4s, ifindex, monotonic_ns, Ipv4Net},
     policy::EgressPolicy,
     preflight,
@@ -225,6 +228,8 @@ struct Shared {
     tun: tun_queues::TunQueues,
     /// The GRO stage's drops, if the gateway has one.
     stage_drops: Option<gro_stage::StageDrops>,
+    /// The stage was deleted or set down: replies bypass it.
+    stage_lost: AtomicBool,
     flows: Mutex<FlowTable>,
     /// The flows that exist, read without `flows`' lock by every client
     /// packet ([`crate::flows::KnownFlows`]).
@@ -395,6 +400,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         resolver: (!upstreams.is_empty()).then(|| dns::Resolver::new(upstreams.clone())),
         tun,
         stage_drops: stage.as_ref().map(GroStage::drops),
+        stage_lost: AtomicBool::new(false),
         known_flows: flows.known(),
         flows: Mutex::new(flows),
         clients: Mutex::new(Clients::with_leases(leases)),
@@ -448,6 +454,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(revocations::watch(shared.clone()));
     tasks.spawn(leases::writer(shared.clone()));
     tasks.spawn(trim::watch(shared.clone()));
+    if let Some(stage) = &stage {
+        tasks.spawn(watch_gro_stage(shared.clone(), stage.watch()));
+    }
     tasks.spawn(forward_datapath_log(datapath_log));
     if let Some(fwd) = shared.forwarding.clone() {
         tasks.spawn(forward::watch(shared.clone(), fwd));
@@ -637,6 +646,36 @@ fn first_host(pool: Ipv4Net) -> Result<Ipv4Addr> {
         bail!("the pool {pool} is too small: it needs the gateway's address and clients'");
     }
     Ok(Ipv4Addr::from_bits(pool.addr().to_bits() + 1))
+}
+
+/// How often the gateway checks that its GRO stage is still there.
+const STAGE_CHECK: Duration = Duration::from_secs(1);
+
+/// Watches the GRO stage. Replies sent into a stage that was deleted or
+/// set down would be lost without a count, so once it is, replies go
+/// straight to the TUN device (unmerged) until the gateway restarts and
+/// makes a new one.
+async fn watch_gro_stage(shared: Arc<Shared>, stage: StageWatch) -> Result<()> {
+    let mut tick = tokio::time::interval(STAGE_CHECK);
+    let why = loop {
+        tick.tick().await;
+        if let Err(why) = stage.check() {
+            break why;
+        }
+    };
+    let tun = ifindex(shared.tun.name()).context("the TUN device")?;
+    if let Some(datapath) = shared.datapath.lock().expect("datapath lock").as_mut() {
+        datapath
+            .send_replies_to(tun)
+            .context("sending replies around the lost GRO stage")?;
+    }
+    shared.stage_lost.store(true, Relaxed);
+    warn!(
+        near = stage.near(),
+        "GRO stage lost ({why}): replies go straight to the TUN device, unmerged, until the gateway restarts"
+    );
+    // A task that ends stops the gateway.
+    std::future::pending().await
 }
 
 async fn flow_gc(shared: Arc<Shared>) -> Result<()> {

@@ -98,6 +98,13 @@ impl Shared {
             datapath,
             forwards,
             forward_problems,
+            gro_stage: self.stage_drops.as_ref().map(|_| {
+                match self.stage_lost.load(Relaxed) {
+                    true => "lost",
+                    false => "in",
+                }
+                .to_owned()
+            }),
         }
     }
 
