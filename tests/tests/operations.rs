@@ -235,3 +235,81 @@ fn sigterm_and_a_crash_leave_nothing_behind() {
     assert!(leftovers(&world).is_empty(), "{:?}", leftovers(&world));
     c.stop();
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped (also when the test
+/// fails), before the world that holds it is removed.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let opts = format!("size={size},mode=0700");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "veil-test"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs on {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system `dir` is on: a file of zeros written until the
+/// disk refuses more.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 16 * 1024];
+    while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
+    path
+}
+
+/// A full state disk: a new client, whose lease cannot be saved, is
+/// refused (the log says why, once) while the client already connected
+/// keeps being served; once there is room again, the new client gets in
+/// and its lease is on disk.
+#[test]
+fn a_full_state_disk_refuses_new_leases_and_serves_everyone_else() {
+    let mut world = World::bare(2);
+    let _disk = Tmpfs::mount(&world.state, "2m");
+    // Alice's lease from an earlier run: her session writes nothing, and
+    // the lease log, not yet made, needs a block of its own for Bob's.
+    std::fs::write(world.state.join("leases.toml"), "alice = \"10.77.0.2\"\n").unwrap();
+    world.start_gateway(&[]);
+    let alice = world.add_client("alice", 1);
+    let bob = world.add_client("bob", 2);
+    let _alice = world.start_client(1, &alice, true);
+    assert!(world.ping(1, "198.18.0.2"));
+
+    let filler = fill(&world.state);
+    let _bob = world.start_client(2, &bob, false);
+    veil_tests::wait_until("the failed save logged", Duration::from_secs(20), || {
+        world.gateway().log().contains("saving the leases")
+    });
+    assert!(world.ping(1, "198.18.0.2"), "alice is still served");
+    assert!(!world.ping(2, "198.18.0.2"), "bob has no session");
+    let names: Vec<_> = world.status()["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["alice"]);
+
+    std::fs::remove_file(filler).unwrap();
+    veil_tests::wait_until("bob in once there is room", Duration::from_secs(30), || {
+        world.ping(2, "198.18.0.2")
+    });
+    let log = world.gateway().log();
+    assert!(log.contains("saving the leases works again"), "{log}");
+    let leases = std::fs::read_to_string(world.state.join("leases.log")).unwrap();
+    assert!(leases.contains("bob = "), "{leases}");
+    assert!(world.ping(1, "198.18.0.2"), "alice throughout");
+}
