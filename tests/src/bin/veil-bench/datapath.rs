@@ -21,7 +21,13 @@ pub(crate) fn datapath(quick: bool) {
         println!("| {name} | {ns:.1} | {:.2} |", ns / base);
     }
 
-    let secs = if quick { 1.0 } else { 3.0 };
+    // `VEIL_BENCH_FORWARD_SECS` lengthens the runs (to profile one);
+    // `VEIL_BENCH_GENERATORS=write` or `in-kernel` keeps one generator.
+    let secs = std::env::var("VEIL_BENCH_FORWARD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 1.0 } else { 3.0 });
+    let wanted = std::env::var("VEIL_BENCH_GENERATORS").ok();
     let queues = num_cpus().max(2);
     println!("\n### Forwarding: generator → gateway TUN → WAN veth → remote sink\n");
     println!(
@@ -30,25 +36,44 @@ pub(crate) fn datapath(quick: bool) {
     );
     println!(
         "veth offloads as the kernel sets them with XDP attached (GSO off on the WAN peer).\n\
-         The generator writes one packet per `write()`: from one thread into a\n\
+         Two generators. `write()`: one packet per system call, from one thread into a\n\
          one-queue TUN, then from {queues} threads, each on its own queue of a\n\
-         multi-queue TUN (`IFF_MULTI_QUEUE`). The remote's sink drops in its\n\
-         first netfilter hook (raw PREROUTING), after the interface counted the\n\
+         multi-queue TUN (`IFF_MULTI_QUEUE`). In-kernel: an XDP program that writes\n\
+         the frame and passes it, run by `BPF_PROG_TEST_RUN` in live-frames mode, which\n\
+         hands each frame to the stack as received on a TAP device standing in for the\n\
+         TUN device (veil's programs read its Ethernet header): no system call or\n\
+         allocation per packet; from one thread, then {queues}. The remote's sink drops\n\
+         in its first netfilter hook (raw PREROUTING), after the interface counted the\n\
          packet, so neither path pays for a UDP socket.\n"
     );
     println!("| generator | path | packets/s | × masquerade |");
     println!("|---|---|---:|---:|");
     let mut in_situ = None;
-    for writers in [1, queues] {
+    let generators = [
+        Generator::Writes(1),
+        Generator::Writes(queues),
+        Generator::Live(1),
+        Generator::Live(queues),
+        Generator::LiveReplies(1),
+        Generator::LiveReplies(queues),
+    ];
+    for generator in generators {
+        let kind = generator.to_string();
+        if wanted
+            .as_ref()
+            .is_some_and(|w| !kind.starts_with(w.as_str()))
+        {
+            continue;
+        }
         // Runs alternate between the paths and each pair gives a ratio, so
         // that a neighbour's load moving between runs moves both sides.
         let (mut veil, mut masq, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
-            let run = forward(Path::Veil, secs, writers);
-            if writers == queues {
+            let run = forward(Path::Veil, secs, generator);
+            if generator == Generator::Writes(queues) {
                 in_situ = run.programs;
             }
-            let m = forward(Path::Masquerade, secs, writers).pps;
+            let m = forward(Path::Masquerade, secs, generator).pps;
             ratio.push(run.pps / m);
             veil.push(run.pps);
             masq.push(m);
@@ -57,17 +82,19 @@ pub(crate) fn datapath(quick: bool) {
             v.sort_by(|a, b| a.partial_cmp(b).unwrap());
             v[v.len() / 2]
         };
-        let generator = match writers {
-            1 => "1 thread, 1 queue".to_owned(),
-            n => format!("{n} threads, {n} queues"),
+        let name = kind;
+        let veil_path = match generator {
+            Generator::Writes(_) => "veil (TC on TUN + redirect_neigh)",
+            Generator::Live(_) => "veil (TC on TAP + redirect_neigh)",
+            Generator::LiveReplies(_) => "veil (TC on WAN + redirect to TAP)",
         };
         println!(
-            "| {generator} | veil (TC on TUN + redirect_neigh) | {:.0} | {:.2} |",
+            "| {name} | {veil_path} | {:.0} | {:.2} |",
             mid(veil),
             mid(ratio)
         );
         println!(
-            "| {generator} | routing + MASQUERADE | {:.0} | 1.00 |",
+            "| {name} | routing + MASQUERADE | {:.0} | 1.00 |",
             mid(masq)
         );
     }
@@ -302,6 +329,35 @@ pub(crate) enum Path {
     Masquerade,
 }
 
+/// What feeds the gateway's client side in a forwarding run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Generator {
+    /// That many threads, each `write()`ing one packet at a time into its
+    /// own queue of a TUN device.
+    Writes(usize),
+    /// That many threads injecting frames in the kernel
+    /// ([`livegen::LiveFrames`]) as received on a TAP device.
+    Live(usize),
+    /// Likewise, replies from the remote as received on the WAN
+    /// interface, forwarded to the client side (a TAP device), where they
+    /// are counted.
+    LiveReplies(usize),
+}
+
+impl std::fmt::Display for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, n) = match self {
+            Generator::Writes(n) => ("write()", n),
+            Generator::Live(n) => ("in-kernel", n),
+            Generator::LiveReplies(n) => ("in-kernel replies", n),
+        };
+        match n {
+            1 => write!(f, "{kind}, 1 thread"),
+            n => write!(f, "{kind}, {n} threads"),
+        }
+    }
+}
+
 /// One forwarding run: what arrived, and for veil what its programs cost
 /// in situ.
 pub(crate) struct Forwarded {
@@ -375,9 +431,10 @@ fn snapshot(dp: &mut Datapath) -> [RunStats; 3] {
     [tun, tc, xdp]
 }
 
-/// A multi-queue TUN device `name` with `queues` queues: one fd each
-/// (`IFF_MULTI_QUEUE`), so that as many threads write without sharing one.
-pub(crate) fn mq_tun(name: &str, queues: usize) -> Vec<std::fs::File> {
+/// A multi-queue TUN device `name` (TAP, with Ethernet frames, if `tap`)
+/// with `queues` queues: one fd each (`IFF_MULTI_QUEUE`), so that as many
+/// threads write without sharing one.
+pub(crate) fn mq_tun(name: &str, queues: usize, tap: bool) -> Vec<std::fs::File> {
     use std::os::fd::FromRawFd;
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     (0..queues)
@@ -395,8 +452,8 @@ pub(crate) fn mq_tun(name: &str, queues: usize) -> Vec<std::fs::File> {
             for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
                 *d = s as libc::c_char;
             }
-            req.ifr_ifru.ifru_flags =
-                (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as i16;
+            let kind = if tap { libc::IFF_TAP } else { libc::IFF_TUN };
+            req.ifr_ifru.ifru_flags = (kind | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as i16;
             // SAFETY: a valid fd and ifreq.
             let rc = unsafe { libc::ioctl(fd, TUNSETIFF, &mut req) };
             assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
@@ -426,6 +483,30 @@ fn generate(queues: &[std::fs::File], packet: &[u8], secs: f64) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Injects `frame` as received on `iface` of namespace `ns` from `threads`
+/// threads of its own until `secs` have passed; returns how long they ran.
+fn inject(ns: &NetNs, iface: &str, frame: &[u8], threads: usize, secs: f64) -> f64 {
+    let generator = livegen::LiveFrames::load(frame).expect("loading the generator's program");
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let generator = &generator;
+            s.spawn(move || {
+                ns.enter(|| {
+                    let ifindex = ifindex(iface).expect("the generator's interface");
+                    while Instant::now() < deadline {
+                        generator
+                            .inject(ifindex, 50_000)
+                            .expect("BPF_PROG_TEST_RUN in live-frames mode");
+                    }
+                })
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
 /// Sends `packet`'s payload from the remote to `to` for `secs`, from a
 /// plain UDP socket (the remote's own stack builds the frames).
 fn from_remote(remote: &NetNs, to: (Ipv4Addr, u16), secs: f64) {
@@ -440,9 +521,21 @@ fn from_remote(remote: &NetNs, to: (Ipv4Addr, u16), secs: f64) {
     });
 }
 
-/// Packets per second delivered to the remote namespace by `writers`
-/// threads, each writing into its own queue of the gateway's TUN device.
-pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
+/// Packets per second forwarded from `generator`: through the gateway's
+/// client-side device to the remote namespace, or for
+/// [`Generator::LiveReplies`] from the WAN to the client side.
+pub(crate) fn forward(path: Path, secs: f64, generator: Generator) -> Forwarded {
+    // The client side's MAC, for frames the in-kernel generator injects
+    // (the stack forwards only frames addressed to the interface), and the
+    // client's, for the kernel's replies to it.
+    const CLIENT_SIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+    const CLIENT_MAC: &str = "02:00:00:00:00:02";
+    let (writers, tap) = match generator {
+        Generator::Writes(n) => (n, false),
+        // One queue: its fd keeps the TAP device's carrier on.
+        Generator::Live(_) | Generator::LiveReplies(_) => (1, true),
+    };
+    let replies = matches!(generator, Generator::LiveReplies(_));
     let (gw, remote) = gateway_and_remote("bgw", "brem");
     // The sink: dropped by the remote's first netfilter hook (raw
     // PREROUTING), after its interface counted the packet, so that neither
@@ -450,7 +543,7 @@ pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
     // (This kernel has no TC classifier but BPF's for a plain drop.)
     remote.exec("iptables", &["-t", "raw", "-A", "PREROUTING", "-j", "DROP"]);
     let (queues, mut dp) = gw.enter(|| {
-        let queues = mq_tun("veilgw", writers);
+        let queues = mq_tun("veilgw", writers, tap);
         let dp = match path {
             Path::Veil => {
                 let mut dp = Datapath::load().unwrap();
@@ -460,8 +553,13 @@ pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
                     nat_ports: PortRange::DEFAULT,
                     wan_ifindex: ifindex("wan0").unwrap(),
                     tun_ifindex: ifindex("veilgw").unwrap(),
-                    tun_l2_len: 0,
-                    wan_filter: veil_user::datapath::WanFilter::Xdp,
+                    tun_l2_len: if tap { 14 } else { 0 },
+                    // Injected replies skip the XDP hook: the filter's
+                    // checks run in TC then, as on a veth by default.
+                    wan_filter: match replies {
+                        true => veil_user::datapath::WanFilter::Tc,
+                        false => veil_user::datapath::WanFilter::Xdp,
+                    },
                     gro_stage: None,
                 })
                 .unwrap();
@@ -481,10 +579,18 @@ pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
         };
         (queues, dp)
     });
+    if tap {
+        let mac = CLIENT_SIDE_MAC.map(|b| format!("{b:02x}")).join(":");
+        gw.ip(&["link", "set", "veilgw", "address", &mac]);
+    }
     gw.ip(&["link", "set", "veilgw", "up"]);
     if path == Path::Masquerade {
         gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         gw.ip(&["route", "add", "10.77.0.0/16", "dev", "veilgw"]);
+        // The client answers no ARP on a TAP device nobody reads.
+        let client = CLIENT.to_string();
+        let neigh = ["neigh", "replace", &client, "lladdr", CLIENT_MAC];
+        gw.ip(&[&neigh[..], &["dev", "veilgw", "nud", "permanent"]].concat());
         gw.exec(
             "iptables",
             &[
@@ -499,24 +605,45 @@ pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
             ],
         );
     }
-    let packet = frame(CLIENT, REMOTE, 64, L4::udp(40000, 9, &[0u8; 22]));
-    let packet = ip_of(&packet).to_vec();
+    let mut ethernet = frame(CLIENT, REMOTE, 64, L4::udp(40000, 9, &[0u8; 22]));
+    ethernet[..6].copy_from_slice(&CLIENT_SIDE_MAC);
+    let packet = match tap {
+        true => ethernet.clone(),
+        false => ip_of(&ethernet).to_vec(),
+    };
     // Warm up the neighbour entry and conntrack.
     for _ in 0..100 {
         let _ = (&queues[0]).write(&packet);
     }
     std::thread::sleep(Duration::from_millis(200));
 
-    // The kernel's per-program statistics, on only while this fd is open.
+    // The kernel's per-program statistics, on only while this fd is open,
+    // and only for the in-situ table: they cost two clock reads a run,
+    // which on this VM is a tenth of the path's time.
+    let in_situ = matches!(generator, Generator::Writes(_));
     let stats = dp
         .as_ref()
+        .filter(|_| in_situ)
         .map(|_| aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS"));
     let before_progs = dp.as_mut().map(|(dp, ..)| snapshot(dp));
-    let before = rx_packets(&remote);
-    let elapsed = generate(&queues, &packet, secs);
+    // Replies go to the flow's NAT port through veil, and to the client's
+    // own port, which MASQUERADE kept, through the kernel.
+    let reply_port = dp.as_ref().map_or(40000, |(_, _, nat)| *nat);
+    let mut reply = frame(REMOTE, PUBLIC, 64, L4::udp(9, reply_port, &[0u8; 22]));
+    reply[..6].copy_from_slice(&mac_of(&gw, "wan0"));
+    let delivered = || match replies {
+        true => tx_handled(&gw, "veilgw"),
+        false => rx_packets(&remote),
+    };
+    let before = delivered();
+    let elapsed = match generator {
+        Generator::Writes(_) => generate(&queues, &packet, secs),
+        Generator::Live(threads) => inject(&gw, "veilgw", &packet, threads, secs),
+        Generator::LiveReplies(threads) => inject(&gw, "wan0", &reply, threads, secs),
+    };
     std::thread::sleep(Duration::from_millis(100));
-    let delivered = rx_packets(&remote) - before;
-    let programs = dp.as_mut().map(|(dp, _, nat)| {
+    let delivered = delivered() - before;
+    let programs = dp.as_mut().filter(|_| in_situ).map(|(dp, _, nat)| {
         let tun = snapshot(dp)[0].since(before_progs.unwrap()[0]);
         // The WAN programs on replies (translated to the TUN, whose queue
         // nobody reads: they are dropped there) and on the host's own
@@ -542,6 +669,34 @@ pub(crate) fn forward(path: Path, secs: f64, writers: usize) -> Forwarded {
         pps: delivered as f64 / elapsed,
         programs,
     }
+}
+
+/// Packets `dev` of `ns` took to send: sent and dropped (a TAP device
+/// nobody reads drops what its queue has no room for).
+fn tx_handled(ns: &NetNs, dev: &str) -> u64 {
+    let v = link_json(ns, dev);
+    let tx = &v[0]["stats64"]["tx"];
+    tx["packets"].as_u64().expect("tx packets") + tx["dropped"].as_u64().expect("tx dropped")
+}
+
+/// The MAC address of `dev` in `ns`.
+fn mac_of(ns: &NetNs, dev: &str) -> [u8; 6] {
+    let v = link_json(ns, dev);
+    let text = v[0]["address"].as_str().expect("a MAC address");
+    let mut mac = [0; 6];
+    for (b, hex) in mac.iter_mut().zip(text.split(':')) {
+        *b = u8::from_str_radix(hex, 16).expect("a MAC address");
+    }
+    mac
+}
+
+/// `ip -s -j link show dev` in `ns`, parsed.
+fn link_json(ns: &NetNs, dev: &str) -> serde_json::Value {
+    let out = Command::new("ip")
+        .args(["-n", ns.name(), "-s", "-j", "link", "show", dev])
+        .output()
+        .expect("ip link");
+    serde_json::from_slice(&out.stdout).expect("ip -j output")
 }
 
 pub(crate) fn rx_packets(ns: &NetNs) -> u64 {

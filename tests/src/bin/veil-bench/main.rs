@@ -66,6 +66,7 @@ mod churn;
 mod datapath;
 mod forward;
 mod ipv6;
+mod livegen;
 mod loss;
 mod measure;
 mod million;
