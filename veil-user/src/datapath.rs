@@ -268,17 +268,10 @@ impl Datapath {
 
     /// Writes the configuration the programs read on every packet.
     pub fn configure(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
-        let map_err = |source| DatapathError::Map {
-            name: CONFIG_MAP,
-            source,
-        };
-        let map = self
-            .ebpf
-            .map_mut(CONFIG_MAP)
-            .ok_or(DatapathError::MissingMap(CONFIG_MAP))?;
         let value = cfg.to_map_value().map_err(DatapathError::PublicAddrs)?;
-        let mut config: Array<_, Config> = Array::try_from(map).map_err(map_err)?;
-        config.set(0, value, 0).map_err(map_err)?;
+        self.config_map()?
+            .set(0, value, 0)
+            .map_err(config_map_error)?;
         self.public_addrs = cfg.public_addrs.clone();
         self.wan_filter = cfg.wan_filter;
         Ok(())
@@ -287,18 +280,19 @@ impl Datapath {
     /// Sends translated replies to `ifindex` from now on (the TUN device
     /// when the GRO stage is lost), the rest of the configuration kept.
     pub fn send_replies_to(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        let map_err = |source| DatapathError::Map {
-            name: CONFIG_MAP,
-            source,
-        };
+        let mut config = self.config_map()?;
+        let mut value = config.get(&0, 0).map_err(config_map_error)?;
+        value.reply_ifindex = ifindex;
+        config.set(0, value, 0).map_err(config_map_error)
+    }
+
+    /// `VEIL_CONFIG`, whose one entry the programs read on every packet.
+    fn config_map(&mut self) -> Result<Array<&mut MapData, Config>, DatapathError> {
         let map = self
             .ebpf
             .map_mut(CONFIG_MAP)
             .ok_or(DatapathError::MissingMap(CONFIG_MAP))?;
-        let mut config: Array<_, Config> = Array::try_from(map).map_err(map_err)?;
-        let mut value = config.get(&0, 0).map_err(map_err)?;
-        value.reply_ifindex = ifindex;
-        config.set(0, value, 0).map_err(map_err)
+        Array::try_from(map).map_err(config_map_error)
     }
 
     /// Writes the IPv6 configuration (NAT66 to `public`, clients in
@@ -617,6 +611,13 @@ fn ensure_bpffs(root: &Path) -> io::Result<()> {
     mount_bpffs(Path::new(STANDARD))?;
     info!("mounted the BPF filesystem on {STANDARD}");
     Ok(())
+}
+
+fn config_map_error(source: MapError) -> DatapathError {
+    DatapathError::Map {
+        name: CONFIG_MAP,
+        source,
+    }
 }
 
 /// Mounts a BPF filesystem on `target` (an existing directory).
