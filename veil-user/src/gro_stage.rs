@@ -105,7 +105,7 @@ pub enum GroStageError {
         #[source]
         source: io::Error,
     },
-    #[error("a link named {name} exists and is not a veth (its driver: {driver}); veil leaves it alone: rename it, or the TUN device (--tun-name)")]
+    #[error("a link named {name} exists and is not a veth (its driver: {driver}); veil leaves it alone: rename it, or the TUN device (--tun)")]
     NameTaken { name: String, driver: String },
     #[error("setting up {iface}: {source}")]
     Setup {
