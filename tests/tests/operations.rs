@@ -309,6 +309,11 @@ fn a_full_state_disk_refuses_new_leases_and_serves_everyone_else() {
     });
     let log = world.gateway().log();
     assert!(log.contains("saving the leases works again"), "{log}");
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("saving the leases"))
+        .count();
+    assert_eq!(warned, 1, "one warning for the run of failed saves: {log}");
     let leases = std::fs::read_to_string(world.state.join("leases.log")).unwrap();
     assert!(leases.contains("bob = "), "{leases}");
     assert!(world.ping(1, "198.18.0.2"), "alice throughout");

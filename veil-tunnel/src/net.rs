@@ -148,40 +148,6 @@ pub fn listener_socket(addr: SocketAddr, ty: socket2::Type) -> io::Result<socket
     Ok(socket)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_and_normalises() {
-        let n: Ipv4Net = "10.77.3.4/16".parse().unwrap();
-        assert_eq!(n.to_string(), "10.77.0.0/16");
-        assert_eq!(n.mask(), Ipv4Addr::new(255, 255, 0, 0));
-        assert!(n.contains(Ipv4Addr::new(10, 77, 200, 1)));
-        assert!(!n.contains(Ipv4Addr::new(10, 78, 0, 1)));
-        assert!("0.0.0.0/0"
-            .parse::<Ipv4Net>()
-            .unwrap()
-            .contains(Ipv4Addr::BROADCAST));
-    }
-
-    #[test]
-    fn refuses_typos() {
-        assert!(matches!(
-            "10.77.0.0".parse::<Ipv4Net>(),
-            Err(NetParseError::Syntax(_))
-        ));
-        assert!(matches!(
-            "10.77.0/16".parse::<Ipv4Net>(),
-            Err(NetParseError::Syntax(_))
-        ));
-        assert_eq!(
-            "10.0.0.0/33".parse::<Ipv4Net>(),
-            Err(NetParseError::Prefix(33))
-        );
-    }
-}
-
 /// Turns IPv6 off on `iface`, so that the kernel sends nothing of its own
 /// through it (router solicitations, MLD reports) once it is up. A kernel
 /// without IPv6 has nothing to turn off.
@@ -216,8 +182,37 @@ fn tx_dropped_in(dev: &str, iface: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod dev_tests {
+mod tests {
     use super::*;
+
+    #[test]
+    fn parses_and_normalises() {
+        let n: Ipv4Net = "10.77.3.4/16".parse().unwrap();
+        assert_eq!(n.to_string(), "10.77.0.0/16");
+        assert_eq!(n.mask(), Ipv4Addr::new(255, 255, 0, 0));
+        assert!(n.contains(Ipv4Addr::new(10, 77, 200, 1)));
+        assert!(!n.contains(Ipv4Addr::new(10, 78, 0, 1)));
+        assert!("0.0.0.0/0"
+            .parse::<Ipv4Net>()
+            .unwrap()
+            .contains(Ipv4Addr::BROADCAST));
+    }
+
+    #[test]
+    fn refuses_typos() {
+        assert!(matches!(
+            "10.77.0.0".parse::<Ipv4Net>(),
+            Err(NetParseError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.77.0/16".parse::<Ipv4Net>(),
+            Err(NetParseError::Syntax(_))
+        ));
+        assert_eq!(
+            "10.0.0.0/33".parse::<Ipv4Net>(),
+            Err(NetParseError::Prefix(33))
+        );
+    }
 
     #[test]
     fn transmit_drops_are_read_from_their_column() {

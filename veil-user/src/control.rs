@@ -29,11 +29,20 @@ pub struct Status {
     /// Lines of the forward rule file that were skipped, with why.
     #[serde(default)]
     pub forward_problems: Vec<String>,
-    /// The GRO stage in front of the TUN device: `in`, or `lost` (deleted
-    /// or set down under the gateway: replies bypass it); absent without
-    /// one.
+    /// The GRO stage in front of the TUN device; absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gro_stage: Option<String>,
+    pub gro_stage: Option<StageState>,
+}
+
+/// The GRO stage's state, as `status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageState {
+    /// Replies go through it.
+    In,
+    /// Deleted or set down under the gateway: replies bypass it, unmerged,
+    /// until a restart makes a new one.
+    Lost,
 }
 
 /// One forward rule, as `status` shows it.

@@ -277,12 +277,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Sends translated replies to `ifindex` from now on (the TUN device
-    /// when the GRO stage is lost), the rest of the configuration kept.
-    pub fn send_replies_to(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+    /// Sends translated replies straight to the TUN device from now on,
+    /// around a GRO stage that was lost, the rest of the configuration
+    /// kept.
+    pub fn bypass_gro_stage(&mut self) -> Result<(), DatapathError> {
         let mut config = self.config_map()?;
         let mut value = config.get(&0, 0).map_err(config_map_error)?;
-        value.reply_ifindex = ifindex;
+        value.reply_ifindex = value.tun_ifindex;
         config.set(0, value, 0).map_err(config_map_error)
     }
 

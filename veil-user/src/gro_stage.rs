@@ -27,7 +27,10 @@
 //! every reply sent into it, uncounted: [`StageWatch`] notices, and the
 //! gateway then sends replies straight to the TUN device.
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
+};
 
 use rtnetlink::{
     packet_core::{
@@ -188,43 +191,26 @@ impl GroStage {
         &self.near
     }
 
-    /// What checks that the stage is still there and up.
+    /// The stage as the running gateway watches it, by its ends' names.
     pub fn watch(&self) -> StageWatch {
         StageWatch {
             near: self.near.clone(),
             far: self.far.clone(),
             near_ifindex: self.near_ifindex,
-        }
-    }
-
-    /// What reads the stage's drops, for `status`.
-    pub fn drops(&self) -> StageDrops {
-        StageDrops {
-            near: self.near.clone(),
+            lost: AtomicBool::new(false),
         }
     }
 }
 
-/// Replies the stage dropped: those the far end's ring (256 packets) had no
-/// room for, which the near end counts as transmit drops.
-#[derive(Clone, Debug)]
-pub struct StageDrops {
-    near: String,
-}
-
-impl StageDrops {
-    pub fn count(&self) -> u64 {
-        veil_tunnel::net::tx_dropped(&self.near)
-    }
-}
-
-/// Checks that the stage the datapath sends replies into is still the one
-/// the gateway made, and up.
-#[derive(Clone, Debug)]
+/// The stage as the running gateway sees it: whether it is still the one
+/// the gateway made, and up; what its ring dropped; whether the gateway
+/// gave up on it.
+#[derive(Debug)]
 pub struct StageWatch {
     near: String,
     far: String,
     near_ifindex: u32,
+    lost: AtomicBool,
 }
 
 impl StageWatch {
@@ -248,6 +234,21 @@ impl StageWatch {
     /// The end replies go in at.
     pub fn near(&self) -> &str {
         &self.near
+    }
+
+    /// Replies the stage dropped: those the far end's ring (256 packets)
+    /// had no room for, which the near end counts as transmit drops.
+    pub fn drops(&self) -> u64 {
+        veil_tunnel::net::tx_dropped(&self.near)
+    }
+
+    /// Marks the stage lost: replies go around it from now on.
+    pub fn set_lost(&self) {
+        self.lost.store(true, Relaxed);
+    }
+
+    pub fn lost(&self) -> bool {
+        self.lost.load(Relaxed)
     }
 }
 

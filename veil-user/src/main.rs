@@ -371,11 +371,11 @@ fn status(state_dir: &std::path::Path, json: bool, addresses: bool) -> Result<()
             println!("  skipped  {p}");
         }
     }
-    match status.gro_stage.as_deref() {
-        Some("lost") => {
+    match status.gro_stage {
+        Some(veil_user::control::StageState::In) => println!("GRO stage: in"),
+        Some(veil_user::control::StageState::Lost) => {
             println!("GRO stage: lost (deleted or down): replies reach the TUN device unmerged; restart to make it again")
         }
-        Some(state) => println!("GRO stage: {state}"),
         None => {}
     }
     println!("datapath (packets by reason):");

@@ -36,10 +36,7 @@ use std::{
     future::Future,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, RwLock,
-    },
+    sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -54,7 +51,7 @@ use crate::{
     control,
     datapath::{Datapath, DatapathConfig, WanFilter},
     flows::{FlowError, FlowTable, PortRange, Timeouts},
-    gro_stage::{self, GroStage, StageSetting, StageWatch},
+    gro_stage::{self, GroStage, StageSetting},
     net::{iface_ipv4s, ifindex, monotonic_ns, Ipv4Net},
     policy::EgressPolicy,
     preflight,
@@ -226,10 +223,8 @@ struct Shared {
     /// The DNS service, if the gateway has upstreams for it.
     resolver: Option<Arc<dns::Resolver>>,
     tun: tun_queues::TunQueues,
-    /// The GRO stage's drops, if the gateway has one.
-    stage_drops: Option<gro_stage::StageDrops>,
-    /// The stage was deleted or set down: replies bypass it.
-    stage_lost: AtomicBool,
+    /// The GRO stage, if the gateway has one.
+    stage: Option<gro_stage::StageWatch>,
     flows: Mutex<FlowTable>,
     /// The flows that exist, read without `flows`' lock by every client
     /// packet ([`crate::flows::KnownFlows`]).
@@ -399,8 +394,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         },
         resolver: (!upstreams.is_empty()).then(|| dns::Resolver::new(upstreams.clone())),
         tun,
-        stage_drops: stage.as_ref().map(GroStage::drops),
-        stage_lost: AtomicBool::new(false),
+        stage: stage.as_ref().map(GroStage::watch),
         known_flows: flows.known(),
         flows: Mutex::new(flows),
         clients: Mutex::new(Clients::with_leases(leases)),
@@ -454,8 +448,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(revocations::watch(shared.clone()));
     tasks.spawn(leases::writer(shared.clone()));
     tasks.spawn(trim::watch(shared.clone()));
-    if let Some(stage) = &stage {
-        tasks.spawn(watch_gro_stage(shared.clone(), stage.watch()));
+    if shared.stage.is_some() {
+        tasks.spawn(watch_gro_stage(shared.clone()));
     }
     tasks.spawn(forward_datapath_log(datapath_log));
     if let Some(fwd) = shared.forwarding.clone() {
@@ -655,7 +649,10 @@ const STAGE_CHECK: Duration = Duration::from_secs(1);
 /// set down would be lost without a count, so once it is, replies go
 /// straight to the TUN device (unmerged) until the gateway restarts and
 /// makes a new one.
-async fn watch_gro_stage(shared: Arc<Shared>, stage: StageWatch) -> Result<()> {
+async fn watch_gro_stage(shared: Arc<Shared>) -> Result<()> {
+    let Some(stage) = &shared.stage else {
+        return std::future::pending().await;
+    };
     let mut tick = tokio::time::interval(STAGE_CHECK);
     let why = loop {
         tick.tick().await;
@@ -663,13 +660,12 @@ async fn watch_gro_stage(shared: Arc<Shared>, stage: StageWatch) -> Result<()> {
             break why;
         }
     };
-    let tun = ifindex(shared.tun.name()).context("the TUN device")?;
     if let Some(datapath) = shared.datapath.lock().expect("datapath lock").as_mut() {
         datapath
-            .send_replies_to(tun)
+            .bypass_gro_stage()
             .context("sending replies around the lost GRO stage")?;
     }
-    shared.stage_lost.store(true, Relaxed);
+    stage.set_lost();
     warn!(
         near = stage.near(),
         "GRO stage lost ({why}): replies go straight to the TUN device, unmerged, until the gateway restarts"

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::{Shared, GC_SLICE};
 use crate::{
     control::{self, FlowCounts, PacketCount, Status},
-    gro_stage::StageDrops,
     net::monotonic_ns,
 };
 
@@ -62,7 +61,7 @@ impl Shared {
         // Likewise the GRO stage's ring, if there is one.
         .chain([(
             "gro_stage_full".to_owned(),
-            self.stage_drops.as_ref().map_or(0, StageDrops::count),
+            self.stage.as_ref().map_or(0, |s| s.drops()),
         )])
         .collect();
         let datapath = self
@@ -98,12 +97,9 @@ impl Shared {
             datapath,
             forwards,
             forward_problems,
-            gro_stage: self.stage_drops.as_ref().map(|_| {
-                match self.stage_lost.load(Relaxed) {
-                    true => "lost",
-                    false => "in",
-                }
-                .to_owned()
+            gro_stage: self.stage.as_ref().map(|s| match s.lost() {
+                true => control::StageState::Lost,
+                false => control::StageState::In,
             }),
         }
     }

@@ -82,19 +82,18 @@ pub(crate) fn datapath(quick: bool) {
             v.sort_by(|a, b| a.partial_cmp(b).unwrap());
             v[v.len() / 2]
         };
-        let name = kind;
         let veil_path = match generator {
             Generator::Writes(_) => "veil (TC on TUN + redirect_neigh)",
             Generator::Live(_) => "veil (TC on TAP + redirect_neigh)",
             Generator::LiveReplies(_) => "veil (TC on WAN + redirect to TAP)",
         };
         println!(
-            "| {name} | {veil_path} | {:.0} | {:.2} |",
+            "| {kind} | {veil_path} | {:.0} | {:.2} |",
             mid(veil),
             mid(ratio)
         );
         println!(
-            "| {name} | routing + MASQUERADE | {:.0} | 1.00 |",
+            "| {kind} | routing + MASQUERADE | {:.0} | 1.00 |",
             mid(masq)
         );
     }
