@@ -4,6 +4,8 @@
 //! queues (one per worker thread) and, in the same run on a fresh
 //! topology, with one queue (`--tun-queues 1`, the gateway before
 //! multi-queue); and the gateway's CPU time per GB carried.
+//! `VEIL_BENCH_TRANSPORT=h3` runs the clients over HTTP/3 instead of
+//! TLS/TCP (spread over the gateway's HTTP/3 lanes).
 
 #[allow(unused_imports, reason = "one import list for the benchmark's modules")]
 use super::*;
@@ -32,18 +34,28 @@ struct Series {
 
 pub(crate) fn scale(quick: bool) {
     let secs = if quick { 3 } else { 8 };
+    let transport = match std::env::var("VEIL_BENCH_TRANSPORT").as_deref() {
+        Ok("h3") => Transport::H3,
+        _ => Transport::Tcp,
+    };
     let cpus = num_cpus();
     println!("## veil across cores: clients at once\n");
     println!(
         "kernel {}, {cpus} CPUs shared by the gateway, every client and the remote; iperf3 {secs} s per run, \
          one TCP stream per client, all clients at once, each to a server of its own; \
-         TLS/TCP transport; a fresh topology per setting.\n",
+         {} transport; a fresh topology per setting.\n",
         kernel(),
+        transport.name(),
     );
     let multi = format!("default ({cpus}, one per worker)");
     let series = [
-        measure_series(&multi, &[], secs),
-        measure_series("1 (`--tun-queues 1`)", &["--tun-queues", "1"], secs),
+        measure_series(&multi, &[], transport, secs),
+        measure_series(
+            "1 (`--tun-queues 1`)",
+            &["--tun-queues", "1"],
+            transport,
+            secs,
+        ),
     ];
     println!(
         "| TUN queues | clients | down (Gbit/s) | up (Gbit/s) | down ÷ 1 client | up ÷ 1 client |"
@@ -80,8 +92,31 @@ pub(crate) fn scale(quick: bool) {
     }
 }
 
+/// The tunnel the clients take.
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp,
+    H3,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TLS/TCP",
+            Transport::H3 => "HTTP/3",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::H3 => "h3",
+        }
+    }
+}
+
 /// Every client count against a gateway started with `flags`.
-fn measure_series(queues: &str, flags: &[&str], secs: u32) -> Series {
+fn measure_series(queues: &str, flags: &[&str], transport: Transport, secs: u32) -> Series {
     use veil_tests::{proc::Proc, world::World};
 
     let most = *CLIENTS.last().expect("client counts");
@@ -99,7 +134,7 @@ fn measure_series(queues: &str, flags: &[&str], secs: u32) -> Series {
     let _clients: Vec<Proc> = (1..=most)
         .map(|i| {
             let profile = world.add_client(&format!("scale{i}"), i);
-            world.start_client_with(i, &profile, true, &["--transport", "tcp"])
+            world.start_client_with(i, &profile, true, &["--transport", transport.flag()])
         })
         .collect();
     let pid = world.gateway().pid();
