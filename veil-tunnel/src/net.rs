@@ -121,16 +121,6 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSP
 /// `net.ipv6.bindv6only` says, and on a kernel without IPv6
 /// (`ipv6.disable=1`) `0.0.0.0` on the same port instead.
 pub fn listener_socket(addr: SocketAddr, ty: socket2::Type) -> io::Result<socket2::Socket> {
-    listener_socket_with(addr, ty, |_| Ok(()))
-}
-
-/// [`listener_socket`], with `prepare` setting options that must be set
-/// before the socket is bound (`SO_REUSEPORT`).
-pub fn listener_socket_with(
-    addr: SocketAddr,
-    ty: socket2::Type,
-    prepare: impl FnOnce(&socket2::Socket) -> io::Result<()>,
-) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Socket};
     let any6 = addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
     let (socket, addr) = match Socket::new(Domain::for_address(addr), ty, None) {
@@ -146,7 +136,6 @@ pub fn listener_socket_with(
     }
     socket.set_nonblocking(true)?;
     socket.set_cloexec(true)?;
-    prepare(&socket)?;
     if ty == socket2::Type::STREAM {
         // As tokio's `TcpListener::bind`: a restart finds the port free
         // while the last run's connections are in TIME_WAIT.

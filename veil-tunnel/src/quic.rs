@@ -374,17 +374,6 @@ pub fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(socket)
 }
 
-/// A UDP socket for a QUIC endpoint at `addr` that others of this user
-/// may bind beside it (`SO_REUSEPORT`): one of a group the kernel shares
-/// the datagrams among.
-pub fn udp_socket_shared(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let socket: std::net::UdpSocket =
-        crate::net::listener_socket_with(addr, socket2::Type::DGRAM, |s| s.set_reuse_port(true))?
-            .into();
-    set_buffers(&socket, SOCKET_BUFFER);
-    Ok(socket)
-}
-
 /// Bytes of datagrams the kernel may hold for a QUIC socket each way.
 /// With the default (about 200 KiB) a download over HTTP/3 overflowed
 /// both ends' receive buffers (120–180 `RcvbufErrors` per 2 s run, each a

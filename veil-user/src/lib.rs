@@ -12,7 +12,6 @@ pub mod flows6;
 pub mod forward;
 pub mod gateway;
 pub mod gro_stage;
-pub mod lanes;
 pub mod metrics;
 pub mod nat;
 pub mod net;

@@ -173,9 +173,8 @@ pub struct Settings {
     #[arg(long, value_name = "IP")]
     #[serde(deserialize_with = "one_or_many")]
     pub dns: Vec<std::net::IpAddr>,
-    /// Worker threads for tunnels (TLS and packet handling), and as many
-    /// HTTP/3 lanes (a thread and QUIC endpoint each) [default: one per
-    /// CPU].
+    /// Worker threads for tunnels (TLS and packet handling) [default: one
+    /// per CPU].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
     /// Queues of the TUN device, each read by a task of its own (at most

@@ -1,9 +1,7 @@
 //! HTTP/3 on UDP at the tunnel listener's address: the QUIC handshake with
 //! the same certificates and CA as TLS over TCP, the HTTP/3 control
 //! streams, the client's request stream, then the same session, lease,
-//! admission and pump as over TCP ([`super::accept::run_session`]). Each
-//! connection lives on one lane, a thread with an endpoint of its own
-//! ([`crate::lanes`]).
+//! admission and pump as over TCP ([`super::accept::run_session`]).
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -16,56 +14,25 @@ use veil_tunnel::quic::{self, QuicTransport};
 
 use super::{
     accept::{run_session, Refused, SessionTransport},
-    Shared, CLOSE_TIMEOUT, GOODBYE, HANDSHAKE_TIMEOUT,
+    Shared, CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT,
 };
-use crate::{
-    admission::Permit,
-    lanes::{self, Lanes},
-};
+use crate::admission::Permit;
 
-/// The UDP sockets of HTTP/3 at `listen`, one per lane (see
-/// [`crate::lanes`]), bound now so that a port in use stops the start.
-pub(super) fn bind(listen: SocketAddr, lanes: usize) -> Result<Vec<std::net::UdpSocket>> {
-    lanes::bind_group(listen, lanes.clamp(1, lanes::MAX_LANES)).with_context(|| {
+/// The QUIC endpoint on UDP at `listen`, with the gateway's TLS identity.
+pub(super) fn endpoint(listen: SocketAddr, tls: rustls::ServerConfig) -> Result<quinn::Endpoint> {
+    let config = quic::server_config(tls)?;
+    let socket = quic::udp_socket(listen).with_context(|| {
         format!(
             "serving HTTP/3 on UDP {listen} (something else on that port? --no-h3 turns it off)"
         )
-    })
-}
-
-/// HTTP/3 served on `sockets`, a lane (thread, endpoint) each, with the
-/// gateway's TLS identity, until `stopped`.
-pub(super) fn start(
-    sockets: Vec<std::net::UdpSocket>,
-    tls: rustls::ServerConfig,
-    shared: Arc<Shared>,
-    stopped: watch::Receiver<bool>,
-) -> Result<Lanes> {
-    let config = quic::server_config(tls)?;
-    let serve = move |lane, endpoint| serve_lane(lane, shared.clone(), endpoint, stopped.clone());
-    Lanes::start(sockets, &quinn::EndpointConfig::default(), &config, serve)
-        .context("starting HTTP/3")
-}
-
-/// One lane: its connections until the gateway stops, then the sessions'
-/// goodbyes.
-async fn serve_lane(
-    lane: usize,
-    shared: Arc<Shared>,
-    endpoint: quinn::Endpoint,
-    mut stopped: watch::Receiver<bool>,
-) -> Result<()> {
-    debug!(lane, "HTTP/3 lane up");
-    let until = stopped.clone();
-    tokio::select! {
-        r = accept_loop(shared, endpoint.clone(), until) => r,
-        _ = stopped.wait_for(|stop| *stop) => {
-            // As the gateway waits for its other sessions (`run`).
-            tokio::time::sleep(GOODBYE).await;
-            endpoint.close(quic::H3_NO_ERROR.into(), b"");
-            Ok(())
-        }
-    }
+    })?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")
 }
 
 pub(super) async fn accept_loop(

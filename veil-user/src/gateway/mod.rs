@@ -161,9 +161,6 @@ const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
 const WRITE_STALL: Duration = Duration::from_secs(15);
 /// How long closing a connection may take (the last bytes, close_notify).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long sessions have to say goodbye (TLS close_notify, QUIC close)
-/// once the gateway stops, before the datapath goes.
-const GOODBYE: Duration = Duration::from_millis(200);
 /// Bytes of replies a session takes off its queue for one write, at most
 /// (the rest wait there, bounded, instead of in the write buffer); the
 /// session's send buffer, kept between writes, holds that many.
@@ -297,7 +294,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let (cert, key, operator) = server_identity(&cfg, &state, &ca)?;
     let tls_config = tls::server_config(&ca.cert_pem, &cert, &key)?;
     let quic = match cfg.h3 {
-        true => Some((h3::bind(cfg.listen, workers())?, tls_config.clone())),
+        true => Some(h3::endpoint(cfg.listen, tls_config.clone())?),
         false => None,
     };
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
@@ -312,7 +309,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     state.record_gateway(&endpoint, operator)?;
     let inner_addr = first_host(cfg.pool)?;
 
-    let queues = cfg.tun_queues.map_or_else(workers, usize::from);
+    let queues = cfg
+        .tun_queues
+        .map_or_else(tun_queues::default_queues, usize::from);
     let tun = tun_queues::TunQueues::create(&cfg.tun_name, MTU, queues)
         .with_context(|| format!("creating the TUN device {}", cfg.tun_name))?;
     tun.set_queue_len(veil_tunnel::tun::GATEWAY_QUEUE_LEN)
@@ -466,31 +465,19 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
             stopped.clone(),
         ));
     }
-    let mut lanes = match quic {
-        Some((sockets, tls)) => Some(h3::start(sockets, tls, shared.clone(), stopped.clone())?),
-        None => None,
-    };
-    let lane_ended = async {
-        match &mut lanes {
-            Some(lanes) => lanes.first_end().await,
-            None => std::future::pending().await,
-        }
-    };
+    if let Some(quic) = quic {
+        tasks.spawn(h3::accept_loop(shared.clone(), quic, stopped.clone()));
+    }
     let accept = accept::accept_loop(shared.clone(), listener, acceptor, stopped);
     tokio::select! {
         () = shutdown => {}
         r = accept => r?,
-        r = lane_ended => r?,
         Some(r) = tasks.join_next() => r??,
     }
     let _ = stop.send(true);
     // Let sessions say goodbye (TLS close_notify) before the datapath goes.
-    tokio::time::sleep(GOODBYE).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     tasks.abort_all();
-    if let Some(lanes) = lanes {
-        // Each ends a goodbye after the stop, its sessions with it.
-        let _ = tokio::task::spawn_blocking(move || lanes.join()).await;
-    }
     let _ = std::fs::remove_file(shared.cfg.state_dir.join(control::SOCKET));
     drop(shared.datapath.lock().expect("datapath lock").take());
     info!("gateway stopped: programs detached, pins removed");
@@ -531,15 +518,6 @@ fn server_identity(
         key,
         Some(crate::state::OperatorIdentity { server_name, pin }),
     ))
-}
-
-/// The worker threads of the runtime the gateway runs on (`--threads`,
-/// default one per CPU): as many TUN queues (when none are asked for), so
-/// that every worker can be reading replies at once, and HTTP/3 lanes.
-fn workers() -> usize {
-    tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_workers())
-        .unwrap_or(1)
 }
 
 /// The GRO stage, if the operator asked for it or the WAN does no GRO

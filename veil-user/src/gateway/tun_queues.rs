@@ -82,3 +82,12 @@ impl TunQueues {
 fn queue_of(vip: Ipv4Addr, queues: usize) -> usize {
     veil_common::steer::queue_of(vip.to_bits(), queues)
 }
+
+/// The queues to create when none are asked for: one per worker of the
+/// runtime the gateway runs on (`--threads`, default one per CPU), so that
+/// every worker can be reading replies at once.
+pub(super) fn default_queues() -> usize {
+    tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_workers())
+        .unwrap_or(1)
+}
