@@ -6,6 +6,8 @@
 //! `veil_tests::world`. shadowsocks' server runs in the gateway namespace
 //! and dials the remote itself. One TCP stream each way, the same SOCKS5
 //! client code for veil and shadowsocks, the same servers on the remote.
+//! veil runs over TLS over TCP, as shadowsocks does;
+//! `VEIL_BENCH_TRANSPORT=h3` runs veil's two modes over HTTP/3 instead.
 
 #[allow(unused_imports, reason = "one import list for the benchmark's modules")]
 use super::*;
@@ -54,6 +56,10 @@ pub(crate) fn socks(quick: bool) {
     use veil_tests::{proc::Proc, world::World};
 
     let (secs, conn_secs) = if quick { (2, 1) } else { (5, 3) };
+    let (transport, transport_name) = match std::env::var("VEIL_BENCH_TRANSPORT").as_deref() {
+        Ok("h3") => ("h3", "HTTP/3"),
+        _ => ("tcp", "TLS over TCP"),
+    };
     println!("## SOCKS5: veil beside shadowsocks\n");
     println!(
         "kernel {}, {} CPUs; one TCP stream for {secs} s each way, new connections for {conn_secs} s \
@@ -64,7 +70,7 @@ pub(crate) fn socks(quick: bool) {
     );
     println!(
         "veil SOCKS5: `veil-client --socks` (smoltcp on the tunnel's address, no TUN). \
-         veil TUN: the same client with its TUN device. Both over TLS over TCP. shadowsocks: ss-local → ss-server \
+         veil TUN: the same client with its TUN device. Both over {transport_name}. shadowsocks: ss-local → ss-server \
          (aes-256-gcm: its fastest here, AES-NI through libsodium), ss-server in the gateway namespace.\n"
     );
     // The gateway as the peers benchmark sets it up: its default caps on
@@ -75,9 +81,10 @@ pub(crate) fn socks(quick: bool) {
     let _servers = start_servers(&world.remote);
     let profile = world.add_client("bench", 1);
 
-    // Both over TLS over TCP, as shadowsocks runs over TCP: the transport
-    // is not what this compares (`bench peers` has veil-h3 beside veil).
-    let tcp = ["--transport", "tcp"];
+    // By default both over TLS over TCP, as shadowsocks runs over TCP:
+    // the transport is not what this compares (`bench peers` has veil-h3
+    // beside veil).
+    let tcp = ["--transport", transport];
     eprintln!("measuring veil SOCKS5 ...");
     let client =
         world.start_client_with(1, &profile, true, &["--socks", VEIL_SOCKS, tcp[0], tcp[1]]);
