@@ -16,7 +16,7 @@ use crate::{
 #[derive(Args)]
 pub struct Options {
     /// What to measure.
-    #[arg(default_value = "peers", value_parser = ["datapath", "tunnel", "peers", "forward", "socks", "ipv6", "flows", "churn", "scale", "loss"])]
+    #[arg(default_value = "peers", value_parser = ["datapath", "tunnel", "peers", "forward", "socks", "ipv6", "flows", "churn", "scale", "loss", "capsules"])]
     pub what: String,
     /// Shorter runs: a smoke test of the numbers, not a measurement.
     #[arg(long)]

@@ -18,6 +18,7 @@
 //! `loss`: TCP goodput over HTTP/3 and TLS/TCP through loss and delay.
 //! `churn`: thousands of real sessions connecting, sending, leaving and
 //! coming back.
+//! `capsules`: the tunnel's capsule decoder, in memory.
 
 use std::{
     io::Write,
@@ -53,15 +54,17 @@ fn main() {
         "churn" => churn(quick),
         "scale" => scale(quick),
         "loss" => loss(quick),
+        "capsules" => capsules(quick),
         other => {
             eprintln!(
-                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn, scale, loss"
+                "unknown benchmark `{other}`; known: datapath, tunnel, peers, forward, socks, ipv6, flows, churn, scale, loss, capsules"
             );
             std::process::exit(2);
         }
     }
 }
 
+mod capsules;
 mod churn;
 mod datapath;
 mod forward;
@@ -80,6 +83,6 @@ mod tunnel;
     reason = "the modules share one import list through `use super::*`"
 )]
 use self::{
-    churn::*, datapath::*, forward::*, ipv6::*, loss::*, measure::*, million::*, peers::*,
-    scale::*, socks::*, tunnel::*,
+    capsules::*, churn::*, datapath::*, forward::*, ipv6::*, loss::*, measure::*, million::*,
+    peers::*, scale::*, socks::*, tunnel::*,
 };
