@@ -43,7 +43,7 @@ use rtnetlink::{
 };
 use tracing::{debug, info};
 
-use crate::net;
+use crate::{control::StageState, net};
 
 /// Whether the operator asked for the stage (`--gro-stage on|off`); with
 /// neither, it is there when the WAN does no GRO ([`wanted`]).
@@ -213,19 +213,30 @@ pub struct StageWatch {
     lost: AtomicBool,
 }
 
+/// What became of a stage the gateway no longer sends replies through.
+#[derive(Debug, thiserror::Error)]
+pub enum StageLost {
+    #[error("{0} is gone")]
+    Gone(String),
+    #[error("{0} was replaced")]
+    Replaced(String),
+    #[error("{0} is down")]
+    Down(String),
+}
+
 impl StageWatch {
-    /// `Err` says what is wrong: an end gone, replaced or down.
-    pub fn check(&self) -> Result<(), String> {
+    /// Whether both ends are still the ones the gateway made, and up.
+    pub fn check(&self) -> Result<(), StageLost> {
         match net::ifindex(&self.near) {
             Ok(i) if i == self.near_ifindex => {}
-            Ok(_) => return Err(format!("{} was replaced", self.near)),
-            Err(_) => return Err(format!("{} is gone", self.near)),
+            Ok(_) => return Err(StageLost::Replaced(self.near.clone())),
+            Err(_) => return Err(StageLost::Gone(self.near.clone())),
         }
         for end in [&self.near, &self.far] {
             match net::is_up(end) {
                 Ok(true) => {}
-                Ok(false) => return Err(format!("{end} is down")),
-                Err(_) => return Err(format!("{end} is gone")),
+                Ok(false) => return Err(StageLost::Down(end.clone())),
+                Err(_) => return Err(StageLost::Gone(end.clone())),
             }
         }
         Ok(())
@@ -247,8 +258,12 @@ impl StageWatch {
         self.lost.store(true, Relaxed);
     }
 
-    pub fn lost(&self) -> bool {
-        self.lost.load(Relaxed)
+    /// What `status` shows of it.
+    pub fn state(&self) -> StageState {
+        match self.lost.load(Relaxed) {
+            true => StageState::Lost,
+            false => StageState::In,
+        }
     }
 }
 

@@ -448,9 +448,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     tasks.spawn(revocations::watch(shared.clone()));
     tasks.spawn(leases::writer(shared.clone()));
     tasks.spawn(trim::watch(shared.clone()));
-    if shared.stage.is_some() {
-        tasks.spawn(watch_gro_stage(shared.clone()));
-    }
+    tasks.spawn(watch_gro_stage(shared.clone()));
     tasks.spawn(forward_datapath_log(datapath_log));
     if let Some(fwd) = shared.forwarding.clone() {
         tasks.spawn(forward::watch(shared.clone(), fwd));
@@ -651,6 +649,7 @@ const STAGE_CHECK: Duration = Duration::from_secs(1);
 /// makes a new one.
 async fn watch_gro_stage(shared: Arc<Shared>) -> Result<()> {
     let Some(stage) = &shared.stage else {
+        // No stage, nothing to watch (a task that ends stops the gateway).
         return std::future::pending().await;
     };
     let mut tick = tokio::time::interval(STAGE_CHECK);

@@ -97,10 +97,7 @@ impl Shared {
             datapath,
             forwards,
             forward_problems,
-            gro_stage: self.stage.as_ref().map(|s| match s.lost() {
-                true => control::StageState::Lost,
-                false => control::StageState::In,
-            }),
+            gro_stage: self.stage.as_ref().map(|s| s.state()),
         }
     }
 
