@@ -629,7 +629,7 @@ pub(crate) fn forward(path: Path, secs: f64, generator: Generator) -> Forwarded 
     // own port, which MASQUERADE kept, through the kernel.
     let reply_port = dp.as_ref().map_or(40000, |(_, _, nat)| *nat);
     let mut reply = frame(REMOTE, PUBLIC, 64, L4::udp(9, reply_port, &[0u8; 22]));
-    reply[..6].copy_from_slice(&mac_of(&gw, "wan0"));
+    reply[..6].copy_from_slice(&veil_tests::lossy::mac_of(&gw, "wan0"));
     let delivered = || match replies {
         true => tx_handled(&gw, "veilgw"),
         false => rx_packets(&remote),
@@ -678,17 +678,6 @@ fn tx_handled(ns: &NetNs, dev: &str) -> u64 {
     tx["packets"].as_u64().expect("tx packets") + tx["dropped"].as_u64().expect("tx dropped")
 }
 
-/// The MAC address of `dev` in `ns`.
-fn mac_of(ns: &NetNs, dev: &str) -> [u8; 6] {
-    let v = link_json(ns, dev);
-    let text = v[0]["address"].as_str().expect("a MAC address");
-    let mut mac = [0; 6];
-    for (b, hex) in mac.iter_mut().zip(text.split(':')) {
-        *b = u8::from_str_radix(hex, 16).expect("a MAC address");
-    }
-    mac
-}
-
 /// `ip -s -j link show dev` in `ns`, parsed.
 fn link_json(ns: &NetNs, dev: &str) -> serde_json::Value {
     let out = Command::new("ip")
@@ -699,12 +688,7 @@ fn link_json(ns: &NetNs, dev: &str) -> serde_json::Value {
 }
 
 pub(crate) fn rx_packets(ns: &NetNs) -> u64 {
-    let out = Command::new("ip")
-        .args(["-n", ns.name(), "-s", "-j", "link", "show", "eth0"])
-        .output()
-        .expect("ip link");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-    v[0]["stats64"]["rx"]["packets"]
+    link_json(ns, "eth0")[0]["stats64"]["rx"]["packets"]
         .as_u64()
         .expect("rx packets")
 }

@@ -4,6 +4,44 @@
 #[allow(unused_imports, reason = "one import list for the benchmark's modules")]
 use super::*;
 
+/// The tunnel veil's clients take where a benchmark lets
+/// `VEIL_BENCH_TRANSPORT` choose (`tcp`, the default, or `h3`).
+#[derive(Clone, Copy)]
+pub(crate) enum Transport {
+    Tcp,
+    H3,
+}
+
+impl Transport {
+    /// From `VEIL_BENCH_TRANSPORT`; any other value stops the benchmark,
+    /// so that a typo does not measure the default under another name.
+    pub(crate) fn from_env() -> Self {
+        match std::env::var("VEIL_BENCH_TRANSPORT").as_deref() {
+            Err(_) | Ok("tcp") => Transport::Tcp,
+            Ok("h3") => Transport::H3,
+            Ok(other) => {
+                eprintln!("VEIL_BENCH_TRANSPORT={other}: expected tcp or h3");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TLS/TCP",
+            Transport::H3 => "HTTP/3",
+        }
+    }
+
+    /// The client's `--transport` value.
+    pub(crate) fn flag(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::H3 => "h3",
+        }
+    }
+}
+
 pub(crate) fn iperf3(ns: &str, secs: u32, streams: u32, reverse: bool) -> f64 {
     iperf3_to(ns, (REMOTE, 5201).into(), secs, streams, reverse)
 }

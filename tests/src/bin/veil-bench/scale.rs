@@ -5,7 +5,7 @@
 //! topology, with one queue (`--tun-queues 1`, the gateway before
 //! multi-queue); and the gateway's CPU time per GB carried.
 //! `VEIL_BENCH_TRANSPORT=h3` runs the clients over HTTP/3 instead of
-//! TLS/TCP (spread over the gateway's HTTP/3 lanes).
+//! TLS/TCP.
 
 #[allow(unused_imports, reason = "one import list for the benchmark's modules")]
 use super::*;
@@ -34,10 +34,7 @@ struct Series {
 
 pub(crate) fn scale(quick: bool) {
     let secs = if quick { 3 } else { 8 };
-    let transport = match std::env::var("VEIL_BENCH_TRANSPORT").as_deref() {
-        Ok("h3") => Transport::H3,
-        _ => Transport::Tcp,
-    };
+    let transport = Transport::from_env();
     let cpus = num_cpus();
     println!("## veil across cores: clients at once\n");
     println!(
@@ -89,29 +86,6 @@ pub(crate) fn scale(quick: bool) {
             m.down / o.down.max(1.0),
             m.up / o.up.max(1.0)
         );
-    }
-}
-
-/// The tunnel the clients take.
-#[derive(Clone, Copy)]
-enum Transport {
-    Tcp,
-    H3,
-}
-
-impl Transport {
-    fn name(self) -> &'static str {
-        match self {
-            Transport::Tcp => "TLS/TCP",
-            Transport::H3 => "HTTP/3",
-        }
-    }
-
-    fn flag(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::H3 => "h3",
-        }
     }
 }
 

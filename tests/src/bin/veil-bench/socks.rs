@@ -56,10 +56,7 @@ pub(crate) fn socks(quick: bool) {
     use veil_tests::{proc::Proc, world::World};
 
     let (secs, conn_secs) = if quick { (2, 1) } else { (5, 3) };
-    let (transport, transport_name) = match std::env::var("VEIL_BENCH_TRANSPORT").as_deref() {
-        Ok("h3") => ("h3", "HTTP/3"),
-        _ => ("tcp", "TLS over TCP"),
-    };
+    let transport = Transport::from_env();
     println!("## SOCKS5: veil beside shadowsocks\n");
     println!(
         "kernel {}, {} CPUs; one TCP stream for {secs} s each way, new connections for {conn_secs} s \
@@ -70,8 +67,9 @@ pub(crate) fn socks(quick: bool) {
     );
     println!(
         "veil SOCKS5: `veil-client --socks` (smoltcp on the tunnel's address, no TUN). \
-         veil TUN: the same client with its TUN device. Both over {transport_name}. shadowsocks: ss-local → ss-server \
-         (aes-256-gcm: its fastest here, AES-NI through libsodium), ss-server in the gateway namespace.\n"
+         veil TUN: the same client with its TUN device. Both over {}. shadowsocks: ss-local → ss-server \
+         (aes-256-gcm: its fastest here, AES-NI through libsodium), ss-server in the gateway namespace.\n",
+        transport.name()
     );
     // The gateway as the peers benchmark sets it up: its default caps on
     // flows per client and ports per remote endpoint would measure
@@ -84,10 +82,14 @@ pub(crate) fn socks(quick: bool) {
     // By default both over TLS over TCP, as shadowsocks runs over TCP:
     // the transport is not what this compares (`bench peers` has veil-h3
     // beside veil).
-    let tcp = ["--transport", transport];
+    let over = ["--transport", transport.flag()];
     eprintln!("measuring veil SOCKS5 ...");
-    let client =
-        world.start_client_with(1, &profile, true, &["--socks", VEIL_SOCKS, tcp[0], tcp[1]]);
+    let client = world.start_client_with(
+        1,
+        &profile,
+        true,
+        &["--socks", VEIL_SOCKS, over[0], over[1]],
+    );
     let veil_socks = figures(
         &world,
         Via::Socks(VEIL_SOCKS),
@@ -98,7 +100,7 @@ pub(crate) fn socks(quick: bool) {
     drop(client);
 
     eprintln!("measuring veil TUN ...");
-    let client = world.start_client_with(1, &profile, true, &tcp);
+    let client = world.start_client_with(1, &profile, true, &over);
     let veil_tun = figures(&world, Via::Direct, client.pid(), secs, conn_secs);
     drop(client);
 
