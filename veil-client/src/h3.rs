@@ -34,6 +34,9 @@ pub struct H3 {
     pub endpoint: quinn::Endpoint,
     /// The gateway's address this connection reached.
     pub gateway: SocketAddr,
+    /// The endpoint's and the connection's drivers, for the task that
+    /// runs the session.
+    pub driver: quic::Driver,
 }
 
 /// What a connection attempt ended with.
@@ -68,32 +71,45 @@ pub async fn connect(
     mtu: u16,
 ) -> Result<H3> {
     let socket = quic::udp_socket(any_port_of(gateway)).context("opening a UDP socket")?;
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?;
-    let connecting = endpoint.connect_with(config.clone(), gateway, server_name)?;
-    let conn = tokio::time::timeout(connect, connecting)
-        .await
-        .map_err(|_| anyhow::anyhow!("no QUIC answer from {gateway} within {connect:?}"))?
-        .context("QUIC handshake")?;
-    let attempt = async {
-        let control = quic::control(&conn).await?;
-        quic::check_peer(&conn, &control.settings, true)?;
-        let (send, recv, stream_id) = quic::open_request(&conn).await?;
-        Ok::<_, anyhow::Error>((control, send, recv, stream_id))
+    // quinn's drivers, the endpoint's (receiving) and the connection's,
+    // run in the task that uses the connection (quic::Driver): here, then
+    // in the session's pump.
+    let (endpoint, mut driver) = quic::Driver::capture(|| {
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quic::Runtime),
+        )
+    });
+    let endpoint = endpoint?;
+    let connecting =
+        driver.capture_more(|| endpoint.connect_with(config.clone(), gateway, server_name))?;
+    let ready = async {
+        let conn = tokio::time::timeout(connect, connecting)
+            .await
+            .map_err(|_| anyhow::anyhow!("no QUIC answer from {gateway} within {connect:?}"))?
+            .context("QUIC handshake")?;
+        let attempt = async {
+            let control = quic::control(&conn).await?;
+            quic::check_peer(&conn, &control.settings, true)?;
+            let (send, recv, stream_id) = quic::open_request(&conn).await?;
+            Ok::<_, anyhow::Error>((control, send, recv, stream_id))
+        };
+        let (control, send, recv, stream_id) =
+            tokio::time::timeout(setup, attempt).await.map_err(|_| {
+                anyhow::anyhow!("HTTP/3 setup with {gateway} timed out after {setup:?}")
+            })??;
+        wait_for_path_mtu(&conn, mtu).await;
+        Ok::<_, anyhow::Error>((conn, control, send, recv, stream_id))
     };
-    let (control, send, recv, stream_id) = tokio::time::timeout(setup, attempt)
-        .await
-        .map_err(|_| anyhow::anyhow!("HTTP/3 setup with {gateway} timed out after {setup:?}"))??;
-    wait_for_path_mtu(&conn, mtu).await;
+    let (conn, control, send, recv, stream_id) = driver.beside(ready).await?;
     Ok(H3 {
         transport: QuicTransport::new(conn, control, send, recv),
         stream_id,
         endpoint,
         gateway,
+        driver,
     })
 }
 

@@ -522,14 +522,14 @@ impl Tunnel<'_> {
                     transport,
                     stream_id,
                     endpoint,
+                    mut driver,
                     ..
                 } = *h3;
                 let session = ClientSession::new_h3(config, Instant::now(), stream_id)?;
                 let local = uplink::source_for(self.gateway);
-                let end = self
-                    .pump(session, transport, local, Some(endpoint.clone()), sides)
-                    .await;
-                endpoint.wait_idle().await;
+                let pump = self.pump(session, transport, local, Some(endpoint.clone()), sides);
+                let end = driver.beside(pump).await;
+                driver.beside(endpoint.wait_idle()).await;
                 end
             }
         }

@@ -22,6 +22,10 @@ use veil_proto::h3::{self, ControlReader, Settings};
 
 use crate::stream::{Event, Stream, Transport};
 
+mod driver;
+mod socket;
+pub use driver::{Driver, Runtime};
+
 /// HTTP/3's "no error" code, for a connection closed at the end of a
 /// session (RFC 9114 §8.1).
 pub const H3_NO_ERROR: u32 = 0x100;

@@ -18,24 +18,40 @@ use super::{
 };
 use crate::admission::Permit;
 
-/// The QUIC endpoint on UDP at `listen`, with the gateway's TLS identity.
-pub(super) fn endpoint(listen: SocketAddr, tls: rustls::ServerConfig) -> Result<quinn::Endpoint> {
+/// The QUIC endpoint on UDP at `listen`, with the gateway's TLS identity,
+/// and its driver, for the accept loop's task.
+pub(super) fn endpoint(
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<(quinn::Endpoint, quic::Driver)> {
     let config = quic::server_config(tls)?;
     let socket = quic::udp_socket(listen).with_context(|| {
         format!(
             "serving HTTP/3 on UDP {listen} (something else on that port? --no-h3 turns it off)"
         )
     })?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .context("starting the QUIC endpoint")
+    let (endpoint, driver) = quic::Driver::capture(|| {
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket,
+            Arc::new(quic::Runtime),
+        )
+    });
+    Ok((endpoint.context("starting the QUIC endpoint")?, driver))
 }
 
+/// Accepts QUIC connections, each into a task of its own, with the
+/// endpoint's driver (which receives for every connection) polled here.
 pub(super) async fn accept_loop(
+    shared: Arc<Shared>,
+    (endpoint, mut driver): (quinn::Endpoint, quic::Driver),
+    stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    driver.beside(accept(shared, endpoint, stopped)).await
+}
+
+async fn accept(
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     stopped: watch::Receiver<bool>,
@@ -57,7 +73,11 @@ pub(super) async fn accept_loop(
         let (shared, stopped) = (shared.clone(), stopped.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            match connection(&shared, incoming, peer, permit, stopped).await {
+            // The connection's driver runs in this task, beside its
+            // session: no hand-over between tasks per packet.
+            let (accepted, mut driver) = quic::Driver::capture(|| incoming.accept());
+            let session = connection(&shared, accepted, peer, permit, stopped);
+            match driver.beside(session).await {
                 Ok(end) => {
                     info!(client = %end.name, vip = %end.vip, transport = "h3",
                         secs = started.elapsed().as_secs(), "session ended: {}", end.reason);
@@ -76,15 +96,14 @@ pub(super) async fn accept_loop(
 /// One QUIC connection, from its first packet to close.
 async fn connection(
     shared: &Arc<Shared>,
-    incoming: quinn::Incoming,
+    accepted: Result<quinn::Connecting, quinn::ConnectionError>,
     peer: SocketAddr,
     permit: Permit,
     stopped: watch::Receiver<bool>,
 ) -> Result<super::accept::SessionEnd, Refused> {
     let tls_failed = |e: &dyn std::fmt::Display| Refused::Tls(std::io::Error::other(e.to_string()));
     let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        incoming
-            .accept()
+        accepted
             .map_err(|e| tls_failed(&e))?
             .await
             .map_err(|e| tls_failed(&e))
