@@ -300,6 +300,20 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// Runs `test` on a current-thread runtime, as the client does.
+    fn run(test: impl Future<Output = ()>) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(test)
+    }
+
+    /// A driver keeping `task`, as if quinn had spawned it.
+    fn keeping(task: impl Future<Output = ()> + Send + 'static) -> Driver {
+        Driver::capture(|| quinn::Runtime::spawn(&Runtime, Box::pin(task))).1
+    }
+
     /// A future that is ready on its `n`th poll and wakes itself before.
     fn ready_on(n: usize, polls: Arc<AtomicUsize>) -> impl Future<Output = ()> + Send {
         poll_fn(move |cx| {
@@ -312,23 +326,26 @@ mod tests {
         })
     }
 
+    fn counter() -> Arc<AtomicUsize> {
+        Arc::new(AtomicUsize::new(0))
+    }
+
+    fn count(c: &AtomicUsize) -> usize {
+        c.load(Ordering::SeqCst)
+    }
+
     #[test]
     fn capture_takes_one_spawn_and_only_inside() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let polls = Arc::new(AtomicUsize::new(0));
-            let ((), driver) = Driver::capture(|| {
-                quinn::Runtime::spawn(&Runtime, Box::pin(ready_on(1, polls.clone())));
-            });
+        run(async {
+            let polls = counter();
+            let driver = keeping(ready_on(1, polls.clone()));
             assert_eq!(driver.kept(), 1);
-            assert_eq!(polls.load(Ordering::SeqCst), 0, "kept, not run");
+            assert_eq!(count(&polls), 0, "kept, not run");
             // Outside a capture, spawn spawns.
-            let spawned = Arc::new(AtomicUsize::new(0));
+            let spawned = counter();
             quinn::Runtime::spawn(&Runtime, Box::pin(ready_on(1, spawned.clone())));
             tokio::task::yield_now().await;
-            assert_eq!(spawned.load(Ordering::SeqCst), 1);
+            assert_eq!(count(&spawned), 1);
             let ((), none) = Driver::capture(|| ());
             assert_eq!(none.kept(), 0);
         });
@@ -336,90 +353,61 @@ mod tests {
 
     #[test]
     fn beside_polls_both_and_self_wakes_stay_in_the_task() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let (driver_polls, work_polls) =
-                (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-            let ((), mut driver) = Driver::capture(|| {
-                quinn::Runtime::spawn(&Runtime, Box::pin(ready_on(100, driver_polls.clone())));
-            });
+        run(async {
+            let (driver_polls, work_polls) = (counter(), counter());
+            let mut driver = keeping(ready_on(100, driver_polls.clone()));
             driver.beside(ready_on(3, work_polls.clone())).await;
-            assert_eq!(work_polls.load(Ordering::SeqCst), 3);
+            assert_eq!(count(&work_polls), 3);
             // Polled as often as the work: once per round.
-            assert_eq!(driver_polls.load(Ordering::SeqCst), 3);
+            assert_eq!(count(&driver_polls), 3);
             assert_eq!(driver.kept(), 1, "not finished, still kept");
         });
     }
 
     #[test]
     fn a_turn_polls_only_what_was_woken() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let driver_polls = Arc::new(AtomicUsize::new(0));
+        run(async {
+            let driver_polls = counter();
             let counted = driver_polls.clone();
-            let ((), mut driver) = Driver::capture(|| {
-                let quiet = poll_fn(move |_| {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    Poll::<()>::Pending
-                });
-                quinn::Runtime::spawn(&Runtime, Box::pin(quiet));
-            });
-            let work_polls = Arc::new(AtomicUsize::new(0));
+            let mut driver = keeping(poll_fn(move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Poll::<()>::Pending
+            }));
+            let work_polls = counter();
             driver.beside(ready_on(5, work_polls.clone())).await;
-            assert_eq!(work_polls.load(Ordering::SeqCst), 5);
-            assert_eq!(
-                driver_polls.load(Ordering::SeqCst),
-                1,
-                "polled once, never woken"
-            );
+            assert_eq!(count(&work_polls), 5);
+            assert_eq!(count(&driver_polls), 1, "polled once, never woken");
         });
     }
 
     #[test]
     fn dropped_unfinished_it_is_spawned() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let polls = Arc::new(AtomicUsize::new(0));
-            let ((), driver) = Driver::capture(|| {
-                quinn::Runtime::spawn(&Runtime, Box::pin(ready_on(5, polls.clone())));
-            });
-            drop(driver);
+        run(async {
+            let polls = counter();
+            drop(keeping(ready_on(5, polls.clone())));
             for _ in 0..10 {
                 tokio::task::yield_now().await;
             }
-            assert_eq!(polls.load(Ordering::SeqCst), 5, "ran to the end on its own");
+            assert_eq!(count(&polls), 5, "ran to the end on its own");
         });
     }
 
     #[test]
     fn dropped_it_still_hears_the_waker_quinn_kept() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        run(async {
             // As quinn's endpoint driver: keeps the first waker it gets.
             let kept: Arc<Mutex<Option<Waker>>> = Arc::default();
-            let done = Arc::new(AtomicUsize::new(0));
+            let done = counter();
             let (k, d) = (kept.clone(), done.clone());
-            let ((), mut driver) = Driver::capture(|| {
-                let once = poll_fn(move |cx| {
-                    k.lock()
-                        .expect("lock")
-                        .get_or_insert_with(|| cx.waker().clone());
-                    match d.load(Ordering::SeqCst) {
-                        0 => Poll::Pending,
-                        _ => Poll::Ready(()),
-                    }
-                });
-                quinn::Runtime::spawn(&Runtime, Box::pin(once));
-            });
+            let mut driver = keeping(poll_fn(move |cx| {
+                k.lock()
+                    .expect("lock")
+                    .get_or_insert_with(|| cx.waker().clone());
+                match count(&d) {
+                    0 => Poll::Pending,
+                    _ => Poll::Ready(()),
+                }
+            }));
             driver.beside(async {}).await;
             assert!(kept.lock().expect("lock").is_some());
             drop(driver);
