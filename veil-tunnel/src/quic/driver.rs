@@ -28,11 +28,13 @@ use std::{
     pin::{pin, Pin},
     sync::{
         atomic::{AtomicU32, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     task::{Context, Poll, Wake, Waker},
     time::Instant,
 };
+
+use futures_util::task::AtomicWaker;
 
 /// What quinn spawns.
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -88,35 +90,21 @@ const ROUNDS: usize = 4;
 /// the `Driver` is dropped, those not finished go on in a task of their
 /// own, as quinn would have spawned them, to close connections and drain
 /// them.
-///
-/// Each driver and the work have a waker of their own: a turn polls only
-/// those that were woken (quinn keeps a waker it was given, so each
-/// driver's stays the same for its whole life).
-pub struct Driver {
-    /// The drivers, `None` once finished. Slot `i` wakes bit `i + 1`.
-    tasks: Vec<Option<(Task, Waker)>>,
-    wakes: Arc<Wakes>,
-    /// The work's waker: bit 0.
-    work: Waker,
-    /// Whether drivers left unfinished when this drops go on in a task
-    /// (not for that task's own, which the runtime drops at shutdown).
-    spawn_rest: bool,
-}
+pub struct Driver(Kept);
 
 impl Driver {
     /// Runs `make`, which makes an endpoint or opens or accepts a
     /// connection, and keeps the drivers quinn spawns there.
     pub fn capture<T>(make: impl FnOnce() -> T) -> (T, Driver) {
         let wakes = Arc::new(Wakes::default());
-        let mut driver = Driver {
+        let mut driver = Driver(Kept {
             tasks: Vec::new(),
             work: Waker::from(Arc::new(Slot {
                 wakes: wakes.clone(),
                 bit: WORK,
             })),
             wakes,
-            spawn_rest: true,
-        };
+        });
         let made = driver.capture_more(make);
         (made, driver)
     }
@@ -139,11 +127,63 @@ impl Driver {
             .unwrap_or_default();
         drop(capturing);
         for task in tasks {
-            self.keep(task);
+            self.0.keep(task);
         }
         made
     }
 
+    /// How many drivers are kept and not finished.
+    pub fn kept(&self) -> usize {
+        self.0.count()
+    }
+
+    /// Runs `work` with the drivers polled beside it, in this task.
+    pub async fn beside<F: Future>(&mut self, work: F) -> F::Output {
+        let mut work = pin!(work);
+        // New work: polled on the first turn, whatever woke what before.
+        self.0.wakes.state.fetch_or(WORK, Ordering::SeqCst);
+        poll_fn(|cx| self.0.poll_with(cx, |cx| work.as_mut().poll(cx))).await
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.kept() == 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // The rest, with the same wakers (quinn kept them), until they
+        // finish.
+        let mut rest = Kept {
+            tasks: std::mem::take(&mut self.0.tasks),
+            wakes: self.0.wakes.clone(),
+            work: self.0.work.clone(),
+        };
+        runtime.spawn(poll_fn(move |cx| {
+            let _ = rest.poll_with(cx, |_| Poll::<()>::Pending);
+            match rest.count() {
+                0 => Poll::Ready(()),
+                _ => Poll::Pending,
+            }
+        }));
+    }
+}
+
+/// The drivers and their wakers. Each driver and the work have a waker of
+/// their own: a turn polls only those that were woken (quinn keeps a
+/// waker it was given, so each driver's stays the same for its whole
+/// life).
+struct Kept {
+    /// The drivers, `None` once finished. Slot `i` wakes bit `i + 1`.
+    tasks: Vec<Option<(Task, Waker)>>,
+    wakes: Arc<Wakes>,
+    /// The work's waker: bit 0.
+    work: Waker,
+}
+
+impl Kept {
     fn keep(&mut self, task: Task) {
         let bit = 1 << (self.tasks.len() + 1);
         if bit & POLLING != 0 {
@@ -160,17 +200,8 @@ impl Driver {
         self.wakes.state.fetch_or(bit, Ordering::SeqCst);
     }
 
-    /// How many drivers are kept and not finished.
-    pub fn kept(&self) -> usize {
+    fn count(&self) -> usize {
         self.tasks.iter().flatten().count()
-    }
-
-    /// Runs `work` with the drivers polled beside it, in this task.
-    pub async fn beside<F: Future>(&mut self, work: F) -> F::Output {
-        let mut work = pin!(work);
-        // New work: polled on the first turn, whatever woke what before.
-        self.wakes.state.fetch_or(WORK, Ordering::SeqCst);
-        poll_fn(|cx| self.poll_with(cx, |cx| work.as_mut().poll(cx))).await
     }
 
     /// One turn: the woken drivers and `work`, round after round while
@@ -180,7 +211,7 @@ impl Driver {
         cx: &mut Context,
         mut work: impl FnMut(&mut Context) -> Poll<T>,
     ) -> Poll<T> {
-        self.wakes.register(cx.waker());
+        self.wakes.task.register(cx.waker());
         for _ in 0..ROUNDS {
             // From here, a wake-up only marks its bit for another round.
             self.wakes.state.fetch_or(POLLING, Ordering::SeqCst);
@@ -217,64 +248,28 @@ impl Driver {
     }
 }
 
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if self.kept() == 0 || !self.spawn_rest {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        // The rest, with the same wakers (quinn kept them), until they
-        // finish.
-        let mut rest = Driver {
-            tasks: std::mem::take(&mut self.tasks),
-            wakes: self.wakes.clone(),
-            work: self.work.clone(),
-            spawn_rest: false,
-        };
-        runtime.spawn(poll_fn(move |cx| {
-            let _ = rest.poll_with(cx, |_| Poll::<()>::Pending);
-            match rest.kept() {
-                0 => Poll::Ready(()),
-                _ => Poll::Pending,
-            }
-        }));
-    }
-}
-
 /// Set while the task polls: wake-ups only mark their bits.
 const POLLING: u32 = 1 << 31;
 /// The work's bit; driver `i`'s is `1 << (i + 1)`.
 const WORK: u32 = 1;
 
-/// What woke since the last turn, and the task to wake.
+/// What woke since the last turn, and the task to wake (registered on
+/// every turn, without a lock).
 #[derive(Default)]
 struct Wakes {
     state: AtomicU32,
-    task: Mutex<Option<Waker>>,
+    task: AtomicWaker,
 }
 
 impl Wakes {
-    fn register(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        if !task.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *task = Some(waker.clone());
-        }
-    }
-
     /// Whether `bit` was woken, clearing it.
     fn take(&self, bit: u32) -> bool {
         self.state.fetch_and(!bit, Ordering::SeqCst) & bit != 0
     }
 
     fn wake(&self, bit: u32) {
-        if self.state.fetch_or(bit, Ordering::SeqCst) & POLLING != 0 {
-            return;
-        }
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(waker) = task.as_ref() {
-            waker.wake_by_ref();
+        if self.state.fetch_or(bit, Ordering::SeqCst) & POLLING == 0 {
+            self.task.wake();
         }
     }
 }
@@ -298,7 +293,7 @@ impl Wake for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::{atomic::AtomicUsize, Mutex};
 
     /// Runs `test` on a current-thread runtime, as the client does.
     fn run(test: impl Future<Output = ()>) {

@@ -48,10 +48,10 @@ pub(super) async fn accept_loop(
     (endpoint, mut driver): (quinn::Endpoint, quic::Driver),
     stopped: watch::Receiver<bool>,
 ) -> Result<()> {
-    driver.beside(accept(shared, endpoint, stopped)).await
+    driver.beside(accept_each(shared, endpoint, stopped)).await
 }
 
-async fn accept(
+async fn accept_each(
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     stopped: watch::Receiver<bool>,
