@@ -4,10 +4,17 @@ session (extended CONNECT, :protocol connect-ip, capsules), takes the
 address the gateway assigns, sends one UDP packet in an HTTP datagram
 (context ID 0) and prints what comes back.
 
-    python3 connect_ip_aioquic.py PROFILE HOST:PORT REMOTE:PORT MESSAGE
+    python3 connect_ip_aioquic.py PROFILE HOST:PORT REMOTE:PORT MESSAGE [PARK]
 
 Exit status 0 when the reply echoes MESSAGE; the lines printed say what
 each side sent (for the test's assertions and for reading a failure).
+
+With PARK (a byte count), the client then turns hostile within the rules:
+it writes PARK bytes on each of three streams the gateway never reads
+again (its control stream, as one frame of a reserved type, and two new
+unidirectional streams of a reserved type), gives flow control a few
+seconds, says how many of those bytes the gateway took, and checks that
+the session still carries a packet.
 """
 
 import asyncio
@@ -91,7 +98,32 @@ class Session(QuicConnectionProtocol):
             self.events.put_nowait(e)
 
 
-async def run(profile_path, gateway, remote, message) -> int:
+# A frame and a unidirectional stream type of the reserved ranges (RFC
+# 9114 §7.2.8, §6.2.3): a receiver ignores them, so sending them is within
+# the rules.
+RESERVED_TYPE = 0x1F * 7 + 0x21
+
+
+async def park_on_unread_streams(session, size: int):
+    """Writes `size` bytes on each of three streams the gateway does not
+    read, lets flow control take what it allows, and prints how much."""
+    quic, h3 = session._quic, session.h3
+    print("parking: ready", flush=True)
+    await asyncio.sleep(1)
+    before = quic._remote_max_data_used
+    frame = varint(RESERVED_TYPE) + varint(size) + bytes(size)
+    quic.send_stream_data(h3._local_control_stream_id, frame)
+    for _ in range(2):
+        stream = quic.get_next_available_stream_id(is_unidirectional=True)
+        quic.send_stream_data(stream, varint(RESERVED_TYPE) + bytes(size))
+    session.transmit()
+    await asyncio.sleep(3)
+    print(f"parked: {quic._remote_max_data_used - before} bytes taken", flush=True)
+
+
+async def run(profile_path, gateway, remote, message, park=None) -> int:
+    park = None if park is None else int(park)
+    parked = False
     with open(profile_path, "rb") as f:
         profile = tomllib.load(f)
     host, port = gateway.rsplit(":", 1)
@@ -162,7 +194,13 @@ async def run(profile_path, gateway, remote, message) -> int:
                     reply = packet[ihl + 8:]
                     print(f"datagram: UDP reply from {remote_ip}: {reply.decode(errors='replace')}",
                           flush=True)
-                    return 0 if reply == message.encode() else 1
+                    if reply != message.encode():
+                        return 1
+                    if park is None or parked:
+                        return 0
+                    await park_on_unread_streams(session, park)
+                    parked = True
+                    sent = False
                 if assigned is not None and not sent:
                     packet = udp_packet(assigned, remote_ip, 40000, int(remote_port),
                                         message.encode())
@@ -173,11 +211,11 @@ async def run(profile_path, gateway, remote, message) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6):
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        return asyncio.run(asyncio.wait_for(run(*sys.argv[1:]), timeout=10))
+        return asyncio.run(asyncio.wait_for(run(*sys.argv[1:]), timeout=20))
     except asyncio.TimeoutError:
         print("timed out", flush=True)
         return 1

@@ -25,6 +25,22 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// A process's open descriptors, 0 once it is gone.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A process's resident memory in bytes (`VmRSS`), 0 once it is gone.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
 pub struct Proc {
     child: Child,
     log: PathBuf,

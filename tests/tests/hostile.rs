@@ -18,6 +18,7 @@ use veil_proto::gso::VnetHdr;
 use veil_tests::{
     netns::NetNs,
     packet::{frame, ip_of, ones_sum, L4},
+    proc::{fd_count, rss_bytes},
     raw::{Capture, RawClient},
     wait_until,
     world::{download_data, sha256, World, PUBLIC, REMOTE},
@@ -189,21 +190,6 @@ impl Drop for Flood {
     }
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[test]
 fn a_client_that_stops_reading_cannot_hold_the_gateway_or_the_others() {
     let mut world = World::new(2, &[]);
@@ -233,12 +219,12 @@ fn a_client_that_stops_reading_cannot_hold_the_gateway_or_the_others() {
         stall_once(&world);
     }
     thread::sleep(Duration::from_secs(2));
-    let (fds, rss) = (fd_count(pid), rss_kib(pid));
+    let (fds, rss) = (fd_count(pid), rss_bytes(pid) / 1024);
     for _ in 0..25 {
         stall_once(&world);
     }
     thread::sleep(Duration::from_secs(2));
-    let (fds_after, rss_after) = (fd_count(pid), rss_kib(pid));
+    let (fds_after, rss_after) = (fd_count(pid), rss_bytes(pid) / 1024);
     eprintln!("after 5 stalls: {fds} fds, {rss} KiB; after 30: {fds_after} fds, {rss_after} KiB");
     assert!(
         fds_after <= fds + 2,

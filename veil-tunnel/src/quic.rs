@@ -38,6 +38,16 @@ pub const H3_GENERAL_PROTOCOL_ERROR: u32 = 0x101;
 const DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
 /// How much of the peer's datagrams quinn holds until the pump reads them.
 const DATAGRAM_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+/// What a peer may send on one stream before we read it. The streams carry
+/// capsules (an address, routes, keepalives) and HTTP/3's SETTINGS: a few
+/// KiB. quinn's default (1.25 MB a stream) would let a client park that
+/// much on each stream the gateway never reads again (its control stream
+/// after SETTINGS, the unidirectional streams it may open later).
+const STREAM_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// What a peer may send on all streams together before we read it: what
+/// one hostile client can make the gateway hold (quinn's default has no
+/// limit). Datagrams are not flow-controlled; their buffer is below.
+pub const RECEIVE_WINDOW: u32 = 256 * 1024;
 /// QUIC's own idle timeout: longer than any session's keepalive timeout,
 /// which decides first (and says why).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -71,6 +81,8 @@ pub fn transport_config() -> TransportConfig {
     t.max_idle_timeout(Some(
         IDLE_TIMEOUT.try_into().expect("idle timeout in range"),
     ))
+    .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+    .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
     .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
     .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER))
     // One request stream and the HTTP/3 control and QPACK streams.

@@ -206,11 +206,6 @@ fn keep(live: Live, holders: &mut tokio::task::JoinSet<()>) -> tokio::sync::ones
     tx
 }
 
-/// The gateway process's descriptors.
-fn fds_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 pub(crate) fn churn(quick: bool) {
     let n: usize = std::env::var("VEIL_CHURN_CLIENTS")
         .ok()
@@ -275,7 +270,7 @@ pub(crate) fn churn(quick: bool) {
     );
     let pid = world.gateway.as_ref().unwrap().pid();
     std::thread::sleep(Duration::from_secs(2));
-    let (rss_0, fds_0) = (rss_of(pid), fds_of(pid));
+    let (rss_0, fds_0) = (rss_bytes(pid), fd_count(pid));
 
     let report = world.client(1).enter(|| {
         // SAFETY: raising our own soft limit to the hard one.
@@ -300,7 +295,7 @@ pub(crate) fn churn(quick: bool) {
     let status = world.status();
     let flows_after = status["flows"]["total"].as_u64().unwrap_or(u64::MAX);
     let clients_after = status["clients"].as_array().map_or(0, |c| c.len());
-    let (rss_end, fds_end) = (rss_of(pid), fds_of(pid));
+    let (rss_end, fds_end) = (rss_bytes(pid), fd_count(pid));
 
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!("| what | figure |");
@@ -498,7 +493,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle_cpu = (measure::process_cpu_secs(pid) - idle_from) / 10.0;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (rss_all, fds_all) = (rss_of(pid), fds_of(pid));
+    let (rss_all, fds_all) = (rss_bytes(pid), fd_count(pid));
     let flows_all =
         tokio::task::block_in_place(|| world.status()["flows"]["total"].as_u64().unwrap_or(0));
 
@@ -542,7 +537,7 @@ async fn run(ids: Vec<Identity>, pid: u32, churn_secs: u32, world: &World) -> Re
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_churned = rss_of(pid);
+    let rss_churned = rss_bytes(pid);
     // Everyone leaves, and comes back at once: returning clients, their
     // leases known.
     for tx in leave.iter_mut().filter_map(Option::take) {

@@ -33,6 +33,7 @@ use veil_tests::{
     bed::{Bed, CLIENT, PORTS, PUBLIC, REMOTE, ROUTER},
     netns::{gateway_and_remote, NetNs},
     packet::{frame, icmp_error, ip_of, L4},
+    proc::{fd_count, rss_bytes},
 };
 use veil_user::{
     flows::{PortRange, Timeouts},

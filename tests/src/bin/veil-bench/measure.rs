@@ -254,15 +254,7 @@ pub(crate) fn memory_with_flows(world: &veil_tests::world::World, n: u32) -> (f6
         .as_ref()
         .map(|g| g.pid())
         .expect("gateway running");
-    let rss = || -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<f64>().ok())
-            .unwrap_or(0.0)
-            * 1024.0
-    };
+    let rss = || rss_bytes(pid) as f64;
     let before = rss();
     // Distinct flows: 1,000 sockets (source ports), each toward n / 1,000
     // remote ports, in paced rounds of 200 so that no queue on the way

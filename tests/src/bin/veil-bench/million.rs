@@ -40,17 +40,6 @@ fn own_maps() -> Vec<(String, u64, u64)> {
     maps
 }
 
-/// This process's resident memory, bytes.
-pub(crate) fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
 /// The flow table of `dp`, configured as a gateway's (nothing attached):
 /// the table takes its public addresses from the configuration.
 pub(crate) fn gateway_flow_table(dp: &mut Datapath) -> veil_user::FlowTable {
@@ -94,7 +83,7 @@ pub(crate) fn million_flows(quick: bool) {
         num_cpus()
     );
     let me = std::process::id();
-    let rss_start = rss_of(me);
+    let rss_start = rss_bytes(me);
     let mut dp = Datapath::load_sized(n).expect("loading the datapath sized for the flows");
     let mut flows = gateway_flow_table(&mut dp).with_capacity(n as usize);
     let maps = own_maps();
@@ -105,14 +94,14 @@ pub(crate) fn million_flows(quick: bool) {
         .sum();
     let all_maps: u64 = maps.iter().map(|(_, m, _)| m).sum();
     let keys = keys(n);
-    let rss_empty = rss_of(me);
+    let rss_empty = rss_bytes(me);
     let now = monotonic_ns();
     let start = Instant::now();
     for k in &keys {
         flows.create(*k, now).expect("creating a flow");
     }
     let took = start.elapsed();
-    let rss_full = rss_of(me);
+    let rss_full = rss_bytes(me);
     assert_eq!(flows.len(), n as usize, "every flow held");
     // One more is refused: the table is full at --max-flows.
     let extra = FlowKey::new(proto::UDP, Ipv4Addr::new(10, 77, 0, 2), 9, REMOTE, 9);
