@@ -6,6 +6,7 @@ pub mod bed;
 pub mod bed6;
 pub mod bpffs;
 pub mod dns;
+pub mod interop;
 pub mod lossy;
 pub mod netns;
 pub mod packet;

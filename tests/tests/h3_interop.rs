@@ -12,34 +12,25 @@ use std::{
 };
 
 use veil_tests::{
+    interop::{script, NOT_INSTALLED},
     proc::rss_bytes,
     world::{World, PUBLIC},
 };
 
-/// Where `cargo xtask setup` puts aioquic (`xtask/src/setup.rs`).
-const PYTHON: &str = "/opt/veil-tests/aioquic/bin/python3";
-
-fn script() -> String {
-    format!(
-        "{}/interop/connect_ip_aioquic.py",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
 /// The aioquic client in client 1's namespace, toward the remote's echo
 /// port; `extra` are arguments after the message.
 fn aioquic(world: &World, profile: &std::path::Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/var/run/netns/{}", world.client(1).name()))
-        .arg(PYTHON)
-        .arg(script())
-        .arg(profile)
-        .args(["10.200.1.1:443", "198.18.0.2:7", "hello from aioquic"])
-        .args(extra);
+    let profile = profile.to_str().expect("a UTF-8 path");
+    let args = [
+        profile,
+        "10.200.1.1:443",
+        "198.18.0.2:7",
+        "hello from aioquic",
+    ];
+    let mut cmd = script(world.client(1), "connect_ip_aioquic.py", &args);
+    cmd.args(extra);
     cmd
 }
-
-const NOT_INSTALLED: &str = "running aioquic (cargo xtask setup installs it)";
 
 #[test]
 fn an_aioquic_client_opens_a_connect_ip_session_and_gets_a_reply() {

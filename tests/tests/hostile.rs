@@ -1,11 +1,14 @@
 //! Clients that do what `veil-client` never would, against the real
 //! gateway: forged offload headers, a client that stops reading, floods of
-//! connections that never authenticate. Each promise is checked where a
+//! connections that never authenticate, QUIC handshakes from forged
+//! addresses. Each promise is checked where a
 //! user would check it: on the remote's wire, in the other clients' data,
 //! in the daemon's descriptors and memory.
 
 use std::{
+    io::{BufRead, BufReader},
     net::{Ipv4Addr, TcpStream, UdpSocket},
+    process::Stdio,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -16,6 +19,7 @@ use std::{
 
 use veil_proto::gso::VnetHdr;
 use veil_tests::{
+    interop,
     netns::NetNs,
     packet::{frame, ip_of, ones_sum, L4},
     proc::{fd_count, rss_bytes},
@@ -306,6 +310,64 @@ fn thousands_of_idle_connections_do_not_keep_a_client_out() {
         Duration::from_secs(15),
         || fd_count(pid) <= fds + 1,
     );
+}
+
+/// QUIC handshakes from 80 addresses that never answer, as forged ones
+/// would not, against a gateway with 64 handshake places (each would hold
+/// its place for 10 s). Once a quarter of the places are taken the gateway
+/// asks unproven addresses to answer a Retry first, so the flood holds no
+/// more than that quarter, and clients still connect at once, over HTTP/3
+/// and over TCP.
+#[test]
+fn a_flood_of_quic_handshakes_from_forged_addresses_keeps_no_one_out() {
+    const FORGED: usize = 80;
+    let world = World::new(2, &["--max-handshakes", "64"]);
+    let h3 = world.add_client("h3", 2);
+    let tcp = world.add_client("tcp", 1);
+    // The flood's addresses, beside client 1's own on its link.
+    for i in 0..FORGED {
+        let addr = format!("10.200.1.{}/24", 100 + i);
+        world.client(1).ip(&["addr", "add", &addr, "dev", "eth0"]);
+    }
+    let mut flood = interop::script(
+        world.client(1),
+        "quic_initials.py",
+        &["10.200.1.1:443", "10.200.1.100", &FORGED.to_string(), "30"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect(interop::NOT_INSTALLED);
+    let mut said = String::new();
+    BufReader::new(flood.stdout.take().expect("piped"))
+        .read_line(&mut said)
+        .expect("the flood's output");
+    assert!(said.starts_with("sent "), "{said}");
+
+    let started = Instant::now();
+    let _c = world.start_client_with(2, &h3, true, &["--transport", "h3"]);
+    let h3_took = started.elapsed();
+    let started = Instant::now();
+    let raw = RawClient::connect(world.client(1), &tcp, false);
+    let tcp_took = started.elapsed();
+    eprintln!("beside the flood: HTTP/3 connected in {h3_took:?}, TCP in {tcp_took:?}");
+    assert!(h3_took < Duration::from_secs(5), "HTTP/3 took {h3_took:?}");
+    assert!(tcp_took < Duration::from_secs(2), "TCP took {tcp_took:?}");
+    assert!(world.ping(2, "198.18.0.2"));
+    let refused = &world.status()["refused"];
+    eprintln!("refused: {refused}");
+    let retried = refused["address_unproven"].as_u64().unwrap_or(0);
+    assert!(
+        retried >= (FORGED - 16) as u64,
+        "the flood past a quarter of the places was asked to prove its addresses ({retried})"
+    );
+    assert_eq!(
+        refused["handshakes_busy"].as_u64().unwrap_or(0),
+        0,
+        "{refused}"
+    );
+    drop(raw);
+    let _ = flood.kill();
+    let _ = flood.wait();
 }
 
 #[test]

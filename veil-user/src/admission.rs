@@ -100,6 +100,14 @@ impl Admission {
     pub fn in_flight(&self) -> usize {
         self.counts.lock().expect("admission lock").total
     }
+
+    /// Whether a quarter of the places or more are taken. A QUIC handshake
+    /// then gets a place only from an address that proved it receives
+    /// (answered a Retry): a UDP source address costs a forger nothing,
+    /// and each forged handshake would hold its place until it timed out.
+    pub fn crowded(&self) -> bool {
+        self.in_flight() * 4 >= self.max
+    }
 }
 
 impl Drop for Permit {
@@ -145,6 +153,18 @@ mod tests {
         assert_eq!(a.in_flight(), 1);
         a.admit(ip(1)).expect("places come back");
         drop(other);
+    }
+
+    #[test]
+    fn crowded_from_a_quarter_of_the_places() {
+        let a = Admission::new(8, 8);
+        let first = a.admit(ip(1)).unwrap();
+        assert!(!a.crowded());
+        let second = a.admit(ip(1)).unwrap();
+        assert!(a.crowded(), "2 of 8 places");
+        drop((first, second));
+        assert!(!a.crowded());
+        assert!(!Admission::new(1, 1).crowded(), "no place taken");
     }
 
     #[test]

@@ -18,6 +18,10 @@ use super::{
 };
 use crate::admission::Permit;
 
+/// The `veil_handshake_failures_total` cause of a QUIC handshake asked to
+/// prove its address (a Retry) because the handshake places were crowded.
+const UNPROVEN: &str = "address_unproven";
+
 /// The QUIC endpoint on UDP at `listen`, with the gateway's TLS identity,
 /// and its driver, for the accept loop's task.
 pub(super) fn endpoint(
@@ -57,10 +61,16 @@ async fn accept_each(
     stopped: watch::Receiver<bool>,
 ) -> Result<()> {
     while let Some(incoming) = endpoint.accept().await {
+        if incoming.may_retry() && shared.admission.crowded() {
+            // The address must first answer a Retry (quinn's stateless
+            // address validation: one round trip more); a forged one
+            // never does, so forged handshakes cannot fill the places.
+            shared.counters.refused(UNPROVEN);
+            let _ = incoming.retry();
+            continue;
+        }
         let peer = super::accept::canonical(incoming.remote_address());
-        // The same caps on strangers as over TCP; a QUIC Initial from a
-        // spoofed address costs a retry at most (quinn validates
-        // addresses before it keeps state for long).
+        // The same caps on strangers as over TCP.
         let permit = match shared.admission.admit(peer.ip()) {
             Ok(permit) => permit,
             Err(turned) => {
