@@ -4,17 +4,27 @@ session (extended CONNECT, :protocol connect-ip, capsules), takes the
 address the gateway assigns, sends one UDP packet in an HTTP datagram
 (context ID 0) and prints what comes back.
 
-    python3 connect_ip_aioquic.py PROFILE HOST:PORT REMOTE:PORT MESSAGE [PARK]
+    python3 connect_ip_aioquic.py PROFILE HOST:PORT REMOTE:PORT MESSAGE [MODE]
 
 Exit status 0 when the reply echoes MESSAGE; the lines printed say what
 each side sent (for the test's assertions and for reading a failure).
 
-With PARK (a byte count), the client then turns hostile within the rules:
-it writes PARK bytes on each of three streams the gateway never reads
-again (its control stream, as one frame of a reserved type, and two new
-unidirectional streams of a reserved type), gives flow control a few
-seconds, says how many of those bytes the gateway took, and checks that
-the session still carries a packet.
+MODE makes the client hostile, within the protocol's rules:
+
+- `park:BYTES`: once the session carries packets, it writes BYTES on each
+  of three streams the gateway never reads again (its control stream, as
+  one frame of a reserved type, and two new unidirectional streams of a
+  reserved type), gives flow control a few seconds, says how many of
+  those bytes the gateway took, and checks that the session still
+  carries a packet.
+- `silent` or `silent:SECONDS`: after the QUIC handshake and its SETTINGS
+  it sends no request (for SECONDS, only datagrams of one byte, as fast
+  as it can), and says when the gateway closed the connection.
+- `deaf:SECONDS`: once the session carries packets, it acknowledges
+  nothing more the gateway sends, and for SECONDS sends as fast as it can
+  packets the gateway answers itself (UDP with a TTL of 1: ICMP time
+  exceeded). What the gateway did about it is for the caller to see in
+  its log and status.
 """
 
 import asyncio
@@ -23,6 +33,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 import tomllib
 
 from aioquic.asyncio import connect
@@ -72,13 +83,13 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def udp_packet(src, dst, sport: int, dport: int, payload: bytes) -> bytes:
+def udp_packet(src, dst, sport: int, dport: int, payload: bytes, ttl: int = 64) -> bytes:
     length = 8 + len(payload)
     pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 17, length)
     udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
     udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
     header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 1, 0x4000, 64, 17, 0,
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 1, 0x4000, ttl, 17, 0,
         src.packed, dst.packed,
     )
     header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
@@ -93,9 +104,49 @@ class Session(QuicConnectionProtocol):
         self.h3 = H3Connection(self._quic, enable_webtransport=True)
         self.events: asyncio.Queue = asyncio.Queue()
 
+
     def quic_event_received(self, event):
         for e in self.h3.handle_event(event):
             self.events.put_nowait(e)
+
+
+async def closed_by_gateway(session, within: float, since: float) -> int:
+    """Waits up to `within` s for the gateway to close the connection and
+    says so; 0 if it did. aioquic reports the close as an event only after
+    its draining period, so its record of the frame is read."""
+    deadline = time.monotonic() + within
+    while (event := session._quic._close_event) is None:
+        if time.monotonic() > deadline:
+            print(f"still open after {within:.0f} s", flush=True)
+            return 1
+        await asyncio.sleep(0.05)
+    print(f"closed by the gateway after {time.monotonic() - since:.1f} s: "
+          f"error {event.error_code:#x} {event.reason_phrase!r}", flush=True)
+    return 0
+
+
+async def deaf_flood(session, stream: int, src, dst, seconds: float) -> int:
+    """Acknowledges nothing from now on and sends, for `seconds`, UDP
+    packets with a TTL of 1 (each answered by the gateway with ICMP)."""
+    quic = session._quic
+
+    def no_ack(builder, space, now):
+        space.ack_at = None
+
+    quic._write_ack_frame = no_ack
+    print("flood: ready", flush=True)
+    sent, port = 0, 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        for _ in range(100):
+            port = port % 20000 + 1
+            packet = udp_packet(src, dst, 20000 + port, 9, b"x", ttl=1)
+            session.h3.send_datagram(stream, varint(0) + packet)
+            sent += 1
+        session.transmit()
+        await asyncio.sleep(0)
+    print(f"flood: sent {sent}", flush=True)
+    return 0
 
 
 # A frame and a unidirectional stream type of the reserved ranges (RFC
@@ -121,8 +172,8 @@ async def park_on_unread_streams(session, size: int):
     print(f"parked: {quic._remote_max_data_used - before} bytes taken", flush=True)
 
 
-async def run(profile_path, gateway, remote, message, park=None) -> int:
-    park = None if park is None else int(park)
+async def run(profile_path, gateway, remote, message, mode="") -> int:
+    hostile, _, arg = mode.partition(":")
     parked = False
     with open(profile_path, "rb") as f:
         profile = tomllib.load(f)
@@ -146,6 +197,20 @@ async def run(profile_path, gateway, remote, message, park=None) -> int:
         async with connect(host, int(port), configuration=config,
                            create_protocol=Session) as session:
             h3 = session.h3
+            if hostile == "silent":
+                session.transmit()  # its SETTINGS
+                since = time.monotonic()
+                print("silent: connected", flush=True)
+                sent = 0
+                while time.monotonic() - since < float(arg or 0):
+                    for _ in range(100):
+                        session._quic.send_datagram_frame(b"x")
+                    sent += 100
+                    session.transmit()
+                    await asyncio.sleep(0.001)
+                if sent:
+                    print(f"silent: sent {sent} datagrams", flush=True)
+                return await closed_by_gateway(session, 15, since)
             stream = session._quic.get_next_available_stream_id()
             h3.send_headers(stream, [
                 (b":method", b"CONNECT"),
@@ -196,9 +261,11 @@ async def run(profile_path, gateway, remote, message, park=None) -> int:
                           flush=True)
                     if reply != message.encode():
                         return 1
-                    if park is None or parked:
+                    if hostile == "deaf":
+                        return await deaf_flood(session, stream, assigned, remote_ip, float(arg))
+                    if hostile != "park" or parked:
                         return 0
-                    await park_on_unread_streams(session, park)
+                    await park_on_unread_streams(session, int(arg))
                     parked = True
                     sent = False
                 if assigned is not None and not sent:
@@ -215,7 +282,7 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     try:
-        return asyncio.run(asyncio.wait_for(run(*sys.argv[1:]), timeout=20))
+        return asyncio.run(asyncio.wait_for(run(*sys.argv[1:]), timeout=90))
     except asyncio.TimeoutError:
         print("timed out", flush=True)
         return 1

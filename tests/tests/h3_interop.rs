@@ -8,7 +8,13 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::{Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
 };
 
 use veil_tests::{
@@ -30,6 +36,67 @@ fn aioquic(world: &World, profile: &std::path::Path, extra: &[&str]) -> Command 
     let mut cmd = script(world.client(1), "connect_ip_aioquic.py", &args);
     cmd.args(extra);
     cmd
+}
+
+/// Runs `cmd`, handing each line it prints to `on_line` as it comes (the
+/// test measures the gateway between the script's steps); its exit status
+/// and everything it printed.
+fn run_lines(mut cmd: Command, mut on_line: impl FnMut(&str)) -> (ExitStatus, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect(NOT_INSTALLED);
+    let mut out = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.expect("the script's output");
+        on_line(&line);
+        out.push_str(&line);
+        out.push('\n');
+    }
+    (child.wait().expect("the script ends"), out)
+}
+
+/// The largest resident memory of a process, sampled every 100 ms by a
+/// thread of its own until [`PeakRss::stop`].
+struct PeakRss {
+    peak: Arc<AtomicU64>,
+    done: Arc<AtomicBool>,
+    sampler: thread::JoinHandle<()>,
+}
+
+impl PeakRss {
+    fn sample(pid: u32) -> Self {
+        let (peak, done) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let sampler = {
+            let (peak, done) = (peak.clone(), done.clone());
+            thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_bytes(pid), Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Self {
+            peak,
+            done,
+            sampler,
+        }
+    }
+
+    /// Forgets what was seen so far.
+    fn restart(&self) {
+        self.peak.store(0, Ordering::Relaxed);
+    }
+
+    fn stop(self) -> u64 {
+        self.done.store(true, Ordering::Relaxed);
+        self.sampler.join().expect("sampler");
+        self.peak.load(Ordering::Relaxed)
+    }
 }
 
 #[test]
@@ -80,28 +147,22 @@ fn a_client_cannot_park_megabytes_on_streams_the_gateway_does_not_read() {
     let mut world = World::new(1, &[]);
     let profile = world.add_client("parker", 1);
     let pid = world.gateway().pid();
-    let mut child = aioquic(&world, &profile, &[&PARK.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect(NOT_INSTALLED);
-    let (mut out, mut rss_ready, mut rss_parked, mut taken) = (String::new(), 0, 0, None);
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line.expect("the script's output");
-        if line == "parking: ready" {
-            rss_ready = rss_bytes(pid);
-        }
-        if let Some(n) = line
-            .strip_prefix("parked: ")
-            .and_then(|rest| rest.strip_suffix(" bytes taken"))
-        {
-            rss_parked = rss_bytes(pid);
-            taken = n.parse::<u64>().ok();
-        }
-        out.push_str(&line);
-        out.push('\n');
-    }
-    let status = child.wait().expect("the script ends");
+    let (mut rss_ready, mut rss_parked, mut taken) = (0, 0, None);
+    let (status, out) = run_lines(
+        aioquic(&world, &profile, &[&format!("park:{PARK}")]),
+        |line| {
+            if line == "parking: ready" {
+                rss_ready = rss_bytes(pid);
+            }
+            if let Some(n) = line
+                .strip_prefix("parked: ")
+                .and_then(|rest| rest.strip_suffix(" bytes taken"))
+            {
+                rss_parked = rss_bytes(pid);
+                taken = n.parse::<u64>().ok();
+            }
+        },
+    );
     let gateway = world.gateway().log();
     eprintln!("{out}gateway RSS {rss_ready} bytes when ready, {rss_parked} after parking");
     assert!(
@@ -125,4 +186,109 @@ fn a_client_cannot_park_megabytes_on_streams_the_gateway_does_not_read() {
         "the gateway grew from {rss_ready} to {rss_parked} bytes"
     );
     assert!(world.gateway().is_running());
+}
+
+/// A client that acknowledges nothing the gateway sends, while it sends
+/// packets the gateway answers itself (UDP with a TTL of 1: ICMP time
+/// exceeded). The answers cannot leave, and wait in a bounded queue: the
+/// gateway's memory stays flat, the client is let go as one that reads
+/// nothing (15 s), and another client is served meanwhile.
+#[test]
+fn a_client_that_acknowledges_nothing_cannot_grow_the_gateway() {
+    let mut world = World::new(2, &[]);
+    let deaf = world.add_client("deaf", 1);
+    let steady = world.add_client("steady", 2);
+    let _steady = world.start_client(2, &steady, true);
+    let pid = world.gateway().pid();
+    let peak = PeakRss::sample(pid);
+    let mut rss_ready = 0;
+    // 25 s of it: the session must end within, 15 s after the last ACK.
+    let (status, out) = run_lines(aioquic(&world, &deaf, &["deaf:25"]), |line| {
+        if line == "flood: ready" {
+            rss_ready = rss_bytes(pid);
+            peak.restart();
+        }
+    });
+    let peak = peak.stop();
+    let gateway = world.gateway().log();
+    eprintln!("{out}gateway RSS {rss_ready} bytes when the flood began, at most {peak} during it");
+    assert!(status.success(), "{out}\ngateway:\n{gateway}");
+    let sent: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("flood: sent "))
+        .and_then(|n| n.parse().ok())
+        .expect("the flood's count");
+    assert!(sent > 10_000, "the flood sent {sent} packets");
+    assert!(
+        gateway.contains("session ended: client read nothing for 15s client=deaf"),
+        "let go within the flood:\n{gateway}"
+    );
+    assert!(
+        peak <= rss_ready + (2 << 20),
+        "the gateway grew from {rss_ready} to {peak} bytes"
+    );
+    assert!(world.ping(2, "198.18.0.2"), "the other client is served");
+    assert!(world.gateway().is_running());
+}
+
+/// A revoked client that completes the QUIC handshake and then sends no
+/// request is closed at once, counted and logged as revoked, rather than
+/// holding its handshake place for the 10 s setup time.
+#[test]
+fn a_revoked_client_is_closed_right_after_its_quic_handshake() {
+    let mut world = World::new(1, &[]);
+    let doomed = world.add_client("doomed", 1);
+    world.veil_user(&["client", "revoke", "doomed"]);
+    let (status, out) = run_lines(aioquic(&world, &doomed, &["silent"]), |_| {});
+    let gateway = world.gateway().log();
+    eprintln!("{out}");
+    assert!(status.success(), "{out}\ngateway:\n{gateway}");
+    let after: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("closed by the gateway after "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("when the gateway closed");
+    assert!(after < 2.0, "closed after {after} s");
+    assert!(out.contains("error 0x10b"), "H3_REQUEST_REJECTED: {out}");
+    assert!(gateway.contains("client `doomed` is revoked"), "{gateway}");
+    assert_eq!(world.status()["refused"]["revoked"].as_u64(), Some(1));
+}
+
+/// A client that completes the QUIC handshake, sends its SETTINGS, never
+/// opens its request, and sends datagrams meanwhile: nothing reads them
+/// before a session exists, so the gateway discards them rather than let
+/// quinn keep them (up to 4 MiB as quinn counts, more as memory goes). It
+/// is closed when the setup time (10 s) runs out.
+#[test]
+fn datagrams_before_the_request_are_not_kept() {
+    let mut world = World::new(1, &[]);
+    let mute = world.add_client("mute", 1);
+    let pid = world.gateway().pid();
+    let peak = PeakRss::sample(pid);
+    let mut rss_ready = 0;
+    let (status, out) = run_lines(aioquic(&world, &mute, &["silent:8"]), |line| {
+        if line == "silent: connected" {
+            rss_ready = rss_bytes(pid);
+            peak.restart();
+        }
+    });
+    let peak = peak.stop();
+    let gateway = world.gateway().log();
+    eprintln!("{out}gateway RSS {rss_ready} bytes at the handshake, at most {peak} after");
+    assert!(
+        status.success(),
+        "closed by the gateway:\n{out}\ngateway:\n{gateway}"
+    );
+    let sent: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("silent: sent "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the datagrams' count");
+    assert!(sent > 100_000, "{sent} datagrams sent");
+    assert!(
+        peak <= rss_ready + (2 << 20),
+        "the gateway grew from {rss_ready} to {peak} bytes"
+    );
 }

@@ -29,6 +29,9 @@ pub use driver::{Driver, Runtime};
 /// HTTP/3's "no error" code, for a connection closed at the end of a
 /// session (RFC 9114 §8.1).
 pub const H3_NO_ERROR: u32 = 0x100;
+/// HTTP/3's "request rejected": refused before anything was done for it
+/// (a revoked client).
+pub const H3_REQUEST_REJECTED: u32 = 0x10b;
 /// HTTP/3's "general protocol error", for a peer that broke the rules.
 pub const H3_GENERAL_PROTOCOL_ERROR: u32 = 0x101;
 /// How much quinn buffers of our datagrams before we stop taking packets
@@ -188,6 +191,14 @@ pub struct QuicTransport {
 /// quinn taking one datagram once its buffer has room.
 type Sending = Pin<Box<dyn Future<Output = Result<(), SendDatagramError>> + Send>>;
 
+/// Bytes of datagrams waiting for room in quinn's send buffer, at most.
+/// The pump takes no local work while any wait, but a peer's own datagrams
+/// still make answers (ICMP errors): a peer that acknowledges nothing
+/// would otherwise grow this queue for as long as it sends. Twice what
+/// one turn of local work may hand over (a read and a batch, about 240
+/// KB), so that only such a peer meets it.
+const OUTBOX_LIMIT: usize = 512 * 1024;
+
 /// Datagrams on their way into quinn's send buffer.
 struct Outbox {
     conn: Connection,
@@ -196,8 +207,15 @@ struct Outbox {
     queued_bytes: usize,
     /// The datagram being handed to quinn once it has room.
     sending: Option<Sending>,
+    /// Since when datagrams have waited with the peer acknowledging
+    /// nothing, and how many ACK frames it had sent then. A datagram
+    /// handed to quinn is no progress on its own: quinn's loss probes take
+    /// some from its buffer whether or not the peer reads.
+    waiting: Option<(Instant, u64)>,
     /// Datagrams too large for the path, dropped.
     too_large: u64,
+    /// Datagrams dropped because [`OUTBOX_LIMIT`] bytes were waiting.
+    overflowed: u64,
 }
 
 impl Outbox {
@@ -213,6 +231,14 @@ impl Outbox {
             // Other errors show on the next read: the connection is gone.
             return;
         }
+        // Lost, as on a link whose queue is full.
+        if self.queued_bytes + datagram.len() > OUTBOX_LIMIT {
+            self.overflowed += 1;
+            return;
+        }
+        if self.waiting.is_none() {
+            self.waiting = Some((Instant::now(), self.acks()));
+        }
         self.queued_bytes += datagram.len();
         self.queued.push_back(datagram);
     }
@@ -225,6 +251,13 @@ impl Outbox {
             if let Some(sending) = &mut self.sending {
                 let r = sending.await;
                 self.sending = None;
+                // One went: if the peer acknowledged anything meanwhile,
+                // the clock starts again for the rest.
+                self.waiting = match self.waiting {
+                    _ if self.queued.is_empty() => None,
+                    Some((since, acks)) if acks == self.acks() => Some((since, acks)),
+                    _ => Some((Instant::now(), self.acks())),
+                };
                 return match r {
                     Ok(()) => Ok(()),
                     // Larger than the path takes now: the packet is lost,
@@ -251,9 +284,15 @@ impl Outbox {
         self.queued_bytes + usize::from(self.sending.is_some())
     }
 
+    /// ACK frames the peer has sent so far.
+    fn acks(&self) -> u64 {
+        self.conn.stats().frame_rx.acks
+    }
+
     fn clear(&mut self) {
         self.queued.clear();
         self.queued_bytes = 0;
+        self.waiting = None;
     }
 }
 
@@ -267,7 +306,9 @@ impl QuicTransport {
                 queued: VecDeque::new(),
                 queued_bytes: 0,
                 sending: None,
+                waiting: None,
                 too_large: 0,
+                overflowed: 0,
             },
             conn,
         }
@@ -280,6 +321,12 @@ impl QuicTransport {
     /// Datagrams dropped as too large for the path.
     pub fn too_large(&self) -> u64 {
         self.outbox.too_large
+    }
+
+    /// Datagrams dropped because the peer took none for a while and
+    /// `OUTBOX_LIMIT` bytes were waiting.
+    pub fn overflowed(&self) -> u64 {
+        self.outbox.overflowed
     }
 
     /// Closes the connection at once, telling the peer why (`code`).
@@ -298,7 +345,13 @@ impl Transport for QuicTransport {
     }
 
     fn stalled_since(&self) -> Option<Instant> {
-        self.stream.stalled_since()
+        // A peer that takes no datagram stalls as one that reads nothing
+        // on the stream: the datagrams are most of what we send it.
+        let datagrams = self.outbox.waiting.map(|(since, _)| since);
+        match (self.stream.stalled_since(), datagrams) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     async fn next(&mut self, buf: &mut [u8], read: bool) -> io::Result<Event> {
@@ -342,9 +395,30 @@ impl Transport for QuicTransport {
     async fn close(&mut self, timeout: Duration) {
         // The request stream ends (FIN) once its bytes are written; the
         // connection closes when the peer closes it or after `timeout`.
-        self.stream.close(timeout).await;
-        let _ = tokio::time::timeout(timeout, self.conn.closed()).await;
+        let QuicTransport { conn, stream, .. } = self;
+        discarding_datagrams(conn, async {
+            stream.close(timeout).await;
+            let _ = tokio::time::timeout(timeout, conn.closed()).await;
+        })
+        .await;
         self.close_connection(H3_NO_ERROR);
+    }
+}
+
+/// Runs `work` while the peer's datagrams are read and discarded: before
+/// the session reads them (the HTTP/3 setup) and after (closing), quinn
+/// would keep them, and it counts an empty datagram as 32 bytes however
+/// large the packet it keeps for it (quinn issue 2862).
+pub async fn discarding_datagrams<T>(conn: &Connection, work: impl Future<Output = T>) -> T {
+    let discard = async {
+        while conn.read_datagram().await.is_ok() {}
+        // The connection is gone: `work` sees it too, and ends.
+        std::future::pending::<T>().await
+    };
+    tokio::select! {
+        biased;
+        done = work => done,
+        never = discard => never,
     }
 }
 

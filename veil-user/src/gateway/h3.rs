@@ -129,6 +129,12 @@ async fn connection(
             .ok_or(Refused::NoCertificate)?;
         shared.authenticate_cert(cert)?
     };
+    // Before the HTTP/3 setup, which a revoked client could otherwise
+    // stretch to the handshake timeout, holding its handshake place.
+    if record.revoked.is_some() {
+        conn.close(quic::H3_REQUEST_REJECTED.into(), b"");
+        return Err(Refused::Revoked(record.name));
+    }
     // The HTTP/3 setup and the request stream: within the handshake time.
     let setup = async {
         let control = quic::control(&conn).await?;
@@ -136,7 +142,8 @@ async fn connection(
         let (send, recv, id) = quic::accept_request(&conn).await?;
         Ok::<_, quic::QuicError>((control, send, recv, id))
     };
-    let (control, send, recv, id) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
+    let setup = quic::discarding_datagrams(&conn, tokio::time::timeout(HANDSHAKE_TIMEOUT, setup));
+    let (control, send, recv, id) = match setup.await {
         Ok(Ok(parts)) => parts,
         Ok(Err(e)) => {
             conn.close(quic::H3_GENERAL_PROTOCOL_ERROR.into(), b"");
