@@ -51,6 +51,11 @@ const STREAM_RECEIVE_WINDOW: u32 = 64 * 1024;
 /// one hostile client can make the gateway hold (quinn's default has no
 /// limit). Datagrams are not flow-controlled; their buffer is below.
 pub const RECEIVE_WINDOW: u32 = 256 * 1024;
+/// Stream bytes quinn keeps until the peer acknowledges them (its default:
+/// 10 MB). Ours are capsules; a peer that asks for answers (PING) and
+/// acknowledges none makes the stream's writes wait, and the pump lets it
+/// go, once this much waits.
+const SEND_WINDOW: u64 = 1024 * 1024;
 /// QUIC's own idle timeout: longer than any session's keepalive timeout,
 /// which decides first (and says why).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -86,6 +91,7 @@ pub fn transport_config() -> TransportConfig {
     ))
     .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
     .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+    .send_window(SEND_WINDOW)
     .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
     .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER))
     // One request stream and the HTTP/3 control and QPACK streams.
@@ -117,7 +123,11 @@ pub fn client_config(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfi
     tls.alpn_protocols = vec![h3::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    let mut transport = transport_config();
+    // A session's keepalive may be up to an hour apart (`--keepalive`);
+    // QUIC's idle timeout would end a connection quiet for two minutes.
+    transport.keep_alive_interval(Some(IDLE_TIMEOUT / 4));
+    config.transport_config(Arc::new(transport));
     Ok(config)
 }
 
@@ -191,13 +201,15 @@ pub struct QuicTransport {
 /// quinn taking one datagram once its buffer has room.
 type Sending = Pin<Box<dyn Future<Output = Result<(), SendDatagramError>> + Send>>;
 
-/// Bytes of datagrams waiting for room in quinn's send buffer, at most.
+/// Bytes, and datagrams, waiting for room in quinn's send buffer, at most.
 /// The pump takes no local work while any wait, but a peer's own datagrams
 /// still make answers (ICMP errors): a peer that acknowledges nothing
 /// would otherwise grow this queue for as long as it sends. Twice what
 /// one turn of local work may hand over (a read and a batch, about 240
-/// KB), so that only such a peer meets it.
+/// KB; of 64-byte packets, about 3,000), so that only such a peer meets
+/// it. The count bounds the memory of tiny datagrams, each an allocation.
 const OUTBOX_LIMIT: usize = 512 * 1024;
+const OUTBOX_DATAGRAMS: usize = 6 * 1024;
 
 /// Datagrams on their way into quinn's send buffer.
 struct Outbox {
@@ -232,7 +244,9 @@ impl Outbox {
             return;
         }
         // Lost, as on a link whose queue is full.
-        if self.queued_bytes + datagram.len() > OUTBOX_LIMIT {
+        if self.queued_bytes + datagram.len() > OUTBOX_LIMIT
+            || self.queued.len() >= OUTBOX_DATAGRAMS
+        {
             self.overflowed += 1;
             return;
         }

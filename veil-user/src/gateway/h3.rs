@@ -100,7 +100,9 @@ async fn accept_each(
             }
         });
     }
-    Ok(())
+    // Nothing closes the endpoint but its driver failing (its UDP socket):
+    // an error, so that the daemon exits as failed and is restarted.
+    anyhow::bail!("the QUIC endpoint stopped: its UDP socket failed")
 }
 
 /// One QUIC connection, from its first packet to close.
