@@ -9,11 +9,11 @@ use std::{
     path::PathBuf,
     process::Command,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use veil_tests::{
-    proc::{workspace_bin, Proc},
+    proc::{rss_bytes, workspace_bin, Proc},
     web::{Server, Site, Website, PAGE},
     world::{download_data, sha256, World, PUBLIC},
 };
@@ -169,6 +169,51 @@ fn a_websocket_upgrade_without_a_client_certificate_gets_no_tunnel() {
     let profile = web.profile(&world, "bob", URL);
     let _client = start_client(&world, &profile);
     assert!(world.fetch(1).unwrap().contains("198.18.0.1"));
+}
+
+/// A peer that upgrades, then only sends pings and never reads their
+/// pongs (before any TLS, so before anyone knows who it is): once the
+/// pongs cannot be written, the gateway stops reading it, and its memory
+/// does not grow with what the peer sends. Straight to `--ws-listen`, as
+/// the proxy would relay it.
+#[test]
+fn a_websocket_peer_that_pings_and_never_reads_cannot_grow_the_gateway() {
+    let mut world = World::new(1, &["--ws-listen", SITE.upstream]);
+    let pid = world.gateway().pid();
+    let before = rss_bytes(pid);
+    let (sent, took) = world.gw.enter(|| {
+        let tcp = TcpStream::connect(SITE.upstream).unwrap();
+        // Small buffers on our side: the pongs back up sooner.
+        socket2::SockRef::from(&tcp)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        tcp.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+        let url = format!("ws://{}{}", SITE.upstream, SITE.ws_path);
+        let (mut ws, _) = tungstenite::client(url.as_str(), tcp).expect("the upgrade");
+        let (started, mut sent) = (Instant::now(), 0u64);
+        // Until the gateway takes no more (a write times out), 8 s at most.
+        while started.elapsed() < Duration::from_secs(8) {
+            if ws
+                .send(tungstenite::Message::Ping(vec![7; 125].into()))
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        (sent, started.elapsed())
+    });
+    let after = rss_bytes(pid);
+    eprintln!("{sent} pings in {took:?}; gateway RSS {before} -> {after} bytes");
+    assert!(
+        took < Duration::from_secs(8),
+        "the gateway read {sent} pings for 8 s"
+    );
+    assert!(
+        after <= before + (16 << 20),
+        "the gateway grew from {before} to {after} bytes over {sent} pings"
+    );
+    assert!(world.gateway().is_running());
 }
 
 /// Through the website's TLS and a WebSocket upgrade on its path, the

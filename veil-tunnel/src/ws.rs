@@ -60,6 +60,8 @@ pub struct WsStream<S> {
     rx: Bytes,
     /// Bytes written, not yet handed to the WebSocket as a message.
     tx: BytesMut,
+    /// A ping came: its pong is written before anything more is read.
+    pong_due: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
@@ -68,6 +70,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             ws,
             rx: Bytes::new(),
             tx: BytesMut::new(),
+            pong_due: false,
         }
     }
 
@@ -124,10 +127,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         while this.rx.is_empty() {
+            // tungstenite queues a pong per ping and reads on whether or
+            // not the pong could be written: a peer that pings and never
+            // reads would grow its buffer without end. It is read no more
+            // until its pong is out.
+            if this.pong_due {
+                ready!(Pin::new(&mut this.ws).poll_flush(cx)).map_err(into_io)?;
+                this.pong_due = false;
+            }
             match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
                 Some(Ok(Message::Binary(data))) => this.rx = data,
-                // Answered (pings) or meaningless to a byte stream.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Ping(_))) => this.pong_due = true,
+                // Meaningless to a byte stream.
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
                 // The end of the stream, as TCP's FIN would be.
                 Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
                 Some(Ok(Message::Text(_))) => {
