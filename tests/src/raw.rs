@@ -251,3 +251,27 @@ impl Capture {
         }
     }
 }
+
+/// A blocking TLS client for `name`, trusting `ca` (PEM) only, with no
+/// client certificate: a stranger, to the gateway.
+pub fn tls_without_certificate<S: Read + Write>(
+    name: &str,
+    ca: &str,
+    io: S,
+) -> StreamOwned<ClientConnection, S> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        ClientConnection::new(Arc::new(config), name.to_owned().try_into().unwrap()).unwrap();
+    StreamOwned::new(conn, io)
+}

@@ -6,7 +6,7 @@
 //! in the daemon's descriptors and memory.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, ErrorKind, Read},
     net::{Ipv4Addr, TcpStream, UdpSocket},
     process::Stdio,
     sync::{
@@ -23,7 +23,7 @@ use veil_tests::{
     netns::NetNs,
     packet::{frame, ip_of, ones_sum, L4},
     proc::{fd_count, rss_bytes},
-    raw::{Capture, RawClient},
+    raw::{tls_without_certificate, Capture, RawClient},
     wait_until,
     world::{download_data, sha256, World, PUBLIC, REMOTE},
 };
@@ -368,6 +368,56 @@ fn a_flood_of_quic_handshakes_from_forged_addresses_keeps_no_one_out() {
     drop(raw);
     let _ = flood.kill();
     let _ = flood.wait();
+}
+
+/// Strangers that complete TLS without a client certificate, then park on
+/// the fallback site (which waits 60 s for a request), as many as there
+/// are handshake places: they hold places among the site's visitors, not
+/// among handshakes, so a client still connects at once; one more stranger
+/// than there are visitors' places is closed without the site.
+#[test]
+fn strangers_parked_on_the_fallback_site_keep_no_client_out() {
+    const PLACES: usize = 8;
+    let world = World::new(2, &["--max-handshakes", &PLACES.to_string()]);
+    let late = world.add_client("late", 2);
+    let tcp = world.add_client("tcp", 1);
+    let profile = veil_user::state::Profile::load(&tcp).expect("profile");
+    // Parked: TLS done, then nothing (the site waits for a request head).
+    let park = || {
+        let tcp = TcpStream::connect(profile.endpoints[0].as_str()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut tls = tls_without_certificate(&profile.server_name, &profile.ca, tcp);
+        // A read completes the handshake; the site says nothing first.
+        let mut byte = [0u8; 1];
+        let read = tls.read(&mut byte);
+        (tls, read)
+    };
+    let parked: Vec<_> = world
+        .client(1)
+        .enter(|| (0..PLACES).map(|_| park()).collect());
+    for (_, read) in &parked {
+        let waited = read.as_ref().map_err(|e| e.kind());
+        assert_eq!(waited.unwrap_err(), ErrorKind::WouldBlock, "the site waits");
+    }
+    let (_, extra) = world.client(1).enter(park);
+    assert!(
+        matches!(extra, Ok(0)) || extra.is_err_and(|e| e.kind() != ErrorKind::WouldBlock),
+        "over the visitors' cap: closed at once"
+    );
+
+    let started = Instant::now();
+    let _c = world.start_client_with(2, &late, true, &["--transport", "tcp"]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "connecting took {took:?}");
+    assert!(world.ping(2, "198.18.0.2"));
+    let refused = &world.status()["refused"];
+    assert_eq!(
+        refused["handshakes_busy"].as_u64().unwrap_or(0),
+        0,
+        "{refused}"
+    );
+    drop(parked);
 }
 
 #[test]

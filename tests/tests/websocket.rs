@@ -8,12 +8,12 @@ use std::{
     net::TcpStream,
     path::PathBuf,
     process::Command,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use veil_tests::{
     proc::{rss_bytes, workspace_bin, Proc},
+    raw::tls_without_certificate,
     web::{Server, Site, Website, PAGE},
     world::{download_data, sha256, World, PUBLIC},
 };
@@ -222,10 +222,11 @@ fn a_websocket_peer_that_pings_and_never_reads_cannot_grow_the_gateway() {
 fn without_certificate(website_ca: &str, gateway_ca: &str) -> String {
     let tcp = TcpStream::connect("10.200.1.1:8443").unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let web = tls_client("proxy.test", website_ca, tcp);
+    let web = tls_without_certificate("proxy.test", website_ca, tcp);
     let (ws, response) = tungstenite::client(URL, web).expect("the upgrade through nginx");
     assert_eq!(response.status(), 101);
-    let mut tunnel = tls_client("veil-gateway", gateway_ca, WsIo { ws, rx: Vec::new() });
+    let mut tunnel =
+        tls_without_certificate("veil-gateway", gateway_ca, WsIo { ws, rx: Vec::new() });
     let request = "GET /.well-known/masque/ip/*/*/ HTTP/1.1\r\nHost: veil-gateway\r\n\
                    Connection: Upgrade\r\nUpgrade: connect-ip\r\nCapsule-Protocol: ?1\r\n\r\n";
     if let Err(e) = tunnel.write_all(request.as_bytes()) {
@@ -236,29 +237,6 @@ fn without_certificate(website_ca: &str, gateway_ca: &str) -> String {
         Ok(_) => answer,
         Err(e) => format!("{answer}[read failed: {e}]"),
     }
-}
-
-/// A blocking TLS client for `name`, trusting `ca` only, no certificate.
-fn tls_client<S: Read + Write>(
-    name: &str,
-    ca: &str,
-    io: S,
-) -> rustls::StreamOwned<rustls::ClientConnection, S> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name.to_owned().try_into().unwrap())
-        .unwrap();
-    rustls::StreamOwned::new(conn, io)
 }
 
 /// A blocking WebSocket as a byte stream: one binary message per write.

@@ -96,6 +96,20 @@ impl Admission {
         })
     }
 
+    /// A place under these caps for the connection that holds `other` (a
+    /// place under other caps), from the same source.
+    pub fn admit_as(&self, other: &Permit) -> Result<Permit, Turned> {
+        match other.source {
+            Some(source) => self.admit(source),
+            None => self.admit_relayed(),
+        }
+    }
+
+    /// How many places there are.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Connections holding a place now.
     pub fn in_flight(&self) -> usize {
         self.counts.lock().expect("admission lock").total
@@ -153,6 +167,24 @@ mod tests {
         assert_eq!(a.in_flight(), 1);
         a.admit(ip(1)).expect("places come back");
         drop(other);
+    }
+
+    #[test]
+    fn a_place_elsewhere_for_the_same_source() {
+        let (handshakes, visitors) = (Admission::new(4, 1), Admission::new(4, 1));
+        let first = handshakes.admit(ip(1)).unwrap();
+        let visit = visitors.admit_as(&first).unwrap();
+        drop(first);
+        assert_eq!(handshakes.in_flight(), 0);
+        let again = handshakes.admit(ip(1)).unwrap();
+        assert_eq!(
+            visitors.admit_as(&again).unwrap_err(),
+            Turned::SourceBusy(1),
+            "the source's place among visitors is taken"
+        );
+        drop(visit);
+        let relayed = handshakes.admit_relayed().unwrap();
+        assert!(visitors.admit_as(&relayed).is_ok());
     }
 
     #[test]

@@ -213,7 +213,16 @@ async fn connection<S: Carrier>(
     let record = match shared.authenticate(&tls) {
         Ok(record) => record,
         Err(stranger) => {
-            super::fallback::serve(&shared.fallback, tls).await;
+            // The handshake's place goes back; the visit takes one of the
+            // visitors' (closed at once when they are full).
+            match shared.visitors.admit_as(&permit) {
+                Ok(visit) => {
+                    drop(permit);
+                    super::fallback::serve(&shared.fallback, tls).await;
+                    drop(visit);
+                }
+                Err(turned) => debug!(%peer, "no fallback site for this one: {turned}"),
+            }
             return Err(stranger);
         }
     };

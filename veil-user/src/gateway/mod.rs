@@ -235,6 +235,10 @@ struct Shared {
     sessions: RwLock<HashMap<Ipv4Addr, ReplySender>>,
     /// Caps on connections that have not authenticated yet.
     admission: Admission,
+    /// The same caps on connections the fallback site serves (no client
+    /// certificate): apart, so that its visitors, or a prober parked on
+    /// it for hours, take no place from clients' handshakes.
+    visitors: Admission,
     registry: RwLock<HashMap<String, ClientRecord>>,
     counters: Counters,
     /// Taken at shutdown: dropping it detaches the programs and unpins.
@@ -400,6 +404,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         clients: Mutex::new(Clients::with_leases(leases)),
         sessions: RwLock::new(HashMap::new()),
         registry: RwLock::new(HashMap::new()),
+        visitors: Admission::new(admission.max(), cfg.max_handshakes_per_source),
         admission,
         counters: Counters::default(),
         fallback,
@@ -575,11 +580,13 @@ fn wan_filter(iface: &str, named: Option<WanFilter>) -> WanFilter {
 }
 
 /// `--max-handshakes`, lowered if the descriptor limit could not hold it
-/// beside `--max-clients` sessions and the daemon's own files.
+/// twice (handshakes, visitors of the fallback site) beside
+/// `--max-clients` sessions and the daemon's own files.
 fn handshake_cap(cfg: &GatewayConfig) -> Result<usize> {
     let limit = crate::net::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let sessions = cfg.max_clients as u64;
-    let room = limit.saturating_sub(sessions + FD_RESERVE);
+    // Handshakes, and as many visitors of the fallback site.
+    let room = limit.saturating_sub(sessions + FD_RESERVE) / 2;
     if room < cfg.max_handshakes as u64 {
         warn!(
             limit, max_clients = cfg.max_clients, max_handshakes = cfg.max_handshakes,
