@@ -57,6 +57,15 @@ fn run_lines(mut cmd: Command, mut on_line: impl FnMut(&str)) -> (ExitStatus, St
     (child.wait().expect("the script ends"), out)
 }
 
+/// The figure the script printed after `prefix` (its first word), on the
+/// first line that starts so.
+fn said<T: std::str::FromStr>(out: &str, prefix: &str) -> Option<T> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|word| word.parse().ok())
+}
+
 /// The largest resident memory of a process, sampled every 100 ms by a
 /// thread of its own until [`PeakRss::stop`].
 struct PeakRss {
@@ -213,11 +222,7 @@ fn a_client_that_acknowledges_nothing_cannot_grow_the_gateway() {
     let gateway = world.gateway().log();
     eprintln!("{out}gateway RSS {rss_ready} bytes when the flood began, at most {peak} during it");
     assert!(status.success(), "{out}\ngateway:\n{gateway}");
-    let sent: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("flood: sent "))
-        .and_then(|n| n.parse().ok())
-        .expect("the flood's count");
+    let sent: u64 = said(&out, "flood: sent ").expect("the flood's count");
     assert!(sent > 10_000, "the flood sent {sent} packets");
     assert!(
         gateway.contains("session ended: client read nothing for 15s client=deaf"),
@@ -245,12 +250,7 @@ fn a_revoked_client_is_closed_right_after_its_quic_handshake() {
     let gateway = world.gateway().log();
     eprintln!("{out}");
     assert!(status.success(), "{out}\ngateway:\n{gateway}");
-    let after: f64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("closed by the gateway after "))
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .expect("when the gateway closed");
+    let after: f64 = said(&out, "closed by the gateway after ").expect("when the gateway closed");
     assert!(after < 2.0, "closed after {after} s");
     assert!(out.contains("error 0x10b"), "H3_REQUEST_REJECTED: {out}");
     assert!(gateway.contains("client `doomed` is revoked"), "{gateway}");
@@ -282,12 +282,7 @@ fn datagrams_before_the_request_are_not_kept() {
         status.success(),
         "closed by the gateway:\n{out}\ngateway:\n{gateway}"
     );
-    let sent: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("silent: sent "))
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .expect("the datagrams' count");
+    let sent: u64 = said(&out, "silent: sent ").expect("the datagrams' count");
     assert!(sent > 100_000, "{sent} datagrams sent");
     assert!(
         peak <= rss_ready + (2 << 20),

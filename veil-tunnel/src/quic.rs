@@ -226,9 +226,11 @@ struct Outbox {
     waiting: Option<(Instant, u64)>,
     /// Datagrams too large for the path, dropped.
     too_large: u64,
-    /// Datagrams dropped because [`OUTBOX_LIMIT`] bytes were waiting.
-    overflowed: u64,
 }
+
+/// How often, at most, waiting datagrams look at the peer's ACK count: it
+/// is read under the connection's lock, and a stall is 15 s.
+const ACKS_LOOKED_AT: Duration = Duration::from_secs(1);
 
 impl Outbox {
     fn push(&mut self, datagram: Bytes) {
@@ -247,7 +249,6 @@ impl Outbox {
         if self.queued_bytes + datagram.len() > OUTBOX_LIMIT
             || self.queued.len() >= OUTBOX_DATAGRAMS
         {
-            self.overflowed += 1;
             return;
         }
         if self.waiting.is_none() {
@@ -265,11 +266,15 @@ impl Outbox {
             if let Some(sending) = &mut self.sending {
                 let r = sending.await;
                 self.sending = None;
-                // One went: if the peer acknowledged anything meanwhile,
-                // the clock starts again for the rest.
+                // One went: if the peer acknowledged anything since the
+                // clock started, it starts again for the rest.
                 self.waiting = match self.waiting {
                     _ if self.queued.is_empty() => None,
-                    Some((since, acks)) if acks == self.acks() => Some((since, acks)),
+                    Some((since, acks))
+                        if since.elapsed() < ACKS_LOOKED_AT || acks == self.acks() =>
+                    {
+                        Some((since, acks))
+                    }
                     _ => Some((Instant::now(), self.acks())),
                 };
                 return match r {
@@ -322,7 +327,6 @@ impl QuicTransport {
                 sending: None,
                 waiting: None,
                 too_large: 0,
-                overflowed: 0,
             },
             conn,
         }
@@ -335,12 +339,6 @@ impl QuicTransport {
     /// Datagrams dropped as too large for the path.
     pub fn too_large(&self) -> u64 {
         self.outbox.too_large
-    }
-
-    /// Datagrams dropped because the peer took none for a while and
-    /// `OUTBOX_LIMIT` bytes were waiting.
-    pub fn overflowed(&self) -> u64 {
-        self.outbox.overflowed
     }
 
     /// Closes the connection at once, telling the peer why (`code`).
@@ -362,10 +360,11 @@ impl Transport for QuicTransport {
         // A peer that takes no datagram stalls as one that reads nothing
         // on the stream: the datagrams are most of what we send it.
         let datagrams = self.outbox.waiting.map(|(since, _)| since);
-        match (self.stream.stalled_since(), datagrams) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.stream
+            .stalled_since()
+            .into_iter()
+            .chain(datagrams)
+            .min()
     }
 
     async fn next(&mut self, buf: &mut [u8], read: bool) -> io::Result<Event> {

@@ -105,11 +105,6 @@ impl Admission {
         }
     }
 
-    /// How many places there are.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// Connections holding a place now.
     pub fn in_flight(&self) -> usize {
         self.counts.lock().expect("admission lock").total

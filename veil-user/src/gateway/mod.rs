@@ -388,7 +388,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     );
     let upstreams = dns_upstreams(&cfg);
     let leases = state.leases()?;
-    let admission = Admission::new(handshake_cap(&cfg)?, cfg.max_handshakes_per_source);
+    let places = handshake_cap(&cfg)?;
+    let admission = Admission::new(places, cfg.max_handshakes_per_source);
     let shared = Arc::new(Shared {
         checks: Checks {
             policy,
@@ -404,7 +405,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         clients: Mutex::new(Clients::with_leases(leases)),
         sessions: RwLock::new(HashMap::new()),
         registry: RwLock::new(HashMap::new()),
-        visitors: Admission::new(admission.max(), cfg.max_handshakes_per_source),
+        visitors: Admission::new(places, cfg.max_handshakes_per_source),
         admission,
         counters: Counters::default(),
         fallback,
