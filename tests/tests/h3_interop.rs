@@ -66,6 +66,27 @@ fn said<T: std::str::FromStr>(out: &str, prefix: &str) -> Option<T> {
         .and_then(|word| word.parse().ok())
 }
 
+/// The aioquic client in `mode` with `profile`; its exit status and
+/// output, the gateway's RSS when the script printed `ready`, and the
+/// most it reached after.
+fn memory_around(
+    world: &mut World,
+    profile: &std::path::Path,
+    mode: &str,
+    ready: &str,
+) -> (ExitStatus, String, u64, u64) {
+    let pid = world.gateway().pid();
+    let peak = PeakRss::sample(pid);
+    let mut rss_ready = 0;
+    let (status, out) = run_lines(aioquic(world, profile, &[mode]), |line| {
+        if line == ready {
+            rss_ready = rss_bytes(pid);
+            peak.restart();
+        }
+    });
+    (status, out, rss_ready, peak.stop())
+}
+
 /// The largest resident memory of a process, sampled every 100 ms by a
 /// thread of its own until [`PeakRss::stop`].
 struct PeakRss {
@@ -208,17 +229,9 @@ fn a_client_that_acknowledges_nothing_cannot_grow_the_gateway() {
     let deaf = world.add_client("deaf", 1);
     let steady = world.add_client("steady", 2);
     let _steady = world.start_client(2, &steady, true);
-    let pid = world.gateway().pid();
-    let peak = PeakRss::sample(pid);
-    let mut rss_ready = 0;
     // 25 s of it: the session must end within, 15 s after the last ACK.
-    let (status, out) = run_lines(aioquic(&world, &deaf, &["deaf:25"]), |line| {
-        if line == "flood: ready" {
-            rss_ready = rss_bytes(pid);
-            peak.restart();
-        }
-    });
-    let peak = peak.stop();
+    let (status, out, rss_ready, peak) =
+        memory_around(&mut world, &deaf, "deaf:25", "flood: ready");
     let gateway = world.gateway().log();
     eprintln!("{out}gateway RSS {rss_ready} bytes when the flood began, at most {peak} during it");
     assert!(status.success(), "{out}\ngateway:\n{gateway}");
@@ -266,16 +279,8 @@ fn a_revoked_client_is_closed_right_after_its_quic_handshake() {
 fn datagrams_before_the_request_are_not_kept() {
     let mut world = World::new(1, &[]);
     let mute = world.add_client("mute", 1);
-    let pid = world.gateway().pid();
-    let peak = PeakRss::sample(pid);
-    let mut rss_ready = 0;
-    let (status, out) = run_lines(aioquic(&world, &mute, &["silent:8"]), |line| {
-        if line == "silent: connected" {
-            rss_ready = rss_bytes(pid);
-            peak.restart();
-        }
-    });
-    let peak = peak.stop();
+    let (status, out, rss_ready, peak) =
+        memory_around(&mut world, &mute, "silent:8", "silent: connected");
     let gateway = world.gateway().log();
     eprintln!("{out}gateway RSS {rss_ready} bytes at the handshake, at most {peak} after");
     assert!(
