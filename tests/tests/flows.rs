@@ -239,36 +239,41 @@ fn expiry_follows_protocol_and_tcp_state() {
     let dns = key(proto::UDP, CLIENT, 40001, REMOTE, 53);
     let udp = key(proto::UDP, CLIENT, 40000, REMOTE, 123);
     let half_open = key(proto::TCP, CLIENT, 50001, REMOTE, 443);
+    let answered = key(proto::TCP, CLIENT, 50002, REMOTE, 443);
     let established = key(proto::TCP, CLIENT, 50000, REMOTE, 443);
-    for k in [icmp, dns, udp, half_open, established] {
+    for k in [icmp, dns, udp, half_open, answered, established] {
         bed.flows.create(k, t0).unwrap();
     }
-    // A real handshake through the datapath: SYN out, SYN-ACK back.
-    let nat = bed.flows.get(&established).unwrap();
-    let syn = frame(
-        CLIENT,
-        REMOTE,
-        64,
-        L4::Tcp {
-            src: 50000,
-            dst: 443,
-            flags: "S",
-            payload: b"",
-        },
-    );
-    let syn_ack = frame(
-        REMOTE,
-        PUBLIC,
-        57,
-        L4::Tcp {
-            src: 443,
-            dst: nat,
-            flags: "SA",
-            payload: b"",
-        },
-    );
-    assert_eq!(bed.tun(&syn).0, TC_ACT_REDIRECT);
-    assert!(bed.wan(&syn_ack).delivered());
+    // Through the datapath: SYN out, SYN-ACK back, and the client's ACK
+    // for `established` only (`answered` is where a forged SYN gets).
+    let tcp = |src, dst, sport, dport, flags| {
+        frame(
+            src,
+            dst,
+            64,
+            L4::Tcp {
+                src: sport,
+                dst: dport,
+                flags,
+                payload: b"",
+            },
+        )
+    };
+    for (client_port, ack) in [(50000, true), (50002, false)] {
+        let flow = key(proto::TCP, CLIENT, client_port, REMOTE, 443);
+        let nat = bed.flows.get(&flow).unwrap();
+        assert_eq!(
+            bed.tun(&tcp(CLIENT, REMOTE, client_port, 443, "S")).0,
+            TC_ACT_REDIRECT
+        );
+        assert!(bed.wan(&tcp(REMOTE, PUBLIC, 443, nat, "SA")).delivered());
+        if ack {
+            assert_eq!(
+                bed.tun(&tcp(CLIENT, REMOTE, client_port, 443, "A")).0,
+                TC_ACT_REDIRECT
+            );
+        }
+    }
     let seen = monotonic_ns();
 
     let after = |d: Duration| seen + d.as_nanos() as u64;
@@ -282,7 +287,9 @@ fn expiry_follows_protocol_and_tcp_state() {
     assert_eq!(gc(&mut bed, Duration::from_secs(59)), vec![]);
     assert_eq!(gc(&mut bed, Duration::from_secs(61)), vec![icmp]);
     assert_eq!(gc(&mut bed, Duration::from_secs(121)), vec![udp]);
-    assert_eq!(gc(&mut bed, Duration::from_secs(241)), vec![half_open]);
+    let mut transitory = vec![half_open, answered];
+    transitory.sort();
+    assert_eq!(gc(&mut bed, Duration::from_secs(241)), transitory);
     assert_eq!(gc(&mut bed, Duration::from_secs(2 * 3600)), vec![]);
     assert_eq!(
         gc(&mut bed, Duration::from_secs(2 * 3600 + 4 * 60 + 1)),

@@ -18,6 +18,7 @@ use std::{
 
 use veil_tests::{
     netns::NetNs,
+    packet::{frame, ip_of, L4},
     world::{pseudo_random, sha256, World, LAN_HOST, PUBLIC},
 };
 
@@ -231,6 +232,170 @@ fn a_rule_toward_a_closed_port_is_refused_at_once() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Sends SYNs to the gateway's public address on `port`, one from each of
+/// `count` forged sources in 100.64.0.0/10 from `first` on, as a flood
+/// would: nobody is there to complete a handshake. UDP datagrams instead
+/// when `udp`. From the remote
+/// namespace, through a raw socket (the kernel sends whatever source it
+/// is given); paced a little so that the veth ring in front of the
+/// gateway's XDP does not drop them.
+fn forged(world: &World, udp: bool, port: u16, first: u32, count: u32) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    world.remote.enter(|| {
+        // SAFETY: a plain socket call; the fd is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(PUBLIC).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        for i in first..first + count {
+            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i);
+            let sport = 1024 + (i % 60000) as u16;
+            let l4 = match udp {
+                true => L4::udp(sport, port, b"forged"),
+                false => L4::tcp(sport, port, "S", &[]),
+            };
+            let packet = frame(src, PUBLIC, 64, l4);
+            let ip = ip_of(&packet);
+            // SAFETY: a valid socket, buffer and address.
+            let sent = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    ip.as_ptr().cast(),
+                    ip.len(),
+                    0,
+                    (&to as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            assert_eq!(
+                sent,
+                ip.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+            if i % 64 == 0 {
+                thread::sleep(Duration::from_micros(100));
+            }
+        }
+    });
+}
+
+fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    s.read_exact(&mut back).unwrap();
+    back
+}
+
+#[test]
+fn a_flood_of_forged_syns_leaves_room_for_real_connections() {
+    // Targets enough for the flood's connections to outnumber the table's
+    // (each target has its own NAT ports, 4,536 by default).
+    const FLOODED: u16 = 19;
+    let mut rules = String::from("8080,10.200.9.2,8000\n");
+    for i in 1..=FLOODED {
+        rules += &format!("{},10.200.9.2,{}\n", 9000 + i, 8000 + i);
+    }
+    let (world, _file) = world_with(&rules);
+    let _lan = LanServer::start(&world.lan, 8000);
+    // Listeners that never accept: the target's kernel answers every SYN
+    // (with a cookie once its queue is full), as a real server would.
+    let _targets: Vec<TcpListener> = (1..=FLOODED)
+        .map(|i| {
+            world
+                .lan
+                .enter(|| TcpListener::bind((LAN_HOST, 8000 + i)).unwrap())
+        })
+        .collect();
+    let mut before = connect(&world, 8080).unwrap();
+    before.write_all(b"E").unwrap();
+    assert_eq!(echo(&mut before, b"before"), b"before");
+
+    // 4,400 forged SYNs at each flooded target, under its NAT ports, and
+    // 20,000 at the real one, over its ports: 104k connections opened,
+    // the table holds 65,536.
+    let mut first = 0;
+    for i in 1..=FLOODED {
+        forged(&world, false, 9000 + i, first, 4_400);
+        first += 4_400;
+    }
+    forged(&world, false, 8080, first, 20_000);
+
+    // A connection made before the flood goes on; a new one gets in.
+    assert_eq!(echo(&mut before, b"still here"), b"still here");
+    let mut after = connect(&world, 8080).expect("a real connection after the flood");
+    after.write_all(b"E").unwrap();
+    assert_eq!(echo(&mut after, b"after"), b"after");
+
+    let status = forwards(&world);
+    let sum = |field: &str| -> u64 { status.iter().map(|f| f[field].as_u64().unwrap_or(0)).sum() };
+    assert!(
+        sum("connections") > u64::from(veil_common::MAX_FWD_FLOWS / 2),
+        "the flood outgrew the table: {status:?}"
+    );
+    assert!(
+        sum("open") <= u64::from(veil_common::FWD_OPENING_SLOTS) + 2,
+        "unassured connections hold at most their places: {status:?}"
+    );
+    assert!(sum("evicted") > 0, "{status:?}");
+}
+
+#[test]
+fn forged_udp_sources_leave_room_for_real_ones() {
+    let (world, _file) = world_with("5353,10.200.9.2,5300,udp\n");
+    // The answers to forged sources leave as a real gateway's would, by its
+    // route toward the internet (without one each costs the target's echo
+    // milliseconds, and the real question waits behind thousands).
+    world
+        .gw
+        .ip(&["route", "add", "100.64.0.0/10", "via", "198.18.0.2"]);
+    let server = world
+        .lan
+        .enter(|| UdpSocket::bind((LAN_HOST, 5300)).unwrap());
+    server
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    // The target answers everything, forged or not.
+    let echo = thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !st.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], from);
+            }
+        }
+    });
+    // More forged sources than the target has NAT ports (4,536).
+    forged(&world, true, 5353, 0, 6_000);
+    let answer = world.remote.enter(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        (0..3).find_map(|_| {
+            s.send_to(b"real", (PUBLIC, 5353)).unwrap();
+            let mut buf = [0u8; 1500];
+            let (n, _) = s.recv_from(&mut buf).ok()?;
+            Some(buf[..n].to_vec())
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    echo.join().unwrap();
+    assert_eq!(
+        answer.as_deref(),
+        Some(&b"real"[..]),
+        "a real source got its answer"
+    );
+    let status = forwards(&world);
+    assert!(status[0]["evicted"].as_u64().unwrap() > 0, "{status:?}");
 }
 
 #[test]

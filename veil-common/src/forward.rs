@@ -14,8 +14,16 @@
 //! becomes ([`FwdFlow`]): each entry's translation, reversed, is the other
 //! entry's key. The datapath creates them on a connection's first packet
 //! (no user space per packet); the daemon expires them.
+//!
+//! A connection that is not yet *assured* ([`assured`]: a TCP handshake
+//! not finished, UDP not answered and kept up) also takes one of
+//! [`FWD_OPENING_SLOTS`] places in [`FWD_OPENING_MAP`], chosen at random;
+//! the one that held the place before goes, unless it has since become
+//! assured. So a flood of connections that never complete (SYNs from
+//! forged sources) holds at most that many, and the rest of the table is
+//! left to connections that did, as conntrack's early drop does.
 
-use crate::maps::FlowStats;
+use crate::maps::{tcp_flags, FlowStats};
 
 /// The rules: [`FwdRuleKey`] -> [`FwdRule`]. Hash, written by the daemon.
 pub const FWD_RULES_MAP: &str = "VEIL_FWD_RULES";
@@ -26,6 +34,9 @@ pub const FWD_FLOWS_MAP: &str = "VEIL_FWD_FLOWS";
 /// Per-rule counters: [`FwdRuleKey`] -> [`FwdCounters`]. Hash, the entry
 /// made by the daemon with the rule, added to by the datapath.
 pub const FWD_STATS_MAP: &str = "VEIL_FWD_STATS";
+/// The places of connections not yet assured: index -> [`FwdOpening`].
+/// Array, the datapath's alone.
+pub const FWD_OPENING_MAP: &str = "VEIL_FWD_OPENING";
 
 /// The forwarding program on the interfaces targets are reached through
 /// (TC ingress): the targets' replies.
@@ -35,6 +46,13 @@ pub const PROG_FWD_TC: &str = "veil_fwd_tc";
 pub const MAX_FWD_RULES: u32 = 4096;
 /// Capacity of [`FWD_FLOWS_MAP`]: two entries a connection.
 pub const MAX_FWD_FLOWS: u32 = 131_072;
+/// Connections not yet assured at most: an eighth of the table's
+/// connections, so that a flood of them leaves the rest to those that are.
+pub const FWD_OPENING_SLOTS: u32 = MAX_FWD_FLOWS / 2 / 8;
+/// How long UDP must be kept up after the target answered before it is
+/// assured (conntrack's "stream" UDP): one datagram and its answer is a
+/// lookup, and a forged source can get that far.
+pub const UDP_ASSURED_AFTER_NS: u64 = 2_000_000_000;
 
 /// Which packets a rule takes: the protocol and the port on the public
 /// addresses.
@@ -74,7 +92,7 @@ pub struct FwdRule {
 /// A packet of a forwarded connection as it arrives: the key of one
 /// direction.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FwdKey {
     pub src_addr: [u8; 4],
     pub dst_addr: [u8; 4],
@@ -119,6 +137,30 @@ impl FwdFlow {
     }
 }
 
+/// Whether a connection, from its two entries, has shown that the remote
+/// is real: TCP whose handshake is over (and was not reset), UDP the
+/// target answered and the remote went on with for
+/// [`UDP_ASSURED_AFTER_NS`].
+pub const fn assured(inbound: &FwdFlow, reply: &FwdFlow) -> bool {
+    let (out, back) = (inbound.stats.tcp_flags, reply.stats.tcp_flags);
+    if inbound.rule.proto == crate::proto::TCP {
+        tcp_flags::handshake_done(out, back) && (out | back) & tcp_flags::RST == 0
+    } else {
+        reply.stats.packets != 0
+            && inbound.stats.last_seen_ns >= inbound.created_ns + UDP_ASSURED_AFTER_NS
+    }
+}
+
+/// A connection's place among those not yet assured: its inbound entry's
+/// key, and when it was made (a later connection on the same key is
+/// another one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdOpening {
+    pub key: FwdKey,
+    pub created_ns: u64,
+}
+
 /// Which way an [`FwdFlow`] entry translates.
 pub mod fwd_dir {
     /// From the remote to the target.
@@ -134,6 +176,8 @@ pub struct FwdCounters {
     pub connections: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// Connections ended unassured to make room for newer ones.
+    pub evicted: u64,
 }
 
 #[cfg(feature = "user")]
@@ -145,6 +189,7 @@ mod pod {
     unsafe impl aya::Pod for super::FwdKey {}
     unsafe impl aya::Pod for super::FwdFlow {}
     unsafe impl aya::Pod for super::FwdCounters {}
+    unsafe impl aya::Pod for super::FwdOpening {}
 }
 
 const _: () = {
@@ -152,7 +197,8 @@ const _: () = {
     assert!(size_of::<FwdRule>() == 16);
     assert!(size_of::<FwdKey>() == 16);
     assert!(size_of::<FwdFlow>() == 64);
-    assert!(size_of::<FwdCounters>() == 24);
+    assert!(size_of::<FwdCounters>() == 32);
+    assert!(size_of::<FwdOpening>() == 24);
 };
 
 #[cfg(test)]
@@ -180,5 +226,48 @@ mod tests {
                 _pad: [0; 3],
             }
         );
+    }
+
+    fn connection(proto: u8, out: u64, back: u64) -> (FwdFlow, FwdFlow) {
+        let entry = |tcp_flags, dir| FwdFlow {
+            stats: FlowStats {
+                tcp_flags,
+                ..Default::default()
+            },
+            created_ns: 1_000,
+            rule: FwdRuleKey::new(proto, 80),
+            dir,
+            ..Default::default()
+        };
+        (entry(out, fwd_dir::INBOUND), entry(back, fwd_dir::REPLY))
+    }
+
+    #[test]
+    fn tcp_is_assured_once_the_opener_acknowledges_and_not_after_a_reset() {
+        use tcp_flags::{ACK, FIN, RST, SYN};
+        let tcp = |out, back| {
+            let (inbound, reply) = connection(crate::proto::TCP, out, back);
+            assured(&inbound, &reply)
+        };
+        assert!(!tcp(SYN, 0), "a SYN");
+        assert!(!tcp(SYN, SYN | ACK), "answered, never acknowledged");
+        assert!(!tcp(SYN | ACK, ACK), "an ACK to no SYN");
+        assert!(tcp(SYN | ACK, SYN | ACK), "the handshake");
+        assert!(
+            tcp(SYN | ACK | FIN, SYN | ACK),
+            "half closed: still carries data"
+        );
+        assert!(!tcp(SYN | ACK, SYN | ACK | RST), "reset");
+    }
+
+    #[test]
+    fn udp_is_assured_when_answered_and_kept_up() {
+        let (mut inbound, mut reply) = connection(crate::proto::UDP, 0, 0);
+        inbound.stats.last_seen_ns = inbound.created_ns + UDP_ASSURED_AFTER_NS;
+        assert!(!assured(&inbound, &reply), "never answered");
+        reply.stats.packets = 1;
+        assert!(assured(&inbound, &reply));
+        inbound.stats.last_seen_ns = inbound.created_ns + 1;
+        assert!(!assured(&inbound, &reply), "one question and its answer");
     }
 }

@@ -18,6 +18,16 @@ pub mod tcp_flags {
     pub const ACK: u64 = 0x10;
     /// The flags worth remembering for expiry.
     pub const TRACKED: u64 = FIN | SYN | RST | ACK;
+
+    /// Whether the three-way handshake is over, from the flags each side
+    /// sent: both sent SYN, and the side that opened also acknowledged
+    /// the other's. SYN both ways alone is what a blind SYN flood gets
+    /// (the answer goes to a forged source that never acknowledges it),
+    /// so it is not enough (RFC 5382 counts a connection established
+    /// after the handshake).
+    pub const fn handshake_done(opener: u64, answerer: u64) -> bool {
+        opener & (SYN | ACK) == SYN | ACK && answerer & SYN != 0
+    }
 }
 
 /// Egress flows: the client's 5-tuple to its NAT port. Hash, key [`FlowKey`],
@@ -69,7 +79,7 @@ pub const FRAG_ID_HOLD_NS: u64 = 30_000_000_000;
 
 /// Bump when a layout below changes: the pin directory carries it, so a new
 /// daemon never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Most public addresses one gateway translates to ([`Config::public_addrs`]).
 /// The datapath compares a packet's address with each in turn: a handful of

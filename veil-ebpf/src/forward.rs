@@ -12,6 +12,11 @@
 //! entry's interface with `bpf_redirect_neigh`: the gateway's kernel does
 //! not forward (ip_forward may be 0) and netfilter never sees the packet.
 //!
+//! A new connection takes a random place among those not yet assured
+//! ([`hold_place`]), ending the unassured one there: what a flood of
+//! half-open connections can hold is bounded, and the connections that
+//! completed keep the rest of the table.
+//!
 //! XDP on the WAN only asks [`claims`] so that it lets such packets through
 //! to TC uncounted; TC ([`translate`]) counts them.
 
@@ -27,12 +32,15 @@ use network_types::{
 };
 use veil_common::{
     csum::{self, L4Sum},
-    fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason, ReverseKey,
+    assured, fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule, FwdRuleKey,
+    Reason, ReverseKey, FWD_OPENING_SLOTS,
 };
 
 use crate::{
     egress::ethernet_header,
-    maps::{config, VEIL_FWD_FLOWS, VEIL_FWD_RULES, VEIL_FWD_STATS, VEIL_REVERSE},
+    maps::{
+        config, VEIL_FWD_FLOWS, VEIL_FWD_OPENING, VEIL_FWD_RULES, VEIL_FWD_STATS, VEIL_REVERSE,
+    },
     packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
     rewrite::{
         cover, decrement_ttl, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4,
@@ -484,9 +492,54 @@ fn open(
         if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule_key) {
             stats::fwd_connection(counters);
         }
+        hold_place(key, now);
         return VEIL_FWD_FLOWS.get_ptr_mut(key).ok_or(Reason::FwdDropNoRoom);
     }
     Err(Reason::FwdDropNoRoom)
+}
+
+/// Gives the connection just made (its inbound entry's `key`, made at
+/// `now`) a random place among those not yet assured, and ends the
+/// connection that held it unless that one is assured by now. Random, not
+/// oldest first: no shared counter to contend on, and a handshake of one
+/// round trip survives a flood of `r` connections a second with
+/// probability `exp(-r * rtt / FWD_OPENING_SLOTS)`.
+#[inline(always)]
+fn hold_place(key: &FwdKey, now: u64) {
+    let slot = unsafe { bpf_get_prandom_u32() } % FWD_OPENING_SLOTS;
+    let Some(place) = VEIL_FWD_OPENING.get_ptr_mut(slot) else {
+        return;
+    };
+    let held = unsafe { *place };
+    unsafe {
+        *place = FwdOpening {
+            key: *key,
+            created_ns: now,
+        }
+    };
+    // An empty place, or one whose connection has gone (expired, or a
+    // later connection on the same key: another `created_ns`).
+    let Some(inbound) = VEIL_FWD_FLOWS.get_ptr(held.key) else {
+        return;
+    };
+    // Read in place: the verifier's stack is too small for copies.
+    let inbound = unsafe { &*inbound };
+    if inbound.created_ns != held.created_ns || inbound.dir != fwd_dir::INBOUND {
+        return;
+    }
+    let (partner, rule) = (inbound.partner(), inbound.rule);
+    if let Some(reply) = VEIL_FWD_FLOWS.get_ptr(partner) {
+        if assured(inbound, unsafe { &*reply }) {
+            return;
+        }
+    }
+    // The inbound entry first, as the daemon's expiry does: no new packet
+    // reaches the target on a NAT port given back.
+    let _ = VEIL_FWD_FLOWS.remove(held.key);
+    let _ = VEIL_FWD_FLOWS.remove(partner);
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+        stats::fwd_evicted(counters);
+    }
 }
 
 /// A SYN on a connection that is over (the remote reuses its port, a
@@ -518,22 +571,38 @@ fn reopen(flow: *mut FwdFlow) {
 /// Takes over the NAT port of a connection that is over (reset, or closed
 /// both ways) for a new one: as conntrack reuses a closed tuple, so that
 /// a burst of short connections toward one target is not limited by the
-/// daemon's expiry. `false` if the port's connection is still alive.
+/// daemon's expiry. Also of one not yet [`assured`]: the NAT ports toward
+/// one target are few (4,536 by default), and a flood of SYNs from forged
+/// sources would hold them all for the transitory timeout; the ports it
+/// holds go to whoever comes next, and the connections that completed
+/// keep theirs. `false` if the port's connection is alive and assured.
 #[inline(always)]
 fn reclaim(reply_key: &FwdKey, reply: &FwdFlow) -> bool {
     let Some(old) = VEIL_FWD_FLOWS.get_ptr(reply_key) else {
         return false;
     };
-    let (back, old_inbound) = unsafe { ((*old).stats.tcp_flags, (*old).partner()) };
-    let out = match VEIL_FWD_FLOWS.get_ptr(old_inbound) {
-        Some(inbound) => unsafe { (*inbound).stats.tcp_flags },
-        None => tcp_flags::RST,
+    let old = unsafe { &*old };
+    let (old_inbound, old_rule) = (old.partner(), old.rule);
+    let (over, evicted) = match VEIL_FWD_FLOWS.get_ptr(old_inbound) {
+        None => (true, false),
+        Some(inbound) => {
+            let inbound = unsafe { &*inbound };
+            let (out, back) = (inbound.stats.tcp_flags, old.stats.tcp_flags);
+            let reset = (out | back) & tcp_flags::RST != 0;
+            let fin_both = out & back & tcp_flags::FIN != 0;
+            let over = reset || fin_both;
+            (over, !over && !assured(inbound, old))
+        }
     };
-    let fin_both = out & back & tcp_flags::FIN != 0;
-    if (out | back) & tcp_flags::RST == 0 && !fin_both {
+    if !over && !evicted {
         return false;
     }
     let _ = VEIL_FWD_FLOWS.remove(old_inbound);
+    if evicted {
+        if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(old_rule) {
+            stats::fwd_evicted(counters);
+        }
+    }
     VEIL_FWD_FLOWS.insert(reply_key, reply, 0).is_ok()
 }
 

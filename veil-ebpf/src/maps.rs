@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use veil_common::{
     reason::REASON_SLOTS, Config, Counter, EgressFlow, FlowKey, FragEntry, FragKey, FwdCounters,
-    FwdFlow, FwdKey, FwdRule, FwdRuleKey, Reason, ReverseFlow, ReverseKey, MAX_FLOWS, MAX_FRAGS,
-    MAX_FWD_FLOWS, MAX_FWD_RULES,
+    FwdFlow, FwdKey, FwdOpening, FwdRule, FwdRuleKey, Reason, ReverseFlow, ReverseKey,
+    FWD_OPENING_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_FWD_FLOWS, MAX_FWD_RULES,
 };
 use veil_common::{
     Config6, EgressFlow6, FlowKey6, FragEntry6, FragKey6, ReverseFlow6, ReverseKey6, MAX_FLOWS6,
@@ -37,6 +37,9 @@ pub static VEIL_FWD_RULES: HashMap<FwdRuleKey, FwdRule, { MAX_FWD_RULES as usize
 
 #[btf_map]
 pub static VEIL_FWD_FLOWS: HashMap<FwdKey, FwdFlow, { MAX_FWD_FLOWS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static VEIL_FWD_OPENING: Array<FwdOpening, { FWD_OPENING_SLOTS as usize }> = Array::new();
 
 #[btf_map]
 pub static VEIL_FWD_STATS: HashMap<FwdRuleKey, FwdCounters, { MAX_FWD_RULES as usize }> =

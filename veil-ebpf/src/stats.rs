@@ -53,6 +53,14 @@ pub fn fwd_packet(c: *mut FwdCounters, bytes: u32) {
     }
 }
 
+/// A forward rule's connection ended unassured for a newer one.
+#[inline(always)]
+pub fn fwd_evicted(c: *mut FwdCounters) {
+    unsafe {
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).evicted, 1);
+    }
+}
+
 /// One new connection of a forward rule.
 #[inline(always)]
 pub fn fwd_connection(c: *mut FwdCounters) {

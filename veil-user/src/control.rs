@@ -56,6 +56,10 @@ pub struct ForwardStatus {
     pub connections: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// Connections ended before they were assured (a handshake not
+    /// finished, UDP not kept up) to make room for newer ones.
+    #[serde(default)]
+    pub evicted: u64,
     /// Connections with entries in the datapath now.
     pub open: usize,
 }

@@ -43,7 +43,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 13] = [
+pub const PINS: [(&str, &str); 14] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
@@ -52,6 +52,7 @@ pub const PINS: [(&str, &str); 13] = [
     (FWD_RULES_MAP, "forward_rules"),
     (FWD_FLOWS_MAP, "forward_flows"),
     (FWD_STATS_MAP, "forward_stats"),
+    (veil_common::FWD_OPENING_MAP, "forward_opening"),
     (veil_common::ratelimit::RATE_MAP, "ratelimit"),
     (veil_common::EGRESS6_MAP, "egress6"),
     (veil_common::REVERSE6_MAP, "reverse6"),

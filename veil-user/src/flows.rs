@@ -91,7 +91,8 @@ pub const DNS_PORT: u16 = 53;
 /// for DNS over UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// Both sides have sent SYN and neither FIN nor RST was seen.
+    /// The handshake is over (the opener acknowledged the answer's SYN:
+    /// [`tcp_flags::handshake_done`]) and neither FIN nor RST was seen.
     pub tcp_established: Duration,
     /// Opening, closing or reset TCP.
     pub tcp_transitory: Duration,
@@ -237,9 +238,8 @@ pub fn idle_timeout(
     match proto {
         proto::TCP => {
             let (out, back) = (egress.tcp_flags, reverse.tcp_flags);
-            let opened = out & tcp_flags::SYN != 0 && back & tcp_flags::SYN != 0;
             let closing = (out | back) & (tcp_flags::RST | tcp_flags::FIN) != 0;
-            if opened && !closing {
+            if tcp_flags::handshake_done(out, back) && !closing {
                 t.tcp_established
             } else {
                 t.tcp_transitory
@@ -691,6 +691,12 @@ mod tests {
         assert_eq!(flow(proto::ICMP, 0, 0).timeout(&t), Duration::from_secs(60));
         // SYN sent, no answer yet: transitory.
         assert_eq!(flow(proto::TCP, SYN, 0).timeout(&t), t.tcp_transitory);
+        // Answered but never acknowledged (a forged source's SYN): still
+        // transitory.
+        assert_eq!(
+            flow(proto::TCP, SYN, SYN | ACK).timeout(&t),
+            t.tcp_transitory
+        );
         // Handshake done: established.
         assert_eq!(
             flow(proto::TCP, SYN | ACK, SYN | ACK).timeout(&t),

@@ -103,9 +103,15 @@ pub fn render(s: &Status) -> String {
         "counter",
         "Bytes forwarded by a port forwarding rule, both directions.",
     );
+    let fwd_evicted = family(
+        "veil_forward_evicted_total",
+        "counter",
+        "Connections of a port forwarding rule ended before they were assured, for newer ones.",
+    );
     for f in &s.forwards {
         let rule = &f.rule;
         lines.push(format!("{fwd_conns}{{rule=\"{rule}\"}} {}", f.connections));
+        lines.push(format!("{fwd_evicted}{{rule=\"{rule}\"}} {}", f.evicted));
         lines.push(format!("{fwd_packets}{{rule=\"{rule}\"}} {}", f.packets));
         lines.push(format!("{fwd_bytes}{{rule=\"{rule}\"}} {}", f.bytes));
     }

@@ -114,6 +114,7 @@ impl Shared {
                 connections: r.counters.connections,
                 packets: r.counters.packets,
                 bytes: r.counters.bytes,
+                evicted: r.counters.evicted,
                 open: r.open,
             })
             .collect();
