@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tungstenite::client::IntoClientRequest;
 use veil_tests::{
     proc::{rss_bytes, workspace_bin, Proc},
     raw::tls_without_certificate,
@@ -214,6 +215,66 @@ fn a_websocket_peer_that_pings_and_never_reads_cannot_grow_the_gateway() {
         "the gateway grew from {before} to {after} bytes over {sent} pings"
     );
     assert!(world.gateway().is_running());
+}
+
+/// A WebSocket upgrade straight to `--ws-listen` as the proxy relays it
+/// for `client` (its `X-Forwarded-For`), then silence where the tunnel's
+/// TLS would start: `None` if the gateway refused it, else whether it is
+/// still held open a second later.
+fn parked_upgrade(client: &str) -> Option<bool> {
+    let tcp = TcpStream::connect(SITE.upstream).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut request = format!("ws://{}{}", SITE.upstream, SITE.ws_path)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-forwarded-for", client.parse().unwrap());
+    let (mut ws, _) = tungstenite::client(request, tcp).ok()?;
+    let open = match ws.read() {
+        Err(tungstenite::Error::Io(e)) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        _ => false,
+    };
+    // Kept open for the rest of the test: the place stays taken.
+    std::mem::forget(ws);
+    Some(open)
+}
+
+/// The proxy relays every client from its one address: one client that
+/// parks handshakes there holds no more places than a direct client may
+/// (`--max-handshakes-per-source`, by the proxy's `X-Forwarded-For`), and
+/// takes none from the direct listener's clients.
+#[test]
+fn one_client_behind_the_proxy_cannot_take_every_handshake_place() {
+    let world = World::new(
+        1,
+        &[
+            "--ws-listen",
+            SITE.upstream,
+            "--max-handshakes",
+            "4",
+            "--max-handshakes-per-source",
+            "2",
+        ],
+    );
+    let parked: Vec<Option<bool>> = world
+        .gw
+        .enter(|| (0..6).map(|_| parked_upgrade("203.0.113.7")).collect());
+    let held = parked.iter().filter(|p| **p == Some(true)).count();
+    assert_eq!(held, 2, "one client holds its 2 places: {parked:?}");
+    let other = world.gw.enter(|| parked_upgrade("198.51.100.9"));
+    assert_eq!(other, Some(true), "another client behind the proxy gets in");
+    let profile = world.add_client("direct", 1);
+    let mut direct = world.start_client(1, &profile, false);
+    direct.wait_for_log("connected", Duration::from_secs(5));
+    assert_eq!(
+        world.status()["refused"]["source_busy"].as_u64(),
+        Some(4),
+        "the refusals are counted"
+    );
 }
 
 /// Through the website's TLS and a WebSocket upgrade on its path, the

@@ -13,6 +13,7 @@
 
 use std::{
     io,
+    net::IpAddr,
     pin::Pin,
     task::{ready, Context, Poll},
 };
@@ -216,17 +217,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
 /// The gateway's side: takes the HTTP upgrade to a WebSocket on `path`
 /// (anything after `?` aside); an upgrade on any other path is answered
 /// 404, and a request that is not a WebSocket upgrade is refused with the
-/// connection closed.
-pub async fn accept<S>(io: S, path: &str) -> Result<WsStream<S>, WsError>
+/// connection closed. With the WebSocket, whom the proxy says it relays
+/// ([`relayed_for`]).
+pub async fn accept<S>(io: S, path: &str) -> Result<(WsStream<S>, Option<IpAddr>), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut client = None;
     #[expect(
         clippy::result_large_err,
         reason = "tungstenite's callback signature: the error is the response to send"
     )]
     let on_path = |request: &Request, response: Response| {
         if request.uri().path() == path {
+            client = relayed_for(request.headers());
             Ok(response)
         } else {
             let mut not_found = ErrorResponse::new(None);
@@ -235,7 +239,28 @@ where
         }
     };
     let ws = tokio_tungstenite::accept_hdr_async_with_config(io, on_path, Some(config())).await?;
-    Ok(WsStream::new(ws))
+    Ok((WsStream::new(ws), client))
+}
+
+/// The client a proxy relays, as it says: the last address of
+/// `X-Forwarded-For` (the one the proxy itself added: those before it
+/// came from the client, who can write anything there), else
+/// `X-Real-IP`. `None` when neither names an address.
+pub fn relayed_for(headers: &tungstenite::http::HeaderMap) -> Option<IpAddr> {
+    let parse = |s: &str| s.trim().parse::<IpAddr>().ok();
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .next_back()
+        .and_then(parse);
+    forwarded.or_else(|| {
+        headers
+            .get("x-real-ip")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse)
+    })
 }
 
 /// The client's side: the upgrade to a WebSocket at `url`
@@ -263,7 +288,42 @@ mod tests {
         let (a, b) = duplex(256 * 1024);
         let server = tokio::spawn(accept(a, "/veil"));
         let client = connect(b, "wss://proxy.example/veil").await.unwrap();
-        (server.await.unwrap().unwrap(), client)
+        (server.await.unwrap().unwrap().0, client)
+    }
+
+    #[test]
+    fn the_relayed_client_is_the_address_the_proxy_added() {
+        use tungstenite::http::{HeaderMap, HeaderValue};
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            relayed_for(&h)
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(headers(&[]), None);
+        assert_eq!(
+            headers(&[("x-forwarded-for", "203.0.113.7")]),
+            ip("203.0.113.7")
+        );
+        // What the client wrote first, the proxy's addition last.
+        assert_eq!(
+            headers(&[("x-forwarded-for", "1.2.3.4, 203.0.113.7")]),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            headers(&[
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-for", "2001:db8::7")
+            ]),
+            ip("2001:db8::7")
+        );
+        assert_eq!(
+            headers(&[("x-real-ip", "198.51.100.9")]),
+            ip("198.51.100.9")
+        );
+        assert_eq!(headers(&[("x-forwarded-for", "unknown")]), None);
     }
 
     #[tokio::test]
@@ -333,7 +393,7 @@ mod tests {
         let (mut raw, _) = tokio_tungstenite::client_async("ws://x/veil", b)
             .await
             .unwrap();
-        let mut server = server.await.unwrap().unwrap();
+        let (mut server, _) = server.await.unwrap().unwrap();
         send_raw(&mut raw, Message::text("hello")).await;
         let mut buf = [0u8; 16];
         let err = server.read(&mut buf).await.unwrap_err();

@@ -96,6 +96,30 @@ impl Admission {
         })
     }
 
+    /// Charges a relayed connection's place (from [`Self::admit_relayed`])
+    /// to the client the proxy says it relays, under the per-source cap:
+    /// one client behind the proxy then holds no more places than one
+    /// reaching the listener directly. On refusal the place is unchanged,
+    /// for the caller to drop.
+    pub fn attribute(&self, permit: &mut Permit, source: IpAddr) -> Result<(), Turned> {
+        debug_assert!(Arc::ptr_eq(&permit.counts, &self.counts));
+        if permit.source.is_some() {
+            return Ok(());
+        }
+        let mut counts = self.counts.lock().expect("admission lock");
+        let n = counts.by_source.entry(source).or_default();
+        if *n >= self.per_source {
+            let n = *n;
+            if n == 0 {
+                counts.by_source.remove(&source);
+            }
+            return Err(Turned::SourceBusy(n));
+        }
+        *n += 1;
+        permit.source = Some(source);
+        Ok(())
+    }
+
     /// A place under these caps for the connection that holds `other` (a
     /// place under other caps), from the same source.
     pub fn admit_as(&self, other: &Permit) -> Result<Permit, Turned> {
@@ -150,6 +174,28 @@ mod tests {
         drop(relayed);
         drop(direct);
         assert_eq!(a.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_relayed_place_is_charged_to_the_client_the_proxy_names() {
+        let a = Admission::new(8, 2);
+        let mut places: Vec<Permit> = Vec::new();
+        for _ in 0..2 {
+            let mut p = a.admit_relayed().unwrap();
+            a.attribute(&mut p, ip(7)).unwrap();
+            places.push(p);
+        }
+        let mut third = a.admit_relayed().unwrap();
+        assert_eq!(a.attribute(&mut third, ip(7)), Err(Turned::SourceBusy(2)));
+        drop(third);
+        // Another client, and one the proxy names no one for, still get in.
+        let mut other = a.admit_relayed().unwrap();
+        a.attribute(&mut other, ip(8)).unwrap();
+        let _unnamed = a.admit_relayed().unwrap();
+        assert_eq!(a.in_flight(), 4);
+        places.clear();
+        let mut again = a.admit_relayed().unwrap();
+        a.attribute(&mut again, ip(7)).unwrap();
     }
 
     #[test]

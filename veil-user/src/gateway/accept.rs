@@ -92,7 +92,7 @@ pub(super) async fn accept_each(
         // accept each, not a task, a buffer and a descriptor for seconds.
         let admitted = match sources {
             Sources::Clients => shared.admission.admit(peer.ip()),
-            Sources::Proxy => shared.admission.admit_relayed(),
+            Sources::Proxy => shared.relayed.admit_relayed(),
         };
         let permit = match admitted {
             Ok(permit) => permit,

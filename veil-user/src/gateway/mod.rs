@@ -239,6 +239,11 @@ struct Shared {
     /// certificate): apart, so that its visitors, or a prober parked on
     /// it for hours, take no place from clients' handshakes.
     visitors: Admission,
+    /// The same caps on connections a reverse proxy relays
+    /// (`--ws-listen`): apart, so that a flood through the proxy takes no
+    /// place from clients reaching the listeners directly; per client as
+    /// the proxy names it ([`veil_tunnel::ws::relayed_for`]).
+    relayed: Admission,
     registry: RwLock<HashMap<String, ClientRecord>>,
     counters: Counters,
     /// Taken at shutdown: dropping it detaches the programs and unpins.
@@ -406,6 +411,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         sessions: RwLock::new(HashMap::new()),
         registry: RwLock::new(HashMap::new()),
         visitors: Admission::new(places, cfg.max_handshakes_per_source),
+        relayed: Admission::new(places, cfg.max_handshakes_per_source),
         admission,
         counters: Counters::default(),
         fallback,
@@ -581,13 +587,14 @@ fn wan_filter(iface: &str, named: Option<WanFilter>) -> WanFilter {
 }
 
 /// `--max-handshakes`, lowered if the descriptor limit could not hold it
-/// twice (handshakes, visitors of the fallback site) beside
-/// `--max-clients` sessions and the daemon's own files.
+/// once for each pool (handshakes, visitors of the fallback site, relayed
+/// handshakes with `--ws-listen`) beside `--max-clients` sessions and the
+/// daemon's own files.
 fn handshake_cap(cfg: &GatewayConfig) -> Result<usize> {
     let limit = crate::net::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let sessions = cfg.max_clients as u64;
-    // Handshakes, and as many visitors of the fallback site.
-    let room = limit.saturating_sub(sessions + FD_RESERVE) / 2;
+    let pools = if cfg.ws_listen.is_some() { 3 } else { 2 };
+    let room = limit.saturating_sub(sessions + FD_RESERVE) / pools;
     if room < cfg.max_handshakes as u64 {
         warn!(
             limit, max_clients = cfg.max_clients, max_handshakes = cfg.max_handshakes,

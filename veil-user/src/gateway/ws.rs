@@ -5,15 +5,18 @@
 //! own mutual TLS, end to end, then CONNECT-IP. The proxy sees neither the
 //! client's certificate nor its packets.
 //!
-//! Every connection here comes from the proxy, so the per-source
-//! handshake cap would be one cap on all clients together: only
-//! `--max-handshakes` applies (limit per client at the proxy).
+//! Every connection here comes from the proxy: the caps on handshakes
+//! apply to them in a pool of their own (a flood through the proxy leaves
+//! the direct listeners' places alone), per client as the proxy names it
+//! in `X-Forwarded-For` (or `X-Real-IP`) once the upgrade is read; without
+//! either, only the pool's overall cap applies.
 
 use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
+use tracing::debug;
 use veil_tunnel::ws::WsStream;
 
 use super::{
@@ -42,8 +45,18 @@ pub(super) async fn accept_loop(
         tokio::spawn(async move {
             let upgrade =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, veil_tunnel::ws::accept(tcp, &path));
+            let mut permit = permit;
             match upgrade.await {
-                Ok(Ok(ws)) => serve(shared, ws, peer, permit, acceptor, stopped).await,
+                Ok(Ok((ws, client))) => {
+                    if let Some(client) = client {
+                        if let Err(turned) = shared.relayed.attribute(&mut permit, client) {
+                            shared.counters.refused(turned.cause());
+                            debug!("relayed connection turned away: {turned}");
+                            return;
+                        }
+                    }
+                    serve(shared, ws, peer, permit, acceptor, stopped).await
+                }
                 Ok(Err(e)) => refused(&shared, peer, Refused::WebSocket(e)),
                 Err(_) => refused(&shared, peer, Refused::HandshakeTimeout),
             }
