@@ -472,6 +472,80 @@ fn a_reload_keeps_a_running_transfer_and_a_removed_rule_takes_no_new_connection(
     s.read_exact(&mut buf).unwrap();
 }
 
+/// Waits until the gateway has loaded the rule file `times` times.
+fn loaded(world: &mut World, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while world
+        .gateway()
+        .log()
+        .matches("forward rules loaded")
+        .count()
+        < times
+    {
+        assert!(Instant::now() < deadline, "{}", world.gateway().log());
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A connection from a fixed source port on the remote: the 5-tuple of
+/// the one before it.
+fn connect_from(world: &World, source_port: u16, port: u16) -> std::io::Result<TcpStream> {
+    world.remote.enter(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port)).into())?;
+        s.connect_timeout(
+            &SocketAddr::from((PUBLIC, port)).into(),
+            Duration::from_secs(3),
+        )?;
+        Ok(s.into())
+    })
+}
+
+#[test]
+fn a_removed_rule_takes_no_new_connection_on_the_tuple_of_an_old_one() {
+    let (mut world, file) = world_with("8080,10.200.9.2,8000\n");
+    let lan = LanServer::start(&world.lan, 8000);
+    let mut s = connect_from(&world, 40404, 8080).unwrap();
+    s.write_all(b"Ex").unwrap();
+    let mut x = [0u8];
+    s.read_exact(&mut x).unwrap();
+    // Reset (no TIME_WAIT on our side): the port may be used again at once.
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+
+    std::fs::write(&file, "# no rules\n").unwrap();
+    world.gateway().signal(libc::SIGHUP);
+    world
+        .gateway()
+        .wait_for_log("1 removed", Duration::from_secs(5));
+    assert!(
+        connect_from(&world, 40404, 8080).is_err(),
+        "the old connection's entries opened a new one"
+    );
+    assert_eq!(lan.seen().len(), 1, "{:?}", lan.seen());
+
+    // A rule changed to another target: the same tuple goes there.
+    let other = LanServer::start(&world.lan, 8001);
+    std::fs::write(&file, "8080,10.200.9.2,8001\n").unwrap();
+    loaded(&mut world, 3);
+    let mut s = connect_from(&world, 40405, 8080).unwrap();
+    s.write_all(b"Ex").unwrap();
+    s.read_exact(&mut x).unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    std::fs::write(&file, "8080,10.200.9.2,8000\n").unwrap();
+    loaded(&mut world, 4);
+    let mut s = connect_from(&world, 40405, 8080).unwrap();
+    s.write_all(b"Ex").unwrap();
+    s.read_exact(&mut x).unwrap();
+    assert_eq!((lan.seen().len(), other.seen().len()), (2, 1));
+}
+
 #[test]
 fn the_nat_range_still_drops_unsolicited_packets() {
     let (world, _file) = world_with("8080,10.200.9.2,8000\n");

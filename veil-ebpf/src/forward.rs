@@ -337,13 +337,12 @@ fn translate_at(
         return icmp_error(ctx, &pkt, cfg);
     };
     let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-    let flow = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
-        Some(flow) => {
-            if c.kind == L4Sum::Tcp && syn {
-                reopen(flow);
-            }
-            flow
-        }
+    let known = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
+        Some(flow) if c.kind == L4Sum::Tcp && syn => reopen(&c.key, flow),
+        known => known,
+    };
+    let flow = match known {
+        Some(flow) => flow,
         None if !may_open => return Ok(None),
         None => {
             let Some((rule_key, rule)) = rule_for(&c.key, cfg) else {
@@ -543,28 +542,57 @@ fn hold_place(key: &FwdKey, now: u64) {
 }
 
 /// A SYN on a connection that is over (the remote reuses its port, a
-/// connection after a reset): a new connection on the same entries. Its
-/// flags start again, so that neither expiry nor [`reclaim`] takes it for
-/// the closed one.
+/// connection after a reset): a new connection on the same entries, if
+/// the rule that made them still sends there. Its flags start again, so
+/// that neither expiry nor [`reclaim`] takes it for the closed one.
+/// Entries of a rule since removed or changed are deleted instead, and
+/// `None` says the SYN is as if they had never been: it opens under the
+/// rule in force, if any.
 #[inline(always)]
-fn reopen(flow: *mut FwdFlow) {
+fn reopen(key: &FwdKey, flow: *mut FwdFlow) -> Option<*mut FwdFlow> {
     let closed = tcp_flags::RST | tcp_flags::FIN;
-    let (seen, partner, rule) =
-        unsafe { ((*flow).stats.tcp_flags, (*flow).partner(), (*flow).rule) };
+    let (seen, partner, rule_key, dir) = unsafe {
+        (
+            (*flow).stats.tcp_flags,
+            (*flow).partner(),
+            (*flow).rule,
+            (*flow).dir,
+        )
+    };
     let reply = VEIL_FWD_FLOWS.get_ptr_mut(partner);
     let seen_back = match reply {
         Some(reply) => unsafe { (*reply).stats.tcp_flags },
         None => 0,
     };
     if (seen | seen_back) & closed == 0 {
-        return;
+        return Some(flow);
+    }
+    if dir == fwd_dir::INBOUND && !still_ruled(unsafe { &*flow }, rule_key) {
+        let _ = VEIL_FWD_FLOWS.remove(key);
+        let _ = VEIL_FWD_FLOWS.remove(partner);
+        return None;
     }
     unsafe { (*flow).stats.tcp_flags = 0 };
     if let Some(reply) = reply {
         unsafe { (*reply).stats.tcp_flags = 0 };
     }
-    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
+    if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule_key) {
         stats::fwd_connection(counters);
+    }
+    Some(flow)
+}
+
+/// Whether the rule an inbound entry was made under still sends its
+/// connections where the entry does.
+#[inline(always)]
+fn still_ruled(inbound: &FwdFlow, rule_key: FwdRuleKey) -> bool {
+    match VEIL_FWD_RULES.get_ptr(rule_key) {
+        Some(rule) => unsafe {
+            (*rule).target_addr == inbound.dst_addr
+                && (*rule).target_port == inbound.dst_port
+                && (*rule).snat_addr == inbound.src_addr
+        },
+        None => false,
     }
 }
 
