@@ -217,6 +217,64 @@ fn a_websocket_peer_that_pings_and_never_reads_cannot_grow_the_gateway() {
     assert!(world.gateway().is_running());
 }
 
+/// Peers that announce a large message and send most of it, then wait,
+/// before any TLS: each is closed on the announcement, and the gateway does
+/// not keep what they sent (with the 1 MiB limit before, 9 of 32 were
+/// still held open, their bytes waiting for the rest of the frame).
+#[test]
+fn unauthenticated_websocket_peers_cannot_make_the_gateway_buffer_megabytes() {
+    const PEERS: usize = 32;
+    const ANNOUNCED: usize = 1 << 20;
+    let mut world = World::new(1, &["--ws-listen", SITE.upstream]);
+    let pid = world.gateway().pid();
+    let before = rss_bytes(pid);
+    let closed = world.gw.enter(|| {
+        let peers: Vec<TcpStream> = (0..PEERS)
+            .map(|_| {
+                let tcp = TcpStream::connect(SITE.upstream).unwrap();
+                let url = format!("ws://{}{}", SITE.upstream, SITE.ws_path);
+                let (ws, _) = tungstenite::client(url.as_str(), tcp).expect("the upgrade");
+                let mut tcp = ws.into_inner();
+                // A masked binary frame of ANNOUNCED bytes, 90 % of it sent.
+                let mut frame = vec![0x82, 0x80 | 127];
+                frame.extend_from_slice(&(ANNOUNCED as u64).to_be_bytes());
+                frame.extend_from_slice(&[1, 2, 3, 4]);
+                tcp.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                let _ = tcp.write_all(&frame);
+                let _ = tcp.write_all(&vec![0x5a; ANNOUNCED * 9 / 10]);
+                tcp
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        peers
+            .into_iter()
+            .filter(|tcp| {
+                tcp.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut buf = [0u8; 4096];
+                let mut tcp = tcp;
+                loop {
+                    match tcp.read(&mut buf) {
+                        Ok(0) => return true,
+                        Ok(_) => continue,
+                        Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+                    }
+                }
+            })
+            .count()
+    });
+    let after = rss_bytes(pid);
+    eprintln!("{closed} of {PEERS} closed; gateway RSS {before} -> {after} bytes");
+    assert_eq!(
+        closed, PEERS,
+        "every peer announcing {ANNOUNCED} bytes is closed"
+    );
+    assert!(
+        after <= before + (8 << 20),
+        "the gateway grew from {before} to {after} bytes"
+    );
+    assert!(world.gateway().is_running());
+}
+
 /// A WebSocket upgrade straight to `--ws-listen` as the proxy relays it
 /// for `client` (its `X-Forwarded-For`), then silence where the tunnel's
 /// TLS would start: `None` if the gateway refused it, else whether it is

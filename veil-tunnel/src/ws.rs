@@ -40,9 +40,12 @@ pub use tokio_tungstenite::tungstenite::Error as WsError;
 pub const MAX_FRAME: usize = 64 * 1024;
 
 /// The largest message or frame taken from the peer. Ours are at most
-/// [`MAX_FRAME`]; this leaves room for a proxy that merges or a peer that
-/// frames differently, and bounds what one connection can make us buffer.
-const MAX_INCOMING: usize = 1 << 20;
+/// [`MAX_FRAME`], and an intermediary may split a message but never merge
+/// two (RFC 6455, 5.4); twice that is slack. It bounds what one
+/// connection, authenticated or not, makes us buffer: the read buffer, a
+/// frame and a message in pieces, about 320 KiB (1 MiB each allowed 2 MiB
+/// to anyone who reached the proxy).
+const MAX_INCOMING: usize = 2 * MAX_FRAME;
 
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
