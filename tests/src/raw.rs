@@ -275,3 +275,52 @@ pub fn tls_without_certificate<S: Read + Write>(
         ClientConnection::new(Arc::new(config), name.to_owned().try_into().unwrap()).unwrap();
     StreamOwned::new(conn, io)
 }
+
+/// A raw IPv4 socket (`IPPROTO_RAW`): sends whole IP packets, whatever
+/// their source address says, routed by their destination. Made in the
+/// namespace it is created in.
+pub struct RawIp(OwnedFd);
+
+impl RawIp {
+    pub fn new() -> Self {
+        // SAFETY: a plain socket call; the fd is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        RawIp(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Sends `ip` (an IPv4 packet, header included) toward `dst`.
+    pub fn send(&self, ip: &[u8], dst: Ipv4Addr) {
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a valid socket, buffer and address.
+        let sent = unsafe {
+            libc::sendto(
+                self.0.as_raw_fd(),
+                ip.as_ptr().cast(),
+                ip.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        assert_eq!(
+            sent,
+            ip.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Default for RawIp {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -19,6 +19,7 @@ use std::{
 use veil_tests::{
     netns::NetNs,
     packet::{frame, ip_of, L4},
+    raw::RawIp,
     world::{pseudo_random, sha256, World, LAN_HOST, PUBLIC},
 };
 
@@ -242,20 +243,8 @@ fn a_rule_toward_a_closed_port_is_refused_at_once() {
 /// is given); paced a little so that the veth ring in front of the
 /// gateway's XDP does not drop them.
 fn forged(world: &World, udp: bool, port: u16, first: u32, count: u32) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     world.remote.enter(|| {
-        // SAFETY: a plain socket call; the fd is owned at once.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let to = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(PUBLIC).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
+        let raw = RawIp::new();
         for i in first..first + count {
             let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i);
             let sport = 1024 + (i % 60000) as u16;
@@ -264,24 +253,7 @@ fn forged(world: &World, udp: bool, port: u16, first: u32, count: u32) {
                 false => L4::tcp(sport, port, "S", &[]),
             };
             let packet = frame(src, PUBLIC, 64, l4);
-            let ip = ip_of(&packet);
-            // SAFETY: a valid socket, buffer and address.
-            let sent = unsafe {
-                libc::sendto(
-                    fd.as_raw_fd(),
-                    ip.as_ptr().cast(),
-                    ip.len(),
-                    0,
-                    (&to as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
-            };
-            assert_eq!(
-                sent,
-                ip.len() as isize,
-                "{}",
-                std::io::Error::last_os_error()
-            );
+            raw.send(ip_of(&packet), PUBLIC);
             if i % 64 == 0 {
                 thread::sleep(Duration::from_micros(100));
             }
@@ -502,19 +474,22 @@ fn connect_from(world: &World, source_port: u16, port: u16) -> std::io::Result<T
     })
 }
 
+/// A connection to port 8080 from `source_port` that echoed a byte; reset
+/// when dropped (no TIME_WAIT on our side: the port may be used again at
+/// once).
+fn echoing_from(world: &World, source_port: u16) -> std::io::Result<TcpStream> {
+    let mut s = connect_from(world, source_port, 8080)?;
+    s.write_all(b"E")?;
+    assert_eq!(echo(&mut s, b"x"), b"x");
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+    Ok(s)
+}
+
 #[test]
 fn a_removed_rule_takes_no_new_connection_on_the_tuple_of_an_old_one() {
     let (mut world, file) = world_with("8080,10.200.9.2,8000\n");
     let lan = LanServer::start(&world.lan, 8000);
-    let mut s = connect_from(&world, 40404, 8080).unwrap();
-    s.write_all(b"Ex").unwrap();
-    let mut x = [0u8];
-    s.read_exact(&mut x).unwrap();
-    // Reset (no TIME_WAIT on our side): the port may be used again at once.
-    socket2::SockRef::from(&s)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(s);
+    drop(echoing_from(&world, 40404).unwrap());
 
     std::fs::write(&file, "# no rules\n").unwrap();
     world.gateway().signal(libc::SIGHUP);
@@ -522,7 +497,7 @@ fn a_removed_rule_takes_no_new_connection_on_the_tuple_of_an_old_one() {
         .gateway()
         .wait_for_log("1 removed", Duration::from_secs(5));
     assert!(
-        connect_from(&world, 40404, 8080).is_err(),
+        echoing_from(&world, 40404).is_err(),
         "the old connection's entries opened a new one"
     );
     assert_eq!(lan.seen().len(), 1, "{:?}", lan.seen());
@@ -531,18 +506,10 @@ fn a_removed_rule_takes_no_new_connection_on_the_tuple_of_an_old_one() {
     let other = LanServer::start(&world.lan, 8001);
     std::fs::write(&file, "8080,10.200.9.2,8001\n").unwrap();
     loaded(&mut world, 3);
-    let mut s = connect_from(&world, 40405, 8080).unwrap();
-    s.write_all(b"Ex").unwrap();
-    s.read_exact(&mut x).unwrap();
-    socket2::SockRef::from(&s)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(s);
+    drop(echoing_from(&world, 40405).unwrap());
     std::fs::write(&file, "8080,10.200.9.2,8000\n").unwrap();
     loaded(&mut world, 4);
-    let mut s = connect_from(&world, 40405, 8080).unwrap();
-    s.write_all(b"Ex").unwrap();
-    s.read_exact(&mut x).unwrap();
+    echoing_from(&world, 40405).unwrap();
     assert_eq!((lan.seen().len(), other.seen().len()), (2, 1));
 }
 

@@ -369,8 +369,7 @@ fn a_forged_source_address_is_dropped_and_counted() {
     world.client(1).enter(|| {
         // A UDP packet from an address that is not the client's, written
         // with a raw socket: the kernel routes it into the tunnel.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        assert!(fd >= 0);
+        let raw = veil_tests::raw::RawIp::new();
         let forged = veil_tests::packet::frame(
             Ipv4Addr::new(10, 77, 200, 200),
             REMOTE,
@@ -378,28 +377,9 @@ fn a_forged_source_address_is_dropped_and_counted() {
             veil_tests::packet::L4::udp(5555, 7, b"forged"),
         );
         let ip = veil_tests::packet::ip_of(&forged);
-        let dst = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(REMOTE).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
         for _ in 0..3 {
-            let n = unsafe {
-                libc::sendto(
-                    fd,
-                    ip.as_ptr().cast(),
-                    ip.len(),
-                    0,
-                    (&dst as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as u32,
-                )
-            };
-            assert_eq!(n, ip.len() as isize, "{}", std::io::Error::last_os_error());
+            raw.send(ip, REMOTE);
         }
-        unsafe { libc::close(fd) };
     });
     wait_until(
         "the forged packets to be counted",
