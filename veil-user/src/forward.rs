@@ -32,7 +32,7 @@ use std::{
 use aya::maps::{HashMap, MapData, MapError};
 use veil_common::{
     fwd_dir, proto, FlowKey, FwdCounters, FwdFlow, FwdKey, FwdRule, FwdRuleKey, FWD_FLOWS_MAP,
-    FWD_RULES_MAP, FWD_STATS_MAP,
+    FWD_RULES_MAP, FWD_STATS_MAP, MAX_FWD_RULES,
 };
 
 use crate::{
@@ -101,6 +101,8 @@ pub enum RuleError {
     NoHost,
     #[error("{0} is already forwarded by line {1}")]
     Repeated(String, usize),
+    #[error("more than {0} rules: this one is skipped")]
+    TooMany(u32),
     #[error("target host `{0}` does not resolve to an IPv4 address")]
     Unresolved(String),
     #[error("listen port {0} is in the NAT port range {1}")]
@@ -140,6 +142,9 @@ pub fn parse(text: &str) -> (Vec<Rule>, Vec<Problem>) {
     let mut rules: Vec<Rule> = Vec::new();
     let mut problems = Vec::new();
     let mut seen_content = false;
+    // A byte-order mark, as some Windows editors write: not part of the
+    // first field.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.split('\n').enumerate() {
         let line = i + 1;
         let content = raw.split('#').next().unwrap_or("").trim();
@@ -149,12 +154,17 @@ pub fn parse(text: &str) -> (Vec<Rule>, Vec<Problem>) {
         let first = !seen_content;
         seen_content = true;
         let fields: Vec<&str> = content.split(',').map(str::trim).collect();
-        // A header: the first line, its first field not a number.
-        if first && fields[0].parse::<u32>().is_err() && fields[0].chars().any(char::is_alphabetic)
-        {
+        // A header: the first line, names only. A rule with a typo in its
+        // first field still has a number in its third, and is reported.
+        let is_name = |f: &&str| f.parse::<u32>().is_err() && f.chars().any(char::is_alphabetic);
+        if first && fields.iter().all(|f| f.is_empty() || is_name(f)) && is_name(&fields[0]) {
             continue;
         }
         match parse_line(line, &fields) {
+            Ok(_) if rules.len() >= MAX_FWD_RULES as usize => problems.push(Problem {
+                line,
+                error: RuleError::TooMany(MAX_FWD_RULES),
+            }),
             Ok(rule) => match rules.iter().find(|r| r.key() == rule.key()) {
                 Some(earlier) => problems.push(Problem {
                     line,
@@ -690,6 +700,42 @@ mod tests {
                 rule(5, 2222, "build.lan", 22, proto::TCP),
             ]
         );
+    }
+
+    #[test]
+    fn a_typo_on_the_first_line_is_reported_not_taken_for_a_header() {
+        let (rules, problems) = parse("8o8o,10.200.9.2,80\n9090,10.200.9.2,90\n");
+        assert_eq!(rules, [rule(2, 9090, "10.200.9.2", 90, proto::TCP)]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, 1);
+        assert!(
+            problems[0].error.to_string().contains("8o8o"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn rules_beyond_the_maps_room_are_reported_and_the_first_ones_kept() {
+        let text: String = (1..=MAX_FWD_RULES + 2)
+            .map(|i| format!("{i},10.200.9.2,80\n"))
+            .collect();
+        let (rules, problems) = parse(&text);
+        assert_eq!(rules.len(), MAX_FWD_RULES as usize);
+        assert_eq!(
+            problems.iter().map(|p| p.line).collect::<Vec<_>>(),
+            [MAX_FWD_RULES as usize + 1, MAX_FWD_RULES as usize + 2]
+        );
+        assert!(problems[0].error.to_string().contains("more than 4096"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_rule() {
+        let (rules, problems) = parse("\u{feff}8080,10.200.9.2,80\n");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(rules, [rule(1, 8080, "10.200.9.2", 80, proto::TCP)]);
+        let (rules, problems) = parse("\u{feff}listen_port,target_host,target_port\n8080,h,80\n");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(rules.len(), 1);
     }
 
     #[test]

@@ -46,6 +46,22 @@ pub struct Forwarding {
     attached: Mutex<BTreeSet<u32>>,
     /// The file's bytes when last loaded.
     loaded: Mutex<Option<Vec<u8>>>,
+    /// The file's bytes at the last look for changes.
+    looked: Mutex<Settling>,
+}
+
+/// A file's bytes from one look to the next.
+#[derive(Debug, Default)]
+struct Settling(Option<Vec<u8>>);
+
+impl Settling {
+    /// `now`, if it is what the last look saw too: a file an editor is
+    /// still writing is taken once it has settled, not half-written.
+    fn settled(&mut self, now: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let same = self.0 == now;
+        self.0.clone_from(&now);
+        now.filter(|_| same)
+    }
 }
 
 impl Forwarding {
@@ -68,6 +84,7 @@ impl Forwarding {
             waiting: Mutex::new(BTreeSet::new()),
             to_clients: AtomicBool::new(false),
             loaded: Mutex::new(None),
+            looked: Mutex::default(),
         }
     }
 
@@ -161,10 +178,13 @@ impl Forwarding {
         Ok(())
     }
 
-    /// Whether the file's bytes differ from what was loaded.
+    /// Whether the file's bytes differ from what was loaded and are what
+    /// they were a look ago ([`Settling`]): a half-written file would drop
+    /// the rules of its missing lines for a second. SIGHUP loads at once.
     fn changed(&self) -> bool {
         let now = std::fs::read(&self.path).ok();
-        now.is_some() && *self.loaded.lock().expect("loaded lock") != now
+        let settled = self.looked.lock().expect("looked lock").settled(now);
+        settled.is_some() && *self.loaded.lock().expect("loaded lock") != settled
     }
 }
 
@@ -218,5 +238,21 @@ pub(super) async fn watch(shared: Arc<Shared>, fwd: Arc<Forwarding>) -> Result<(
             // DNS and route look-ups block.
             tokio::task::spawn_blocking(move || shared.reload_forward(&fwd)).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settling;
+
+    #[test]
+    fn a_file_is_taken_once_two_looks_agree() {
+        let mut file = Settling::default();
+        let bytes = |s: &str| Some(s.as_bytes().to_vec());
+        assert_eq!(file.settled(bytes("8080,h,")), None, "being written");
+        assert_eq!(file.settled(bytes("8080,h,80\n")), None, "still changing");
+        assert_eq!(file.settled(bytes("8080,h,80\n")), bytes("8080,h,80\n"));
+        assert_eq!(file.settled(bytes("8080,h,80\n")), bytes("8080,h,80\n"));
+        assert_eq!(file.settled(None), None, "gone");
     }
 }
