@@ -105,7 +105,8 @@ pub async fn connect(
     };
     let (conn, control, send, recv, stream_id) = driver.beside(ready).await?;
     Ok(H3 {
-        transport: QuicTransport::new(conn, control, send, recv),
+        // Nothing shows them on the client yet; the gateway counts its own.
+        transport: QuicTransport::new(conn, control, send, recv, Default::default()),
         stream_id,
         endpoint,
         gateway,

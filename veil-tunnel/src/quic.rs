@@ -9,7 +9,16 @@
 //! transport runs.
 
 use std::{
-    collections::VecDeque, future::Future, io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
+    collections::VecDeque,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -224,8 +233,25 @@ struct Outbox {
     /// handed to quinn is no progress on its own: quinn's loss probes take
     /// some from its buffer whether or not the peer reads.
     waiting: Option<(Instant, u64)>,
-    /// Datagrams too large for the path, dropped.
-    too_large: u64,
+    drops: Arc<DatagramDrops>,
+}
+
+/// Datagrams for the peer that were dropped, by why; one set may be shared
+/// by every session of a gateway.
+#[derive(Debug, Default)]
+pub struct DatagramDrops {
+    /// Larger than the path takes now (it shrank meanwhile): lost, as on a
+    /// link with a smaller MTU.
+    pub too_large: AtomicU64,
+    /// The outbox was full ([`OUTBOX_LIMIT`], [`OUTBOX_DATAGRAMS`]): lost,
+    /// as on a link whose queue is full.
+    pub queue_full: AtomicU64,
+}
+
+impl DatagramDrops {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// How often, at most, waiting datagrams look at the peer's ACK count: it
@@ -240,7 +266,7 @@ impl Outbox {
             && self.conn.datagram_send_buffer_space() >= datagram.len()
         {
             if let Err(SendDatagramError::TooLarge) = self.conn.send_datagram(datagram) {
-                self.too_large += 1;
+                DatagramDrops::count(&self.drops.too_large);
             }
             // Other errors show on the next read: the connection is gone.
             return;
@@ -249,6 +275,7 @@ impl Outbox {
         if self.queued_bytes + datagram.len() > OUTBOX_LIMIT
             || self.queued.len() >= OUTBOX_DATAGRAMS
         {
+            DatagramDrops::count(&self.drops.queue_full);
             return;
         }
         if self.waiting.is_none() {
@@ -282,7 +309,7 @@ impl Outbox {
                     // Larger than the path takes now: the packet is lost,
                     // as on a link with a smaller MTU.
                     Err(SendDatagramError::TooLarge) => {
-                        self.too_large += 1;
+                        DatagramDrops::count(&self.drops.too_large);
                         Ok(())
                     }
                     Err(e) => Err(io::Error::other(e)),
@@ -316,7 +343,15 @@ impl Outbox {
 }
 
 impl QuicTransport {
-    pub fn new(conn: Connection, control: Control, send: SendStream, recv: RecvStream) -> Self {
+    /// A session's transport; its dropped datagrams are counted in
+    /// `drops`.
+    pub fn new(
+        conn: Connection,
+        control: Control,
+        send: SendStream,
+        recv: RecvStream,
+        drops: Arc<DatagramDrops>,
+    ) -> Self {
         QuicTransport {
             stream: Stream::new(tokio::io::join(recv, send)),
             _control: control,
@@ -326,7 +361,7 @@ impl QuicTransport {
                 queued_bytes: 0,
                 sending: None,
                 waiting: None,
-                too_large: 0,
+                drops,
             },
             conn,
         }
@@ -334,11 +369,6 @@ impl QuicTransport {
 
     pub fn connection(&self) -> &Connection {
         &self.conn
-    }
-
-    /// Datagrams dropped as too large for the path.
-    pub fn too_large(&self) -> u64 {
-        self.outbox.too_large
     }
 
     /// Closes the connection at once, telling the peer why (`code`).

@@ -156,7 +156,8 @@ async fn connection(
             return Err(Refused::HandshakeTimeout);
         }
     };
-    let transport = QuicTransport::new(conn, control, send, recv);
+    let transport =
+        QuicTransport::new(conn, control, send, recv, shared.counters.datagrams.clone());
     run_session(
         shared,
         record,

@@ -188,6 +188,8 @@ pub struct Counters {
     /// toward that endpoint (`--max-ports-per-endpoint`).
     pub port_share_exceeded: AtomicU64,
     pub client_queue_full: AtomicU64,
+    /// HTTP/3 datagrams for clients dropped by every session's transport.
+    pub datagrams: Arc<veil_tunnel::quic::DatagramDrops>,
     pub no_session: AtomicU64,
     /// Client packets the TUN device refused (a failed write).
     pub tun_write_failed: AtomicU64,

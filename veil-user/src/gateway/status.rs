@@ -40,6 +40,8 @@ impl Shared {
             ("flow_errors", &c.flow_errors),
             ("port_share_exceeded", &c.port_share_exceeded),
             ("client_queue_full", &c.client_queue_full),
+            ("datagram_queue_full", &c.datagrams.queue_full),
+            ("datagram_too_large", &c.datagrams.too_large),
             ("no_session", &c.no_session),
             ("tun_write_failed", &c.tun_write_failed),
             ("client_to_client", &c.client_to_client),
