@@ -19,8 +19,8 @@ use std::{
 use veil_tests::{
     netns::NetNs,
     packet::{frame, ip_of, L4},
-    raw::RawIp,
-    world::{pseudo_random, sha256, World, LAN_HOST, PUBLIC},
+    raw::{Capture, RawIp},
+    world::{pseudo_random, sha256, World, LAN_HOST, PUBLIC, REMOTE},
 };
 
 /// Bytes of the transfers: the 50 MB.
@@ -368,6 +368,44 @@ fn forged_udp_sources_leave_room_for_real_ones() {
     );
     let status = forwards(&world);
     assert!(status[0]["evicted"].as_u64().unwrap() > 0, "{status:?}");
+}
+
+/// A forged RST on a connection's tuple, its sequence number a blind
+/// guess, does not make the gateway take the connection for over: a flood
+/// of new connections afterwards takes neither its NAT port nor its place
+/// (before, the flood took them, and the connection hung).
+#[test]
+fn a_blind_rst_does_not_end_a_forwarded_connection() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+    let sent = Capture::outgoing(&world.remote, "eth0", libc::ETH_P_IP as u16);
+    let mut victim = connect(&world, 8080).unwrap();
+    victim
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    victim.write_all(b"E").unwrap();
+    assert_eq!(echo(&mut victim, b"hi"), b"hi");
+    let port = victim.local_addr().unwrap().port();
+    // The victim's sequence number as it left, to guess as far from it as
+    // can be: a blind guess lands there as likely as anywhere.
+    let seq = sent
+        .packets(Duration::from_millis(200))
+        .iter()
+        .rev()
+        .find_map(|ip| {
+            let tcp = etherparse::TcpSlice::from_slice(&ip[usize::from(ip[0] & 0xf) * 4..]).ok()?;
+            (ip[9] == 6 && tcp.source_port() == port).then(|| tcp.sequence_number())
+        })
+        .expect("a packet of the victim's");
+    let mut rst = Vec::new();
+    etherparse::PacketBuilder::ipv4(REMOTE.octets(), PUBLIC.octets(), 64)
+        .tcp(port, 8080, seq.wrapping_add(1 << 31), 0)
+        .rst()
+        .write(&mut rst, &[])
+        .unwrap();
+    world.remote.enter(|| RawIp::new().send(&rst, PUBLIC));
+    forged(&world, false, 8080, 0, 20_000);
+    assert_eq!(echo(&mut victim, b"still"), b"still");
 }
 
 #[test]

@@ -119,7 +119,13 @@ pub struct FwdFlow {
     /// The rule the connection was made for (its counters).
     pub rule: FwdRuleKey,
     /// [`fwd_dir`]: which way this entry translates.
-    pub dir: u32,
+    pub dir: u16,
+    /// Reply entries of TCP: [`acked_of`] the acknowledgment number of the
+    /// target's last packet, the sequence number it expects next from the
+    /// remote (0 before any). A remote's RST far from it is no proof of an
+    /// end ([`rst_plausible`]). Its top 16 bits only: the entry stays 64
+    /// bytes, and the datapath's stack holds two.
+    pub acked: u16,
 }
 
 impl FwdFlow {
@@ -161,12 +167,36 @@ pub struct FwdOpening {
     pub created_ns: u64,
 }
 
+/// How far from what the target acknowledged a remote's RST may be and
+/// still count as the connection's end, in units of 64 KiB (16 MiB): the
+/// data the remote may have in flight. A blind attacker who guessed the
+/// connection's ports must also land within it, one chance in 256 per
+/// try, where without it any RST would do; the target itself checks far
+/// more strictly (RFC 5961).
+pub const RST_WINDOW: u16 = 256;
+
+/// What [`FwdFlow::acked`] keeps of an acknowledgment number.
+pub const fn acked_of(ack: u32) -> u16 {
+    (ack >> 16) as u16
+}
+
+/// Whether a remote's RST with sequence number `seq` may be the end of a
+/// connection whose target last acknowledged `acked` ([`acked_of`]; 0:
+/// nothing yet, or too early to tell: any RST may be).
+pub const fn rst_plausible(seq: u32, acked: u16) -> bool {
+    acked == 0
+        || acked_of(seq)
+            .wrapping_sub(acked)
+            .wrapping_add(RST_WINDOW / 2)
+            <= RST_WINDOW
+}
+
 /// Which way an [`FwdFlow`] entry translates.
 pub mod fwd_dir {
     /// From the remote to the target.
-    pub const INBOUND: u32 = 1;
+    pub const INBOUND: u16 = 1;
     /// From the target back to the remote.
-    pub const REPLY: u32 = 2;
+    pub const REPLY: u16 = 2;
 }
 
 /// One rule's tally, added to atomically from every CPU.
@@ -269,5 +299,17 @@ mod tests {
         assert!(assured(&inbound, &reply));
         inbound.stats.last_seen_ns = inbound.created_ns + 1;
         assert!(!assured(&inbound, &reply), "one question and its answer");
+    }
+
+    #[test]
+    fn an_rst_counts_only_near_what_the_target_acknowledged() {
+        let acked = acked_of(0x1234_5678);
+        assert!(rst_plausible(12345, 0), "nothing acknowledged yet");
+        assert!(rst_plausible(0x1234_5678, acked));
+        assert!(rst_plausible(0x1234_5678 + (1 << 23), acked), "in flight");
+        assert!(rst_plausible(0x1234_5678 - (1 << 23), acked), "behind");
+        assert!(!rst_plausible(0x1234_5678 + (1 << 24), acked));
+        assert!(!rst_plausible(0x9234_5678, acked), "a blind guess");
+        assert!(rst_plausible(5, acked_of(u32::MAX - 5)), "across the wrap");
     }
 }

@@ -31,9 +31,10 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 use veil_common::{
+    acked_of, assured,
     csum::{self, L4Sum},
-    assured, fwd_dir, proto, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule, FwdRuleKey,
-    Reason, ReverseKey, FWD_OPENING_SLOTS,
+    fwd_dir, proto, rst_plausible, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
+    FwdRuleKey, Reason, ReverseKey, FWD_OPENING_SLOTS,
 };
 
 use crate::{
@@ -63,6 +64,9 @@ struct Candidate {
     kind: L4Sum,
     ttl: u8,
     tcp_flags: u64,
+    /// TCP's sequence and acknowledgment numbers (0 for UDP).
+    seq: u32,
+    ack: u32,
 }
 
 /// Reads the 5-tuple of an unfragmented TCP or UDP packet without IP
@@ -97,12 +101,15 @@ fn candidate(pkt: &Packet, l2: usize) -> Option<Candidate> {
         _ => return None,
     };
     let ports: *mut Ports = pkt.at(l2 + IPV4_LEN).ok()?;
-    let tcp_flags = match kind {
+    let (tcp_flags, seq, ack) = match kind {
         L4Sum::Tcp => {
-            let flags: *mut [u8; 14] = pkt.at(l2 + IPV4_LEN).ok()?;
-            unsafe { (*flags)[13] as u64 }
+            let tcp: *mut [u8; 14] = pkt.at(l2 + IPV4_LEN).ok()?;
+            let at = |i: usize| unsafe {
+                u32::from_be_bytes([(*tcp)[i], (*tcp)[i + 1], (*tcp)[i + 2], (*tcp)[i + 3]])
+            };
+            (unsafe { (*tcp)[13] as u64 }, at(4), at(8))
         }
-        _ => 0,
+        _ => (0, 0, 0),
     };
     Some(Candidate {
         key: FwdKey {
@@ -116,6 +123,8 @@ fn candidate(pkt: &Packet, l2: usize) -> Option<Candidate> {
         kind,
         ttl,
         tcp_flags,
+        seq,
+        ack,
     })
 }
 
@@ -373,7 +382,11 @@ fn translate_at(
             (*flow).ifindex,
         )
     };
-    stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), c.tcp_flags);
+    let flags = match c.kind {
+        L4Sum::Tcp => tcp_state(flow, &c),
+        _ => c.tcp_flags,
+    };
+    stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
     if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
         stats::fwd_packet(counters, ctx.len());
     }
@@ -416,6 +429,34 @@ fn translate_at(
         ethernet_header(ctx, l2, EtherType::Ipv4)?;
     }
     send(cfg, ifindex)
+}
+
+/// What a TCP packet says of its connection: the target's acknowledgment
+/// is noted on the reply entry; a remote's RST far from it
+/// ([`rst_plausible`]) is forwarded (the target judges it) but not taken
+/// as the end, which would free the connection's NAT port and place for
+/// others. The flags to record.
+#[inline(always)]
+fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
+    let dir = unsafe { (*flow).dir };
+    if dir == fwd_dir::REPLY {
+        if c.tcp_flags & tcp_flags::ACK != 0 {
+            unsafe { (*flow).acked = acked_of(c.ack) };
+        }
+        return c.tcp_flags;
+    }
+    if c.tcp_flags & tcp_flags::RST == 0 {
+        return c.tcp_flags;
+    }
+    let acked = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
+        Some(reply) => unsafe { (*reply).acked },
+        None => 0,
+    };
+    if rst_plausible(c.seq, acked) {
+        c.tcp_flags
+    } else {
+        c.tcp_flags & !tcp_flags::RST
+    }
 }
 
 /// Makes a new connection's two entries: a NAT port on the gateway's
@@ -574,7 +615,10 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow) -> Option<*mut FwdFlow> {
     }
     unsafe { (*flow).stats.tcp_flags = 0 };
     if let Some(reply) = reply {
-        unsafe { (*reply).stats.tcp_flags = 0 };
+        unsafe {
+            (*reply).stats.tcp_flags = 0;
+            (*reply).acked = 0;
+        }
     }
     if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule_key) {
         stats::fwd_connection(counters);
