@@ -235,25 +235,40 @@ fn a_rule_toward_a_closed_port_is_refused_at_once() {
     );
 }
 
-/// Sends SYNs to the gateway's public address on `port`, one from each of
-/// `count` forged sources in 100.64.0.0/10 from `first` on, as a flood
-/// would: nobody is there to complete a handshake. UDP datagrams instead
-/// when `udp`. From the remote
-/// namespace, through a raw socket (the kernel sends whatever source it
-/// is given); paced a little so that the veth ring in front of the
-/// gateway's XDP does not drop them.
-fn forged(world: &World, udp: bool, port: u16, first: u32, count: u32) {
+/// What each forged source sends.
+#[derive(Clone, Copy, PartialEq)]
+enum Forged {
+    Syn,
+    /// A SYN, then an ACK of a SYN-ACK it never saw (its number a guess),
+    /// with a wrong TCP checksum: the target drops it without a word (a
+    /// valid one would draw its RST, which ends the connection anyway).
+    SynThenAck,
+    Udp,
+}
+
+/// Sends to the gateway's public address on `port`, from each of `count`
+/// forged sources in 100.64.0.0/10 from `first` on, what a flood would:
+/// nobody is there to see the answers. From the remote namespace, through
+/// a raw socket (the kernel sends whatever source it is given); paced a
+/// little so that the veth ring in front of the gateway's XDP does not
+/// drop them.
+fn forged(world: &World, what: Forged, port: u16, first: u32, count: u32) {
     world.remote.enter(|| {
         let raw = RawIp::new();
         for i in first..first + count {
             let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i);
             let sport = 1024 + (i % 60000) as u16;
-            let l4 = match udp {
-                true => L4::udp(sport, port, b"forged"),
-                false => L4::tcp(sport, port, "S", &[]),
-            };
-            let packet = frame(src, PUBLIC, 64, l4);
-            raw.send(ip_of(&packet), PUBLIC);
+            let packet = |l4| ip_of(&frame(src, PUBLIC, 64, l4)).to_vec();
+            match what {
+                Forged::Udp => raw.send(&packet(L4::udp(sport, port, b"forged")), PUBLIC),
+                Forged::Syn => raw.send(&packet(L4::tcp(sport, port, "S", &[])), PUBLIC),
+                Forged::SynThenAck => {
+                    raw.send(&packet(L4::tcp(sport, port, "S", &[])), PUBLIC);
+                    let mut ack = packet(L4::tcp(sport, port, "A", &[]));
+                    ack[20 + 16] ^= 0xff;
+                    raw.send(&ack, PUBLIC);
+                }
+            }
             if i % 64 == 0 {
                 thread::sleep(Duration::from_micros(100));
             }
@@ -297,10 +312,10 @@ fn a_flood_of_forged_syns_leaves_room_for_real_connections() {
     // the table holds 65,536.
     let mut first = 0;
     for i in 1..=FLOODED {
-        forged(&world, false, 9000 + i, first, 4_400);
+        forged(&world, Forged::Syn, 9000 + i, first, 4_400);
         first += 4_400;
     }
-    forged(&world, false, 8080, first, 20_000);
+    forged(&world, Forged::Syn, 8080, first, 20_000);
 
     // A connection made before the flood goes on; a new one gets in.
     assert_eq!(echo(&mut before, b"still here"), b"still here");
@@ -319,6 +334,20 @@ fn a_flood_of_forged_syns_leaves_room_for_real_connections() {
         "unassured connections hold at most their places: {status:?}"
     );
     assert!(sum("evicted") > 0, "{status:?}");
+}
+
+/// A forged source cannot complete a handshake by acknowledging a SYN-ACK
+/// it never saw: before, any ACK did, and 6,000 forged SYN+ACK pairs held
+/// every NAT port toward the target as established, for 2 hours.
+#[test]
+fn forged_acks_do_not_make_forged_connections_established() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+    // More forged sources than the target has NAT ports (4,536).
+    forged(&world, Forged::SynThenAck, 8080, 0, 6_000);
+    let mut s = connect(&world, 8080).expect("a real connection after the flood");
+    s.write_all(b"E").unwrap();
+    assert_eq!(echo(&mut s, b"in"), b"in");
 }
 
 #[test]
@@ -348,7 +377,7 @@ fn forged_udp_sources_leave_room_for_real_ones() {
         }
     });
     // More forged sources than the target has NAT ports (4,536).
-    forged(&world, true, 5353, 0, 6_000);
+    forged(&world, Forged::Udp, 5353, 0, 6_000);
     let answer = world.remote.enter(|| {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
@@ -404,7 +433,7 @@ fn a_blind_rst_does_not_end_a_forwarded_connection() {
         .write(&mut rst, &[])
         .unwrap();
     world.remote.enter(|| RawIp::new().send(&rst, PUBLIC));
-    forged(&world, false, 8080, 0, 20_000);
+    forged(&world, Forged::Syn, 8080, 0, 20_000);
     assert_eq!(echo(&mut victim, b"still"), b"still");
 }
 

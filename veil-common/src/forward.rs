@@ -16,7 +16,7 @@
 //! (no user space per packet); the daemon expires them.
 //!
 //! A connection that is not yet *assured* ([`assured`]: a TCP handshake
-//! not finished, UDP not answered and kept up) also takes one of
+//! not finished, UDP not answered or not kept up) also takes one of
 //! [`FWD_OPENING_SLOTS`] places in [`FWD_OPENING_MAP`], chosen at random;
 //! the one that held the place before goes, unless it has since become
 //! assured. So a flood of connections that never complete (SYNs from
@@ -49,9 +49,11 @@ pub const MAX_FWD_FLOWS: u32 = 131_072;
 /// Connections not yet assured at most: an eighth of the table's
 /// connections, so that a flood of them leaves the rest to those that are.
 pub const FWD_OPENING_SLOTS: u32 = MAX_FWD_FLOWS / 2 / 8;
-/// How long UDP must be kept up after the target answered before it is
-/// assured (conntrack's "stream" UDP): one datagram and its answer is a
-/// lookup, and a forged source can get that far.
+/// How long after its first datagram the remote must still be sending,
+/// the target having answered, before UDP is assured (conntrack's
+/// "stream" UDP): one datagram and its answer is a lookup, and a forged
+/// source can get that far (sending twice, 2 s apart, it gets further:
+/// UDP cannot tell).
 pub const UDP_ASSURED_AFTER_NS: u64 = 2_000_000_000;
 
 /// Which packets a rule takes: the protocol and the port on the public
@@ -120,11 +122,14 @@ pub struct FwdFlow {
     pub rule: FwdRuleKey,
     /// [`fwd_dir`]: which way this entry translates.
     pub dir: u16,
-    /// Reply entries of TCP: [`acked_of`] the acknowledgment number of the
+    /// TCP, 16 bits of what the target acknowledged or will (the entry
+    /// stays 64 bytes, and the datapath's stack holds two; 0: nothing
+    /// yet). Reply entries: [`acked_of`] the acknowledgment number of the
     /// target's last packet, the sequence number it expects next from the
-    /// remote (0 before any). A remote's RST far from it is no proof of an
-    /// end ([`rst_plausible`]). Its top 16 bits only: the entry stays 64
-    /// bytes, and the datapath's stack holds two.
+    /// remote: a remote's RST or FIN far from it is no proof of an end
+    /// ([`rst_plausible`]). Inbound entries: [`handshake_mark`] the
+    /// target's SYN-ACK sequence number + 1, which the remote's handshake
+    /// ACK must acknowledge: a forged source never saw it.
     pub acked: u16,
 }
 
@@ -178,6 +183,13 @@ pub const RST_WINDOW: u16 = 256;
 /// What [`FwdFlow::acked`] keeps of an acknowledgment number.
 pub const fn acked_of(ack: u32) -> u16 {
     (ack >> 16) as u16
+}
+
+/// What [`FwdFlow::acked`] of an inbound entry keeps of the
+/// acknowledgment the handshake's last ACK must carry: its low 16 bits,
+/// never 0 (nothing seen). A blind guess matches one time in 32,768.
+pub const fn handshake_mark(ack: u32) -> u16 {
+    ack as u16 | 1
 }
 
 /// Whether a remote's RST with sequence number `seq` may be the end of a

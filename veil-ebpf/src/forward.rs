@@ -31,7 +31,7 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 use veil_common::{
-    acked_of, assured,
+    acked_of, assured, handshake_mark,
     csum::{self, L4Sum},
     fwd_dir, proto, rst_plausible, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
     FwdRuleKey, Reason, ReverseKey, FWD_OPENING_SLOTS,
@@ -57,6 +57,9 @@ const L4_AT: usize = ETH_LEN + IPV4_LEN;
 /// NAT ports tried for a new connection before it is refused: a random
 /// start, then its neighbours. Collisions need the same target endpoint.
 const PORT_TRIES: u32 = 8;
+/// A reply entry without its inbound one for this long is an orphan, not
+/// a connection another CPU is making (both go in within one program run).
+const ORPHAN_NS: u64 = 1_000_000_000;
 
 /// A TCP or UDP packet that may be a forwarded connection's.
 struct Candidate {
@@ -431,32 +434,47 @@ fn translate_at(
     send(cfg, ifindex)
 }
 
-/// What a TCP packet says of its connection: the target's acknowledgment
-/// is noted on the reply entry; a remote's RST far from it
-/// ([`rst_plausible`]) is forwarded (the target judges it) but not taken
-/// as the end, which would free the connection's NAT port and place for
-/// others. The flags to record.
+/// What a TCP packet says of its connection, as far as a blind attacker
+/// (who guessed the tuple, and never sees the target's packets) cannot
+/// have said it. The target's acknowledgment is noted on the reply entry,
+/// and its SYN-ACK's sequence number on the inbound one. A remote's ACK
+/// completes the handshake only if it acknowledges that SYN-ACK
+/// ([`handshake_mark`]); a remote's RST or FIN far from what the target
+/// acknowledged ([`rst_plausible`]) is forwarded (the target judges it)
+/// but not taken as the end, which would free the connection's NAT port
+/// and place for others. The flags to record.
 #[inline(always)]
 fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
-    let dir = unsafe { (*flow).dir };
+    let (dir, partner, seen) = unsafe { ((*flow).dir, (*flow).partner(), (*flow).stats.tcp_flags) };
+    let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
     if dir == fwd_dir::REPLY {
         if c.tcp_flags & tcp_flags::ACK != 0 {
             unsafe { (*flow).acked = acked_of(c.ack) };
         }
+        if c.tcp_flags & syn_ack == syn_ack {
+            if let Some(inbound) = VEIL_FWD_FLOWS.get_ptr_mut(partner) {
+                unsafe { (*inbound).acked = handshake_mark(c.seq.wrapping_add(1)) };
+            }
+        }
         return c.tcp_flags;
     }
-    if c.tcp_flags & tcp_flags::RST == 0 {
-        return c.tcp_flags;
+    let mut flags = c.tcp_flags;
+    if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 {
+        let acked = match VEIL_FWD_FLOWS.get_ptr(partner) {
+            Some(reply) => unsafe { (*reply).acked },
+            None => 0,
+        };
+        if !rst_plausible(c.seq, acked) {
+            return 0;
+        }
     }
-    let acked = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
-        Some(reply) => unsafe { (*reply).acked },
-        None => 0,
-    };
-    if rst_plausible(c.seq, acked) {
-        c.tcp_flags
-    } else {
-        c.tcp_flags & !tcp_flags::RST
+    if flags & tcp_flags::ACK != 0
+        && seen & tcp_flags::ACK == 0
+        && unsafe { (*flow).acked } != handshake_mark(c.ack)
+    {
+        flags &= !tcp_flags::ACK;
     }
+    flags
 }
 
 /// Makes a new connection's two entries: a NAT port on the gateway's
@@ -516,7 +534,7 @@ fn open(
         if VEIL_FWD_FLOWS
             .insert(reply_key, reply, BPF_NOEXIST as u64)
             .is_err()
-            && !reclaim(&reply_key, &reply)
+            && !reclaim(&reply_key, &reply, now)
         {
             continue;
         }
@@ -568,15 +586,26 @@ fn hold_place(key: &FwdKey, now: u64) {
         return;
     }
     let (partner, rule) = (inbound.partner(), inbound.rule);
-    if let Some(reply) = VEIL_FWD_FLOWS.get_ptr(partner) {
-        if assured(inbound, unsafe { &*reply }) {
-            return;
+    // Its reply entry is the one made with it: the port may since have
+    // gone to another connection, whose entry is not to be touched.
+    let paired = match VEIL_FWD_FLOWS.get_ptr(partner) {
+        Some(reply) if unsafe { (*reply).created_ns } == held.created_ns => {
+            if assured(inbound, unsafe { &*reply }) {
+                return;
+            }
+            true
         }
-    }
+        _ => false,
+    };
     // The inbound entry first, as the daemon's expiry does: no new packet
-    // reaches the target on a NAT port given back.
-    let _ = VEIL_FWD_FLOWS.remove(held.key);
-    let _ = VEIL_FWD_FLOWS.remove(partner);
+    // reaches the target on a NAT port given back. Whoever removes it ends
+    // the connection; another CPU may have been first.
+    if VEIL_FWD_FLOWS.remove(held.key).is_err() {
+        return;
+    }
+    if paired {
+        let _ = VEIL_FWD_FLOWS.remove(partner);
+    }
     if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
         stats::fwd_evicted(counters);
     }
@@ -613,7 +642,10 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow) -> Option<*mut FwdFlow> {
         let _ = VEIL_FWD_FLOWS.remove(partner);
         return None;
     }
-    unsafe { (*flow).stats.tcp_flags = 0 };
+    unsafe {
+        (*flow).stats.tcp_flags = 0;
+        (*flow).acked = 0;
+    }
     if let Some(reply) = reply {
         unsafe {
             (*reply).stats.tcp_flags = 0;
@@ -649,33 +681,43 @@ fn still_ruled(inbound: &FwdFlow, rule_key: FwdRuleKey) -> bool {
 /// holds go to whoever comes next, and the connections that completed
 /// keep theirs. `false` if the port's connection is alive and assured.
 #[inline(always)]
-fn reclaim(reply_key: &FwdKey, reply: &FwdFlow) -> bool {
+fn reclaim(reply_key: &FwdKey, reply: &FwdFlow, now: u64) -> bool {
     let Some(old) = VEIL_FWD_FLOWS.get_ptr(reply_key) else {
         return false;
     };
     let old = unsafe { &*old };
-    let (old_inbound, old_rule) = (old.partner(), old.rule);
-    let (over, evicted) = match VEIL_FWD_FLOWS.get_ptr(old_inbound) {
-        None => (true, false),
-        Some(inbound) => {
+    let old_inbound = old.partner();
+    // Its inbound entry is the one made with it (a later connection from
+    // the same remote tuple is another one's, on another port); without
+    // one it is an orphan, unless another CPU is making it right now.
+    let (over, evicted, paired) = match VEIL_FWD_FLOWS.get_ptr(old_inbound) {
+        Some(inbound) if unsafe { (*inbound).created_ns } == old.created_ns => {
             let inbound = unsafe { &*inbound };
             let (out, back) = (inbound.stats.tcp_flags, old.stats.tcp_flags);
             let reset = (out | back) & tcp_flags::RST != 0;
             let fin_both = out & back & tcp_flags::FIN != 0;
             let over = reset || fin_both;
-            (over, !over && !assured(inbound, old))
+            (over, !over && !assured(inbound, old), true)
         }
+        _ => (now.saturating_sub(old.created_ns) > ORPHAN_NS, false, false),
     };
     if !over && !evicted {
         return false;
     }
-    let _ = VEIL_FWD_FLOWS.remove(old_inbound);
+    // One CPU takes the port: the one whose removal of the old
+    // connection's inbound entry succeeded, then whose insertion does.
+    if paired && VEIL_FWD_FLOWS.remove(old_inbound).is_err() {
+        return false;
+    }
     if evicted {
-        if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(old_rule) {
+        if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(old.rule) {
             stats::fwd_evicted(counters);
         }
     }
-    VEIL_FWD_FLOWS.insert(reply_key, reply, 0).is_ok()
+    let _ = VEIL_FWD_FLOWS.remove(reply_key);
+    VEIL_FWD_FLOWS
+        .insert(reply_key, reply, BPF_NOEXIST as u64)
+        .is_ok()
 }
 
 /// TC on an interface targets are reached through: their replies go back

@@ -247,23 +247,19 @@ where
 
 /// The client a proxy relays, as it says: the last address of
 /// `X-Forwarded-For` (the one the proxy itself added: those before it
-/// came from the client, who can write anything there), else
-/// `X-Real-IP`. `None` when neither names an address.
+/// came from the client, who can write anything there, even bytes that
+/// are not text), else, only when there is no `X-Forwarded-For` at all,
+/// `X-Real-IP`. `None` when the one looked at names no address.
 pub fn relayed_for(headers: &tungstenite::http::HeaderMap) -> Option<IpAddr> {
-    let parse = |s: &str| s.trim().parse::<IpAddr>().ok();
-    let forwarded = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .next_back()
-        .and_then(parse);
-    forwarded.or_else(|| {
-        headers
-            .get("x-real-ip")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse)
-    })
+    let parse = |b: &[u8]| std::str::from_utf8(b).ok()?.trim().parse::<IpAddr>().ok();
+    match headers.get_all("x-forwarded-for").iter().next_back() {
+        Some(last) => last
+            .as_bytes()
+            .rsplit(|b| *b == b',')
+            .next()
+            .and_then(parse),
+        None => headers.get("x-real-ip").and_then(|v| parse(v.as_bytes())),
+    }
 }
 
 /// The client's side: the upgrade to a WebSocket at `url`
@@ -327,6 +323,22 @@ mod tests {
             ip("198.51.100.9")
         );
         assert_eq!(headers(&[("x-forwarded-for", "unknown")]), None);
+        // What the client wrote cannot hide what the proxy added, nor
+        // bring in its own X-Real-IP instead.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.7").unwrap(),
+        );
+        h.append("x-real-ip", HeaderValue::from_static("198.51.100.1"));
+        assert_eq!(relayed_for(&h), ip("203.0.113.7"));
+        assert_eq!(
+            headers(&[
+                ("x-forwarded-for", "garbage"),
+                ("x-real-ip", "198.51.100.1")
+            ]),
+            None
+        );
     }
 
     #[tokio::test]
