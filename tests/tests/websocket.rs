@@ -278,8 +278,9 @@ fn unauthenticated_websocket_peers_cannot_make_the_gateway_buffer_megabytes() {
 /// A WebSocket upgrade straight to `--ws-listen` as the proxy relays it
 /// for `client` (its `X-Forwarded-For`), then silence where the tunnel's
 /// TLS would start: `None` if the gateway refused it, else whether it is
-/// still held open a second later.
-fn parked_upgrade(client: &str) -> Option<bool> {
+/// still held open a second later, and the WebSocket (its place stays
+/// taken while it is kept).
+fn parked_upgrade(client: &str) -> Option<(bool, tungstenite::WebSocket<TcpStream>)> {
     let tcp = TcpStream::connect(SITE.upstream).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     let mut request = format!("ws://{}{}", SITE.upstream, SITE.ws_path)
@@ -296,9 +297,7 @@ fn parked_upgrade(client: &str) -> Option<bool> {
         ),
         _ => false,
     };
-    // Kept open for the rest of the test: the place stays taken.
-    std::mem::forget(ws);
-    Some(open)
+    Some((open, ws))
 }
 
 /// The proxy relays every client from its one address: one client that
@@ -318,13 +317,18 @@ fn one_client_behind_the_proxy_cannot_take_every_handshake_place() {
             "2",
         ],
     );
-    let parked: Vec<Option<bool>> = world
+    let parked: Vec<_> = world
         .gw
         .enter(|| (0..6).map(|_| parked_upgrade("203.0.113.7")).collect());
-    let held = parked.iter().filter(|p| **p == Some(true)).count();
-    assert_eq!(held, 2, "one client holds its 2 places: {parked:?}");
+    let open: Vec<Option<bool>> = parked.iter().map(|p| p.as_ref().map(|p| p.0)).collect();
+    let held = open.iter().filter(|p| **p == Some(true)).count();
+    assert_eq!(held, 2, "one client holds its 2 places: {open:?}");
     let other = world.gw.enter(|| parked_upgrade("198.51.100.9"));
-    assert_eq!(other, Some(true), "another client behind the proxy gets in");
+    assert_eq!(
+        other.as_ref().map(|o| o.0),
+        Some(true),
+        "another client behind the proxy gets in"
+    );
     let profile = world.add_client("direct", 1);
     let mut direct = world.start_client(1, &profile, false);
     direct.wait_for_log("connected", Duration::from_secs(5));

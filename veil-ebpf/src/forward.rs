@@ -445,14 +445,17 @@ fn translate_at(
 /// and place for others. The flags to record.
 #[inline(always)]
 fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
-    let (dir, partner, seen) = unsafe { ((*flow).dir, (*flow).partner(), (*flow).stats.tcp_flags) };
+    let (dir, seen) = unsafe { ((*flow).dir, (*flow).stats.tcp_flags) };
     let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
     if dir == fwd_dir::REPLY {
-        if c.tcp_flags & tcp_flags::ACK != 0 {
-            unsafe { (*flow).acked = acked_of(c.ack) };
+        // Written when it moves (every 64 KiB acknowledged), not per
+        // packet: the entry's cache line stays shared between CPUs.
+        let acked = acked_of(c.ack);
+        if c.tcp_flags & tcp_flags::ACK != 0 && unsafe { (*flow).acked } != acked {
+            unsafe { (*flow).acked = acked };
         }
         if c.tcp_flags & syn_ack == syn_ack {
-            if let Some(inbound) = VEIL_FWD_FLOWS.get_ptr_mut(partner) {
+            if let Some(inbound) = VEIL_FWD_FLOWS.get_ptr_mut(unsafe { (*flow).partner() }) {
                 unsafe { (*inbound).acked = handshake_mark(c.seq.wrapping_add(1)) };
             }
         }
@@ -460,7 +463,7 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
     }
     let mut flags = c.tcp_flags;
     if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 {
-        let acked = match VEIL_FWD_FLOWS.get_ptr(partner) {
+        let acked = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
             Some(reply) => unsafe { (*reply).acked },
             None => 0,
         };

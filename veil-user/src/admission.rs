@@ -68,11 +68,7 @@ impl Admission {
         if counts.total >= self.max {
             return Err(Turned::Busy(counts.total));
         }
-        let n = counts.by_source.entry(source).or_default();
-        if *n >= self.per_source {
-            return Err(Turned::SourceBusy(*n));
-        }
-        *n += 1;
+        self.charge(&mut counts, source)?;
         counts.total += 1;
         Ok(Permit {
             source: Some(source),
@@ -107,16 +103,19 @@ impl Admission {
             return Ok(());
         }
         let mut counts = self.counts.lock().expect("admission lock");
-        let n = counts.by_source.entry(source).or_default();
-        if *n >= self.per_source {
-            let n = *n;
-            if n == 0 {
-                counts.by_source.remove(&source);
-            }
+        self.charge(&mut counts, source)?;
+        permit.source = Some(source);
+        Ok(())
+    }
+
+    /// Counts one more place for `source` if its cap allows. A refused
+    /// source leaves no entry behind.
+    fn charge(&self, counts: &mut Counts, source: IpAddr) -> Result<(), Turned> {
+        let n = counts.by_source.get(&source).copied().unwrap_or(0);
+        if n >= self.per_source {
             return Err(Turned::SourceBusy(n));
         }
-        *n += 1;
-        permit.source = Some(source);
+        *counts.by_source.entry(source).or_default() += 1;
         Ok(())
     }
 

@@ -211,6 +211,10 @@ impl Shared {
 pub(super) async fn watch(shared: Arc<Shared>, fwd: Arc<Forwarding>) -> Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     let mut look = tokio::time::interval(WATCH_INTERVAL);
+    // Ticks missed while a reload or gc ran are not made up at once: two
+    // looks a moment apart would take a file still being written as
+    // settled.
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gc = tokio::time::interval(GC_INTERVAL);
     loop {
         let reload = tokio::select! {
