@@ -437,6 +437,54 @@ fn a_blind_rst_does_not_end_a_forwarded_connection() {
     assert_eq!(echo(&mut victim, b"still"), b"still");
 }
 
+/// The same from the target's side: an RST forged with the target's
+/// address (only the NAT port to guess: one per port of the range, as a
+/// blind attacker would), from the internet, where any address can come
+/// from. Before, it ended the connection in the gateway's state as the
+/// remote's did.
+#[test]
+fn a_blind_rst_from_the_targets_address_does_not_end_a_forwarded_connection() {
+    let (world, _file) = world_with("8080,10.200.9.2,8000\n");
+    let _lan = LanServer::start(&world.lan, 8000);
+    let sent = Capture::outgoing(&world.remote, "eth0", libc::ETH_P_IP as u16);
+    let mut victim = connect(&world, 8080).unwrap();
+    victim
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    victim.write_all(b"E").unwrap();
+    assert_eq!(echo(&mut victim, b"hi"), b"hi");
+    let port = victim.local_addr().unwrap().port();
+    // What the remote acknowledged: the target's sequence number.
+    let target_seq = sent
+        .packets(Duration::from_millis(200))
+        .iter()
+        .rev()
+        .find_map(|ip| {
+            let tcp = etherparse::TcpSlice::from_slice(&ip[usize::from(ip[0] & 0xf) * 4..]).ok()?;
+            (ip[9] == 6 && tcp.source_port() == port && tcp.ack())
+                .then(|| tcp.acknowledgment_number())
+        })
+        .expect("a packet of the victim's");
+    world.remote.enter(|| {
+        let raw = RawIp::new();
+        let nat = veil_user::flows::PortRange::DEFAULT;
+        for nat_port in nat.min..=nat.max {
+            let mut rst = Vec::new();
+            etherparse::PacketBuilder::ipv4(LAN_HOST.octets(), GW_LAN.octets(), 64)
+                .tcp(8000, nat_port, target_seq.wrapping_add(1 << 31), 0)
+                .rst()
+                .write(&mut rst, &[])
+                .unwrap();
+            raw.send(&rst, PUBLIC);
+            if nat_port % 64 == 0 {
+                thread::sleep(Duration::from_micros(100));
+            }
+        }
+    });
+    forged(&world, Forged::Syn, 8080, 0, 20_000);
+    assert_eq!(echo(&mut victim, b"still"), b"still");
+}
+
 #[test]
 fn a_half_closed_connection_still_gets_its_reply() {
     let (world, _file) = world_with("8080,10.200.9.2,8000\n");

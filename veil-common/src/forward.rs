@@ -129,7 +129,10 @@ pub struct FwdFlow {
     /// remote: a remote's RST or FIN far from it is no proof of an end
     /// ([`rst_plausible`]). Inbound entries: [`handshake_mark`] the
     /// target's SYN-ACK sequence number + 1, which the remote's handshake
-    /// ACK must acknowledge: a forged source never saw it.
+    /// ACK must acknowledge: a forged source never saw it; from that ACK
+    /// on, [`acked_of`] the remote's acknowledgment number, which the
+    /// target's own RST or FIN must be near (its address can be forged
+    /// too).
     pub acked: u16,
 }
 

@@ -437,12 +437,12 @@ fn translate_at(
 /// What a TCP packet says of its connection, as far as a blind attacker
 /// (who guessed the tuple, and never sees the target's packets) cannot
 /// have said it. The target's acknowledgment is noted on the reply entry,
-/// and its SYN-ACK's sequence number on the inbound one. A remote's ACK
-/// completes the handshake only if it acknowledges that SYN-ACK
-/// ([`handshake_mark`]); a remote's RST or FIN far from what the target
-/// acknowledged ([`rst_plausible`]) is forwarded (the target judges it)
-/// but not taken as the end, which would free the connection's NAT port
-/// and place for others. The flags to record.
+/// and its SYN-ACK's sequence number on the inbound one, then the
+/// remote's acknowledgment. A remote's ACK completes the handshake only
+/// if it acknowledges that SYN-ACK ([`handshake_mark`]); an RST or FIN far
+/// from what the other side acknowledged ([`rst_plausible`]) is forwarded
+/// (the receiver judges it) but not taken as the end, which would free the
+/// connection's NAT port and place for others. The flags to record.
 #[inline(always)]
 fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
     let (dir, seen) = unsafe { ((*flow).dir, (*flow).stats.tcp_flags) };
@@ -454,14 +454,26 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
         if c.tcp_flags & tcp_flags::ACK != 0 && unsafe { (*flow).acked } != acked {
             unsafe { (*flow).acked = acked };
         }
-        if c.tcp_flags & syn_ack == syn_ack {
-            if let Some(inbound) = VEIL_FWD_FLOWS.get_ptr_mut(unsafe { (*flow).partner() }) {
-                unsafe { (*inbound).acked = handshake_mark(c.seq.wrapping_add(1)) };
-            }
+        let ends = tcp_flags::RST | tcp_flags::FIN;
+        if c.tcp_flags & (tcp_flags::SYN | ends) == 0 {
+            return c.tcp_flags;
+        }
+        let Some(inbound) = VEIL_FWD_FLOWS.get_ptr_mut(unsafe { (*flow).partner() }) else {
+            return c.tcp_flags;
+        };
+        // The remote's ACK on the inbound entry says its handshake is
+        // over; its `acked` then follows what the remote acknowledged.
+        let done = unsafe { (*inbound).stats.tcp_flags } & tcp_flags::ACK != 0;
+        if c.tcp_flags & syn_ack == syn_ack && !done {
+            unsafe { (*inbound).acked = handshake_mark(c.seq.wrapping_add(1)) };
+        }
+        // The target's address can be forged as well as the remote's.
+        if c.tcp_flags & ends != 0 && done && !rst_plausible(c.seq, unsafe { (*inbound).acked }) {
+            return 0;
         }
         return c.tcp_flags;
     }
-    let mut flags = c.tcp_flags;
+    let flags = c.tcp_flags;
     if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 {
         let acked = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
             Some(reply) => unsafe { (*reply).acked },
@@ -471,11 +483,16 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
             return 0;
         }
     }
-    if flags & tcp_flags::ACK != 0
-        && seen & tcp_flags::ACK == 0
-        && unsafe { (*flow).acked } != handshake_mark(c.ack)
-    {
-        flags &= !tcp_flags::ACK;
+    if flags & tcp_flags::ACK != 0 {
+        let acked = unsafe { (*flow).acked };
+        if seen & tcp_flags::ACK == 0 && acked != handshake_mark(c.ack) {
+            return flags & !tcp_flags::ACK;
+        }
+        // From the handshake's ACK on: what the remote acknowledged, for
+        // the target's RSTs and FINs. Written when it moves.
+        if acked != acked_of(c.ack) {
+            unsafe { (*flow).acked = acked_of(c.ack) };
+        }
     }
     flags
 }
