@@ -5,13 +5,16 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use veil_common::{proto, EgressFlow, FlowKey, Reason, ReverseFlow, ReverseKey};
+use veil_common::{
+    fwd_dir, proto, EgressFlow, FlowKey, FlowStats, FwdFlow, FwdKey, FwdRuleKey, Reason,
+    ReverseFlow, ReverseKey,
+};
 use veil_tests::{
     bed::*,
     packet::{frame, ETH_LEN as ETH, L4},
 };
 use veil_user::{
-    flows::{FlowError, PortRange},
+    flows::{FlowError, PortRange, Timeouts},
     net::monotonic_ns,
 };
 
@@ -526,4 +529,91 @@ fn the_same_nat_port_toward_one_endpoint_serves_each_public_address() {
         matches!(err, FlowError::PortsExhausted { public: PUBLIC, .. }),
         "{err:?}"
     );
+}
+
+/// One forwarded UDP connection's entries, from `remote_port` through the
+/// public address's port 5353 to a target, made at `made` and last used
+/// then.
+fn forwarded(remote_port: u16, nat_port: u16, made: u64) -> [(FwdKey, FwdFlow); 2] {
+    let rule = FwdRuleKey::new(proto::UDP, 5353);
+    let key = FwdKey {
+        src_addr: REMOTE.octets(),
+        dst_addr: PUBLIC.octets(),
+        src_port: remote_port,
+        dst_port: 5353,
+        proto: proto::UDP,
+        _pad: [0; 3],
+    };
+    let stats = FlowStats {
+        last_seen_ns: made,
+        packets: 1,
+        ..Default::default()
+    };
+    let inbound = FwdFlow {
+        stats,
+        created_ns: made,
+        src_addr: [10, 200, 9, 1],
+        dst_addr: [10, 200, 9, 2],
+        src_port: nat_port,
+        dst_port: 5300,
+        rule,
+        dir: fwd_dir::INBOUND,
+        ..Default::default()
+    };
+    let reply = FwdFlow {
+        stats,
+        created_ns: made,
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        rule,
+        dir: fwd_dir::REPLY,
+        ..Default::default()
+    };
+    [(key, inbound), (inbound.partner(), reply)]
+}
+
+/// The forwarder's expiry looks at the whole table, then removes: what
+/// changed in between (a packet came, the datapath gave the NAT port to a
+/// new connection) is not removed with the connection it once was.
+#[test]
+fn forwarded_connections_expire_only_as_they_were_seen() {
+    let (mut bed, dir, _fs) = Bed::pinned();
+    let mut fwd = bed.dp.forwarder(Timeouts::default()).unwrap();
+    let data = aya::maps::MapData::from_pin(dir.join("forward_flows")).unwrap();
+    let mut table: aya::maps::HashMap<_, FwdKey, FwdFlow> =
+        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+    let secs = |s: u64| s * 1_000_000_000;
+    let [used, taken, idle] = [40001, 40002, 40003].map(|port| forwarded(port, port + 20000, 1));
+    for (k, v) in [used, taken, idle].iter().flatten() {
+        table.insert(k, v, 0).unwrap();
+    }
+    let now = secs(1000);
+    let expired = fwd.expired(now);
+    assert_eq!(expired.len(), 3, "{expired:?}");
+
+    // Meanwhile a packet came on one, and another's NAT port went to a
+    // new connection (its reply entry on the same key).
+    let (k, mut v) = used[0];
+    v.stats.last_seen_ns = secs(999);
+    table.insert(k, v, 0).unwrap();
+    let newcomer = forwarded(40004, taken[0].1.src_port, secs(999))[1];
+    assert_eq!(newcomer.0, taken[1].0, "the same reply key");
+    table.insert(newcomer.0, newcomer.1, 0).unwrap();
+
+    assert_eq!(fwd.remove(expired).unwrap(), 1, "only the idle one went");
+    let left = |k: &FwdKey| table.get(k, 0).ok();
+    assert_eq!(left(&idle[0].0), None);
+    assert_eq!(left(&idle[1].0), None);
+    assert_eq!(left(&used[0].0), Some(v), "used since");
+    assert_eq!(left(&used[1].0), Some(used[1].1));
+    assert_eq!(left(&newcomer.0), Some(newcomer.1), "the new connection's");
+
+    // Looked at again: the connection whose port went is one entry now,
+    // idle, and goes; the new one stays.
+    assert_eq!(fwd.gc(now).unwrap(), 1);
+    assert_eq!(left(&taken[0].0), None);
+    assert_eq!(left(&newcomer.0), Some(newcomer.1));
+    assert_eq!(left(&used[0].0), Some(v));
 }

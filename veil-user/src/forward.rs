@@ -472,6 +472,43 @@ fn op_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapOp
     move |source| MapOpError { op, map, source }
 }
 
+/// One entry of the connections map: its key and value.
+type Entry = (FwdKey, FwdFlow);
+
+/// A connection as a walk of the table saw it.
+struct Seen {
+    inbound: Entry,
+    /// The reply entry made with it.
+    reply: Option<Entry>,
+}
+
+impl Seen {
+    /// The connection as the NAT's expiry sees a flow: the remote plays
+    /// the client, the target the remote.
+    fn as_flow(&self) -> Flow {
+        let (key, inbound) = self.inbound;
+        Flow {
+            key: FlowKey::new(
+                key.proto,
+                Ipv4Addr::from(key.src_addr),
+                key.src_port,
+                Ipv4Addr::from(inbound.dst_addr),
+                inbound.dst_port,
+            ),
+            public_addr: Ipv4Addr::from(key.dst_addr),
+            nat_port: inbound.src_port,
+            created_ns: inbound.created_ns,
+            egress: inbound.stats,
+            reverse: self.reply.map(|(_, r)| r.stats).unwrap_or_default(),
+        }
+    }
+}
+
+/// Entries found expired, as they were seen: a connection's inbound entry
+/// and its reply entry, or an orphaned reply entry alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired(Entry, Option<Entry>);
+
 impl Forwarder {
     pub fn new(
         rules: HashMap<MapData, FwdRuleKey, FwdRule>,
@@ -555,87 +592,106 @@ impl Forwarder {
         self.current.values().map(|r| r.value.ifindex).collect()
     }
 
-    /// Every connection: its inbound entry's key and value, and the reply
-    /// entry's value when it has one.
-    fn connections(&self) -> Vec<(FwdKey, FwdFlow, Option<FwdFlow>)> {
-        let entries: Vec<(FwdKey, FwdFlow)> = self.flows.iter().filter_map(Result::ok).collect();
-        let by_key: std::collections::HashMap<FwdKey, FwdFlow> = entries.iter().copied().collect();
-        entries
+    /// The table in one walk: each connection (its inbound entry, and the
+    /// reply entry made with it, when there is one), and the reply entries
+    /// no inbound one was made with.
+    fn walk(&self) -> (Vec<Seen>, Vec<Entry>) {
+        let entries: std::collections::HashMap<FwdKey, FwdFlow> =
+            self.flows.iter().filter_map(Result::ok).collect();
+        let mut paired = BTreeSet::new();
+        let connections: Vec<Seen> = entries
             .iter()
             .filter(|(_, v)| v.dir == fwd_dir::INBOUND)
-            .map(|(k, v)| (*k, *v, by_key.get(&v.partner()).copied()))
-            .collect()
+            .map(|(k, v)| {
+                let partner = v.partner();
+                // The same `created_ns`: the NAT port may since have gone
+                // to another connection.
+                let reply = entries
+                    .get(&partner)
+                    .filter(|r| r.dir == fwd_dir::REPLY && r.created_ns == v.created_ns)
+                    .map(|r| (partner, *r));
+                if reply.is_some() {
+                    paired.insert(partner);
+                }
+                Seen {
+                    inbound: (*k, *v),
+                    reply,
+                }
+            })
+            .collect();
+        let orphans = entries
+            .into_iter()
+            .filter(|(k, v)| v.dir == fwd_dir::REPLY && !paired.contains(k))
+            .collect();
+        (connections, orphans)
     }
 
-    /// Expires idle connections (the same timeouts as clients' flows);
-    /// returns how many went. A half-made connection (one entry) goes too.
-    pub fn gc(&mut self, now_ns: u64) -> Result<usize, MapOpError> {
-        let mut expired = Vec::new();
-        for (key, inbound, reply) in self.connections() {
-            let reply_stats = reply.map(|r| r.stats).unwrap_or_default();
-            // A flow as the NAT's expiry sees it: the remote plays the
-            // client, the target the remote.
-            let flow = Flow {
-                key: FlowKey::new(
-                    key.proto,
-                    Ipv4Addr::from(key.src_addr),
-                    key.src_port,
-                    Ipv4Addr::from(inbound.dst_addr),
-                    inbound.dst_port,
-                ),
-                public_addr: Ipv4Addr::from(key.dst_addr),
-                nat_port: inbound.src_port,
-                created_ns: inbound.created_ns,
-                egress: inbound.stats,
-                reverse: reply_stats,
-            };
-            let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns()));
-            if idle > flow.timeout(&self.timeouts) {
-                expired.push((key, inbound.partner()));
-            }
-        }
-        // Orphaned reply entries (the inbound one failed to go in).
-        let inbound_partners: BTreeSet<FwdKey> = self
-            .connections()
-            .iter()
-            .map(|(_, v, _)| v.partner())
-            .collect();
-        let orphans: Vec<FwdKey> = self
-            .flows
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                v.dir == fwd_dir::REPLY
-                    && !inbound_partners.contains(k)
-                    && now_ns.saturating_sub(v.created_ns.max(v.stats.last_seen_ns))
-                        > self.timeouts.tcp_transitory.as_nanos() as u64
+    /// The connections idle past their timeout (the same timeouts as
+    /// clients' flows), and reply entries left without an inbound one (it
+    /// failed to go in) for the transitory timeout, as they were seen.
+    pub fn expired(&self, now_ns: u64) -> Vec<Expired> {
+        let (connections, orphans) = self.walk();
+        let mut expired: Vec<Expired> = connections
+            .into_iter()
+            .filter(|c| {
+                let flow = c.as_flow();
+                let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns()));
+                idle > flow.timeout(&self.timeouts)
             })
-            .map(|(k, _)| k)
+            .map(|c| Expired(c.inbound, c.reply))
             .collect();
-        let n = expired.len() + orphans.len();
-        for (inbound, reply) in expired {
+        expired.extend(
+            orphans
+                .into_iter()
+                .filter(|(_, v)| {
+                    now_ns.saturating_sub(v.created_ns.max(v.stats.last_seen_ns))
+                        > self.timeouts.tcp_transitory.as_nanos() as u64
+                })
+                .map(|orphan| Expired(orphan, None)),
+        );
+        expired
+    }
+
+    /// Removes what [`Self::expired`] found, each only if its entries are
+    /// still as they were seen: meanwhile the datapath may have used one (a
+    /// packet came), or made its key another connection's (a NAT port
+    /// taken over, a tuple opened again), and that one is not to go.
+    /// Returns how many went.
+    pub fn remove(&mut self, expired: Vec<Expired>) -> Result<usize, MapOpError> {
+        let mut gone = 0;
+        for Expired(first, second) in expired {
+            let entries = [Some(first), second];
+            let unchanged = entries
+                .iter()
+                .flatten()
+                .all(|(k, seen)| self.flows.get(k, 0).is_ok_and(|now| now == *seen));
+            if !unchanged {
+                continue;
+            }
             // The inbound entry first: no new packets toward the target.
-            for key in [inbound, reply] {
+            for (key, _) in entries.iter().flatten() {
                 self.flows
-                    .remove(&key)
+                    .remove(key)
                     .or_else(ignore_missing)
                     .map_err(op_err("delete", FWD_FLOWS_MAP))?;
             }
+            gone += 1;
         }
-        for key in orphans {
-            self.flows
-                .remove(&key)
-                .or_else(ignore_missing)
-                .map_err(op_err("delete", FWD_FLOWS_MAP))?;
-        }
-        Ok(n)
+        Ok(gone)
+    }
+
+    /// Expires idle connections and orphaned entries; returns how many
+    /// went.
+    pub fn gc(&mut self, now_ns: u64) -> Result<usize, MapOpError> {
+        let expired = self.expired(now_ns);
+        self.remove(expired)
     }
 
     /// Each rule in force with its counters and open connections.
     pub fn status(&self) -> Vec<RuleStatus> {
         let mut open: BTreeMap<FwdRuleKey, usize> = BTreeMap::new();
-        for (_, v, _) in self.connections() {
-            *open.entry(v.rule).or_default() += 1;
+        for c in self.walk().0 {
+            *open.entry(c.inbound.1.rule).or_default() += 1;
         }
         self.current
             .iter()
