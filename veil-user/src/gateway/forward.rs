@@ -118,6 +118,16 @@ impl Forwarding {
     ) -> Result<()> {
         let bytes = std::fs::read(&self.path)
             .with_context(|| format!("reading the forward rules {}", self.path.display()))?;
+        self.apply(bytes, datapath, leases)
+    }
+
+    /// Resolves and applies `bytes`, the rule file's.
+    fn apply(
+        &self,
+        bytes: Vec<u8>,
+        datapath: &Mutex<Option<Datapath>>,
+        leases: &dyn Fn(&str) -> Option<Ipv4Addr>,
+    ) -> Result<()> {
         *self.loaded.lock().expect("loaded lock") = Some(bytes.clone());
         let text = String::from_utf8_lossy(&bytes);
         let (rules, mut problems) = forward::parse(&text);
@@ -178,14 +188,38 @@ impl Forwarding {
         Ok(())
     }
 
-    /// Whether the file's bytes differ from what was loaded and are what
+    /// The file's bytes if they differ from what was loaded and are what
     /// they were a look ago ([`Settling`]): a half-written file would drop
-    /// the rules of its missing lines for a second. SIGHUP loads at once.
-    fn changed(&self) -> bool {
+    /// the rules of its missing lines for a second. These bytes are the
+    /// ones loaded, not a later read. SIGHUP loads at once.
+    fn changed(&self) -> Option<Vec<u8>> {
         let now = std::fs::read(&self.path).ok();
-        let settled = self.looked.lock().expect("looked lock").settled(now);
-        settled.is_some() && *self.loaded.lock().expect("loaded lock") != settled
+        let settled = self.looked.lock().expect("looked lock").settled(now)?;
+        let loaded = self.loaded.lock().expect("loaded lock");
+        (loaded.as_ref() != Some(&settled)).then_some(settled)
     }
+
+    /// What to load on a look: the file, settled and changed, else the
+    /// rules loaded last when a client they wait for arrived (the file may
+    /// be mid-write just then).
+    fn on_look(&self, leases: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Option<Reload> {
+        if let Some(bytes) = self.changed() {
+            return Some(Reload::These(bytes));
+        }
+        if !self.client_arrived(leases) {
+            return None;
+        }
+        let loaded = self.loaded.lock().expect("loaded lock").clone();
+        Some(loaded.map_or(Reload::ReadFile, Reload::These))
+    }
+}
+
+/// What a reload of the rules loads.
+enum Reload {
+    /// The file as it is now (SIGHUP).
+    ReadFile,
+    /// These bytes, the file's at a look.
+    These(Vec<u8>),
 }
 
 impl Shared {
@@ -199,8 +233,13 @@ impl Shared {
             .copied()
     }
 
-    fn reload_forward(&self, fwd: &Forwarding) {
-        if let Err(e) = fwd.load(&self.datapath, &|name| self.lease_of(name)) {
+    fn reload_forward(&self, fwd: &Forwarding, what: Reload) {
+        let leases = |name: &str| self.lease_of(name);
+        let done = match what {
+            Reload::ReadFile => fwd.load(&self.datapath, &leases),
+            Reload::These(bytes) => fwd.apply(bytes, &self.datapath, &leases),
+        };
+        if let Err(e) = done {
             warn!("forward rules kept as they were: {e:#}");
         }
     }
@@ -220,9 +259,9 @@ pub(super) async fn watch(shared: Arc<Shared>, fwd: Arc<Forwarding>) -> Result<(
         let reload = tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the forward rules");
-                true
+                Some(Reload::ReadFile)
             }
-            _ = look.tick() => fwd.changed() || fwd.client_arrived(&|n| shared.lease_of(n)),
+            _ = look.tick() => fwd.on_look(&|n| shared.lease_of(n)),
             _ = gc.tick() => {
                 let fwd = fwd.clone();
                 let expired = tokio::task::spawn_blocking(move || {
@@ -234,13 +273,13 @@ pub(super) async fn watch(shared: Arc<Shared>, fwd: Arc<Forwarding>) -> Result<(
                     Ok(n) => debug!(expired = n, "forward gc"),
                     Err(e) => warn!("forward gc: {e:#}"),
                 }
-                false
+                None
             }
         };
-        if reload {
+        if let Some(what) = reload {
             let (shared, fwd) = (shared.clone(), fwd.clone());
             // DNS and route look-ups block.
-            tokio::task::spawn_blocking(move || shared.reload_forward(&fwd)).await?;
+            tokio::task::spawn_blocking(move || shared.reload_forward(&fwd, what)).await?;
         }
     }
 }
