@@ -80,6 +80,14 @@ impl Bed6 {
         Self { dp, flows, flows6 }
     }
 
+    /// The bed with IPv6 flows mapped as `mapping` says.
+    pub fn with_mapping(self, mapping: veil_user::nat::Mapping) -> Self {
+        Self {
+            flows6: self.flows6.with_mapping(mapping),
+            ..self
+        }
+    }
+
     /// A flow of the first client toward [`REMOTE6`].
     pub fn flow(&mut self, proto: u8, client_port: u16, remote_port: u16) -> (FlowKey6, u16) {
         self.flow_of(VIP, CLIENT6, proto, client_port, remote_port)

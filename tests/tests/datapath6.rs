@@ -510,6 +510,27 @@ fn v6_flows_keep_a_sockets_port_respect_the_share_and_go_with_their_client() {
     assert_eq!(bed.wan(&reply).xdp, XDP_DROP, "the reverse entry went too");
 }
 
+/// `mapping = "address-dependent"` (the gateway's default) holds for IPv6
+/// as for IPv4: two sites do not see one client socket behind one port.
+#[test]
+fn v6_flows_of_one_socket_toward_other_addresses_get_other_ports_when_address_dependent() {
+    let mut bed = Bed6::new().with_mapping(veil_user::nat::Mapping::AddressDependent);
+    let (_, nat) = bed.flow(proto::UDP, 40000, 53);
+    // The same remote address on another port: the same port.
+    let key = veil_common::FlowKey6::new(proto::UDP, CLIENT6, 40000, REMOTE6, 123);
+    assert_eq!(bed.flows6.create(key, VIP, 1).unwrap(), nat);
+    // Other addresses: a draw each (endpoint-independent mapping would
+    // show one port twenty times).
+    let ports: std::collections::HashSet<u16> = (1..=20u16)
+        .map(|i| {
+            let remote = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, i);
+            let key = veil_common::FlowKey6::new(proto::UDP, CLIENT6, 40000, remote, 53);
+            bed.flows6.create(key, VIP, 1).unwrap()
+        })
+        .collect();
+    assert!(ports.len() >= 18, "{} distinct ports", ports.len());
+}
+
 // ---- fragments (a fragment header right after the IPv6 header) ----
 
 /// The client's identification in every test datagram.

@@ -301,6 +301,33 @@ fn expiry_follows_protocol_and_tcp_state() {
     assert!(bed.flows.is_empty());
 }
 
+/// Replies keep a flow alive only up to one timeout past the client's last
+/// packet: a forger sending with a popular server's address to every NAT
+/// port would otherwise keep those ports from all clients for good.
+#[test]
+fn replies_alone_keep_a_flow_only_a_timeout_past_the_clients_last_packet() {
+    let mut bed = Bed::new();
+    let now = monotonic_ns();
+    let mins = |m: u64| m * 60_000_000_000;
+    // The client's last packets 10 minutes and 1 minute ago (the UDP
+    // timeout is 2): replies since, through the datapath, on both.
+    let left = key(proto::UDP, CLIENT, 40000, REMOTE, 123);
+    let talking = key(proto::UDP, CLIENT, 40001, REMOTE, 123);
+    for (k, made) in [(left, now - mins(10)), (talking, now - mins(1))] {
+        let nat = bed.flows.create(k, made).unwrap();
+        let reply = frame(REMOTE, PUBLIC, 64, L4::udp(123, nat, b"forged or not"));
+        assert!(bed.wan(&reply).delivered());
+    }
+    let expired = bed.flows.gc(monotonic_ns()).unwrap().expired;
+    assert_eq!(expired, vec![left]);
+    // The one the client spoke on a minute ago: a reply keeps it past the
+    // client's own timeout, up to one more.
+    assert!(bed.flows.get(&talking).is_some());
+    let mut later = |secs: u64| bed.flows.gc(now + secs * 1_000_000_000).unwrap().expired;
+    assert_eq!(later(90), vec![], "a reply a moment ago");
+    assert_eq!(later(180), vec![talking], "idle past the timeout since");
+}
+
 /// The lock-free index the packet path asks "is this flow known" must
 /// lose a flow when the table does, whatever removes it: otherwise a
 /// client's packet would skip creating a flow that is gone from the maps.
@@ -616,4 +643,64 @@ fn forwarded_connections_expire_only_as_they_were_seen() {
     assert_eq!(left(&taken[0].0), None);
     assert_eq!(left(&newcomer.0), Some(newcomer.1));
     assert_eq!(left(&used[0].0), Some(v));
+}
+
+/// A target the forwarder reaches through the WAN answers to NAT ports on
+/// the gateway's public address, as remotes do for clients' flows: a port
+/// a forwarded connection holds toward it is not given to a client's flow
+/// toward the same endpoint, which would take that connection's replies
+/// (and could write into it).
+#[test]
+fn a_client_flow_never_takes_a_port_a_forwarded_connection_holds() {
+    let ports = PortRange {
+        min: 61000,
+        max: 61001,
+    };
+    let (mut bed, dir, _fs) = Bed::pinned_with(&[PUBLIC], ports);
+    let data = aya::maps::MapData::from_pin(dir.join("forward_flows")).unwrap();
+    let mut table: aya::maps::HashMap<_, FwdKey, FwdFlow> =
+        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap();
+    // A forwarded connection to REMOTE:443 on NAT port 61000.
+    let reply_key = FwdKey {
+        src_addr: REMOTE.octets(),
+        dst_addr: PUBLIC.octets(),
+        src_port: 443,
+        dst_port: 61000,
+        proto: proto::UDP,
+        _pad: [0; 3],
+    };
+    let reply = FwdFlow {
+        created_ns: monotonic_ns(),
+        dir: fwd_dir::REPLY,
+        rule: FwdRuleKey::new(proto::UDP, 5353),
+        ..Default::default()
+    };
+    table.insert(reply_key, reply, 0).unwrap();
+
+    for i in 1..=3 {
+        let client = Ipv4Addr::new(10, 77, 1, i);
+        let nat = bed
+            .flows
+            .create(key(proto::UDP, client, 40000, REMOTE, 443), 1);
+        match i {
+            1 => assert_eq!(nat.unwrap(), 61001, "the port left"),
+            _ => assert!(
+                matches!(nat, Err(FlowError::PortsExhausted { .. })),
+                "{nat:?}"
+            ),
+        }
+    }
+    let reverse: Vec<(ReverseKey, ReverseFlow)> = pinned_keys(&dir.join("reverse"));
+    assert_eq!(
+        reverse.iter().map(|(k, _)| k.nat_port).collect::<Vec<_>>(),
+        [61001],
+        "no client entry left on the forwarded connection's port"
+    );
+    assert_eq!(table.get(&reply_key, 0).unwrap(), reply);
+    // Toward another endpoint the port is free.
+    let other = bed.flows.create(
+        key(proto::UDP, Ipv4Addr::new(10, 77, 1, 2), 40000, REMOTE, 444),
+        1,
+    );
+    assert!(other.is_ok(), "{other:?}");
 }

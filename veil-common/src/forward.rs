@@ -23,7 +23,7 @@
 //! forged sources) holds at most that many, and the rest of the table is
 //! left to connections that did, as conntrack's early drop does.
 
-use crate::maps::{tcp_flags, FlowStats};
+use crate::maps::{tcp_flags, FlowStats, ReverseKey};
 
 /// The rules: [`FwdRuleKey`] -> [`FwdRule`]. Hash, written by the daemon.
 pub const FWD_RULES_MAP: &str = "VEIL_FWD_RULES";
@@ -102,6 +102,39 @@ pub struct FwdKey {
     pub dst_port: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl FwdKey {
+    /// The client flow's key ([`crate::REVERSE_MAP`]) that a packet with
+    /// this key would also match: a target's reply to a NAT port on the
+    /// gateway's address, and a remote's reply to a client's flow, look
+    /// alike. The two never both exist: whichever side takes a NAT port
+    /// makes its entry, then gives the port back if the other's is there.
+    pub const fn as_client_flow(&self) -> ReverseKey {
+        ReverseKey {
+            remote_addr: self.src_addr,
+            public_addr: self.dst_addr,
+            remote_port: self.src_port,
+            nat_port: self.dst_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl ReverseKey {
+    /// The forwarded connection's reply key that would take this client
+    /// flow's replies ([`FwdKey::as_client_flow`], the other way).
+    pub const fn as_forwarded_reply(&self) -> FwdKey {
+        FwdKey {
+            src_addr: self.remote_addr,
+            dst_addr: self.public_addr,
+            src_port: self.remote_port,
+            dst_port: self.nat_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// What one direction of a forwarded connection becomes.
@@ -249,6 +282,29 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_key_and_a_client_flow_key_name_the_same_packets() {
+        let reply = FwdKey {
+            src_addr: [198, 18, 0, 2],
+            dst_addr: [198, 18, 0, 1],
+            src_port: 443,
+            dst_port: 61000,
+            proto: crate::proto::UDP,
+            _pad: [0; 3],
+        };
+        let flow = reply.as_client_flow();
+        assert_eq!(
+            (
+                flow.remote_addr,
+                flow.public_addr,
+                flow.remote_port,
+                flow.nat_port
+            ),
+            ([198, 18, 0, 2], [198, 18, 0, 1], 443, 61000)
+        );
+        assert_eq!(flow.as_forwarded_reply(), reply);
+    }
 
     #[test]
     fn each_entry_names_its_partner() {

@@ -34,7 +34,7 @@ use veil_common::{
     acked_of, assured, handshake_mark,
     csum::{self, L4Sum},
     fwd_dir, proto, rst_plausible, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
-    FwdRuleKey, Reason, ReverseKey, FWD_OPENING_SLOTS,
+    FwdRuleKey, Reason, FWD_OPENING_SLOTS,
 };
 
 use crate::{
@@ -538,24 +538,19 @@ fn open(
         let nat_port = cfg.nat_port_min + (start.wrapping_add(i) % span) as u16;
         let forward = inbound(nat_port);
         let reply_key = forward.partner();
-        // Toward a target behind the WAN the gateway's address there is a
-        // public one, whose NAT ports clients' flows use too.
-        let client_flow = ReverseKey {
-            remote_addr: rule.target_addr,
-            public_addr: rule.snat_addr,
-            remote_port: rule.target_port,
-            nat_port,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
-        if VEIL_REVERSE.get_ptr(client_flow).is_some() {
-            continue;
-        }
         if VEIL_FWD_FLOWS
             .insert(reply_key, reply, BPF_NOEXIST as u64)
             .is_err()
             && !reclaim(&reply_key, &reply, now)
         {
+            continue;
+        }
+        // Toward a target behind the WAN the gateway's address there is a
+        // public one, whose NAT ports clients' flows use too. Looked for
+        // after the port is taken, as the daemon does for a client's flow:
+        // of two made at once, at least one sees the other and gives back.
+        if VEIL_REVERSE.get_ptr(reply_key.as_client_flow()).is_some() {
+            let _ = VEIL_FWD_FLOWS.remove(reply_key);
             continue;
         }
         if VEIL_FWD_FLOWS

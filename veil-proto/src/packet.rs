@@ -200,8 +200,9 @@ pub fn icmp_frag_needed(from: Ipv4Addr, original: &[u8], mtu: u16) -> Vec<u8> {
 /// its offset and MF. A packet that is already a fragment is split
 /// further with its offset and MF kept. Returns `false`, emitting nothing,
 /// when the packet is not IPv4, has DF set (unless `over_df`: for a hop
-/// that has no way to tell the sender), is malformed, or `mtu` leaves no
-/// room for 8 bytes of payload.
+/// that has no way to tell the sender), is malformed (a fragment ending
+/// past 65,535 bytes among them), or `mtu` leaves no room for 8 bytes of
+/// payload.
 pub fn fragment(packet: &[u8], mtu: usize, over_df: bool, mut emit: impl FnMut(&[u8])) -> bool {
     if packet.len() < IPV4_MIN_HDR_LEN || packet[0] >> 4 != 4 {
         return false;
@@ -223,6 +224,11 @@ pub fn fragment(packet: &[u8], mtu: usize, over_df: bool, mut emit: impl FnMut(&
     let first_offset = usize::from(flags_offset & 0x1fff) * 8;
     let more_after = flags_offset & 0x2000 != 0;
     let payload = &packet[ihl..];
+    // A fragment reaching past the largest datagram: its pieces' offsets
+    // would wrap the 13-bit field onto data before it.
+    if first_offset + payload.len() > usize::from(u16::MAX) {
+        return false;
+    }
     let mut piece = Vec::with_capacity(ihl + chunk);
     for (i, part) in payload.chunks(chunk).enumerate() {
         let last = (i + 1) * chunk >= payload.len();
@@ -294,6 +300,12 @@ mod fragment_tests {
         assert!(!fragment(&packet(1500, 0x4000), 1400, false, |_| panic!()));
         assert!(!fragment(&[0x45; 10], 1400, false, |_| panic!()));
         assert!(!fragment(&packet(1500, 0), 27, false, |_| panic!()));
+        // A last fragment at the largest offset whose data reaches past
+        // 65,535: its second piece's offset would wrap to 146.
+        assert!(!fragment(&packet(1420, 0x1fff), 1400, false, |_| panic!()));
+        let mut n = 0;
+        assert!(fragment(&packet(27, 0x1fff), 1400, false, |_| n += 1));
+        assert_eq!(n, 1, "7 bytes at 65,528 end at 65,535");
         // Over DF when asked: DF goes, as on every fragment.
         let mut n = 0;
         assert!(fragment(&packet(1500, 0x4000), 1400, true, |f| {

@@ -2,13 +2,14 @@
 //!
 //! Anyone can open TCP connections to the listener, so the connections that
 //! have not authenticated yet (TLS handshake, then the checks against the
-//! registry) are capped in number, overall and per source address. A
-//! connection over a cap is closed at once, and costs nothing more than the
-//! accept. Authenticated sessions are capped elsewhere (`--max-clients`).
+//! registry) are capped in number, overall and per source ([`source_of`]:
+//! an IPv4 address, an IPv6 /64). A connection over a cap is closed at
+//! once, and costs nothing more than the accept. Authenticated sessions are
+//! capped elsewhere (`--max-clients`).
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     sync::{Arc, Mutex},
 };
 
@@ -17,7 +18,7 @@ use std::{
 pub enum Turned {
     #[error("{0} handshakes in flight, the --max-handshakes limit")]
     Busy(usize),
-    #[error("{0} handshakes in flight from that address, the --max-handshakes-per-source limit")]
+    #[error("{0} handshakes in flight from that address (its /64 for IPv6), the --max-handshakes-per-source limit")]
     SourceBusy(usize),
 }
 
@@ -68,7 +69,7 @@ impl Admission {
         if counts.total >= self.max {
             return Err(Turned::Busy(counts.total));
         }
-        self.charge(&mut counts, source)?;
+        let source = self.charge(&mut counts, source)?;
         counts.total += 1;
         Ok(Permit {
             source: Some(source),
@@ -103,20 +104,20 @@ impl Admission {
             return Ok(());
         }
         let mut counts = self.counts.lock().expect("admission lock");
-        self.charge(&mut counts, source)?;
-        permit.source = Some(source);
+        permit.source = Some(self.charge(&mut counts, source)?);
         Ok(())
     }
 
-    /// Counts one more place for `source` if its cap allows. A refused
-    /// source leaves no entry behind.
-    fn charge(&self, counts: &mut Counts, source: IpAddr) -> Result<(), Turned> {
+    /// Counts one more place for the source of `addr` if its cap allows,
+    /// and returns that source. A refused source leaves no entry behind.
+    fn charge(&self, counts: &mut Counts, addr: IpAddr) -> Result<IpAddr, Turned> {
+        let source = source_of(addr);
         let n = counts.by_source.get(&source).copied().unwrap_or(0);
         if n >= self.per_source {
             return Err(Turned::SourceBusy(n));
         }
         *counts.by_source.entry(source).or_default() += 1;
-        Ok(())
+        Ok(source)
     }
 
     /// A place under these caps for the connection that holds `other` (a
@@ -139,6 +140,20 @@ impl Admission {
     /// and each forged handshake would hold its place until it timed out.
     pub fn crowded(&self) -> bool {
         self.in_flight() * 4 >= self.max
+    }
+}
+
+/// Whose places a connection from `addr` takes: an IPv4 address, or the
+/// /64 of an IPv6 one. A host is routed a whole /64 (RFC 6177) and can
+/// send from any of its 2^64 addresses: counted one by one, a single host
+/// would take every place.
+fn source_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+        v4 => v4,
     }
 }
 
@@ -207,6 +222,41 @@ mod tests {
         assert_eq!(a.in_flight(), 1);
         a.admit(ip(1)).expect("places come back");
         drop(other);
+    }
+
+    #[test]
+    fn one_ipv6_subnet_is_one_source() {
+        let a = Admission::new(256, 16);
+        let from = |i: u16| IpAddr::from([0x2001, 0xdb8, 0, 7, 0, 0, 0, i]);
+        let held: Vec<_> = (1..=16).map(|i| a.admit(from(i)).unwrap()).collect();
+        assert_eq!(
+            a.admit(from(17)).unwrap_err(),
+            Turned::SourceBusy(16),
+            "another address of the same /64"
+        );
+        let next_subnet = IpAddr::from([0x2001, 0xdb8, 0, 8, 0, 0, 0, 1]);
+        let other = a.admit(next_subnet).expect("another /64 is another source");
+        // Relayed clients the proxy names are counted the same way.
+        let mut relayed = a.admit_relayed().unwrap();
+        assert_eq!(
+            a.attribute(&mut relayed, from(99)),
+            Err(Turned::SourceBusy(16))
+        );
+        drop((held, other, relayed));
+        assert!(a.counts.lock().unwrap().by_source.is_empty(), "no residue");
+        // An IPv4 address written as IPv6 is that IPv4 address.
+        let v4 = a.admit(ip(5)).unwrap();
+        let mapped = Admission::new(4, 1);
+        let _v4 = mapped.admit(ip(5)).unwrap();
+        assert_eq!(
+            mapped
+                .admit(IpAddr::from(Ipv6Addr::from([
+                    0, 0, 0, 0, 0, 0xffff, 0xc000, 0x0205
+                ])))
+                .unwrap_err(),
+            Turned::SourceBusy(1)
+        );
+        drop(v4);
     }
 
     #[test]

@@ -426,8 +426,16 @@ impl Datapath {
         }
         let egress = self.take_hash(EGRESS_MAP)?;
         let reverse = self.take_hash(REVERSE_MAP)?;
-        FlowTable::new(egress, reverse, self.public_addrs.clone(), ports, timeouts)
-            .map_err(DatapathError::PublicAddrs)
+        let forwarded = self.share_hash(FWD_FLOWS_MAP)?;
+        FlowTable::new(
+            egress,
+            reverse,
+            forwarded,
+            self.public_addrs.clone(),
+            ports,
+            timeouts,
+        )
+        .map_err(DatapathError::PublicAddrs)
     }
 
     /// Hands the forwarding maps to a [`Forwarder`]; call once.
@@ -563,6 +571,31 @@ impl Datapath {
             .take_map(name)
             .ok_or(DatapathError::MissingMap(name))?;
         Array::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// A handle of its own on a map someone else takes (its descriptor
+    /// duplicated): for a second reader.
+    fn share_hash<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<MapData, K, V>, DatapathError> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let borrowed: HashMap<&MapData, K, V> =
+            HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        let fd = aya::maps::IterableMap::map(&borrowed)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DatapathError::Map {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                }),
+            })?;
+        let data = MapData::from_fd(fd).map_err(|source| DatapathError::Map { name, source })?;
+        HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|source| DatapathError::Map { name, source })
     }
 
     fn take_hash<K: aya::Pod, V: aya::Pod>(

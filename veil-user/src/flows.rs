@@ -23,7 +23,8 @@ use std::{fmt, hash::Hash, net::Ipv4Addr, str::FromStr, sync::Arc, time::Duratio
 use aya::maps::{HashMap, MapData, MapError};
 use rand::Rng;
 use veil_common::{
-    proto, tcp_flags, EgressFlow, FlowKey, FlowStats, ReverseFlow, ReverseKey, MAX_FLOWS,
+    proto, tcp_flags, EgressFlow, FlowKey, FlowStats, FwdFlow, FwdKey, ReverseFlow, ReverseKey,
+    MAX_FLOWS,
 };
 
 use crate::nat::{Mapped, Nat, NatBook, PublicAddrError};
@@ -214,6 +215,17 @@ impl Flow {
             .max(self.reverse.last_seen_ns)
     }
 
+    /// Whether the flow is past its timeout at `now_ns` ([`expired`]).
+    pub fn expired(&self, now_ns: u64, t: &Timeouts) -> bool {
+        expired(
+            self.created_ns,
+            &self.egress,
+            &self.reverse,
+            self.timeout(t),
+            now_ns,
+        )
+    }
+
     /// How long this flow may stay idle, given what the datapath saw.
     pub fn timeout(&self, t: &Timeouts) -> Duration {
         idle_timeout(
@@ -224,6 +236,27 @@ impl Flow {
             t,
         )
     }
+}
+
+/// Whether a flow made at `created_ns`, whose two directions the datapath
+/// saw as `egress` (the client's packets) and `reverse` (the replies), has
+/// been idle past `timeout` at `now_ns` (IPv4 and IPv6 alike). Replies
+/// keep it only up to one timeout past the client's last packet: anyone
+/// can send with a remote's address, and a forger refreshing each NAT
+/// port toward a popular server would keep those ports from every client
+/// for good (RFC 4787 REQ-6 requires refresh by outbound packets; by
+/// inbound ones it is a MAY).
+pub fn expired(
+    created_ns: u64,
+    egress: &FlowStats,
+    reverse: &FlowStats,
+    timeout: Duration,
+    now_ns: u64,
+) -> bool {
+    let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+    let out = created_ns.max(egress.last_seen_ns);
+    let alive = out.max(reverse.last_seen_ns.min(out.saturating_add(timeout)));
+    now_ns.saturating_sub(alive) > timeout
 }
 
 /// How long a flow may stay idle, by protocol and what the datapath saw of
@@ -310,6 +343,9 @@ pub struct GcReport {
 pub struct FlowTable {
     egress: HashMap<MapData, FlowKey, EgressFlow>,
     reverse: HashMap<MapData, ReverseKey, ReverseFlow>,
+    /// The forwarder's connections (read only here): a NAT port one of
+    /// them holds toward a target is not a client's to take.
+    forwarded: HashMap<MapData, FwdKey, FwdFlow>,
     timeouts: Timeouts,
     book: NatBook,
     /// The keys of `book`, for lookups without the table's lock.
@@ -323,6 +359,7 @@ impl FlowTable {
     pub fn new(
         egress: HashMap<MapData, FlowKey, EgressFlow>,
         reverse: HashMap<MapData, ReverseKey, ReverseFlow>,
+        forwarded: HashMap<MapData, FwdKey, FwdFlow>,
         public: Vec<Ipv4Addr>,
         ports: PortRange,
         timeouts: Timeouts,
@@ -333,6 +370,7 @@ impl FlowTable {
         Ok(Self {
             egress,
             reverse,
+            forwarded,
             timeouts,
             book: NatBook::new(public, ports, map_size)?,
             known: KnownFlows::default(),
@@ -442,11 +480,18 @@ impl FlowTable {
             client_port: key.client_port,
             ..Default::default()
         };
-        let reverse = &mut self.reverse;
+        let (reverse, forwarded) = (&mut self.reverse, &self.forwarded);
         // The reverse entry first, with BPF_NOEXIST: it claims the port
-        // toward that endpoint on that address atomically.
+        // toward that endpoint on that address atomically. Then a
+        // forwarded connection's reply entry on the same port is looked
+        // for, as the datapath does the other way round: a target behind
+        // the WAN answers to NAT ports on the gateway's public address.
         let nat = self.book.allocate(&key, &draws, |rkey| {
             match reverse.insert(rkey, value, BPF_NOEXIST) {
+                Ok(()) if forwarded.get(&rkey.as_forwarded_reply(), 0).is_ok() => {
+                    let _ = reverse.remove(&rkey);
+                    Ok(false)
+                }
                 Ok(()) => Ok(true),
                 // Taken behind our back (a flow we don't know): skip it.
                 Err(MapError::SyscallError(e))
@@ -561,8 +606,7 @@ impl FlowTable {
             };
             report.examined += 1;
             let flow = self.flow(key, &mapped)?;
-            let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns()));
-            if idle > flow.timeout(&self.timeouts) {
+            if flow.expired(now_ns, &self.timeouts) {
                 report.expired.push(*key);
             }
         }

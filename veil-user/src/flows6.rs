@@ -20,7 +20,6 @@
 use std::{
     collections::{HashMap as StdMap, HashSet},
     net::{Ipv4Addr, Ipv6Addr},
-    time::Duration,
 };
 
 use aya::maps::{HashMap, MapData, MapError};
@@ -32,10 +31,10 @@ use veil_common::{
 
 use crate::{
     flows::{
-        idle_timeout, lookup, map_error, remove_ignoring_missing, FlowError, KnownFlows, PortRange,
-        ProtoName, Timeouts, BPF_NOEXIST,
+        expired, idle_timeout, lookup, map_error, remove_ignoring_missing, FlowError, KnownFlows,
+        PortRange, ProtoName, Timeouts, BPF_NOEXIST,
     },
-    nat::{decrement, default_share, RANDOM_TRIES},
+    nat::{decrement, default_share, Mapping, RANDOM_TRIES},
 };
 
 /// Why an IPv6 flow was not made.
@@ -90,7 +89,10 @@ struct Mapped6 {
 /// A remote endpoint: (protocol, address, port).
 type Remote6 = (u8, [u8; 16], u16);
 /// A client socket: (protocol, address, port); its flows share a NAT port.
-type Socket6 = (u8, [u8; 16], u16);
+/// A client socket as [`crate::nat::Mapping`] tells its flows apart:
+/// protocol, client address and port, and the remote address when the
+/// mapping depends on it (all zeros otherwise).
+type Socket6 = (u8, [u8; 16], u16, [u8; 16]);
 
 pub struct FlowTable6 {
     egress: HashMap<MapData, FlowKey6, EgressFlow6>,
@@ -109,6 +111,7 @@ pub struct FlowTable6 {
     held: StdMap<([u8; 16], Remote6), u32>,
     /// Each client socket's NAT port and how many flows use it.
     sockets: StdMap<Socket6, (u16, u32)>,
+    mapping: Mapping,
 }
 
 impl FlowTable6 {
@@ -134,7 +137,22 @@ impl FlowTable6 {
             flows_of: StdMap::new(),
             held: StdMap::new(),
             sockets: StdMap::new(),
+            mapping: Mapping::default(),
         }
+    }
+
+    /// Which flows of one client socket share a NAT port, as for IPv4.
+    pub fn with_mapping(mut self, mapping: Mapping) -> Self {
+        self.mapping = mapping;
+        self
+    }
+
+    fn socket(&self, key: &FlowKey6) -> Socket6 {
+        let remote = match self.mapping {
+            Mapping::EndpointIndependent => [0; 16],
+            Mapping::AddressDependent => key.remote_addr,
+        };
+        (key.proto, key.client_addr, key.client_port, remote)
     }
 
     /// Caps the flows of each client (`--max-flows-per-client`).
@@ -214,7 +232,7 @@ impl FlowTable6 {
         let mut rng = rand::rng();
         let draws: [u32; RANDOM_TRIES] = std::array::from_fn(|_| rng.random_range(0..n));
         let port_at = |offset: u32| self.ports.min + (offset % n) as u16;
-        let preferred = self.sockets.get(&socket(&key)).map(|s| s.0);
+        let preferred = self.sockets.get(&self.socket(&key)).map(|s| s.0);
         let last = draws[RANDOM_TRIES - 1] % n + 1;
         let candidates = preferred
             .into_iter()
@@ -281,8 +299,9 @@ impl FlowTable6 {
             .entry((key.client_addr, remote(&key)))
             .or_default() += 1;
         self.claimed.insert(key.reverse(self.public, nat_port));
+        let socket = self.socket(&key);
         self.sockets
-            .entry(socket(&key))
+            .entry(socket)
             .and_modify(|s| s.1 += 1)
             .or_insert((nat_port, 1));
     }
@@ -297,10 +316,11 @@ impl FlowTable6 {
         self.claimed.remove(&rkey);
         decrement(&mut self.flows_of, key.client_addr);
         decrement(&mut self.held, (key.client_addr, remote(key)));
-        if let Some(s) = self.sockets.get_mut(&socket(key)) {
+        let socket = self.socket(key);
+        if let Some(s) = self.sockets.get_mut(&socket) {
             s.1 -= 1;
             if s.1 == 0 {
-                self.sockets.remove(&socket(key));
+                self.sockets.remove(&socket);
             }
         }
         let r1 = remove_ignoring_missing(&mut self.egress, key, EGRESS6_MAP);
@@ -369,15 +389,15 @@ impl FlowTable6 {
             .list_some(keys)?
             .into_iter()
             .filter(|f| {
-                let idle = Duration::from_nanos(now_ns.saturating_sub(f.last_seen_ns()));
                 let k = &f.key;
-                idle > idle_timeout(
+                let timeout = idle_timeout(
                     k.proto,
                     k.remote_port,
                     &f.egress,
                     &f.reverse,
                     &self.timeouts,
-                )
+                );
+                expired(f.created_ns, &f.egress, &f.reverse, timeout, now_ns)
             })
             .map(|f| f.key)
             .collect();
@@ -390,8 +410,4 @@ impl FlowTable6 {
 
 fn remote(key: &FlowKey6) -> Remote6 {
     (key.proto, key.remote_addr, key.remote_port)
-}
-
-fn socket(key: &FlowKey6) -> Socket6 {
-    (key.proto, key.client_addr, key.client_port)
 }

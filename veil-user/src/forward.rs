@@ -26,7 +26,6 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket},
     path::Path,
-    time::Duration,
 };
 
 use aya::maps::{HashMap, MapData, MapError};
@@ -633,11 +632,7 @@ impl Forwarder {
         let (connections, orphans) = self.walk();
         let mut expired: Vec<Expired> = connections
             .into_iter()
-            .filter(|c| {
-                let flow = c.as_flow();
-                let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns()));
-                idle > flow.timeout(&self.timeouts)
-            })
+            .filter(|c| c.as_flow().expired(now_ns, &self.timeouts))
             .map(|c| Expired(c.inbound, c.reply))
             .collect();
         expired.extend(

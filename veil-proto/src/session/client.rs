@@ -36,8 +36,8 @@ pub struct ClientConfig {
     pub handshake_timeout: Duration,
     /// Largest capsule accepted from the gateway.
     pub max_capsule_len: usize,
-    /// The largest IP packet a segment of the gateway's offload
-    /// super-packets may be. The gateway's segments are sized by its
+    /// The largest IP packet the gateway may send, plain or as a segment of
+    /// its offload super-packets. The gateway's packets are sized by its
     /// internet side, which the client does not know: by default any.
     pub max_packet_len: u16,
     /// Announce offload datagrams: the caller must then handle

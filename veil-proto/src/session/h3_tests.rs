@@ -246,6 +246,19 @@ fn datagrams_for_another_request_or_context_are_dropped_and_counted() {
 }
 
 #[test]
+fn a_datagram_longer_than_the_mtu_is_dropped_and_counted() {
+    let mut p = Pair::new();
+    p.pump();
+    let mut long = b"\x00\x00".to_vec();
+    long.resize(2 + usize::from(DEFAULT_MAX_PACKET_LEN) + 1, 0x45);
+    assert_eq!(p.server.receive_datagram(&long, p.now), None);
+    long.pop();
+    assert_eq!(p.server.receive_datagram(&long, p.now), Some(&long[2..]));
+    assert_eq!(p.server.stats().packets_too_long, 1);
+    assert_eq!(p.server.stats().packets_received, 1);
+}
+
+#[test]
 fn a_refusal_reaches_the_client_with_its_message() {
     let mut p = Pair::new();
     p.server.refuse(503, "the gateway is full");

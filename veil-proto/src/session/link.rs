@@ -62,7 +62,8 @@ pub(super) struct Link {
     offload: bool,
     /// Where packets are segmented for a peer without offload.
     scratch: Vec<u8>,
-    /// The largest IP packet a segment of a peer's super-packet may become.
+    /// The largest IP packet the peer may send: a plain one, or a segment
+    /// of a super-packet.
     max_packet_len: usize,
     /// Set for a session over HTTP/3.
     h3: Option<H3>,
@@ -162,6 +163,10 @@ impl Link {
             .filter(|&(ctx, _)| ctx == capsule::IP_PACKET_CONTEXT && up)
             .map(|(_, at)| &datagram[at..]);
         match packet {
+            Some(packet) if packet.len() > self.max_packet_len => {
+                self.stats.packets_too_long += 1;
+                return None;
+            }
             Some(packet) => {
                 self.stats.packets_received += 1;
                 self.stats.bytes_received += packet.len() as u64;
@@ -400,6 +405,10 @@ impl Link {
 
     fn handle_common(&mut self, capsule: Capsule) -> Option<Capsule> {
         match capsule {
+            Capsule::Datagram {
+                context_id: capsule::IP_PACKET_CONTEXT,
+                payload,
+            } if payload.len() > self.max_packet_len => self.stats.packets_too_long += 1,
             Capsule::Datagram {
                 context_id: capsule::IP_PACKET_CONTEXT,
                 payload,

@@ -260,6 +260,11 @@ pub struct Stats {
     pub datagrams_dropped: u64,
     /// Offload datagrams whose header does not fit their packet, dropped.
     pub offload_invalid: u64,
+    /// Plain packets longer than the largest this end takes (the
+    /// gateway's MTU), dropped: what leaves the gateway never exceeds its
+    /// MTU, and a run of them merged after the tunnel never gets a segment
+    /// size an offload header could not have had.
+    pub packets_too_long: u64,
     /// Capsules of unknown types, skipped.
     pub unknown_capsules: u64,
     pub pings_sent: u64,

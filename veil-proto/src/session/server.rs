@@ -40,8 +40,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Largest capsule accepted from the client.
     pub max_capsule_len: usize,
-    /// The largest IP packet the client may send: a segment of its offload
-    /// super-packets may not exceed it (the gateway's TUN MTU).
+    /// The largest IP packet the client may send, plain or as a segment of
+    /// its offload super-packets (the gateway's TUN MTU); a longer one is
+    /// dropped and counted (`packets_too_long`).
     pub max_packet_len: u16,
     /// Offer offload datagrams to a client that announces them: the caller
     /// must then handle [`Output::OffloadPacket`].

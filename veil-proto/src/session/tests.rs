@@ -1315,6 +1315,35 @@ fn offload_datagrams_without_negotiation_are_dropped_and_counted() {
     assert!(pair.client.is_established() && pair.server.is_established());
 }
 
+/// A plain packet longer than the gateway's MTU is dropped and counted,
+/// as an offload datagram cut into such segments is: nothing leaves the
+/// gateway longer than its MTU, and no merged run of such packets gets a
+/// segment size no offload header could carry.
+#[test]
+fn plain_packets_longer_than_the_mtu_are_dropped_and_counted() {
+    let mut pair = Pair::with(
+        client_config(),
+        ServerConfig {
+            max_packet_len: 1400,
+            ..server_config()
+        },
+    );
+    pair.pump();
+    let mut input = Vec::new();
+    let mut long = vec![0x45; 1401];
+    encode_ip_datagram(&long, &mut input);
+    long.resize(60_040, 0);
+    encode_ip_datagram(&long, &mut input);
+    encode_ip_datagram(&[0x45; 1400], &mut input);
+    pair.server.receive(&input, pair.now).expect("valid");
+    pair.pump();
+    let stats = pair.server.stats();
+    assert_eq!(stats.packets_too_long, 2);
+    assert_eq!(stats.packets_received, 1);
+    assert_eq!(Pair::packets(&pair.server_out), [&[0x45; 1400][..]]);
+    assert!(pair.server.is_established(), "the session goes on");
+}
+
 #[test]
 fn invalid_offload_datagrams_are_dropped_and_counted() {
     let mut pair = Pair::with(offload_client(), offload_server());

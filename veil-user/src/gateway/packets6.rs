@@ -92,7 +92,8 @@ impl V6 {
         datapath.configure6(public, net)?;
         let flows = datapath
             .flow_table6(cfg.nat_ports, cfg.timeouts)?
-            .with_client_limit(cfg.max_flows_per_client);
+            .with_client_limit(cfg.max_flows_per_client)
+            .with_mapping(cfg.mapping);
         let flows = match cfg.max_ports_per_endpoint {
             Some(share) => flows.with_port_share(share.get()),
             None => flows,
