@@ -328,6 +328,73 @@ fn replies_alone_keep_a_flow_only_a_timeout_past_the_clients_last_packet() {
     assert_eq!(later(180), vec![talking], "idle past the timeout since");
 }
 
+/// A TCP segment with the sequence and acknowledgment numbers given (the
+/// other test packets carry fixed ones).
+fn segment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ports: (u16, u16),
+    seq: u32,
+    ack: u32,
+    flags: &str,
+) -> Vec<u8> {
+    let ip =
+        etherparse::PacketBuilder::ethernet2([0; 6], [0; 6]).ipv4(src.octets(), dst.octets(), 64);
+    let mut b = ip.tcp(ports.0, ports.1, seq, 64240);
+    for f in flags.chars() {
+        b = match f {
+            'S' => b.syn(),
+            'A' => b.ack(ack),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            other => panic!("unknown TCP flag {other}"),
+        };
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, b"").unwrap();
+    out
+}
+
+/// An RST or FIN with a remote's address but a sequence number far from
+/// what the client acknowledged is no proof that the connection ended:
+/// anyone can send one, guessing only the NAT port. It still reaches the
+/// client (whose stack ignores it, RFC 5961) but does not shorten the
+/// flow's timeout to the closed connection's 4 minutes; one near the
+/// client's acknowledgment does.
+#[test]
+fn a_blind_rst_with_a_remotes_address_does_not_close_a_clients_flow() {
+    let mut bed = Bed::new();
+    let k = key(proto::TCP, CLIENT, 50000, REMOTE, 443);
+    let nat = bed.flows.create(k, monotonic_ns()).unwrap();
+    // What the client has acknowledged: the remote's next sequence number.
+    const NEXT: u32 = 0x7d31_0000;
+    let out = |bed: &mut Bed, seq, ack, flags| {
+        let verdict = bed
+            .tun(&segment(CLIENT, REMOTE, (50000, 443), seq, ack, flags))
+            .0;
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    };
+    let back = |bed: &mut Bed, seq, flags| {
+        let packet = segment(REMOTE, PUBLIC, (443, nat), seq, 2, flags);
+        assert!(bed.wan(&packet).delivered(), "the client gets it, to judge");
+    };
+    out(&mut bed, 1, 0, "S");
+    back(&mut bed, NEXT - 1, "SA");
+    out(&mut bed, 2, NEXT, "A");
+    let seen = |bed: &Bed| bed.flows.list().unwrap()[0].reverse.tcp_flags;
+    let closing = veil_common::tcp_flags::RST | veil_common::tcp_flags::FIN;
+
+    back(&mut bed, NEXT.wrapping_add(1 << 31), "R");
+    back(&mut bed, NEXT.wrapping_add(1 << 30), "FA");
+    assert_eq!(seen(&bed) & closing, 0, "blind guesses count for nothing");
+    let after_transitory = monotonic_ns() + 241_000_000_000;
+    assert!(bed.flows.gc(after_transitory).unwrap().expired.is_empty());
+
+    back(&mut bed, NEXT + 1460, "R");
+    assert_ne!(seen(&bed) & closing, 0, "an RST in the window ends it");
+    assert_eq!(bed.flows.gc(after_transitory).unwrap().expired, vec![k]);
+}
+
 /// The lock-free index the packet path asks "is this flow known" must
 /// lose a flow when the table does, whatever removes it: otherwise a
 /// client's packet would skip creating a flow that is gone from the maps.

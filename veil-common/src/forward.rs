@@ -208,15 +208,17 @@ pub struct FwdOpening {
     pub created_ns: u64,
 }
 
-/// How far from what the target acknowledged a remote's RST may be and
-/// still count as the connection's end, in units of 64 KiB (16 MiB): the
-/// data the remote may have in flight. A blind attacker who guessed the
-/// connection's ports must also land within it, one chance in 256 per
-/// try, where without it any RST would do; the target itself checks far
-/// more strictly (RFC 5961).
+/// How far from what one end acknowledged the other's RST (or FIN) may be
+/// and still count as the connection's end, in units of 64 KiB (16 MiB):
+/// the data the sender may have in flight. A blind attacker who guessed
+/// the connection's ports must also land within it, one chance in 256 per
+/// try, where without it any RST would do; the receiving end itself
+/// checks far more strictly (RFC 5961). Forwarded connections and
+/// clients' flows alike.
 pub const RST_WINDOW: u16 = 256;
 
-/// What [`FwdFlow::acked`] keeps of an acknowledgment number.
+/// What [`FwdFlow::acked`] and [`crate::EgressFlow::acked`] keep of an
+/// acknowledgment number.
 pub const fn acked_of(ack: u32) -> u16 {
     (ack >> 16) as u16
 }
@@ -228,8 +230,8 @@ pub const fn handshake_mark(ack: u32) -> u16 {
     ack as u16 | 1
 }
 
-/// Whether a remote's RST with sequence number `seq` may be the end of a
-/// connection whose target last acknowledged `acked` ([`acked_of`]; 0:
+/// Whether an RST (or FIN) with sequence number `seq` may be the end of a
+/// connection whose other end last acknowledged `acked` ([`acked_of`]; 0:
 /// nothing yet, or too early to tell: any RST may be).
 pub const fn rst_plausible(seq: u32, acked: u16) -> bool {
     acked == 0
@@ -237,6 +239,19 @@ pub const fn rst_plausible(seq: u32, acked: u16) -> bool {
             .wrapping_sub(acked)
             .wrapping_add(RST_WINDOW / 2)
             <= RST_WINDOW
+}
+
+/// The TCP flags a packet counts with: an RST or FIN that is no proof of
+/// an end ([`rst_plausible`] of its `seq` against what the other end
+/// `acked`) is left out. The packet itself still goes on, for the
+/// receiving stack to judge.
+pub const fn counted_flags(flags: u64, seq: u32, acked: u16) -> u64 {
+    let ends = tcp_flags::RST | tcp_flags::FIN;
+    if flags & ends != 0 && !rst_plausible(seq, acked) {
+        flags & !ends
+    } else {
+        flags
+    }
 }
 
 /// Which way an [`FwdFlow`] entry translates.

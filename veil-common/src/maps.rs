@@ -165,7 +165,11 @@ pub struct EgressFlow {
     /// [`Config::public_addrs`], the same for every flow of a client.
     pub public_addr: [u8; 4],
     pub nat_port: u16,
-    pub _pad: [u8; 2],
+    /// TCP: [`crate::acked_of`] the client's last acknowledgment number,
+    /// what it expects next from the remote (0: nothing yet). A reply's
+    /// RST or FIN far from it is no proof of an end
+    /// ([`crate::rst_plausible`]): the remote's address can be forged.
+    pub acked: u16,
 }
 
 /// A flow as the remote sees it; the reverse map's key.

@@ -104,7 +104,8 @@ pub struct EgressFlow6 {
     /// The client's IPv4 address: its rate limit's key.
     pub client_vip: [u8; 4],
     pub nat_port: u16,
-    pub _pad: [u8; 2],
+    /// As [`crate::EgressFlow::acked`].
+    pub acked: u16,
 }
 
 /// An IPv6 flow as the remote sees it; the IPv6 reverse map's key.

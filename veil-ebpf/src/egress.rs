@@ -77,12 +77,12 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
 
     let l4 = l2 + IPV4_LEN;
-    // (kind, offset of the client's port, of the checksum, remote port, TCP flags)
+    // (kind, offset of the client's port, of the checksum, remote port, TCP
+    // flags and acknowledgment)
     let (kind, port_at, check_at, remote_port, flags) = match protocol {
         proto::TCP => {
             let tcp: *mut TcpHdr = pkt.at(l4)?;
-            let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
-            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, flags)
+            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, stats::flags_and_ack(tcp))
         }
         proto::UDP => {
             let udp: *mut UdpHdr = pkt.at(l4)?;
@@ -120,6 +120,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     let (public_addr, nat_port) = unsafe { ((*flow).public_addr, (*flow).nat_port) };
     crate::ratelimit::police(src, ctx.len() - l2 as u32, Direction::Up)?;
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
+    stats::note_acked(unsafe { &raw mut (*flow).acked }, flags);
 
     let at = SkbEndpoint {
         kind,

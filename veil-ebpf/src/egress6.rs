@@ -14,7 +14,8 @@
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EtherType, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 use veil_common::{
-    csum::L4Sum, frag_kind, proto, ratelimit::Direction, FlowKey6, FragKey6, Reason, IPPROTO_ICMPV6,
+    csum::L4Sum, frag_kind, proto, ratelimit::Direction, FlowKey6, FragKey6, Reason,
+    IPPROTO_ICMPV6,
 };
 
 use crate::{
@@ -77,12 +78,12 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         upper = frag.next;
         l4 += FRAG_HDR_LEN;
     }
-    // (kind, offset of the client's port, of the checksum, remote port, TCP flags)
+    // (kind, offset of the client's port, of the checksum, remote port, TCP
+    // flags and acknowledgment)
     let (kind, port_at, check_at, remote_port, flags) = match upper {
         proto::TCP => {
             let tcp: *mut TcpHdr = pkt.at(l4)?;
-            let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
-            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, flags)
+            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, stats::flags_and_ack(tcp))
         }
         proto::UDP => {
             let udp: *mut UdpHdr = pkt.at(l4)?;
@@ -114,6 +115,7 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
         unsafe { ((*flow).public_addr, (*flow).nat_port, (*flow).client_vip) };
     crate::ratelimit::police(vip, ctx.len() - l2 as u32, Direction::Up)?;
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
+    stats::note_acked(unsafe { &raw mut (*flow).acked }, flags);
     let at = Endpoint6 {
         kind,
         addr: l2 + 8,

@@ -22,13 +22,15 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use veil_common::{
-    csum::L4Sum, proto, ratelimit::Direction, Config, Reason, ReverseFlow, ReverseKey,
+    counted_flags, csum::L4Sum, proto, ratelimit::Direction,
+    tcp_flags::{FIN, RST},
+    Config, FlowKey, Reason, ReverseFlow, ReverseKey,
 };
 
 use crate::{
     forward,
     frag::{self, Fragment},
-    maps::{config, VEIL_REVERSE},
+    maps::{config, VEIL_EGRESS, VEIL_REVERSE},
     packet::{pull_headers, Packet, Ports, ETH_LEN, ETH_P_IP, IPV4_LEN},
     rewrite::{cover, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4},
     stats, Verdict,
@@ -471,6 +473,42 @@ fn redirect(ifindex: u32) -> Result<i32, Reason> {
     Ok(action)
 }
 
+/// The TCP flags a reply on a client's flow counts with: an RST or FIN far
+/// from what the client last acknowledged ([`counted_flags`]) is left
+/// out. The remote's address and the ports can be forged blind, and such
+/// a packet would otherwise end the flow's NAT mapping early (a closed
+/// flow expires after minutes, not hours); the client's own stack still
+/// gets it, and judges it (RFC 5961).
+#[inline(always)]
+fn reply_flags(
+    pkt: &Packet,
+    key: &ReverseKey,
+    client_addr: [u8; 4],
+    client_port: u16,
+    tcp_flags: u64,
+) -> Result<u64, Reason> {
+    if tcp_flags & (RST | FIN) == 0 {
+        return Ok(tcp_flags);
+    }
+    let tcp: *mut TcpHdr = pkt.at(L4_AT)?;
+    let client_flow = FlowKey {
+        client_addr,
+        remote_addr: key.remote_addr,
+        client_port,
+        remote_port: key.remote_port,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    Ok(match VEIL_EGRESS.get_ptr(&client_flow) {
+        Some(out) => counted_flags(
+            tcp_flags,
+            u32::from_be_bytes(unsafe { (*tcp).seq }),
+            unsafe { (*out).acked },
+        ),
+        None => tcp_flags,
+    })
+}
+
 /// Translates a reply on `flow` back to its client.
 #[inline(always)]
 fn reply(
@@ -482,6 +520,7 @@ fn reply(
     tcp_flags: u64,
 ) -> Result<(), Reason> {
     let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
+    let tcp_flags = reply_flags(pkt, key, client_addr, client_port, tcp_flags)?;
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
     let ip: *mut Ipv4Hdr = pkt.at(IP)?;
     let old_addr = dword(unsafe { (*ip).dst_addr });

@@ -27,17 +27,20 @@ use aya_ebpf::{
 };
 use network_types::{ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 use veil_common::{
+    counted_flags,
     csum::{self, L4Sum},
     frag_kind, proto,
     ratelimit::Direction,
-    Config, Config6, Reason, ReverseFlow6, ReverseKey6, FRAG_TIMEOUT_NS, IPPROTO_ICMPV6,
+    tcp_flags::{FIN, RST},
+    Config, Config6, FlowKey6, Reason, ReverseFlow6, ReverseKey6, FRAG_TIMEOUT_NS,
+    IPPROTO_ICMPV6,
 };
 
 use crate::{
     frag::Fragment,
     frag6::{self, FragHdr, FRAG_HDR_LEN},
     ingress::Admit,
-    maps::{config, config6, VEIL_REVERSE6},
+    maps::{config, config6, VEIL_EGRESS6, VEIL_REVERSE6},
     packet::{Packet, Ports, ETH_LEN},
     rewrite6::{
         move_endpoint6_skb, pull_headers6, replace128, Endpoint6, PortChange, ICMPV6_ECHO_REPLY,
@@ -416,6 +419,7 @@ pub fn translate(ctx: &TcContext) -> Result<Verdict, Reason> {
                 return Ok(Verdict::uncounted(TC_ACT_OK as i32));
             };
             let (client_addr, client_port) = unsafe { ((*flow).client_addr, (*flow).client_port) };
+            let tcp_flags = reply_flags(&pkt, l4, &key, client_addr, client_port, tcp_flags)?;
             stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), tcp_flags);
             tcp = matches!(kind, L4Sum::Tcp);
             let at = match kind {
@@ -510,4 +514,38 @@ fn icmp_error(pkt: &Packet, cfg6: &Config6, flow: *mut ReverseFlow6) -> Result<(
         (*icmp)[3] = o[1];
     }
     Ok(())
+}
+
+/// As IPv4's (`ingress::reply_flags`): a reply's RST or FIN counts only
+/// near what the client acknowledged.
+#[inline(always)]
+fn reply_flags(
+    pkt: &Packet,
+    l4: usize,
+    key: &ReverseKey6,
+    client_addr: [u8; 16],
+    client_port: u16,
+    tcp_flags: u64,
+) -> Result<u64, Reason> {
+    // The bound again, for the verifier: it lost it on the way here.
+    if tcp_flags & (RST | FIN) == 0 || l4 > MAX_UPPER_AT {
+        return Ok(tcp_flags);
+    }
+    let tcp: *mut TcpHdr = pkt.at(l4)?;
+    let client_flow = FlowKey6 {
+        client_addr,
+        remote_addr: key.remote_addr,
+        client_port,
+        remote_port: key.remote_port,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    Ok(match VEIL_EGRESS6.get_ptr(&client_flow) {
+        Some(out) => counted_flags(
+            tcp_flags,
+            u32::from_be_bytes(unsafe { (*tcp).seq }),
+            unsafe { (*out).acked },
+        ),
+        None => tcp_flags,
+    })
 }

@@ -3,7 +3,8 @@
 use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use veil_common::{tcp_flags, FlowStats, FwdCounters, Reason};
+use network_types::tcp::TcpHdr;
+use veil_common::{acked_of, tcp_flags, FlowStats, FwdCounters, Reason};
 
 use crate::maps::VEIL_STATS;
 
@@ -40,6 +41,36 @@ pub fn touch(stats: *mut FlowStats, bytes: u32, flags: u64) {
         // ACK on an established flow) leaves the cache line alone.
         if seen & !(*stats).tcp_flags != 0 {
             atomic_or::<u64, u64, { Relaxed }>(&raw mut (*stats).tcp_flags, seen);
+        }
+    }
+}
+
+/// A TCP header's flags (the low byte) and, when ACK is set, its
+/// acknowledgment number (the high 32 bits) in one word: one register
+/// through a translation, where the verifier's 512-byte stack has no room
+/// for another. [`touch`] reads the flags, [`note_acked`] the number.
+#[inline(always)]
+pub fn flags_and_ack(tcp: *const TcpHdr) -> u64 {
+    let flags = unsafe { *(tcp as *const u8).add(13) } as u64;
+    if flags & tcp_flags::ACK == 0 {
+        return flags;
+    }
+    flags | (u32::from_be_bytes(unsafe { (*tcp).ack_seq }) as u64) << 32
+}
+
+/// Keeps what a TCP packet's sender acknowledged (from
+/// [`flags_and_ack`]) in its flow's `acked` ([`acked_of`]), for the other
+/// end's RSTs and FINs to be checked against. Written only when it moves
+/// (every 64 KiB): the entry's cache line stays shared between CPUs.
+#[inline(always)]
+pub fn note_acked(acked: *mut u16, flags: u64) {
+    if flags & tcp_flags::ACK == 0 {
+        return;
+    }
+    let now = acked_of((flags >> 32) as u32);
+    unsafe {
+        if *acked != now {
+            *acked = now;
         }
     }
 }

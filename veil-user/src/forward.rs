@@ -108,6 +108,12 @@ pub enum RuleError {
     InNatRange(u16, PortRange),
     #[error("listen port {0} ({1}) is in use on the gateway")]
     PortInUse(u16, ProtoName),
+    #[error(
+        "listen port {0} is in the gateway's ephemeral range {1} (net.ipv4.ip_local_port_range): \
+         the gateway's own connections may draw it, and their replies would be forwarded; \
+         reserve it (net.ipv4.ip_local_reserved_ports) or pick another"
+    )]
+    Ephemeral(u16, PortRange),
     #[error("target {0} is the gateway itself: a rule may not open the gateway's own services")]
     Gateway(Ipv4Addr),
     #[error("target {0} is a client address: name the client instead (client:NAME)")]
@@ -267,8 +273,9 @@ pub fn resolve(
 ) -> (Vec<Resolved>, Vec<Problem>) {
     let mut ok = Vec::new();
     let mut problems = Vec::new();
+    let local = LocalPorts::read();
     for rule in rules {
-        match resolve_one(&rule, gw, clients, client_route) {
+        match resolve_one(&rule, gw, &local, clients, client_route) {
             Ok(value) => ok.push(Resolved { rule, value }),
             Err(error) => problems.push(Problem {
                 line: rule.line,
@@ -282,11 +289,15 @@ pub fn resolve(
 fn resolve_one(
     rule: &Rule,
     gw: &Gateway,
+    local: &LocalPorts,
     clients: &dyn Fn(&str) -> Option<Ipv4Addr>,
     client_route: (u32, Ipv4Addr),
 ) -> Result<FwdRule, RuleError> {
     if gw.nat_ports.contains(rule.listen_port) {
         return Err(RuleError::InNatRange(rule.listen_port, gw.nat_ports));
+    }
+    if local.draws(rule.listen_port) {
+        return Err(RuleError::Ephemeral(rule.listen_port, local.range));
     }
     if port_in_use(rule.proto, rule.listen_port) {
         return Err(RuleError::PortInUse(
@@ -391,6 +402,54 @@ pub fn ifaces() -> Vec<(u32, String)> {
     // SAFETY: the list from if_nameindex.
     unsafe { libc::if_freenameindex(list) };
     found
+}
+
+/// The ports the gateway's kernel gives its own outgoing sockets: a listen
+/// port among them would catch the replies to one of them (a DNS
+/// service's upstream answer, say) and forward them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LocalPorts {
+    range: PortRange,
+    reserved: Vec<PortRange>,
+}
+
+impl LocalPorts {
+    /// The kernel's settings, or none drawn when they cannot be read.
+    fn read() -> Self {
+        let read = |name| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"));
+        let range = read("ip_local_port_range").ok();
+        let reserved = read("ip_local_reserved_ports").unwrap_or_default();
+        Self::parse(range.as_deref().unwrap_or(""), &reserved)
+    }
+
+    /// `range` as `ip_local_port_range` prints it (`32768\t60999`),
+    /// `reserved` as `ip_local_reserved_ports` does (`8080,9000-9100`).
+    fn parse(range: &str, reserved: &str) -> Self {
+        let mut bounds = range.split_whitespace().map(str::parse::<u16>);
+        let range = match (bounds.next(), bounds.next()) {
+            (Some(Ok(min)), Some(Ok(max))) if min <= max => PortRange { min, max },
+            // Nothing drawn: an empty range.
+            _ => PortRange { min: 1, max: 0 },
+        };
+        let reserved = reserved
+            .trim()
+            .split(',')
+            .filter_map(|part| match part.split_once('-') {
+                Some(_) => part.parse().ok(),
+                None => part
+                    .trim()
+                    .parse()
+                    .ok()
+                    .map(|p| PortRange { min: p, max: p }),
+            })
+            .collect();
+        Self { range, reserved }
+    }
+
+    /// Whether the kernel may give `port` to an outgoing socket.
+    fn draws(&self, port: u16) -> bool {
+        self.range.contains(port) && !self.reserved.iter().any(|r| r.contains(port))
+    }
 }
 
 /// Whether a socket of the gateway already has `port`: forwarding it would
@@ -837,6 +896,37 @@ mod tests {
         assert_eq!(rules[0].target, Target::Client("laptop".into()));
         assert_eq!(rules[0].to_string(), "tcp/2222 -> client:laptop:22");
         assert_eq!(problems[0].error, RuleError::NoHost);
+    }
+
+    #[test]
+    fn a_listen_port_the_kernel_draws_for_outgoing_sockets_is_refused() {
+        let local = LocalPorts::parse("32768\t60999\n", "51820,55000-55010\n");
+        assert!(local.draws(40000));
+        assert!(!local.draws(51820), "reserved");
+        assert!(!local.draws(55005), "reserved range");
+        assert!(!local.draws(8080) && !local.draws(61000));
+        assert!(
+            !LocalPorts::parse("", "").draws(40000),
+            "unknown: nothing drawn"
+        );
+        let rule = &parse("40000,10.200.9.2,80,udp\n").0[0];
+        let err = resolve_one(
+            rule,
+            &gateway(),
+            &local,
+            &|_| None,
+            (1, Ipv4Addr::LOCALHOST),
+        );
+        assert_eq!(
+            err.unwrap_err(),
+            RuleError::Ephemeral(
+                40000,
+                PortRange {
+                    min: 32768,
+                    max: 60999
+                }
+            )
+        );
     }
 
     fn gateway() -> Gateway {

@@ -26,6 +26,12 @@ use crate::{
 
 /// How often the rule file is looked at for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long rules that failed to apply (an interface that would not take
+/// the program, a full map) wait before they are tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// The largest rule file read: 4,096 rules of a long line each. A file
+/// grown past it (or a device) costs no more memory than this.
+const MAX_RULE_FILE: usize = 1 << 20;
 
 /// The forwarding state the gateway keeps.
 pub struct Forwarding {
@@ -46,6 +52,9 @@ pub struct Forwarding {
     attached: Mutex<BTreeSet<u32>>,
     /// The file's bytes when last loaded.
     loaded: Mutex<Option<Vec<u8>>>,
+    /// Bytes that failed to apply, and when (monotonic ns): tried again
+    /// after [`RETRY_AFTER`], or at once if the file changes.
+    failed: Mutex<Option<(Vec<u8>, u64)>>,
     /// The file's bytes at the last look for changes.
     looked: Mutex<Settling>,
 }
@@ -84,6 +93,7 @@ impl Forwarding {
             waiting: Mutex::new(BTreeSet::new()),
             to_clients: AtomicBool::new(false),
             loaded: Mutex::new(None),
+            failed: Mutex::new(None),
             looked: Mutex::default(),
         }
     }
@@ -116,20 +126,38 @@ impl Forwarding {
         datapath: &Mutex<Option<Datapath>>,
         leases: &dyn Fn(&str) -> Option<Ipv4Addr>,
     ) -> Result<()> {
-        let bytes = std::fs::read(&self.path)
+        let bytes = super::revocations::read_bounded(&self.path, MAX_RULE_FILE)
             .with_context(|| format!("reading the forward rules {}", self.path.display()))?;
         self.apply(bytes, datapath, leases)
     }
 
-    /// Resolves and applies `bytes`, the rule file's.
+    /// Resolves and applies `bytes`, the rule file's. Bytes that fail are
+    /// not taken for loaded: they are tried again ([`Self::changed`]).
     fn apply(
         &self,
         bytes: Vec<u8>,
         datapath: &Mutex<Option<Datapath>>,
         leases: &dyn Fn(&str) -> Option<Ipv4Addr>,
     ) -> Result<()> {
-        *self.loaded.lock().expect("loaded lock") = Some(bytes.clone());
-        let text = String::from_utf8_lossy(&bytes);
+        let done = self.apply_once(&bytes, datapath, leases);
+        let mut failed = self.failed.lock().expect("failed lock");
+        match done {
+            Ok(()) => {
+                *failed = None;
+                *self.loaded.lock().expect("loaded lock") = Some(bytes);
+            }
+            Err(_) => *failed = Some((bytes, monotonic_ns())),
+        }
+        done
+    }
+
+    fn apply_once(
+        &self,
+        bytes: &[u8],
+        datapath: &Mutex<Option<Datapath>>,
+        leases: &dyn Fn(&str) -> Option<Ipv4Addr>,
+    ) -> Result<()> {
+        let text = String::from_utf8_lossy(bytes);
         let (rules, mut problems) = forward::parse(&text);
         let named: BTreeSet<String> = rules
             .iter()
@@ -193,10 +221,16 @@ impl Forwarding {
     /// the rules of its missing lines for a second. These bytes are the
     /// ones loaded, not a later read. SIGHUP loads at once.
     fn changed(&self) -> Option<Vec<u8>> {
-        let now = std::fs::read(&self.path).ok();
+        let now = super::revocations::read_bounded(&self.path, MAX_RULE_FILE).ok();
         let settled = self.looked.lock().expect("looked lock").settled(now)?;
-        let loaded = self.loaded.lock().expect("loaded lock");
-        (loaded.as_ref() != Some(&settled)).then_some(settled)
+        if self.loaded.lock().expect("loaded lock").as_ref() == Some(&settled) {
+            return None;
+        }
+        let failed = self.failed.lock().expect("failed lock");
+        let waiting = failed.as_ref().is_some_and(|(bytes, at)| {
+            *bytes == settled && monotonic_ns().saturating_sub(*at) < RETRY_AFTER.as_nanos() as u64
+        });
+        (!waiting).then_some(settled)
     }
 
     /// What to load on a look: the file, settled and changed, else the
@@ -261,7 +295,11 @@ pub(super) async fn watch(shared: Arc<Shared>, fwd: Arc<Forwarding>) -> Result<(
                 info!("SIGHUP: reloading the forward rules");
                 Some(Reload::ReadFile)
             }
-            _ = look.tick() => fwd.on_look(&|n| shared.lease_of(n)),
+            _ = look.tick() => {
+                // A read of the file may block (a network file system).
+                let (shared, fwd) = (shared.clone(), fwd.clone());
+                tokio::task::spawn_blocking(move || fwd.on_look(&|n| shared.lease_of(n))).await?
+            }
             _ = gc.tick() => {
                 let fwd = fwd.clone();
                 let expired = tokio::task::spawn_blocking(move || {
