@@ -202,13 +202,52 @@ fn a_client_held_to_50_mbits_gets_50_and_the_other_is_not_slowed() {
     assert!(lifted > 70.0, "{lifted:.1} Mbit/s once lifted");
 }
 
+/// Whether a DNS question to the gateway's own resolver service (its
+/// address inside the tunnel), asked from client namespace 1, is answered.
+fn gateway_dns_answers(world: &World) -> bool {
+    world.client(1).enter(|| {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        // A query for A of `meter.example.`, id 0x1234, recursion desired.
+        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["meter", "example"] {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        (0..2).any(|_| {
+            s.send_to(&q, (Ipv4Addr::new(10, 77, 0, 1), 53)).unwrap();
+            let mut buf = [0u8; 512];
+            s.recv(&mut buf)
+                .is_ok_and(|n| n >= 12 && buf[..2] == [0x12, 0x34])
+        })
+    })
+}
+
 #[test]
 fn a_client_over_its_quota_is_cut_off_until_the_period_ends() {
     let mut world = World::bare(1);
+    let _resolver = veil_tests::dns::DnsServer::start(
+        &world.remote,
+        REMOTE,
+        &[("meter.example.", Ipv4Addr::new(198, 18, 0, 99))],
+    );
     // 4 MiB a client per hour; the download is 8 MiB.
-    world.start_gateway(&["--quota", "4MiB", "--quota-period", "3600"]);
+    world.start_gateway(&[
+        "--quota",
+        "4MiB",
+        "--quota-period",
+        "3600",
+        "--dns",
+        &REMOTE.to_string(),
+    ]);
     let p = world.add_client("meter", 1);
     let _c = world.start_client(1, &p, true);
+    assert!(
+        gateway_dns_answers(&world),
+        "the gateway's resolver answers"
+    );
     assert!(
         world.download(1).is_err(),
         "8 MiB cannot arrive through a 4 MiB quota"
@@ -219,10 +258,14 @@ fn a_client_over_its_quota_is_cut_off_until_the_period_ends() {
     let used = c["quota_used"].as_u64().unwrap();
     assert_eq!(used, 4 << 20, "used up");
     assert!(c["quota_dropped"].as_u64().unwrap() > 0, "{c}");
-    // Everything is refused now, not only the big download.
+    // Everything is refused now, not only the big download: also what
+    // never crosses the datapath, such as the gateway's DNS service (a
+    // DNS tunnel would carry anything).
     assert!(!world.ping(1, &REMOTE.to_string()));
+    assert!(!gateway_dns_answers(&world), "no DNS past the quota");
     // An exemption (`client limit --quota none`) lets it through again.
     world.veil_user(&["client", "limit", "meter", "--quota", "none"]);
     std::thread::sleep(Duration::from_millis(2500));
     assert!(world.ping(1, &REMOTE.to_string()));
+    assert!(gateway_dns_answers(&world));
 }

@@ -730,6 +730,47 @@ fn a_rule_to_a_client_by_name_reaches_that_service_and_no_other() {
     assert_eq!(f["connections"], 1, "{f}");
 }
 
+/// A client's quota holds for what it serves through a rule, as for its
+/// own traffic: a download from its service stops where the quota ends.
+#[test]
+fn a_clients_quota_holds_for_what_it_serves_through_a_rule() {
+    let mut world = World::bare(1);
+    let file = world.dir.join("forward.csv");
+    std::fs::write(&file, "7070,client:alpha,7000\n").unwrap();
+    world.start_gateway(&[
+        "--forward",
+        file.to_str().unwrap(),
+        "--quota",
+        "256KiB",
+        "--quota-period",
+        "3600",
+    ]);
+    let profile = world.add_client("alpha", 1);
+    let _client = world.start_client(1, &profile, true);
+    world.gateway().wait_for_log(
+        "1 added, 0 changed, 0 removed, 0 unchanged, 0 skipped",
+        Duration::from_secs(5),
+    );
+    let service = world
+        .client(1)
+        .enter(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 7000)).unwrap());
+    let served = thread::spawn(move || {
+        let (mut s, _) = service.accept().unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&vec![7u8; 2 << 20]);
+    });
+    let mut s = connect(&world, 7070).expect("the client's service through the gateway");
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.len() < 256 << 10, "{} bytes through a 256 KiB quota", got.len());
+    served.join().unwrap();
+    let status = world.status();
+    let c = &status["clients"][0];
+    assert_eq!(c["quota_used"], 256 << 10, "{c}");
+    assert!(c["quota_dropped"].as_u64().unwrap() > 0, "{c}");
+}
+
 // ---- the translation itself, under BPF_PROG_TEST_RUN ----
 
 mod bpf {

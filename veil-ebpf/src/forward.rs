@@ -33,7 +33,8 @@ use network_types::{
 use veil_common::{
     acked_of, assured, handshake_mark,
     csum::{self, L4Sum},
-    fwd_dir, proto, rst_plausible, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
+    fwd_dir, proto,
+    ratelimit::Direction, rst_plausible, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
     FwdRuleKey, Reason, FWD_OPENING_SLOTS,
 };
 
@@ -385,6 +386,16 @@ fn translate_at(
             (*flow).ifindex,
         )
     };
+    // A client's limits hold for what it serves through a rule too: its
+    // answers (from the TUN device), and what reaches it.
+    let client = match (l2, ifindex == cfg.tun_ifindex) {
+        (0, _) => Some((c.key.src_addr, Direction::Up)),
+        (_, true) => Some((to.2, Direction::Down)),
+        _ => None,
+    };
+    if let Some((client, dir)) = client {
+        crate::ratelimit::police(client, ctx.len() - l2 as u32, dir)?;
+    }
     let flags = match c.kind {
         L4Sum::Tcp => tcp_state(flow, &c),
         _ => c.tcp_flags,

@@ -30,6 +30,8 @@ use veil_common::{
 use crate::nat::{Mapped, Nat, NatBook, PublicAddrError};
 
 pub(crate) const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update only an entry that is there.
+pub(crate) const BPF_EXIST: u64 = 2;
 
 /// An inclusive range of NAT ports (ICMP identifiers share it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,7 +7,10 @@ use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use serde::{Deserialize, Serialize};
-use veil_common::ratelimit::{RateKey, RateLimit, MAX_RATE};
+use veil_common::{
+    ratelimit::{police, Direction, RateKey, RateLimit, MAX_RATE},
+    Reason,
+};
 
 use crate::{net::monotonic_ns, size::ByteSize};
 
@@ -264,6 +267,38 @@ impl RateLimits {
     /// The datapath's state of `vip`'s limits, if it has any.
     pub fn get(&self, vip: Ipv4Addr) -> Option<RateLimit> {
         self.map.get(&key(vip), 0).ok()
+    }
+
+    /// Polices `len` bytes of `vip`'s going `dir` that never cross the
+    /// datapath (a query to the gateway's DNS service and its answer, a
+    /// packet to another client) as the datapath would: the same
+    /// arithmetic on the same entry, counted in it. The entry is read and
+    /// written back whole, so a datapath count made in between is lost:
+    /// at most the bytes of a few packets, against a quota of megabytes.
+    pub fn charge(
+        &mut self,
+        vip: Ipv4Addr,
+        dir: Direction,
+        len: u64,
+        now_ns: u64,
+    ) -> Result<(), Reason> {
+        if self.limited == 0 {
+            return Ok(());
+        }
+        let k = key(vip);
+        let Ok(mut limit) = self.map.get(&k, 0) else {
+            return Ok(());
+        };
+        let verdict = police(&mut limit, dir, len, now_ns);
+        match verdict {
+            Ok(()) => limit.used += len,
+            Err(Reason::DropQuotaExceeded) => limit.quota_dropped += 1,
+            Err(_) => limit.rate_dropped += 1,
+        }
+        // Only over an entry still there: a client no longer limited
+        // stays so.
+        let _ = self.map.insert(k, limit, crate::flows::BPF_EXIST);
+        verdict
     }
 }
 

@@ -24,7 +24,8 @@ use tokio::{
     time::Instant,
 };
 use tracing::debug;
-use veil_proto::gso::VnetHdr;
+use veil_common::ratelimit::Direction;
+use veil_proto::gso::{VnetHdr, VNET_HDR_LEN};
 
 use super::Shared;
 use crate::{
@@ -148,6 +149,12 @@ impl Shared {
             return;
         };
         let c = &self.counters;
+        // A place first: a client at its cap costs no parse.
+        let Some(slot) = resolver.admit(vip) else {
+            c.dns_refused.fetch_add(1, Relaxed);
+            debug!(%vip, "DNS query dropped: too many in flight");
+            return;
+        };
         let query = match Query::parse(payload) {
             Ok(q) => q,
             Err(e) => {
@@ -155,11 +162,6 @@ impl Shared {
                 debug!(%vip, "refused a DNS query: {e}");
                 return;
             }
-        };
-        let Some(slot) = resolver.admit(vip) else {
-            c.dns_refused.fetch_add(1, Relaxed);
-            debug!(%vip, "DNS query dropped: too many in flight");
-            return;
         };
         c.dns_queries.fetch_add(1, Relaxed);
         let (shared, resolver, sent) = (self.clone(), resolver.clone(), payload.to_vec());
@@ -189,6 +191,9 @@ impl Shared {
             SocketAddrV4::new(vip, port),
             answer,
         );
+        if !self.fair(vip, Direction::Down, joined.len() - VNET_HDR_LEN) {
+            return;
+        }
         let sessions = self.sessions.read().expect("sessions lock");
         self.deliver(&sessions, vip, Replies::one(&joined));
     }

@@ -7,7 +7,11 @@ use std::{collections::HashMap, net::Ipv4Addr};
 use tracing::warn;
 
 use super::Shared;
-use crate::{control::ClientStatus, ratelimit::ClientLimits, state::ClientRecord};
+use veil_common::ratelimit::Direction;
+
+use crate::{
+    control::ClientStatus, net::monotonic_ns, ratelimit::ClientLimits, state::ClientRecord,
+};
 
 impl Shared {
     /// Writes the limits of `record`'s client, as the registry holds them
@@ -72,6 +76,15 @@ impl Shared {
         for (record, vip) in records {
             self.hold_to_limits(&record, vip);
         }
+    }
+
+    /// Whether client `vip`'s limits let `len` bytes the datapath never
+    /// sees go `dir` (the gateway's DNS service, another client): counted
+    /// in its quota and bucket as if they had crossed it. A quota used up
+    /// stops every packet of the client, these too.
+    pub(super) fn fair(&self, vip: Ipv4Addr, dir: Direction, len: usize) -> bool {
+        let mut map = self.rate_limits.lock().expect("rate limits lock");
+        map.charge(vip, dir, len as u64, monotonic_ns()).is_ok()
     }
 
     /// Fills in each client's limits and what the datapath counted of them.

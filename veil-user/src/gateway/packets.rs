@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::Result;
 use tracing::{debug, warn};
+use veil_common::ratelimit::Direction;
 use veil_proto::gso::{segment, VnetHdr, VNET_HDR_LEN};
 
 use super::{
@@ -61,7 +62,15 @@ impl Shared {
                 self.to_tun(vip, hdr, pkt);
                 None
             }
-            Verdict::Client(dst) => self.to_other_client(dst, hdr, pkt),
+            Verdict::Client(dst) => {
+                if !self.fair(vip, Direction::Up, pkt.len())
+                    || !self.fair(dst, Direction::Down, pkt.len())
+                {
+                    return None;
+                }
+                self.to_other_client(dst, hdr, pkt)
+            }
+            Verdict::Dns { .. } if !self.fair(vip, Direction::Up, pkt.len()) => None,
             Verdict::Dns { port, payload } => {
                 if hdr.is_gso() {
                     // A UDP super-packet (merged here, or the client's own
