@@ -763,7 +763,11 @@ fn a_clients_quota_holds_for_what_it_serves_through_a_rule() {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
-    assert!(got.len() < 256 << 10, "{} bytes through a 256 KiB quota", got.len());
+    assert!(
+        got.len() < 256 << 10,
+        "{} bytes through a 256 KiB quota",
+        got.len()
+    );
     served.join().unwrap();
     let status = world.status();
     let c = &status["clients"][0];

@@ -38,6 +38,8 @@ use crate::{
 pub const MAX_IN_FLIGHT: usize = 512;
 /// Queries in flight at once for one client.
 pub const MAX_IN_FLIGHT_PER_CLIENT: usize = 32;
+/// Queries a client may have in flight however few places are left.
+const FAIR_FLOOR: usize = 4;
 /// How long one upstream has to answer before the next is asked.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a query may take in all; then the client gets SERVFAIL.
@@ -69,6 +71,17 @@ impl Drop for Slot {
     }
 }
 
+/// Whether a client holding `held` queries in flight may start another
+/// while `free` places are left: never past its own cap, and past a few
+/// only while it leaves the others more than twice what it holds. Clients
+/// whose questions never get answers (a black-holed domain, on purpose or
+/// not) so hold fewer each as places run out, and together cannot take
+/// the last ones from a client with few (16 of them at their caps left
+/// none before).
+const fn may_take(held: usize, free: usize) -> bool {
+    held < MAX_IN_FLIGHT_PER_CLIENT && free > 0 && (held < FAIR_FLOOR || free > 2 * held)
+}
+
 impl Resolver {
     pub fn new(upstreams: Vec<SocketAddr>) -> Arc<Self> {
         Arc::new(Resolver {
@@ -78,15 +91,15 @@ impl Resolver {
         })
     }
 
-    /// A slot for one more query of `vip`, if neither bound is reached.
+    /// A slot for one more query of `vip`, if [`may_take`] says so.
     fn admit(self: &Arc<Self>, vip: Ipv4Addr) -> Option<Slot> {
         let mut per_client = self.per_client.lock().expect("dns lock");
-        let n = per_client.entry(vip).or_default();
-        if *n >= MAX_IN_FLIGHT_PER_CLIENT {
+        let held = per_client.get(&vip).copied().unwrap_or(0);
+        if !may_take(held, self.slots.available_permits()) {
             return None;
         }
         let permit = self.slots.clone().try_acquire_owned().ok()?;
-        *n += 1;
+        *per_client.entry(vip).or_default() += 1;
         Some(Slot {
             resolver: self.clone(),
             vip,
@@ -196,5 +209,38 @@ impl Shared {
         }
         let sessions = self.sessions.read().expect("sessions lock");
         self.deliver(&sessions, vip, Replies::one(&joined));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_holding_many_queries_leave_places_to_one_holding_few() {
+        let resolver = Resolver::new(Vec::new());
+        let mut held = Vec::new();
+        for i in 0..16 {
+            let vip = Ipv4Addr::new(10, 77, 1, i);
+            while let Some(slot) = resolver.admit(vip) {
+                held.push(slot);
+            }
+        }
+        let free = resolver.slots.available_permits();
+        assert!(free > 2 * FAIR_FLOOR, "{free} places left by 16 clients");
+        let newcomer = Ipv4Addr::new(10, 77, 2, 1);
+        let theirs: Vec<Slot> = (0..FAIR_FLOOR)
+            .map(|_| {
+                resolver
+                    .admit(newcomer)
+                    .expect("a client holding few gets a place")
+            })
+            .collect();
+        // One client alone stops at its own cap.
+        drop((held, theirs));
+        let alone: Vec<Slot> = std::iter::from_fn(|| resolver.admit(newcomer)).collect();
+        assert_eq!(alone.len(), MAX_IN_FLIGHT_PER_CLIENT);
+        drop(alone);
+        assert!(resolver.per_client.lock().unwrap().is_empty(), "no residue");
     }
 }

@@ -105,12 +105,17 @@ impl Forwarding {
         if !self.to_clients.load(Relaxed) {
             return false;
         }
-        forward::client_reply_key(pkt, vip, self.client_route.1).is_some_and(|key| {
-            self.forwarder
-                .lock()
-                .expect("forwarder lock")
-                .is_reply(&key)
-        })
+        // Only packets to a NAT port can answer a connection: the rest
+        // (a query to the gateway's DNS service) never wait for the
+        // forwarder's lock, which its expiry holds for a walk of the table.
+        forward::client_reply_key(pkt, vip, self.client_route.1)
+            .filter(|key| self.gateway.nat_ports.contains(key.dst_port))
+            .is_some_and(|key| {
+                self.forwarder
+                    .lock()
+                    .expect("forwarder lock")
+                    .is_reply(&key)
+            })
     }
 
     /// Whether a client a rule waits for has an address now.

@@ -151,8 +151,20 @@ impl Shared {
     /// router would. No session there: ICMP host unreachable.
     fn to_other_client(&self, dst: Ipv4Addr, hdr: &VnetHdr, pkt: &[u8]) -> Option<Vec<u8>> {
         let mut replies = Replies::with_capacity(REPLY_PREFIX + VNET_HDR_LEN + pkt.len());
-        let joined = replies.push(&[&hdr.to_bytes(), pkt]);
-        packet::decrement_ttl(&mut joined[VNET_HDR_LEN..]);
+        let mut add = |hdr: &VnetHdr, pkt: &[u8]| {
+            let joined = replies.push(&[&hdr.to_bytes(), pkt]);
+            packet::decrement_ttl(&mut joined[VNET_HDR_LEN..]);
+        };
+        if hdr.gso_type & !VnetHdr::GSO_ECN == VnetHdr::GSO_UDP_L4 {
+            // Datagrams merged here (or sent with UDP GSO) go on one by
+            // one: no client is handed a UDP super-packet, which kernels
+            // before 6.2 refuse and a user-space stack would take whole.
+            let _ = segment(hdr, pkt, &mut Vec::new(), |datagram| {
+                add(&VnetHdr::NONE, datagram)
+            });
+        } else {
+            add(hdr, pkt);
+        }
         let sessions = self.sessions.read().expect("sessions lock");
         match self.deliver(&sessions, dst, replies) {
             Delivery::Queued => {
