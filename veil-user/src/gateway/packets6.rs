@@ -92,7 +92,7 @@ impl V6 {
         datapath.configure6(public, net)?;
         let flows = datapath
             .flow_table6(cfg.nat_ports, cfg.timeouts)?
-            .with_client_limit(cfg.max_flows_per_client)
+            .with_client_limit(client_limit6(cfg.max_flows_per_client, cfg.max_flows))
             .with_mapping(cfg.mapping);
         let flows = match cfg.max_ports_per_endpoint {
             Some(share) => flows.with_port_share(share.get()),
@@ -253,5 +253,28 @@ impl Shared {
         .into_iter()
         .map(|(k, v)| (k, v.load(Relaxed)))
         .collect()
+    }
+}
+
+/// The IPv6 flows one client may hold: the same share of the IPv6 table
+/// (its fixed [`veil_common::MAX_FLOWS6`]) as `per_client` is of the IPv4
+/// one (`max_flows`), so that as many clients are needed to fill either
+/// (the IPv4 cap as it stands let two fill the IPv6 table).
+fn client_limit6(per_client: usize, max_flows: usize) -> usize {
+    let table = veil_common::MAX_FLOWS6 as usize;
+    (per_client.saturating_mul(table) / max_flows.max(1)).clamp(1, per_client.min(table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_limit6;
+
+    #[test]
+    fn a_client_holds_the_same_share_of_either_table() {
+        // The defaults: 32,768 of 262,144 IPv4 flows, an eighth.
+        assert_eq!(client_limit6(32_768, 262_144), 8_192);
+        // A small IPv4 table: the IPv6 cap is never above the IPv4 one.
+        assert_eq!(client_limit6(1_000, 2_000), 1_000);
+        assert_eq!(client_limit6(1, 1 << 20), 1, "never none");
     }
 }
