@@ -545,16 +545,21 @@ impl FlowTable {
 
     /// Removes every flow of one client; returns how many.
     pub fn delete_client(&mut self, client: Ipv4Addr) -> Result<usize, FlowError> {
-        let addr = client.octets();
-        let keys: Vec<FlowKey> = self
-            .keys()
-            .filter(|k| k.client_addr == addr)
-            .copied()
-            .collect();
+        let keys = self.client_keys(client);
         for key in &keys {
             self.delete(key)?;
         }
         Ok(keys.len())
+    }
+
+    /// The keys of one client's flows (from the user-space index: no
+    /// syscalls), for a caller that removes them in slices.
+    pub fn client_keys(&self, client: Ipv4Addr) -> Vec<FlowKey> {
+        let addr = client.octets();
+        self.keys()
+            .filter(|k| k.client_addr == addr)
+            .copied()
+            .collect()
     }
 
     /// Every flow with the datapath's view of it.

@@ -331,16 +331,21 @@ impl FlowTable6 {
     /// Removes every IPv6 flow of the client whose session is `vip`;
     /// returns how many.
     pub fn delete_client(&mut self, vip: Ipv4Addr) -> Result<usize, FlowError> {
-        let keys: Vec<FlowKey6> = self
-            .flows
-            .iter()
-            .filter(|(_, m)| m.vip == vip)
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.client_keys(vip);
         for key in &keys {
             self.delete(key)?;
         }
         Ok(keys.len())
+    }
+
+    /// The keys of the flows of the client whose session is `vip` (no
+    /// syscalls), for a caller that removes them in slices.
+    pub fn client_keys(&self, vip: Ipv4Addr) -> Vec<FlowKey6> {
+        self.flows
+            .iter()
+            .filter(|(_, m)| m.vip == vip)
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// Every flow's key (from the user-space index: no syscalls).

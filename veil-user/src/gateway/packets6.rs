@@ -223,10 +223,17 @@ impl Shared {
     /// Removes the IPv6 flows of the client at `vip` (its grace period is
     /// over).
     pub(super) fn v6_delete_client(&self, vip: Ipv4Addr) {
-        if let Some(v6) = &self.v6 {
-            if let Err(e) = v6.flows.lock().expect("flows6 lock").delete_client(vip) {
-                warn!(%vip, "removing IPv6 flows: {e:#}");
-            }
+        let Some(v6) = &self.v6 else {
+            return;
+        };
+        // A slice at a time, as for IPv4 (`end_grace`).
+        let keys = v6.flows.lock().expect("flows6 lock").client_keys(vip);
+        let removed = keys.chunks(super::GC_SLICE).try_for_each(|slice| {
+            let mut flows = v6.flows.lock().expect("flows6 lock");
+            slice.iter().try_for_each(|key| flows.delete(key).map(drop))
+        });
+        if let Err(e) = removed {
+            warn!(%vip, "removing IPv6 flows: {e:#}");
         }
     }
 

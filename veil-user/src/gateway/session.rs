@@ -296,14 +296,23 @@ impl Shared {
     /// Removes the flows of a client whose session `generation` ended a
     /// grace period ago, unless it came back since. The clients lock is
     /// held throughout, so a reconnect either comes before the check (and
-    /// keeps its flows) or after the removal (and makes new ones).
+    /// keeps its flows) or after the removal (and makes new ones). The
+    /// flow tables' locks are taken a slice at a time: up to 64k map
+    /// deletions would otherwise hold every other client's new flows.
     fn end_grace(&self, name: &str, vip: Ipv4Addr, generation: u64) {
         let clients = self.clients.lock().expect("clients lock");
         if clients.came_back(name, generation) {
             return;
         }
-        match self.flows.lock().expect("flows lock").delete_client(vip) {
-            Ok(n) => info!(client = %name, %vip, flows = n, "grace period over: flows removed"),
+        let keys = self.flows.lock().expect("flows lock").client_keys(vip);
+        let removed = keys.chunks(super::GC_SLICE).try_for_each(|slice| {
+            let mut flows = self.flows.lock().expect("flows lock");
+            slice.iter().try_for_each(|key| flows.delete(key).map(drop))
+        });
+        match removed {
+            Ok(()) => {
+                info!(client = %name, %vip, flows = keys.len(), "grace period over: flows removed")
+            }
             Err(e) => warn!(client = %name, %vip, "removing flows: {e:#}"),
         }
         self.v6_delete_client(vip);
