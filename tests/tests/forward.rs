@@ -829,6 +829,44 @@ mod bpf {
         u16::from_be_bytes([frame[ETH_LEN + 20], frame[ETH_LEN + 21]])
     }
 
+    /// A client's answer on a connection a `client:NAME` rule made comes
+    /// from the TUN device; the same packet arriving on the WAN (a forged
+    /// client address from a host on the link) is dropped as spoofed, not
+    /// sent on to the remote as the client's.
+    #[test]
+    fn a_clients_answer_forged_on_the_wan_is_dropped() {
+        let mut bed = Bed::new();
+        let mut fwd = bed.dp.forwarder(Timeouts::default()).unwrap();
+        let inner = Ipv4Addr::new(10, 77, 0, 1);
+        fwd.apply(vec![Resolved {
+            rule: Rule {
+                line: 1,
+                proto: proto::UDP,
+                listen_port: 7070,
+                target: Target::Client("alpha".into()),
+                target_port: 7000,
+            },
+            value: FwdRule {
+                target_addr: CLIENT.octets(),
+                snat_addr: inner.octets(),
+                ifindex: 4343,
+                target_port: 7000,
+                _pad: [0; 2],
+            },
+        }])
+        .unwrap();
+        let wan = bed.wan(&frame(REMOTE, PUBLIC, 64, L4::udp(5000, 7070, b"hi")));
+        assert_eq!(wan.tc, Some(TC_ACT_REDIRECT), "into the client's tunnel");
+        let nat = src_port(&wan.out);
+
+        let forged = frame(CLIENT, inner, 64, L4::udp(7000, nat, b"as alpha"));
+        let wan = bed.wan(&forged);
+        assert_eq!(wan.xdp, XDP_DROP, "{:?}", wan.tc);
+        assert_eq!(bed.count(Reason::DropSpoofedVip), 1);
+        // TC alone (`--wan-filter tc` checks there) lets it go no further.
+        assert_ne!(bed.wan_tc(&forged).0, TC_ACT_REDIRECT);
+    }
+
     #[test]
     fn a_syn_opens_a_connection_translated_both_ways() {
         let (mut bed, fwd) = bed();

@@ -313,6 +313,10 @@ fn rule_for(key: &FwdKey, cfg: &Config) -> Option<(FwdRuleKey, *const FwdRule)> 
 #[inline(always)]
 pub fn claims(pkt: &Packet, cfg: &Config) -> bool {
     match candidate(pkt, ETH_LEN) {
+        // A client's address on the WAN is forged (`drop_spoofed_vip`),
+        // never the answer of a connection to a client, which comes from
+        // the TUN device.
+        Some(c) if cfg.in_vip_pool(c.key.src_addr) => false,
         Some(c) => VEIL_FWD_FLOWS.get_ptr(c.key).is_some() || rule_for(&c.key, cfg).is_some(),
         None => quote(pkt).is_some_and(|q| VEIL_FWD_FLOWS.get_ptr(q.key).is_some()),
     }
@@ -349,6 +353,11 @@ fn translate_at(
         }
         return icmp_error(ctx, &pkt, cfg);
     };
+    // As in `claims`: from the WAN, a client's address is not the
+    // forwarder's to translate.
+    if may_open && cfg.in_vip_pool(c.key.src_addr) {
+        return Ok(None);
+    }
     let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let known = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
         Some(flow) if c.kind == L4Sum::Tcp && syn => reopen(&c.key, flow),
