@@ -379,9 +379,13 @@ impl Settings {
             pin_root: self
                 .pin_dir
                 .unwrap_or_else(|| crate::datapath::DEFAULT_PIN_ROOT.into()),
-            max_clients: self.max_clients.unwrap_or(1024),
-            max_flows: self.max_flows.unwrap_or(veil_common::MAX_FLOWS as usize),
-            max_flows_per_client: self.max_flows_per_client.unwrap_or(32768),
+            max_clients: at_least_one("max-clients", self.max_clients, 1024)?,
+            max_flows: at_least_one("max-flows", self.max_flows, veil_common::MAX_FLOWS as usize)?,
+            max_flows_per_client: at_least_one(
+                "max-flows-per-client",
+                self.max_flows_per_client,
+                32768,
+            )?,
             max_ports_per_endpoint: self.max_ports_per_endpoint,
             grace: secs(self.grace, 30),
             allow: crate::policy6::v4_of(&self.allow),
@@ -398,9 +402,13 @@ impl Settings {
                 icmp: secs(self.timeout_icmp, 60),
             },
             metrics: self.metrics,
-            client_buffer: self.client_buffer.map_or(4 << 20, |b| b.0),
-            max_handshakes: self.max_handshakes.unwrap_or(256),
-            max_handshakes_per_source: self.max_handshakes_per_source.unwrap_or(16),
+            client_buffer: at_least_one("client-buffer", self.client_buffer.map(|b| b.0), 4 << 20)?,
+            max_handshakes: at_least_one("max-handshakes", self.max_handshakes, 256)?,
+            max_handshakes_per_source: at_least_one(
+                "max-handshakes-per-source",
+                self.max_handshakes_per_source,
+                16,
+            )?,
             threads: within("threads", self.threads, 1, u16::MAX, "1 or more")?,
             tun_queues: within("tun-queues", self.tun_queues, 1, 256, "1 to 256")?,
             busy_poll: Duration::from_micros(self.busy_poll.unwrap_or(0)),
@@ -415,7 +423,17 @@ impl Settings {
             },
             fair_use: crate::ratelimit::FairUse {
                 rate: self.rate_limit,
-                quota: self.quota,
+                // 0 would mean no quota at all: said so rather than taken.
+                quota: match self.quota {
+                    Some(ByteSize(0)) => {
+                        return Err(SettingsError::OutOfRange {
+                            setting: "quota",
+                            value: 0,
+                            range: "1 byte or more (leave it out for no quota)",
+                        })
+                    }
+                    q => q,
+                },
                 period: secs(self.quota_period, 86_400).max(Duration::from_secs(1)),
             },
             normalize: veil_common::normalize::Normalize {
@@ -462,6 +480,23 @@ fn within<T: Copy + PartialOrd + Into<u64>>(
             range,
         }),
         v => Ok(v),
+    }
+}
+
+/// `value`, or `default` when it is not given, if it is 1 or more: 0 of
+/// these would start a gateway that refuses or drops everything, silently.
+fn at_least_one(
+    setting: &'static str,
+    value: Option<usize>,
+    default: usize,
+) -> Result<usize, SettingsError> {
+    match value {
+        Some(0) => Err(SettingsError::OutOfRange {
+            setting,
+            value: 0,
+            range: "1 or more",
+        }),
+        v => Ok(v.unwrap_or(default)),
     }
 }
 
@@ -767,6 +802,37 @@ mod tests {
                 "iface = \"eth0\"\nnormalize-ttl = 1\n",
                 "normalize-ttl = 1",
                 "2 to 255",
+            ),
+            // A 0 that would start a gateway refusing or dropping everything.
+            (
+                "iface = \"eth0\"\nmax-clients = 0\n",
+                "max-clients = 0",
+                "1 or more",
+            ),
+            (
+                "iface = \"eth0\"\nmax-handshakes = 0\n",
+                "max-handshakes = 0",
+                "1 or more",
+            ),
+            (
+                "iface = \"eth0\"\nmax-handshakes-per-source = 0\n",
+                "max-handshakes-per-source = 0",
+                "1 or more",
+            ),
+            (
+                "iface = \"eth0\"\nclient-buffer = \"0\"\n",
+                "client-buffer = 0",
+                "1 or more",
+            ),
+            (
+                "iface = \"eth0\"\nmax-flows-per-client = 0\n",
+                "max-flows-per-client = 0",
+                "1 or more",
+            ),
+            (
+                "iface = \"eth0\"\nquota = \"0\"\n",
+                "quota = 0",
+                "leave it out for no quota",
             ),
         ] {
             let err = parse(text)
