@@ -397,9 +397,9 @@ fn translate_at(
     };
     // A client's limits hold for what it serves through a rule too: its
     // answers (from the TUN device), and what reaches it.
-    let client = match (l2, ifindex == cfg.tun_ifindex) {
-        (0, _) => Some((c.key.src_addr, Direction::Up)),
-        (_, true) => Some((to.2, Direction::Down)),
+    let client = match (may_open, ifindex == cfg.tun_ifindex) {
+        (false, _) => Some((c.key.src_addr, Direction::Up)),
+        (true, true) => Some((to.2, Direction::Down)),
         _ => None,
     };
     if let Some((client, dir)) = client {

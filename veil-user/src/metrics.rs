@@ -12,7 +12,12 @@
 //! time, each with one deadline for reading the request and writing the
 //! answer: a scraper that connects and says nothing delays no other.
 
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use tokio::{
@@ -30,6 +35,10 @@ pub const MAX_CONNECTIONS: usize = 16;
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// The longest request head read; a scraper's is a few hundred bytes.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long a rendered page is served again: the status walks every
+/// flow, and scrapers (or anyone who reaches an exposed port) asking in a
+/// loop would have it walk the tables back to back.
+const PAGE_TTL: Duration = Duration::from_secs(1);
 
 /// `--metrics` and the `metrics` key: `PORT` alone means 127.0.0.1:PORT,
 /// so exposing the metrics beyond this machine takes an explicit address.
@@ -217,10 +226,20 @@ async fn serve_with(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let (ask, mut asked) = mpsc::channel::<PageRequest>(MAX_CONNECTIONS);
     let mut connections = JoinSet::new();
+    let mut page: Option<(Instant, String)> = None;
     loop {
         tokio::select! {
             Some(reply) = asked.recv() => {
-                let _ = reply.send(render(&snapshot()));
+                let fresh = page.as_ref().filter(|(at, _)| at.elapsed() < PAGE_TTL);
+                let body = match fresh {
+                    Some((_, body)) => body.clone(),
+                    None => {
+                        let body = render(&snapshot());
+                        page = Some((Instant::now(), body.clone()));
+                        body
+                    }
+                };
+                let _ = reply.send(body);
             }
             // A slot first: with every slot taken, scrapers wait in the
             // kernel's backlog, for one deadline at most.
@@ -433,6 +452,26 @@ mod tests {
                 .expect("answered");
             assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn scrapes_in_a_loop_build_the_status_once_a_second() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let built = Arc::new(AtomicUsize::new(0));
+        let counted = built.clone();
+        tokio::spawn(serve(listener, move || {
+            counted.fetch_add(1, Relaxed);
+            Status::default()
+        }));
+        for _ in 0..20 {
+            assert!(scrape(addr).await.contains("veil_clients 0"));
+        }
+        assert_eq!(built.load(Relaxed), 1, "one status for 20 scrapes");
+        tokio::time::sleep(PAGE_TTL).await;
+        scrape(addr).await;
+        assert_eq!(built.load(Relaxed), 2, "a new one after a second");
     }
 
     #[tokio::test]

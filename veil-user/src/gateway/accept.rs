@@ -28,7 +28,7 @@ use veil_tunnel::{pump, stream::Transport};
 
 use super::{
     clients::{Attached, Bytes},
-    session::{describe, linger, GatewaySide, LIMITS},
+    session::{describe, linger, AnswerBudget, GatewaySide, LIMITS},
     Shared, CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT, MTU, PEER_TIMEOUT,
 };
 use crate::{
@@ -341,6 +341,7 @@ pub(super) async fn run_session<T: SessionTransport>(
                 Coalescer::new()
             }
         }),
+        answers: AnswerBudget::new(std::time::Instant::now()),
     };
     let mut buf = vec![0u8; 64 * 1024];
     let end = pump::run(&mut session, &mut transport, &mut side, LIMITS, &mut buf).await;

@@ -319,6 +319,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .unwrap_or_else(|| format!("{}:{}", public_addrs[0], cfg.listen.port()));
     state.record_gateway(&endpoint, operator)?;
     let inner_addr = first_host(cfg.pool)?;
+    check_pool(cfg.pool, &cfg.tun_name)?;
 
     let queues = cfg
         .tun_queues
@@ -650,6 +651,35 @@ fn dns_upstreams(cfg: &GatewayConfig) -> Vec<SocketAddr> {
     found
 }
 
+/// Refuses a client pool that holds an address of the gateway's own
+/// (other than on its TUN device, `tun`, left from a run before): the
+/// datapath drops packets from the WAN to pool addresses as forged, so
+/// the gateway would go deaf on that address (a `pool = "0.0.0.0/0"`
+/// typo on all of them).
+fn check_pool(pool: Ipv4Net, tun: &str) -> Result<()> {
+    let own = crate::forward::ifaces().into_iter().flat_map(|(_, name)| {
+        let addrs = crate::net::iface_ipv4s(&name).unwrap_or_default();
+        addrs.into_iter().map(move |a| (name.clone(), a))
+    });
+    match pool_holds_own(pool, tun, own) {
+        Some((name, addr)) => bail!(
+            "the client pool {pool} holds {addr}, an address of {name}: packets to it from \
+             the WAN would be dropped as forged; pick a pool of addresses the gateway does not use"
+        ),
+        None => Ok(()),
+    }
+}
+
+/// The first of `own` (interface, address) inside `pool`, but for `tun`'s.
+fn pool_holds_own(
+    pool: Ipv4Net,
+    tun: &str,
+    own: impl IntoIterator<Item = (String, Ipv4Addr)>,
+) -> Option<(String, Ipv4Addr)> {
+    own.into_iter()
+        .find(|(name, addr)| name != tun && pool.contains(*addr))
+}
+
 fn first_host(pool: Ipv4Net) -> Result<Ipv4Addr> {
     if pool.prefix() > 30 {
         bail!("the pool {pool} is too small: it needs the gateway's address and clients'");
@@ -738,5 +768,33 @@ async fn forward_datapath_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>
         let mut guard = fd.readable_mut().await?;
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_holding_an_address_of_the_gateway_is_refused() {
+        let own = || {
+            [
+                ("lo", Ipv4Addr::LOCALHOST),
+                ("eth0", Ipv4Addr::new(198, 18, 0, 1)),
+                ("veilgw", Ipv4Addr::new(10, 77, 0, 1)),
+            ]
+            .map(|(n, a)| (n.to_string(), a))
+        };
+        let pool = |p: &str| p.parse::<Ipv4Net>().unwrap();
+        assert_eq!(pool_holds_own(pool("10.77.0.0/16"), "veilgw", own()), None);
+        assert_eq!(
+            pool_holds_own(pool("0.0.0.0/0"), "veilgw", own()),
+            Some(("lo".into(), Ipv4Addr::LOCALHOST)),
+            "a typo that takes every address"
+        );
+        assert_eq!(
+            pool_holds_own(pool("198.18.0.0/24"), "veilgw", own()),
+            Some(("eth0".into(), Ipv4Addr::new(198, 18, 0, 1)))
+        );
     }
 }

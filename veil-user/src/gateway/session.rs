@@ -5,7 +5,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     sync::{atomic::Ordering::Relaxed, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -49,6 +49,49 @@ pub(super) struct GatewaySide<'a> {
     /// `offload_for`). UDP datagrams merge too where the TUN device takes
     /// UDP super-packets.
     pub(super) up: Option<Coalescer>,
+    /// The ICMP errors the gateway answers the client's refused packets
+    /// with, rate-limited as a router's are.
+    pub(super) answers: AnswerBudget,
+}
+
+/// A token bucket for the gateway's own answers to one client (ICMP
+/// errors for packets it refuses): an answer is larger than a refused
+/// packet can be, so without a limit a client could make the gateway send
+/// it two or three times what it sends, encrypted, at the gateway's cost.
+/// [`ANSWERS_PER_SEC`] a second, as many at once; Linux limits its own
+/// ICMP errors the same way.
+#[derive(Debug)]
+pub(super) struct AnswerBudget {
+    tokens: u32,
+    refilled: Instant,
+}
+
+/// Answers a client gets a second, at most.
+pub(super) const ANSWERS_PER_SEC: u32 = 100;
+
+impl AnswerBudget {
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            tokens: ANSWERS_PER_SEC,
+            refilled: now,
+        }
+    }
+
+    /// Whether an answer may go at `now` (taking it if so).
+    fn take(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.refilled).as_millis() as u64
+            * u64::from(ANSWERS_PER_SEC)
+            / 1000;
+        if earned > 0 {
+            self.tokens = (u64::from(self.tokens) + earned).min(u64::from(ANSWERS_PER_SEC)) as u32;
+            self.refilled = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 /// Why the gateway's side ended a session.
@@ -99,9 +142,9 @@ impl Local<ServerSession> for GatewaySide<'_> {
         self.bytes
             .from_client
             .fetch_add(packet.len() as u64, Relaxed);
-        let (shared, vip) = (self.shared, self.vip);
+        let (shared, vip, answers) = (self.shared, self.vip, &mut self.answers);
         let mut into_datapath = |hdr: &VnetHdr, packet: &[u8]| {
-            forward(shared, vip, session, hdr, packet);
+            forward(shared, vip, session, answers, hdr, packet);
         };
         match self.up.as_mut() {
             // One packet (a small UDP datagram, say): it may merge.
@@ -118,9 +161,9 @@ impl Local<ServerSession> for GatewaySide<'_> {
     }
 
     fn packet(&mut self, session: &mut ServerSession, packet: &[u8]) -> Result<(), Ended> {
-        let (shared, vip) = (self.shared, self.vip);
+        let (shared, vip, answers) = (self.shared, self.vip, &mut self.answers);
         let mut into_datapath = |hdr: &VnetHdr, packet: &[u8]| {
-            forward(shared, vip, session, hdr, packet);
+            forward(shared, vip, session, answers, hdr, packet);
         };
         self.bytes
             .from_client
@@ -177,10 +220,10 @@ impl GatewaySide<'_> {
     /// the end of a turn, and when the session ends); whether that earned
     /// an ICMP error for the client.
     pub(super) fn flush_up(&mut self, session: &mut ServerSession) -> bool {
-        let (shared, vip) = (self.shared, self.vip);
+        let (shared, vip, answers) = (self.shared, self.vip, &mut self.answers);
         let mut replied = false;
         if let Some(up) = &mut self.up {
-            up.flush(|hdr, packet| replied |= forward(shared, vip, session, hdr, packet));
+            up.flush(|hdr, packet| replied |= forward(shared, vip, session, answers, hdr, packet));
         }
         replied
     }
@@ -193,15 +236,16 @@ fn forward(
     shared: &Arc<Shared>,
     vip: Ipv4Addr,
     session: &mut ServerSession,
+    answers: &mut AnswerBudget,
     hdr: &VnetHdr,
     packet: &[u8],
 ) -> bool {
     match shared.client_packet(vip, hdr, packet) {
-        Some(reply) => {
+        Some(reply) if answers.take(Instant::now()) => {
             session.send_packet(&reply);
             true
         }
-        None => false,
+        _ => false,
     }
 }
 
@@ -317,5 +361,25 @@ impl Shared {
         }
         self.v6_delete_client(vip);
         drop(clients);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_a_hundred_a_second_and_as_many_at_once() {
+        let t0 = Instant::now();
+        let mut budget = AnswerBudget::new(t0);
+        let at_once = (0..1000).filter(|_| budget.take(t0)).count();
+        assert_eq!(at_once, ANSWERS_PER_SEC as usize);
+        // Then one each 10 ms.
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert!(!budget.take(ms(5)));
+        assert!(budget.take(ms(10)));
+        assert!(!budget.take(ms(10)));
+        let over_a_second = (11..=1010).filter(|n| budget.take(ms(*n))).count();
+        assert_eq!(over_a_second, 100);
     }
 }
