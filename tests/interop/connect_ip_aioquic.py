@@ -22,9 +22,9 @@ MODE makes the client hostile, within the protocol's rules:
   as it can), and says when the gateway closed the connection.
 - `deaf:SECONDS`: once the session carries packets, it acknowledges
   nothing more the gateway sends, and for SECONDS sends as fast as it can
-  packets the gateway answers itself (UDP with a TTL of 1: ICMP time
-  exceeded). What the gateway did about it is for the caller to see in
-  its log and status.
+  datagrams the remote's echo service answers (UDP to port 7: each comes
+  back through the datapath). What the gateway did about it is for the
+  caller to see in its log and status.
 """
 
 import asyncio
@@ -127,7 +127,8 @@ async def closed_by_gateway(session, within: float, since: float) -> int:
 
 async def deaf_flood(session, stream: int, src, dst, seconds: float) -> int:
     """Acknowledges nothing from now on and sends, for `seconds`, UDP
-    packets with a TTL of 1 (each answered by the gateway with ICMP)."""
+    datagrams to the remote's echo port (each answered through the
+    datapath; the gateway's own answers, ICMP errors, are rate-limited)."""
     quic = session._quic
 
     def no_ack(builder, space, now):
@@ -135,12 +136,11 @@ async def deaf_flood(session, stream: int, src, dst, seconds: float) -> int:
 
     quic._write_ack_frame = no_ack
     print("flood: ready", flush=True)
-    sent, port = 0, 0
+    sent = 0
     started = time.monotonic()
+    packet = udp_packet(src, dst, 20000, 7, b"echo me")
     while time.monotonic() - started < seconds:
         for _ in range(100):
-            port = port % 20000 + 1
-            packet = udp_packet(src, dst, 20000 + port, 9, b"x", ttl=1)
             session.h3.send_datagram(stream, varint(0) + packet)
             sent += 1
         session.transmit()

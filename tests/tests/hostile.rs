@@ -465,3 +465,39 @@ fn clients_reach_each_other_with_allow_client_to_client_and_nothing_leaves_the_w
             >= 3
     );
 }
+
+/// A flood of refused packets gets at most 100 ICMP answers a second:
+/// each answer is larger than the packet it answers, and the gateway
+/// would otherwise send a client more than it sends.
+#[test]
+fn a_flood_of_refused_packets_gets_a_limited_number_of_answers() {
+    let world = World::new(1, &[]);
+    let profile = world.add_client("mallory", 1);
+    let mut raw = RawClient::connect(world.client(1), &profile, false);
+    let vip = raw.vip();
+    let started = Instant::now();
+    for i in 0..2_000u16 {
+        // To the gateway's own address: refused by the egress policy.
+        let refused = frame(vip, PUBLIC, 64, L4::udp(40_000 + i % 100, 9, b"no"));
+        raw.send(ip_of(&refused));
+    }
+    raw.pump(Duration::from_millis(500));
+    let secs = started.elapsed().as_secs_f64();
+    let answers = raw
+        .received
+        .iter()
+        .filter(|p| p.len() >= 28 && p[9] == 1 && p[20] == 3)
+        .count();
+    assert!(
+        answers >= 100,
+        "{answers} answers: refusals are still answered"
+    );
+    assert!(
+        answers as f64 <= 100.0 * (1.0 + secs) + 5.0,
+        "{answers} answers in {secs:.2} s"
+    );
+    let refused = world.status()["counters"]["policy_refused"]
+        .as_u64()
+        .unwrap();
+    assert!(refused >= 2_000, "{refused} refused");
+}
