@@ -346,8 +346,10 @@ pub struct FlowTable {
     egress: HashMap<MapData, FlowKey, EgressFlow>,
     reverse: HashMap<MapData, ReverseKey, ReverseFlow>,
     /// The forwarder's connections (read only here): a NAT port one of
-    /// them holds toward a target is not a client's to take.
-    forwarded: HashMap<MapData, FwdKey, FwdFlow>,
+    /// them holds toward a target is not a client's to take. `None` on a
+    /// gateway without port forwarding, which then saves the lookup (a
+    /// system call per new flow).
+    forwarded: Option<HashMap<MapData, FwdKey, FwdFlow>>,
     timeouts: Timeouts,
     book: NatBook,
     /// The keys of `book`, for lookups without the table's lock.
@@ -372,7 +374,7 @@ impl FlowTable {
         Ok(Self {
             egress,
             reverse,
-            forwarded,
+            forwarded: Some(forwarded),
             timeouts,
             book: NatBook::new(public, ports, map_size)?,
             known: KnownFlows::default(),
@@ -384,6 +386,13 @@ impl FlowTable {
     /// [`KnownFlows`]): a handle the table keeps up to date.
     pub fn known(&self) -> KnownFlows<FlowKey> {
         self.known.clone()
+    }
+
+    /// For a gateway that forwards no port (no `--forward`): no forwarded
+    /// connection can ever hold a NAT port, so new flows do not look.
+    pub fn without_forwarding(mut self) -> Self {
+        self.forwarded = None;
+        self
     }
 
     /// Caps the table below the maps' size (`--max-flows`).
@@ -482,7 +491,7 @@ impl FlowTable {
             client_port: key.client_port,
             ..Default::default()
         };
-        let (reverse, forwarded) = (&mut self.reverse, &self.forwarded);
+        let (reverse, forwarded) = (&mut self.reverse, self.forwarded.as_ref());
         // The reverse entry first, with BPF_NOEXIST: it claims the port
         // toward that endpoint on that address atomically. Then a
         // forwarded connection's reply entry on the same port is looked
@@ -490,7 +499,9 @@ impl FlowTable {
         // the WAN answers to NAT ports on the gateway's public address.
         let nat = self.book.allocate(&key, &draws, |rkey| {
             match reverse.insert(rkey, value, BPF_NOEXIST) {
-                Ok(()) if forwarded.get(&rkey.as_forwarded_reply(), 0).is_ok() => {
+                Ok(())
+                    if forwarded.is_some_and(|f| f.get(&rkey.as_forwarded_reply(), 0).is_ok()) =>
+                {
                     let _ = reverse.remove(&rkey);
                     Ok(false)
                 }

@@ -357,6 +357,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .with_capacity(cfg.max_flows)
         .with_client_limit(cfg.max_flows_per_client)
         .with_mapping(cfg.mapping);
+    let flows = match cfg.forward {
+        Some(_) => flows,
+        None => flows.without_forwarding(),
+    };
     let flows = match cfg.max_ports_per_endpoint {
         Some(share) => flows.with_port_share(share.get()),
         None => flows,

@@ -127,10 +127,17 @@ pub(crate) fn datapath(quick: bool) {
 
     let n = if quick { 20_000 } else { 100_000 };
     println!("\n### Flow setup through the flow API ({n} flows)\n");
-    let (create, delete) = flow_setup(n);
+    let (create, delete) = flow_setup(n, false);
+    // With `--forward`, each new flow also looks for a forwarded
+    // connection on its NAT port.
+    let (create_fwd, _) = flow_setup(n, true);
     println!("| operation | per second | × goal (100,000/s) |");
     println!("|---|---:|---:|");
     println!("| create | {create:.0} | {:.2} |", create / 100_000.0);
+    println!(
+        "| create, with `--forward` | {create_fwd:.0} | {:.2} |",
+        create_fwd / 100_000.0
+    );
     println!("| delete | {delete:.0} | {:.2} |", delete / 100_000.0);
 }
 
@@ -695,9 +702,14 @@ pub(crate) fn rx_packets(ns: &NetNs) -> u64 {
 
 /// Creations and deletions per second of `n` flows (distinct clients and
 /// ports toward a handful of remotes, as a busy gateway sees them).
-pub(crate) fn flow_setup(n: u32) -> (f64, f64) {
+pub(crate) fn flow_setup(n: u32, forwarding: bool) -> (f64, f64) {
     let mut dp = Datapath::load().unwrap();
-    let mut flows = gateway_flow_table(&mut dp);
+    let flows = gateway_flow_table(&mut dp);
+    let mut flows = if forwarding {
+        flows
+    } else {
+        flows.without_forwarding()
+    };
     let keys: Vec<FlowKey> = (0..n)
         .map(|i| {
             let client = Ipv4Addr::from_bits(0x0a4d_0000 | (i % 4096));
