@@ -41,6 +41,8 @@ pub struct CapsuleDecoder {
     /// Start of the unconsumed bytes in `buf`.
     pos: usize,
     skip: Option<Skip>,
+    /// Known types this end has no use for, skipped as unknown ones are.
+    ignored: &'static [u64],
 }
 
 impl Default for CapsuleDecoder {
@@ -59,7 +61,16 @@ impl CapsuleDecoder {
             buf: Vec::new(),
             pos: 0,
             skip: None,
+            ignored: &[],
         }
+    }
+
+    /// Skips capsules of `types` unread, as unknown ones (returned as
+    /// [`Capsule::Unknown`]): an end that would only throw them away does
+    /// not build them, nor buffer them (a client's configuration
+    /// capsules, at the gateway).
+    pub fn ignore(&mut self, types: &'static [u64]) {
+        self.ignored = types;
     }
 
     /// Sets the limit on unknown capsules, which are skipped unbuffered.
@@ -159,7 +170,7 @@ impl CapsuleDecoder {
         let Some((capsule_type, length, header_len)) = self.header() else {
             return Ok(false);
         };
-        if is_known(capsule_type) {
+        if is_known(capsule_type) && !self.ignored.contains(&capsule_type) {
             if length > self.max_capsule_len as u64 {
                 return Err(ProtoError::CapsuleTooLarge {
                     len: length,

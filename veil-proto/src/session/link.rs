@@ -378,6 +378,11 @@ impl Link {
         }
     }
 
+    /// Skips capsules of `types` unread ([`CapsuleDecoder::ignore`]).
+    pub(super) fn ignore_capsules(&mut self, types: &'static [u64]) {
+        self.decoder.ignore(types);
+    }
+
     /// Feeds post-upgrade bytes to the capsule decoder; follow with
     /// [`Self::next_config_capsule`] until it returns `None`.
     pub(super) fn feed(&mut self, bytes: &[u8]) {

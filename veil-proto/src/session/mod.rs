@@ -265,7 +265,8 @@ pub struct Stats {
     /// MTU, and a run of them merged after the tunnel never gets a segment
     /// size an offload header could not have had.
     pub packets_too_long: u64,
-    /// Capsules of unknown types, skipped.
+    /// Capsules of unknown types, or of types this end ignores (a
+    /// client's configuration capsules, at the gateway), skipped unread.
     pub unknown_capsules: u64,
     pub pings_sent: u64,
     pub pongs_sent: u64,

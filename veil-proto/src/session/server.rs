@@ -12,13 +12,20 @@ use super::{
 };
 use crate::{
     capsule::{
-        validate_routes, Capsule, DnsConfiguration, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN,
+        self, validate_routes, Capsule, DnsConfiguration, IpAddressRange, DEFAULT_MAX_CAPSULE_LEN,
     },
     gso::VnetHdr,
     h3::{self, Part},
     http::{self, Request},
     ProtoError,
 };
+
+/// The configuration capsules a client may send and the gateway ignores.
+const CLIENT_CONFIGURATION: [u64; 3] = [
+    capsule::ADDRESS_ASSIGN,
+    capsule::ROUTE_ADVERTISEMENT,
+    capsule::DNS_ASSIGN,
+];
 
 /// What the gateway tells one client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +161,17 @@ impl ServerSession {
         if !config.dns.is_empty() {
             Capsule::DnsAssign(config.dns.clone()).encode(&mut greeting)?;
         }
+        let mut link = Link::new(
+            config.max_capsule_len,
+            config.max_packet_len,
+            config.keepalive_timeout,
+            now,
+        );
+        // A client's configuration capsules are ignored here (see
+        // `receive_capsules`): skipped unread rather than built, since a
+        // capsule of one-byte domain names would make a vector 24 times
+        // its size only to be dropped.
+        link.ignore_capsules(&CLIENT_CONFIGURATION);
         Ok(ServerSession {
             phase: Phase::AwaitingRequest {
                 buf: Vec::new(),
@@ -161,12 +179,7 @@ impl ServerSession {
             },
             greeting,
             request: None,
-            link: Link::new(
-                config.max_capsule_len,
-                config.max_packet_len,
-                config.keepalive_timeout,
-                now,
-            ),
+            link,
             config,
         })
     }
