@@ -245,7 +245,6 @@ mod tests {
         drop((held, other, relayed));
         assert!(a.counts.lock().unwrap().by_source.is_empty(), "no residue");
         // An IPv4 address written as IPv6 is that IPv4 address.
-        let v4 = a.admit(ip(5)).unwrap();
         let mapped = Admission::new(4, 1);
         let _v4 = mapped.admit(ip(5)).unwrap();
         assert_eq!(
@@ -256,7 +255,6 @@ mod tests {
                 .unwrap_err(),
             Turned::SourceBusy(1)
         );
-        drop(v4);
     }
 
     #[test]

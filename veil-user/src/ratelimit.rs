@@ -3,7 +3,16 @@
 //! and the `VEIL_RATE` map the datapath polices with
 //! (`veil_common::ratelimit`).
 
-use std::{fmt, net::Ipv4Addr, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    net::Ipv4Addr,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use serde::{Deserialize, Serialize};
@@ -192,6 +201,10 @@ pub struct RateLimits {
     count: Array<MapData, u32>,
     /// Entries in `map`.
     limited: u32,
+    /// Whether `limited` is above 0, for readers without this table's
+    /// lock: the daemon's own packets (DNS, client to client) skip the
+    /// lock while no client is limited, as the datapath skips its lookup.
+    anyone: Arc<AtomicBool>,
     /// What `count` holds, if it was written: a failed write is tried
     /// again at the next [`Self::apply`], whatever that one changes.
     written: Option<u32>,
@@ -213,6 +226,7 @@ impl RateLimits {
             map,
             count,
             limited,
+            anyone: Arc::default(),
             written: None,
         };
         limits.sync_count()?;
@@ -255,8 +269,15 @@ impl RateLimits {
         self.sync_count()
     }
 
+    /// Whether any client is limited, readable without this table's lock
+    /// (kept up to date by the table).
+    pub fn anyone_limited(&self) -> Arc<AtomicBool> {
+        self.anyone.clone()
+    }
+
     /// Tells the datapath how many entries there are, unless it knows.
     fn sync_count(&mut self) -> Result<(), MapError> {
+        self.anyone.store(self.limited > 0, Relaxed);
         if self.written != Some(self.limited) {
             self.count.set(0, self.limited, 0)?;
             self.written = Some(self.limited);

@@ -83,6 +83,13 @@ impl Shared {
     /// in its quota and bucket as if they had crossed it. A quota used up
     /// stops every packet of the client, these too.
     pub(super) fn fair(&self, vip: Ipv4Addr, dir: Direction, len: usize) -> bool {
+        // No lock while no client is limited (the common case).
+        if !self
+            .anyone_limited
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return true;
+        }
         let mut map = self.rate_limits.lock().expect("rate limits lock");
         map.charge(vip, dir, len as u64, monotonic_ns()).is_ok()
     }

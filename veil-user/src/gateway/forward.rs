@@ -131,7 +131,7 @@ impl Forwarding {
         datapath: &Mutex<Option<Datapath>>,
         leases: &dyn Fn(&str) -> Option<Ipv4Addr>,
     ) -> Result<()> {
-        let bytes = super::revocations::read_bounded(&self.path, MAX_RULE_FILE)
+        let bytes = super::read_bounded(&self.path, MAX_RULE_FILE)
             .with_context(|| format!("reading the forward rules {}", self.path.display()))?;
         self.apply(bytes, datapath, leases)
     }
@@ -226,7 +226,7 @@ impl Forwarding {
     /// the rules of its missing lines for a second. These bytes are the
     /// ones loaded, not a later read. SIGHUP loads at once.
     fn changed(&self) -> Option<Vec<u8>> {
-        let now = super::revocations::read_bounded(&self.path, MAX_RULE_FILE).ok();
+        let now = super::read_bounded(&self.path, MAX_RULE_FILE).ok();
         let settled = self.looked.lock().expect("looked lock").settled(now)?;
         if self.loaded.lock().expect("loaded lock").as_ref() == Some(&settled) {
             return None;

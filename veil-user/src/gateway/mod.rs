@@ -256,6 +256,9 @@ struct Shared {
     fallback: fallback::Fallback,
     /// Each limited client's token buckets and quota in the datapath.
     rate_limits: Mutex<crate::ratelimit::RateLimits>,
+    /// Whether any client is limited (`rate_limits`' own flag, read
+    /// without its lock).
+    anyone_limited: Arc<std::sync::atomic::AtomicBool>,
     /// NAT66, when the gateway carries IPv6 ([`packets6`]).
     v6: Option<packets6::V6>,
     counters6: packets6::Counters6,
@@ -422,6 +425,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         admission,
         counters: Counters::default(),
         fallback,
+        anyone_limited: rate_limits.anyone_limited(),
         rate_limits: Mutex::new(rate_limits),
         v6,
         counters6: Default::default(),
@@ -655,6 +659,28 @@ fn dns_upstreams(cfg: &GatewayConfig) -> Vec<SocketAddr> {
     found
 }
 
+/// A regular file, read only up to `max` bytes: a file that grew huge costs
+/// the gateway no more memory than it may take, and a FIFO or a device
+/// (which could block the read for good, or never end) is refused. Opened
+/// without blocking and checked through the handle: what is read is what
+/// was checked.
+pub(super) fn read_bounded(path: &std::path::Path, max: usize) -> Result<Vec<u8>> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        bail!("not a regular file");
+    }
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        bail!("larger than {max} bytes");
+    }
+    Ok(bytes)
+}
+
 /// Refuses a client pool that holds an address of the gateway's own
 /// (other than on its TUN device, `tun`, left from a run before): the
 /// datapath drops packets from the WAN to pool addresses as forged, so
@@ -778,6 +804,25 @@ async fn forward_datapath_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_regular_file_is_read_and_only_so_far() {
+        let dir = std::env::temp_dir().join(format!("veil-read-bounded-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rules");
+        std::fs::write(&file, b"12345").unwrap();
+        assert_eq!(read_bounded(&file, 5).unwrap(), b"12345");
+        let err = read_bounded(&file, 4).unwrap_err();
+        assert!(err.to_string().contains("larger than 4 bytes"), "{err}");
+        // A FIFO nobody writes to would block the read for good.
+        let fifo = dir.join("fifo");
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let err = read_bounded(&fifo, 4).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert!(read_bounded(std::path::Path::new("/dev/zero"), 4).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_pool_holding_an_address_of_the_gateway_is_refused() {

@@ -306,30 +306,12 @@ async fn fetch(source: &Source) -> Result<Vec<u8>> {
     match source {
         Source::File(path) => {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || read_bounded(&path, MAX_LIST)).await?
+            tokio::task::spawn_blocking(move || super::read_bounded(&path, MAX_LIST)).await?
         }
         Source::Url(url) => tokio::time::timeout(FETCH_TIMEOUT, get(url))
             .await
             .context("timed out")?,
     }
-}
-
-/// A regular file, read only up to `max` bytes: a file that grew huge costs
-/// the gateway no more memory than it may take, and a FIFO or a device
-/// (which could block the read for good, or never end) is refused.
-pub(super) fn read_bounded(path: &std::path::Path, max: usize) -> Result<Vec<u8>> {
-    use std::io::Read;
-    if !std::fs::metadata(path)?.is_file() {
-        bail!("not a regular file");
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(max as u64 + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() > max {
-        bail!("larger than {max} bytes");
-    }
-    Ok(bytes)
 }
 
 /// `GET url` (HTTP/1.0: the body runs to the close), the body of a 200.
@@ -410,25 +392,6 @@ fn body_of(response: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_a_regular_file_is_read_and_only_so_far() {
-        let dir = std::env::temp_dir().join(format!("veil-read-bounded-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("rules");
-        std::fs::write(&file, b"12345").unwrap();
-        assert_eq!(read_bounded(&file, 5).unwrap(), b"12345");
-        let err = read_bounded(&file, 4).unwrap_err();
-        assert!(err.to_string().contains("larger than 4 bytes"), "{err}");
-        // A FIFO nobody writes to would block the read for good.
-        let fifo = dir.join("fifo");
-        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-        let err = read_bounded(&fifo, 4).unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
-        assert!(read_bounded(std::path::Path::new("/dev/zero"), 4).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn sources_are_files_or_urls() {
