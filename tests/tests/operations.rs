@@ -81,6 +81,20 @@ fn start_up_refusals_say_what_is_wrong() {
     assert!(text.contains("listening on [::]:443"), "{text}");
     assert!(text.contains("Address already in use"), "{text}");
 
+    // A client pool that holds one of the gateway's own addresses.
+    let elsewhere = ["--iface", "wan0", "--listen", "0.0.0.0:8443"];
+    let (_, text) = world.failed_start(&[&elsewhere[..], &["--pool", "198.18.0.0/16"]].concat());
+    assert!(
+        text.contains("the client pool 198.18.0.0/16 holds 198.18.0.1, an address of wan0"),
+        "{text}"
+    );
+    // A 0 that would turn everyone away.
+    let (_, text) = world.failed_start(&[&elsewhere[..], &["--max-clients", "0"]].concat());
+    assert!(
+        text.contains("max-clients = 0 is out of range: it takes 1 or more"),
+        "{text}"
+    );
+
     // The NAT range collides with the kernel's own source ports.
     world.gw.exec(
         "sysctl",
