@@ -118,6 +118,7 @@ impl Bed {
             tun_l2_len: ETH_LEN as u32,
             wan_filter: veil_user::datapath::WanFilter::Xdp,
             gro_stage: None,
+            fwd_per_source: 0,
         };
         dp.configure(&config).unwrap();
         if let Some((root, dir)) = pin {

@@ -69,6 +69,7 @@ impl Bed6 {
             tun_l2_len: ETH_LEN as u32,
             wan_filter: veil_user::datapath::WanFilter::Xdp,
             gro_stage: None,
+            fwd_per_source: 0,
         })
         .unwrap();
         dp.configure6(PUBLIC6, POOL6.parse().unwrap()).unwrap();

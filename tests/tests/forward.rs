@@ -628,6 +628,155 @@ fn a_removed_rule_takes_no_new_connection_on_the_tuple_of_an_old_one() {
     assert_eq!((lan.seen().len(), other.seen().len()), (2, 1));
 }
 
+/// A connection from `from` (an address of the remote namespace) to port
+/// 8080 that echoed a byte; `Err` if its handshake got no answer.
+fn echoing_source(world: &World, from: Ipv4Addr) -> std::io::Result<TcpStream> {
+    let mut s = world.remote.enter(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&SocketAddr::from((from, 0)).into())?;
+        s.connect_timeout(
+            &SocketAddr::from((PUBLIC, 8080)).into(),
+            Duration::from_millis(1500),
+        )?;
+        std::io::Result::Ok(TcpStream::from(s))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"E")?;
+    assert_eq!(echo(&mut s, b"x"), b"x");
+    Ok(s)
+}
+
+/// Retries `connect` until it succeeds or `within` is over: a connection
+/// just ended frees its place when its last packet has gone through.
+fn connects_within(
+    within: Duration,
+    connect: impl Fn() -> std::io::Result<TcpStream>,
+) -> Option<TcpStream> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Ok(s) = connect() {
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// One host on the internet cannot take a rule's NAT ports from everyone
+/// else: an address holds `--max-forward-per-source` connections at most,
+/// its next SYNs are dropped and counted, another address still gets in,
+/// and a connection that ends (reset, or closed both ways) gives its
+/// place back at once, not at the next expiry (10 s).
+#[test]
+fn one_remote_address_holds_at_most_its_share_of_forwarded_connections() {
+    const SECOND: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+    let mut world = World::bare(0);
+    let file = world.dir.join("forward.csv");
+    std::fs::write(&file, "8080,10.200.9.2,8000\n").unwrap();
+    world.start_gateway(&[
+        "--forward",
+        file.to_str().unwrap(),
+        "--max-forward-per-source",
+        "3",
+    ]);
+    let _lan = LanServer::start(&world.lan, 8000);
+    world
+        .remote
+        .ip(&["addr", "add", "198.18.0.3/24", "dev", "eth0"]);
+
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| echoing_source(&world, REMOTE).expect("within its share"))
+        .collect();
+    let err = echoing_source(&world, REMOTE).expect_err("a fourth from the same address");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "dropped: {err}");
+    let busy = world.status()["datapath"]["fwd_drop_source_busy"]["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(busy >= 1, "counted");
+    let mut other = echoing_source(&world, SECOND).expect("another address gets in");
+    assert_eq!(echo(&mut other, b"y"), b"y");
+
+    // Reset: the place is free once the RST went through.
+    let reset = held.pop().unwrap();
+    socket2::SockRef::from(&reset)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(reset);
+    let again = connects_within(Duration::from_secs(3), || echoing_source(&world, REMOTE))
+        .expect("a reset connection's place is taken again at once");
+    held.push(again);
+
+    // Closed both ways: the server answers the FIN with its own.
+    let mut closed = held.pop().unwrap();
+    closed.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(closed.read(&mut [0; 1]).unwrap(), 0, "closed by the server");
+    let again = connects_within(Duration::from_secs(3), || echoing_source(&world, REMOTE))
+        .expect("a closed connection's place is taken again at once");
+    held.push(again);
+
+    // Those held are still served.
+    for s in &mut held {
+        assert_eq!(echo(s, b"z"), b"z");
+    }
+}
+
+/// UDP's connections end only at expiry, which the datapath does not see:
+/// the daemon then gives the address its places back (its count set to
+/// what the table holds, at each expiry, every 10 s).
+#[test]
+fn an_address_gets_its_udp_places_back_when_its_connections_expire() {
+    let mut world = World::bare(0);
+    let file = world.dir.join("forward.csv");
+    std::fs::write(&file, "5353,10.200.9.2,5300,udp\n").unwrap();
+    world.start_gateway(&[
+        "--forward",
+        file.to_str().unwrap(),
+        "--max-forward-per-source",
+        "2",
+        "--timeout-udp",
+        "1",
+    ]);
+    let target = world
+        .lan
+        .enter(|| UdpSocket::bind((LAN_HOST, 5300)).unwrap());
+    target
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // The NAT ports the target sees a datagram from, until none comes.
+    let arrivals = || {
+        let mut from = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok((_, peer)) = target.recv_from(&mut buf) {
+            from.push(peer.port());
+        }
+        from
+    };
+    let sockets: Vec<UdpSocket> = world.remote.enter(|| {
+        (0..3)
+            .map(|_| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap())
+            .collect()
+    });
+    for s in &sockets {
+        s.send_to(b"hello", (PUBLIC, 5353)).unwrap();
+    }
+    let first = arrivals();
+    assert_eq!(
+        first.len(),
+        2,
+        "two connections, the third dropped: {first:?}"
+    );
+
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && start.elapsed() < Duration::from_secs(15) {
+        sockets[2].send_to(b"again", (PUBLIC, 5353)).unwrap();
+        got = arrivals();
+    }
+    assert!(
+        !got.is_empty(),
+        "the third gets in once the first two expired"
+    );
+}
+
 #[test]
 fn the_nat_range_still_drops_unsolicited_packets() {
     let (world, _file) = world_with("8080,10.200.9.2,8000\n");

@@ -70,6 +70,7 @@ fn gateway_after(wan_filter: WanFilter, another_first: bool) -> Gateway {
             tun_l2_len: 0,
             wan_filter,
             gro_stage: None,
+            fwd_per_source: 0,
         };
         let mut dp = Datapath::load().expect("loading the datapath");
         dp.configure(&config).unwrap();

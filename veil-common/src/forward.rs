@@ -37,6 +37,11 @@ pub const FWD_STATS_MAP: &str = "VEIL_FWD_STATS";
 /// The places of connections not yet assured: index -> [`FwdOpening`].
 /// Array, the datapath's alone.
 pub const FWD_OPENING_MAP: &str = "VEIL_FWD_OPENING";
+/// Connections each remote address holds: IPv4 address -> count. LRU:
+/// the datapath adds a connection when it opens one and takes it away
+/// when it ends, the daemon sets each count to what the table holds at
+/// every expiry ([`Config::fwd_per_source`](crate::Config::fwd_per_source)).
+pub const FWD_SOURCES_MAP: &str = "VEIL_FWD_SOURCES";
 
 /// The forwarding program on the interfaces targets are reached through
 /// (TC ingress): the targets' replies.
@@ -46,6 +51,9 @@ pub const PROG_FWD_TC: &str = "veil_fwd_tc";
 pub const MAX_FWD_RULES: u32 = 4096;
 /// Capacity of [`FWD_FLOWS_MAP`]: two entries a connection.
 pub const MAX_FWD_FLOWS: u32 = 131_072;
+/// Remote addresses [`FWD_SOURCES_MAP`] tracks at once: as many as
+/// connections can be open.
+pub const MAX_FWD_SOURCES: u32 = MAX_FWD_FLOWS / 2;
 /// Connections not yet assured at most: an eighth of the table's
 /// connections, so that a flood of them leaves the rest to those that are.
 pub const FWD_OPENING_SLOTS: u32 = MAX_FWD_FLOWS / 2 / 8;
@@ -198,6 +206,12 @@ pub const fn assured(inbound: &FwdFlow, reply: &FwdFlow) -> bool {
     }
 }
 
+/// Whether a TCP connection is over, from the flags each way: reset, or
+/// closed both ways. (A UDP connection is over only when it expires.)
+pub const fn tcp_over(out: u64, back: u64) -> bool {
+    (out | back) & tcp_flags::RST != 0 || out & back & tcp_flags::FIN != 0
+}
+
 /// A connection's place among those not yet assured: its inbound entry's
 /// key, and when it was made (a later connection on the same key is
 /// another one).
@@ -342,6 +356,16 @@ mod tests {
                 _pad: [0; 3],
             }
         );
+    }
+
+    #[test]
+    fn a_tcp_connection_is_over_when_reset_or_closed_both_ways() {
+        use tcp_flags::{ACK, FIN, RST, SYN};
+        assert!(!tcp_over(SYN | ACK, SYN | ACK));
+        assert!(!tcp_over(SYN | ACK | FIN, SYN | ACK), "half closed");
+        assert!(tcp_over(SYN | ACK | FIN, SYN | ACK | FIN));
+        assert!(tcp_over(SYN, RST));
+        assert!(tcp_over(SYN | ACK | RST, SYN | ACK));
     }
 
     fn connection(proto: u8, out: u64, back: u64) -> (FwdFlow, FwdFlow) {

@@ -79,7 +79,7 @@ pub const FRAG_ID_HOLD_NS: u64 = 30_000_000_000;
 
 /// Bump when a layout below changes: the pin directory carries it, so a new
 /// daemon never reads maps pinned by an older one.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Most public addresses one gateway translates to ([`Config::public_addrs`]).
 /// The datapath compares a packet's address with each in turn: a handful of
@@ -229,6 +229,11 @@ pub struct Config {
     /// to `tun_ifindex` ([`PROG_GRO_TC`]), so that the daemon reads a run
     /// of segments at once rather than one MTU-sized packet per read.
     pub reply_ifindex: u32,
+    /// Forwarded connections (`--forward`) one remote address may hold
+    /// at once (`--max-forward-per-source`); a new one beyond it is
+    /// dropped (`fwd_drop_source_busy`). 0: no limit (the datapath alone,
+    /// under BPF_PROG_TEST_RUN).
+    pub fwd_per_source: u32,
 }
 
 impl Config {
@@ -366,7 +371,7 @@ const _: () = {
     assert!(size_of::<EgressFlow>() == 40);
     assert!(size_of::<ReverseKey>() == 16);
     assert!(size_of::<ReverseFlow>() == 40);
-    assert!(size_of::<Config>() == 36 + 4 * MAX_PUBLIC_ADDRS);
+    assert!(size_of::<Config>() == 40 + 4 * MAX_PUBLIC_ADDRS);
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragEntry>() == 16);

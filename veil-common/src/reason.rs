@@ -75,11 +75,14 @@ pub enum Reason {
     /// An IPv6 packet to the gateway's IPv6 address in the NAT range with
     /// no mapping: unsolicited, dropped so that the kernel never answers.
     DropNoIngressFlow6 = 23,
+    /// A new forwarded connection from a remote address that holds
+    /// `--max-forward-per-source` connections already.
+    FwdDropSourceBusy = 24,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::EgressForwarded,
         Reason::IngressForwarded,
         Reason::IcmpErrorForwarded,
@@ -104,6 +107,7 @@ impl Reason {
         Reason::DropIpv6Fragment,
         Reason::DropSpoofedV6,
         Reason::DropNoIngressFlow6,
+        Reason::FwdDropSourceBusy,
     ];
 
     /// A stable snake_case name, for logs, `veil-user status` and metrics.
@@ -133,6 +137,7 @@ impl Reason {
             Reason::DropIpv6Fragment => "drop_ipv6_fragment",
             Reason::DropSpoofedV6 => "drop_spoofed_v6",
             Reason::DropNoIngressFlow6 => "drop_no_ingress_flow6",
+            Reason::FwdDropSourceBusy => "fwd_drop_source_busy",
         }
     }
 

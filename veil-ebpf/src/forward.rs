@@ -34,7 +34,7 @@ use veil_common::{
     acked_of, assured, handshake_mark,
     csum::{self, L4Sum},
     fwd_dir, proto,
-    ratelimit::Direction, rst_plausible, tcp_flags, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
+    ratelimit::Direction, rst_plausible, tcp_flags, tcp_over, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
     FwdRuleKey, Reason, FWD_OPENING_SLOTS,
 };
 
@@ -47,7 +47,7 @@ use crate::{
     rewrite::{
         cover, decrement_ttl, dword, move_endpoint, move_endpoint_skb, word, SkbEndpoint, L4,
     },
-    stats, Verdict,
+    sources, stats, Verdict,
 };
 
 const IP: usize = ETH_LEN;
@@ -360,7 +360,7 @@ fn translate_at(
     }
     let syn = c.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let known = match VEIL_FWD_FLOWS.get_ptr_mut(c.key) {
-        Some(flow) if c.kind == L4Sum::Tcp && syn => reopen(&c.key, flow),
+        Some(flow) if c.kind == L4Sum::Tcp && syn => reopen(&c.key, flow, cfg)?,
         known => known,
     };
     let flow = match known {
@@ -376,8 +376,11 @@ fn translate_at(
             if c.kind == L4Sum::Tcp && !syn {
                 return Err(Reason::FwdDropNoFlow);
             }
+            sources::may_open(c.key.src_addr, cfg)?;
             let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-            open(&c.key, rule_key, unsafe { &*rule }, ingress, cfg)?
+            let flow = open(&c.key, rule_key, unsafe { &*rule }, ingress, cfg)?;
+            sources::opened(c.key.src_addr);
+            flow
         }
     };
     if c.ttl <= 1 {
@@ -491,16 +494,24 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
         if c.tcp_flags & ends != 0 && done && !rst_plausible(c.seq, unsafe { (*inbound).acked }) {
             return 0;
         }
+        let (out, back) = unsafe { ((*inbound).stats.tcp_flags, (*flow).stats.tcp_flags) };
+        if !tcp_over(out, back) && tcp_over(out, back | c.tcp_flags) {
+            // The remote is where this entry's packets go.
+            sources::ended(unsafe { (*flow).dst_addr });
+        }
         return c.tcp_flags;
     }
     let flags = c.tcp_flags;
     if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 {
-        let acked = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
-            Some(reply) => unsafe { (*reply).acked },
-            None => 0,
+        let (acked, back) = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
+            Some(reply) => unsafe { ((*reply).acked, (*reply).stats.tcp_flags) },
+            None => (0, 0),
         };
         if !rst_plausible(c.seq, acked) {
             return 0;
+        }
+        if !tcp_over(seen, back) && tcp_over(seen | flags, back) {
+            sources::ended(c.key.src_addr);
         }
     }
     if flags & tcp_flags::ACK != 0 {
@@ -654,7 +665,7 @@ fn hold_place(key: &FwdKey, now: u64) {
 /// `None` says the SYN is as if they had never been: it opens under the
 /// rule in force, if any.
 #[inline(always)]
-fn reopen(key: &FwdKey, flow: *mut FwdFlow) -> Option<*mut FwdFlow> {
+fn reopen(key: &FwdKey, flow: *mut FwdFlow, cfg: &Config) -> Result<Option<*mut FwdFlow>, Reason> {
     let closed = tcp_flags::RST | tcp_flags::FIN;
     let (seen, partner, rule_key, dir) = unsafe {
         (
@@ -670,12 +681,18 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow) -> Option<*mut FwdFlow> {
         None => 0,
     };
     if (seen | seen_back) & closed == 0 {
-        return Some(flow);
+        return Ok(Some(flow));
     }
     if dir == fwd_dir::INBOUND && !still_ruled(unsafe { &*flow }, rule_key) {
         let _ = VEIL_FWD_FLOWS.remove(key);
         let _ = VEIL_FWD_FLOWS.remove(partner);
-        return None;
+        return Ok(None);
+    }
+    // A new connection of the remote's, counted as one if the old one
+    // was over (a connection half closed still counts).
+    if dir == fwd_dir::INBOUND && tcp_over(seen, seen_back) {
+        sources::may_open(key.src_addr, cfg)?;
+        sources::opened(key.src_addr);
     }
     unsafe {
         (*flow).stats.tcp_flags = 0;
@@ -690,7 +707,7 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow) -> Option<*mut FwdFlow> {
     if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule_key) {
         stats::fwd_connection(counters);
     }
-    Some(flow)
+    Ok(Some(flow))
 }
 
 /// Whether the rule an inbound entry was made under still sends its
@@ -728,10 +745,7 @@ fn reclaim(reply_key: &FwdKey, reply: &FwdFlow, now: u64) -> bool {
     let (over, evicted, paired) = match VEIL_FWD_FLOWS.get_ptr(old_inbound) {
         Some(inbound) if unsafe { (*inbound).created_ns } == old.created_ns => {
             let inbound = unsafe { &*inbound };
-            let (out, back) = (inbound.stats.tcp_flags, old.stats.tcp_flags);
-            let reset = (out | back) & tcp_flags::RST != 0;
-            let fin_both = out & back & tcp_flags::FIN != 0;
-            let over = reset || fin_both;
+            let over = tcp_over(inbound.stats.tcp_flags, old.stats.tcp_flags);
             (over, !over && !assured(inbound, old), true)
         }
         _ => (now.saturating_sub(old.created_ns) > ORPHAN_NS, false, false),

@@ -44,6 +44,7 @@ mod packet;
 mod ratelimit;
 mod rewrite;
 mod rewrite6;
+mod sources;
 mod stats;
 mod steer;
 

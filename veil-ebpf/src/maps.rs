@@ -7,7 +7,7 @@ use aya_ebpf::{
 use veil_common::{
     reason::REASON_SLOTS, Config, Counter, EgressFlow, FlowKey, FragEntry, FragKey, FwdCounters,
     FwdFlow, FwdKey, FwdOpening, FwdRule, FwdRuleKey, Reason, ReverseFlow, ReverseKey,
-    FWD_OPENING_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_FWD_FLOWS, MAX_FWD_RULES,
+    FWD_OPENING_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_FWD_FLOWS, MAX_FWD_RULES, MAX_FWD_SOURCES,
 };
 use veil_common::{
     Config6, EgressFlow6, FlowKey6, FragEntry6, FragKey6, ReverseFlow6, ReverseKey6, MAX_FLOWS6,
@@ -40,6 +40,12 @@ pub static VEIL_FWD_FLOWS: HashMap<FwdKey, FwdFlow, { MAX_FWD_FLOWS as usize }> 
 
 #[btf_map]
 pub static VEIL_FWD_OPENING: Array<FwdOpening, { FWD_OPENING_SLOTS as usize }> = Array::new();
+
+/// Connections per remote address (`sources`): LRU, so that forged
+/// sources cannot fill it and keep real ones from being counted.
+#[btf_map]
+pub static VEIL_FWD_SOURCES: LruHashMap<u32, u64, { MAX_FWD_SOURCES as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
 pub static VEIL_FWD_STATS: HashMap<FwdRuleKey, FwdCounters, { MAX_FWD_RULES as usize }> =

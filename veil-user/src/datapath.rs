@@ -43,7 +43,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/veil";
 
 /// File names of the pinned maps, in the pin directory.
-pub const PINS: [(&str, &str); 14] = [
+pub const PINS: [(&str, &str); 15] = [
     (EGRESS_MAP, "egress"),
     (REVERSE_MAP, "reverse"),
     (CONFIG_MAP, "config"),
@@ -53,6 +53,7 @@ pub const PINS: [(&str, &str); 14] = [
     (FWD_FLOWS_MAP, "forward_flows"),
     (FWD_STATS_MAP, "forward_stats"),
     (veil_common::FWD_OPENING_MAP, "forward_opening"),
+    (veil_common::FWD_SOURCES_MAP, "forward_sources"),
     (veil_common::ratelimit::RATE_MAP, "ratelimit"),
     (veil_common::EGRESS6_MAP, "egress6"),
     (veil_common::REVERSE6_MAP, "reverse6"),
@@ -122,6 +123,9 @@ pub struct DatapathConfig {
     /// The near end of the GRO stage ([`crate::gro_stage`]), if replies go
     /// through one on their way to `tun_ifindex`.
     pub gro_stage: Option<u32>,
+    /// Forwarded connections one remote address may hold at once; 0: no
+    /// limit.
+    pub fwd_per_source: u32,
 }
 
 /// Where the WAN's admission checks run (dropping what has no flow, the
@@ -203,6 +207,7 @@ impl DatapathConfig {
                 WanFilter::Xdp => 0,
                 WanFilter::Tc => Config::WAN_FILTER_IN_TC,
             },
+            fwd_per_source: self.fwd_per_source,
         })
     }
 }
@@ -445,7 +450,8 @@ impl Datapath {
             self.take_hash(FWD_FLOWS_MAP)?,
             self.take_hash(FWD_STATS_MAP)?,
             timeouts,
-        ))
+        )
+        .with_sources(self.take_hash(veil_common::FWD_SOURCES_MAP)?))
     }
 
     /// Attaches the forwarding program (TC ingress) to the interface a

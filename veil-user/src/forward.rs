@@ -30,8 +30,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use veil_common::{
-    fwd_dir, proto, FlowKey, FwdCounters, FwdFlow, FwdKey, FwdRule, FwdRuleKey, FWD_FLOWS_MAP,
-    FWD_RULES_MAP, FWD_STATS_MAP, MAX_FWD_RULES,
+    fwd_dir, proto, tcp_over, FlowKey, FwdCounters, FwdFlow, FwdKey, FwdRule, FwdRuleKey,
+    FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_SOURCES_MAP, FWD_STATS_MAP, MAX_FWD_RULES,
 };
 
 use crate::{
@@ -511,6 +511,9 @@ pub struct Forwarder {
     rules: HashMap<MapData, FwdRuleKey, FwdRule>,
     flows: HashMap<MapData, FwdKey, FwdFlow>,
     stats: HashMap<MapData, FwdRuleKey, FwdCounters>,
+    /// Connections per remote address (`FWD_SOURCES_MAP`), set right at
+    /// each expiry; `None` where the map is not used (unit tests).
+    sources: Option<HashMap<MapData, u32, u64>>,
     /// What is in the rules map, with the rule as written.
     current: BTreeMap<FwdRuleKey, Resolved>,
     timeouts: Timeouts,
@@ -578,8 +581,18 @@ impl Forwarder {
             rules,
             flows,
             stats,
+            sources: None,
             current: BTreeMap::new(),
             timeouts,
+        }
+    }
+
+    /// Keeps the datapath's count of connections per remote address
+    /// right: see [`Self::gc`].
+    pub fn with_sources(self, sources: HashMap<MapData, u32, u64>) -> Self {
+        Self {
+            sources: Some(sources),
+            ..self
         }
     }
 
@@ -735,10 +748,42 @@ impl Forwarder {
     }
 
     /// Expires idle connections and orphaned entries; returns how many
-    /// went.
+    /// went. Then sets each remote address's count of connections to
+    /// what the table holds: the datapath's own count misses the ends it
+    /// does not see (expiry, eviction, UDP).
     pub fn gc(&mut self, now_ns: u64) -> Result<usize, MapOpError> {
         let expired = self.expired(now_ns);
-        self.remove(expired)
+        let gone = self.remove(expired)?;
+        if self.sources.is_some() {
+            let live = per_source(&self.walk().0);
+            self.set_sources(&live)?;
+        }
+        Ok(gone)
+    }
+
+    /// Writes `live` as the count of each address, and takes out the
+    /// addresses it does not name.
+    fn set_sources(&mut self, live: &BTreeMap<u32, u64>) -> Result<(), MapOpError> {
+        let Some(sources) = &mut self.sources else {
+            return Ok(());
+        };
+        let stale: Vec<u32> = sources
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains_key(k))
+            .collect();
+        for key in stale {
+            sources
+                .remove(&key)
+                .or_else(ignore_missing)
+                .map_err(op_err("delete", FWD_SOURCES_MAP))?;
+        }
+        for (key, n) in live {
+            sources
+                .insert(key, n, 0)
+                .map_err(op_err("update", FWD_SOURCES_MAP))?;
+        }
+        Ok(())
     }
 
     /// Each rule in force with its counters and open connections.
@@ -757,6 +802,22 @@ impl Forwarder {
             })
             .collect()
     }
+}
+
+/// Connections each remote address holds (keyed as the datapath keys
+/// them): every connection but a TCP one that is over, which no longer
+/// counts.
+fn per_source(connections: &[Seen]) -> BTreeMap<u32, u64> {
+    let mut live = BTreeMap::new();
+    for c in connections {
+        let (key, inbound) = c.inbound;
+        let back = c.reply.map_or(0, |(_, r)| r.stats.tcp_flags);
+        if inbound.rule.proto == proto::TCP && tcp_over(inbound.stats.tcp_flags, back) {
+            continue;
+        }
+        *live.entry(u32::from_ne_bytes(key.src_addr)).or_default() += 1;
+    }
+    live
 }
 
 fn ignore_missing(e: MapError) -> Result<(), MapError> {
@@ -779,6 +840,47 @@ mod tests {
             target: Target::Host(host.into()),
             target_port: port,
         }
+    }
+
+    #[test]
+    fn each_address_counts_its_live_connections_and_no_ended_tcp_one() {
+        use veil_common::{tcp_flags, FlowStats};
+        let seen = |addr: [u8; 4], proto: u8, out: u64, back: u64| {
+            let entry = |tcp_flags, dir| FwdFlow {
+                stats: FlowStats {
+                    tcp_flags,
+                    ..Default::default()
+                },
+                rule: FwdRuleKey::new(proto, 80),
+                dir,
+                ..Default::default()
+            };
+            let key = FwdKey {
+                src_addr: addr,
+                proto,
+                ..Default::default()
+            };
+            Seen {
+                inbound: (key, entry(out, fwd_dir::INBOUND)),
+                reply: Some((key, entry(back, fwd_dir::REPLY))),
+            }
+        };
+        let (a, b) = ([198, 18, 0, 2], [198, 18, 0, 3]);
+        let open = tcp_flags::SYN | tcp_flags::ACK;
+        let connections = [
+            seen(a, proto::TCP, open, open),
+            seen(a, proto::TCP, open | tcp_flags::FIN, open),
+            seen(a, proto::TCP, open | tcp_flags::FIN, open | tcp_flags::FIN),
+            seen(a, proto::TCP, open, tcp_flags::RST),
+            seen(a, proto::UDP, 0, 0),
+            seen(b, proto::UDP, 0, 0),
+        ];
+        let live = per_source(&connections);
+        // Open, half closed, UDP: 3 of a's; closed both ways and reset
+        // are over.
+        assert_eq!(live.get(&u32::from_ne_bytes(a)), Some(&3));
+        assert_eq!(live.get(&u32::from_ne_bytes(b)), Some(&1));
+        assert_eq!(live.len(), 2);
     }
 
     #[test]

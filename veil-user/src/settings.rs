@@ -227,6 +227,11 @@ pub struct Settings {
     /// and when the file changes).
     #[arg(long, value_name = "FILE")]
     pub forward: Option<PathBuf>,
+    /// Most forwarded connections one remote address may hold at once;
+    /// its new ones beyond are dropped, so that one host cannot take a
+    /// rule's NAT ports from everyone else [default: 512].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_forward_per_source: Option<u32>,
     /// Which flows of one client socket share a NAT port:
     /// endpoint-independent (toward every remote: peer-to-peer and STUN
     /// work) or address-dependent (one port per remote address: two sites
@@ -416,6 +421,14 @@ impl Settings {
             gro_stage: self.gro_stage,
             dns: self.dns,
             forward: self.forward,
+            max_forward_per_source: within(
+                "max-forward-per-source",
+                self.max_forward_per_source,
+                1,
+                veil_common::MAX_FWD_SOURCES,
+                "1 to 65536",
+            )?
+            .unwrap_or(512),
             operator_cert: match (self.cert, self.key) {
                 (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,
@@ -828,6 +841,11 @@ mod tests {
                 "iface = \"eth0\"\nmax-flows-per-client = 0\n",
                 "max-flows-per-client = 0",
                 "1 or more",
+            ),
+            (
+                "iface = \"eth0\"\nmax-forward-per-source = 0\n",
+                "max-forward-per-source = 0",
+                "1 to 65536",
             ),
             (
                 "iface = \"eth0\"\nquota = \"0\"\n",

@@ -127,6 +127,8 @@ pub struct GatewayConfig {
     pub dns: Vec<std::net::IpAddr>,
     /// The port forwarding rules file, if any.
     pub forward: Option<PathBuf>,
+    /// Forwarded connections one remote address may hold at once.
+    pub max_forward_per_source: u32,
     /// The operator's certificate chain and key files (`--cert`, `--key`);
     /// `None`: the gateway's own.
     pub operator_cert: Option<(PathBuf, PathBuf)>,
@@ -351,6 +353,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         tun_l2_len: 0,
         wan_filter: wan_filter(&cfg.iface, cfg.wan_filter),
         gro_stage: stage.as_ref().map(GroStage::near_ifindex),
+        fwd_per_source: cfg.max_forward_per_source,
     })?;
     datapath.normalize(cfg.normalize)?;
     let pins = datapath.pin(&cfg.pin_root)?;

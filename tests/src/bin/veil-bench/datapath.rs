@@ -567,6 +567,7 @@ pub(crate) fn forward(path: Path, secs: f64, generator: Generator) -> Forwarded 
                         false => veil_user::datapath::WanFilter::Xdp,
                     },
                     gro_stage: None,
+                    fwd_per_source: 0,
                 })
                 .unwrap();
                 let mut flows = dp

@@ -52,6 +52,7 @@ pub(crate) fn gateway_flow_table(dp: &mut Datapath) -> veil_user::FlowTable {
         tun_l2_len: 0,
         wan_filter: veil_user::datapath::WanFilter::Xdp,
         gro_stage: None,
+        fwd_per_source: 0,
     })
     .unwrap();
     dp.flow_table(PortRange::DEFAULT, Timeouts::default())

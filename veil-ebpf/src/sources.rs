@@ -1,0 +1,67 @@
+//! How many forwarded connections each remote address holds
+//! (`--max-forward-per-source`): added to when one opens, taken from when
+//! one ends (reset, or closed both ways), set to what the table holds by
+//! the daemon at every expiry. Two CPUs may both see one end and take it
+//! twice, and the daemon's count may miss a connection opened while it
+//! counted: the error is then on the side of letting in, and lasts until
+//! the next expiry.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering::Relaxed};
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use veil_common::{Config, Reason};
+
+use crate::maps::VEIL_FWD_SOURCES;
+
+/// The key of a remote address.
+#[inline(always)]
+fn key(addr: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(addr)
+}
+
+/// `Err` if `addr` holds as many connections as it may.
+#[inline(always)]
+pub fn may_open(addr: [u8; 4], cfg: &Config) -> Result<(), Reason> {
+    if cfg.fwd_per_source == 0 {
+        return Ok(());
+    }
+    match VEIL_FWD_SOURCES.get_ptr(key(addr)) {
+        // Read as signed: a count taken below 0 (an end seen twice) lets
+        // in until the daemon sets it right.
+        Some(n) if unsafe { *n } as i64 >= cfg.fwd_per_source as i64 => {
+            Err(Reason::FwdDropSourceBusy)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One more connection of `addr`.
+#[inline(always)]
+pub fn opened(addr: [u8; 4]) {
+    add(addr, 1);
+}
+
+/// One connection of `addr` fewer.
+#[inline(always)]
+pub fn ended(addr: [u8; 4]) {
+    add(addr, u64::MAX);
+}
+
+#[inline(always)]
+fn add(addr: [u8; 4], n: u64) {
+    let k = key(addr);
+    if let Some(count) = VEIL_FWD_SOURCES.get_ptr_mut(k) {
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(count, n) };
+        return;
+    }
+    if n != 1 {
+        // Nothing to take from: evicted, or never counted.
+        return;
+    }
+    // The first: another CPU may insert meanwhile, then add to its entry.
+    if VEIL_FWD_SOURCES.insert(k, 1, BPF_NOEXIST as u64).is_err() {
+        if let Some(count) = VEIL_FWD_SOURCES.get_ptr_mut(k) {
+            unsafe { atomic_xadd::<u64, u64, { Relaxed }>(count, 1) };
+        }
+    }
+}
