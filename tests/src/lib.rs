@@ -29,3 +29,22 @@ pub fn wait_until(what: &str, timeout: std::time::Duration, mut f: impl FnMut() 
     }
     panic!("timed out waiting for {what}");
 }
+
+/// Makes `socket` send each buffer as datagrams of `size` bytes cut by the
+/// kernel (`UDP_SEGMENT`): one UDP super-packet, as an application using
+/// GSO sends.
+pub fn udp_segment(socket: &std::net::UdpSocket, size: usize) {
+    use std::os::fd::AsRawFd;
+    let size = size as libc::c_int;
+    // SAFETY: a valid socket, and an int option.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+}

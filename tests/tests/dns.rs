@@ -118,8 +118,6 @@ fn dns_names_resolve_through_the_tunnel_and_resolv_conf_comes_back_exactly() {
 /// either transport.
 #[test]
 fn dns_queries_in_one_udp_super_packet_are_each_answered() {
-    use std::os::fd::AsRawFd;
-
     use hickory_proto::{
         op::{Message, MessageType, OpCode, Query},
         rr::{Name, RecordType},
@@ -150,18 +148,7 @@ fn dns_queries_in_one_udp_super_packet_are_each_answered() {
                     q.to_vec().unwrap()
                 })
                 .collect();
-            let size = queries[0].len() as libc::c_int;
-            // SAFETY: a valid socket, and an int option.
-            let set = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_UDP,
-                    libc::UDP_SEGMENT,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(set, 0, "UDP_SEGMENT");
+            veil_tests::udp_segment(&socket, queries[0].len());
             socket
                 .send_to(&queries.concat(), ("10.77.0.1", 53))
                 .unwrap();

@@ -474,7 +474,6 @@ fn clients_reach_each_other_with_allow_client_to_client_and_nothing_leaves_the_w
 /// from a TUN device; a user-space stack would take it as one datagram.)
 #[test]
 fn a_burst_of_datagrams_between_clients_arrives_as_the_datagrams_it_was() {
-    use std::os::fd::AsRawFd;
     const SIZE: usize = 200;
     const COUNT: usize = 20;
     let world = World::new(2, &["--allow-client-to-client"]);
@@ -498,18 +497,7 @@ fn a_burst_of_datagrams_between_clients_arrives_as_the_datagrams_it_was() {
             .collect();
         world.client(1).enter(|| {
             let c = UdpSocket::bind((va, 0)).unwrap();
-            let size = SIZE as libc::c_int;
-            // SAFETY: a valid socket, and an int option.
-            let set = unsafe {
-                libc::setsockopt(
-                    c.as_raw_fd(),
-                    libc::SOL_UDP,
-                    libc::UDP_SEGMENT,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(set, 0, "UDP_SEGMENT");
+            veil_tests::udp_segment(&c, SIZE);
             c.send_to(&sent.concat(), (vb, 6001)).unwrap();
         });
         let mut got = Vec::new();

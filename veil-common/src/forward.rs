@@ -37,10 +37,11 @@ pub const FWD_STATS_MAP: &str = "VEIL_FWD_STATS";
 /// The places of connections not yet assured: index -> [`FwdOpening`].
 /// Array, the datapath's alone.
 pub const FWD_OPENING_MAP: &str = "VEIL_FWD_OPENING";
-/// Connections each remote address holds: IPv4 address -> count. LRU:
-/// the datapath adds a connection when it opens one and takes it away
-/// when it ends, the daemon sets each count to what the table holds at
-/// every expiry ([`Config::fwd_per_source`](crate::Config::fwd_per_source)).
+/// Established TCP connections each remote address holds: IPv4 address
+/// -> count. LRU: the datapath adds a connection when its handshake is
+/// over and takes it away when it ends, the daemon sets each count to what
+/// the table holds at every expiry
+/// ([`Config::fwd_per_source`](crate::Config::fwd_per_source)).
 pub const FWD_SOURCES_MAP: &str = "VEIL_FWD_SOURCES";
 
 /// The forwarding program on the interfaces targets are reached through

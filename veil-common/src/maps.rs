@@ -229,10 +229,10 @@ pub struct Config {
     /// to `tun_ifindex` ([`PROG_GRO_TC`]), so that the daemon reads a run
     /// of segments at once rather than one MTU-sized packet per read.
     pub reply_ifindex: u32,
-    /// Forwarded connections (`--forward`) one remote address may hold
-    /// at once (`--max-forward-per-source`); a new one beyond it is
-    /// dropped (`fwd_drop_source_busy`). 0: no limit (the datapath alone,
-    /// under BPF_PROG_TEST_RUN).
+    /// Established forwarded TCP connections (`--forward`) one remote
+    /// address may hold at once (`--max-forward-per-source`); a SYN
+    /// beyond is dropped (`fwd_drop_source_busy`). 0: no limit (the
+    /// datapath alone, under BPF_PROG_TEST_RUN).
     pub fwd_per_source: u32,
 }
 

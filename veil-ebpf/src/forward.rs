@@ -376,11 +376,12 @@ fn translate_at(
             if c.kind == L4Sum::Tcp && !syn {
                 return Err(Reason::FwdDropNoFlow);
             }
-            sources::may_open(c.key.src_addr, cfg)?;
+            // Refused early; counted once its handshake is over.
+            if c.kind == L4Sum::Tcp {
+                sources::may_open(c.key.src_addr, cfg)?;
+            }
             let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-            let flow = open(&c.key, rule_key, unsafe { &*rule }, ingress, cfg)?;
-            sources::opened(c.key.src_addr);
-            flow
+            open(&c.key, rule_key, unsafe { &*rule }, ingress, cfg)?
         }
     };
     if c.ttl <= 1 {
@@ -409,7 +410,7 @@ fn translate_at(
         crate::ratelimit::police(client, ctx.len() - l2 as u32, dir)?;
     }
     let flags = match c.kind {
-        L4Sum::Tcp => tcp_state(flow, &c),
+        L4Sum::Tcp => tcp_state(flow, &c, cfg),
         _ => c.tcp_flags,
     };
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
@@ -467,7 +468,7 @@ fn translate_at(
 /// (the receiver judges it) but not taken as the end, which would free the
 /// connection's NAT port and place for others. The flags to record.
 #[inline(always)]
-fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
+fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
     let (dir, seen) = unsafe { ((*flow).dir, (*flow).stats.tcp_flags) };
     let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
     if dir == fwd_dir::REPLY {
@@ -495,7 +496,7 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
             return 0;
         }
         let (out, back) = unsafe { ((*inbound).stats.tcp_flags, (*flow).stats.tcp_flags) };
-        if !tcp_over(out, back) && tcp_over(out, back | c.tcp_flags) {
+        if done && !tcp_over(out, back) && tcp_over(out, back | c.tcp_flags) {
             // The remote is where this entry's packets go.
             sources::ended(unsafe { (*flow).dst_addr });
         }
@@ -510,14 +511,29 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate) -> u64 {
         if !rst_plausible(c.seq, acked) {
             return 0;
         }
-        if !tcp_over(seen, back) && tcp_over(seen | flags, back) {
+        // Counted since its handshake: see below.
+        let counted = seen & tcp_flags::ACK != 0;
+        if counted && !tcp_over(seen, back) && tcp_over(seen | flags, back) {
             sources::ended(c.key.src_addr);
         }
     }
     if flags & tcp_flags::ACK != 0 {
         let acked = unsafe { (*flow).acked };
-        if seen & tcp_flags::ACK == 0 && acked != handshake_mark(c.ack) {
-            return flags & !tcp_flags::ACK;
+        if seen & tcp_flags::ACK == 0 {
+            if acked != handshake_mark(c.ack) {
+                return flags & !tcp_flags::ACK;
+            }
+            // The handshake is over: the remote owns its address, and
+            // the connection counts against it from now on (a forged
+            // source never gets here, so it cannot use up an address's
+            // share). Over the share, the connection goes on unassured,
+            // a place any newer connection may take.
+            if sources::may_open(c.key.src_addr, cfg).is_err() {
+                return flags & !tcp_flags::ACK;
+            }
+            if flags & tcp_flags::RST == 0 {
+                sources::opened(c.key.src_addr);
+            }
         }
         // From the handshake's ACK on: what the remote acknowledged, for
         // the target's RSTs and FINs. Written when it moves.
@@ -683,16 +699,26 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow, cfg: &Config) -> Result<Option<*mut 
     if (seen | seen_back) & closed == 0 {
         return Ok(Some(flow));
     }
+    // The old connection counted against its remote from its handshake
+    // (the ACK on the inbound entry) until it was over; the entries'
+    // flags start again below, or the entries go.
+    let over = tcp_over(seen, seen_back);
+    let (inbound_seen, remote) = match dir {
+        fwd_dir::INBOUND => (seen, key.src_addr),
+        _ => (seen_back, unsafe { (*flow).dst_addr }),
+    };
+    if !over && inbound_seen & tcp_flags::ACK != 0 {
+        sources::ended(remote);
+    }
     if dir == fwd_dir::INBOUND && !still_ruled(unsafe { &*flow }, rule_key) {
         let _ = VEIL_FWD_FLOWS.remove(key);
         let _ = VEIL_FWD_FLOWS.remove(partner);
         return Ok(None);
     }
-    // A new connection of the remote's, counted as one if the old one
-    // was over (a connection half closed still counts).
-    if dir == fwd_dir::INBOUND && tcp_over(seen, seen_back) {
-        sources::may_open(key.src_addr, cfg)?;
-        sources::opened(key.src_addr);
+    // The new one counts once its handshake is over, as any; refused
+    // early if its remote has its share already.
+    if over && dir == fwd_dir::INBOUND {
+        sources::may_open(remote, cfg)?;
     }
     unsafe {
         (*flow).stats.tcp_flags = 0;

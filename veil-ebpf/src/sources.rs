@@ -1,10 +1,12 @@
-//! How many forwarded connections each remote address holds
-//! (`--max-forward-per-source`): added to when one opens, taken from when
-//! one ends (reset, or closed both ways), set to what the table holds by
-//! the daemon at every expiry. Two CPUs may both see one end and take it
-//! twice, and the daemon's count may miss a connection opened while it
-//! counted: the error is then on the side of letting in, and lasts until
-//! the next expiry.
+//! How many established forwarded TCP connections each remote address
+//! holds (`--max-forward-per-source`). A connection counts from its
+//! handshake's last ACK, which a forged source never sends (so forging an
+//! address cannot use up its share), until the datapath sees it end
+//! (reset, or closed both ways) or a SYN reopens its entries; the daemon
+//! sets each count to what the table holds at every expiry, which covers
+//! the ends the datapath does not see. Unlocked: two CPUs may both see
+//! one end, or count one handshake, and the daemon may overwrite a change
+//! made while it counted; the error lasts until the next expiry.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering::Relaxed};
 
@@ -19,7 +21,7 @@ fn key(addr: [u8; 4]) -> u32 {
     u32::from_ne_bytes(addr)
 }
 
-/// `Err` if `addr` holds as many connections as it may.
+/// `Err` if `addr` holds as many established connections as it may.
 #[inline(always)]
 pub fn may_open(addr: [u8; 4], cfg: &Config) -> Result<(), Reason> {
     if cfg.fwd_per_source == 0 {

@@ -123,8 +123,8 @@ pub struct DatapathConfig {
     /// The near end of the GRO stage ([`crate::gro_stage`]), if replies go
     /// through one on their way to `tun_ifindex`.
     pub gro_stage: Option<u32>,
-    /// Forwarded connections one remote address may hold at once; 0: no
-    /// limit.
+    /// Established forwarded TCP connections one remote address may hold
+    /// at once; 0: no limit.
     pub fwd_per_source: u32,
 }
 

@@ -30,8 +30,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use veil_common::{
-    fwd_dir, proto, tcp_over, FlowKey, FwdCounters, FwdFlow, FwdKey, FwdRule, FwdRuleKey,
-    FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_SOURCES_MAP, FWD_STATS_MAP, MAX_FWD_RULES,
+    fwd_dir, proto, tcp_flags, tcp_over, FlowKey, FwdCounters, FwdFlow, FwdKey, FwdRule,
+    FwdRuleKey, FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_SOURCES_MAP, FWD_STATS_MAP, MAX_FWD_RULES,
 };
 
 use crate::{
@@ -702,8 +702,13 @@ impl Forwarder {
     /// failed to go in) for the transitory timeout, as they were seen.
     pub fn expired(&self, now_ns: u64) -> Vec<Expired> {
         let (connections, orphans) = self.walk();
+        self.expired_of(&connections, orphans, now_ns)
+    }
+
+    /// [`Self::expired`] of a walk's connections and orphans.
+    fn expired_of(&self, connections: &[Seen], orphans: Vec<Entry>, now_ns: u64) -> Vec<Expired> {
         let mut expired: Vec<Expired> = connections
-            .into_iter()
+            .iter()
             .filter(|c| c.as_flow().expired(now_ns, &self.timeouts))
             .map(|c| Expired(c.inbound, c.reply))
             .collect();
@@ -752,38 +757,41 @@ impl Forwarder {
     /// what the table holds: the datapath's own count misses the ends it
     /// does not see (expiry, eviction, UDP).
     pub fn gc(&mut self, now_ns: u64) -> Result<usize, MapOpError> {
-        let expired = self.expired(now_ns);
-        let gone = self.remove(expired)?;
+        let (connections, orphans) = self.walk();
+        let expired = self.expired_of(&connections, orphans, now_ns);
+        let gone: BTreeSet<FwdKey> = expired.iter().map(|e| e.0 .0).collect();
+        let removed = self.remove(expired)?;
         if self.sources.is_some() {
-            let live = per_source(&self.walk().0);
-            self.set_sources(&live)?;
+            let left: Vec<Seen> = connections
+                .into_iter()
+                .filter(|c| !gone.contains(&c.inbound.0))
+                .collect();
+            self.set_sources(&per_source(&left))?;
         }
-        Ok(gone)
+        Ok(removed)
     }
 
-    /// Writes `live` as the count of each address, and takes out the
-    /// addresses it does not name.
+    /// Makes each address's count `live`'s, writing only the counts that
+    /// differ, and takes out the addresses it does not name. A write that
+    /// fails is skipped (the next expiry tries again), then reported.
     fn set_sources(&mut self, live: &BTreeMap<u32, u64>) -> Result<(), MapOpError> {
         let Some(sources) = &mut self.sources else {
             return Ok(());
         };
-        let stale: Vec<u32> = sources
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains_key(k))
-            .collect();
-        for key in stale {
-            sources
-                .remove(&key)
-                .or_else(ignore_missing)
-                .map_err(op_err("delete", FWD_SOURCES_MAP))?;
+        let now: Vec<(u32, u64)> = sources.iter().filter_map(Result::ok).collect();
+        let mut failed = None;
+        for (key, _) in now.iter().filter(|(k, _)| !live.contains_key(k)) {
+            if let Err(e) = sources.remove(key).or_else(ignore_missing) {
+                failed = Some(op_err("delete", FWD_SOURCES_MAP)(e));
+            }
         }
-        for (key, n) in live {
-            sources
-                .insert(key, n, 0)
-                .map_err(op_err("update", FWD_SOURCES_MAP))?;
+        let now: BTreeMap<u32, u64> = now.into_iter().collect();
+        for (key, n) in live.iter().filter(|(k, n)| now.get(k) != Some(n)) {
+            if let Err(e) = sources.insert(key, n, 0) {
+                failed = Some(op_err("update", FWD_SOURCES_MAP)(e));
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Each rule in force with its counters and open connections.
@@ -804,18 +812,22 @@ impl Forwarder {
     }
 }
 
-/// Connections each remote address holds (keyed as the datapath keys
-/// them): every connection but a TCP one that is over, which no longer
-/// counts.
+/// Connections each remote address holds, as the datapath counts them
+/// (keyed as it keys them): TCP connections whose handshake is over (the
+/// remote's ACK on the inbound entry: a forged source never gets there)
+/// and that are not. UDP cannot show that a remote owns its address, so
+/// it is not counted.
 fn per_source(connections: &[Seen]) -> BTreeMap<u32, u64> {
     let mut live = BTreeMap::new();
     for c in connections {
         let (key, inbound) = c.inbound;
-        let back = c.reply.map_or(0, |(_, r)| r.stats.tcp_flags);
-        if inbound.rule.proto == proto::TCP && tcp_over(inbound.stats.tcp_flags, back) {
-            continue;
+        let (out, back) = (
+            inbound.stats.tcp_flags,
+            c.reply.map_or(0, |(_, r)| r.stats.tcp_flags),
+        );
+        if inbound.rule.proto == proto::TCP && out & tcp_flags::ACK != 0 && !tcp_over(out, back) {
+            *live.entry(u32::from_ne_bytes(key.src_addr)).or_default() += 1;
         }
-        *live.entry(u32::from_ne_bytes(key.src_addr)).or_default() += 1;
     }
     live
 }
@@ -843,7 +855,7 @@ mod tests {
     }
 
     #[test]
-    fn each_address_counts_its_live_connections_and_no_ended_tcp_one() {
+    fn each_address_counts_its_established_tcp_connections_that_are_not_over() {
         use veil_common::{tcp_flags, FlowStats};
         let seen = |addr: [u8; 4], proto: u8, out: u64, back: u64| {
             let entry = |tcp_flags, dir| FwdFlow {
@@ -873,14 +885,14 @@ mod tests {
             seen(a, proto::TCP, open | tcp_flags::FIN, open | tcp_flags::FIN),
             seen(a, proto::TCP, open, tcp_flags::RST),
             seen(a, proto::UDP, 0, 0),
+            seen(b, proto::TCP, tcp_flags::SYN, open),
             seen(b, proto::UDP, 0, 0),
         ];
         let live = per_source(&connections);
-        // Open, half closed, UDP: 3 of a's; closed both ways and reset
-        // are over.
-        assert_eq!(live.get(&u32::from_ne_bytes(a)), Some(&3));
-        assert_eq!(live.get(&u32::from_ne_bytes(b)), Some(&1));
-        assert_eq!(live.len(), 2);
+        // a's open and half closed connections; not those closed both
+        // ways or reset, nor UDP, nor b's handshake that is not over.
+        assert_eq!(live.get(&u32::from_ne_bytes(a)), Some(&2));
+        assert_eq!(live.len(), 1);
     }
 
     #[test]

@@ -227,9 +227,9 @@ pub struct Settings {
     /// and when the file changes).
     #[arg(long, value_name = "FILE")]
     pub forward: Option<PathBuf>,
-    /// Most forwarded connections one remote address may hold at once;
-    /// its new ones beyond are dropped, so that one host cannot take a
-    /// rule's NAT ports from everyone else [default: 512].
+    /// Most established forwarded TCP connections one remote address may
+    /// hold at once; its new ones beyond are dropped, so that one host
+    /// cannot take a rule's NAT ports from everyone else [default: 512].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_forward_per_source: Option<u32>,
     /// Which flows of one client socket share a NAT port:

@@ -127,7 +127,7 @@ pub struct GatewayConfig {
     pub dns: Vec<std::net::IpAddr>,
     /// The port forwarding rules file, if any.
     pub forward: Option<PathBuf>,
-    /// Forwarded connections one remote address may hold at once.
+    /// Established forwarded TCP connections one remote address may hold at once.
     pub max_forward_per_source: u32,
     /// The operator's certificate chain and key files (`--cert`, `--key`);
     /// `None`: the gateway's own.
