@@ -747,6 +747,29 @@ fn an_address_gets_its_places_back_when_its_connections_expire() {
         .expect("a third, once the idle two expired");
 }
 
+/// Makes the remote drop TCP to `addr` on `ports` (`2000`, `2000-2019`)
+/// without a word, as a NAT or a firewall in front of an address's owner
+/// does with what it did not ask for: the target's SYN-ACKs to forged
+/// connections then draw no RST that would end them.
+fn silent(world: &World, addr: &str, ports: &str) {
+    for args in [
+        &["add", "table", "ip", "silent"][..],
+        &[
+            "add",
+            "chain",
+            "ip",
+            "silent",
+            "in",
+            "{ type filter hook input priority 0 ; }",
+        ],
+        &[
+            "add", "rule", "ip", "silent", "in", "ip", "daddr", addr, "tcp", "dport", ports, "drop",
+        ],
+    ] {
+        world.remote.exec("nft", args);
+    }
+}
+
 /// SYNs with a forged source address do not use up that address's share:
 /// a connection counts once its handshake is over, which a forged source
 /// never gets to. (Counted from the SYN, 20 forged SYNs would lock the
@@ -761,6 +784,7 @@ fn forged_syns_do_not_use_up_an_addresss_share() {
         &["--max-forward-per-source", "3"],
     );
     let _lan = LanServer::start(&world.lan, 8000);
+    silent(&world, "198.18.0.77", "2000-2019");
     // Nobody has the address yet: the target's SYN-ACKs find no one.
     world.remote.enter(|| {
         let raw = RawIp::new();
@@ -783,6 +807,52 @@ fn forged_syns_do_not_use_up_an_addresss_share() {
     for s in &mut held {
         assert_eq!(echo(s, b"mine"), b"mine");
     }
+}
+
+/// A handshake ACK counts only if it acknowledges the target's SYN-ACK
+/// whole, all 32 bits: here a forger who knows the low 16 (as a blind
+/// one guesses them one time in 32,768) completes no handshake, and its
+/// address's share of 1 is still there for its owner. (With the 16-bit
+/// mark alone, the test fails.)
+#[test]
+fn an_ack_right_in_its_low_16_bits_alone_completes_no_handshake() {
+    const VICTIM: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 77);
+    let (world, _file) = world_of(
+        0,
+        "8080,10.200.9.2,8000\n",
+        &["--max-forward-per-source", "1"],
+    );
+    let _lan = LanServer::start(&world.lan, 8000);
+    let target_side = Capture::outgoing(&world.lan, "eth0", libc::ETH_P_IP as u16);
+    let raw = world.remote.enter(RawIp::new);
+    let packet = |flags, ack: Option<u32>| {
+        let mut p = ip_of(&frame(VICTIM, PUBLIC, 64, L4::tcp(2000, 8080, flags, &[]))).to_vec();
+        if let Some(ack) = ack {
+            p[28..32].copy_from_slice(&ack.to_be_bytes());
+            // A wrong checksum: the target drops it without a word, as a
+            // blind sender's guesses would be dropped.
+            p[20 + 16] ^= 0xff;
+        }
+        p
+    };
+    silent(&world, "198.18.0.77", "2000");
+    raw.send(&packet("S", None), PUBLIC);
+    let syn_ack = target_side
+        .packets(Duration::from_millis(500))
+        .into_iter()
+        .find(|p| p.len() >= 40 && p[9] == 6 && p[20 + 13] & 0x12 == 0x12)
+        .expect("the target's SYN-ACK");
+    let next = u32::from_be_bytes(syn_ack[24..28].try_into().unwrap()).wrapping_add(1);
+    raw.send(&packet("A", Some(next ^ 0x8000_0000)), PUBLIC);
+    thread::sleep(Duration::from_millis(200));
+
+    world
+        .remote
+        .ip(&["addr", "add", "198.18.0.77/24", "dev", "eth0"]);
+    world.gw.ip(&["neigh", "flush", "198.18.0.77"]);
+    let mut s = connects_within(Duration::from_secs(5), || echoing_source(&world, VICTIM))
+        .expect("the owner gets the address's one place");
+    assert_eq!(echo(&mut s, b"mine"), b"mine");
 }
 
 #[test]

@@ -245,6 +245,16 @@ pub const fn handshake_mark(ack: u32) -> u16 {
     ack as u16 | 1
 }
 
+/// The acknowledgment number a forwarded connection's handshake ACK must
+/// carry, whole, as its inbound entry keeps it: in the high half of the
+/// entry's `stats.tcp_flags`, where the datapath notes the target's
+/// SYN-ACK sequence number + 1 (the low half holds the flags; 0: no
+/// SYN-ACK seen). With [`handshake_mark`]'s 16 bits alone, a blind guess
+/// would match one time in 32,768.
+pub const fn handshake_ack(tcp_flags: u64) -> u32 {
+    (tcp_flags >> 32) as u32
+}
+
 /// Whether an RST (or FIN) with sequence number `seq` may be the end of a
 /// connection whose other end last acknowledged `acked` ([`acked_of`]; 0:
 /// nothing yet, or too early to tell: any RST may be).

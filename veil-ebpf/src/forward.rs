@@ -31,7 +31,7 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 use veil_common::{
-    acked_of, assured, handshake_mark,
+    acked_of, assured, handshake_ack, handshake_mark,
     csum::{self, L4Sum},
     fwd_dir, proto,
     ratelimit::Direction, rst_plausible, tcp_flags, tcp_over, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
@@ -489,7 +489,9 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
         // over; its `acked` then follows what the remote acknowledged.
         let done = unsafe { (*inbound).stats.tcp_flags } & tcp_flags::ACK != 0;
         if c.tcp_flags & syn_ack == syn_ack && !done {
-            unsafe { (*inbound).acked = handshake_mark(c.seq.wrapping_add(1)) };
+            let next = c.seq.wrapping_add(1);
+            unsafe { (*inbound).acked = handshake_mark(next) };
+            stats::note_handshake(unsafe { &raw mut (*inbound).stats }, next);
         }
         // The target's address can be forged as well as the remote's.
         if c.tcp_flags & ends != 0 && done && !rst_plausible(c.seq, unsafe { (*inbound).acked }) {
@@ -520,18 +522,23 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
     if flags & tcp_flags::ACK != 0 {
         let acked = unsafe { (*flow).acked };
         if seen & tcp_flags::ACK == 0 {
-            if acked != handshake_mark(c.ack) {
+            if acked != handshake_mark(c.ack) || handshake_ack(seen) != c.ack {
                 return flags & !tcp_flags::ACK;
             }
             // The handshake is over: the remote owns its address, and
-            // the connection counts against it from now on (a forged
-            // source never gets here, so it cannot use up an address's
-            // share). Over the share, the connection goes on unassured,
-            // a place any newer connection may take.
+            // the connection counts against it from now on unless it is
+            // over already (a forged source does not get here, so it
+            // cannot use up an address's share). Over the share, the
+            // connection goes on unassured, a place any newer connection
+            // may take.
             if sources::may_open(c.key.src_addr, cfg).is_err() {
                 return flags & !tcp_flags::ACK;
             }
-            if flags & tcp_flags::RST == 0 {
+            let back = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
+                Some(reply) => unsafe { (*reply).stats.tcp_flags },
+                None => 0,
+            };
+            if !tcp_over(seen | flags, back) {
                 sources::opened(c.key.src_addr);
             }
         }

@@ -99,3 +99,17 @@ pub fn fwd_connection(c: *mut FwdCounters) {
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*c).connections, 1);
     }
 }
+
+/// Notes on a forwarded connection's inbound entry what the remote's
+/// handshake ACK must acknowledge (the target's SYN-ACK sequence number
+/// + 1), whole, in the high half of its flags word
+/// ([`veil_common::handshake_ack`]), which [`touch`] never writes: once,
+/// while it is 0, so that the flags ORed in meanwhile stay.
+#[inline(always)]
+pub fn note_handshake(stats: *mut FlowStats, next: u32) {
+    unsafe {
+        if (*stats).tcp_flags >> 32 == 0 {
+            atomic_or::<u64, u64, { Relaxed }>(&raw mut (*stats).tcp_flags, (next as u64) << 32);
+        }
+    }
+}
