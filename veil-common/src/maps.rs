@@ -150,8 +150,10 @@ pub struct FlowStats {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
-    /// [`tcp_flags`] seen in this direction, ORed. 64 bits wide because
-    /// BPF has 64-bit atomic OR on every CPU version.
+    /// [`tcp_flags`] seen in this direction, ORed, in the low byte. 64
+    /// bits wide because BPF has 64-bit atomic OR on every CPU version.
+    /// The high half is a forwarded connection's inbound entry's
+    /// [`crate::handshake_ack`] (0 elsewhere).
     pub tcp_flags: u64,
 }
 
