@@ -171,7 +171,8 @@ pub struct FwdFlow {
     /// remote: a remote's RST or FIN far from it is no proof of an end
     /// ([`rst_plausible`]). Inbound entries: [`handshake_mark`] the
     /// target's SYN-ACK sequence number + 1, which the remote's handshake
-    /// ACK must acknowledge: a forged source never saw it; from that ACK
+    /// ACK must acknowledge (whole: [`handshake_ack`]): a forged source
+    /// never saw it; from that ACK
     /// on, [`acked_of`] the remote's acknowledgment number, which the
     /// target's own RST or FIN must be near (its address can be forged
     /// too).
@@ -240,7 +241,8 @@ pub const fn acked_of(ack: u32) -> u16 {
 
 /// What [`FwdFlow::acked`] of an inbound entry keeps of the
 /// acknowledgment the handshake's last ACK must carry: its low 16 bits,
-/// never 0 (nothing seen). A blind guess matches one time in 32,768.
+/// never 0 (nothing seen). The whole number is checked too
+/// ([`handshake_ack`]): a blind guess matches one time in 2^32.
 pub const fn handshake_mark(ack: u32) -> u16 {
     ack as u16 | 1
 }
