@@ -443,6 +443,14 @@ impl Datapath {
         .map_err(DatapathError::PublicAddrs)
     }
 
+    /// Lookups of forwarded connections for the packet path, beside the
+    /// [`Forwarder`]; call before [`Self::forwarder`].
+    pub fn forward_replies(&self) -> Result<crate::forward::Replies, DatapathError> {
+        Ok(crate::forward::Replies::new(
+            self.share_hash(FWD_FLOWS_MAP)?,
+        ))
+    }
+
     /// Hands the forwarding maps to a [`Forwarder`]; call once.
     pub fn forwarder(&mut self, timeouts: Timeouts) -> Result<Forwarder, DatapathError> {
         Ok(Forwarder::new(

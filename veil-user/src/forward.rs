@@ -519,6 +519,22 @@ pub struct Forwarder {
     timeouts: Timeouts,
 }
 
+/// Lookups in the forwarded connections that never wait for the
+/// [`Forwarder`], whose expiry walks the whole table under its lock: a
+/// handle of their own on the map (its descriptor duplicated).
+pub struct Replies(HashMap<MapData, FwdKey, FwdFlow>);
+
+impl Replies {
+    pub fn new(flows: HashMap<MapData, FwdKey, FwdFlow>) -> Self {
+        Self(flows)
+    }
+
+    /// Whether `key` is the reply side of a forwarded connection.
+    pub fn contains(&self, key: &FwdKey) -> bool {
+        self.0.get(key, 0).is_ok_and(|f| f.dir == fwd_dir::REPLY)
+    }
+}
+
 /// A map operation that failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{op} on BPF map `{map}`")]
@@ -644,13 +660,6 @@ impl Forwarder {
             self.current.insert(key, r);
         }
         Ok(report)
-    }
-
-    /// Whether `key` is the reply side of a forwarded connection.
-    pub fn is_reply(&self, key: &FwdKey) -> bool {
-        self.flows
-            .get(key, 0)
-            .is_ok_and(|f| f.dir == fwd_dir::REPLY)
     }
 
     /// The rules in force.

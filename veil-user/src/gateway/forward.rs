@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::{Shared, GC_INTERVAL};
 use crate::{
     datapath::Datapath,
-    forward::{self, Forwarder, Gateway},
+    forward::{self, Forwarder, Gateway, Replies},
     net::monotonic_ns,
 };
 
@@ -37,6 +37,9 @@ const MAX_RULE_FILE: usize = 1 << 20;
 pub struct Forwarding {
     pub path: PathBuf,
     pub forwarder: Mutex<Forwarder>,
+    /// The connections' map for the packet path: looked up without the
+    /// forwarder's lock.
+    replies: Replies,
     /// The skipped lines of the last load, as reported (`FILE:LINE: why`).
     pub problems: Mutex<Vec<String>>,
     gateway: Gateway,
@@ -76,7 +79,7 @@ impl Settling {
 impl Forwarding {
     pub fn new(
         path: PathBuf,
-        forwarder: Forwarder,
+        (forwarder, replies): (Forwarder, Replies),
         gateway: Gateway,
         wan_ifindex: u32,
         client_route: (u32, Ipv4Addr),
@@ -84,6 +87,7 @@ impl Forwarding {
         Self {
             path,
             forwarder: Mutex::new(forwarder),
+            replies,
             problems: Mutex::new(Vec::new()),
             // The WAN's own program forwards; the TUN device's answers
             // clients' connections.
@@ -105,17 +109,13 @@ impl Forwarding {
         if !self.to_clients.load(Relaxed) {
             return false;
         }
-        // Only packets to a NAT port can answer a connection: the rest
-        // (a query to the gateway's DNS service) never wait for the
-        // forwarder's lock, which its expiry holds for a walk of the table.
+        // Only packets to a NAT port can answer a connection: the rest (a
+        // query to the gateway's DNS service) need no lookup. The lookup
+        // takes no lock: the forwarder's expiry holds its own for a walk
+        // of the whole table.
         forward::client_reply_key(pkt, vip, self.client_route.1)
             .filter(|key| self.gateway.nat_ports.contains(key.dst_port))
-            .is_some_and(|key| {
-                self.forwarder
-                    .lock()
-                    .expect("forwarder lock")
-                    .is_reply(&key)
-            })
+            .is_some_and(|key| self.replies.contains(&key))
     }
 
     /// Whether a client a rule waits for has an address now.

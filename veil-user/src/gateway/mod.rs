@@ -374,7 +374,11 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let forwarding = match &cfg.forward {
         Some(path) => Some(Arc::new(forward::Forwarding::new(
             path.clone(),
-            datapath.forwarder(cfg.timeouts)?,
+            // The packet path's handle first: the forwarder takes the map.
+            {
+                let replies = datapath.forward_replies()?;
+                (datapath.forwarder(cfg.timeouts)?, replies)
+            },
             crate::forward::Gateway {
                 own: crate::forward::own_addrs()
                     .into_iter()
