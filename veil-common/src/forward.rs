@@ -249,9 +249,9 @@ pub const fn handshake_mark(ack: u32) -> u16 {
 
 /// The acknowledgment number a forwarded connection's handshake ACK must
 /// carry, whole, as its inbound entry keeps it: in the high half of the
-/// entry's `stats.tcp_flags`, where the datapath notes the target's
-/// SYN-ACK sequence number + 1 (the low half holds the flags; 0: no
-/// SYN-ACK seen). With [`handshake_mark`]'s 16 bits alone, a blind guess
+/// entry's `stats.tcp_flags`, where the datapath notes the latest
+/// SYN-ACK's sequence number + 1 from the target (the low half holds the
+/// flags; 0: no SYN-ACK seen, or one numbered 0xffff_ffff). With [`handshake_mark`]'s 16 bits alone, a blind guess
 /// would match one time in 32,768.
 pub const fn handshake_ack(tcp_flags: u64) -> u32 {
     (tcp_flags >> 32) as u32
@@ -379,6 +379,14 @@ mod tests {
         assert!(tcp_over(SYN | ACK | FIN, SYN | ACK | FIN));
         assert!(tcp_over(SYN, RST));
         assert!(tcp_over(SYN | ACK | RST, SYN | ACK));
+        // An inbound entry's high half (the handshake's acknowledgment
+        // number) is no flag.
+        let noted = 0xffff_ffffu64 << 32;
+        assert!(!tcp_over(noted | SYN | ACK, SYN | ACK));
+        assert!(tcp_over(noted | SYN | ACK | FIN, SYN | ACK | FIN));
+        assert_eq!(handshake_ack(noted | SYN), 0xffff_ffff);
+        assert!(tcp_flags::handshake_done(noted | SYN | ACK, SYN | ACK));
+        assert!(!tcp_flags::handshake_done(noted | SYN, SYN | ACK));
     }
 
     fn connection(proto: u8, out: u64, back: u64) -> (FwdFlow, FwdFlow) {

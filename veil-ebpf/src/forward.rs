@@ -463,10 +463,11 @@ fn translate_at(
 /// have said it. The target's acknowledgment is noted on the reply entry,
 /// and its SYN-ACK's sequence number on the inbound one, then the
 /// remote's acknowledgment. A remote's ACK completes the handshake only
-/// if it acknowledges that SYN-ACK ([`handshake_mark`]); an RST or FIN far
-/// from what the other side acknowledged ([`rst_plausible`]) is forwarded
-/// (the receiver judges it) but not taken as the end, which would free the
-/// connection's NAT port and place for others. The flags to record.
+/// if it acknowledges that SYN-ACK whole ([`handshake_mark`],
+/// [`handshake_ack`]); an RST or FIN far from what the other side
+/// acknowledged ([`rst_plausible`]) is forwarded (the receiver judges it)
+/// but not taken as the end, which would free the connection's NAT port
+/// and place for others. The flags to record.
 #[inline(always)]
 fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
     let (dir, seen) = unsafe { ((*flow).dir, (*flow).stats.tcp_flags) };

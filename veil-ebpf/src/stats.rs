@@ -1,6 +1,6 @@
 //! Counters: per reason (per CPU) and per flow (shared, atomic).
 
-use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering::Relaxed};
+use core::intrinsics::{atomic_or, atomic_xadd, atomic_xor, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use network_types::tcp::TcpHdr;
@@ -103,13 +103,19 @@ pub fn fwd_connection(c: *mut FwdCounters) {
 /// Notes on a forwarded connection's inbound entry what the remote's
 /// handshake ACK must acknowledge (the target's SYN-ACK sequence number
 /// + 1), whole, in the high half of its flags word
-/// ([`veil_common::handshake_ack`]), which [`touch`] never writes: once,
-/// while it is 0, so that the flags ORed in meanwhile stay.
+/// ([`veil_common::handshake_ack`]), which [`touch`] never writes. The
+/// latest SYN-ACK's, as `acked` keeps its low 16 bits (a target may answer
+/// a retransmitted SYN with a new one). An atomic XOR of the difference,
+/// not a store, so that flags ORed in meanwhile by another CPU stay.
 #[inline(always)]
 pub fn note_handshake(stats: *mut FlowStats, next: u32) {
     unsafe {
-        if (*stats).tcp_flags >> 32 == 0 {
-            atomic_or::<u64, u64, { Relaxed }>(&raw mut (*stats).tcp_flags, (next as u64) << 32);
+        let noted = ((*stats).tcp_flags >> 32) as u32;
+        if noted != next {
+            atomic_xor::<u64, u64, { Relaxed }>(
+                &raw mut (*stats).tcp_flags,
+                ((noted ^ next) as u64) << 32,
+            );
         }
     }
 }

@@ -888,8 +888,10 @@ mod tests {
         };
         let (a, b) = ([198, 18, 0, 2], [198, 18, 0, 3]);
         let open = tcp_flags::SYN | tcp_flags::ACK;
+        // The inbound entry's high half: the handshake's acknowledgment.
+        let noted = 0x8000_0001u64 << 32;
         let connections = [
-            seen(a, proto::TCP, open, open),
+            seen(a, proto::TCP, noted | open, open),
             seen(a, proto::TCP, open | tcp_flags::FIN, open),
             seen(a, proto::TCP, open | tcp_flags::FIN, open | tcp_flags::FIN),
             seen(a, proto::TCP, open, tcp_flags::RST),
