@@ -104,7 +104,10 @@ fn verdict(checks: &Checks, pkt: &[u8]) {
 
     match &verdict {
         Verdict::Datapath { flow } => {
-            assert!(!checks.pool.contains(info.dst), "a client's address NATed out");
+            assert!(
+                !checks.pool.contains(info.dst),
+                "a client's address NATed out"
+            );
             assert!(info.ttl > 1);
             match flow {
                 Some(key) => {

@@ -117,9 +117,7 @@ impl Class {
         }
         let addrs = addrs(6, &p[8..40]);
         match p[6] {
-            ip::TCP if p.len() >= 44 => {
-                Class::Flow(addrs, p[40..44].try_into().unwrap(), ip::TCP)
-            }
+            ip::TCP if p.len() >= 44 => Class::Flow(addrs, p[40..44].try_into().unwrap(), ip::TCP),
             ip::UDP | 58 => Class::Other,
             _ => Class::Addrs(addrs),
         }
@@ -328,7 +326,11 @@ impl Tracker {
         );
         assert!(hdr.gso_size >= MIN_GSO_SIZE);
         assert_eq!(hdr.validate(packet), Ok(()));
-        assert_eq!(usize::from(be16(packet, 24)), packet.len() - 20, "UDP length");
+        assert_eq!(
+            usize::from(be16(packet, 24)),
+            packet.len() - 20,
+            "UDP length"
+        );
         assert_eq!(be16(packet, 26), pseudo_sum(packet, 20), "partial checksum");
         let payload = &packet[28..];
         let (mut at, mut used) = (0, 0);
@@ -364,7 +366,10 @@ impl Tracker {
         assert!(used <= MAX_UDP_SEGMENTS, "{used} datagrams in one");
         let f = &self.inputs[pending[0]].packet;
         let same = |r: std::ops::Range<usize>| packet[r.clone()] == f[r];
-        assert!(same(0..2) && same(4..10) && same(12..24), "IPv4 and UDP header");
+        assert!(
+            same(0..2) && same(4..10) && same(12..24),
+            "IPv4 and UDP header"
+        );
         let mut segments = Vec::new();
         segment(hdr, packet, &mut self.scratch, |s| {
             segments.push(s.to_vec())

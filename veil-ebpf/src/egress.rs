@@ -82,7 +82,13 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     let (kind, port_at, check_at, remote_port, flags) = match protocol {
         proto::TCP => {
             let tcp: *mut TcpHdr = pkt.at(l4)?;
-            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, stats::flags_and_ack(tcp))
+            (
+                L4Sum::Tcp,
+                l4,
+                l4 + 16,
+                unsafe { (*tcp).dest },
+                stats::flags_and_ack(tcp),
+            )
         }
         proto::UDP => {
             let udp: *mut UdpHdr = pkt.at(l4)?;

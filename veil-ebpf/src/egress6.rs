@@ -14,8 +14,7 @@
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EtherType, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr};
 use veil_common::{
-    csum::L4Sum, frag_kind, proto, ratelimit::Direction, FlowKey6, FragKey6, Reason,
-    IPPROTO_ICMPV6,
+    csum::L4Sum, frag_kind, proto, ratelimit::Direction, FlowKey6, FragKey6, Reason, IPPROTO_ICMPV6,
 };
 
 use crate::{
@@ -83,7 +82,13 @@ pub fn from_tunnel(ctx: &TcContext) -> Result<Verdict, Reason> {
     let (kind, port_at, check_at, remote_port, flags) = match upper {
         proto::TCP => {
             let tcp: *mut TcpHdr = pkt.at(l4)?;
-            (L4Sum::Tcp, l4, l4 + 16, unsafe { (*tcp).dest }, stats::flags_and_ack(tcp))
+            (
+                L4Sum::Tcp,
+                l4,
+                l4 + 16,
+                unsafe { (*tcp).dest },
+                stats::flags_and_ack(tcp),
+            )
         }
         proto::UDP => {
             let udp: *mut UdpHdr = pkt.at(l4)?;

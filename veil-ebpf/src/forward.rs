@@ -31,11 +31,12 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 use veil_common::{
-    acked_of, assured, handshake_ack, handshake_mark,
+    acked_of, assured,
     csum::{self, L4Sum},
-    fwd_dir, proto,
-    ratelimit::Direction, rst_plausible, tcp_flags, tcp_over, Config, FwdFlow, FwdKey, FwdOpening, FwdRule,
-    FwdRuleKey, Reason, FWD_OPENING_SLOTS,
+    fwd_dir, handshake_ack, handshake_mark, proto,
+    ratelimit::Direction,
+    rst_plausible, tcp_flags, tcp_over, Config, FwdFlow, FwdKey, FwdOpening, FwdRule, FwdRuleKey,
+    Reason, FWD_OPENING_SLOTS,
 };
 
 use crate::{

@@ -22,7 +22,10 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use veil_common::{
-    counted_flags, csum::L4Sum, proto, ratelimit::Direction,
+    counted_flags,
+    csum::L4Sum,
+    proto,
+    ratelimit::Direction,
     tcp_flags::{FIN, RST},
     Config, FlowKey, Reason, ReverseFlow, ReverseKey,
 };

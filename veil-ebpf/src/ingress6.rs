@@ -32,8 +32,7 @@ use veil_common::{
     frag_kind, proto,
     ratelimit::Direction,
     tcp_flags::{FIN, RST},
-    Config, Config6, FlowKey6, Reason, ReverseFlow6, ReverseKey6, FRAG_TIMEOUT_NS,
-    IPPROTO_ICMPV6,
+    Config, Config6, FlowKey6, Reason, ReverseFlow6, ReverseKey6, FRAG_TIMEOUT_NS, IPPROTO_ICMPV6,
 };
 
 use crate::{

@@ -44,8 +44,7 @@ pub static VEIL_FWD_OPENING: Array<FwdOpening, { FWD_OPENING_SLOTS as usize }> =
 /// Connections per remote address (`sources`): LRU, so that forged
 /// sources cannot fill it and keep real ones from being counted.
 #[btf_map]
-pub static VEIL_FWD_SOURCES: LruHashMap<u32, u64, { MAX_FWD_SOURCES as usize }> =
-    LruHashMap::new();
+pub static VEIL_FWD_SOURCES: LruHashMap<u32, u64, { MAX_FWD_SOURCES as usize }> = LruHashMap::new();
 
 #[btf_map]
 pub static VEIL_FWD_STATS: HashMap<FwdRuleKey, FwdCounters, { MAX_FWD_RULES as usize }> =

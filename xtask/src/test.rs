@@ -30,6 +30,16 @@ pub fn run(opts: &Options) -> Result<()> {
     if !opts.no_lint {
         exec(cargo().args(["fmt", "--all", "--", "--check"]))
             .context("rustfmt: run `cargo fmt --all`")?;
+        // The crates the workspace leaves out (their own targets and
+        // toolchains) are held to the same format.
+        for dir in ["veil-ebpf", "fuzz"] {
+            exec(
+                cargo()
+                    .current_dir(root().join(dir))
+                    .args(["fmt", "--", "--check"]),
+            )
+            .with_context(|| format!("rustfmt: run `cargo fmt` in {dir}"))?;
+        }
         exec(cargo().args([
             "clippy",
             "--workspace",
