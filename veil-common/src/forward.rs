@@ -214,6 +214,17 @@ pub const fn tcp_over(out: u64, back: u64) -> bool {
     (out | back) & tcp_flags::RST != 0 || out & back & tcp_flags::FIN != 0
 }
 
+/// Whether a forwarded TCP connection counts against its remote's share
+/// (`--max-forward-per-source`), from its inbound (`out`) and reply
+/// (`back`) entries' flags: from the remote's handshake ACK, the one that
+/// proves it owns its address (the datapath records that ACK only then),
+/// until the connection is over. The datapath counts a connection as
+/// this turns true and false; the daemon's recount is this, connection
+/// by connection.
+pub const fn holds_share(out: u64, back: u64) -> bool {
+    out & tcp_flags::ACK != 0 && !tcp_over(out, back)
+}
+
 /// A connection's place among those not yet assured: its inbound entry's
 /// key, and when it was made (a later connection on the same key is
 /// another one).
@@ -379,6 +390,12 @@ mod tests {
         assert!(tcp_over(SYN | ACK | FIN, SYN | ACK | FIN));
         assert!(tcp_over(SYN, RST));
         assert!(tcp_over(SYN | ACK | RST, SYN | ACK));
+        // A share is held from the remote's ACK until the end.
+        assert!(!holds_share(SYN, SYN | ACK), "handshake not over");
+        assert!(holds_share(SYN | ACK, SYN | ACK));
+        assert!(holds_share(SYN | ACK | FIN, SYN | ACK), "half closed");
+        assert!(!holds_share(SYN | ACK | FIN, SYN | ACK | FIN));
+        assert!(!holds_share(SYN | ACK, SYN | ACK | RST));
         // An inbound entry's high half (the handshake's acknowledgment
         // number) is no flag.
         let noted = 0xffff_ffffu64 << 32;

@@ -121,6 +121,21 @@ pub struct ReverseKey6 {
     pub _pad: [u8; 3],
 }
 
+impl ReverseKey6 {
+    /// The key of the client's flow whose replies this key takes, given
+    /// its client (the reverse entry's value).
+    pub const fn client_flow(&self, client_addr: [u8; 16], client_port: u16) -> FlowKey6 {
+        FlowKey6 {
+            client_addr,
+            remote_addr: self.remote_addr,
+            client_port,
+            remote_port: self.remote_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// The IPv6 reverse map's value: whom a reply belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -33,7 +33,7 @@ use network_types::{
 use veil_common::{
     acked_of, assured,
     csum::{self, L4Sum},
-    fwd_dir, handshake_ack, handshake_mark, proto,
+    fwd_dir, handshake_ack, handshake_mark, holds_share, proto,
     ratelimit::Direction,
     rst_plausible, tcp_flags, tcp_over, Config, FwdFlow, FwdKey, FwdOpening, FwdRule, FwdRuleKey,
     Reason, FWD_OPENING_SLOTS,
@@ -500,7 +500,7 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
             return 0;
         }
         let (out, back) = unsafe { ((*inbound).stats.tcp_flags, (*flow).stats.tcp_flags) };
-        if done && !tcp_over(out, back) && tcp_over(out, back | c.tcp_flags) {
+        if holds_share(out, back) && !holds_share(out, back | c.tcp_flags) {
             // The remote is where this entry's packets go.
             sources::ended(unsafe { (*flow).dst_addr });
         }
@@ -515,9 +515,7 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
         if !rst_plausible(c.seq, acked) {
             return 0;
         }
-        // Counted since its handshake: see below.
-        let counted = seen & tcp_flags::ACK != 0;
-        if counted && !tcp_over(seen, back) && tcp_over(seen | flags, back) {
+        if holds_share(seen, back) && !holds_share(seen | flags, back) {
             sources::ended(c.key.src_addr);
         }
     }
@@ -540,7 +538,7 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
                 Some(reply) => unsafe { (*reply).stats.tcp_flags },
                 None => 0,
             };
-            if !tcp_over(seen | flags, back) {
+            if holds_share(seen | flags, back) {
                 sources::opened(c.key.src_addr);
             }
         }
@@ -708,15 +706,13 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow, cfg: &Config) -> Result<Option<*mut 
     if (seen | seen_back) & closed == 0 {
         return Ok(Some(flow));
     }
-    // The old connection counted against its remote from its handshake
-    // (the ACK on the inbound entry) until it was over; the entries'
-    // flags start again below, or the entries go.
-    let over = tcp_over(seen, seen_back);
-    let (inbound_seen, remote) = match dir {
-        fwd_dir::INBOUND => (seen, key.src_addr),
-        _ => (seen_back, unsafe { (*flow).dst_addr }),
+    // The old connection stops counting against its remote: the
+    // entries' flags start again below, or the entries go.
+    let ((out, back), remote) = match dir {
+        fwd_dir::INBOUND => ((seen, seen_back), key.src_addr),
+        _ => ((seen_back, seen), unsafe { (*flow).dst_addr }),
     };
-    if !over && inbound_seen & tcp_flags::ACK != 0 {
+    if holds_share(out, back) {
         sources::ended(remote);
     }
     if dir == fwd_dir::INBOUND && !still_ruled(unsafe { &*flow }, rule_key) {
@@ -726,7 +722,7 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow, cfg: &Config) -> Result<Option<*mut 
     }
     // The new one counts once its handshake is over, as any; refused
     // early if its remote has its share already.
-    if over && dir == fwd_dir::INBOUND {
+    if tcp_over(out, back) && dir == fwd_dir::INBOUND {
         sources::may_open(remote, cfg)?;
     }
     unsafe {

@@ -27,7 +27,7 @@ use veil_common::{
     proto,
     ratelimit::Direction,
     tcp_flags::{FIN, RST},
-    Config, FlowKey, Reason, ReverseFlow, ReverseKey,
+    Config, Reason, ReverseFlow, ReverseKey,
 };
 
 use crate::{
@@ -494,22 +494,16 @@ fn reply_flags(
         return Ok(tcp_flags);
     }
     let tcp: *mut TcpHdr = pkt.at(L4_AT)?;
-    let client_flow = FlowKey {
-        client_addr,
-        remote_addr: key.remote_addr,
-        client_port,
-        remote_port: key.remote_port,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
-    Ok(match VEIL_EGRESS.get_ptr(&client_flow) {
-        Some(out) => counted_flags(
-            tcp_flags,
-            u32::from_be_bytes(unsafe { (*tcp).seq }),
-            unsafe { (*out).acked },
-        ),
-        None => tcp_flags,
-    })
+    Ok(
+        match VEIL_EGRESS.get_ptr(&key.client_flow(client_addr, client_port)) {
+            Some(out) => counted_flags(
+                tcp_flags,
+                u32::from_be_bytes(unsafe { (*tcp).seq }),
+                unsafe { (*out).acked },
+            ),
+            None => tcp_flags,
+        },
+    )
 }
 
 /// Translates a reply on `flow` back to its client.

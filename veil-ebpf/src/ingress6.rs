@@ -32,7 +32,7 @@ use veil_common::{
     frag_kind, proto,
     ratelimit::Direction,
     tcp_flags::{FIN, RST},
-    Config, Config6, FlowKey6, Reason, ReverseFlow6, ReverseKey6, FRAG_TIMEOUT_NS, IPPROTO_ICMPV6,
+    Config, Config6, Reason, ReverseFlow6, ReverseKey6, FRAG_TIMEOUT_NS, IPPROTO_ICMPV6,
 };
 
 use crate::{
@@ -531,20 +531,14 @@ fn reply_flags(
         return Ok(tcp_flags);
     }
     let tcp: *mut TcpHdr = pkt.at(l4)?;
-    let client_flow = FlowKey6 {
-        client_addr,
-        remote_addr: key.remote_addr,
-        client_port,
-        remote_port: key.remote_port,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
-    Ok(match VEIL_EGRESS6.get_ptr(&client_flow) {
-        Some(out) => counted_flags(
-            tcp_flags,
-            u32::from_be_bytes(unsafe { (*tcp).seq }),
-            unsafe { (*out).acked },
-        ),
-        None => tcp_flags,
-    })
+    Ok(
+        match VEIL_EGRESS6.get_ptr(&key.client_flow(client_addr, client_port)) {
+            Some(out) => counted_flags(
+                tcp_flags,
+                u32::from_be_bytes(unsafe { (*tcp).seq }),
+                unsafe { (*out).acked },
+            ),
+            None => tcp_flags,
+        },
+    )
 }

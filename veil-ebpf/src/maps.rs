@@ -41,8 +41,9 @@ pub static VEIL_FWD_FLOWS: HashMap<FwdKey, FwdFlow, { MAX_FWD_FLOWS as usize }> 
 #[btf_map]
 pub static VEIL_FWD_OPENING: Array<FwdOpening, { FWD_OPENING_SLOTS as usize }> = Array::new();
 
-/// Connections per remote address (`sources`): LRU, so that forged
-/// sources cannot fill it and keep real ones from being counted.
+/// Connections per remote address (`sources`). Only hosts that finished
+/// a handshake make entries; LRU all the same, as an evicted count can
+/// only let its host in more, never keep it out.
 #[btf_map]
 pub static VEIL_FWD_SOURCES: LruHashMap<u32, u64, { MAX_FWD_SOURCES as usize }> = LruHashMap::new();
 

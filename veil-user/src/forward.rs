@@ -30,8 +30,8 @@ use std::{
 
 use aya::maps::{HashMap, MapData, MapError};
 use veil_common::{
-    fwd_dir, proto, tcp_flags, tcp_over, FlowKey, FwdCounters, FwdFlow, FwdKey, FwdRule,
-    FwdRuleKey, FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_SOURCES_MAP, FWD_STATS_MAP, MAX_FWD_RULES,
+    fwd_dir, holds_share, proto, FlowKey, FwdCounters, FwdFlow, FwdKey, FwdRule, FwdRuleKey,
+    FWD_FLOWS_MAP, FWD_RULES_MAP, FWD_SOURCES_MAP, FWD_STATS_MAP, MAX_FWD_RULES,
 };
 
 use crate::{
@@ -822,19 +822,14 @@ impl Forwarder {
 }
 
 /// Connections each remote address holds, as the datapath counts them
-/// (keyed as it keys them): TCP connections whose handshake is over (the
-/// remote's ACK on the inbound entry: a forged source never gets there)
-/// and that are not. UDP cannot show that a remote owns its address, so
-/// it is not counted.
+/// (keyed as it keys them): TCP connections that [`holds_share`]. UDP
+/// cannot show that a remote owns its address, so it is not counted.
 fn per_source(connections: &[Seen]) -> BTreeMap<u32, u64> {
     let mut live = BTreeMap::new();
     for c in connections {
         let (key, inbound) = c.inbound;
-        let (out, back) = (
-            inbound.stats.tcp_flags,
-            c.reply.map_or(0, |(_, r)| r.stats.tcp_flags),
-        );
-        if inbound.rule.proto == proto::TCP && out & tcp_flags::ACK != 0 && !tcp_over(out, back) {
+        let back = c.reply.map_or(0, |(_, r)| r.stats.tcp_flags);
+        if inbound.rule.proto == proto::TCP && holds_share(inbound.stats.tcp_flags, back) {
             *live.entry(u32::from_ne_bytes(key.src_addr)).or_default() += 1;
         }
     }
