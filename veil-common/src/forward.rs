@@ -262,8 +262,9 @@ pub const fn handshake_mark(ack: u32) -> u16 {
 /// carry, whole, as its inbound entry keeps it: in the high half of the
 /// entry's `stats.tcp_flags`, where the datapath notes the latest
 /// SYN-ACK's sequence number + 1 from the target (the low half holds the
-/// flags; 0: no SYN-ACK seen, or one numbered 0xffff_ffff). With [`handshake_mark`]'s 16 bits alone, a blind guess
-/// would match one time in 32,768.
+/// flags; 0: no SYN-ACK seen, or one numbered 0xffff_ffff). With
+/// [`handshake_mark`]'s 16 bits alone, a blind guess would match one time
+/// in 32,768.
 pub const fn handshake_ack(tcp_flags: u64) -> u32 {
     (tcp_flags >> 32) as u32
 }

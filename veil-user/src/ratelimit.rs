@@ -4,6 +4,7 @@
 //! (`veil_common::ratelimit`).
 
 use std::{
+    collections::HashSet,
     fmt,
     net::Ipv4Addr,
     str::FromStr,
@@ -199,9 +200,10 @@ impl FairUse {
 pub struct RateLimits {
     map: HashMap<MapData, RateKey, RateLimit>,
     count: Array<MapData, u32>,
-    /// Entries in `map`.
-    limited: u32,
-    /// Whether `limited` is above 0, for readers without this table's
+    /// The clients with an entry in `map`: those [`Self::charge`] looks
+    /// up (no system call for the others), and their count.
+    limited: HashSet<Ipv4Addr>,
+    /// Whether `limited` has any, for readers without this table's
     /// lock: the daemon's own packets (DNS, client to client) skip the
     /// lock while no client is limited, as the datapath skips its lookup.
     anyone: Arc<AtomicBool>,
@@ -221,7 +223,11 @@ impl RateLimits {
         map: HashMap<MapData, RateKey, RateLimit>,
         count: Array<MapData, u32>,
     ) -> Result<Self, MapError> {
-        let limited = map.keys().count() as u32;
+        let limited = map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| Ipv4Addr::from(k.client_addr))
+            .collect();
         let mut limits = Self {
             map,
             count,
@@ -240,7 +246,9 @@ impl RateLimits {
         let k = key(vip);
         if limits.rate.is_none() && limits.quota.is_none() {
             match self.map.remove(&k) {
-                Ok(()) => self.limited = self.limited.saturating_sub(1),
+                Ok(()) => {
+                    self.limited.remove(&vip);
+                }
                 Err(MapError::KeyNotFound) => {}
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
@@ -254,18 +262,16 @@ impl RateLimits {
             limits.period.as_nanos().min(u64::MAX as u128) as u64,
             monotonic_ns(),
         );
-        let (value, new) = match self.map.get(&k, 0) {
+        let value = match self.map.get(&k, 0) {
             Ok(old) if old.rate == fresh.rate && old.quota == fresh.quota => {
                 return self.sync_count();
             }
-            Ok(old) => (fresh.with_state_of(&old), false),
-            Err(_) => (fresh, true),
+            Ok(old) => fresh.with_state_of(&old),
+            Err(_) => fresh,
         };
         // The entry first, then the count that makes the datapath look.
         self.map.insert(k, value, 0)?;
-        if new {
-            self.limited += 1;
-        }
+        self.limited.insert(vip);
         self.sync_count()
     }
 
@@ -277,10 +283,11 @@ impl RateLimits {
 
     /// Tells the datapath how many entries there are, unless it knows.
     fn sync_count(&mut self) -> Result<(), MapError> {
-        self.anyone.store(self.limited > 0, Relaxed);
-        if self.written != Some(self.limited) {
-            self.count.set(0, self.limited, 0)?;
-            self.written = Some(self.limited);
+        let count = self.limited.len() as u32;
+        self.anyone.store(count > 0, Relaxed);
+        if self.written != Some(count) {
+            self.count.set(0, count, 0)?;
+            self.written = Some(count);
         }
         Ok(())
     }
@@ -303,7 +310,8 @@ impl RateLimits {
         len: u64,
         now_ns: u64,
     ) -> Result<(), Reason> {
-        if self.limited == 0 {
+        // Most clients are not limited: no system call for them.
+        if !self.limited.contains(&vip) {
             return Ok(());
         }
         let k = key(vip);
