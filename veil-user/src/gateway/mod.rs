@@ -156,6 +156,22 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 const GC_INTERVAL: Duration = Duration::from_secs(10);
 /// Flows read per hold of the flow-table lock during a sweep or a status.
 const GC_SLICE: usize = 1024;
+
+/// Deletes `keys` from the flow table behind `table`, [`GC_SLICE`] at a
+/// time: a client's new flow, which waits for the lock, waits for one
+/// slice at most, not for thousands of map deletions.
+fn delete_in_slices<T, K, E>(
+    table: &Mutex<T>,
+    keys: &[K],
+    delete: impl Fn(&mut T, &K) -> Result<bool, E>,
+) -> Result<(), E> {
+    keys.chunks(GC_SLICE).try_for_each(|slice| {
+        let mut table = table.lock().expect("flow table lock");
+        slice
+            .iter()
+            .try_for_each(|key| delete(&mut table, key).map(drop))
+    })
+}
 const REGISTRY_INTERVAL: Duration = Duration::from_secs(1);
 /// A client that takes none of our bytes for this long has stopped reading:
 /// its session ends (the kernel's TCP_USER_TIMEOUT would end the connection

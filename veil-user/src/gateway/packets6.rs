@@ -226,13 +226,8 @@ impl Shared {
         let Some(v6) = &self.v6 else {
             return;
         };
-        // A slice at a time, as for IPv4 (`end_grace`).
         let keys = v6.flows.lock().expect("flows6 lock").client_keys(vip);
-        let removed = keys.chunks(super::GC_SLICE).try_for_each(|slice| {
-            let mut flows = v6.flows.lock().expect("flows6 lock");
-            slice.iter().try_for_each(|key| flows.delete(key).map(drop))
-        });
-        if let Err(e) = removed {
+        if let Err(e) = super::delete_in_slices(&v6.flows, &keys, FlowTable6::delete) {
             warn!(%vip, "removing IPv6 flows: {e:#}");
         }
     }

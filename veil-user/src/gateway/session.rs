@@ -349,11 +349,7 @@ impl Shared {
             return;
         }
         let keys = self.flows.lock().expect("flows lock").client_keys(vip);
-        let removed = keys.chunks(super::GC_SLICE).try_for_each(|slice| {
-            let mut flows = self.flows.lock().expect("flows lock");
-            slice.iter().try_for_each(|key| flows.delete(key).map(drop))
-        });
-        match removed {
+        match super::delete_in_slices(&self.flows, &keys, crate::flows::FlowTable::delete) {
             Ok(()) => {
                 info!(client = %name, %vip, flows = keys.len(), "grace period over: flows removed")
             }
