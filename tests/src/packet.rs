@@ -58,11 +58,15 @@ pub enum L4<'a> {
         dst: u16,
         payload: &'a [u8],
     },
-    /// A TCP segment with the given flags (`"S"`, `"SA"`, `"A"`, `"F"`, `"R"`).
+    /// A TCP segment with the given flags (`"S"`, `"SA"`, `"A"`, `"F"`,
+    /// `"R"`, `"P"`), sequence number and acknowledgment number (the
+    /// latter sent with `A` only).
     Tcp {
         src: u16,
         dst: u16,
         flags: &'a str,
+        seq: u32,
+        ack: u32,
         payload: &'a [u8],
     },
     EchoRequest {
@@ -82,12 +86,28 @@ impl<'a> L4<'a> {
         L4::Udp { src, dst, payload }
     }
 
+    /// A TCP segment numbered 1000, acknowledging 2000.
     pub fn tcp(src: u16, dst: u16, flags: &'a str, payload: &'a [u8]) -> Self {
         L4::Tcp {
             src,
             dst,
             flags,
+            seq: 1000,
+            ack: 2000,
             payload,
+        }
+    }
+
+    /// An empty TCP segment with the sequence and acknowledgment numbers
+    /// given.
+    pub fn tcp_numbered(src: u16, dst: u16, flags: &'a str, seq: u32, ack: u32) -> Self {
+        L4::Tcp {
+            src,
+            dst,
+            flags,
+            seq,
+            ack,
+            payload: b"",
         }
     }
 
@@ -120,13 +140,15 @@ pub fn write_l4(
             src,
             dst,
             flags,
+            seq,
+            ack,
             payload,
         } => {
-            let mut b = ip.tcp(src, dst, 1000, 64240);
+            let mut b = ip.tcp(src, dst, seq, 64240);
             for f in flags.chars() {
                 b = match f {
                     'S' => b.syn(),
-                    'A' => b.ack(2000),
+                    'A' => b.ack(ack),
                     'F' => b.fin(),
                     'R' => b.rst(),
                     'P' => b.psh(),

@@ -249,19 +249,8 @@ fn expiry_follows_protocol_and_tcp_state() {
     }
     // Through the datapath: SYN out, SYN-ACK back, and the client's ACK
     // for `established` only (`answered` is where a forged SYN gets).
-    let tcp = |src, dst, sport, dport, flags| {
-        frame(
-            src,
-            dst,
-            64,
-            L4::Tcp {
-                src: sport,
-                dst: dport,
-                flags,
-                payload: b"",
-            },
-        )
-    };
+    let tcp =
+        |src, dst, sport, dport, flags| frame(src, dst, 64, L4::tcp(sport, dport, flags, b""));
     for (client_port, ack) in [(50000, true), (50002, false)] {
         let flow = key(proto::TCP, CLIENT, client_port, REMOTE, 443);
         let nat = bed.flows.get(&flow).unwrap();
@@ -328,33 +317,6 @@ fn replies_alone_keep_a_flow_only_a_timeout_past_the_clients_last_packet() {
     assert_eq!(later(180), vec![talking], "idle past the timeout since");
 }
 
-/// A TCP segment with the sequence and acknowledgment numbers given (the
-/// other test packets carry fixed ones).
-fn segment(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ports: (u16, u16),
-    seq: u32,
-    ack: u32,
-    flags: &str,
-) -> Vec<u8> {
-    let ip =
-        etherparse::PacketBuilder::ethernet2([0; 6], [0; 6]).ipv4(src.octets(), dst.octets(), 64);
-    let mut b = ip.tcp(ports.0, ports.1, seq, 64240);
-    for f in flags.chars() {
-        b = match f {
-            'S' => b.syn(),
-            'A' => b.ack(ack),
-            'F' => b.fin(),
-            'R' => b.rst(),
-            other => panic!("unknown TCP flag {other}"),
-        };
-    }
-    let mut out = Vec::new();
-    b.write(&mut out, b"").unwrap();
-    out
-}
-
 /// An RST or FIN with a remote's address but a sequence number far from
 /// what the client acknowledged is no proof that the connection ended:
 /// anyone can send one, guessing only the NAT port. It still reaches the
@@ -370,12 +332,22 @@ fn a_blind_rst_with_a_remotes_address_does_not_close_a_clients_flow() {
     const NEXT: u32 = 0x7d31_0000;
     let out = |bed: &mut Bed, seq, ack, flags| {
         let verdict = bed
-            .tun(&segment(CLIENT, REMOTE, (50000, 443), seq, ack, flags))
+            .tun(&frame(
+                CLIENT,
+                REMOTE,
+                64,
+                L4::tcp_numbered(50000, 443, flags, seq, ack),
+            ))
             .0;
         assert_eq!(verdict, TC_ACT_REDIRECT);
     };
     let back = |bed: &mut Bed, seq, flags| {
-        let packet = segment(REMOTE, PUBLIC, (443, nat), seq, 2, flags);
+        let packet = frame(
+            REMOTE,
+            PUBLIC,
+            64,
+            L4::tcp_numbered(443, nat, flags, seq, 2),
+        );
         assert!(bed.wan(&packet).delivered(), "the client gets it, to judge");
     };
     out(&mut bed, 1, 0, "S");
@@ -545,17 +517,7 @@ fn a_clients_flows_all_leave_from_its_public_address() {
         assert!(flow.to_string().contains(&format!("via {want}:")), "{flow}");
     }
     // And the packets: the second client's leave from the second address.
-    let out = frame(
-        on_second,
-        REMOTE,
-        64,
-        L4::Tcp {
-            src: 50000,
-            dst: 443,
-            flags: "S",
-            payload: b"",
-        },
-    );
+    let out = frame(on_second, REMOTE, 64, L4::tcp(50000, 443, "S", b""));
     let (action, sent) = bed.tun(&out);
     assert_eq!(action, TC_ACT_REDIRECT);
     assert_eq!(&sent[26..30], &PUBLIC2.octets(), "source address");

@@ -825,25 +825,28 @@ fn an_ack_right_in_its_low_16_bits_alone_completes_no_handshake() {
     let _lan = LanServer::start(&world.lan, 8000);
     let target_side = Capture::outgoing(&world.lan, "eth0", libc::ETH_P_IP as u16);
     let raw = world.remote.enter(RawIp::new);
-    let packet = |flags, ack: Option<u32>| {
-        let mut p = ip_of(&frame(VICTIM, PUBLIC, 64, L4::tcp(2000, 8080, flags, &[]))).to_vec();
-        if let Some(ack) = ack {
-            p[28..32].copy_from_slice(&ack.to_be_bytes());
-            // A wrong checksum: the target drops it without a word, as a
-            // blind sender's guesses would be dropped.
-            p[20 + 16] ^= 0xff;
-        }
-        p
+    let packet = |flags, ack| {
+        ip_of(&frame(
+            VICTIM,
+            PUBLIC,
+            64,
+            L4::tcp_numbered(2000, 8080, flags, 1000, ack),
+        ))
+        .to_vec()
     };
     silent(&world, "198.18.0.77", "2000");
-    raw.send(&packet("S", None), PUBLIC);
+    raw.send(&packet("S", 0), PUBLIC);
     let syn_ack = target_side
         .packets(Duration::from_millis(500))
         .into_iter()
         .find(|p| p.len() >= 40 && p[9] == 6 && p[20 + 13] & 0x12 == 0x12)
         .expect("the target's SYN-ACK");
     let next = u32::from_be_bytes(syn_ack[24..28].try_into().unwrap()).wrapping_add(1);
-    raw.send(&packet("A", Some(next ^ 0x8000_0000)), PUBLIC);
+    let mut guess = packet("A", next ^ 0x8000_0000);
+    // A wrong checksum: the target drops it without a word, as a blind
+    // sender's guesses would be dropped.
+    guess[20 + 16] ^= 0xff;
+    raw.send(&guess, PUBLIC);
     thread::sleep(Duration::from_millis(200));
 
     world
