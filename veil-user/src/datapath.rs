@@ -457,9 +457,9 @@ impl Datapath {
             self.take_hash(FWD_RULES_MAP)?,
             self.take_hash(FWD_FLOWS_MAP)?,
             self.take_hash(FWD_STATS_MAP)?,
+            self.take_hash(veil_common::FWD_SOURCES_MAP)?,
             timeouts,
-        )
-        .with_sources(self.take_hash(veil_common::FWD_SOURCES_MAP)?))
+        ))
     }
 
     /// Attaches the forwarding program (TC ingress) to the interface a

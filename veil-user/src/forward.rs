@@ -512,8 +512,8 @@ pub struct Forwarder {
     flows: HashMap<MapData, FwdKey, FwdFlow>,
     stats: HashMap<MapData, FwdRuleKey, FwdCounters>,
     /// Connections per remote address (`FWD_SOURCES_MAP`), set right at
-    /// each expiry; `None` where the map is not used (unit tests).
-    sources: Option<HashMap<MapData, u32, u64>>,
+    /// each expiry.
+    sources: HashMap<MapData, u32, u64>,
     /// What is in the rules map, with the rule as written.
     current: BTreeMap<FwdRuleKey, Resolved>,
     timeouts: Timeouts,
@@ -591,24 +591,16 @@ impl Forwarder {
         rules: HashMap<MapData, FwdRuleKey, FwdRule>,
         flows: HashMap<MapData, FwdKey, FwdFlow>,
         stats: HashMap<MapData, FwdRuleKey, FwdCounters>,
+        sources: HashMap<MapData, u32, u64>,
         timeouts: Timeouts,
     ) -> Self {
         Self {
             rules,
             flows,
             stats,
-            sources: None,
+            sources,
             current: BTreeMap::new(),
             timeouts,
-        }
-    }
-
-    /// Keeps the datapath's count of connections per remote address
-    /// right: see [`Self::gc`].
-    pub fn with_sources(self, sources: HashMap<MapData, u32, u64>) -> Self {
-        Self {
-            sources: Some(sources),
-            ..self
         }
     }
 
@@ -770,13 +762,11 @@ impl Forwarder {
         let expired = self.expired_of(&connections, orphans, now_ns);
         let gone: BTreeSet<FwdKey> = expired.iter().map(|e| e.0 .0).collect();
         let removed = self.remove(expired)?;
-        if self.sources.is_some() {
-            let left: Vec<Seen> = connections
-                .into_iter()
-                .filter(|c| !gone.contains(&c.inbound.0))
-                .collect();
-            self.set_sources(&per_source(&left))?;
-        }
+        let left: Vec<Seen> = connections
+            .into_iter()
+            .filter(|c| !gone.contains(&c.inbound.0))
+            .collect();
+        self.set_sources(&per_source(&left))?;
         Ok(removed)
     }
 
@@ -784,17 +774,14 @@ impl Forwarder {
     /// differ, and takes out the addresses it does not name. A write that
     /// fails is skipped (the next expiry tries again), then reported.
     fn set_sources(&mut self, live: &BTreeMap<u32, u64>) -> Result<(), MapOpError> {
-        let Some(sources) = &mut self.sources else {
-            return Ok(());
-        };
-        let now: Vec<(u32, u64)> = sources.iter().filter_map(Result::ok).collect();
+        let sources = &mut self.sources;
+        let now: BTreeMap<u32, u64> = sources.iter().filter_map(Result::ok).collect();
         let mut failed = None;
-        for (key, _) in now.iter().filter(|(k, _)| !live.contains_key(k)) {
+        for key in now.keys().filter(|k| !live.contains_key(k)) {
             if let Err(e) = sources.remove(key).or_else(ignore_missing) {
                 failed = Some(op_err("delete", FWD_SOURCES_MAP)(e));
             }
         }
-        let now: BTreeMap<u32, u64> = now.into_iter().collect();
         for (key, n) in live.iter().filter(|(k, n)| now.get(k) != Some(n)) {
             if let Err(e) = sources.insert(key, n, 0) {
                 failed = Some(op_err("update", FWD_SOURCES_MAP)(e));
