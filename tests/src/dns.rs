@@ -15,11 +15,23 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, MessageType, OpCode, ResponseCode},
+    op::{Message, MessageType, OpCode, Query, ResponseCode},
     rr::{rdata::A, Name, RData, Record, RecordType},
 };
 
 use crate::netns::NetNs;
+
+/// The bytes of a standard query for `name`'s A records, numbered `id`,
+/// recursion desired: what a stub resolver sends.
+pub fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Message::new(id, MessageType::Query, OpCode::Query);
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(
+        Name::from_ascii(name).expect("a domain name"),
+        RecordType::A,
+    ));
+    q.to_vec().expect("a query encodes")
+}
 
 pub struct DnsServer {
     /// (who asked, the name asked), in order.

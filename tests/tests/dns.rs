@@ -118,10 +118,7 @@ fn dns_names_resolve_through_the_tunnel_and_resolv_conf_comes_back_exactly() {
 /// either transport.
 #[test]
 fn dns_queries_in_one_udp_super_packet_are_each_answered() {
-    use hickory_proto::{
-        op::{Message, MessageType, OpCode, Query},
-        rr::{Name, RecordType},
-    };
+    use hickory_proto::op::Message;
     const LONG: &str = "a-name-long-enough-for-queries-to-be-merged.veil-dns-test.example.";
     const QUERIES: u16 = 16;
     let world = World::new(1, &["--dns", &REMOTE.to_string()]);
@@ -141,12 +138,7 @@ fn dns_queries_in_one_udp_super_packet_are_each_answered() {
             // Queries of one length (ids differ), sent as one buffer the
             // kernel cuts into datagrams of that size (UDP_SEGMENT).
             let queries: Vec<Vec<u8>> = (1..=QUERIES)
-                .map(|id| {
-                    let mut q = Message::new(id, MessageType::Query, OpCode::Query);
-                    q.metadata.recursion_desired = true;
-                    q.add_query(Query::query(Name::from_ascii(LONG).unwrap(), RecordType::A));
-                    q.to_vec().unwrap()
-                })
+                .map(|id| veil_tests::dns::a_query(id, LONG))
                 .collect();
             veil_tests::udp_segment(&socket, queries[0].len());
             socket

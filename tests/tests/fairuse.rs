@@ -209,13 +209,7 @@ fn gateway_dns_answers(world: &World) -> bool {
         let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(700)))
             .unwrap();
-        // A query for A of `meter.example.`, id 0x1234, recursion desired.
-        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-        for label in ["meter", "example"] {
-            q.push(label.len() as u8);
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let q = veil_tests::dns::a_query(0x1234, "meter.example.");
         (0..2).any(|_| {
             s.send_to(&q, (Ipv4Addr::new(10, 77, 0, 1), 53)).unwrap();
             let mut buf = [0u8; 512];
