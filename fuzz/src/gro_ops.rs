@@ -29,7 +29,9 @@ fn as_ipv6(hdr: VnetHdr, packet: &[u8], ihl: usize) -> (VnetHdr, Vec<u8>) {
     };
     let hdr = VnetHdr {
         gso_type,
-        hdr_len: (usize::from(hdr.hdr_len) - ihl + 40) as u16,
+        // Arbitrary headers (case 4 below) may claim a `hdr_len` short of
+        // the IP header: shifted all the same, never below zero.
+        hdr_len: (usize::from(hdr.hdr_len) + 40).saturating_sub(ihl) as u16,
         csum_start: 40,
         ..hdr
     };
