@@ -185,6 +185,34 @@ fn a_client_revoked_on_one_gateway_is_refused_by_the_other_within_seconds() {
     client.stop();
 }
 
+/// A gateway that reads a revocation list still refuses a client whose
+/// record there does not read: its name is this gateway's, so its
+/// certificate is not taken for one issued on another host (which let it
+/// back in, under the default limits, a second after its session was
+/// closed).
+#[test]
+fn an_unreadable_record_is_not_taken_for_a_client_of_another_host() {
+    let pair = Pair::new();
+    let profile = pair.profile("dave", &[ENDPOINT_A]);
+    let mut client = pair.a.start_client(1, &profile, true);
+    assert!(connected(&pair.a, "dave").is_some());
+    std::fs::write(pair.a.state.join("clients/dave.toml"), "fingerprint = [").unwrap();
+    wait_for(Duration::from_secs(10), "dave's session closed", || {
+        connected(&pair.a, "dave").is_none()
+    });
+    let refused = |w: &World| {
+        w.status()["refused"]["unknown_client"]
+            .as_u64()
+            .unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(15), "A refused dave's reconnect", || {
+        refused(&pair.a) > 0
+    });
+    assert!(connected(&pair.a, "dave").is_none());
+    assert!(pair.a.fetch(1).is_err(), "no traffic");
+    client.stop();
+}
+
 #[test]
 fn a_list_that_does_not_verify_changes_nothing() {
     let pair = Pair::new();

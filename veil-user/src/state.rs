@@ -22,7 +22,7 @@
 //! or link planted at a predictable name never receives a key.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs,
     io::{self, Write},
     net::Ipv4Addr,
@@ -557,11 +557,13 @@ impl StateDir {
 
     /// Signs the list of every revoked certificate (by serial number) with
     /// the CA and writes it to `revocations.crl`, numbered above the one it
-    /// replaces: what gateways started with `--revocations` apply. Records
-    /// that do not read are left out (they are refused here anyway).
+    /// replaces: what gateways started with `--revocations` apply. A
+    /// revocation is for good: every serial the list it replaces named is
+    /// named again, so that a record deleted or made unreadable since does
+    /// not let its certificate back in on every gateway.
     pub fn write_revocations(&self) -> Result<crate::crl::RevocationList, StateError> {
         let ca = self.ca()?;
-        let revoked: Vec<crate::crl::Revoked> = self
+        let mut revoked: Vec<crate::crl::Revoked> = self
             .clients()?
             .iter()
             .flat_map(|r| {
@@ -577,10 +579,22 @@ impl StateDir {
         let previous = fs::read(&path)
             .ok()
             .and_then(|der| crate::crl::verify(&der, &ca.cert_pem).ok())
-            .map_or(0, |l| l.number);
+            .unwrap_or_default();
+        let named: HashSet<&str> = revoked.iter().map(|r| r.serial.as_str()).collect();
+        let mut kept: Vec<crate::crl::Revoked> = previous
+            .serials
+            .iter()
+            .filter(|s| !named.contains(s.as_str()))
+            .map(|serial| crate::crl::Revoked {
+                serial: serial.clone(),
+                at: previous.issued,
+            })
+            .collect();
+        kept.sort_by(|a, b| a.serial.cmp(&b.serial));
+        revoked.extend(kept);
         let now = now();
-        let der =
-            crate::crl::sign(&ca.issuer(), &revoked, now.max(previous + 1), now).map_err(|e| {
+        let der = crate::crl::sign(&ca.issuer(), &revoked, now.max(previous.number + 1), now)
+            .map_err(|e| {
                 StateError::Corrupt {
                     path: path.clone(),
                     message: e.to_string(),
@@ -691,6 +705,13 @@ impl StateDir {
             },
         }
         Ok(())
+    }
+
+    /// Whether `clients/NAME.toml` is there, readable or not: a gateway
+    /// admits a certificate as issued on another host only if this one
+    /// holds no record of its name (an unreadable one fails closed).
+    pub fn has_record(&self, name: &str) -> bool {
+        fs::symlink_metadata(self.client_path(name)).is_ok()
     }
 
     fn client_path(&self, name: &str) -> PathBuf {
@@ -1015,6 +1036,40 @@ mod tests {
         assert!(registry[1..]
             .iter()
             .all(|r| r.revoked.is_some() && r.name == "alice"));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A revoked client whose record is later deleted, or broken by a bad
+    /// hand edit, stays on the signed list: the next list (written for
+    /// another revocation) names it still, where before it left it out and
+    /// let the certificate back in on every gateway that reads the list.
+    #[test]
+    fn a_revocation_outlives_its_record() {
+        let root = temp();
+        let state = StateDir::open(&root).unwrap();
+        state.record_endpoint("198.18.0.1:443").unwrap();
+        for name in ["alice", "bob", "carol"] {
+            state.add_client(name, &[]).unwrap();
+        }
+        let serial = |name: &str| {
+            let record = state.clients().unwrap();
+            let r = record.iter().find(|r| r.name == name).unwrap();
+            r.serial.clone().unwrap()
+        };
+        let (alice, bob) = (serial("alice"), serial("bob"));
+        state.revoke("alice").unwrap();
+        state.revoke("bob").unwrap();
+        fs::remove_file(state.client_path("alice")).unwrap();
+        fs::write(state.client_path("bob"), "revoked = \"not a date").unwrap();
+        state.revoke("carol").unwrap();
+        let list = crate::crl::verify(
+            &fs::read(state.revocations_path()).unwrap(),
+            &state.ca().unwrap().cert_pem,
+        )
+        .unwrap();
+        assert!(list.revokes(&alice), "deleted record's certificate");
+        assert!(list.revokes(&bob), "unreadable record's certificate");
+        assert_eq!(list.serials.len(), 3);
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -199,14 +199,16 @@ impl Shared {
             .filter(|n| crate::state::valid_name(n))
             .ok_or(Refused::UnknownClient)?;
         // A name this registry holds under another certificate: not ours
-        // to guess which is current (the registry may be behind).
+        // to guess which is current (the registry may be behind). A record
+        // of that name that does not read counts as held: its client is
+        // refused, not let in under the default limits.
         let local = self
             .registry
             .read()
             .expect("registry lock")
             .values()
             .any(|r| r.name == name);
-        if local {
+        if local || self.state.has_record(&name) {
             return Err(Refused::UnknownClient);
         }
         let record = ClientRecord {
