@@ -128,6 +128,12 @@ impl Bed {
         Self { dp, flows, config }
     }
 
+    /// As `veil-user --max-forward-per-source n`.
+    pub fn forward_per_source(&mut self, n: u32) {
+        self.config.fwd_per_source = n;
+        self.dp.configure(&self.config).unwrap();
+    }
+
     /// As `veil-user --wan-filter tc`: TC on the WAN does XDP's checks
     /// too, for a WAN with no XDP program.
     pub fn wan_filter_in_tc(&mut self) {

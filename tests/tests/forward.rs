@@ -1013,11 +1013,18 @@ mod bpf {
 
     const TARGET: Ipv4Addr = LAN_HOST;
     const TARGET_IF: u32 = 77;
+    const REMOTE2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
 
     /// A bed forwarding TCP and UDP 8080 of the public address to the
     /// target's 8000.
     fn bed() -> (Bed, Forwarder) {
         let mut bed = Bed::new();
+        let fwd = rules(&mut bed);
+        (bed, fwd)
+    }
+
+    /// The two rules of [`bed`] on `bed`.
+    fn rules(bed: &mut Bed) -> Forwarder {
         let mut fwd = bed.dp.forwarder(Timeouts::default()).unwrap();
         let rule = |proto| Resolved {
             rule: Rule {
@@ -1036,6 +1043,17 @@ mod bpf {
             },
         };
         fwd.apply(vec![rule(proto::TCP), rule(proto::UDP)]).unwrap();
+        fwd
+    }
+
+    /// [`bed`] with the one NAT port 61000: every new connection toward
+    /// the target wants the port of the one before.
+    fn one_port_bed() -> (Bed, Forwarder) {
+        let mut bed = Bed::with_ports(veil_user::flows::PortRange {
+            min: 61000,
+            max: 61000,
+        });
+        let fwd = rules(&mut bed);
         (bed, fwd)
     }
 
@@ -1178,5 +1196,177 @@ mod bpf {
         edit_ip(&mut expected, |f| f[ETH_LEN + 8] = 63);
         assert_eq!(out, expected, "NAT port {nat}");
         assert_checksums(ip_of(&out));
+    }
+
+    /// A UDP connection not yet assured (a lookup and its answer) keeps its
+    /// NAT port while its target may still answer on it: a newer
+    /// connection that took the port would get those answers (the target
+    /// sends to the same NAT port either way). Once it has been idle a
+    /// second, the port goes to whoever comes next.
+    #[test]
+    fn a_udp_connection_still_answered_keeps_its_port_from_newer_ones() {
+        let (mut bed, fwd) = one_port_bed();
+        let query = frame(REMOTE, PUBLIC, 64, L4::udp(5000, 8080, b"query"));
+        let nat = src_port(&bed.wan(&query).out);
+        let answer = frame(TARGET, GW_LAN, 64, L4::udp(8000, nat, b"answer"));
+        assert_eq!(from_target(&mut bed, &answer).0, TC_ACT_REDIRECT);
+
+        let other = frame(REMOTE2, PUBLIC, 64, L4::udp(6000, 8080, b"mine now?"));
+        assert_eq!(bed.wan(&other).tc, Some(TC_ACT_SHOT), "no port for it yet");
+        assert_eq!(bed.count(Reason::FwdDropNoRoom), 1);
+        let late = frame(TARGET, GW_LAN, 64, L4::udp(8000, nat, b"more"));
+        let (action, out) = from_target(&mut bed, &late);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(
+            out,
+            frame(PUBLIC, REMOTE, 63, L4::udp(8080, 5000, b"more")),
+            "the target's answer reaches the remote that asked, no other"
+        );
+
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let wan = bed.wan(&other);
+        assert_eq!(wan.tc, Some(TC_ACT_REDIRECT), "idle a second: taken");
+        assert_eq!(src_port(&wan.out), nat);
+        let (_, out) = from_target(&mut bed, &late);
+        assert_eq!(
+            out,
+            frame(PUBLIC, REMOTE2, 63, L4::udp(8080, 6000, b"more"))
+        );
+        let status = fwd.status();
+        let udp = status.iter().find(|r| r.rule == "udp/8080").unwrap();
+        assert_eq!(udp.counters.evicted, 1);
+    }
+
+    /// One SYN with a remote's address and port, which anyone can send,
+    /// does not start a half-closed connection's entries again: it stays
+    /// established (and keeps its NAT port from newer connections), where
+    /// before its state was wiped and the port went to the next comer.
+    #[test]
+    fn a_syn_on_a_half_closed_connection_does_not_reopen_it() {
+        let (mut bed, _fwd) = one_port_bed();
+        let nat = handshake(&mut bed, 40000, 1000, 5000);
+        let fin = frame(
+            REMOTE,
+            PUBLIC,
+            64,
+            L4::tcp_numbered(40000, 8080, "FA", 1001, 5001),
+        );
+        assert_eq!(bed.wan_tc(&fin).0, TC_ACT_REDIRECT);
+        let forged = frame(
+            REMOTE,
+            PUBLIC,
+            64,
+            L4::tcp_numbered(40000, 8080, "S", 777, 0),
+        );
+        bed.wan_tc(&forged);
+
+        let other = frame(REMOTE2, PUBLIC, 64, L4::tcp(41000, 8080, "S", b""));
+        assert_eq!(
+            bed.wan(&other).tc,
+            Some(TC_ACT_SHOT),
+            "the port stays taken"
+        );
+        let data = frame(
+            TARGET,
+            GW_LAN,
+            64,
+            L4::tcp_numbered(8000, nat, "PA", 5001, 1002),
+        );
+        let (action, out) = from_target(&mut bed, &data);
+        assert_eq!(action, TC_ACT_REDIRECT);
+        assert_eq!(
+            &out[ETH_LEN + 16..ETH_LEN + 20],
+            &REMOTE.octets(),
+            "to its own remote"
+        );
+    }
+
+    /// A remote at its share (`--max-forward-per-source`) whose second
+    /// handshake completes (both SYNs let in before either ACK) is held at
+    /// its ACK: the target, which has not seen it, sends nothing but its
+    /// SYN-ACK, so the connection's port can go to a newer one without
+    /// the target's data following it. When the first connection ends,
+    /// the held one's next ACK completes it.
+    #[test]
+    fn a_handshake_over_its_remotes_share_waits_at_its_ack() {
+        let (mut bed, _fwd) = bed();
+        bed.forward_per_source(1);
+        let syn = |port, seq| {
+            frame(
+                REMOTE,
+                PUBLIC,
+                64,
+                L4::tcp_numbered(port, 8080, "S", seq, 0),
+            )
+        };
+        let first = src_port(&bed.wan(&syn(40000, 1000)).out);
+        let second = src_port(&bed.wan(&syn(40001, 2000)).out);
+        for (nat, port, isn, seq) in [(first, 40000, 1000, 5000), (second, 40001, 2000, 6000)] {
+            let synack = frame(
+                TARGET,
+                GW_LAN,
+                64,
+                L4::tcp_numbered(8000, nat, "SA", seq, isn + 1),
+            );
+            assert_eq!(from_target(&mut bed, &synack).0, TC_ACT_REDIRECT, "{port}");
+        }
+        let ack = |port, seq, ack| {
+            frame(
+                REMOTE,
+                PUBLIC,
+                64,
+                L4::tcp_numbered(port, 8080, "A", seq, ack),
+            )
+        };
+        assert_eq!(bed.wan_tc(&ack(40000, 1001, 5001)).0, TC_ACT_REDIRECT);
+        let held = ack(40001, 2001, 6001);
+        assert_eq!(bed.wan_tc(&held).0, TC_ACT_SHOT, "over the share: held");
+        assert_eq!(bed.count(Reason::FwdDropSourceBusy), 1);
+
+        let rst = frame(
+            REMOTE,
+            PUBLIC,
+            64,
+            L4::tcp_numbered(40000, 8080, "R", 1001, 0),
+        );
+        assert_eq!(bed.wan_tc(&rst).0, TC_ACT_REDIRECT);
+        let (action, out) = bed.wan_tc(&held);
+        assert_eq!(action, TC_ACT_REDIRECT, "a place again: completed");
+        assert_eq!(
+            out,
+            frame(
+                GW_LAN,
+                TARGET,
+                63,
+                L4::tcp_numbered(second, 8000, "A", 2001, 6001)
+            )
+        );
+    }
+
+    /// A whole handshake from REMOTE's `port` (its ISN `isn`, the target's
+    /// `seq`): the NAT port.
+    fn handshake(bed: &mut Bed, port: u16, isn: u32, seq: u32) -> u16 {
+        let syn = frame(
+            REMOTE,
+            PUBLIC,
+            64,
+            L4::tcp_numbered(port, 8080, "S", isn, 0),
+        );
+        let nat = src_port(&bed.wan(&syn).out);
+        let synack = frame(
+            TARGET,
+            GW_LAN,
+            64,
+            L4::tcp_numbered(8000, nat, "SA", seq, isn + 1),
+        );
+        assert_eq!(from_target(bed, &synack).0, TC_ACT_REDIRECT);
+        let ack = frame(
+            REMOTE,
+            PUBLIC,
+            64,
+            L4::tcp_numbered(port, 8080, "A", isn + 1, seq + 1),
+        );
+        assert_eq!(bed.wan_tc(&ack).0, TC_ACT_REDIRECT);
+        nat
     }
 }

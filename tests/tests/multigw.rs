@@ -205,9 +205,11 @@ fn an_unreadable_record_is_not_taken_for_a_client_of_another_host() {
             .as_u64()
             .unwrap_or_default()
     };
-    wait_for(Duration::from_secs(15), "A refused dave's reconnect", || {
-        refused(&pair.a) > 0
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "A refused dave's reconnect",
+        || refused(&pair.a) > 0,
+    );
     assert!(connected(&pair.a, "dave").is_none());
     assert!(pair.a.fetch(1).is_err(), "no traffic");
     client.stop();

@@ -64,6 +64,10 @@ pub const FWD_OPENING_SLOTS: u32 = MAX_FWD_FLOWS / 2 / 8;
 /// source can get that far (sending twice, 2 s apart, it gets further:
 /// UDP cannot tell).
 pub const UDP_ASSURED_AFTER_NS: u64 = 2_000_000_000;
+/// How long a connection not assured must have carried nothing either way
+/// before its NAT port may go to another: the target's late answers on
+/// that port would reach whoever has it next.
+pub const FWD_IDLE_BEFORE_TAKEN_NS: u64 = 1_000_000_000;
 
 /// Which packets a rule takes: the protocol and the port on the public
 /// addresses.
@@ -206,6 +210,31 @@ pub const fn assured(inbound: &FwdFlow, reply: &FwdFlow) -> bool {
         reply.stats.packets != 0
             && inbound.stats.last_seen_ns >= inbound.created_ns + UDP_ASSURED_AFTER_NS
     }
+}
+
+/// Whether a connection not assured may give its NAT port to a newer one
+/// at `now_ns` (a flood of them must not keep everyone else out), without
+/// the target's packets for it going to the newer one's remote (the reply
+/// key, target to NAT port, stays the same): a TCP connection whose
+/// remote has not completed its handshake, since the target sends it
+/// nothing but its SYN-ACK until then, or any connection that has carried
+/// nothing either way for [`FWD_IDLE_BEFORE_TAKEN_NS`].
+pub const fn may_take(inbound: &FwdFlow, reply: &FwdFlow, now_ns: u64) -> bool {
+    if inbound.rule.proto == crate::proto::TCP && inbound.stats.tcp_flags & tcp_flags::ACK == 0 {
+        return true;
+    }
+    idle_since(reply, now_ns) && idle_since(inbound, now_ns)
+}
+
+/// Whether `entry` has seen no packet (nor been made) within
+/// [`FWD_IDLE_BEFORE_TAKEN_NS`] of `now_ns`.
+pub const fn idle_since(entry: &FwdFlow, now_ns: u64) -> bool {
+    let last = if entry.stats.last_seen_ns > entry.created_ns {
+        entry.stats.last_seen_ns
+    } else {
+        entry.created_ns
+    };
+    now_ns.saturating_sub(last) > FWD_IDLE_BEFORE_TAKEN_NS
 }
 
 /// Whether a TCP connection is over, from the flags each way: reset, or

@@ -33,7 +33,7 @@ use network_types::{
 use veil_common::{
     acked_of, assured,
     csum::{self, L4Sum},
-    fwd_dir, handshake_ack, handshake_mark, holds_share, proto,
+    fwd_dir, handshake_ack, handshake_mark, holds_share, idle_since, may_take, proto,
     ratelimit::Direction,
     rst_plausible, tcp_flags, tcp_over, Config, FwdFlow, FwdKey, FwdOpening, FwdRule, FwdRuleKey,
     Reason, FWD_OPENING_SLOTS,
@@ -59,9 +59,6 @@ const L4_AT: usize = ETH_LEN + IPV4_LEN;
 /// NAT ports tried for a new connection before it is refused: a random
 /// start, then its neighbours. Collisions need the same target endpoint.
 const PORT_TRIES: u32 = 8;
-/// A reply entry without its inbound one for this long is an orphan, not
-/// a connection another CPU is making (both go in within one program run).
-const ORPHAN_NS: u64 = 1_000_000_000;
 
 /// A TCP or UDP packet that may be a forwarded connection's.
 struct Candidate {
@@ -411,7 +408,7 @@ fn translate_at(
         crate::ratelimit::police(client, ctx.len() - l2 as u32, dir)?;
     }
     let flags = match c.kind {
-        L4Sum::Tcp => tcp_state(flow, &c, cfg),
+        L4Sum::Tcp => tcp_state(flow, &c, cfg)?,
         _ => c.tcp_flags,
     };
     stats::touch(unsafe { &raw mut (*flow).stats }, ctx.len(), flags);
@@ -468,9 +465,10 @@ fn translate_at(
 /// [`handshake_ack`]); an RST or FIN far from what the other side
 /// acknowledged ([`rst_plausible`]) is forwarded (the receiver judges it)
 /// but not taken as the end, which would free the connection's NAT port
-/// and place for others. The flags to record.
+/// and place for others. The flags to record; `Err` for a handshake ACK
+/// held back while its remote is at its share.
 #[inline(always)]
-fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
+fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> Result<u64, Reason> {
     let (dir, seen) = unsafe { ((*flow).dir, (*flow).stats.tcp_flags) };
     let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
     if dir == fwd_dir::REPLY {
@@ -482,10 +480,10 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
         }
         let ends = tcp_flags::RST | tcp_flags::FIN;
         if c.tcp_flags & (tcp_flags::SYN | ends) == 0 {
-            return c.tcp_flags;
+            return Ok(c.tcp_flags);
         }
         let Some(inbound) = VEIL_FWD_FLOWS.get_ptr_mut(unsafe { (*flow).partner() }) else {
-            return c.tcp_flags;
+            return Ok(c.tcp_flags);
         };
         // The remote's ACK on the inbound entry says its handshake is
         // over; its `acked` then follows what the remote acknowledged.
@@ -497,14 +495,14 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
         }
         // The target's address can be forged as well as the remote's.
         if c.tcp_flags & ends != 0 && done && !rst_plausible(c.seq, unsafe { (*inbound).acked }) {
-            return 0;
+            return Ok(0);
         }
         let (out, back) = unsafe { ((*inbound).stats.tcp_flags, (*flow).stats.tcp_flags) };
         if holds_share(out, back) && !holds_share(out, back | c.tcp_flags) {
             // The remote is where this entry's packets go.
             sources::ended(unsafe { (*flow).dst_addr });
         }
-        return c.tcp_flags;
+        return Ok(c.tcp_flags);
     }
     let flags = c.tcp_flags;
     if flags & (tcp_flags::RST | tcp_flags::FIN) != 0 {
@@ -513,7 +511,7 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
             None => (0, 0),
         };
         if !rst_plausible(c.seq, acked) {
-            return 0;
+            return Ok(0);
         }
         if holds_share(seen, back) && !holds_share(seen | flags, back) {
             sources::ended(c.key.src_addr);
@@ -523,16 +521,23 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
         let acked = unsafe { (*flow).acked };
         if seen & tcp_flags::ACK == 0 {
             if acked != handshake_mark(c.ack) || handshake_ack(seen) != c.ack {
-                return flags & !tcp_flags::ACK;
+                return Ok(flags & !tcp_flags::ACK);
             }
             // The handshake is over: the remote owns its address, and
             // the connection counts against it from now on unless it is
             // over already (a forged source does not get here, so it
-            // cannot use up an address's share). Over the share, the
-            // connection goes on unassured, a place any newer connection
-            // may take.
+            // cannot use up an address's share). Over the share (several
+            // handshakes let in at once), the ACK is held back, and the
+            // packets after it that would complete the handshake, until
+            // the remote has a place again: the target sends nothing but
+            // its SYN-ACK meanwhile, so the connection's NAT port can go
+            // to a newer one (`reclaim`) without the target's data going
+            // with it. An RST still goes through.
             if sources::may_open(c.key.src_addr, cfg).is_err() {
-                return flags & !tcp_flags::ACK;
+                if flags & tcp_flags::RST != 0 {
+                    return Ok(flags & !tcp_flags::ACK);
+                }
+                return Err(Reason::FwdDropSourceBusy);
             }
             let back = match VEIL_FWD_FLOWS.get_ptr(unsafe { (*flow).partner() }) {
                 Some(reply) => unsafe { (*reply).stats.tcp_flags },
@@ -548,7 +553,7 @@ fn tcp_state(flow: *mut FwdFlow, c: &Candidate, cfg: &Config) -> u64 {
             unsafe { (*flow).acked = acked_of(c.ack) };
         }
     }
-    flags
+    Ok(flags)
 }
 
 /// Makes a new connection's two entries: a NAT port on the gateway's
@@ -656,13 +661,17 @@ fn hold_place(key: &FwdKey, now: u64) {
     }
     let (partner, rule) = (inbound.partner(), inbound.rule);
     // Its reply entry is the one made with it: the port may since have
-    // gone to another connection, whose entry is not to be touched.
-    let paired = match VEIL_FWD_FLOWS.get_ptr(partner) {
+    // gone to another connection, whose entry is not to be touched. One
+    // the target may still send on stays (its remote still gets them)
+    // until `reclaim` or the daemon's expiry finds it idle: the port is
+    // not handed on under a live reply.
+    let drop_reply = match VEIL_FWD_FLOWS.get_ptr(partner) {
         Some(reply) if unsafe { (*reply).created_ns } == held.created_ns => {
-            if assured(inbound, unsafe { &*reply }) {
+            let reply = unsafe { &*reply };
+            if assured(inbound, reply) {
                 return;
             }
-            true
+            may_take(inbound, reply, now)
         }
         _ => false,
     };
@@ -672,7 +681,7 @@ fn hold_place(key: &FwdKey, now: u64) {
     if VEIL_FWD_FLOWS.remove(held.key).is_err() {
         return;
     }
-    if paired {
+    if drop_reply {
         let _ = VEIL_FWD_FLOWS.remove(partner);
     }
     if let Some(counters) = VEIL_FWD_STATS.get_ptr_mut(rule) {
@@ -706,12 +715,18 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow, cfg: &Config) -> Result<Option<*mut 
     if (seen | seen_back) & closed == 0 {
         return Ok(Some(flow));
     }
-    // The old connection stops counting against its remote: the
-    // entries' flags start again below, or the entries go.
     let ((out, back), remote) = match dir {
         fwd_dir::INBOUND => ((seen, seen_back), key.src_addr),
         _ => ((seen_back, seen), unsafe { (*flow).dst_addr }),
     };
+    // Half closed is not over: one FIN leaves the other way open, and a
+    // SYN anyone can send with the remote's tuple must not start the
+    // entries again under a live connection.
+    if !tcp_over(out, back) {
+        return Ok(Some(flow));
+    }
+    // The old connection stops counting against its remote: the
+    // entries' flags start again below, or the entries go.
     if holds_share(out, back) {
         sources::ended(remote);
     }
@@ -722,7 +737,7 @@ fn reopen(key: &FwdKey, flow: *mut FwdFlow, cfg: &Config) -> Result<Option<*mut 
     }
     // The new one counts once its handshake is over, as any; refused
     // early if its remote has its share already.
-    if tcp_over(out, back) && dir == fwd_dir::INBOUND {
+    if dir == fwd_dir::INBOUND {
         sources::may_open(remote, cfg)?;
     }
     unsafe {
@@ -758,11 +773,14 @@ fn still_ruled(inbound: &FwdFlow, rule_key: FwdRuleKey) -> bool {
 /// Takes over the NAT port of a connection that is over (reset, or closed
 /// both ways) for a new one: as conntrack reuses a closed tuple, so that
 /// a burst of short connections toward one target is not limited by the
-/// daemon's expiry. Also of one not yet [`assured`]: the NAT ports toward
+/// daemon's expiry. Also of one not yet [`assured`] that [`may_take`]
+/// allows (its handshake not done, or idle a second): the NAT ports toward
 /// one target are few (4,536 by default), and a flood of SYNs from forged
 /// sources would hold them all for the transitory timeout; the ports it
 /// holds go to whoever comes next, and the connections that completed
-/// keep theirs. `false` if the port's connection is alive and assured.
+/// keep theirs. A reply entry left alone (its inbound entry evicted or
+/// never made) goes once it has been idle as long. `false` if the port's
+/// connection keeps it.
 #[inline(always)]
 fn reclaim(reply_key: &FwdKey, reply: &FwdFlow, now: u64) -> bool {
     let Some(old) = VEIL_FWD_FLOWS.get_ptr(reply_key) else {
@@ -777,9 +795,10 @@ fn reclaim(reply_key: &FwdKey, reply: &FwdFlow, now: u64) -> bool {
         Some(inbound) if unsafe { (*inbound).created_ns } == old.created_ns => {
             let inbound = unsafe { &*inbound };
             let over = tcp_over(inbound.stats.tcp_flags, old.stats.tcp_flags);
-            (over, !over && !assured(inbound, old), true)
+            let evicted = !over && !assured(inbound, old) && may_take(inbound, old, now);
+            (over, evicted, true)
         }
-        _ => (now.saturating_sub(old.created_ns) > ORPHAN_NS, false, false),
+        _ => (idle_since(old, now), false, false),
     };
     if !over && !evicted {
         return false;
