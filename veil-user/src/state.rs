@@ -594,11 +594,9 @@ impl StateDir {
         revoked.extend(kept);
         let now = now();
         let der = crate::crl::sign(&ca.issuer(), &revoked, now.max(previous.number + 1), now)
-            .map_err(|e| {
-                StateError::Corrupt {
-                    path: path.clone(),
-                    message: e.to_string(),
-                }
+            .map_err(|e| StateError::Corrupt {
+                path: path.clone(),
+                message: e.to_string(),
             })?;
         PrivateFile::with_mode(&path, Existing::Replace, 0o644)?.commit(&der)?;
         crate::crl::verify(&der, &ca.cert_pem).map_err(|e| StateError::Corrupt {
