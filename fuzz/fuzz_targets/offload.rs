@@ -15,7 +15,8 @@
 //!   against the packet and means one thing: no DATA_VALID, a partial
 //!   checksum only in the transport checksum field of the packet's own
 //!   protocol (and never on a fragment), and segments (cut by `segment`,
-//!   well-formed as above) no larger than the MTU it was given.
+//!   well-formed as above) or the one packet it lets through no larger
+//!   than the MTU it was given.
 //!
 //! Each input runs twice: as is, and "repaired" into a header that agrees
 //! with its packet (total length, protocol, checksum place, segment size),
@@ -98,10 +99,9 @@ fn sanitized(data: &[u8]) {
     })
     .unwrap_or_else(|e| panic!("sanitize gave {clean:?}, which segment refuses: {e}"));
     assert_segmented(&clean, &packet, &segments);
-    if clean.is_gso() {
-        let largest = segments.iter().map(Vec::len).max().unwrap_or(0);
-        assert!(largest <= MTU, "a {largest}-byte segment");
-    }
+    // Cut or not, nothing longer than the MTU goes on.
+    let largest = segments.iter().map(Vec::len).max().unwrap_or(0);
+    assert!(largest <= MTU, "a {largest}-byte packet or segment");
 }
 
 /// `repair` for TCPv6: an IPv6 header with TCP next, the payload length

@@ -255,7 +255,9 @@ impl VnetHdr {
     ///   completed here, in `packet`, where the peer asked (that only
     ///   changes bytes the peer could have sent itself, *before* any check)
     ///   and the packet goes on as a plain one;
-    /// - `DATA_VALID` is dropped: the receiving kernel verifies for itself.
+    /// - `DATA_VALID` is dropped: the receiving kernel verifies for itself;
+    /// - a packet that is not to be cut is at most `max_packet` bytes, as
+    ///   one without an offload header must be.
     ///
     /// Returns the header to write in front of `packet`; every field of it
     /// is derived from the packet, except the segment size.
@@ -269,6 +271,14 @@ impl VnetHdr {
                 });
             }
             return Ok(layout.header(self.gso_type & Self::GSO_ECN));
+        }
+        // One packet, not to be cut: held to the limit a packet without
+        // an offload header has.
+        if packet.len() > max_packet {
+            return Err(GsoError::PacketTooLong {
+                len: packet.len(),
+                max: max_packet,
+            });
         }
         if !self.needs_csum() {
             return Ok(Self::NONE);
@@ -342,6 +352,9 @@ pub enum GsoError {
     /// send packets nobody on the path asked for.
     #[error("offload header: GSO size {size} exceeds the {max} bytes of payload the MTU allows")]
     GsoSizeTooLarge { size: u16, max: usize },
+    /// A packet without GSO longer than the tunnel's MTU allows.
+    #[error("offload header: a {len}-byte packet without GSO exceeds the {max}-byte limit")]
+    PacketTooLong { len: usize, max: usize },
     /// A GSO packet that is not of the GSO type's IP version and protocol.
     #[error("offload header: GSO type {gso} on a packet that is not {expected}")]
     NotGsoPacket {
@@ -1537,6 +1550,19 @@ mod tests {
             sanitized(&udp_gso(1373), &udp),
             Err(GsoError::GsoSizeTooLarge { .. })
         ));
+        // The same 3,000 bytes as one packet, plain or checksum-only: over
+        // the MTU, refused; at the MTU, let through.
+        for hdr in [VnetHdr::NONE, csum_only(20, 16)] {
+            assert_eq!(
+                sanitized(&hdr, &packet),
+                Err(GsoError::PacketTooLong {
+                    len: 3040,
+                    max: MTU
+                })
+            );
+        }
+        let full = tcp_packet(&payload(MTU - 40));
+        assert!(sanitized(&csum_only(20, 16), &full).is_ok());
     }
 
     #[test]

@@ -453,6 +453,7 @@ impl Link {
                 self.stats.bytes_received += (payload.len() - VNET_HDR_LEN) as u64;
                 self.push(Output::OffloadPacket(payload));
             }
+            Err(gso::GsoError::PacketTooLong { .. }) => self.stats.packets_too_long += 1,
             Err(_) => self.stats.offload_invalid += 1,
         }
     }
