@@ -20,6 +20,9 @@ MODE makes the client hostile, within the protocol's rules:
 - `silent` or `silent:SECONDS`: after the QUIC handshake and its SETTINGS
   it sends no request (for SECONDS, only datagrams of one byte, as fast
   as it can), and says when the gateway closed the connection.
+- `tiny:BYTES`: it announces that it takes QUIC DATAGRAM frames of at
+  most BYTES (`max_datagram_frame_size`), sends its request and says
+  when the gateway closed the connection.
 - `deaf:SECONDS`: once the session carries packets, it acknowledges
   nothing more the gateway sends, and for SECONDS sends as fast as it can
   datagrams the remote's echo service answers (UDP to port 7: each comes
@@ -190,7 +193,7 @@ async def run(profile_path, gateway, remote, message, mode="") -> int:
             is_client=True,
             alpn_protocols=H3_ALPN,
             server_name=profile["server_name"],
-            max_datagram_frame_size=65536,
+            max_datagram_frame_size=int(arg) if hostile == "tiny" else 65536,
         )
         config.load_verify_locations(paths["ca"])
         config.load_cert_chain(paths["cert"], paths["key"])
@@ -224,6 +227,8 @@ async def run(profile_path, gateway, remote, message, mode="") -> int:
             h3.send_data(stream, capsule(ADDRESS_REQUEST, request), end_stream=False)
             session.transmit()
             print("sent: extended CONNECT, connect-ip, ADDRESS_REQUEST", flush=True)
+            if hostile == "tiny":
+                return await closed_by_gateway(session, 10, time.monotonic())
 
             assigned = None
             pending = b""

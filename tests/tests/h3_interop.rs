@@ -279,6 +279,29 @@ fn a_revoked_client_is_closed_right_after_its_quic_handshake() {
     assert_eq!(world.status()["refused"]["revoked"].as_u64(), Some(1));
 }
 
+/// A client that takes only tiny DATAGRAM frames (its QUIC
+/// `max_datagram_frame_size`) is refused at the HTTP/3 setup: every reply
+/// toward it would be cut into IPv4 fragments of a few bytes (a 1,400-byte
+/// packet into some 170 datagrams), work it could make the gateway do for
+/// every byte it downloads. Before, the session opened.
+#[test]
+fn a_client_that_takes_only_tiny_datagrams_is_refused() {
+    let mut world = World::new(1, &[]);
+    let tiny = world.add_client("tiny", 1);
+    let (status, out) = run_lines(aioquic(&world, &tiny, &["tiny:100"]), |_| {});
+    let gateway = world.gateway().log();
+    eprintln!("{out}");
+    assert!(status.success(), "{out}\ngateway:\n{gateway}");
+    let after: f64 = said(&out, "closed by the gateway after ").expect("when the gateway closed");
+    assert!(after < 2.0, "closed after {after} s");
+    assert!(
+        gateway.contains("fewer than the 584 a tunnel needs"),
+        "{gateway}"
+    );
+    let (status, out) = run_lines(aioquic(&world, &tiny, &[]), |_| {});
+    assert!(status.success(), "the same client, as usual: {out}");
+}
+
 /// A client that completes the QUIC handshake, sends its SETTINGS, never
 /// opens its request, and sends datagrams meanwhile: nothing reads them
 /// before a session exists, so the gateway discards them rather than let

@@ -90,7 +90,18 @@ pub enum QuicError {
     NoExtendedConnect,
     #[error("the peer's QUIC connection does not take DATAGRAM frames")]
     NoQuicDatagrams,
+    #[error("the peer takes HTTP datagrams of at most {max} bytes, fewer than the {MIN_PEER_DATAGRAM} a tunnel needs")]
+    DatagramsTooSmall { max: usize },
 }
+
+/// The smallest datagram a peer must take (its QUIC `max_datagram_frame_size`
+/// as quinn reports it, less the frame's own bytes): a 576-byte IPv4
+/// packet, which every host must be able to receive (RFC 791), with room
+/// for its prefix. A peer that announced less would have every packet
+/// toward it cut into fragments of a few bytes: a hundred and more
+/// datagrams for one packet, work it could make the other end do for
+/// every byte it receives.
+pub const MIN_PEER_DATAGRAM: usize = 576 + 8;
 
 /// The transport parameters both ends use.
 pub fn transport_config() -> TransportConfig {
@@ -480,8 +491,9 @@ pub async fn accept_request(conn: &Connection) -> Result<(SendStream, RecvStream
     Ok((send, recv, id))
 }
 
-/// Checks what both ends need of the peer: HTTP datagrams at both layers
-/// and, from a gateway, extended CONNECT.
+/// Checks what both ends need of the peer: HTTP datagrams at both layers,
+/// large enough to carry packets ([`MIN_PEER_DATAGRAM`]), and, from a
+/// gateway, extended CONNECT.
 pub fn check_peer(
     conn: &Connection,
     settings: &Settings,
@@ -493,10 +505,11 @@ pub fn check_peer(
     if peer_is_server && !settings.extended_connect {
         return Err(QuicError::NoExtendedConnect);
     }
-    if conn.max_datagram_size().is_none() {
-        return Err(QuicError::NoQuicDatagrams);
+    match conn.max_datagram_size() {
+        None => Err(QuicError::NoQuicDatagrams),
+        Some(max) if max < MIN_PEER_DATAGRAM => Err(QuicError::DatagramsTooSmall { max }),
+        Some(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// A UDP socket for a QUIC endpoint at `addr`.
