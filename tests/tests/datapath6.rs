@@ -308,6 +308,19 @@ fn wan_extension_headers_to_the_nat_range_are_dropped_with_a_reason() {
     // A later fragment has no ports: the host's, as for IPv4.
     let later = with_ext_header(&reply, 44, 0x00a8);
     assert!(bed.wan(&later).passed_untouched(&later));
+    // A chain longer than the walk (five headers) hides its port: dropped,
+    // where it went to the host, whose kernel answered one to a NAT port
+    // with an RST or port unreachable.
+    let chain = |packet: &[u8]| (0..5).fold(packet.to_vec(), |p, _| with_ext_header(&p, 60, 0));
+    let dropped = bed.count(Reason::DropIpv6ExtHeader);
+    assert_eq!(bed.wan(&chain(&reply)).xdp, XDP_DROP);
+    let syn = frame6(REMOTE6, PUBLIC6, 64, L4::tcp(50000, nat, "S", b""));
+    assert_eq!(bed.wan(&chain(&syn)).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropIpv6ExtHeader), dropped + 2);
+    // Four are walked, and what is behind them judged as usual.
+    let four = (0..4).fold(reply.clone(), |p, _| with_ext_header(&p, 60, 0));
+    assert_eq!(bed.wan(&four).xdp, XDP_DROP);
+    assert_eq!(bed.count(Reason::DropIpv6ExtHeader), dropped + 3);
 }
 
 // ---- ICMPv6 errors about NATed flows ----

@@ -9,7 +9,8 @@
 //!   headers (`drop_ipv6_ext_header`) or a fragment header anywhere but
 //!   right after the IPv6 header (`drop_ipv6_fragment`). To tell veil's
 //!   from the host's it walks up to [`MAX_EXT`] hop-by-hop, routing,
-//!   destination-options and fragment headers to the ports. It notes a
+//!   destination-options and fragment headers to the ports (a longer
+//!   chain is dropped: its port is out of sight). It notes a
 //!   reply's first fragment for the fragments after it (`frag6`).
 //!   Neighbour discovery, the host's own traffic, later fragments nobody
 //!   noted (no ports: the host's, as far as anyone can tell) pass.
@@ -144,7 +145,13 @@ fn upper(pkt: &Packet, next: u8) -> Result<Upper, Reason> {
             return Err(Reason::DropIpv6ExtHeader);
         }
     }
-    Ok(u)
+    // A chain longer than the walk: which port it is for cannot be read,
+    // so neither can whether it is veil's (passed to the host, one to a
+    // NAT port would draw an RST or port unreachable from the kernel).
+    match u.proto {
+        NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS | NH_FRAGMENT => Err(Reason::DropIpv6ExtHeader),
+        _ => Ok(u),
+    }
 }
 
 #[inline(never)]
