@@ -472,6 +472,43 @@ fn redirect_rules_carry_an_unmodified_curl_and_leave_the_ruleset_as_it_was() {
     assert_eq!(ruleset(), before, "the ruleset exactly as before");
 }
 
+/// A redirect listener on 0.0.0.0 carries only what the kernel redirected
+/// to it: a connection made straight to it, at the machine's own address,
+/// is closed, not carried through the tunnel to that address (on a host
+/// with a public address the gateway sent it back to the same listener,
+/// which carried it again: a loop one connection from anyone started).
+/// Here the gateway's policy refuses the private address: before, the
+/// refusal was counted; now nothing reaches the gateway. The user's own
+/// redirect (web traffic only) makes netfilter track connections, as any
+/// redirect does: without it nothing has an original destination.
+#[test]
+fn a_connection_straight_to_the_redirect_listener_is_not_carried() {
+    let (world, _internet, _local, _remote) = world();
+    let nft = |rule: &str| {
+        let out = world.client(1).exec("nft", &[rule]);
+        assert!(out.status.success(), "{rule}: {out:?}");
+    };
+    nft("add table ip users_nat");
+    nft("add chain ip users_nat out { type nat hook output priority -100 ; }");
+    nft("add rule ip users_nat out tcp dport 80 redirect to :4333");
+    let mut client = start_root(&world, &["--redirect", "0.0.0.0:4333", "--no-dns"]);
+    let refused = || {
+        world.status()["counters"]["policy_refused"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = refused();
+    world.client(1).enter(|| {
+        let mut s = TcpStream::connect(("10.200.1.2", 4333)).expect("accepted");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let got = s.read(&mut [0u8; 1]);
+        assert!(!matches!(got, Ok(n) if n > 0), "closed: {got:?}");
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(refused(), before, "nothing went into the tunnel");
+    client.stop();
+}
+
 /// Sends `msg` to an echo server and reads it back.
 fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).unwrap();

@@ -29,7 +29,6 @@ const TABLE: &str = "veil_redirect";
 
 /// Accepts redirected connections until the task is dropped.
 pub async fn serve(listener: TcpListener, stack: Netstack) {
-    let own = listener.local_addr().ok();
     loop {
         let (local, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -43,8 +42,12 @@ pub async fn serve(listener: TcpListener, stack: Netstack) {
         tokio::spawn(async move {
             let _ = local.set_nodelay(true);
             let dst = match original_dst(&local) {
-                // Connected to the listener itself: nowhere to carry it.
-                Ok(dst) if Some(SocketAddr::V4(dst)) == own => return,
+                // Not redirected: connected to the listener itself (its
+                // original destination is where it arrived). Carried, it
+                // could come back here (a listener on 0.0.0.0 reached at
+                // a public address, which the gateway's NAT sends back
+                // to), again and again.
+                Ok(dst) if local.local_addr().ok() == Some(SocketAddr::V4(dst)) => return,
                 Ok(dst) => dst,
                 Err(e) => {
                     debug!("a connection without its original destination: {e}");
