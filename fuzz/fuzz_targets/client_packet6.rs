@@ -20,6 +20,7 @@ use veil_fuzz::{
     ip::be16,
     veil_user::{
         check6::{Checks6, Dropped6, Verdict6},
+        policy::EgressPolicy,
         policy6::EgressPolicy6,
     },
 };
@@ -32,6 +33,13 @@ fuzz_target!(|data: &[u8]| {
     let pool: ipnet::Ipv6Net = "fd00:7665:696c::/64".parse().unwrap();
     let checks = Checks6 {
         policy: EgressPolicy6::new(vec![PUBLIC, GATEWAY], Some(pool), Vec::new(), Vec::new()),
+        ipv4: EgressPolicy::new(
+            Vec::new(),
+            "10.77.0.0/16".parse().unwrap(),
+            false,
+            Vec::new(),
+            Vec::new(),
+        ),
         gateway: GATEWAY,
     };
     // The packet's own source as the client's address, so the checks go

@@ -4,13 +4,16 @@
 //! gateway's own addresses are refused; `--allow` opens an IPv6 prefix
 //! (a `--deny` still wins), `--deny` closes one.
 
-use std::{fmt, net::Ipv6Addr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use ipnet::Ipv6Net;
 
 use crate::{
     net::Ipv4Net,
-    policy::{Policy, Refusal},
+    policy::{EgressPolicy, Policy, Refusal},
 };
 
 /// An `--allow` / `--deny` prefix: IPv4 or IPv6.
@@ -106,6 +109,41 @@ impl EgressPolicy6 {
     }
 }
 
+/// The IPv4 address a destination in NAT64's well-known prefix
+/// (`64:ff9b::/96`, RFC 6052 §2.1) stands for: a NAT64 on the gateway's
+/// network sends what is addressed there to it.
+pub fn nat64_embedded(dst: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = dst.segments();
+    (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0])
+        .then(|| Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7])))
+}
+
+/// The IPv4 policy's verdict on the address a NAT64 destination stands
+/// for (nothing to say of any other destination), as an IPv6 refusal: a
+/// private range, the cloud's metadata address, a `--deny` or the gateway
+/// itself is as closed behind `64:ff9b::` as it is over IPv4, where a
+/// NAT64 on the gateway's network would carry it. A range is named by its
+/// place in the prefix (`10.0.0.0/8` as `64:ff9b::a00:0/104`).
+pub fn check_nat64(ipv4: &EgressPolicy, dst: Ipv6Addr) -> Result<(), Refusal6> {
+    let Some(addr) = nat64_embedded(dst) else {
+        return Ok(());
+    };
+    let within = |net: Ipv4Net| {
+        let prefix = Ipv6Addr::from(u128::from(dst) & !u128::from(u32::MAX));
+        let addr = Ipv6Addr::from(u128::from(prefix) | u128::from(u32::from(net.addr())));
+        Ipv6Net::new(addr, 96 + net.prefix()).expect("at most 128 bits")
+    };
+    ipv4.check(addr).map_err(|refusal| match refusal {
+        Refusal::Gateway => Refusal::Gateway,
+        Refusal::OtherClient => Refusal::OtherClient,
+        Refusal::Default { net, why } => Refusal::Default {
+            net: within(net),
+            why,
+        },
+        Refusal::Configured(net) => Refusal::Configured(within(net)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +191,42 @@ mod tests {
         ] {
             assert_eq!(p.check(ip(a)), Ok(()), "{a}");
         }
+    }
+
+    /// What the IPv4 policy refuses stays refused behind NAT64's
+    /// well-known prefix, where a NAT64 on the gateway's network would
+    /// carry it; the rest of the prefix is the IPv4 internet, allowed.
+    #[test]
+    fn nat64_addresses_are_held_to_the_ipv4_policy() {
+        let ipv4 = EgressPolicy::new(
+            vec![Ipv4Addr::new(198, 18, 0, 1)],
+            "10.77.0.0/16".parse().unwrap(),
+            false,
+            vec![],
+            vec!["203.0.113.0/24".parse().unwrap()],
+        );
+        assert_eq!(check_nat64(&ipv4, ip("64:ff9b::c000:201")), Ok(()));
+        assert_eq!(check_nat64(&ipv4, ip("2001:2::2")), Ok(()));
+        let refused = |a| check_nat64(&ipv4, ip(a)).unwrap_err();
+        assert!(matches!(
+            refused("64:ff9b::a00:5"),
+            Refusal6::Default { net, .. } if net == "64:ff9b::a00:0/104".parse().unwrap()
+        ));
+        assert!(matches!(
+            refused("64:ff9b::a9fe:a9fe"),
+            Refusal6::Default { .. }
+        ));
+        assert!(matches!(
+            refused("64:ff9b::7f00:1"),
+            Refusal6::Default { .. }
+        ));
+        assert_eq!(
+            refused("64:ff9b::cb00:7107"),
+            Refusal6::Configured("64:ff9b::cb00:7100/120".parse().unwrap())
+        );
+        assert_eq!(refused("64:ff9b::c612:1"), Refusal6::Gateway);
+        assert_eq!(refused("64:ff9b::a4d:9"), Refusal6::OtherClient);
+        assert_eq!(nat64_embedded(ip("64:ff9b:1::a00:5")), None);
     }
 
     #[test]

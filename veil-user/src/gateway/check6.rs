@@ -22,7 +22,10 @@ use veil_proto::packet6::{
     UNREACH_ADMIN_PROHIBITED,
 };
 
-use crate::policy6::{EgressPolicy6, Refusal6};
+use crate::{
+    policy::EgressPolicy,
+    policy6::{check_nat64, EgressPolicy6, Refusal6},
+};
 
 /// Why a client's IPv6 packet went no further.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +61,9 @@ pub enum Verdict6 {
 #[derive(Clone, Debug)]
 pub struct Checks6 {
     pub policy: EgressPolicy6,
+    /// The IPv4 policy: for a destination in NAT64's prefix, the IPv4
+    /// address it stands for is held to it ([`check_nat64`]).
+    pub ipv4: EgressPolicy,
     /// The gateway's address in the clients' IPv6 prefix: the source of
     /// its ICMPv6 errors.
     pub gateway: Ipv6Addr,
@@ -88,7 +94,11 @@ impl Checks6 {
         let later = info.fragment == Fragment::Later;
         let answer =
             |icmp_type, code| (!later).then(|| icmp6_error(self.gateway, pkt, icmp_type, code, 0));
-        if let Err(refusal) = self.policy.check(info.dst) {
+        let allowed = self
+            .policy
+            .check(info.dst)
+            .and_then(|()| check_nat64(&self.ipv4, info.dst));
+        if let Err(refusal) = allowed {
             return Verdict6::Dropped {
                 why: Dropped6::Policy(refusal),
                 answer: answer(ICMPV6_DEST_UNREACH, UNREACH_ADMIN_PROHIBITED),
@@ -138,6 +148,13 @@ mod tests {
             policy: EgressPolicy6::new(
                 vec![PUBLIC, GATEWAY],
                 Some("fd00:7665:696c::/64".parse().unwrap()),
+                vec![],
+                vec![],
+            ),
+            ipv4: crate::policy::EgressPolicy::new(
+                vec![],
+                "10.77.0.0/16".parse().unwrap(),
+                false,
                 vec![],
                 vec![],
             ),
@@ -215,6 +232,9 @@ mod tests {
             "::1",
             "2001:db8::1",
             "::ffff:1.2.3.4",
+            // NAT64's prefix: 10.0.0.5 and the metadata address.
+            "64:ff9b::a00:5",
+            "64:ff9b::a9fe:a9fe",
         ] {
             let dst: Ipv6Addr = dst.parse().unwrap();
             let pkt = udp(CLIENT, dst);
@@ -239,6 +259,11 @@ mod tests {
             assert_eq!(checksum6(GATEWAY, CLIENT, IPPROTO_ICMPV6, &a[40..]), 0);
             assert_eq!(&a[48..], &pkt[..], "quotes the packet");
         }
+        let nat64: Ipv6Addr = "64:ff9b::c000:201".parse().unwrap();
+        assert!(matches!(
+            checks().check(CLIENT, &udp(CLIENT, nat64)),
+            Verdict6::Datapath { .. }
+        ));
         let v = checks().check(CLIENT, &udp(CLIENT, PUBLIC));
         assert!(matches!(
             v,

@@ -411,12 +411,6 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         None => None,
     };
     let rate_limits = datapath.rate_limits()?;
-    let v6 = packets6::V6::setup(&cfg, &mut datapath, inner_addr)?;
-    datapath.attach(&cfg.iface, tun.name())?;
-    if let Some(stage) = &stage {
-        datapath.attach_gro_stage(stage.far())?;
-    }
-
     let policy = EgressPolicy::new(
         public_addrs.iter().copied().chain([inner_addr]).collect(),
         cfg.pool,
@@ -424,6 +418,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         cfg.allow.clone(),
         cfg.deny.clone(),
     );
+    let v6 = packets6::V6::setup(&cfg, &mut datapath, inner_addr, &policy)?;
+    datapath.attach(&cfg.iface, tun.name())?;
+    if let Some(stage) = &stage {
+        datapath.attach_gro_stage(stage.far())?;
+    }
+
     let upstreams = dns_upstreams(&cfg);
     let leases = state.leases()?;
     let places = handshake_cap(&cfg)?;

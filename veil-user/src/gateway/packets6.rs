@@ -35,6 +35,7 @@ use crate::{
     flows::KnownFlows,
     flows6::{Flow6Error, FlowTable6},
     net::monotonic_ns,
+    policy::EgressPolicy,
     policy6::EgressPolicy6,
     pool6::Pool6,
 };
@@ -72,6 +73,7 @@ impl V6 {
         cfg: &GatewayConfig,
         datapath: &mut Datapath,
         inner: Ipv4Addr,
+        ipv4: &EgressPolicy,
     ) -> Result<Option<V6>> {
         let Pool6::Prefix { addr, len } = cfg.pool6 else {
             return Ok(None);
@@ -111,7 +113,11 @@ impl V6 {
         info!(%public, pool6 = %cfg.pool6, "NAT66 on");
         Ok(Some(V6 {
             pool: cfg.pool6,
-            checks: Checks6 { policy, gateway },
+            checks: Checks6 {
+                policy,
+                ipv4: ipv4.clone(),
+                gateway,
+            },
             known: flows.known(),
             flows: Mutex::new(flows),
         }))
