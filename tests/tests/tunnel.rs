@@ -478,6 +478,36 @@ fn a_malformed_client_record_refuses_its_client_and_blocks_no_revocation() {
     d.stop();
 }
 
+/// Deleting a client's record (the obvious way to remove one) closes its
+/// live session within seconds and refuses it after, where before the
+/// session went on until it next reconnected.
+#[test]
+fn a_deleted_client_record_ends_its_session() {
+    let mut world = World::new(2, &[]);
+    let gone = world.add_client("gone", 1);
+    let stays = world.add_client("stays", 2);
+    let mut g = world.start_client(1, &gone, true);
+    let mut s = world.start_client(2, &stays, true);
+    assert!(world.ping(1, "198.18.0.2"));
+    std::fs::remove_file(world.state.join("clients/gone.toml")).unwrap();
+    world.gateway().wait_for_log(
+        "record removed: closing its session",
+        Duration::from_secs(10),
+    );
+    g.wait_for_log("tunnel down", Duration::from_secs(10));
+    world.gateway().wait_for_log(
+        "certificate not issued by this gateway's registry",
+        Duration::from_secs(15),
+    );
+    assert!(
+        !world.ping(1, "198.18.0.2"),
+        "the removed client gets nowhere"
+    );
+    assert!(world.ping(2, "198.18.0.2"), "the other one is untouched");
+    g.stop();
+    s.stop();
+}
+
 #[test]
 fn garbage_on_the_socket_leaves_other_clients_intact() {
     let mut world = World::new(2, &[]);

@@ -225,6 +225,14 @@ impl Clients {
         closed
     }
 
+    /// The live sessions' names and certificates (fingerprints).
+    pub fn certificates(&self) -> Vec<(String, String)> {
+        self.live
+            .iter()
+            .map(|(name, l)| (name.clone(), l.fingerprint.clone()))
+            .collect()
+    }
+
     /// The live sessions, by name, as `status` shows them.
     pub fn status(&self) -> Vec<ClientStatus> {
         let mut list: Vec<ClientStatus> = self

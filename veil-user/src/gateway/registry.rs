@@ -45,7 +45,9 @@ impl Shared {
     }
 
     /// Closes every live session whose certificate is revoked (by its
-    /// fingerprint: a name issued again keeps its new session).
+    /// fingerprint: a name issued again keeps its new session), or no
+    /// longer known at all (its record deleted, and not a client of
+    /// another host let in by the revocation list).
     pub(super) fn close_revoked(&self) {
         let mut revoked: HashSet<String> = self
             .registry
@@ -59,6 +61,27 @@ impl Shared {
         let clients = self.clients.lock().expect("clients lock");
         for name in clients.close_certificates(&revoked, "client revoked") {
             info!(client = %name, "revoked: closing its session");
+        }
+        let live = clients.certificates();
+        drop(clients);
+        // A record deleted (the obvious way to remove a client): its
+        // certificate is no longer known, and its session does not go on
+        // as if it were. The file is looked for too: a client added since
+        // the registry was read is let in from its file.
+        let gone: HashSet<String> = {
+            let registry = self.registry.read().expect("registry lock");
+            live.into_iter()
+                .filter(|(_, f)| !registry.contains_key(f) && !self.admitted_elsewhere(f))
+                .filter(|(name, _)| !self.state.has_record(name))
+                .map(|(_, f)| f)
+                .collect()
+        };
+        if gone.is_empty() {
+            return;
+        }
+        let clients = self.clients.lock().expect("clients lock");
+        for name in clients.close_certificates(&gone, "client record removed") {
+            info!(client = %name, "record removed: closing its session");
         }
     }
 }

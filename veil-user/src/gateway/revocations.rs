@@ -229,6 +229,17 @@ impl Shared {
         Ok(record)
     }
 
+    /// Whether the certificate `fingerprint` was let in as issued on
+    /// another host.
+    pub(super) fn admitted_elsewhere(&self, fingerprint: &str) -> bool {
+        self.revocations.as_ref().is_some_and(|r| {
+            r.elsewhere
+                .read()
+                .expect("elsewhere lock")
+                .contains_key(fingerprint)
+        })
+    }
+
     /// Marks `record` revoked if the list in force names its certificate.
     pub(super) fn check_revocation_list(
         &self,
