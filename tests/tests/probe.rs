@@ -7,7 +7,7 @@
 //! socket together by its port.
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -117,6 +117,46 @@ fn s_client(world: &World, i: usize, root: &Path, request: &str) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "s_client: {}", text(&out));
     text(&out)
+}
+
+/// A stranger that opens a connection and says nothing is given nginx's
+/// 60 s for its TLS handshake, not cut off at 10 s (a cheap, stable sign
+/// that the server is not a web server); once a quarter of the handshake
+/// places are taken, a new one gets 10 s.
+#[test]
+fn a_silent_stranger_is_given_a_web_servers_time_unless_places_are_short() {
+    let world = World::new(1, &["--max-handshakes", "8"]);
+    let connect = || {
+        world.client(1).enter(|| {
+            let s = std::net::TcpStream::connect(("10.200.1.1", 443)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(13))).unwrap();
+            s
+        })
+    };
+    let mut calm = connect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut crowded = connect();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let cut = crowded.read(&mut byte);
+    let after = started.elapsed();
+    assert!(
+        matches!(cut, Ok(0))
+            || matches!(&cut, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the second, with 2 of 8 places taken, is cut: {cut:?}"
+    );
+    assert!(
+        after >= Duration::from_secs(9) && after < Duration::from_secs(12),
+        "{after:?}"
+    );
+    // Past the 10 s it would have had before.
+    calm.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let still = calm.read(&mut byte);
+    assert!(
+        matches!(&still, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the first is still waiting after {:?}: {still:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -29,7 +29,7 @@ use veil_tunnel::{pump, stream::Transport};
 use super::{
     clients::{Attached, Bytes},
     session::{describe, linger, AnswerBudget, GatewaySide, LIMITS},
-    Shared, CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT, MTU, PEER_TIMEOUT,
+    Shared, CLOSE_TIMEOUT, HANDSHAKE_TIMEOUT, MTU, PEER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT,
 };
 use crate::{
     admission::Permit,
@@ -205,7 +205,11 @@ async fn connection<S: Carrier>(
     acceptor: TlsAcceptor,
     stopped: watch::Receiver<bool>,
 ) -> Result<SessionEnd, Refused> {
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io))
+    let limit = match shared.admission.crowded() {
+        true => HANDSHAKE_TIMEOUT,
+        false => TLS_HANDSHAKE_TIMEOUT,
+    };
+    let tls = tokio::time::timeout(limit, acceptor.accept(io))
         .await
         .map_err(|_| Refused::HandshakeTimeout)?
         .map_err(Refused::Tls)?;

@@ -149,6 +149,12 @@ pub struct GatewayConfig {
 /// The TUN device's MTU, and the largest IP packet a client may send.
 pub const MTU: u16 = 1400;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take while the handshake places are not
+/// crowded: nginx's `ssl_handshake_timeout`, so that when a silent or slow
+/// stranger is cut off does not tell veil from a web server. Crowded (a
+/// quarter of the places taken, `Admission::crowded`), a new connection
+/// gets [`HANDSHAKE_TIMEOUT`]: places then matter more than looks.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A client that sends nothing (not even a keepalive) for this long is
 /// dead. veil clients announce their PING interval and get twice that
 /// instead; this is for clients that do not.
