@@ -113,10 +113,12 @@ impl EgressPolicy6 {
 /// (`64:ff9b::/96`, RFC 6052 §2.1) stands for: a NAT64 on the gateway's
 /// network sends what is addressed there to it.
 pub fn nat64_embedded(dst: Ipv6Addr) -> Option<Ipv4Addr> {
-    let s = dst.segments();
-    (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0])
-        .then(|| Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7])))
+    let bits = u128::from(dst);
+    (bits & !u128::from(u32::MAX) == NAT64_PREFIX).then(|| Ipv4Addr::from(bits as u32))
 }
+
+/// `64:ff9b::/96`, as bits.
+const NAT64_PREFIX: u128 = 0x0064_ff9b << 96;
 
 /// The IPv4 policy's verdict on the address a NAT64 destination stands
 /// for (nothing to say of any other destination), as an IPv6 refusal: a
@@ -129,8 +131,7 @@ pub fn check_nat64(ipv4: &EgressPolicy, dst: Ipv6Addr) -> Result<(), Refusal6> {
         return Ok(());
     };
     let within = |net: Ipv4Net| {
-        let prefix = Ipv6Addr::from(u128::from(dst) & !u128::from(u32::MAX));
-        let addr = Ipv6Addr::from(u128::from(prefix) | u128::from(u32::from(net.addr())));
+        let addr = Ipv6Addr::from(NAT64_PREFIX | u128::from(u32::from(net.addr())));
         Ipv6Net::new(addr, 96 + net.prefix()).expect("at most 128 bits")
     };
     ipv4.check(addr).map_err(|refusal| match refusal {
